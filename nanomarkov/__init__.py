@@ -1,0 +1,12 @@
+"""nanoMarkov: train small GPTs on Markov chains and check them against exact theory."""
+
+
+class NanoMarkovError(Exception):
+    """Bad input or a broken file: the message says what is wrong and what to do.
+
+    Library code raises this instead of exiting; the CLI prints the message as
+    one line on stderr and exits with code 2.
+    """
+
+
+__all__ = ["NanoMarkovError"]

@@ -1,0 +1,29 @@
+# Convenience targets. `make demo` and `make test` each set up .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch, pinned so that pip does not fetch a multi-GB CUDA build;
+# on a GPU machine install your own torch (>= 2.2) first and set TORCH= (empty).
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(if $(TORCH),$(PY) -m pip install $(TORCH))
+	$(PY) -m pip install -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/nanomarkov generate 10 --train 10000 --val 1000
+	$(VENV)/bin/nanomarkov theory data/mm10
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/generate.py
+
+clean:
+	rm -rf data trainings

@@ -1,0 +1,5 @@
+import sys
+
+from nanomarkov.cli import main
+
+sys.exit(main())

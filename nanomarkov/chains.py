@@ -1,0 +1,337 @@
+"""Markov chains: construction, exact theory, vectorised sampling.
+
+Everything here speaks the sequence format of the datasets: a sequence of
+`seq_len` tokens is `[BOS, x1, ..., x_{L-1}]` with BOS = K (one past the last
+state), x1 ~ startprob and x_t ~ transmat[x_{t-1}]. A model sees `seq[:-1]`
+and predicts `seq[1:]`, so L - 1 positions are predicted per sequence; every
+loss below is in nats per predicted token.
+
+This module imports nothing from the rest of the package, so it can be copied
+into another project on its own.
+"""
+import warnings
+from functools import cached_property
+
+import numpy as np
+
+from nanomarkov import NanoMarkovError
+
+ROW_SUM_TOLERANCE = 1e-9
+
+
+def token_dtype(vocab_size):
+    """The smallest unsigned integer type that holds every token id."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def entropy(p, axis=-1):
+    """Shannon entropy in nats, with 0 log 0 = 0."""
+    p = np.asarray(p, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, -p * np.log(p), 0.0)
+    return terms.sum(axis=axis)
+
+
+def _check_distribution(name, p):
+    if not np.all(np.isfinite(p)):
+        raise NanoMarkovError(f"{name} has non-finite entries")
+    if np.any(p < 0):
+        raise NanoMarkovError(f"{name} has negative entries")
+    worst = np.max(np.abs(p.sum(axis=-1) - 1.0))
+    if worst > ROW_SUM_TOLERANCE:
+        raise NanoMarkovError(f"{name} does not sum to 1 (off by {worst:.3g}, tolerance {ROW_SUM_TOLERANCE})")
+
+
+def _alias_tables(probs):
+    """Walker/Vose alias tables, one per row of `probs` (n_rows x K).
+
+    Drawing column j uniformly and keeping it with probability keep[j] (else
+    taking alias[j]) samples the row exactly, with O(1) work per draw; that is
+    what makes per-token sampling vectorisable over many sequences at once.
+    """
+    n_rows, k = probs.shape
+    keep = np.ones((n_rows, k))
+    alias = np.tile(np.arange(k, dtype=np.int64), (n_rows, 1))
+    for r in range(n_rows):
+        scaled = (probs[r] * k).tolist()
+        small = [j for j, w in enumerate(scaled) if w < 1.0]
+        large = [j for j, w in enumerate(scaled) if w >= 1.0]
+        keep_row, alias_row = keep[r], alias[r]
+        while small and large:
+            s, g = small.pop(), large[-1]
+            keep_row[s] = scaled[s]
+            alias_row[s] = g
+            scaled[g] -= 1.0 - scaled[s]
+            if scaled[g] < 1.0:
+                small.append(large.pop())
+        # Whatever is left is 1 up to rounding (the deficits balance to ~1e-15),
+        # so it keeps itself; a zero-probability column always has deficit 1 and
+        # is paired before the larges run out, so it is never left here.
+    return keep, alias
+
+
+class MarkovChain:
+    """A first-order Markov chain on states 0..K-1 with a start distribution.
+
+    The transition matrix and start distribution are float64 and read-only;
+    all theory is exact (linear algebra, no sampling).
+    """
+
+    process = "markov"
+
+    def __init__(self, transmat, startprob):
+        transmat = np.array(transmat, dtype=np.float64)
+        startprob = np.array(startprob, dtype=np.float64)
+        if transmat.ndim != 2 or transmat.shape[0] != transmat.shape[1]:
+            raise NanoMarkovError(f"transmat must be a square matrix, got shape {transmat.shape}")
+        if transmat.shape[0] < 2:
+            raise NanoMarkovError("a Markov chain needs at least 2 states")
+        if startprob.shape != (transmat.shape[0],):
+            raise NanoMarkovError(
+                f"startprob must have shape ({transmat.shape[0]},) to match transmat, got {startprob.shape}"
+            )
+        _check_distribution("transmat rows", transmat)
+        _check_distribution("startprob", startprob)
+        transmat.flags.writeable = False
+        startprob.flags.writeable = False
+        self.transmat = transmat
+        self.startprob = startprob
+
+    @classmethod
+    def random(cls, n_states, seed=42, alpha=1.0, sparsity=None):
+        """A random chain: rows ~ Dirichlet(alpha), startprob ~ Dirichlet(1).
+
+        With `sparsity` S (percent), each row keeps max(1, int(K*(100-S)/100))
+        targets chosen uniformly without replacement (the seed's rule) and puts
+        Dirichlet(alpha) weights on them. Same arguments, same chain.
+        """
+        if not isinstance(n_states, (int, np.integer)) or n_states < 2:
+            raise NanoMarkovError(f"n_states must be an integer >= 2, got {n_states!r}")
+        if not alpha > 0:
+            raise NanoMarkovError(f"alpha must be > 0, got {alpha}")
+        if sparsity is not None and not 0 <= sparsity < 100:
+            raise NanoMarkovError(f"sparsity must be a percentage in [0, 100), got {sparsity}")
+        rng = np.random.default_rng(seed)
+        startprob = rng.dirichlet(np.ones(n_states))
+        if not sparsity:
+            transmat = rng.dirichlet(np.full(n_states, float(alpha)), size=n_states)
+        else:
+            keep = max(1, int(n_states * (100 - sparsity) / 100))
+            targets = np.argsort(rng.random((n_states, n_states)), axis=1)[:, :keep]
+            transmat = np.zeros((n_states, n_states))
+            np.put_along_axis(transmat, targets, rng.dirichlet(np.full(keep, float(alpha)), size=n_states), axis=1)
+        return cls(transmat, startprob)
+
+    @property
+    def n_states(self):
+        return self.transmat.shape[0]
+
+    @property
+    def bos_token(self):
+        return self.n_states
+
+    @property
+    def vocab_size(self):
+        return self.n_states + 1
+
+    # ---------------------------------------------------------------- theory
+
+    def stationary(self):
+        """The stationary distribution pi (pi P = pi), solved exactly.
+
+        A chain with one closed class (periodic or not) has exactly one. A
+        chain with several closed classes has many; then this warns and
+        returns the one the process actually settles into from `startprob`:
+        each closed class's own stationary distribution, weighted by the
+        probability of ending up in that class.
+        """
+        k = self.n_states
+        reach = (self.transmat > 0) | np.eye(k, dtype=bool)
+        # Transitive closure by repeated squaring: log2(K) boolean products.
+        while True:
+            closed = (reach.astype(np.float32) @ reach.astype(np.float32)) > 0
+            if np.array_equal(closed, reach):
+                break
+            reach = closed
+        # i is recurrent iff everything it reaches reaches it back.
+        recurrent = np.all(reach <= reach.T, axis=1)
+        classes = np.unique(reach[recurrent], axis=0)
+        if len(classes) == 1:
+            return self._class_stationary(classes[0])
+        warnings.warn(
+            f"the chain has {len(classes)} closed classes, so its stationary distribution is not unique; "
+            "using the long-run distribution reached from startprob",
+            stacklevel=2,
+        )
+        transient = ~recurrent
+        q = self.transmat[np.ix_(transient, transient)]
+        pi = np.zeros(k)
+        for members in classes:
+            into_class = self.transmat[np.ix_(transient, members)].sum(axis=1)
+            absorbed = np.linalg.solve(np.eye(q.shape[0]) - q, into_class) if q.size else into_class
+            weight = self.startprob[members].sum() + self.startprob[transient] @ absorbed
+            pi += weight * self._class_stationary(members)
+        return pi
+
+    def _class_stationary(self, members):
+        """Stationary distribution of the chain restricted to one closed class."""
+        sub = self.transmat[np.ix_(members, members)]
+        n = sub.shape[0]
+        # pi (P - I) = 0 has rank n-1 on an irreducible class; replacing one
+        # equation by sum(pi) = 1 makes the system square and non-singular.
+        system = sub.T - np.eye(n)
+        system[-1] = 1.0
+        rhs = np.zeros(n)
+        rhs[-1] = 1.0
+        pi = np.zeros(self.n_states)
+        pi[members] = np.clip(np.linalg.solve(system, rhs), 0.0, None)
+        return pi / pi.sum()
+
+    @cached_property
+    def row_entropies(self):
+        """H(P_s) for each state s: the loss of predicting the next token from s."""
+        return entropy(self.transmat, axis=1)
+
+    def entropy_rate(self):
+        """sum_s pi_s H(P_s): the per-token loss of the true model far from the start."""
+        return float(self.stationary() @ self.row_entropies)
+
+    def state_marginals(self, seq_len):
+        """mu_t for t = 1..L-1: the distribution of x_t (row t-1), mu_1 = startprob."""
+        self._check_seq_len(seq_len)
+        marginals = np.empty((seq_len - 1, self.n_states))
+        marginals[0] = self.startprob
+        for t in range(1, seq_len - 1):
+            marginals[t] = marginals[t - 1] @ self.transmat
+        return marginals
+
+    def optimal_loss_by_position(self, seq_len):
+        """Expected loss of the true model at each predicted position 1..L-1.
+
+        Position 1 predicts x1 from BOS and costs H(startprob); position t > 1
+        predicts x_t from x_{t-1} ~ mu_{t-1} and costs sum_s mu_{t-1}(s) H(P_s).
+        """
+        marginals = self.state_marginals(seq_len)
+        return np.concatenate([[entropy(self.startprob)], marginals[:-1] @ self.row_entropies])
+
+    def optimal_loss(self, seq_len):
+        """The theoretical minimum of the expected val loss for sequences of seq_len tokens."""
+        return float(self.optimal_loss_by_position(seq_len).mean())
+
+    def optimal_accuracy(self, seq_len):
+        """Expected top-1 accuracy of the true model (predicting each row's argmax)."""
+        marginals = self.state_marginals(seq_len)
+        by_position = np.concatenate([[self.startprob.max()], marginals[:-1] @ self.transmat.max(axis=1)])
+        return float(by_position.mean())
+
+    def true_loss(self, tokens, chunk_sequences=16384):
+        """Exact cross-entropy of the true model on given sequences (n, seq_len).
+
+        This is the floor for that very sample: no model can have lower loss on
+        it in expectation, and a val loss below it means a bug or a leak.
+        """
+        tokens = self.check_tokens(tokens)
+        with np.errstate(divide="ignore"):
+            log_start = np.log(self.startprob)
+            log_trans = np.log(self.transmat)
+        total = 0.0
+        for lo in range(0, tokens.shape[0], chunk_sequences):
+            chunk = np.asarray(tokens[lo : lo + chunk_sequences], dtype=np.int64)
+            total -= log_start[chunk[:, 1]].sum()
+            total -= log_trans[chunk[:, 1:-1], chunk[:, 2:]].sum()
+        return float(total / (tokens.shape[0] * (tokens.shape[1] - 1)))
+
+    @property
+    def uniform_loss(self):
+        """log K: the loss of a model that knows nothing."""
+        return float(np.log(self.n_states))
+
+    def unigram_loss(self):
+        """H(pi): the loss of a model that knows the state frequencies but not the transitions."""
+        return float(entropy(self.stationary()))
+
+    def theory(self, seq_len):
+        """The exact theory numbers for sequences of seq_len tokens, as a dict."""
+        return {
+            "entropy_rate": self.entropy_rate(),
+            "optimal_loss": self.optimal_loss(seq_len),
+            "optimal_accuracy": self.optimal_accuracy(seq_len),
+            "uniform_loss": self.uniform_loss,
+            "unigram_loss": self.unigram_loss(),
+        }
+
+    # -------------------------------------------------------------- sampling
+
+    @cached_property
+    def _samplers(self):
+        """Alias tables for startprob (row K) and every transition row, flattened."""
+        keep, alias = _alias_tables(np.vstack([self.transmat, self.startprob]))
+        return keep.ravel(), alias.ravel()
+
+    def sample(self, n_sequences, seq_len, rng):
+        """n_sequences BOS-led sequences of seq_len tokens, shape (n, seq_len).
+
+        Vectorised across sequences: a Python loop over the L-1 positions, one
+        uniform per token. Each sequence takes a contiguous run of L-1 numbers
+        from `rng`, so sampling 10 then 20 sequences gives the same bytes as
+        sampling 30 at once: datasets do not depend on the chunk size.
+        """
+        self._check_seq_len(seq_len)
+        k = self.n_states
+        keep, alias = self._samplers
+        uniforms = rng.random((n_sequences, seq_len - 1))
+        out = np.empty((seq_len, n_sequences), dtype=token_dtype(self.vocab_size))
+        out[0] = self.bos_token
+        # The start distribution is stored as row K, right after the K transition rows.
+        state = np.full(n_sequences, k, dtype=np.int64)
+        for t in range(seq_len - 1):
+            # One uniform gives both the column (integer part of u*K) and the coin
+            # (fractional part): for K <= 2**16 that leaves >= 37 bits for the coin.
+            scaled = uniforms[:, t] * k
+            column = scaled.astype(np.int64)
+            coin = scaled - column
+            flat = state * k + column
+            state = np.where(coin < keep[flat], column, alias[flat])
+            out[t + 1] = state
+        return out.T
+
+    # ------------------------------------------------------------- interop
+
+    def to_hmmlearn(self):
+        """The same chain as an hmmlearn CategoricalHMM with identity emissions."""
+        from hmmlearn.hmm import CategoricalHMM
+
+        model = CategoricalHMM(n_components=self.n_states, n_features=self.n_states, init_params="", params="")
+        model.startprob_ = np.array(self.startprob)
+        model.transmat_ = np.array(self.transmat)
+        model.emissionprob_ = np.eye(self.n_states)
+        return model
+
+    @classmethod
+    def from_hmmlearn(cls, model):
+        """A MarkovChain from an hmmlearn CategoricalHMM whose emissions are the identity."""
+        emissions = np.asarray(getattr(model, "emissionprob_", None), dtype=np.float64)
+        n = np.asarray(model.transmat_).shape[0]
+        if emissions.shape != (n, n) or not np.allclose(emissions, np.eye(n)):
+            raise NanoMarkovError(
+                "this hmmlearn model's emissions are not the identity, so it is a hidden Markov model, "
+                "not a Markov chain over its observed tokens"
+            )
+        return cls(model.transmat_, model.startprob_)
+
+    # ------------------------------------------------------------- checks
+
+    def _check_seq_len(self, seq_len):
+        if not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
+            raise NanoMarkovError(f"seq_len must be an integer >= 2 (BOS plus at least one state), got {seq_len!r}")
+
+    def check_tokens(self, tokens):
+        """Validate BOS-led sequences (n, seq_len): BOS first, states after."""
+        tokens = np.asarray(tokens) if not isinstance(tokens, np.ndarray) else tokens
+        if tokens.ndim != 2 or tokens.shape[1] < 2 or tokens.shape[0] == 0:
+            raise NanoMarkovError(f"expected sequences of shape (n, seq_len >= 2), got {tokens.shape}")
+        if np.any(tokens[:, 0] != self.bos_token):
+            raise NanoMarkovError(f"every sequence must start with BOS = {self.bos_token}")
+        if np.any(tokens[:, 1:] >= self.n_states):
+            raise NanoMarkovError(f"tokens after BOS must be states 0..{self.n_states - 1}")
+        return tokens

@@ -1,0 +1,124 @@
+"""`nanomarkov <verb>`: argument parsing and error messages only; the work is in the modules.
+
+Exit codes: 0 ok, 2 bad input (one line on stderr, no traceback), 1 failure.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from nanomarkov import NanoMarkovError
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit 2, like every other bad input."""
+
+    def error(self, message):
+        raise NanoMarkovError(f"{self.prog}: {message} (see --help)")
+
+
+def _progress_bar(total, description):
+    """A tqdm bar on a terminal; nothing when output goes to a file or a pipe."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="tok", unit_scale=True, disable=not sys.stderr.isatty(),
+                leave=False)
+
+
+def cmd_generate(args):
+    from nanomarkov.data import default_data_dir, generate_dataset
+
+    out = Path(args.out) if args.out else default_data_dir(args.n_states, args.sparsity)
+    seq_len = args.seq_len
+    total = (args.train + args.val) * (seq_len or (128 if args.n_states <= 10 else 256))
+    with _progress_bar(total, f"generate {out}") as bar:
+        meta = generate_dataset(out, args.n_states, args.train, args.val, sparsity=args.sparsity, alpha=args.alpha,
+                                seq_len=seq_len, seed=args.seed, dtype=args.dtype, force=args.force,
+                                progress=bar.update)
+    theory = meta["theory"]
+    print(f"{out}: {meta['train_sequences']} train + {meta['val_sequences']} val sequences of {meta['seq_len']} "
+          f"tokens, K={meta['n_states']}, vocab {meta['vocab_size']} (BOS={meta['bos_token']}), {meta['dtype']}")
+    print(f"optimal_loss {theory['optimal_loss']:.6f}  true_loss_val {theory['true_loss_val']:.6f}  "
+          f"entropy_rate {theory['entropy_rate']:.6f}  uniform {theory['uniform_loss']:.6f} nats/token")
+    return 0
+
+
+THEORY_COLUMNS = [
+    ("entropy_rate", "entropy_rate"),
+    ("optimal_loss", "optimal_loss"),
+    ("true_loss_val", "true_loss_val"),
+    ("optimal_accuracy", "optimal_acc"),
+    ("uniform_loss", "uniform"),
+    ("unigram_loss", "unigram"),
+]
+
+
+def theory_rows(paths):
+    """One dict per dataset folder: identity, then the exact theory recomputed from the chain."""
+    from nanomarkov.data import dataset_theory, load_dataset
+
+    rows = []
+    for path in paths:
+        dataset = load_dataset(path)
+        meta = dataset.meta
+        rows.append({"dataset": str(path), "n_states": meta["n_states"], "sparsity": meta["sparsity"],
+                     "seq_len": meta["seq_len"], **dataset_theory(dataset)})
+    return rows
+
+
+def format_theory_table(rows):
+    header = ["dataset", "K", "sparsity", "seq_len"] + [title for _, title in THEORY_COLUMNS]
+    lines = [header]
+    for row in rows:
+        lines.append([row["dataset"], str(row["n_states"]), "-" if row["sparsity"] is None else f"{row['sparsity']:g}",
+                      str(row["seq_len"])] + [f"{row[key]:.6f}" for key, _ in THEORY_COLUMNS])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+            for line in lines]
+    return "\n".join(text) + "\n(losses in nats per predicted token; accuracy of the true model's argmax)"
+
+
+def cmd_theory(args):
+    rows = theory_rows(args.datasets)
+    print(json.dumps(rows, indent=2) if args.json else format_theory_table(rows))
+    return 0
+
+
+def build_parser():
+    parser = _OneLineParser(prog="nanomarkov", description="Train small GPTs on Markov chains; check them against exact theory.")
+    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_OneLineParser)
+
+    gen = verbs.add_parser("generate", help="sample a random chain's train/val sequences into a dataset folder")
+    gen.add_argument("n_states", type=int, help="number of states K (vocabulary K+1 with BOS)")
+    gen.add_argument("--train", type=int, default=10000, help="training sequences (default 10000)")
+    gen.add_argument("--val", type=int, default=1000, help="validation sequences (default 1000)")
+    gen.add_argument("--sparsity", type=float, default=None, help="percent of each row's transitions set to zero")
+    gen.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration of each row (default 1)")
+    gen.add_argument("--seq_len", type=int, default=None, help="tokens per sequence incl. BOS (default 128 for K<=10, else 256)")
+    gen.add_argument("--seed", type=int, default=42, help="seed of the chain and of the samples (default 42)")
+    gen.add_argument("--dtype", choices=["uint16", "uint32"], default=None, help="token type (default: smallest that fits)")
+    gen.add_argument("--out", default=None, help="dataset folder (default data/mm{K}[-sparse-{S}])")
+    gen.add_argument("--force", action="store_true", help="replace an existing dataset with other parameters")
+    gen.set_defaults(func=cmd_generate)
+
+    theory = verbs.add_parser("theory", help="print the exact theory of dataset folders")
+    theory.add_argument("datasets", nargs="+", help="dataset folders, e.g. data/mm100")
+    theory.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    theory.set_defaults(func=cmd_theory)
+    return parser
+
+
+def main(argv=None):
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except NanoMarkovError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,358 @@
+"""Dataset folders on disk: write (streamed, atomic), validate, load, batch.
+
+A dataset is a folder holding
+  chain.npz   transmat, startprob (float64), read with allow_pickle=False
+  meta.json   parameters, counts, the exact theory, sha256 of each .bin
+  train.bin   whole BOS-led sequences of seq_len tokens, flat, little-endian
+  val.bin     the same, drawn independently
+meta.json is written last: a folder without it is not a dataset, so a
+generation killed at any moment leaves nothing that loads.
+"""
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nanomarkov import NanoMarkovError
+from nanomarkov.chains import MarkovChain, token_dtype
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+PARTIAL_SUFFIX = ".partial"
+# Tokens per generated chunk: big enough that numpy's per-call overhead
+# vanishes, small enough that memory stays flat (~40 MB of uniforms).
+CHUNK_TOKENS = 1 << 22
+# The parameters that define a dataset; two generations that agree on these
+# produce the same bytes.
+DEFINING_KEYS = ("process", "n_states", "seq_len", "dtype", "seed", "sparsity", "alpha",
+                 "train_sequences", "val_sequences")
+
+
+def default_seq_len(n_states):
+    """The seed's block size: 128 tokens (BOS included) for K <= 10, else 256."""
+    return 128 if n_states <= 10 else 256
+
+
+def default_data_dir(n_states, sparsity=None):
+    """The seed's folder names: data/mm100, data/mm100-sparse-75."""
+    return Path("data") / (f"mm{n_states}-sparse-{sparsity:g}" if sparsity else f"mm{n_states}")
+
+
+def generate_command(n_states, train_sequences=None, val_sequences=None, sparsity=None, out=None, extra=""):
+    """The exact `nanomarkov generate` command for a dataset, for error messages."""
+    parts = ["nanomarkov generate", str(n_states)]
+    if train_sequences is not None:
+        parts += ["--train", str(train_sequences), "--val", str(val_sequences)]
+    if sparsity:
+        parts += ["--sparsity", f"{sparsity:g}"]
+    if out is not None and Path(out) != default_data_dir(n_states, sparsity):
+        parts += ["--out", str(out)]
+    return " ".join(parts) + extra
+
+
+def _regenerate_command(meta, path):
+    return generate_command(
+        meta["n_states"], meta["train_sequences"], meta["val_sequences"], meta["sparsity"], path,
+        extra=f" --seq_len {meta['seq_len']} --alpha {meta['alpha']:g} --seed {meta['seed']} --force",
+    )
+
+
+def _create_command_for(path):
+    """A best guess at the command that creates the dataset a path names."""
+    match = re.fullmatch(r"mm(\d+)(?:-sparse-(\d+(?:\.\d+)?))?", Path(path).name)
+    if match:
+        sparsity = float(match.group(2)) if match.group(2) else None
+        n_states = int(match.group(1))
+        train = 10000 if n_states <= 10 else 50000
+        return generate_command(n_states, train, train // 10, sparsity, path)
+    return f"nanomarkov generate K --train N --val M --out {path}"
+
+
+# ------------------------------------------------------------------ writing
+
+def generate_dataset(out_dir, n_states, train_sequences, val_sequences, *, sparsity=None, alpha=1.0,
+                     seq_len=None, seed=42, dtype=None, force=False, progress=None,
+                     chunk_tokens=CHUNK_TOKENS):
+    """Build a random chain and write a dataset folder; returns its meta dict.
+
+    The chain comes from `seed`; train and val are sampled from their own
+    streams derived from it, so val does not change when --train does. If the
+    folder already holds this very dataset, nothing is rewritten. If it holds
+    another one, this refuses unless `force`, and even then the old files are
+    replaced only once the new ones are complete. `progress(n_tokens)` is
+    called after each chunk.
+    """
+    out_dir = Path(out_dir)
+    seq_len = default_seq_len(n_states) if seq_len is None else seq_len
+    sparsity = sparsity or None
+    _check_generate_args(n_states, train_sequences, val_sequences, sparsity, alpha, seq_len)
+    dtype = np.dtype(dtype) if dtype is not None else token_dtype(n_states + 1)
+    if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
+        raise NanoMarkovError(f"dtype must be uint16 or uint32, got {dtype}")
+    if n_states + 1 > np.iinfo(dtype).max + 1:
+        raise NanoMarkovError(f"K = {n_states} needs {n_states + 1} token ids, more than {dtype} holds; use uint32")
+    if n_states * n_states * 8 > 8 << 30:
+        raise NanoMarkovError(f"K = {n_states} needs a {n_states}x{n_states} float64 matrix (over 8 GiB); use a smaller K")
+
+    params = {
+        "process": MarkovChain.process, "n_states": n_states, "seq_len": seq_len, "dtype": dtype.name,
+        "seed": seed, "sparsity": sparsity, "alpha": float(alpha),
+        "train_sequences": train_sequences, "val_sequences": val_sequences,
+    }
+    existing = _existing_meta(out_dir)
+    if existing is not None and not force:
+        changed = [f"{k} {existing.get(k)!r} -> {params[k]!r}" for k in DEFINING_KEYS if existing.get(k) != params[k]]
+        if not changed:
+            load_dataset(out_dir)  # raises if the files were damaged since
+            return existing
+        raise NanoMarkovError(
+            f"{out_dir} already holds a different dataset ({', '.join(changed)}); "
+            "pass --force to replace it, or --out to write elsewhere"
+        )
+    if existing is None and not force and any((out_dir / f"{s}.bin").exists() for s in SPLITS):
+        raise NanoMarkovError(
+            f"{out_dir} holds .bin files but no meta.json (not a nanoMarkov dataset, or an old format); "
+            "pass --force to replace them, or --out to write elsewhere"
+        )
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _remove_partials(out_dir)
+        chain = MarkovChain.random(n_states, seed=seed, alpha=alpha, sparsity=sparsity)
+        with open(_partial(out_dir / "chain.npz"), "wb") as f:  # a file object, so savez adds no extension
+            np.savez(f, transmat=chain.transmat, startprob=chain.startprob)
+        meta = dict(params, format_version=FORMAT_VERSION, vocab_size=chain.vocab_size, bos_token=chain.bos_token,
+                    sha256={}, theory=chain.theory(seq_len))
+        for split_index, split in enumerate(SPLITS, start=1):
+            n = params[f"{split}_sequences"]
+            rng = np.random.default_rng([seed, split_index])
+            digest, loss_sum = _write_split(out_dir / f"{split}.bin", chain, n, seq_len, dtype, rng,
+                                            max(1, chunk_tokens // seq_len), progress)
+            meta["sha256"][f"{split}.bin"] = digest
+            meta[f"{split}_tokens"] = n * seq_len
+            if split == "val":
+                meta["theory"]["true_loss_val"] = loss_sum / (n * (seq_len - 1))
+        _write_json(_partial(out_dir / "meta.json"), meta)
+        # Everything is complete on disk: now (and only now) retire the old
+        # dataset and move the new one in, meta.json last.
+        (out_dir / "meta.json").unlink(missing_ok=True)
+        for name in ("chain.npz", "train.bin", "val.bin", "meta.json"):
+            os.replace(_partial(out_dir / name), out_dir / name)
+    except OSError as e:
+        raise NanoMarkovError(f"cannot write the dataset to {out_dir}: {e.strerror or e}") from e
+    finally:
+        if out_dir.is_dir():
+            _remove_partials(out_dir)
+    return meta
+
+
+def _check_generate_args(n_states, train_sequences, val_sequences, sparsity, alpha, seq_len):
+    def is_int(x):
+        return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+    if not is_int(n_states) or n_states < 2:
+        raise NanoMarkovError(f"the number of states K must be an integer >= 2, got {n_states!r}")
+    for name, count in (("--train", train_sequences), ("--val", val_sequences)):
+        if not is_int(count) or count < 1:
+            raise NanoMarkovError(f"{name} must be a positive number of sequences, got {count!r}")
+    if sparsity is not None and not 0 <= sparsity < 100:
+        raise NanoMarkovError(f"--sparsity must be a percentage in [0, 100), got {sparsity:g}")
+    if not alpha > 0:
+        raise NanoMarkovError(f"--alpha must be > 0, got {alpha:g}")
+    if not is_int(seq_len) or seq_len < 2:
+        raise NanoMarkovError(f"--seq_len must be >= 2 (BOS plus at least one state), got {seq_len!r}")
+
+
+def _write_split(path, chain, n_sequences, seq_len, dtype, rng, chunk_sequences, progress):
+    """Stream n_sequences into path (as a .partial file); returns (sha256, summed true loss)."""
+    digest = hashlib.sha256()
+    loss_sum = 0.0
+    with open(_partial(path), "wb") as f:
+        for lo in range(0, n_sequences, chunk_sequences):
+            chunk = chain.sample(min(chunk_sequences, n_sequences - lo), seq_len, rng)
+            chunk = np.ascontiguousarray(chunk, dtype=dtype.newbyteorder("<"))
+            buffer = memoryview(chunk).cast("B")
+            f.write(buffer)
+            digest.update(buffer)
+            loss_sum += chain.true_loss(chunk) * chunk.shape[0] * (seq_len - 1)
+            if progress is not None:
+                progress(chunk.size)
+    return digest.hexdigest(), loss_sum
+
+
+def _partial(path):
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+def _remove_partials(folder):
+    for leftover in folder.glob("*" + PARTIAL_SUFFIX):
+        leftover.unlink()
+
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def _existing_meta(folder):
+    try:
+        with open(Path(folder) / "meta.json") as f:
+            return json.load(f)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError):
+        return {}  # unreadable: a dataset of unknown parameters, so never silently reused
+
+
+# ------------------------------------------------------------------ loading
+
+@dataclass(frozen=True)
+class Dataset:
+    """A loaded dataset: its meta, its chain and memory-mapped (n, seq_len) splits."""
+
+    path: Path
+    meta: dict
+    chain: MarkovChain
+    train: np.ndarray
+    val: np.ndarray
+
+    @property
+    def seq_len(self):
+        return self.meta["seq_len"]
+
+    @property
+    def vocab_size(self):
+        return self.meta["vocab_size"]
+
+
+def load_dataset(path, verify=True):
+    """Open and validate a dataset folder; every failure names the file and the fix.
+
+    Sizes and shapes are always checked. With `verify` (the default) every
+    token is checked (BOS at each sequence start, states after it) and the
+    sha256 of each .bin is compared with meta.json, reading in chunks so
+    memory stays flat.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise NanoMarkovError(f"{path}: no such dataset folder; create it with: {_create_command_for(path)}")
+    meta = _existing_meta(path)
+    if meta is None:
+        raise NanoMarkovError(
+            f"{path}: no meta.json, so this is not a dataset (an interrupted generation leaves none); "
+            f"create it with: {_create_command_for(path)} --force"
+        )
+    if not meta or meta.get("format_version") != FORMAT_VERSION:
+        raise NanoMarkovError(
+            f"{path / 'meta.json'}: unreadable or of an unknown format version "
+            f"({meta.get('format_version') if meta else 'none'}; this nanoMarkov reads {FORMAT_VERSION}); "
+            f"regenerate with: {_create_command_for(path)} --force"
+        )
+    fix = _regenerate_command(meta, path)
+    try:
+        with np.load(path / "chain.npz", allow_pickle=False) as npz:
+            chain = MarkovChain(npz["transmat"], npz["startprob"])
+    except (OSError, KeyError, ValueError, NanoMarkovError) as e:
+        raise NanoMarkovError(f"{path / 'chain.npz'}: cannot be read ({e}); regenerate with: {fix}") from e
+    if chain.n_states != meta["n_states"]:
+        raise NanoMarkovError(f"{path / 'chain.npz'}: has {chain.n_states} states, meta.json says {meta['n_states']}; regenerate with: {fix}")
+
+    seq_len, dtype = meta["seq_len"], np.dtype(meta["dtype"]).newbyteorder("<")
+    splits = {}
+    for split in SPLITS:
+        file = path / f"{split}.bin"
+        if not file.is_file():
+            raise NanoMarkovError(f"{file}: missing; regenerate with: {fix}")
+        size = file.stat().st_size
+        expected = meta[f"{split}_tokens"] * dtype.itemsize
+        if size % (seq_len * dtype.itemsize) or size != expected:
+            raise NanoMarkovError(
+                f"{file}: {size} bytes, expected {expected} ({meta[f'{split}_sequences']} sequences of "
+                f"{seq_len} {dtype.name} tokens): truncated or replaced; regenerate with: {fix}"
+            )
+        tokens = np.memmap(file, dtype=dtype, mode="r", shape=(meta[f"{split}_sequences"], seq_len))
+        if verify:
+            _verify_split(file, tokens, chain, meta["sha256"][f"{split}.bin"], fix)
+        splits[split] = tokens
+    return Dataset(path, meta, chain, splits["train"], splits["val"])
+
+
+def _verify_split(file, tokens, chain, expected_sha256, fix):
+    digest = hashlib.sha256()
+    step = max(1, CHUNK_TOKENS // tokens.shape[1])
+    for lo in range(0, tokens.shape[0], step):
+        chunk = np.asarray(tokens[lo : lo + step])
+        bad_start = np.flatnonzero(chunk[:, 0] != chain.bos_token)
+        if bad_start.size:
+            raise NanoMarkovError(f"{file}: sequence {lo + bad_start[0]} does not start with BOS = {chain.bos_token}; regenerate with: {fix}")
+        bad = np.argwhere(chunk[:, 1:] >= chain.n_states)
+        if bad.size:
+            seq, pos = bad[0]
+            raise NanoMarkovError(
+                f"{file}: token {chunk[seq, pos + 1]} at sequence {lo + seq}, position {pos + 1} is not a state "
+                f"(0..{chain.n_states - 1}); regenerate with: {fix}"
+            )
+        digest.update(memoryview(np.ascontiguousarray(chunk)).cast("B"))
+    if digest.hexdigest() != expected_sha256:
+        raise NanoMarkovError(f"{file}: sha256 does not match meta.json (the file was modified); regenerate with: {fix}")
+
+
+def dataset_theory(dataset):
+    """The exact theory of a loaded dataset, recomputed from its chain and val split."""
+    theory = dataset.chain.theory(dataset.seq_len)
+    theory["true_loss_val"] = dataset.chain.true_loss(dataset.val)
+    return theory
+
+
+# ------------------------------------------------------------------ batches
+
+class SequenceOrder:
+    """A seeded, endless order over n sequences: epoch e is its own permutation.
+
+    The order is a pure function of (n_sequences, seed), so the position in it
+    (how many sequences were consumed) is all a checkpoint needs to resume the
+    data stream exactly.
+    """
+
+    def __init__(self, n_sequences, seed):
+        self.n_sequences = n_sequences
+        self.seed = seed
+        self._cached_epoch = None
+
+    def _epoch(self, epoch):
+        # Batches walk epochs forward, so one cached permutation serves nearly every call.
+        if self._cached_epoch is None or self._cached_epoch[0] != epoch:
+            self._cached_epoch = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_sequences))
+        return self._cached_epoch[1]
+
+    def indices(self, start, count):
+        """The sequence indices at positions start .. start+count-1 of the order."""
+        parts = []
+        while count > 0:
+            epoch, offset = divmod(start, self.n_sequences)
+            take = min(count, self.n_sequences - offset)
+            parts.append(self._epoch(epoch)[offset : offset + take])
+            start, count = start + take, count - take
+        return np.concatenate(parts)
+
+
+def to_inputs_targets(sequences, device="cpu"):
+    """(x, y) int64 tensors from whole sequences: x = seq[:-1], y = seq[1:]."""
+    import torch  # imported here so that generating data does not pay torch's import time
+
+    sequences = torch.from_numpy(np.asarray(sequences, dtype=np.int64))
+    x, y = sequences[:, :-1], sequences[:, 1:]
+    if device != "cpu":
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    return x, y
+
+
+def whole_split_batches(tokens, batch_size):
+    """Consecutive batches of whole sequences covering a split once, in order."""
+    for lo in range(0, tokens.shape[0], batch_size):
+        yield np.asarray(tokens[lo : lo + batch_size])

@@ -1,0 +1,103 @@
+"""The command line: the seed's commands, the theory table, one-line errors with exit 2."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nanomarkov.cli import main
+from nanomarkov.data import load_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(args, cwd):
+    """A command as a new user types it, in a fresh directory, with the package not on PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_seed_generate_commands_and_theory_script_from_a_fresh_directory(tmp_path):
+    small = run([str(REPO / "scripts" / "mm_generate.py"), "10", "--train", "300", "--val", "40"], tmp_path)
+    assert small.returncode == 0, small.stderr
+    sparse = run([str(REPO / "scripts" / "mm_generate.py"), "100", "--train", "50", "--val", "10", "--sparsity", "75"],
+                 tmp_path)
+    assert sparse.returncode == 0, sparse.stderr
+    assert load_dataset(tmp_path / "data" / "mm10").seq_len == 128
+    sparse_data = load_dataset(tmp_path / "data" / "mm100-sparse-75")
+    assert sparse_data.seq_len == 256 and np.all((sparse_data.chain.transmat > 0).sum(axis=1) == 25)
+    table = run([str(REPO / "calculate_theoretical_minimums.py")], tmp_path)
+    assert table.returncode == 0, table.stderr
+    assert "data/mm10 " in table.stdout and "data/mm100-sparse-75" in table.stdout
+
+
+def test_console_script_is_installed(tmp_path):
+    exe = shutil.which("nanomarkov", path=str(Path(sys.executable).parent))
+    assert exe, "the package's console script is not installed next to this python"
+    result = subprocess.run([exe, "generate", "3", "--train", "5", "--val", "5", "--out", "d"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "d" / "meta.json").exists()
+
+
+def test_theory_numbers_agree_with_the_chain_and_json(tmp_path, capsys):
+    assert main(["generate", "4", "--train", "20", "--val", "30", "--seq_len", "9", "--out", str(tmp_path / "d")]) == 0
+    capsys.readouterr()
+    assert main(["theory", str(tmp_path / "d"), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    dataset = load_dataset(tmp_path / "d")
+    chain = dataset.chain
+    assert row["optimal_loss"] == pytest.approx(chain.optimal_loss(9), rel=1e-12)
+    assert row["true_loss_val"] == pytest.approx(chain.true_loss(np.asarray(dataset.val)), rel=1e-12)
+    assert row["uniform_loss"] == pytest.approx(np.log(4))
+    assert main(["theory", str(tmp_path / "d")]) == 0
+    table = capsys.readouterr().out
+    assert f"{row['optimal_loss']:.6f}" in table and f"{row['true_loss_val']:.6f}" in table
+
+
+def one_line_error(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "1"], "K must be"),
+    (["generate", "70000", "--dtype", "uint16"], "uint32"),
+    (["generate", "5", "--sparsity", "100"], "--sparsity"),
+    (["generate", "5", "--sparsity", "-5"], "--sparsity"),
+    (["generate", "5", "--train", "0"], "--train"),
+    (["generate", "5", "--val", "-1"], "--val"),
+    (["generate", "5", "--seq_len", "1"], "--seq_len"),
+    (["generate", "five"], "invalid int value"),
+    (["frobnicate"], "invalid choice"),
+    (["theory"], "required"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert message in one_line_error(capsys, argv)
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").rglob("meta.json"))
+
+
+def test_file_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert "cannot write" in one_line_error(capsys, ["generate", "3", "--out", str(tmp_path / "file" / "d")])
+    (tmp_path / "empty").mkdir()
+    assert "no meta.json" in one_line_error(capsys, ["theory", str(tmp_path / "empty")])
+    d = str(tmp_path / "d")
+    assert main(["generate", "3", "--train", "10", "--val", "10", "--out", d]) == 0
+    before = (tmp_path / "d" / "meta.json").read_text()
+    assert "--force" in one_line_error(capsys, ["generate", "3", "--train", "11", "--val", "10", "--out", d])
+    assert (tmp_path / "d" / "meta.json").read_text() == before
+    with open(tmp_path / "d" / "val.bin", "r+b") as f:
+        f.truncate(10)
+    assert "val.bin" in one_line_error(capsys, ["theory", d])
+    assert main(["generate", "3", "--train", "11", "--val", "10", "--out", d, "--force"]) == 0
+    assert load_dataset(d).meta["train_sequences"] == 11

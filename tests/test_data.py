@@ -1,0 +1,193 @@
+"""Dataset folders: format, atomic writing, validation on load, batches."""
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from nanomarkov import NanoMarkovError
+from nanomarkov.chains import MarkovChain
+from nanomarkov.data import (SequenceOrder, generate_dataset, load_dataset, to_inputs_targets,
+                             whole_split_batches)
+
+META_KEYS = {"format_version", "process", "n_states", "vocab_size", "bos_token", "seq_len", "dtype", "seed",
+             "sparsity", "train_sequences", "val_sequences", "train_tokens", "val_tokens", "sha256", "theory"}
+THEORY_KEYS = {"entropy_rate", "optimal_loss", "true_loss_val", "optimal_accuracy", "uniform_loss", "unigram_loss"}
+
+
+def make(path, **kwargs):
+    args = dict(n_states=5, train_sequences=300, val_sequences=50, seq_len=12, seed=3)
+    args.update(kwargs)
+    return generate_dataset(path, args.pop("n_states"), args.pop("train_sequences"), args.pop("val_sequences"), **args)
+
+
+def test_dataset_files_and_meta(tmp_path):
+    meta = make(tmp_path / "d", sparsity=40)
+    assert META_KEYS <= set(meta) and THEORY_KEYS == set(meta["theory"])
+    assert json.loads((tmp_path / "d" / "meta.json").read_text()) == meta
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["chain.npz", "meta.json", "train.bin", "val.bin"]
+    raw = np.fromfile(tmp_path / "d" / "train.bin", dtype="<u2")
+    assert raw.size == 300 * 12 == meta["train_tokens"]
+    sequences = raw.reshape(300, 12)
+    assert np.all(sequences[:, 0] == 5) and np.all(sequences[:, 1:] < 5)
+    for split in ("train", "val"):
+        data = (tmp_path / "d" / f"{split}.bin").read_bytes()
+        assert hashlib.sha256(data).hexdigest() == meta["sha256"][f"{split}.bin"]
+    with np.load(tmp_path / "d" / "chain.npz", allow_pickle=False) as npz:
+        chain = MarkovChain(npz["transmat"], npz["startprob"])
+    assert np.all((chain.transmat > 0).sum(axis=1) == 3)
+    dataset = load_dataset(tmp_path / "d")
+    assert dataset.train.shape == (300, 12) and dataset.val.shape == (50, 12)
+    assert meta["theory"]["true_loss_val"] == pytest.approx(chain.true_loss(np.asarray(dataset.val)), rel=1e-12)
+    assert meta["theory"]["optimal_loss"] == pytest.approx(chain.optimal_loss(12), rel=1e-12)
+
+
+def test_bytes_do_not_depend_on_chunk_size(tmp_path):
+    a = make(tmp_path / "a", chunk_tokens=12 * 7)
+    b = make(tmp_path / "b")
+    assert a["sha256"] == b["sha256"]
+    c = make(tmp_path / "c", train_sequences=500)
+    assert c["sha256"]["val.bin"] == a["sha256"]["val.bin"]  # val does not move when --train does
+    assert c["sha256"]["train.bin"] != a["sha256"]["train.bin"]
+
+
+def test_uint32_when_asked_and_when_needed(tmp_path):
+    meta = make(tmp_path / "d", dtype="uint32")
+    assert meta["dtype"] == "uint32"
+    assert load_dataset(tmp_path / "d").train.dtype.itemsize == 4
+    with pytest.raises(NanoMarkovError, match="uint32"):
+        make(tmp_path / "e", n_states=70000, dtype="uint16")
+
+
+def test_same_parameters_reuse_the_dataset_and_others_are_refused(tmp_path):
+    make(tmp_path / "d")
+    before = (tmp_path / "d" / "train.bin").stat().st_mtime_ns
+    make(tmp_path / "d")
+    assert (tmp_path / "d" / "train.bin").stat().st_mtime_ns == before
+    with pytest.raises(NanoMarkovError, match="train_sequences 300 -> 400.*--force"):
+        make(tmp_path / "d", train_sequences=400)
+    assert load_dataset(tmp_path / "d").meta["train_sequences"] == 300
+    assert make(tmp_path / "d", train_sequences=400, force=True)["train_sequences"] == 400
+    assert load_dataset(tmp_path / "d").train.shape[0] == 400
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_after(n_calls):
+    calls = []
+
+    def progress(_):
+        calls.append(1)
+        if len(calls) >= n_calls:
+            raise Interrupt
+
+    return progress
+
+
+def test_interrupted_generation_leaves_nothing_that_loads(tmp_path):
+    with pytest.raises(Interrupt):
+        make(tmp_path / "d", chunk_tokens=12 * 10, progress=interrupt_after(5))
+    assert list((tmp_path / "d").iterdir()) == []
+    with pytest.raises(NanoMarkovError, match="no meta.json"):
+        load_dataset(tmp_path / "d")
+
+
+def test_interrupted_force_keeps_the_old_dataset_whole(tmp_path):
+    old = make(tmp_path / "d")
+    with pytest.raises(Interrupt):
+        make(tmp_path / "d", train_sequences=900, force=True, chunk_tokens=12 * 10, progress=interrupt_after(40))
+    kept = load_dataset(tmp_path / "d")
+    assert kept.meta == old and kept.train.shape[0] == 300
+
+
+def test_foreign_bin_files_are_not_overwritten_without_force(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.bin").write_bytes(b"seed data")
+    with pytest.raises(NanoMarkovError, match="no meta.json"):
+        make(tmp_path / "d")
+    assert (tmp_path / "d" / "train.bin").read_bytes() == b"seed data"
+
+
+def rewrite_token(path, index, value):
+    data = np.fromfile(path, dtype="<u2")
+    data[index] = value
+    data.tofile(path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: f.write_bytes(f.read_bytes()[:-2]), "bytes, expected"),
+    (lambda f: f.write_bytes(f.read_bytes()[:-24]), "bytes, expected"),
+    (lambda f: rewrite_token(f, 13, (np.fromfile(f, dtype="<u2")[13] + 1) % 5), "sha256"),
+    (lambda f: rewrite_token(f, 30, 9), "token 9 at sequence 2, position 6"),
+    (lambda f: rewrite_token(f, 24, 0), "sequence 2 does not start with BOS"),
+    (lambda f: f.unlink(), "missing"),
+])
+def test_damaged_files_are_named_with_the_fix(tmp_path, damage, message):
+    make(tmp_path / "d")
+    damage(tmp_path / "d" / "train.bin")
+    with pytest.raises(NanoMarkovError, match=message) as error:
+        load_dataset(tmp_path / "d")
+    assert "train.bin" in str(error.value)
+    assert "nanomarkov generate 5 --train 300 --val 50" in str(error.value) and "--force" in str(error.value)
+
+
+def test_bad_meta_and_missing_folder(tmp_path):
+    with pytest.raises(NanoMarkovError, match="nanomarkov generate 100 --train 50000"):
+        load_dataset(tmp_path / "mm100")
+    make(tmp_path / "d")
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    meta["format_version"] = 99
+    (tmp_path / "d" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(NanoMarkovError, match="format version"):
+        load_dataset(tmp_path / "d")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n_states=1), "K must be"),
+    (dict(train_sequences=0), "--train"),
+    (dict(val_sequences=-3), "--val"),
+    (dict(sparsity=100), "--sparsity"),
+    (dict(sparsity=-1), "--sparsity"),
+    (dict(seq_len=1), "--seq_len"),
+    (dict(alpha=0.0), "--alpha"),
+])
+def test_bad_generation_arguments(tmp_path, kwargs, message):
+    with pytest.raises(NanoMarkovError, match=message):
+        make(tmp_path / "d", **kwargs)
+    assert not (tmp_path / "d").exists()
+
+
+def test_unwritable_destination(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NanoMarkovError, match="cannot write"):
+        make(tmp_path / "file" / "d")
+
+
+def test_sequence_order_is_a_resumable_sequence_of_permutations():
+    order = SequenceOrder(10, seed=1)
+    stream = order.indices(0, 35)
+    for epoch in range(3):
+        assert sorted(stream[10 * epoch : 10 * epoch + 10]) == list(range(10))
+    assert not np.array_equal(stream[:10], stream[10:20])
+    # Any way of cutting the stream, by a fresh object (as after a resume), gives the same indices.
+    fresh = SequenceOrder(10, seed=1)
+    pieces = np.concatenate([fresh.indices(s, c) for s, c in [(0, 3), (3, 14), (17, 18)]])
+    np.testing.assert_array_equal(pieces, stream)
+    np.testing.assert_array_equal(SequenceOrder(10, seed=1).indices(23, 5), stream[23:28])
+    assert not np.array_equal(SequenceOrder(10, seed=2).indices(0, 10), stream[:10])
+
+
+def test_batches_are_whole_sequences_shifted_by_one(tmp_path):
+    make(tmp_path / "d")
+    dataset = load_dataset(tmp_path / "d")
+    indices = SequenceOrder(300, seed=0).indices(0, 8)
+    x, y = to_inputs_targets(dataset.train[indices])
+    sequences = np.asarray(dataset.train)[indices]
+    assert x.shape == y.shape == (8, 11)
+    np.testing.assert_array_equal(x.numpy(), sequences[:, :-1])
+    np.testing.assert_array_equal(y.numpy(), sequences[:, 1:])
+    assert np.all(x.numpy()[:, 0] == 5) and np.all(y.numpy() < 5)  # BOS only ever as the first input
+    covered = np.vstack(list(whole_split_batches(dataset.val, 16)))
+    np.testing.assert_array_equal(covered, dataset.val)

@@ -96,6 +96,7 @@ class MarkovChain:
         startprob.flags.writeable = False
         self.transmat = transmat
         self.startprob = startprob
+        self._marginals = {}  # seq_len -> state_marginals; the chain is immutable, so this never goes stale
 
     @classmethod
     def random(cls, n_states, seed=42, alpha=1.0, sparsity=None):
@@ -145,6 +146,10 @@ class MarkovChain:
         each closed class's own stationary distribution, weighted by the
         probability of ending up in that class.
         """
+        return self._stationary.copy()
+
+    @cached_property
+    def _stationary(self):
         k = self.n_states
         reach = (self.transmat > 0) | np.eye(k, dtype=bool)
         # Transitive closure by repeated squaring: log2(K) boolean products.
@@ -161,7 +166,7 @@ class MarkovChain:
         warnings.warn(
             f"the chain has {len(classes)} closed classes, so its stationary distribution is not unique; "
             "using the long-run distribution reached from startprob",
-            stacklevel=2,
+            stacklevel=3,
         )
         transient = ~recurrent
         q = self.transmat[np.ix_(transient, transient)]
@@ -199,11 +204,19 @@ class MarkovChain:
     def state_marginals(self, seq_len):
         """mu_t for t = 1..L-1: the distribution of x_t (row t-1), mu_1 = startprob."""
         self._check_seq_len(seq_len)
-        marginals = np.empty((seq_len - 1, self.n_states))
-        marginals[0] = self.startprob
-        for t in range(1, seq_len - 1):
-            marginals[t] = marginals[t - 1] @ self.transmat
-        return marginals
+        if seq_len not in self._marginals:
+            marginals = np.empty((seq_len - 1, self.n_states))
+            marginals[0] = self.startprob
+            for t in range(1, seq_len - 1):
+                marginals[t] = marginals[t - 1] @ self.transmat
+                # Once mu_t stops moving in float64 it stays put: the remaining
+                # rows are the same up to 1e-15 in total, far below any loss digit.
+                if np.abs(marginals[t] - marginals[t - 1]).sum() < 1e-15:
+                    marginals[t + 1 :] = marginals[t]
+                    break
+            marginals.flags.writeable = False
+            self._marginals[seq_len] = marginals
+        return self._marginals[seq_len]
 
     def optimal_loss_by_position(self, seq_len):
         """Expected loss of the true model at each predicted position 1..L-1.

@@ -220,3 +220,15 @@ def test_random_rejects_bad_parameters():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         MarkovChain.random(5, sparsity=0).stationary()  # sparsity 0 is dense, irreducible
+
+
+@pytest.mark.parametrize("sparsity", [None, 90])
+def test_optimal_loss_of_long_sequences_matches_the_plain_recursion(sparsity):
+    """state_marginals stops iterating once mu_t has converged; the result must not move."""
+    chain = MarkovChain.random(30, seed=12, sparsity=sparsity)
+    mu, losses = chain.startprob.copy(), [float(-(chain.startprob * np.log(chain.startprob)).sum())]
+    row_entropy = np.array([-(p[p > 0] * np.log(p[p > 0])).sum() for p in chain.transmat])
+    for _ in range(998):
+        losses.append(float(mu @ row_entropy))
+        mu = mu @ chain.transmat
+    assert chain.optimal_loss(1000) == pytest.approx(np.mean(losses), abs=1e-13)

@@ -9,4 +9,11 @@ class NanoMarkovError(Exception):
     """
 
 
-__all__ = ["NanoMarkovError"]
+class TrainingDiverged(NanoMarkovError):
+    """The training loss became NaN or infinite: a failed run (exit code 1), not bad input.
+
+    The last good checkpoint is kept as it was.
+    """
+
+
+__all__ = ["NanoMarkovError", "TrainingDiverged"]

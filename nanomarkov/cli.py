@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from nanomarkov import NanoMarkovError
+from nanomarkov import NanoMarkovError, TrainingDiverged
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -84,6 +84,69 @@ def cmd_theory(args):
     return 0
 
 
+def _train_configs(args, overrides):
+    """The TrainConfig of every run a `train` call asks for (one per seed)."""
+    from nanomarkov.config import TrainConfig, load_config_file, parse_mm_id, preset
+
+    target = args.target
+    if target.endswith(".py") or Path(target).is_file():
+        if args.seeds or args.seed is not None or args.sparse is not None or args.preset:
+            raise NanoMarkovError("with a config file, set the seed and the rest as --key=value "
+                                  "(SEED, --seeds, --sparse and --preset go with a chain id: nanomarkov train 100 42)")
+        return [TrainConfig.from_dict({**load_config_file(target), **overrides}, f"config file {target}")]
+    n_states, sparsity = parse_mm_id(target)
+    if args.sparse is not None:
+        if sparsity is not None and sparsity != args.sparse:
+            raise NanoMarkovError(f"{target} and --sparse {args.sparse} disagree on the sparsity")
+        sparsity = args.sparse
+    if args.seeds and args.seed is not None:
+        raise NanoMarkovError("give either SEED or --seeds, not both")
+    seeds = args.seeds or [42 if args.seed is None else args.seed]
+    return [TrainConfig.from_dict({**preset(args.preset or "default", n_states, sparsity, seed), **overrides},
+                                  f"preset {args.preset or 'default'}") for seed in seeds]
+
+
+def cmd_train(args, extra):
+    from nanomarkov.config import parse_overrides
+    from nanomarkov.train import train
+
+    overrides = parse_overrides(extra)
+    if args.resume:
+        overrides["init_from"] = "resume"
+    results = []
+    for cfg in _train_configs(args, overrides):
+        done = train(cfg, overwrite=args.force)
+        results.append((cfg.out_dir, done))
+        if done["status"] == "interrupted":
+            return 130
+    if len(results) > 1:
+        print("\n".join(f"{out}: val {d['val_loss']:.6f} excess {d['excess']:.6f} nats "
+                        f"({d['pct_of_optimum']:.2f}% of optimum)" for out, d in results))
+    return 0
+
+
+def cmd_demo(args, extra):
+    """generate MM-10 -> train with the default recipe -> print the loss against the exact optimum."""
+    from nanomarkov.config import TrainConfig, parse_overrides, preset
+    from nanomarkov.data import default_data_dir, generate_dataset
+    from nanomarkov.train import train
+
+    data_dir = default_data_dir(10)
+    print(f"1/2 generate {data_dir}: 10,000 train + 1,000 val sequences from a random 10-state chain")
+    generate_dataset(data_dir, 10, 10000, 1000)
+    cfg = TrainConfig.from_dict({**preset("default", 10), **parse_overrides(extra)}, "demo")
+    print(f"2/2 train {cfg.out_dir} with the default recipe")
+    done = train(cfg, overwrite=True)
+    if done["status"] != "done":
+        return 130
+    print(f"\nval loss      {done['val_loss']:.6f} nats/token\n"
+          f"true loss     {done['true_loss_val']:.6f}  (the true chain on the same val sequences: the floor)\n"
+          f"optimal loss  {done['optimal_loss']:.6f}  (its expectation over all val sets)\n"
+          f"excess        {done['excess']:.6f}  ({done['pct_of_optimum']:.2f}% of optimum) in {done['elapsed_s']:.0f}s\n"
+          f"run folder    {cfg.out_dir}  (log.jsonl, training.log, ckpt.pt, done.json)")
+    return 0
+
+
 def build_parser():
     parser = _OneLineParser(prog="nanomarkov", description="Train small GPTs on Markov chains; check them against exact theory.")
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_OneLineParser)
@@ -105,13 +168,35 @@ def build_parser():
     theory.add_argument("datasets", nargs="+", help="dataset folders, e.g. data/mm100")
     theory.add_argument("--json", action="store_true", help="print JSON instead of a table")
     theory.set_defaults(func=cmd_theory)
+
+    tr = verbs.add_parser("train", help="train a GPT on a dataset; any TrainConfig field as --key=value",
+                          epilog="examples: nanomarkov train 100 42 --sparse 75 | nanomarkov train config.py --max_iters=500")
+    tr.add_argument("target", help="a chain id (10, 100, 100-sparse-75) or a config file (.py)")
+    tr.add_argument("seed", nargs="?", type=int, default=None, help="seed with a chain id (default 42)")
+    tr.add_argument("--sparse", type=int, default=None, help="sparsity percent of the chain (data/mm{K}-sparse-{S})")
+    tr.add_argument("--preset", default=None, help="recipe: default, seed, c1..c12 (default: default)")
+    tr.add_argument("--seeds", type=int, nargs="+", default=None, help="train one run per seed, one after another")
+    tr.add_argument("--resume", action="store_true", help="continue the run in out_dir from its checkpoint")
+    tr.add_argument("--force", action="store_true", help="start over in an out_dir that already holds a run")
+    tr.set_defaults(func=cmd_train, takes_overrides=True)
+
+    demo = verbs.add_parser("demo", help="generate MM-10, train it, print the loss against the optimum (minutes on a CPU)")
+    demo.set_defaults(func=cmd_demo, takes_overrides=True)
     return parser
 
 
 def main(argv=None):
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if getattr(args, "takes_overrides", False):
+            return args.func(args, extra)
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return args.func(args)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except NanoMarkovError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

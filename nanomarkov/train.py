@@ -33,7 +33,7 @@ from nanomarkov.model import GPT
 
 CHECKPOINT = "ckpt.pt"
 # Config fields a resumed run may change without changing what it computes.
-RESUMABLE_CHANGES = {"init_from", "max_iters", "eval_interval", "log_interval", "always_save_checkpoint",
+RESUMABLE_CHANGES = {"init_from", "out_dir", "max_iters", "eval_interval", "log_interval", "always_save_checkpoint",
                      "wandb_log", "wandb_project", "wandb_run_name", "device", "compile"}
 EVAL_BATCH_SEQUENCES = 64
 
@@ -293,7 +293,7 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None):
     def elapsed():
         return elapsed_before + time.perf_counter() - started
 
-    def evaluate_and_checkpoint():
+    def evaluate_and_checkpoint(scheduled=True):
         nonlocal last_eval
         val_loss = split_loss(model, dataset.val, device, autocast, ddp)
         if not math.isfinite(val_loss):
@@ -303,7 +303,8 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None):
                   "train_loss": float(np.mean(eval_window)) if eval_window else None, "val_loss": val_loss,
                   "optimal_loss": theory["optimal_loss"], "true_loss_val": theory["true_loss_val"],
                   "excess": val_loss - theory["true_loss_val"], "lr": learning_rate_at(it, cfg)}
-        eval_window.clear()
+        if scheduled:  # an extra eval (on Ctrl-C) leaves the window to the next scheduled one
+            eval_window.clear()
         train_text = "-" if record["train_loss"] is None else f"{record['train_loss']:.4f}"
         log.line(f"eval iter {it}: train {train_text} val {val_loss:.6f} optimal {theory['optimal_loss']:.6f} "
                  f"excess {record['excess']:+.6f} nats ({record['elapsed_s']:.1f}s)", record)
@@ -317,9 +318,13 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None):
                 "config": cfg.to_dict(), "rng": _rng_state(), "data_dir": str(cfg.data_dir),
                 "data_position": it * global_batch, "dataset_sha256": dataset.meta["sha256"],
                 "elapsed_s": elapsed(), "log_sizes": log.sizes(), "world_size": ddp.world_size,
+                "loss_windows": {"log": list(window_losses), "eval": list(eval_window)},
             })
 
     eval_window = []
+    if resume_state is not None:  # the logged loss means then cover the same steps as if never stopped
+        window_losses = list(resume_state["loss_windows"]["log"])
+        eval_window = list(resume_state["loss_windows"]["eval"])
     status = "done"
     with _StopRequests() as stop:
         if it % cfg.eval_interval == 0 and resume_state is None:
@@ -377,7 +382,7 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None):
                 evaluate_and_checkpoint()
             if stop.requested:
                 if last_eval is None or last_eval["iter"] != it:
-                    evaluate_and_checkpoint()
+                    evaluate_and_checkpoint(scheduled=False)
                 status = "interrupted"
                 log.line(f"stopped by {stop.requested} at iter {it}; checkpoint saved; continue with --resume")
                 break

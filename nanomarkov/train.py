@@ -295,6 +295,7 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None):
 
     def evaluate_and_checkpoint(scheduled=True):
         nonlocal last_eval
+        eval_started = time.perf_counter()
         val_loss = split_loss(model, dataset.val, device, autocast, ddp)
         if not math.isfinite(val_loss):
             raise TrainingDiverged(f"val loss is {val_loss} at iter {it}; the last good checkpoint "
@@ -302,7 +303,8 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None):
         record = {"kind": "eval", "iter": it, "tokens": it * tokens_per_iter, "elapsed_s": round(elapsed(), 3),
                   "train_loss": float(np.mean(eval_window)) if eval_window else None, "val_loss": val_loss,
                   "optimal_loss": theory["optimal_loss"], "true_loss_val": theory["true_loss_val"],
-                  "excess": val_loss - theory["true_loss_val"], "lr": learning_rate_at(it, cfg)}
+                  "excess": val_loss - theory["true_loss_val"], "lr": learning_rate_at(it, cfg),
+                  "eval_s": round(time.perf_counter() - eval_started, 3)}
         if scheduled:  # an extra eval (on Ctrl-C) leaves the window to the next scheduled one
             eval_window.clear()
         train_text = "-" if record["train_loss"] is None else f"{record['train_loss']:.4f}"

@@ -222,16 +222,19 @@ def test_presets_are_complete_and_valid():
 
 
 @pytest.mark.parametrize("k, expected", [
-    (10, dict(n_layer=1, n_head=1, n_embd=64, batch_size=32, learning_rate=1e-2, max_iters=600)),
-    (100, dict(n_layer=1, n_head=1, n_embd=128, batch_size=32, learning_rate=1e-2, max_iters=1500,
-               warmup_iters=50, min_lr=1e-3, lr_decay_iters=1500)),
-    (1000, dict(n_layer=2, n_embd=256)),
+    (10, dict(n_layer=1, n_embd=32, batch_size=64, learning_rate=3e-3, max_iters=600)),
+    (100, dict(n_layer=1, n_embd=128, batch_size=32, learning_rate=3e-3, max_iters=5000,
+               warmup_iters=50, min_lr=3e-5, lr_decay_iters=5000)),
+    (1000, dict(n_layer=1, n_embd=512)),
 ])
 def test_default_preset(k, expected):
     p = preset("default", k)
     assert {key: p[key] for key in expected} == pytest.approx(expected)
     assert p["grad_accum_steps"] == 1 and p["lr_decay_iters"] == p["max_iters"]
-    assert p["min_lr"] == pytest.approx(p["learning_rate"] / 10)
+    assert p["min_lr"] == pytest.approx(p["learning_rate"] / 100)
+    # The measured recipe: MLP-only, square MLP, untied head, no weight decay; wide enough for K+1 logits.
+    assert p["mlp_only"] and p["mlp_ratio"] == 1 and not p["lm_head_tied"] and p["weight_decay"] == 0
+    assert p["n_embd"] >= min(k + 1, 512)
 
 
 # c1..c12 as the seed's descriptions put them: (n_layer, n_head, n_embd, max_iters, switches)

@@ -32,7 +32,7 @@ DONE_KEYS = {"status", "iters", "tokens", "elapsed_s", "val_loss", "optimal_loss
              "pct_of_optimum"}
 EVAL_KEYS = {"iter", "tokens", "elapsed_s", "train_loss", "val_loss", "excess"}
 CKPT_KEYS = {"model", "model_args", "optimizer", "iter", "tokens", "config", "rng", "data_dir"}
-TIMING_KEYS = {"elapsed_s", "tokens_per_s"}  # the only log fields allowed to differ between equal runs
+TIMING_KEYS = {"elapsed_s", "tokens_per_s", "eval_s"}  # the only log fields allowed to differ between equal runs
 BATCH, SEQ_LEN, MAX_ITERS, EVAL_INTERVAL = 8, 16, 40, 10
 
 

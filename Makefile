@@ -16,14 +16,14 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/nanomarkov generate 10 --train 10000 --val 1000
-	$(VENV)/bin/nanomarkov theory data/mm10
+	$(VENV)/bin/nanomarkov demo
 
 test: install
 	$(PY) -m pytest -q
 
 bench: install
 	$(PY) benchmarks/generate.py
+	$(PY) benchmarks/train.py
 
 clean:
 	rm -rf data trainings

@@ -255,13 +255,16 @@ _SECTIONS = {"data_dir": "I/O", "n_layer": "Model (vocab_size and block_size com
 # - untied head, no weight decay: the logit table spans several nats (rare transitions),
 #   and decay pulls it toward uniform; both measured slightly better.
 # - the excess falls with tokens seen, not with batch or lr (measured): the budget is
-#   ~3 passes over 50k MM-100 sequences, with lr decayed 100x by cosine at the end.
+#   ~4 passes over 50k MM-100 sequences, with lr decayed 100x by cosine at the end.
+# - K > 100: 50k sequences cannot pin down a K x K table (the finite-data floor is
+#   about K^2 / (2 * tokens), 0.04 nats for MM-1000), so one pass over the data with
+#   a 256-wide model; every pass costs minutes there (a 1001-way head per token).
 DEFAULT_COMMON = dict(mlp_only=True, mlp_ratio=1, lm_head_tied=False, weight_decay=0.0, grad_accum_steps=1,
                       log_interval=50)
 #                  max K  n_layer n_head n_embd batch   lr   max_iters warmup eval_interval
 DEFAULT_RECIPES = [(10,      1,     1,     32,   64,  3e-3,    600,     50,     200),
-                   (100,     1,     1,    128,   32,  3e-3,   5000,     50,    1000),
-                   (None,    1,     1,    512,   32,  3e-3,   3000,     50,    1000)]
+                   (100,     1,     1,    128,   32,  3e-3,   6000,     50,    1000),
+                   (None,    1,     1,    256,   32,  3e-3,   1600,     50,     800)]
 
 # The seed's configs/mm_config.py. Common to all rows: 8 heads, lr 5e-3, warmup 200,
 # cosine to min_lr 1e-4 at max_iters, weight decay 0.1, no dropout, no biases, eval every 500.

@@ -101,3 +101,58 @@ def test_file_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert "val.bin" in one_line_error(capsys, ["theory", d])
     assert main(["generate", "3", "--train", "11", "--val", "10", "--out", d, "--force"]) == 0
     assert load_dataset(d).meta["train_sequences"] == 11
+
+
+TINY_TRAIN = ["--max_iters=6", "--eval_interval=3", "--log_interval=3", "--n_embd=8", "--device=cpu"]
+
+
+def test_train_by_chain_id_writes_the_run_folder_and_refuses_to_overwrite(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "5", "--train", "40", "--val", "8", "--seq_len", "12"]) == 0
+    assert main(["train", "5", "7", *TINY_TRAIN]) == 0
+    run_dir = tmp_path / "trainings" / "MM" / "MM-5" / "MM-5-7"
+    done = json.loads((run_dir / "done.json").read_text())
+    assert done["status"] == "done" and done["iters"] == 6
+    assert json.loads((run_dir / "config.json").read_text())["seed"] == 7
+    capsys.readouterr()
+    assert "--resume" in one_line_error(capsys, ["train", "5", "7", *TINY_TRAIN])
+    assert main(["train", "5", "7", *TINY_TRAIN, "--max_iters=9", "--resume"]) == 0
+    assert json.loads((run_dir / "done.json").read_text())["iters"] == 9
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "33"], "nanomarkov generate 33 --train 50000 --val 5000"),
+    (["train", "5", "--n_emdb=3"], "did you mean 'n_embd'"),
+    (["train", "5", "--max_iters", "3"], "expected --key=value"),
+    (["train", "5", "--max_iters=three"], "max_iters must be an integer"),
+    (["train", "5", "--preset", "c99"], "unknown preset"),
+    (["train", "5", "1", "--seeds", "2", "3"], "either SEED or --seeds"),
+    (["train", "missing.py"], "cannot read config file"),
+])
+def test_train_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert message in one_line_error(capsys, argv)
+
+
+def test_seed_training_commands_from_a_fresh_directory(tmp_path):
+    assert run([str(REPO / "scripts" / "mm_generate.py"), "5", "--train", "40", "--val", "8"], tmp_path).returncode == 0
+    shell = subprocess.run([str(REPO / "train_mm.sh"), "5", "3", *TINY_TRAIN], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable})
+    assert shell.returncode == 0, shell.stderr
+    assert (tmp_path / "trainings" / "MM" / "MM-5" / "MM-5-3" / "done.json").exists()
+    config = run([str(REPO / "configs" / "mm_config.py"), "5", "11"], tmp_path)
+    assert config.returncode == 0, config.stderr
+    (tmp_path / "cfg.py").write_text(config.stdout)
+    trained = run([str(REPO / "train_mm.py"), "cfg.py", "--grad_accum_steps=1", "--out_dir=runs/cfg", *TINY_TRAIN],
+                  tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    assert json.loads((tmp_path / "runs" / "cfg" / "config.json").read_text())["seed"] == 11
+
+
+def test_demo_generates_trains_and_prints_the_loss_against_the_optimum(tmp_path):
+    result = run(["-m", "nanomarkov", "demo", "--max_iters=30", "--eval_interval=15"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    done = json.loads((tmp_path / "trainings" / "MM" / "MM-10" / "MM-10-42" / "done.json").read_text())
+    assert f"val loss      {done['val_loss']:.6f}" in result.stdout
+    assert f"optimal loss  {done['optimal_loss']:.6f}" in result.stdout
+    assert load_dataset(tmp_path / "data" / "mm10").meta["train_sequences"] == 10000

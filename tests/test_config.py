@@ -223,9 +223,9 @@ def test_presets_are_complete_and_valid():
 
 @pytest.mark.parametrize("k, expected", [
     (10, dict(n_layer=1, n_embd=32, batch_size=64, learning_rate=3e-3, max_iters=600)),
-    (100, dict(n_layer=1, n_embd=128, batch_size=32, learning_rate=3e-3, max_iters=5000,
-               warmup_iters=50, min_lr=3e-5, lr_decay_iters=5000)),
-    (1000, dict(n_layer=1, n_embd=512)),
+    (100, dict(n_layer=1, n_embd=128, batch_size=32, learning_rate=3e-3, max_iters=6000,
+               warmup_iters=50, min_lr=3e-5, lr_decay_iters=6000)),
+    (1000, dict(n_layer=1, n_embd=256, max_iters=1600)),
 ])
 def test_default_preset(k, expected):
     p = preset("default", k)
@@ -234,7 +234,7 @@ def test_default_preset(k, expected):
     assert p["min_lr"] == pytest.approx(p["learning_rate"] / 100)
     # The measured recipe: MLP-only, square MLP, untied head, no weight decay; wide enough for K+1 logits.
     assert p["mlp_only"] and p["mlp_ratio"] == 1 and not p["lm_head_tied"] and p["weight_decay"] == 0
-    assert p["n_embd"] >= min(k + 1, 512)
+    assert p["n_embd"] >= min(k + 1, 256)
 
 
 # c1..c12 as the seed's descriptions put them: (n_layer, n_head, n_embd, max_iters, switches)

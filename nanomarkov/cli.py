@@ -147,6 +147,15 @@ def cmd_demo(args, extra):
     return 0
 
 
+def cmd_eval(args):
+    from nanomarkov.evaluate import evaluate_checkpoints, format_eval
+
+    for folder, result in evaluate_checkpoints(args.checkpoints, data_dir=args.data, out=args.out):
+        print(format_eval(result))
+        print(f"\nwritten: {folder}/eval.json, eval.md, learned_matrix.npy, per_state.npz\n")
+    return 0
+
+
 def build_parser():
     parser = _OneLineParser(prog="nanomarkov", description="Train small GPTs on Markov chains; check them against exact theory.")
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_OneLineParser)
@@ -179,6 +188,12 @@ def build_parser():
     tr.add_argument("--resume", action="store_true", help="continue the run in out_dir from its checkpoint")
     tr.add_argument("--force", action="store_true", help="start over in an out_dir that already holds a run")
     tr.set_defaults(func=cmd_train, takes_overrides=True)
+
+    ev = verbs.add_parser("eval", help="the six metrics of checkpoints against the exact theory (several: agreement)")
+    ev.add_argument("checkpoints", nargs="+", help="ckpt.pt files; runs on the same dataset that differ in seed")
+    ev.add_argument("--data", default=None, help="dataset folder (default: the one each checkpoint was trained on)")
+    ev.add_argument("--out", default=None, help="output folder (default: next to each checkpoint)")
+    ev.set_defaults(func=cmd_eval)
 
     demo = verbs.add_parser("demo", help="generate MM-10, train it, print the loss against the optimum (minutes on a CPU)")
     demo.set_defaults(func=cmd_demo, takes_overrides=True)

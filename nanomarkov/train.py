@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -137,7 +138,8 @@ class _StopRequests:
         self._previous = {}
 
     def __enter__(self):
-        if threading_is_main():
+        # Python only lets the main thread install signal handlers.
+        if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -150,12 +152,6 @@ class _StopRequests:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def threading_is_main():
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _save_checkpoint(path, state):
@@ -208,7 +204,7 @@ class _RunLog:
                 with open(p, "r+b") as f:
                     f.truncate(sizes.get(p.name, 0))
 
-    def line(self, text, record=None):
+    def line(self, text, record=None, echo=True):
         if not self.enabled:
             return
         if record is not None:
@@ -216,15 +212,18 @@ class _RunLog:
                 f.write(json.dumps(record) + "\n")
         with open(self.text, "a") as f:
             f.write(text + "\n")
-        self.echo(text)
+        if echo:
+            self.echo(text)
 
 
 def train(cfg: TrainConfig, overwrite=False, show_progress=None):
     """Train a GPT on cfg.data_dir; returns the done.json dict (status 'done' or 'interrupted')."""
-    device_type_hint = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-    ddp = init_distributed(device_type_hint)
+    wants_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    ddp = init_distributed("cuda" if wants_cuda else "cpu")
     device, autocast, use_compile = resolve_device(cfg, ddp.local_rank)
     dataset = load_dataset(cfg.data_dir)
+    if cfg.wandb_log and ddp.is_main:
+        _import_wandb()  # fail before anything is written
     theory = dataset.meta["theory"]
     out_dir = Path(cfg.out_dir)
     ckpt_path = out_dir / CHECKPOINT
@@ -373,10 +372,8 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None):
                 text = f"iter {it}: loss {record['loss']:.4f} lr {lr:.2e} {rate / 1e3:.1f}k tok/s"
                 if bar is not None:
                     bar.set_postfix_str(f"loss {record['loss']:.4f}")
-                    log.echo = lambda _: None  # the bar shows progress; the file still gets the line
-                log.line(text, record)
-                if bar is not None:
-                    log.echo = bar.write
+                # On a terminal the bar shows progress; the files get every line regardless.
+                log.line(text, record, echo=bar is None)
                 if wandb_run is not None:
                     wandb_run.log({"train/loss": record["loss"], "lr": lr, "tokens_per_s": rate}, step=it)
                 window_losses, window_start, window_tokens = [], now, 0
@@ -418,10 +415,14 @@ def _check_resumable(state, cfg, dataset, ckpt_path):
                               "resume with the dataset it was trained on")
 
 
-def _start_wandb(cfg, out_dir):
+def _import_wandb():
     try:
         import wandb
     except ImportError:
         raise NanoMarkovError("wandb_log=True needs wandb: pip install wandb (or set wandb_log=False)") from None
-    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or out_dir.name,
+    return wandb
+
+
+def _start_wandb(cfg, out_dir):
+    return _import_wandb().init(project=cfg.wandb_project, name=cfg.wandb_run_name or out_dir.name,
                       config=cfg.to_dict(), dir=str(out_dir))

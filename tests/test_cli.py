@@ -156,3 +156,14 @@ def test_demo_generates_trains_and_prints_the_loss_against_the_optimum(tmp_path)
     assert f"val loss      {done['val_loss']:.6f}" in result.stdout
     assert f"optimal loss  {done['optimal_loss']:.6f}" in result.stdout
     assert load_dataset(tmp_path / "data" / "mm10").meta["train_sequences"] == 10000
+
+
+def test_wandb_without_wandb_installed_says_how_to_get_it(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here; this checks the message users get without it")
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "5", "--train", "40", "--val", "8", "--seq_len", "12"]) == 0
+    assert "pip install wandb" in one_line_error(capsys, ["train", "5", *TINY_TRAIN, "--wandb_log=True"])
+    assert not (tmp_path / "trainings").exists()  # refused before anything was written

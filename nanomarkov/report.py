@@ -1,0 +1,375 @@
+"""Plots and one table over training runs: `nanomarkov report DIR`.
+
+Every run folder under DIR (one holding done.json or ckpt.pt) gets, next to its files:
+  learning_curve.png     val and train loss against tokens seen, with the floor, the optimum and the
+                         bigram baseline; below it the excess over the floor on a log scale
+  transition_matrix.png  true vs learned transition matrix, and their difference (needs eval.json)
+  per_state_kl.png       each state's KL(true row || model) against its stationary probability (needs eval.json)
+
+Runs that differ only in seed form a family; DIR/report/ gets summary.md, summary.csv
+(mean and sd over seeds of every headline number) and comparison.png (excess per family).
+Numbers come from eval.json when the run has been evaluated, else from done.json, else
+from the last evaluation in log.jsonl (a run still going or interrupted).
+"""
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+# Figure directly, not pyplot: no global state, no GUI backend, safe in threads and on headless machines.
+from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter, MaxNLocator
+
+from nanomarkov import NanoMarkovError
+
+TARGET_EXCESS = 0.003  # nats: the project's quality target (DESIGN.md section 9)
+REPORT_FOLDER = "report"
+# Config fields that may differ between the seeds of one experiment; every other field defines the family.
+NOT_FAMILY = ("seed", "out_dir", "wandb_run_name", "init_from")
+# Summary columns: (name, where it sits in eval.json, its key in done.json / log.jsonl or None if eval-only,
+# markdown title, format).
+METRICS = [
+    ("val_loss", ("cross_entropy", "val_loss"), "val_loss", "val loss", "{:.6f}"),
+    ("excess", ("cross_entropy", "excess"), "excess", "excess (nats)", "{:.6f}"),
+    ("pct_of_optimum", ("cross_entropy", "pct_of_optimum"), "pct_of_optimum", "% of optimum", "{:.3f}"),
+    ("accuracy", ("accuracy", "accuracy"), None, "accuracy", "{:.4f}"),
+    ("mean_kl", ("transition_fidelity", "mean_kl"), None, "transition KL", "{:.6f}"),
+    ("mean_spread", ("markov_property", "mean_spread"), None, "Markov spread", "{:.6f}"),
+    ("agreement", ("agreement", "top1_agreement"), None, "agreement", "{:.4f}"),
+]
+OPTIMUM = [("optimal_loss", ("cross_entropy", "optimal_loss")), ("true_loss_val", ("cross_entropy", "true_loss_val"))]
+WORST_LABELLED = 5
+
+
+# ------------------------------------------------------------------ reading runs
+
+def find_runs(root):
+    """Every run folder under root (root itself included): a folder holding done.json or ckpt.pt."""
+    root = Path(root)
+    if not root.is_dir():
+        raise NanoMarkovError(f"{root}: no such folder; give the folder your runs are in, e.g. trainings/MM/MM-100")
+    marks = [*root.rglob("done.json"), *root.rglob("ckpt.pt")]
+    return sorted({mark.parent for mark in marks})
+
+
+def _read_json(path):
+    """A JSON file's content, None when it is absent; one clear error when it is damaged."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise NanoMarkovError(f"{path}: unreadable ({e}); delete it and rerun the command that writes it") from None
+
+
+def _dig(record, keys):
+    for key in keys:
+        if not isinstance(record, dict):
+            return None
+        record = record.get(key)
+    return record
+
+
+def load_run(folder):
+    """Everything the report needs from one run folder, as a dict; missing files give None."""
+    folder = Path(folder)
+    config = _read_json(folder / "config.json") or {}
+    evaluation, done = _read_json(folder / "eval.json"), _read_json(folder / "done.json")
+    log = []
+    if (folder / "log.jsonl").is_file():
+        for line in (folder / "log.jsonl").read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a process killed mid-write leaves half a line; the rest is still good
+                continue
+            if record.get("kind") == "eval":
+                log.append(record)
+    # The headline numbers: from the fullest source there is.
+    if evaluation is not None:
+        values = {name: _dig(evaluation, path) for name, path, *_ in METRICS}
+        values.update({name: _dig(evaluation, path) for name, path in OPTIMUM})
+    else:
+        last = done or (log[-1] if log else {})
+        values = {name: last.get(key) if key else None for name, _, key, *_ in METRICS}
+        values.update({name: last.get(name) for name, _ in OPTIMUM})
+        if values["pct_of_optimum"] is None and values["val_loss"]:  # log lines do not carry it
+            values["pct_of_optimum"] = 100 * values["true_loss_val"] / values["val_loss"]
+    seed = config.get("seed", _dig(evaluation, ("run", "seed")))
+    return {"folder": folder, "config": config, "eval": evaluation, "done": done, "log": log, "seed": seed,
+            "values": values}
+
+
+def group_families(runs, root):
+    """[(family name, [runs])]: runs whose configs agree on everything but NOT_FAMILY fields."""
+    groups = {}
+    for run in runs:
+        config = {k: v for k, v in run["config"].items() if k not in NOT_FAMILY}
+        # A run without config.json cannot be matched with anything: it is its own family.
+        key = json.dumps(config, sort_keys=True) if config else str(run["folder"])
+        groups.setdefault(key, []).append(run)
+
+    def base(run):  # MM-100-42 -> MM-100: the folder name without its seed
+        name = run["folder"].resolve().name
+        for sep in "-_":
+            if run["seed"] is not None and name.endswith(f"{sep}{run['seed']}"):
+                return name[: -len(f"{sep}{run['seed']}")]
+        return name
+
+    names = {key: base(members[0]) for key, members in groups.items()}
+    clashes = Counter(names.values())
+    for key, members in groups.items():
+        if clashes[names[key]] > 1:  # one name, several configs: say where each lives
+            names[key] = str(members[0]["folder"].resolve().relative_to(Path(root).resolve()).parent / names[key])
+    clashes = Counter(names.values())
+    for i, key in enumerate(groups):
+        if clashes[names[key]] > 1:  # same place too (configs edited in place): number them
+            names[key] += f" [{i + 1}]"
+    return sorted(((names[key], members) for key, members in groups.items()), key=lambda item: item[0])
+
+
+# ------------------------------------------------------------------ the table
+
+def _mean_sd(values):
+    """(mean, sd with ddof=1) of the numbers present; sd None for fewer than two, both None for none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+
+def summarize(families, root):
+    """One row per family: counts, seeds, mean and sd over seeds of each metric, the optimum."""
+    rows = []
+    for name, members in families:
+        row = {"family": name, "n_runs": len(members), "n_evaluated": sum(r["eval"] is not None for r in members),
+               "seeds": [r["seed"] for r in members],
+               "runs": [str(r["folder"].resolve().relative_to(Path(root).resolve())) for r in members],
+               "data_dir": members[0]["config"].get("data_dir")}
+        for metric, *_ in METRICS:
+            values = [r["values"][metric] for r in members]
+            if metric == "agreement":
+                # One eval of several seeds stores the same agreement in each of them: count it once.
+                values = list({json.dumps(_dig(r["eval"], ("agreement", "runs"))): v
+                               for r, v in zip(members, values) if v is not None}.values())
+            row[f"{metric}_mean"], row[f"{metric}_sd"] = _mean_sd(values)
+        row["optimal_loss"] = _mean_sd([r["values"]["optimal_loss"] for r in members])[0]
+        row["true_loss_val_mean"] = _mean_sd([r["values"]["true_loss_val"] for r in members])[0]
+        rows.append(row)
+    return rows
+
+
+def format_summary(rows):
+    """The summary as a markdown table: mean ± sd over seeds (no sd for one run), blank when not measured."""
+    def cell(row, key, fmt):
+        mean, sd = row[f"{key}_mean"], row[f"{key}_sd"]
+        if mean is None:
+            return ""
+        return fmt.format(mean) + ("" if sd is None else " ± " + fmt.format(sd))
+
+    head = ["family", "runs", "seeds"] + [m[3] for m in METRICS] + ["optimal_loss", "true_loss_val"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---:|---|" + "---:|" * (len(head) - 3)]
+    for row in rows:
+        runs = f"{row['n_runs']}" + ("" if row["n_evaluated"] == row["n_runs"] else f" ({row['n_evaluated']} evaluated)")
+        cells = [row["family"], runs, " ".join(str(s) for s in row["seeds"])]
+        cells += [cell(row, key, fmt) for key, _, _, _, fmt in METRICS]
+        cells += ["" if row[k] is None else f"{row[k]:.6f}" for k in ("optimal_loss", "true_loss_val_mean")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(rows, path):
+    """One column per number (mean and sd apart), blanks for what was not measured; floats keep every digit."""
+    columns = ["family", "n_runs", "n_evaluated", "seeds", "runs", "data_dir"]
+    columns += [f"{m[0]}_{s}" for m in METRICS for s in ("mean", "sd")] + ["optimal_loss", "true_loss_val_mean"]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for row in rows:
+            out = dict(row, seeds=" ".join(str(s) for s in row["seeds"]), runs=" ".join(row["runs"]))
+            writer.writerow(["" if out[c] is None else (repr(out[c]) if isinstance(out[c], float) else out[c])
+                             for c in columns])
+
+
+# ------------------------------------------------------------------ plots
+
+def _save(fig, path):
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_learning_curve(run, path):
+    """Loss against tokens seen next to floor, optimum and bigram baseline; excess on a log scale below."""
+    log = run["log"]
+    tokens = np.array([r["tokens"] for r in log], dtype=float)
+    val = np.array([r["val_loss"] for r in log])
+    train = np.array([np.nan if r.get("train_loss") is None else r["train_loss"] for r in log])
+    floor, optimum = log[-1]["true_loss_val"], log[-1]["optimal_loss"]
+    fig = Figure(figsize=(8, 7), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
+    top.plot(tokens, val, "o-", ms=3, color="C0", label="val loss (whole val split)")
+    top.plot(tokens, train, "s-", ms=3, color="C1", alpha=0.8, label="train loss (mean since last eval)")
+    top.axhline(floor, color="k", lw=1.2, label=f"true chain on val (floor) {floor:.4f}")
+    top.axhline(optimum, color="0.4", ls="--", lw=1, label=f"optimal loss (expected) {optimum:.4f}")
+    bigram = _dig(run["eval"], ("cross_entropy", "bigram_baseline"))
+    if bigram is not None:
+        top.axhline(bigram, color="C2", ls=":", lw=1.5, label=f"bigram baseline (train counts) {bigram:.4f}")
+    top.set_ylabel("cross-entropy (nats/token)")
+    data = _dataset_path(run)
+    top.set_title(f"{run['folder'].name}{f' on {data}' if data else ''}: final val {val[-1]:.4f}, "
+                  f"excess {val[-1] - floor:.4f} nats")
+    top.legend(fontsize=8)
+    top.grid(alpha=0.3)
+
+    excess = val - floor
+    shown = excess > 0  # a log axis cannot show a model that lands on or (by luck) just below the floor
+    bottom.plot(tokens[shown], excess[shown], "o-", ms=3, color="C0", label="val loss − floor")
+    bottom.axhline(TARGET_EXCESS, color="C3", ls="--", lw=1, label=f"target {TARGET_EXCESS} nats")
+    if bigram is not None and bigram > floor:  # on the top panel it sits on the floor; here it stands apart
+        bottom.axhline(bigram - floor, color="C2", ls=":", lw=1.5, label=f"bigram baseline − floor {bigram - floor:.4f}")
+    bottom.set_yscale("log")
+    bottom.set_ylabel("excess over floor (nats, log)")
+    bottom.set_xlabel("tokens seen")
+    bottom.xaxis.set_major_formatter(EngFormatter())
+    hidden = int((~shown).sum())
+    bottom.legend(fontsize=8, title=f"{hidden} eval(s) at or below the floor not shown" if hidden else None,
+                  title_fontsize=8)
+    bottom.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
+def _dataset_path(run):
+    """The run's dataset folder, as eval.json or config.json names it."""
+    return _dig(run["eval"], ("run", "dataset")) or run["config"].get("data_dir")
+
+
+def plot_transition_matrix(run, path):
+    """True and learned matrices on one colour scale, and learned − true on a diverging one."""
+    data = _dataset_path(run)
+    chain_file = Path(data or "") / "chain.npz"
+    if not data or not chain_file.is_file():
+        raise NanoMarkovError(f"dataset {data} not found (run the report from the folder you trained in)")
+    with np.load(chain_file, allow_pickle=False) as npz:
+        true = np.array(npz["transmat"])
+    learned = np.load(run["folder"] / "learned_matrix.npy", allow_pickle=False)
+    if learned.shape != true.shape:
+        raise NanoMarkovError(f"learned_matrix.npy is {learned.shape}, {chain_file} is {true.shape}: "
+                              "rerun nanomarkov eval on this run")
+    k = true.shape[0]
+    fig = Figure(figsize=(15, 4.8), layout="constrained")
+    axes = fig.subplots(1, 3)
+    vmax = max(true.max(), learned.max())
+    diff = learned - true
+    limit = max(np.abs(diff).max(), 1e-12)
+    panels = [(true, f"true P (K={k})", "viridis", 0, vmax, "probability"),
+              (learned, "learned: model after [BOS, i]", "viridis", 0, vmax, "probability"),
+              (diff, f"learned − true (max |Δ| {limit:.3g})", "RdBu_r", -limit, limit, "probability difference")]
+    for ax, (matrix, title, cmap, lo, hi, unit) in zip(axes, panels):
+        image = ax.imshow(matrix, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+        fig.colorbar(image, ax=ax, shrink=0.85, label=unit)
+        ax.set_title(title)
+        ax.set_xlabel("next state j")
+        ax.set_ylabel("current state i")
+        for axis in (ax.xaxis, ax.yaxis):  # states are whole numbers, never 0.5
+            axis.set_major_locator(MaxNLocator(integer=True))
+        if k <= 10:  # small chains: the numbers themselves are readable
+            for (i, j), value in np.ndenumerate(matrix):
+                pale = value > 0.6 * hi if cmap == "viridis" else abs(value) < 0.6 * hi  # dark text on pale cells
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color="k" if pale else "w")
+    fig.suptitle(f"{run['folder'].name}: transition matrix, mean KL(true row ‖ learned row) "
+                 f"{run['values']['mean_kl']:.4g} nats")
+    return _save(fig, path)
+
+
+def plot_per_state_kl(run, path):
+    """Per-state KL against stationary probability: are the rare states the badly learned ones?"""
+    with np.load(run["folder"] / "per_state.npz", allow_pickle=False) as npz:
+        pi, prompt_kl, context_kl = npz["stationary"], npz["prompt_kl"], npz["context_kl"]
+    fig = Figure(figsize=(8, 6), layout="constrained")
+    ax = fig.subplots()
+    ax.scatter(pi, prompt_kl, s=22, color="C0", label="prompt [BOS, s]")
+    ax.scatter(pi, context_kl, s=22, marker="x", color="C1", label="real val contexts ending in s (mean)")
+    mean = float(np.mean(prompt_kl))
+    ax.axhline(mean, color="C0", ls="--", lw=1, label=f"mean over states {mean:.4g}")
+    for s in np.argsort(-prompt_kl)[:WORST_LABELLED]:
+        ax.annotate(f"s={s}", (pi[s], prompt_kl[s]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    # Log axes only when the numbers span a decade or more and are all positive; else they hide the spread.
+    for values, set_scale in ((pi, ax.set_xscale), (np.concatenate([prompt_kl, context_kl]), ax.set_yscale)):
+        values = values[np.isfinite(values)]
+        if values.size and values.min() > 0 and values.max() / values.min() >= 10:
+            set_scale("log")
+    ax.set_xlabel("stationary probability π(s)")
+    ax.set_ylabel("KL(true row s ‖ model's next-state distribution) (nats)")
+    ax.set_title(f"{run['folder'].name}: per-state transition KL, worst {min(WORST_LABELLED, pi.size)} labelled")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
+def plot_comparison(rows, families, path):
+    """Excess per family: bar = mean over seeds, error bar = sd, dots = the seeds themselves."""
+    pairs = [(row, members) for row, (_, members) in zip(rows, families) if row["excess_mean"] is not None]
+    fig = Figure(figsize=(max(6, 1.1 * len(pairs) + 2), 5), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(pairs))
+    means = np.array([row["excess_mean"] for row, _ in pairs])
+    ax.bar(x, means, yerr=[row["excess_sd"] or 0.0 for row, _ in pairs], capsize=4, color="C0", alpha=0.7,
+           label="mean over seeds (± sd)")
+    for i, (_, members) in enumerate(pairs):
+        seeds = [r["values"]["excess"] for r in members if r["values"]["excess"] is not None]
+        ax.plot([i + 0.2] * len(seeds), seeds, "k.", ms=6, label="one seed" if i == 0 else None)
+    ax.axhline(TARGET_EXCESS, color="C3", ls="--", lw=1, label=f"target {TARGET_EXCESS} nats")
+    if means.size and means.min() > 0 and means.max() / means.min() >= 30:
+        ax.set_yscale("log")  # families orders of magnitude apart: a linear axis would flatten the good ones
+    labels = [f"{row['family']} (n={row['n_runs']})" for row, _ in pairs]
+    crowded = sum(len(label) for label in labels) > 60  # long or many names: tilt them so they do not overlap
+    ax.set_xticks(x, labels, rotation=30 if crowded else 0, ha="right" if crowded else "center", fontsize=8)
+    ax.set_ylabel("excess val loss over floor (nats/token)")
+    ax.set_title("excess over the true chain's val loss, per run family")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y", which="both")
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------ everything
+
+def write_report(root):
+    """Per-run plots, then summary.md, summary.csv and comparison.png in root/report/."""
+    root = Path(root)
+    folders = find_runs(root)
+    if not folders:
+        raise NanoMarkovError(f"no training runs under {root} (folders with done.json or ckpt.pt); "
+                              "train one with: nanomarkov train 10")
+    runs = [load_run(folder) for folder in folders]
+    files, skipped = [], []
+    for run in runs:
+        folder = run["folder"]
+        plots = [("learning_curve.png", plot_learning_curve)] if run["log"] else []
+        if run["eval"] is not None:  # the other two read what `nanomarkov eval` writes
+            plots += [("transition_matrix.png", plot_transition_matrix), ("per_state_kl.png", plot_per_state_kl)]
+        for name, plot in plots:
+            try:
+                files.append(plot(run, folder / name))
+            except (NanoMarkovError, OSError, KeyError, ValueError) as e:  # one bad run must not sink the report
+                skipped.append({"run": str(folder), "plot": name, "why": str(e)})
+
+    families = group_families(runs, root)
+    rows = summarize(families, root)
+    out = root / REPORT_FOLDER
+    out.mkdir(exist_ok=True)
+    files.append(plot_comparison(rows, families, out / "comparison.png"))
+    write_csv(rows, out / "summary.csv")
+    missing = [str(r["folder"]) for r in runs if r["eval"] is None]
+    # Trained on (resumed) after it was evaluated: its eval.json describes an older checkpoint.
+    stale = [str(r["folder"]) for r in runs if r["eval"] and r["done"]
+             and _dig(r["eval"], ("run", "iter")) not in (None, r["done"]["iters"])]
+    notes = ["", "Mean ± sd over seeds (sd with ddof=1; none for a single run). Losses in nats per predicted token; "
+             "excess = val loss − true_loss_val; % of optimum = true_loss_val / val loss; accuracy a fraction; "
+             "transition KL = transition_fidelity.mean_kl; Markov spread = markov_property.mean_spread; "
+             "agreement = top-1 agreement between seeds. Blank: not measured (run nanomarkov eval)."]
+    notes += [f"{what}: " + ", ".join(names) for what, names in
+              (("Not evaluated", missing), ("Evaluated before more training", stale)) if names]
+    (out / "summary.md").write_text(f"# Runs under {root}\n\n" + format_summary(rows) + "\n" + "\n".join(notes) + "\n")
+    files += [out / "summary.csv", out / "summary.md"]
+    return {"runs": [str(f) for f in folders], "files": [str(f) for f in files], "summary": rows,
+            "missing_eval": missing, "stale_eval": stale, "skipped": skipped}

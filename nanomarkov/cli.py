@@ -126,24 +126,34 @@ def cmd_train(args, extra):
 
 
 def cmd_demo(args, extra):
-    """generate MM-10 -> train with the default recipe -> print the loss against the exact optimum."""
+    """generate MM-10 -> train with the default recipe -> evaluate -> plots."""
     from nanomarkov.config import TrainConfig, parse_overrides, preset
     from nanomarkov.data import default_data_dir, generate_dataset
+    from nanomarkov.evaluate import evaluate_checkpoints, format_eval
+    from nanomarkov.report import write_report
     from nanomarkov.train import train
 
     data_dir = default_data_dir(10)
-    print(f"1/2 generate {data_dir}: 10,000 train + 1,000 val sequences from a random 10-state chain")
+    print(f"1/4 generate {data_dir}: 10,000 train + 1,000 val sequences from a random 10-state chain")
     generate_dataset(data_dir, 10, 10000, 1000)
     cfg = TrainConfig.from_dict({**preset("default", 10), **parse_overrides(extra)}, "demo")
-    print(f"2/2 train {cfg.out_dir} with the default recipe")
+    print(f"2/4 train {cfg.out_dir} with the default recipe")
     done = train(cfg, overwrite=True)
     if done["status"] != "done":
         return 130
     print(f"\nval loss      {done['val_loss']:.6f} nats/token\n"
           f"true loss     {done['true_loss_val']:.6f}  (the true chain on the same val sequences: the floor)\n"
           f"optimal loss  {done['optimal_loss']:.6f}  (its expectation over all val sets)\n"
-          f"excess        {done['excess']:.6f}  ({done['pct_of_optimum']:.2f}% of optimum) in {done['elapsed_s']:.0f}s\n"
-          f"run folder    {cfg.out_dir}  (log.jsonl, training.log, ckpt.pt, done.json)")
+          f"excess        {done['excess']:.6f}  ({done['pct_of_optimum']:.2f}% of optimum) in {done['elapsed_s']:.0f}s\n")
+    run_dir = Path(cfg.out_dir)
+    print("3/4 evaluate: the six metrics against the exact theory\n")
+    ((_, result),) = evaluate_checkpoints([run_dir / "ckpt.pt"])
+    print(format_eval(result))
+    print("\n4/4 plots")
+    write_report(run_dir)
+    for name in ("learning_curve.png", "transition_matrix.png", "per_state_kl.png"):
+        print(f"  {run_dir / name}")
+    print(f"\nrun folder {run_dir}: config.json, log.jsonl, training.log, ckpt.pt, done.json, eval.json, eval.md")
     return 0
 
 
@@ -153,6 +163,21 @@ def cmd_eval(args):
     for folder, result in evaluate_checkpoints(args.checkpoints, data_dir=args.data, out=args.out):
         print(format_eval(result))
         print(f"\nwritten: {folder}/eval.json, eval.md, learned_matrix.npy, per_state.npz\n")
+    return 0
+
+
+def cmd_report(args):
+    from nanomarkov.report import format_summary, write_report
+
+    report = write_report(args.root)
+    print(format_summary(report["summary"]))
+    print(f"\n{len(report['runs'])} run(s); written: {Path(args.root) / 'report'}/summary.md, summary.csv, "
+          "comparison.png, and learning_curve.png (+ transition_matrix.png, per_state_kl.png once evaluated) in each run")
+    for run in report["missing_eval"] + report["stale_eval"]:
+        print(f"{'not evaluated' if run in report['missing_eval'] else 'trained on since its eval'}: "
+              f"nanomarkov eval {Path(run) / 'ckpt.pt'}")
+    for skip in report["skipped"]:
+        print(f"skipped {Path(skip['run']) / skip['plot']}: {skip['why']}", file=sys.stderr)
     return 0
 
 
@@ -194,6 +219,10 @@ def build_parser():
     ev.add_argument("--data", default=None, help="dataset folder (default: the one each checkpoint was trained on)")
     ev.add_argument("--out", default=None, help="output folder (default: next to each checkpoint)")
     ev.set_defaults(func=cmd_eval)
+
+    rep = verbs.add_parser("report", help="plots for each run under DIR, and a table of mean ± sd over seeds")
+    rep.add_argument("root", help="a folder of runs, e.g. trainings/MM/MM-100 (or one run folder)")
+    rep.set_defaults(func=cmd_report)
 
     demo = verbs.add_parser("demo", help="generate MM-10, train it, print the loss against the optimum (minutes on a CPU)")
     demo.set_defaults(func=cmd_demo, takes_overrides=True)

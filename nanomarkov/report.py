@@ -26,7 +26,10 @@ from nanomarkov import NanoMarkovError
 TARGET_EXCESS = 0.003  # nats: the project's quality target (DESIGN.md section 9)
 REPORT_FOLDER = "report"
 # Config fields that may differ between the seeds of one experiment; every other field defines the family.
-NOT_FAMILY = ("seed", "out_dir", "wandb_run_name", "init_from")
+# Fields that do not change what a run computes: the seed (what a family varies), names,
+# and where it ran (the global batch, which does matter, is in tokens_per_iter).
+NOT_FAMILY = ("seed", "out_dir", "wandb_run_name", "init_from", "device", "device_resolved", "autocast",
+              "compiled", "compile", "world_size", "wandb_log", "wandb_project", "log_interval")
 # Summary columns: (name, where it sits in eval.json, its key in done.json / log.jsonl or None if eval-only,
 # markdown title, format).
 METRICS = [

@@ -156,6 +156,11 @@ def test_demo_generates_trains_and_prints_the_loss_against_the_optimum(tmp_path)
     assert f"val loss      {done['val_loss']:.6f}" in result.stdout
     assert f"optimal loss  {done['optimal_loss']:.6f}" in result.stdout
     assert load_dataset(tmp_path / "data" / "mm10").meta["train_sequences"] == 10000
+    run_dir = tmp_path / "trainings" / "MM" / "MM-10" / "MM-10-42"
+    record = json.loads((run_dir / "eval.json").read_text())
+    assert f"| cross-entropy (nats/token) | {record['cross_entropy']['val_loss']:.6f} |" in result.stdout
+    for plot in ("learning_curve.png", "transition_matrix.png", "per_state_kl.png"):
+        assert (run_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(Path("trainings") / "MM" / "MM-10" / "MM-10-42" / plot) in result.stdout
 
 
 def test_wandb_without_wandb_installed_says_how_to_get_it(tmp_path, capsys, monkeypatch):

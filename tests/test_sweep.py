@@ -1,0 +1,184 @@
+"""Sweeps: grid expansion and its errors, a whole tiny sweep, skipping, resuming, parallel runs, failures."""
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanomarkov import NanoMarkovError, sweep
+from nanomarkov.sweep import expand_grid, format_status, run_sweep, sweep_status
+
+REPO = Path(__file__).resolve().parent.parent
+# A few seconds of CPU per run: 5 states, 12-token sequences, an 8-wide model.
+SMALL = {"n_embd": 8, "batch_size": 8, "max_iters": 6, "eval_interval": 3, "log_interval": 3, "device": "cpu"}
+
+
+def small_grid(**experiment):
+    return {"defaults": dict(SMALL), "datasets": [{"n_states": 5, "train": 100, "val": 20, "seq_len": 12}],
+            "experiments": [{"seeds": [42, 123], **experiment}]}
+
+
+def no_report(monkeypatch):
+    """The report's plots are tested in test_report.py; here they would only cost time."""
+    monkeypatch.setattr(sweep, "_report", lambda root, progress: None)
+
+
+def test_seed_grid_expands_to_the_seeds_runs(tmp_path):
+    grid = tomllib.loads((REPO / "grids" / "seed.toml").read_text())
+    n_datasets = len(grid["datasets"])
+    expected = sum((n_datasets if e["datasets"] == "all" else len(e["datasets"])) * len(e["presets"]) * len(e["seeds"])
+                   for e in grid["experiments"])
+    specs = expand_grid(REPO / "grids" / "seed.toml", tmp_path)
+    assert len(specs) == expected == 39
+    names = [s.name for s in specs]
+    assert len(set(names)) == len(names)
+    for name in ["MM-10/MM-10-42", "MM-100/MM-100-999", "MM-1000-sparse-75/MM-1000-sparse-75-123",
+                 "MM-100-extra/MM-100-extra-c4-s42", "MM-100-sparse-75-extra/MM-100-sparse-75-extra-c12-s42"]:
+        assert name in names
+    by_name = {s.name: s for s in specs}
+    c4 = by_name["MM-100-sparse-75-extra/MM-100-sparse-75-extra-c4-s42"]
+    assert c4.out_dir == str(tmp_path / "runs" / c4.name)
+    assert c4.data_dir == str(tmp_path / "data" / "mm100-sparse-75")
+    assert c4.dataset == {"n_states": 100, "train": 50000, "val": 5000, "sparsity": 75, "seq_len": None, "seed": 42}
+    cfg = c4.config()
+    assert (cfg.one_hot_embed, cfg.mlp_ratio, cfg.n_embd, cfg.grad_accum_steps) == (True, 1, 101, 40)
+    assert by_name["MM-10/MM-10-42"].dataset["train"] == 10000
+
+
+def test_dict_grid_overrides_tags_and_dataset_choice(tmp_path):
+    grid = {"defaults": {"device": "cpu", "n_embd": 16},
+            "datasets": [{"n_states": 5, "train": 100, "val": 20},
+                         {"n_states": 7, "train": 50, "val": 10, "sparsity": 50}],
+            "experiments": [{"datasets": [1], "presets": ["default", "c2"], "seeds": [1, 2, 3]},
+                            {"datasets": "all", "seeds": [42], "overrides": {"n_embd": 32, "learning_rate": 1e-3},
+                             "tag": "w32"}]}
+    specs = expand_grid(grid, tmp_path)
+    assert [s.name for s in specs] == (
+        ["MM-7-sparse-50/MM-7-sparse-50-1", "MM-7-sparse-50/MM-7-sparse-50-2", "MM-7-sparse-50/MM-7-sparse-50-3"]
+        + [f"MM-7-sparse-50-extra/MM-7-sparse-50-extra-c2-s{s}" for s in (1, 2, 3)]
+        + ["MM-5/MM-5-42-w32", "MM-7-sparse-50/MM-7-sparse-50-42-w32"])
+    first, tagged = specs[0].config(), specs[-1].config()
+    assert (first.n_embd, first.device, first.seed, first.mlp_filter) == (16, "cpu", 1, "GELU")
+    assert specs[3].config().mlp_filter == "RELU"
+    assert (tagged.n_embd, tagged.learning_rate, tagged.out_dir) == (32, 1e-3, str(tmp_path / "runs" / specs[-1].name))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda g: g.update(sweeps=1), "unknown key 'sweeps' in the grid; valid keys: defaults, datasets, experiments"),
+    (lambda g: g["datasets"][0].update(states=5), "unknown key 'states' in the grid [[datasets]] #0; valid keys: n_st"),
+    (lambda g: g["experiments"][0].update(preset=["c1"]), "unknown key 'preset' in the grid [[experiments]] #0"),
+    (lambda g: g["defaults"].update(n_emdb=4), "unknown key 'n_emdb' in the grid [defaults]; valid keys: data_dir"),
+    (lambda g: g["experiments"][0].update(overrides={"lr": 1}), "unknown key 'lr' in the grid [[experiments]] #0 overr"),
+    (lambda g: g["experiments"][0].update(overrides={"out_dir": "x"}), "out_dir cannot be set"),
+    (lambda g: g["defaults"].update(seed=3), "seed cannot be set in the grid [defaults]: list the seeds"),
+    (lambda g: g["experiments"][0].update(presets=["c13"]), "unknown preset 'c13'"),
+    (lambda g: g["experiments"][0].update(datasets=[1]), "datasets [1]: the grid has datasets 0..0"),
+    (lambda g: g["experiments"][0].update(seeds=[]), "expands to no run"),
+    (lambda g: g.update(experiments=[]), "expands to no run"),
+    (lambda g: g["experiments"].append({"seeds": [123]}), "both make run MM-5/MM-5-123; drop the repeat or give one"),
+    (lambda g: g["datasets"].append({"n_states": 5, "train": 9, "val": 9}), "both live in"),
+    (lambda g: g["datasets"][0].pop("val"), "lacks val"),
+    (lambda g: g["defaults"].update(max_iters=-1), "max_iters must be >= 0"),
+])
+def test_grid_errors_name_the_problem(tmp_path, change, message):
+    grid = small_grid()
+    change(grid)
+    with pytest.raises(NanoMarkovError) as info:
+        expand_grid(grid, tmp_path)
+    assert message in str(info.value)
+
+
+def test_grid_file_errors(tmp_path):
+    (tmp_path / "bad.toml").write_text("[defaults\n")
+    with pytest.raises(NanoMarkovError, match="bad.toml is not valid TOML"):
+        expand_grid(tmp_path / "bad.toml", tmp_path)
+    with pytest.raises(NanoMarkovError, match="cannot read grid"):
+        expand_grid(tmp_path / "missing.toml", tmp_path)
+    with pytest.raises(NanoMarkovError, match="holds no readable sweep.json"):
+        sweep_status(tmp_path)
+
+
+def test_tiny_grid_end_to_end_then_a_second_sweep_trains_nothing(tmp_path):
+    lines = []
+    manifest = run_sweep(REPO / "grids" / "tiny.toml", tmp_path, progress=lines.append)
+    assert len(manifest["runs"]) == 4
+    on_disk = json.loads((tmp_path / "sweep.json").read_text())
+    for name, run in on_disk["runs"].items():
+        folder = tmp_path / "runs" / name
+        assert (run["state"], run["action"], run["iters"]) == ("done", "train", 20), run
+        assert json.loads((folder / "done.json").read_text())["iters"] == 20
+        assert json.loads((folder / "eval.json").read_text())["cross_entropy"]["excess"] == pytest.approx(run["excess"])
+    # The two seeds of each preset were evaluated together once more: agreement is measured.
+    assert json.loads((tmp_path / "runs" / "MM-5/MM-5-42" / "eval.json").read_text())["agreement"] is not None
+    if manifest["report"] is not None:
+        assert (tmp_path / "runs" / "report" / "summary.md").exists()
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/*/*") if p.name in ("ckpt.pt", "eval.json")}
+    assert len(stamps) == 8
+
+    again = run_sweep(REPO / "grids" / "tiny.toml", tmp_path, progress=lines.append)
+    assert {r["action"] for r in again["runs"].values()} == {"skip"}
+    assert {r["state"] for r in again["runs"].values()} == {"done"}
+    assert all(not r.get("evaluated") for r in again["runs"].values())
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    rows = sweep_status(tmp_path)
+    assert [(r["state"], r["iters"]) for r in rows] == [("done", 20)] * 4
+    table = format_status(rows)
+    assert "MM-5-extra/MM-5-extra-c6-s123" in table and table.endswith("4 runs: 4 done")
+
+
+def test_a_run_cut_short_is_resumed_not_restarted(tmp_path, monkeypatch):
+    no_report(monkeypatch)
+    grid = small_grid(seeds=[42])
+    run_sweep(grid, tmp_path, progress=lambda _: None)
+    folder = tmp_path / "runs" / "MM-5" / "MM-5-42"
+    first_log = (folder / "log.jsonl").read_text()
+    assert json.loads(first_log.splitlines()[-1])["iter"] == 6
+    grid["defaults"]["max_iters"] = 12       # the grid now asks for more: the run goes on from iter 6
+    manifest = run_sweep(grid, tmp_path, progress=lambda _: None)
+    assert manifest["runs"]["MM-5/MM-5-42"]["action"] == "resume"
+    log = (folder / "log.jsonl").read_text()
+    assert log.startswith(first_log)
+    evals = [json.loads(line)["iter"] for line in log.splitlines() if json.loads(line)["kind"] == "eval"]
+    assert evals == [0, 3, 6, 9, 12]
+    assert "resuming at iter 6" in (folder / "training.log").read_text()
+    assert torch.load(folder / "ckpt.pt", weights_only=True)["iter"] == 12
+
+    (folder / "done.json").unlink()           # killed after its last checkpoint: finishes without training
+    manifest = run_sweep(grid, tmp_path, progress=lambda _: None)
+    assert manifest["runs"]["MM-5/MM-5-42"]["action"] == "resume"
+    assert json.loads((folder / "done.json").read_text())["iters"] == 12
+
+
+def test_parallel_runs_match_one_at_a_time(tmp_path, monkeypatch):
+    no_report(monkeypatch)
+    one = run_sweep(small_grid(), tmp_path / "one", jobs=1, threads=1, progress=lambda _: None)
+    two = run_sweep(small_grid(), tmp_path / "two", jobs=2, threads=1, progress=lambda _: None)
+    assert two["jobs"] == 2 and {r["state"] for r in [*one["runs"].values(), *two["runs"].values()]} == {"done"}
+    for name in one["runs"]:
+        a = torch.load(tmp_path / "one" / "runs" / name / "ckpt.pt", weights_only=True)["model"]
+        b = torch.load(tmp_path / "two" / "runs" / name / "ckpt.pt", weights_only=True)["model"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_a_failing_run_is_recorded_and_the_others_go_on(tmp_path, monkeypatch):
+    no_report(monkeypatch)
+    grid = small_grid(seeds=[42])
+    # Valid as a config, but a one-hot embedding of 6 tokens cannot fit in 4 dimensions: fails when training starts.
+    grid["experiments"].insert(0, {"seeds": [42], "tag": "bad", "overrides": {"one_hot_embed": True, "n_embd": 4}})
+    manifest = run_sweep(grid, tmp_path, progress=lambda _: None)
+    bad, good = manifest["runs"]["MM-5/MM-5-42-bad"], manifest["runs"]["MM-5/MM-5-42"]
+    assert bad["state"] == "failed" and "one_hot_embed needs one residual dimension per token" in bad["error"]
+    assert good["state"] == "done" and (tmp_path / "runs" / "MM-5" / "MM-5-42" / "eval.json").exists()
+    assert json.loads((tmp_path / "sweep.json").read_text())["runs"]["MM-5/MM-5-42-bad"]["state"] == "failed"
+    rows = {r["name"]: r for r in sweep_status(tmp_path)}
+    assert rows["MM-5/MM-5-42-bad"]["state"] == "failed" and rows["MM-5/MM-5-42"]["iters"] == 6
+    assert "one_hot_embed" in format_status(list(rows.values()))
+
+
+def test_dry_run_writes_nothing(tmp_path):
+    lines = []
+    manifest = run_sweep(small_grid(), tmp_path / "out", dry_run=True, progress=lines.append)
+    assert not (tmp_path / "out").exists()
+    assert [r["action"] for r in manifest["runs"].values()] == ["train", "train"]
+    assert lines[-1] == "2 runs; dry run, nothing written"

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # on a GPU machine install your own torch (>= 2.2) first and set TORCH= (empty).
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench grid-tiny grid-seed grid-status clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,9 +21,22 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+# The seed's experiment grid (grids/seed.toml; hours on a CPU: JOBS=2 runs two at once).
+JOBS ?= 1
+SWEEP ?= sweeps/seed
+grid-tiny: install
+	$(VENV)/bin/nanomarkov sweep grids/tiny.toml --out sweeps/tiny
+
+grid-seed: install
+	$(VENV)/bin/nanomarkov sweep grids/seed.toml --out sweeps/seed --jobs $(JOBS)
+
+grid-status: install
+	$(VENV)/bin/nanomarkov sweep status $(SWEEP)
+
 bench: install
 	$(PY) benchmarks/generate.py
 	$(PY) benchmarks/train.py
+	$(PY) benchmarks/evaluate.py
 
 clean:
-	rm -rf data trainings
+	rm -rf data trainings sweeps runs

@@ -10,7 +10,7 @@ from pathlib import Path
 from nanomarkov import NanoMarkovError, TrainingDiverged
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit 2, like every other bad input."""
 
     def error(self, message):
@@ -181,9 +181,28 @@ def cmd_report(args):
     return 0
 
 
+def cmd_sweep(args):
+    from nanomarkov.sweep import format_status, run_sweep, sweep_status
+
+    if args.target == "status":
+        if not args.folder or args.out or args.dry_run or args.jobs != 1:
+            raise NanoMarkovError("usage: nanomarkov sweep status DIR (the folder a sweep wrote, its --out)")
+        print(format_status(sweep_status(args.folder)))
+        return 0
+    if args.folder:
+        raise NanoMarkovError(f"unexpected {args.folder!r}: nanomarkov sweep GRID --out DIR [--jobs N] [--dry-run]")
+    if not args.out:
+        raise NanoMarkovError("say where the sweep goes: nanomarkov sweep GRID --out DIR")
+    manifest = run_sweep(args.target, args.out, jobs=args.jobs, dry_run=args.dry_run)
+    if not args.dry_run:
+        print(format_status(sweep_status(args.out)))
+    states = {run["state"] for run in manifest["runs"].values()}
+    return 1 if "failed" in states else 0
+
+
 def build_parser():
-    parser = _OneLineParser(prog="nanomarkov", description="Train small GPTs on Markov chains; check them against exact theory.")
-    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_OneLineParser)
+    parser = OneLineParser(prog="nanomarkov", description="Train small GPTs on Markov chains; check them against exact theory.")
+    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=OneLineParser)
 
     gen = verbs.add_parser("generate", help="sample a random chain's train/val sequences into a dataset folder")
     gen.add_argument("n_states", type=int, help="number of states K (vocabulary K+1 with BOS)")
@@ -224,20 +243,25 @@ def build_parser():
     rep.add_argument("root", help="a folder of runs, e.g. trainings/MM/MM-100 (or one run folder)")
     rep.set_defaults(func=cmd_report)
 
+    sw = verbs.add_parser("sweep", help="train and evaluate a whole grid of runs (grids/*.toml); 'sweep status DIR' shows it",
+                          epilog="examples: nanomarkov sweep grids/tiny.toml --out sweeps/tiny --jobs 2 | "
+                                 "nanomarkov sweep status sweeps/tiny")
+    sw.add_argument("target", help="a grid file (TOML), or 'status'")
+    sw.add_argument("folder", nargs="?", help="with 'status': the sweep's folder")
+    sw.add_argument("--out", default=None, help="folder for the datasets, runs, sweep.json and report")
+    sw.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process (default 1)")
+    sw.add_argument("--dry-run", action="store_true", help="print what would be trained, resumed or skipped; write nothing")
+    sw.set_defaults(func=cmd_sweep)
+
     demo = verbs.add_parser("demo", help="generate MM-10, train it, print the loss against the optimum (minutes on a CPU)")
     demo.set_defaults(func=cmd_demo, takes_overrides=True)
     return parser
 
 
-def main(argv=None):
+def guarded(function, *args):
+    """Run a command: bad input is one line on stderr and exit 2, a failed run exit 1, Ctrl-C 130."""
     try:
-        parser = build_parser()
-        args, extra = parser.parse_known_args(argv)
-        if getattr(args, "takes_overrides", False):
-            return args.func(args, extra)
-        if extra:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        return args.func(args)
+        return function(*args)
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -247,6 +271,20 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _dispatch(argv):
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "takes_overrides", False):
+        return args.func(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args.func(args)
+
+
+def main(argv=None):
+    return guarded(_dispatch, argv)
 
 
 if __name__ == "__main__":

@@ -96,7 +96,6 @@ def evaluate_models(models, dataset, device="cpu"):
     timings = {}
     started = time.perf_counter()
 
-    log_p = torch.from_numpy(np.log(np.where(chain.transmat > 0, chain.transmat, 1.0)))
     p = torch.from_numpy(np.array(chain.transmat))
     row_entropy = torch.from_numpy(chain.row_entropies)
     true_argmax = torch.from_numpy(np.argmax(np.vstack([chain.transmat, chain.startprob]), axis=1))

@@ -15,7 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from nanomarkov import NanoMarkovError  # noqa: E402
-from nanomarkov.cli import _OneLineParser  # noqa: E402
+from nanomarkov.cli import OneLineParser, guarded  # noqa: E402
+from nanomarkov.evaluate import evaluate_checkpoints, format_eval  # noqa: E402
 from nanomarkov.config import EXTRA, parse_mm_id, preset  # noqa: E402
 
 
@@ -57,7 +58,7 @@ def summary(written):
 
 
 def main(argv=None):
-    parser = _OneLineParser(prog="mm_eval.py", description="Evaluate trained runs against the exact theory.")
+    parser = OneLineParser(prog="mm_eval.py", description="Evaluate trained runs against the exact theory.")
     parser.add_argument("target", nargs="?", help="chain id (100, 100-sparse-75) or ablation c1..c12")
     parser.add_argument("--ckpt_path", nargs="+", help="checkpoint file(s) to evaluate")
     parser.add_argument("--seeds", nargs="+", type=int, help="seeds of the runs (default 42)")
@@ -65,14 +66,8 @@ def main(argv=None):
     parser.add_argument("--summary", action="store_true", help="one short table: loss, excess, accuracy, agreement")
     parser.add_argument("--device", default="cpu", help="device to evaluate on (default cpu)")
     parser.add_argument("--data", help="dataset folder (default: the one each run was trained on)")
-    try:
-        from nanomarkov.evaluate import evaluate_checkpoints, format_eval
-
-        args = parser.parse_args(argv)
-        written = evaluate_checkpoints(checkpoints(args), data_dir=args.data, device=args.device)
-    except NanoMarkovError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args = parser.parse_args(argv)
+    written = evaluate_checkpoints(checkpoints(args), data_dir=args.data, device=args.device)
     if args.summary:
         print(summary(written))
     else:
@@ -82,4 +77,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main))

@@ -15,8 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from nanomarkov import NanoMarkovError  # noqa: E402
-from nanomarkov.cli import _OneLineParser  # noqa: E402
+from nanomarkov.cli import OneLineParser, guarded  # noqa: E402
+from nanomarkov.evaluate import evaluate_checkpoints  # noqa: E402
+from nanomarkov.report import load_run, plot_transition_matrix  # noqa: E402
 
 
 def report_lines(result, folder):
@@ -35,38 +36,23 @@ def report_lines(result, folder):
     return lines
 
 
-def plot(folder):
-    """transition_matrix.png through the report module, when it and matplotlib are there."""
-    try:
-        from nanomarkov.report import load_run, plot_transition_matrix
-    except ImportError as e:
-        return f"no transition_matrix.png ({e}; pip install matplotlib)"
-    return f"written: {plot_transition_matrix(load_run(folder), Path(folder) / 'transition_matrix.png')}"
-
-
 def main(argv=None):
-    parser = _OneLineParser(prog="mm_eval_transition_matrix.py", description="Transition-matrix fidelity of a run.")
+    parser = OneLineParser(prog="mm_eval_transition_matrix.py", description="Transition-matrix fidelity of a run.")
     parser.add_argument("--ckpt_path", "--transformer_path", dest="ckpt", required=True, help="the run's ckpt.pt")
     parser.add_argument("--formal_model_path", "--data", dest="data",
                         help="dataset folder or a file in it (default: the one the run was trained on)")
     parser.add_argument("--output", help="also write the fidelity and Markov numbers to this JSON file")
-    try:
-        from nanomarkov.evaluate import evaluate_checkpoints
-
-        args = parser.parse_args(argv)
-        data = args.data and (Path(args.data) if Path(args.data).is_dir() else Path(args.data).parent)
-        ((folder, result),) = evaluate_checkpoints([args.ckpt], data_dir=data)
-        print("\n".join(report_lines(result, folder)))
-        print(plot(folder))
-        if args.output:
-            part = {k: result[k] for k in ("run", "transition_fidelity", "markov_property")}
-            Path(args.output).write_text(json.dumps(part, indent=2) + "\n")
-            print(f"written: {args.output}")
-    except NanoMarkovError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args = parser.parse_args(argv)
+    data = args.data and (Path(args.data) if Path(args.data).is_dir() else Path(args.data).parent)
+    ((folder, result),) = evaluate_checkpoints([args.ckpt], data_dir=data)
+    print("\n".join(report_lines(result, folder)))
+    print(f"written: {plot_transition_matrix(load_run(folder), Path(folder) / 'transition_matrix.png')}")
+    if args.output:
+        part = {k: result[k] for k in ("run", "transition_fidelity", "markov_property")}
+        Path(args.output).write_text(json.dumps(part, indent=2) + "\n")
+        print(f"written: {args.output}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main))

@@ -2,7 +2,6 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from nanomarkov import NanoMarkovError
 from nanomarkov.model import GPT, GPTConfig

@@ -26,11 +26,11 @@ def _progress_bar(total, description):
 
 
 def cmd_generate(args):
-    from nanomarkov.data import default_data_dir, generate_dataset
+    from nanomarkov.data import default_data_dir, default_seq_len, generate_dataset
 
     out = Path(args.out) if args.out else default_data_dir(args.n_states, args.sparsity)
     seq_len = args.seq_len
-    total = (args.train + args.val) * (seq_len or (128 if args.n_states <= 10 else 256))
+    total = (args.train + args.val) * (seq_len or default_seq_len(args.n_states))
     with _progress_bar(total, f"generate {out}") as bar:
         meta = generate_dataset(out, args.n_states, args.train, args.val, sparsity=args.sparsity, alpha=args.alpha,
                                 seq_len=seq_len, seed=args.seed, dtype=args.dtype, force=args.force,

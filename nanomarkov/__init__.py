@@ -16,4 +16,16 @@ class TrainingDiverged(NanoMarkovError):
     """
 
 
-__all__ = ["NanoMarkovError", "TrainingDiverged"]
+def load(path):
+    """A trained GPT (eval mode, CPU) from an export folder or a ckpt.pt; no pickle is executed.
+
+    An export folder is what `nanomarkov export CKPT --format safetensors --out DIR`
+    writes (model.safetensors + config.json). Imported lazily so that
+    `import nanomarkov` stays light and torch-free.
+    """
+    from nanomarkov.export import load as _load
+
+    return _load(path)
+
+
+__all__ = ["NanoMarkovError", "TrainingDiverged", "load"]

@@ -200,6 +200,16 @@ def cmd_sweep(args):
     return 1 if "failed" in states else 0
 
 
+def cmd_export(args):
+    from nanomarkov.export import export_safetensors
+
+    if not Path(args.checkpoint).is_file():
+        raise NanoMarkovError(f"{args.checkpoint}: no checkpoint there (a run folder's ckpt.pt)")
+    out = export_safetensors(args.checkpoint, args.out)
+    print(f"written: {out}/model.safetensors, {out}/config.json; in Python: nanomarkov.load({str(out)!r})")
+    return 0
+
+
 def build_parser():
     parser = OneLineParser(prog="nanomarkov", description="Train small GPTs on Markov chains; check them against exact theory.")
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=OneLineParser)
@@ -252,6 +262,13 @@ def build_parser():
     sw.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process (default 1)")
     sw.add_argument("--dry-run", action="store_true", help="print what would be trained, resumed or skipped; write nothing")
     sw.set_defaults(func=cmd_sweep)
+
+    ex = verbs.add_parser("export", help="write a checkpoint's model as model.safetensors + config.json (no pickle)",
+                          epilog="example: nanomarkov export trainings/MM/MM-10/MM-10-42/ckpt.pt --out exports/mm10")
+    ex.add_argument("checkpoint", help="a ckpt.pt")
+    ex.add_argument("--format", choices=["safetensors"], default="safetensors", help="only safetensors for now")
+    ex.add_argument("--out", required=True, help="output folder (created; its two files are replaced)")
+    ex.set_defaults(func=cmd_export)
 
     demo = verbs.add_parser("demo", help="generate MM-10, train it, print the loss against the optimum (minutes on a CPU)")
     demo.set_defaults(func=cmd_demo, takes_overrides=True)

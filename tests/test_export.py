@@ -1,0 +1,159 @@
+"""safetensors export and nanomarkov.load: same logits, ties kept, no pickle ever run."""
+import dataclasses
+import json
+import pathlib
+
+import pytest
+import torch
+
+import nanomarkov
+from nanomarkov import NanoMarkovError
+from nanomarkov.cli import main
+from nanomarkov.config import PRESETS, TrainConfig, preset
+from nanomarkov.export import export_safetensors, load
+from nanomarkov.model import GPT, GPTConfig
+
+V = 101  # MM-100: 100 states + BOS
+
+
+def trained_looking(config, seed=0):
+    """A GPT whose trainable tensors (biases and norms too) are all random, so nothing round-trips by luck."""
+    torch.manual_seed(seed)
+    model = GPT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def preset_config(name):
+    return TrainConfig.from_dict(preset(name, 100)).gpt_config(V, 16)
+
+
+def inputs(config, n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, config.vocab_size - 1, (n, config.block_size), generator=g)
+    idx[:, 0] = config.vocab_size - 1  # BOS-led, as the model always sees them
+    return idx
+
+
+def write_ckpt(model, path):
+    torch.save({"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
+                "iter": 7, "data_dir": "data/mm100"}, path)
+    return path
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_round_trip_gives_identical_logits_for_every_preset(name, tmp_path):
+    model = trained_looking(preset_config(name))
+    export_safetensors(model, tmp_path / "export")
+    loaded = nanomarkov.load(tmp_path / "export")
+    assert not loaded.training and loaded.config == model.config
+    idx = inputs(model.config)
+    with torch.no_grad():
+        assert torch.equal(loaded(idx)[0], model(idx)[0])
+    # Frozen tensors stay frozen: the rebuilt model trains like the original would.
+    assert [p.requires_grad for p in loaded.parameters()] == [p.requires_grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_tied_head_is_saved_once_and_tied_again(tied, tmp_path):
+    model = trained_looking(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11,
+                                      lm_head_tied=tied))
+    export_safetensors(model, tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "model.safetensors")
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert ("lm_head.weight" in saved) == (not tied)
+    assert config["tied_weights"] == ({"lm_head.weight": "wte.weight"} if tied else {})
+    loaded = load(tmp_path)
+    assert (loaded.lm_head.weight is loaded.wte.weight) == tied
+    torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight, rtol=0, atol=0)
+
+
+def test_config_json_carries_every_gpt_field_and_the_format(tmp_path):
+    model = trained_looking(preset_config("c9"))
+    export_safetensors(write_ckpt(model, tmp_path / "ckpt.pt"), tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert {k: config[k] for k in dataclasses.asdict(model.config)} == dataclasses.asdict(model.config)
+    assert config["format"] == "nanomarkov.GPT" and config["format_version"] == 1
+    assert config["source"] == {"checkpoint": str(tmp_path / "ckpt.pt"), "iter": 7, "data_dir": "data/mm100"}
+
+
+def test_load_reads_a_checkpoint_and_the_weights_file_itself(tmp_path):
+    model = trained_looking(preset_config("default"))
+    ckpt = write_ckpt(model, tmp_path / "ckpt.pt")
+    idx = inputs(model.config)
+    with torch.no_grad():
+        expected = model(idx)[0]
+        assert torch.equal(nanomarkov.load(ckpt)(idx)[0], expected)
+        export_safetensors(ckpt, tmp_path / "out")
+        assert torch.equal(load(tmp_path / "out" / "model.safetensors")(idx)[0], expected)
+
+
+class Bomb:
+    """Unpickling this creates a file: the evidence that pickled code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_pickle_bearing_files_are_refused_and_never_run(tmp_path):
+    marker = tmp_path / "pwned"
+    model = trained_looking(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11))
+    evil_ckpt = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
+                "data_dir": "d", "payload": Bomb(marker)}, evil_ckpt)
+    with pytest.raises(NanoMarkovError, match="not a readable nanoMarkov checkpoint"):
+        load(evil_ckpt)
+    # The same pickle dressed as an export folder's weights.
+    export_safetensors(model, tmp_path / "export")
+    (tmp_path / "export" / "model.safetensors").write_bytes(evil_ckpt.read_bytes())
+    with pytest.raises(NanoMarkovError, match="not a readable safetensors file"):
+        load(tmp_path / "export")
+    assert not marker.exists()
+
+
+def test_broken_exports_name_what_to_do(tmp_path):
+    with pytest.raises(NanoMarkovError, match="nothing there"):
+        load(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NanoMarkovError, match="nanomarkov export CKPT"):
+        load(tmp_path / "empty")
+    model = trained_looking(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11))
+    export_safetensors(model, tmp_path / "out")
+    config_file = tmp_path / "out" / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "format_version": 99}))
+    with pytest.raises(NanoMarkovError, match="upgrade nanomarkov"):
+        load(tmp_path / "out")
+    config_file.write_text(json.dumps({**config, "n_embd": 32}))
+    with pytest.raises(NanoMarkovError, match="does not match its config.json"):
+        load(tmp_path / "out")
+
+
+def test_cli_export_and_its_one_line_errors(tmp_path, capsys):
+    model = trained_looking(preset_config("c12"))
+    ckpt = write_ckpt(model, tmp_path / "ckpt.pt")
+    assert main(["export", str(ckpt), "--format", "safetensors", "--out", str(tmp_path / "out")]) == 0
+    assert "model.safetensors" in capsys.readouterr().out
+    idx = inputs(model.config)
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "out")(idx)[0], model(idx)[0])
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for argv, needle in [
+        (["export", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x")], "no checkpoint there"),
+        (["export", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "x")], "invalid choice"),
+        (["export", str(ckpt), "--out", str(blocker / "sub")], "cannot write the export"),
+        (["export", str(ckpt)], "--out"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err

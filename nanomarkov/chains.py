@@ -70,6 +70,58 @@ def _alias_tables(probs):
     return keep, alias
 
 
+def _alias_draw(keep, alias, row_starts, uniforms, k):
+    """One draw per entry from flattened alias tables of K columns, rows starting at `row_starts`."""
+    # One uniform gives both the column (integer part of u*K) and the coin
+    # (fractional part): for K <= 2**16 that leaves >= 37 bits for the coin.
+    scaled = uniforms * k
+    column = scaled.astype(np.int64)
+    coin = scaled - column
+    flat = row_starts + column
+    return np.where(coin < keep[flat], column, alias[flat])
+
+
+def _check_random_parameters(n_states, alpha, sparsity):
+    if not isinstance(n_states, (int, np.integer)) or n_states < 2:
+        raise NanoMarkovError(f"n_states must be an integer >= 2, got {n_states!r}")
+    if not alpha > 0:
+        raise NanoMarkovError(f"alpha must be > 0, got {alpha}")
+    if sparsity is not None and not 0 <= sparsity < 100:
+        raise NanoMarkovError(f"sparsity must be a percentage in [0, 100), got {sparsity}")
+
+
+def _random_rows(rng, n_rows, n_states, alpha, sparsity):
+    """n_rows random distributions over n_states: Dirichlet(alpha), or sparse by the seed's rule.
+
+    With `sparsity` S (percent), each row keeps max(1, int(K*(100-S)/100))
+    targets chosen uniformly without replacement and puts Dirichlet(alpha)
+    weights on them.
+    """
+    if not sparsity:
+        return rng.dirichlet(np.full(n_states, float(alpha)), size=n_rows)
+    keep = max(1, int(n_states * (100 - sparsity) / 100))
+    targets = np.argsort(rng.random((n_rows, n_states)), axis=1)[:, :keep]
+    rows = np.zeros((n_rows, n_states))
+    np.put_along_axis(rows, targets, rng.dirichlet(np.full(keep, float(alpha)), size=n_rows), axis=1)
+    return rows
+
+
+def _evolve(first, step, n_rows):
+    """Read-only (n_rows, len(first)) array: first, step(first), step(step(first)), ..."""
+    marginals = np.empty((n_rows, len(first)))
+    if n_rows:
+        marginals[0] = first
+    for t in range(1, n_rows):
+        marginals[t] = step(marginals[t - 1])
+        # Once a distribution stops moving in float64 it stays put: the remaining
+        # rows are the same up to 1e-15 in total, far below any loss digit.
+        if np.abs(marginals[t] - marginals[t - 1]).sum() < 1e-15:
+            marginals[t + 1 :] = marginals[t]
+            break
+    marginals.flags.writeable = False
+    return marginals
+
+
 class MarkovChain:
     """A first-order Markov chain on states 0..K-1 with a start distribution.
 
@@ -106,22 +158,10 @@ class MarkovChain:
         targets chosen uniformly without replacement (the seed's rule) and puts
         Dirichlet(alpha) weights on them. Same arguments, same chain.
         """
-        if not isinstance(n_states, (int, np.integer)) or n_states < 2:
-            raise NanoMarkovError(f"n_states must be an integer >= 2, got {n_states!r}")
-        if not alpha > 0:
-            raise NanoMarkovError(f"alpha must be > 0, got {alpha}")
-        if sparsity is not None and not 0 <= sparsity < 100:
-            raise NanoMarkovError(f"sparsity must be a percentage in [0, 100), got {sparsity}")
+        _check_random_parameters(n_states, alpha, sparsity)
         rng = np.random.default_rng(seed)
         startprob = rng.dirichlet(np.ones(n_states))
-        if not sparsity:
-            transmat = rng.dirichlet(np.full(n_states, float(alpha)), size=n_states)
-        else:
-            keep = max(1, int(n_states * (100 - sparsity) / 100))
-            targets = np.argsort(rng.random((n_states, n_states)), axis=1)[:, :keep]
-            transmat = np.zeros((n_states, n_states))
-            np.put_along_axis(transmat, targets, rng.dirichlet(np.full(keep, float(alpha)), size=n_states), axis=1)
-        return cls(transmat, startprob)
+        return cls(_random_rows(rng, n_states, n_states, alpha, sparsity), startprob)
 
     @property
     def n_states(self):
@@ -205,17 +245,7 @@ class MarkovChain:
         """mu_t for t = 1..L-1: the distribution of x_t (row t-1), mu_1 = startprob."""
         self._check_seq_len(seq_len)
         if seq_len not in self._marginals:
-            marginals = np.empty((seq_len - 1, self.n_states))
-            marginals[0] = self.startprob
-            for t in range(1, seq_len - 1):
-                marginals[t] = marginals[t - 1] @ self.transmat
-                # Once mu_t stops moving in float64 it stays put: the remaining
-                # rows are the same up to 1e-15 in total, far below any loss digit.
-                if np.abs(marginals[t] - marginals[t - 1]).sum() < 1e-15:
-                    marginals[t + 1 :] = marginals[t]
-                    break
-            marginals.flags.writeable = False
-            self._marginals[seq_len] = marginals
+            self._marginals[seq_len] = _evolve(self.startprob, lambda mu: mu @ self.transmat, seq_len - 1)
         return self._marginals[seq_len]
 
     def optimal_loss_by_position(self, seq_len):
@@ -298,13 +328,7 @@ class MarkovChain:
         # The start distribution is stored as row K, right after the K transition rows.
         state = np.full(n_sequences, k, dtype=np.int64)
         for t in range(seq_len - 1):
-            # One uniform gives both the column (integer part of u*K) and the coin
-            # (fractional part): for K <= 2**16 that leaves >= 37 bits for the coin.
-            scaled = uniforms[:, t] * k
-            column = scaled.astype(np.int64)
-            coin = scaled - column
-            flat = state * k + column
-            state = np.where(coin < keep[flat], column, alias[flat])
+            state = _alias_draw(keep, alias, state * k, uniforms[:, t], k)
             out[t + 1] = state
         return out.T
 

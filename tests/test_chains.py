@@ -130,6 +130,8 @@ def g_test_pvalue(observed, expected):
     mask = expected > 0
     assert np.all(observed[~mask] == 0), "a zero-probability event was sampled"
     o, e = observed[mask], expected[mask]
+    if mask.sum() == 1:
+        return 1.0  # one possible outcome, and only it was seen: nothing to test (and df would be 0)
     g = 2 * np.sum(np.where(o > 0, o * np.log(np.where(o > 0, o, 1) / e), 0.0))
     return stats.chi2.sf(g, df=mask.sum() - 1)
 

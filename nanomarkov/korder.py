@@ -1,0 +1,344 @@
+"""k-th order Markov chains: construction, exact theory, vectorised sampling.
+
+Same sequence format as `chains.MarkovChain`: `[BOS, x1, ..., x_{L-1}]` with
+BOS = K. The first k states (x1..xk) are drawn jointly from `start`, a full
+distribution over the K^k tuples; every later state x_t is drawn from
+`transitions[x_{t-k}, ..., x_{t-1}]` (oldest first).
+
+Why a joint start rather than a chain of lower-order starts (x1 ~ p1,
+x2 ~ p2[x1], ...): the joint is the most general choice (every chain of
+lower-order starts is one), it is one array instead of k, its conditionals are
+exactly what the optimal predictor uses at positions 1..k, and the lifted
+tuple chain (below) starts from it directly. The price is K^k start entries,
+which the size limit on `transitions` already covers.
+
+The tuple (x_{t-k+1}, ..., x_t) is itself a first-order Markov chain on K^k
+states, the "lifted" chain; tuples are indexed by idx = sum_i x_i K^(k-1-i)
+(oldest digit most significant), so one step is idx -> (idx*K + x) mod K^k.
+"""
+from functools import cached_property
+
+import numpy as np
+
+from nanomarkov import NanoMarkovError
+from nanomarkov.chains import (
+    MarkovChain,
+    _alias_draw,
+    _alias_tables,
+    _check_distribution,
+    _check_random_parameters,
+    _evolve,
+    _random_rows,
+    entropy,
+    token_dtype,
+)
+
+# K^(k+1) transition entries at most (512 MiB in float64): beyond this the
+# theory's per-position sweep and the alias tables stop being "moderate".
+MAX_TRANSITION_ENTRIES = 2**26
+# Lifted chains up to this many tuples get the exact linear solve of
+# MarkovChain.stationary (dense K^k x K^k, about half a second at 1024); larger
+# ones iterate the shift from `start` until it stops moving.
+MAX_LIFTED_STATES = 1024
+STATIONARY_MAX_STEPS = 20_000
+
+
+def _check_size(n_states, order):
+    entries = int(n_states) ** (int(order) + 1)  # Python ints: numpy integers would overflow silently
+    if entries > MAX_TRANSITION_ENTRIES:
+        raise NanoMarkovError(
+            f"a k-th order chain with K={n_states}, order={order} has K^(k+1) = {entries} transition entries, "
+            f"more than the limit {MAX_TRANSITION_ENTRIES} (2^26); use fewer states or a lower order"
+        )
+
+
+class KOrderChain:
+    """A k-th order Markov chain on states 0..K-1 with a joint start over the first k states.
+
+    `transitions` has shape (K,)*(k+1): transitions[a_1, ..., a_k] is the
+    distribution of the next state after the states a_1..a_k (oldest first).
+    `start` has shape (K,)*k: the joint distribution of x1..xk. Both are float64
+    and read-only; all theory is exact (linear algebra, no sampling).
+    """
+
+    process = "korder"
+
+    def __init__(self, transitions, start):
+        transitions = np.array(transitions, dtype=np.float64)
+        start = np.array(start, dtype=np.float64)
+        if transitions.ndim < 2 or len(set(transitions.shape)) != 1:
+            raise NanoMarkovError(
+                f"transitions must have shape (K,)*(order+1) with order >= 1, got shape {transitions.shape}"
+            )
+        n_states, order = transitions.shape[0], transitions.ndim - 1
+        if n_states < 2:
+            raise NanoMarkovError("a k-th order chain needs at least 2 states")
+        _check_size(n_states, order)
+        if start.shape != (n_states,) * order:
+            raise NanoMarkovError(
+                f"start must be the joint distribution of the first {order} states, shape {(n_states,) * order}, "
+                f"got {start.shape}"
+            )
+        _check_distribution("transitions rows", transitions)
+        _check_distribution("start", start.reshape(1, -1))
+        transitions.flags.writeable = False
+        start.flags.writeable = False
+        self.transitions = transitions
+        self.start = start
+        self._tuple_marginals = {}  # seq_len -> tuple marginals; immutable chain, never stale
+
+    @classmethod
+    def random(cls, n_states, order, seed=42, alpha=1.0, sparsity=None):
+        """A random chain: rows ~ Dirichlet(alpha), start ~ Dirichlet(1) over the K^k tuples.
+
+        Sparse rows follow MarkovChain.random's rule (max(1, int(K*(100-S)/100))
+        targets per row). The draws come in MarkovChain.random's order, so
+        order 1 gives exactly MarkovChain.random(n_states, seed, ...).
+        """
+        _check_random_parameters(n_states, alpha, sparsity)
+        if not isinstance(order, (int, np.integer)) or order < 1:
+            raise NanoMarkovError(f"order must be an integer >= 1, got {order!r}")
+        _check_size(n_states, order)
+        rng = np.random.default_rng(seed)
+        n_rows = n_states**order
+        start = rng.dirichlet(np.ones(n_rows))
+        rows = _random_rows(rng, n_rows, n_states, alpha, sparsity)
+        shape = (n_states,) * order
+        return cls(rows.reshape(shape + (n_states,)), start.reshape(shape))
+
+    @property
+    def n_states(self):
+        return self.transitions.shape[0]
+
+    @property
+    def order(self):
+        return self.transitions.ndim - 1
+
+    @property
+    def n_tuples(self):
+        return self.n_states**self.order
+
+    # The sequence format and the theory dict are MarkovChain's, and so is the
+    # code: these read only n_states and this class's own theory methods.
+    bos_token = MarkovChain.bos_token  # K
+    vocab_size = MarkovChain.vocab_size  # K + 1
+    uniform_loss = MarkovChain.uniform_loss  # log K
+    theory = MarkovChain.theory  # same keys
+    check_tokens = MarkovChain.check_tokens
+    _check_seq_len = MarkovChain._check_seq_len
+
+    @property
+    def rows(self):
+        """The transitions as a (K^k, K) matrix, row idx = the flattened tuple index."""
+        return self.transitions.reshape(self.n_tuples, self.n_states)
+
+    # ------------------------------------------------------------- interop
+
+    def to_markov_chain(self):
+        """The equivalent MarkovChain (order 1 only: higher orders are not first-order over tokens)."""
+        if self.order != 1:
+            raise NanoMarkovError(
+                f"only an order-1 chain is a MarkovChain over its tokens (this one has order {self.order}); "
+                "lifted_chain() gives the first-order chain over k-tuples"
+            )
+        return MarkovChain(self.transitions, self.start)
+
+    def lifted_chain(self):
+        """The first-order MarkovChain over k-tuples, started from `start` (dense, K^k x K^k).
+
+        Its state at step j is the tuple (x_j, ..., x_{j+k-1}); it shares the
+        rows' entropies and so the entropy rate. Refused above MAX_LIFTED_STATES
+        tuples, where the dense matrix and its exact solve get too costly.
+        """
+        n, k = self.n_tuples, self.n_states
+        if n > MAX_LIFTED_STATES:
+            raise NanoMarkovError(
+                f"the lifted chain would have K^k = {n} states, more than MAX_LIFTED_STATES = {MAX_LIFTED_STATES}"
+            )
+        idx = np.arange(n)[:, None]
+        transmat = np.zeros((n, n))
+        transmat[idx, (idx * k + np.arange(k)) % n] = self.rows
+        return MarkovChain(transmat, self.start.ravel())
+
+    # ---------------------------------------------------------------- theory
+
+    def _shift(self, mu):
+        """One step of the lifted chain on a tuple distribution mu (K^k,), without the dense matrix.
+
+        With idx = (oldest, rest), the next tuple is (rest, x): sum out the
+        oldest digit of mu[idx] * rows[idx, x].
+        """
+        joint = mu[:, None] * self.rows
+        return joint.reshape(self.n_states, -1).sum(axis=0)
+
+    def stationary(self):
+        """The stationary distribution of the last-k-state tuple, shape (K,)*k.
+
+        Up to MAX_LIFTED_STATES tuples this is MarkovChain.stationary of the
+        lifted chain: an exact solve, periodic and reducible chains included
+        (the latter warn and use the long-run distribution from `start`).
+        Larger lifted chains iterate the shift from `start` until it stops
+        moving in float64, and refuse (rather than guess) if it never does.
+        """
+        return self._stationary.copy()
+
+    @cached_property
+    def _stationary(self):
+        if self.n_tuples <= MAX_LIFTED_STATES:
+            pi = self.lifted_chain().stationary()
+        else:
+            pi = self._iterated_stationary()
+        return pi.reshape(self.start.shape)
+
+    def _iterated_stationary(self):
+        max_steps = STATIONARY_MAX_STEPS
+        mu = self.start.ravel()
+        for _ in range(max_steps):
+            nxt = self._shift(mu)
+            if np.abs(nxt - mu).sum() < 1e-15:
+                return nxt
+            mu = nxt
+        raise NanoMarkovError(
+            f"the tuple distribution of this chain (K^k = {self.n_tuples} tuples) did not settle in {max_steps} steps "
+            f"(periodic or very slowly mixing), and it is too large (> {MAX_LIFTED_STATES} tuples) for the exact solve"
+        )
+
+    @cached_property
+    def row_entropies(self):
+        """H(transitions[tuple]) for each flattened tuple index: the loss of predicting from that context."""
+        return entropy(self.rows, axis=1)
+
+    def entropy_rate(self):
+        """sum_tuple pi(tuple) H(row of tuple): the per-token loss of the true model far from the start."""
+        return float(self._stationary.ravel() @ self.row_entropies)
+
+    def _start_marginal(self, t):
+        """The joint distribution of x1..xt (t <= k), shape (K,)*t."""
+        return self.start.sum(axis=tuple(range(t, self.order))) if t < self.order else self.start
+
+    def tuple_marginals(self, seq_len):
+        """Distribution of (x_{t-k+1}, ..., x_t) for t = k..L-2, flattened: one row per position k+1..L-1 it predicts."""
+        self._check_seq_len(seq_len)
+        n_rows = max(0, seq_len - 1 - self.order)
+        if seq_len not in self._tuple_marginals:
+            self._tuple_marginals[seq_len] = _evolve(self.start.ravel(), self._shift, n_rows)
+        return self._tuple_marginals[seq_len]
+
+    def _start_by_position(self, seq_len):
+        """Loss and accuracy of the optimal predictor at positions 1..min(k, L-1), from the joint start.
+
+        Position t predicts x_t from x1..x_{t-1} with the conditional of the
+        start marginal; by the chain rule its expected loss is
+        H(x1..xt) - H(x1..x_{t-1}), and it is right with probability
+        sum over prefixes of max_x p(prefix, x).
+        """
+        losses, accuracies, previous = [], [], 0.0
+        for t in range(1, min(self.order, seq_len - 1) + 1):
+            marginal = self._start_marginal(t)
+            joint_entropy = float(entropy(marginal.ravel()))
+            losses.append(joint_entropy - previous)
+            previous = joint_entropy
+            accuracies.append(float(marginal.reshape(-1, self.n_states).max(axis=1).sum()))
+        return np.array(losses), np.array(accuracies)
+
+    def optimal_loss_by_position(self, seq_len):
+        """Expected loss of the true model at each predicted position 1..L-1.
+
+        Positions 1..k cost the conditional entropies of the joint start;
+        position t > k predicts from the last k states, whose tuple has
+        distribution mu_{t-1}, and costs sum_tuple mu_{t-1}(tuple) H(row).
+        """
+        start_losses, _ = self._start_by_position(seq_len)
+        return np.concatenate([start_losses, self.tuple_marginals(seq_len) @ self.row_entropies])
+
+    def optimal_loss(self, seq_len):
+        """The theoretical minimum of the expected val loss for sequences of seq_len tokens."""
+        return float(self.optimal_loss_by_position(seq_len).mean())
+
+    def optimal_accuracy(self, seq_len):
+        """Expected top-1 accuracy of the true model (predicting each predictive distribution's argmax)."""
+        _, start_accuracies = self._start_by_position(seq_len)
+        later = self.tuple_marginals(seq_len) @ self.rows.max(axis=1)
+        return float(np.concatenate([start_accuracies, later]).mean())
+
+    def true_loss(self, tokens, chunk_sequences=16384):
+        """Exact cross-entropy of the true model on given BOS-led sequences (n, seq_len).
+
+        The start conditionals at positions 1..m (m = min(k, L-1)) multiply to
+        the start marginal of x1..xm, so their log-losses sum to its log.
+        """
+        tokens = self.check_tokens(tokens)
+        k, n_states, m = self.order, self.n_states, min(self.order, tokens.shape[1] - 1)
+        with np.errstate(divide="ignore"):
+            log_start = np.log(self._start_marginal(m)).ravel()
+            log_rows = np.log(self.rows)
+        total = 0.0
+        for lo in range(0, tokens.shape[0], chunk_sequences):
+            states = np.asarray(tokens[lo : lo + chunk_sequences, 1:], dtype=np.int64)
+            total -= log_start[self._tuple_index(states[:, :m])].sum()
+            if states.shape[1] > k:
+                # The context of x_t (t > k) is the window x_{t-k}..x_{t-1}: columns t-k-1 .. t-2 of `states`.
+                windows = np.stack([states[:, i : states.shape[1] - k + i] for i in range(k)], axis=-1)
+                total -= log_rows[self._tuple_index(windows), states[:, k:]].sum()
+        return float(total / (tokens.shape[0] * (tokens.shape[1] - 1)))
+
+    def _tuple_index(self, digits):
+        """Flatten tuples along the last axis, oldest digit most significant."""
+        index = np.zeros(digits.shape[:-1], dtype=np.int64)
+        for i in range(digits.shape[-1]):
+            index = index * self.n_states + digits[..., i]
+        return index
+
+    def unigram_loss(self):
+        """H of the stationary single-state distribution (any coordinate of the stationary tuple)."""
+        newest = self._stationary.reshape(-1, self.n_states).sum(axis=0)
+        return float(entropy(newest))
+
+    # -------------------------------------------------------------- sampling
+
+    @cached_property
+    def _samplers(self):
+        """Alias tables, flattened: the start conditionals for positions 1..k, then the transition rows.
+
+        Position t <= k samples x_t from p(x_t | x1..x_{t-1}), a table of
+        K^(t-1) rows; a prefix of probability zero is never reached, so its row
+        is filled with the uniform distribution just to be a valid table.
+        Returns (keep, alias, offsets): the row for context idx at position
+        t (1-based, capped at k+1) starts at offsets[t-1] + idx*K.
+        """
+        tables, offsets, total = [], [], 0
+        for t in range(1, self.order + 1):
+            joint = self._start_marginal(t).reshape(-1, self.n_states)
+            mass = joint.sum(axis=1, keepdims=True)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                conditional = np.where(mass > 0, joint / mass, 1.0 / self.n_states)
+            tables.append(conditional)
+        tables.append(self.rows)
+        for table in tables:
+            offsets.append(total)
+            total += table.size
+        keep, alias = _alias_tables(np.vstack(tables))
+        return keep.ravel(), alias.ravel(), np.array(offsets, dtype=np.int64)
+
+    def sample(self, n_sequences, seq_len, rng):
+        """n_sequences BOS-led sequences of seq_len tokens, shape (n, seq_len).
+
+        One uniform per token, as in MarkovChain.sample: each sequence takes a
+        contiguous run of L-1 numbers from `rng`, so the bytes do not depend on
+        how the sequences are chunked, and order 1 gives MarkovChain.sample's
+        bytes exactly. The first k states come from the start's conditionals
+        one at a time (the same joint), the rest from the rows.
+        """
+        self._check_seq_len(seq_len)
+        k, n = self.n_states, self.n_tuples
+        keep, alias, offsets = self._samplers
+        uniforms = rng.random((n_sequences, seq_len - 1))
+        out = np.empty((seq_len, n_sequences), dtype=token_dtype(self.vocab_size))
+        out[0] = self.bos_token
+        context = np.zeros(n_sequences, dtype=np.int64)  # the flattened tuple of the last min(t, k) states
+        for t in range(seq_len - 1):
+            state = _alias_draw(keep, alias, offsets[min(t, self.order)] + context * k, uniforms[:, t], k)
+            # Below k the prefix grows (idx*K + x < K^k); from k on the oldest digit drops off.
+            context = (context * k + state) % n
+            out[t + 1] = state
+        return out.T

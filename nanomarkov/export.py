@@ -65,7 +65,7 @@ def export_safetensors(ckpt_or_model, out_dir):
     dataset, when exported from one). Existing files of these two names are
     replaced; config.json is written last, so an interrupted export never loads.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     model, source = _model_and_source(ckpt_or_model)
     tensors, tied = _unique_tensors(model.state_dict())
@@ -75,7 +75,8 @@ def export_safetensors(ckpt_or_model, out_dir):
     try:
         out.mkdir(parents=True, exist_ok=True)
         partial = out / (WEIGHTS_FILE + ".partial")
-        save_file(tensors, partial, metadata={"format": "pt", "nanomarkov_format": FORMAT})
+        # Bytes written by us rather than safetensors' save_file, whose files ignore the umask (mode 0600).
+        partial.write_bytes(save(tensors, metadata={"format": "pt", "nanomarkov_format": FORMAT}))
         os.replace(partial, out / WEIGHTS_FILE)
         (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     except OSError as e:

@@ -145,6 +145,7 @@ def summarize(families, root):
     """One row per family: counts, seeds, mean and sd over seeds of each metric, the optimum."""
     rows = []
     for name, members in families:
+        members = sorted(members, key=lambda r: (r["seed"] is None, r["seed"] or 0))  # 42 123 999, not 123 42 999
         row = {"family": name, "n_runs": len(members), "n_evaluated": sum(r["eval"] is not None for r in members),
                "seeds": [r["seed"] for r in members],
                "runs": [str(r["folder"].resolve().relative_to(Path(root).resolve())) for r in members],

@@ -13,9 +13,9 @@ from pathlib import Path
 from nanomarkov.evaluate import evaluate_checkpoints
 
 try:
-    from record import machine, record
+    from record import machine, publish
 except ImportError:
-    from benchmarks.record import machine, record
+    from benchmarks.record import machine, publish
 
 DEFAULT_CKPT = Path("runs/bench/mm100-default/ckpt.pt")
 
@@ -44,9 +44,7 @@ def main():
         "",
         *lines,
     ])
-    print(text)
-    if args.record:
-        record("evaluate", text)
+    publish("evaluate", text, args.record)
 
 
 if __name__ == "__main__":

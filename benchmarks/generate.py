@@ -21,9 +21,9 @@ from nanomarkov.chains import MarkovChain
 from nanomarkov.data import default_seq_len, generate_dataset
 
 try:
-    from record import machine, record
+    from record import machine, publish
 except ImportError:  # run as a module from elsewhere
-    from benchmarks.record import machine, record
+    from benchmarks.record import machine, publish
 
 
 def hmmlearn_tokens_per_s(chain, seq_len, n_sequences):
@@ -100,10 +100,7 @@ def main():
         "",
         *rss_lines,
     ])
-    print()
-    print(text)
-    if args.record:
-        record("generate", text)
+    publish("generate", text, args.record)
 
 
 if __name__ == "__main__":

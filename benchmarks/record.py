@@ -23,3 +23,11 @@ def record(section, text):
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     doc = pattern.sub(lambda _: block, doc) if pattern.search(doc) else doc.rstrip() + "\n\n" + block + "\n"
     BENCHMARKS_MD.write_text(doc)
+
+
+def publish(section, text, save):
+    """Print a result section; with `save` (--record) also write it into BENCHMARKS.md."""
+    print()
+    print(text)
+    if save:
+        record(section, text)

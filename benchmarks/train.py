@@ -22,9 +22,9 @@ from nanomarkov.data import generate_dataset
 from nanomarkov.train import train
 
 try:
-    from record import machine, record
+    from record import machine, publish
 except ImportError:
-    from benchmarks.record import machine, record
+    from benchmarks.record import machine, publish
 
 ROOT = Path("runs/bench")
 TARGET = 0.003
@@ -116,10 +116,7 @@ def main():
         "",
         *curves,
     ])
-    print()
-    print(text)
-    if args.record:
-        record("train", text)
+    publish("train", text, args.record)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 from nanomarkov import NanoMarkovError
 from nanomarkov.model import GPT, GPTConfig
 

@@ -268,7 +268,7 @@ class KOrderChain:
         the start marginal of x1..xm, so their log-losses sum to its log.
         """
         tokens = self.check_tokens(tokens)
-        k, n_states, m = self.order, self.n_states, min(self.order, tokens.shape[1] - 1)
+        k, m = self.order, min(self.order, tokens.shape[1] - 1)
         with np.errstate(divide="ignore"):
             log_start = np.log(self._start_marginal(m)).ravel()
             log_rows = np.log(self.rows)

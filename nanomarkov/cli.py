@@ -210,6 +210,18 @@ def cmd_export(args):
     return 0
 
 
+def cmd_import_hmmlearn(args):
+    from nanomarkov.interop import import_hmmlearn
+
+    meta = import_hmmlearn(args.pickle, args.out, trust_pickle=args.trust_pickle, train_sequences=args.train,
+                           val_sequences=args.val, seq_len=args.seq_len, seed=args.seed, force=args.force)
+    theory = meta["theory"]
+    print(f"{args.out}: the {meta['n_states']}-state chain of {args.pickle}, {meta['train_sequences']} train + "
+          f"{meta['val_sequences']} val sequences of {meta['seq_len']} tokens; optimal_loss {theory['optimal_loss']:.6f} "
+          f"entropy_rate {theory['entropy_rate']:.6f} nats/token")
+    return 0
+
+
 def build_parser():
     parser = OneLineParser(prog="nanomarkov", description="Train small GPTs on Markov chains; check them against exact theory.")
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=OneLineParser)
@@ -269,6 +281,18 @@ def build_parser():
     ex.add_argument("--format", choices=["safetensors"], default="safetensors", help="only safetensors for now")
     ex.add_argument("--out", required=True, help="output folder (created; its two files are replaced)")
     ex.set_defaults(func=cmd_export)
+
+    imp = verbs.add_parser("import-hmmlearn", help="a dataset folder from a chain the seed saved (pickled hmmlearn model)",
+                           epilog="example: nanomarkov import-hmmlearn data/mm10/model.pkl --trust-pickle --out data/mm10-seed")
+    imp.add_argument("pickle", help="model.pkl: a pickled hmmlearn CategoricalHMM with identity emissions")
+    imp.add_argument("--trust-pickle", action="store_true", help="load it: unpickling runs code, so only for files you made")
+    imp.add_argument("--out", required=True, help="dataset folder to write")
+    imp.add_argument("--train", type=int, default=10000, help="training sequences (default 10000)")
+    imp.add_argument("--val", type=int, default=1000, help="validation sequences (default 1000)")
+    imp.add_argument("--seq_len", type=int, default=None, help="tokens per sequence incl. BOS (default 128 for K<=10, else 256)")
+    imp.add_argument("--seed", type=int, default=42, help="seed of the samples (default 42)")
+    imp.add_argument("--force", action="store_true", help="replace an existing dataset with other parameters")
+    imp.set_defaults(func=cmd_import_hmmlearn)
 
     demo = verbs.add_parser("demo", help="generate MM-10, train it, print the loss against the optimum (minutes on a CPU)")
     demo.set_defaults(func=cmd_demo, takes_overrides=True)

@@ -55,6 +55,10 @@ def generate_command(n_states, train_sequences=None, val_sequences=None, sparsit
 
 
 def _regenerate_command(meta, path):
+    source = meta.get("source")
+    if source:  # a chain imported from a file, not a random one
+        return (f"nanomarkov import-hmmlearn {source['path']} --trust-pickle --out {path} --train {meta['train_sequences']} "
+                f"--val {meta['val_sequences']} --seq_len {meta['seq_len']} --seed {meta['seed']} --force")
     return generate_command(
         meta["n_states"], meta["train_sequences"], meta["val_sequences"], meta["sparsity"], path,
         extra=f" --seq_len {meta['seq_len']} --alpha {meta['alpha']:g} --seed {meta['seed']} --force",
@@ -76,10 +80,13 @@ def _create_command_for(path):
 
 def generate_dataset(out_dir, n_states, train_sequences, val_sequences, *, sparsity=None, alpha=1.0,
                      seq_len=None, seed=42, dtype=None, force=False, progress=None,
-                     chunk_tokens=CHUNK_TOKENS):
-    """Build a random chain and write a dataset folder; returns its meta dict.
+                     chunk_tokens=CHUNK_TOKENS, chain=None, source=None):
+    """Build a random chain (or take the given `chain`) and write a dataset folder; returns its meta dict.
 
-    The chain comes from `seed`; train and val are sampled from their own
+    With `chain`, n_states must be its K (or None), sparsity and alpha are
+    recorded as null, and `source` (a JSON-able dict saying where the chain
+    came from) is stored in meta.json and is part of the dataset's identity.
+    The chain comes from `seed` otherwise; train and val are sampled from their own
     streams derived from it, so val does not change when --train does. If the
     folder already holds this very dataset, nothing is rewritten. If it holds
     another one, this refuses unless `force`, and even then the old files are
@@ -87,6 +94,10 @@ def generate_dataset(out_dir, n_states, train_sequences, val_sequences, *, spars
     called after each chunk.
     """
     out_dir = Path(out_dir)
+    if chain is not None:
+        if n_states not in (None, chain.n_states):
+            raise NanoMarkovError(f"n_states {n_states} does not match the given chain's {chain.n_states} states")
+        n_states, sparsity, alpha = chain.n_states, None, None
     seq_len = default_seq_len(n_states) if seq_len is None else seq_len
     sparsity = sparsity or None
     _check_generate_args(n_states, train_sequences, val_sequences, sparsity, alpha, seq_len)
@@ -100,12 +111,15 @@ def generate_dataset(out_dir, n_states, train_sequences, val_sequences, *, spars
 
     params = {
         "process": MarkovChain.process, "n_states": n_states, "seq_len": seq_len, "dtype": dtype.name,
-        "seed": seed, "sparsity": sparsity, "alpha": float(alpha),
+        "seed": seed, "sparsity": sparsity, "alpha": None if alpha is None else float(alpha),
         "train_sequences": train_sequences, "val_sequences": val_sequences,
     }
+    if source is not None:
+        params["source"] = source
     existing = _existing_meta(out_dir)
     if existing is not None and not force:
-        changed = [f"{k} {existing.get(k)!r} -> {params[k]!r}" for k in DEFINING_KEYS if existing.get(k) != params[k]]
+        changed = [f"{k} {existing.get(k)!r} -> {params.get(k)!r}" for k in DEFINING_KEYS + ("source",)
+                   if existing.get(k) != params.get(k)]
         if not changed:
             load_dataset(out_dir)  # raises if the files were damaged since
             return existing
@@ -122,7 +136,8 @@ def generate_dataset(out_dir, n_states, train_sequences, val_sequences, *, spars
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         _remove_partials(out_dir)
-        chain = MarkovChain.random(n_states, seed=seed, alpha=alpha, sparsity=sparsity)
+        if chain is None:
+            chain = MarkovChain.random(n_states, seed=seed, alpha=alpha, sparsity=sparsity)
         with open(_partial(out_dir / "chain.npz"), "wb") as f:  # a file object, so savez adds no extension
             np.savez(f, transmat=chain.transmat, startprob=chain.startprob)
         meta = dict(params, format_version=FORMAT_VERSION, vocab_size=chain.vocab_size, bos_token=chain.bos_token,
@@ -161,7 +176,7 @@ def _check_generate_args(n_states, train_sequences, val_sequences, sparsity, alp
             raise NanoMarkovError(f"{name} must be a positive number of sequences, got {count!r}")
     if sparsity is not None and not 0 <= sparsity < 100:
         raise NanoMarkovError(f"--sparsity must be a percentage in [0, 100), got {sparsity:g}")
-    if not alpha > 0:
+    if alpha is not None and not alpha > 0:
         raise NanoMarkovError(f"--alpha must be > 0, got {alpha:g}")
     if not is_int(seq_len) or seq_len < 2:
         raise NanoMarkovError(f"--seq_len must be >= 2 (BOS plus at least one state), got {seq_len!r}")

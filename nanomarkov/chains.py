@@ -284,6 +284,17 @@ class MarkovChain:
             total -= log_trans[chunk[:, 1:-1], chunk[:, 2:]].sum()
         return float(total / (tokens.shape[0] * (tokens.shape[1] - 1)))
 
+    def optimal_log_probs(self, tokens):
+        """The true model's next-state log-probs for BOS-led sequences (n, L): shape (n, L-1, K), float64.
+
+        Entry [:, t] predicts tokens[:, t+1] from tokens[:, :t+1]: log startprob
+        after BOS, log transmat[x_t] after a state (-inf where a probability is 0).
+        """
+        tokens = np.asarray(self.check_tokens(tokens), dtype=np.int64)
+        with np.errstate(divide="ignore"):
+            log_table = np.log(np.vstack([self.transmat, self.startprob]))  # row K = after BOS
+        return log_table[tokens[:, :-1]]
+
     @property
     def uniform_loss(self):
         """log K: the loss of a model that knows nothing."""

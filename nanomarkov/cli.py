@@ -28,16 +28,18 @@ def _progress_bar(total, description):
 def cmd_generate(args):
     from nanomarkov.data import default_data_dir, default_seq_len, generate_dataset
 
-    out = Path(args.out) if args.out else default_data_dir(args.n_states, args.sparsity)
+    order = args.order if args.order is not None else (2 if args.process == "korder" else None)
+    out = Path(args.out) if args.out else default_data_dir(args.n_states, args.sparsity, args.process, order)
     seq_len = args.seq_len
     total = (args.train + args.val) * (seq_len or default_seq_len(args.n_states))
     with _progress_bar(total, f"generate {out}") as bar:
         meta = generate_dataset(out, args.n_states, args.train, args.val, sparsity=args.sparsity, alpha=args.alpha,
                                 seq_len=seq_len, seed=args.seed, dtype=args.dtype, force=args.force,
-                                progress=bar.update)
+                                progress=bar.update, process=args.process, order=order)
     theory = meta["theory"]
+    kind = f", order {meta['order']}" if meta["process"] == "korder" else ""
     print(f"{out}: {meta['train_sequences']} train + {meta['val_sequences']} val sequences of {meta['seq_len']} "
-          f"tokens, K={meta['n_states']}, vocab {meta['vocab_size']} (BOS={meta['bos_token']}), {meta['dtype']}")
+          f"tokens, K={meta['n_states']}{kind}, vocab {meta['vocab_size']} (BOS={meta['bos_token']}), {meta['dtype']}")
     print(f"optimal_loss {theory['optimal_loss']:.6f}  true_loss_val {theory['true_loss_val']:.6f}  "
           f"entropy_rate {theory['entropy_rate']:.6f}  uniform {theory['uniform_loss']:.6f} nats/token")
     return 0
@@ -61,16 +63,18 @@ def theory_rows(paths):
     for path in paths:
         dataset = load_dataset(path)
         meta = dataset.meta
-        rows.append({"dataset": str(path), "n_states": meta["n_states"], "sparsity": meta["sparsity"],
+        rows.append({"dataset": str(path), "process": meta.get("process", "markov"), "order": meta.get("order"),
+                     "n_states": meta["n_states"], "sparsity": meta["sparsity"],
                      "seq_len": meta["seq_len"], **dataset_theory(dataset)})
     return rows
 
 
 def format_theory_table(rows):
-    header = ["dataset", "K", "sparsity", "seq_len"] + [title for _, title in THEORY_COLUMNS]
+    header = ["dataset", "K", "order", "sparsity", "seq_len"] + [title for _, title in THEORY_COLUMNS]
     lines = [header]
     for row in rows:
-        lines.append([row["dataset"], str(row["n_states"]), "-" if row["sparsity"] is None else f"{row['sparsity']:g}",
+        lines.append([row["dataset"], str(row["n_states"]), "-" if row["order"] is None else str(row["order"]),
+                      "-" if row["sparsity"] is None else f"{row['sparsity']:g}",
                       str(row["seq_len"])] + [f"{row[key]:.6f}" for key, _ in THEORY_COLUMNS])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
@@ -230,12 +234,15 @@ def build_parser():
     gen.add_argument("n_states", type=int, help="number of states K (vocabulary K+1 with BOS)")
     gen.add_argument("--train", type=int, default=10000, help="training sequences (default 10000)")
     gen.add_argument("--val", type=int, default=1000, help="validation sequences (default 1000)")
+    gen.add_argument("--process", choices=["markov", "korder"], default="markov",
+                     help="markov: first-order chain (default); korder: k-th order chain (--order)")
+    gen.add_argument("--order", type=int, default=None, help="with --process korder: states of context k (default 2)")
     gen.add_argument("--sparsity", type=float, default=None, help="percent of each row's transitions set to zero")
     gen.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration of each row (default 1)")
     gen.add_argument("--seq_len", type=int, default=None, help="tokens per sequence incl. BOS (default 128 for K<=10, else 256)")
     gen.add_argument("--seed", type=int, default=42, help="seed of the chain and of the samples (default 42)")
     gen.add_argument("--dtype", choices=["uint16", "uint32"], default=None, help="token type (default: smallest that fits)")
-    gen.add_argument("--out", default=None, help="dataset folder (default data/mm{K}[-sparse-{S}])")
+    gen.add_argument("--out", default=None, help="dataset folder (default data/mm{K}[-order{k}][-sparse-{S}])")
     gen.add_argument("--force", action="store_true", help="replace an existing dataset with other parameters")
     gen.set_defaults(func=cmd_generate)
 

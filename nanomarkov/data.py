@@ -1,7 +1,8 @@
 """Dataset folders on disk: write (streamed, atomic), validate, load, batch.
 
 A dataset is a folder holding
-  chain.npz   transmat, startprob (float64), read with allow_pickle=False
+  chain.npz   the process's arrays (float64), read with allow_pickle=False:
+              markov: transmat, startprob; korder: transitions, start
   meta.json   parameters, counts, the exact theory, sha256 of each .bin
   train.bin   whole BOS-led sequences of seq_len tokens, flat, little-endian
   val.bin     the same, drawn independently
@@ -19,6 +20,8 @@ import numpy as np
 
 from nanomarkov import NanoMarkovError
 from nanomarkov.chains import MarkovChain, token_dtype
+from nanomarkov.korder import KOrderChain
+from nanomarkov.korder import _check_size as _check_korder_size
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -28,8 +31,11 @@ PARTIAL_SUFFIX = ".partial"
 CHUNK_TOKENS = 1 << 22
 # The parameters that define a dataset; two generations that agree on these
 # produce the same bytes.
-DEFINING_KEYS = ("process", "n_states", "seq_len", "dtype", "seed", "sparsity", "alpha",
+DEFINING_KEYS = ("process", "order", "n_states", "seq_len", "dtype", "seed", "sparsity", "alpha",
                  "train_sequences", "val_sequences")
+# process name -> (class, the chain.npz array names in constructor order). `order` is in meta.json
+# for korder only, so first-order datasets keep their files and meta exactly as before.
+PROCESSES = {"markov": (MarkovChain, ("transmat", "startprob")), "korder": (KOrderChain, ("transitions", "start"))}
 
 
 def default_seq_len(n_states):
@@ -37,19 +43,23 @@ def default_seq_len(n_states):
     return 128 if n_states <= 10 else 256
 
 
-def default_data_dir(n_states, sparsity=None):
-    """The seed's folder names: data/mm100, data/mm100-sparse-75."""
-    return Path("data") / (f"mm{n_states}-sparse-{sparsity:g}" if sparsity else f"mm{n_states}")
+def default_data_dir(n_states, sparsity=None, process="markov", order=None):
+    """The seed's folder names data/mm100, data/mm100-sparse-75; k-th order chains data/mm5-order2[-sparse-75]."""
+    name = f"mm{n_states}" + (f"-order{order}" if process == "korder" else "")
+    return Path("data") / (f"{name}-sparse-{sparsity:g}" if sparsity else name)
 
 
-def generate_command(n_states, train_sequences=None, val_sequences=None, sparsity=None, out=None, extra=""):
+def generate_command(n_states, train_sequences=None, val_sequences=None, sparsity=None, out=None, extra="",
+                     process="markov", order=None):
     """The exact `nanomarkov generate` command for a dataset, for error messages."""
     parts = ["nanomarkov generate", str(n_states)]
+    if process != "markov":
+        parts += ["--process", process, "--order", str(order)]
     if train_sequences is not None:
         parts += ["--train", str(train_sequences), "--val", str(val_sequences)]
     if sparsity:
         parts += ["--sparsity", f"{sparsity:g}"]
-    if out is not None and Path(out) != default_data_dir(n_states, sparsity):
+    if out is not None and Path(out) != default_data_dir(n_states, sparsity, process, order):
         parts += ["--out", str(out)]
     return " ".join(parts) + extra
 
@@ -61,18 +71,21 @@ def _regenerate_command(meta, path):
                 f"--val {meta['val_sequences']} --seq_len {meta['seq_len']} --seed {meta['seed']} --force")
     return generate_command(
         meta["n_states"], meta["train_sequences"], meta["val_sequences"], meta["sparsity"], path,
-        extra=f" --seq_len {meta['seq_len']} --alpha {meta['alpha']:g} --seed {meta['seed']} --force",
+        extra=f" --seq_len {meta['seq_len']}" + ("" if meta.get("alpha") is None else f" --alpha {meta['alpha']:g}")
+        + f" --seed {meta['seed']} --force",
+        process=meta.get("process", "markov"), order=meta.get("order"),
     )
 
 
 def _create_command_for(path):
     """A best guess at the command that creates the dataset a path names."""
-    match = re.fullmatch(r"mm(\d+)(?:-sparse-(\d+(?:\.\d+)?))?", Path(path).name)
+    match = re.fullmatch(r"mm(\d+)(?:-order(\d+))?(?:-sparse-(\d+(?:\.\d+)?))?", Path(path).name)
     if match:
-        sparsity = float(match.group(2)) if match.group(2) else None
+        sparsity = float(match.group(3)) if match.group(3) else None
         n_states = int(match.group(1))
         train = 10000 if n_states <= 10 else 50000
-        return generate_command(n_states, train, train // 10, sparsity, path)
+        process, order = ("korder", int(match.group(2))) if match.group(2) else ("markov", None)
+        return generate_command(n_states, train, train // 10, sparsity, path, process=process, order=order)
     return f"nanomarkov generate K --train N --val M --out {path}"
 
 
@@ -80,7 +93,7 @@ def _create_command_for(path):
 
 def generate_dataset(out_dir, n_states, train_sequences, val_sequences, *, sparsity=None, alpha=1.0,
                      seq_len=None, seed=42, dtype=None, force=False, progress=None,
-                     chunk_tokens=CHUNK_TOKENS, chain=None, source=None):
+                     chunk_tokens=CHUNK_TOKENS, chain=None, source=None, process="markov", order=None):
     """Build a random chain (or take the given `chain`) and write a dataset folder; returns its meta dict.
 
     With `chain`, n_states must be its K (or None), sparsity and alpha are
@@ -92,8 +105,24 @@ def generate_dataset(out_dir, n_states, train_sequences, val_sequences, *, spars
     another one, this refuses unless `force`, and even then the old files are
     replaced only once the new ones are complete. `progress(n_tokens)` is
     called after each chunk.
+
+    `process` picks the chain: "markov" (first order, MarkovChain.random) or
+    "korder" (KOrderChain.random of the given `order`, default 2); meta.json
+    records `process`, and `order` for korder. Default folders (the CLI's):
+    data/mm{K}, data/mm{K}-order{k} for korder, each with -sparse-{S} after it.
     """
     out_dir = Path(out_dir)
+    if chain is not None:
+        process = chain.process
+        order = chain.order if process == "korder" else None
+    if process not in PROCESSES:
+        raise NanoMarkovError(f"unknown process {process!r}; known: {', '.join(PROCESSES)}")
+    if process == "korder":
+        order = 2 if order is None else order
+        if not isinstance(order, (int, np.integer)) or isinstance(order, bool) or order < 1:
+            raise NanoMarkovError(f"--order must be an integer >= 1, got {order!r}")
+    elif order not in (None, 1):
+        raise NanoMarkovError(f"--order {order} needs --process korder (a markov chain is first order)")
     if chain is not None:
         if n_states not in (None, chain.n_states):
             raise NanoMarkovError(f"n_states {n_states} does not match the given chain's {chain.n_states} states")
@@ -101,19 +130,23 @@ def generate_dataset(out_dir, n_states, train_sequences, val_sequences, *, spars
     seq_len = default_seq_len(n_states) if seq_len is None else seq_len
     sparsity = sparsity or None
     _check_generate_args(n_states, train_sequences, val_sequences, sparsity, alpha, seq_len)
+    if process == "korder":
+        _check_korder_size(n_states, order)
     dtype = np.dtype(dtype) if dtype is not None else token_dtype(n_states + 1)
     if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
         raise NanoMarkovError(f"dtype must be uint16 or uint32, got {dtype}")
     if n_states + 1 > np.iinfo(dtype).max + 1:
         raise NanoMarkovError(f"K = {n_states} needs {n_states + 1} token ids, more than {dtype} holds; use uint32")
-    if n_states * n_states * 8 > 8 << 30:
+    if process == "markov" and n_states * n_states * 8 > 8 << 30:
         raise NanoMarkovError(f"K = {n_states} needs a {n_states}x{n_states} float64 matrix (over 8 GiB); use a smaller K")
 
     params = {
-        "process": MarkovChain.process, "n_states": n_states, "seq_len": seq_len, "dtype": dtype.name,
+        "process": process, "n_states": n_states, "seq_len": seq_len, "dtype": dtype.name,
         "seed": seed, "sparsity": sparsity, "alpha": None if alpha is None else float(alpha),
         "train_sequences": train_sequences, "val_sequences": val_sequences,
     }
+    if process == "korder":
+        params["order"] = int(order)
     if source is not None:
         params["source"] = source
     existing = _existing_meta(out_dir)
@@ -136,10 +169,12 @@ def generate_dataset(out_dir, n_states, train_sequences, val_sequences, *, spars
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         _remove_partials(out_dir)
-        if chain is None:
+        if chain is None and process == "korder":
+            chain = KOrderChain.random(n_states, int(order), seed=seed, alpha=alpha, sparsity=sparsity)
+        elif chain is None:
             chain = MarkovChain.random(n_states, seed=seed, alpha=alpha, sparsity=sparsity)
         with open(_partial(out_dir / "chain.npz"), "wb") as f:  # a file object, so savez adds no extension
-            np.savez(f, transmat=chain.transmat, startprob=chain.startprob)
+            np.savez(f, **{name: getattr(chain, name) for name in PROCESSES[process][1]})
         meta = dict(params, format_version=FORMAT_VERSION, vocab_size=chain.vocab_size, bos_token=chain.bos_token,
                     sha256={}, theory=chain.theory(seq_len))
         for split_index, split in enumerate(SPLITS, start=1):
@@ -269,13 +304,20 @@ def load_dataset(path, verify=True):
             f"regenerate with: {_create_command_for(path)} --force"
         )
     fix = _regenerate_command(meta, path)
+    process = meta.get("process", "markov")
+    if process not in PROCESSES:
+        raise NanoMarkovError(f"{path / 'meta.json'}: unknown process {process!r} (this nanoMarkov knows "
+                              f"{', '.join(PROCESSES)}); regenerate it, or use a newer nanoMarkov")
+    chain_class, array_names = PROCESSES[process]
     try:
         with np.load(path / "chain.npz", allow_pickle=False) as npz:
-            chain = MarkovChain(npz["transmat"], npz["startprob"])
+            chain = chain_class(*(npz[name] for name in array_names))
     except (OSError, KeyError, ValueError, NanoMarkovError) as e:
         raise NanoMarkovError(f"{path / 'chain.npz'}: cannot be read ({e}); regenerate with: {fix}") from e
     if chain.n_states != meta["n_states"]:
         raise NanoMarkovError(f"{path / 'chain.npz'}: has {chain.n_states} states, meta.json says {meta['n_states']}; regenerate with: {fix}")
+    if process == "korder" and chain.order != meta.get("order"):
+        raise NanoMarkovError(f"{path / 'chain.npz'}: has order {chain.order}, meta.json says {meta.get('order')}; regenerate with: {fix}")
 
     seq_len, dtype = meta["seq_len"], np.dtype(meta["dtype"]).newbyteorder("<")
     splits = {}

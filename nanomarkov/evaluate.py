@@ -16,6 +16,14 @@ split, and agreement between runs costs no second pass:
 
 For metrics 4-6 the model's distribution is over the K states: the BOS logit is
 dropped and the rest renormalised (BOS never follows a state).
+
+Metrics 1-4 hold for any process (the true model's accuracy comes from the
+chain's own optimal predictor, `optimal_log_probs`). Metrics 5 and 6 are about
+first-order chains; for a k-th order chain (process "korder") they are null,
+the result's `skipped` says why, and `korder_fidelity` takes their place:
+the mean over val positions t > k of KL(row of the last k states || model),
+next to the same KL of the best first-order predictor (what a model that reads
+only the last state can reach at best).
 """
 import json
 import time
@@ -81,6 +89,7 @@ class _Accumulator:
         self.count = np.zeros(k)            # contexts ending in s
         self.prob_sum = np.zeros((k, k))    # sum of q_t over contexts ending in s
         self.entropy_sum = np.zeros(k)      # sum of H(q_t) over contexts ending in s
+        self.korder_kl_sum = 0.0            # korder: sum over full-context positions of KL(row || q_t)
 
 
 @torch.no_grad()
@@ -91,14 +100,20 @@ def evaluate_models(models, dataset, device="cpu"):
     {name: result dict}; with two or more models each result carries the agreement.
     """
     chain, k = dataset.chain, dataset.chain.n_states
+    markov = chain.process == "markov"
+    order = getattr(chain, "order", 1)
     theory = dataset.meta["theory"]
     names = list(models)
     timings = {}
     started = time.perf_counter()
 
-    p = torch.from_numpy(np.array(chain.transmat))
-    row_entropy = torch.from_numpy(chain.row_entropies)
-    true_argmax = torch.from_numpy(np.argmax(np.vstack([chain.transmat, chain.startprob]), axis=1))
+    if markov:
+        p = torch.from_numpy(np.array(chain.transmat))
+        row_entropy = torch.from_numpy(chain.row_entropies)
+    else:
+        with np.errstate(divide="ignore"):
+            first_order_log = torch.from_numpy(np.log(_first_order_rows(chain)))
+        first_order_kl_sum, korder_positions = 0.0, 0
     acc = {name: _Accumulator(k) for name in names}
     pair_names = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
     agree = {pair: [0, 0.0] for pair in pair_names}  # (top-1 agreements, summed JSD)
@@ -111,7 +126,12 @@ def evaluate_models(models, dataset, device="cpu"):
         x, y = tokens[:, :-1], tokens[:, 1:]
         states = x[:, 1:]  # contexts ending in a state: every position after the BOS one
         n_positions += y.numel()
-        true_correct += (true_argmax[x] == y).sum().item()
+        optimal_log = torch.from_numpy(chain.optimal_log_probs(tokens.numpy()))  # (B, L-1, K)
+        true_correct += (optimal_log.argmax(-1) == y).sum().item()
+        if not markov:
+            full_log = optimal_log[:, order:]  # positions predicted from a full context of k states
+            korder_positions += full_log.shape[0] * full_log.shape[1]
+            first_order_kl_sum += _kl_terms(full_log, first_order_log[x[:, order:]]).sum().item()
         flat_states = states.reshape(-1).numpy()
         dists = {}
         for name in names:
@@ -123,6 +143,9 @@ def evaluate_models(models, dataset, device="cpu"):
             log_q = _state_log_probs(logits, k)
             q = log_q.exp()
             dists[name] = (log_q, logits.argmax(-1))
+            if not markov:
+                a.korder_kl_sum += _kl_terms(optimal_log[:, order:], log_q[:, order:]).sum().item()
+                continue
             # Metric 5 on real contexts: KL(P_s || q_t) = -H(P_s) - sum_j P_sj log q_tj, s = current state.
             ctx_log_q, ctx_q = log_q[:, 1:], q[:, 1:]
             cross = -(p[states] * ctx_log_q).sum(-1)
@@ -145,8 +168,29 @@ def evaluate_models(models, dataset, device="cpu"):
     bigram = bigram_baseline(dataset)
     timings["bigram_baseline_s"] = time.perf_counter() - started
 
-    pi = chain.stationary()
     results = {}
+    if not markov:
+        for name in names:
+            a = acc[name]
+            val_loss = a.loss_sum / n_positions
+            results[name] = {
+                **_common_metrics(val_loss, a.correct / n_positions, true_correct / n_positions, theory, bigram, k),
+                "transition_fidelity": None, "markov_property": None,
+                "korder_fidelity": {
+                    "order": order, "positions": korder_positions,
+                    "mean_kl": a.korder_kl_sum / korder_positions if korder_positions else None,
+                    "first_order_kl": first_order_kl_sum / korder_positions if korder_positions else None,
+                },
+                "skipped": {
+                    "transition_fidelity": f"defined for first-order chains; this is a k-th order chain (order {order}), "
+                                           "whose next state depends on the last k states: see korder_fidelity",
+                    "markov_property": f"a first-order model's prediction should not depend on history before the "
+                                       f"last state; an order-{order} chain's does, so the check does not apply",
+                },
+                "arrays": {},
+            }
+        return _finish(results, names, pair_names, agree, n_positions, timings)
+    pi = chain.stationary()
     for name in names:
         started = time.perf_counter()
         # Metric 5 on the clean prompts [BOS, s]: one batch of K two-token prompts.
@@ -165,23 +209,7 @@ def evaluate_models(models, dataset, device="cpu"):
         worst = np.argsort(-prompt_kl)[:WORST_STATES]
         has_spread = ~np.isnan(spread)
         results[name] = {
-            "cross_entropy": {
-                "val_loss": val_loss, "optimal_loss": theory["optimal_loss"], "true_loss_val": theory["true_loss_val"],
-                "excess": val_loss - theory["true_loss_val"],
-                "pct_of_optimum": 100 * theory["true_loss_val"] / val_loss,
-                "learnable_fraction": (theory["uniform_loss"] - val_loss) / (theory["uniform_loss"] - theory["true_loss_val"]),
-                "bigram_baseline": bigram, "unigram_loss": theory["unigram_loss"], "uniform_loss": theory["uniform_loss"],
-            },
-            "perplexity": {
-                "perplexity": float(np.exp(val_loss)), "optimal_perplexity": float(np.exp(theory["optimal_loss"])),
-                "true_perplexity_val": float(np.exp(theory["true_loss_val"])),
-                "bigram_perplexity": float(np.exp(bigram)), "uniform_perplexity": float(k),
-            },
-            "accuracy": {
-                "accuracy": a.correct / n_positions, "optimal_accuracy": theory["optimal_accuracy"],
-                "true_accuracy_val": true_correct / n_positions, "chance": 1 / k,
-            },
-            "agreement": None,
+            **_common_metrics(val_loss, a.correct / n_positions, true_correct / n_positions, theory, bigram, k),
             "transition_fidelity": {
                 "mean_kl": float(prompt_kl.mean()), "weighted_kl": float(pi @ prompt_kl),
                 "context_mean_kl": float(np.nanmean(context_kl)),
@@ -198,10 +226,59 @@ def evaluate_models(models, dataset, device="cpu"):
                 "max_spread_state": int(np.nanargmax(spread)) if has_spread.any() else None,
                 "contexts": int(a.count.sum()), "min_contexts_per_state": int(a.count.min()),
             },
+            "korder_fidelity": None,
+            "skipped": {"korder_fidelity": "defined for k-th order chains (process korder); this one is first-order"},
             "arrays": {"learned_matrix": learned, "learned_start": learned_start, "prompt_kl": prompt_kl,
                        "context_kl": context_kl, "spread": spread, "stationary": pi},
         }
         timings[f"prompts_and_summary_s[{name}]"] = time.perf_counter() - started
+    return _finish(results, names, pair_names, agree, n_positions, timings)
+
+
+def _common_metrics(val_loss, accuracy, true_accuracy, theory, bigram, k):
+    """Metrics 1-3 (and agreement's slot), defined for every process."""
+    return {
+        "cross_entropy": {
+            "val_loss": val_loss, "optimal_loss": theory["optimal_loss"], "true_loss_val": theory["true_loss_val"],
+            "excess": val_loss - theory["true_loss_val"],
+            "pct_of_optimum": 100 * theory["true_loss_val"] / val_loss,
+            "learnable_fraction": (theory["uniform_loss"] - val_loss) / (theory["uniform_loss"] - theory["true_loss_val"]),
+            "bigram_baseline": bigram, "unigram_loss": theory["unigram_loss"], "uniform_loss": theory["uniform_loss"],
+        },
+        "perplexity": {
+            "perplexity": float(np.exp(val_loss)), "optimal_perplexity": float(np.exp(theory["optimal_loss"])),
+            "true_perplexity_val": float(np.exp(theory["true_loss_val"])),
+            "bigram_perplexity": float(np.exp(bigram)), "uniform_perplexity": float(k),
+        },
+        "accuracy": {
+            "accuracy": accuracy, "optimal_accuracy": theory["optimal_accuracy"],
+            "true_accuracy_val": true_accuracy, "chance": 1 / k,
+        },
+        "agreement": None,
+    }
+
+
+def _kl_terms(log_p, log_q):
+    """KL(p || q) along the last axis from log-probabilities, with 0 log 0 = 0 (float64 tensors)."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+
+
+def _first_order_rows(chain):
+    """The best predictor from the last state alone, in the stationary regime: P(x_t | x_{t-1}), (K, K).
+
+    From the stationary tuple distribution times the rows, summed over the
+    older states; a state of stationary probability 0 gets the uniform row.
+    """
+    k = chain.n_states
+    joint = (chain.stationary().reshape(-1, 1) * chain.rows).reshape(-1, k, k).sum(axis=0)  # (last, next)
+    mass = joint.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(mass > 0, joint / mass, 1.0 / k)
+
+
+def _finish(results, names, pair_names, agree, n_positions, timings):
+    """Agreement between runs and the timings, added to every result."""
     if pair_names:
         pairs = [{"a": a_name, "b": b_name, "top1_agreement": agree[(a_name, b_name)][0] / n_positions,
                   "mean_jsd": agree[(a_name, b_name)][1] / n_positions} for a_name, b_name in pair_names]
@@ -255,7 +332,8 @@ def evaluate_checkpoints(ckpt_paths, data_dir=None, out=None, device="cpu"):
             folder = Path(out) if len(loaded) == 1 else Path(out) / path.parent.name
         result = results[str(path)]
         result["run"] = {"checkpoint": str(path), "dataset": data_path, "iter": ckpt.get("iter"),
-                         "n_states": dataset.chain.n_states, "seq_len": dataset.seq_len,
+                         "n_states": dataset.chain.n_states, "process": dataset.chain.process,
+                         "order": getattr(dataset.chain, "order", 1), "seq_len": dataset.seq_len,
                          "val_sequences": dataset.val.shape[0], "seed": ckpt.get("config", {}).get("seed")}
         write_eval(result, folder)
         written.append((folder, result))
@@ -267,10 +345,12 @@ def write_eval(result, folder):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     arrays = result["arrays"]
-    np.save(folder / "learned_matrix.npy", arrays["learned_matrix"])
-    np.savez(folder / "per_state.npz", **{k: v for k, v in arrays.items() if k != "learned_matrix"})
     record = {k: v for k, v in result.items() if k != "arrays"}
-    record["files"] = {"learned_matrix": "learned_matrix.npy", "per_state": "per_state.npz"}
+    record["files"] = {}
+    if "learned_matrix" in arrays:  # first-order chains only: a k-th order chain has no K x K matrix to learn
+        np.save(folder / "learned_matrix.npy", arrays["learned_matrix"])
+        np.savez(folder / "per_state.npz", **{k: v for k, v in arrays.items() if k != "learned_matrix"})
+        record["files"] = {"learned_matrix": "learned_matrix.npy", "per_state": "per_state.npz"}
     (folder / "eval.json").write_text(json.dumps(record, indent=2) + "\n")
     (folder / "eval.md").write_text(format_eval(result) + "\n")
 
@@ -279,7 +359,7 @@ def format_eval(result):
     """The metrics as a markdown table, each next to its optimum and baselines."""
     run, ce, pp, ac = result.get("run", {}), result["cross_entropy"], result["perplexity"], result["accuracy"]
     tf, mp, ag = result["transition_fidelity"], result["markov_property"], result["agreement"]
-    worst = ", ".join(f"{w['state']} ({w['kl']:.4f})" for w in tf["worst_states"])
+    kf, skipped = result.get("korder_fidelity"), result.get("skipped", {})
     rows = [
         ("cross-entropy (nats/token)", f"{ce['val_loss']:.6f}",
          f"true on val {ce['true_loss_val']:.6f}, expected {ce['optimal_loss']:.6f}",
@@ -294,6 +374,30 @@ def format_eval(result):
          f"chance {100 * ac['chance']:.3f} %"),
         ("agreement across seeds (top-1, JSD)",
          "n/a (one run)" if ag is None else f"{100 * ag['top1_agreement']:.2f} %, {ag['mean_jsd']:.6f}", "100 %, 0", ""),
+    ]
+    if kf is not None and kf["mean_kl"] is not None:
+        rows.append((f"order-{kf['order']} KL(row of last {kf['order']} states ‖ model), positions t > {kf['order']}",
+                     f"{kf['mean_kl']:.6f}", "0", f"best first-order predictor {kf['first_order_kl']:.6f}"))
+    if tf is not None:
+        worst = ", ".join(f"{w['state']} ({w['kl']:.4f})" for w in tf["worst_states"])
+        rows += _first_order_rows_md(tf, mp, worst)
+    title = f"# Evaluation of {run['checkpoint']}" if run else "# Evaluation"
+    kind = f", order {run['order']}" if run.get("process") == "korder" else ""
+    head = (f"dataset {run['dataset']}: K={run['n_states']}{kind}, {run['val_sequences']} val sequences of "
+            f"{run['seq_len']} tokens; checkpoint at iter {run['iter']}") if run else ""
+    lines = [title, "", head, "", "| metric | model | optimum | baselines |", "|---|---:|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    skipped_lines = [f"- skipped {name}: {why}" for name, why in skipped.items() if result.get(name) is None]
+    lines += [""] + skipped_lines if skipped_lines else []
+    timing = result.get("timing", {})
+    if timing:
+        lines += ["", "time: " + ", ".join(f"{k} {v:.2f}s" for k, v in timing.items())]
+    return "\n".join(lines)
+
+
+def _first_order_rows_md(tf, mp, worst):
+    """Metrics 5 and 6 as table rows."""
+    return [
         ("transition KL, prompts [BOS, s] (mean, π-weighted)", f"{tf['mean_kl']:.6f}, {tf['weighted_kl']:.6f}", "0",
          f"worst states: {worst}"),
         ("transition KL, real val contexts (mean, π-weighted)",
@@ -303,12 +407,3 @@ def format_eval(result):
          "n/a" if mp["mean_spread"] is None else f"{mp['mean_spread']:.6f}, {mp['max_spread']:.6f} (state {mp['max_spread_state']})",
          "0", f"{mp['contexts']} contexts, >= {mp['min_contexts_per_state']} per state"),
     ]
-    title = f"# Evaluation of {run['checkpoint']}" if run else "# Evaluation"
-    head = (f"dataset {run['dataset']}: K={run['n_states']}, {run['val_sequences']} val sequences of "
-            f"{run['seq_len']} tokens; checkpoint at iter {run['iter']}") if run else ""
-    lines = [title, "", head, "", "| metric | model | optimum | baselines |", "|---|---:|---|---|"]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    timing = result.get("timing", {})
-    if timing:
-        lines += ["", "time: " + ", ".join(f"{k} {v:.2f}s" for k, v in timing.items())]
-    return "\n".join(lines)

@@ -282,6 +282,37 @@ class KOrderChain:
                 total -= log_rows[self._tuple_index(windows), states[:, k:]].sum()
         return float(total / (tokens.shape[0] * (tokens.shape[1] - 1)))
 
+    def optimal_log_probs(self, tokens):
+        """The true model's next-state log-probs for BOS-led sequences (n, L): shape (n, L-1, K), float64.
+
+        Entry [:, t] predicts tokens[:, t+1] from tokens[:, :t+1]: for t < k the
+        conditional of the joint start given the t states so far, from t = k on
+        the row of the last k states (-inf where a probability is 0). Its mean
+        NLL on the sequences is exactly true_loss.
+        """
+        tokens = np.asarray(self.check_tokens(tokens), dtype=np.int64)
+        states, k = tokens[:, 1:-1], self.order
+        n, positions = tokens.shape[0], tokens.shape[1] - 1
+        out = np.empty((n, positions, self.n_states))
+        with np.errstate(divide="ignore"):
+            for t in range(min(k, positions)):
+                out[:, t] = np.log(self._start_conditionals[t])[self._tuple_index(states[:, :t])]
+            if positions > k:
+                windows = np.stack([states[:, i : states.shape[1] - k + 1 + i] for i in range(k)], axis=-1)
+                out[:, k:] = np.log(self.rows)[self._tuple_index(windows)]
+        return out
+
+    @cached_property
+    def _start_conditionals(self):
+        """p(x_t | x1..x_{t-1}) for t = 1..k as (K^(t-1), K) tables; a prefix of probability 0 gets uniform."""
+        tables = []
+        for t in range(1, self.order + 1):
+            joint = self._start_marginal(t).reshape(-1, self.n_states)
+            mass = joint.sum(axis=1, keepdims=True)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                tables.append(np.where(mass > 0, joint / mass, 1.0 / self.n_states))
+        return tables
+
     def _tuple_index(self, digits):
         """Flatten tuples along the last axis, oldest digit most significant."""
         index = np.zeros(digits.shape[:-1], dtype=np.int64)
@@ -306,13 +337,7 @@ class KOrderChain:
         Returns (keep, alias, offsets): the row for context idx at position
         t (1-based, capped at k+1) starts at offsets[t-1] + idx*K.
         """
-        tables, offsets, total = [], [], 0
-        for t in range(1, self.order + 1):
-            joint = self._start_marginal(t).reshape(-1, self.n_states)
-            mass = joint.sum(axis=1, keepdims=True)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                conditional = np.where(mass > 0, joint / mass, 1.0 / self.n_states)
-            tables.append(conditional)
+        tables, offsets, total = list(self._start_conditionals), [], 0
         tables.append(self.rows)
         for table in tables:
             offsets.append(total)

@@ -349,7 +349,8 @@ def write_report(root):
     for run in runs:
         folder = run["folder"]
         plots = [("learning_curve.png", plot_learning_curve)] if run["log"] else []
-        if run["eval"] is not None:  # the other two read what `nanomarkov eval` writes
+        # The other two read what `nanomarkov eval` writes, for first-order chains (a k-th order one has no matrix).
+        if run["eval"] is not None and run["eval"].get("transition_fidelity") is not None:
             plots += [("transition_matrix.png", plot_transition_matrix), ("per_state_kl.png", plot_per_state_kl)]
         for name, plot in plots:
             try:

@@ -166,7 +166,8 @@ def cmd_eval(args):
 
     for folder, result in evaluate_checkpoints(args.checkpoints, data_dir=args.data, out=args.out):
         print(format_eval(result))
-        print(f"\nwritten: {folder}/eval.json, eval.md, learned_matrix.npy, per_state.npz\n")
+        arrays = "".join(f", {name}" for name in ("learned_matrix.npy", "per_state.npz") if (folder / name).is_file())
+        print(f"\nwritten: {folder}/eval.json, eval.md{arrays}\n")
     return 0
 
 

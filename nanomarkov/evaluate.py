@@ -110,6 +110,8 @@ def evaluate_models(models, dataset, device="cpu"):
     if markov:
         p = torch.from_numpy(np.array(chain.transmat))
         row_entropy = torch.from_numpy(chain.row_entropies)
+        # The true model's top-1 prediction is a lookup by the current token (BOS = row K).
+        true_argmax = torch.from_numpy(np.argmax(np.vstack([chain.transmat, chain.startprob]), axis=1))
     else:
         with np.errstate(divide="ignore"):
             first_order_log = torch.from_numpy(np.log(_first_order_rows(chain)))
@@ -126,9 +128,11 @@ def evaluate_models(models, dataset, device="cpu"):
         x, y = tokens[:, :-1], tokens[:, 1:]
         states = x[:, 1:]  # contexts ending in a state: every position after the BOS one
         n_positions += y.numel()
-        optimal_log = torch.from_numpy(chain.optimal_log_probs(tokens.numpy()))  # (B, L-1, K)
-        true_correct += (optimal_log.argmax(-1) == y).sum().item()
-        if not markov:
+        if markov:
+            true_correct += (true_argmax[x] == y).sum().item()
+        else:
+            optimal_log = torch.from_numpy(chain.optimal_log_probs(tokens.numpy()))  # (B, L-1, K)
+            true_correct += (optimal_log.argmax(-1) == y).sum().item()
             full_log = optimal_log[:, order:]  # positions predicted from a full context of k states
             korder_positions += full_log.shape[0] * full_log.shape[1]
             first_order_kl_sum += _kl_terms(full_log, first_order_log[x[:, order:]]).sum().item()

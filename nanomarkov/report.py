@@ -22,12 +22,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
 from nanomarkov import NanoMarkovError
+from nanomarkov.data import load_dataset
 
 TARGET_EXCESS = 0.003  # nats: the project's quality target (DESIGN.md section 9)
 REPORT_FOLDER = "report"
-# Config fields that may differ between the seeds of one experiment; every other field defines the family.
-# Fields that do not change what a run computes: the seed (what a family varies), names,
-# and where it ran (the global batch, which does matter, is in tokens_per_iter).
+# Config fields that may differ between the seeds of one experiment; every other field defines the
+# family. They do not change what a run computes: the seed (what a family varies), names, and where
+# it ran (the global batch, which does matter, is in tokens_per_iter).
 NOT_FAMILY = ("seed", "out_dir", "wandb_run_name", "init_from", "device", "device_resolved", "autocast",
               "compiled", "compile", "world_size", "wandb_log", "wandb_project", "log_interval")
 # Summary columns: (name, where it sits in eval.json, its key in done.json / log.jsonl or None if eval-only,
@@ -103,13 +104,17 @@ def load_run(folder):
             "values": values}
 
 
+def family_key(config):
+    """What runs of one family share: their config without the NOT_FAMILY fields (the sweep uses it too)."""
+    return json.dumps({k: v for k, v in config.items() if k not in NOT_FAMILY}, sort_keys=True)
+
+
 def group_families(runs, root):
     """[(family name, [runs])]: runs whose configs agree on everything but NOT_FAMILY fields."""
     groups = {}
     for run in runs:
-        config = {k: v for k, v in run["config"].items() if k not in NOT_FAMILY}
         # A run without config.json cannot be matched with anything: it is its own family.
-        key = json.dumps(config, sort_keys=True) if config else str(run["folder"])
+        key = family_key(run["config"]) if run["config"] else str(run["folder"])
         groups.setdefault(key, []).append(run)
 
     def base(run):  # MM-100-42 -> MM-100: the folder name without its seed
@@ -250,14 +255,13 @@ def _dataset_path(run):
 def plot_transition_matrix(run, path):
     """True and learned matrices on one colour scale, and learned − true on a diverging one."""
     data = _dataset_path(run)
-    chain_file = Path(data or "") / "chain.npz"
-    if not data or not chain_file.is_file():
+    if not data or not Path(data).is_dir():
         raise NanoMarkovError(f"dataset {data} not found (run the report from the folder you trained in)")
-    with np.load(chain_file, allow_pickle=False) as npz:
-        true = np.array(npz["transmat"])
+    # Sizes are checked, the tokens are not re-hashed: the plot needs only the chain.
+    true = load_dataset(data, verify=False).chain.transmat
     learned = np.load(run["folder"] / "learned_matrix.npy", allow_pickle=False)
     if learned.shape != true.shape:
-        raise NanoMarkovError(f"learned_matrix.npy is {learned.shape}, {chain_file} is {true.shape}: "
+        raise NanoMarkovError(f"learned_matrix.npy is {learned.shape}, the chain of {data} is {true.shape}: "
                               "rerun nanomarkov eval on this run")
     k = true.shape[0]
     fig = Figure(figsize=(15, 4.8), layout="constrained")

@@ -303,11 +303,8 @@ def run_sweep(grid, out_root, jobs=1, dry_run=False, progress=print, threads=Non
 
 
 def _report(root, progress):
-    try:
-        from nanomarkov.report import write_report
-    except ImportError:
-        progress("report skipped: nanomarkov.report is not available")
-        return None
+    from nanomarkov.report import write_report
+
     try:
         written = write_report(root)
     except NanoMarkovError as e:
@@ -320,12 +317,12 @@ def _report(root, progress):
 def _evaluate_families(specs, runs, progress):
     """Runs that differ only in seed are evaluated together once more, for agreement (metric 4)."""
     from nanomarkov.evaluate import evaluate_checkpoints
+    from nanomarkov.report import family_key  # the report's families, so agreement lands where it shows it
 
     families = {}
     for spec in specs:
         if runs[spec.name]["state"] == "done":
-            cfg = {k: v for k, v in spec.config().to_dict().items() if k not in ("seed", "out_dir", "wandb_run_name")}
-            families.setdefault(json.dumps(cfg, sort_keys=True), []).append(spec)
+            families.setdefault(family_key(spec.config().to_dict()), []).append(spec)
     for members in families.values():
         folders = [Path(s.out_dir) for s in members]
         evals = [_read_json(f / "eval.json") or {} for f in folders]

@@ -26,7 +26,7 @@ import torch
 from matplotlib.figure import Figure
 
 from nanomarkov import NanoMarkovError
-from nanomarkov.evaluate import _kl_rows, _state_log_probs
+from nanomarkov.evaluate import _kl_rows, _kl_terms, _state_log_probs
 
 # Positions x vocabulary per forward batch: bounds memory (float64 logits, one copy per layer).
 BATCH_ELEMENTS = 1 << 21
@@ -89,11 +89,6 @@ def _forward_capturing(model, tokens, modules, inputs=False):
             hook.remove()
 
 
-def _kl(p, log_p, log_q):
-    """KL(p || q) over the last axis, 0 log 0 = 0 (p may have zeros, q never does)."""
-    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
-
-
 # ------------------------------------------------------------ the whole model and the direct path
 
 def transition_readout(model, chain):
@@ -147,7 +142,6 @@ def logit_lens(model, chain, tokens):
     _check_vocab(model, chain)
     k = chain.n_states
     # Row x of the table is the true next-state distribution after token x (BOS = row K).
-    table = torch.from_numpy(np.vstack([chain.transmat, chain.startprob]))
     with np.errstate(divide="ignore"):
         log_table = torch.from_numpy(np.log(np.vstack([chain.transmat, chain.startprob])))
     modules = [model.drop, *model.blocks]  # drop's output is the embeddings' sum, the input of block 0
@@ -156,10 +150,10 @@ def logit_lens(model, chain, tokens):
     positions = 0
     for x, streams in _forward_capturing(model, tokens, modules):
         lens = [_state_log_probs(model.lm_head(model.ln_f(s)).cpu(), k) for s in streams]
-        p, log_p = table[x], log_table[x]
+        log_p = log_table[x]
         for i, log_q in enumerate(lens):
-            to_final[i] += _kl(lens[-1].exp(), lens[-1], log_q).sum().item()
-            to_truth[i] += _kl(p, log_p, log_q).sum().item()
+            to_final[i] += _kl_terms(lens[-1], log_q).sum().item()
+            to_truth[i] += _kl_terms(log_p, log_q).sum().item()
         positions += x.numel()
     layers = ["embed"] + [f"block {i}" for i in range(len(model.blocks))]
     return {"layers": layers, "kl_to_final": to_final / positions, "kl_to_truth": to_truth / positions}

@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from nanomarkov import NanoMarkovError, TrainingDiverged
 from nanomarkov.config import TrainConfig
 from nanomarkov.data import SequenceOrder, load_dataset, to_inputs_targets, whole_split_batches
+from nanomarkov.distributed import init_distributed
 from nanomarkov.model import GPT
 
 CHECKPOINT = "ckpt.pt"
@@ -37,33 +38,6 @@ CHECKPOINT = "ckpt.pt"
 RESUMABLE_CHANGES = {"init_from", "out_dir", "max_iters", "eval_interval", "log_interval", "always_save_checkpoint",
                      "wandb_log", "wandb_project", "wandb_run_name", "device", "compile"}
 EVAL_BATCH_SEQUENCES = 64
-
-
-@dataclasses.dataclass
-class Distributed:
-    """Where this process stands in a torchrun/srun job (world_size 1 when alone)."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-
-def init_distributed(device_type):
-    """Join the process group when launched by torchrun; a single process otherwise."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return Distributed()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
-    if device_type == "cpu":
-        # Processes on one machine share its cores; oversubscribing them is slower than splitting.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    return Distributed(dist.get_rank(), local_rank, dist.get_world_size())
 
 
 def resolve_device(cfg, local_rank=0):

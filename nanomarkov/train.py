@@ -321,9 +321,13 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None):
                         _, loss = model(x, y)
                     (loss / cfg.grad_accum_steps).backward()
                 step_loss += loss.detach().double().cpu() / cfg.grad_accum_steps
-            if ddp.world_size > 1:
-                dist.all_reduce(step_loss)
-                step_loss /= ddp.world_size
+            # The processes stop after the same step, whichever of them got the signal: one that
+            # stopped alone would leave the others waiting for it in a collective.
+            stopping = stop.requested is not None
+            if ddp.world_size > 1:  # on the device: nccl reduces GPU tensors only
+                shared = torch.tensor([step_loss.item(), stopping], dtype=torch.float64, device=device)
+                dist.all_reduce(shared)
+                step_loss, stopping = shared[0] / ddp.world_size, shared[1].item() > 0
             step_loss = step_loss.item()
             if not math.isfinite(step_loss):
                 raise TrainingDiverged(f"training loss is {step_loss} at iter {it}; the last good checkpoint "
@@ -354,11 +358,12 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None):
                 window_losses, window_start, window_tokens = [], now, 0
             if it % cfg.eval_interval == 0 or it == cfg.max_iters:
                 evaluate_and_checkpoint()
-            if stop.requested:
+            if stopping:
                 if last_eval is None or last_eval["iter"] != it:
                     evaluate_and_checkpoint(scheduled=False)
                 status = "interrupted"
-                log.line(f"stopped by {stop.requested} at iter {it}; checkpoint saved; continue with --resume")
+                log.line(f"stopped by {stop.requested or 'a signal to another process'} at iter {it}; "
+                         "checkpoint saved; continue with --resume")
                 break
         if last_eval is None or last_eval["iter"] != it:
             evaluate_and_checkpoint()

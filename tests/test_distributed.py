@@ -62,8 +62,8 @@ def free_port(candidates=(0,)):
     raise AssertionError(f"no free port in {candidates}")
 
 
-def launch_all(commands, envs, log_dir):
-    """Start every command at once and wait for all; past LAUNCH_TIMEOUT_S kill them and fail."""
+def start_all(commands, envs, log_dir):
+    """Start every command at once, each writing to a log file in log_dir; (processes, log paths)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     procs, logs = [], []
     for i, (command, env) in enumerate(zip(commands, envs)):
@@ -72,10 +72,14 @@ def launch_all(commands, envs, log_dir):
             # A session of its own, so that a hang is killed with every process the launcher started.
             procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                           start_new_session=True))
-    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    return procs, logs
+
+
+def wait_all(procs, logs, started):
+    """Wait for every process to succeed; LAUNCH_TIMEOUT_S after `started`, kill them all and fail."""
     try:
         for proc in procs:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            proc.wait(timeout=max(0.1, started + LAUNCH_TIMEOUT_S - time.monotonic()))
     except subprocess.TimeoutExpired:
         for proc in procs:
             with contextlib.suppress(ProcessLookupError):  # already gone
@@ -87,6 +91,11 @@ def launch_all(commands, envs, log_dir):
     for proc, output in zip(procs, outputs):
         assert proc.returncode == 0, output[-3000:]
     return outputs
+
+
+def launch_all(commands, envs, log_dir):
+    started = time.monotonic()
+    return wait_all(*start_all(commands, envs, log_dir), started)
 
 
 def torchrun():
@@ -101,16 +110,16 @@ def assert_matches_single(single, ddp_dir, world_size=2):
     worst = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
     print(f"{ddp_dir.name}: max |weight difference| from one process {worst:.2e}")
     assert worst < TOLERANCE, f"max |weight difference| {worst}"
-    evals = lambda d: [(r["iter"], r["val_loss"]) for r in read_log(d) if r["kind"] == "eval"]
-    assert [i for i, _ in evals(single)] == [i for i, _ in evals(ddp_dir)] == [0, 10, 20]
-    for (_, x), (_, y) in zip(evals(single), evals(ddp_dir)):
-        assert x == pytest.approx(y, abs=TOLERANCE)
+    evals = lambda d: {r["iter"]: r["val_loss"] for r in read_log(d) if r["kind"] == "eval"}
+    scheduled = {i: loss for i, loss in evals(ddp_dir).items() if i % 10 == 0}  # not the eval of a stop
+    assert list(evals(single)) == list(scheduled) == [0, 10, 20]
+    assert list(evals(single).values()) == pytest.approx(list(scheduled.values()), abs=TOLERANCE)
     trains = lambda d: [r["loss"] for r in read_log(d) if r["kind"] == "train"]
     assert trains(single) == pytest.approx(trains(ddp_dir), abs=TOLERANCE)
 
 
-def ddp_values(data, out):
-    return json.dumps(config(data, out, max_iters=ITERS, batch_size=BATCH // 2))
+def ddp_values(data, out, **overrides):
+    return json.dumps(config(data, out, max_iters=ITERS, batch_size=BATCH // 2, **overrides))
 
 
 # ------------------------------------------------------------------ launches
@@ -128,8 +137,8 @@ def test_torchrun_on_two_nodes_through_a_c10d_rendezvous(data, single, tmp_path)
     port = free_port()
     cores = sorted(os.sched_getaffinity(0))
     # Each "node" gets a core of its own, as each machine has its own.
-    commands = [["taskset", "-c", str(cores[node % len(cores)]), *torchrun(), "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
-                 f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=test-two-nodes",
+    commands = [["taskset", "-c", str(cores[node % len(cores)]), *torchrun(), "--nnodes=2", "--nproc_per_node=1",
+                 "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=test-two-nodes",
                  f"--rdzv_conf=is_host={int(node == 0)},join_timeout={LAUNCH_TIMEOUT_S // 2}",
                  "--local_addr=127.0.0.1", "--max_restarts=0", str(WORKER), ddp_values(data, out)]
                 for node in range(2)]
@@ -138,20 +147,45 @@ def test_torchrun_on_two_nodes_through_a_c10d_rendezvous(data, single, tmp_path)
     assert_matches_single(single, out)
 
 
-def test_srun_tasks_train_as_one_ddp_job(data, single, tmp_path):
-    """The variables srun gives each of `srun --ntasks=2` tasks on one node, without MASTER_PORT:
-    the port comes from the job id (one whose port is free now)."""
-    out = tmp_path / "srun"
+def srun_task_envs(tasks=2):
+    """What srun gives each of `srun --ntasks=2` tasks on one node, without MASTER_PORT: the port
+    comes from the job id (one whose port is free now)."""
     low, high = SLURM_PORTS
-    port = free_port(range(low + int(time.time()) % 1000, high))
+    port = free_port(range(low + int(time.time() * 1000) % 10000, high))
     job_id = 7 * (high - low) + port - low
     assert slurm_port(job_id) == port
-    step = dict(SLURM_JOB_ID=str(job_id), SLURM_STEP_ID="0", SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2",
-                SLURM_JOB_NODELIST="localhost", SLURM_STEP_NODELIST="localhost", SLURM_NODEID="0",
-                SLURM_STEP_TASKS_PER_NODE="2")
-    envs = [clean_env(**step, SLURM_PROCID=str(task), SLURM_LOCALID=str(task)) for task in range(2)]
-    outputs = launch_all([[sys.executable, str(WORKER), ddp_values(data, out)]] * 2, envs, tmp_path / "logs")
+    step = dict(SLURM_JOB_ID=str(job_id), SLURM_STEP_ID="0", SLURM_NTASKS=str(tasks),
+                SLURM_STEP_NUM_TASKS=str(tasks), SLURM_JOB_NODELIST="localhost", SLURM_STEP_NODELIST="localhost",
+                SLURM_NODEID="0", SLURM_STEP_TASKS_PER_NODE=str(tasks))
+    return [clean_env(**step, SLURM_PROCID=str(task), SLURM_LOCALID=str(task)) for task in range(tasks)]
+
+
+def test_srun_tasks_train_as_one_job_stop_together_and_resume(data, single, tmp_path):
+    """Two tasks as `srun --ntasks=2` starts them. SLURM signals every task before a time limit, but
+    not at the same instant; here only task 1, the one that does not write the log, so every task
+    must learn it from the others. Resumed, the job ends where one process ends."""
+    out = tmp_path / "stopped"
+    started = time.monotonic()
+    # 0.1 s before each step leaves 1.5 s between the log's iter 5 and the end.
+    procs, logs = start_all([[sys.executable, str(WORKER), ddp_values(data, out), "0.1"]] * 2, srun_task_envs(),
+                            tmp_path / "logs")
+    log = out / "log.jsonl"
+    while not log.exists() or max([json.loads(line)["iter"] for line in log.read_text().splitlines()
+                                    if line.endswith("}")], default=0) < 5:  # a line being written is not read
+        assert time.monotonic() < started + LAUNCH_TIMEOUT_S and all(p.poll() is None for p in procs), \
+            "\n".join(p.read_text()[-2000:] for p in logs)
+        time.sleep(0.01)
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = wait_all(procs, logs, started)
     assert "RESULT" in outputs[0] and "RESULT" not in outputs[1]  # task 0 is rank 0
+    result = json.loads(outputs[0].split("RESULT ", 1)[1])
+    stopped = ckpt(out)["iter"]
+    assert result["status"] == "interrupted" and result["iters"] == stopped and 5 <= stopped < ITERS
+    last = (out / "training.log").read_text().splitlines()[-1]
+    assert last.startswith(f"stopped by a signal to another process at iter {stopped};")
+
+    resume = ddp_values(data, out, init_from="resume")
+    launch_all([[sys.executable, str(WORKER), resume]] * 2, srun_task_envs(), tmp_path / "logs2")
     assert_matches_single(single, out)
 
 

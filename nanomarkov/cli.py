@@ -26,18 +26,18 @@ def _progress_bar(total, description):
 
 
 def cmd_generate(args):
-    from nanomarkov.data import default_data_dir, default_seq_len, generate_dataset
+    from nanomarkov.data import PROCESSES, default_data_dir, default_seq_len, generate_dataset
 
-    order = args.order if args.order is not None else (2 if args.process == "korder" else None)
-    out = Path(args.out) if args.out else default_data_dir(args.n_states, args.sparsity, args.process, order)
+    options = {"order": args.order}
+    out = Path(args.out) if args.out else default_data_dir(args.n_states, args.sparsity, args.process, **options)
     seq_len = args.seq_len
     total = (args.train + args.val) * (seq_len or default_seq_len(args.n_states))
     with _progress_bar(total, f"generate {out}") as bar:
         meta = generate_dataset(out, args.n_states, args.train, args.val, sparsity=args.sparsity, alpha=args.alpha,
                                 seq_len=seq_len, seed=args.seed, dtype=args.dtype, force=args.force,
-                                progress=bar.update, process=args.process, order=order)
+                                progress=bar.update, process=args.process, **options)
     theory = meta["theory"]
-    kind = f", order {meta['order']}" if meta["process"] == "korder" else ""
+    kind = "".join(f", {name} {meta[name]}" for name in PROCESSES[meta["process"]].OPTIONS)
     print(f"{out}: {meta['train_sequences']} train + {meta['val_sequences']} val sequences of {meta['seq_len']} "
           f"tokens, K={meta['n_states']}{kind}, vocab {meta['vocab_size']} (BOS={meta['bos_token']}), {meta['dtype']}")
     print(f"optimal_loss {theory['optimal_loss']:.6f}  true_loss_val {theory['true_loss_val']:.6f}  "

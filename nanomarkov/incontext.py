@@ -77,7 +77,8 @@ class InContextChain:
     """
 
     process = "icl"
-    ARRAYS = ("concentration", "startprob", "support_size")
+    ARRAYS = ("concentration", "startprob", "support_size")  # saved in chain.npz; the constructor's arguments
+    OPTIONS = ()  # generation options beyond K, seed, alpha, sparsity: none
 
     def __init__(self, concentration, startprob, support_size):
         concentration = np.array(concentration, dtype=np.float64)

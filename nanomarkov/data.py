@@ -2,7 +2,8 @@
 
 A dataset is a folder holding
   chain.npz   the process's arrays (its class's ARRAYS), read with allow_pickle=False:
-              markov: transmat, startprob; korder: transitions, start
+              markov: transmat, startprob; korder: transitions, start;
+              icl: concentration, startprob, support_size
   meta.json   parameters, counts, the exact theory, sha256 of each .bin
   train.bin   whole BOS-led sequences of seq_len tokens, flat, little-endian
   val.bin     the same, drawn independently
@@ -20,6 +21,7 @@ import numpy as np
 
 from nanomarkov import NanoMarkovError
 from nanomarkov.chains import MarkovChain, token_dtype
+from nanomarkov.incontext import InContextChain
 from nanomarkov.korder import KOrderChain
 
 FORMAT_VERSION = 1
@@ -37,7 +39,7 @@ DEFINING_KEYS = ("process", "n_states", "seq_len", "dtype", "seed", "sparsity", 
 # CLI flag --name and a top-level meta.json key); random(n_states, seed, alpha, sparsity,
 # **options); options(); folder_name(n_states, **options); n_states, vocab_size, bos_token;
 # sample, true_loss, optimal_log_probs and theory (see MarkovChain for their contracts).
-PROCESSES = {"markov": MarkovChain, "korder": KOrderChain}
+PROCESSES = {"markov": MarkovChain, "korder": KOrderChain, "icl": InContextChain}
 
 
 def default_seq_len(n_states):
@@ -56,10 +58,21 @@ def _given(options):
     return {name: value for name, value in options.items() if value is not None}
 
 
+def _process_with_options(process, options):
+    """The process's class, once every given option is known to be one of its OPTIONS."""
+    cls = process_class(process)
+    for name in options:
+        if name not in cls.OPTIONS:
+            valid = f"its options: {', '.join('--' + o for o in cls.OPTIONS)}" if cls.OPTIONS else "it has none"
+            raise NanoMarkovError(f"--{name} is not an option of --process {process} ({valid})")
+    return cls
+
+
 def default_data_dir(n_states, sparsity=None, process="markov", **options):
     """The seed's folder names data/mm100, data/mm100-sparse-75; other processes name their own
     (k-th order chains data/mm5-order2[-sparse-75])."""
-    name = process_class(process).folder_name(n_states, **_given(options))
+    options = _given(options)
+    name = _process_with_options(process, options).folder_name(n_states, **options)
     return Path("data") / (f"{name}-sparse-{sparsity:g}" if sparsity else name)
 
 
@@ -96,12 +109,14 @@ def _regenerate_command(meta, path):
 
 def _create_command_for(path):
     """A best guess at the command that creates the dataset a path names."""
-    match = re.fullmatch(r"mm(\d+)(?:-order(\d+))?(?:-sparse-(\d+(?:\.\d+)?))?", Path(path).name)
+    match = re.fullmatch(r"(?:mm(\d+)(?:-order(\d+))?|icl(\d+))(?:-sparse-(\d+(?:\.\d+)?))?", Path(path).name)
     if match:
-        sparsity = float(match.group(3)) if match.group(3) else None
-        n_states = int(match.group(1))
+        markov_states, order, icl_states, sparsity = match.groups()
+        sparsity = float(sparsity) if sparsity else None
+        n_states = int(markov_states or icl_states)
         train = 10000 if n_states <= 10 else 50000
-        process, options = ("korder", {"order": int(match.group(2))}) if match.group(2) else ("markov", {})
+        process = "icl" if icl_states else "korder" if order else "markov"
+        options = {"order": int(order)} if order else {}
         return generate_command(n_states, train, train // 10, sparsity, path, process=process, **options)
     return f"nanomarkov generate K --train N --val M --out {path}"
 
@@ -136,11 +151,7 @@ def generate_dataset(out_dir, n_states, train_sequences, val_sequences, *, spars
         if n_states not in (None, chain.n_states):
             raise NanoMarkovError(f"n_states {n_states} does not match the given chain's {chain.n_states} states")
         n_states, sparsity, alpha = chain.n_states, None, None
-    cls = process_class(process)
-    for name in options:
-        if name not in cls.OPTIONS:
-            valid = f"its options: {', '.join('--' + o for o in cls.OPTIONS)}" if cls.OPTIONS else "it has none"
-            raise NanoMarkovError(f"--{name} is not an option of --process {process} ({valid})")
+    cls = _process_with_options(process, options)
     seq_len = default_seq_len(n_states) if seq_len is None else seq_len
     sparsity = sparsity or None
     _check_generate_args(n_states, train_sequences, val_sequences, sparsity, alpha, seq_len)

@@ -85,6 +85,7 @@ class HiddenMarkovModel:
 
     process = "hmm"
     ARRAYS = ("transmat", "emissions", "startprob")
+    OPTIONS = ("preset", "hidden_states", "x", "a")  # --preset mess3 [--x --a], or --hidden_states H
 
     def __init__(self, transmat, emissions, startprob):
         transmat = np.array(transmat, dtype=np.float64)
@@ -135,7 +136,7 @@ class HiddenMarkovModel:
         if preset is not None:
             raise NanoMarkovError(f"unknown HMM preset {preset!r}; known: mess3")
         if x is not None or a is not None:
-            raise NanoMarkovError("x and a are mess3's parameters; pass preset='mess3' to use them")
+            raise NanoMarkovError("x and a are mess3's parameters; they need preset mess3 (--preset mess3)")
         _check_random_parameters(n_states, alpha, sparsity)
         hidden_states = n_states if hidden_states is None else hidden_states
         if not isinstance(hidden_states, (int, np.integer)) or hidden_states < 2:

@@ -240,7 +240,7 @@ def test_invalid_arrays_are_rejected(arrays, message):
     (dict(n_states=3, preset="mess3", a=1.0), "0 < a < 1"),
     (dict(n_states=3, preset="mess3", sparsity=50), "mess3 is fixed"),
     (dict(n_states=3, preset="mess4"), "unknown HMM preset"),
-    (dict(n_states=3, x=0.1), "preset='mess3'"),
+    (dict(n_states=3, x=0.1), "need preset mess3"),
     (dict(n_states=3, hidden_states=1), "hidden_states must be"),
     (dict(n_states=1), "n_states must be"),
 ])

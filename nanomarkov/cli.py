@@ -29,7 +29,7 @@ def _progress_bar(total, description):
 def cmd_generate(args):
     from nanomarkov.data import PROCESSES, default_data_dir, default_seq_len, generate_dataset
 
-    options = {"order": args.order}
+    options = {"order": args.order, "preset": args.preset, "hidden_states": args.hidden_states, "x": args.x, "a": args.a}
     out = Path(args.out) if args.out else default_data_dir(args.n_states, args.sparsity, args.process, **options)
     seq_len = args.seq_len
     total = (args.train + args.val) * (seq_len or default_seq_len(args.n_states))
@@ -38,7 +38,7 @@ def cmd_generate(args):
                                 seq_len=seq_len, seed=args.seed, dtype=args.dtype, force=args.force,
                                 progress=bar.update, process=args.process, **options)
     theory = meta["theory"]
-    kind = "".join(f", {name} {meta[name]}" for name in PROCESSES[meta["process"]].OPTIONS)
+    kind = "".join(f", {name} {meta[name]}" for name in PROCESSES[meta["process"]].OPTIONS if meta.get(name) is not None)
     print(f"{out}: {meta['train_sequences']} train + {meta['val_sequences']} val sequences of {meta['seq_len']} "
           f"tokens, K={meta['n_states']}{kind}, vocab {meta['vocab_size']} (BOS={meta['bos_token']}), {meta['dtype']}")
     print(f"optimal_loss {theory['optimal_loss']:.6f}  true_loss_val {theory['true_loss_val']:.6f}  "
@@ -242,10 +242,15 @@ def build_parser():
     gen.add_argument("n_states", type=int, help="number of states K (vocabulary K+1 with BOS)")
     gen.add_argument("--train", type=int, default=10000, help="training sequences (default 10000)")
     gen.add_argument("--val", type=int, default=1000, help="validation sequences (default 1000)")
-    gen.add_argument("--process", choices=["markov", "korder", "icl"], default="markov",
+    gen.add_argument("--process", choices=["markov", "korder", "icl", "hmm"], default="markov",
                      help="markov: first-order chain (default); korder: k-th order chain (--order); "
-                          "icl: in-context chain, a fresh Dirichlet matrix per sequence (needs attention to learn)")
+                          "icl: in-context chain, a fresh Dirichlet matrix per sequence (needs attention to learn); "
+                          "hmm: hidden Markov model (--preset mess3, or --hidden_states)")
     gen.add_argument("--order", type=int, default=None, help="with --process korder: states of context k (default 2)")
+    gen.add_argument("--preset", choices=["mess3"], default=None, help="with --process hmm: mess3 (K=3, x and a below)")
+    gen.add_argument("--hidden_states", type=int, default=None, help="with --process hmm: hidden states H (default K)")
+    gen.add_argument("--x", type=float, default=None, help="with --preset mess3: switching probability (default 0.05)")
+    gen.add_argument("--a", type=float, default=None, help="with --preset mess3: own-token emission (default 0.85)")
     gen.add_argument("--sparsity", type=float, default=None, help="percent of each row's transitions set to zero")
     gen.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration of each row (default 1)")
     gen.add_argument("--seq_len", type=int, default=None, help="tokens per sequence incl. BOS (default 128 for K<=10, else 256)")

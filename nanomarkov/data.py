@@ -7,6 +7,7 @@ A dataset is a folder holding
   meta.json   parameters, counts, the exact theory, sha256 of each .bin
   train.bin   whole BOS-led sequences of seq_len tokens, flat, little-endian
   val.bin     the same, drawn independently
+  val_beliefs.npy  hmm only: float32 (n_val, seq_len, H), the belief state after every val prefix
 meta.json is written last: a folder without it is not a dataset, so a
 generation killed at any moment leaves nothing that loads.
 """
@@ -22,6 +23,7 @@ import numpy as np
 from nanomarkov import NanoMarkovError
 from nanomarkov.chains import MarkovChain, token_dtype
 from nanomarkov.incontext import InContextChain
+from nanomarkov.hmm import HiddenMarkovModel
 from nanomarkov.korder import KOrderChain
 
 FORMAT_VERSION = 1
@@ -39,7 +41,10 @@ DEFINING_KEYS = ("process", "n_states", "seq_len", "dtype", "seed", "sparsity", 
 # CLI flag --name and a top-level meta.json key); random(n_states, seed, alpha, sparsity,
 # **options); options(); folder_name(n_states, **options); n_states, vocab_size, bos_token;
 # sample, true_loss, optimal_log_probs and theory (see MarkovChain for their contracts).
-PROCESSES = {"markov": MarkovChain, "korder": KOrderChain, "icl": InContextChain}
+PROCESSES = {"markov": MarkovChain, "korder": KOrderChain, "icl": InContextChain, "hmm": HiddenMarkovModel}
+# Where a process has hidden states (it has belief_states), the belief after every val prefix
+# is saved beside val.bin, for probes of the residual stream; sha256 in meta.json like the .bin.
+BELIEFS_FILE = "val_beliefs.npy"
 
 
 def default_seq_len(n_states):
@@ -53,13 +58,8 @@ def process_class(process):
     return PROCESSES[process]
 
 
-def _given(options):
-    """The options that were actually given (the CLI passes None for a flag left out)."""
-    return {name: value for name, value in options.items() if value is not None}
-
-
-def _process_with_options(process, options):
-    """The process's class, once every given option is known to be one of its OPTIONS."""
+def _checked_class(process, options):
+    """The class of `process`, once every given option is one of its OPTIONS."""
     cls = process_class(process)
     for name in options:
         if name not in cls.OPTIONS:
@@ -68,11 +68,16 @@ def _process_with_options(process, options):
     return cls
 
 
+def _given(options):
+    """The options that were actually given (the CLI passes None for a flag left out)."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
 def default_data_dir(n_states, sparsity=None, process="markov", **options):
     """The seed's folder names data/mm100, data/mm100-sparse-75; other processes name their own
     (k-th order chains data/mm5-order2[-sparse-75])."""
     options = _given(options)
-    name = _process_with_options(process, options).folder_name(n_states, **options)
+    name = _checked_class(process, options).folder_name(n_states, **options)
     return Path("data") / (f"{name}-sparse-{sparsity:g}" if sparsity else name)
 
 
@@ -151,7 +156,7 @@ def generate_dataset(out_dir, n_states, train_sequences, val_sequences, *, spars
         if n_states not in (None, chain.n_states):
             raise NanoMarkovError(f"n_states {n_states} does not match the given chain's {chain.n_states} states")
         n_states, sparsity, alpha = chain.n_states, None, None
-    cls = _process_with_options(process, options)
+    cls = _checked_class(process, options)
     seq_len = default_seq_len(n_states) if seq_len is None else seq_len
     sparsity = sparsity or None
     _check_generate_args(n_states, train_sequences, val_sequences, sparsity, alpha, seq_len)
@@ -205,11 +210,16 @@ def generate_dataset(out_dir, n_states, train_sequences, val_sequences, *, spars
             meta[f"{split}_tokens"] = n * seq_len
             if split == "val":
                 meta["theory"]["true_loss_val"] = loss_sum / (n * (seq_len - 1))
+        files = ["chain.npz", "train.bin", "val.bin"]
+        if hasattr(chain, "belief_states"):
+            meta["sha256"][BELIEFS_FILE] = _write_val_beliefs(out_dir, chain, val_sequences, seq_len, dtype)
+            files.append(BELIEFS_FILE)
         _write_json(_partial(out_dir / "meta.json"), meta)
         # Everything is complete on disk: now (and only now) retire the old
         # dataset and move the new one in, meta.json last.
         (out_dir / "meta.json").unlink(missing_ok=True)
-        for name in ("chain.npz", "train.bin", "val.bin", "meta.json"):
+        (out_dir / BELIEFS_FILE).unlink(missing_ok=True)  # an old dataset's, if the new one has none
+        for name in (*files, "meta.json"):
             os.replace(_partial(out_dir / name), out_dir / name)
     except OSError as e:
         raise NanoMarkovError(f"cannot write the dataset to {out_dir}: {e.strerror or e}") from e
@@ -251,6 +261,45 @@ def _write_split(path, chain, n_sequences, seq_len, dtype, rng, chunk_sequences,
             if progress is not None:
                 progress(chunk.size)
     return digest.hexdigest(), loss_sum
+
+
+def _write_val_beliefs(out_dir, chain, n_sequences, seq_len, dtype):
+    """The belief states of the (partial) val.bin's sequences into BELIEFS_FILE's partial; returns its sha256."""
+    val = np.memmap(_partial(out_dir / "val.bin"), dtype=dtype.newbyteorder("<"), mode="r",
+                    shape=(n_sequences, seq_len))
+    path = _partial(out_dir / BELIEFS_FILE)
+    beliefs = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
+                                        shape=(n_sequences, seq_len, chain.n_hidden))
+    step = max(1, CHUNK_TOKENS // seq_len)
+    for lo in range(0, n_sequences, step):
+        beliefs[lo : lo + step] = chain.belief_states(np.asarray(val[lo : lo + step]))
+    beliefs.flush()
+    del beliefs, val
+    return _file_sha256(path)
+
+
+def _file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_val_beliefs(dataset):
+    """The saved belief states of a dataset's val split, (n_val, seq_len, H) float32, checked against meta.json."""
+    path = dataset.path / BELIEFS_FILE
+    expected = dataset.meta["sha256"].get(BELIEFS_FILE)
+    if expected is None:
+        raise NanoMarkovError(f"{dataset.path}: a {dataset.meta.get('process', 'markov')} dataset has no hidden "
+                              f"states, so no belief states (only hmm datasets save {BELIEFS_FILE})")
+    fix = _regenerate_command(dataset.meta, dataset.path)
+    if not path.is_file() or _file_sha256(path) != expected:
+        raise NanoMarkovError(f"{path}: missing or modified (sha256 does not match meta.json); regenerate with: {fix}")
+    beliefs = np.load(path, mmap_mode="r", allow_pickle=False)
+    if beliefs.shape != (*dataset.val.shape, dataset.chain.n_hidden):
+        raise NanoMarkovError(f"{path}: shape {beliefs.shape} does not match val.bin; regenerate with: {fix}")
+    return beliefs
 
 
 def _partial(path):

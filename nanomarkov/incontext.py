@@ -40,10 +40,11 @@ from nanomarkov.chains import MarkovChain, _check_distribution, _check_random_pa
 # Per-sequence count arrays (n, K, K) are built this many entries at a time (32 MiB of float64).
 BLOCK_ENTRIES = 1 << 22
 # theory's Monte-Carlo sample: THEORY_SEQUENCES sequences from a fixed seed, fewer for large K
-# so that the sampled matrices total at most THEORY_ENTRIES entries (never fewer than MIN_THEORY_SEQUENCES).
+# so that the sampled matrices total at most THEORY_ENTRIES entries (never fewer than MIN_THEORY_SEQUENCES):
+# K <= 28 gets all 20k, K = 100 about 1700 (its per-sequence losses vary little, so the errors stay ~1e-5).
 THEORY_SEED = 0
 THEORY_SEQUENCES = 20_000
-THEORY_ENTRIES = 1 << 27
+THEORY_ENTRIES = 1 << 24
 MIN_THEORY_SEQUENCES = 1000
 
 

@@ -76,7 +76,7 @@ def test_short_icl_training_learns_in_context(tmp_path, capsys):
     evals = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     evals = [e for e in evals if "val_loss" in e]
     assert evals[0]["iter"] == 0 and evals[0]["val_loss"] > theory["uniform_loss"] - 0.05
-    # The in-context unigram is what attention without previous-token information can reach.
+    # The in-context unigram counts states without their predecessors: below it, the model uses transitions.
     final = evals[-1]["val_loss"]
     assert final < theory["unigram_in_context_loss"] - 0.08
     assert final > theory["true_loss_val"] - 0.01

@@ -42,15 +42,18 @@ EVAL_BATCH_SEQUENCES = 64
 
 def resolve_device(cfg, local_rank=0):
     """(device string, autocast dtype or None, compile?) from the config's 'auto' choices."""
+    # A process's GPU: by its local rank among the GPUs it sees, which are all of its node's, or
+    # only its own when the launcher binds one per task (srun --gpus-per-task=1: always cuda:0).
+    gpu = f"cuda:{local_rank % max(1, torch.cuda.device_count())}"
     if cfg.device == "auto":
         if torch.cuda.is_available():
-            device = f"cuda:{local_rank}"
+            device = gpu
         elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             device = "mps"
         else:
             device = "cpu"
     else:
-        device = f"cuda:{local_rank}" if cfg.device == "cuda" else cfg.device
+        device = gpu if cfg.device == "cuda" else cfg.device
     device_type = device.split(":")[0]
     if device_type == "cuda" and not torch.cuda.is_available():
         raise NanoMarkovError("device is cuda but torch sees no CUDA GPU; use --device=cpu or --device=auto")

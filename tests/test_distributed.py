@@ -277,3 +277,10 @@ def test_hostlists_expand_as_scontrol_expands_them():
 def test_task_counts_expand():
     assert expand_counts("2(x3),1") == [2, 2, 2, 1]
     assert expand_counts("4") == [4]
+
+
+def test_the_multinode_template_is_valid_bash():
+    template = Path(__file__).resolve().parents[1] / "scripts" / "train_multinode.sbatch"
+    checked = subprocess.run(["bash", "-n", str(template)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    assert "srun --kill-on-bad-exit=1 python -m nanomarkov train" in template.read_text()

@@ -383,6 +383,10 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None):
                  f"{done['excess']:.6f} nats, {done['pct_of_optimum']:.2f}% of optimum) in {done['elapsed_s']:.1f}s")
     if wandb_run is not None:
         wandb_run.finish()
+    if ddp.world_size > 1:
+        # No process exits before process 0 has saved: srun --kill-on-bad-exit ends the others as
+        # soon as one exits non-zero, as an interrupted run does.
+        dist.barrier()
     return done
 
 

@@ -126,16 +126,20 @@ def worker(values, sleep_s=0.0):
 
 
 def signal_midway(values, sig, delay_s, timeout=60):
-    """Start a slowed-down run in a subprocess; once its log reaches iter 20, wait delay_s and send sig."""
+    """Start a slowed-down run in a subprocess; once its log is past iter 20, wait delay_s and send sig.
+
+    Past 20, not at it: iter 20's eval line is logged just before its checkpoint is saved, and
+    the first line after it (iter 25) only once that save is done.
+    """
     proc = worker(values, sleep_s=0.02)
     log = Path(values["out_dir"]) / "log.jsonl"
     deadline = time.monotonic() + timeout
     while True:
         assert proc.poll() is None, f"worker ended early: {proc.communicate()}"
-        assert time.monotonic() < deadline, f"no log line reached iter 20 in {timeout}s"
+        assert time.monotonic() < deadline, f"no log line passed iter 20 in {timeout}s"
         if log.exists():
             iters = [json.loads(line)["iter"] for line in log.read_text().splitlines() if line.endswith("}")]
-            if iters and max(iters) >= 20:
+            if iters and max(iters) > 20:
                 break
         time.sleep(0.01)
     time.sleep(delay_s)

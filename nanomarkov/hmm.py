@@ -1,0 +1,419 @@
+"""Hidden Markov models: construction, the forward algorithm (belief states), theory, sampling.
+
+Same sequence format as `chains.MarkovChain`: `[BOS, x1, ..., x_{L-1}]` with
+BOS = K. A hidden chain h_1, h_2, ... on H states runs underneath
+(h_1 ~ startprob, h_{t+1} ~ transmat[h_t]) and each token is an emission of
+the current hidden state, x_t ~ emissions[h_t] (the "Moore" form, hmmlearn's
+convention). The tokens alone are not Markov: the optimal predictor tracks the
+belief state b_t = P(h_t | x_1..x_t), which the forward algorithm updates one
+token at a time, and predicts x_{t+1} with b_t @ transmat @ emissions.
+
+The mess3 preset (Marzen & Crutchfield; the belief-state-geometry process of
+Shai et al. 2024) is usually written in the edge-emitting ("Mealy") form, one
+matrix per token: T(k)[i, j] = P(emit k, go to j | in i) =
+(a if j == k else b) * (y if i == j else x), with b = (1-a)/2, y = 1-2x.
+Every T(k)[i, j] factorises as transmat[i, j] * emissions[j, k] (the token
+depends on the destination state only), so the Moore form with those two
+matrices is the same process exactly: h_t is the Mealy state after emitting
+x_t, and the Mealy start pi (stationary, uniform) gives startprob = pi T = pi.
+
+The entropy rate has no closed form for an HMM (mess3's has none). Here it is
+bracketed exactly: for a stationary process H(x_t | x_<t, h_1) <= rate <=
+H(x_t | x_<t), both by enumerating every prefix of the first positions; mess3's
+bracket closes to ~1e-7. Numbers the bracket cannot pin down are Monte-Carlo
+estimates from a fixed seed. Each theory number has a "_se" key beside it:
+0.0 when exact, half the bracket when bracketed, else the standard error.
+"""
+from functools import cached_property
+
+import numpy as np
+
+from nanomarkov import NanoMarkovError
+from nanomarkov.chains import (
+    MarkovChain,
+    _alias_draw,
+    _alias_tables,
+    _check_distribution,
+    _check_random_parameters,
+    _random_rows,
+    entropy,
+    token_dtype,
+)
+
+MESS3_X, MESS3_A = 0.05, 0.85  # Shai et al. 2024's mess3
+# H * (H + K) matrix entries at most: the forward step is an (n, H) @ (H, H) product per token.
+MAX_MATRIX_ENTRIES = 2**24
+# The loss and accuracy at the first positions are exact, by enumerating every prefix
+# with its forward vector, as far as (H+1) * K^(t-1) * max(H, K) stays below this (32 MiB).
+MAX_ENUMERATED_ENTRIES = 2**22
+# Entropy-rate bounds closer than this are used as exact (with half the gap as the error).
+BRACKET_WIDTH = 1e-5
+# Monte-Carlo theory: a fixed seed (the same HMM always gets the same numbers),
+# about MC_TOKENS tokens per estimate (fewer for large H), in chunks of sequences.
+MC_SEED = 20240501
+MC_TOKENS = 2**22
+MC_WORK = 2**28  # tokens * H * (H + K): caps the cost of an estimate for large HMMs
+MC_CHUNK_TOKENS = 2**18
+# The entropy rate is estimated as the mean optimal loss over positions
+# ENTROPY_RATE_BURN_IN+1 .. 2*ENTROPY_RATE_BURN_IN of stationary runs: by then
+# the belief has long forgotten the start in any HMM that mixes reasonably.
+ENTROPY_RATE_BURN_IN = 256
+
+
+def mess3_arrays(x=MESS3_X, a=MESS3_A):
+    """(transmat, emissions, startprob) of mess3 in the Moore form (see the module docstring)."""
+    if not 0 < x < 0.5:
+        raise NanoMarkovError(f"mess3 needs 0 < x < 1/2 (the probability of each switch), got x={x!r}")
+    if not 0 < a < 1:
+        raise NanoMarkovError(f"mess3 needs 0 < a < 1 (the probability of emitting the state's own token), got a={a!r}")
+    b, y = (1 - a) / 2, 1 - 2 * x
+    eye = np.eye(3, dtype=bool)
+    return np.where(eye, y, x), np.where(eye, a, b), np.full(3, 1 / 3)
+
+
+def _standard_error(values):
+    return float(values.std(ddof=1) / np.sqrt(len(values)))
+
+
+class HiddenMarkovModel:
+    """An HMM with H hidden states and K emitted tokens (the states of the sequences).
+
+    `transmat` (H, H) moves the hidden state, `emissions` (H, K) emits a token
+    from the current hidden state, `startprob` (H,) is the distribution of
+    h_1. All float64 and read-only.
+    """
+
+    process = "hmm"
+    ARRAYS = ("transmat", "emissions", "startprob")
+    OPTIONS = ("preset", "hidden_states", "x", "a")  # --preset mess3 [--x --a], or --hidden_states H
+
+    def __init__(self, transmat, emissions, startprob):
+        transmat = np.array(transmat, dtype=np.float64)
+        emissions = np.array(emissions, dtype=np.float64)
+        startprob = np.array(startprob, dtype=np.float64)
+        if transmat.ndim != 2 or transmat.shape[0] != transmat.shape[1] or transmat.shape[0] < 2:
+            raise NanoMarkovError(f"transmat must be a square (H, H) matrix with H >= 2 hidden states, "
+                                  f"got shape {transmat.shape}")
+        n_hidden = transmat.shape[0]
+        if emissions.ndim != 2 or emissions.shape[0] != n_hidden or emissions.shape[1] < 2:
+            raise NanoMarkovError(f"emissions must have shape (H={n_hidden}, K) with K >= 2 tokens, "
+                                  f"got shape {emissions.shape}")
+        if startprob.shape != (n_hidden,):
+            raise NanoMarkovError(f"startprob must have shape ({n_hidden},) to match transmat, got {startprob.shape}")
+        if n_hidden * (n_hidden + emissions.shape[1]) > MAX_MATRIX_ENTRIES:
+            raise NanoMarkovError(f"an HMM with H={n_hidden}, K={emissions.shape[1]} has more than "
+                                  f"{MAX_MATRIX_ENTRIES} (2^24) matrix entries; use fewer states")
+        _check_distribution("transmat rows", transmat)
+        _check_distribution("emissions rows", emissions)
+        _check_distribution("startprob", startprob)
+        for array in (transmat, emissions, startprob):
+            array.flags.writeable = False
+        self.transmat, self.emissions, self.startprob = transmat, emissions, startprob
+        self._by_seq_len = {}  # seq_len -> _loss_and_accuracy (may be Monte-Carlo); immutable HMM, never stale
+
+    @classmethod
+    def mess3(cls, x=MESS3_X, a=MESS3_A):
+        """The mess3 process: 3 hidden states, 3 tokens, started from its (uniform) stationary distribution."""
+        return cls(*mess3_arrays(x, a))
+
+    @classmethod
+    def random(cls, n_states, seed=42, alpha=1.0, sparsity=None, hidden_states=None, preset=None, x=None, a=None):
+        """mess3 (preset="mess3", K=3) or a random HMM with `hidden_states` H (default K).
+
+        Random: transmat rows ~ Dirichlet(alpha) (sparse rows by MarkovChain's
+        rule with `sparsity`), emission rows ~ Dirichlet(alpha), startprob the
+        stationary distribution of transmat, so the token process is
+        stationary. mess3 is fixed by x and a (defaults 0.05, 0.85); seed only
+        seeds the sampling of a dataset, and alpha/sparsity do not apply.
+        """
+        if preset == "mess3":
+            if n_states != 3 or hidden_states not in (None, 3):
+                raise NanoMarkovError(f"mess3 has 3 tokens and 3 hidden states, got K={n_states}, "
+                                      f"hidden_states={hidden_states}")
+            if sparsity is not None or alpha != 1.0:
+                raise NanoMarkovError("alpha and sparsity shape random HMMs; mess3 is fixed by x and a")
+            return cls.mess3(MESS3_X if x is None else x, MESS3_A if a is None else a)
+        if preset is not None:
+            raise NanoMarkovError(f"unknown HMM preset {preset!r}; known: mess3")
+        if x is not None or a is not None:
+            raise NanoMarkovError("x and a are mess3's parameters; they need preset mess3 (--preset mess3)")
+        _check_random_parameters(n_states, alpha, sparsity)
+        hidden_states = n_states if hidden_states is None else hidden_states
+        if not isinstance(hidden_states, (int, np.integer)) or hidden_states < 2:
+            raise NanoMarkovError(f"hidden_states must be an integer >= 2, got {hidden_states!r}")
+        rng = np.random.default_rng(seed)
+        transmat = _random_rows(rng, hidden_states, hidden_states, alpha, sparsity)
+        emissions = rng.dirichlet(np.full(n_states, float(alpha)), size=hidden_states)
+        uniform = np.full(hidden_states, 1.0 / hidden_states)
+        return cls(transmat, emissions, MarkovChain(transmat, uniform).stationary())
+
+    def options(self):
+        """The generation options this HMM answers to; mess3 is recognised by its exact arrays."""
+        x, a = float(self.transmat[0, 1]), float(self.emissions[0, 0])
+        if self.transmat.shape == self.emissions.shape == (3, 3) and 0 < x < 0.5 and 0 < a < 1 and all(
+                np.array_equal(mine, theirs) for mine, theirs in zip(self._arrays(), mess3_arrays(x, a))):
+            return {"preset": "mess3", "hidden_states": 3, "x": x, "a": a}
+        return {"preset": None, "hidden_states": self.n_hidden}
+
+    @staticmethod
+    def folder_name(n_states, preset=None, hidden_states=None, x=None, a=None):
+        """"mess3" (with -x..-a.. when not the default parameters), else "hmm{K}-h{H}"."""
+        if preset == "mess3":
+            x, a = MESS3_X if x is None else x, MESS3_A if a is None else a
+            return "mess3" if (x, a) == (MESS3_X, MESS3_A) else f"mess3-x{x:g}-a{a:g}"
+        return f"hmm{n_states}-h{n_states if hidden_states is None else hidden_states}"
+
+    def _arrays(self):
+        return tuple(getattr(self, name) for name in self.ARRAYS)
+
+    @property
+    def n_states(self):
+        return self.emissions.shape[1]
+
+    @property
+    def n_hidden(self):
+        return self.transmat.shape[0]
+
+    # The sequence format is MarkovChain's, and so is the code: these read only n_states.
+    bos_token = MarkovChain.bos_token  # K
+    vocab_size = MarkovChain.vocab_size  # K + 1
+    uniform_loss = MarkovChain.uniform_loss  # log K
+    check_tokens = MarkovChain.check_tokens
+    _check_seq_len = MarkovChain._check_seq_len
+
+    # ------------------------------------------------------- the forward algorithm
+
+    def _filtering(self, tokens):
+        """For t = 1..L-1: (P(h_t | x_<t), P(x_t | x_<t), P(h_t | x_<=t)), each row one sequence.
+
+        The belief is renormalised at every step, so nothing underflows however
+        long the sequences. A token of probability 0 leaves the belief at its
+        prior (there is no posterior to take), which keeps later steps finite.
+        """
+        states = np.asarray(tokens[:, 1:], dtype=np.int64)
+        prior = np.tile(self.startprob, (states.shape[0], 1))
+        for t in range(states.shape[1]):
+            joint = prior * self.emissions.T[states[:, t]]
+            evidence = joint.sum(axis=1)
+            belief = np.divide(joint, evidence[:, None], out=prior.copy(), where=evidence[:, None] > 0)
+            yield prior, evidence, belief
+            prior = belief @ self.transmat
+
+    def belief_states(self, tokens):
+        """The belief P(h_t | x_1..x_t) after every prefix of BOS-led sequences: (n, L, H) float64.
+
+        Position 0 (BOS, nothing seen yet) holds the prior startprob; position t
+        the filtering distribution after x_1..x_t, the hidden state that emitted
+        x_t. For a stationary start (mess3, random HMMs) startprob @ transmat =
+        startprob, so the next-token distribution is belief @ transmat @
+        emissions at every position, BOS included.
+        """
+        tokens = self.check_tokens(tokens)
+        out = np.empty((tokens.shape[0], tokens.shape[1], self.n_hidden))
+        out[:, 0] = self.startprob
+        for t, (_, _, belief) in enumerate(self._filtering(tokens), start=1):
+            out[:, t] = belief
+        return out
+
+    def optimal_log_probs(self, tokens):
+        """The optimal next-token log-probs for BOS-led sequences (n, L): shape (n, L-1, K), float64.
+
+        Entry [:, t] predicts tokens[:, t+1] from tokens[:, :t+1]: the log of
+        P(h_{t+1} | x_1..x_t) @ emissions (-inf where a probability is 0).
+        """
+        tokens = self.check_tokens(tokens)
+        out = np.empty((tokens.shape[0], tokens.shape[1] - 1, self.n_states))
+        with np.errstate(divide="ignore"):
+            for t, (prior, _, _) in enumerate(self._filtering(tokens)):
+                out[:, t] = np.log(prior @ self.emissions)
+        return out
+
+    def true_loss(self, tokens, chunk_sequences=16384):
+        """Exact mean NLL of the optimal predictor per predicted token: -log P(x_1..x_{L-1}) / (L-1), averaged."""
+        tokens = self.check_tokens(tokens)
+        total = 0.0
+        with np.errstate(divide="ignore"):
+            for lo in range(0, tokens.shape[0], chunk_sequences):
+                for _, evidence, _ in self._filtering(tokens[lo : lo + chunk_sequences]):
+                    total -= np.log(evidence).sum()
+        return float(total / (tokens.shape[0] * (tokens.shape[1] - 1)))
+
+    # ---------------------------------------------------------------- theory
+
+    @cached_property
+    def _stationary(self):
+        """The hidden chain's stationary distribution (MarkovChain's exact solve; warns if not unique)."""
+        return MarkovChain(self.transmat, self.startprob).stationary()
+
+    def unigram_loss(self):
+        """H of the stationary token distribution pi @ emissions: a model that knows only token frequencies."""
+        return float(entropy(self._stationary @ self.emissions))
+
+    def _enumerate(self, n_positions, starts):
+        """Exact expected loss and accuracy of the optimal predictor at positions 1..n, for each start.
+
+        `starts` (S, H) are distributions of h_1. Every prefix x_1..x_{t-1}
+        carries its forward vector P(prefix, h_t); its product with the
+        emissions is the joint P(prefix, x_t), whose rows give the prefix's
+        probability (the row sum) and its predictive distribution. Position t
+        costs sum_prefix sum_x -P(prefix, x) log P(x | prefix) and is right
+        with probability sum_prefix max_x P(prefix, x). Returns two (S, n) arrays.
+        """
+        forward = starts[:, None, :]
+        losses, accuracies = [], []
+        for t in range(1, n_positions + 1):
+            joint = forward @ self.emissions
+            mass = joint.sum(axis=2, keepdims=True)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                losses.append(np.where(joint > 0, joint * (np.log(mass) - np.log(joint)), 0.0).sum(axis=(1, 2)))
+            accuracies.append(joint.max(axis=2).sum(axis=1))
+            if t < n_positions:  # prefix index p*K + x, then one hidden step
+                extended = forward[:, :, None, :] * self.emissions.T
+                forward = extended.reshape(len(starts), -1, self.n_hidden) @ self.transmat
+        return np.stack(losses, axis=1), np.stack(accuracies, axis=1)
+
+    @cached_property
+    def _exact_head(self):
+        """Exact per-position losses and accuracies at positions 1..m, and a lower bound on the entropy rate.
+
+        m is the most positions whose K^(m-1) prefixes (per start) fit in
+        MAX_ENUMERATED_ENTRIES. For a stationary process the loss at position
+        t, H(x_t | x_<t), falls to the entropy rate h, and knowing h_1 as
+        well only helps: sum_s pi(s) H(x_t | x_<t, h_1 = s) <= h <= H(x_t | x_<t)
+        (Cover & Thomas, Thm 4.5.1). The lower bound is None otherwise.
+        """
+        stationary = np.allclose(self.startprob @ self.transmat, self.startprob, rtol=0, atol=1e-12)
+        starts = np.vstack([self.startprob, np.eye(self.n_hidden)]) if stationary else self.startprob[None]
+        positions = 1
+        while len(starts) * self.n_states**positions * max(self.n_hidden, self.n_states) <= MAX_ENUMERATED_ENTRIES:
+            positions += 1
+        losses, accuracies = self._enumerate(positions, starts)
+        lower = float(self.startprob @ losses[1:, -1]) if stationary else None
+        return losses[0], accuracies[0], lower
+
+    def _bracket(self):
+        """(lower, upper) bounds on the entropy rate, or None when they are further apart than BRACKET_WIDTH."""
+        losses, _, lower = self._exact_head
+        if lower is None or losses[-1] - lower > BRACKET_WIDTH:
+            return None
+        return lower, float(losses[-1])
+
+    def _monte_carlo(self, seq_len, positions):
+        """Per sampled sequence, the mean over `positions` (a slice of 0..L-2) of the optimal predictor's
+        expected loss (the entropy of its predictive distribution) and accuracy (its largest probability).
+
+        Averaging the predictive's own entropy rather than -log p of the sampled
+        token has the same expectation and less variance. Returns two (n,) arrays.
+        """
+        budget = min(MC_TOKENS, MC_WORK // (self.n_hidden * (self.n_hidden + self.n_states)))
+        n_sequences = max(64, budget // seq_len)
+        per_chunk = max(1, MC_CHUNK_TOKENS // seq_len)
+        rng = np.random.default_rng(MC_SEED)
+        losses, accuracies = [], []
+        for lo in range(0, n_sequences, per_chunk):
+            probs = np.exp(self.optimal_log_probs(self.sample(min(per_chunk, n_sequences - lo), seq_len, rng)))
+            losses.append(entropy(probs[:, positions]).mean(axis=1))
+            accuracies.append(probs[:, positions].max(axis=2).mean(axis=1))
+        return np.concatenate(losses), np.concatenate(accuracies)
+
+    @cached_property
+    def _entropy_rate(self):
+        bracket = self._bracket()
+        if bracket is not None:
+            return (bracket[0] + bracket[1]) / 2, (bracket[1] - bracket[0]) / 2
+        burn_in = ENTROPY_RATE_BURN_IN
+        losses, _ = self._monte_carlo(2 * burn_in + 1, slice(burn_in, 2 * burn_in))
+        return float(losses.mean()), _standard_error(losses)
+
+    def entropy_rate_estimate(self):
+        """(entropy rate, its error): the rate lim_t H(x_t | x_<t) of the token process.
+
+        The midpoint of the exact bracket of _exact_head with half its width as
+        a hard error bound, when that is below BRACKET_WIDTH / 2 (mess3: ~1e-6).
+        Else a Monte-Carlo estimate and its standard error: the mean optimal
+        loss over positions B+1..2B (B = ENTROPY_RATE_BURN_IN) of independent
+        runs, an upper bound up to its error once beliefs forget the start.
+        """
+        return self._entropy_rate
+
+    def _loss_and_accuracy(self, seq_len):
+        """(optimal loss, its error, optimal accuracy, its error) for sequences of seq_len tokens.
+
+        Exact (error 0.0) when every position is in _exact_head. Beyond it, with
+        a tight bracket, every later position's loss lies between the bounds, so
+        the loss is exact up to a hard bound; otherwise it, and the accuracy
+        always, is a Monte-Carlo estimate with its standard error.
+        """
+        self._check_seq_len(seq_len)
+        if seq_len not in self._by_seq_len:
+            losses, accuracies, _ = self._exact_head
+            n = seq_len - 1
+            if n <= len(losses):
+                numbers = (losses[:n].mean(), 0.0, accuracies[:n].mean(), 0.0)
+            else:
+                sampled_losses, sampled_accuracies = self._monte_carlo(seq_len, slice(None))
+                numbers = (sampled_losses.mean(), _standard_error(sampled_losses),
+                           sampled_accuracies.mean(), _standard_error(sampled_accuracies))
+                bracket = self._bracket()
+                if bracket is not None:
+                    tail = n - len(losses)
+                    numbers = ((losses.sum() + tail * sum(bracket) / 2) / n, tail * (bracket[1] - bracket[0]) / 2 / n,
+                               *numbers[2:])
+            self._by_seq_len[seq_len] = tuple(float(v) for v in numbers)
+        return self._by_seq_len[seq_len]
+
+    def optimal_loss(self, seq_len):
+        """Expected loss of the optimal predictor on sequences of seq_len tokens (see _loss_and_accuracy)."""
+        return self._loss_and_accuracy(seq_len)[0]
+
+    def optimal_accuracy(self, seq_len):
+        """Expected top-1 accuracy of the optimal predictor (see _loss_and_accuracy)."""
+        return self._loss_and_accuracy(seq_len)[2]
+
+    def theory(self, seq_len):
+        """The theory numbers for sequences of seq_len tokens.
+
+        Each "*_se" key is the error of the number beside it: 0.0 where it is
+        exact, a hard bound where it comes from the entropy-rate bracket, a
+        Monte-Carlo standard error where it is sampled (see _loss_and_accuracy).
+        """
+        loss, loss_se, accuracy, accuracy_se = self._loss_and_accuracy(seq_len)
+        rate, rate_se = self.entropy_rate_estimate()
+        return {
+            "entropy_rate": rate,
+            "entropy_rate_se": rate_se,
+            "optimal_loss": loss,
+            "optimal_loss_se": loss_se,
+            "optimal_accuracy": accuracy,
+            "optimal_accuracy_se": accuracy_se,
+            "uniform_loss": self.uniform_loss,
+            "unigram_loss": self.unigram_loss(),
+        }
+
+    # -------------------------------------------------------------- sampling
+
+    @cached_property
+    def _samplers(self):
+        """Alias tables: hidden steps (transmat rows, then startprob as row H) and emission rows, flattened."""
+        hidden = _alias_tables(np.vstack([self.transmat, self.startprob]))
+        emitted = _alias_tables(self.emissions)
+        return tuple(table.ravel() for table in hidden + emitted)
+
+    def sample(self, n_sequences, seq_len, rng):
+        """n_sequences BOS-led sequences of seq_len tokens, shape (n, seq_len).
+
+        Two uniforms per token (the hidden step, then the emission), laid out
+        sequence by sequence: each sequence takes a contiguous run of 2(L-1)
+        numbers from `rng`, so the bytes do not depend on how n is chunked.
+        """
+        self._check_seq_len(seq_len)
+        h, k = self.n_hidden, self.n_states
+        keep_h, alias_h, keep_e, alias_e = self._samplers
+        uniforms = rng.random((n_sequences, seq_len - 1, 2))
+        out = np.empty((seq_len, n_sequences), dtype=token_dtype(self.vocab_size))
+        out[0] = self.bos_token
+        hidden = np.full(n_sequences, h, dtype=np.int64)  # row H of the hidden tables is startprob
+        for t in range(seq_len - 1):
+            hidden = _alias_draw(keep_h, alias_h, hidden * h, uniforms[:, t, 0], h)
+            out[t + 1] = _alias_draw(keep_e, alias_e, hidden * k, uniforms[:, t, 1], k)
+        return out.T

@@ -199,6 +199,8 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None):
     wants_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     ddp = init_distributed("cuda" if wants_cuda else "cpu")
     device, autocast, use_compile = resolve_device(cfg, ddp.local_rank)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)  # nccl's barrier and stray .cuda() calls use this process's GPU
     dataset = load_dataset(cfg.data_dir)
     if cfg.wandb_log and ddp.is_main:
         _import_wandb()  # fail before anything is written

@@ -55,8 +55,8 @@ def init_distributed(device_type):
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", init_method=launch.init_method,
                                 rank=launch.rank, world_size=launch.world_size)
     if device_type == "cpu":
-        # The processes on a node share the cores they may run on (all, or what taskset or SLURM's
-        # binding allows); oversubscribing them is far slower than splitting.
+        # The processes on a node share the cores this one may run on (the node's, or what taskset
+        # or a cgroup leaves); oversubscribing them is far slower than splitting.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(max(1, cores // launch.local_world_size))
     return Distributed(launch.rank, launch.local_rank, launch.world_size)

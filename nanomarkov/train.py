@@ -42,15 +42,18 @@ EVAL_BATCH_SEQUENCES = 64
 
 def resolve_device(cfg, local_rank=0):
     """(device string, autocast dtype or None, compile?) from the config's 'auto' choices."""
+    # A process's GPU: by its local rank among the GPUs it sees, which are all of its node's, or
+    # only its own when the launcher binds one per task (srun --gpus-per-task=1: always cuda:0).
+    gpu = f"cuda:{local_rank % max(1, torch.cuda.device_count())}"
     if cfg.device == "auto":
         if torch.cuda.is_available():
-            device = f"cuda:{local_rank}"
+            device = gpu
         elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             device = "mps"
         else:
             device = "cpu"
     else:
-        device = f"cuda:{local_rank}" if cfg.device == "cuda" else cfg.device
+        device = gpu if cfg.device == "cuda" else cfg.device
     device_type = device.split(":")[0]
     if device_type == "cuda" and not torch.cuda.is_available():
         raise NanoMarkovError("device is cuda but torch sees no CUDA GPU; use --device=cpu or --device=auto")
@@ -196,6 +199,8 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None):
     wants_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     ddp = init_distributed("cuda" if wants_cuda else "cpu")
     device, autocast, use_compile = resolve_device(cfg, ddp.local_rank)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)  # nccl's barrier and stray .cuda() calls use this process's GPU
     dataset = load_dataset(cfg.data_dir)
     if cfg.wandb_log and ddp.is_main:
         _import_wandb()  # fail before anything is written
@@ -380,6 +385,10 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None):
                  f"{done['excess']:.6f} nats, {done['pct_of_optimum']:.2f}% of optimum) in {done['elapsed_s']:.1f}s")
     if wandb_run is not None:
         wandb_run.finish()
+    if ddp.world_size > 1:
+        # No process exits before process 0 has saved: srun --kill-on-bad-exit ends the others as
+        # soon as one exits non-zero, as an interrupted run does.
+        dist.barrier()
     return done
 
 

@@ -18,9 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from nanomarkov import NanoMarkovError
+from nanomarkov.config import TrainConfig
 from nanomarkov.distributed import SLURM_PORTS, Launch, expand_counts, expand_hostlist, launch_from_env, slurm_port
+from nanomarkov.train import resolve_device
 from test_train import BATCH, WORKER, ckpt, config, read_log, run_in_one_thread
 from test_train import data  # noqa: F401  (the module's dataset, a fixture)
 
@@ -277,3 +280,21 @@ def test_hostlists_expand_as_scontrol_expands_them():
 def test_task_counts_expand():
     assert expand_counts("2(x3),1") == [2, 2, 2, 1]
     assert expand_counts("4") == [4]
+
+
+def test_the_multinode_template_is_valid_bash():
+    template = Path(__file__).resolve().parents[1] / "scripts" / "train_multinode.sbatch"
+    checked = subprocess.run(["bash", "-n", str(template)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    assert "srun --kill-on-bad-exit=1 python -m nanomarkov train" in template.read_text()
+
+
+@pytest.mark.parametrize("visible, local_rank, expected", [(4, 3, "cuda:3"), (1, 3, "cuda:0")])
+def test_each_process_takes_the_gpu_of_its_local_rank_among_those_it_sees(monkeypatch, visible, local_rank,
+                                                                          expected):
+    """All the node's GPUs visible: the local rank's. One per task (srun --gpus-per-task=1): its own."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    for device in ("auto", "cuda"):
+        cfg = TrainConfig(device=device, dtype="float32", compile=False)
+        assert resolve_device(cfg, local_rank)[0] == expected

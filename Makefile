@@ -4,15 +4,21 @@ PY := $(VENV)/bin/python
 # The CPU build of torch, pinned so that pip does not fetch a multi-GB CUDA build;
 # on a GPU machine install your own torch (>= 2.2) first and set TORCH= (empty).
 TORCH ?= torch==2.13.0
-# interp (TransformerLens, ~0.6 GB) lets `make test` run the interop tests; EXTRAS=dev skips them.
-EXTRAS ?= dev,interp
+# `make test` adds the test tools and the extras whose tests must run: TransformerLens
+# (interp, ~0.6 GB) and submitit (cluster). TEST_EXTRAS=dev skips those tests.
+TEST_EXTRAS ?= dev,interp,cluster
 
 .PHONY: install demo test bench grid-tiny grid-seed grid-status clean
 
+# The package alone: enough for the demo, training, sweeps.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(if $(TORCH),$(PY) -m pip install $(TORCH))
-	$(PY) -m pip install -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install -e ".[$(TEST_EXTRAS)]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -20,7 +26,7 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/nanomarkov demo
 
-test: install
+test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
 
 # The seed's experiment grid (grids/seed.toml; hours on a CPU: JOBS=2 runs two at once).
@@ -35,10 +41,11 @@ grid-seed: install
 grid-status: install
 	$(VENV)/bin/nanomarkov sweep status $(SWEEP)
 
-bench: install
+bench: $(VENV)/.installed-test
 	$(PY) benchmarks/generate.py
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/evaluate.py
+	$(PY) benchmarks/processes.py
 
 clean:
 	rm -rf data trainings sweeps runs

@@ -4,17 +4,22 @@
 
 Generates MM-10, trains nanoMarkov's default recipe on it (under a minute on a
 laptop CPU), exports the model to safetensors, reloads it with nanomarkov.load
-(no pickle, no training code) and runs the ground-truth probes. Because the
+(no pickle, no training code), looks inside it with TransformerLens (when the
+interp extra is installed) and runs the ground-truth probes. Because the
 chain is known exactly, every probe has a right answer: P itself.
 """
 import argparse
+import importlib.util
 from pathlib import Path
+
+import torch
 
 import nanomarkov
 from nanomarkov import probes
 from nanomarkov.config import TrainConfig, preset
 from nanomarkov.data import generate_dataset, load_dataset
 from nanomarkov.export import export_safetensors
+from nanomarkov.interop import to_hooked_transformer
 from nanomarkov.train import train
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -39,8 +44,30 @@ print(f"val loss {done['val_loss']:.6f}, optimum {done['optimal_loss']:.6f} nats
 # 3. Export and reload: this is the model a user of another tool would receive.
 export_safetensors(out / "run" / "ckpt.pt", out / "export")
 model = nanomarkov.load(out / "export")
-# TransformerLens goes here: hooked = nanomarkov.interop.to_hooked_transformer(model), then
-# logits, cache = hooked.run_with_cache(tokens) gives the same residual streams the logit lens reads.
+
+# 3b. The same model as a TransformerLens HookedTransformer (the interp extra), where every
+# activation is one run_with_cache away. The prompts [BOS, s] ask for row s of P.
+if importlib.util.find_spec("transformer_lens") is None:
+    print('TransformerLens part skipped: install it with pip install -e ".[interp]"')
+else:
+    hooked = to_hooked_transformer(model)
+    k = data.chain.n_states
+    prompts = torch.stack([torch.full((k,), k), torch.arange(k)], dim=1)
+    logits, cache = hooked.run_with_cache(prompts)
+    with torch.no_grad():
+        gap = (logits - model(prompts)[0]).abs().max().item()
+    print(f"TransformerLens max |logit - ours| = {gap:.2e}")
+    # What each component wrote into the state token's residual stream, read out through the
+    # final LayerNorm (its scale from the cache) and W_U: the pieces add up to the K x K logit
+    # table (centred per row, as softmax ignores a shift). The share of that table along each
+    # piece (they sum to 1) says which component stores the chain.
+    stack, labels = cache.decompose_resid(pos_slice=-1, return_labels=True)
+    parts = (cache.apply_ln_to_stack(stack, pos_slice=-1) * hooked.ln_final.w) @ hooked.W_U[:, :k]
+    parts = parts - parts.mean(-1, keepdim=True)
+    table = parts.sum(0)
+    for label, part in zip(labels, parts):
+        share = (part * table).sum() / table.square().sum()
+        print(f"TransformerLens {label:<10} share of the logit table = {share:.6f}")
 
 # 4. The probes, each against the true chain; every one returns arrays and has a plot.
 tokens = data.val[:200]

@@ -242,8 +242,9 @@ def build_parser():
     gen.add_argument("n_states", type=int, help="number of states K (vocabulary K+1 with BOS)")
     gen.add_argument("--train", type=int, default=10000, help="training sequences (default 10000)")
     gen.add_argument("--val", type=int, default=1000, help="validation sequences (default 1000)")
-    gen.add_argument("--process", choices=["markov", "korder", "hmm"], default="markov",
+    gen.add_argument("--process", choices=["markov", "korder", "icl", "hmm"], default="markov",
                      help="markov: first-order chain (default); korder: k-th order chain (--order); "
+                          "icl: in-context chain, a fresh Dirichlet matrix per sequence (needs attention to learn); "
                           "hmm: hidden Markov model (--preset mess3, or --hidden_states)")
     gen.add_argument("--order", type=int, default=None, help="with --process korder: states of context k (default 2)")
     gen.add_argument("--preset", choices=["mess3"], default=None, help="with --process hmm: mess3 (K=3, x and a below)")
@@ -255,7 +256,7 @@ def build_parser():
     gen.add_argument("--seq_len", type=int, default=None, help="tokens per sequence incl. BOS (default 128 for K<=10, else 256)")
     gen.add_argument("--seed", type=int, default=42, help="seed of the chain and of the samples (default 42)")
     gen.add_argument("--dtype", choices=["uint16", "uint32"], default=None, help="token type (default: smallest that fits)")
-    gen.add_argument("--out", default=None, help="dataset folder (default data/mm{K}[-order{k}][-sparse-{S}])")
+    gen.add_argument("--out", default=None, help="dataset folder (default data/mm{K}[-order{k}][-sparse-{S}], data/icl{K}[-sparse-{S}])")
     gen.add_argument("--force", action="store_true", help="replace an existing dataset with other parameters")
     gen.set_defaults(func=cmd_generate)
 

@@ -309,7 +309,8 @@ PRESETS = ("default", "seed", *EXTRA)
 # optimal predictor reads more than the current token, which an MLP-only model cannot.
 # Measured in BENCHMARKS.md ("Default recipe per process").
 PROCESS_DEFAULTS = {
-    "korder": dict(mlp_only=False, n_head=1),
+    "korder": dict(mlp_only=False, n_head=1, learning_rate=1e-2, min_lr=1e-4, max_iters=1500, lr_decay_iters=1500,
+                   eval_interval=500),
     "icl": dict(mlp_only=False, n_layer=2, n_head=1, n_embd=64),
     "hmm": dict(mlp_only=False, n_layer=2, n_head=1, n_embd=64),
 }

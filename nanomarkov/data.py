@@ -2,7 +2,8 @@
 
 A dataset is a folder holding
   chain.npz   the process's arrays (its class's ARRAYS), read with allow_pickle=False:
-              markov: transmat, startprob; korder: transitions, start
+              markov: transmat, startprob; korder: transitions, start;
+              icl: concentration, startprob, support_size
   meta.json   parameters, counts, the exact theory, sha256 of each .bin
   train.bin   whole BOS-led sequences of seq_len tokens, flat, little-endian
   val.bin     the same, drawn independently
@@ -21,6 +22,7 @@ import numpy as np
 
 from nanomarkov import NanoMarkovError
 from nanomarkov.chains import MarkovChain, token_dtype
+from nanomarkov.incontext import InContextChain
 from nanomarkov.hmm import HiddenMarkovModel
 from nanomarkov.korder import KOrderChain
 
@@ -39,7 +41,7 @@ DEFINING_KEYS = ("process", "n_states", "seq_len", "dtype", "seed", "sparsity", 
 # CLI flag --name and a top-level meta.json key); random(n_states, seed, alpha, sparsity,
 # **options); options(); folder_name(n_states, **options); n_states, vocab_size, bos_token;
 # sample, true_loss, optimal_log_probs and theory (see MarkovChain for their contracts).
-PROCESSES = {"markov": MarkovChain, "korder": KOrderChain, "hmm": HiddenMarkovModel}
+PROCESSES = {"markov": MarkovChain, "korder": KOrderChain, "icl": InContextChain, "hmm": HiddenMarkovModel}
 # Where a process has hidden states (it has belief_states), the belief after every val prefix
 # is saved beside val.bin, for probes of the residual stream; sha256 in meta.json like the .bin.
 BELIEFS_FILE = "val_beliefs.npy"
@@ -112,12 +114,14 @@ def _regenerate_command(meta, path):
 
 def _create_command_for(path):
     """A best guess at the command that creates the dataset a path names."""
-    match = re.fullmatch(r"mm(\d+)(?:-order(\d+))?(?:-sparse-(\d+(?:\.\d+)?))?", Path(path).name)
+    match = re.fullmatch(r"(?:mm(\d+)(?:-order(\d+))?|icl(\d+))(?:-sparse-(\d+(?:\.\d+)?))?", Path(path).name)
     if match:
-        sparsity = float(match.group(3)) if match.group(3) else None
-        n_states = int(match.group(1))
+        markov_states, order, icl_states, sparsity = match.groups()
+        sparsity = float(sparsity) if sparsity else None
+        n_states = int(markov_states or icl_states)
         train = 10000 if n_states <= 10 else 50000
-        process, options = ("korder", {"order": int(match.group(2))}) if match.group(2) else ("markov", {})
+        process = "icl" if icl_states else "korder" if order else "markov"
+        options = {"order": int(order)} if order else {}
         return generate_command(n_states, train, train // 10, sparsity, path, process=process, **options)
     return f"nanomarkov generate K --train N --val M --out {path}"
 

@@ -11,6 +11,7 @@ says the file is trusted, and then checks that what came out is such a model
 before turning it into a dataset folder with our theory.
 """
 import hashlib
+import importlib.metadata
 import math
 import pickle
 import warnings
@@ -108,15 +109,14 @@ LOGIT_TOLERANCE = 1e-4
 def _transformer_lens():
     """(HookedTransformer, HookedTransformerConfig, supported act_fn names), or a clear error."""
     try:
-        import transformer_lens
         from transformer_lens.utilities.activation_functions import SUPPORTED_ACTIVATIONS
     except ImportError:
         raise NanoMarkovError(f"TransformerLens is not installed; install the interp extra: {TL_INSTALL}") from None
     try:
         from transformer_lens import HookedTransformer, HookedTransformerConfig
     except ImportError:  # 4.0 removed HookedTransformer for TransformerBridge
-        raise NanoMarkovError(f"transformer_lens {transformer_lens.__version__} has no HookedTransformer; "
-                              f"install a 3.x one: {TL_INSTALL}") from None
+        raise NanoMarkovError(f"transformer_lens {importlib.metadata.version('transformer_lens')} has no "
+                              f"HookedTransformer; install a 3.x one: {TL_INSTALL}") from None
     return HookedTransformer, HookedTransformerConfig, SUPPORTED_ACTIVATIONS
 
 
@@ -184,7 +184,8 @@ def to_hooked_transformer(ckpt_or_model):
     model = _model_and_source(ckpt_or_model)[0]
     c = model.config
     if model.wte.weight.dtype != torch.float32:
-        raise NanoMarkovError(f"the model is in {model.wte.weight.dtype}; the conversion is checked in float32: call model.float() first")
+        raise NanoMarkovError(f"the model is in {model.wte.weight.dtype}; the conversion is checked in float32: "
+                              f"call model.float() first")
     act_fn = TL_ACT_FN.get(c.mlp_filter)
     if act_fn is None:
         raise NanoMarkovError(f"mlp_filter={c.mlp_filter} has no TransformerLens equivalent; "
@@ -206,8 +207,9 @@ def to_hooked_transformer(ckpt_or_model):
     state, frozen = _hooked_state(model)
     params = dict(hooked.named_parameters())
     if set(params) != set(state):  # nothing may be left as TransformerLens initialised it
-        raise NanoMarkovError(f"this transformer_lens version lays out its weights differently "
-                              f"({sorted(set(params) ^ set(state))}); install one the interp extra allows: {TL_INSTALL}")
+        raise NanoMarkovError(f"this transformer_lens lays out its weights differently "
+                              f"({sorted(set(params) ^ set(state))}); install the one the interp extra allows: "
+                              f"{TL_INSTALL}")
     with torch.no_grad():
         for name, tensor in state.items():
             params[name].copy_(tensor)
@@ -242,7 +244,6 @@ def from_hooked_transformer(hooked):
     absolute positions, causal attention, a gelu/relu/relu2 MLP, no unembedding
     bias); anything else raises NanoMarkovError naming the setting.
     """
-    _transformer_lens()
     cfg = hooked.cfg
     params = {name: p for name, p in hooked.named_parameters()}
     act = {v: k for k, v in TL_ACT_FN.items()}

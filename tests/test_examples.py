@@ -1,4 +1,5 @@
 """The examples run end to end (shorter training) and print what the probes compute."""
+import importlib.util
 import re
 import subprocess
 import sys
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import nanomarkov
 from nanomarkov import probes
@@ -15,7 +17,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def _printed(stdout, label):
-    match = re.search(rf"^{re.escape(label)}.*= ([0-9.]+) nats$", stdout, re.MULTILINE)
+    match = re.search(rf"^{re.escape(label)}.*= (-?[0-9.e+-]+)( nats)?$", stdout, re.MULTILINE)
     assert match, f"{label!r} not in:\n{stdout}"
     return float(match.group(1))
 
@@ -41,3 +43,28 @@ def test_mm10_interpretability_runs_and_prints_the_probes(tmp_path):
         assert _printed(result.stdout, f"logit lens   after {layer} ") == pytest.approx(kl, abs=1e-6)
     # The last lens stream is the whole model's output, so its KL to the truth is finite and positive.
     assert np.isfinite(lens["kl_to_truth"]).all() and lens["kl_to_truth"][-1] > 0
+
+    if importlib.util.find_spec("transformer_lens") is None:
+        assert "TransformerLens part skipped" in result.stdout
+        return
+    assert _printed(result.stdout, "TransformerLens max |logit - ours|") <= 1e-4
+    # The shares of the logit table, recomputed from our own model without TransformerLens: the state
+    # token's stream is wte[s] + wpe[1] + the MLP's output (the default recipe has no attention).
+    assert model.config.mlp_only and model.config.n_layer == 1
+    k = data.chain.n_states
+    prompts = torch.stack([torch.full((k,), k), torch.arange(k)], dim=1)
+    written = {}
+    model.blocks[0].mlp.register_forward_hook(lambda module, args, out: written.update(mlp=out[:, 1]))
+    with torch.no_grad():
+        model(prompts)
+        pieces = {"embed": model.wte.weight[:k], "pos_embed": model.wpe.weight[1].expand(k, -1),
+                  "0_attn_out": torch.zeros(k, model.config.n_embd), "0_mlp_out": written["mlp"]}
+        stream = sum(pieces.values())
+        scale = (stream.var(-1, unbiased=False, keepdim=True) + model.ln_f.eps).sqrt()
+        logit_parts = {name: ((x - x.mean(-1, keepdim=True)) / scale * model.ln_f.weight) @ model.lm_head.weight[:k].T
+                       for name, x in pieces.items()}
+        logit_parts = {name: x - x.mean(-1, keepdim=True) for name, x in logit_parts.items()}
+        table = sum(logit_parts.values())
+    for name, part in logit_parts.items():
+        share = ((part * table).sum() / table.square().sum()).item()
+        assert _printed(result.stdout, f"TransformerLens {name} ") == pytest.approx(share, abs=1e-4)

@@ -51,7 +51,7 @@ BRACKET_WIDTH = 1e-5
 # Monte-Carlo theory: a fixed seed (the same HMM always gets the same numbers),
 # about MC_TOKENS tokens per estimate (fewer for large H), in chunks of sequences.
 MC_SEED = 20240501
-MC_TOKENS = 2**22
+MC_TOKENS = 2**21
 MC_WORK = 2**28  # tokens * H * (H + K): caps the cost of an estimate for large HMMs
 MC_CHUNK_TOKENS = 2**18
 # The entropy rate is estimated as the mean optimal loss over positions

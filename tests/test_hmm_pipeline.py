@@ -16,7 +16,7 @@ from test_korder_pipeline import OptimalModel
 
 
 def make(path, **kwargs):
-    args = dict(n_states=3, train_sequences=300, val_sequences=60, seq_len=16, seed=4, process="hmm", preset="mess3")
+    args = dict(n_states=3, train_sequences=300, val_sequences=60, seq_len=12, seed=4, process="hmm", preset="mess3")
     args.update(kwargs)
     return generate_dataset(path, args.pop("n_states"), args.pop("train_sequences"), args.pop("val_sequences"), **args)
 
@@ -42,14 +42,15 @@ def test_mess3_round_trip_and_saved_beliefs(mess3_data):
         np.testing.assert_array_equal(getattr(chain, name), array)
     theory = dict(meta["theory"])
     assert theory.pop("true_loss_val") == pytest.approx(chain.true_loss(np.asarray(mess3_data.val)), rel=1e-12)
-    assert theory == pytest.approx(chain.theory(16), rel=1e-12)
+    assert theory == pytest.approx(chain.theory(12), rel=1e-12)
+    assert theory["optimal_loss_se"] == 0.0  # 11 predicted positions: enumerated exactly
     beliefs = load_val_beliefs(mess3_data)
-    assert beliefs.dtype == np.float32 and beliefs.shape == (60, 16, 3)
+    assert beliefs.dtype == np.float32 and beliefs.shape == (60, 12, 3)
     np.testing.assert_allclose(beliefs, chain.belief_states(np.asarray(mess3_data.val)), rtol=1e-6, atol=1e-7)
 
 
 def test_beliefs_do_not_depend_on_chunking_and_are_checked(tmp_path, mess3_data):
-    meta = make(tmp_path / "d", chunk_tokens=16 * 7)
+    meta = make(tmp_path / "d", chunk_tokens=12 * 7)
     assert meta["sha256"] == mess3_data.meta["sha256"]
     path = tmp_path / "d" / "val_beliefs.npy"
     path.write_bytes(path.read_bytes()[:-4] + b"\0\0\0\0")
@@ -66,7 +67,7 @@ def test_random_hmm_dataset_and_options(tmp_path):
     assert (meta["preset"], meta["hidden_states"], meta["sparsity"]) == (None, 4, 50)
     assert "x" not in meta
     dataset = load_dataset(tmp_path / "r")
-    assert load_val_beliefs(dataset).shape == (60, 16, 4)
+    assert load_val_beliefs(dataset).shape == (60, 12, 4)
     with pytest.raises(NanoMarkovError, match="hidden_states 4 -> 5.*--force"):
         make(tmp_path / "r", n_states=5, preset=None, hidden_states=5, sparsity=50)
     with pytest.raises(NanoMarkovError, match="--order is not an option of --process hmm"):
@@ -127,7 +128,7 @@ def test_belief_state_probe_shapes_layers_and_plot(mess3_data, tmp_path):
     result = belief_state_probe(model, mess3_data, n_sequences=50)
     assert result["layers"] == ["embed", "block 0", "block 1"] and result["layer"] == "block 1"
     assert result["r2"].shape == (3,) and np.all(result["r2"] <= 1)
-    held_out = (50 - 40) * 15
+    held_out = (50 - 40) * 11
     assert result["true"].shape == result["predicted"].shape == (held_out, 3)
     np.testing.assert_allclose(result["true"], load_val_beliefs(mess3_data)[40:50, :-1].reshape(-1, 3), atol=1e-7)
     np.testing.assert_allclose(result["predicted"].sum(axis=1), 1.0, atol=1e-6)  # a fit with a bias keeps sums

@@ -311,8 +311,10 @@ PRESETS = ("default", "seed", *EXTRA)
 PROCESS_DEFAULTS = {
     "korder": dict(mlp_only=False, n_head=1, learning_rate=1e-2, min_lr=1e-4, max_iters=1500, lr_decay_iters=1500,
                    eval_interval=500),
-    "icl": dict(mlp_only=False, n_layer=2, n_head=1, n_embd=64),
-    "hmm": dict(mlp_only=False, n_layer=2, n_head=1, n_embd=64),
+    "icl": dict(mlp_only=False, n_layer=2, n_head=1, n_embd=64, learning_rate=1e-2, min_lr=1e-4, max_iters=1000,
+                lr_decay_iters=1000, eval_interval=250),
+    "hmm": dict(mlp_only=False, n_layer=2, n_head=1, n_embd=64, learning_rate=1e-2, min_lr=1e-4, max_iters=1000,
+                lr_decay_iters=1000, eval_interval=250),
 }
 
 

@@ -308,13 +308,15 @@ PRESETS = ("default", "seed", *EXTRA)
 # The default recipe's changes for processes that are not first-order chains: their
 # optimal predictor reads more than the current token, which an MLP-only model cannot.
 # Measured in BENCHMARKS.md ("Default recipe per process").
+# In-context chains and HMMs both need what the sequence so far says (counts, a belief),
+# gathered by two attention layers.
+_WHOLE_HISTORY = dict(mlp_only=False, n_layer=2, n_head=1, n_embd=64, learning_rate=1e-2, min_lr=1e-4,
+                      max_iters=1000, lr_decay_iters=1000, eval_interval=250)
 PROCESS_DEFAULTS = {
     "korder": dict(mlp_only=False, n_head=1, learning_rate=1e-2, min_lr=1e-4, max_iters=1500, lr_decay_iters=1500,
                    eval_interval=500),
-    "icl": dict(mlp_only=False, n_layer=2, n_head=1, n_embd=64, learning_rate=1e-2, min_lr=1e-4, max_iters=1000,
-                lr_decay_iters=1000, eval_interval=250),
-    "hmm": dict(mlp_only=False, n_layer=2, n_head=1, n_embd=64, learning_rate=1e-2, min_lr=1e-4, max_iters=1000,
-                lr_decay_iters=1000, eval_interval=250),
+    "icl": _WHOLE_HISTORY,
+    "hmm": _WHOLE_HISTORY,
 }
 
 

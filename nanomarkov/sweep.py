@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import socket
 import time
 import tomllib
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -223,26 +224,40 @@ def _save(manifest, out_root):
     os.replace(partial, path)
 
 
-def run_sweep(grid, out_root, jobs=1, dry_run=False, progress=print, threads=None) -> dict:
+def run_sweep(grid, out_root, jobs=1, dry_run=False, progress=print, threads=None, launcher="local",
+              slurm=None) -> dict:
     """Generate the grid's datasets, train and evaluate every run, report; returns the manifest.
 
-    jobs > 1 runs that many trainings at once in fresh processes, each with
-    `threads` torch threads (default: the machine's cores shared out evenly).
+    launcher "local": jobs > 1 runs that many trainings at once in fresh processes,
+    each with `threads` torch threads (default: the machine's cores shared out evenly).
+    launcher "slurm": one job array through submitit; `slurm` holds slurm.slurm_executor's
+    options, and each run gets cpus_per_task threads.
     """
     from nanomarkov.data import generate_dataset
 
     specs = expand_grid(grid, out_root)
     if not isinstance(jobs, int) or jobs < 1:
         raise NanoMarkovError(f"jobs must be a positive integer, got {jobs!r}")
+    if launcher not in ("local", "slurm"):
+        raise NanoMarkovError(f"launcher must be local or slurm, got {launcher!r}")
+    executor = None
+    if launcher == "slurm":
+        from nanomarkov.slurm import slurm_executor
+
+        slurm = dict(slurm or {})
+        executor = slurm_executor(Path(out_root) / "slurm", **slurm)
+        threads = slurm.get("cpus_per_task", 1)
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     runs = {s.name: {"spec": dataclasses.asdict(s), "state": "pending", "action": plan(s)} for s in specs}
-    manifest = {"grid": None if isinstance(grid, dict) else str(grid), "jobs": jobs, "threads": threads,
+    manifest = {"grid": None if isinstance(grid, dict) else str(grid), "launcher": launcher, "jobs": jobs,
+                "threads": threads, "slurm": slurm, "host": socket.gethostname(), "pid": os.getpid(),
                 "started": time.time(), "runs": runs}
     if dry_run:
         for s in specs:
             progress(f"{runs[s.name]['action']:6} {s.name}  (preset {s.preset}, seed {s.seed}, data {s.data_dir})")
         progress(f"{len(specs)} runs; dry run, nothing written")
         return manifest
+    _refuse_if_still_running(out_root)
     Path(out_root).mkdir(parents=True, exist_ok=True)
     _save(manifest, out_root)
     for data_dir, params in {s.data_dir: s.dataset for s in specs}.items():
@@ -254,20 +269,38 @@ def run_sweep(grid, out_root, jobs=1, dry_run=False, progress=print, threads=Non
         runs[spec.name].update(state="running", started=time.time())
         _save(manifest, out_root)
 
+    def submitted(job_ids):
+        now = time.time()
+        for name, job_id in job_ids.items():
+            runs[name].update(job_id=job_id, submitted=now)
+        _save(manifest, out_root)
+        progress(f"submitted {len(job_ids)} SLURM jobs ({', '.join(sorted(set(j.split('_')[0] for j in job_ids.values())))}); "
+                 f"logs under {Path(out_root) / 'slurm'}")
+
     def finish(spec, result):
         runs[spec.name].update(result, finished=time.time())
         _save(manifest, out_root)
-        count = sum(r["state"] in ("done", "failed") for r in runs.values())
+        count = sum(r["state"] in ("done", "failed", "cancelled") for r in runs.values())
         if result["state"] == "done":
             what = f"{result['iters']} iters, excess {result['excess']:+.6f} nats, {result['seconds']:.1f}s"
         else:
             what = result["error"]
-        progress(f"[{count}/{len(specs)}] {spec.name}: {result['state']} ({result.get('action')}): {what}")
-        if result["state"] == "pending":  # train() saw Ctrl-C or SIGTERM: the whole sweep stops
+        progress(f"[{count}/{len(specs)}] {spec.name}: {result['state']} ({runs[spec.name]['action']}): {what}")
+        if result["state"] == "pending" and executor is None:  # train() saw Ctrl-C or SIGTERM: the sweep stops
             raise KeyboardInterrupt
 
     try:
-        if jobs == 1:  # in this process: no start-up cost, and tracebacks stay readable under a debugger
+        if executor is not None:
+            # A finished run is skipped here, where its eval is checked, rather than costing a job.
+            for spec in [s for s in specs if runs[s.name]["action"] == "skip"]:
+                start(spec)
+                finish(spec, run_one(spec, threads))
+            from nanomarkov.slurm import run_jobs
+
+            todo = [s for s in specs if runs[s.name]["action"] != "skip"]
+            if todo:
+                run_jobs(executor, todo, threads, submitted, start, finish)
+        elif jobs == 1:  # in this process: no start-up cost, and tracebacks stay readable under a debugger
             for spec in specs:
                 start(spec)
                 finish(spec, run_one(spec, threads))
@@ -291,7 +324,7 @@ def run_sweep(grid, out_root, jobs=1, dry_run=False, progress=print, threads=Non
                         finish(spec, result)
     except KeyboardInterrupt:
         for run in runs.values():
-            if run["state"] == "running":
+            if run["state"] == "running" and "job_id" not in run:  # SLURM jobs go on without us
                 run.update(state="pending", error="interrupted; run the sweep again to resume")
         _save(manifest, out_root)
         raise
@@ -347,14 +380,77 @@ def _last_line(path):
     return lines[-1] if lines else None
 
 
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process, but there
+        return True
+    return True
+
+
+def _live_states(manifest, out_root) -> dict:
+    """The manifest's word on a run may be stale (its sweep was killed): ask SLURM, or look for the sweep's process.
+
+    Returns {name: (state, note, slurm_state)} for each run the manifest calls pending or running.
+    """
+    unsettled = {name: run for name, run in manifest["runs"].items() if run["state"] in ("pending", "running")}
+    job_ids = {name: run["job_id"] for name, run in unsettled.items() if run.get("job_id")}
+    slurm_states = {}
+    if job_ids:
+        from nanomarkov.slurm import sacct_states
+
+        slurm_states = sacct_states(sorted(set(job_ids.values())))
+    here = manifest.get("host") == socket.gethostname()
+    sweep_gone = here and manifest.get("pid") and not _alive(manifest["pid"])
+    live = {}
+    for name, run in unsettled.items():
+        job_state = slurm_states.get(job_ids.get(name))
+        if job_state in ("RUNNING", "COMPLETING"):
+            live[name] = ("running", f"job {job_ids[name]}", job_state)
+        elif job_state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "SUSPENDED", "PREEMPTED"):
+            live[name] = ("pending", f"job {job_ids[name]} {job_state.lower()}", job_state)
+        elif job_state == "CANCELLED":
+            live[name] = ("cancelled", f"job {job_ids[name]} cancelled; run the sweep again to resume", job_state)
+        elif job_state == "COMPLETED":  # the sweep that waited for it was stopped: the run's folder tells
+            done = _read_json(Path(out_root) / "runs" / name / "done.json") or {}
+            live[name] = (("done", None, job_state) if done.get("status") == "done" else
+                          ("pending", f"job {job_ids[name]} ended before training did; run the sweep again", job_state))
+        elif job_state:
+            live[name] = ("failed", f"job {job_ids[name]} ended {job_state}", job_state)
+        elif run["state"] == "running" and sweep_gone and not job_state:
+            live[name] = ("pending", f"its sweep (pid {manifest['pid']}) is gone; run the sweep again to resume", None)
+    return live
+
+
+def _refuse_if_still_running(out_root):
+    """Two sweeps training the same run folders would corrupt each other's checkpoints."""
+    manifest = _read_json(Path(out_root) / MANIFEST)
+    if not manifest or "runs" not in manifest:
+        return
+    live = _live_states(manifest, out_root)
+    busy = [f"{name} ({note})" for name, (state, note, job_state) in live.items()
+            if state == "running" or job_state in ("PENDING", "REQUEUED", "SUSPENDED", "PREEMPTED")]
+    sweep_running = (manifest.get("host") == socket.gethostname() and manifest.get("pid") not in (None, os.getpid())
+                     and "finished" not in manifest and _alive(manifest["pid"]))
+    if busy or sweep_running:
+        what = f"SLURM still has {', '.join(busy[:3])}" if busy else f"its sweep (pid {manifest['pid']}) is running"
+        raise NanoMarkovError(f"{out_root} is in use: {what}; wait for it (nanomarkov sweep status {out_root}) "
+                              "or stop it (scancel / Ctrl-C) first")
+
+
 def sweep_status(out_root) -> list:
     """One row per run of the sweep in out_root: name, state, iters, excess, error, last log line."""
     manifest = _read_json(Path(out_root) / MANIFEST)
-    if manifest is None:
+    if manifest is None or "runs" not in manifest:
         raise NanoMarkovError(f"{out_root} holds no readable {MANIFEST}; start a sweep there with "
                               f"nanomarkov sweep GRID --out {out_root}")
+    live = _live_states(manifest, out_root)
     rows = []
     for name, run in manifest["runs"].items():
+        if name in live:
+            run = {**run, "state": live[name][0], "error": live[name][1]}
         folder = Path(out_root) / "runs" / name
         done, ev = _read_json(folder / "done.json") or {}, _read_json(folder / "eval.json")
         try:  # a run under way: its latest logged iteration (a line cut by a kill reads as none)

@@ -188,7 +188,8 @@ def cmd_report(args):
 
 def cmd_sweep(args):
     from nanomarkov.slurm import SLURM_FLAGS
-    from nanomarkov.sweep import format_status, run_sweep, sweep_status
+    from nanomarkov.sweep import run_sweep
+    from nanomarkov.sweep_status import format_status, sweep_status
 
     if args.target == "status":
         if not args.folder or args.out or args.dry_run or args.jobs != 1:

@@ -12,6 +12,7 @@ so a job that dies without writing its result is reported instead of waited on f
 import os
 import shutil
 import signal
+import subprocess
 import time
 
 from nanomarkov import NanoMarkovError
@@ -108,6 +109,15 @@ def sacct_states(job_ids) -> dict:
         watcher.register_job(job_id)
     watcher.update()
     return {job_id: watcher.get_state(job_id, mode="cache").split()[0] for job_id in job_ids}
+
+
+def queued_jobs(job_ids) -> set:
+    """Those of job_ids that SLURM has queued or running: squeue knows a job as soon as it is submitted, sacct may not."""
+    if shutil.which("squeue") is None:
+        return set()
+    listed = subprocess.run(["squeue", "-h", "-r", "-o", "%i", "-j", ",".join(job_ids)],
+                            capture_output=True, text=True).stdout.split()  # fails on ids it has forgotten: none queued
+    return set(listed) & set(job_ids)
 
 
 def _outcome(job, state):

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from nanomarkov import NanoMarkovError, sweep
-from nanomarkov.sweep import expand_grid, run_one, run_sweep, sweep_status
+from nanomarkov.sweep import expand_grid, run_one, run_sweep
+from nanomarkov.sweep_status import sweep_status
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "grids" / "tiny.toml"
@@ -110,9 +111,16 @@ def test_status_tells_a_killed_local_sweep_from_a_running_one(tmp_path):
     (tmp_path / "sweep.json").write_text(json.dumps(manifest))
     rows = sweep_status(tmp_path)
     assert {r["state"] for r in rows} == {"pending"} and f"pid {dead.pid}) is gone" in rows[0]["error"]
-    manifest["pid"] = os.getpid()  # a sweep that is alive: still running, and a second sweep is refused
-    (tmp_path / "sweep.json").write_text(json.dumps(manifest))
-    assert {r["state"] for r in sweep_status(tmp_path)} == {"running"}
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # a sweep that is alive: still running, and a second sweep in its folder is refused
+        manifest["pid"] = alive.pid
+        (tmp_path / "sweep.json").write_text(json.dumps(manifest))
+        assert {r["state"] for r in sweep_status(tmp_path)} == {"running"}
+        with pytest.raises(NanoMarkovError, match=f"is in use: its sweep \\(pid {alive.pid}\\) is running"):
+            run_sweep(TINY, tmp_path)
+    finally:
+        alive.kill()
+        alive.wait()
 
 
 def test_submitit_local_executor_preempted_run_resumes_and_matches(tmp_path):
@@ -196,6 +204,8 @@ def test_tiny_grid_on_slurm_cancelled_run_resumes_and_matches_local(cluster, tmp
     wait_until(lambda: "job_id" in (json.loads((out / "sweep.json").read_text())["runs"][victim]
                                     if (out / "sweep.json").exists() else {}), 120, "the jobs' submission")
     job = json.loads((out / "sweep.json").read_text())["runs"][victim]["job_id"]
+    with pytest.raises(NanoMarkovError, match="is in use: SLURM still has"):  # its jobs are queued or running
+        run_sweep(TINY, out, launcher="slurm")
 
     def job_pid():
         raw = subprocess.run(["squeue", "-h", "-j", job, "-o", "%A"], capture_output=True, text=True).stdout.split()[0]

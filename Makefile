@@ -4,13 +4,16 @@ PY := $(VENV)/bin/python
 # The CPU build of torch, pinned so that pip does not fetch a multi-GB CUDA build;
 # on a GPU machine install your own torch (>= 2.2) first and set TORCH= (empty).
 TORCH ?= torch==2.13.0
+# interp (TransformerLens, ~0.6 GB) lets `make test` run the interop tests; EXTRAS=dev skips them.
+# cluster (submitit) is the SLURM launcher's; its tests also need root for the local cluster.
+EXTRAS ?= dev,interp,cluster
 
 .PHONY: install demo test bench grid-tiny grid-seed grid-status clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(if $(TORCH),$(PY) -m pip install $(TORCH))
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[$(EXTRAS)]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -130,6 +130,15 @@ class MarkovChain:
     """
 
     process = "markov"
+    ARRAYS = ("transmat", "startprob")  # saved in chain.npz; the constructor's arguments
+    OPTIONS = ()  # generation options beyond K, seed, alpha, sparsity: none
+
+    def options(self):
+        return {}
+
+    @staticmethod
+    def folder_name(n_states):
+        return f"mm{n_states}"
 
     def __init__(self, transmat, startprob):
         transmat = np.array(transmat, dtype=np.float64)

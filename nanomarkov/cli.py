@@ -4,6 +4,7 @@ Exit codes: 0 ok, 2 bad input (one line on stderr, no traceback), 1 failure.
 """
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -26,18 +27,18 @@ def _progress_bar(total, description):
 
 
 def cmd_generate(args):
-    from nanomarkov.data import default_data_dir, default_seq_len, generate_dataset
+    from nanomarkov.data import PROCESSES, default_data_dir, default_seq_len, generate_dataset
 
-    order = args.order if args.order is not None else (2 if args.process == "korder" else None)
-    out = Path(args.out) if args.out else default_data_dir(args.n_states, args.sparsity, args.process, order)
+    options = {"order": args.order}
+    out = Path(args.out) if args.out else default_data_dir(args.n_states, args.sparsity, args.process, **options)
     seq_len = args.seq_len
     total = (args.train + args.val) * (seq_len or default_seq_len(args.n_states))
     with _progress_bar(total, f"generate {out}") as bar:
         meta = generate_dataset(out, args.n_states, args.train, args.val, sparsity=args.sparsity, alpha=args.alpha,
                                 seq_len=seq_len, seed=args.seed, dtype=args.dtype, force=args.force,
-                                progress=bar.update, process=args.process, order=order)
+                                progress=bar.update, process=args.process, **options)
     theory = meta["theory"]
-    kind = f", order {meta['order']}" if meta["process"] == "korder" else ""
+    kind = "".join(f", {name} {meta[name]}" for name in PROCESSES[meta["process"]].OPTIONS)
     print(f"{out}: {meta['train_sequences']} train + {meta['val_sequences']} val sequences of {meta['seq_len']} "
           f"tokens, K={meta['n_states']}{kind}, vocab {meta['vocab_size']} (BOS={meta['bos_token']}), {meta['dtype']}")
     print(f"optimal_loss {theory['optimal_loss']:.6f}  true_loss_val {theory['true_loss_val']:.6f}  "
@@ -90,7 +91,7 @@ def cmd_theory(args):
 
 def _train_configs(args, overrides):
     """The TrainConfig of every run a `train` call asks for (one per seed)."""
-    from nanomarkov.config import TrainConfig, load_config_file, parse_mm_id, preset
+    from nanomarkov.config import TrainConfig, dataset_preset, load_config_file, parse_mm_id, preset
 
     target = args.target
     if target.endswith(".py") or Path(target).is_file():
@@ -98,16 +99,22 @@ def _train_configs(args, overrides):
             raise NanoMarkovError("with a config file, set the seed and the rest as --key=value "
                                   "(SEED, --seeds, --sparse and --preset go with a chain id: nanomarkov train 100 42)")
         return [TrainConfig.from_dict({**load_config_file(target), **overrides}, f"config file {target}")]
+    if args.seeds and args.seed is not None:
+        raise NanoMarkovError("give either SEED or --seeds, not both")
+    seeds = args.seeds or [42 if args.seed is None else args.seed]
+    name = args.preset or "default"
+    if Path(target).is_dir() and not re.fullmatch(r"\d+(-sparse-\d+)?", target):  # a dataset folder
+        if args.sparse is not None:
+            raise NanoMarkovError(f"{target} is a dataset folder: its sparsity is its own (--sparse goes with a chain id)")
+        return [TrainConfig.from_dict({**dataset_preset(name, target, seed), **overrides}, f"preset {name} on {target}")
+                for seed in seeds]
     n_states, sparsity = parse_mm_id(target)
     if args.sparse is not None:
         if sparsity is not None and sparsity != args.sparse:
             raise NanoMarkovError(f"{target} and --sparse {args.sparse} disagree on the sparsity")
         sparsity = args.sparse
-    if args.seeds and args.seed is not None:
-        raise NanoMarkovError("give either SEED or --seeds, not both")
-    seeds = args.seeds or [42 if args.seed is None else args.seed]
-    return [TrainConfig.from_dict({**preset(args.preset or "default", n_states, sparsity, seed), **overrides},
-                                  f"preset {args.preset or 'default'}") for seed in seeds]
+    return [TrainConfig.from_dict({**preset(name, n_states, sparsity, seed), **overrides}, f"preset {name}")
+            for seed in seeds]
 
 
 def cmd_train(args, extra):
@@ -243,15 +250,16 @@ def build_parser():
     gen.add_argument("n_states", type=int, help="number of states K (vocabulary K+1 with BOS)")
     gen.add_argument("--train", type=int, default=10000, help="training sequences (default 10000)")
     gen.add_argument("--val", type=int, default=1000, help="validation sequences (default 1000)")
-    gen.add_argument("--process", choices=["markov", "korder"], default="markov",
-                     help="markov: first-order chain (default); korder: k-th order chain (--order)")
+    gen.add_argument("--process", choices=["markov", "korder", "icl"], default="markov",
+                     help="markov: first-order chain (default); korder: k-th order chain (--order); "
+                          "icl: in-context chain, a fresh Dirichlet matrix per sequence (needs attention to learn)")
     gen.add_argument("--order", type=int, default=None, help="with --process korder: states of context k (default 2)")
     gen.add_argument("--sparsity", type=float, default=None, help="percent of each row's transitions set to zero")
     gen.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration of each row (default 1)")
     gen.add_argument("--seq_len", type=int, default=None, help="tokens per sequence incl. BOS (default 128 for K<=10, else 256)")
     gen.add_argument("--seed", type=int, default=42, help="seed of the chain and of the samples (default 42)")
     gen.add_argument("--dtype", choices=["uint16", "uint32"], default=None, help="token type (default: smallest that fits)")
-    gen.add_argument("--out", default=None, help="dataset folder (default data/mm{K}[-order{k}][-sparse-{S}])")
+    gen.add_argument("--out", default=None, help="dataset folder (default data/mm{K}[-order{k}][-sparse-{S}], data/icl{K}[-sparse-{S}])")
     gen.add_argument("--force", action="store_true", help="replace an existing dataset with other parameters")
     gen.set_defaults(func=cmd_generate)
 
@@ -262,7 +270,7 @@ def build_parser():
 
     tr = verbs.add_parser("train", help="train a GPT on a dataset; any TrainConfig field as --key=value",
                           epilog="examples: nanomarkov train 100 42 --sparse 75 | nanomarkov train config.py --max_iters=500")
-    tr.add_argument("target", help="a chain id (10, 100, 100-sparse-75) or a config file (.py)")
+    tr.add_argument("target", help="a chain id (10, 100, 100-sparse-75), a dataset folder (any process) or a config file (.py)")
     tr.add_argument("seed", nargs="?", type=int, default=None, help="seed with a chain id (default 42)")
     tr.add_argument("--sparse", type=int, default=None, help="sparsity percent of the chain (data/mm{K}-sparse-{S})")
     tr.add_argument("--preset", default=None, help="recipe: default, seed, c1..c12 (default: default)")

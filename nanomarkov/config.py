@@ -1,7 +1,8 @@
 """Everything a training run needs, in one dataclass, and the three ways to fill it.
 
 - `preset(name, n_states, ...)`: a recipe (ours, the seed's, or one of the seed's
-  ablations c1..c12) as a complete dict of TrainConfig fields;
+  ablations c1..c12) as a complete dict of TrainConfig fields; `dataset_preset(name,
+  data_dir)` the same for a dataset folder of any process;
 - `load_config_file(path)`: a config file of Python assignments, the seed's style;
 - `parse_overrides(["--key=value", ...])`: command-line overrides.
 
@@ -15,6 +16,7 @@ The model's vocab_size and block_size are not here: they come from the dataset
 import ast
 import dataclasses
 import difflib
+import json
 import math
 import traceback
 import types
@@ -303,6 +305,16 @@ EXTRA["c12"] = {**EXTRA["c10"], "mlp_only": True}
 
 PRESETS = ("default", "seed", *EXTRA)
 
+# The default recipe's changes for processes that are not first-order chains: their
+# optimal predictor reads more than the current token, which an MLP-only model cannot.
+# Measured in BENCHMARKS.md ("Default recipe per process").
+PROCESS_DEFAULTS = {
+    "korder": dict(mlp_only=False, n_head=1, learning_rate=1e-2, min_lr=1e-4, max_iters=1500, lr_decay_iters=1500,
+                   eval_interval=500),
+    "icl": dict(mlp_only=False, n_layer=2, n_head=1, n_embd=64),
+    "hmm": dict(mlp_only=False, n_layer=2, n_head=1, n_embd=64),
+}
+
 
 def _row(table, n_states):
     return next(row for row in table if row[0] is None or n_states <= row[0])
@@ -353,6 +365,26 @@ def parse_mm_id(text: str) -> tuple:
     _require(head.isdigit() and (not sep or tail.isdigit()),
              f"chain id must look like 100 or 100-sparse-75, got {text!r}")
     return int(head), (int(tail) if sep else None)
+
+
+def dataset_preset(name: str, data_dir, seed: int = 42) -> dict:
+    """Recipe `name` for the dataset folder `data_dir`, whatever its process.
+
+    K and the process come from its meta.json; the default recipe takes the
+    process's PROCESS_DEFAULTS. Runs land in trainings/<folder>/<folder>-<seed>.
+    """
+    meta_path = Path(data_dir) / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        n_states, process = meta["n_states"], meta.get("process", "markov")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise NanoMarkovError(f"{meta_path}: not a readable dataset ({e}); create it with nanomarkov generate") from e
+    cfg = preset(name, n_states, None, seed)
+    if name == "default":
+        cfg.update(PROCESS_DEFAULTS.get(process, {}))
+    folder = Path(data_dir).resolve().name
+    cfg.update(data_dir=str(data_dir), out_dir=f"trainings/{folder}/{folder}-{seed}", wandb_run_name=f"{folder}-{seed}")
+    return TrainConfig.from_dict(cfg, f"preset {name} on {data_dir}").to_dict()
 
 
 def preset_file(name: str, n_states: int, sparsity: int | None = None, seed: int = 42) -> str:

@@ -1,8 +1,9 @@
 """Dataset folders on disk: write (streamed, atomic), validate, load, batch.
 
 A dataset is a folder holding
-  chain.npz   the process's arrays (float64), read with allow_pickle=False:
-              markov: transmat, startprob; korder: transitions, start
+  chain.npz   the process's arrays (its class's ARRAYS), read with allow_pickle=False:
+              markov: transmat, startprob; korder: transitions, start;
+              icl: concentration, startprob, support_size
   meta.json   parameters, counts, the exact theory, sha256 of each .bin
   train.bin   whole BOS-led sequences of seq_len tokens, flat, little-endian
   val.bin     the same, drawn independently
@@ -20,8 +21,8 @@ import numpy as np
 
 from nanomarkov import NanoMarkovError
 from nanomarkov.chains import MarkovChain, token_dtype
+from nanomarkov.incontext import InContextChain
 from nanomarkov.korder import KOrderChain
-from nanomarkov.korder import _check_size as _check_korder_size
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -29,13 +30,16 @@ PARTIAL_SUFFIX = ".partial"
 # Tokens per generated chunk: big enough that numpy's per-call overhead
 # vanishes, small enough that memory stays flat (~40 MB of uniforms).
 CHUNK_TOKENS = 1 << 22
-# The parameters that define a dataset; two generations that agree on these
-# produce the same bytes.
-DEFINING_KEYS = ("process", "order", "n_states", "seq_len", "dtype", "seed", "sparsity", "alpha",
-                 "train_sequences", "val_sequences")
-# process name -> (class, the chain.npz array names in constructor order). `order` is in meta.json
-# for korder only, so first-order datasets keep their files and meta exactly as before.
-PROCESSES = {"markov": (MarkovChain, ("transmat", "startprob")), "korder": (KOrderChain, ("transitions", "start"))}
+# The parameters that define a dataset (with the process's own options, e.g. korder's
+# `order`); two generations that agree on these produce the same bytes.
+DEFINING_KEYS = ("process", "n_states", "seq_len", "dtype", "seed", "sparsity", "alpha",
+                 "train_sequences", "val_sequences", "source")
+# process name -> its class. A class plugs in by providing: `process`; ARRAYS (the chain.npz
+# arrays, its constructor's keyword arguments); OPTIONS (its own generation options, each a
+# CLI flag --name and a top-level meta.json key); random(n_states, seed, alpha, sparsity,
+# **options); options(); folder_name(n_states, **options); n_states, vocab_size, bos_token;
+# sample, true_loss, optimal_log_probs and theory (see MarkovChain for their contracts).
+PROCESSES = {"markov": MarkovChain, "korder": KOrderChain, "icl": InContextChain}
 
 
 def default_seq_len(n_states):
@@ -43,23 +47,47 @@ def default_seq_len(n_states):
     return 128 if n_states <= 10 else 256
 
 
-def default_data_dir(n_states, sparsity=None, process="markov", order=None):
-    """The seed's folder names data/mm100, data/mm100-sparse-75; k-th order chains data/mm5-order2[-sparse-75]."""
-    name = f"mm{n_states}" + (f"-order{order}" if process == "korder" else "")
+def process_class(process):
+    if process not in PROCESSES:
+        raise NanoMarkovError(f"unknown process {process!r}; known: {', '.join(PROCESSES)}")
+    return PROCESSES[process]
+
+
+def _given(options):
+    """The options that were actually given (the CLI passes None for a flag left out)."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def _process_with_options(process, options):
+    """The process's class, once every given option is known to be one of its OPTIONS."""
+    cls = process_class(process)
+    for name in options:
+        if name not in cls.OPTIONS:
+            valid = f"its options: {', '.join('--' + o for o in cls.OPTIONS)}" if cls.OPTIONS else "it has none"
+            raise NanoMarkovError(f"--{name} is not an option of --process {process} ({valid})")
+    return cls
+
+
+def default_data_dir(n_states, sparsity=None, process="markov", **options):
+    """The seed's folder names data/mm100, data/mm100-sparse-75; other processes name their own
+    (k-th order chains data/mm5-order2[-sparse-75])."""
+    options = _given(options)
+    name = _process_with_options(process, options).folder_name(n_states, **options)
     return Path("data") / (f"{name}-sparse-{sparsity:g}" if sparsity else name)
 
 
 def generate_command(n_states, train_sequences=None, val_sequences=None, sparsity=None, out=None, extra="",
-                     process="markov", order=None):
+                     process="markov", **options):
     """The exact `nanomarkov generate` command for a dataset, for error messages."""
     parts = ["nanomarkov generate", str(n_states)]
     if process != "markov":
-        parts += ["--process", process, "--order", str(order)]
+        parts += ["--process", process]
+    parts += [f"--{name} {value}" for name, value in _given(options).items()]
     if train_sequences is not None:
         parts += ["--train", str(train_sequences), "--val", str(val_sequences)]
     if sparsity:
         parts += ["--sparsity", f"{sparsity:g}"]
-    if out is not None and Path(out) != default_data_dir(n_states, sparsity, process, order):
+    if out is not None and Path(out) != default_data_dir(n_states, sparsity, process, **options):
         parts += ["--out", str(out)]
     return " ".join(parts) + extra
 
@@ -69,23 +97,27 @@ def _regenerate_command(meta, path):
     if source:  # a chain imported from a file, not a random one
         return (f"nanomarkov import-hmmlearn {source['path']} --trust-pickle --out {path} --train {meta['train_sequences']} "
                 f"--val {meta['val_sequences']} --seq_len {meta['seq_len']} --seed {meta['seed']} --force")
+    process = meta.get("process", "markov")
+    options = {name: meta.get(name) for name in getattr(PROCESSES.get(process), "OPTIONS", ())}
     return generate_command(
         meta["n_states"], meta["train_sequences"], meta["val_sequences"], meta["sparsity"], path,
         extra=f" --seq_len {meta['seq_len']}" + ("" if meta.get("alpha") is None else f" --alpha {meta['alpha']:g}")
         + f" --seed {meta['seed']} --force",
-        process=meta.get("process", "markov"), order=meta.get("order"),
+        process=process, **options,
     )
 
 
 def _create_command_for(path):
     """A best guess at the command that creates the dataset a path names."""
-    match = re.fullmatch(r"mm(\d+)(?:-order(\d+))?(?:-sparse-(\d+(?:\.\d+)?))?", Path(path).name)
+    match = re.fullmatch(r"(?:mm(\d+)(?:-order(\d+))?|icl(\d+))(?:-sparse-(\d+(?:\.\d+)?))?", Path(path).name)
     if match:
-        sparsity = float(match.group(3)) if match.group(3) else None
-        n_states = int(match.group(1))
+        markov_states, order, icl_states, sparsity = match.groups()
+        sparsity = float(sparsity) if sparsity else None
+        n_states = int(markov_states or icl_states)
         train = 10000 if n_states <= 10 else 50000
-        process, order = ("korder", int(match.group(2))) if match.group(2) else ("markov", None)
-        return generate_command(n_states, train, train // 10, sparsity, path, process=process, order=order)
+        process = "icl" if icl_states else "korder" if order else "markov"
+        options = {"order": int(order)} if order else {}
+        return generate_command(n_states, train, train // 10, sparsity, path, process=process, **options)
     return f"nanomarkov generate K --train N --val M --out {path}"
 
 
@@ -93,8 +125,14 @@ def _create_command_for(path):
 
 def generate_dataset(out_dir, n_states, train_sequences, val_sequences, *, sparsity=None, alpha=1.0,
                      seq_len=None, seed=42, dtype=None, force=False, progress=None,
-                     chunk_tokens=CHUNK_TOKENS, chain=None, source=None, process="markov", order=None):
-    """Build a random chain (or take the given `chain`) and write a dataset folder; returns its meta dict.
+                     chunk_tokens=CHUNK_TOKENS, chain=None, source=None, process="markov", **options):
+    """Build a random process (or take the given `chain`) and write a dataset folder; returns its meta dict.
+
+    `process` names a class of PROCESSES ("markov": MarkovChain.random, "korder":
+    KOrderChain.random, ...) and `options` are that class's own generation options
+    (korder: order, default 2); a None option counts as not given. meta.json records
+    `process` and the chain's options(). Default folders (the CLI's): data/mm{K},
+    data/mm{K}-order{k} for korder, ..., each with -sparse-{S} after it.
 
     With `chain`, n_states must be its K (or None), sparsity and alpha are
     recorded as null, and `source` (a JSON-able dict saying where the chain
@@ -105,33 +143,18 @@ def generate_dataset(out_dir, n_states, train_sequences, val_sequences, *, spars
     another one, this refuses unless `force`, and even then the old files are
     replaced only once the new ones are complete. `progress(n_tokens)` is
     called after each chunk.
-
-    `process` picks the chain: "markov" (first order, MarkovChain.random) or
-    "korder" (KOrderChain.random of the given `order`, default 2); meta.json
-    records `process`, and `order` for korder. Default folders (the CLI's):
-    data/mm{K}, data/mm{K}-order{k} for korder, each with -sparse-{S} after it.
     """
     out_dir = Path(out_dir)
+    options = _given(options)
     if chain is not None:
         process = chain.process
-        order = chain.order if process == "korder" else None
-    if process not in PROCESSES:
-        raise NanoMarkovError(f"unknown process {process!r}; known: {', '.join(PROCESSES)}")
-    if process == "korder":
-        order = 2 if order is None else order
-        if not isinstance(order, (int, np.integer)) or isinstance(order, bool) or order < 1:
-            raise NanoMarkovError(f"--order must be an integer >= 1, got {order!r}")
-    elif order not in (None, 1):
-        raise NanoMarkovError(f"--order {order} needs --process korder (a markov chain is first order)")
-    if chain is not None:
         if n_states not in (None, chain.n_states):
             raise NanoMarkovError(f"n_states {n_states} does not match the given chain's {chain.n_states} states")
         n_states, sparsity, alpha = chain.n_states, None, None
+    cls = _process_with_options(process, options)
     seq_len = default_seq_len(n_states) if seq_len is None else seq_len
     sparsity = sparsity or None
     _check_generate_args(n_states, train_sequences, val_sequences, sparsity, alpha, seq_len)
-    if process == "korder":
-        _check_korder_size(n_states, order)
     dtype = np.dtype(dtype) if dtype is not None else token_dtype(n_states + 1)
     if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
         raise NanoMarkovError(f"dtype must be uint16 or uint32, got {dtype}")
@@ -139,20 +162,20 @@ def generate_dataset(out_dir, n_states, train_sequences, val_sequences, *, spars
         raise NanoMarkovError(f"K = {n_states} needs {n_states + 1} token ids, more than {dtype} holds; use uint32")
     if process == "markov" and n_states * n_states * 8 > 8 << 30:
         raise NanoMarkovError(f"K = {n_states} needs a {n_states}x{n_states} float64 matrix (over 8 GiB); use a smaller K")
+    if chain is None:  # built before the identity check: the options' defaults are the chain's to say
+        chain = cls.random(n_states, seed=seed, alpha=alpha, sparsity=sparsity, **options)
 
     params = {
         "process": process, "n_states": n_states, "seq_len": seq_len, "dtype": dtype.name,
         "seed": seed, "sparsity": sparsity, "alpha": None if alpha is None else float(alpha),
-        "train_sequences": train_sequences, "val_sequences": val_sequences,
+        "train_sequences": train_sequences, "val_sequences": val_sequences, **chain.options(),
     }
-    if process == "korder":
-        params["order"] = int(order)
     if source is not None:
         params["source"] = source
     existing = _existing_meta(out_dir)
     if existing is not None and not force:
-        changed = [f"{k} {existing.get(k)!r} -> {params.get(k)!r}" for k in DEFINING_KEYS + ("source",)
-                   if existing.get(k) != params.get(k)]
+        keys = DEFINING_KEYS + tuple(k for k in params if k not in DEFINING_KEYS)
+        changed = [f"{k} {existing.get(k)!r} -> {params.get(k)!r}" for k in keys if existing.get(k) != params.get(k)]
         if not changed:
             load_dataset(out_dir)  # raises if the files were damaged since
             return existing
@@ -169,12 +192,8 @@ def generate_dataset(out_dir, n_states, train_sequences, val_sequences, *, spars
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         _remove_partials(out_dir)
-        if chain is None and process == "korder":
-            chain = KOrderChain.random(n_states, int(order), seed=seed, alpha=alpha, sparsity=sparsity)
-        elif chain is None:
-            chain = MarkovChain.random(n_states, seed=seed, alpha=alpha, sparsity=sparsity)
         with open(_partial(out_dir / "chain.npz"), "wb") as f:  # a file object, so savez adds no extension
-            np.savez(f, **{name: getattr(chain, name) for name in PROCESSES[process][1]})
+            np.savez(f, **{name: getattr(chain, name) for name in cls.ARRAYS})
         meta = dict(params, format_version=FORMAT_VERSION, vocab_size=chain.vocab_size, bos_token=chain.bos_token,
                     sha256={}, theory=chain.theory(seq_len))
         for split_index, split in enumerate(SPLITS, start=1):
@@ -267,7 +286,7 @@ class Dataset:
 
     path: Path
     meta: dict
-    chain: MarkovChain
+    chain: object  # an instance of a PROCESSES class
     train: np.ndarray
     val: np.ndarray
 
@@ -308,16 +327,16 @@ def load_dataset(path, verify=True):
     if process not in PROCESSES:
         raise NanoMarkovError(f"{path / 'meta.json'}: unknown process {process!r} (this nanoMarkov knows "
                               f"{', '.join(PROCESSES)}); regenerate it, or use a newer nanoMarkov")
-    chain_class, array_names = PROCESSES[process]
     try:
         with np.load(path / "chain.npz", allow_pickle=False) as npz:
-            chain = chain_class(*(npz[name] for name in array_names))
+            chain = PROCESSES[process](**{name: npz[name] for name in PROCESSES[process].ARRAYS})
     except (OSError, KeyError, ValueError, NanoMarkovError) as e:
         raise NanoMarkovError(f"{path / 'chain.npz'}: cannot be read ({e}); regenerate with: {fix}") from e
     if chain.n_states != meta["n_states"]:
         raise NanoMarkovError(f"{path / 'chain.npz'}: has {chain.n_states} states, meta.json says {meta['n_states']}; regenerate with: {fix}")
-    if process == "korder" and chain.order != meta.get("order"):
-        raise NanoMarkovError(f"{path / 'chain.npz'}: has order {chain.order}, meta.json says {meta.get('order')}; regenerate with: {fix}")
+    for name, value in chain.options().items():
+        if value != meta.get(name):
+            raise NanoMarkovError(f"{path / 'chain.npz'}: has {name} {value}, meta.json says {meta.get(name)}; regenerate with: {fix}")
 
     seq_len, dtype = meta["seq_len"], np.dtype(meta["dtype"]).newbyteorder("<")
     splits = {}

@@ -18,12 +18,13 @@ For metrics 4-6 the model's distribution is over the K states: the BOS logit is
 dropped and the rest renormalised (BOS never follows a state).
 
 Metrics 1-4 hold for any process (the true model's accuracy comes from the
-chain's own optimal predictor, `optimal_log_probs`). Metrics 5 and 6 are about
-first-order chains; for a k-th order chain (process "korder") they are null,
-the result's `skipped` says why, and `korder_fidelity` takes their place:
-the mean over val positions t > k of KL(row of the last k states || model),
-next to the same KL of the best first-order predictor (what a model that reads
-only the last state can reach at best).
+process's own optimal predictor, `optimal_log_probs`). Metrics 5 and 6 are about
+first-order chains; for any other process they are null, the result's `skipped`
+says why, and `optimal_fidelity` takes their place: the mean over every val
+position of KL(optimal predictor || model). A k-th order chain (process
+"korder") also gets `korder_fidelity`: the same KL over positions t > k, where
+the context is complete, next to that of the best first-order predictor (what a
+model that reads only the last state can reach at best).
 """
 import json
 import time
@@ -90,6 +91,7 @@ class _Accumulator:
         self.prob_sum = np.zeros((k, k))    # sum of q_t over contexts ending in s
         self.entropy_sum = np.zeros(k)      # sum of H(q_t) over contexts ending in s
         self.korder_kl_sum = 0.0            # korder: sum over full-context positions of KL(row || q_t)
+        self.optimal_kl_sum = 0.0           # not first-order: sum over all positions of KL(optimal || q_t)
 
 
 @torch.no_grad()
@@ -100,7 +102,7 @@ def evaluate_models(models, dataset, device="cpu"):
     {name: result dict}; with two or more models each result carries the agreement.
     """
     chain, k = dataset.chain, dataset.chain.n_states
-    markov = chain.process == "markov"
+    markov, korder = chain.process == "markov", chain.process == "korder"
     order = getattr(chain, "order", 1)
     theory = dataset.meta["theory"]
     names = list(models)
@@ -112,10 +114,10 @@ def evaluate_models(models, dataset, device="cpu"):
         row_entropy = torch.from_numpy(chain.row_entropies)
         # The true model's top-1 prediction is a lookup by the current token (BOS = row K).
         true_argmax = torch.from_numpy(np.argmax(np.vstack([chain.transmat, chain.startprob]), axis=1))
-    else:
+    elif korder:
         with np.errstate(divide="ignore"):
             first_order_log = torch.from_numpy(np.log(_first_order_rows(chain)))
-        first_order_kl_sum, korder_positions = 0.0, 0
+    first_order_kl_sum, korder_positions = 0.0, 0
     acc = {name: _Accumulator(k) for name in names}
     pair_names = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
     agree = {pair: [0, 0.0] for pair in pair_names}  # (top-1 agreements, summed JSD)
@@ -133,9 +135,10 @@ def evaluate_models(models, dataset, device="cpu"):
         else:
             optimal_log = torch.from_numpy(chain.optimal_log_probs(tokens.numpy()))  # (B, L-1, K)
             true_correct += (optimal_log.argmax(-1) == y).sum().item()
-            full_log = optimal_log[:, order:]  # positions predicted from a full context of k states
-            korder_positions += full_log.shape[0] * full_log.shape[1]
-            first_order_kl_sum += _kl_terms(full_log, first_order_log[x[:, order:]]).sum().item()
+            if korder:
+                full_log = optimal_log[:, order:]  # positions predicted from a full context of k states
+                korder_positions += full_log.shape[0] * full_log.shape[1]
+                first_order_kl_sum += _kl_terms(full_log, first_order_log[x[:, order:]]).sum().item()
         flat_states = states.reshape(-1).numpy()
         dists = {}
         for name in names:
@@ -148,7 +151,10 @@ def evaluate_models(models, dataset, device="cpu"):
             q = log_q.exp()
             dists[name] = (log_q, logits.argmax(-1))
             if not markov:
-                a.korder_kl_sum += _kl_terms(optimal_log[:, order:], log_q[:, order:]).sum().item()
+                kl = _kl_terms(optimal_log, log_q)
+                a.optimal_kl_sum += kl.sum().item()
+                if korder:
+                    a.korder_kl_sum += kl[:, order:].sum().item()
                 continue
             # Metric 5 on real contexts: KL(P_s || q_t) = -H(P_s) - sum_j P_sj log q_tj, s = current state.
             ctx_log_q, ctx_q = log_q[:, 1:], q[:, 1:]
@@ -180,17 +186,13 @@ def evaluate_models(models, dataset, device="cpu"):
             results[name] = {
                 **_common_metrics(val_loss, a.correct / n_positions, true_correct / n_positions, theory, bigram, k),
                 "transition_fidelity": None, "markov_property": None,
+                "optimal_fidelity": {"positions": n_positions, "mean_kl": a.optimal_kl_sum / n_positions},
                 "korder_fidelity": {
                     "order": order, "positions": korder_positions,
                     "mean_kl": a.korder_kl_sum / korder_positions if korder_positions else None,
                     "first_order_kl": first_order_kl_sum / korder_positions if korder_positions else None,
-                },
-                "skipped": {
-                    "transition_fidelity": f"defined for first-order chains; this is a k-th order chain (order {order}), "
-                                           "whose next state depends on the last k states: see korder_fidelity",
-                    "markov_property": f"a first-order model's prediction should not depend on history before the "
-                                       f"last state; an order-{order} chain's does, so the check does not apply",
-                },
+                } if korder else None,
+                "skipped": _skipped(chain),
                 "arrays": {},
             }
         return _finish(results, names, pair_names, agree, n_positions, timings)
@@ -230,13 +232,32 @@ def evaluate_models(models, dataset, device="cpu"):
                 "max_spread_state": int(np.nanargmax(spread)) if has_spread.any() else None,
                 "contexts": int(a.count.sum()), "min_contexts_per_state": int(a.count.min()),
             },
-            "korder_fidelity": None,
-            "skipped": {"korder_fidelity": "defined for k-th order chains (process korder); this one is first-order"},
+            "optimal_fidelity": None, "korder_fidelity": None,
+            "skipped": _skipped(chain),
             "arrays": {"learned_matrix": learned, "learned_start": learned_start, "prompt_kl": prompt_kl,
                        "context_kl": context_kl, "spread": spread, "stationary": pi},
         }
         timings[f"prompts_and_summary_s[{name}]"] = time.perf_counter() - started
     return _finish(results, names, pair_names, agree, n_positions, timings)
+
+
+def _skipped(chain):
+    """The metrics that do not apply to this process, each with the reason."""
+    if chain.process == "markov":
+        return {"optimal_fidelity": "a first-order chain's optimal predictor is its transition row: "
+                                    "transition_fidelity reports that KL per state",
+                "korder_fidelity": "defined for k-th order chains (process korder); this one is first-order"}
+    if chain.process == "korder":
+        return {"transition_fidelity": f"defined for first-order chains; this is a k-th order chain (order {chain.order}), "
+                                       "whose next state depends on the last k states: see korder_fidelity",
+                "markov_property": "a first-order model's prediction should not depend on history before the "
+                                   f"last state; an order-{chain.order} chain's does, so the check does not apply"}
+    why = {"icl": "each sequence has its own transition matrix, drawn from a prior",
+           "hmm": "tokens are emissions of hidden states, and the next one depends on the belief over them"}
+    reason = why.get(chain.process, f"process {chain.process} is not a first-order chain")
+    return {"transition_fidelity": f"no fixed token-to-token matrix to compare with ({reason}): see optimal_fidelity",
+            "markov_property": f"the optimal prediction depends on the whole history ({reason})",
+            "korder_fidelity": "defined for k-th order chains (process korder)"}
 
 
 def _common_metrics(val_loss, accuracy, true_accuracy, theory, bigram, k):
@@ -379,6 +400,9 @@ def format_eval(result):
         ("agreement across seeds (top-1, JSD)",
          "n/a (one run)" if ag is None else f"{100 * ag['top1_agreement']:.2f} %, {ag['mean_jsd']:.6f}", "100 %, 0", ""),
     ]
+    of = result.get("optimal_fidelity")
+    if of is not None:
+        rows.append(("KL(optimal predictor ‖ model), all positions", f"{of['mean_kl']:.6f}", "0", ""))
     if kf is not None and kf["mean_kl"] is not None:
         rows.append((f"order-{kf['order']} KL(row of last {kf['order']} states ‖ model), positions t > {kf['order']}",
                      f"{kf['mean_kl']:.6f}", "0", f"best first-order predictor {kf['first_order_kl']:.6f}"))

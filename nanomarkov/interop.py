@@ -1,4 +1,8 @@
-"""Interop with other tools: chains saved by the seed's generator (pickled hmmlearn models).
+"""Interop with other tools: the seed's pickled chains, and TransformerLens.
+
+to_hooked_transformer / from_hooked_transformer convert a GPT to a
+TransformerLens HookedTransformer and back (the `interp` extra; imported only
+when called, so the core does not need it). See the comment above them.
 
 The seed (scripts/mm_generate.py) saved each chain as model.pkl, a pickled
 hmmlearn CategoricalHMM whose emissions are the identity. Unpickling runs
@@ -7,12 +11,18 @@ says the file is trusted, and then checks that what came out is such a model
 before turning it into a dataset folder with our theory.
 """
 import hashlib
+import math
 import pickle
+import warnings
 from pathlib import Path
+
+import torch
 
 from nanomarkov import NanoMarkovError
 from nanomarkov.chains import MarkovChain
 from nanomarkov.data import generate_dataset
+from nanomarkov.export import _model_and_source
+from nanomarkov.model import GPT, GPTConfig
 
 UNTRUSTED = (
     "{path}: not loaded: unpickling a file runs arbitrary code that the file names, so a pickle "
@@ -66,3 +76,254 @@ def import_hmmlearn(path, out_dir, *, trust_pickle=False, train_sequences=10000,
               "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     return generate_dataset(out_dir, None, train_sequences, val_sequences, seq_len=seq_len, seed=seed,
                             force=force, progress=progress, chain=chain, source=source)
+
+
+# ---------------------------------------------------------------------------
+# TransformerLens. A HookedTransformer is a pre-LN GPT-2 with every weight split
+# per head; ours is the same computation with fused matrices, so the conversion
+# is reshaping, plus a few stand-ins where TransformerLens has no switch:
+# - pos_ape=False: W_pos is all zeros and frozen (requires_grad False);
+# - mlp_only=True: TransformerLens has no block without attention, so each block
+#   gets one head of width 1 whose weights and biases are all zeros and frozen;
+#   its output z @ W_O + b_O is then exactly 0 and hook_attn_out reads zeros;
+# - one_hot_embed / mlp_first_matrix_identity: the same fixed tables, frozen;
+# - lm_head_tied: W_U is a copy of W_E^T (TransformerLens keeps the two apart,
+#   so further training of the hooked model would untie them);
+# - bias=False: TransformerLens always has biases; they are zeros.
+# Weights are assigned to the parameters directly instead of going through
+# load_and_process_state_dict, whose defaults fold the LayerNorms into the next
+# matrices and center the writing weights: exact in exact arithmetic, but it
+# changes what W_E, W_in... and the hooks hold, and costs float equality.
+
+TL_INSTALL = 'pip install -e ".[interp]"'
+# Our activations and TransformerLens's act_fn names. F.gelu is the exact (erf)
+# GELU, which TransformerLens calls "gelu" ("gelu_new" is the tanh approximation).
+TL_ACT_FN = {"GELU": "gelu", "RELU": "relu", "RELU2": "relu2"}
+LN_EPS = 1e-5  # nn.LayerNorm's default, which model.py uses
+# Both directions compare the two models' logits before returning (float32: the
+# measured gap is ~1e-5 at most, from a different order of summation).
+LOGIT_TOLERANCE = 1e-4
+
+
+def _transformer_lens():
+    """(HookedTransformer, HookedTransformerConfig, supported act_fn names), or a clear error."""
+    try:
+        import transformer_lens
+        from transformer_lens.utilities.activation_functions import SUPPORTED_ACTIVATIONS
+    except ImportError:
+        raise NanoMarkovError(f"TransformerLens is not installed; install the interp extra: {TL_INSTALL}") from None
+    try:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+    except ImportError:  # 4.0 removed HookedTransformer for TransformerBridge
+        raise NanoMarkovError(f"transformer_lens {transformer_lens.__version__} has no HookedTransformer; "
+                              f"install a 3.x one: {TL_INSTALL}") from None
+    return HookedTransformer, HookedTransformerConfig, SUPPORTED_ACTIVATIONS
+
+
+def _hooked_state(model):
+    """({TransformerLens parameter name: tensor} for a GPT, the names to freeze).
+
+    A GPT tensor that does not exist (no bias, no attention, no position table)
+    becomes frozen zeros, so the hooked model also trains like ours would.
+    """
+    c = model.config
+    C, H = c.n_embd, (1 if c.mlp_only else c.n_head)
+    D = 1 if c.mlp_only else C // H
+    state, frozen = {}, set()
+
+    def put(name, tensor, *shape, fill=0.0):
+        if tensor is None or not tensor.requires_grad:
+            frozen.add(name)
+        state[name] = torch.full(shape, fill) if tensor is None else tensor.detach()
+
+    put("embed.W_E", model.wte.weight)
+    put("pos_embed.W_pos", None if model.wpe is None else model.wpe.weight, c.block_size, C)
+    norms = [("ln_final", model.ln_f)]
+    for i, block in enumerate(model.blocks):
+        p = f"blocks.{i}."
+        if block.attn is None:
+            for name, shape in [("W_Q", (H, C, D)), ("W_K", (H, C, D)), ("W_V", (H, C, D)), ("W_O", (H, D, C)),
+                                ("b_Q", (H, D)), ("b_K", (H, D)), ("b_V", (H, D)), ("b_O", (C,))]:
+                put(p + "attn." + name, None, *shape)
+            norms.append((p + "ln1", None))
+        else:
+            # c_attn.weight is (3C out, C in); head h owns rows h*D..(h+1)*D of each third.
+            qkv, qkv_bias = block.attn.c_attn.weight, block.attn.c_attn.bias
+            for j, name in enumerate("QKV"):
+                put(p + f"attn.W_{name}", qkv[j * C:(j + 1) * C].view(H, D, C).transpose(1, 2))
+                put(p + f"attn.b_{name}", None if qkv_bias is None else qkv_bias[j * C:(j + 1) * C].view(H, D), H, D)
+            # c_proj reads the heads concatenated: its input columns h*D..(h+1)*D belong to head h.
+            put(p + "attn.W_O", block.attn.c_proj.weight.T.reshape(H, D, C))
+            put(p + "attn.b_O", block.attn.c_proj.bias, C)
+            norms.append((p + "ln1", block.ln_1))
+        mlp = block.mlp
+        put(p + "mlp.W_in", mlp.c_fc.weight.T)
+        put(p + "mlp.b_in", mlp.c_fc.bias, mlp.c_fc.out_features)
+        put(p + "mlp.W_out", mlp.c_proj.weight.T)
+        put(p + "mlp.b_out", mlp.c_proj.bias, C)
+        norms.append((p + "ln2", block.ln_2))
+    if c.use_ln:
+        for name, ln in norms:  # ln None: the stand-in attention's LayerNorm, frozen at the identity
+            put(name + ".w", None if ln is None else ln.weight, C, fill=1.0)
+            put(name + ".b", None if ln is None else ln.bias, C)
+    put("unembed.W_U", model.lm_head.weight.T)
+    put("unembed.b_U", None, c.vocab_size)
+    return state, frozen
+
+
+def to_hooked_transformer(ckpt_or_model):
+    """A TransformerLens HookedTransformer computing the same logits as a GPT, a ckpt.pt or an export folder.
+
+    Every GPTConfig switch has a counterpart (see the comment above) except
+    mlp_filter=RELU3, which TransformerLens has no activation for: that, and
+    anything else it cannot express, raises NanoMarkovError rather than
+    returning a model that differs. Dropout is not carried over (TransformerLens
+    has none; it does not change the logits of a model in eval mode). The
+    hooked model is in eval mode, on the GPT's device and dtype.
+    """
+    model = _model_and_source(ckpt_or_model)[0]
+    c = model.config
+    if model.wte.weight.dtype != torch.float32:
+        raise NanoMarkovError(f"the model is in {model.wte.weight.dtype}; the conversion is checked in float32: call model.float() first")
+    act_fn = TL_ACT_FN.get(c.mlp_filter)
+    if act_fn is None:
+        raise NanoMarkovError(f"mlp_filter={c.mlp_filter} has no TransformerLens equivalent; "
+                              f"it has {', '.join(f'{k} ({v})' for k, v in TL_ACT_FN.items())}")
+    HookedTransformer, HookedTransformerConfig, activations = _transformer_lens()
+    if act_fn not in activations:
+        raise NanoMarkovError(f"mlp_filter={c.mlp_filter} needs act_fn {act_fn!r}, which this transformer_lens "
+                              f"lacks; upgrade it: {TL_INSTALL}")
+    weight = model.wte.weight
+    cfg = HookedTransformerConfig(
+        n_layers=c.n_layer, d_model=c.n_embd, n_ctx=c.block_size, d_vocab=c.vocab_size,
+        n_heads=1 if c.mlp_only else c.n_head, d_head=1 if c.mlp_only else c.n_embd // c.n_head,
+        d_mlp=c.mlp_ratio * c.n_embd, act_fn=act_fn, normalization_type="LN" if c.use_ln else None, eps=LN_EPS,
+        # TransformerLens divides attention scores by sqrt(d_head) by default, as scaled_dot_product_attention does.
+        original_architecture="nanomarkov.GPT", init_weights=False, device=str(weight.device), dtype=weight.dtype)
+    with warnings.catch_warnings():  # the 3.x deprecation notice about 4.0; the interp extra pins < 4
+        warnings.simplefilter("ignore", DeprecationWarning)
+        hooked = HookedTransformer(cfg)
+    state, frozen = _hooked_state(model)
+    params = dict(hooked.named_parameters())
+    if set(params) != set(state):  # nothing may be left as TransformerLens initialised it
+        raise NanoMarkovError(f"this transformer_lens version lays out its weights differently "
+                              f"({sorted(set(params) ^ set(state))}); install one the interp extra allows: {TL_INSTALL}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
+            params[name].requires_grad_(name not in frozen)
+    _check_same_logits(model, hooked)
+    return hooked
+
+
+def _check_same_logits(gpt, hooked):
+    """Refuse a conversion whose two models disagree on a random input (full context, every token)."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, gpt.config.vocab_size, (2, gpt.config.block_size), generator=g)
+    tokens = tokens.to(gpt.wte.weight.device)
+    training = gpt.training
+    with torch.no_grad():
+        diff = (gpt.eval()(tokens)[0] - hooked.eval()(tokens)).abs().max().item()
+    gpt.train(training)
+    if not diff <= LOGIT_TOLERANCE:
+        raise NanoMarkovError(f"the converted model's logits differ by {diff:.3g} (> {LOGIT_TOLERANCE}); "
+                              f"some setting has no counterpart, so no model is returned")
+
+
+def from_hooked_transformer(hooked):
+    """The GPT (eval mode) computing the same logits as a HookedTransformer.
+
+    Exact inverse of to_hooked_transformer: its frozen stand-ins are read back
+    as the switches they stand for (frozen zero W_pos -> pos_ape=False, frozen
+    zero attention -> mlp_only, frozen one-hot W_E -> one_hot_embed, frozen
+    identity W_in -> mlp_first_matrix_identity, frozen zero biases -> bias=False);
+    W_U equal to W_E^T means lm_head_tied. A plain TransformerLens model works
+    if it is a GPT-2-style one nanoMarkov can express (LayerNorm or none, learned
+    absolute positions, causal attention, a gelu/relu/relu2 MLP, no unembedding
+    bias); anything else raises NanoMarkovError naming the setting.
+    """
+    _transformer_lens()
+    cfg = hooked.cfg
+    params = {name: p for name, p in hooked.named_parameters()}
+    act = {v: k for k, v in TL_ACT_FN.items()}
+
+    def refuse(setting, why):
+        raise NanoMarkovError(f"HookedTransformer with {setting} has no nanoMarkov equivalent: {why}")
+
+    # Settings read below or known to change the computation; _check_same_logits catches the rest.
+    for name, expected in [("positional_embedding_type", "standard"), ("attention_dir", "causal"),
+                           ("attn_only", False), ("gated_mlp", False), ("parallel_attn_mlp", False),
+                           ("final_rms", False), ("post_embedding_ln", False), ("use_qk_norm", False),
+                           ("scale_attn_by_inverse_layer_idx", False), ("use_local_attn", False),
+                           ("n_key_value_heads", None), ("num_experts", None), ("dtype", torch.float32)]:
+        if getattr(cfg, name, expected) != expected:
+            refuse(f"{name}={getattr(cfg, name)!r}", f"only {expected!r} is expressible")
+    if cfg.normalization_type not in ("LN", "LNPre", None):
+        refuse(f"normalization_type={cfg.normalization_type!r}", "only LayerNorm (LN, LNPre) or none")
+    if cfg.normalization_type and cfg.eps != LN_EPS:
+        refuse(f"eps={cfg.eps}", f"nanoMarkov's LayerNorm has eps {LN_EPS}")
+    if cfg.act_fn not in act:
+        refuse(f"act_fn={cfg.act_fn!r}", f"the MLP filters are {', '.join(f'{v} ({k})' for k, v in TL_ACT_FN.items())}")
+    if cfg.d_vocab_out != cfg.d_vocab:
+        refuse(f"d_vocab_out={cfg.d_vocab_out} != d_vocab={cfg.d_vocab}", "the head predicts the input vocabulary")
+    if cfg.d_mlp % cfg.d_model:
+        refuse(f"d_mlp={cfg.d_mlp}", f"the MLP width must be a multiple of d_model={cfg.d_model}")
+    if params["unembed.b_U"].any():
+        refuse("a nonzero unembed.b_U", "nanoMarkov's head has no bias")
+
+    C, V, L = cfg.d_model, cfg.d_vocab, cfg.n_layers
+    w = {name: p.detach() for name, p in params.items()}
+    blocks = [f"blocks.{i}." for i in range(L)]
+
+    def fixed(name, value):  # a frozen stand-in written by to_hooked_transformer
+        return not params[name].requires_grad and torch.equal(w[name], value.to(w[name]).expand_as(w[name]))
+
+    zero = torch.tensor(0.0)
+    attn_names = [p + "attn." + n for p in blocks for n in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O")]
+    mlp_only = all(fixed(n, zero) for n in attn_names)
+    if not mlp_only and (cfg.n_heads * cfg.d_head != C or not cfg.use_attn_scale
+                         or not math.isclose(cfg.attn_scale, math.sqrt(cfg.d_head))):
+        refuse(f"n_heads={cfg.n_heads}, d_head={cfg.d_head}, attn_scale={cfg.attn_scale}",
+               "heads must split d_model evenly and scores be divided by sqrt(d_head)")
+    identity_in = cfg.d_mlp == C and L > 0 and all(
+        fixed(p + "mlp.W_in", torch.eye(C)) and fixed(p + "mlp.b_in", zero) for p in blocks)
+    ln_biases = [n for n in w if n.endswith(("ln1.b", "ln2.b", "ln_final.b"))]
+    biases = [n for n in w if ".b_" in n and n != "unembed.b_U" and not (mlp_only and ".attn." in n)
+              and not (identity_in and n.endswith("mlp.b_in"))] + ln_biases
+    config = GPTConfig(
+        n_layer=L, n_head=cfg.n_heads, n_embd=C, block_size=cfg.n_ctx, vocab_size=V,
+        bias=not all(fixed(n, zero) for n in biases), use_ln=cfg.normalization_type is not None,
+        pos_ape=not fixed("pos_embed.W_pos", zero), mlp_only=mlp_only, mlp_ratio=cfg.d_mlp // C,
+        mlp_filter=act[cfg.act_fn], mlp_first_matrix_identity=identity_in,
+        one_hot_embed=V <= C and fixed("embed.W_E", torch.eye(V, C)),
+        lm_head_tied=torch.equal(w["unembed.W_U"], w["embed.W_E"].T))
+
+    # The inverse of _hooked_state's reshapes; tensors the GPT does not have are left out.
+    state = {"wte.weight": w["embed.W_E"], "lm_head.weight": w["unembed.W_U"].T}
+    if config.pos_ape:
+        state["wpe.weight"] = w["pos_embed.W_pos"]
+    norms = {"ln_f": "ln_final"}
+    for i, p in enumerate(blocks):
+        ours = f"blocks.{i}."
+        if not mlp_only:
+            state[ours + "attn.c_attn.weight"] = torch.cat(
+                [w[p + f"attn.W_{x}"].transpose(1, 2).reshape(C, C) for x in "QKV"])
+            state[ours + "attn.c_attn.bias"] = torch.cat([w[p + f"attn.b_{x}"].reshape(C) for x in "QKV"])
+            state[ours + "attn.c_proj.weight"] = w[p + "attn.W_O"].reshape(C, C).T
+            state[ours + "attn.c_proj.bias"] = w[p + "attn.b_O"]
+            norms[ours + "ln_1"] = p + "ln1"
+        state[ours + "mlp.c_fc.weight"] = w[p + "mlp.W_in"].T
+        state[ours + "mlp.c_fc.bias"] = w[p + "mlp.b_in"]
+        state[ours + "mlp.c_proj.weight"] = w[p + "mlp.W_out"].T
+        state[ours + "mlp.c_proj.bias"] = w[p + "mlp.b_out"]
+        norms[ours + "ln_2"] = p + "ln2"
+    for ours, theirs in norms.items():
+        if cfg.normalization_type == "LN":
+            state[ours + ".weight"], state[ours + ".bias"] = w[theirs + ".w"], w[theirs + ".b"]
+        elif cfg.normalization_type == "LNPre":  # LayerNorm without its affine map
+            state[ours + ".weight"], state[ours + ".bias"] = torch.ones(C), torch.zeros(C)
+    gpt = GPT(config).to(w["embed.W_E"].device)
+    wanted = gpt.state_dict()
+    gpt.load_state_dict({name: tensor for name, tensor in state.items() if name in wanted})
+    _check_same_logits(gpt, hooked)
+    return gpt.eval()

@@ -62,6 +62,15 @@ class KOrderChain:
     """
 
     process = "korder"
+    ARRAYS = ("transitions", "start")  # saved in chain.npz; the constructor's arguments
+    OPTIONS = ("order",)  # --order k: the number of past states the next one depends on
+
+    def options(self):
+        return {"order": self.order}
+
+    @staticmethod
+    def folder_name(n_states, order=2):
+        return f"mm{n_states}-order{order}"
 
     def __init__(self, transitions, start):
         transitions = np.array(transitions, dtype=np.float64)
@@ -88,7 +97,7 @@ class KOrderChain:
         self._tuple_marginals = {}  # seq_len -> tuple marginals; immutable chain, never stale
 
     @classmethod
-    def random(cls, n_states, order, seed=42, alpha=1.0, sparsity=None):
+    def random(cls, n_states, order=2, seed=42, alpha=1.0, sparsity=None):
         """A random chain: rows ~ Dirichlet(alpha), start ~ Dirichlet(1) over the K^k tuples.
 
         Sparse rows follow MarkovChain.random's rule (max(1, int(K*(100-S)/100))

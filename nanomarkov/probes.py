@@ -45,6 +45,10 @@ def _inference(model):
 
 
 def _check_vocab(model, chain):
+    if chain.process != "markov":
+        raise NanoMarkovError(f"this probe compares the model with a first-order transition matrix, which a "
+                              f"{chain.process} process does not have; see context_probe (korder) and "
+                              f"belief_state_probe (hmm)")
     if model.config.vocab_size != chain.n_states + 1:
         raise NanoMarkovError(f"the model's vocabulary is {model.config.vocab_size} but the chain has "
                               f"{chain.n_states} states + BOS; probe the model with the chain it was trained on")

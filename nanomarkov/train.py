@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from nanomarkov import NanoMarkovError, TrainingDiverged
 from nanomarkov.config import TrainConfig
 from nanomarkov.data import SequenceOrder, load_dataset, to_inputs_targets, whole_split_batches
+from nanomarkov.distributed import init_distributed
 from nanomarkov.model import GPT
 
 CHECKPOINT = "ckpt.pt"
@@ -37,33 +38,6 @@ CHECKPOINT = "ckpt.pt"
 RESUMABLE_CHANGES = {"init_from", "out_dir", "max_iters", "eval_interval", "log_interval", "always_save_checkpoint",
                      "wandb_log", "wandb_project", "wandb_run_name", "device", "compile"}
 EVAL_BATCH_SEQUENCES = 64
-
-
-@dataclasses.dataclass
-class Distributed:
-    """Where this process stands in a torchrun/srun job (world_size 1 when alone)."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-
-def init_distributed(device_type):
-    """Join the process group when launched by torchrun; a single process otherwise."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return Distributed()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
-    if device_type == "cpu":
-        # Processes on one machine share its cores; oversubscribing them is slower than splitting.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    return Distributed(dist.get_rank(), local_rank, dist.get_world_size())
 
 
 def resolve_device(cfg, local_rank=0):
@@ -347,9 +321,13 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None):
                         _, loss = model(x, y)
                     (loss / cfg.grad_accum_steps).backward()
                 step_loss += loss.detach().double().cpu() / cfg.grad_accum_steps
-            if ddp.world_size > 1:
-                dist.all_reduce(step_loss)
-                step_loss /= ddp.world_size
+            # The processes stop after the same step, whichever of them got the signal: one that
+            # stopped alone would leave the others waiting for it in a collective.
+            stopping = stop.requested is not None
+            if ddp.world_size > 1:  # on the device: nccl reduces GPU tensors only
+                shared = torch.tensor([step_loss.item(), stopping], dtype=torch.float64, device=device)
+                dist.all_reduce(shared)
+                step_loss, stopping = shared[0] / ddp.world_size, shared[1].item() > 0
             step_loss = step_loss.item()
             if not math.isfinite(step_loss):
                 raise TrainingDiverged(f"training loss is {step_loss} at iter {it}; the last good checkpoint "
@@ -380,11 +358,12 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None):
                 window_losses, window_start, window_tokens = [], now, 0
             if it % cfg.eval_interval == 0 or it == cfg.max_iters:
                 evaluate_and_checkpoint()
-            if stop.requested:
+            if stopping:
                 if last_eval is None or last_eval["iter"] != it:
                     evaluate_and_checkpoint(scheduled=False)
                 status = "interrupted"
-                log.line(f"stopped by {stop.requested} at iter {it}; checkpoint saved; continue with --resume")
+                log.line(f"stopped by {stop.requested or 'a signal to another process'} at iter {it}; "
+                         "checkpoint saved; continue with --resume")
                 break
         if last_eval is None or last_eval["iter"] != it:
             evaluate_and_checkpoint()

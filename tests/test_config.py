@@ -352,3 +352,35 @@ def test_config_script_runs_from_anywhere_and_exits_2_on_bad_input(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stdout == ""
     assert len(bad.stderr.strip().splitlines()) == 1 and "SEED" in bad.stderr
+
+
+def test_dataset_preset_takes_k_and_the_process_from_the_folder(tmp_path):
+    from nanomarkov.config import PROCESS_DEFAULTS, dataset_preset, preset
+    from nanomarkov.data import generate_dataset
+
+    generate_dataset(tmp_path / "chain", 4, 4, 2, seq_len=8)
+    generate_dataset(tmp_path / "k2", 4, 4, 2, seq_len=8, process="korder", order=2)
+    first = dataset_preset("default", tmp_path / "chain", seed=3)
+    expected = preset("default", 4, None, 3)
+    assert {k: v for k, v in first.items() if k not in ("data_dir", "out_dir", "wandb_run_name")} == \
+           {k: v for k, v in expected.items() if k not in ("data_dir", "out_dir", "wandb_run_name")}
+    assert first["data_dir"] == str(tmp_path / "chain") and first["out_dir"] == "trainings/chain/chain-3"
+    korder = dataset_preset("default", tmp_path / "k2")
+    assert korder["mlp_only"] is False and korder["n_head"] == PROCESS_DEFAULTS["korder"]["n_head"]
+    assert dataset_preset("c3", tmp_path / "k2")["mlp_only"] == preset("c3", 4)["mlp_only"]  # presets are as named
+    with pytest.raises(NanoMarkovError, match="meta.json: not a readable dataset"):
+        dataset_preset("default", tmp_path / "nothing")
+
+
+def test_train_accepts_a_dataset_folder(tmp_path):
+    from nanomarkov.data import generate_dataset
+
+    generate_dataset(tmp_path / "data" / "k2", 3, 8, 4, seq_len=8, process="korder", order=2)
+    done = subprocess.run([sys.executable, "-m", "nanomarkov", "train", "data/k2", "--max_iters=2", "--eval_interval=2",
+                           "--batch_size=4"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    config = (tmp_path / "trainings" / "k2" / "k2-42" / "config.json").read_text()
+    assert '"mlp_only": false' in config and '"data_dir": "data/k2"' in config
+    bad = subprocess.run([sys.executable, "-m", "nanomarkov", "train", "data/k2", "--sparse", "75"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "its sparsity is its own" in bad.stderr

@@ -49,10 +49,10 @@ def test_markov_meta_has_no_order(tmp_path):
     with np.load(tmp_path / "m" / "chain.npz", allow_pickle=False) as npz:
         assert sorted(npz.files) == ["startprob", "transmat"]
     assert isinstance(load_dataset(tmp_path / "m").chain, MarkovChain)
-    with pytest.raises(NanoMarkovError, match="--order 3 needs --process korder"):
+    with pytest.raises(NanoMarkovError, match="--order is not an option of --process markov"):
         make(tmp_path / "x", process="markov", order=3)
-    with pytest.raises(NanoMarkovError, match="unknown process 'icl'.*markov, korder"):
-        make(tmp_path / "y", process="icl")
+    with pytest.raises(NanoMarkovError, match="unknown process 'nosuch'.*markov, korder"):
+        make(tmp_path / "y", process="nosuch")
 
 
 def test_other_order_refused_without_force(tmp_path):
@@ -148,6 +148,7 @@ def test_evaluating_the_optimal_korder_predictor(korder_data, tmp_path):
     kf = result["korder_fidelity"]
     assert kf["order"] == ORDER and kf["positions"] == 60 * (13 - ORDER)
     assert kf["mean_kl"] < 1e-6 and kf["first_order_kl"] > 0.01
+    assert result["optimal_fidelity"] == {"positions": 60 * 13, "mean_kl": pytest.approx(0, abs=1e-6)}
     result["run"] = {"checkpoint": "x", "dataset": "d", "iter": 0, "n_states": 3, "process": "korder",
                      "order": ORDER, "seq_len": 14, "val_sequences": 60}
     write_eval(result, tmp_path / "out")
@@ -173,7 +174,10 @@ def test_a_first_order_model_on_korder_data_shows_in_korder_fidelity(korder_data
         def forward(self, idx):
             return torch.as_tensor(table)[idx], None
 
-    kf = evaluate_models({"t": Table()}, korder_data)["t"]["korder_fidelity"]
+    result = evaluate_models({"t": Table()}, korder_data)["t"]
+    kf, of = result["korder_fidelity"], result["optimal_fidelity"]
+    # The same KL summed over all positions includes the full-context ones (and KL >= 0 at the rest).
+    assert of["mean_kl"] * of["positions"] >= kf["mean_kl"] * kf["positions"] * (1 - 1e-9)
     val = np.asarray(korder_data.val, dtype=np.int64)
     q = np.exp(table[:, :3]) / np.exp(table[:, :3]).sum(-1, keepdims=True)
     kls = []

@@ -203,6 +203,10 @@ def test_bad_inputs_say_what_is_wrong(dataset):
         logit_lens(model, chain, bad)
     with pytest.raises(NanoMarkovError, match="block_size"):
         attention_summary(perfect_model(chain, n_layer=1, block_size=5), dataset.val[:3])
+    from nanomarkov.korder import KOrderChain
+
+    with pytest.raises(NanoMarkovError, match="a korder process does not have"):
+        direct_path(model, KOrderChain.random(chain.n_states, order=2, seed=0))
 
 
 def test_every_plot_draws(dataset, tmp_path):

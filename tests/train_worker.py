@@ -1,4 +1,4 @@
-"""A training run in its own process, for tests/test_train.py (kill, Ctrl-C, torchrun).
+"""A training run in its own process, for tests/test_train.py (kill, Ctrl-C, torchrun, srun).
 
     python tests/train_worker.py CONFIG_JSON [SLEEP_S]
 
@@ -8,11 +8,11 @@ the run computes. Torch uses one thread, as the in-process runs of the tests do,
 so that results compare bit for bit. Prints train()'s result as JSON (rank 0).
 """
 import json
-import os
 import sys
 import time
 
 import torch
+import torch.distributed as dist
 
 import nanomarkov.train as train_module
 from nanomarkov.config import TrainConfig
@@ -31,7 +31,7 @@ def main():
 
         train_module.learning_rate_at = slow
     result = train_module.train(cfg, overwrite=cfg.init_from != "resume", show_progress=False)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if not dist.is_initialized() or dist.get_rank() == 0:
         print("RESULT " + json.dumps(result), flush=True)
 
 

@@ -1,0 +1,377 @@
+"""In-context Markov chains: a fresh transition matrix per sequence, and the Bayes predictor.
+
+Same sequence format as `chains.MarkovChain`: `[BOS, x1, ..., x_{L-1}]` with
+BOS = K. Every sequence draws its own K x K matrix P, each row independently:
+dense rows ~ Dirichlet(concentration); sparse rows (support_size m < K) put
+Dirichlet(alpha, ..., alpha) weights on m states chosen uniformly without
+replacement (MarkovChain.random's rule; sparse needs one alpha for all states).
+Then x1 ~ startprob (uniform from `random`: the first state says nothing about
+P, and every state is alike) and x_{t+1} ~ P[x_t].
+
+The optimal predictor knows the prior but not P. Rows are independent a priori
+and the likelihood factorises by rows, so the posterior of row s depends only on
+n_j, the number of transitions s -> j seen so far (n = sum_j n_j, d = #{j: n_j > 0}):
+
+    p(next = j | past, current state s) = (n_j + alpha_j c_j) / sum_i (n_i + alpha_i c_i),
+    c_j = 1 if n_j > 0, else (m - d) / (K - d).
+
+Dense (m = K): every c_j = 1, the add-alpha rule. Sparse: given a support T the
+Dirichlet-multinomial likelihood is G(m alpha)/G(m alpha + n) prod_{j seen} G(alpha + n_j)/G(alpha),
+the same for every T containing the seen states, so the posterior over T is
+uniform on those supersets; an unseen j is in T with probability (m-d)/(K-d), and
+given T the prediction is (n_j + alpha)/(m alpha + n) on T. The first state is
+predicted by startprob. By the chain rule the predictions multiply to the
+sequence's probability, startprob[x1] times, per row s, the Dirichlet-multinomial
+probability of its targets in order (times C(K-d, m-d)/C(K, m), the chance that
+the support holds the d seen states) -- which is how `true_loss` computes it.
+
+Expected losses have no closed form (they average over the count statistics of
+a random walk on a random matrix), so `theory` is a seeded Monte-Carlo estimate
+with a standard error for every key it estimates.
+"""
+import math
+import warnings
+
+import numpy as np
+
+from nanomarkov import NanoMarkovError
+from nanomarkov.chains import MarkovChain, _check_distribution, _check_random_parameters, entropy, token_dtype
+
+# Per-sequence count arrays (n, K, K) are built this many entries at a time (32 MiB of float64).
+BLOCK_ENTRIES = 1 << 22
+# theory's Monte-Carlo sample: THEORY_SEQUENCES sequences from a fixed seed, fewer for large K
+# so that the sampled matrices total at most THEORY_ENTRIES entries (never fewer than MIN_THEORY_SEQUENCES).
+THEORY_SEED = 0
+THEORY_SEQUENCES = 20_000
+THEORY_ENTRIES = 1 << 27
+MIN_THEORY_SEQUENCES = 1000
+
+
+def _inverse_cdf(weights, uniforms):
+    """One draw per row of non-negative weights (n, K), by inverting the cumulative sums with a uniform each.
+
+    Only the first K-1 boundaries are compared, so the draw is at most K-1 and
+    a zero-weight state (equal boundaries on both sides) is never drawn.
+    """
+    cumulative = np.cumsum(weights, axis=1)
+    return (cumulative[:, :-1] <= (uniforms * cumulative[:, -1])[:, None]).sum(axis=1)
+
+
+def _log_binomial(n, k):
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+
+def _log_rising(base, n_max):
+    """log(base (base+1) ... (base+n-1)) = log G(base+n)/G(base) for n = 0..n_max, along a new last axis."""
+    terms = np.log(np.asarray(base, dtype=np.float64)[..., None] + np.arange(n_max))
+    return np.concatenate([np.zeros(terms.shape[:-1] + (1,)), np.cumsum(terms, axis=-1)], axis=-1)
+
+
+class InContextChain:
+    """An in-context chain on states 0..K-1: a new random transition matrix for every sequence.
+
+    `concentration` (K,) is the Dirichlet parameter of every row, `startprob`
+    (K,) the distribution of x1, `support_size` (0-d) the number m of states a
+    row can reach (K: dense). All float64 and read-only; these three arrays are
+    the whole process (chain.npz).
+    """
+
+    process = "icl"
+    ARRAYS = ("concentration", "startprob", "support_size")  # saved in chain.npz; the constructor's arguments
+    OPTIONS = ()  # generation options beyond K, seed, alpha, sparsity: none
+
+    def __init__(self, concentration, startprob, support_size):
+        concentration = np.array(concentration, dtype=np.float64)
+        startprob = np.array(startprob, dtype=np.float64)
+        support_size = np.array(support_size, dtype=np.float64)
+        if concentration.ndim != 1 or concentration.shape[0] < 2:
+            raise NanoMarkovError(
+                f"concentration must be a vector of K >= 2 Dirichlet parameters, got shape {concentration.shape}"
+            )
+        if not np.all(np.isfinite(concentration)) or np.any(concentration <= 0):
+            raise NanoMarkovError("concentration must be finite and > 0 (a Dirichlet parameter per state)")
+        k = concentration.shape[0]
+        if startprob.shape != (k,):
+            raise NanoMarkovError(f"startprob must have shape ({k},) to match concentration, got {startprob.shape}")
+        _check_distribution("startprob", startprob)
+        if support_size.ndim != 0 or support_size != np.round(support_size) or not 1 <= support_size <= k:
+            raise NanoMarkovError(f"support_size must be a single integer in 1..{k} (K: dense rows), got {support_size}")
+        if support_size < k and np.ptp(concentration) != 0:
+            raise NanoMarkovError(
+                "a sparse in-context chain needs the same concentration for every state "
+                "(the exact predictor over random supports relies on that symmetry)"
+            )
+        for array in (concentration, startprob, support_size):
+            array.flags.writeable = False
+        self.concentration = concentration
+        self.startprob = startprob
+        self.support_size = support_size
+        self._theory = {}  # (seq_len, n_sequences) -> theory dict; the process is immutable
+
+    @classmethod
+    def random(cls, n_states, seed=42, alpha=1.0, sparsity=None):
+        """The in-context chain with rows ~ Dirichlet(alpha), sparse by MarkovChain.random's rule, uniform start.
+
+        Nothing here is random -- the randomness is in every sequence's own
+        matrix -- so `seed` only keeps the signature of the other processes.
+        """
+        _check_random_parameters(n_states, alpha, sparsity)
+        support = max(1, int(n_states * (100 - sparsity) / 100)) if sparsity else n_states
+        return cls(np.full(n_states, float(alpha)), np.full(n_states, 1.0 / n_states), support)
+
+    def options(self):
+        return {}
+
+    @staticmethod
+    def folder_name(n_states):
+        return f"icl{n_states}"
+
+    @property
+    def n_states(self):
+        return self.concentration.shape[0]
+
+    @property
+    def n_support(self):
+        return int(self.support_size)
+
+    bos_token = MarkovChain.bos_token  # K
+    vocab_size = MarkovChain.vocab_size  # K + 1
+    uniform_loss = MarkovChain.uniform_loss  # log K
+    check_tokens = MarkovChain.check_tokens
+    _check_seq_len = MarkovChain._check_seq_len
+
+    def _block(self):
+        return max(1, BLOCK_ENTRIES // self.n_states**2)
+
+    # --------------------------------------------------------- the predictor
+
+    def _weights(self, row_counts):
+        """Unnormalised posterior predictive n_j + alpha_j c_j from the current row's counts (n, K)."""
+        k, m = self.n_states, self.n_support
+        seen = row_counts > 0
+        distinct = seen.sum(axis=1, keepdims=True)
+        # Clipped at 0: more distinct targets than m never happens in sampled data, and then
+        # the unseen states simply get no weight instead of a negative one.
+        unseen_in_support = np.maximum(m - distinct, 0) / np.maximum(k - distinct, 1)
+        return row_counts + self.concentration * np.where(seen, 1.0, unseen_in_support)
+
+    def _predictive(self, row_counts):
+        weights = self._weights(row_counts)
+        return weights / weights.sum(axis=1, keepdims=True)
+
+    def optimal_log_probs(self, tokens):
+        """The Bayes predictor's next-state log-probs for BOS-led sequences (n, L): shape (n, L-1, K), float64.
+
+        Entry [:, t] predicts tokens[:, t+1] from tokens[:, :t+1]: log startprob
+        after BOS, then the posterior predictive of the current state's row
+        given the transitions seen so far (-inf where a probability is 0).
+        """
+        tokens = np.asarray(self.check_tokens(tokens), dtype=np.int64)
+        n, positions, k = tokens.shape[0], tokens.shape[1] - 1, self.n_states
+        out = np.empty((n, positions, k))
+        with np.errstate(divide="ignore"):
+            out[:, 0] = np.log(self.startprob)
+            for lo in range(0, n, self._block()):
+                states = tokens[lo : lo + self._block(), 1:]
+                rows = np.arange(states.shape[0])
+                counts = np.zeros((states.shape[0], k, k))
+                for t in range(1, positions):
+                    if t >= 2:  # the transition x_{t-1} -> x_t joins the counts
+                        counts[rows, states[:, t - 2], states[:, t - 1]] += 1
+                    out[lo : lo + len(rows), t] = np.log(self._predictive(counts[rows, states[:, t - 1]]))
+        return out
+
+    def true_loss(self, tokens):
+        """Exact cross-entropy of the Bayes predictor on given BOS-led sequences (n, seq_len).
+
+        Computed as -log P(sequence) / (L-1) from the closed form in the module
+        docstring (transition counts only, no per-position pass); by the chain
+        rule this equals the mean NLL of optimal_log_probs.
+        """
+        tokens = self.check_tokens(tokens)
+        n, length, k, m = tokens.shape[0], tokens.shape[1], self.n_states, self.n_support
+        n_max = max(length - 2, 0)  # transitions per sequence
+        log_rising = _log_rising(self.concentration, n_max)  # (K, n_max+1)
+        # A row's total prior weight: sum(alpha) dense, m alpha sparse (one alpha then).
+        log_rising_total = _log_rising(self.concentration.sum() * m / k, n_max)
+        # log P(the support holds the d seen states) = log C(K-d, m-d) - log C(K, m); impossible if d > m.
+        log_support = np.array([_log_binomial(k - d, m - d) - _log_binomial(k, m) if d <= m else -np.inf
+                                for d in range(k + 1)])
+        with np.errstate(divide="ignore"):
+            total = -np.log(self.startprob)[np.asarray(tokens[:, 1], dtype=np.int64)].sum()
+        for lo in range(0, n, self._block()):
+            states = np.asarray(tokens[lo : lo + self._block(), 1:], dtype=np.int64)
+            b = states.shape[0]
+            pairs = (np.arange(b)[:, None] * k + states[:, :-1]) * k + states[:, 1:]
+            counts = np.bincount(pairs.ravel(), minlength=b * k * k).reshape(b, k, k)
+            total -= log_rising[np.arange(k), counts].sum()
+            total += log_rising_total[counts.sum(axis=2)].sum()
+            total -= log_support[(counts > 0).sum(axis=2)].sum()
+        return float(total / (n * (length - 1)))
+
+    # -------------------------------------------------------------- sampling
+
+    def sample(self, n_sequences, seq_len, rng):
+        """n_sequences BOS-led sequences of seq_len tokens, shape (n, seq_len).
+
+        A Polya urn: each next state is drawn from the posterior predictive given
+        the sequence so far, which by the chain rule is exactly the law of
+        "draw a matrix, then walk it". It takes one uniform per token (a
+        contiguous run of L-1 per sequence, so the bytes do not depend on how
+        the sequences are chunked), where drawing matrices would need K^2 gamma
+        variates per sequence whose rejection sampler takes a variable amount
+        of the stream. `theory` draws the matrices, and the tests check that
+        both give the same process.
+        """
+        self._check_seq_len(seq_len)
+        k = self.n_states
+        out = np.empty((n_sequences, seq_len), dtype=token_dtype(self.vocab_size))
+        out[:, 0] = self.bos_token
+        for lo in range(0, n_sequences, self._block()):
+            uniforms = rng.random((min(self._block(), n_sequences - lo), seq_len - 1))
+            rows = np.arange(uniforms.shape[0])
+            counts = np.zeros((len(rows), k, k))
+            state = _inverse_cdf(np.broadcast_to(self.startprob, (len(rows), k)), uniforms[:, 0])
+            out[lo : lo + len(rows), 1] = state
+            for t in range(1, seq_len - 1):
+                following = _inverse_cdf(self._weights(counts[rows, state]), uniforms[:, t])
+                counts[rows, state, following] += 1
+                state = following
+                out[lo : lo + len(rows), t + 1] = state
+        return out
+
+    def sample_matrices(self, n_sequences, rng):
+        """n_sequences random transition matrices from the prior, shape (n, K, K)."""
+        k, m = self.n_states, self.n_support
+        if m == k:
+            return rng.dirichlet(self.concentration, size=(n_sequences, k))
+        support = np.argsort(rng.random((n_sequences, k, k)), axis=2)[:, :, :m]
+        matrices = np.zeros((n_sequences, k, k))
+        weights = rng.dirichlet(self.concentration[:m], size=(n_sequences, k))
+        np.put_along_axis(matrices, support, weights, axis=2)
+        return matrices
+
+    def walk(self, matrices, uniforms):
+        """The states x1..x_{L-1} (n, L-1) of each matrix's chain from startprob, one uniform (n, L-1) per step."""
+        n, steps = uniforms.shape
+        rows = np.arange(n)
+        states = np.empty((n, steps), dtype=np.int64)
+        states[:, 0] = _inverse_cdf(np.broadcast_to(self.startprob, (n, self.n_states)), uniforms[:, 0])
+        for t in range(1, steps):
+            states[:, t] = _inverse_cdf(matrices[rows, states[:, t - 1]], uniforms[:, t])
+        return states
+
+    # ---------------------------------------------------------------- theory
+
+    def theory(self, seq_len, n_sequences=None):
+        """Monte-Carlo theory for sequences of seq_len tokens, each estimate with its standard error (*_se).
+
+        Per-position expectations are averaged given the past (entropies of the
+        predictive distributions rather than sampled log-losses): unbiased, and
+        with a far smaller variance. Keys:
+          optimal_loss, optimal_accuracy  the Bayes predictor (argmax for accuracy)
+          oracle_loss                     the predictor that knows the sequence's matrix
+          unigram_in_context_loss         add-concentration counts of the states seen so far,
+                                          ignoring the current state (startprob for x1)
+          unigram_loss                    H(average state distribution over the predicted positions)
+          entropy_rate                    E over matrices of the chain's entropy rate: the oracle's
+                                          per-token loss far from the start, which the Bayes
+                                          predictor also approaches as sequences grow
+          uniform_loss                    log K (exact)
+        `n_sequences` defaults to THEORY_SEQUENCES (fewer for large K); the seed is THEORY_SEED.
+        """
+        self._check_seq_len(seq_len)
+        if n_sequences is None:
+            budget = THEORY_ENTRIES // self.n_states**2
+            n_sequences = max(MIN_THEORY_SEQUENCES, min(THEORY_SEQUENCES, budget))
+        key = (seq_len, n_sequences)
+        if key not in self._theory:
+            self._theory[key] = self._monte_carlo(seq_len, n_sequences)
+        return dict(self._theory[key])
+
+    def _monte_carlo(self, seq_len, n_sequences):
+        rng = np.random.default_rng(THEORY_SEED)
+        parts = []
+        for lo in range(0, n_sequences, self._block()):
+            b = min(self._block(), n_sequences - lo)
+            matrices = self.sample_matrices(b, rng)
+            states = self.walk(matrices, rng.random((b, seq_len - 1)))
+            parts.append(self._per_sequence(matrices, states) | {"entropy_rate": self._entropy_rates(matrices)})
+        per_sequence = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        theory = {}
+        for name in ("entropy_rate", "optimal_loss", "optimal_accuracy", "oracle_loss", "unigram_in_context_loss"):
+            values = per_sequence[name]
+            theory[name] = float(values.mean())
+            theory[f"{name}_se"] = float(values.std(ddof=1) / np.sqrt(n_sequences))
+        # unigram_loss = H(mean marginal); its standard error by the delta method (gradient -(log p + 1)).
+        marginals = per_sequence["marginal"]
+        mean = marginals.mean(axis=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            gradient = np.where(mean > 0, -(np.log(mean) + 1), 0.0)
+        theory["unigram_loss"] = float(entropy(mean))
+        theory["unigram_loss_se"] = float((marginals @ gradient).std(ddof=1) / np.sqrt(n_sequences))
+        theory["uniform_loss"] = self.uniform_loss
+        theory["monte_carlo_sequences"] = n_sequences
+        return theory
+
+    def _per_sequence(self, matrices, states):
+        """Per sequence, the mean over predicted positions of each predictor's expected loss given the past.
+
+        Position 0 predicts x1 from startprob for every predictor; position t
+        predicts x_{t+1} given x1..x_t (states[:, :t]), whose law given the past
+        is the Bayes predictive p, so a predictor q costs -sum_j p_j log q_j there
+        (H(p) for q = p), and the oracle costs H(P[x_t]) given the matrix.
+        """
+        n, positions = states.shape
+        k, rows = self.n_states, np.arange(n)
+        start_entropy = float(entropy(self.startprob))
+        sums = {name: np.full(n, start_entropy) for name in ("optimal_loss", "oracle_loss", "unigram_in_context_loss")}
+        sums["optimal_accuracy"] = np.full(n, self.startprob.max())
+        marginal = np.tile(self.startprob, (n, 1))
+        row_entropies = entropy(matrices, axis=2)
+        counts = np.zeros((n, k, k))
+        seen = np.zeros((n, k))  # states seen so far, for the unigram-in-context predictor
+        seen[rows, states[:, 0]] = 1
+        for t in range(1, positions):
+            current = states[:, t - 1]
+            if t >= 2:
+                counts[rows, states[:, t - 2], current] += 1
+            p = self._predictive(counts[rows, current])
+            unigram = (seen + self.concentration) / (t + self.concentration.sum())
+            sums["optimal_loss"] += entropy(p, axis=1)
+            sums["optimal_accuracy"] += p.max(axis=1)
+            sums["oracle_loss"] += row_entropies[rows, current]
+            sums["unigram_in_context_loss"] -= (p * np.log(unigram)).sum(axis=1)
+            marginal += p
+            seen[rows, states[:, t]] += 1
+        return {name: total / positions for name, total in sums.items()} | {"marginal": marginal / positions}
+
+    def _entropy_rates(self, matrices):
+        """Each matrix's entropy rate sum_s pi_s H(P_s), with pi its stationary distribution.
+
+        A matrix with one closed class (dense ones always) has one stationary
+        distribution, found by one batched solve; the others (several closed
+        classes, from sparse rows) go one by one through MarkovChain.stationary,
+        which takes the long-run distribution from startprob.
+        """
+        n, k = matrices.shape[:2]
+        reach = ((matrices > 0) | np.eye(k, dtype=bool)).astype(np.float32)
+        for _ in range(max(1, math.ceil(math.log2(k)))):  # transitive closure by repeated squaring
+            reach = np.minimum(reach @ reach, 1.0)
+        reach = reach > 0
+        back = np.swapaxes(reach, 1, 2)
+        recurrent = np.all(~reach | back, axis=2)  # i is recurrent iff everything it reaches reaches it back
+        # Count closed classes by their lowest-numbered member.
+        has_lower_member = np.any(reach & back & np.tri(k, k, -1, dtype=bool), axis=2)
+        single = (recurrent & ~has_lower_member).sum(axis=1) == 1
+        pi = np.empty((n, k))
+        system = np.swapaxes(matrices[single], 1, 2) - np.eye(k)
+        system[:, -1] = 1.0  # pi (P - I) = 0 has rank K-1 here; sum(pi) = 1 makes it square and regular
+        rhs = np.zeros((system.shape[0], k, 1))
+        rhs[:, -1] = 1.0
+        pi[single] = np.linalg.solve(system, rhs)[..., 0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # MarkovChain warns that the answer depends on startprob: we want that one
+            for i in np.flatnonzero(~single):
+                pi[i] = MarkovChain(matrices[i], self.startprob).stationary()
+        return (pi * entropy(matrices, axis=2)).sum(axis=1)

@@ -19,8 +19,7 @@ from nanomarkov import NanoMarkovError
 
 # sacct's states of a job that may still run (or run again, once requeued).
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "COMPLETING", "CONFIGURING",
-          "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "STOPPED", "PREEMPTED", "UNKNOWN", "READY",
-          "RUNNING_LOCAL"}  # RUNNING_LOCAL: submitit's local executor, which the tests use without a cluster
+          "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "STOPPED", "PREEMPTED", "UNKNOWN", "READY"}
 # A job sacct has not heard of after this long will not show up: accounting is down or the job is lost.
 UNKNOWN_GIVE_UP_S = 120
 
@@ -81,7 +80,7 @@ class RunJob:
         finally:
             signal.signal(warning, requeue)
         if warned and result["state"] == "pending" and callable(requeue):
-            requeue(warning, None)  # exits this process; the requeued job calls checkpoint()'s RunJob
+            requeue(warning, None)  # submitit's handler: checkpoint(), scontrol requeue, and exit
         return result
 
     def checkpoint(self):
@@ -90,13 +89,14 @@ class RunJob:
 
 
 def job_states(jobs) -> dict:
-    """Each submitit job's state; SLURM jobs from one sacct call for all of them."""
+    """Each submitit job's state in sacct's words; SLURM jobs from one sacct call for all of them.
+    (submitit's local executor, the tests' cluster-free stand-in, says RUNNING or FINISHED.)"""
     submitit = _submitit()
     slurm = [job for job in jobs if isinstance(job, submitit.SlurmJob)]
     if slurm:
         slurm[0].watcher.update()
-    return {job: (job.watcher.get_state(job.job_id, mode="cache") if job in slurm
-                  else {"RUNNING": "RUNNING_LOCAL", "FINISHED": "COMPLETED"}.get(job.state, "FAILED")).split()[0]
+    return {job: (job.watcher.get_state(job.job_id, mode="cache").split()[0] if job in slurm
+                  else {"RUNNING": "RUNNING", "FINISHED": "COMPLETED"}.get(job.state, "FAILED"))
             for job in jobs}
 
 
@@ -149,7 +149,7 @@ def run_jobs(executor, specs, threads, on_submit, on_start, on_finish, poll_s=1.
         time.sleep(poll_s)
         for job, state in job_states(list(waiting)).items():
             spec = waiting[job]
-            if state in ("RUNNING", "RUNNING_LOCAL") and job not in running:
+            if state == "RUNNING" and job not in running:
                 running.add(job)
                 on_start(spec)
             lost = state == "UNKNOWN" and time.time() - submitted > UNKNOWN_GIVE_UP_S

@@ -1,4 +1,5 @@
-"""A grid of training runs is data: a TOML file, expanded into run specs and run locally.
+"""A grid of training runs is data: a TOML file, expanded into run specs and run locally
+(in this process or a pool of them) or on SLURM (nanomarkov/slurm.py).
 
     [defaults]          TrainConfig overrides for every run
     [[datasets]]        n_states, train, val (sequences); sparsity, seq_len, seed (default 42) optional
@@ -7,7 +8,9 @@
 Everything lands under one folder OUT:
     OUT/data/mm{K}[-sparse-S]               one dataset folder per [[datasets]] entry
     OUT/runs/MM-{id}/MM-{id}-{seed}          the seed's run names (MM-{id}-extra/... for c1..c12)
-    OUT/sweep.json                           the manifest: each run's spec, state, timings, error
+    OUT/sweep.json                           the manifest: each run's spec, state, timings, error,
+                                             SLURM job id; the sweep's host and pid (sweep_status.py)
+    OUT/slurm/                               submitit's job scripts and logs (--launcher slurm)
 
 A sweep can be stopped and started again at any moment: a finished run (done.json)
 is skipped, a run with a checkpoint is resumed, the rest train from scratch. A
@@ -276,8 +279,8 @@ def run_sweep(grid, out_root, jobs=1, dry_run=False, progress=print, threads=Non
         for name, job_id in job_ids.items():
             runs[name].update(job_id=job_id, submitted=now)
         _save(manifest, out_root)
-        progress(f"submitted {len(job_ids)} SLURM jobs ({', '.join(sorted(set(j.split('_')[0] for j in job_ids.values())))}); "
-                 f"logs under {Path(out_root) / 'slurm'}")
+        arrays = sorted({job_id.split("_")[0] for job_id in job_ids.values()})
+        progress(f"submitted {len(job_ids)} runs as SLURM job {', '.join(arrays)}; logs under {Path(out_root) / 'slurm'}")
 
     def finish(spec, result):
         runs[spec.name].update(result, finished=time.time())

@@ -35,9 +35,13 @@ def wait_until(condition, timeout_s, what):
 
 def freeze_mid_run(find_pid, run_dir):
     """Stop the run's process once training has begun, and let it go on in 10 ms slices until its
-    first checkpoint is written: the signal that follows then lands mid-run, whatever the machine's load."""
+    first checkpoint is written: the signal that follows then lands mid-run, whatever the machine's load.
+    find_pid returns the process, or None until it exists (found before training starts: a tiny run
+    trains in a fraction of a second)."""
+    pids = []
+    wait_until(lambda: pids.append(find_pid()) or pids[-1] is not None, 120, f"the process of {run_dir}")
+    pid = pids[-1]
     wait_until(lambda: (run_dir / "log.jsonl").exists(), 120, f"{run_dir} to start training")
-    pid = find_pid()
     os.kill(pid, signal.SIGSTOP)
     while not (run_dir / "ckpt.pt").exists():
         os.kill(pid, signal.SIGCONT)
@@ -144,9 +148,14 @@ def test_submitit_local_executor_preempted_run_resumes_and_matches(tmp_path):
         controller = int(next(iter(job_ids.values())))
 
         def task():  # the local executor's controller starts the job as its child
-            children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
-                        and (p / "stat").exists() and int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == controller]
-            return children[0]
+            children = []
+            for proc in Path("/proc").iterdir():
+                try:
+                    if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == controller:
+                        children.append(int(proc.name))
+                except OSError:  # a process that ended while we looked
+                    pass
+            return children[0] if children else None
 
         def signal_it():
             pid = freeze_mid_run(task, run_dir)
@@ -207,11 +216,16 @@ def test_tiny_grid_on_slurm_cancelled_run_resumes_and_matches_local(cluster, tmp
     with pytest.raises(NanoMarkovError, match="is in use: SLURM still has"):  # its jobs are queued or running
         run_sweep(TINY, out, launcher="slurm")
 
-    def job_pid():
-        raw = subprocess.run(["squeue", "-h", "-j", job, "-o", "%A"], capture_output=True, text=True).stdout.split()[0]
-        pids = subprocess.run(["scontrol", "listpids", raw], capture_output=True, text=True).stdout.split("\n")[1:]
-        return next(int(line.split()[0]) for line in pids if line.strip() and
-                    b"submitit.core._submit" in Path(f"/proc/{line.split()[0]}/cmdline").read_bytes())
+    def job_pid():  # the job's Python process, once SLURM has started it
+        raw = subprocess.run(["squeue", "-h", "-j", job, "-o", "%A"], capture_output=True, text=True).stdout.split()
+        listed = subprocess.run(["scontrol", "listpids", *raw[:1]], capture_output=True, text=True).stdout.split("\n")
+        for pid in [line.split()[0] for line in listed[1:] if raw and line.strip()]:
+            try:
+                if b"submitit.core._submit" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return int(pid)
+            except OSError:
+                pass
+        return None
 
     freeze_mid_run(job_pid, run_dir)
     subprocess.run(["scancel", job], check=True)  # SLURM sends SIGCONT, then SIGTERM

@@ -11,6 +11,7 @@ to start of the jobs that found a free CPU, and the job's time beyond the run's 
 (Python, torch and submitit starting up in the job).
 """
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -61,6 +62,7 @@ def main():
     parser.add_argument("--no-slurm", action="store_true", help="only the local launcher")
     args = parser.parse_args()
     slurm = not args.no_slurm and shutil.which("sbatch") is not None
+    load = os.getloadavg()[0]  # other work on the machine slows every column, --jobs 1's two threads most
     lines = ["| grid | --jobs 1 | --jobs 2 | ratio | SLURM | submit→start | job beyond its run |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for label, grid in GRIDS.items():
@@ -80,7 +82,8 @@ def main():
         "agreement, report); ratio = --jobs 1 / --jobs 2. SLURM: the one-node cluster of "
         "`scripts/slurm_local.sh up`, `--launcher slurm --cpus_per_task 1`; from sacct (1 s resolution), the "
         "median wait from submission to start of the jobs that found a free CPU, and the median time a job "
-        "takes beyond its run (Python, torch and submitit starting in the job, the result written back).",
+        "takes beyond its run (Python, torch and submitit starting in the job, the result written back). "
+        f"Load average when it started: {load:.1f}.",
         "",
         *lines,
     ])

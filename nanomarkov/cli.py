@@ -291,6 +291,7 @@ def build_parser():
 
     sw = verbs.add_parser("sweep", help="train and evaluate a whole grid of runs (grids/*.toml); 'sweep status DIR' shows it",
                           epilog="examples: nanomarkov sweep grids/tiny.toml --out sweeps/tiny --jobs 2 | "
+                                 "nanomarkov sweep grids/tiny.toml --out sweeps/tiny --launcher slurm | "
                                  "nanomarkov sweep status sweeps/tiny")
     sw.add_argument("target", help="a grid file (TOML), or 'status'")
     sw.add_argument("folder", nargs="?", help="with 'status': the sweep's folder")
@@ -300,13 +301,13 @@ def build_parser():
     sw.add_argument("--launcher", choices=["local", "slurm"], default="local",
                     help="local processes (default), or one SLURM job array through submitit (CLUSTER.md)")
     cl = sw.add_argument_group("SLURM (with --launcher slurm)")
-    cl.add_argument("--slurm_partition", default=None, help="partition to submit to (default: the cluster's)")
-    cl.add_argument("--time", type=int, default=None, help="time limit per run in minutes (default 60); "
+    cl.add_argument("--slurm_partition", default=None, metavar="P", help="partition to submit to (default: the cluster's)")
+    cl.add_argument("--time", type=int, default=None, metavar="MIN", help="time limit per run in minutes (default 60); "
                     "a run that reaches it checkpoints and is requeued")
-    cl.add_argument("--cpus_per_task", type=int, default=None, help="CPUs per run, also its torch threads (default 1)")
-    cl.add_argument("--gpus_per_task", type=int, default=None, help="GPUs per run")
-    cl.add_argument("--mem", default=None, help="memory per run, e.g. 4G")
-    cl.add_argument("--array_parallelism", type=int, default=None, help="runs at once at most")
+    cl.add_argument("--cpus_per_task", type=int, default=None, metavar="N", help="CPUs per run, also its torch threads (default 1)")
+    cl.add_argument("--gpus_per_task", type=int, default=None, metavar="N", help="GPUs per run")
+    cl.add_argument("--mem", default=None, metavar="X", help="memory per run, e.g. 4G")
+    cl.add_argument("--array_parallelism", type=int, default=None, metavar="N", help="runs at once at most")
     cl.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
                     help="any other sbatch option, repeatable: --sbatch account=mylab --sbatch qos=low")
     sw.set_defaults(func=cmd_sweep)

@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 # on a GPU machine install your own torch (>= 2.2) first and set TORCH= (empty).
 TORCH ?= torch==2.13.0
 # `make test` adds the test tools and the extras whose tests must run: TransformerLens
-# (interp, ~0.6 GB) and submitit (cluster). TEST_EXTRAS=dev skips those tests.
+# (interp, ~0.6 GB) and submitit (cluster). TEST_EXTRAS=dev skips those tests
+# (the SLURM ones also need root, to start a local cluster).
 TEST_EXTRAS ?= dev,interp,cluster
 
 .PHONY: install demo test bench grid-tiny grid-seed grid-status clean

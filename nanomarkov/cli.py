@@ -194,7 +194,9 @@ def cmd_report(args):
 
 
 def cmd_sweep(args):
-    from nanomarkov.sweep import format_status, run_sweep, sweep_status
+    from nanomarkov.slurm import SLURM_FLAGS
+    from nanomarkov.sweep import run_sweep
+    from nanomarkov.sweep_status import format_status, sweep_status
 
     if args.target == "status":
         if not args.folder or args.out or args.dry_run or args.jobs != 1:
@@ -205,11 +207,17 @@ def cmd_sweep(args):
         raise NanoMarkovError(f"unexpected {args.folder!r}: nanomarkov sweep GRID --out DIR [--jobs N] [--dry-run]")
     if not args.out:
         raise NanoMarkovError("say where the sweep goes: nanomarkov sweep GRID --out DIR")
-    manifest = run_sweep(args.target, args.out, jobs=args.jobs, dry_run=args.dry_run)
+    slurm = {flag: getattr(args, flag) for flag in SLURM_FLAGS if getattr(args, flag) not in (None, [])}
+    if args.launcher == "local" and slurm:
+        raise NanoMarkovError(f"--{next(iter(slurm))} is a SLURM option: add --launcher slurm")
+    if args.launcher == "slurm" and args.jobs != 1:
+        raise NanoMarkovError("--jobs is the local launcher's; on SLURM use --array_parallelism N")
+    manifest = run_sweep(args.target, args.out, jobs=args.jobs, dry_run=args.dry_run, launcher=args.launcher,
+                         slurm=slurm if args.launcher == "slurm" else None)
     if not args.dry_run:
         print(format_status(sweep_status(args.out)))
     states = {run["state"] for run in manifest["runs"].values()}
-    return 1 if "failed" in states else 0
+    return 1 if states & {"failed", "cancelled"} else 0
 
 
 def cmd_export(args):
@@ -288,12 +296,25 @@ def build_parser():
 
     sw = verbs.add_parser("sweep", help="train and evaluate a whole grid of runs (grids/*.toml); 'sweep status DIR' shows it",
                           epilog="examples: nanomarkov sweep grids/tiny.toml --out sweeps/tiny --jobs 2 | "
+                                 "nanomarkov sweep grids/tiny.toml --out sweeps/tiny --launcher slurm | "
                                  "nanomarkov sweep status sweeps/tiny")
     sw.add_argument("target", help="a grid file (TOML), or 'status'")
     sw.add_argument("folder", nargs="?", help="with 'status': the sweep's folder")
     sw.add_argument("--out", default=None, help="folder for the datasets, runs, sweep.json and report")
     sw.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process (default 1)")
     sw.add_argument("--dry-run", action="store_true", help="print what would be trained, resumed or skipped; write nothing")
+    sw.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                    help="local processes (default), or one SLURM job array through submitit (CLUSTER.md)")
+    cl = sw.add_argument_group("SLURM (with --launcher slurm)")
+    cl.add_argument("--slurm_partition", default=None, metavar="P", help="partition to submit to (default: the cluster's)")
+    cl.add_argument("--time", type=int, default=None, metavar="MIN", help="time limit per run in minutes (default 60); "
+                    "a run that reaches it checkpoints and is requeued")
+    cl.add_argument("--cpus_per_task", type=int, default=None, metavar="N", help="CPUs per run, also its torch threads (default 1)")
+    cl.add_argument("--gpus_per_task", type=int, default=None, metavar="N", help="GPUs per run")
+    cl.add_argument("--mem", default=None, metavar="X", help="memory per run, e.g. 4G")
+    cl.add_argument("--array_parallelism", type=int, default=None, metavar="N", help="runs at once at most")
+    cl.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
+                    help="any other sbatch option, repeatable: --sbatch account=mylab --sbatch qos=low")
     sw.set_defaults(func=cmd_sweep)
 
     ex = verbs.add_parser("export", help="write a checkpoint's model as model.safetensors + config.json (no pickle)",

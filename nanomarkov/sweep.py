@@ -1,4 +1,5 @@
-"""A grid of training runs is data: a TOML file, expanded into run specs and run locally.
+"""A grid of training runs is data: a TOML file, expanded into run specs and run locally
+(in this process or a pool of them) or on SLURM (nanomarkov/slurm.py).
 
     [defaults]          TrainConfig overrides for every run
     [[datasets]]        n_states, train, val (sequences); sparsity, seq_len, seed (default 42) optional
@@ -7,7 +8,9 @@
 Everything lands under one folder OUT:
     OUT/data/mm{K}[-sparse-S]               one dataset folder per [[datasets]] entry
     OUT/runs/MM-{id}/MM-{id}-{seed}          the seed's run names (MM-{id}-extra/... for c1..c12)
-    OUT/sweep.json                           the manifest: each run's spec, state, timings, error
+    OUT/sweep.json                           the manifest: each run's spec, state, timings, error,
+                                             SLURM job id; the sweep's host and pid (sweep_status.py)
+    OUT/slurm/                               submitit's job scripts and logs (--launcher slurm)
 
 A sweep can be stopped and started again at any moment: a finished run (done.json)
 is skipped, a run with a checkpoint is resumed, the rest train from scratch. A
@@ -17,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import socket
 import time
 import tomllib
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -223,26 +227,42 @@ def _save(manifest, out_root):
     os.replace(partial, path)
 
 
-def run_sweep(grid, out_root, jobs=1, dry_run=False, progress=print, threads=None) -> dict:
+def run_sweep(grid, out_root, jobs=1, dry_run=False, progress=print, threads=None, launcher="local",
+              slurm=None) -> dict:
     """Generate the grid's datasets, train and evaluate every run, report; returns the manifest.
 
-    jobs > 1 runs that many trainings at once in fresh processes, each with
-    `threads` torch threads (default: the machine's cores shared out evenly).
+    launcher "local": jobs > 1 runs that many trainings at once in fresh processes,
+    each with `threads` torch threads (default: the machine's cores shared out evenly).
+    launcher "slurm": one job array through submitit; `slurm` holds slurm.slurm_executor's
+    options, and each run gets cpus_per_task threads.
     """
     from nanomarkov.data import generate_dataset
 
     specs = expand_grid(grid, out_root)
     if not isinstance(jobs, int) or jobs < 1:
         raise NanoMarkovError(f"jobs must be a positive integer, got {jobs!r}")
+    if launcher not in ("local", "slurm"):
+        raise NanoMarkovError(f"launcher must be local or slurm, got {launcher!r}")
+    executor = None
+    if launcher == "slurm":
+        from nanomarkov.slurm import slurm_executor
+
+        slurm = dict(slurm or {})
+        executor = slurm_executor(Path(out_root) / "slurm", **slurm)
+        threads = slurm.get("cpus_per_task", 1)
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     runs = {s.name: {"spec": dataclasses.asdict(s), "state": "pending", "action": plan(s)} for s in specs}
-    manifest = {"grid": None if isinstance(grid, dict) else str(grid), "jobs": jobs, "threads": threads,
+    manifest = {"grid": None if isinstance(grid, dict) else str(grid), "launcher": launcher, "jobs": jobs,
+                "threads": threads, "slurm": slurm, "host": socket.gethostname(), "pid": os.getpid(),
                 "started": time.time(), "runs": runs}
     if dry_run:
         for s in specs:
             progress(f"{runs[s.name]['action']:6} {s.name}  (preset {s.preset}, seed {s.seed}, data {s.data_dir})")
         progress(f"{len(specs)} runs; dry run, nothing written")
         return manifest
+    from nanomarkov.sweep_status import refuse_if_still_running
+
+    refuse_if_still_running(out_root)
     Path(out_root).mkdir(parents=True, exist_ok=True)
     _save(manifest, out_root)
     for data_dir, params in {s.data_dir: s.dataset for s in specs}.items():
@@ -254,20 +274,38 @@ def run_sweep(grid, out_root, jobs=1, dry_run=False, progress=print, threads=Non
         runs[spec.name].update(state="running", started=time.time())
         _save(manifest, out_root)
 
+    def submitted(job_ids):
+        now = time.time()
+        for name, job_id in job_ids.items():
+            runs[name].update(job_id=job_id, submitted=now)
+        _save(manifest, out_root)
+        arrays = sorted({job_id.split("_")[0] for job_id in job_ids.values()})
+        progress(f"submitted {len(job_ids)} runs as SLURM job {', '.join(arrays)}; logs under {Path(out_root) / 'slurm'}")
+
     def finish(spec, result):
         runs[spec.name].update(result, finished=time.time())
         _save(manifest, out_root)
-        count = sum(r["state"] in ("done", "failed") for r in runs.values())
+        count = sum(r["state"] in ("done", "failed", "cancelled") for r in runs.values())
         if result["state"] == "done":
             what = f"{result['iters']} iters, excess {result['excess']:+.6f} nats, {result['seconds']:.1f}s"
         else:
             what = result["error"]
-        progress(f"[{count}/{len(specs)}] {spec.name}: {result['state']} ({result.get('action')}): {what}")
-        if result["state"] == "pending":  # train() saw Ctrl-C or SIGTERM: the whole sweep stops
+        progress(f"[{count}/{len(specs)}] {spec.name}: {result['state']} ({runs[spec.name]['action']}): {what}")
+        if result["state"] == "pending" and executor is None:  # train() saw Ctrl-C or SIGTERM: the sweep stops
             raise KeyboardInterrupt
 
     try:
-        if jobs == 1:  # in this process: no start-up cost, and tracebacks stay readable under a debugger
+        if executor is not None:
+            # A finished run is skipped here, where its eval is checked, rather than costing a job.
+            for spec in [s for s in specs if runs[s.name]["action"] == "skip"]:
+                start(spec)
+                finish(spec, run_one(spec, threads))
+            from nanomarkov.slurm import run_jobs
+
+            todo = [s for s in specs if runs[s.name]["action"] != "skip"]
+            if todo:
+                run_jobs(executor, todo, threads, submitted, start, finish)
+        elif jobs == 1:  # in this process: no start-up cost, and tracebacks stay readable under a debugger
             for spec in specs:
                 start(spec)
                 finish(spec, run_one(spec, threads))
@@ -291,7 +329,7 @@ def run_sweep(grid, out_root, jobs=1, dry_run=False, progress=print, threads=Non
                         finish(spec, result)
     except KeyboardInterrupt:
         for run in runs.values():
-            if run["state"] == "running":
+            if run["state"] == "running" and "job_id" not in run:  # SLURM jobs go on without us
                 run.update(state="pending", error="interrupted; run the sweep again to resume")
         _save(manifest, out_root)
         raise
@@ -335,50 +373,3 @@ def _evaluate_families(specs, runs, progress):
             evaluate_checkpoints([f / "ckpt.pt" for f in folders])
         except NanoMarkovError as e:
             progress(f"agreement skipped: {e}")
-
-
-# ------------------------------------------------------------------ status
-
-def _last_line(path):
-    try:
-        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
-    except OSError:
-        return None
-    return lines[-1] if lines else None
-
-
-def sweep_status(out_root) -> list:
-    """One row per run of the sweep in out_root: name, state, iters, excess, error, last log line."""
-    manifest = _read_json(Path(out_root) / MANIFEST)
-    if manifest is None:
-        raise NanoMarkovError(f"{out_root} holds no readable {MANIFEST}; start a sweep there with "
-                              f"nanomarkov sweep GRID --out {out_root}")
-    rows = []
-    for name, run in manifest["runs"].items():
-        folder = Path(out_root) / "runs" / name
-        done, ev = _read_json(folder / "done.json") or {}, _read_json(folder / "eval.json")
-        try:  # a run under way: its latest logged iteration (a line cut by a kill reads as none)
-            iters = done.get("iters", json.loads(_last_line(folder / "log.jsonl") or "{}").get("iter"))
-        except ValueError:
-            iters = None
-        excess = ev["cross_entropy"]["excess"] if ev else done.get("excess")
-        rows.append({"name": name, "state": run["state"], "action": run.get("action"), "iters": iters,
-                     "excess": excess, "seconds": run.get("seconds"), "error": run.get("error"),
-                     "last_log_line": _last_line(folder / "training.log") if run["state"] == "failed" else None})
-    return rows
-
-
-def format_status(rows) -> str:
-    table = [("run", "state", "iters", "excess", "time", "note")]
-    for r in rows:
-        note = " | ".join(x for x in (r["error"], r["last_log_line"] and f"log: {r['last_log_line']}") if x)
-        table.append((r["name"], r["state"], "-" if r["iters"] is None else str(r["iters"]),
-                      "-" if r["excess"] is None else f"{r['excess']:+.6f}",
-                      "-" if r["seconds"] is None else f"{r['seconds']:.0f}s", note))
-    widths = [max(len(row[i]) for row in table) for i in range(5)]
-    lines = ["  ".join([row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:5], widths[1:])), row[5]])
-             .rstrip() for row in table]
-    counts = {}
-    for r in rows:
-        counts[r["state"]] = counts.get(r["state"], 0) + 1
-    return "\n".join(lines + [f"{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))])

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from nanomarkov import NanoMarkovError, sweep
-from nanomarkov.sweep import expand_grid, format_status, run_sweep, sweep_status
+from nanomarkov.sweep import expand_grid, run_sweep
+from nanomarkov.sweep_status import format_status, sweep_status
 
 REPO = Path(__file__).resolve().parent.parent
 # A few seconds of CPU per run: 5 states, 12-token sequences, an 8-wide model.

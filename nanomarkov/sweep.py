@@ -2,11 +2,13 @@
 (in this process or a pool of them) or on SLURM (nanomarkov/slurm.py).
 
     [defaults]          TrainConfig overrides for every run
-    [[datasets]]        n_states, train, val (sequences); sparsity, seq_len, seed (default 42) optional
+    [[datasets]]        n_states, train, val (sequences); sparsity, seq_len, seed (default 42) optional;
+                        process (default "markov") and that process's options (korder: order, ...)
     [[experiments]]     datasets ("all" or [indices]), presets, seeds, overrides {...}, tag (optional)
 
 Everything lands under one folder OUT:
-    OUT/data/mm{K}[-sparse-S]               one dataset folder per [[datasets]] entry
+    OUT/data/mm{K}[-sparse-S]               one dataset folder per [[datasets]] entry (other processes:
+                                             their own names, e.g. OUT/data/mess3, runs OUT/runs/mess3/mess3-42)
     OUT/runs/MM-{id}/MM-{id}-{seed}          the seed's run names (MM-{id}-extra/... for c1..c12)
     OUT/sweep.json                           the manifest: each run's spec, state, timings, error,
                                              SLURM job id; the sweep's host and pid (sweep_status.py)
@@ -28,11 +30,12 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from nanomarkov import NanoMarkovError
-from nanomarkov.config import FIELDS, PRESETS, TrainConfig, mm_id, preset
+from nanomarkov.config import FIELDS, PRESETS, PROCESS_DEFAULTS, TrainConfig, preset
+from nanomarkov.data import PROCESSES, default_data_dir
 
 MANIFEST = "sweep.json"
 TOP_KEYS = ("defaults", "datasets", "experiments")
-DATASET_KEYS = ("n_states", "train", "val", "sparsity", "seq_len", "seed")
+DATASET_KEYS = ("n_states", "train", "val", "sparsity", "seq_len", "seed", "process")
 EXPERIMENT_KEYS = ("datasets", "presets", "seeds", "overrides", "tag")
 # The grid decides these per run; setting them by hand would put runs on top of each other.
 GRID_OWNED = {"data_dir": "each dataset's folder is OUT/data/mm{K}[-sparse-S]",
@@ -44,7 +47,7 @@ GRID_OWNED = {"data_dir": "each dataset's folder is OUT/data/mm{K}[-sparse-S]",
 @dataclasses.dataclass
 class RunSpec:
     name: str           # the run's folder under OUT/runs, e.g. MM-100/MM-100-42
-    dataset: dict       # generate_dataset's parameters: n_states, train, val, sparsity, seq_len, seed
+    dataset: dict       # generate_dataset's parameters: n_states, train, val, sparsity, seq_len, seed, process, options
     data_dir: str
     preset: str
     seed: int
@@ -53,6 +56,8 @@ class RunSpec:
 
     def config(self) -> TrainConfig:
         values = preset(self.preset, self.dataset["n_states"], self.dataset["sparsity"], self.seed)
+        if self.preset == "default":  # as `nanomarkov train DIR` would: attention where the process needs it
+            values.update(PROCESS_DEFAULTS.get(self.dataset.get("process", "markov"), {}))
         return TrainConfig.from_dict({**values, **self.overrides, "data_dir": self.data_dir,
                                       "out_dir": self.out_dir}, f"run {self.name}")
 
@@ -99,13 +104,18 @@ def expand_grid(grid, out_root) -> list:
     datasets, folders = [], {}
     for i, entry in enumerate(grid.get("datasets", [])):
         here = f"{where} [[datasets]] #{i}"
-        _check_keys(entry, DATASET_KEYS, here)
+        process = entry.get("process", "markov") if isinstance(entry, dict) else None
+        if process is not None and process not in PROCESSES:
+            raise NanoMarkovError(f"{here}: unknown process {process!r}; choose from {', '.join(PROCESSES)}")
+        options = PROCESSES[process].OPTIONS if process else ()
+        _check_keys(entry, DATASET_KEYS + options, here)
         missing = [k for k in ("n_states", "train", "val") if k not in entry]
         if missing:
             raise NanoMarkovError(f"{here} lacks {', '.join(missing)}; e.g. n_states = 100, train = 50000, val = 5000")
-        params = {"sparsity": None, "seq_len": None, "seed": 42, **entry}
+        params = {"sparsity": None, "seq_len": None, "seed": 42, "process": "markov", **entry}
         preset("default", params["n_states"], params["sparsity"])  # checks K and sparsity
-        folder = out_root / "data" / f"mm{mm_id(params['n_states'], params['sparsity'])}"
+        folder = out_root / "data" / default_data_dir(params["n_states"], params["sparsity"], process,
+                                                      **{k: entry[k] for k in options if k in entry}).name
         if folder in folders:
             raise NanoMarkovError(f"{here} and #{folders[folder]} would both live in {folder}: "
                                   "a grid holds one dataset per (n_states, sparsity)")
@@ -133,7 +143,10 @@ def expand_grid(grid, out_root) -> list:
             for name in exp.get("presets", ["default"]):
                 for seed in _list_of(exp.get("seeds", [42]), int, f"{here} seeds"):
                     # The preset's own folder, trainings/MM/<group>/<run>, moved under OUT/runs.
-                    run = Path(preset(name, params["n_states"], params["sparsity"], seed)["out_dir"])
+                    if params["process"] == "markov":  # the seed's names: MM-100/MM-100-42, MM-100-extra/...
+                        run = Path(preset(name, params["n_states"], params["sparsity"], seed)["out_dir"])
+                    else:  # as `nanomarkov train DIR` names them: mess3/mess3-42, mess3/mess3-c4-42
+                        run = Path(folder.name) / f"{folder.name}-{'' if name == 'default' else name + '-'}{seed}"
                     run_name = f"{run.parent.name}/{run.name}{'-' + tag if tag else ''}"
                     if run_name in seen:
                         raise NanoMarkovError(f"{here} and {seen[run_name]} both make run {run_name}; "
@@ -267,8 +280,9 @@ def run_sweep(grid, out_root, jobs=1, dry_run=False, progress=print, threads=Non
     _save(manifest, out_root)
     for data_dir, params in {s.data_dir: s.dataset for s in specs}.items():
         progress(f"data {data_dir}")
+        options = {k: v for k, v in params.items() if k not in DATASET_KEYS}
         generate_dataset(data_dir, params["n_states"], params["train"], params["val"], sparsity=params["sparsity"],
-                         seq_len=params["seq_len"], seed=params["seed"])
+                         seq_len=params["seq_len"], seed=params["seed"], process=params["process"], **options)
 
     def start(spec):
         runs[spec.name].update(state="running", started=time.time())

@@ -41,7 +41,8 @@ def test_seed_grid_expands_to_the_seeds_runs(tmp_path):
     c4 = by_name["MM-100-sparse-75-extra/MM-100-sparse-75-extra-c4-s42"]
     assert c4.out_dir == str(tmp_path / "runs" / c4.name)
     assert c4.data_dir == str(tmp_path / "data" / "mm100-sparse-75")
-    assert c4.dataset == {"n_states": 100, "train": 50000, "val": 5000, "sparsity": 75, "seq_len": None, "seed": 42}
+    assert c4.dataset == {"n_states": 100, "train": 50000, "val": 5000, "sparsity": 75, "seq_len": None, "seed": 42,
+                          "process": "markov"}
     cfg = c4.config()
     assert (cfg.one_hot_embed, cfg.mlp_ratio, cfg.n_embd, cfg.grad_accum_steps) == (True, 1, 101, 40)
     assert by_name["MM-10/MM-10-42"].dataset["train"] == 10000
@@ -81,6 +82,8 @@ def test_dict_grid_overrides_tags_and_dataset_choice(tmp_path):
     (lambda g: g["datasets"].append({"n_states": 5, "train": 9, "val": 9}), "both live in"),
     (lambda g: g["datasets"][0].pop("val"), "lacks val"),
     (lambda g: g["defaults"].update(max_iters=-1), "max_iters must be >= 0"),
+    (lambda g: g["datasets"][0].update(process="hmmm"), "unknown process 'hmmm'; choose from markov, korder"),
+    (lambda g: g["datasets"][0].update(order=2), "unknown key 'order' in the grid [[datasets]] #0; valid keys: n_st"),
 ])
 def test_grid_errors_name_the_problem(tmp_path, change, message):
     grid = small_grid()
@@ -183,3 +186,31 @@ def test_dry_run_writes_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
     assert [r["action"] for r in manifest["runs"].values()] == ["train", "train"]
     assert lines[-1] == "2 runs; dry run, nothing written"
+
+
+def test_datasets_of_other_processes_get_their_folders_names_and_recipes(tmp_path):
+    from nanomarkov.config import PROCESS_DEFAULTS, dataset_preset
+    from nanomarkov.data import generate_dataset
+
+    grid = {"datasets": [{"n_states": 4, "train": 8, "val": 4, "seq_len": 8, "process": "korder", "order": 2},
+                         {"n_states": 3, "train": 8, "val": 4, "seq_len": 8, "process": "hmm", "preset": "mess3"}],
+            "experiments": [{"presets": ["default", "c2"], "seeds": [5]}]}
+    specs = expand_grid(grid, tmp_path)
+    assert [s.name for s in specs] == ["mm4-order2/mm4-order2-5", "mm4-order2/mm4-order2-c2-5",
+                                       "mess3/mess3-5", "mess3/mess3-c2-5"]
+    assert [Path(s.data_dir).name for s in specs] == ["mm4-order2", "mm4-order2", "mess3", "mess3"]
+    korder = specs[0].config()
+    assert korder.mlp_only is False and korder.max_iters == PROCESS_DEFAULTS["korder"]["max_iters"]
+    assert specs[1].config().mlp_filter == "RELU"  # a named preset stays what it is
+    # The sweep's default run is the run `nanomarkov train DIR` makes, paths aside.
+    generate_dataset(tmp_path / "mess3", 3, 8, 4, seq_len=8, process="hmm", preset="mess3")
+    by_hand = dataset_preset("default", tmp_path / "mess3", seed=5)
+    paths = ("data_dir", "out_dir", "wandb_run_name")
+    assert {k: v for k, v in specs[2].config().to_dict().items() if k not in paths} == \
+           {k: v for k, v in by_hand.items() if k not in paths}
+
+
+def test_the_processes_grid_expands(tmp_path):
+    specs = expand_grid(REPO / "grids" / "processes.toml", tmp_path)
+    assert sorted({Path(s.data_dir).name for s in specs}) == ["icl3", "mess3", "mm10", "mm5-order2"]
+    assert len(specs) == 8 and all(s.config().mlp_only == (s.dataset["process"] == "markov") for s in specs)

@@ -260,6 +260,11 @@ def _skipped(chain):
             "korder_fidelity": "defined for k-th order chains (process korder)"}
 
 
+# Theory keys of loss levels every process has; any other *_loss key is a process's own
+# baseline (icl: oracle_loss, unigram_in_context_loss) and is shown beside them.
+COMMON_LOSSES = ("optimal_loss", "true_loss_val", "unigram_loss", "uniform_loss")
+
+
 def _common_metrics(val_loss, accuracy, true_accuracy, theory, bigram, k):
     """Metrics 1-3 (and agreement's slot), defined for every process."""
     return {
@@ -269,6 +274,8 @@ def _common_metrics(val_loss, accuracy, true_accuracy, theory, bigram, k):
             "pct_of_optimum": 100 * theory["true_loss_val"] / val_loss,
             "learnable_fraction": (theory["uniform_loss"] - val_loss) / (theory["uniform_loss"] - theory["true_loss_val"]),
             "bigram_baseline": bigram, "unigram_loss": theory["unigram_loss"], "uniform_loss": theory["uniform_loss"],
+            "process_baselines": {key: value for key, value in theory.items()
+                                  if key.endswith("_loss") and key not in COMMON_LOSSES},
         },
         "perplexity": {
             "perplexity": float(np.exp(val_loss)), "optimal_perplexity": float(np.exp(theory["optimal_loss"])),
@@ -388,7 +395,8 @@ def format_eval(result):
     rows = [
         ("cross-entropy (nats/token)", f"{ce['val_loss']:.6f}",
          f"true on val {ce['true_loss_val']:.6f}, expected {ce['optimal_loss']:.6f}",
-         f"bigram {ce['bigram_baseline']:.4f}, unigram {ce['unigram_loss']:.4f}, uniform {ce['uniform_loss']:.4f}"),
+         f"bigram {ce['bigram_baseline']:.4f}, unigram {ce['unigram_loss']:.4f}, uniform {ce['uniform_loss']:.4f}"
+         + "".join(f", {key.removesuffix('_loss')} {value:.4f}" for key, value in ce.get("process_baselines", {}).items())),
         ("excess over true (nats)", f"{ce['excess']:.6f}", "0", ""),
         ("% of optimum (true/val)", f"{ce['pct_of_optimum']:.3f} %", "100 %", ""),
         ("learnable structure captured", f"{100 * ce['learnable_fraction']:.2f} %", "100 %", "uniform 0 %"),

@@ -57,6 +57,12 @@ def test_evaluating_the_bayes_predictor(icl_data):
     assert result["optimal_fidelity"]["mean_kl"] == pytest.approx(0, abs=1e-6)
     assert result["transition_fidelity"] is None and result["markov_property"] is None
     assert "its own transition matrix" in result["skipped"]["transition_fidelity"]
+    theory = icl_data.meta["theory"]
+    assert result["cross_entropy"]["process_baselines"] == {
+        "oracle_loss": theory["oracle_loss"], "unigram_in_context_loss": theory["unigram_in_context_loss"]}
+    from nanomarkov.evaluate import format_eval
+
+    assert f"oracle {theory['oracle_loss']:.4f}" in format_eval(result)
 
 
 def test_short_icl_training_learns_in_context(tmp_path, capsys):

@@ -264,7 +264,8 @@ def build_parser():
     gen.add_argument("--seq_len", type=int, default=None, help="tokens per sequence incl. BOS (default 128 for K<=10, else 256)")
     gen.add_argument("--seed", type=int, default=42, help="seed of the chain and of the samples (default 42)")
     gen.add_argument("--dtype", choices=["uint16", "uint32"], default=None, help="token type (default: smallest that fits)")
-    gen.add_argument("--out", default=None, help="dataset folder (default data/mm{K}[-order{k}][-sparse-{S}], data/icl{K}[-sparse-{S}])")
+    gen.add_argument("--out", default=None, help="dataset folder (default data/mm{K}[-order{k}][-sparse-{S}], data/icl{K}[-sparse-{S}], "
+                          "data/mess3[-x{X}-a{A}], data/hmm{K}-h{H}[-sparse-{S}])")
     gen.add_argument("--force", action="store_true", help="replace an existing dataset with other parameters")
     gen.set_defaults(func=cmd_generate)
 

@@ -375,7 +375,8 @@ def dataset_preset(name: str, data_dir, seed: int = 42) -> dict:
     """Recipe `name` for the dataset folder `data_dir`, whatever its process.
 
     K and the process come from its meta.json; the default recipe takes the
-    process's PROCESS_DEFAULTS. Runs land in trainings/<folder>/<folder>-<seed>.
+    process's PROCESS_DEFAULTS. Runs land in trainings/<folder>/<folder>-<seed>
+    (another preset: <folder>-<preset>-<seed>, as a sweep names them).
     """
     meta_path = Path(data_dir) / "meta.json"
     try:
@@ -387,7 +388,8 @@ def dataset_preset(name: str, data_dir, seed: int = 42) -> dict:
     if name == "default":
         cfg.update(PROCESS_DEFAULTS.get(process, {}))
     folder = Path(data_dir).resolve().name
-    cfg.update(data_dir=str(data_dir), out_dir=f"trainings/{folder}/{folder}-{seed}", wandb_run_name=f"{folder}-{seed}")
+    run = f"{folder}-{'' if name == 'default' else name + '-'}{seed}"
+    cfg.update(data_dir=str(data_dir), out_dir=f"trainings/{folder}/{run}", wandb_run_name=run)
     return TrainConfig.from_dict(cfg, f"preset {name} on {data_dir}").to_dict()
 
 

@@ -3,8 +3,8 @@
 A dataset is a folder holding
   chain.npz   the process's arrays (its class's ARRAYS), read with allow_pickle=False:
               markov: transmat, startprob; korder: transitions, start;
-              icl: concentration, startprob, support_size
-  meta.json   parameters, counts, the exact theory, sha256 of each .bin
+              icl: concentration, startprob, support_size; hmm: transmat, emissions, startprob
+  meta.json   parameters, counts, the exact theory, sha256 of each data file
   train.bin   whole BOS-led sequences of seq_len tokens, flat, little-endian
   val.bin     the same, drawn independently
   val_beliefs.npy  hmm only: float32 (n_val, seq_len, H), the belief state after every val prefix
@@ -113,17 +113,26 @@ def _regenerate_command(meta, path):
 
 
 def _create_command_for(path):
-    """A best guess at the command that creates the dataset a path names."""
-    match = re.fullmatch(r"(?:mm(\d+)(?:-order(\d+))?|icl(\d+))(?:-sparse-(\d+(?:\.\d+)?))?", Path(path).name)
-    if match:
-        markov_states, order, icl_states, sparsity = match.groups()
-        sparsity = float(sparsity) if sparsity else None
-        n_states = int(markov_states or icl_states)
-        train = 10000 if n_states <= 10 else 50000
-        process = "icl" if icl_states else "korder" if order else "markov"
-        options = {"order": int(order)} if order else {}
-        return generate_command(n_states, train, train // 10, sparsity, path, process=process, **options)
-    return f"nanomarkov generate K --train N --val M --out {path}"
+    """A best guess at the command that creates the dataset a path names (the default folder names)."""
+    match = re.fullmatch(r"(?:mm(?P<mm>\d+)(?:-order(?P<order>\d+))?|icl(?P<icl>\d+)|hmm(?P<hmm>\d+)-h(?P<h>\d+)"
+                         r"|(?P<mess3>mess3))(?:-sparse-(?P<sparsity>\d+(?:\.\d+)?))?", Path(path).name)
+    if not match:
+        return f"nanomarkov generate K --train N --val M --out {path}"
+    g = match.groupdict()
+    n_states = int(g["mm"] or g["icl"] or g["hmm"] or 3)
+    if g["order"]:
+        process, options = "korder", {"order": int(g["order"])}
+    elif g["icl"]:
+        process, options = "icl", {}
+    elif g["hmm"]:
+        process, options = "hmm", {"hidden_states": int(g["h"])}
+    elif g["mess3"]:
+        process, options = "hmm", {"preset": "mess3"}
+    else:
+        process, options = "markov", {}
+    train = 10000 if n_states <= 10 else 50000
+    sparsity = float(g["sparsity"]) if g["sparsity"] else None
+    return generate_command(n_states, train, train // 10, sparsity, path, process=process, **options)
 
 
 # ------------------------------------------------------------------ writing

@@ -24,6 +24,7 @@ bracket closes to ~1e-7. Numbers the bracket cannot pin down are Monte-Carlo
 estimates from a fixed seed. Each theory number has a "_se" key beside it:
 0.0 when exact, half the bracket when bracketed, else the standard error.
 """
+import warnings
 from functools import cached_property
 
 import numpy as np
@@ -141,11 +142,19 @@ class HiddenMarkovModel:
         hidden_states = n_states if hidden_states is None else hidden_states
         if not isinstance(hidden_states, (int, np.integer)) or hidden_states < 2:
             raise NanoMarkovError(f"hidden_states must be an integer >= 2, got {hidden_states!r}")
+        if hidden_states * (hidden_states + n_states) > MAX_MATRIX_ENTRIES:  # before drawing them
+            raise NanoMarkovError(f"an HMM with H={hidden_states}, K={n_states} has more than "
+                                  f"{MAX_MATRIX_ENTRIES} (2^24) matrix entries; use fewer states")
         rng = np.random.default_rng(seed)
         transmat = _random_rows(rng, hidden_states, hidden_states, alpha, sparsity)
         emissions = rng.dirichlet(np.full(n_states, float(alpha)), size=hidden_states)
         uniform = np.full(hidden_states, 1.0 / hidden_states)
-        return cls(transmat, emissions, MarkovChain(transmat, uniform).stationary())
+        with warnings.catch_warnings():
+            # A sparse hidden chain may have several closed classes; the long-run distribution
+            # reached from a uniform start, which stationary() then returns, is the start we want.
+            warnings.simplefilter("ignore")
+            startprob = MarkovChain(transmat, uniform).stationary()
+        return cls(transmat, emissions, startprob)
 
     def options(self):
         """The generation options this HMM answers to; mess3 is recognised by its exact arrays."""
@@ -329,7 +338,7 @@ class HiddenMarkovModel:
         """(entropy rate, its error): the rate lim_t H(x_t | x_<t) of the token process.
 
         The midpoint of the exact bracket of _exact_head with half its width as
-        a hard error bound, when that is below BRACKET_WIDTH / 2 (mess3: ~1e-6).
+        a hard error bound, when that is below BRACKET_WIDTH / 2 (mess3: 1.2e-7).
         Else a Monte-Carlo estimate and its standard error: the mean optimal
         loss over positions B+1..2B (B = ENTROPY_RATE_BURN_IN) of independent
         runs, an upper bound up to its error once beliefs forget the start.

@@ -47,6 +47,10 @@ THEORY_SEQUENCES = 20_000
 THEORY_ENTRIES = 1 << 24
 MIN_THEORY_SEQUENCES = 1000
 
+# random()'s largest K: theory at K=100, L=256 takes 4 s, and beyond K^2 * MIN_THEORY_SEQUENCES
+# / THEORY_ENTRIES its sample of matrices grows as K^2 (8 GB at K=1000).
+MAX_RANDOM_STATES = 100
+
 
 def _inverse_cdf(weights, uniforms):
     """One draw per row of non-negative weights (n, K), by inverting the cumulative sums with a uniform each.
@@ -117,6 +121,9 @@ class InContextChain:
         matrix -- so `seed` only keeps the signature of the other processes.
         """
         _check_random_parameters(n_states, alpha, sparsity)
+        if n_states > MAX_RANDOM_STATES:
+            raise NanoMarkovError(f"in-context chains go up to K = {MAX_RANDOM_STATES} here, got {n_states}: their "
+                                  "Monte-Carlo theory draws a K x K matrix for every sequence it simulates")
         support = max(1, int(n_states * (100 - sparsity) / 100)) if sparsity else n_states
         return cls(np.full(n_states, float(alpha)), np.full(n_states, 1.0 / n_states), support)
 

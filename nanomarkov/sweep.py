@@ -38,7 +38,7 @@ TOP_KEYS = ("defaults", "datasets", "experiments")
 DATASET_KEYS = ("n_states", "train", "val", "sparsity", "seq_len", "seed", "process")
 EXPERIMENT_KEYS = ("datasets", "presets", "seeds", "overrides", "tag")
 # The grid decides these per run; setting them by hand would put runs on top of each other.
-GRID_OWNED = {"data_dir": "each dataset's folder is OUT/data/mm{K}[-sparse-S]",
+GRID_OWNED = {"data_dir": "each dataset's folder is OUT/data/<its default name>, e.g. mm{K}[-sparse-S]",
               "out_dir": "each run's folder is OUT/runs/<name>; use tag = '...' to tell runs apart",
               "seed": "list the seeds in seeds = [...]",
               "init_from": "the sweep resumes runs that have a checkpoint by itself"}
@@ -118,7 +118,7 @@ def expand_grid(grid, out_root) -> list:
                                                       **{k: entry[k] for k in options if k in entry}).name
         if folder in folders:
             raise NanoMarkovError(f"{here} and #{folders[folder]} would both live in {folder}: "
-                                  "a grid holds one dataset per (n_states, sparsity)")
+                                  "a grid holds one dataset per folder name (process, its options, n_states, sparsity)")
         folders[folder] = i
         datasets.append((params, folder))
     specs, seen = [], {}

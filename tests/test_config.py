@@ -367,7 +367,9 @@ def test_dataset_preset_takes_k_and_the_process_from_the_folder(tmp_path):
     assert first["data_dir"] == str(tmp_path / "chain") and first["out_dir"] == "trainings/chain/chain-3"
     korder = dataset_preset("default", tmp_path / "k2")
     assert korder["mlp_only"] is False and korder["n_head"] == PROCESS_DEFAULTS["korder"]["n_head"]
-    assert dataset_preset("c3", tmp_path / "k2")["mlp_only"] == preset("c3", 4)["mlp_only"]  # presets are as named
+    c3 = dataset_preset("c3", tmp_path / "k2")
+    assert c3["mlp_only"] == preset("c3", 4)["mlp_only"]  # presets are as named
+    assert c3["out_dir"] == "trainings/k2/k2-c3-42" and korder["out_dir"] == "trainings/k2/k2-42"  # never the same run
     with pytest.raises(NanoMarkovError, match="meta.json: not a readable dataset"):
         dataset_preset("default", tmp_path / "nothing")
 

@@ -191,3 +191,27 @@ def test_batches_are_whole_sequences_shifted_by_one(tmp_path):
     assert np.all(x.numpy()[:, 0] == 5) and np.all(y.numpy() < 5)  # BOS only ever as the first input
     covered = np.vstack(list(whole_split_batches(dataset.val, 16)))
     np.testing.assert_array_equal(covered, dataset.val)
+
+
+@pytest.mark.parametrize("folder, command", [
+    ("data/mess3", "nanomarkov generate 3 --process hmm --preset mess3 --train 10000 --val 1000"),
+    ("data/hmm5-h4", "nanomarkov generate 5 --process hmm --hidden_states 4 --train 10000 --val 1000"),
+    ("data/icl3-sparse-50", "nanomarkov generate 3 --process icl --train 10000 --val 1000 --sparsity 50"),
+    ("data/mm5-order2", "nanomarkov generate 5 --process korder --order 2 --train 10000 --val 1000"),
+    ("elsewhere/mm100", "nanomarkov generate 100 --train 50000 --val 5000 --out elsewhere/mm100"),
+])
+def test_a_missing_dataset_names_the_command_that_makes_it(tmp_path, monkeypatch, folder, command):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(NanoMarkovError) as info:
+        load_dataset(folder)
+    assert str(info.value).endswith(f"create it with: {command}")
+
+
+def test_processes_too_large_to_build_are_refused_before_any_allocation():
+    from nanomarkov.hmm import HiddenMarkovModel
+    from nanomarkov.incontext import MAX_RANDOM_STATES, InContextChain
+
+    with pytest.raises(NanoMarkovError, match="more than 16777216"):
+        HiddenMarkovModel.random(3, hidden_states=100_000)
+    with pytest.raises(NanoMarkovError, match=f"up to K = {MAX_RANDOM_STATES}"):
+        InContextChain.random(MAX_RANDOM_STATES + 1)

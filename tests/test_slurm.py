@@ -19,6 +19,7 @@ from nanomarkov.sweep_status import sweep_status
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "grids" / "tiny.toml"
+ITERS = 300  # the SLURM test's runs
 
 
 def no_report(monkeypatch):
@@ -204,9 +205,15 @@ def sweep_cli(*args):
 
 def test_tiny_grid_on_slurm_cancelled_run_resumes_and_matches_local(cluster, tmp_path, monkeypatch):
     no_report(monkeypatch)
+    # grids/tiny.toml with runs of 300 steps: once scancel lets the frozen run go on (SIGCONT), SLURM's
+    # SIGTERM must land before the run ends, and 10 steps after the first checkpoint (tiny's 20) take
+    # less than that on an idle machine.
+    grid = tmp_path / "tiny300.toml"
+    grid.write_text(TINY.read_text().replace("max_iters = 20", f"max_iters = {ITERS}"))
+    assert f"max_iters = {ITERS}" in grid.read_text()
     out, victim = tmp_path / "slurm", "MM-5/MM-5-42"
     run_dir = out / "runs" / victim
-    first = threading.Thread(target=run_sweep, args=(TINY, out), daemon=True,
+    first = threading.Thread(target=run_sweep, args=(grid, out), daemon=True,
                              kwargs={"launcher": "slurm", "slurm": {"cpus_per_task": 1, "time": 10},
                                      "progress": lambda _: None})
     first.start()
@@ -214,7 +221,7 @@ def test_tiny_grid_on_slurm_cancelled_run_resumes_and_matches_local(cluster, tmp
                                     if (out / "sweep.json").exists() else {}), 120, "the jobs' submission")
     job = json.loads((out / "sweep.json").read_text())["runs"][victim]["job_id"]
     with pytest.raises(NanoMarkovError, match="is in use: SLURM still has"):  # its jobs are queued or running
-        run_sweep(TINY, out, launcher="slurm")
+        run_sweep(grid, out, launcher="slurm")
 
     def job_pid():  # the job's Python process, once SLURM has started it
         raw = subprocess.run(["squeue", "-h", "-j", job, "-o", "%A"], capture_output=True, text=True).stdout.split()
@@ -236,14 +243,14 @@ def test_tiny_grid_on_slurm_cancelled_run_resumes_and_matches_local(cluster, tmp
     assert {r["name"]: r["state"] for r in sweep_status(out)}[victim] == "cancelled"
     assert "stopped by SIGTERM at iter" in (run_dir / "training.log").read_text()
     k = torch.load(run_dir / "ckpt.pt", weights_only=True)["iter"]
-    assert 10 <= k < 20  # its first checkpoint is at iter 10, the run ends at 20
+    assert 10 <= k < ITERS  # its first checkpoint is at iter 10
 
-    again = sweep_cli(TINY, "--out", out, "--launcher", "slurm", "--cpus_per_task", 1, "--time", 10)
+    again = sweep_cli(grid, "--out", out, "--launcher", "slurm", "--cpus_per_task", 1, "--time", 10)
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.rstrip().endswith("4 runs: 4 done")  # the status table the sweep ends with
     rerun = json.loads((out / "sweep.json").read_text())["runs"]
     assert {name: run["action"] for name, run in rerun.items()} == {**{n: "skip" for n in rerun}, victim: "resume"}
-    assert {run["state"] for run in rerun.values()} == {"done"} and rerun[victim]["iters"] == 20
+    assert {run["state"] for run in rerun.values()} == {"done"} and rerun[victim]["iters"] == ITERS
     assert resumed_at(run_dir) == k
 
     accounting = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j",
@@ -253,6 +260,6 @@ def test_tiny_grid_on_slurm_cancelled_run_resumes_and_matches_local(cluster, tmp
     assert sacct[job].startswith("CANCELLED") and sacct[rerun[victim]["job_id"]] == "COMPLETED", sacct
     assert sum(state == "COMPLETED" for state in sacct.values()) == 4, sacct
 
-    local = run_sweep(TINY, tmp_path / "local", jobs=1, threads=1, progress=lambda _: None)
+    local = run_sweep(grid, tmp_path / "local", jobs=1, threads=1, progress=lambda _: None)
     assert {run["state"] for run in local["runs"].values()} == {"done"}
     assert_same_models(out, tmp_path / "local", list(local["runs"]))

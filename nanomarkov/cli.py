@@ -58,29 +58,39 @@ THEORY_COLUMNS = [
 
 def theory_rows(paths):
     """One dict per dataset folder: identity, then the exact theory recomputed from the chain."""
-    from nanomarkov.data import dataset_theory, load_dataset
+    from nanomarkov.data import PROCESSES, dataset_theory, load_dataset
 
     rows = []
     for path in paths:
         dataset = load_dataset(path)
         meta = dataset.meta
-        rows.append({"dataset": str(path), "process": meta.get("process", "markov"), "order": meta.get("order"),
+        process = meta.get("process", "markov")
+        options = {name: meta[name] for name in PROCESSES[process].OPTIONS if meta.get(name) is not None}
+        rows.append({"dataset": str(path), "process": process, "options": options, "order": meta.get("order"),
                      "n_states": meta["n_states"], "sparsity": meta["sparsity"],
                      "seq_len": meta["seq_len"], **dataset_theory(dataset)})
     return rows
 
 
+def _estimate(row, key):
+    """A theory number; a Monte-Carlo or bracketed one (a nonzero *_se key) with its error."""
+    error = row.get(f"{key}_se")
+    return f"{row[key]:.6f}" + (f"±{error:.1g}" if error else "")
+
+
 def format_theory_table(rows):
-    header = ["dataset", "K", "order", "sparsity", "seq_len"] + [title for _, title in THEORY_COLUMNS]
+    header = ["dataset", "process", "K", "sparsity", "seq_len"] + [title for _, title in THEORY_COLUMNS]
     lines = [header]
     for row in rows:
-        lines.append([row["dataset"], str(row["n_states"]), "-" if row["order"] is None else str(row["order"]),
+        process = " ".join([row["process"]] + [f"{k}={v}" for k, v in row["options"].items()])
+        lines.append([row["dataset"], process, str(row["n_states"]),
                       "-" if row["sparsity"] is None else f"{row['sparsity']:g}",
-                      str(row["seq_len"])] + [f"{row[key]:.6f}" for key, _ in THEORY_COLUMNS])
+                      str(row["seq_len"])] + [_estimate(row, key) for key, _ in THEORY_COLUMNS])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+    text = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
             for line in lines]
-    return "\n".join(text) + "\n(losses in nats per predicted token; accuracy of the true model's argmax)"
+    return "\n".join(text) + ("\n(losses in nats per predicted token; accuracy of the true model's argmax; "
+                              "±: the error of a Monte-Carlo estimate or half a bracket, theory's *_se)")
 
 
 def cmd_theory(args):

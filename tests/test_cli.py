@@ -57,6 +57,18 @@ def test_theory_numbers_agree_with_the_chain_and_json(tmp_path, capsys):
     assert main(["theory", str(tmp_path / "d")]) == 0
     table = capsys.readouterr().out
     assert f"{row['optimal_loss']:.6f}" in table and f"{row['true_loss_val']:.6f}" in table
+    assert "±" not in table.splitlines()[1] and table.splitlines()[1].split()[1] == "markov"  # exact, first-order
+
+
+def test_theory_table_gives_an_estimate_with_its_error(tmp_path, capsys):
+    assert main(["generate", "3", "--process", "icl", "--train", "20", "--val", "10", "--seq_len", "9",
+                 "--out", str(tmp_path / "icl")]) == 0
+    capsys.readouterr()
+    assert main(["theory", str(tmp_path / "icl"), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert main(["theory", str(tmp_path / "icl")]) == 0
+    line = capsys.readouterr().out.splitlines()[1]
+    assert f"{row['optimal_loss']:.6f}±{row['optimal_loss_se']:.1g}" in line and " icl " in line
 
 
 def one_line_error(capsys, argv):

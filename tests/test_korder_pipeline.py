@@ -90,7 +90,7 @@ def test_cli_generate_korder_default_folder_and_theory(tmp_path, monkeypatch, ca
     assert row["process"] == "korder" and row["order"] == 2
     assert row["optimal_loss"] == pytest.approx(load_dataset(folder).chain.optimal_loss(10), rel=1e-12)
     assert main(["theory", str(folder)]) == 0
-    assert "order" in capsys.readouterr().out.splitlines()[0]
+    assert "korder order=2" in capsys.readouterr().out.splitlines()[1]
     assert main(["generate", "3", "--process", "korder", "--order", "3", "--train", "50", "--val", "10",
                  "--seq_len", "10", "--sparsity", "30", "--out", str(folder)]) == 2
     assert "order 2 -> 3" in capsys.readouterr().err

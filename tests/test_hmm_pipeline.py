@@ -12,7 +12,7 @@ from nanomarkov.evaluate import evaluate_models, load_model
 from nanomarkov.hmm import HiddenMarkovModel
 from nanomarkov.linear_probes import belief_state_probe, context_probe, linear_probe, plot_belief_state_probe
 from nanomarkov.model import GPT, GPTConfig
-from test_korder_pipeline import OptimalModel
+from test_korder_pipeline import OptimalModel, train_small_attention_model
 
 
 def make(path, **kwargs):
@@ -160,21 +160,8 @@ def test_context_probe_reads_the_current_token_from_the_embedding(tmp_path, mess
 # ------------------------------------------------------------ a short training
 
 def test_short_mess3_training_approaches_the_optimum_and_the_probe_finds_beliefs(tmp_path):
-    from nanomarkov.config import TrainConfig
-    from nanomarkov.train import train
-
     make(tmp_path / "d", train_sequences=2000, val_sequences=200, seq_len=32, seed=0)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        cfg = TrainConfig.from_dict(dict(
-            data_dir=str(tmp_path / "d"), out_dir=str(tmp_path / "run"), n_layer=1, n_head=1, n_embd=32,
-            mlp_only=False, batch_size=32, max_iters=120, eval_interval=120, log_interval=120, warmup_iters=10,
-            lr_decay_iters=120, learning_rate=1e-2, min_lr=1e-3, device="cpu"))
-        done = train(cfg, overwrite=True, show_progress=False)
-    finally:
-        torch.set_num_threads(before)
-    first = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    done, first = train_small_attention_model(tmp_path / "d", tmp_path / "run", max_iters=120, eval_interval=120)
     assert first["iter"] == 0 and first["excess"] > 0.2  # about 0.45 nats above the optimum at the start
     assert done["excess"] < 0.25 * first["excess"]
     # Reading the belief needs the history: the trained block's stream holds it better than the

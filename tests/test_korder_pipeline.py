@@ -1,5 +1,6 @@
 """k-th order chains through the pipeline: generate, load, theory, the optimal predictor, evaluation, training."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,23 +190,30 @@ def test_a_first_order_model_on_korder_data_shows_in_korder_fidelity(korder_data
     assert kf["first_order_kl"] == pytest.approx(np.mean(kls), rel=1e-6)
 
 
-def test_short_korder_training_approaches_the_optimum(tmp_path):
+def train_small_attention_model(data_dir, out_dir, max_iters, eval_interval):
+    """One layer, one head, 32 wide, a few hundred steps on two threads: (done.json's dict, the first log line)."""
     from nanomarkov.config import TrainConfig
-    from nanomarkov.report import write_report
     from nanomarkov.train import train
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        make(tmp_path / "d", train_sequences=1000, val_sequences=100, seq_len=32, seed=0, alpha=0.2, order=2)
         cfg = TrainConfig.from_dict(dict(
-            data_dir=str(tmp_path / "d"), out_dir=str(tmp_path / "run"), n_layer=1, n_head=1, n_embd=32,
-            mlp_only=False, batch_size=32, max_iters=300, eval_interval=100, log_interval=100, warmup_iters=10,
-            lr_decay_iters=300, learning_rate=1e-2, min_lr=1e-3, device="cpu"))
+            data_dir=str(data_dir), out_dir=str(out_dir), n_layer=1, n_head=1, n_embd=32,
+            mlp_only=False, batch_size=32, max_iters=max_iters, eval_interval=eval_interval,
+            log_interval=eval_interval, warmup_iters=10, lr_decay_iters=max_iters, learning_rate=1e-2,
+            min_lr=1e-3, device="cpu"))
         done = train(cfg, overwrite=True, show_progress=False)
     finally:
         torch.set_num_threads(before)
-    first = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    return done, json.loads((Path(out_dir) / "log.jsonl").read_text().splitlines()[0])
+
+
+def test_short_korder_training_approaches_the_optimum(tmp_path):
+    from nanomarkov.report import write_report
+
+    make(tmp_path / "d", train_sequences=1000, val_sequences=100, seq_len=32, seed=0, alpha=0.2, order=2)
+    done, first = train_small_attention_model(tmp_path / "d", tmp_path / "run", max_iters=300, eval_interval=100)
     assert first["iter"] == 0 and first["val_loss"] > 0.5
     assert done["excess"] < 0.01  # from about 1 nat of excess at the start
     ((_, result),) = evaluate_checkpoints([tmp_path / "run" / "ckpt.pt"])

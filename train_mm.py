@@ -3,6 +3,7 @@
 
 A thin wrapper over `nanomarkov train`; also accepts a chain id (`python train_mm.py 100 42`).
 """
+
 import sys
 from pathlib import Path
 

@@ -6,6 +6,7 @@ Default checkpoint: the MM-100 default-recipe run that `benchmarks/train.py` lea
 runs/bench/mm100-default (run that first). With several --ckpt, agreement is included.
 Target (DESIGN.md section 9): <= 15 s on this CPU for one MM-100 checkpoint, 5,000 val sequences.
 """
+
 import argparse
 import time
 from pathlib import Path
@@ -33,17 +34,19 @@ def main():
     lines = ["| part | seconds |", "|---|---:|"]
     lines += [f"| {name} | {seconds:.2f} |" for name, seconds in timing.items()]
     lines.append(f"| **total, loading included** | **{total:.2f}** |")
-    text = "\n".join([
-        "## Evaluation (`python benchmarks/evaluate.py --record`)",
-        "",
-        f"Machine: {machine()}. All six metrics for {len(args.ckpt)} checkpoint(s) of K={run['n_states']}, "
-        f"{run['val_sequences']} val sequences of {run['seq_len']} tokens (the default-recipe run of "
-        "`benchmarks/train.py`). The val pass computes metrics 1-3 and 5-6 (real contexts) for every model "
-        "at once, and agreement (4) when there are several; the prompts [BOS, s] and the summaries are per model. "
-        "Target: <= 15 s.",
-        "",
-        *lines,
-    ])
+    text = "\n".join(
+        [
+            "## Evaluation (`python benchmarks/evaluate.py --record`)",
+            "",
+            f"Machine: {machine()}. All six metrics for {len(args.ckpt)} checkpoint(s) of K={run['n_states']}, "
+            f"{run['val_sequences']} val sequences of {run['seq_len']} tokens (the default-recipe run of "
+            "`benchmarks/train.py`). The val pass computes metrics 1-3 and 5-6 (real contexts) for every model "
+            "at once, and agreement (4) when there are several; the prompts [BOS, s] and the summaries are per model. "
+            "Target: <= 15 s.",
+            "",
+            *lines,
+        ]
+    )
     publish("evaluate", text, args.record)
 
 

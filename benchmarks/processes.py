@@ -10,6 +10,7 @@ over true_loss_val, the exact optimal predictor's loss on the same val sequences
 Processes that are not first-order also get the mean KL(optimal predictor || model)
 over all val positions (evaluate's optimal_fidelity) and their own baselines.
 """
+
 import argparse
 import json
 import time
@@ -55,28 +56,40 @@ def main():
         cfg, done, wall, result = run(name, k, options)
         theory = json.loads((ROOT / "data" / name / "meta.json").read_text())["theory"]
         fidelity = result.get("optimal_fidelity") or {}
-        rows.append({
-            "dataset": name, "process": options.get("process", "markov"),
-            "model": f"{cfg.n_layer}L {cfg.n_embd}d {'MLP-only' if cfg.mlp_only else f'{cfg.n_head}H'}",
-            "iters": cfg.max_iters, "lr": cfg.learning_rate, "val_loss": done["val_loss"],
-            "true_loss_val": done["true_loss_val"], "excess": done["excess"],
-            "optimal_kl": fidelity.get("mean_kl"), "train_s": done["elapsed_s"], "wall_s": wall,
-            "baselines": ", ".join(f"{key} {theory[key]:.4f}" for key in baselines),
-        })
+        rows.append(
+            {
+                "dataset": name,
+                "process": options.get("process", "markov"),
+                "model": f"{cfg.n_layer}L {cfg.n_embd}d {'MLP-only' if cfg.mlp_only else f'{cfg.n_head}H'}",
+                "iters": cfg.max_iters,
+                "lr": cfg.learning_rate,
+                "val_loss": done["val_loss"],
+                "true_loss_val": done["true_loss_val"],
+                "excess": done["excess"],
+                "optimal_kl": fidelity.get("mean_kl"),
+                "train_s": done["elapsed_s"],
+                "wall_s": wall,
+                "baselines": ", ".join(f"{key} {theory[key]:.4f}" for key in baselines),
+            }
+        )
         print(json.dumps(rows[-1]))
     lines = [
-        "## Default recipe per process", "",
+        "## Default recipe per process",
+        "",
         f"`python benchmarks/processes.py --record` on {machine()}. Each dataset: 10,000 train + 1,000 val",
         "sequences of 128 tokens, seed 42; trained as `nanomarkov train DIR` does (default recipe + the",
         "process's PROCESS_DEFAULTS in config.py). Excess is over the exact optimal predictor on the same",
-        "val sequences; optimal KL is the mean KL(optimal predictor ‖ model) over every val position.", "",
+        "val sequences; optimal KL is the mean KL(optimal predictor ‖ model) over every val position.",
+        "",
         "| dataset | process | model | iters, lr | val loss | true on val | excess | optimal KL | train time | baselines |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         kl = "—" if r["optimal_kl"] is None else f"{r['optimal_kl']:.4f}"
-        lines.append(f"| {r['dataset']} | {r['process']} | {r['model']} | {r['iters']}, {r['lr']:g} | {r['val_loss']:.4f} | "
-                     f"{r['true_loss_val']:.4f} | {r['excess']:.4f} | {kl} | {r['train_s']:.0f} s | {r['baselines']} |")
+        lines.append(
+            f"| {r['dataset']} | {r['process']} | {r['model']} | {r['iters']}, {r['lr']:g} | {r['val_loss']:.4f} | "
+            f"{r['true_loss_val']:.4f} | {r['excess']:.4f} | {kl} | {r['train_s']:.0f} s | {r['baselines']} |"
+        )
     publish("processes", "\n".join(lines), args.record)
 
 

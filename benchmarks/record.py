@@ -1,4 +1,5 @@
 """Shared by the benchmarks: machine facts and writing a result section into BENCHMARKS.md."""
+
 import os
 import platform
 import re
@@ -11,8 +12,10 @@ def machine():
     import numpy
     import torch
 
-    return (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"numpy {numpy.__version__}, torch {torch.__version__}")
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"numpy {numpy.__version__}, torch {torch.__version__}"
+    )
 
 
 def record(section, text):

@@ -10,6 +10,7 @@ MM-1000: 50k, dense, seed 42), then in one run:
     accumulation) on MM-100 and projects its full run.
 Target (DESIGN.md section 9): excess <= 0.003 nats within 60 s (MM-10), 300 s (MM-100).
 """
+
 import argparse
 import json
 import time
@@ -39,8 +40,14 @@ def dataset(k, n_train):
 def run(name, k, n_train, **overrides):
     data = dataset(k, n_train)
     out = ROOT / name
-    cfg = TrainConfig.from_dict({**preset("default" if "preset" not in overrides else overrides.pop("preset"), k),
-                                 "data_dir": str(data), "out_dir": str(out), **overrides})
+    cfg = TrainConfig.from_dict(
+        {
+            **preset("default" if "preset" not in overrides else overrides.pop("preset"), k),
+            "data_dir": str(data),
+            "out_dir": str(out),
+            **overrides,
+        }
+    )
     started = time.perf_counter()
     done = train(cfg, overwrite=True, show_progress=False)
     wall = time.perf_counter() - started
@@ -53,11 +60,18 @@ def summarize(name, cfg, done, wall, log):
     rates = [r["tokens_per_s"] for r in log if r["kind"] == "train"]
     hit = next((r for r in evals if r["excess"] <= TARGET), None)
     return {
-        "run": name, "model": f"{cfg.n_layer}L {cfg.n_embd}d {'MLP-only' if cfg.mlp_only else f'{cfg.n_head}H'}",
-        "tokens": done["tokens"], "tokens_per_s": sorted(rates)[len(rates) // 2],
-        "elapsed_s": done["elapsed_s"], "wall_s": wall, "excess": done["excess"], "pct": done["pct_of_optimum"],
-        "to_target_s": hit["elapsed_s"] if hit else None, "eval_s": sum(r["eval_s"] for r in evals),
-        "n_evals": len(evals), "curve": [(r["elapsed_s"], r["excess"]) for r in evals],
+        "run": name,
+        "model": f"{cfg.n_layer}L {cfg.n_embd}d {'MLP-only' if cfg.mlp_only else f'{cfg.n_head}H'}",
+        "tokens": done["tokens"],
+        "tokens_per_s": sorted(rates)[len(rates) // 2],
+        "elapsed_s": done["elapsed_s"],
+        "wall_s": wall,
+        "excess": done["excess"],
+        "pct": done["pct_of_optimum"],
+        "to_target_s": hit["elapsed_s"] if hit else None,
+        "eval_s": sum(r["eval_s"] for r in evals),
+        "n_evals": len(evals),
+        "curve": [(r["elapsed_s"], r["excess"]) for r in evals],
     }
 
 
@@ -68,28 +82,35 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())  # as a user's run: all cores
 
-    rows = [summarize("MM-10 default", *run("mm10-default", 10, 10000)),
-            summarize("MM-100 default", *run("mm100-default", 100, 50000))]
+    rows = [
+        summarize("MM-10 default", *run("mm10-default", 10, 10000)),
+        summarize("MM-100 default", *run("mm100-default", 100, 50000)),
+    ]
     if not args.skip_mm1000:
         rows.append(summarize("MM-1000 default", *run("mm1000-default", 1000, 50000)))
     for row in rows:
         print(row, flush=True)
 
     # The seed's recipe: a few optimizer steps are enough to know its speed.
-    seed_cfg, _, seed_wall, seed_log = run("mm100-seed", 100, 50000, preset="seed", max_iters=4, log_interval=1,
-                                          eval_interval=1000)
+    seed_cfg, _, seed_wall, seed_log = run(
+        "mm100-seed", 100, 50000, preset="seed", max_iters=4, log_interval=1, eval_interval=1000
+    )
     seed_rates = [r["tokens_per_s"] for r in seed_log if r["kind"] == "train"][1:]
     seed_rate = sum(seed_rates) / len(seed_rates)
     seed_tokens_per_iter = seed_cfg.batch_size * seed_cfg.grad_accum_steps * 255
     full_seed_s = preset("seed", 100)["max_iters"] * seed_tokens_per_iter / seed_rate
 
-    lines = ["| run | model | tokens | tokens/s | excess (nats) | % of optimum | time to excess <= 0.003 | total time | of which eval (whole val split) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| run | model | tokens | tokens/s | excess (nats) | % of optimum | time to excess <= 0.003 | total time | of which eval (whole val split) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         to_target = f"{r['to_target_s']:.0f} s" if r["to_target_s"] is not None else "not reached"
-        lines.append(f"| {r['run']} | {r['model']} | {r['tokens'] / 1e6:.1f} M | {r['tokens_per_s'] / 1e3:.0f} k "
-                     f"| {r['excess']:.4f} | {r['pct']:.2f} % | {to_target} | {r['elapsed_s']:.0f} s "
-                     f"| {r['eval_s']:.1f} s ({r['n_evals']} evals) |")
+        lines.append(
+            f"| {r['run']} | {r['model']} | {r['tokens'] / 1e6:.1f} M | {r['tokens_per_s'] / 1e3:.0f} k "
+            f"| {r['excess']:.4f} | {r['pct']:.2f} % | {to_target} | {r['elapsed_s']:.0f} s "
+            f"| {r['eval_s']:.1f} s ({r['n_evals']} evals) |"
+        )
     ours = rows[1]
     seed_lines = [
         "| MM-100 recipe | tokens/iter | tokens/s | s/iter | iters | projected full run |",
@@ -101,21 +122,23 @@ def main():
     ]
     curves = ["Time-to-target curves (elapsed s, excess nats) at each evaluation:", ""]
     curves += [f"- {r['run']}: " + ", ".join(f"({t:.0f}, {e:.4f})" for t, e in r["curve"]) for r in rows]
-    text = "\n".join([
-        "## Training (`python benchmarks/train.py --record`)",
-        "",
-        f"Machine: {machine()}. Default recipe of each K, trained as `nanomarkov train K` does; "
-        "time and excess (val loss minus the true chain's loss on the same val split) from done.json. "
-        "Targets: excess <= 0.003 within 60 s (MM-10) and 300 s (MM-100).",
-        "",
-        *lines,
-        "",
-        "The seed's recipe (preset `seed`) side by side, from 3 timed optimizer steps:",
-        "",
-        *seed_lines,
-        "",
-        *curves,
-    ])
+    text = "\n".join(
+        [
+            "## Training (`python benchmarks/train.py --record`)",
+            "",
+            f"Machine: {machine()}. Default recipe of each K, trained as `nanomarkov train K` does; "
+            "time and excess (val loss minus the true chain's loss on the same val split) from done.json. "
+            "Targets: excess <= 0.003 within 60 s (MM-10) and 300 s (MM-100).",
+            "",
+            *lines,
+            "",
+            "The seed's recipe (preset `seed`) side by side, from 3 timed optimizer steps:",
+            "",
+            *seed_lines,
+            "",
+            *curves,
+        ]
+    )
     publish("train", text, args.record)
 
 

@@ -7,6 +7,7 @@
 MM_ID is K or K-sparse-S; SEED defaults to 42; the preset defaults to 'seed' (the
 seed's recipe, with its 40x gradient accumulation written out).
 """
+
 import sys
 from pathlib import Path
 

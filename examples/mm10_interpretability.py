@@ -8,6 +8,7 @@ laptop CPU), exports the model to safetensors, reloads it with nanomarkov.load
 interp extra is installed) and runs the ground-truth probes. Because the
 chain is known exactly, every probe has a right answer: P itself.
 """
+
 import argparse
 import importlib.util
 from pathlib import Path
@@ -15,16 +16,18 @@ from pathlib import Path
 import torch
 
 import nanomarkov
-from nanomarkov import probes
+from nanomarkov.checkpoint import export_safetensors
 from nanomarkov.config import TrainConfig, preset
 from nanomarkov.data import generate_dataset, load_dataset
-from nanomarkov.export import export_safetensors
-from nanomarkov.interop import to_hooked_transformer
+from nanomarkov.interp import readouts as probes
+from nanomarkov.interp.lens import to_hooked_transformer
 from nanomarkov.train import train
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("out", nargs="?", default="examples_out", help="folder for everything (default examples_out/)")
-parser.add_argument("--max_iters", type=int, default=None, help="shorter training, e.g. for a test (default: the recipe's)")
+parser.add_argument(
+    "--max_iters", type=int, default=None, help="shorter training, e.g. for a test (default: the recipe's)"
+)
 args = parser.parse_args()
 out = Path(args.out)
 
@@ -36,8 +39,12 @@ data = load_dataset(out / "data")
 cfg = preset("default", 10) | {"data_dir": str(out / "data"), "out_dir": str(out / "run")}
 if args.max_iters:  # keep the schedule consistent with the shorter run
     n = args.max_iters
-    cfg |= {"max_iters": n, "lr_decay_iters": n, "warmup_iters": min(cfg["warmup_iters"], n),
-            "eval_interval": min(cfg["eval_interval"], n)}
+    cfg |= {
+        "max_iters": n,
+        "lr_decay_iters": n,
+        "warmup_iters": min(cfg["warmup_iters"], n),
+        "eval_interval": min(cfg["eval_interval"], n),
+    }
 done = train(TrainConfig.from_dict(cfg, "example"), overwrite=True)
 print(f"val loss {done['val_loss']:.6f}, optimum {done['optimal_loss']:.6f} nats/token")
 
@@ -71,14 +78,16 @@ else:
 
 # 4. The probes, each against the true chain; every one returns arrays and has a plot.
 tokens = data.val[:200]
-readout = probes.transition_readout(model, data.chain)   # the whole model after [BOS, s]
-direct = probes.direct_path(model, data.chain)           # embedding -> head, skipping the block
-lens = probes.logit_lens(model, data.chain, tokens)      # each residual stream, read out
-attention = probes.attention_summary(model, tokens)      # empty here: the default recipe is MLP-only
-figures = {"transition_readout.png": probes.plot_transition_readout(readout),
-           "direct_path.png": probes.plot_direct_path(direct),
-           "logit_lens.png": probes.plot_logit_lens(lens),
-           "attention_summary.png": probes.plot_attention_summary(attention)}
+readout = probes.transition_readout(model, data.chain)  # the whole model after [BOS, s]
+direct = probes.direct_path(model, data.chain)  # embedding -> head, skipping the block
+lens = probes.logit_lens(model, data.chain, tokens)  # each residual stream, read out
+attention = probes.attention_summary(model, tokens)  # empty here: the default recipe is MLP-only
+figures = {
+    "transition_readout.png": probes.plot_transition_readout(readout),
+    "direct_path.png": probes.plot_direct_path(direct),
+    "logit_lens.png": probes.plot_logit_lens(lens),
+    "attention_summary.png": probes.plot_attention_summary(attention),
+}
 for name, figure in figures.items():
     figure.savefig(out / name)
 

@@ -2,13 +2,14 @@
 
 Exit codes: 0 ok, 2 bad input (one line on stderr, no traceback), 1 failure.
 """
+
 import argparse
 import json
 import re
 import sys
 from pathlib import Path
 
-from nanomarkov import NanoMarkovError, TrainingDiverged
+from nanomarkov.errors import NanoMarkovError, TrainingDiverged
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -22,27 +23,52 @@ def _progress_bar(total, description):
     """A tqdm bar on a terminal; nothing when output goes to a file or a pipe."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=description, unit="tok", unit_scale=True, disable=not sys.stderr.isatty(),
-                leave=False)
+    return tqdm(
+        total=total, desc=description, unit="tok", unit_scale=True, disable=not sys.stderr.isatty(), leave=False
+    )
 
 
 def cmd_generate(args):
     from nanomarkov.data import PROCESSES, default_data_dir, default_seq_len, generate_dataset
 
-    options = {"order": args.order, "preset": args.preset, "hidden_states": args.hidden_states, "x": args.x, "a": args.a}
+    options = {
+        "order": args.order,
+        "preset": args.preset,
+        "hidden_states": args.hidden_states,
+        "x": args.x,
+        "a": args.a,
+    }
     out = Path(args.out) if args.out else default_data_dir(args.n_states, args.sparsity, args.process, **options)
     seq_len = args.seq_len
     total = (args.train + args.val) * (seq_len or default_seq_len(args.n_states))
     with _progress_bar(total, f"generate {out}") as bar:
-        meta = generate_dataset(out, args.n_states, args.train, args.val, sparsity=args.sparsity, alpha=args.alpha,
-                                seq_len=seq_len, seed=args.seed, dtype=args.dtype, force=args.force,
-                                progress=bar.update, process=args.process, **options)
+        meta = generate_dataset(
+            out,
+            args.n_states,
+            args.train,
+            args.val,
+            sparsity=args.sparsity,
+            alpha=args.alpha,
+            seq_len=seq_len,
+            seed=args.seed,
+            dtype=args.dtype,
+            force=args.force,
+            progress=bar.update,
+            process=args.process,
+            **options,
+        )
     theory = meta["theory"]
-    kind = "".join(f", {name} {meta[name]}" for name in PROCESSES[meta["process"]].OPTIONS if meta.get(name) is not None)
-    print(f"{out}: {meta['train_sequences']} train + {meta['val_sequences']} val sequences of {meta['seq_len']} "
-          f"tokens, K={meta['n_states']}{kind}, vocab {meta['vocab_size']} (BOS={meta['bos_token']}), {meta['dtype']}")
-    print(f"optimal_loss {theory['optimal_loss']:.6f}  true_loss_val {theory['true_loss_val']:.6f}  "
-          f"entropy_rate {theory['entropy_rate']:.6f}  uniform {theory['uniform_loss']:.6f} nats/token")
+    kind = "".join(
+        f", {name} {meta[name]}" for name in PROCESSES[meta["process"]].OPTIONS if meta.get(name) is not None
+    )
+    print(
+        f"{out}: {meta['train_sequences']} train + {meta['val_sequences']} val sequences of {meta['seq_len']} "
+        f"tokens, K={meta['n_states']}{kind}, vocab {meta['vocab_size']} (BOS={meta['bos_token']}), {meta['dtype']}"
+    )
+    print(
+        f"optimal_loss {theory['optimal_loss']:.6f}  true_loss_val {theory['true_loss_val']:.6f}  "
+        f"entropy_rate {theory['entropy_rate']:.6f}  uniform {theory['uniform_loss']:.6f} nats/token"
+    )
     return 0
 
 
@@ -66,9 +92,18 @@ def theory_rows(paths):
         meta = dataset.meta
         process = meta.get("process", "markov")
         options = {name: meta[name] for name in PROCESSES[process].OPTIONS if meta.get(name) is not None}
-        rows.append({"dataset": str(path), "process": process, "options": options, "order": meta.get("order"),
-                     "n_states": meta["n_states"], "sparsity": meta["sparsity"],
-                     "seq_len": meta["seq_len"], **dataset_theory(dataset)})
+        rows.append(
+            {
+                "dataset": str(path),
+                "process": process,
+                "options": options,
+                "order": meta.get("order"),
+                "n_states": meta["n_states"],
+                "sparsity": meta["sparsity"],
+                "seq_len": meta["seq_len"],
+                **dataset_theory(dataset),
+            }
+        )
     return rows
 
 
@@ -83,14 +118,25 @@ def format_theory_table(rows):
     lines = [header]
     for row in rows:
         process = " ".join([row["process"]] + [f"{k}={v}" for k, v in row["options"].items()])
-        lines.append([row["dataset"], process, str(row["n_states"]),
-                      "-" if row["sparsity"] is None else f"{row['sparsity']:g}",
-                      str(row["seq_len"])] + [_estimate(row, key) for key, _ in THEORY_COLUMNS])
+        lines.append(
+            [
+                row["dataset"],
+                process,
+                str(row["n_states"]),
+                "-" if row["sparsity"] is None else f"{row['sparsity']:g}",
+                str(row["seq_len"]),
+            ]
+            + [_estimate(row, key) for key, _ in THEORY_COLUMNS]
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
-            for line in lines]
-    return "\n".join(text) + ("\n(losses in nats per predicted token; accuracy of the true model's argmax; "
-                              "±: the error of a Monte-Carlo estimate or half a bracket, theory's *_se)")
+    text = [
+        "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+        for line in lines
+    ]
+    return "\n".join(text) + (
+        "\n(losses in nats per predicted token; accuracy of the true model's argmax; "
+        "±: the error of a Monte-Carlo estimate or half a bracket, theory's *_se)"
+    )
 
 
 def cmd_theory(args):
@@ -106,8 +152,10 @@ def _train_configs(args, overrides):
     target = args.target
     if target.endswith(".py") or Path(target).is_file():
         if args.seeds or args.seed is not None or args.sparse is not None or args.preset:
-            raise NanoMarkovError("with a config file, set the seed and the rest as --key=value "
-                                  "(SEED, --seeds, --sparse and --preset go with a chain id: nanomarkov train 100 42)")
+            raise NanoMarkovError(
+                "with a config file, set the seed and the rest as --key=value "
+                "(SEED, --seeds, --sparse and --preset go with a chain id: nanomarkov train 100 42)"
+            )
         return [TrainConfig.from_dict({**load_config_file(target), **overrides}, f"config file {target}")]
     if args.seeds and args.seed is not None:
         raise NanoMarkovError("give either SEED or --seeds, not both")
@@ -115,16 +163,22 @@ def _train_configs(args, overrides):
     name = args.preset or "default"
     if Path(target).is_dir() and not re.fullmatch(r"\d+(-sparse-\d+)?", target):  # a dataset folder
         if args.sparse is not None:
-            raise NanoMarkovError(f"{target} is a dataset folder: its sparsity is its own (--sparse goes with a chain id)")
-        return [TrainConfig.from_dict({**dataset_preset(name, target, seed), **overrides}, f"preset {name} on {target}")
-                for seed in seeds]
+            raise NanoMarkovError(
+                f"{target} is a dataset folder: its sparsity is its own (--sparse goes with a chain id)"
+            )
+        return [
+            TrainConfig.from_dict({**dataset_preset(name, target, seed), **overrides}, f"preset {name} on {target}")
+            for seed in seeds
+        ]
     n_states, sparsity = parse_mm_id(target)
     if args.sparse is not None:
         if sparsity is not None and sparsity != args.sparse:
             raise NanoMarkovError(f"{target} and --sparse {args.sparse} disagree on the sparsity")
         sparsity = args.sparse
-    return [TrainConfig.from_dict({**preset(name, n_states, sparsity, seed), **overrides}, f"preset {name}")
-            for seed in seeds]
+    return [
+        TrainConfig.from_dict({**preset(name, n_states, sparsity, seed), **overrides}, f"preset {name}")
+        for seed in seeds
+    ]
 
 
 def cmd_train(args, extra):
@@ -141,8 +195,12 @@ def cmd_train(args, extra):
         if done["status"] == "interrupted":
             return 130
     if len(results) > 1:
-        print("\n".join(f"{out}: val {d['val_loss']:.6f} excess {d['excess']:.6f} nats "
-                        f"({d['pct_of_optimum']:.2f}% of optimum)" for out, d in results))
+        print(
+            "\n".join(
+                f"{out}: val {d['val_loss']:.6f} excess {d['excess']:.6f} nats ({d['pct_of_optimum']:.2f}% of optimum)"
+                for out, d in results
+            )
+        )
     return 0
 
 
@@ -162,10 +220,12 @@ def cmd_demo(args, extra):
     done = train(cfg, overwrite=True)
     if done["status"] != "done":
         return 130
-    print(f"\nval loss      {done['val_loss']:.6f} nats/token\n"
-          f"true loss     {done['true_loss_val']:.6f}  (the true chain on the same val sequences: the floor)\n"
-          f"optimal loss  {done['optimal_loss']:.6f}  (its expectation over all val sets)\n"
-          f"excess        {done['excess']:.6f}  ({done['pct_of_optimum']:.2f}% of optimum) in {done['elapsed_s']:.0f}s\n")
+    print(
+        f"\nval loss      {done['val_loss']:.6f} nats/token\n"
+        f"true loss     {done['true_loss_val']:.6f}  (the true chain on the same val sequences: the floor)\n"
+        f"optimal loss  {done['optimal_loss']:.6f}  (its expectation over all val sets)\n"
+        f"excess        {done['excess']:.6f}  ({done['pct_of_optimum']:.2f}% of optimum) in {done['elapsed_s']:.0f}s\n"
+    )
     run_dir = Path(cfg.out_dir)
     print("3/4 evaluate: the six metrics against the exact theory\n")
     ((_, result),) = evaluate_checkpoints([run_dir / "ckpt.pt"])
@@ -193,20 +253,24 @@ def cmd_report(args):
 
     report = write_report(args.root)
     print(format_summary(report["summary"]))
-    print(f"\n{len(report['runs'])} run(s); written: {Path(args.root) / 'report'}/summary.md, summary.csv, "
-          "comparison.png, and learning_curve.png (+ transition_matrix.png, per_state_kl.png once evaluated) in each run")
+    print(
+        f"\n{len(report['runs'])} run(s); written: {Path(args.root) / 'report'}/summary.md, summary.csv, "
+        "comparison.png, and learning_curve.png (+ transition_matrix.png, per_state_kl.png once evaluated) in each run"
+    )
     for run in report["missing_eval"] + report["stale_eval"]:
-        print(f"{'not evaluated' if run in report['missing_eval'] else 'trained on since its eval'}: "
-              f"nanomarkov eval {Path(run) / 'ckpt.pt'}")
+        print(
+            f"{'not evaluated' if run in report['missing_eval'] else 'trained on since its eval'}: "
+            f"nanomarkov eval {Path(run) / 'ckpt.pt'}"
+        )
     for skip in report["skipped"]:
         print(f"skipped {Path(skip['run']) / skip['plot']}: {skip['why']}", file=sys.stderr)
     return 0
 
 
 def cmd_sweep(args):
-    from nanomarkov.slurm import SLURM_FLAGS
     from nanomarkov.sweep import run_sweep
-    from nanomarkov.sweep_status import format_status, sweep_status
+    from nanomarkov.sweep.slurm import SLURM_FLAGS
+    from nanomarkov.sweep.status import format_status, sweep_status
 
     if args.target == "status":
         if not args.folder or args.out or args.dry_run or args.jobs != 1:
@@ -222,8 +286,14 @@ def cmd_sweep(args):
         raise NanoMarkovError(f"--{next(iter(slurm))} is a SLURM option: add --launcher slurm")
     if args.launcher == "slurm" and args.jobs != 1:
         raise NanoMarkovError("--jobs is the local launcher's; on SLURM use --array_parallelism N")
-    manifest = run_sweep(args.target, args.out, jobs=args.jobs, dry_run=args.dry_run, launcher=args.launcher,
-                         slurm=slurm if args.launcher == "slurm" else None)
+    manifest = run_sweep(
+        args.target,
+        args.out,
+        jobs=args.jobs,
+        dry_run=args.dry_run,
+        launcher=args.launcher,
+        slurm=slurm if args.launcher == "slurm" else None,
+    )
     if not args.dry_run:
         print(format_status(sweep_status(args.out)))
     states = {run["state"] for run in manifest["runs"].values()}
@@ -231,7 +301,7 @@ def cmd_sweep(args):
 
 
 def cmd_export(args):
-    from nanomarkov.export import export_safetensors
+    from nanomarkov.checkpoint import export_safetensors
 
     if not Path(args.checkpoint).is_file():
         raise NanoMarkovError(f"{args.checkpoint}: no checkpoint there (a run folder's ckpt.pt)")
@@ -241,29 +311,45 @@ def cmd_export(args):
 
 
 def cmd_import_hmmlearn(args):
-    from nanomarkov.interop import import_hmmlearn
+    from nanomarkov.data import import_hmmlearn
 
-    meta = import_hmmlearn(args.pickle, args.out, trust_pickle=args.trust_pickle, train_sequences=args.train,
-                           val_sequences=args.val, seq_len=args.seq_len, seed=args.seed, force=args.force)
+    meta = import_hmmlearn(
+        args.pickle,
+        args.out,
+        trust_pickle=args.trust_pickle,
+        train_sequences=args.train,
+        val_sequences=args.val,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        force=args.force,
+    )
     theory = meta["theory"]
-    print(f"{args.out}: the {meta['n_states']}-state chain of {args.pickle}, {meta['train_sequences']} train + "
-          f"{meta['val_sequences']} val sequences of {meta['seq_len']} tokens; optimal_loss {theory['optimal_loss']:.6f} "
-          f"entropy_rate {theory['entropy_rate']:.6f} nats/token")
+    print(
+        f"{args.out}: the {meta['n_states']}-state chain of {args.pickle}, {meta['train_sequences']} train + "
+        f"{meta['val_sequences']} val sequences of {meta['seq_len']} tokens; optimal_loss {theory['optimal_loss']:.6f} "
+        f"entropy_rate {theory['entropy_rate']:.6f} nats/token"
+    )
     return 0
 
 
 def build_parser():
-    parser = OneLineParser(prog="nanomarkov", description="Train small GPTs on Markov chains; check them against exact theory.")
+    parser = OneLineParser(
+        prog="nanomarkov", description="Train small GPTs on Markov chains; check them against exact theory."
+    )
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=OneLineParser)
 
     gen = verbs.add_parser("generate", help="sample a random chain's train/val sequences into a dataset folder")
     gen.add_argument("n_states", type=int, help="number of states K (vocabulary K+1 with BOS)")
     gen.add_argument("--train", type=int, default=10000, help="training sequences (default 10000)")
     gen.add_argument("--val", type=int, default=1000, help="validation sequences (default 1000)")
-    gen.add_argument("--process", choices=["markov", "korder", "icl", "hmm"], default="markov",
-                     help="markov: first-order chain (default); korder: k-th order chain (--order); "
-                          "icl: in-context chain, a fresh Dirichlet matrix per sequence (needs attention to learn); "
-                          "hmm: hidden Markov model (--preset mess3, or --hidden_states)")
+    gen.add_argument(
+        "--process",
+        choices=["markov", "korder", "icl", "hmm"],
+        default="markov",
+        help="markov: first-order chain (default); korder: k-th order chain (--order); "
+        "icl: in-context chain, a fresh Dirichlet matrix per sequence (needs attention to learn); "
+        "hmm: hidden Markov model (--preset mess3, or --hidden_states)",
+    )
     gen.add_argument("--order", type=int, default=None, help="with --process korder: states of context k (default 2)")
     gen.add_argument("--preset", choices=["mess3"], default=None, help="with --process hmm: mess3 (K=3, x and a below)")
     gen.add_argument("--hidden_states", type=int, default=None, help="with --process hmm: hidden states H (default K)")
@@ -271,11 +357,19 @@ def build_parser():
     gen.add_argument("--a", type=float, default=None, help="with --preset mess3: own-token emission (default 0.85)")
     gen.add_argument("--sparsity", type=float, default=None, help="percent of each row's transitions set to zero")
     gen.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration of each row (default 1)")
-    gen.add_argument("--seq_len", type=int, default=None, help="tokens per sequence incl. BOS (default 128 for K<=10, else 256)")
+    gen.add_argument(
+        "--seq_len", type=int, default=None, help="tokens per sequence incl. BOS (default 128 for K<=10, else 256)"
+    )
     gen.add_argument("--seed", type=int, default=42, help="seed of the chain and of the samples (default 42)")
-    gen.add_argument("--dtype", choices=["uint16", "uint32"], default=None, help="token type (default: smallest that fits)")
-    gen.add_argument("--out", default=None, help="dataset folder (default data/mm{K}[-order{k}][-sparse-{S}], data/icl{K}[-sparse-{S}], "
-                          "data/mess3[-x{X}-a{A}], data/hmm{K}-h{H}[-sparse-{S}])")
+    gen.add_argument(
+        "--dtype", choices=["uint16", "uint32"], default=None, help="token type (default: smallest that fits)"
+    )
+    gen.add_argument(
+        "--out",
+        default=None,
+        help="dataset folder (default data/mm{K}[-order{k}][-sparse-{S}], data/icl{K}[-sparse-{S}], "
+        "data/mess3[-x{X}-a{A}], data/hmm{K}-h{H}[-sparse-{S}])",
+    )
     gen.add_argument("--force", action="store_true", help="replace an existing dataset with other parameters")
     gen.set_defaults(func=cmd_generate)
 
@@ -284,9 +378,14 @@ def build_parser():
     theory.add_argument("--json", action="store_true", help="print JSON instead of a table")
     theory.set_defaults(func=cmd_theory)
 
-    tr = verbs.add_parser("train", help="train a GPT on a dataset; any TrainConfig field as --key=value",
-                          epilog="examples: nanomarkov train 100 42 --sparse 75 | nanomarkov train config.py --max_iters=500")
-    tr.add_argument("target", help="a chain id (10, 100, 100-sparse-75), a dataset folder (any process) or a config file (.py)")
+    tr = verbs.add_parser(
+        "train",
+        help="train a GPT on a dataset; any TrainConfig field as --key=value",
+        epilog="examples: nanomarkov train 100 42 --sparse 75 | nanomarkov train config.py --max_iters=500",
+    )
+    tr.add_argument(
+        "target", help="a chain id (10, 100, 100-sparse-75), a dataset folder (any process) or a config file (.py)"
+    )
     tr.add_argument("seed", nargs="?", type=int, default=None, help="seed with a chain id (default 42)")
     tr.add_argument("--sparse", type=int, default=None, help="sparsity percent of the chain (data/mm{K}-sparse-{S})")
     tr.add_argument("--preset", default=None, help="recipe: default, seed, c1..c12 (default: default)")
@@ -305,49 +404,84 @@ def build_parser():
     rep.add_argument("root", help="a folder of runs, e.g. trainings/MM/MM-100 (or one run folder)")
     rep.set_defaults(func=cmd_report)
 
-    sw = verbs.add_parser("sweep", help="train and evaluate a whole grid of runs (grids/*.toml); 'sweep status DIR' shows it",
-                          epilog="examples: nanomarkov sweep grids/tiny.toml --out sweeps/tiny --jobs 2 | "
-                                 "nanomarkov sweep grids/tiny.toml --out sweeps/tiny --launcher slurm | "
-                                 "nanomarkov sweep status sweeps/tiny")
+    sw = verbs.add_parser(
+        "sweep",
+        help="train and evaluate a whole grid of runs (grids/*.toml); 'sweep status DIR' shows it",
+        epilog="examples: nanomarkov sweep grids/tiny.toml --out sweeps/tiny --jobs 2 | "
+        "nanomarkov sweep grids/tiny.toml --out sweeps/tiny --launcher slurm | "
+        "nanomarkov sweep status sweeps/tiny",
+    )
     sw.add_argument("target", help="a grid file (TOML), or 'status'")
     sw.add_argument("folder", nargs="?", help="with 'status': the sweep's folder")
     sw.add_argument("--out", default=None, help="folder for the datasets, runs, sweep.json and report")
     sw.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process (default 1)")
-    sw.add_argument("--dry-run", action="store_true", help="print what would be trained, resumed or skipped; write nothing")
-    sw.add_argument("--launcher", choices=["local", "slurm"], default="local",
-                    help="local processes (default), or one SLURM job array through submitit (CLUSTER.md)")
+    sw.add_argument(
+        "--dry-run", action="store_true", help="print what would be trained, resumed or skipped; write nothing"
+    )
+    sw.add_argument(
+        "--launcher",
+        choices=["local", "slurm"],
+        default="local",
+        help="local processes (default), or one SLURM job array through submitit (CLUSTER.md)",
+    )
     cl = sw.add_argument_group("SLURM (with --launcher slurm)")
-    cl.add_argument("--slurm_partition", default=None, metavar="P", help="partition to submit to (default: the cluster's)")
-    cl.add_argument("--time", type=int, default=None, metavar="MIN", help="time limit per run in minutes (default 60); "
-                    "a run that reaches it checkpoints and is requeued")
-    cl.add_argument("--cpus_per_task", type=int, default=None, metavar="N", help="CPUs per run, also its torch threads (default 1)")
+    cl.add_argument(
+        "--slurm_partition", default=None, metavar="P", help="partition to submit to (default: the cluster's)"
+    )
+    cl.add_argument(
+        "--time",
+        type=int,
+        default=None,
+        metavar="MIN",
+        help="time limit per run in minutes (default 60); a run that reaches it checkpoints and is requeued",
+    )
+    cl.add_argument(
+        "--cpus_per_task", type=int, default=None, metavar="N", help="CPUs per run, also its torch threads (default 1)"
+    )
     cl.add_argument("--gpus_per_task", type=int, default=None, metavar="N", help="GPUs per run")
     cl.add_argument("--mem", default=None, metavar="X", help="memory per run, e.g. 4G")
     cl.add_argument("--array_parallelism", type=int, default=None, metavar="N", help="runs at once at most")
-    cl.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
-                    help="any other sbatch option, repeatable: --sbatch account=mylab --sbatch qos=low")
+    cl.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other sbatch option, repeatable: --sbatch account=mylab --sbatch qos=low",
+    )
     sw.set_defaults(func=cmd_sweep)
 
-    ex = verbs.add_parser("export", help="write a checkpoint's model as model.safetensors + config.json (no pickle)",
-                          epilog="example: nanomarkov export trainings/MM/MM-10/MM-10-42/ckpt.pt --out exports/mm10")
+    ex = verbs.add_parser(
+        "export",
+        help="write a checkpoint's model as model.safetensors + config.json (no pickle)",
+        epilog="example: nanomarkov export trainings/MM/MM-10/MM-10-42/ckpt.pt --out exports/mm10",
+    )
     ex.add_argument("checkpoint", help="a ckpt.pt")
     ex.add_argument("--format", choices=["safetensors"], default="safetensors", help="only safetensors for now")
     ex.add_argument("--out", required=True, help="output folder (created; its two files are replaced)")
     ex.set_defaults(func=cmd_export)
 
-    imp = verbs.add_parser("import-hmmlearn", help="a dataset folder from a chain the seed saved (pickled hmmlearn model)",
-                           epilog="example: nanomarkov import-hmmlearn data/mm10/model.pkl --trust-pickle --out data/mm10-seed")
+    imp = verbs.add_parser(
+        "import-hmmlearn",
+        help="a dataset folder from a chain the seed saved (pickled hmmlearn model)",
+        epilog="example: nanomarkov import-hmmlearn data/mm10/model.pkl --trust-pickle --out data/mm10-seed",
+    )
     imp.add_argument("pickle", help="model.pkl: a pickled hmmlearn CategoricalHMM with identity emissions")
-    imp.add_argument("--trust-pickle", action="store_true", help="load it: unpickling runs code, so only for files you made")
+    imp.add_argument(
+        "--trust-pickle", action="store_true", help="load it: unpickling runs code, so only for files you made"
+    )
     imp.add_argument("--out", required=True, help="dataset folder to write")
     imp.add_argument("--train", type=int, default=10000, help="training sequences (default 10000)")
     imp.add_argument("--val", type=int, default=1000, help="validation sequences (default 1000)")
-    imp.add_argument("--seq_len", type=int, default=None, help="tokens per sequence incl. BOS (default 128 for K<=10, else 256)")
+    imp.add_argument(
+        "--seq_len", type=int, default=None, help="tokens per sequence incl. BOS (default 128 for K<=10, else 256)"
+    )
     imp.add_argument("--seed", type=int, default=42, help="seed of the samples (default 42)")
     imp.add_argument("--force", action="store_true", help="replace an existing dataset with other parameters")
     imp.set_defaults(func=cmd_import_hmmlearn)
 
-    demo = verbs.add_parser("demo", help="generate MM-10, train it, print the loss against the optimum (minutes on a CPU)")
+    demo = verbs.add_parser(
+        "demo", help="generate MM-10, train it, print the loss against the optimum (minutes on a CPU)"
+    )
     demo.set_defaults(func=cmd_demo, takes_overrides=True)
     return parser
 

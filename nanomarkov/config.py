@@ -23,54 +23,55 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import NanoMarkovError
+from nanomarkov.errors import NanoMarkovError
+
 from .model import GPTConfig
 
 
 @dataclass
 class TrainConfig:
     # I/O
-    data_dir: str = "data/mm100"          # dataset folder written by `nanomarkov generate`
+    data_dir: str = "data/mm100"  # dataset folder written by `nanomarkov generate`
     out_dir: str = "trainings/MM/MM-100/MM-100-42"  # run folder: config.json, log.jsonl, ckpt.pt, done.json
-    init_from: str = "scratch"            # 'scratch' starts afresh; 'resume' continues from out_dir/ckpt.pt
-    always_save_checkpoint: bool = True   # checkpoint at every eval, not only when val loss improves
-    eval_interval: int = 250              # iterations between evaluations (and checkpoints)
-    log_interval: int = 10                # iterations between train-loss log lines
-    wandb_log: bool = False               # log to Weights & Biases (wandb is imported only then)
+    init_from: str = "scratch"  # 'scratch' starts afresh; 'resume' continues from out_dir/ckpt.pt
+    always_save_checkpoint: bool = True  # checkpoint at every eval, not only when val loss improves
+    eval_interval: int = 250  # iterations between evaluations (and checkpoints)
+    log_interval: int = 10  # iterations between train-loss log lines
+    wandb_log: bool = False  # log to Weights & Biases (wandb is imported only then)
     wandb_project: str = "MM-experiments"  # wandb project name
-    wandb_run_name: str = ""              # wandb run name; '' means the name of out_dir
+    wandb_run_name: str = ""  # wandb run name; '' means the name of out_dir
     # Model (see GPTConfig; vocab_size and block_size come from the dataset)
-    n_layer: int = 2                      # residual blocks
-    n_head: int = 8                       # attention heads per block
-    n_embd: int = 128                     # residual stream width
-    dropout: float = 0.0                  # dropout probability, in [0, 1)
-    bias: bool = False                    # biases in Linear and LayerNorm layers
-    use_ln: bool = True                   # LayerNorms on (all of them, final one included)
-    pos_ape: bool = True                  # learned absolute position embeddings
-    mlp_only: bool = False                # no attention sublayer at all
-    mlp_ratio: int = 4                    # MLP hidden width / n_embd
-    mlp_filter: str = "GELU"              # GELU | RELU | RELU2 | RELU3
+    n_layer: int = 2  # residual blocks
+    n_head: int = 8  # attention heads per block
+    n_embd: int = 128  # residual stream width
+    dropout: float = 0.0  # dropout probability, in [0, 1)
+    bias: bool = False  # biases in Linear and LayerNorm layers
+    use_ln: bool = True  # LayerNorms on (all of them, final one included)
+    pos_ape: bool = True  # learned absolute position embeddings
+    mlp_only: bool = False  # no attention sublayer at all
+    mlp_ratio: int = 4  # MLP hidden width / n_embd
+    mlp_filter: str = "GELU"  # GELU | RELU | RELU2 | RELU3
     mlp_first_matrix_identity: bool = False  # MLP's first matrix is a frozen identity (mlp_ratio 1)
-    one_hot_embed: bool = False           # frozen one-hot token embedding (n_embd >= K+1)
-    lm_head_tied: bool = True             # head shares the token embedding
+    one_hot_embed: bool = False  # frozen one-hot token embedding (n_embd >= K+1)
+    lm_head_tied: bool = True  # head shares the token embedding
     # Training
-    batch_size: int = 32                  # sequences per micro-batch
-    grad_accum_steps: int = 1             # micro-batches per optimizer step; tokens/iter = batch*accum*block
-    max_iters: int = 1500                 # optimizer steps in the whole run
-    learning_rate: float = 1e-2           # peak learning rate, reached after warmup
-    decay_lr: bool = True                 # linear warmup then cosine decay; False keeps learning_rate fixed
-    warmup_iters: int = 50                # steps of linear warmup from 0 to learning_rate
-    lr_decay_iters: int = 1500            # step at which the cosine reaches min_lr (held there after)
-    min_lr: float = 1e-3                  # floor of the cosine decay
-    weight_decay: float = 0.1             # AdamW decoupled weight decay on matrices and embeddings
-    beta1: float = 0.9                    # AdamW first-moment decay
-    beta2: float = 0.95                   # AdamW second-moment decay
-    grad_clip: float = 1.0                # clip the global gradient norm to this; 0 disables
+    batch_size: int = 32  # sequences per micro-batch
+    grad_accum_steps: int = 1  # micro-batches per optimizer step; tokens/iter = batch*accum*block
+    max_iters: int = 1500  # optimizer steps in the whole run
+    learning_rate: float = 1e-2  # peak learning rate, reached after warmup
+    decay_lr: bool = True  # linear warmup then cosine decay; False keeps learning_rate fixed
+    warmup_iters: int = 50  # steps of linear warmup from 0 to learning_rate
+    lr_decay_iters: int = 1500  # step at which the cosine reaches min_lr (held there after)
+    min_lr: float = 1e-3  # floor of the cosine decay
+    weight_decay: float = 0.1  # AdamW decoupled weight decay on matrices and embeddings
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables
     # System
-    seed: int = 42                        # seeds torch, numpy and batch sampling
-    device: str = "auto"                  # auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"                   # auto (bf16 on CUDA when supported, else fp32) | float32 | bfloat16 | float16
-    compile: str | bool = "auto"          # torch.compile: 'auto' (CUDA only) | True | False
+    seed: int = 42  # seeds torch, numpy and batch sampling
+    device: str = "auto"  # auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto (bf16 on CUDA when supported, else fp32) | float32 | bfloat16 | float16
+    compile: str | bool = "auto"  # torch.compile: 'auto' (CUDA only) | True | False
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -80,22 +81,31 @@ class TrainConfig:
         for name in ("max_iters", "warmup_iters", "lr_decay_iters", "seed"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         _require(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
-        _require(0 <= self.min_lr <= self.learning_rate,
-                 f"min_lr must be in [0, learning_rate={self.learning_rate}], got {self.min_lr}")
-        _require(not self.decay_lr or self.lr_decay_iters >= self.warmup_iters,
-                 f"lr_decay_iters ({self.lr_decay_iters}) must be >= warmup_iters ({self.warmup_iters})")
+        _require(
+            0 <= self.min_lr <= self.learning_rate,
+            f"min_lr must be in [0, learning_rate={self.learning_rate}], got {self.min_lr}",
+        )
+        _require(
+            not self.decay_lr or self.lr_decay_iters >= self.warmup_iters,
+            f"lr_decay_iters ({self.lr_decay_iters}) must be >= warmup_iters ({self.warmup_iters})",
+        )
         for name in ("weight_decay", "grad_clip"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("beta1", "beta2"):
             _require(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)}")
         _require(self.data_dir != "" and self.out_dir != "", "data_dir and out_dir must not be empty")
-        _require(self.init_from in ("scratch", "resume"),
-                 f"init_from must be 'scratch' or 'resume', got {self.init_from!r}")
-        _require(self.device in ("auto", "cpu", "cuda", "mps")
-                 or (self.device.startswith("cuda:") and self.device[5:].isdigit()),
-                 f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
-        _require(self.dtype in ("auto", "float32", "bfloat16", "float16"),
-                 f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        _require(
+            self.init_from in ("scratch", "resume"), f"init_from must be 'scratch' or 'resume', got {self.init_from!r}"
+        )
+        _require(
+            self.device in ("auto", "cpu", "cuda", "mps")
+            or (self.device.startswith("cuda:") and self.device[5:].isdigit()),
+            f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}",
+        )
+        _require(
+            self.dtype in ("auto", "float32", "bfloat16", "float16"),
+            f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}",
+        )
         # The model's own checks, with a stand-in vocabulary (the real one needs the dataset).
         self.gpt_config(vocab_size=1, block_size=1)
 
@@ -111,13 +121,13 @@ class TrainConfig:
 
     def gpt_config(self, vocab_size: int, block_size: int) -> GPTConfig:
         """The model's config: our model fields plus the dataset's vocab_size and block_size."""
-        return GPTConfig(vocab_size=vocab_size, block_size=block_size,
-                         **{name: getattr(self, name) for name in MODEL_FIELDS})
+        return GPTConfig(
+            vocab_size=vocab_size, block_size=block_size, **{name: getattr(self, name) for name in MODEL_FIELDS}
+        )
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
-MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig)
-                     if f.name not in ("vocab_size", "block_size"))
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name not in ("vocab_size", "block_size"))
 
 # Keys the seed's config files set that mean nothing here. A config file may
 # carry them (they are dropped); an override may not, since typing one by hand
@@ -147,16 +157,19 @@ def _check_type(key: str, value):
     """Return value if it suits field `key` (ints are accepted, as floats, for float fields)."""
     kind = _KINDS[key]
     if key == "compile":
-        _require(value in ("auto", True, False) and type(value) in (str, bool),
-                 f"compile must be 'auto', True or False, got {value!r}")
+        _require(
+            value in ("auto", True, False) and type(value) in (str, bool),
+            f"compile must be 'auto', True or False, got {value!r}",
+        )
     elif kind is bool:
         _require(isinstance(value, bool), f"{key} must be True or False, got {value!r}")
     elif kind is int:
-        _require(isinstance(value, int) and not isinstance(value, bool),
-                 f"{key} must be an integer, got {value!r}")
+        _require(isinstance(value, int) and not isinstance(value, bool), f"{key} must be an integer, got {value!r}")
     elif kind is float:
-        _require(isinstance(value, (int, float)) and not isinstance(value, bool)
-                 and math.isfinite(value), f"{key} must be a finite number, got {value!r}")
+        _require(
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+            f"{key} must be a finite number, got {value!r}",
+        )
         return float(value)
     else:
         _require(isinstance(value, str), f"{key} must be a string, got {value!r}")
@@ -176,8 +189,10 @@ def _canonical(values: dict, where: str, ignore_legacy: bool) -> dict:
         new = LEGACY_RENAMED.get(key, key)
         _require(new in FIELDS, _unknown_key_message(key, where))
         value = _check_type(new, value)
-        _require(out.get(new, value) == value,
-                 f"{where} sets {new} twice with different values ({out.get(new)!r} and {value!r})")
+        _require(
+            out.get(new, value) == value,
+            f"{where} sets {new} twice with different values ({out.get(new)!r} and {value!r})",
+        )
         out[new] = value
     return out
 
@@ -199,14 +214,22 @@ def load_config_file(path) -> dict:
     try:
         exec(compile(source, str(path), "exec"), namespace)
     except Exception as e:
-        line = getattr(e, "lineno", None) if isinstance(e, SyntaxError) else next(
-            (fr.lineno for fr in reversed(traceback.extract_tb(e.__traceback__))
-             if fr.filename == str(path)), None)
+        line = (
+            getattr(e, "lineno", None)
+            if isinstance(e, SyntaxError)
+            else next(
+                (fr.lineno for fr in reversed(traceback.extract_tb(e.__traceback__)) if fr.filename == str(path)), None
+            )
+        )
         raise NanoMarkovError(
             f"config file {path} line {line}: {type(e).__name__}: {e}; it must be plain "
-            f"Python assignments like n_layer = 2") from None
-    settings = {k: v for k, v in namespace.items()
-                if not k.startswith("_") and not callable(v) and not isinstance(v, types.ModuleType)}
+            f"Python assignments like n_layer = 2"
+        ) from None
+    settings = {
+        k: v
+        for k, v in namespace.items()
+        if not k.startswith("_") and not callable(v) and not isinstance(v, types.ModuleType)
+    }
     return _canonical(settings, f"config file {path}", ignore_legacy=True)
 
 
@@ -214,15 +237,14 @@ def parse_overrides(args) -> dict:
     """Parse ["--key=value", ...]; values are Python literals, or plain strings for string keys."""
     values = {}
     for arg in args:
-        _require(isinstance(arg, str) and arg.startswith("--") and "=" in arg,
-                 f"expected --key=value, got {arg!r}")
+        _require(isinstance(arg, str) and arg.startswith("--") and "=" in arg, f"expected --key=value, got {arg!r}")
         key, raw = arg[2:].split("=", 1)
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             value = raw
         if _KINDS.get(LEGACY_RENAMED.get(key, key)) is str and not isinstance(value, str):
-            value = raw     # --wandb_run_name=2024 means the string '2024'
+            value = raw  # --wandb_run_name=2024 means the string '2024'
         values.update(_canonical({key: value}, "the command-line overrides", ignore_legacy=False))
     return values
 
@@ -231,8 +253,7 @@ def format_config_file(cfg: dict, header: str = "") -> str:
     """Write settings as a config file that load_config_file reads back to the same dict."""
     for key in cfg:
         _require(key in FIELDS, _unknown_key_message(key, "format_config_file"))
-    lines = [line if line.startswith("#") else f"# {line}".rstrip()
-             for line in header.splitlines()]
+    lines = [line if line.startswith("#") else f"# {line}".rstrip() for line in header.splitlines()]
     for key in FIELDS:
         if key in _SECTIONS:
             lines += ["", f"# {_SECTIONS[key]}"]
@@ -241,8 +262,12 @@ def format_config_file(cfg: dict, header: str = "") -> str:
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
-_SECTIONS = {"data_dir": "I/O", "n_layer": "Model (vocab_size and block_size come from the dataset)",
-             "batch_size": "Training", "seed": "System"}
+_SECTIONS = {
+    "data_dir": "I/O",
+    "n_layer": "Model (vocab_size and block_size come from the dataset)",
+    "batch_size": "Training",
+    "seed": "System",
+}
 
 
 # ---------------------------------------------------------------------------
@@ -261,20 +286,20 @@ _SECTIONS = {"data_dir": "I/O", "n_layer": "Model (vocab_size and block_size com
 # - K > 100: 50k sequences cannot pin down a K x K table (the finite-data floor is
 #   about K^2 / (2 * tokens), 0.04 nats for MM-1000), so one pass over the data with
 #   a 256-wide model; every pass costs minutes there (a 1001-way head per token).
-DEFAULT_COMMON = dict(mlp_only=True, mlp_ratio=1, lm_head_tied=False, weight_decay=0.0, grad_accum_steps=1,
-                      log_interval=50)
+DEFAULT_COMMON = dict(
+    mlp_only=True, mlp_ratio=1, lm_head_tied=False, weight_decay=0.0, grad_accum_steps=1, log_interval=50
+)
 #                  max K  n_layer n_head n_embd batch   lr   max_iters warmup eval_interval
-DEFAULT_RECIPES = [(10,      1,     1,     32,   64,  3e-3,    600,     50,     200),
-                   (100,     1,     1,    128,   32,  3e-3,   6000,     50,    1000),
-                   (None,    1,     1,    256,   32,  3e-3,   1600,     50,     800)]
+DEFAULT_RECIPES = [
+    (10, 1, 1, 32, 64, 3e-3, 600, 50, 200),
+    (100, 1, 1, 128, 32, 3e-3, 6000, 50, 1000),
+    (None, 1, 1, 256, 32, 3e-3, 1600, 50, 800),
+]
 
 # The seed's configs/mm_config.py. Common to all rows: 8 heads, lr 5e-3, warmup 200,
 # cosine to min_lr 1e-4 at max_iters, weight decay 0.1, no dropout, no biases, eval every 500.
 #               max K  n_layer n_embd batch max_iters
-SEED_RECIPES = [(10,      2,    128,   16,   1000),
-                (100,     2,    256,    8,   5000),
-                (1000,    4,    512,    8,   5000),
-                (None,    4,    768,    8,   5000)]
+SEED_RECIPES = [(10, 2, 128, 16, 1000), (100, 2, 256, 8, 5000), (1000, 4, 512, 8, 5000), (None, 4, 768, 8, 5000)]
 
 # The seed's train_mm.py set gradient_accumulation_steps = 5 * 8 among its defaults and
 # no config file changed it, so every seed run took 40 micro-batches per optimizer step
@@ -289,10 +314,11 @@ SEED_GRAD_ACCUM = 40
 # while c9 and c12 (= c10 + MLP-only) have it off, so c10 here has use_ln=False.
 # The seed tied the head by default; with one_hot_embed that made the head the frozen
 # one-hot table (logits = first K+1 residual coordinates), kept here as lm_head_tied=True.
-EXTRA = {"c1": dict(n_layer=1, n_head=2, n_embd=256, max_iters=3000),
-         "c2": dict(n_layer=1, n_head=1, n_embd=128, max_iters=3000, mlp_filter="RELU"),
-         "c3": dict(n_layer=1, n_head=1, n_embd=None, max_iters=5000, mlp_filter="RELU",
-                    one_hot_embed=True)}
+EXTRA = {
+    "c1": dict(n_layer=1, n_head=2, n_embd=256, max_iters=3000),
+    "c2": dict(n_layer=1, n_head=1, n_embd=128, max_iters=3000, mlp_filter="RELU"),
+    "c3": dict(n_layer=1, n_head=1, n_embd=None, max_iters=5000, mlp_filter="RELU", one_hot_embed=True),
+}
 EXTRA["c4"] = {**EXTRA["c3"], "mlp_ratio": 1}
 EXTRA["c5"] = {**EXTRA["c3"], "mlp_only": True}
 EXTRA["c6"] = {**EXTRA["c4"], "mlp_only": True, "mlp_filter": "GELU"}
@@ -310,11 +336,27 @@ PRESETS = ("default", "seed", *EXTRA)
 # Measured in BENCHMARKS.md ("Default recipe per process").
 # In-context chains and HMMs both need what the sequence so far says (counts, a belief),
 # gathered by two attention layers.
-_WHOLE_HISTORY = dict(mlp_only=False, n_layer=2, n_head=1, n_embd=64, learning_rate=1e-2, min_lr=1e-4,
-                      max_iters=1000, lr_decay_iters=1000, eval_interval=250)
+_WHOLE_HISTORY = dict(
+    mlp_only=False,
+    n_layer=2,
+    n_head=1,
+    n_embd=64,
+    learning_rate=1e-2,
+    min_lr=1e-4,
+    max_iters=1000,
+    lr_decay_iters=1000,
+    eval_interval=250,
+)
 PROCESS_DEFAULTS = {
-    "korder": dict(mlp_only=False, n_head=1, learning_rate=1e-2, min_lr=1e-4, max_iters=1500, lr_decay_iters=1500,
-                   eval_interval=500),
+    "korder": dict(
+        mlp_only=False,
+        n_head=1,
+        learning_rate=1e-2,
+        min_lr=1e-4,
+        max_iters=1500,
+        lr_decay_iters=1500,
+        eval_interval=500,
+    ),
     "icl": _WHOLE_HISTORY,
     "hmm": _WHOLE_HISTORY,
 }
@@ -332,42 +374,73 @@ def mm_id(n_states: int, sparsity: int | None = None) -> str:
 def preset(name: str, n_states: int, sparsity: int | None = None, seed: int = 42) -> dict:
     """A complete, checked dict of TrainConfig fields for recipe `name` on MM-{n_states}."""
     _require(name in PRESETS, f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    _require(isinstance(n_states, int) and not isinstance(n_states, bool) and n_states >= 1,
-             f"n_states must be a positive integer, got {n_states!r}")
-    _require(sparsity is None or (type(sparsity) is int and 0 < sparsity < 100),
-             f"sparsity must be an integer percentage in 1..99 (or None: dense), got {sparsity!r}")
+    _require(
+        isinstance(n_states, int) and not isinstance(n_states, bool) and n_states >= 1,
+        f"n_states must be a positive integer, got {n_states!r}",
+    )
+    _require(
+        sparsity is None or (type(sparsity) is int and 0 < sparsity < 100),
+        f"sparsity must be an integer percentage in 1..99 (or None: dense), got {sparsity!r}",
+    )
     _require(type(seed) is int and seed >= 0, f"seed must be a non-negative integer, got {seed!r}")
     ident = mm_id(n_states, sparsity)
-    cfg = dict(data_dir=f"data/mm{ident}", out_dir=f"trainings/MM/MM-{ident}/MM-{ident}-{seed}",
-               wandb_run_name=f"MM-{ident}-{seed}", seed=seed)
+    cfg = dict(
+        data_dir=f"data/mm{ident}",
+        out_dir=f"trainings/MM/MM-{ident}/MM-{ident}-{seed}",
+        wandb_run_name=f"MM-{ident}-{seed}",
+        seed=seed,
+    )
     if name == "default":
         _, n_layer, n_head, n_embd, batch, lr, iters, warmup, every = _row(DEFAULT_RECIPES, n_states)
-        cfg.update(DEFAULT_COMMON, n_layer=n_layer, n_head=n_head, n_embd=n_embd, batch_size=batch,
-                   learning_rate=lr, min_lr=lr / 100, max_iters=iters, lr_decay_iters=iters,
-                   warmup_iters=warmup, eval_interval=every)
+        cfg.update(
+            DEFAULT_COMMON,
+            n_layer=n_layer,
+            n_head=n_head,
+            n_embd=n_embd,
+            batch_size=batch,
+            learning_rate=lr,
+            min_lr=lr / 100,
+            max_iters=iters,
+            lr_decay_iters=iters,
+            warmup_iters=warmup,
+            eval_interval=every,
+        )
     else:
         if name == "seed":
             _, n_layer, n_embd, batch, iters = _row(SEED_RECIPES, n_states)
-            cfg.update(n_layer=n_layer, n_head=8, n_embd=n_embd, batch_size=batch, max_iters=iters,
-                       warmup_iters=200)
+            cfg.update(n_layer=n_layer, n_head=8, n_embd=n_embd, batch_size=batch, max_iters=iters, warmup_iters=200)
         else:
             base = f"MM-{ident}-extra"
-            cfg.update(EXTRA[name],
-                       out_dir=f"trainings/MM/{base}/{base}-{name}-s{seed}",
-                       wandb_run_name=f"MM-extra-{name}-s{seed}", batch_size=8, warmup_iters=400)
+            cfg.update(
+                EXTRA[name],
+                out_dir=f"trainings/MM/{base}/{base}-{name}-s{seed}",
+                wandb_run_name=f"MM-extra-{name}-s{seed}",
+                batch_size=8,
+                warmup_iters=400,
+            )
             if cfg["n_embd"] is None:
                 cfg["n_embd"] = n_states + 1
-        cfg.update(learning_rate=5e-3, min_lr=1e-4, lr_decay_iters=cfg["max_iters"],
-                   weight_decay=0.1, grad_accum_steps=SEED_GRAD_ACCUM, eval_interval=500,
-                   log_interval=10, compile=False, dropout=0.0, bias=False)
+        cfg.update(
+            learning_rate=5e-3,
+            min_lr=1e-4,
+            lr_decay_iters=cfg["max_iters"],
+            weight_decay=0.1,
+            grad_accum_steps=SEED_GRAD_ACCUM,
+            eval_interval=500,
+            log_interval=10,
+            compile=False,
+            dropout=0.0,
+            bias=False,
+        )
     return TrainConfig.from_dict(cfg, f"preset {name}").to_dict()
 
 
 def parse_mm_id(text: str) -> tuple:
     """'100' -> (100, None); '100-sparse-75' -> (100, 75)."""
     head, sep, tail = str(text).partition("-sparse-")
-    _require(head.isdigit() and (not sep or tail.isdigit()),
-             f"chain id must look like 100 or 100-sparse-75, got {text!r}")
+    _require(
+        head.isdigit() and (not sep or tail.isdigit()), f"chain id must look like 100 or 100-sparse-75, got {text!r}"
+    )
     return int(head), (int(tail) if sep else None)
 
 
@@ -403,6 +476,8 @@ def preset_file(name: str, n_states: int, sparsity: int | None = None, seed: int
     else:
         switches = ", ".join(f"{k}={cfg[k]!r}" for k in EXTRA[name])
         what = f"the seed's ablation {name}: {switches}"
-    header = (f"MM-{mm_id(n_states, sparsity)} config, preset {name!r}, seed {seed}: {what}\n"
-              f"Train with: nanomarkov train THIS_FILE [--key=value ...]")
+    header = (
+        f"MM-{mm_id(n_states, sparsity)} config, preset {name!r}, seed {seed}: {what}\n"
+        f"Train with: nanomarkov train THIS_FILE [--key=value ...]"
+    )
     return format_config_file(cfg, header)

@@ -11,6 +11,7 @@ A dataset is a folder holding
 meta.json is written last: a folder without it is not a dataset, so a
 generation killed at any moment leaves nothing that loads.
 """
+
 import hashlib
 import json
 import os
@@ -20,11 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from nanomarkov import NanoMarkovError
-from nanomarkov.chains import MarkovChain, token_dtype
-from nanomarkov.incontext import InContextChain
-from nanomarkov.hmm import HiddenMarkovModel
-from nanomarkov.korder import KOrderChain
+from nanomarkov.errors import NanoMarkovError
+from nanomarkov.processes import PROCESSES, process_class
+from nanomarkov.processes.markov import load_hmmlearn_chain, token_dtype
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -34,14 +33,18 @@ PARTIAL_SUFFIX = ".partial"
 CHUNK_TOKENS = 1 << 22
 # The parameters that define a dataset (with the process's own options, e.g. korder's
 # `order`); two generations that agree on these produce the same bytes.
-DEFINING_KEYS = ("process", "n_states", "seq_len", "dtype", "seed", "sparsity", "alpha",
-                 "train_sequences", "val_sequences", "source")
-# process name -> its class. A class plugs in by providing: `process`; ARRAYS (the chain.npz
-# arrays, its constructor's keyword arguments); OPTIONS (its own generation options, each a
-# CLI flag --name and a top-level meta.json key); random(n_states, seed, alpha, sparsity,
-# **options); options(); folder_name(n_states, **options); n_states, vocab_size, bos_token;
-# sample, true_loss, optimal_log_probs and theory (see MarkovChain for their contracts).
-PROCESSES = {"markov": MarkovChain, "korder": KOrderChain, "icl": InContextChain, "hmm": HiddenMarkovModel}
+DEFINING_KEYS = (
+    "process",
+    "n_states",
+    "seq_len",
+    "dtype",
+    "seed",
+    "sparsity",
+    "alpha",
+    "train_sequences",
+    "val_sequences",
+    "source",
+)
 # Where a process has hidden states (it has belief_states), the belief after every val prefix
 # is saved beside val.bin, for probes of the residual stream; sha256 in meta.json like the .bin.
 BELIEFS_FILE = "val_beliefs.npy"
@@ -50,12 +53,6 @@ BELIEFS_FILE = "val_beliefs.npy"
 def default_seq_len(n_states):
     """The seed's block size: 128 tokens (BOS included) for K <= 10, else 256."""
     return 128 if n_states <= 10 else 256
-
-
-def process_class(process):
-    if process not in PROCESSES:
-        raise NanoMarkovError(f"unknown process {process!r}; known: {', '.join(PROCESSES)}")
-    return PROCESSES[process]
 
 
 def _checked_class(process, options):
@@ -81,8 +78,9 @@ def default_data_dir(n_states, sparsity=None, process="markov", **options):
     return Path("data") / (f"{name}-sparse-{sparsity:g}" if sparsity else name)
 
 
-def generate_command(n_states, train_sequences=None, val_sequences=None, sparsity=None, out=None, extra="",
-                     process="markov", **options):
+def generate_command(
+    n_states, train_sequences=None, val_sequences=None, sparsity=None, out=None, extra="", process="markov", **options
+):
     """The exact `nanomarkov generate` command for a dataset, for error messages."""
     parts = ["nanomarkov generate", str(n_states)]
     if process != "markov":
@@ -100,22 +98,33 @@ def generate_command(n_states, train_sequences=None, val_sequences=None, sparsit
 def _regenerate_command(meta, path):
     source = meta.get("source")
     if source:  # a chain imported from a file, not a random one
-        return (f"nanomarkov import-hmmlearn {source['path']} --trust-pickle --out {path} --train {meta['train_sequences']} "
-                f"--val {meta['val_sequences']} --seq_len {meta['seq_len']} --seed {meta['seed']} --force")
+        return (
+            f"nanomarkov import-hmmlearn {source['path']} --trust-pickle --out {path} --train {meta['train_sequences']} "
+            f"--val {meta['val_sequences']} --seq_len {meta['seq_len']} --seed {meta['seed']} --force"
+        )
     process = meta.get("process", "markov")
     options = {name: meta.get(name) for name in getattr(PROCESSES.get(process), "OPTIONS", ())}
     return generate_command(
-        meta["n_states"], meta["train_sequences"], meta["val_sequences"], meta["sparsity"], path,
-        extra=f" --seq_len {meta['seq_len']}" + ("" if meta.get("alpha") is None else f" --alpha {meta['alpha']:g}")
+        meta["n_states"],
+        meta["train_sequences"],
+        meta["val_sequences"],
+        meta["sparsity"],
+        path,
+        extra=f" --seq_len {meta['seq_len']}"
+        + ("" if meta.get("alpha") is None else f" --alpha {meta['alpha']:g}")
         + f" --seed {meta['seed']} --force",
-        process=process, **options,
+        process=process,
+        **options,
     )
 
 
 def _create_command_for(path):
     """A best guess at the command that creates the dataset a path names (the default folder names)."""
-    match = re.fullmatch(r"(?:mm(?P<mm>\d+)(?:-order(?P<order>\d+))?|icl(?P<icl>\d+)|hmm(?P<hmm>\d+)-h(?P<h>\d+)"
-                         r"|(?P<mess3>mess3))(?:-sparse-(?P<sparsity>\d+(?:\.\d+)?))?", Path(path).name)
+    match = re.fullmatch(
+        r"(?:mm(?P<mm>\d+)(?:-order(?P<order>\d+))?|icl(?P<icl>\d+)|hmm(?P<hmm>\d+)-h(?P<h>\d+)"
+        r"|(?P<mess3>mess3))(?:-sparse-(?P<sparsity>\d+(?:\.\d+)?))?",
+        Path(path).name,
+    )
     if not match:
         return f"nanomarkov generate K --train N --val M --out {path}"
     g = match.groupdict()
@@ -137,9 +146,26 @@ def _create_command_for(path):
 
 # ------------------------------------------------------------------ writing
 
-def generate_dataset(out_dir, n_states, train_sequences, val_sequences, *, sparsity=None, alpha=1.0,
-                     seq_len=None, seed=42, dtype=None, force=False, progress=None,
-                     chunk_tokens=CHUNK_TOKENS, chain=None, source=None, process="markov", **options):
+
+def generate_dataset(
+    out_dir,
+    n_states,
+    train_sequences,
+    val_sequences,
+    *,
+    sparsity=None,
+    alpha=1.0,
+    seq_len=None,
+    seed=42,
+    dtype=None,
+    force=False,
+    progress=None,
+    chunk_tokens=CHUNK_TOKENS,
+    chain=None,
+    source=None,
+    process="markov",
+    **options,
+):
     """Build a random process (or take the given `chain`) and write a dataset folder; returns its meta dict.
 
     `process` names a class of PROCESSES ("markov": MarkovChain.random, "korder":
@@ -175,14 +201,23 @@ def generate_dataset(out_dir, n_states, train_sequences, val_sequences, *, spars
     if n_states + 1 > np.iinfo(dtype).max + 1:
         raise NanoMarkovError(f"K = {n_states} needs {n_states + 1} token ids, more than {dtype} holds; use uint32")
     if process == "markov" and n_states * n_states * 8 > 8 << 30:
-        raise NanoMarkovError(f"K = {n_states} needs a {n_states}x{n_states} float64 matrix (over 8 GiB); use a smaller K")
+        raise NanoMarkovError(
+            f"K = {n_states} needs a {n_states}x{n_states} float64 matrix (over 8 GiB); use a smaller K"
+        )
     if chain is None:  # built before the identity check: the options' defaults are the chain's to say
         chain = cls.random(n_states, seed=seed, alpha=alpha, sparsity=sparsity, **options)
 
     params = {
-        "process": process, "n_states": n_states, "seq_len": seq_len, "dtype": dtype.name,
-        "seed": seed, "sparsity": sparsity, "alpha": None if alpha is None else float(alpha),
-        "train_sequences": train_sequences, "val_sequences": val_sequences, **chain.options(),
+        "process": process,
+        "n_states": n_states,
+        "seq_len": seq_len,
+        "dtype": dtype.name,
+        "seed": seed,
+        "sparsity": sparsity,
+        "alpha": None if alpha is None else float(alpha),
+        "train_sequences": train_sequences,
+        "val_sequences": val_sequences,
+        **chain.options(),
     }
     if source is not None:
         params["source"] = source
@@ -208,13 +243,20 @@ def generate_dataset(out_dir, n_states, train_sequences, val_sequences, *, spars
         _remove_partials(out_dir)
         with open(_partial(out_dir / "chain.npz"), "wb") as f:  # a file object, so savez adds no extension
             np.savez(f, **{name: getattr(chain, name) for name in cls.ARRAYS})
-        meta = dict(params, format_version=FORMAT_VERSION, vocab_size=chain.vocab_size, bos_token=chain.bos_token,
-                    sha256={}, theory=chain.theory(seq_len))
+        meta = dict(
+            params,
+            format_version=FORMAT_VERSION,
+            vocab_size=chain.vocab_size,
+            bos_token=chain.bos_token,
+            sha256={},
+            theory=chain.theory(seq_len),
+        )
         for split_index, split in enumerate(SPLITS, start=1):
             n = params[f"{split}_sequences"]
             rng = np.random.default_rng([seed, split_index])
-            digest, loss_sum = _write_split(out_dir / f"{split}.bin", chain, n, seq_len, dtype, rng,
-                                            max(1, chunk_tokens // seq_len), progress)
+            digest, loss_sum = _write_split(
+                out_dir / f"{split}.bin", chain, n, seq_len, dtype, rng, max(1, chunk_tokens // seq_len), progress
+            )
             meta["sha256"][f"{split}.bin"] = digest
             meta[f"{split}_tokens"] = n * seq_len
             if split == "val":
@@ -274,11 +316,11 @@ def _write_split(path, chain, n_sequences, seq_len, dtype, rng, chunk_sequences,
 
 def _write_val_beliefs(out_dir, chain, n_sequences, seq_len, dtype):
     """The belief states of the (partial) val.bin's sequences into BELIEFS_FILE's partial; returns its sha256."""
-    val = np.memmap(_partial(out_dir / "val.bin"), dtype=dtype.newbyteorder("<"), mode="r",
-                    shape=(n_sequences, seq_len))
+    val = np.memmap(
+        _partial(out_dir / "val.bin"), dtype=dtype.newbyteorder("<"), mode="r", shape=(n_sequences, seq_len)
+    )
     path = _partial(out_dir / BELIEFS_FILE)
-    beliefs = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
-                                        shape=(n_sequences, seq_len, chain.n_hidden))
+    beliefs = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n_sequences, seq_len, chain.n_hidden))
     step = max(1, CHUNK_TOKENS // seq_len)
     for lo in range(0, n_sequences, step):
         beliefs[lo : lo + step] = chain.belief_states(np.asarray(val[lo : lo + step]))
@@ -300,8 +342,10 @@ def load_val_beliefs(dataset):
     path = dataset.path / BELIEFS_FILE
     expected = dataset.meta["sha256"].get(BELIEFS_FILE)
     if expected is None:
-        raise NanoMarkovError(f"{dataset.path}: a {dataset.meta.get('process', 'markov')} dataset has no hidden "
-                              f"states, so no belief states (only hmm datasets save {BELIEFS_FILE})")
+        raise NanoMarkovError(
+            f"{dataset.path}: a {dataset.meta.get('process', 'markov')} dataset has no hidden "
+            f"states, so no belief states (only hmm datasets save {BELIEFS_FILE})"
+        )
     fix = _regenerate_command(dataset.meta, dataset.path)
     if not path.is_file() or _file_sha256(path) != expected:
         raise NanoMarkovError(f"{path}: missing or modified (sha256 does not match meta.json); regenerate with: {fix}")
@@ -337,6 +381,7 @@ def _existing_meta(folder):
 
 
 # ------------------------------------------------------------------ loading
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -383,18 +428,24 @@ def load_dataset(path, verify=True):
     fix = _regenerate_command(meta, path)
     process = meta.get("process", "markov")
     if process not in PROCESSES:
-        raise NanoMarkovError(f"{path / 'meta.json'}: unknown process {process!r} (this nanoMarkov knows "
-                              f"{', '.join(PROCESSES)}); regenerate it, or use a newer nanoMarkov")
+        raise NanoMarkovError(
+            f"{path / 'meta.json'}: unknown process {process!r} (this nanoMarkov knows "
+            f"{', '.join(PROCESSES)}); regenerate it, or use a newer nanoMarkov"
+        )
     try:
         with np.load(path / "chain.npz", allow_pickle=False) as npz:
             chain = PROCESSES[process](**{name: npz[name] for name in PROCESSES[process].ARRAYS})
     except (OSError, KeyError, ValueError, NanoMarkovError) as e:
         raise NanoMarkovError(f"{path / 'chain.npz'}: cannot be read ({e}); regenerate with: {fix}") from e
     if chain.n_states != meta["n_states"]:
-        raise NanoMarkovError(f"{path / 'chain.npz'}: has {chain.n_states} states, meta.json says {meta['n_states']}; regenerate with: {fix}")
+        raise NanoMarkovError(
+            f"{path / 'chain.npz'}: has {chain.n_states} states, meta.json says {meta['n_states']}; regenerate with: {fix}"
+        )
     for name, value in chain.options().items():
         if value != meta.get(name):
-            raise NanoMarkovError(f"{path / 'chain.npz'}: has {name} {value}, meta.json says {meta.get(name)}; regenerate with: {fix}")
+            raise NanoMarkovError(
+                f"{path / 'chain.npz'}: has {name} {value}, meta.json says {meta.get(name)}; regenerate with: {fix}"
+            )
 
     seq_len, dtype = meta["seq_len"], np.dtype(meta["dtype"]).newbyteorder("<")
     splits = {}
@@ -423,7 +474,9 @@ def _verify_split(file, tokens, chain, expected_sha256, fix):
         chunk = np.asarray(tokens[lo : lo + step])
         bad_start = np.flatnonzero(chunk[:, 0] != chain.bos_token)
         if bad_start.size:
-            raise NanoMarkovError(f"{file}: sequence {lo + bad_start[0]} does not start with BOS = {chain.bos_token}; regenerate with: {fix}")
+            raise NanoMarkovError(
+                f"{file}: sequence {lo + bad_start[0]} does not start with BOS = {chain.bos_token}; regenerate with: {fix}"
+            )
         bad = np.argwhere(chunk[:, 1:] >= chain.n_states)
         if bad.size:
             seq, pos = bad[0]
@@ -433,7 +486,9 @@ def _verify_split(file, tokens, chain, expected_sha256, fix):
             )
         digest.update(memoryview(np.ascontiguousarray(chunk)).cast("B"))
     if digest.hexdigest() != expected_sha256:
-        raise NanoMarkovError(f"{file}: sha256 does not match meta.json (the file was modified); regenerate with: {fix}")
+        raise NanoMarkovError(
+            f"{file}: sha256 does not match meta.json (the file was modified); regenerate with: {fix}"
+        )
 
 
 def dataset_theory(dataset):
@@ -444,6 +499,7 @@ def dataset_theory(dataset):
 
 
 # ------------------------------------------------------------------ batches
+
 
 class SequenceOrder:
     """A seeded, endless order over n sequences: epoch e is its own permutation.
@@ -490,3 +546,42 @@ def whole_split_batches(tokens, batch_size):
     """Consecutive batches of whole sequences covering a split once, in order."""
     for lo in range(0, tokens.shape[0], batch_size):
         yield np.asarray(tokens[lo : lo + batch_size])
+
+
+def import_hmmlearn(
+    path,
+    out_dir,
+    *,
+    trust_pickle=False,
+    train_sequences=10000,
+    val_sequences=1000,
+    seq_len=None,
+    seed=42,
+    force=False,
+    progress=None,
+):
+    """Write a dataset folder (chain.npz, train/val, meta.json with theory) for a pickled hmmlearn chain.
+
+    meta.json has process "markov", sparsity and alpha null, and
+    source = {"format": "hmmlearn-pickle", "path", "sha256"} naming the file;
+    `seed` drives only the sampling. Returns the meta dict.
+    """
+    chain = load_hmmlearn_chain(path, trust_pickle)
+    path = Path(path)
+    source = {
+        "format": "hmmlearn-pickle",
+        "path": str(path.resolve()),
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    }
+    return generate_dataset(
+        out_dir,
+        None,
+        train_sequences,
+        val_sequences,
+        seq_len=seq_len,
+        seed=seed,
+        force=force,
+        progress=progress,
+        chain=chain,
+        source=source,
+    )

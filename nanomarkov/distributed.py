@@ -10,6 +10,7 @@ Anything else is a single process: a plain command, a batch script (sbatch sets 
 SLURM_PROCID=0 but no step variables: only srun starts the other tasks), a step of one task (a
 submitit job), and torchrun inside srun (torchrun's variables win).
 """
+
 import dataclasses
 import os
 import re
@@ -17,7 +18,7 @@ import re
 import torch
 import torch.distributed as dist
 
-from nanomarkov import NanoMarkovError
+from nanomarkov.errors import NanoMarkovError
 
 SLURM_PORTS = (12000, 32000)  # below Linux's ephemeral range (32768+), where the kernel picks client ports
 
@@ -52,8 +53,12 @@ def init_distributed(device_type):
     if launch is None:
         return Distributed()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", init_method=launch.init_method,
-                                rank=launch.rank, world_size=launch.world_size)
+        dist.init_process_group(
+            backend="nccl" if device_type == "cuda" else "gloo",
+            init_method=launch.init_method,
+            rank=launch.rank,
+            world_size=launch.world_size,
+        )
     if device_type == "cpu":
         # The processes on a node share the cores this one may run on (the node's, or what taskset
         # or a cgroup leaves); oversubscribing them is far slower than splitting.
@@ -70,11 +75,14 @@ def launch_from_env(env):
         launch = _srun_launch(env)
     else:
         return None
-    if not (0 <= launch.rank < launch.world_size and 0 <= launch.local_rank < launch.local_world_size
-            <= launch.world_size):
-        raise NanoMarkovError(f"inconsistent launcher environment: rank {launch.rank}, local rank "
-                              f"{launch.local_rank}, {launch.local_world_size} processes on this node, "
-                              f"{launch.world_size} in all")
+    if not (
+        0 <= launch.rank < launch.world_size and 0 <= launch.local_rank < launch.local_world_size <= launch.world_size
+    ):
+        raise NanoMarkovError(
+            f"inconsistent launcher environment: rank {launch.rank}, local rank "
+            f"{launch.local_rank}, {launch.local_world_size} processes on this node, "
+            f"{launch.world_size} in all"
+        )
     return launch if launch.world_size > 1 else None
 
 
@@ -91,12 +99,18 @@ def _srun_launch(env):
     tasks_per_node = expand_counts(_get(env, "SLURM_STEP_TASKS_PER_NODE", why))
     node = _int(env, "SLURM_NODEID", why)
     if node >= len(tasks_per_node):
-        raise NanoMarkovError(f"SLURM_NODEID={node} but SLURM_STEP_TASKS_PER_NODE names only "
-                              f"{len(tasks_per_node)} nodes")
+        raise NanoMarkovError(
+            f"SLURM_NODEID={node} but SLURM_STEP_TASKS_PER_NODE names only {len(tasks_per_node)} nodes"
+        )
     addr = env.get("MASTER_ADDR") or expand_hostlist(_get(env, "SLURM_STEP_NODELIST", why))[0]
     port = _int(env, "MASTER_PORT", why) if "MASTER_PORT" in env else slurm_port(_int(env, "SLURM_JOB_ID", why))
-    return Launch(_int(env, "SLURM_PROCID", why), _int(env, "SLURM_LOCALID", why),
-                  _int(env, "SLURM_STEP_NUM_TASKS", why), tasks_per_node[node], f"tcp://{addr}:{port}")
+    return Launch(
+        _int(env, "SLURM_PROCID", why),
+        _int(env, "SLURM_LOCALID", why),
+        _int(env, "SLURM_STEP_NUM_TASKS", why),
+        tasks_per_node[node],
+        f"tcp://{addr}:{port}",
+    )
 
 
 def slurm_port(job_id):
@@ -119,15 +133,16 @@ def _expand_brackets(item):
     match = re.search(r"\[([^\]]*)\]", item)
     if match is None:
         return [item]
-    head, tails = item[:match.start()], _expand_brackets(item[match.end():])
+    head, tails = item[: match.start()], _expand_brackets(item[match.end() :])
     names = []
     for span in match.group(1).split(","):
         first, _, last = span.partition("-")
         if not first.isdigit() or not (last or first).isdigit():
             raise NanoMarkovError(f"cannot read the range {span!r} in the SLURM node list {item!r}")
         # The width of the first number is the padding of all: node[08-10] -> node08 node09 node10.
-        names += [f"{head}{n:0{len(first)}d}{tail}" for n in range(int(first), int(last or first) + 1)
-                  for tail in tails]
+        names += [
+            f"{head}{n:0{len(first)}d}{tail}" for n in range(int(first), int(last or first) + 1) for tail in tails
+        ]
     return names
 
 

@@ -26,6 +26,7 @@ position of KL(optimal predictor || model). A k-th order chain (process
 the context is complete, next to that of the best first-order predictor (what a
 model that reads only the last state can reach at best).
 """
+
 import json
 import time
 from pathlib import Path
@@ -34,27 +35,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nanomarkov import NanoMarkovError
-from nanomarkov.chains import entropy
+from nanomarkov.checkpoint import load_model
 from nanomarkov.data import load_dataset
-from nanomarkov.model import GPT, GPTConfig
+from nanomarkov.errors import NanoMarkovError
+from nanomarkov.processes.markov import entropy
 
 # Positions x vocabulary per evaluated batch: bounds memory for any K (~64 MB of float64 logits per model).
 BATCH_ELEMENTS = 1 << 23
 WORST_STATES = 5
-
-
-def load_model(ckpt_path):
-    """(model in eval mode, checkpoint dict) from a ckpt.pt, without running pickled code."""
-    from nanomarkov.train import load_checkpoint
-
-    ckpt = load_checkpoint(ckpt_path)
-    for key in ("model", "model_args", "data_dir"):
-        if key not in ckpt:
-            raise NanoMarkovError(f"{ckpt_path}: not a nanoMarkov checkpoint (no '{key}')")
-    model = GPT(GPTConfig(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), ckpt
 
 
 def bigram_baseline(dataset):
@@ -86,12 +74,12 @@ class _Accumulator:
     def __init__(self, k):
         self.loss_sum = 0.0
         self.correct = 0
-        self.kl_sum = np.zeros(k)           # sum over contexts ending in s of KL(P_s || q_t)
-        self.count = np.zeros(k)            # contexts ending in s
-        self.prob_sum = np.zeros((k, k))    # sum of q_t over contexts ending in s
-        self.entropy_sum = np.zeros(k)      # sum of H(q_t) over contexts ending in s
-        self.korder_kl_sum = 0.0            # korder: sum over full-context positions of KL(row || q_t)
-        self.optimal_kl_sum = 0.0           # not first-order: sum over all positions of KL(optimal || q_t)
+        self.kl_sum = np.zeros(k)  # sum over contexts ending in s of KL(P_s || q_t)
+        self.count = np.zeros(k)  # contexts ending in s
+        self.prob_sum = np.zeros((k, k))  # sum of q_t over contexts ending in s
+        self.entropy_sum = np.zeros(k)  # sum of H(q_t) over contexts ending in s
+        self.korder_kl_sum = 0.0  # korder: sum over full-context positions of KL(row || q_t)
+        self.optimal_kl_sum = 0.0  # not first-order: sum over all positions of KL(optimal || q_t)
 
 
 @torch.no_grad()
@@ -185,13 +173,17 @@ def evaluate_models(models, dataset, device="cpu"):
             val_loss = a.loss_sum / n_positions
             results[name] = {
                 **_common_metrics(val_loss, a.correct / n_positions, true_correct / n_positions, theory, bigram, k),
-                "transition_fidelity": None, "markov_property": None,
+                "transition_fidelity": None,
+                "markov_property": None,
                 "optimal_fidelity": {"positions": n_positions, "mean_kl": a.optimal_kl_sum / n_positions},
                 "korder_fidelity": {
-                    "order": order, "positions": korder_positions,
+                    "order": order,
+                    "positions": korder_positions,
                     "mean_kl": a.korder_kl_sum / korder_positions if korder_positions else None,
                     "first_order_kl": first_order_kl_sum / korder_positions if korder_positions else None,
-                } if korder else None,
+                }
+                if korder
+                else None,
                 "skipped": _skipped(chain),
                 "arrays": {},
             }
@@ -217,12 +209,14 @@ def evaluate_models(models, dataset, device="cpu"):
         results[name] = {
             **_common_metrics(val_loss, a.correct / n_positions, true_correct / n_positions, theory, bigram, k),
             "transition_fidelity": {
-                "mean_kl": float(prompt_kl.mean()), "weighted_kl": float(pi @ prompt_kl),
+                "mean_kl": float(prompt_kl.mean()),
+                "weighted_kl": float(pi @ prompt_kl),
                 "context_mean_kl": float(np.nanmean(context_kl)),
                 "context_weighted_kl": float(np.nansum(pi * context_kl) / pi[seen].sum()),
                 "start_kl": float(_kl_rows(chain.startprob[None], learned_start[None])[0]),
-                "worst_states": [{"state": int(s), "kl": float(prompt_kl[s]), "stationary_prob": float(pi[s])}
-                                 for s in worst],
+                "worst_states": [
+                    {"state": int(s), "kl": float(prompt_kl[s]), "stationary_prob": float(pi[s])} for s in worst
+                ],
                 "states_without_val_context": int((~seen).sum()),
             },
             "markov_property": {
@@ -230,12 +224,20 @@ def evaluate_models(models, dataset, device="cpu"):
                 "weighted_spread": float(np.nansum(pi * spread) / pi[has_spread].sum()) if has_spread.any() else None,
                 "max_spread": float(np.nanmax(spread)) if has_spread.any() else None,
                 "max_spread_state": int(np.nanargmax(spread)) if has_spread.any() else None,
-                "contexts": int(a.count.sum()), "min_contexts_per_state": int(a.count.min()),
+                "contexts": int(a.count.sum()),
+                "min_contexts_per_state": int(a.count.min()),
             },
-            "optimal_fidelity": None, "korder_fidelity": None,
+            "optimal_fidelity": None,
+            "korder_fidelity": None,
             "skipped": _skipped(chain),
-            "arrays": {"learned_matrix": learned, "learned_start": learned_start, "prompt_kl": prompt_kl,
-                       "context_kl": context_kl, "spread": spread, "stationary": pi},
+            "arrays": {
+                "learned_matrix": learned,
+                "learned_start": learned_start,
+                "prompt_kl": prompt_kl,
+                "context_kl": context_kl,
+                "spread": spread,
+                "stationary": pi,
+            },
         }
         timings[f"prompts_and_summary_s[{name}]"] = time.perf_counter() - started
     return _finish(results, names, pair_names, agree, n_positions, timings)
@@ -244,20 +246,28 @@ def evaluate_models(models, dataset, device="cpu"):
 def _skipped(chain):
     """The metrics that do not apply to this process, each with the reason."""
     if chain.process == "markov":
-        return {"optimal_fidelity": "a first-order chain's optimal predictor is its transition row: "
-                                    "transition_fidelity reports that KL per state",
-                "korder_fidelity": "defined for k-th order chains (process korder); this one is first-order"}
+        return {
+            "optimal_fidelity": "a first-order chain's optimal predictor is its transition row: "
+            "transition_fidelity reports that KL per state",
+            "korder_fidelity": "defined for k-th order chains (process korder); this one is first-order",
+        }
     if chain.process == "korder":
-        return {"transition_fidelity": f"defined for first-order chains; this is a k-th order chain (order {chain.order}), "
-                                       "whose next state depends on the last k states: see korder_fidelity",
-                "markov_property": "a first-order model's prediction should not depend on history before the "
-                                   f"last state; an order-{chain.order} chain's does, so the check does not apply"}
-    why = {"icl": "each sequence has its own transition matrix, drawn from a prior",
-           "hmm": "tokens are emissions of hidden states, and the next one depends on the belief over them"}
+        return {
+            "transition_fidelity": f"defined for first-order chains; this is a k-th order chain (order {chain.order}), "
+            "whose next state depends on the last k states: see korder_fidelity",
+            "markov_property": "a first-order model's prediction should not depend on history before the "
+            f"last state; an order-{chain.order} chain's does, so the check does not apply",
+        }
+    why = {
+        "icl": "each sequence has its own transition matrix, drawn from a prior",
+        "hmm": "tokens are emissions of hidden states, and the next one depends on the belief over them",
+    }
     reason = why.get(chain.process, f"process {chain.process} is not a first-order chain")
-    return {"transition_fidelity": f"no fixed token-to-token matrix to compare with ({reason}): see optimal_fidelity",
-            "markov_property": f"the optimal prediction depends on the whole history ({reason})",
-            "korder_fidelity": "defined for k-th order chains (process korder)"}
+    return {
+        "transition_fidelity": f"no fixed token-to-token matrix to compare with ({reason}): see optimal_fidelity",
+        "markov_property": f"the optimal prediction depends on the whole history ({reason})",
+        "korder_fidelity": "defined for k-th order chains (process korder)",
+    }
 
 
 # Theory keys of loss levels every process has; any other *_loss key is a process's own
@@ -269,22 +279,32 @@ def _common_metrics(val_loss, accuracy, true_accuracy, theory, bigram, k):
     """Metrics 1-3 (and agreement's slot), defined for every process."""
     return {
         "cross_entropy": {
-            "val_loss": val_loss, "optimal_loss": theory["optimal_loss"], "true_loss_val": theory["true_loss_val"],
+            "val_loss": val_loss,
+            "optimal_loss": theory["optimal_loss"],
+            "true_loss_val": theory["true_loss_val"],
             "excess": val_loss - theory["true_loss_val"],
             "pct_of_optimum": 100 * theory["true_loss_val"] / val_loss,
-            "learnable_fraction": (theory["uniform_loss"] - val_loss) / (theory["uniform_loss"] - theory["true_loss_val"]),
-            "bigram_baseline": bigram, "unigram_loss": theory["unigram_loss"], "uniform_loss": theory["uniform_loss"],
-            "process_baselines": {key: value for key, value in theory.items()
-                                  if key.endswith("_loss") and key not in COMMON_LOSSES},
+            "learnable_fraction": (theory["uniform_loss"] - val_loss)
+            / (theory["uniform_loss"] - theory["true_loss_val"]),
+            "bigram_baseline": bigram,
+            "unigram_loss": theory["unigram_loss"],
+            "uniform_loss": theory["uniform_loss"],
+            "process_baselines": {
+                key: value for key, value in theory.items() if key.endswith("_loss") and key not in COMMON_LOSSES
+            },
         },
         "perplexity": {
-            "perplexity": float(np.exp(val_loss)), "optimal_perplexity": float(np.exp(theory["optimal_loss"])),
+            "perplexity": float(np.exp(val_loss)),
+            "optimal_perplexity": float(np.exp(theory["optimal_loss"])),
             "true_perplexity_val": float(np.exp(theory["true_loss_val"])),
-            "bigram_perplexity": float(np.exp(bigram)), "uniform_perplexity": float(k),
+            "bigram_perplexity": float(np.exp(bigram)),
+            "uniform_perplexity": float(k),
         },
         "accuracy": {
-            "accuracy": accuracy, "optimal_accuracy": theory["optimal_accuracy"],
-            "true_accuracy_val": true_accuracy, "chance": 1 / k,
+            "accuracy": accuracy,
+            "optimal_accuracy": theory["optimal_accuracy"],
+            "true_accuracy_val": true_accuracy,
+            "chance": 1 / k,
         },
         "agreement": None,
     }
@@ -312,10 +332,21 @@ def _first_order_rows(chain):
 def _finish(results, names, pair_names, agree, n_positions, timings):
     """Agreement between runs and the timings, added to every result."""
     if pair_names:
-        pairs = [{"a": a_name, "b": b_name, "top1_agreement": agree[(a_name, b_name)][0] / n_positions,
-                  "mean_jsd": agree[(a_name, b_name)][1] / n_positions} for a_name, b_name in pair_names]
-        agreement = {"runs": names, "top1_agreement": float(np.mean([q["top1_agreement"] for q in pairs])),
-                     "mean_jsd": float(np.mean([q["mean_jsd"] for q in pairs])), "pairs": pairs}
+        pairs = [
+            {
+                "a": a_name,
+                "b": b_name,
+                "top1_agreement": agree[(a_name, b_name)][0] / n_positions,
+                "mean_jsd": agree[(a_name, b_name)][1] / n_positions,
+            }
+            for a_name, b_name in pair_names
+        ]
+        agreement = {
+            "runs": names,
+            "top1_agreement": float(np.mean([q["top1_agreement"] for q in pairs])),
+            "mean_jsd": float(np.mean([q["mean_jsd"] for q in pairs])),
+            "pairs": pairs,
+        }
         for name in names:
             results[name]["agreement"] = agreement
     for name in names:
@@ -332,6 +363,7 @@ def _kl_rows(p, q):
 
 # ------------------------------------------------------------ checkpoints and files
 
+
 def evaluate_checkpoints(ckpt_paths, data_dir=None, out=None, device="cpu"):
     """Evaluate checkpoints trained on one dataset; write eval.json, eval.md and arrays for each.
 
@@ -341,19 +373,24 @@ def evaluate_checkpoints(ckpt_paths, data_dir=None, out=None, device="cpu"):
     loaded = [(Path(path), *load_model(path)) for path in ckpt_paths]
     data_dirs = {str(data_dir or ckpt["data_dir"]) for _, _, ckpt in loaded}
     if len(data_dirs) > 1:
-        raise NanoMarkovError(f"these checkpoints were trained on different datasets ({', '.join(sorted(data_dirs))}); "
-                              "evaluate them separately (agreement compares runs on the same data)")
+        raise NanoMarkovError(
+            f"these checkpoints were trained on different datasets ({', '.join(sorted(data_dirs))}); "
+            "evaluate them separately (agreement compares runs on the same data)"
+        )
     (data_path,) = data_dirs
     if not Path(data_path).exists():
-        raise NanoMarkovError(f"dataset {data_path} of {loaded[0][0]} not found; run from the folder you trained in, "
-                              "or pass --data DIR")
+        raise NanoMarkovError(
+            f"dataset {data_path} of {loaded[0][0]} not found; run from the folder you trained in, or pass --data DIR"
+        )
     dataset = load_dataset(data_path)
     models = {}
     for path, model, ckpt in loaded:
         if ckpt.get("dataset_sha256") not in (None, dataset.meta["sha256"]):
             raise NanoMarkovError(f"{path} was trained on other data than {data_path} (sha256 differs)")
         if model.config.vocab_size != dataset.vocab_size:
-            raise NanoMarkovError(f"{path} has vocabulary {model.config.vocab_size}, {data_path} has {dataset.vocab_size}")
+            raise NanoMarkovError(
+                f"{path} has vocabulary {model.config.vocab_size}, {data_path} has {dataset.vocab_size}"
+            )
         models[str(path)] = model.to(device)
     results = evaluate_models(models, dataset, device)
     written = []
@@ -363,10 +400,17 @@ def evaluate_checkpoints(ckpt_paths, data_dir=None, out=None, device="cpu"):
         else:
             folder = Path(out) if len(loaded) == 1 else Path(out) / path.parent.name
         result = results[str(path)]
-        result["run"] = {"checkpoint": str(path), "dataset": data_path, "iter": ckpt.get("iter"),
-                         "n_states": dataset.chain.n_states, "process": dataset.chain.process,
-                         "order": getattr(dataset.chain, "order", 1), "seq_len": dataset.seq_len,
-                         "val_sequences": dataset.val.shape[0], "seed": ckpt.get("config", {}).get("seed")}
+        result["run"] = {
+            "checkpoint": str(path),
+            "dataset": data_path,
+            "iter": ckpt.get("iter"),
+            "n_states": dataset.chain.n_states,
+            "process": dataset.chain.process,
+            "order": getattr(dataset.chain, "order", 1),
+            "seq_len": dataset.seq_len,
+            "val_sequences": dataset.val.shape[0],
+            "seed": ckpt.get("config", {}).get("seed"),
+        }
         write_eval(result, folder)
         written.append((folder, result))
     return written
@@ -393,34 +437,62 @@ def format_eval(result):
     tf, mp, ag = result["transition_fidelity"], result["markov_property"], result["agreement"]
     kf, skipped = result.get("korder_fidelity"), result.get("skipped", {})
     rows = [
-        ("cross-entropy (nats/token)", f"{ce['val_loss']:.6f}",
-         f"true on val {ce['true_loss_val']:.6f}, expected {ce['optimal_loss']:.6f}",
-         f"bigram {ce['bigram_baseline']:.4f}, unigram {ce['unigram_loss']:.4f}, uniform {ce['uniform_loss']:.4f}"
-         + "".join(f", {key.removesuffix('_loss')} {value:.4f}" for key, value in ce.get("process_baselines", {}).items())),
+        (
+            "cross-entropy (nats/token)",
+            f"{ce['val_loss']:.6f}",
+            f"true on val {ce['true_loss_val']:.6f}, expected {ce['optimal_loss']:.6f}",
+            f"bigram {ce['bigram_baseline']:.4f}, unigram {ce['unigram_loss']:.4f}, uniform {ce['uniform_loss']:.4f}"
+            + "".join(
+                f", {key.removesuffix('_loss')} {value:.4f}" for key, value in ce.get("process_baselines", {}).items()
+            ),
+        ),
         ("excess over true (nats)", f"{ce['excess']:.6f}", "0", ""),
         ("% of optimum (true/val)", f"{ce['pct_of_optimum']:.3f} %", "100 %", ""),
         ("learnable structure captured", f"{100 * ce['learnable_fraction']:.2f} %", "100 %", "uniform 0 %"),
-        ("perplexity", f"{pp['perplexity']:.4f}", f"{pp['true_perplexity_val']:.4f}",
-         f"bigram {pp['bigram_perplexity']:.4f}, uniform {pp['uniform_perplexity']:.0f}"),
-        ("accuracy", f"{100 * ac['accuracy']:.3f} %",
-         f"true model on val {100 * ac['true_accuracy_val']:.3f} %, expected {100 * ac['optimal_accuracy']:.3f} %",
-         f"chance {100 * ac['chance']:.3f} %"),
-        ("agreement across seeds (top-1, JSD)",
-         "n/a (one run)" if ag is None else f"{100 * ag['top1_agreement']:.2f} %, {ag['mean_jsd']:.6f}", "100 %, 0", ""),
+        (
+            "perplexity",
+            f"{pp['perplexity']:.4f}",
+            f"{pp['true_perplexity_val']:.4f}",
+            f"bigram {pp['bigram_perplexity']:.4f}, uniform {pp['uniform_perplexity']:.0f}",
+        ),
+        (
+            "accuracy",
+            f"{100 * ac['accuracy']:.3f} %",
+            f"true model on val {100 * ac['true_accuracy_val']:.3f} %, expected {100 * ac['optimal_accuracy']:.3f} %",
+            f"chance {100 * ac['chance']:.3f} %",
+        ),
+        (
+            "agreement across seeds (top-1, JSD)",
+            "n/a (one run)" if ag is None else f"{100 * ag['top1_agreement']:.2f} %, {ag['mean_jsd']:.6f}",
+            "100 %, 0",
+            "",
+        ),
     ]
     of = result.get("optimal_fidelity")
     if of is not None:
         rows.append(("KL(optimal predictor ‖ model), all positions", f"{of['mean_kl']:.6f}", "0", ""))
     if kf is not None and kf["mean_kl"] is not None:
-        rows.append((f"order-{kf['order']} KL(row of last {kf['order']} states ‖ model), positions t > {kf['order']}",
-                     f"{kf['mean_kl']:.6f}", "0", f"best first-order predictor {kf['first_order_kl']:.6f}"))
+        rows.append(
+            (
+                f"order-{kf['order']} KL(row of last {kf['order']} states ‖ model), positions t > {kf['order']}",
+                f"{kf['mean_kl']:.6f}",
+                "0",
+                f"best first-order predictor {kf['first_order_kl']:.6f}",
+            )
+        )
     if tf is not None:
         worst = ", ".join(f"{w['state']} ({w['kl']:.4f})" for w in tf["worst_states"])
         rows += _first_order_rows_md(tf, mp, worst)
     title = f"# Evaluation of {run['checkpoint']}" if run else "# Evaluation"
     kind = f", order {run['order']}" if run.get("process") == "korder" else ""
-    head = (f"dataset {run['dataset']}: K={run['n_states']}{kind}, {run['val_sequences']} val sequences of "
-            f"{run['seq_len']} tokens; checkpoint at iter {run['iter']}") if run else ""
+    head = (
+        (
+            f"dataset {run['dataset']}: K={run['n_states']}{kind}, {run['val_sequences']} val sequences of "
+            f"{run['seq_len']} tokens; checkpoint at iter {run['iter']}"
+        )
+        if run
+        else ""
+    )
     lines = [title, "", head, "", "| metric | model | optimum | baselines |", "|---|---:|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     skipped_lines = [f"- skipped {name}: {why}" for name, why in skipped.items() if result.get(name) is None]
@@ -434,12 +506,25 @@ def format_eval(result):
 def _first_order_rows_md(tf, mp, worst):
     """Metrics 5 and 6 as table rows."""
     return [
-        ("transition KL, prompts [BOS, s] (mean, π-weighted)", f"{tf['mean_kl']:.6f}, {tf['weighted_kl']:.6f}", "0",
-         f"worst states: {worst}"),
-        ("transition KL, real val contexts (mean, π-weighted)",
-         f"{tf['context_mean_kl']:.6f}, {tf['context_weighted_kl']:.6f}", "0", ""),
+        (
+            "transition KL, prompts [BOS, s] (mean, π-weighted)",
+            f"{tf['mean_kl']:.6f}, {tf['weighted_kl']:.6f}",
+            "0",
+            f"worst states: {worst}",
+        ),
+        (
+            "transition KL, real val contexts (mean, π-weighted)",
+            f"{tf['context_mean_kl']:.6f}, {tf['context_weighted_kl']:.6f}",
+            "0",
+            "",
+        ),
         ("start distribution KL (after BOS)", f"{tf['start_kl']:.6f}", "0", ""),
-        ("Markov spread across histories (mean, max)",
-         "n/a" if mp["mean_spread"] is None else f"{mp['mean_spread']:.6f}, {mp['max_spread']:.6f} (state {mp['max_spread_state']})",
-         "0", f"{mp['contexts']} contexts, >= {mp['min_contexts_per_state']} per state"),
+        (
+            "Markov spread across histories (mean, max)",
+            "n/a"
+            if mp["mean_spread"] is None
+            else f"{mp['mean_spread']:.6f}, {mp['max_spread']:.6f} (state {mp['max_spread_state']})",
+            "0",
+            f"{mp['contexts']} contexts, >= {mp['min_contexts_per_state']} per state",
+        ),
     ]

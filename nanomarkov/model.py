@@ -13,28 +13,28 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from . import NanoMarkovError
+from nanomarkov.errors import NanoMarkovError
 
 MLP_FILTERS = ("GELU", "RELU", "RELU2", "RELU3")
 
 
 @dataclass
 class GPTConfig:
-    n_layer: int = 2            # residual blocks; 0 leaves embed -> head, i.e. a bigram model
-    n_head: int = 8             # attention heads per block (unused when mlp_only)
-    n_embd: int = 128           # width of the residual stream
-    block_size: int = 255       # longest input accepted; positions 0..block_size-1 get an embedding
-    vocab_size: int = 101       # output classes: the K states plus the BOS token
-    dropout: float = 0.0        # on embeddings, attention weights and sublayer outputs, in [0, 1)
-    bias: bool = False          # biases in the Linear and LayerNorm layers
-    use_ln: bool = True         # LayerNorm before every sublayer and before the head; False removes all
-    pos_ape: bool = True        # add a learned absolute position embedding to the token embedding
-    mlp_only: bool = False      # blocks have no attention at all, so a position sees only itself
-    mlp_ratio: int = 4          # MLP hidden width = mlp_ratio * n_embd
-    mlp_filter: str = "GELU"    # MLP nonlinearity: GELU, RELU, RELU2 = relu(x)**2, RELU3 = relu(x)**3
+    n_layer: int = 2  # residual blocks; 0 leaves embed -> head, i.e. a bigram model
+    n_head: int = 8  # attention heads per block (unused when mlp_only)
+    n_embd: int = 128  # width of the residual stream
+    block_size: int = 255  # longest input accepted; positions 0..block_size-1 get an embedding
+    vocab_size: int = 101  # output classes: the K states plus the BOS token
+    dropout: float = 0.0  # on embeddings, attention weights and sublayer outputs, in [0, 1)
+    bias: bool = False  # biases in the Linear and LayerNorm layers
+    use_ln: bool = True  # LayerNorm before every sublayer and before the head; False removes all
+    pos_ape: bool = True  # add a learned absolute position embedding to the token embedding
+    mlp_only: bool = False  # blocks have no attention at all, so a position sees only itself
+    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * n_embd
+    mlp_filter: str = "GELU"  # MLP nonlinearity: GELU, RELU, RELU2 = relu(x)**2, RELU3 = relu(x)**3
     mlp_first_matrix_identity: bool = False  # MLP's first Linear is a frozen identity (needs mlp_ratio 1)
     one_hot_embed: bool = False  # frozen token embedding whose row i is e_i (needs vocab_size <= n_embd)
-    lm_head_tied: bool = True   # the head reuses the token embedding (with one_hot_embed: a frozen readout)
+    lm_head_tied: bool = True  # the head reuses the token embedding (with one_hot_embed: a frozen readout)
 
     def __post_init__(self):
         for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "mlp_ratio"):
@@ -43,28 +43,42 @@ class GPTConfig:
                 raise NanoMarkovError(f"GPTConfig.{name} must be an integer, got {value!r}")
             if value < (0 if name == "n_layer" else 1):
                 raise NanoMarkovError(f"GPTConfig.{name} must be positive, got {value}")
-        for name in ("bias", "use_ln", "pos_ape", "mlp_only", "mlp_first_matrix_identity",
-                     "one_hot_embed", "lm_head_tied"):
+        for name in (
+            "bias",
+            "use_ln",
+            "pos_ape",
+            "mlp_only",
+            "mlp_first_matrix_identity",
+            "one_hot_embed",
+            "lm_head_tied",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise NanoMarkovError(f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0.0 <= self.dropout < 1.0:
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0.0 <= self.dropout < 1.0
+        ):
             raise NanoMarkovError(f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
         if self.mlp_filter not in MLP_FILTERS:
             raise NanoMarkovError(
-                f"GPTConfig.mlp_filter must be one of {', '.join(MLP_FILTERS)}, got {self.mlp_filter!r}")
+                f"GPTConfig.mlp_filter must be one of {', '.join(MLP_FILTERS)}, got {self.mlp_filter!r}"
+            )
         if not self.mlp_only and self.n_embd % self.n_head != 0:
             raise NanoMarkovError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}) so the heads "
-                f"split the residual stream evenly; change one of them or set mlp_only=True")
+                f"split the residual stream evenly; change one of them or set mlp_only=True"
+            )
         if self.mlp_first_matrix_identity and self.mlp_ratio != 1:
             raise NanoMarkovError(
                 f"mlp_first_matrix_identity needs a square first matrix, i.e. mlp_ratio=1 "
-                f"(got mlp_ratio={self.mlp_ratio})")
+                f"(got mlp_ratio={self.mlp_ratio})"
+            )
         if self.one_hot_embed and self.vocab_size > self.n_embd:
             raise NanoMarkovError(
                 f"one_hot_embed needs one residual dimension per token: vocab_size ({self.vocab_size}) "
-                f"> n_embd ({self.n_embd}); raise n_embd to at least {self.vocab_size}")
+                f"> n_embd ({self.n_embd}); raise n_embd to at least {self.vocab_size}"
+            )
 
 
 class CausalSelfAttention(nn.Module):
@@ -82,8 +96,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim): heads become a batch dimension.
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -106,7 +119,7 @@ class MLP(nn.Module):
             return F.gelu(x)
         power = {"RELU": 1, "RELU2": 2, "RELU3": 3}[self.filter]
         x = F.relu(x)
-        return x if power == 1 else x ** power
+        return x if power == 1 else x**power
 
     def forward(self, x):
         return self.dropout(self.c_proj(self.activation(self.c_fc(x))))
@@ -192,10 +205,10 @@ class GPT(nn.Module):
         if T > self.config.block_size:
             raise NanoMarkovError(
                 f"input has {T} positions but block_size is {self.config.block_size}; "
-                f"crop the input or build the model with a larger block_size")
+                f"crop the input or build the model with a larger block_size"
+            )
         if targets is not None and targets.shape != idx.shape:
-            raise NanoMarkovError(
-                f"targets shape {tuple(targets.shape)} differs from idx shape {tuple(idx.shape)}")
+            raise NanoMarkovError(f"targets shape {tuple(targets.shape)} differs from idx shape {tuple(idx.shape)}")
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(T, device=idx.device))
@@ -205,8 +218,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-1)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def optimizer_groups(self, weight_decay: float) -> list:
@@ -221,9 +233,9 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
 
-    def configure_optimizer(self, weight_decay: float, learning_rate: float,
-                            betas=(0.9, 0.95), device_type: str = "cpu") -> torch.optim.AdamW:
+    def configure_optimizer(
+        self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95), device_type: str = "cpu"
+    ) -> torch.optim.AdamW:
         # The fused kernel exists for CUDA only; elsewhere the default implementation is used.
         extra = {"fused": True} if device_type == "cuda" else {}
-        return torch.optim.AdamW(self.optimizer_groups(weight_decay), lr=learning_rate,
-                                 betas=tuple(betas), **extra)
+        return torch.optim.AdamW(self.optimizer_groups(weight_decay), lr=learning_rate, betas=tuple(betas), **extra)

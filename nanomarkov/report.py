@@ -11,26 +11,41 @@ Runs that differ only in seed form a family; DIR/report/ gets summary.md, summar
 Numbers come from eval.json when the run has been evaluated, else from done.json, else
 from the last evaluation in log.jsonl (a run still going or interrupted).
 """
+
 import csv
 import json
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+
 # Figure directly, not pyplot: no global state, no GUI backend, safe in threads and on headless machines.
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
-from nanomarkov import NanoMarkovError
 from nanomarkov.data import load_dataset
+from nanomarkov.errors import NanoMarkovError
 
 TARGET_EXCESS = 0.003  # nats: the project's quality target (DESIGN.md section 9)
 REPORT_FOLDER = "report"
 # Config fields that may differ between the seeds of one experiment; every other field defines the
 # family. They do not change what a run computes: the seed (what a family varies), names, and where
 # it ran (the global batch, which does matter, is in tokens_per_iter).
-NOT_FAMILY = ("seed", "out_dir", "wandb_run_name", "init_from", "device", "device_resolved", "autocast",
-              "compiled", "compile", "world_size", "wandb_log", "wandb_project", "log_interval")
+NOT_FAMILY = (
+    "seed",
+    "out_dir",
+    "wandb_run_name",
+    "init_from",
+    "device",
+    "device_resolved",
+    "autocast",
+    "compiled",
+    "compile",
+    "world_size",
+    "wandb_log",
+    "wandb_project",
+    "log_interval",
+)
 # Summary columns: (name, where it sits in eval.json, its key in done.json / log.jsonl or None if eval-only,
 # markdown title, format).
 METRICS = [
@@ -47,6 +62,7 @@ WORST_LABELLED = 5
 
 
 # ------------------------------------------------------------------ reading runs
+
 
 def find_runs(root):
     """Every run folder under root (root itself included): a folder holding done.json or ckpt.pt."""
@@ -100,8 +116,15 @@ def load_run(folder):
         if values["pct_of_optimum"] is None and values["val_loss"]:  # log lines do not carry it
             values["pct_of_optimum"] = 100 * values["true_loss_val"] / values["val_loss"]
     seed = config.get("seed", _dig(evaluation, ("run", "seed")))
-    return {"folder": folder, "config": config, "eval": evaluation, "done": done, "log": log, "seed": seed,
-            "values": values}
+    return {
+        "folder": folder,
+        "config": config,
+        "eval": evaluation,
+        "done": done,
+        "log": log,
+        "seed": seed,
+        "values": values,
+    }
 
 
 def family_key(config):
@@ -138,6 +161,7 @@ def group_families(runs, root):
 
 # ------------------------------------------------------------------ the table
 
+
 def _mean_sd(values):
     """(mean, sd with ddof=1) of the numbers present; sd None for fewer than two, both None for none."""
     values = [v for v in values if v is not None]
@@ -151,16 +175,25 @@ def summarize(families, root):
     rows = []
     for name, members in families:
         members = sorted(members, key=lambda r: (r["seed"] is None, r["seed"] or 0))  # 42 123 999, not 123 42 999
-        row = {"family": name, "n_runs": len(members), "n_evaluated": sum(r["eval"] is not None for r in members),
-               "seeds": [r["seed"] for r in members],
-               "runs": [str(r["folder"].resolve().relative_to(Path(root).resolve())) for r in members],
-               "data_dir": members[0]["config"].get("data_dir")}
+        row = {
+            "family": name,
+            "n_runs": len(members),
+            "n_evaluated": sum(r["eval"] is not None for r in members),
+            "seeds": [r["seed"] for r in members],
+            "runs": [str(r["folder"].resolve().relative_to(Path(root).resolve())) for r in members],
+            "data_dir": members[0]["config"].get("data_dir"),
+        }
         for metric, *_ in METRICS:
             values = [r["values"][metric] for r in members]
             if metric == "agreement":
                 # One eval of several seeds stores the same agreement in each of them: count it once.
-                values = list({json.dumps(_dig(r["eval"], ("agreement", "runs"))): v
-                               for r, v in zip(members, values) if v is not None}.values())
+                values = list(
+                    {
+                        json.dumps(_dig(r["eval"], ("agreement", "runs"))): v
+                        for r, v in zip(members, values)
+                        if v is not None
+                    }.values()
+                )
             row[f"{metric}_mean"], row[f"{metric}_sd"] = _mean_sd(values)
         row["optimal_loss"] = _mean_sd([r["values"]["optimal_loss"] for r in members])[0]
         row["true_loss_val_mean"] = _mean_sd([r["values"]["true_loss_val"] for r in members])[0]
@@ -170,6 +203,7 @@ def summarize(families, root):
 
 def format_summary(rows):
     """The summary as a markdown table: mean ± sd over seeds (no sd for one run), blank when not measured."""
+
     def cell(row, key, fmt):
         mean, sd = row[f"{key}_mean"], row[f"{key}_sd"]
         if mean is None:
@@ -179,7 +213,9 @@ def format_summary(rows):
     head = ["family", "runs", "seeds"] + [m[3] for m in METRICS] + ["optimal_loss", "true_loss_val"]
     lines = ["| " + " | ".join(head) + " |", "|---|---:|---|" + "---:|" * (len(head) - 3)]
     for row in rows:
-        runs = f"{row['n_runs']}" + ("" if row["n_evaluated"] == row["n_runs"] else f" ({row['n_evaluated']} evaluated)")
+        runs = f"{row['n_runs']}" + (
+            "" if row["n_evaluated"] == row["n_runs"] else f" ({row['n_evaluated']} evaluated)"
+        )
         cells = [row["family"], runs, " ".join(str(s) for s in row["seeds"])]
         cells += [cell(row, key, fmt) for key, _, _, _, fmt in METRICS]
         cells += ["" if row[k] is None else f"{row[k]:.6f}" for k in ("optimal_loss", "true_loss_val_mean")]
@@ -196,11 +232,13 @@ def write_csv(rows, path):
         writer.writerow(columns)
         for row in rows:
             out = dict(row, seeds=" ".join(str(s) for s in row["seeds"]), runs=" ".join(row["runs"]))
-            writer.writerow(["" if out[c] is None else (repr(out[c]) if isinstance(out[c], float) else out[c])
-                             for c in columns])
+            writer.writerow(
+                ["" if out[c] is None else (repr(out[c]) if isinstance(out[c], float) else out[c]) for c in columns]
+            )
 
 
 # ------------------------------------------------------------------ plots
+
 
 def _save(fig, path):
     fig.savefig(path, dpi=110)
@@ -225,8 +263,10 @@ def plot_learning_curve(run, path):
         top.axhline(bigram, color="C2", ls=":", lw=1.5, label=f"bigram baseline (train counts) {bigram:.4f}")
     top.set_ylabel("cross-entropy (nats/token)")
     data = _dataset_path(run)
-    top.set_title(f"{run['folder'].name}{f' on {data}' if data else ''}: final val {val[-1]:.4f}, "
-                  f"excess {val[-1] - floor:.4f} nats")
+    top.set_title(
+        f"{run['folder'].name}{f' on {data}' if data else ''}: final val {val[-1]:.4f}, "
+        f"excess {val[-1] - floor:.4f} nats"
+    )
     top.legend(fontsize=8)
     top.grid(alpha=0.3)
 
@@ -235,14 +275,17 @@ def plot_learning_curve(run, path):
     bottom.plot(tokens[shown], excess[shown], "o-", ms=3, color="C0", label="val loss − floor")
     bottom.axhline(TARGET_EXCESS, color="C3", ls="--", lw=1, label=f"target {TARGET_EXCESS} nats")
     if bigram is not None and bigram > floor:  # on the top panel it sits on the floor; here it stands apart
-        bottom.axhline(bigram - floor, color="C2", ls=":", lw=1.5, label=f"bigram baseline − floor {bigram - floor:.4f}")
+        bottom.axhline(
+            bigram - floor, color="C2", ls=":", lw=1.5, label=f"bigram baseline − floor {bigram - floor:.4f}"
+        )
     bottom.set_yscale("log")
     bottom.set_ylabel("excess over floor (nats, log)")
     bottom.set_xlabel("tokens seen")
     bottom.xaxis.set_major_formatter(EngFormatter())
     hidden = int((~shown).sum())
-    bottom.legend(fontsize=8, title=f"{hidden} eval(s) at or below the floor not shown" if hidden else None,
-                  title_fontsize=8)
+    bottom.legend(
+        fontsize=8, title=f"{hidden} eval(s) at or below the floor not shown" if hidden else None, title_fontsize=8
+    )
     bottom.grid(alpha=0.3, which="both")
     return _save(fig, path)
 
@@ -261,17 +304,21 @@ def plot_transition_matrix(run, path):
     true = load_dataset(data, verify=False).chain.transmat
     learned = np.load(run["folder"] / "learned_matrix.npy", allow_pickle=False)
     if learned.shape != true.shape:
-        raise NanoMarkovError(f"learned_matrix.npy is {learned.shape}, the chain of {data} is {true.shape}: "
-                              "rerun nanomarkov eval on this run")
+        raise NanoMarkovError(
+            f"learned_matrix.npy is {learned.shape}, the chain of {data} is {true.shape}: "
+            "rerun nanomarkov eval on this run"
+        )
     k = true.shape[0]
     fig = Figure(figsize=(15, 4.8), layout="constrained")
     axes = fig.subplots(1, 3)
     vmax = max(true.max(), learned.max())
     diff = learned - true
     limit = max(np.abs(diff).max(), 1e-12)
-    panels = [(true, f"true P (K={k})", "viridis", 0, vmax, "probability"),
-              (learned, "learned: model after [BOS, i]", "viridis", 0, vmax, "probability"),
-              (diff, f"learned − true (max |Δ| {limit:.3g})", "RdBu_r", -limit, limit, "probability difference")]
+    panels = [
+        (true, f"true P (K={k})", "viridis", 0, vmax, "probability"),
+        (learned, "learned: model after [BOS, i]", "viridis", 0, vmax, "probability"),
+        (diff, f"learned − true (max |Δ| {limit:.3g})", "RdBu_r", -limit, limit, "probability difference"),
+    ]
     for ax, (matrix, title, cmap, lo, hi, unit) in zip(axes, panels):
         image = ax.imshow(matrix, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
         fig.colorbar(image, ax=ax, shrink=0.85, label=unit)
@@ -284,8 +331,9 @@ def plot_transition_matrix(run, path):
             for (i, j), value in np.ndenumerate(matrix):
                 pale = value > 0.6 * hi if cmap == "viridis" else abs(value) < 0.6 * hi  # dark text on pale cells
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color="k" if pale else "w")
-    fig.suptitle(f"{run['folder'].name}: transition matrix, mean KL(true row ‖ learned row) "
-                 f"{run['values']['mean_kl']:.4g} nats")
+    fig.suptitle(
+        f"{run['folder'].name}: transition matrix, mean KL(true row ‖ learned row) {run['values']['mean_kl']:.4g} nats"
+    )
     return _save(fig, path)
 
 
@@ -321,8 +369,15 @@ def plot_comparison(rows, families, path):
     ax = fig.subplots()
     x = np.arange(len(pairs))
     means = np.array([row["excess_mean"] for row, _ in pairs])
-    ax.bar(x, means, yerr=[row["excess_sd"] or 0.0 for row, _ in pairs], capsize=4, color="C0", alpha=0.7,
-           label="mean over seeds (± sd)")
+    ax.bar(
+        x,
+        means,
+        yerr=[row["excess_sd"] or 0.0 for row, _ in pairs],
+        capsize=4,
+        color="C0",
+        alpha=0.7,
+        label="mean over seeds (± sd)",
+    )
     for i, (_, members) in enumerate(pairs):
         seeds = [r["values"]["excess"] for r in members if r["values"]["excess"] is not None]
         ax.plot([i + 0.2] * len(seeds), seeds, "k.", ms=6, label="one seed" if i == 0 else None)
@@ -341,13 +396,15 @@ def plot_comparison(rows, families, path):
 
 # ------------------------------------------------------------------ everything
 
+
 def write_report(root):
     """Per-run plots, then summary.md, summary.csv and comparison.png in root/report/."""
     root = Path(root)
     folders = find_runs(root)
     if not folders:
-        raise NanoMarkovError(f"no training runs under {root} (folders with done.json or ckpt.pt); "
-                              "train one with: nanomarkov train 10")
+        raise NanoMarkovError(
+            f"no training runs under {root} (folders with done.json or ckpt.pt); train one with: nanomarkov train 10"
+        )
     runs = [load_run(folder) for folder in folders]
     files, skipped = [], []
     for run in runs:
@@ -370,15 +427,30 @@ def write_report(root):
     write_csv(rows, out / "summary.csv")
     missing = [str(r["folder"]) for r in runs if r["eval"] is None]
     # Trained on (resumed) after it was evaluated: its eval.json describes an older checkpoint.
-    stale = [str(r["folder"]) for r in runs if r["eval"] and r["done"]
-             and _dig(r["eval"], ("run", "iter")) not in (None, r["done"]["iters"])]
-    notes = ["", "Mean ± sd over seeds (sd with ddof=1; none for a single run). Losses in nats per predicted token; "
-             "excess = val loss − true_loss_val; % of optimum = true_loss_val / val loss; accuracy a fraction; "
-             "transition KL = transition_fidelity.mean_kl; Markov spread = markov_property.mean_spread; "
-             "agreement = top-1 agreement between seeds. Blank: not measured (run nanomarkov eval)."]
-    notes += [f"{what}: " + ", ".join(names) for what, names in
-              (("Not evaluated", missing), ("Evaluated before more training", stale)) if names]
+    stale = [
+        str(r["folder"])
+        for r in runs
+        if r["eval"] and r["done"] and _dig(r["eval"], ("run", "iter")) not in (None, r["done"]["iters"])
+    ]
+    notes = [
+        "",
+        "Mean ± sd over seeds (sd with ddof=1; none for a single run). Losses in nats per predicted token; "
+        "excess = val loss − true_loss_val; % of optimum = true_loss_val / val loss; accuracy a fraction; "
+        "transition KL = transition_fidelity.mean_kl; Markov spread = markov_property.mean_spread; "
+        "agreement = top-1 agreement between seeds. Blank: not measured (run nanomarkov eval).",
+    ]
+    notes += [
+        f"{what}: " + ", ".join(names)
+        for what, names in (("Not evaluated", missing), ("Evaluated before more training", stale))
+        if names
+    ]
     (out / "summary.md").write_text(f"# Runs under {root}\n\n" + format_summary(rows) + "\n" + "\n".join(notes) + "\n")
     files += [out / "summary.csv", out / "summary.md"]
-    return {"runs": [str(f) for f in folders], "files": [str(f) for f in files], "summary": rows,
-            "missing_eval": missing, "stale_eval": stale, "skipped": skipped}
+    return {
+        "runs": [str(f) for f in folders],
+        "files": [str(f) for f in files],
+        "summary": rows,
+        "missing_eval": missing,
+        "stale_eval": stale,
+        "skipped": skipped,
+    }

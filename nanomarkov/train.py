@@ -11,11 +11,11 @@ The data order is a pure function of (seed, position), and the checkpoint holds
 every other piece of state, so a run killed at any moment and resumed ends
 bit-identical on CPU to one never stopped.
 """
+
 import contextlib
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -27,16 +27,27 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from nanomarkov import NanoMarkovError, TrainingDiverged
+from nanomarkov.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from nanomarkov.config import TrainConfig
 from nanomarkov.data import SequenceOrder, load_dataset, to_inputs_targets, whole_split_batches
 from nanomarkov.distributed import init_distributed
+from nanomarkov.errors import NanoMarkovError, TrainingDiverged
 from nanomarkov.model import GPT
 
-CHECKPOINT = "ckpt.pt"
 # Config fields a resumed run may change without changing what it computes.
-RESUMABLE_CHANGES = {"init_from", "out_dir", "max_iters", "eval_interval", "log_interval", "always_save_checkpoint",
-                     "wandb_log", "wandb_project", "wandb_run_name", "device", "compile"}
+RESUMABLE_CHANGES = {
+    "init_from",
+    "out_dir",
+    "max_iters",
+    "eval_interval",
+    "log_interval",
+    "always_save_checkpoint",
+    "wandb_log",
+    "wandb_project",
+    "wandb_run_name",
+    "device",
+    "compile",
+}
 EVAL_BATCH_SEQUENCES = 64
 
 
@@ -132,25 +143,6 @@ class _StopRequests:
             signal.signal(sig, handler)
 
 
-def _save_checkpoint(path, state):
-    """Write to a temporary name, then rename: a kill mid-write never leaves a broken ckpt.pt."""
-    partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)
-
-
-def load_checkpoint(path):
-    """Read a checkpoint without running any pickled code; one clear error if it can't be read."""
-    path = Path(path)
-    if not path.is_file():
-        raise NanoMarkovError(f"{path}: no checkpoint there")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for truncated, foreign or unsafe files
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise NanoMarkovError(f"{path}: not a readable nanoMarkov checkpoint ({first_line})") from None
-
-
 def _rng_state():
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -217,13 +209,16 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None):
         resume_state = load_checkpoint(ckpt_path)
         _check_resumable(resume_state, cfg, dataset, ckpt_path)
     elif ckpt_path.exists() and not overwrite:
-        raise NanoMarkovError(f"{out_dir} already holds a run (ckpt.pt); pass --resume to continue it, "
-                              "--force to start it over, or --out_dir=DIR to train elsewhere")
+        raise NanoMarkovError(
+            f"{out_dir} already holds a run (ckpt.pt); pass --resume to continue it, "
+            "--force to start it over, or --out_dir=DIR to train elsewhere"
+        )
 
     torch.manual_seed(cfg.seed)
     model = GPT(gpt_config).to(device)
-    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                          device.split(":")[0])
+    optimizer = model.configure_optimizer(
+        cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.split(":")[0]
+    )
     it, elapsed_before, log_sizes = 0, 0.0, {}
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
@@ -244,9 +239,16 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None):
                 (out_dir / stale).unlink(missing_ok=True)
         else:
             (out_dir / "done.json").unlink(missing_ok=True)
-        config_record = dict(cfg.to_dict(), vocab_size=gpt_config.vocab_size, block_size=gpt_config.block_size,
-                             device_resolved=device, autocast=str(autocast), compiled=use_compile,
-                             world_size=ddp.world_size, tokens_per_iter=tokens_per_iter)
+        config_record = dict(
+            cfg.to_dict(),
+            vocab_size=gpt_config.vocab_size,
+            block_size=gpt_config.block_size,
+            device_resolved=device,
+            autocast=str(autocast),
+            compiled=use_compile,
+            world_size=ddp.world_size,
+            tokens_per_iter=tokens_per_iter,
+        )
         (out_dir / "config.json").write_text(json.dumps(config_record, indent=2) + "\n")
 
     interactive = (sys.stdout.isatty() if show_progress is None else show_progress) and ddp.is_main
@@ -258,11 +260,13 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None):
     log = _RunLog(out_dir, ddp.is_main, bar.write if bar is not None else print)
     log.truncate_to(log_sizes)
     wandb_run = _start_wandb(cfg, out_dir) if cfg.wandb_log and ddp.is_main else None
-    log.line(f"{out_dir}: {raw_model.num_params():,} parameters, {tokens_per_iter:,} tokens/iter "
-             f"({global_batch} sequences x {gpt_config.block_size}), device {device}"
-             f"{', ' + str(autocast).replace('torch.', '') if autocast else ''}{', compiled' if use_compile else ''}, "
-             f"{'resuming at iter ' + str(it) if resume_state else 'from scratch'}; optimal_loss "
-             f"{theory['optimal_loss']:.6f}, true_loss_val {theory['true_loss_val']:.6f}")
+    log.line(
+        f"{out_dir}: {raw_model.num_params():,} parameters, {tokens_per_iter:,} tokens/iter "
+        f"({global_batch} sequences x {gpt_config.block_size}), device {device}"
+        f"{', ' + str(autocast).replace('torch.', '') if autocast else ''}{', compiled' if use_compile else ''}, "
+        f"{'resuming at iter ' + str(it) if resume_state else 'from scratch'}; optimal_loss "
+        f"{theory['optimal_loss']:.6f}, true_loss_val {theory['true_loss_val']:.6f}"
+    )
 
     order = SequenceOrder(dataset.train.shape[0], cfg.seed)
     started = time.perf_counter()
@@ -277,30 +281,54 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None):
         eval_started = time.perf_counter()
         val_loss = split_loss(model, dataset.val, device, autocast, ddp)
         if not math.isfinite(val_loss):
-            raise TrainingDiverged(f"val loss is {val_loss} at iter {it}; the last good checkpoint "
-                                   f"({ckpt_path}) is kept; lower learning_rate or check the data")
-        record = {"kind": "eval", "iter": it, "tokens": it * tokens_per_iter, "elapsed_s": round(elapsed(), 3),
-                  "train_loss": float(np.mean(eval_window)) if eval_window else None, "val_loss": val_loss,
-                  "optimal_loss": theory["optimal_loss"], "true_loss_val": theory["true_loss_val"],
-                  "excess": val_loss - theory["true_loss_val"], "lr": learning_rate_at(it, cfg),
-                  "eval_s": round(time.perf_counter() - eval_started, 3)}
+            raise TrainingDiverged(
+                f"val loss is {val_loss} at iter {it}; the last good checkpoint "
+                f"({ckpt_path}) is kept; lower learning_rate or check the data"
+            )
+        record = {
+            "kind": "eval",
+            "iter": it,
+            "tokens": it * tokens_per_iter,
+            "elapsed_s": round(elapsed(), 3),
+            "train_loss": float(np.mean(eval_window)) if eval_window else None,
+            "val_loss": val_loss,
+            "optimal_loss": theory["optimal_loss"],
+            "true_loss_val": theory["true_loss_val"],
+            "excess": val_loss - theory["true_loss_val"],
+            "lr": learning_rate_at(it, cfg),
+            "eval_s": round(time.perf_counter() - eval_started, 3),
+        }
         if scheduled:  # an extra eval (on Ctrl-C) leaves the window to the next scheduled one
             eval_window.clear()
         train_text = "-" if record["train_loss"] is None else f"{record['train_loss']:.4f}"
-        log.line(f"eval iter {it}: train {train_text} val {val_loss:.6f} optimal {theory['optimal_loss']:.6f} "
-                 f"excess {record['excess']:+.6f} nats ({record['elapsed_s']:.1f}s)", record)
+        log.line(
+            f"eval iter {it}: train {train_text} val {val_loss:.6f} optimal {theory['optimal_loss']:.6f} "
+            f"excess {record['excess']:+.6f} nats ({record['elapsed_s']:.1f}s)",
+            record,
+        )
         if wandb_run is not None:
             wandb_run.log({k: v for k, v in record.items() if k != "kind"}, step=it)
         last_eval = record
         if ddp.is_main and it > 0:
-            _save_checkpoint(ckpt_path, {
-                "model": raw_model.state_dict(), "model_args": dataclasses.asdict(gpt_config),
-                "optimizer": optimizer.state_dict(), "iter": it, "tokens": it * tokens_per_iter,
-                "config": cfg.to_dict(), "rng": _rng_state(), "data_dir": str(cfg.data_dir),
-                "data_position": it * global_batch, "dataset_sha256": dataset.meta["sha256"],
-                "elapsed_s": elapsed(), "log_sizes": log.sizes(), "world_size": ddp.world_size,
-                "loss_windows": {"log": list(window_losses), "eval": list(eval_window)},
-            })
+            save_checkpoint(
+                ckpt_path,
+                {
+                    "model": raw_model.state_dict(),
+                    "model_args": dataclasses.asdict(gpt_config),
+                    "optimizer": optimizer.state_dict(),
+                    "iter": it,
+                    "tokens": it * tokens_per_iter,
+                    "config": cfg.to_dict(),
+                    "rng": _rng_state(),
+                    "data_dir": str(cfg.data_dir),
+                    "data_position": it * global_batch,
+                    "dataset_sha256": dataset.meta["sha256"],
+                    "elapsed_s": elapsed(),
+                    "log_sizes": log.sizes(),
+                    "world_size": ddp.world_size,
+                    "loss_windows": {"log": list(window_losses), "eval": list(eval_window)},
+                },
+            )
 
     eval_window = []
     if resume_state is not None:  # the logged loss means then cover the same steps as if never stopped
@@ -335,8 +363,10 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None):
                 step_loss, stopping = shared[0] / ddp.world_size, shared[1].item() > 0
             step_loss = step_loss.item()
             if not math.isfinite(step_loss):
-                raise TrainingDiverged(f"training loss is {step_loss} at iter {it}; the last good checkpoint "
-                                       f"({ckpt_path}) is kept; lower learning_rate or raise warmup_iters")
+                raise TrainingDiverged(
+                    f"training loss is {step_loss} at iter {it}; the last good checkpoint "
+                    f"({ckpt_path}) is kept; lower learning_rate or raise warmup_iters"
+                )
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
             optimizer.step()
@@ -350,9 +380,15 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None):
             if it % cfg.log_interval == 0 or it == cfg.max_iters:
                 now = time.perf_counter()
                 rate = window_tokens / max(now - window_start, 1e-9)
-                record = {"kind": "train", "iter": it, "tokens": it * tokens_per_iter,
-                          "elapsed_s": round(elapsed(), 3), "loss": float(np.mean(window_losses)), "lr": lr,
-                          "tokens_per_s": round(rate)}
+                record = {
+                    "kind": "train",
+                    "iter": it,
+                    "tokens": it * tokens_per_iter,
+                    "elapsed_s": round(elapsed(), 3),
+                    "loss": float(np.mean(window_losses)),
+                    "lr": lr,
+                    "tokens_per_s": round(rate),
+                }
                 text = f"iter {it}: loss {record['loss']:.4f} lr {lr:.2e} {rate / 1e3:.1f}k tok/s"
                 if bar is not None:
                     bar.set_postfix_str(f"loss {record['loss']:.4f}")
@@ -367,22 +403,33 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None):
                 if last_eval is None or last_eval["iter"] != it:
                     evaluate_and_checkpoint(scheduled=False)
                 status = "interrupted"
-                log.line(f"stopped by {stop.requested or 'a signal to another process'} at iter {it}; "
-                         "checkpoint saved; continue with --resume")
+                log.line(
+                    f"stopped by {stop.requested or 'a signal to another process'} at iter {it}; "
+                    "checkpoint saved; continue with --resume"
+                )
                 break
         if last_eval is None or last_eval["iter"] != it:
             evaluate_and_checkpoint()
 
     if bar is not None:
         bar.close()
-    done = {"status": status, "iters": it, "tokens": it * tokens_per_iter, "elapsed_s": round(elapsed(), 3),
-            "val_loss": last_eval["val_loss"], "optimal_loss": theory["optimal_loss"],
-            "true_loss_val": theory["true_loss_val"], "excess": last_eval["excess"],
-            "pct_of_optimum": 100 * theory["true_loss_val"] / last_eval["val_loss"]}
+    done = {
+        "status": status,
+        "iters": it,
+        "tokens": it * tokens_per_iter,
+        "elapsed_s": round(elapsed(), 3),
+        "val_loss": last_eval["val_loss"],
+        "optimal_loss": theory["optimal_loss"],
+        "true_loss_val": theory["true_loss_val"],
+        "excess": last_eval["excess"],
+        "pct_of_optimum": 100 * theory["true_loss_val"] / last_eval["val_loss"],
+    }
     if ddp.is_main and status == "done":
         (out_dir / "done.json").write_text(json.dumps(done, indent=2) + "\n")
-        log.line(f"done: val {done['val_loss']:.6f} vs true {done['true_loss_val']:.6f} (excess "
-                 f"{done['excess']:.6f} nats, {done['pct_of_optimum']:.2f}% of optimum) in {done['elapsed_s']:.1f}s")
+        log.line(
+            f"done: val {done['val_loss']:.6f} vs true {done['true_loss_val']:.6f} (excess "
+            f"{done['excess']:.6f} nats, {done['pct_of_optimum']:.2f}% of optimum) in {done['elapsed_s']:.1f}s"
+        )
     if wandb_run is not None:
         wandb_run.finish()
     if ddp.world_size > 1:
@@ -394,14 +441,21 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None):
 
 def _check_resumable(state, cfg, dataset, ckpt_path):
     saved = state.get("config", {})
-    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in cfg.to_dict().items()
-               if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+    changed = [
+        f"{k} {saved.get(k)!r} -> {v!r}"
+        for k, v in cfg.to_dict().items()
+        if k not in RESUMABLE_CHANGES and saved.get(k) != v
+    ]
     if changed:
-        raise NanoMarkovError(f"{ckpt_path} was trained with another config ({', '.join(changed)}); "
-                              "resume with the same settings or start a new run with --out_dir=DIR")
+        raise NanoMarkovError(
+            f"{ckpt_path} was trained with another config ({', '.join(changed)}); "
+            "resume with the same settings or start a new run with --out_dir=DIR"
+        )
     if state.get("dataset_sha256") != dataset.meta["sha256"]:
-        raise NanoMarkovError(f"{ckpt_path} was trained on other data than {cfg.data_dir} (sha256 differs); "
-                              "resume with the dataset it was trained on")
+        raise NanoMarkovError(
+            f"{ckpt_path} was trained on other data than {cfg.data_dir} (sha256 differs); "
+            "resume with the dataset it was trained on"
+        )
 
 
 def _import_wandb():
@@ -413,5 +467,6 @@ def _import_wandb():
 
 
 def _start_wandb(cfg, out_dir):
-    return _import_wandb().init(project=cfg.wandb_project, name=cfg.wandb_run_name or out_dir.name,
-                      config=cfg.to_dict(), dir=str(out_dir))
+    return _import_wandb().init(
+        project=cfg.wandb_project, name=cfg.wandb_run_name or out_dir.name, config=cfg.to_dict(), dir=str(out_dir)
+    )

@@ -7,6 +7,7 @@
 Writes DIR/report/ (summary.md, summary.csv, comparison.png) and each run's plots,
 prints the summary table (mean ± sd over seeds), and with --output copies the CSV there.
 """
+
 import sys
 from pathlib import Path
 

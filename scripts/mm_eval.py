@@ -9,6 +9,7 @@ Several runs of one chain are evaluated together, so their agreement (metric 4) 
 measured. Each run gets eval.json and eval.md next to its checkpoint; --summary
 prints one short table instead of the full one per run.
 """
+
 import sys
 from pathlib import Path
 
@@ -16,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from nanomarkov import NanoMarkovError  # noqa: E402
 from nanomarkov.cli import OneLineParser, guarded  # noqa: E402
-from nanomarkov.evaluate import evaluate_checkpoints, format_eval  # noqa: E402
 from nanomarkov.config import EXTRA, parse_mm_id, preset  # noqa: E402
+from nanomarkov.evaluate import evaluate_checkpoints, format_eval  # noqa: E402
 
 
 def checkpoints(args):
@@ -38,8 +39,10 @@ def checkpoints(args):
         path = Path(preset(name, n_states, sparsity, seed)["out_dir"]) / "ckpt.pt"
         if not path.is_file():
             extra = f" --preset {name}" if name != "default" else ""
-            raise NanoMarkovError(f"no checkpoint at {path}; train it with: nanomarkov train {n_states} {seed}"
-                                  f"{f' --sparse {sparsity}' if sparsity else ''}{extra}")
+            raise NanoMarkovError(
+                f"no checkpoint at {path}; train it with: nanomarkov train {n_states} {seed}"
+                f"{f' --sparse {sparsity}' if sparsity else ''}{extra}"
+            )
         paths.append(path)
     return paths
 
@@ -47,13 +50,18 @@ def checkpoints(args):
 def summary(written):
     lines = ["run                            val loss     excess   accuracy  transition KL"]
     for folder, r in written:
-        lines.append(f"{str(folder):30} {r['cross_entropy']['val_loss']:.6f}  {r['cross_entropy']['excess']:+.6f}  "
-                     f"{100 * r['accuracy']['accuracy']:7.3f} %  {r['transition_fidelity']['mean_kl']:.6f}")
+        lines.append(
+            f"{str(folder):30} {r['cross_entropy']['val_loss']:.6f}  {r['cross_entropy']['excess']:+.6f}  "
+            f"{100 * r['accuracy']['accuracy']:7.3f} %  {r['transition_fidelity']['mean_kl']:.6f}"
+        )
     ce, agreement = written[0][1]["cross_entropy"], written[0][1]["agreement"]
     lines.append(f"true loss on val {ce['true_loss_val']:.6f}, expected optimum {ce['optimal_loss']:.6f} nats/token")
-    lines.append("agreement: n/a (one run)" if agreement is None else
-                 f"agreement across seeds: top-1 {100 * agreement['top1_agreement']:.2f} %, "
-                 f"mean JSD {agreement['mean_jsd']:.6f}")
+    lines.append(
+        "agreement: n/a (one run)"
+        if agreement is None
+        else f"agreement across seeds: top-1 {100 * agreement['top1_agreement']:.2f} %, "
+        f"mean JSD {agreement['mean_jsd']:.6f}"
+    )
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@
 
 A thin wrapper over `nanomarkov generate`; writes data/mm{K}[-sparse-{S}] under the current directory.
 """
+
 import sys
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """MarkovChain theory and sampling against independent computations."""
+
 import itertools
 import warnings
 
@@ -7,7 +8,7 @@ import pytest
 from scipy import stats
 
 from nanomarkov import NanoMarkovError
-from nanomarkov.chains import MarkovChain, _alias_tables
+from nanomarkov.processes.markov import MarkovChain, _alias_tables
 
 # A sampler test fails by chance with probability SIGNIFICANCE when the sampler is right.
 SIGNIFICANCE = 1e-4
@@ -78,12 +79,14 @@ def test_stationary_of_a_periodic_chain_is_returned_not_iterated_forever():
 
 def test_reducible_chain_warns_and_uses_the_long_run_distribution_from_start():
     # State 0 is transient and leaks into two closed classes {1, 2} and {3}.
-    transmat = np.array([
-        [0.2, 0.5, 0.0, 0.3],
-        [0.0, 0.1, 0.9, 0.0],
-        [0.0, 0.6, 0.4, 0.0],
-        [0.0, 0.0, 0.0, 1.0],
-    ])
+    transmat = np.array(
+        [
+            [0.2, 0.5, 0.0, 0.3],
+            [0.0, 0.1, 0.9, 0.0],
+            [0.0, 0.6, 0.4, 0.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ]
+    )
     chain = MarkovChain(transmat, [0.5, 0.25, 0.0, 0.25])
     with pytest.warns(UserWarning, match="not unique"):
         pi = chain.stationary()
@@ -196,14 +199,17 @@ def test_hmmlearn_round_trip_and_refusal_of_real_hmms():
         MarkovChain.from_hmmlearn(hmm)
 
 
-@pytest.mark.parametrize("transmat, startprob, message", [
-    ([[1.0, 0.0]], [1.0], "square"),
-    ([[1.0]], [1.0], "at least 2"),
-    ([[0.5, 0.5], [0.7, 0.2]], [0.5, 0.5], "sum to 1"),
-    ([[1.5, -0.5], [0.5, 0.5]], [0.5, 0.5], "negative"),
-    ([[np.nan, 1.0], [0.5, 0.5]], [0.5, 0.5], "non-finite"),
-    ([[0.5, 0.5], [0.5, 0.5]], [0.5, 0.5, 0.0], "shape"),
-])
+@pytest.mark.parametrize(
+    "transmat, startprob, message",
+    [
+        ([[1.0, 0.0]], [1.0], "square"),
+        ([[1.0]], [1.0], "at least 2"),
+        ([[0.5, 0.5], [0.7, 0.2]], [0.5, 0.5], "sum to 1"),
+        ([[1.5, -0.5], [0.5, 0.5]], [0.5, 0.5], "negative"),
+        ([[np.nan, 1.0], [0.5, 0.5]], [0.5, 0.5], "non-finite"),
+        ([[0.5, 0.5], [0.5, 0.5]], [0.5, 0.5, 0.0], "shape"),
+    ],
+)
 def test_invalid_chains_are_rejected(transmat, startprob, message):
     with pytest.raises(NanoMarkovError, match=message):
         MarkovChain(transmat, startprob)

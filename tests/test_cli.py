@@ -1,4 +1,5 @@
 """The command line: the seed's commands, the theory table, one-line errors with exit 2."""
+
 import json
 import os
 import shutil
@@ -24,8 +25,9 @@ def run(args, cwd):
 def test_seed_generate_commands_and_theory_script_from_a_fresh_directory(tmp_path):
     small = run([str(REPO / "scripts" / "mm_generate.py"), "10", "--train", "300", "--val", "40"], tmp_path)
     assert small.returncode == 0, small.stderr
-    sparse = run([str(REPO / "scripts" / "mm_generate.py"), "100", "--train", "50", "--val", "10", "--sparsity", "75"],
-                 tmp_path)
+    sparse = run(
+        [str(REPO / "scripts" / "mm_generate.py"), "100", "--train", "50", "--val", "10", "--sparsity", "75"], tmp_path
+    )
     assert sparse.returncode == 0, sparse.stderr
     assert load_dataset(tmp_path / "data" / "mm10").seq_len == 128
     sparse_data = load_dataset(tmp_path / "data" / "mm100-sparse-75")
@@ -38,8 +40,13 @@ def test_seed_generate_commands_and_theory_script_from_a_fresh_directory(tmp_pat
 def test_console_script_is_installed(tmp_path):
     exe = shutil.which("nanomarkov", path=str(Path(sys.executable).parent))
     assert exe, "the package's console script is not installed next to this python"
-    result = subprocess.run([exe, "generate", "3", "--train", "5", "--val", "5", "--out", "d"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [exe, "generate", "3", "--train", "5", "--val", "5", "--out", "d"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "d" / "meta.json").exists()
 
@@ -61,8 +68,25 @@ def test_theory_numbers_agree_with_the_chain_and_json(tmp_path, capsys):
 
 
 def test_theory_table_gives_an_estimate_with_its_error(tmp_path, capsys):
-    assert main(["generate", "3", "--process", "icl", "--train", "20", "--val", "10", "--seq_len", "9",
-                 "--out", str(tmp_path / "icl")]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "3",
+                "--process",
+                "icl",
+                "--train",
+                "20",
+                "--val",
+                "10",
+                "--seq_len",
+                "9",
+                "--out",
+                str(tmp_path / "icl"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["theory", str(tmp_path / "icl"), "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
@@ -80,18 +104,21 @@ def one_line_error(capsys, argv):
     return lines[0]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["generate", "1"], "K must be"),
-    (["generate", "70000", "--dtype", "uint16"], "uint32"),
-    (["generate", "5", "--sparsity", "100"], "--sparsity"),
-    (["generate", "5", "--sparsity", "-5"], "--sparsity"),
-    (["generate", "5", "--train", "0"], "--train"),
-    (["generate", "5", "--val", "-1"], "--val"),
-    (["generate", "5", "--seq_len", "1"], "--seq_len"),
-    (["generate", "five"], "invalid int value"),
-    (["frobnicate"], "invalid choice"),
-    (["theory"], "required"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "1"], "K must be"),
+        (["generate", "70000", "--dtype", "uint16"], "uint32"),
+        (["generate", "5", "--sparsity", "100"], "--sparsity"),
+        (["generate", "5", "--sparsity", "-5"], "--sparsity"),
+        (["generate", "5", "--train", "0"], "--train"),
+        (["generate", "5", "--val", "-1"], "--val"),
+        (["generate", "5", "--seq_len", "1"], "--seq_len"),
+        (["generate", "five"], "invalid int value"),
+        (["frobnicate"], "invalid choice"),
+        (["theory"], "required"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
     assert message in one_line_error(capsys, argv)
@@ -132,15 +159,18 @@ def test_train_by_chain_id_writes_the_run_folder_and_refuses_to_overwrite(tmp_pa
     assert json.loads((run_dir / "done.json").read_text())["iters"] == 9
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "33"], "nanomarkov generate 33 --train 50000 --val 5000"),
-    (["train", "5", "--n_emdb=3"], "did you mean 'n_embd'"),
-    (["train", "5", "--max_iters", "3"], "expected --key=value"),
-    (["train", "5", "--max_iters=three"], "max_iters must be an integer"),
-    (["train", "5", "--preset", "c99"], "unknown preset"),
-    (["train", "5", "1", "--seeds", "2", "3"], "either SEED or --seeds"),
-    (["train", "missing.py"], "cannot read config file"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "33"], "nanomarkov generate 33 --train 50000 --val 5000"),
+        (["train", "5", "--n_emdb=3"], "did you mean 'n_embd'"),
+        (["train", "5", "--max_iters", "3"], "expected --key=value"),
+        (["train", "5", "--max_iters=three"], "max_iters must be an integer"),
+        (["train", "5", "--preset", "c99"], "unknown preset"),
+        (["train", "5", "1", "--seeds", "2", "3"], "either SEED or --seeds"),
+        (["train", "missing.py"], "cannot read config file"),
+    ],
+)
 def test_train_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
     assert message in one_line_error(capsys, argv)
@@ -148,15 +178,22 @@ def test_train_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, a
 
 def test_seed_training_commands_from_a_fresh_directory(tmp_path):
     assert run([str(REPO / "scripts" / "mm_generate.py"), "5", "--train", "40", "--val", "8"], tmp_path).returncode == 0
-    shell = subprocess.run([str(REPO / "train_mm.sh"), "5", "3", *TINY_TRAIN], cwd=tmp_path, capture_output=True,
-                           text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable})
+    shell = subprocess.run(
+        [str(REPO / "train_mm.sh"), "5", "3", *TINY_TRAIN],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
     assert shell.returncode == 0, shell.stderr
     assert (tmp_path / "trainings" / "MM" / "MM-5" / "MM-5-3" / "done.json").exists()
     config = run([str(REPO / "configs" / "mm_config.py"), "5", "11"], tmp_path)
     assert config.returncode == 0, config.stderr
     (tmp_path / "cfg.py").write_text(config.stdout)
-    trained = run([str(REPO / "train_mm.py"), "cfg.py", "--grad_accum_steps=1", "--out_dir=runs/cfg", *TINY_TRAIN],
-                  tmp_path)
+    trained = run(
+        [str(REPO / "train_mm.py"), "cfg.py", "--grad_accum_steps=1", "--out_dir=runs/cfg", *TINY_TRAIN], tmp_path
+    )
     assert trained.returncode == 0, trained.stderr
     assert json.loads((tmp_path / "runs" / "cfg" / "config.json").read_text())["seed"] == 11
 
@@ -172,7 +209,9 @@ def test_demo_generates_trains_and_prints_the_loss_against_the_optimum(tmp_path)
     record = json.loads((run_dir / "eval.json").read_text())
     assert f"| cross-entropy (nats/token) | {record['cross_entropy']['val_loss']:.6f} |" in result.stdout
     for plot in ("learning_curve.png", "transition_matrix.png", "per_state_kl.png"):
-        assert (run_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(Path("trainings") / "MM" / "MM-10" / "MM-10-42" / plot) in result.stdout
+        assert (run_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(
+            Path("trainings") / "MM" / "MM-10" / "MM-10-42" / plot
+        ) in result.stdout
 
 
 def test_wandb_without_wandb_installed_says_how_to_get_it(tmp_path, capsys, monkeypatch):

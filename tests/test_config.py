@@ -8,8 +8,18 @@ import pytest
 import torch
 
 from nanomarkov import NanoMarkovError
-from nanomarkov.config import (FIELDS, MODEL_FIELDS, PRESETS, TrainConfig, format_config_file,
-                               load_config_file, parse_mm_id, parse_overrides, preset, preset_file)
+from nanomarkov.config import (
+    FIELDS,
+    MODEL_FIELDS,
+    PRESETS,
+    TrainConfig,
+    format_config_file,
+    load_config_file,
+    parse_mm_id,
+    parse_overrides,
+    preset,
+    preset_file,
+)
 from nanomarkov.model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,6 +34,7 @@ def write(tmp_path, text, name="cfg.py"):
 
 # ---- config files -----------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["default", "seed", *EXTRAS])
 @pytest.mark.parametrize("n_states, sparsity", [(100, None), (100, 75), (10, None)])
 def test_every_preset_round_trips_through_a_config_file(tmp_path, name, n_states, sparsity):
@@ -34,8 +45,7 @@ def test_every_preset_round_trips_through_a_config_file(tmp_path, name, n_states
 
 
 def test_partial_dict_round_trips(tmp_path):
-    cfg = {"max_iters": 10, "learning_rate": 0.003, "wandb_run_name": "x'y\"z", "compile": "auto",
-           "use_ln": False}
+    cfg = {"max_iters": 10, "learning_rate": 0.003, "wandb_run_name": "x'y\"z", "compile": "auto", "use_ln": False}
     assert load_config_file(write(tmp_path, format_config_file(cfg))) == cfg
 
 
@@ -45,27 +55,36 @@ def test_format_rejects_unknown_keys():
 
 
 def test_seed_style_file_loads_with_legacy_keys(tmp_path):
-    text = "\n".join([
-        "import os",
-        "def helper(): return 3",
-        "_private = 5",
-        "out_dir = 'trainings/MM/MM-100/MM-100-1'",
-        "dataset = 'openwebtext'",
-        "eval_iters = 50",
-        "data_dir = f'data/mm{100}'",
-        "vocab_size = 101",
-        "block_size = 256",
-        "decay_lr = True",
-        "n_layer = helper() - 1",
-        "learning_rate = 5e-3",
-        "weight_decay = 1",
-        "gradient_accumulation_steps = 40",
-        "train_seed = 1",
-    ])
+    text = "\n".join(
+        [
+            "import os",
+            "def helper(): return 3",
+            "_private = 5",
+            "out_dir = 'trainings/MM/MM-100/MM-100-1'",
+            "dataset = 'openwebtext'",
+            "eval_iters = 50",
+            "data_dir = f'data/mm{100}'",
+            "vocab_size = 101",
+            "block_size = 256",
+            "decay_lr = True",
+            "n_layer = helper() - 1",
+            "learning_rate = 5e-3",
+            "weight_decay = 1",
+            "gradient_accumulation_steps = 40",
+            "train_seed = 1",
+        ]
+    )
     got = load_config_file(write(tmp_path, text))
-    assert got == {"out_dir": "trainings/MM/MM-100/MM-100-1", "data_dir": "data/mm100",
-                   "decay_lr": True, "n_layer": 2, "learning_rate": 0.005, "weight_decay": 1.0,
-                   "grad_accum_steps": 40, "seed": 1}
+    assert got == {
+        "out_dir": "trainings/MM/MM-100/MM-100-1",
+        "data_dir": "data/mm100",
+        "decay_lr": True,
+        "n_layer": 2,
+        "learning_rate": 0.005,
+        "weight_decay": 1.0,
+        "grad_accum_steps": 40,
+        "seed": 1,
+    }
     assert isinstance(got["weight_decay"], float)
     TrainConfig.from_dict(got)
 
@@ -85,12 +104,15 @@ def test_conflicting_seed_and_train_seed(tmp_path):
     assert load_config_file(write(tmp_path, "seed = 3\ntrain_seed = 3\n")) == {"seed": 3}
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("n_layer = (\n", "line 1"),
-    ("a = 1\nn_layer = undefined_name\n", "line 2"),
-    ("n_layer = 'two'\n", "n_layer must be an integer"),
-    ("use_ln = 1\n", "use_ln must be True or False"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("n_layer = (\n", "line 1"),
+        ("a = 1\nn_layer = undefined_name\n", "line 2"),
+        ("n_layer = 'two'\n", "n_layer must be an integer"),
+        ("use_ln = 1\n", "use_ln must be True or False"),
+    ],
+)
 def test_broken_files(tmp_path, text, needle):
     with pytest.raises(NanoMarkovError, match=needle):
         load_config_file(write(tmp_path, text))
@@ -103,33 +125,58 @@ def test_missing_file(tmp_path):
 
 # ---- overrides ---------------------------------------------------------------
 
+
 def test_overrides_parse_and_type_check():
-    got = parse_overrides(["--max_iters=100", "--learning_rate=1", "--min_lr=1e-5",
-                           "--wandb_log=True", "--out_dir=runs/a b", "--wandb_run_name=2024",
-                           "--mlp_filter='RELU2'", "--compile=auto", "--device=cuda:1",
-                           "--train_seed=9", "--data_dir=x=y"])
-    assert got == {"max_iters": 100, "learning_rate": 1.0, "min_lr": 1e-5, "wandb_log": True,
-                   "out_dir": "runs/a b", "wandb_run_name": "2024", "mlp_filter": "RELU2",
-                   "compile": "auto", "device": "cuda:1", "seed": 9, "data_dir": "x=y"}
+    got = parse_overrides(
+        [
+            "--max_iters=100",
+            "--learning_rate=1",
+            "--min_lr=1e-5",
+            "--wandb_log=True",
+            "--out_dir=runs/a b",
+            "--wandb_run_name=2024",
+            "--mlp_filter='RELU2'",
+            "--compile=auto",
+            "--device=cuda:1",
+            "--train_seed=9",
+            "--data_dir=x=y",
+        ]
+    )
+    assert got == {
+        "max_iters": 100,
+        "learning_rate": 1.0,
+        "min_lr": 1e-5,
+        "wandb_log": True,
+        "out_dir": "runs/a b",
+        "wandb_run_name": "2024",
+        "mlp_filter": "RELU2",
+        "compile": "auto",
+        "device": "cuda:1",
+        "seed": 9,
+        "data_dir": "x=y",
+    }
     assert type(got["learning_rate"]) is float
     assert parse_overrides(["--compile=False"]) == {"compile": False}
     assert parse_overrides([]) == {}
 
 
-@pytest.mark.parametrize("arg, needle", [
-    ("--wandb_log=true", "wandb_log must be True or False"),
-    ("--wandb_log=1", "wandb_log must be True or False"),
-    ("--max_iters=1.5", "max_iters must be an integer"),
-    ("--max_iters=True", "max_iters must be an integer"),
-    ("--learning_rate=fast", "learning_rate must be a finite number"),
-    ("--grad_clip=1e999", "grad_clip must be a finite number"),
-    ("--compile=yes", "compile must be"),
-    ("--compile=1", "compile must be"),
-    ("--max_iterz=5", "did you mean 'max_iters'"),
-    ("--vocab_size=50", "read from the dataset"),
-    ("max_iters=5", "--key=value"),
-    ("--max_iters", "--key=value"),
-])
+@pytest.mark.parametrize(
+    "arg, needle",
+    [
+        ("--wandb_log=true", "wandb_log must be True or False"),
+        ("--wandb_log=1", "wandb_log must be True or False"),
+        ("--max_iters=1.5", "max_iters must be an integer"),
+        ("--max_iters=True", "max_iters must be an integer"),
+        ("--learning_rate=fast", "learning_rate must be a finite number"),
+        ("--grad_clip=1e999", "grad_clip must be a finite number"),
+        ("--compile=yes", "compile must be"),
+        ("--compile=1", "compile must be"),
+        ("--max_iterz=5", "did you mean 'max_iters'"),
+        ("--vocab_size=50", "read from the dataset"),
+        ("max_iters=5", "--key=value"),
+        ("--max_iters", "--key=value"),
+    ],
+)
 def test_bad_overrides(arg, needle):
     with pytest.raises(NanoMarkovError, match=needle) as err:
         parse_overrides([arg])
@@ -143,6 +190,7 @@ def test_unknown_override_lists_valid_keys():
 
 
 # ---- TrainConfig ---------------------------------------------------------------
+
 
 def test_model_fields_are_gptconfig_fields_minus_dataset_ones():
     gpt_fields = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
@@ -164,28 +212,31 @@ def test_to_dict_from_dict_round_trip():
         TrainConfig.from_dict({"max_iters": 3, "eval_iters": 5})
 
 
-@pytest.mark.parametrize("bad, needle", [
-    (dict(min_lr=0.1, learning_rate=0.01), "min_lr"),
-    (dict(learning_rate=0.0), "learning_rate"),
-    (dict(beta1=1.0), "beta1"),
-    (dict(beta2=-0.1), "beta2"),
-    (dict(batch_size=0), "batch_size"),
-    (dict(grad_accum_steps=0), "grad_accum_steps"),
-    (dict(max_iters=-1), "max_iters"),
-    (dict(warmup_iters=100, lr_decay_iters=50), "lr_decay_iters"),
-    (dict(grad_clip=-1.0), "grad_clip"),
-    (dict(device="tpu"), "device"),
-    (dict(device="cuda:x"), "device"),
-    (dict(dtype="float64"), "dtype"),
-    (dict(compile="yes"), "compile"),
-    (dict(init_from="gpt2"), "init_from"),
-    (dict(n_embd=100, n_head=8), "divisible"),
-    (dict(mlp_first_matrix_identity=True), "mlp_ratio"),
-    (dict(mlp_filter="tanh"), "mlp_filter"),
-    (dict(out_dir=""), "out_dir"),
-    (dict(seed=-1), "seed"),
-    (dict(eval_interval=0), "eval_interval"),
-])
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        (dict(min_lr=0.1, learning_rate=0.01), "min_lr"),
+        (dict(learning_rate=0.0), "learning_rate"),
+        (dict(beta1=1.0), "beta1"),
+        (dict(beta2=-0.1), "beta2"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(grad_accum_steps=0), "grad_accum_steps"),
+        (dict(max_iters=-1), "max_iters"),
+        (dict(warmup_iters=100, lr_decay_iters=50), "lr_decay_iters"),
+        (dict(grad_clip=-1.0), "grad_clip"),
+        (dict(device="tpu"), "device"),
+        (dict(device="cuda:x"), "device"),
+        (dict(dtype="float64"), "dtype"),
+        (dict(compile="yes"), "compile"),
+        (dict(init_from="gpt2"), "init_from"),
+        (dict(n_embd=100, n_head=8), "divisible"),
+        (dict(mlp_first_matrix_identity=True), "mlp_ratio"),
+        (dict(mlp_filter="tanh"), "mlp_filter"),
+        (dict(out_dir=""), "out_dir"),
+        (dict(seed=-1), "seed"),
+        (dict(eval_interval=0), "eval_interval"),
+    ],
+)
 def test_invalid_train_configs(bad, needle):
     with pytest.raises(NanoMarkovError, match=needle):
         TrainConfig(**bad)
@@ -194,8 +245,14 @@ def test_invalid_train_configs(bad, needle):
 # ---- presets -------------------------------------------------------------------
 
 # The seed's configs/mm_config.py, written out by hand: K -> (n_layer, n_embd, batch, max_iters)
-SEED_TABLE = {2: (2, 128, 16, 1000), 10: (2, 128, 16, 1000), 11: (2, 256, 8, 5000),
-              100: (2, 256, 8, 5000), 1000: (4, 512, 8, 5000), 1001: (4, 768, 8, 5000)}
+SEED_TABLE = {
+    2: (2, 128, 16, 1000),
+    10: (2, 128, 16, 1000),
+    11: (2, 256, 8, 5000),
+    100: (2, 256, 8, 5000),
+    1000: (4, 512, 8, 5000),
+    1001: (4, 768, 8, 5000),
+}
 
 
 @pytest.mark.parametrize("k", list(SEED_TABLE))
@@ -204,13 +261,34 @@ def test_seed_preset_matches_the_seed(k):
     n_layer, n_embd, batch, iters = SEED_TABLE[k]
     assert (p["n_layer"], p["n_embd"], p["batch_size"], p["max_iters"]) == (n_layer, n_embd, batch, iters)
     assert p["lr_decay_iters"] == iters
-    expected = dict(n_head=8, learning_rate=5e-3, warmup_iters=200, min_lr=1e-4, weight_decay=0.1,
-                    dropout=0.0, bias=False, grad_accum_steps=40, decay_lr=True, eval_interval=500,
-                    log_interval=10, seed=3, lm_head_tied=True, use_ln=True, pos_ape=True,
-                    mlp_only=False, mlp_ratio=4, mlp_filter="GELU", one_hot_embed=False,
-                    beta1=0.9, beta2=0.95, grad_clip=1.0, compile=False,
-                    data_dir=f"data/mm{k}", out_dir=f"trainings/MM/MM-{k}/MM-{k}-3",
-                    wandb_run_name=f"MM-{k}-3")
+    expected = dict(
+        n_head=8,
+        learning_rate=5e-3,
+        warmup_iters=200,
+        min_lr=1e-4,
+        weight_decay=0.1,
+        dropout=0.0,
+        bias=False,
+        grad_accum_steps=40,
+        decay_lr=True,
+        eval_interval=500,
+        log_interval=10,
+        seed=3,
+        lm_head_tied=True,
+        use_ln=True,
+        pos_ape=True,
+        mlp_only=False,
+        mlp_ratio=4,
+        mlp_filter="GELU",
+        one_hot_embed=False,
+        beta1=0.9,
+        beta2=0.95,
+        grad_clip=1.0,
+        compile=False,
+        data_dir=f"data/mm{k}",
+        out_dir=f"trainings/MM/MM-{k}/MM-{k}-3",
+        wandb_run_name=f"MM-{k}-3",
+    )
     assert {key: p[key] for key in expected} == expected
 
 
@@ -221,12 +299,26 @@ def test_presets_are_complete_and_valid():
         assert TrainConfig(**p).to_dict() == p
 
 
-@pytest.mark.parametrize("k, expected", [
-    (10, dict(n_layer=1, n_embd=32, batch_size=64, learning_rate=3e-3, max_iters=600)),
-    (100, dict(n_layer=1, n_embd=128, batch_size=32, learning_rate=3e-3, max_iters=6000,
-               warmup_iters=50, min_lr=3e-5, lr_decay_iters=6000)),
-    (1000, dict(n_layer=1, n_embd=256, max_iters=1600)),
-])
+@pytest.mark.parametrize(
+    "k, expected",
+    [
+        (10, dict(n_layer=1, n_embd=32, batch_size=64, learning_rate=3e-3, max_iters=600)),
+        (
+            100,
+            dict(
+                n_layer=1,
+                n_embd=128,
+                batch_size=32,
+                learning_rate=3e-3,
+                max_iters=6000,
+                warmup_iters=50,
+                min_lr=3e-5,
+                lr_decay_iters=6000,
+            ),
+        ),
+        (1000, dict(n_layer=1, n_embd=256, max_iters=1600)),
+    ],
+)
 def test_default_preset(k, expected):
     p = preset("default", k)
     assert {key: p[key] for key in expected} == pytest.approx(expected)
@@ -249,15 +341,31 @@ EXTRA_TABLE = {
     "c7": (1, 1, 101, 5000, dict(ONE_HOT_RELU, mlp_ratio=1, pos_ape=False)),
     "c8": (1, 1, 101, 5000, dict(ONE_HOT_RELU, mlp_ratio=1, use_ln=False)),
     "c9": (1, 1, 101, 5000, dict(ONE_HOT_RELU, mlp_ratio=1, use_ln=False, pos_ape=False)),
-    "c10": (1, 1, 101, 5000, dict(ONE_HOT_RELU, mlp_ratio=1, use_ln=False, pos_ape=False,
-                                  mlp_first_matrix_identity=True)),
-    "c11": (1, 1, 101, 5000, dict(ONE_HOT_RELU, mlp_ratio=1, use_ln=False, pos_ape=False,
-                                  mlp_only=True)),
-    "c12": (1, 1, 101, 5000, dict(ONE_HOT_RELU, mlp_ratio=1, use_ln=False, pos_ape=False,
-                                  mlp_first_matrix_identity=True, mlp_only=True)),
+    "c10": (
+        1,
+        1,
+        101,
+        5000,
+        dict(ONE_HOT_RELU, mlp_ratio=1, use_ln=False, pos_ape=False, mlp_first_matrix_identity=True),
+    ),
+    "c11": (1, 1, 101, 5000, dict(ONE_HOT_RELU, mlp_ratio=1, use_ln=False, pos_ape=False, mlp_only=True)),
+    "c12": (
+        1,
+        1,
+        101,
+        5000,
+        dict(ONE_HOT_RELU, mlp_ratio=1, use_ln=False, pos_ape=False, mlp_first_matrix_identity=True, mlp_only=True),
+    ),
 }
-SWITCH_DEFAULTS = dict(one_hot_embed=False, mlp_filter="GELU", mlp_ratio=4, mlp_only=False,
-                       use_ln=True, pos_ape=True, mlp_first_matrix_identity=False)
+SWITCH_DEFAULTS = dict(
+    one_hot_embed=False,
+    mlp_filter="GELU",
+    mlp_ratio=4,
+    mlp_only=False,
+    use_ln=True,
+    pos_ape=True,
+    mlp_first_matrix_identity=False,
+)
 
 
 @pytest.mark.parametrize("name", EXTRAS)
@@ -266,11 +374,22 @@ def test_extra_presets_match_the_seed_and_build(name):
     n_layer, n_head, n_embd, iters, switches = EXTRA_TABLE[name]
     assert (p["n_layer"], p["n_head"], p["n_embd"], p["max_iters"]) == (n_layer, n_head, n_embd, iters)
     assert {k: p[k] for k in SWITCH_DEFAULTS} == {**SWITCH_DEFAULTS, **switches}
-    common = dict(batch_size=8, learning_rate=5e-3, warmup_iters=400, min_lr=1e-4, weight_decay=0.1,
-                  lr_decay_iters=iters, grad_accum_steps=40, dropout=0.0, bias=False,
-                  lm_head_tied=True, seed=5, data_dir="data/mm100",
-                  out_dir=f"trainings/MM/MM-100-extra/MM-100-extra-{name}-s5",
-                  wandb_run_name=f"MM-extra-{name}-s5")
+    common = dict(
+        batch_size=8,
+        learning_rate=5e-3,
+        warmup_iters=400,
+        min_lr=1e-4,
+        weight_decay=0.1,
+        lr_decay_iters=iters,
+        grad_accum_steps=40,
+        dropout=0.0,
+        bias=False,
+        lm_head_tied=True,
+        seed=5,
+        data_dir="data/mm100",
+        out_dir=f"trainings/MM/MM-100-extra/MM-100-extra-{name}-s5",
+        wandb_run_name=f"MM-extra-{name}-s5",
+    )
     assert {k: p[k] for k in common} == common
     model = GPT(TrainConfig(**p).gpt_config(vocab_size=101, block_size=255))
     assert model(torch.zeros(1, 255, dtype=torch.long))[0].shape == (1, 255, 101)
@@ -292,14 +411,17 @@ def test_one_hot_presets_follow_the_vocabulary():
     assert preset("c3", 20)["n_embd"] == 21 and preset("c1", 20)["n_embd"] == 256
 
 
-@pytest.mark.parametrize("args, needle", [
-    (("c13", 100), "unknown preset"),
-    (("default", 0), "n_states"),
-    (("default", True), "n_states"),
-    (("default", 100, 100), "sparsity"),
-    (("default", 100, 0), "sparsity"),
-    (("default", 100, None, -1), "seed"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (("c13", 100), "unknown preset"),
+        (("default", 0), "n_states"),
+        (("default", True), "n_states"),
+        (("default", 100, 100), "sparsity"),
+        (("default", 100, 0), "sparsity"),
+        (("default", 100, None, -1), "seed"),
+    ],
+)
 def test_bad_preset_arguments(args, needle):
     with pytest.raises(NanoMarkovError, match=needle):
         preset(*args)
@@ -314,6 +436,7 @@ def test_parse_mm_id():
 
 # ---- configs/ scripts --------------------------------------------------------
 
+
 def load_script(name):
     spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -321,13 +444,16 @@ def load_script(name):
     return module
 
 
-@pytest.mark.parametrize("script, argv, expected", [
-    ("mm_config", ["100", "42"], ("seed", 100, None, 42)),
-    ("mm_config", ["100-sparse-75", "7"], ("seed", 100, 75, 7)),
-    ("mm_config", ["10", "--preset", "default"], ("default", 10, None, 42)),
-    ("mm_config_extra", ["c4", "42"], ("c4", 100, None, 42)),
-    ("mm_config_extra", ["C12", "3", "-sparse-75"], ("c12", 100, 75, 3)),
-])
+@pytest.mark.parametrize(
+    "script, argv, expected",
+    [
+        ("mm_config", ["100", "42"], ("seed", 100, None, 42)),
+        ("mm_config", ["100-sparse-75", "7"], ("seed", 100, 75, 7)),
+        ("mm_config", ["10", "--preset", "default"], ("default", 10, None, 42)),
+        ("mm_config_extra", ["c4", "42"], ("c4", 100, None, 42)),
+        ("mm_config_extra", ["C12", "3", "-sparse-75"], ("c12", 100, 75, 3)),
+    ],
+)
 def test_config_scripts_print_the_preset(tmp_path, capsys, script, argv, expected):
     assert load_script(script).main(argv) == 0
     out = capsys.readouterr().out
@@ -335,11 +461,19 @@ def test_config_scripts_print_the_preset(tmp_path, capsys, script, argv, expecte
     assert load_config_file(write(tmp_path, out)) == preset(*expected)
 
 
-@pytest.mark.parametrize("script, argv", [
-    ("mm_config", []), ("mm_config", ["abc"]), ("mm_config", ["100", "x"]),
-    ("mm_config", ["100", "--preset", "nope"]), ("mm_config", ["100", "--preset"]),
-    ("mm_config_extra", []), ("mm_config_extra", ["c99"]), ("mm_config_extra", ["c1", "1", "-dense"]),
-])
+@pytest.mark.parametrize(
+    "script, argv",
+    [
+        ("mm_config", []),
+        ("mm_config", ["abc"]),
+        ("mm_config", ["100", "x"]),
+        ("mm_config", ["100", "--preset", "nope"]),
+        ("mm_config", ["100", "--preset"]),
+        ("mm_config_extra", []),
+        ("mm_config_extra", ["c99"]),
+        ("mm_config_extra", ["c1", "1", "-dense"]),
+    ],
+)
 def test_config_scripts_reject_bad_input(script, argv):
     with pytest.raises(NanoMarkovError):
         load_script(script).main(argv)
@@ -348,8 +482,12 @@ def test_config_scripts_reject_bad_input(script, argv):
 def test_config_script_runs_from_anywhere_and_exits_2_on_bad_input(tmp_path):
     # One process only (torch's import dominates): reaching the SEED check proves the
     # package was importable from a foreign working directory.
-    bad = subprocess.run([sys.executable, str(ROOT / "configs" / "mm_config.py"), "100", "oops"],
-                         cwd=tmp_path, capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "configs" / "mm_config.py"), "100", "oops"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and bad.stdout == ""
     assert len(bad.stderr.strip().splitlines()) == 1 and "SEED" in bad.stderr
 
@@ -362,8 +500,9 @@ def test_dataset_preset_takes_k_and_the_process_from_the_folder(tmp_path):
     generate_dataset(tmp_path / "k2", 4, 4, 2, seq_len=8, process="korder", order=2)
     first = dataset_preset("default", tmp_path / "chain", seed=3)
     expected = preset("default", 4, None, 3)
-    assert {k: v for k, v in first.items() if k not in ("data_dir", "out_dir", "wandb_run_name")} == \
-           {k: v for k, v in expected.items() if k not in ("data_dir", "out_dir", "wandb_run_name")}
+    assert {k: v for k, v in first.items() if k not in ("data_dir", "out_dir", "wandb_run_name")} == {
+        k: v for k, v in expected.items() if k not in ("data_dir", "out_dir", "wandb_run_name")
+    }
     assert first["data_dir"] == str(tmp_path / "chain") and first["out_dir"] == "trainings/chain/chain-3"
     korder = dataset_preset("default", tmp_path / "k2")
     assert korder["mlp_only"] is False and korder["n_head"] == PROCESS_DEFAULTS["korder"]["n_head"]
@@ -378,11 +517,30 @@ def test_train_accepts_a_dataset_folder(tmp_path):
     from nanomarkov.data import generate_dataset
 
     generate_dataset(tmp_path / "data" / "k2", 3, 8, 4, seq_len=8, process="korder", order=2)
-    done = subprocess.run([sys.executable, "-m", "nanomarkov", "train", "data/k2", "--max_iters=2", "--eval_interval=2",
-                           "--batch_size=4"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nanomarkov",
+            "train",
+            "data/k2",
+            "--max_iters=2",
+            "--eval_interval=2",
+            "--batch_size=4",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     config = (tmp_path / "trainings" / "k2" / "k2-42" / "config.json").read_text()
     assert '"mlp_only": false' in config and '"data_dir": "data/k2"' in config
-    bad = subprocess.run([sys.executable, "-m", "nanomarkov", "train", "data/k2", "--sparse", "75"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "nanomarkov", "train", "data/k2", "--sparse", "75"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "its sparsity is its own" in bad.stderr

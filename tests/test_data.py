@@ -1,4 +1,5 @@
 """Dataset folders: format, atomic writing, validation on load, batches."""
+
 import hashlib
 import json
 
@@ -6,12 +7,26 @@ import numpy as np
 import pytest
 
 from nanomarkov import NanoMarkovError
-from nanomarkov.chains import MarkovChain
-from nanomarkov.data import (SequenceOrder, generate_dataset, load_dataset, to_inputs_targets,
-                             whole_split_batches)
+from nanomarkov.data import SequenceOrder, generate_dataset, load_dataset, to_inputs_targets, whole_split_batches
+from nanomarkov.processes.markov import MarkovChain
 
-META_KEYS = {"format_version", "process", "n_states", "vocab_size", "bos_token", "seq_len", "dtype", "seed",
-             "sparsity", "train_sequences", "val_sequences", "train_tokens", "val_tokens", "sha256", "theory"}
+META_KEYS = {
+    "format_version",
+    "process",
+    "n_states",
+    "vocab_size",
+    "bos_token",
+    "seq_len",
+    "dtype",
+    "seed",
+    "sparsity",
+    "train_sequences",
+    "val_sequences",
+    "train_tokens",
+    "val_tokens",
+    "sha256",
+    "theory",
+}
 THEORY_KEYS = {"entropy_rate", "optimal_loss", "true_loss_val", "optimal_accuracy", "uniform_loss", "unigram_loss"}
 
 
@@ -116,14 +131,17 @@ def rewrite_token(path, index, value):
     data.tofile(path)
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda f: f.write_bytes(f.read_bytes()[:-2]), "bytes, expected"),
-    (lambda f: f.write_bytes(f.read_bytes()[:-24]), "bytes, expected"),
-    (lambda f: rewrite_token(f, 13, (np.fromfile(f, dtype="<u2")[13] + 1) % 5), "sha256"),
-    (lambda f: rewrite_token(f, 30, 9), "token 9 at sequence 2, position 6"),
-    (lambda f: rewrite_token(f, 24, 0), "sequence 2 does not start with BOS"),
-    (lambda f: f.unlink(), "missing"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda f: f.write_bytes(f.read_bytes()[:-2]), "bytes, expected"),
+        (lambda f: f.write_bytes(f.read_bytes()[:-24]), "bytes, expected"),
+        (lambda f: rewrite_token(f, 13, (np.fromfile(f, dtype="<u2")[13] + 1) % 5), "sha256"),
+        (lambda f: rewrite_token(f, 30, 9), "token 9 at sequence 2, position 6"),
+        (lambda f: rewrite_token(f, 24, 0), "sequence 2 does not start with BOS"),
+        (lambda f: f.unlink(), "missing"),
+    ],
+)
 def test_damaged_files_are_named_with_the_fix(tmp_path, damage, message):
     make(tmp_path / "d")
     damage(tmp_path / "d" / "train.bin")
@@ -144,15 +162,18 @@ def test_bad_meta_and_missing_folder(tmp_path):
         load_dataset(tmp_path / "d")
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(n_states=1), "K must be"),
-    (dict(train_sequences=0), "--train"),
-    (dict(val_sequences=-3), "--val"),
-    (dict(sparsity=100), "--sparsity"),
-    (dict(sparsity=-1), "--sparsity"),
-    (dict(seq_len=1), "--seq_len"),
-    (dict(alpha=0.0), "--alpha"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(n_states=1), "K must be"),
+        (dict(train_sequences=0), "--train"),
+        (dict(val_sequences=-3), "--val"),
+        (dict(sparsity=100), "--sparsity"),
+        (dict(sparsity=-1), "--sparsity"),
+        (dict(seq_len=1), "--seq_len"),
+        (dict(alpha=0.0), "--alpha"),
+    ],
+)
 def test_bad_generation_arguments(tmp_path, kwargs, message):
     with pytest.raises(NanoMarkovError, match=message):
         make(tmp_path / "d", **kwargs)
@@ -193,13 +214,16 @@ def test_batches_are_whole_sequences_shifted_by_one(tmp_path):
     np.testing.assert_array_equal(covered, dataset.val)
 
 
-@pytest.mark.parametrize("folder, command", [
-    ("data/mess3", "nanomarkov generate 3 --process hmm --preset mess3 --train 10000 --val 1000"),
-    ("data/hmm5-h4", "nanomarkov generate 5 --process hmm --hidden_states 4 --train 10000 --val 1000"),
-    ("data/icl3-sparse-50", "nanomarkov generate 3 --process icl --train 10000 --val 1000 --sparsity 50"),
-    ("data/mm5-order2", "nanomarkov generate 5 --process korder --order 2 --train 10000 --val 1000"),
-    ("elsewhere/mm100", "nanomarkov generate 100 --train 50000 --val 5000 --out elsewhere/mm100"),
-])
+@pytest.mark.parametrize(
+    "folder, command",
+    [
+        ("data/mess3", "nanomarkov generate 3 --process hmm --preset mess3 --train 10000 --val 1000"),
+        ("data/hmm5-h4", "nanomarkov generate 5 --process hmm --hidden_states 4 --train 10000 --val 1000"),
+        ("data/icl3-sparse-50", "nanomarkov generate 3 --process icl --train 10000 --val 1000 --sparsity 50"),
+        ("data/mm5-order2", "nanomarkov generate 5 --process korder --order 2 --train 10000 --val 1000"),
+        ("elsewhere/mm100", "nanomarkov generate 100 --train 50000 --val 5000 --out elsewhere/mm100"),
+    ],
+)
 def test_a_missing_dataset_names_the_command_that_makes_it(tmp_path, monkeypatch, folder, command):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(NanoMarkovError) as info:
@@ -208,8 +232,8 @@ def test_a_missing_dataset_names_the_command_that_makes_it(tmp_path, monkeypatch
 
 
 def test_processes_too_large_to_build_are_refused_before_any_allocation():
-    from nanomarkov.hmm import HiddenMarkovModel
-    from nanomarkov.incontext import MAX_RANDOM_STATES, InContextChain
+    from nanomarkov.processes.hmm import HiddenMarkovModel
+    from nanomarkov.processes.incontext import MAX_RANDOM_STATES, InContextChain
 
     with pytest.raises(NanoMarkovError, match="more than 16777216"):
         HiddenMarkovModel.random(3, hidden_states=100_000)

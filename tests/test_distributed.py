@@ -6,6 +6,7 @@ reading of those environments and of SLURM's host lists, where no process is sta
 Each multi-process run is the tiny run of test_train.py for 20 steps with batch 4 per process;
 the reference is one process with batch 8. Every launch is bounded: a hang fails within a minute.
 """
+
 import contextlib
 import json
 import os
@@ -19,13 +20,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import (
+    BATCH,
+    WORKER,
+    ckpt,
+    config,
+    data,  # noqa: F401  (the module's dataset, a fixture)
+    read_log,
+    run_in_one_thread,
+)
 
 from nanomarkov import NanoMarkovError
 from nanomarkov.config import TrainConfig
 from nanomarkov.distributed import SLURM_PORTS, Launch, expand_counts, expand_hostlist, launch_from_env, slurm_port
 from nanomarkov.train import resolve_device
-from test_train import BATCH, WORKER, ckpt, config, read_log, run_in_one_thread
-from test_train import data  # noqa: F401  (the module's dataset, a fixture)
 
 ITERS = 20
 LAUNCH_TIMEOUT_S = 60
@@ -73,8 +81,9 @@ def start_all(commands, envs, log_dir):
         logs.append(log_dir / f"launcher{i}.log")
         with open(logs[-1], "w") as log:
             # A session of its own, so that a hang is killed with every process the launcher started.
-            procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
+            procs.append(
+                subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            )
     return procs, logs
 
 
@@ -113,11 +122,17 @@ def assert_matches_single(single, ddp_dir, world_size=2):
     worst = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
     print(f"{ddp_dir.name}: max |weight difference| from one process {worst:.2e}")
     assert worst < TOLERANCE, f"max |weight difference| {worst}"
-    evals = lambda d: {r["iter"]: r["val_loss"] for r in read_log(d) if r["kind"] == "eval"}
+
+    def evals(d):
+        return {r["iter"]: r["val_loss"] for r in read_log(d) if r["kind"] == "eval"}
+
     scheduled = {i: loss for i, loss in evals(ddp_dir).items() if i % 10 == 0}  # not the eval of a stop
     assert list(evals(single)) == list(scheduled) == [0, 10, 20]
     assert list(evals(single).values()) == pytest.approx(list(scheduled.values()), abs=TOLERANCE)
-    trains = lambda d: [r["loss"] for r in read_log(d) if r["kind"] == "train"]
+
+    def trains(d):
+        return [r["loss"] for r in read_log(d) if r["kind"] == "train"]
+
     assert trains(single) == pytest.approx(trains(ddp_dir), abs=TOLERANCE)
 
 
@@ -127,10 +142,14 @@ def ddp_values(data, out, **overrides):
 
 # ------------------------------------------------------------------ launches
 
+
 def test_torchrun_on_one_node(data, single, tmp_path):
     out = tmp_path / "torchrun"
-    launch_all([[*torchrun(), "--standalone", "--nproc_per_node=2", str(WORKER), ddp_values(data, out)]],
-               [clean_env()], tmp_path / "logs")
+    launch_all(
+        [[*torchrun(), "--standalone", "--nproc_per_node=2", str(WORKER), ddp_values(data, out)]],
+        [clean_env()],
+        tmp_path / "logs",
+    )
     assert_matches_single(single, out)
 
 
@@ -140,11 +159,25 @@ def test_torchrun_on_two_nodes_through_a_c10d_rendezvous(data, single, tmp_path)
     port = free_port()
     cores = sorted(os.sched_getaffinity(0))
     # Each "node" gets a core of its own, as each machine has its own.
-    commands = [["taskset", "-c", str(cores[node % len(cores)]), *torchrun(), "--nnodes=2", "--nproc_per_node=1",
-                 "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=test-two-nodes",
-                 f"--rdzv_conf=is_host={int(node == 0)},join_timeout={LAUNCH_TIMEOUT_S // 2}",
-                 "--local_addr=127.0.0.1", "--max_restarts=0", str(WORKER), ddp_values(data, out)]
-                for node in range(2)]
+    commands = [
+        [
+            "taskset",
+            "-c",
+            str(cores[node % len(cores)]),
+            *torchrun(),
+            "--nnodes=2",
+            "--nproc_per_node=1",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint=127.0.0.1:{port}",
+            "--rdzv_id=test-two-nodes",
+            f"--rdzv_conf=is_host={int(node == 0)},join_timeout={LAUNCH_TIMEOUT_S // 2}",
+            "--local_addr=127.0.0.1",
+            "--max_restarts=0",
+            str(WORKER),
+            ddp_values(data, out),
+        ]
+        for node in range(2)
+    ]
     # gloo finds its peers through the host name; loopback stands for the network between nodes.
     launch_all(commands, [clean_env(GLOO_SOCKET_IFNAME="lo")] * 2, tmp_path / "logs")
     assert_matches_single(single, out)
@@ -157,9 +190,16 @@ def srun_task_envs(tasks=2):
     port = free_port(range(low + int(time.time() * 1000) % 10000, high))
     job_id = 7 * (high - low) + port - low
     assert slurm_port(job_id) == port
-    step = dict(SLURM_JOB_ID=str(job_id), SLURM_STEP_ID="0", SLURM_NTASKS=str(tasks),
-                SLURM_STEP_NUM_TASKS=str(tasks), SLURM_JOB_NODELIST="localhost", SLURM_STEP_NODELIST="localhost",
-                SLURM_NODEID="0", SLURM_STEP_TASKS_PER_NODE=str(tasks))
+    step = dict(
+        SLURM_JOB_ID=str(job_id),
+        SLURM_STEP_ID="0",
+        SLURM_NTASKS=str(tasks),
+        SLURM_STEP_NUM_TASKS=str(tasks),
+        SLURM_JOB_NODELIST="localhost",
+        SLURM_STEP_NODELIST="localhost",
+        SLURM_NODEID="0",
+        SLURM_STEP_TASKS_PER_NODE=str(tasks),
+    )
     return [clean_env(**step, SLURM_PROCID=str(task), SLURM_LOCALID=str(task)) for task in range(tasks)]
 
 
@@ -170,13 +210,17 @@ def test_srun_tasks_train_as_one_job_stop_together_and_resume(data, single, tmp_
     out = tmp_path / "stopped"
     started = time.monotonic()
     # 0.1 s before each step leaves 1.5 s between the log's iter 5 and the end.
-    procs, logs = start_all([[sys.executable, str(WORKER), ddp_values(data, out), "0.1"]] * 2, srun_task_envs(),
-                            tmp_path / "logs")
+    procs, logs = start_all(
+        [[sys.executable, str(WORKER), ddp_values(data, out), "0.1"]] * 2, srun_task_envs(), tmp_path / "logs"
+    )
     log = out / "log.jsonl"
-    while not log.exists() or max([json.loads(line)["iter"] for line in log.read_text().splitlines()
-                                    if line.endswith("}")], default=0) < 5:  # a line being written is not read
-        assert time.monotonic() < started + LAUNCH_TIMEOUT_S and all(p.poll() is None for p in procs), \
-            "\n".join(p.read_text()[-2000:] for p in logs)
+    while (
+        not log.exists()
+        or max([json.loads(line)["iter"] for line in log.read_text().splitlines() if line.endswith("}")], default=0) < 5
+    ):  # a line being written is not read
+        assert time.monotonic() < started + LAUNCH_TIMEOUT_S and all(p.poll() is None for p in procs), "\n".join(
+            p.read_text()[-2000:] for p in logs
+        )
         time.sleep(0.01)
     procs[1].send_signal(signal.SIGTERM)
     outputs = wait_all(procs, logs, started)
@@ -194,19 +238,29 @@ def test_srun_tasks_train_as_one_job_stop_together_and_resume(data, single, tmp_
 
 # ------------------------------------------------------------------ reading the launchers' variables
 
-SRUN_TASK = dict(SLURM_JOB_ID="4242", SLURM_STEP_ID="0", SLURM_NTASKS="8", SLURM_STEP_NUM_TASKS="8",
-                 SLURM_STEP_NODELIST="gpu[07-08]", SLURM_STEP_TASKS_PER_NODE="4(x2)", SLURM_NODEID="1",
-                 SLURM_PROCID="5", SLURM_LOCALID="1")
+SRUN_TASK = dict(
+    SLURM_JOB_ID="4242",
+    SLURM_STEP_ID="0",
+    SLURM_NTASKS="8",
+    SLURM_STEP_NUM_TASKS="8",
+    SLURM_STEP_NODELIST="gpu[07-08]",
+    SLURM_STEP_TASKS_PER_NODE="4(x2)",
+    SLURM_NODEID="1",
+    SLURM_PROCID="5",
+    SLURM_LOCALID="1",
+)
 
 
 def test_srun_task_joins_the_first_node_of_its_step():
     launch = launch_from_env(SRUN_TASK)
-    assert launch == Launch(rank=5, local_rank=1, world_size=8, local_world_size=4,
-                            init_method=f"tcp://gpu07:{slurm_port(4242)}")
+    assert launch == Launch(
+        rank=5, local_rank=1, world_size=8, local_world_size=4, init_method=f"tcp://gpu07:{slurm_port(4242)}"
+    )
     given = launch_from_env(dict(SRUN_TASK, MASTER_ADDR="10.0.0.1", MASTER_PORT="29500"))
     assert given.init_method == "tcp://10.0.0.1:29500"
-    uneven = launch_from_env(dict(SRUN_TASK, SLURM_STEP_NUM_TASKS="7", SLURM_STEP_TASKS_PER_NODE="4,3",
-                                  SLURM_PROCID="6", SLURM_LOCALID="2"))
+    uneven = launch_from_env(
+        dict(SRUN_TASK, SLURM_STEP_NUM_TASKS="7", SLURM_STEP_TASKS_PER_NODE="4,3", SLURM_PROCID="6", SLURM_LOCALID="2")
+    )
     assert (uneven.world_size, uneven.local_world_size) == (7, 3)
 
 
@@ -218,16 +272,33 @@ def test_slurm_port_is_shared_by_a_jobs_tasks_and_stays_in_its_range():
     assert slurm_port(123) != slurm_port(124)
 
 
-@pytest.mark.parametrize("env", [
-    {},
-    # A batch script: sbatch --ntasks=4 sets these, but only srun starts the other three tasks.
-    dict(SLURM_JOB_ID="1", SLURM_NTASKS="4", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0",
-         SLURM_JOB_NODELIST="n[1-2]", SLURM_TASKS_PER_NODE="2(x2)"),
-    # A step of one task, as submitit starts each job.
-    dict(SRUN_TASK, SLURM_STEP_NUM_TASKS="1", SLURM_STEP_TASKS_PER_NODE="1", SLURM_NODEID="0",
-         SLURM_PROCID="0", SLURM_LOCALID="0"),
-    dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"),
-], ids=["nothing", "sbatch-script", "one-task-step", "torchrun-one-process"])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        # A batch script: sbatch --ntasks=4 sets these, but only srun starts the other three tasks.
+        dict(
+            SLURM_JOB_ID="1",
+            SLURM_NTASKS="4",
+            SLURM_PROCID="0",
+            SLURM_LOCALID="0",
+            SLURM_NODEID="0",
+            SLURM_JOB_NODELIST="n[1-2]",
+            SLURM_TASKS_PER_NODE="2(x2)",
+        ),
+        # A step of one task, as submitit starts each job.
+        dict(
+            SRUN_TASK,
+            SLURM_STEP_NUM_TASKS="1",
+            SLURM_STEP_TASKS_PER_NODE="1",
+            SLURM_NODEID="0",
+            SLURM_PROCID="0",
+            SLURM_LOCALID="0",
+        ),
+        dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"),
+    ],
+    ids=["nothing", "sbatch-script", "one-task-step", "torchrun-one-process"],
+)
 def test_a_single_process_stays_single(env):
     assert launch_from_env(env) is None
 
@@ -238,31 +309,37 @@ def test_torchrun_variables_win_over_srun_ones():
     assert launch_from_env(env) == Launch(3, 1, 4, 2, "env://")
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(SLURM_PROCID="8"), "rank 8"),
-    (dict(SLURM_LOCALID="4"), "local rank 4"),
-    (dict(SLURM_STEP_NODELIST=""), "SLURM_STEP_NODELIST is not set"),
-    (dict(SLURM_NODEID="2"), "names only 2 nodes"),
-    (dict(SLURM_STEP_NUM_TASKS="eight"), "SLURM_STEP_NUM_TASKS='eight'"),
-    (dict(MASTER_PORT="port"), "MASTER_PORT='port'"),
-    (dict(SLURM_STEP_TASKS_PER_NODE="4(2)"), "task counts"),
-    (dict(SLURM_STEP_NODELIST="gpu[a-b]"), "range 'a-b'"),
-    (dict(RANK="0", LOCAL_RANK="0"), "WORLD_SIZE is not set"),
-    (dict(RANK="2", WORLD_SIZE="2", LOCAL_RANK="0"), "rank 2"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(SLURM_PROCID="8"), "rank 8"),
+        (dict(SLURM_LOCALID="4"), "local rank 4"),
+        (dict(SLURM_STEP_NODELIST=""), "SLURM_STEP_NODELIST is not set"),
+        (dict(SLURM_NODEID="2"), "names only 2 nodes"),
+        (dict(SLURM_STEP_NUM_TASKS="eight"), "SLURM_STEP_NUM_TASKS='eight'"),
+        (dict(MASTER_PORT="port"), "MASTER_PORT='port'"),
+        (dict(SLURM_STEP_TASKS_PER_NODE="4(2)"), "task counts"),
+        (dict(SLURM_STEP_NODELIST="gpu[a-b]"), "range 'a-b'"),
+        (dict(RANK="0", LOCAL_RANK="0"), "WORLD_SIZE is not set"),
+        (dict(RANK="2", WORLD_SIZE="2", LOCAL_RANK="0"), "rank 2"),
+    ],
+)
 def test_an_inconsistent_environment_is_one_clear_error(change, message):
     with pytest.raises(NanoMarkovError, match=message.replace("(", r"\(").replace("[", r"\[")):
         launch_from_env(dict(SRUN_TASK, **change))
 
 
-@pytest.mark.parametrize("hostlist, hosts", [
-    ("localhost", ["localhost"]),
-    ("node[01-03,07]", ["node01", "node02", "node03", "node07"]),
-    ("gpu[9-11]", ["gpu9", "gpu10", "gpu11"]),
-    ("n[098-101]", ["n098", "n099", "n100", "n101"]),
-    ("a1,b[2-3],c", ["a1", "b2", "b3", "c"]),
-    ("rack[1-2]-n[8,10].ib", ["rack1-n8.ib", "rack1-n10.ib", "rack2-n8.ib", "rack2-n10.ib"]),
-])
+@pytest.mark.parametrize(
+    "hostlist, hosts",
+    [
+        ("localhost", ["localhost"]),
+        ("node[01-03,07]", ["node01", "node02", "node03", "node07"]),
+        ("gpu[9-11]", ["gpu9", "gpu10", "gpu11"]),
+        ("n[098-101]", ["n098", "n099", "n100", "n101"]),
+        ("a1,b[2-3],c", ["a1", "b2", "b3", "c"]),
+        ("rack[1-2]-n[8,10].ib", ["rack1-n8.ib", "rack1-n10.ib", "rack2-n8.ib", "rack2-n10.ib"]),
+    ],
+)
 def test_hostlists_expand_as_slurm_writes_them(hostlist, hosts):
     assert expand_hostlist(hostlist) == hosts
 
@@ -270,8 +347,7 @@ def test_hostlists_expand_as_slurm_writes_them(hostlist, hosts):
 @pytest.mark.skipif(shutil.which("scontrol") is None, reason="no scontrol here to compare with")
 def test_hostlists_expand_as_scontrol_expands_them():
     for hostlist in ("node[01-03,07]", "gpu[9-11],n[098-101]", "rack[1-2]-n[8,10]"):
-        shown = subprocess.run(["scontrol", "show", "hostnames", hostlist], capture_output=True, text=True,
-                               timeout=30)
+        shown = subprocess.run(["scontrol", "show", "hostnames", hostlist], capture_output=True, text=True, timeout=30)
         if shown.returncode != 0:
             pytest.skip(f"scontrol cannot expand host lists here: {shown.stderr.strip()}")
         assert expand_hostlist(hostlist) == shown.stdout.split()
@@ -290,8 +366,7 @@ def test_the_multinode_template_is_valid_bash():
 
 
 @pytest.mark.parametrize("visible, local_rank, expected", [(4, 3, "cuda:3"), (1, 3, "cuda:0")])
-def test_each_process_takes_the_gpu_of_its_local_rank_among_those_it_sees(monkeypatch, visible, local_rank,
-                                                                          expected):
+def test_each_process_takes_the_gpu_of_its_local_rank_among_those_it_sees(monkeypatch, visible, local_rank, expected):
     """All the node's GPUs visible: the local rank's. One per task (srun --gpus-per-task=1): its own."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)

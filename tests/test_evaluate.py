@@ -1,4 +1,5 @@
 """The six metrics against models whose right answers are known, recomputed independently."""
+
 import numpy as np
 import pytest
 import torch
@@ -168,9 +169,22 @@ def trained(tmp_path_factory):
     generate_dataset(root / "d", 4, 200, 40, seq_len=12, seed=2)
     paths = []
     for seed in (1, 2):
-        cfg = TrainConfig.from_dict(dict(data_dir=str(root / "d"), out_dir=str(root / f"run{seed}"), n_layer=1,
-                                         n_head=1, n_embd=16, batch_size=8, max_iters=20, eval_interval=10,
-                                         warmup_iters=2, lr_decay_iters=20, seed=seed, device="cpu"))
+        cfg = TrainConfig.from_dict(
+            dict(
+                data_dir=str(root / "d"),
+                out_dir=str(root / f"run{seed}"),
+                n_layer=1,
+                n_head=1,
+                n_embd=16,
+                batch_size=8,
+                max_iters=20,
+                eval_interval=10,
+                warmup_iters=2,
+                lr_decay_iters=20,
+                seed=seed,
+                device="cpu",
+            )
+        )
         train(cfg, show_progress=False)
         paths.append(root / f"run{seed}" / "ckpt.pt")
     return root, paths
@@ -189,8 +203,9 @@ def test_eval_command_writes_files_that_match_an_independent_recomputation(train
     out = capsys.readouterr().out
     assert "| cross-entropy (nats/token) |" in out and "agreement across seeds" in out
     record = json.loads((first.parent / "eval.json").read_text())
-    assert {"cross_entropy", "perplexity", "accuracy", "agreement", "transition_fidelity",
-            "markov_property"} <= set(record)
+    assert {"cross_entropy", "perplexity", "accuracy", "agreement", "transition_fidelity", "markov_property"} <= set(
+        record
+    )
     ckpt = torch.load(first, weights_only=True)
     model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])

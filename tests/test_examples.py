@@ -1,4 +1,5 @@
 """The examples run end to end (shorter training) and print what the probes compute."""
+
 import importlib.util
 import re
 import subprocess
@@ -10,8 +11,8 @@ import pytest
 import torch
 
 import nanomarkov
-from nanomarkov import probes
 from nanomarkov.data import load_dataset
+from nanomarkov.interp import readouts as probes
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -24,11 +25,24 @@ def _printed(stdout, label):
 
 def test_mm10_interpretability_runs_and_prints_the_probes(tmp_path):
     out = tmp_path / "example"
-    result = subprocess.run([sys.executable, str(EXAMPLES / "mm10_interpretability.py"), str(out), "--max_iters", "40"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "mm10_interpretability.py"), str(out), "--max_iters", "40"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("transition_readout.png", "direct_path.png", "logit_lens.png", "attention_summary.png",
-                 "export/model.safetensors", "export/config.json", "run/ckpt.pt", "data/meta.json"):
+    for name in (
+        "transition_readout.png",
+        "direct_path.png",
+        "logit_lens.png",
+        "attention_summary.png",
+        "export/model.safetensors",
+        "export/config.json",
+        "run/ckpt.pt",
+        "data/meta.json",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert not (tmp_path / "examples_out").exists()  # everything went where it was told
 
@@ -57,12 +71,18 @@ def test_mm10_interpretability_runs_and_prints_the_probes(tmp_path):
     model.blocks[0].mlp.register_forward_hook(lambda module, args, out: written.update(mlp=out[:, 1]))
     with torch.no_grad():
         model(prompts)
-        pieces = {"embed": model.wte.weight[:k], "pos_embed": model.wpe.weight[1].expand(k, -1),
-                  "0_attn_out": torch.zeros(k, model.config.n_embd), "0_mlp_out": written["mlp"]}
+        pieces = {
+            "embed": model.wte.weight[:k],
+            "pos_embed": model.wpe.weight[1].expand(k, -1),
+            "0_attn_out": torch.zeros(k, model.config.n_embd),
+            "0_mlp_out": written["mlp"],
+        }
         stream = sum(pieces.values())
         scale = (stream.var(-1, unbiased=False, keepdim=True) + model.ln_f.eps).sqrt()
-        logit_parts = {name: ((x - x.mean(-1, keepdim=True)) / scale * model.ln_f.weight) @ model.lm_head.weight[:k].T
-                       for name, x in pieces.items()}
+        logit_parts = {
+            name: ((x - x.mean(-1, keepdim=True)) / scale * model.ln_f.weight) @ model.lm_head.weight[:k].T
+            for name, x in pieces.items()
+        }
         logit_parts = {name: x - x.mean(-1, keepdim=True) for name, x in logit_parts.items()}
         table = sum(logit_parts.values())
     for name, part in logit_parts.items():

@@ -1,4 +1,5 @@
 """safetensors export and nanomarkov.load: same logits, ties kept, no pickle ever run."""
+
 import dataclasses
 import json
 import pathlib
@@ -8,9 +9,9 @@ import torch
 
 import nanomarkov
 from nanomarkov import NanoMarkovError
+from nanomarkov.checkpoint import export_safetensors, load
 from nanomarkov.cli import main
 from nanomarkov.config import PRESETS, TrainConfig, preset
-from nanomarkov.export import export_safetensors, load
 from nanomarkov.model import GPT, GPTConfig
 
 V = 101  # MM-100: 100 states + BOS
@@ -39,8 +40,15 @@ def inputs(config, n=4, seed=1):
 
 
 def write_ckpt(model, path):
-    torch.save({"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
-                "iter": 7, "data_dir": "data/mm100"}, path)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "model_args": dataclasses.asdict(model.config),
+            "iter": 7,
+            "data_dir": "data/mm100",
+        },
+        path,
+    )
     return path
 
 
@@ -59,8 +67,7 @@ def test_round_trip_gives_identical_logits_for_every_preset(name, tmp_path):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_tied_head_is_saved_once_and_tied_again(tied, tmp_path):
-    model = trained_looking(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11,
-                                      lm_head_tied=tied))
+    model = trained_looking(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11, lm_head_tied=tied))
     export_safetensors(model, tmp_path)
     from safetensors.torch import load_file
 
@@ -107,8 +114,15 @@ def test_pickle_bearing_files_are_refused_and_never_run(tmp_path):
     marker = tmp_path / "pwned"
     model = trained_looking(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11))
     evil_ckpt = tmp_path / "ckpt.pt"
-    torch.save({"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
-                "data_dir": "d", "payload": Bomb(marker)}, evil_ckpt)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "model_args": dataclasses.asdict(model.config),
+            "data_dir": "d",
+            "payload": Bomb(marker),
+        },
+        evil_ckpt,
+    )
     with pytest.raises(NanoMarkovError, match="not a readable nanoMarkov checkpoint"):
         load(evil_ckpt)
     # The same pickle dressed as an export folder's weights.

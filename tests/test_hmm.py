@@ -1,14 +1,16 @@
 """HiddenMarkovModel against independent computations: hmmlearn, brute-force Bayes, Monte-Carlo."""
+
 import itertools
 
 import numpy as np
 import pytest
 from hmmlearn.hmm import CategoricalHMM
 from scipy import stats
-
-from nanomarkov import NanoMarkovError, hmm
-from nanomarkov.hmm import HiddenMarkovModel
 from test_chains import SIGNIFICANCE, g_test_pvalue
+
+from nanomarkov import NanoMarkovError
+from nanomarkov.processes import hmm
+from nanomarkov.processes.hmm import HiddenMarkovModel
 
 
 def hmmlearn_model(model):
@@ -22,8 +24,9 @@ def hmmlearn_model(model):
 def mealy_mess3(x, a):
     """The literature's token-labelled matrices T[k][i, j] = P(emit k, go to j | in i), written out."""
     b, y = (1 - a) / 2, 1 - 2 * x
-    return np.array([[[(a if j == k else b) * (y if i == j else x) for j in range(3)] for i in range(3)]
-                     for k in range(3)])
+    return np.array(
+        [[[(a if j == k else b) * (y if i == j else x) for j in range(3)] for i in range(3)] for k in range(3)]
+    )
 
 
 def path_probabilities(model, states):
@@ -57,9 +60,13 @@ def brute_force(model, seq_len):
     return losses, accuracies
 
 
-TINY = [HiddenMarkovModel.random(2, seed=3, hidden_states=3), HiddenMarkovModel.random(3, seed=4, hidden_states=2),
-        HiddenMarkovModel([[0.5, 0.5, 0.0], [0.0, 0.2, 0.8], [1.0, 0.0, 0.0]],
-                          [[1.0, 0.0], [0.3, 0.7], [0.0, 1.0]], [0.6, 0.4, 0.0])]
+TINY = [
+    HiddenMarkovModel.random(2, seed=3, hidden_states=3),
+    HiddenMarkovModel.random(3, seed=4, hidden_states=2),
+    HiddenMarkovModel(
+        [[0.5, 0.5, 0.0], [0.0, 0.2, 0.8], [1.0, 0.0, 0.0]], [[1.0, 0.0], [0.3, 0.7], [0.0, 1.0]], [0.6, 0.4, 0.0]
+    ),
+]
 
 
 @pytest.mark.parametrize("model", TINY + [HiddenMarkovModel.mess3(0.1, 0.6)])
@@ -87,7 +94,9 @@ def test_belief_states_are_bayes_over_hidden_paths(model):
             assert np.allclose(belief[t], posterior / posterior.sum(), atol=1e-12), (seq, t)
 
 
-@pytest.mark.parametrize("model", TINY + [HiddenMarkovModel.mess3(), HiddenMarkovModel.random(6, seed=9, hidden_states=5)])
+@pytest.mark.parametrize(
+    "model", TINY + [HiddenMarkovModel.mess3(), HiddenMarkovModel.random(6, seed=9, hidden_states=5)]
+)
 def test_true_loss_matches_hmmlearn_score(model):
     for n, seq_len in ((40, 30), (3, 3000)):  # the long ones would underflow without renormalising
         tokens = model.sample(n, seq_len, np.random.default_rng(seq_len))
@@ -156,8 +165,11 @@ def test_entropy_rate_lies_between_brute_force_bounds(model, monkeypatch):
     """H(x_t | x_<t, h_1) <= entropy rate <= H(x_t | x_<t) (Cover & Thomas 4.5.1), both by brute force at t = 4."""
     t = 4
     upper = position_loss(model, t)
-    lower = sum(model.startprob[s] * position_loss(
-        HiddenMarkovModel(model.transmat, model.emissions, np.eye(model.n_hidden)[s]), t) for s in range(model.n_hidden))
+    lower = sum(
+        model.startprob[s]
+        * position_loss(HiddenMarkovModel(model.transmat, model.emissions, np.eye(model.n_hidden)[s]), t)
+        for s in range(model.n_hidden)
+    )
     rate, error = model.entropy_rate_estimate()
     assert lower - error <= rate <= upper + error
     assert upper - lower > 10 * error  # t = 4 is a much looser bracket than the class's own
@@ -203,8 +215,11 @@ def test_bytes_do_not_depend_on_chunking_and_random_is_reproducible():
 
 
 def test_options_folder_names_and_rebuilding_from_the_arrays():
-    for model in (HiddenMarkovModel.random(3, preset="mess3"), HiddenMarkovModel.random(3, preset="mess3", x=0.1, a=0.6),
-                  HiddenMarkovModel.random(5, seed=2, hidden_states=4, sparsity=50)):
+    for model in (
+        HiddenMarkovModel.random(3, preset="mess3"),
+        HiddenMarkovModel.random(3, preset="mess3", x=0.1, a=0.6),
+        HiddenMarkovModel.random(5, seed=2, hidden_states=4, sparsity=50),
+    ):
         rebuilt = HiddenMarkovModel(**{name: getattr(model, name) for name in HiddenMarkovModel.ARRAYS})
         assert rebuilt.options() == model.options()
     assert HiddenMarkovModel.random(3, preset="mess3", x=0.1, a=0.6).options()["x"] == 0.1
@@ -219,31 +234,37 @@ def test_options_folder_names_and_rebuilding_from_the_arrays():
         sparse.transmat[0, 0] = 1.0
 
 
-@pytest.mark.parametrize("arrays, message", [
-    (([[1.0]], [[0.5, 0.5]], [1.0]), "H >= 2"),
-    (([[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0]], [0.5, 0.5]), "emissions must have shape"),
-    (([[1.0, 0.0], [0.0, 1.0]], [[1.0], [1.0]], [0.5, 0.5]), "K >= 2"),
-    (([[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]], [1.0]), "startprob must have shape"),
-    (([[0.9, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]], [0.5, 0.5]), "transmat rows does not sum to 1"),
-    (([[1.0, 0.0], [0.0, 1.0]], [[1.5, -0.5], [0.0, 1.0]], [0.5, 0.5]), "emissions rows has negative"),
-    (([[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]], [np.nan, 0.5]), "startprob has non-finite"),
-])
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        (([[1.0]], [[0.5, 0.5]], [1.0]), "H >= 2"),
+        (([[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0]], [0.5, 0.5]), "emissions must have shape"),
+        (([[1.0, 0.0], [0.0, 1.0]], [[1.0], [1.0]], [0.5, 0.5]), "K >= 2"),
+        (([[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]], [1.0]), "startprob must have shape"),
+        (([[0.9, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]], [0.5, 0.5]), "transmat rows does not sum to 1"),
+        (([[1.0, 0.0], [0.0, 1.0]], [[1.5, -0.5], [0.0, 1.0]], [0.5, 0.5]), "emissions rows has negative"),
+        (([[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]], [np.nan, 0.5]), "startprob has non-finite"),
+    ],
+)
 def test_invalid_arrays_are_rejected(arrays, message):
     with pytest.raises(NanoMarkovError, match=message):
         HiddenMarkovModel(*arrays)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(n_states=4, preset="mess3"), "3 tokens"),
-    (dict(n_states=3, preset="mess3", hidden_states=4), "3 hidden states"),
-    (dict(n_states=3, preset="mess3", x=0.5), "0 < x < 1/2"),
-    (dict(n_states=3, preset="mess3", a=1.0), "0 < a < 1"),
-    (dict(n_states=3, preset="mess3", sparsity=50), "mess3 is fixed"),
-    (dict(n_states=3, preset="mess4"), "unknown HMM preset"),
-    (dict(n_states=3, x=0.1), "need preset mess3"),
-    (dict(n_states=3, hidden_states=1), "hidden_states must be"),
-    (dict(n_states=1), "n_states must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(n_states=4, preset="mess3"), "3 tokens"),
+        (dict(n_states=3, preset="mess3", hidden_states=4), "3 hidden states"),
+        (dict(n_states=3, preset="mess3", x=0.5), "0 < x < 1/2"),
+        (dict(n_states=3, preset="mess3", a=1.0), "0 < a < 1"),
+        (dict(n_states=3, preset="mess3", sparsity=50), "mess3 is fixed"),
+        (dict(n_states=3, preset="mess4"), "unknown HMM preset"),
+        (dict(n_states=3, x=0.1), "need preset mess3"),
+        (dict(n_states=3, hidden_states=1), "hidden_states must be"),
+        (dict(n_states=1), "n_states must be"),
+    ],
+)
 def test_random_rejects_bad_parameters(kwargs, message):
     with pytest.raises(NanoMarkovError, match=message):
         HiddenMarkovModel.random(**kwargs)

@@ -1,18 +1,20 @@
 """Hidden Markov models through the pipeline (generate, load, beliefs, evaluate, train) and the linear probes."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
+from test_korder_pipeline import OptimalModel, train_small_attention_model
 
 from nanomarkov import NanoMarkovError
+from nanomarkov.checkpoint import load_model
 from nanomarkov.cli import main
 from nanomarkov.data import generate_dataset, load_dataset, load_val_beliefs
-from nanomarkov.evaluate import evaluate_models, load_model
-from nanomarkov.hmm import HiddenMarkovModel
-from nanomarkov.linear_probes import belief_state_probe, context_probe, linear_probe, plot_belief_state_probe
+from nanomarkov.evaluate import evaluate_models
+from nanomarkov.interp.linear_probes import belief_state_probe, context_probe, linear_probe, plot_belief_state_probe
 from nanomarkov.model import GPT, GPTConfig
-from test_korder_pipeline import OptimalModel, train_small_attention_model
+from nanomarkov.processes.hmm import HiddenMarkovModel
 
 
 def make(path, **kwargs):
@@ -36,7 +38,12 @@ def tiny_model(vocab_size, block_size=15, **kwargs):
 
 def test_mess3_round_trip_and_saved_beliefs(mess3_data):
     meta, chain = mess3_data.meta, mess3_data.chain
-    assert meta["process"] == "hmm" and (meta["preset"], meta["hidden_states"], meta["x"], meta["a"]) == ("mess3", 3, 0.05, 0.85)
+    assert meta["process"] == "hmm" and (meta["preset"], meta["hidden_states"], meta["x"], meta["a"]) == (
+        "mess3",
+        3,
+        0.05,
+        0.85,
+    )
     assert isinstance(chain, HiddenMarkovModel)
     for name, array in zip(HiddenMarkovModel.ARRAYS, HiddenMarkovModel.mess3()._arrays()):
         np.testing.assert_array_equal(getattr(chain, name), array)
@@ -76,12 +83,46 @@ def test_random_hmm_dataset_and_options(tmp_path):
 
 def test_cli_generate_mess3_and_a_random_hmm(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["generate", "3", "--process", "hmm", "--preset", "mess3", "--train", "40", "--val", "10",
-                 "--seq_len", "12"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "3",
+                "--process",
+                "hmm",
+                "--preset",
+                "mess3",
+                "--train",
+                "40",
+                "--val",
+                "10",
+                "--seq_len",
+                "12",
+            ]
+        )
+        == 0
+    )
     assert "preset mess3" in capsys.readouterr().out
     assert (tmp_path / "data" / "mess3" / "val_beliefs.npy").is_file()
-    assert main(["generate", "5", "--process", "hmm", "--hidden_states", "4", "--train", "40", "--val", "10",
-                 "--seq_len", "12"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "5",
+                "--process",
+                "hmm",
+                "--hidden_states",
+                "4",
+                "--train",
+                "40",
+                "--val",
+                "10",
+                "--seq_len",
+                "12",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "data" / "hmm5-h4" / "meta.json").read_text())["hidden_states"] == 4
     capsys.readouterr()
     assert main(["theory", "data/mess3", "--json"]) == 0
@@ -103,6 +144,7 @@ def test_evaluating_the_optimal_hmm_predictor(mess3_data):
 
 
 # ------------------------------------------------------------ linear probes
+
 
 def test_linear_probe_recovers_a_linear_target_and_finds_nothing_in_noise():
     rng = np.random.default_rng(0)
@@ -158,6 +200,7 @@ def test_context_probe_reads_the_current_token_from_the_embedding(tmp_path, mess
 
 
 # ------------------------------------------------------------ a short training
+
 
 def test_short_mess3_training_approaches_the_optimum_and_the_probe_finds_beliefs(tmp_path):
     make(tmp_path / "d", train_sequences=2000, val_sequences=200, seq_len=32, seed=0)

@@ -1,14 +1,15 @@
 """In-context chains through the pipeline: generate, load, theory, evaluation, a short training."""
+
 import json
 
 import numpy as np
 import pytest
+from test_korder_pipeline import OptimalModel
 
 from nanomarkov.cli import main
 from nanomarkov.data import generate_dataset, load_dataset
 from nanomarkov.evaluate import evaluate_models
-from nanomarkov.incontext import InContextChain
-from test_korder_pipeline import OptimalModel
+from nanomarkov.processes.incontext import InContextChain
 
 
 def make(path, **kwargs):
@@ -59,7 +60,9 @@ def test_evaluating_the_bayes_predictor(icl_data):
     assert "its own transition matrix" in result["skipped"]["transition_fidelity"]
     theory = icl_data.meta["theory"]
     assert result["cross_entropy"]["process_baselines"] == {
-        "oracle_loss": theory["oracle_loss"], "unigram_in_context_loss": theory["unigram_in_context_loss"]}
+        "oracle_loss": theory["oracle_loss"],
+        "unigram_in_context_loss": theory["unigram_in_context_loss"],
+    }
     from nanomarkov.evaluate import format_eval
 
     assert f"oracle {theory['oracle_loss']:.4f}" in format_eval(result)
@@ -74,10 +77,30 @@ def test_short_icl_training_learns_in_context(tmp_path, capsys):
     """
     meta = make(tmp_path / "d", train_sequences=2000, val_sequences=200, seq_len=24, seed=0, alpha=0.1)
     run = tmp_path / "run"
-    assert main(["train", "3", f"--data_dir={tmp_path / 'd'}", f"--out_dir={run}", "--device=cpu",
-                 "--mlp_only=False", "--n_layer=2", "--n_head=1", "--n_embd=32", "--batch_size=32",
-                 "--max_iters=90", "--eval_interval=30", "--log_interval=30", "--warmup_iters=10",
-                 "--lr_decay_iters=90", "--learning_rate=1e-2", "--min_lr=1e-3"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "3",
+                f"--data_dir={tmp_path / 'd'}",
+                f"--out_dir={run}",
+                "--device=cpu",
+                "--mlp_only=False",
+                "--n_layer=2",
+                "--n_head=1",
+                "--n_embd=32",
+                "--batch_size=32",
+                "--max_iters=90",
+                "--eval_interval=30",
+                "--log_interval=30",
+                "--warmup_iters=10",
+                "--lr_decay_iters=90",
+                "--learning_rate=1e-2",
+                "--min_lr=1e-3",
+            ]
+        )
+        == 0
+    )
     theory = meta["theory"]
     evals = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     evals = [e for e in evals if "val_loss" in e]

@@ -1,4 +1,5 @@
 """InContextChain: the Bayes predictor, the samplers and the Monte-Carlo theory against independent computations."""
+
 import functools
 import itertools
 import warnings
@@ -6,11 +7,12 @@ import warnings
 import numpy as np
 import pytest
 from scipy import integrate, stats
-
-from nanomarkov import NanoMarkovError, incontext
-from nanomarkov.chains import MarkovChain
-from nanomarkov.incontext import InContextChain
 from test_chains import SIGNIFICANCE, g_test_pvalue
+
+from nanomarkov import NanoMarkovError
+from nanomarkov.processes import incontext
+from nanomarkov.processes.incontext import InContextChain
+from nanomarkov.processes.markov import MarkovChain
 
 # The tiny processes the enumeration tests integrate numerically: (concentration, startprob, support_size).
 TINY = {
@@ -32,8 +34,14 @@ def dirichlet_moment(alpha, n):
     for j in range(len(alpha) - 1):
         a, b, rest = alpha[j], alpha[j + 1 :].sum(), n[j + 1 :].sum()
         density = stats.beta(a, b).pdf
-        moment *= integrate.quad(lambda x: x ** n[j] * (1 - x) ** rest * density(x), 0, 1,
-                                 epsabs=1e-13, epsrel=1e-11, limit=200)[0]
+        moment *= integrate.quad(
+            lambda x, nj=n[j], rest=rest, density=density: x**nj * (1 - x) ** rest * density(x),
+            0,
+            1,
+            epsabs=1e-13,
+            epsrel=1e-11,
+            limit=200,
+        )[0]
     return moment
 
 
@@ -46,8 +54,11 @@ def row_probability(concentration, support_size, counts):
     """
     alpha, k = np.array(concentration), len(concentration)
     supports = list(itertools.combinations(range(k), support_size))
-    total = sum(dirichlet_moment(alpha[list(support)], np.array([counts[j] for j in support]))
-                for support in supports if not any(counts[j] and j not in support for j in range(k)))
+    total = sum(
+        dirichlet_moment(alpha[list(support)], np.array([counts[j] for j in support]))
+        for support in supports
+        if not any(counts[j] and j not in support for j in range(k))
+    )
     return total / len(supports)
 
 
@@ -56,7 +67,7 @@ def probability_function(concentration, startprob, support_size):
     k = len(concentration)
     row = functools.lru_cache(maxsize=None)(lambda counts: row_probability(concentration, support_size, counts))
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def probability(states):
         if not states:
             return 1.0
@@ -84,8 +95,9 @@ def test_bayes_predictor_matches_numerical_integration(name):
     for seq, predicted in zip(tokens[:, 1:], log_probs):
         for t in range(length):
             prefix = tuple(seq[:t])
-            expected = [probability(prefix + (x,)) / probability(prefix) if probability(prefix) else np.nan
-                        for x in range(k)]
+            expected = [
+                probability(prefix + (x,)) / probability(prefix) if probability(prefix) else np.nan for x in range(k)
+            ]
             if probability(prefix):
                 np.testing.assert_allclose(np.exp(predicted[t]), expected, atol=1e-8)
     # true_loss is -log P(sequence) per predicted token, on the possible sequences.
@@ -155,7 +167,7 @@ def test_predictor_is_calibrated_on_sequences_from_random_matrices(concentration
     z_squared = []
     for b in range(10):
         for state in range(k):
-            where = (bins[..., state] == b)
+            where = bins[..., state] == b
             p = probs[..., state][where]
             if p.size and (p * (1 - p)).sum() > 5:
                 z_squared.append((hits[..., state][where].sum() - p.sum()) ** 2 / (p * (1 - p)).sum())
@@ -204,19 +216,28 @@ def test_theory_matches_independent_estimates(n_states, alpha, sparsity):
     # The unigram-in-context predictor, from cumulative one-hot counts of the states before each position.
     seen = np.cumsum(states[:, :-1, None] == np.arange(n_states), axis=1)
     unigram = (seen + alpha) / (np.arange(1, seq_len - 1)[:, None] + n_states * alpha)
-    unigram_nll = np.concatenate([
-        -np.log(chain.startprob[states[:, :1]]),
-        -np.log(np.take_along_axis(unigram, states[:, 1:, None], axis=2)[..., 0]),
-    ], axis=1)
-    assert within(theory["unigram_in_context_loss"], theory["unigram_in_context_loss_se"],
-                  *mean_and_se(unigram_nll.mean(axis=1)))
+    unigram_nll = np.concatenate(
+        [
+            -np.log(chain.startprob[states[:, :1]]),
+            -np.log(np.take_along_axis(unigram, states[:, 1:, None], axis=2)[..., 0]),
+        ],
+        axis=1,
+    )
+    assert within(
+        theory["unigram_in_context_loss"], theory["unigram_in_context_loss_se"], *mean_and_se(unigram_nll.mean(axis=1))
+    )
     # The oracle's realised loss on walks of reference matrices.
     rng = np.random.default_rng(12)
     matrices = reference_matrices(chain, n, rng)
     walked = chain.walk(matrices, rng.random((n, seq_len - 1)))
     with np.errstate(divide="ignore"):
-        oracle_nll = np.concatenate([-np.log(chain.startprob[walked[:, :1]]),
-                                     -np.log(matrices[np.arange(n)[:, None], walked[:, :-1], walked[:, 1:]])], axis=1)
+        oracle_nll = np.concatenate(
+            [
+                -np.log(chain.startprob[walked[:, :1]]),
+                -np.log(matrices[np.arange(n)[:, None], walked[:, :-1], walked[:, 1:]]),
+            ],
+            axis=1,
+        )
     assert within(theory["oracle_loss"], theory["oracle_loss_se"], *mean_and_se(oracle_nll.mean(axis=1)))
     # Symmetric prior, uniform start: every state is equally likely everywhere.
     assert theory["unigram_loss"] == pytest.approx(np.log(n_states), abs=5e-4)
@@ -255,8 +276,9 @@ def test_entropy_rates_are_markov_chain_entropy_rates(sparsity):
 def test_entropy_rate_is_the_oracle_loss_far_from_the_start():
     chain = InContextChain.random(3, alpha=2.0)
     long_run = chain.theory(800, n_sequences=1000)
-    assert within(long_run["oracle_loss"], long_run["oracle_loss_se"], long_run["entropy_rate"],
-                  long_run["entropy_rate_se"])
+    assert within(
+        long_run["oracle_loss"], long_run["oracle_loss_se"], long_run["entropy_rate"], long_run["entropy_rate_se"]
+    )
     # And the Bayes predictor closes most of its gap to the oracle by then.
     short = chain.theory(20, n_sequences=1000)
     assert long_run["optimal_loss"] - long_run["oracle_loss"] < 0.25 * (short["optimal_loss"] - short["oracle_loss"])
@@ -311,18 +333,21 @@ def test_random_and_the_arrays_rebuild_the_process(tmp_path):
         rebuilt.concentration[0] = 2.0
 
 
-@pytest.mark.parametrize("arrays, message", [
-    (([1.0], [1.0], 1), "K >= 2"),
-    (([[1.0, 1.0]], [0.5, 0.5], 2), "vector"),
-    (([1.0, 0.0], [0.5, 0.5], 2), "> 0"),
-    (([1.0, np.inf], [0.5, 0.5], 2), "finite"),
-    (([1.0, 1.0], [0.5, 0.5, 0.0], 2), "startprob must have shape"),
-    (([1.0, 1.0], [0.6, 0.6], 2), "does not sum to 1"),
-    (([1.0, 1.0, 1.0], [0.5, 0.5, 0.0], 1.5), "single integer"),
-    (([1.0, 1.0, 1.0], [0.5, 0.5, 0.0], 4), "single integer"),
-    (([1.0, 1.0, 1.0], [0.5, 0.5, 0.0], [2]), "single integer"),
-    (([1.0, 2.0, 1.0], [0.5, 0.5, 0.0], 2), "same concentration"),
-])
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        (([1.0], [1.0], 1), "K >= 2"),
+        (([[1.0, 1.0]], [0.5, 0.5], 2), "vector"),
+        (([1.0, 0.0], [0.5, 0.5], 2), "> 0"),
+        (([1.0, np.inf], [0.5, 0.5], 2), "finite"),
+        (([1.0, 1.0], [0.5, 0.5, 0.0], 2), "startprob must have shape"),
+        (([1.0, 1.0], [0.6, 0.6], 2), "does not sum to 1"),
+        (([1.0, 1.0, 1.0], [0.5, 0.5, 0.0], 1.5), "single integer"),
+        (([1.0, 1.0, 1.0], [0.5, 0.5, 0.0], 4), "single integer"),
+        (([1.0, 1.0, 1.0], [0.5, 0.5, 0.0], [2]), "single integer"),
+        (([1.0, 2.0, 1.0], [0.5, 0.5, 0.0], 2), "same concentration"),
+    ],
+)
 def test_bad_arrays_are_refused(arrays, message):
     with pytest.raises(NanoMarkovError, match=message):
         InContextChain(*arrays)

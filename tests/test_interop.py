@@ -1,4 +1,5 @@
 """import-hmmlearn: a chain pickled by the seed's generator becomes a dataset folder with our theory."""
+
 import json
 import pickle
 
@@ -6,10 +7,9 @@ import numpy as np
 import pytest
 
 from nanomarkov import NanoMarkovError
-from nanomarkov.chains import MarkovChain
 from nanomarkov.cli import main
-from nanomarkov.data import load_dataset
-from nanomarkov.interop import import_hmmlearn
+from nanomarkov.data import import_hmmlearn, load_dataset
+from nanomarkov.processes.markov import MarkovChain
 
 pytest.importorskip("hmmlearn")
 
@@ -34,8 +34,26 @@ def test_round_trip_keeps_the_matrices_exactly_and_the_theory(tmp_path, capsys):
     chain = MarkovChain.random(6, seed=3, sparsity=50)
     pkl = _pickle(tmp_path, chain.to_hmmlearn())
     out = tmp_path / "imported"
-    assert main(["import-hmmlearn", str(pkl), "--trust-pickle", "--out", str(out),
-                 "--train", "40", "--val", "8", "--seq_len", "12", "--seed", "5"]) == 0
+    assert (
+        main(
+            [
+                "import-hmmlearn",
+                str(pkl),
+                "--trust-pickle",
+                "--out",
+                str(out),
+                "--train",
+                "40",
+                "--val",
+                "8",
+                "--seq_len",
+                "12",
+                "--seed",
+                "5",
+            ]
+        )
+        == 0
+    )
     assert str(out) in capsys.readouterr().out
     with np.load(out / "chain.npz", allow_pickle=False) as npz:
         np.testing.assert_array_equal(npz["transmat"], chain.transmat)
@@ -50,8 +68,7 @@ def test_round_trip_keeps_the_matrices_exactly_and_the_theory(tmp_path, capsys):
         assert meta["theory"][key] == value, key
     assert meta["theory"]["true_loss_val"] == pytest.approx(chain.true_loss(dataset.val), rel=1e-12)
     # Same call again: nothing rewritten; another pickle into the same folder: refused without --force.
-    assert import_hmmlearn(pkl, out, trust_pickle=True, train_sequences=40, val_sequences=8, seq_len=12,
-                           seed=5) == meta
+    assert import_hmmlearn(pkl, out, trust_pickle=True, train_sequences=40, val_sequences=8, seq_len=12, seed=5) == meta
     other = _pickle(tmp_path, MarkovChain.random(6, seed=4).to_hmmlearn(), "other.pkl")
     with pytest.raises(NanoMarkovError, match="different dataset.*source"):
         import_hmmlearn(other, out, trust_pickle=True, train_sequences=40, val_sequences=8, seq_len=12, seed=5)
@@ -73,11 +90,14 @@ def test_refuses_without_trust_and_never_unpickles(tmp_path, capsys):
     assert marker.exists()
 
 
-@pytest.mark.parametrize("obj, message", [
-    ({"transmat_": [[1.0]]}, "not an hmmlearn CategoricalHMM"),
-    (np.eye(3), "not an hmmlearn CategoricalHMM"),
-    ("hmm", "not an hmmlearn CategoricalHMM"),
-])
+@pytest.mark.parametrize(
+    "obj, message",
+    [
+        ({"transmat_": [[1.0]]}, "not an hmmlearn CategoricalHMM"),
+        (np.eye(3), "not an hmmlearn CategoricalHMM"),
+        ("hmm", "not an hmmlearn CategoricalHMM"),
+    ],
+)
 def test_bad_objects_are_one_line_exit_2(tmp_path, capsys, obj, message):
     pkl = _pickle(tmp_path, obj)
     assert main(["import-hmmlearn", str(pkl), "--trust-pickle", "--out", str(tmp_path / "out")]) == 2

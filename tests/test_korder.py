@@ -1,14 +1,16 @@
 """KOrderChain theory and sampling against independent computations."""
+
 import itertools
 import warnings
 
 import numpy as np
 import pytest
-
-from nanomarkov import NanoMarkovError, korder
-from nanomarkov.chains import MarkovChain
-from nanomarkov.korder import KOrderChain
 from test_chains import SIGNIFICANCE, g_test_pvalue
+
+from nanomarkov import NanoMarkovError
+from nanomarkov.processes import korder
+from nanomarkov.processes.korder import KOrderChain
+from nanomarkov.processes.markov import MarkovChain
 
 
 def sequence_probability(chain, states):
@@ -44,13 +46,16 @@ def brute_force(chain, seq_len):
     return loss / n, correct / n
 
 
-@pytest.mark.parametrize("n_states, order, seq_len, sparsity", [
-    (2, 2, 7, None),
-    (3, 2, 6, None),
-    (3, 2, 6, 50),
-    (2, 3, 7, None),
-    (3, 3, 3, None),  # shorter than the order: only the start's conditionals
-])
+@pytest.mark.parametrize(
+    "n_states, order, seq_len, sparsity",
+    [
+        (2, 2, 7, None),
+        (3, 2, 6, None),
+        (3, 2, 6, 50),
+        (2, 3, 7, None),
+        (3, 3, 3, None),  # shorter than the order: only the start's conditionals
+    ],
+)
 def test_optimal_loss_and_accuracy_match_brute_force_enumeration(n_states, order, seq_len, sparsity):
     chain = KOrderChain.random(n_states, order, seed=7, sparsity=sparsity)
     loss, accuracy = brute_force(chain, seq_len)
@@ -219,24 +224,32 @@ def test_properties_and_conversions():
     assert isinstance(markov, MarkovChain)
 
 
-@pytest.mark.parametrize("transitions, start, message", [
-    (np.full(2, 0.5), [1.0], "order >= 1"),
-    (np.full((2, 3), 1 / 3), [0.5, 0.5], "shape"),
-    (np.ones((1, 1)), [1.0], "at least 2"),
-    (np.full((2, 2, 2), 0.5), [0.5, 0.5], "joint distribution of the first 2"),
-    (np.full((2, 2, 2), 0.4), np.full((2, 2), 0.25), "sum to 1"),
-    (np.full((2, 2), 0.5), [1.5, -0.5], "negative"),
-    (np.full((2, 2), np.nan), [0.5, 0.5], "non-finite"),
-    (np.full((2, 2, 2), 0.5), np.full((2, 2), 0.3), "sum to 1"),
-])
+@pytest.mark.parametrize(
+    "transitions, start, message",
+    [
+        (np.full(2, 0.5), [1.0], "order >= 1"),
+        (np.full((2, 3), 1 / 3), [0.5, 0.5], "shape"),
+        (np.ones((1, 1)), [1.0], "at least 2"),
+        (np.full((2, 2, 2), 0.5), [0.5, 0.5], "joint distribution of the first 2"),
+        (np.full((2, 2, 2), 0.4), np.full((2, 2), 0.25), "sum to 1"),
+        (np.full((2, 2), 0.5), [1.5, -0.5], "negative"),
+        (np.full((2, 2), np.nan), [0.5, 0.5], "non-finite"),
+        (np.full((2, 2, 2), 0.5), np.full((2, 2), 0.3), "sum to 1"),
+    ],
+)
 def test_invalid_chains_are_rejected(transitions, start, message):
     with pytest.raises(NanoMarkovError, match=message):
         KOrderChain(transitions, start)
 
 
 def test_random_rejects_bad_parameters_and_huge_chains():
-    for kwargs in [dict(n_states=1, order=2), dict(n_states=5, order=0), dict(n_states=5, order=1.5),
-                   dict(n_states=5, order=2, alpha=0.0), dict(n_states=5, order=2, sparsity=100)]:
+    for kwargs in [
+        dict(n_states=1, order=2),
+        dict(n_states=5, order=0),
+        dict(n_states=5, order=1.5),
+        dict(n_states=5, order=2, alpha=0.0),
+        dict(n_states=5, order=2, sparsity=100),
+    ]:
         with pytest.raises(NanoMarkovError):
             KOrderChain.random(**kwargs)
     with pytest.raises(NanoMarkovError, match="2\\^26"):

@@ -1,4 +1,5 @@
 """k-th order chains through the pipeline: generate, load, theory, the optimal predictor, evaluation, training."""
+
 import json
 from pathlib import Path
 
@@ -7,11 +8,11 @@ import pytest
 import torch
 
 from nanomarkov import NanoMarkovError
-from nanomarkov.chains import MarkovChain
 from nanomarkov.cli import main
 from nanomarkov.data import generate_dataset, load_dataset
 from nanomarkov.evaluate import evaluate_checkpoints, evaluate_models, write_eval
-from nanomarkov.korder import KOrderChain
+from nanomarkov.processes.korder import KOrderChain
+from nanomarkov.processes.markov import MarkovChain
 
 ORDER = 2
 
@@ -81,8 +82,27 @@ def test_load_errors_name_the_process(tmp_path):
 
 def test_cli_generate_korder_default_folder_and_theory(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["generate", "3", "--process", "korder", "--order", "2", "--train", "50", "--val", "10",
-                 "--seq_len", "10", "--sparsity", "30"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "3",
+                "--process",
+                "korder",
+                "--order",
+                "2",
+                "--train",
+                "50",
+                "--val",
+                "10",
+                "--seq_len",
+                "10",
+                "--sparsity",
+                "30",
+            ]
+        )
+        == 0
+    )
     folder = tmp_path / "data" / "mm3-order2-sparse-30"
     assert json.loads((folder / "meta.json").read_text())["order"] == 2
     capsys.readouterr()
@@ -92,8 +112,29 @@ def test_cli_generate_korder_default_folder_and_theory(tmp_path, monkeypatch, ca
     assert row["optimal_loss"] == pytest.approx(load_dataset(folder).chain.optimal_loss(10), rel=1e-12)
     assert main(["theory", str(folder)]) == 0
     assert "korder order=2" in capsys.readouterr().out.splitlines()[1]
-    assert main(["generate", "3", "--process", "korder", "--order", "3", "--train", "50", "--val", "10",
-                 "--seq_len", "10", "--sparsity", "30", "--out", str(folder)]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "3",
+                "--process",
+                "korder",
+                "--order",
+                "3",
+                "--train",
+                "50",
+                "--val",
+                "10",
+                "--seq_len",
+                "10",
+                "--sparsity",
+                "30",
+                "--out",
+                str(folder),
+            ]
+        )
+        == 2
+    )
     assert "order 2 -> 3" in capsys.readouterr().err
 
 
@@ -150,8 +191,16 @@ def test_evaluating_the_optimal_korder_predictor(korder_data, tmp_path):
     assert kf["order"] == ORDER and kf["positions"] == 60 * (13 - ORDER)
     assert kf["mean_kl"] < 1e-6 and kf["first_order_kl"] > 0.01
     assert result["optimal_fidelity"] == {"positions": 60 * 13, "mean_kl": pytest.approx(0, abs=1e-6)}
-    result["run"] = {"checkpoint": "x", "dataset": "d", "iter": 0, "n_states": 3, "process": "korder",
-                     "order": ORDER, "seq_len": 14, "val_sequences": 60}
+    result["run"] = {
+        "checkpoint": "x",
+        "dataset": "d",
+        "iter": 0,
+        "n_states": 3,
+        "process": "korder",
+        "order": ORDER,
+        "seq_len": 14,
+        "val_sequences": 60,
+    }
     write_eval(result, tmp_path / "out")
     record = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert record["transition_fidelity"] is None and "first-order" in record["skipped"]["transition_fidelity"]
@@ -198,11 +247,25 @@ def train_small_attention_model(data_dir, out_dir, max_iters, eval_interval):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        cfg = TrainConfig.from_dict(dict(
-            data_dir=str(data_dir), out_dir=str(out_dir), n_layer=1, n_head=1, n_embd=32,
-            mlp_only=False, batch_size=32, max_iters=max_iters, eval_interval=eval_interval,
-            log_interval=eval_interval, warmup_iters=10, lr_decay_iters=max_iters, learning_rate=1e-2,
-            min_lr=1e-3, device="cpu"))
+        cfg = TrainConfig.from_dict(
+            dict(
+                data_dir=str(data_dir),
+                out_dir=str(out_dir),
+                n_layer=1,
+                n_head=1,
+                n_embd=32,
+                mlp_only=False,
+                batch_size=32,
+                max_iters=max_iters,
+                eval_interval=eval_interval,
+                log_interval=eval_interval,
+                warmup_iters=10,
+                lr_decay_iters=max_iters,
+                learning_rate=1e-2,
+                min_lr=1e-3,
+                device="cpu",
+            )
+        )
         done = train(cfg, overwrite=True, show_progress=False)
     finally:
         torch.set_num_threads(before)

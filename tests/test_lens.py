@@ -1,19 +1,21 @@
 """TransformerLens interop: same logits for every preset, exact round trip, clear refusals, a usable cache."""
+
 import dataclasses
 import sys
 
 import pytest
 import torch
-
-from nanomarkov import NanoMarkovError
-from nanomarkov.config import PRESETS
-from nanomarkov.export import export_safetensors
-from nanomarkov.interop import from_hooked_transformer, to_hooked_transformer
-from nanomarkov.model import GPT
 from test_export import inputs, preset_config, trained_looking, write_ckpt
 
+from nanomarkov import NanoMarkovError
+from nanomarkov.checkpoint import export_safetensors
+from nanomarkov.config import PRESETS
+from nanomarkov.interp.lens import from_hooked_transformer, to_hooked_transformer
+from nanomarkov.model import GPT
+
 transformer_lens = pytest.importorskip(
-    "transformer_lens", reason='TransformerLens is the interp extra: pip install -e ".[interp]"')
+    "transformer_lens", reason='TransformerLens is the interp extra: pip install -e ".[interp]"'
+)
 
 
 def build(name, **changes):
@@ -50,8 +52,16 @@ def test_stand_ins_are_frozen_and_neutral():
     hooked = to_hooked_transformer(build("c12"))
     params = dict(hooked.named_parameters())
     assert hooked.cfg.normalization_type is None and hooked.cfg.act_fn == "relu"
-    for name in ["pos_embed.W_pos", "embed.W_E", "unembed.W_U", "unembed.b_U", "blocks.0.attn.W_O",
-                 "blocks.0.attn.b_O", "blocks.0.mlp.W_in", "blocks.0.mlp.b_in"]:
+    for name in [
+        "pos_embed.W_pos",
+        "embed.W_E",
+        "unembed.W_U",
+        "unembed.b_U",
+        "blocks.0.attn.W_O",
+        "blocks.0.attn.b_O",
+        "blocks.0.mlp.W_in",
+        "blocks.0.mlp.b_in",
+    ]:
         assert not params[name].requires_grad, name
     assert not params["pos_embed.W_pos"].any() and not params["blocks.0.attn.W_O"].any()
     assert torch.equal(params["embed.W_E"], torch.eye(c.vocab_size, c.n_embd))
@@ -76,8 +86,9 @@ def test_accepts_a_checkpoint_and_an_export_folder(tmp_path):
     ckpt = write_ckpt(model, tmp_path / "ckpt.pt")
     export = export_safetensors(model, tmp_path / "export")
     for source in (ckpt, export, str(export)):
-        assert torch.allclose(hooked_logits(to_hooked_transformer(source), idx), our_logits(model, idx),
-                              rtol=0, atol=1e-4)
+        assert torch.allclose(
+            hooked_logits(to_hooked_transformer(source), idx), our_logits(model, idx), rtol=0, atol=1e-4
+        )
     with pytest.raises(NanoMarkovError, match="expected a GPT or a path"):
         to_hooked_transformer(42)
 
@@ -112,8 +123,9 @@ def test_mlp_only_attention_writes_exact_zeros():
 
 def plain_hooked(**changes):
     """A HookedTransformer as its own code builds it, weights (but not b_U) randomised."""
-    cfg = dict(n_layers=2, d_model=16, n_ctx=8, d_head=4, n_heads=4, d_mlp=32, d_vocab=11, act_fn="gelu",
-               device="cpu", seed=0)
+    cfg = dict(
+        n_layers=2, d_model=16, n_ctx=8, d_head=4, n_heads=4, d_mlp=32, d_vocab=11, act_fn="gelu", device="cpu", seed=0
+    )
     hooked = transformer_lens.HookedTransformer(transformer_lens.HookedTransformerConfig(**(cfg | changes)))
     with torch.no_grad():
         for name, p in hooked.named_parameters():
@@ -133,19 +145,22 @@ def test_a_plain_transformer_lens_model_converts(norm):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-@pytest.mark.parametrize("changes, message", [
-    (dict(act_fn="silu"), "act_fn='silu'"),
-    (dict(act_fn="gelu_new"), "act_fn='gelu_new'"),
-    (dict(normalization_type="RMS"), "normalization_type='RMS'"),
-    (dict(positional_embedding_type="rotary"), "positional_embedding_type='rotary'"),
-    (dict(gated_mlp=True), "gated_mlp=True"),
-    (dict(attn_only=True), "attn_only=True"),
-    (dict(d_mlp=20), "d_mlp=20"),
-    (dict(n_heads=2), "n_heads=2"),
-    (dict(eps=1e-6), "eps=1e-06"),
-    # Not checked by name: the final logit comparison catches it.
-    (dict(output_logits_soft_cap=3.0), "logits differ"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(act_fn="silu"), "act_fn='silu'"),
+        (dict(act_fn="gelu_new"), "act_fn='gelu_new'"),
+        (dict(normalization_type="RMS"), "normalization_type='RMS'"),
+        (dict(positional_embedding_type="rotary"), "positional_embedding_type='rotary'"),
+        (dict(gated_mlp=True), "gated_mlp=True"),
+        (dict(attn_only=True), "attn_only=True"),
+        (dict(d_mlp=20), "d_mlp=20"),
+        (dict(n_heads=2), "n_heads=2"),
+        (dict(eps=1e-6), "eps=1e-06"),
+        # Not checked by name: the final logit comparison catches it.
+        (dict(output_logits_soft_cap=3.0), "logits differ"),
+    ],
+)
 def test_inexpressible_transformer_lens_settings_are_refused(changes, message):
     with pytest.raises(NanoMarkovError, match=message):
         from_hooked_transformer(plain_hooked(**changes))

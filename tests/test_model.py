@@ -6,7 +6,7 @@ import torch
 from nanomarkov import NanoMarkovError
 from nanomarkov.model import GPT, GPTConfig
 
-V, T, D = 11, 16, 32   # vocab, block size, width used by most tests
+V, T, D = 11, 16, 32  # vocab, block size, width used by most tests
 
 
 def cfg(**kw):
@@ -29,16 +29,16 @@ def expected_params(c: GPTConfig, trainable_only=False):
     """Parameter count from the architecture's description, independent of the code."""
     d, h = c.n_embd, c.mlp_ratio * c.n_embd
     ln = (2 if c.bias else 1) * d if c.use_ln else 0
-    n = 0 if (c.one_hot_embed and trainable_only) else c.vocab_size * d     # token embedding
-    n += c.block_size * d if c.pos_ape else 0                             # positions
+    n = 0 if (c.one_hot_embed and trainable_only) else c.vocab_size * d  # token embedding
+    n += c.block_size * d if c.pos_ape else 0  # positions
     per_block = 0
     if not c.mlp_only:
-        per_block += ln + 3 * d * d + d * d + (4 * d if c.bias else 0)     # ln_1, qkv, proj
+        per_block += ln + 3 * d * d + d * d + (4 * d if c.bias else 0)  # ln_1, qkv, proj
     first_frozen = c.mlp_first_matrix_identity and trainable_only
-    per_block += ln + (0 if first_frozen else d * h) + h * d               # ln_2, fc, proj
+    per_block += ln + (0 if first_frozen else d * h) + h * d  # ln_2, fc, proj
     per_block += ((0 if c.mlp_first_matrix_identity else h) + d) if c.bias else 0
-    n += c.n_layer * per_block + ln                                       # blocks, ln_f
-    n += 0 if c.lm_head_tied else c.vocab_size * d                        # head
+    n += c.n_layer * per_block + ln  # blocks, ln_f
+    n += 0 if c.lm_head_tied else c.vocab_size * d  # head
     return n
 
 
@@ -211,11 +211,11 @@ def test_residual_projections_get_the_smaller_init():
     std_fc = model.blocks[0].mlp.c_fc.weight.std().item()
     std_proj = model.blocks[0].mlp.c_proj.weight.std().item()
     assert std_fc == pytest.approx(0.02, rel=0.1)
-    assert std_proj == pytest.approx(0.02 / 8 ** 0.5, rel=0.1)
+    assert std_proj == pytest.approx(0.02 / 8**0.5, rel=0.1)
 
 
 FORMULAS = {
-    "GELU": lambda x: 0.5 * x * (1 + torch.erf(x / 2 ** 0.5)),
+    "GELU": lambda x: 0.5 * x * (1 + torch.erf(x / 2**0.5)),
     "RELU": lambda x: torch.where(x > 0, x, torch.zeros_like(x)),
     "RELU2": lambda x: torch.where(x > 0, x * x, torch.zeros_like(x)),
     "RELU3": lambda x: torch.where(x > 0, x * x * x, torch.zeros_like(x)),
@@ -246,24 +246,27 @@ def test_config_round_trips_through_asdict():
     assert GPTConfig(**dataclasses.asdict(c)) == c
 
 
-@pytest.mark.parametrize("bad, needle", [
-    (dict(n_embd=30, n_head=4), "divisible"),
-    (dict(n_embd=8, n_head=1, one_hot_embed=True), "one_hot_embed"),
-    (dict(mlp_first_matrix_identity=True), "mlp_ratio"),
-    (dict(mlp_filter="relu"), "mlp_filter"),
-    (dict(mlp_filter="SWISH"), "mlp_filter"),
-    (dict(dropout=1.0), "dropout"),
-    (dict(dropout=-0.1), "dropout"),
-    (dict(n_embd=0), "n_embd"),
-    (dict(n_head=0), "n_head"),
-    (dict(block_size=0), "block_size"),
-    (dict(vocab_size=0), "vocab_size"),
-    (dict(n_layer=-1), "n_layer"),
-    (dict(mlp_ratio=0), "mlp_ratio"),
-    (dict(n_embd=32.0), "n_embd"),
-    (dict(n_layer=True), "n_layer"),
-    (dict(use_ln="yes"), "use_ln"),
-])
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        (dict(n_embd=30, n_head=4), "divisible"),
+        (dict(n_embd=8, n_head=1, one_hot_embed=True), "one_hot_embed"),
+        (dict(mlp_first_matrix_identity=True), "mlp_ratio"),
+        (dict(mlp_filter="relu"), "mlp_filter"),
+        (dict(mlp_filter="SWISH"), "mlp_filter"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(dropout=-0.1), "dropout"),
+        (dict(n_embd=0), "n_embd"),
+        (dict(n_head=0), "n_head"),
+        (dict(block_size=0), "block_size"),
+        (dict(vocab_size=0), "vocab_size"),
+        (dict(n_layer=-1), "n_layer"),
+        (dict(mlp_ratio=0), "mlp_ratio"),
+        (dict(n_embd=32.0), "n_embd"),
+        (dict(n_layer=True), "n_layer"),
+        (dict(use_ln="yes"), "use_ln"),
+    ],
+)
 def test_invalid_configs_are_rejected(bad, needle):
     with pytest.raises(NanoMarkovError, match=needle):
         cfg(**bad)

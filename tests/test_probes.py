@@ -1,17 +1,26 @@
 """Probes against hand-built models whose internals are known: the probe must find what was put there."""
+
 import numpy as np
 import pytest
 import torch
 from matplotlib.figure import Figure
 
 from nanomarkov import NanoMarkovError
-from nanomarkov.chains import MarkovChain
 from nanomarkov.data import generate_dataset, load_dataset
 from nanomarkov.evaluate import evaluate_models
+from nanomarkov.interp.readouts import (
+    _attention_weights,
+    attention_summary,
+    direct_path,
+    logit_lens,
+    plot_attention_summary,
+    plot_direct_path,
+    plot_logit_lens,
+    plot_transition_readout,
+    transition_readout,
+)
 from nanomarkov.model import GPT, GPTConfig
-from nanomarkov.probes import (_attention_weights, attention_summary, direct_path, logit_lens,
-                               plot_attention_summary, plot_direct_path, plot_logit_lens,
-                               plot_transition_readout, transition_readout)
+from nanomarkov.processes.markov import MarkovChain
 
 # log of "impossible" in the head (BOS row, zero transitions): e^-30 is 1e-13, far below the
 # tolerances, yet small enough that a perturbed residual stream keeps every logit finite.
@@ -32,8 +41,19 @@ def perfect_model(chain, n_layer=0, block_size=11):
     zero output projections, so they add nothing to the residual stream.
     """
     k = chain.n_states
-    model = GPT(GPTConfig(n_layer=n_layer, n_head=1, n_embd=k + 1, block_size=block_size, vocab_size=k + 1,
-                          one_hot_embed=False, use_ln=False, pos_ape=False, lm_head_tied=False))
+    model = GPT(
+        GPTConfig(
+            n_layer=n_layer,
+            n_head=1,
+            n_embd=k + 1,
+            block_size=block_size,
+            vocab_size=k + 1,
+            one_hot_embed=False,
+            use_ln=False,
+            pos_ape=False,
+            lm_head_tied=False,
+        )
+    )
     with np.errstate(divide="ignore"):
         log_rows = np.maximum(np.log(np.vstack([chain.transmat, chain.startprob])), NEG)  # current -> next state
     table = np.hstack([log_rows, np.full((k + 1, 1), NEG)])
@@ -81,8 +101,9 @@ def test_direct_path_uses_position_one_with_positional_embeddings():
     with torch.no_grad():
         model.wpe.weight.normal_(0, 1.0)  # large, so the wrong position would show
     # With no blocks, the direct path is the whole model on [BOS, s].
-    np.testing.assert_allclose(direct_path(model, chain)["learned"], transition_readout(model, chain)["learned"],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        direct_path(model, chain)["learned"], transition_readout(model, chain)["learned"], atol=1e-6
+    )
 
 
 def test_logit_lens_of_the_perfect_model_is_zero_everywhere(dataset):
@@ -100,7 +121,7 @@ def test_logit_lens_locates_the_damage_and_matches_evaluation(dataset):
         model.blocks[0].mlp.c_proj.weight.normal_(0, 0.3)  # block 0 moves away from P; block 1 adds nothing
     result = logit_lens(model, chain, dataset.val)
     to_truth, to_final = result["kl_to_truth"], result["kl_to_final"]
-    assert abs(to_truth[0]) < 1e-6 and to_final[0] > 1e-3          # the embedding is right, and not the final answer
+    assert abs(to_truth[0]) < 1e-6 and to_final[0] > 1e-3  # the embedding is right, and not the final answer
     assert to_truth[1] > 1e-3 and abs(to_truth[1] - to_truth[2]) < 1e-9
     assert np.all(np.abs(to_final[1:]) < 1e-9)
 
@@ -147,8 +168,8 @@ def attention_forced_to(target):
         w = model.blocks[0].attn.c_attn.weight
         w.zero_()
         if target == "current":
-            w[0:8, 0:8] = torch.eye(8)        # queries
-            w[16:24, 0:8] = torch.eye(8)      # keys
+            w[0:8, 0:8] = torch.eye(8)  # queries
+            w[16:24, 0:8] = torch.eye(8)  # keys
         else:
             w[0, 8] = 1.0
             w[16, 0] = 1.0
@@ -175,8 +196,7 @@ def test_attention_summary_shapes_and_sums_and_mlp_only():
     assert all(result[key].shape == (3, 2) for key in ("current", "earlier", "bos"))
     np.testing.assert_allclose(result["current"] + result["earlier"] + result["bos"], 1.0, atol=1e-6)
     assert np.all(result["earlier"] > 0.01)  # random heads spread over the history
-    empty = attention_summary(GPT(GPTConfig(n_layer=2, n_embd=16, block_size=8, vocab_size=7, mlp_only=True)),
-                              tokens)
+    empty = attention_summary(GPT(GPTConfig(n_layer=2, n_embd=16, block_size=8, vocab_size=7, mlp_only=True)), tokens)
     assert empty["current"].size == 0 and empty["layers"].size == 0
     assert isinstance(plot_attention_summary(empty), Figure)
 
@@ -203,7 +223,7 @@ def test_bad_inputs_say_what_is_wrong(dataset):
         logit_lens(model, chain, bad)
     with pytest.raises(NanoMarkovError, match="block_size"):
         attention_summary(perfect_model(chain, n_layer=1, block_size=5), dataset.val[:3])
-    from nanomarkov.korder import KOrderChain
+    from nanomarkov.processes.korder import KOrderChain
 
     with pytest.raises(NanoMarkovError, match="a korder process does not have"):
         direct_path(model, KOrderChain.random(chain.n_states, order=2, seed=0))
@@ -212,9 +232,12 @@ def test_bad_inputs_say_what_is_wrong(dataset):
 def test_every_plot_draws(dataset, tmp_path):
     chain = dataset.chain
     model = perfect_model(chain, n_layer=1)
-    figures = [plot_transition_readout(transition_readout(model, chain)), plot_direct_path(direct_path(model, chain)),
-               plot_logit_lens(logit_lens(model, chain, dataset.val)),
-               plot_attention_summary(attention_summary(model, dataset.val))]
+    figures = [
+        plot_transition_readout(transition_readout(model, chain)),
+        plot_direct_path(direct_path(model, chain)),
+        plot_logit_lens(logit_lens(model, chain, dataset.val)),
+        plot_attention_summary(attention_summary(model, dataset.val)),
+    ]
     for i, fig in enumerate(figures):
         assert isinstance(fig, Figure)
         fig.savefig(tmp_path / f"{i}.png")

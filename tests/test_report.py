@@ -5,6 +5,7 @@ One set of tiny real runs (K=4, 20 iterations each) is trained once for the modu
   runs/b/c/narrow-3            n_embd 8, trained but never evaluated
 plus folders that are not runs (notes, an eval output without a checkpoint, an empty one).
 """
+
 import csv
 import json
 import math
@@ -22,9 +23,14 @@ from nanomarkov.report import find_runs, format_summary, write_report
 from nanomarkov.train import train
 
 RUNS = {"a/wide-1": (16, 1), "wide-2": (16, 2), "b/c/narrow-3": (8, 3)}
-EVAL_METRICS = {"val_loss": ("cross_entropy", "val_loss"), "excess": ("cross_entropy", "excess"),
-                "pct_of_optimum": ("cross_entropy", "pct_of_optimum"), "accuracy": ("accuracy", "accuracy"),
-                "mean_kl": ("transition_fidelity", "mean_kl"), "mean_spread": ("markov_property", "mean_spread")}
+EVAL_METRICS = {
+    "val_loss": ("cross_entropy", "val_loss"),
+    "excess": ("cross_entropy", "excess"),
+    "pct_of_optimum": ("cross_entropy", "pct_of_optimum"),
+    "accuracy": ("accuracy", "accuracy"),
+    "mean_kl": ("transition_fidelity", "mean_kl"),
+    "mean_spread": ("markov_property", "mean_spread"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +42,19 @@ def report(tmp_path_factory):
     torch.set_num_threads(1)  # models this small run slower on a busy machine with more threads
     try:
         for rel, (n_embd, seed) in RUNS.items():
-            cfg = TrainConfig(data_dir=str(base / "data"), out_dir=str(root / rel), n_layer=1, n_head=2,
-                              n_embd=n_embd, max_iters=20, eval_interval=5, log_interval=5, batch_size=8,
-                              device="cpu", seed=seed)
+            cfg = TrainConfig(
+                data_dir=str(base / "data"),
+                out_dir=str(root / rel),
+                n_layer=1,
+                n_head=2,
+                n_embd=n_embd,
+                max_iters=20,
+                eval_interval=5,
+                log_interval=5,
+                batch_size=8,
+                device="cpu",
+                seed=seed,
+            )
             train(cfg, show_progress=False)
         evaluate_checkpoints([root / "a/wide-1/ckpt.pt", root / "wide-2/ckpt.pt"])
     finally:

@@ -1,4 +1,5 @@
 """The seed's evaluation commands, run as a user runs them: from a fresh folder, package not on PYTHONPATH."""
+
 import json
 import os
 import subprocess
@@ -54,8 +55,9 @@ def test_mm_eval_seeds_summary_measures_agreement(trained):
     assert [line.split()[0] for line in lines[1:4]] == [f"trainings/MM/MM-5/MM-5-{s}" for s in (42, 123, 999)]
     agreement = json.loads((trained / "trainings/MM/MM-5/MM-5-123/eval.json").read_text())["agreement"]
     assert agreement is not None
-    assert lines[-1] == (f"agreement across seeds: top-1 {100 * agreement['top1_agreement']:.2f} %, "
-                         f"mean JSD {agreement['mean_jsd']:.6f}")
+    assert lines[-1] == (
+        f"agreement across seeds: top-1 {100 * agreement['top1_agreement']:.2f} %, mean JSD {agreement['mean_jsd']:.6f}"
+    )
     sparse = run([sys.executable, SCRIPTS / "mm_eval.py", "6", "--seeds", "7", "--sparse", "50", "--summary"], trained)
     assert sparse.returncode == 0, sparse.stderr
     assert "trainings/MM/MM-6-sparse-50/MM-6-sparse-50-7" in sparse.stdout and "n/a (one run)" in sparse.stdout
@@ -63,8 +65,17 @@ def test_mm_eval_seeds_summary_measures_agreement(trained):
 
 def test_mm_eval_transition_matrix(trained):
     run_dir = trained / "trainings/MM/MM-5/MM-5-999"
-    result = run([sys.executable, SCRIPTS / "mm_eval_transition_matrix.py", "--ckpt_path",
-                  "trainings/MM/MM-5/MM-5-999/ckpt.pt", "--output", "m45.json"], trained)
+    result = run(
+        [
+            sys.executable,
+            SCRIPTS / "mm_eval_transition_matrix.py",
+            "--ckpt_path",
+            "trainings/MM/MM-5/MM-5-999/ckpt.pt",
+            "--output",
+            "m45.json",
+        ],
+        trained,
+    )
     assert result.returncode == 0, result.stderr
     part = json.loads((trained / "m45.json").read_text())
     assert f"{part['transition_fidelity']['mean_kl']:.6f}" in result.stdout and "worst states" in result.stdout
@@ -78,23 +89,30 @@ def test_aggregate_metrics_and_full_evaluation(trained):
     result = run([sys.executable, SCRIPTS / "aggregate_metrics.py", "--output", "all.csv"], trained)
     assert result.returncode == 0, result.stderr
     assert "| MM-5 |" in result.stdout and (trained / "trainings/MM/report/summary.md").exists()
-    assert (trained / "all.csv").read_text().count("\n") >= 3   # header, MM-5, MM-6-sparse-50
+    assert (trained / "all.csv").read_text().count("\n") >= 3  # header, MM-5, MM-6-sparse-50
     full = run(["bash", SCRIPTS / "run_full_evaluation.sh", "6-sparse-50", "7"], trained)
     assert full.returncode == 0, full.stderr
     assert "# Evaluation of trainings/MM/MM-6-sparse-50/MM-6-sparse-50-7/ckpt.pt" in full.stdout
     assert (trained / "trainings/MM/MM-6-sparse-50/report/summary.csv").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["mm_eval.py", "5", "--seeds", "41"],
-     "no checkpoint at trainings/MM/MM-5/MM-5-41/ckpt.pt; train it with: nanomarkov train 5 41"),
-    (["mm_eval.py", "c4", "--sparse", "75"],
-     "MM-100-sparse-75-extra-c4-s42/ckpt.pt; train it with: nanomarkov train 100 42 --sparse 75 --preset c4"),
-    (["mm_eval.py", "five"], "chain id must look like 100"),
-    (["mm_eval.py", "--frob"], "unrecognized arguments: --frob"),
-    (["mm_eval_transition_matrix.py"], "the following arguments are required: --ckpt_path"),
-    (["aggregate_metrics.py", "nowhere"], "error: nowhere"),  # report.py words the rest
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["mm_eval.py", "5", "--seeds", "41"],
+            "no checkpoint at trainings/MM/MM-5/MM-5-41/ckpt.pt; train it with: nanomarkov train 5 41",
+        ),
+        (
+            ["mm_eval.py", "c4", "--sparse", "75"],
+            "MM-100-sparse-75-extra-c4-s42/ckpt.pt; train it with: nanomarkov train 100 42 --sparse 75 --preset c4",
+        ),
+        (["mm_eval.py", "five"], "chain id must look like 100"),
+        (["mm_eval.py", "--frob"], "unrecognized arguments: --frob"),
+        (["mm_eval_transition_matrix.py"], "the following arguments are required: --ckpt_path"),
+        (["aggregate_metrics.py", "nowhere"], "error: nowhere"),  # report.py words the rest
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     result = run([sys.executable, SCRIPTS / args[0], *args[1:]], tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr

@@ -1,5 +1,6 @@
 """The SLURM launcher: submitit's local executor (no cluster), then a real one-node cluster
 (scripts/slurm_local.sh) running grids/tiny.toml with a job cancelled mid-run and resumed."""
+
 import json
 import os
 import shutil
@@ -13,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanomarkov import NanoMarkovError, sweep
+from nanomarkov import NanoMarkovError
 from nanomarkov.sweep import expand_grid, run_one, run_sweep
-from nanomarkov.sweep_status import sweep_status
+from nanomarkov.sweep import run as sweep
+from nanomarkov.sweep.status import sweep_status
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "grids" / "tiny.toml"
@@ -71,26 +73,33 @@ def resumed_at(run_dir):
 
 # ------------------------------------------------------------------ no cluster
 
+
 def test_slurm_launcher_errors_without_sbatch_or_submitit(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch anywhere
     with pytest.raises(NanoMarkovError, match="needs SLURM's sbatch on PATH: .*scripts/slurm_local.sh up"):
         run_sweep(TINY, tmp_path / "out", launcher="slurm")
     assert not (tmp_path / "out").exists()
     monkeypatch.setitem(sys.modules, "submitit", None)  # as if the [cluster] extra were not installed
-    from nanomarkov.slurm import _submitit
+    from nanomarkov.sweep.slurm import _submitit
 
     with pytest.raises(NanoMarkovError, match=r'pip install -e "\.\[cluster\]"'):
         _submitit()
 
 
-@pytest.mark.parametrize("grid, args, message", [
-    ("[defaults]\nn_emdb = 4\n", [], "unknown key 'n_emdb' in grid"),
-    ("[[datasets]]\nn_states = 5\ntrain = 9\nval = 9\n", [], "expands to no run"),
-    (None, ["--time", "5"], "--time is a SLURM option: add --launcher slurm"),
-    (None, ["--launcher", "slurm"], "needs SLURM's sbatch on PATH: on this machine start a one-node cluster with "
-                                    "scripts/slurm_local.sh up"),
-    (None, ["--launcher", "slurm", "--jobs", "2"], "use --array_parallelism"),
-])
+@pytest.mark.parametrize(
+    "grid, args, message",
+    [
+        ("[defaults]\nn_emdb = 4\n", [], "unknown key 'n_emdb' in grid"),
+        ("[[datasets]]\nn_states = 5\ntrain = 9\nval = 9\n", [], "expands to no run"),
+        (None, ["--time", "5"], "--time is a SLURM option: add --launcher slurm"),
+        (
+            None,
+            ["--launcher", "slurm"],
+            "needs SLURM's sbatch on PATH: on this machine start a one-node cluster with scripts/slurm_local.sh up",
+        ),
+        (None, ["--launcher", "slurm", "--jobs", "2"], "use --array_parallelism"),
+    ],
+)
 def test_sweep_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, grid, args, message):
     from nanomarkov.cli import main
 
@@ -111,8 +120,12 @@ def test_status_tells_a_killed_local_sweep_from_a_running_one(tmp_path):
     specs = expand_grid(TINY, tmp_path)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    manifest = {"launcher": "local", "host": os.uname().nodename, "pid": dead.pid,
-                "runs": {s.name: {"spec": {}, "state": "running", "action": "train"} for s in specs}}
+    manifest = {
+        "launcher": "local",
+        "host": os.uname().nodename,
+        "pid": dead.pid,
+        "runs": {s.name: {"spec": {}, "state": "running", "action": "train"} for s in specs},
+    }
     (tmp_path / "sweep.json").write_text(json.dumps(manifest))
     rows = sweep_status(tmp_path)
     assert {r["state"] for r in rows} == {"pending"} and f"pid {dead.pid}) is gone" in rows[0]["error"]
@@ -132,11 +145,20 @@ def test_submitit_local_executor_preempted_run_resumes_and_matches(tmp_path):
     """submitit's local executor runs the same job code as SLURM; the preemption signal reaches a run mid-training."""
     submitit = pytest.importorskip("submitit", reason='needs the [cluster] extra: pip install -e ".[cluster]"')
     from nanomarkov.data import generate_dataset
-    from nanomarkov.slurm import run_jobs
+    from nanomarkov.sweep.slurm import run_jobs
 
-    grid = {"defaults": {"n_embd": 8, "batch_size": 8, "max_iters": 60, "eval_interval": 20, "log_interval": 20,
-                         "device": "cpu"},
-            "datasets": [{"n_states": 5, "train": 100, "val": 20, "seq_len": 12}], "experiments": [{"seeds": [7]}]}
+    grid = {
+        "defaults": {
+            "n_embd": 8,
+            "batch_size": 8,
+            "max_iters": 60,
+            "eval_interval": 20,
+            "log_interval": 20,
+            "device": "cpu",
+        },
+        "datasets": [{"n_states": 5, "train": 100, "val": 20, "seq_len": 12}],
+        "experiments": [{"seeds": [7]}],
+    }
     [spec] = expand_grid(grid, tmp_path / "job")
     [alone] = expand_grid(grid, tmp_path / "alone")
     for s in (spec, alone):
@@ -152,7 +174,10 @@ def test_submitit_local_executor_preempted_run_resumes_and_matches(tmp_path):
             children = []
             for proc in Path("/proc").iterdir():
                 try:
-                    if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == controller:
+                    if (
+                        proc.name.isdigit()
+                        and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == controller
+                    ):
                         children.append(int(proc.name))
                 except OSError:  # a process that ended while we looked
                     pass
@@ -162,10 +187,18 @@ def test_submitit_local_executor_preempted_run_resumes_and_matches(tmp_path):
             pid = freeze_mid_run(task, run_dir)
             os.kill(pid, signal.SIGUSR2)  # what SLURM sends before a time limit (submitit's --signal)
             os.kill(pid, signal.SIGCONT)
+
         threading.Thread(target=signal_it, daemon=True).start()
 
-    run_jobs(executor, [spec], 1, preempt, lambda s: events.append("start"),
-             lambda s, result: events.append(result), poll_s=0.05)
+    run_jobs(
+        executor,
+        [spec],
+        1,
+        preempt,
+        lambda s: events.append("start"),
+        lambda s, result: events.append(result),
+        poll_s=0.05,
+    )
     result = events[-1]
     assert result["state"] == "done" and result["action"] == "resume" and result["iters"] == 60, result
     assert 20 <= resumed_at(run_dir) < 60  # after the first checkpoint, before the end: not from zero
@@ -174,6 +207,7 @@ def test_submitit_local_executor_preempted_run_resumes_and_matches(tmp_path):
 
 
 # ------------------------------------------------------------------ a real cluster
+
 
 def _can_run_slurm():
     if os.geteuid() != 0:
@@ -199,8 +233,13 @@ def cluster():
 
 
 def sweep_cli(*args):
-    return subprocess.run([sys.executable, "-m", "nanomarkov", "sweep", *map(str, args)], capture_output=True,
-                          text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "nanomarkov", "sweep", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=600,
+    )
 
 
 def test_tiny_grid_on_slurm_cancelled_run_resumes_and_matches_local(cluster, tmp_path, monkeypatch):
@@ -213,12 +252,21 @@ def test_tiny_grid_on_slurm_cancelled_run_resumes_and_matches_local(cluster, tmp
     assert f"max_iters = {ITERS}" in grid.read_text()
     out, victim = tmp_path / "slurm", "MM-5/MM-5-42"
     run_dir = out / "runs" / victim
-    first = threading.Thread(target=run_sweep, args=(grid, out), daemon=True,
-                             kwargs={"launcher": "slurm", "slurm": {"cpus_per_task": 1, "time": 10},
-                                     "progress": lambda _: None})
+    first = threading.Thread(
+        target=run_sweep,
+        args=(grid, out),
+        daemon=True,
+        kwargs={"launcher": "slurm", "slurm": {"cpus_per_task": 1, "time": 10}, "progress": lambda _: None},
+    )
     first.start()
-    wait_until(lambda: "job_id" in (json.loads((out / "sweep.json").read_text())["runs"][victim]
-                                    if (out / "sweep.json").exists() else {}), 120, "the jobs' submission")
+    wait_until(
+        lambda: (
+            "job_id"
+            in (json.loads((out / "sweep.json").read_text())["runs"][victim] if (out / "sweep.json").exists() else {})
+        ),
+        120,
+        "the jobs' submission",
+    )
     job = json.loads((out / "sweep.json").read_text())["runs"][victim]["job_id"]
     with pytest.raises(NanoMarkovError, match="is in use: SLURM still has"):  # its jobs are queued or running
         run_sweep(grid, out, launcher="slurm")
@@ -253,9 +301,21 @@ def test_tiny_grid_on_slurm_cancelled_run_resumes_and_matches_local(cluster, tmp
     assert {run["state"] for run in rerun.values()} == {"done"} and rerun[victim]["iters"] == ITERS
     assert resumed_at(run_dir) == k
 
-    accounting = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j",
-                                 f"{job.split('_')[0]},{rerun[victim]['job_id'].split('_')[0]}"],
-                                capture_output=True, text=True, check=True).stdout
+    accounting = subprocess.run(
+        [
+            "sacct",
+            "-n",
+            "-P",
+            "-X",
+            "-o",
+            "JobID,State",
+            "-j",
+            f"{job.split('_')[0]},{rerun[victim]['job_id'].split('_')[0]}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     sacct = dict(line.split("|") for line in accounting.splitlines())
     assert sacct[job].startswith("CANCELLED") and sacct[rerun[victim]["job_id"]] == "COMPLETED", sacct
     assert sum(state == "COMPLETED" for state in sacct.values()) == 4, sacct

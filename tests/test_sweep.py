@@ -1,4 +1,5 @@
 """Sweeps: grid expansion and its errors, a whole tiny sweep, skipping, resuming, parallel runs, failures."""
+
 import json
 import tomllib
 from pathlib import Path
@@ -6,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanomarkov import NanoMarkovError, sweep
+from nanomarkov import NanoMarkovError
 from nanomarkov.sweep import expand_grid, run_sweep
-from nanomarkov.sweep_status import format_status, sweep_status
+from nanomarkov.sweep import run as sweep
+from nanomarkov.sweep.status import format_status, sweep_status
 
 REPO = Path(__file__).resolve().parent.parent
 # A few seconds of CPU per run: 5 states, 12-token sequences, an 8-wide model.
@@ -16,8 +18,11 @@ SMALL = {"n_embd": 8, "batch_size": 8, "max_iters": 6, "eval_interval": 3, "log_
 
 
 def small_grid(**experiment):
-    return {"defaults": dict(SMALL), "datasets": [{"n_states": 5, "train": 100, "val": 20, "seq_len": 12}],
-            "experiments": [{"seeds": [42, 123], **experiment}]}
+    return {
+        "defaults": dict(SMALL),
+        "datasets": [{"n_states": 5, "train": 100, "val": 20, "seq_len": 12}],
+        "experiments": [{"seeds": [42, 123], **experiment}],
+    }
 
 
 def no_report(monkeypatch):
@@ -28,63 +33,95 @@ def no_report(monkeypatch):
 def test_seed_grid_expands_to_the_seeds_runs(tmp_path):
     grid = tomllib.loads((REPO / "grids" / "seed.toml").read_text())
     n_datasets = len(grid["datasets"])
-    expected = sum((n_datasets if e["datasets"] == "all" else len(e["datasets"])) * len(e["presets"]) * len(e["seeds"])
-                   for e in grid["experiments"])
+    expected = sum(
+        (n_datasets if e["datasets"] == "all" else len(e["datasets"])) * len(e["presets"]) * len(e["seeds"])
+        for e in grid["experiments"]
+    )
     specs = expand_grid(REPO / "grids" / "seed.toml", tmp_path)
     assert len(specs) == expected == 39
     names = [s.name for s in specs]
     assert len(set(names)) == len(names)
-    for name in ["MM-10/MM-10-42", "MM-100/MM-100-999", "MM-1000-sparse-75/MM-1000-sparse-75-123",
-                 "MM-100-extra/MM-100-extra-c4-s42", "MM-100-sparse-75-extra/MM-100-sparse-75-extra-c12-s42"]:
+    for name in [
+        "MM-10/MM-10-42",
+        "MM-100/MM-100-999",
+        "MM-1000-sparse-75/MM-1000-sparse-75-123",
+        "MM-100-extra/MM-100-extra-c4-s42",
+        "MM-100-sparse-75-extra/MM-100-sparse-75-extra-c12-s42",
+    ]:
         assert name in names
     by_name = {s.name: s for s in specs}
     c4 = by_name["MM-100-sparse-75-extra/MM-100-sparse-75-extra-c4-s42"]
     assert c4.out_dir == str(tmp_path / "runs" / c4.name)
     assert c4.data_dir == str(tmp_path / "data" / "mm100-sparse-75")
-    assert c4.dataset == {"n_states": 100, "train": 50000, "val": 5000, "sparsity": 75, "seq_len": None, "seed": 42,
-                          "process": "markov"}
+    assert c4.dataset == {
+        "n_states": 100,
+        "train": 50000,
+        "val": 5000,
+        "sparsity": 75,
+        "seq_len": None,
+        "seed": 42,
+        "process": "markov",
+    }
     cfg = c4.config()
     assert (cfg.one_hot_embed, cfg.mlp_ratio, cfg.n_embd, cfg.grad_accum_steps) == (True, 1, 101, 40)
     assert by_name["MM-10/MM-10-42"].dataset["train"] == 10000
 
 
 def test_dict_grid_overrides_tags_and_dataset_choice(tmp_path):
-    grid = {"defaults": {"device": "cpu", "n_embd": 16},
-            "datasets": [{"n_states": 5, "train": 100, "val": 20},
-                         {"n_states": 7, "train": 50, "val": 10, "sparsity": 50}],
-            "experiments": [{"datasets": [1], "presets": ["default", "c2"], "seeds": [1, 2, 3]},
-                            {"datasets": "all", "seeds": [42], "overrides": {"n_embd": 32, "learning_rate": 1e-3},
-                             "tag": "w32"}]}
+    grid = {
+        "defaults": {"device": "cpu", "n_embd": 16},
+        "datasets": [{"n_states": 5, "train": 100, "val": 20}, {"n_states": 7, "train": 50, "val": 10, "sparsity": 50}],
+        "experiments": [
+            {"datasets": [1], "presets": ["default", "c2"], "seeds": [1, 2, 3]},
+            {"datasets": "all", "seeds": [42], "overrides": {"n_embd": 32, "learning_rate": 1e-3}, "tag": "w32"},
+        ],
+    }
     specs = expand_grid(grid, tmp_path)
     assert [s.name for s in specs] == (
         ["MM-7-sparse-50/MM-7-sparse-50-1", "MM-7-sparse-50/MM-7-sparse-50-2", "MM-7-sparse-50/MM-7-sparse-50-3"]
         + [f"MM-7-sparse-50-extra/MM-7-sparse-50-extra-c2-s{s}" for s in (1, 2, 3)]
-        + ["MM-5/MM-5-42-w32", "MM-7-sparse-50/MM-7-sparse-50-42-w32"])
+        + ["MM-5/MM-5-42-w32", "MM-7-sparse-50/MM-7-sparse-50-42-w32"]
+    )
     first, tagged = specs[0].config(), specs[-1].config()
     assert (first.n_embd, first.device, first.seed, first.mlp_filter) == (16, "cpu", 1, "GELU")
     assert specs[3].config().mlp_filter == "RELU"
     assert (tagged.n_embd, tagged.learning_rate, tagged.out_dir) == (32, 1e-3, str(tmp_path / "runs" / specs[-1].name))
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda g: g.update(sweeps=1), "unknown key 'sweeps' in the grid; valid keys: defaults, datasets, experiments"),
-    (lambda g: g["datasets"][0].update(states=5), "unknown key 'states' in the grid [[datasets]] #0; valid keys: n_st"),
-    (lambda g: g["experiments"][0].update(preset=["c1"]), "unknown key 'preset' in the grid [[experiments]] #0"),
-    (lambda g: g["defaults"].update(n_emdb=4), "unknown key 'n_emdb' in the grid [defaults]; valid keys: data_dir"),
-    (lambda g: g["experiments"][0].update(overrides={"lr": 1}), "unknown key 'lr' in the grid [[experiments]] #0 overr"),
-    (lambda g: g["experiments"][0].update(overrides={"out_dir": "x"}), "out_dir cannot be set"),
-    (lambda g: g["defaults"].update(seed=3), "seed cannot be set in the grid [defaults]: list the seeds"),
-    (lambda g: g["experiments"][0].update(presets=["c13"]), "unknown preset 'c13'"),
-    (lambda g: g["experiments"][0].update(datasets=[1]), "datasets [1]: the grid has datasets 0..0"),
-    (lambda g: g["experiments"][0].update(seeds=[]), "expands to no run"),
-    (lambda g: g.update(experiments=[]), "expands to no run"),
-    (lambda g: g["experiments"].append({"seeds": [123]}), "both make run MM-5/MM-5-123; drop the repeat or give one"),
-    (lambda g: g["datasets"].append({"n_states": 5, "train": 9, "val": 9}), "both live in"),
-    (lambda g: g["datasets"][0].pop("val"), "lacks val"),
-    (lambda g: g["defaults"].update(max_iters=-1), "max_iters must be >= 0"),
-    (lambda g: g["datasets"][0].update(process="hmmm"), "unknown process 'hmmm'; choose from markov, korder"),
-    (lambda g: g["datasets"][0].update(order=2), "unknown key 'order' in the grid [[datasets]] #0; valid keys: n_st"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda g: g.update(sweeps=1), "unknown key 'sweeps' in the grid; valid keys: defaults, datasets, experiments"),
+        (
+            lambda g: g["datasets"][0].update(states=5),
+            "unknown key 'states' in the grid [[datasets]] #0; valid keys: n_st",
+        ),
+        (lambda g: g["experiments"][0].update(preset=["c1"]), "unknown key 'preset' in the grid [[experiments]] #0"),
+        (lambda g: g["defaults"].update(n_emdb=4), "unknown key 'n_emdb' in the grid [defaults]; valid keys: data_dir"),
+        (
+            lambda g: g["experiments"][0].update(overrides={"lr": 1}),
+            "unknown key 'lr' in the grid [[experiments]] #0 overr",
+        ),
+        (lambda g: g["experiments"][0].update(overrides={"out_dir": "x"}), "out_dir cannot be set"),
+        (lambda g: g["defaults"].update(seed=3), "seed cannot be set in the grid [defaults]: list the seeds"),
+        (lambda g: g["experiments"][0].update(presets=["c13"]), "unknown preset 'c13'"),
+        (lambda g: g["experiments"][0].update(datasets=[1]), "datasets [1]: the grid has datasets 0..0"),
+        (lambda g: g["experiments"][0].update(seeds=[]), "expands to no run"),
+        (lambda g: g.update(experiments=[]), "expands to no run"),
+        (
+            lambda g: g["experiments"].append({"seeds": [123]}),
+            "both make run MM-5/MM-5-123; drop the repeat or give one",
+        ),
+        (lambda g: g["datasets"].append({"n_states": 5, "train": 9, "val": 9}), "both live in"),
+        (lambda g: g["datasets"][0].pop("val"), "lacks val"),
+        (lambda g: g["defaults"].update(max_iters=-1), "max_iters must be >= 0"),
+        (lambda g: g["datasets"][0].update(process="hmmm"), "unknown process 'hmmm'; choose from markov, korder"),
+        (
+            lambda g: g["datasets"][0].update(order=2),
+            "unknown key 'order' in the grid [[datasets]] #0; valid keys: n_st",
+        ),
+    ],
+)
 def test_grid_errors_name_the_problem(tmp_path, change, message):
     grid = small_grid()
     change(grid)
@@ -138,7 +175,7 @@ def test_a_run_cut_short_is_resumed_not_restarted(tmp_path, monkeypatch):
     folder = tmp_path / "runs" / "MM-5" / "MM-5-42"
     first_log = (folder / "log.jsonl").read_text()
     assert json.loads(first_log.splitlines()[-1])["iter"] == 6
-    grid["defaults"]["max_iters"] = 12       # the grid now asks for more: the run goes on from iter 6
+    grid["defaults"]["max_iters"] = 12  # the grid now asks for more: the run goes on from iter 6
     manifest = run_sweep(grid, tmp_path, progress=lambda _: None)
     assert manifest["runs"]["MM-5/MM-5-42"]["action"] == "resume"
     log = (folder / "log.jsonl").read_text()
@@ -148,7 +185,7 @@ def test_a_run_cut_short_is_resumed_not_restarted(tmp_path, monkeypatch):
     assert "resuming at iter 6" in (folder / "training.log").read_text()
     assert torch.load(folder / "ckpt.pt", weights_only=True)["iter"] == 12
 
-    (folder / "done.json").unlink()           # killed after its last checkpoint: finishes without training
+    (folder / "done.json").unlink()  # killed after its last checkpoint: finishes without training
     manifest = run_sweep(grid, tmp_path, progress=lambda _: None)
     assert manifest["runs"]["MM-5/MM-5-42"]["action"] == "resume"
     assert json.loads((folder / "done.json").read_text())["iters"] == 12
@@ -192,12 +229,20 @@ def test_datasets_of_other_processes_get_their_folders_names_and_recipes(tmp_pat
     from nanomarkov.config import PROCESS_DEFAULTS, dataset_preset
     from nanomarkov.data import generate_dataset
 
-    grid = {"datasets": [{"n_states": 4, "train": 8, "val": 4, "seq_len": 8, "process": "korder", "order": 2},
-                         {"n_states": 3, "train": 8, "val": 4, "seq_len": 8, "process": "hmm", "preset": "mess3"}],
-            "experiments": [{"presets": ["default", "c2"], "seeds": [5]}]}
+    grid = {
+        "datasets": [
+            {"n_states": 4, "train": 8, "val": 4, "seq_len": 8, "process": "korder", "order": 2},
+            {"n_states": 3, "train": 8, "val": 4, "seq_len": 8, "process": "hmm", "preset": "mess3"},
+        ],
+        "experiments": [{"presets": ["default", "c2"], "seeds": [5]}],
+    }
     specs = expand_grid(grid, tmp_path)
-    assert [s.name for s in specs] == ["mm4-order2/mm4-order2-5", "mm4-order2/mm4-order2-c2-5",
-                                       "mess3/mess3-5", "mess3/mess3-c2-5"]
+    assert [s.name for s in specs] == [
+        "mm4-order2/mm4-order2-5",
+        "mm4-order2/mm4-order2-c2-5",
+        "mess3/mess3-5",
+        "mess3/mess3-c2-5",
+    ]
     assert [Path(s.data_dir).name for s in specs] == ["mm4-order2", "mm4-order2", "mess3", "mess3"]
     korder = specs[0].config()
     assert korder.mlp_only is False and korder.max_iters == PROCESS_DEFAULTS["korder"]["max_iters"]
@@ -206,8 +251,9 @@ def test_datasets_of_other_processes_get_their_folders_names_and_recipes(tmp_pat
     generate_dataset(tmp_path / "mess3", 3, 8, 4, seq_len=8, process="hmm", preset="mess3")
     by_hand = dataset_preset("default", tmp_path / "mess3", seed=5)
     paths = ("data_dir", "out_dir", "wandb_run_name")
-    assert {k: v for k, v in specs[2].config().to_dict().items() if k not in paths} == \
-           {k: v for k, v in by_hand.items() if k not in paths}
+    assert {k: v for k, v in specs[2].config().to_dict().items() if k not in paths} == {
+        k: v for k, v in by_hand.items() if k not in paths
+    }
 
 
 def test_the_processes_grid_expands(tmp_path):

@@ -5,6 +5,7 @@ Every run is tiny (5 states, 200 sequences of 16 tokens, a 1-layer 16-wide model
 uses one torch thread, in this process and in the subprocesses (tests/train_worker.py), so that
 runs compare bit for bit on CPU.
 """
+
 import json
 import math
 import os
@@ -22,14 +23,24 @@ import torch.nn.functional as F
 
 import nanomarkov.train as train_module
 from nanomarkov import NanoMarkovError
+from nanomarkov.checkpoint import load_checkpoint
 from nanomarkov.config import FIELDS, TrainConfig
 from nanomarkov.data import generate_dataset
 from nanomarkov.model import GPT, GPTConfig
-from nanomarkov.train import TrainingDiverged, learning_rate_at, load_checkpoint, train
+from nanomarkov.train import TrainingDiverged, learning_rate_at, train
 
 WORKER = Path(__file__).resolve().parent / "train_worker.py"
-DONE_KEYS = {"status", "iters", "tokens", "elapsed_s", "val_loss", "optimal_loss", "true_loss_val", "excess",
-             "pct_of_optimum"}
+DONE_KEYS = {
+    "status",
+    "iters",
+    "tokens",
+    "elapsed_s",
+    "val_loss",
+    "optimal_loss",
+    "true_loss_val",
+    "excess",
+    "pct_of_optimum",
+}
 EVAL_KEYS = {"iter", "tokens", "elapsed_s", "train_loss", "val_loss", "excess"}
 CKPT_KEYS = {"model", "model_args", "optimizer", "iter", "tokens", "config", "rng", "data_dir"}
 TIMING_KEYS = {"elapsed_s", "tokens_per_s", "eval_s"}  # the only log fields allowed to differ between equal runs
@@ -50,9 +61,22 @@ def make_data(path, seed=1):
 
 
 def config(data_dir, out_dir, **overrides):
-    values = dict(data_dir=str(data_dir), out_dir=str(out_dir), n_layer=1, n_head=1, n_embd=16,
-                  batch_size=BATCH, max_iters=MAX_ITERS, eval_interval=EVAL_INTERVAL, log_interval=5,
-                  warmup_iters=5, lr_decay_iters=40, learning_rate=1e-2, min_lr=1e-3, device="cpu")
+    values = dict(
+        data_dir=str(data_dir),
+        out_dir=str(out_dir),
+        n_layer=1,
+        n_head=1,
+        n_embd=16,
+        batch_size=BATCH,
+        max_iters=MAX_ITERS,
+        eval_interval=EVAL_INTERVAL,
+        log_interval=5,
+        warmup_iters=5,
+        lr_decay_iters=40,
+        learning_rate=1e-2,
+        min_lr=1e-3,
+        device="cpu",
+    )
     values.update(overrides)
     return values
 
@@ -121,8 +145,12 @@ def fail_at(monkeypatch, iteration, action=None):
 
 
 def worker(values, sleep_s=0.0):
-    return subprocess.Popen([sys.executable, str(WORKER), json.dumps(values), str(sleep_s)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), json.dumps(values), str(sleep_s)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def signal_midway(values, sig, delay_s, timeout=60):
@@ -178,6 +206,7 @@ def run_in_one_thread(values):
 
 # ------------------------------------------------------------------ outputs and the loss itself
 
+
 def test_loss_goes_down_toward_optimum_and_outputs_have_every_documented_key(run_a, data):
     meta = json.loads((data / "meta.json").read_text())
     optimal, true_val = meta["theory"]["optimal_loss"], meta["theory"]["true_loss_val"]
@@ -227,14 +256,14 @@ def test_val_loss_is_the_mean_cross_entropy_over_the_whole_val_split(run_a, data
     assert val.shape[0] == 40  # the whole split, not a sample of it
     with torch.no_grad():
         logits, _ = model(val[:, :-1])
-        total = F.cross_entropy(logits.reshape(-1, logits.size(-1)).double(), val[:, 1:].reshape(-1),
-                                reduction="sum")
+        total = F.cross_entropy(logits.reshape(-1, logits.size(-1)).double(), val[:, 1:].reshape(-1), reduction="sum")
     expected = total.item() / val[:, 1:].numel()
     done = json.loads((run_a / "done.json").read_text())
     assert done["val_loss"] == pytest.approx(expected, abs=1e-5)
 
 
 # ------------------------------------------------------------------ resume
+
 
 def test_resume_after_a_crash_is_bit_identical(run_a, data, tmp_path, monkeypatch):
     out = tmp_path / "b"
@@ -362,6 +391,7 @@ def test_scratch_into_an_existing_run_needs_overwrite(run_a, data, tmp_path):
 
 # ------------------------------------------------------------------ divergence
 
+
 def test_nan_training_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
     out = tmp_path / "b"
     good = {}
@@ -409,6 +439,7 @@ def test_huge_learning_rate_diverges_with_a_clear_message(data, tmp_path):
 
 # ------------------------------------------------------------------ checkpoint safety
 
+
 class RunsCode:
     def __init__(self, marker):
         self.marker = marker
@@ -445,11 +476,17 @@ def test_checkpoint_is_plain_data_and_unsafe_or_broken_files_are_refused(run_a, 
 
 
 def test_no_partial_files_are_left_behind(run_a):
-    assert sorted(p.name for p in run_a.iterdir()) == ["ckpt.pt", "config.json", "done.json", "log.jsonl",
-                                                       "training.log"]
+    assert sorted(p.name for p in run_a.iterdir()) == [
+        "ckpt.pt",
+        "config.json",
+        "done.json",
+        "log.jsonl",
+        "training.log",
+    ]
 
 
 # ------------------------------------------------------------------ learning-rate schedule
+
 
 def test_learning_rate_schedule():
     peak, floor, warmup, decay = 6e-3, 6e-4, 10, 50
@@ -467,9 +504,8 @@ def test_learning_rate_schedule():
         assert lrs[it] == pytest.approx(floor + (peak - floor) * (1 + math.cos(math.pi * t)) / 2, rel=1e-12)
     assert lrs[decay] == pytest.approx(floor, rel=1e-12)
     assert all(lr == floor for lr in lrs[decay:])
-    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))
-    flat = TrainConfig(learning_rate=peak, min_lr=floor, warmup_iters=warmup, lr_decay_iters=decay,
-                       decay_lr=False)
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1 :]))
+    flat = TrainConfig(learning_rate=peak, min_lr=floor, warmup_iters=warmup, lr_decay_iters=decay, decay_lr=False)
     assert {learning_rate_at(it, flat) for it in range(decay + 20)} == {peak}
     no_warmup = TrainConfig(learning_rate=peak, min_lr=floor, warmup_iters=0, lr_decay_iters=decay)
     assert learning_rate_at(0, no_warmup) == peak

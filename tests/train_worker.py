@@ -7,6 +7,7 @@ every optimizer step, so a test can signal the run mid-way; it changes nothing
 the run computes. Torch uses one thread, as the in-process runs of the tests do,
 so that results compare bit for bit. Prints train()'s result as JSON (rank 0).
 """
+
 import json
 import sys
 import time

@@ -1,83 +1,17 @@
-"""Interop with other tools: the seed's pickled chains, and TransformerLens.
-
-to_hooked_transformer / from_hooked_transformer convert a GPT to a
+"""TransformerLens: to_hooked_transformer / from_hooked_transformer convert a GPT to a
 TransformerLens HookedTransformer and back (the `interp` extra; imported only
 when called, so the core does not need it). See the comment above them.
-
-The seed (scripts/mm_generate.py) saved each chain as model.pkl, a pickled
-hmmlearn CategoricalHMM whose emissions are the identity. Unpickling runs
-whatever code the file names, so import_hmmlearn refuses unless the caller
-says the file is trusted, and then checks that what came out is such a model
-before turning it into a dataset folder with our theory.
 """
-import hashlib
+
 import importlib.metadata
 import math
-import pickle
 import warnings
-from pathlib import Path
 
 import torch
 
-from nanomarkov import NanoMarkovError
-from nanomarkov.chains import MarkovChain
-from nanomarkov.data import generate_dataset
-from nanomarkov.export import _model_and_source
+from nanomarkov.checkpoint import model_and_source
+from nanomarkov.errors import NanoMarkovError
 from nanomarkov.model import GPT, GPTConfig
-
-UNTRUSTED = (
-    "{path}: not loaded: unpickling a file runs arbitrary code that the file names, so a pickle "
-    "is only safe if you (or someone you trust) made it; if you did, pass --trust-pickle"
-)
-
-
-def load_hmmlearn_chain(path, trust_pickle=False):
-    """The MarkovChain inside a pickled hmmlearn model with identity emissions.
-
-    Without `trust_pickle` the file is not even opened. Anything other than an
-    hmmlearn model, or an hmmlearn model that is a real HMM (emissions not the
-    identity), raises NanoMarkovError.
-    """
-    path = Path(path)
-    if not trust_pickle:
-        raise NanoMarkovError(UNTRUSTED.format(path=path))
-    try:
-        with open(path, "rb") as f:
-            model = pickle.load(f)
-    except OSError as e:
-        raise NanoMarkovError(f"{path}: cannot be read: {e.strerror or e}") from e
-    except ModuleNotFoundError as e:
-        raise NanoMarkovError(f"{path}: needs the module {e.name!r} to unpickle; install it (pip install hmmlearn)") from e
-    except Exception as e:  # a broken or foreign pickle can raise nearly anything
-        raise NanoMarkovError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from e
-    module = type(model).__module__ or ""
-    if not module.startswith("hmmlearn.") or not all(
-            hasattr(model, a) for a in ("transmat_", "startprob_", "emissionprob_")):
-        raise NanoMarkovError(
-            f"{path}: holds a {module}.{type(model).__qualname__}, not an hmmlearn CategoricalHMM "
-            "with transmat_, startprob_ and emissionprob_ (what the seed's generator saved as model.pkl)"
-        )
-    try:
-        return MarkovChain.from_hmmlearn(model)
-    except NanoMarkovError as e:
-        raise NanoMarkovError(f"{path}: {e}") from e
-
-
-def import_hmmlearn(path, out_dir, *, trust_pickle=False, train_sequences=10000, val_sequences=1000,
-                    seq_len=None, seed=42, force=False, progress=None):
-    """Write a dataset folder (chain.npz, train/val, meta.json with theory) for a pickled hmmlearn chain.
-
-    meta.json has process "markov", sparsity and alpha null, and
-    source = {"format": "hmmlearn-pickle", "path", "sha256"} naming the file;
-    `seed` drives only the sampling. Returns the meta dict.
-    """
-    chain = load_hmmlearn_chain(path, trust_pickle)
-    path = Path(path)
-    source = {"format": "hmmlearn-pickle", "path": str(path.resolve()),
-              "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-    return generate_dataset(out_dir, None, train_sequences, val_sequences, seq_len=seq_len, seed=seed,
-                            force=force, progress=progress, chain=chain, source=source)
-
 
 # ---------------------------------------------------------------------------
 # TransformerLens. A HookedTransformer is a pre-LN GPT-2 with every weight split
@@ -115,8 +49,10 @@ def _transformer_lens():
     try:
         from transformer_lens import HookedTransformer, HookedTransformerConfig
     except ImportError:  # 4.0 removed HookedTransformer for TransformerBridge
-        raise NanoMarkovError(f"transformer_lens {importlib.metadata.version('transformer_lens')} has no "
-                              f"HookedTransformer; install a 3.x one: {TL_INSTALL}") from None
+        raise NanoMarkovError(
+            f"transformer_lens {importlib.metadata.version('transformer_lens')} has no "
+            f"HookedTransformer; install a 3.x one: {TL_INSTALL}"
+        ) from None
     return HookedTransformer, HookedTransformerConfig, SUPPORTED_ACTIVATIONS
 
 
@@ -142,16 +78,24 @@ def _hooked_state(model):
     for i, block in enumerate(model.blocks):
         p = f"blocks.{i}."
         if block.attn is None:
-            for name, shape in [("W_Q", (H, C, D)), ("W_K", (H, C, D)), ("W_V", (H, C, D)), ("W_O", (H, D, C)),
-                                ("b_Q", (H, D)), ("b_K", (H, D)), ("b_V", (H, D)), ("b_O", (C,))]:
+            for name, shape in [
+                ("W_Q", (H, C, D)),
+                ("W_K", (H, C, D)),
+                ("W_V", (H, C, D)),
+                ("W_O", (H, D, C)),
+                ("b_Q", (H, D)),
+                ("b_K", (H, D)),
+                ("b_V", (H, D)),
+                ("b_O", (C,)),
+            ]:
                 put(p + "attn." + name, None, *shape)
             norms.append((p + "ln1", None))
         else:
             # c_attn.weight is (3C out, C in); head h owns rows h*D..(h+1)*D of each third.
             qkv, qkv_bias = block.attn.c_attn.weight, block.attn.c_attn.bias
             for j, name in enumerate("QKV"):
-                put(p + f"attn.W_{name}", qkv[j * C:(j + 1) * C].view(H, D, C).transpose(1, 2))
-                put(p + f"attn.b_{name}", None if qkv_bias is None else qkv_bias[j * C:(j + 1) * C].view(H, D), H, D)
+                put(p + f"attn.W_{name}", qkv[j * C : (j + 1) * C].view(H, D, C).transpose(1, 2))
+                put(p + f"attn.b_{name}", None if qkv_bias is None else qkv_bias[j * C : (j + 1) * C].view(H, D), H, D)
             # c_proj reads the heads concatenated: its input columns h*D..(h+1)*D belong to head h.
             put(p + "attn.W_O", block.attn.c_proj.weight.T.reshape(H, D, C))
             put(p + "attn.b_O", block.attn.c_proj.bias, C)
@@ -181,35 +125,53 @@ def to_hooked_transformer(ckpt_or_model):
     has none; it does not change the logits of a model in eval mode). The
     hooked model is in eval mode, on the GPT's device and dtype.
     """
-    model = _model_and_source(ckpt_or_model)[0]
+    model = model_and_source(ckpt_or_model)[0]
     c = model.config
     if model.wte.weight.dtype != torch.float32:
-        raise NanoMarkovError(f"the model is in {model.wte.weight.dtype}; the conversion is checked in float32: "
-                              f"call model.float() first")
+        raise NanoMarkovError(
+            f"the model is in {model.wte.weight.dtype}; the conversion is checked in float32: call model.float() first"
+        )
     act_fn = TL_ACT_FN.get(c.mlp_filter)
     if act_fn is None:
-        raise NanoMarkovError(f"mlp_filter={c.mlp_filter} has no TransformerLens equivalent; "
-                              f"it has {', '.join(f'{k} ({v})' for k, v in TL_ACT_FN.items())}")
+        raise NanoMarkovError(
+            f"mlp_filter={c.mlp_filter} has no TransformerLens equivalent; "
+            f"it has {', '.join(f'{k} ({v})' for k, v in TL_ACT_FN.items())}"
+        )
     HookedTransformer, HookedTransformerConfig, activations = _transformer_lens()
     if act_fn not in activations:
-        raise NanoMarkovError(f"mlp_filter={c.mlp_filter} needs act_fn {act_fn!r}, which this transformer_lens "
-                              f"lacks; upgrade it: {TL_INSTALL}")
+        raise NanoMarkovError(
+            f"mlp_filter={c.mlp_filter} needs act_fn {act_fn!r}, which this transformer_lens "
+            f"lacks; upgrade it: {TL_INSTALL}"
+        )
     weight = model.wte.weight
     cfg = HookedTransformerConfig(
-        n_layers=c.n_layer, d_model=c.n_embd, n_ctx=c.block_size, d_vocab=c.vocab_size,
-        n_heads=1 if c.mlp_only else c.n_head, d_head=1 if c.mlp_only else c.n_embd // c.n_head,
-        d_mlp=c.mlp_ratio * c.n_embd, act_fn=act_fn, normalization_type="LN" if c.use_ln else None, eps=LN_EPS,
+        n_layers=c.n_layer,
+        d_model=c.n_embd,
+        n_ctx=c.block_size,
+        d_vocab=c.vocab_size,
+        n_heads=1 if c.mlp_only else c.n_head,
+        d_head=1 if c.mlp_only else c.n_embd // c.n_head,
+        d_mlp=c.mlp_ratio * c.n_embd,
+        act_fn=act_fn,
+        normalization_type="LN" if c.use_ln else None,
+        eps=LN_EPS,
         # TransformerLens divides attention scores by sqrt(d_head) by default, as scaled_dot_product_attention does.
-        original_architecture="nanomarkov.GPT", init_weights=False, device=str(weight.device), dtype=weight.dtype)
+        original_architecture="nanomarkov.GPT",
+        init_weights=False,
+        device=str(weight.device),
+        dtype=weight.dtype,
+    )
     with warnings.catch_warnings():  # the 3.x deprecation notice about 4.0; the interp extra pins < 4
         warnings.simplefilter("ignore", DeprecationWarning)
         hooked = HookedTransformer(cfg)
     state, frozen = _hooked_state(model)
     params = dict(hooked.named_parameters())
     if set(params) != set(state):  # nothing may be left as TransformerLens initialised it
-        raise NanoMarkovError(f"this transformer_lens lays out its weights differently "
-                              f"({sorted(set(params) ^ set(state))}); install the one the interp extra allows: "
-                              f"{TL_INSTALL}")
+        raise NanoMarkovError(
+            f"this transformer_lens lays out its weights differently "
+            f"({sorted(set(params) ^ set(state))}); install the one the interp extra allows: "
+            f"{TL_INSTALL}"
+        )
     with torch.no_grad():
         for name, tensor in state.items():
             params[name].copy_(tensor)
@@ -228,8 +190,10 @@ def _check_same_logits(gpt, hooked):
         diff = (gpt.eval()(tokens)[0] - hooked.eval()(tokens)).abs().max().item()
     gpt.train(training)
     if not diff <= LOGIT_TOLERANCE:
-        raise NanoMarkovError(f"the converted model's logits differ by {diff:.3g} (> {LOGIT_TOLERANCE}); "
-                              f"some setting has no counterpart, so no model is returned")
+        raise NanoMarkovError(
+            f"the converted model's logits differ by {diff:.3g} (> {LOGIT_TOLERANCE}); "
+            f"some setting has no counterpart, so no model is returned"
+        )
 
 
 def from_hooked_transformer(hooked):
@@ -252,11 +216,21 @@ def from_hooked_transformer(hooked):
         raise NanoMarkovError(f"HookedTransformer with {setting} has no nanoMarkov equivalent: {why}")
 
     # Settings read below or known to change the computation; _check_same_logits catches the rest.
-    for name, expected in [("positional_embedding_type", "standard"), ("attention_dir", "causal"),
-                           ("attn_only", False), ("gated_mlp", False), ("parallel_attn_mlp", False),
-                           ("final_rms", False), ("post_embedding_ln", False), ("use_qk_norm", False),
-                           ("scale_attn_by_inverse_layer_idx", False), ("use_local_attn", False),
-                           ("n_key_value_heads", None), ("num_experts", None), ("dtype", torch.float32)]:
+    for name, expected in [
+        ("positional_embedding_type", "standard"),
+        ("attention_dir", "causal"),
+        ("attn_only", False),
+        ("gated_mlp", False),
+        ("parallel_attn_mlp", False),
+        ("final_rms", False),
+        ("post_embedding_ln", False),
+        ("use_qk_norm", False),
+        ("scale_attn_by_inverse_layer_idx", False),
+        ("use_local_attn", False),
+        ("n_key_value_heads", None),
+        ("num_experts", None),
+        ("dtype", torch.float32),
+    ]:
         if getattr(cfg, name, expected) != expected:
             refuse(f"{name}={getattr(cfg, name)!r}", f"only {expected!r} is expressible")
     if cfg.normalization_type not in ("LN", "LNPre", None):
@@ -282,22 +256,45 @@ def from_hooked_transformer(hooked):
     zero = torch.tensor(0.0)
     attn_names = [p + "attn." + n for p in blocks for n in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O")]
     mlp_only = all(fixed(n, zero) for n in attn_names)
-    if not mlp_only and (cfg.n_heads * cfg.d_head != C or not cfg.use_attn_scale
-                         or not math.isclose(cfg.attn_scale, math.sqrt(cfg.d_head))):
-        refuse(f"n_heads={cfg.n_heads}, d_head={cfg.d_head}, attn_scale={cfg.attn_scale}",
-               "heads must split d_model evenly and scores be divided by sqrt(d_head)")
-    identity_in = cfg.d_mlp == C and L > 0 and all(
-        fixed(p + "mlp.W_in", torch.eye(C)) and fixed(p + "mlp.b_in", zero) for p in blocks)
+    if not mlp_only and (
+        cfg.n_heads * cfg.d_head != C
+        or not cfg.use_attn_scale
+        or not math.isclose(cfg.attn_scale, math.sqrt(cfg.d_head))
+    ):
+        refuse(
+            f"n_heads={cfg.n_heads}, d_head={cfg.d_head}, attn_scale={cfg.attn_scale}",
+            "heads must split d_model evenly and scores be divided by sqrt(d_head)",
+        )
+    identity_in = (
+        cfg.d_mlp == C
+        and L > 0
+        and all(fixed(p + "mlp.W_in", torch.eye(C)) and fixed(p + "mlp.b_in", zero) for p in blocks)
+    )
     ln_biases = [n for n in w if n.endswith(("ln1.b", "ln2.b", "ln_final.b"))]
-    biases = [n for n in w if ".b_" in n and n != "unembed.b_U" and not (mlp_only and ".attn." in n)
-              and not (identity_in and n.endswith("mlp.b_in"))] + ln_biases
+    biases = [
+        n
+        for n in w
+        if ".b_" in n
+        and n != "unembed.b_U"
+        and not (mlp_only and ".attn." in n)
+        and not (identity_in and n.endswith("mlp.b_in"))
+    ] + ln_biases
     config = GPTConfig(
-        n_layer=L, n_head=cfg.n_heads, n_embd=C, block_size=cfg.n_ctx, vocab_size=V,
-        bias=not all(fixed(n, zero) for n in biases), use_ln=cfg.normalization_type is not None,
-        pos_ape=not fixed("pos_embed.W_pos", zero), mlp_only=mlp_only, mlp_ratio=cfg.d_mlp // C,
-        mlp_filter=act[cfg.act_fn], mlp_first_matrix_identity=identity_in,
+        n_layer=L,
+        n_head=cfg.n_heads,
+        n_embd=C,
+        block_size=cfg.n_ctx,
+        vocab_size=V,
+        bias=not all(fixed(n, zero) for n in biases),
+        use_ln=cfg.normalization_type is not None,
+        pos_ape=not fixed("pos_embed.W_pos", zero),
+        mlp_only=mlp_only,
+        mlp_ratio=cfg.d_mlp // C,
+        mlp_filter=act[cfg.act_fn],
+        mlp_first_matrix_identity=identity_in,
         one_hot_embed=V <= C and fixed("embed.W_E", torch.eye(V, C)),
-        lm_head_tied=torch.equal(w["unembed.W_U"], w["embed.W_E"].T))
+        lm_head_tied=torch.equal(w["unembed.W_U"], w["embed.W_E"].T),
+    )
 
     # The inverse of _hooked_state's reshapes; tensors the GPT does not have are left out.
     state = {"wte.weight": w["embed.W_E"], "lm_head.weight": w["unembed.W_U"].T}
@@ -308,7 +305,8 @@ def from_hooked_transformer(hooked):
         ours = f"blocks.{i}."
         if not mlp_only:
             state[ours + "attn.c_attn.weight"] = torch.cat(
-                [w[p + f"attn.W_{x}"].transpose(1, 2).reshape(C, C) for x in "QKV"])
+                [w[p + f"attn.W_{x}"].transpose(1, 2).reshape(C, C) for x in "QKV"]
+            )
             state[ours + "attn.c_attn.bias"] = torch.cat([w[p + f"attn.b_{x}"].reshape(C) for x in "QKV"])
             state[ours + "attn.c_proj.weight"] = w[p + "attn.W_O"].reshape(C, C).T
             state[ours + "attn.c_proj.bias"] = w[p + "attn.b_O"]

@@ -9,12 +9,15 @@ loss below is in nats per predicted token.
 This module imports nothing from the rest of the package, so it can be copied
 into another project on its own.
 """
+
+import pickle
 import warnings
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 
-from nanomarkov import NanoMarkovError
+from nanomarkov.errors import NanoMarkovError
 
 ROW_SUM_TOLERANCE = 1e-9
 
@@ -392,3 +395,44 @@ class MarkovChain:
         if np.any(tokens[:, 1:] >= self.n_states):
             raise NanoMarkovError(f"tokens after BOS must be states 0..{self.n_states - 1}")
         return tokens
+
+
+UNTRUSTED = (
+    "{path}: not loaded: unpickling a file runs arbitrary code that the file names, so a pickle "
+    "is only safe if you (or someone you trust) made it; if you did, pass --trust-pickle"
+)
+
+
+def load_hmmlearn_chain(path, trust_pickle=False):
+    """The MarkovChain inside a pickled hmmlearn model with identity emissions.
+
+    Without `trust_pickle` the file is not even opened. Anything other than an
+    hmmlearn model, or an hmmlearn model that is a real HMM (emissions not the
+    identity), raises NanoMarkovError.
+    """
+    path = Path(path)
+    if not trust_pickle:
+        raise NanoMarkovError(UNTRUSTED.format(path=path))
+    try:
+        with open(path, "rb") as f:
+            model = pickle.load(f)
+    except OSError as e:
+        raise NanoMarkovError(f"{path}: cannot be read: {e.strerror or e}") from e
+    except ModuleNotFoundError as e:
+        raise NanoMarkovError(
+            f"{path}: needs the module {e.name!r} to unpickle; install it (pip install hmmlearn)"
+        ) from e
+    except Exception as e:  # a broken or foreign pickle can raise nearly anything
+        raise NanoMarkovError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from e
+    module = type(model).__module__ or ""
+    if not module.startswith("hmmlearn.") or not all(
+        hasattr(model, a) for a in ("transmat_", "startprob_", "emissionprob_")
+    ):
+        raise NanoMarkovError(
+            f"{path}: holds a {module}.{type(model).__qualname__}, not an hmmlearn CategoricalHMM "
+            "with transmat_, startprob_ and emissionprob_ (what the seed's generator saved as model.pkl)"
+        )
+    try:
+        return MarkovChain.from_hmmlearn(model)
+    except NanoMarkovError as e:
+        raise NanoMarkovError(f"{path}: {e}") from e

@@ -1,5 +1,5 @@
 """A grid of training runs is data: a TOML file, expanded into run specs and run locally
-(in this process or a pool of them) or on SLURM (nanomarkov/slurm.py).
+(in this process or a pool of them) or on SLURM (nanomarkov/sweep/slurm.py).
 
     [defaults]          TrainConfig overrides for every run
     [[datasets]]        n_states, train, val (sequences); sparsity, seq_len, seed (default 42) optional;
@@ -18,6 +18,7 @@ A sweep can be stopped and started again at any moment: a finished run (done.jso
 is skipped, a run with a checkpoint is resumed, the rest train from scratch. A
 failing run is recorded with its error's first line and the sweep goes on.
 """
+
 import contextlib
 import dataclasses
 import json
@@ -29,37 +30,40 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
 
-from nanomarkov import NanoMarkovError
 from nanomarkov.config import FIELDS, PRESETS, PROCESS_DEFAULTS, TrainConfig, preset
 from nanomarkov.data import PROCESSES, default_data_dir
+from nanomarkov.errors import NanoMarkovError
 
 MANIFEST = "sweep.json"
 TOP_KEYS = ("defaults", "datasets", "experiments")
 DATASET_KEYS = ("n_states", "train", "val", "sparsity", "seq_len", "seed", "process")
 EXPERIMENT_KEYS = ("datasets", "presets", "seeds", "overrides", "tag")
 # The grid decides these per run; setting them by hand would put runs on top of each other.
-GRID_OWNED = {"data_dir": "each dataset's folder is OUT/data/<its default name>, e.g. mm{K}[-sparse-S]",
-              "out_dir": "each run's folder is OUT/runs/<name>; use tag = '...' to tell runs apart",
-              "seed": "list the seeds in seeds = [...]",
-              "init_from": "the sweep resumes runs that have a checkpoint by itself"}
+GRID_OWNED = {
+    "data_dir": "each dataset's folder is OUT/data/<its default name>, e.g. mm{K}[-sparse-S]",
+    "out_dir": "each run's folder is OUT/runs/<name>; use tag = '...' to tell runs apart",
+    "seed": "list the seeds in seeds = [...]",
+    "init_from": "the sweep resumes runs that have a checkpoint by itself",
+}
 
 
 @dataclasses.dataclass
 class RunSpec:
-    name: str           # the run's folder under OUT/runs, e.g. MM-100/MM-100-42
-    dataset: dict       # generate_dataset's parameters: n_states, train, val, sparsity, seq_len, seed, process, options
+    name: str  # the run's folder under OUT/runs, e.g. MM-100/MM-100-42
+    dataset: dict  # generate_dataset's parameters: n_states, train, val, sparsity, seq_len, seed, process, options
     data_dir: str
     preset: str
     seed: int
-    overrides: dict     # [defaults] then the experiment's overrides
+    overrides: dict  # [defaults] then the experiment's overrides
     out_dir: str
 
     def config(self) -> TrainConfig:
         values = preset(self.preset, self.dataset["n_states"], self.dataset["sparsity"], self.seed)
         if self.preset == "default":  # as `nanomarkov train DIR` would: attention where the process needs it
             values.update(PROCESS_DEFAULTS.get(self.dataset.get("process", "markov"), {}))
-        return TrainConfig.from_dict({**values, **self.overrides, "data_dir": self.data_dir,
-                                      "out_dir": self.out_dir}, f"run {self.name}")
+        return TrainConfig.from_dict(
+            {**values, **self.overrides, "data_dir": self.data_dir, "out_dir": self.out_dir}, f"run {self.name}"
+        )
 
 
 def _check_keys(table, valid, where):
@@ -114,11 +118,18 @@ def expand_grid(grid, out_root) -> list:
             raise NanoMarkovError(f"{here} lacks {', '.join(missing)}; e.g. n_states = 100, train = 50000, val = 5000")
         params = {"sparsity": None, "seq_len": None, "seed": 42, "process": "markov", **entry}
         preset("default", params["n_states"], params["sparsity"])  # checks K and sparsity
-        folder = out_root / "data" / default_data_dir(params["n_states"], params["sparsity"], process,
-                                                      **{k: entry[k] for k in options if k in entry}).name
+        folder = (
+            out_root
+            / "data"
+            / default_data_dir(
+                params["n_states"], params["sparsity"], process, **{k: entry[k] for k in options if k in entry}
+            ).name
+        )
         if folder in folders:
-            raise NanoMarkovError(f"{here} and #{folders[folder]} would both live in {folder}: "
-                                  "a grid holds one dataset per folder name (process, its options, n_states, sparsity)")
+            raise NanoMarkovError(
+                f"{here} and #{folders[folder]} would both live in {folder}: "
+                "a grid holds one dataset per folder name (process, its options, n_states, sparsity)"
+            )
         folders[folder] = i
         datasets.append((params, folder))
     specs, seen = [], {}
@@ -127,7 +138,7 @@ def expand_grid(grid, out_root) -> list:
         _check_keys(exp, EXPERIMENT_KEYS, here)
         chosen = exp.get("datasets", "all")
         if chosen != "all":
-            _list_of(chosen, int, f"{here} datasets (or \"all\")")
+            _list_of(chosen, int, f'{here} datasets (or "all")')
             bad = [d for d in chosen if not 0 <= d < len(datasets)]
             if bad:
                 raise NanoMarkovError(f"{here} datasets {bad}: the grid has datasets 0..{len(datasets) - 1}")
@@ -138,7 +149,7 @@ def expand_grid(grid, out_root) -> list:
         tag = exp.get("tag", "")
         if not isinstance(tag, str) or "/" in tag:
             raise NanoMarkovError(f"{here} tag must be a string without '/', got {tag!r}")
-        for d in (range(len(datasets)) if chosen == "all" else chosen):
+        for d in range(len(datasets)) if chosen == "all" else chosen:
             params, folder = datasets[d]
             for name in exp.get("presets", ["default"]):
                 for seed in _list_of(exp.get("seeds", [42]), int, f"{here} seeds"):
@@ -149,20 +160,25 @@ def expand_grid(grid, out_root) -> list:
                         run = Path(folder.name) / f"{folder.name}-{'' if name == 'default' else name + '-'}{seed}"
                     run_name = f"{run.parent.name}/{run.name}{'-' + tag if tag else ''}"
                     if run_name in seen:
-                        raise NanoMarkovError(f"{here} and {seen[run_name]} both make run {run_name}; "
-                                              "drop the repeat or give one experiment a tag")
+                        raise NanoMarkovError(
+                            f"{here} and {seen[run_name]} both make run {run_name}; "
+                            "drop the repeat or give one experiment a tag"
+                        )
                     seen[run_name] = here
-                    spec = RunSpec(run_name, params, str(folder), name, seed, overrides,
-                                   str(out_root / "runs" / run_name))
+                    spec = RunSpec(
+                        run_name, params, str(folder), name, seed, overrides, str(out_root / "runs" / run_name)
+                    )
                     spec.config()  # every override checked now, not hours into the sweep
                     specs.append(spec)
     if not specs:
-        raise NanoMarkovError(f"{where} expands to no run; it needs [[datasets]] and [[experiments]] "
-                              "with non-empty presets and seeds")
+        raise NanoMarkovError(
+            f"{where} expands to no run; it needs [[datasets]] and [[experiments]] with non-empty presets and seeds"
+        )
     return specs
 
 
 # ------------------------------------------------------------------ one run
+
 
 def _read_json(path):
     try:
@@ -184,11 +200,16 @@ def _check_finished_config(spec, cfg):
     from nanomarkov.train import RESUMABLE_CHANGES
 
     saved = _read_json(Path(spec.out_dir) / "config.json") or {}
-    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in cfg.to_dict().items()
-               if k not in RESUMABLE_CHANGES and k != "data_dir" and saved.get(k) != v]
+    changed = [
+        f"{k} {saved.get(k)!r} -> {v!r}"
+        for k, v in cfg.to_dict().items()
+        if k not in RESUMABLE_CHANGES and k != "data_dir" and saved.get(k) != v
+    ]
     if changed:
-        raise NanoMarkovError(f"{spec.out_dir} holds a finished run with another config ({', '.join(changed)}); "
-                              "delete that folder to train it again, or give the experiment a tag")
+        raise NanoMarkovError(
+            f"{spec.out_dir} holds a finished run with another config ({', '.join(changed)}); "
+            "delete that folder to train it again, or give the experiment a tag"
+        )
 
 
 def run_one(spec, threads=None) -> dict:
@@ -212,8 +233,11 @@ def run_one(spec, threads=None) -> dict:
             with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
                 done = train(cfg, show_progress=False)
             if done["status"] != "done":
-                return {**result, "state": "pending", "error": f"interrupted at iter {done['iters']}; "
-                        "run the sweep again to resume"}
+                return {
+                    **result,
+                    "state": "pending",
+                    "error": f"interrupted at iter {done['iters']}; run the sweep again to resume",
+                }
         result["train_s"] = round(time.time() - started, 3)
         ckpt, evaluation = out / "ckpt.pt", out / "eval.json"
         if not (evaluation.exists() and evaluation.stat().st_mtime_ns > ckpt.stat().st_mtime_ns):
@@ -232,6 +256,7 @@ def run_one(spec, threads=None) -> dict:
 
 # ------------------------------------------------------------------ the sweep
 
+
 def _save(manifest, out_root):
     """Write to a temporary name, then rename: a reader never sees half a manifest."""
     path = Path(out_root) / MANIFEST
@@ -240,8 +265,9 @@ def _save(manifest, out_root):
     os.replace(partial, path)
 
 
-def run_sweep(grid, out_root, jobs=1, dry_run=False, progress=print, threads=None, launcher="local",
-              slurm=None) -> dict:
+def run_sweep(
+    grid, out_root, jobs=1, dry_run=False, progress=print, threads=None, launcher="local", slurm=None
+) -> dict:
     """Generate the grid's datasets, train and evaluate every run, report; returns the manifest.
 
     launcher "local": jobs > 1 runs that many trainings at once in fresh processes,
@@ -258,22 +284,30 @@ def run_sweep(grid, out_root, jobs=1, dry_run=False, progress=print, threads=Non
         raise NanoMarkovError(f"launcher must be local or slurm, got {launcher!r}")
     executor = None
     if launcher == "slurm":
-        from nanomarkov.slurm import slurm_executor
+        from nanomarkov.sweep.slurm import slurm_executor
 
         slurm = dict(slurm or {})
         executor = slurm_executor(Path(out_root) / "slurm", **slurm)
         threads = slurm.get("cpus_per_task", 1)
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     runs = {s.name: {"spec": dataclasses.asdict(s), "state": "pending", "action": plan(s)} for s in specs}
-    manifest = {"grid": None if isinstance(grid, dict) else str(grid), "launcher": launcher, "jobs": jobs,
-                "threads": threads, "slurm": slurm, "host": socket.gethostname(), "pid": os.getpid(),
-                "started": time.time(), "runs": runs}
+    manifest = {
+        "grid": None if isinstance(grid, dict) else str(grid),
+        "launcher": launcher,
+        "jobs": jobs,
+        "threads": threads,
+        "slurm": slurm,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": time.time(),
+        "runs": runs,
+    }
     if dry_run:
         for s in specs:
             progress(f"{runs[s.name]['action']:6} {s.name}  (preset {s.preset}, seed {s.seed}, data {s.data_dir})")
         progress(f"{len(specs)} runs; dry run, nothing written")
         return manifest
-    from nanomarkov.sweep_status import refuse_if_still_running
+    from nanomarkov.sweep.status import refuse_if_still_running
 
     refuse_if_still_running(out_root)
     Path(out_root).mkdir(parents=True, exist_ok=True)
@@ -281,8 +315,17 @@ def run_sweep(grid, out_root, jobs=1, dry_run=False, progress=print, threads=Non
     for data_dir, params in {s.data_dir: s.dataset for s in specs}.items():
         progress(f"data {data_dir}")
         options = {k: v for k, v in params.items() if k not in DATASET_KEYS}
-        generate_dataset(data_dir, params["n_states"], params["train"], params["val"], sparsity=params["sparsity"],
-                         seq_len=params["seq_len"], seed=params["seed"], process=params["process"], **options)
+        generate_dataset(
+            data_dir,
+            params["n_states"],
+            params["train"],
+            params["val"],
+            sparsity=params["sparsity"],
+            seq_len=params["seq_len"],
+            seed=params["seed"],
+            process=params["process"],
+            **options,
+        )
 
     def start(spec):
         runs[spec.name].update(state="running", started=time.time())
@@ -294,7 +337,9 @@ def run_sweep(grid, out_root, jobs=1, dry_run=False, progress=print, threads=Non
             runs[name].update(job_id=job_id, submitted=now)
         _save(manifest, out_root)
         arrays = sorted({job_id.split("_")[0] for job_id in job_ids.values()})
-        progress(f"submitted {len(job_ids)} runs as SLURM job {', '.join(arrays)}; logs under {Path(out_root) / 'slurm'}")
+        progress(
+            f"submitted {len(job_ids)} runs as SLURM job {', '.join(arrays)}; logs under {Path(out_root) / 'slurm'}"
+        )
 
     def finish(spec, result):
         runs[spec.name].update(result, finished=time.time())
@@ -314,7 +359,7 @@ def run_sweep(grid, out_root, jobs=1, dry_run=False, progress=print, threads=Non
             for spec in [s for s in specs if runs[s.name]["action"] == "skip"]:
                 start(spec)
                 finish(spec, run_one(spec, threads))
-            from nanomarkov.slurm import run_jobs
+            from nanomarkov.sweep.slurm import run_jobs
 
             todo = [s for s in specs if runs[s.name]["action"] != "skip"]
             if todo:
@@ -338,8 +383,7 @@ def run_sweep(grid, out_root, jobs=1, dry_run=False, progress=print, threads=Non
                         try:
                             result = future.result()
                         except Exception as e:  # noqa: BLE001 - the worker process itself died
-                            result = {"state": "failed", "error": f"worker died: {type(e).__name__}: {e}",
-                                      "seconds": 0}
+                            result = {"state": "failed", "error": f"worker died: {type(e).__name__}: {e}", "seconds": 0}
                         finish(spec, result)
     except KeyboardInterrupt:
         for run in runs.values():
@@ -379,8 +423,10 @@ def _evaluate_families(specs, runs, progress):
         folders = [Path(s.out_dir) for s in members]
         evals = [_read_json(f / "eval.json") or {} for f in folders]
         newest_ckpt = max(f.joinpath("ckpt.pt").stat().st_mtime_ns for f in folders)
-        if len(members) < 2 or all(e.get("agreement") and f.joinpath("eval.json").stat().st_mtime_ns > newest_ckpt
-                                   for e, f in zip(evals, folders)):
+        if len(members) < 2 or all(
+            e.get("agreement") and f.joinpath("eval.json").stat().st_mtime_ns > newest_ckpt
+            for e, f in zip(evals, folders)
+        ):
             continue
         progress(f"agreement across {', '.join(s.name for s in members)}")
         try:

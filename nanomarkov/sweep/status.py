@@ -4,13 +4,14 @@ The manifest says what the sweep last knew; a sweep killed mid-run never wrote t
 runs stopped. So a run the manifest calls running is asked about: its SLURM job through
 sacct, or, for a local sweep, whether the sweep's process is still there.
 """
+
 import json
 import os
 import socket
 from pathlib import Path
 
-from nanomarkov import NanoMarkovError
-from nanomarkov.sweep import MANIFEST, _read_json
+from nanomarkov.errors import NanoMarkovError
+from nanomarkov.sweep.run import MANIFEST, _read_json
 
 
 def _last_line(path):
@@ -40,7 +41,7 @@ def _live_states(manifest, out_root) -> dict:
     job_ids = {name: run["job_id"] for name, run in unsettled.items() if run.get("job_id")}
     slurm_states = {}
     if job_ids:
-        from nanomarkov.slurm import sacct_states
+        from nanomarkov.sweep.slurm import sacct_states
 
         slurm_states = sacct_states(sorted(set(job_ids.values())))
     here = manifest.get("host") == socket.gethostname()
@@ -56,8 +57,11 @@ def _live_states(manifest, out_root) -> dict:
             live[name] = ("cancelled", f"job {job_ids[name]} cancelled; run the sweep again to resume", job_state)
         elif job_state == "COMPLETED":  # the sweep that waited for it was stopped: the run's folder tells
             done = _read_json(Path(out_root) / "runs" / name / "done.json") or {}
-            live[name] = (("done", None, job_state) if done.get("status") == "done" else
-                          ("pending", f"job {job_ids[name]} ended before training did; run the sweep again", job_state))
+            live[name] = (
+                ("done", None, job_state)
+                if done.get("status") == "done"
+                else ("pending", f"job {job_ids[name]} ended before training did; run the sweep again", job_state)
+            )
         elif job_state:
             live[name] = ("failed", f"job {job_ids[name]} ended {job_state}", job_state)
         elif run["state"] == "running" and sweep_gone and not job_state:
@@ -70,28 +74,40 @@ def refuse_if_still_running(out_root):
     manifest = _read_json(Path(out_root) / MANIFEST)
     if not manifest or "runs" not in manifest:
         return
-    job_ids = {run["job_id"]: name for name, run in manifest["runs"].items()
-               if run.get("job_id") and run["state"] in ("pending", "running")}
+    job_ids = {
+        run["job_id"]: name
+        for name, run in manifest["runs"].items()
+        if run.get("job_id") and run["state"] in ("pending", "running")
+    }
     if job_ids:
-        from nanomarkov.slurm import queued_jobs
+        from nanomarkov.sweep.slurm import queued_jobs
 
         busy = [f"{job_ids[job]} (job {job})" for job in sorted(queued_jobs(list(job_ids)))]
         if busy:
-            raise NanoMarkovError(f"{out_root} is in use: SLURM still has {', '.join(busy[:3])}"
-                                  f"{' and more' if len(busy) > 3 else ''}; wait for them (nanomarkov sweep status "
-                                  f"{out_root}) or scancel them first")
-    if (manifest.get("host") == socket.gethostname() and manifest.get("pid") not in (None, os.getpid())
-            and "finished" not in manifest and _alive(manifest["pid"])):
-        raise NanoMarkovError(f"{out_root} is in use: its sweep (pid {manifest['pid']}) is running; wait for it "
-                              f"(nanomarkov sweep status {out_root}) or stop it (Ctrl-C) first")
+            raise NanoMarkovError(
+                f"{out_root} is in use: SLURM still has {', '.join(busy[:3])}"
+                f"{' and more' if len(busy) > 3 else ''}; wait for them (nanomarkov sweep status "
+                f"{out_root}) or scancel them first"
+            )
+    if (
+        manifest.get("host") == socket.gethostname()
+        and manifest.get("pid") not in (None, os.getpid())
+        and "finished" not in manifest
+        and _alive(manifest["pid"])
+    ):
+        raise NanoMarkovError(
+            f"{out_root} is in use: its sweep (pid {manifest['pid']}) is running; wait for it "
+            f"(nanomarkov sweep status {out_root}) or stop it (Ctrl-C) first"
+        )
 
 
 def sweep_status(out_root) -> list:
     """One row per run of the sweep in out_root: name, state, iters, excess, error, last log line."""
     manifest = _read_json(Path(out_root) / MANIFEST)
     if manifest is None or "runs" not in manifest:
-        raise NanoMarkovError(f"{out_root} holds no readable {MANIFEST}; start a sweep there with "
-                              f"nanomarkov sweep GRID --out {out_root}")
+        raise NanoMarkovError(
+            f"{out_root} holds no readable {MANIFEST}; start a sweep there with nanomarkov sweep GRID --out {out_root}"
+        )
     live = _live_states(manifest, out_root)
     rows = []
     for name, run in manifest["runs"].items():
@@ -104,9 +120,18 @@ def sweep_status(out_root) -> list:
         except ValueError:
             iters = None
         excess = ev["cross_entropy"]["excess"] if ev else done.get("excess")
-        rows.append({"name": name, "state": run["state"], "action": run.get("action"), "iters": iters,
-                     "excess": excess, "seconds": run.get("seconds"), "error": run.get("error"),
-                     "last_log_line": _last_line(folder / "training.log") if run["state"] == "failed" else None})
+        rows.append(
+            {
+                "name": name,
+                "state": run["state"],
+                "action": run.get("action"),
+                "iters": iters,
+                "excess": excess,
+                "seconds": run.get("seconds"),
+                "error": run.get("error"),
+                "last_log_line": _last_line(folder / "training.log") if run["state"] == "failed" else None,
+            }
+        )
     return rows
 
 
@@ -114,12 +139,21 @@ def format_status(rows) -> str:
     table = [("run", "state", "iters", "excess", "time", "note")]
     for r in rows:
         note = " | ".join(x for x in (r["error"], r["last_log_line"] and f"log: {r['last_log_line']}") if x)
-        table.append((r["name"], r["state"], "-" if r["iters"] is None else str(r["iters"]),
-                      "-" if r["excess"] is None else f"{r['excess']:+.6f}",
-                      "-" if r["seconds"] is None else f"{r['seconds']:.0f}s", note))
+        table.append(
+            (
+                r["name"],
+                r["state"],
+                "-" if r["iters"] is None else str(r["iters"]),
+                "-" if r["excess"] is None else f"{r['excess']:+.6f}",
+                "-" if r["seconds"] is None else f"{r['seconds']:.0f}s",
+                note,
+            )
+        )
     widths = [max(len(row[i]) for row in table) for i in range(5)]
-    lines = ["  ".join([row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:5], widths[1:])), row[5]])
-             .rstrip() for row in table]
+    lines = [
+        "  ".join([row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:5], widths[1:])), row[5]]).rstrip()
+        for row in table
+    ]
     counts = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1

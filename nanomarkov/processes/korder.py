@@ -16,12 +16,13 @@ The tuple (x_{t-k+1}, ..., x_t) is itself a first-order Markov chain on K^k
 states, the "lifted" chain; tuples are indexed by idx = sum_i x_i K^(k-1-i)
 (oldest digit most significant), so one step is idx -> (idx*K + x) mod K^k.
 """
+
 from functools import cached_property
 
 import numpy as np
 
-from nanomarkov import NanoMarkovError
-from nanomarkov.chains import (
+from nanomarkov.errors import NanoMarkovError
+from nanomarkov.processes.markov import (
     MarkovChain,
     _alias_draw,
     _alias_tables,

@@ -24,13 +24,14 @@ bracket closes to ~1e-7. Numbers the bracket cannot pin down are Monte-Carlo
 estimates from a fixed seed. Each theory number has a "_se" key beside it:
 0.0 when exact, half the bracket when bracketed, else the standard error.
 """
+
 import warnings
 from functools import cached_property
 
 import numpy as np
 
-from nanomarkov import NanoMarkovError
-from nanomarkov.chains import (
+from nanomarkov.errors import NanoMarkovError
+from nanomarkov.processes.markov import (
     MarkovChain,
     _alias_draw,
     _alias_tables,
@@ -93,17 +94,21 @@ class HiddenMarkovModel:
         emissions = np.array(emissions, dtype=np.float64)
         startprob = np.array(startprob, dtype=np.float64)
         if transmat.ndim != 2 or transmat.shape[0] != transmat.shape[1] or transmat.shape[0] < 2:
-            raise NanoMarkovError(f"transmat must be a square (H, H) matrix with H >= 2 hidden states, "
-                                  f"got shape {transmat.shape}")
+            raise NanoMarkovError(
+                f"transmat must be a square (H, H) matrix with H >= 2 hidden states, got shape {transmat.shape}"
+            )
         n_hidden = transmat.shape[0]
         if emissions.ndim != 2 or emissions.shape[0] != n_hidden or emissions.shape[1] < 2:
-            raise NanoMarkovError(f"emissions must have shape (H={n_hidden}, K) with K >= 2 tokens, "
-                                  f"got shape {emissions.shape}")
+            raise NanoMarkovError(
+                f"emissions must have shape (H={n_hidden}, K) with K >= 2 tokens, got shape {emissions.shape}"
+            )
         if startprob.shape != (n_hidden,):
             raise NanoMarkovError(f"startprob must have shape ({n_hidden},) to match transmat, got {startprob.shape}")
         if n_hidden * (n_hidden + emissions.shape[1]) > MAX_MATRIX_ENTRIES:
-            raise NanoMarkovError(f"an HMM with H={n_hidden}, K={emissions.shape[1]} has more than "
-                                  f"{MAX_MATRIX_ENTRIES} (2^24) matrix entries; use fewer states")
+            raise NanoMarkovError(
+                f"an HMM with H={n_hidden}, K={emissions.shape[1]} has more than "
+                f"{MAX_MATRIX_ENTRIES} (2^24) matrix entries; use fewer states"
+            )
         _check_distribution("transmat rows", transmat)
         _check_distribution("emissions rows", emissions)
         _check_distribution("startprob", startprob)
@@ -129,8 +134,9 @@ class HiddenMarkovModel:
         """
         if preset == "mess3":
             if n_states != 3 or hidden_states not in (None, 3):
-                raise NanoMarkovError(f"mess3 has 3 tokens and 3 hidden states, got K={n_states}, "
-                                      f"hidden_states={hidden_states}")
+                raise NanoMarkovError(
+                    f"mess3 has 3 tokens and 3 hidden states, got K={n_states}, hidden_states={hidden_states}"
+                )
             if sparsity is not None or alpha != 1.0:
                 raise NanoMarkovError("alpha and sparsity shape random HMMs; mess3 is fixed by x and a")
             return cls.mess3(MESS3_X if x is None else x, MESS3_A if a is None else a)
@@ -143,8 +149,10 @@ class HiddenMarkovModel:
         if not isinstance(hidden_states, (int, np.integer)) or hidden_states < 2:
             raise NanoMarkovError(f"hidden_states must be an integer >= 2, got {hidden_states!r}")
         if hidden_states * (hidden_states + n_states) > MAX_MATRIX_ENTRIES:  # before drawing them
-            raise NanoMarkovError(f"an HMM with H={hidden_states}, K={n_states} has more than "
-                                  f"{MAX_MATRIX_ENTRIES} (2^24) matrix entries; use fewer states")
+            raise NanoMarkovError(
+                f"an HMM with H={hidden_states}, K={n_states} has more than "
+                f"{MAX_MATRIX_ENTRIES} (2^24) matrix entries; use fewer states"
+            )
         rng = np.random.default_rng(seed)
         transmat = _random_rows(rng, hidden_states, hidden_states, alpha, sparsity)
         emissions = rng.dirichlet(np.full(n_states, float(alpha)), size=hidden_states)
@@ -159,14 +167,18 @@ class HiddenMarkovModel:
     def options(self):
         """The generation options this HMM answers to; mess3 is recognised by its exact arrays."""
         x, a = float(self.transmat[0, 1]), float(self.emissions[0, 0])
-        if self.transmat.shape == self.emissions.shape == (3, 3) and 0 < x < 0.5 and 0 < a < 1 and all(
-                np.array_equal(mine, theirs) for mine, theirs in zip(self._arrays(), mess3_arrays(x, a))):
+        if (
+            self.transmat.shape == self.emissions.shape == (3, 3)
+            and 0 < x < 0.5
+            and 0 < a < 1
+            and all(np.array_equal(mine, theirs) for mine, theirs in zip(self._arrays(), mess3_arrays(x, a)))
+        ):
             return {"preset": "mess3", "hidden_states": 3, "x": x, "a": a}
         return {"preset": None, "hidden_states": self.n_hidden}
 
     @staticmethod
     def folder_name(n_states, preset=None, hidden_states=None, x=None, a=None):
-        """"mess3" (with -x..-a.. when not the default parameters), else "hmm{K}-h{H}"."""
+        """ "mess3" (with -x..-a.. when not the default parameters), else "hmm{K}-h{H}"."""
         if preset == "mess3":
             x, a = MESS3_X if x is None else x, MESS3_A if a is None else a
             return "mess3" if (x, a) == (MESS3_X, MESS3_A) else f"mess3-x{x:g}-a{a:g}"
@@ -361,13 +373,20 @@ class HiddenMarkovModel:
                 numbers = (losses[:n].mean(), 0.0, accuracies[:n].mean(), 0.0)
             else:
                 sampled_losses, sampled_accuracies = self._monte_carlo(seq_len, slice(None))
-                numbers = (sampled_losses.mean(), _standard_error(sampled_losses),
-                           sampled_accuracies.mean(), _standard_error(sampled_accuracies))
+                numbers = (
+                    sampled_losses.mean(),
+                    _standard_error(sampled_losses),
+                    sampled_accuracies.mean(),
+                    _standard_error(sampled_accuracies),
+                )
                 bracket = self._bracket()
                 if bracket is not None:
                     tail = n - len(losses)
-                    numbers = ((losses.sum() + tail * sum(bracket) / 2) / n, tail * (bracket[1] - bracket[0]) / 2 / n,
-                               *numbers[2:])
+                    numbers = (
+                        (losses.sum() + tail * sum(bracket) / 2) / n,
+                        tail * (bracket[1] - bracket[0]) / 2 / n,
+                        *numbers[2:],
+                    )
             self._by_seq_len[seq_len] = tuple(float(v) for v in numbers)
         return self._by_seq_len[seq_len]
 

@@ -15,12 +15,13 @@ position shares a sequence with a fitted one. Position t is the stream the
 model computes on reading tokens[:, t] (BOS at t = 0), matched with what is
 known after x_1..x_t.
 """
+
 import numpy as np
 from matplotlib.figure import Figure
 
-from nanomarkov import NanoMarkovError
 from nanomarkov.data import load_val_beliefs
-from nanomarkov.probes import _forward_capturing
+from nanomarkov.errors import NanoMarkovError
+from nanomarkov.interp.readouts import _forward_capturing
 
 TRAIN_FRACTION = 0.8
 
@@ -36,8 +37,9 @@ def linear_probe(features, targets, n_train):
     features = np.asarray(features, dtype=np.float64)
     targets = np.asarray(targets, dtype=np.float64)
     if features.ndim != 2 or targets.ndim != 2 or features.shape[0] != targets.shape[0]:
-        raise NanoMarkovError(f"features (n, d) and targets (n, m) must share their rows, got shapes "
-                              f"{features.shape} and {targets.shape}")
+        raise NanoMarkovError(
+            f"features (n, d) and targets (n, m) must share their rows, got shapes {features.shape} and {targets.shape}"
+        )
     if not 0 < n_train < features.shape[0]:
         raise NanoMarkovError(f"n_train must leave rows on both sides, got {n_train} of {features.shape[0]}")
     design = np.hstack([features, np.ones((features.shape[0], 1))])
@@ -64,8 +66,10 @@ def residual_streams(model, tokens):
 
 def _probe_inputs(model, dataset, n_sequences):
     if model.config.vocab_size != dataset.chain.vocab_size:
-        raise NanoMarkovError(f"the model's vocabulary is {model.config.vocab_size} but the dataset's is "
-                              f"{dataset.chain.vocab_size}; probe the model with the data it was trained on")
+        raise NanoMarkovError(
+            f"the model's vocabulary is {model.config.vocab_size} but the dataset's is "
+            f"{dataset.chain.vocab_size}; probe the model with the data it was trained on"
+        )
     n = min(n_sequences, dataset.val.shape[0])
     if n < 2:
         raise NanoMarkovError(f"a probe needs at least 2 val sequences (one to fit, one to score), got {n}")
@@ -83,8 +87,10 @@ def belief_state_probe(model, dataset, layer=None, n_sequences=1000):
     the last two (held-out positions, H).
     """
     if not hasattr(dataset.chain, "belief_states"):
-        raise NanoMarkovError(f"belief_state_probe needs hidden states (process hmm), this dataset is "
-                              f"{dataset.chain.process}; see context_probe for korder")
+        raise NanoMarkovError(
+            f"belief_state_probe needs hidden states (process hmm), this dataset is "
+            f"{dataset.chain.process}; see context_probe for korder"
+        )
     tokens, n_train = _probe_inputs(model, dataset, n_sequences)
     beliefs = np.asarray(load_val_beliefs(dataset)[: len(tokens), :-1], dtype=np.float64)
     names, streams = residual_streams(model, tokens)
@@ -111,8 +117,10 @@ def context_probe(model, dataset, n_sequences=1000):
     Returns {"layers", "lags" (k,), "accuracy" and "r2" (n_layer+1, k)}.
     """
     if dataset.chain.process != "korder":
-        raise NanoMarkovError(f"context_probe reads the last k states of a k-th order chain (process korder), "
-                              f"this dataset is {dataset.chain.process}")
+        raise NanoMarkovError(
+            f"context_probe reads the last k states of a k-th order chain (process korder), "
+            f"this dataset is {dataset.chain.process}"
+        )
     tokens, n_train = _probe_inputs(model, dataset, n_sequences)
     k, order = dataset.chain.n_states, dataset.chain.order
     inputs = tokens[:, :-1].astype(np.int64)  # BOS is already class K
@@ -149,8 +157,10 @@ def plot_belief_state_probe(result):
     fig = Figure(figsize=(15, 4.8), layout="constrained")
     axes = fig.subplots(1, 3)
     best = result["r2"][result["layers"].index(result["layer"])]
-    for ax, beliefs, title in ((axes[0], true, "true belief states (held-out positions)"),
-                               (axes[1], predicted, f"probe of {result['layer']}: R² {best:.3f}")):
+    for ax, beliefs, title in (
+        (axes[0], true, "true belief states (held-out positions)"),
+        (axes[1], predicted, f"probe of {result['layer']}: R² {best:.3f}"),
+    ):
         points = _simplex_points(beliefs, true)
         ax.scatter(points[:, 0], points[:, 1], c=colours, s=2, linewidths=0)
         if true.shape[1] == 3:

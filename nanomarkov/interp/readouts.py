@@ -18,6 +18,7 @@ treats 0 log 0 as 0. Probes run the model in eval mode without gradients and
 leave its mode as they found it. Token arrays are BOS-led sequences as a
 dataset stores them (e.g. dataset.val[:200]); the model reads seq[:-1].
 """
+
 import math
 from contextlib import contextmanager
 
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from nanomarkov import NanoMarkovError
+from nanomarkov.errors import NanoMarkovError
 from nanomarkov.evaluate import _kl_rows, _kl_terms, _state_log_probs
 
 # Positions x vocabulary per forward batch: bounds memory (float64 logits, one copy per layer).
@@ -46,12 +47,16 @@ def _inference(model):
 
 def _check_vocab(model, chain):
     if chain.process != "markov":
-        raise NanoMarkovError(f"this probe compares the model with a first-order transition matrix, which a "
-                              f"{chain.process} process does not have; see context_probe (korder) and "
-                              f"belief_state_probe (hmm)")
+        raise NanoMarkovError(
+            f"this probe compares the model with a first-order transition matrix, which a "
+            f"{chain.process} process does not have; see context_probe (korder) and "
+            f"belief_state_probe (hmm)"
+        )
     if model.config.vocab_size != chain.n_states + 1:
-        raise NanoMarkovError(f"the model's vocabulary is {model.config.vocab_size} but the chain has "
-                              f"{chain.n_states} states + BOS; probe the model with the chain it was trained on")
+        raise NanoMarkovError(
+            f"the model's vocabulary is {model.config.vocab_size} but the chain has "
+            f"{chain.n_states} states + BOS; probe the model with the chain it was trained on"
+        )
 
 
 def _batches(model, tokens):
@@ -63,8 +68,10 @@ def _batches(model, tokens):
     if np.any(tokens[:, 0] != bos) or np.any(tokens[:, 1:] >= bos) or np.any(tokens < 0):
         raise NanoMarkovError(f"every sequence must be BOS = {bos} followed by states 0..{bos - 1}")
     if tokens.shape[1] - 1 > model.config.block_size:
-        raise NanoMarkovError(f"sequences of {tokens.shape[1]} tokens need block_size >= {tokens.shape[1] - 1}, "
-                              f"the model has {model.config.block_size}; pass tokens[:, :{model.config.block_size + 1}]")
+        raise NanoMarkovError(
+            f"sequences of {tokens.shape[1]} tokens need block_size >= {tokens.shape[1] - 1}, "
+            f"the model has {model.config.block_size}; pass tokens[:, :{model.config.block_size + 1}]"
+        )
     per_batch = max(1, BATCH_ELEMENTS // ((tokens.shape[1] - 1) * model.config.vocab_size))
     for lo in range(0, tokens.shape[0], per_batch):
         yield torch.from_numpy(np.asarray(tokens[lo : lo + per_batch, :-1], dtype=np.int64))
@@ -94,6 +101,7 @@ def _forward_capturing(model, tokens, modules, inputs=False):
 
 
 # ------------------------------------------------------------ the whole model and the direct path
+
 
 def transition_readout(model, chain):
     """The model's next-state distribution after [BOS, s] for every state s, against P.
@@ -130,6 +138,7 @@ def direct_path(model, chain):
 
 # ------------------------------------------------------------ logit lens
 
+
 def logit_lens(model, chain, tokens):
     """Every residual stream read out through ln_f and the head, averaged over the given sequences.
 
@@ -165,6 +174,7 @@ def logit_lens(model, chain, tokens):
 
 # ------------------------------------------------------------ attention
 
+
 def _attention_weights(attn, h):
     """Attention weights (B, n_head, T, T) of a CausalSelfAttention on its input h (B, T, C).
 
@@ -195,8 +205,12 @@ def attention_summary(model, tokens):
     """
     attns = [block.attn for block in model.blocks if block.attn is not None]
     if not attns:
-        return {"current": np.zeros((0, 0)), "earlier": np.zeros((0, 0)), "bos": np.zeros((0, 0)),
-                "layers": np.zeros(0, dtype=int)}
+        return {
+            "current": np.zeros((0, 0)),
+            "earlier": np.zeros((0, 0)),
+            "bos": np.zeros((0, 0)),
+            "layers": np.zeros(0, dtype=int),
+        }
     n_head = attns[0].n_head
     sums = np.zeros((3, len(attns), n_head))  # current, earlier, bos
     queries = 0
@@ -217,6 +231,7 @@ def attention_summary(model, tokens):
 
 
 # ------------------------------------------------------------ plots
+
 
 def _plot_against_truth(result, what):
     true, learned, kl = result["true"], result["learned"], result["kl"]

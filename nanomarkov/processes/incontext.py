@@ -29,13 +29,14 @@ Expected losses have no closed form (they average over the count statistics of
 a random walk on a random matrix), so `theory` is a seeded Monte-Carlo estimate
 with a standard error for every key it estimates.
 """
+
 import math
 import warnings
 
 import numpy as np
 
-from nanomarkov import NanoMarkovError
-from nanomarkov.chains import MarkovChain, _check_distribution, _check_random_parameters, entropy, token_dtype
+from nanomarkov.errors import NanoMarkovError
+from nanomarkov.processes.markov import MarkovChain, _check_distribution, _check_random_parameters, entropy, token_dtype
 
 # Per-sequence count arrays (n, K, K) are built this many entries at a time (32 MiB of float64).
 BLOCK_ENTRIES = 1 << 22
@@ -100,7 +101,9 @@ class InContextChain:
             raise NanoMarkovError(f"startprob must have shape ({k},) to match concentration, got {startprob.shape}")
         _check_distribution("startprob", startprob)
         if support_size.ndim != 0 or support_size != np.round(support_size) or not 1 <= support_size <= k:
-            raise NanoMarkovError(f"support_size must be a single integer in 1..{k} (K: dense rows), got {support_size}")
+            raise NanoMarkovError(
+                f"support_size must be a single integer in 1..{k} (K: dense rows), got {support_size}"
+            )
         if support_size < k and np.ptp(concentration) != 0:
             raise NanoMarkovError(
                 "a sparse in-context chain needs the same concentration for every state "
@@ -122,8 +125,10 @@ class InContextChain:
         """
         _check_random_parameters(n_states, alpha, sparsity)
         if n_states > MAX_RANDOM_STATES:
-            raise NanoMarkovError(f"in-context chains go up to K = {MAX_RANDOM_STATES} here, got {n_states}: their "
-                                  "Monte-Carlo theory draws a K x K matrix for every sequence it simulates")
+            raise NanoMarkovError(
+                f"in-context chains go up to K = {MAX_RANDOM_STATES} here, got {n_states}: their "
+                "Monte-Carlo theory draws a K x K matrix for every sequence it simulates"
+            )
         support = max(1, int(n_states * (100 - sparsity) / 100)) if sparsity else n_states
         return cls(np.full(n_states, float(alpha)), np.full(n_states, 1.0 / n_states), support)
 
@@ -203,8 +208,9 @@ class InContextChain:
         # A row's total prior weight: sum(alpha) dense, m alpha sparse (one alpha then).
         log_rising_total = _log_rising(self.concentration.sum() * m / k, n_max)
         # log P(the support holds the d seen states) = log C(K-d, m-d) - log C(K, m); impossible if d > m.
-        log_support = np.array([_log_binomial(k - d, m - d) - _log_binomial(k, m) if d <= m else -np.inf
-                                for d in range(k + 1)])
+        log_support = np.array(
+            [_log_binomial(k - d, m - d) - _log_binomial(k, m) if d <= m else -np.inf for d in range(k + 1)]
+        )
         with np.errstate(divide="ignore"):
             total = -np.log(self.startprob)[np.asarray(tokens[:, 1], dtype=np.int64)].sum()
         for lo in range(0, n, self._block()):

@@ -1,4 +1,5 @@
-"""A trained GPT as `model.safetensors` + `config.json`, and back, with no pickle anywhere.
+"""Saving and loading a model: the training checkpoint (ckpt.pt), and a trained GPT as
+`model.safetensors` + `config.json` and back, with no pickle anywhere.
 
 A checkpoint (ckpt.pt) carries the optimizer, RNG state and training config, and
 is read with torch's restricted unpickler. Interpretability tools want less and
@@ -11,12 +12,15 @@ safetensors refuses two names for one storage, and a tied head is exactly that
 name, and config.json records the other names in "tied_weights"; rebuilding
 GPT(config) re-creates the tie itself, and `load` checks that it did.
 """
+
 import dataclasses
 import json
 import os
 from pathlib import Path
 
-from nanomarkov import NanoMarkovError
+import torch
+
+from nanomarkov.errors import NanoMarkovError
 from nanomarkov.model import GPT, GPTConfig
 
 FORMAT = "nanomarkov.GPT"
@@ -24,17 +28,46 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 FORMATS = ("safetensors",)
+CHECKPOINT = "ckpt.pt"
 
 
-def _model_and_source(ckpt_or_model):
+def save_checkpoint(path, state):
+    """Write to a temporary name, then rename: a kill mid-write never leaves a broken ckpt.pt."""
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def load_checkpoint(path):
+    """Read a checkpoint without running any pickled code; one clear error if it can't be read."""
+    path = Path(path)
+    if not path.is_file():
+        raise NanoMarkovError(f"{path}: no checkpoint there")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated, foreign or unsafe files
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise NanoMarkovError(f"{path}: not a readable nanoMarkov checkpoint ({first_line})") from None
+
+
+def load_model(ckpt_path):
+    """(model in eval mode, checkpoint dict) from a ckpt.pt, without running pickled code."""
+    ckpt = load_checkpoint(ckpt_path)
+    for key in ("model", "model_args", "data_dir"):
+        if key not in ckpt:
+            raise NanoMarkovError(f"{ckpt_path}: not a nanoMarkov checkpoint (no '{key}')")
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
+
+
+def model_and_source(ckpt_or_model):
     """(GPT, provenance dict) from a GPT or a path that `load` accepts."""
     if isinstance(ckpt_or_model, GPT):
         return ckpt_or_model, {}
     if isinstance(ckpt_or_model, (str, os.PathLike)):
         path = Path(ckpt_or_model)
         if path.is_file() and path.name != WEIGHTS_FILE:
-            from nanomarkov.evaluate import load_model
-
             model, ckpt = load_model(path)
             return model, {"checkpoint": str(path), "iter": ckpt.get("iter"), "data_dir": ckpt.get("data_dir")}
         return load(path), {"export": str(path)}
@@ -65,10 +98,15 @@ def export_safetensors(ckpt_or_model, out_dir):
     """
     from safetensors.torch import save
 
-    model, source = _model_and_source(ckpt_or_model)
+    model, source = model_and_source(ckpt_or_model)
     tensors, tied = _unique_tensors(model.state_dict())
-    config = {**dataclasses.asdict(model.config), "format": FORMAT, "format_version": FORMAT_VERSION,
-              "tied_weights": tied, "source": source}
+    config = {
+        **dataclasses.asdict(model.config),
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tied_weights": tied,
+        "source": source,
+    }
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -85,8 +123,10 @@ def export_safetensors(ckpt_or_model, out_dir):
 def _read_config(folder):
     path = folder / CONFIG_FILE
     if not path.is_file():
-        raise NanoMarkovError(f"{folder}: no {CONFIG_FILE}; export a checkpoint there with "
-                              f"`nanomarkov export CKPT --format safetensors --out {folder}`")
+        raise NanoMarkovError(
+            f"{folder}: no {CONFIG_FILE}; export a checkpoint there with "
+            f"`nanomarkov export CKPT --format safetensors --out {folder}`"
+        )
     try:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -94,8 +134,10 @@ def _read_config(folder):
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise NanoMarkovError(f"{path}: not a nanoMarkov export (format is not {FORMAT!r})")
     if not isinstance(config.get("format_version"), int) or config["format_version"] > FORMAT_VERSION:
-        raise NanoMarkovError(f"{path}: format_version {config.get('format_version')!r} is newer than this "
-                              f"nanoMarkov reads ({FORMAT_VERSION}); upgrade nanomarkov")
+        raise NanoMarkovError(
+            f"{path}: format_version {config.get('format_version')!r} is newer than this "
+            f"nanoMarkov reads ({FORMAT_VERSION}); upgrade nanomarkov"
+        )
     fields = [f.name for f in dataclasses.fields(GPTConfig)]
     missing = [name for name in fields if name not in config]
     if missing:
@@ -124,7 +166,9 @@ def _load_export(folder):
         model.load_state_dict(state)
     except RuntimeError as e:
         first_line = str(e).strip().splitlines()[0]
-        raise NanoMarkovError(f"{weights} does not match its {CONFIG_FILE} ({first_line}); export the model again") from None
+        raise NanoMarkovError(
+            f"{weights} does not match its {CONFIG_FILE} ({first_line}); export the model again"
+        ) from None
     if gpt_config.lm_head_tied and model.lm_head.weight is not model.wte.weight:
         raise NanoMarkovError(f"{folder}: the head lost its tie to the embedding; this is a bug, please report it")
     return model
@@ -143,6 +187,7 @@ def load(path):
     if path.is_file() and path.name == WEIGHTS_FILE:
         return _load_export(path.parent).eval()
     if path.is_file():
-        return _model_and_source(path)[0].eval()
-    raise NanoMarkovError(f"{path}: nothing there; give an export folder (model.safetensors + config.json) "
-                          f"or a ckpt.pt")
+        return model_and_source(path)[0].eval()
+    raise NanoMarkovError(
+        f"{path}: nothing there; give an export folder (model.safetensors + config.json) or a ckpt.pt"
+    )

@@ -9,17 +9,33 @@ is reported as cancelled, and the next sweep resumes it.
 The waiting side trusts sacct (through submitit's watcher), never only the result files,
 so a job that dies without writing its result is reported instead of waited on forever.
 """
+
 import os
 import shutil
 import signal
 import subprocess
 import time
 
-from nanomarkov import NanoMarkovError
+from nanomarkov.errors import NanoMarkovError
 
 # sacct's states of a job that may still run (or run again, once requeued).
-ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "COMPLETING", "CONFIGURING",
-          "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "STOPPED", "PREEMPTED", "UNKNOWN", "READY"}
+ACTIVE = {
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "COMPLETING",
+    "CONFIGURING",
+    "RESIZING",
+    "SUSPENDED",
+    "SIGNALING",
+    "STAGE_OUT",
+    "STOPPED",
+    "PREEMPTED",
+    "UNKNOWN",
+    "READY",
+}
 # A job sacct has not heard of after this long will not show up: accounting is down or the job is lost.
 UNKNOWN_GIVE_UP_S = 120
 
@@ -36,12 +52,22 @@ def _submitit():
 SLURM_FLAGS = ("slurm_partition", "time", "cpus_per_task", "gpus_per_task", "mem", "array_parallelism", "sbatch")
 
 
-def slurm_executor(folder, slurm_partition=None, time=60, cpus_per_task=1, gpus_per_task=None, mem=None,
-                   array_parallelism=None, sbatch=()):
+def slurm_executor(
+    folder,
+    slurm_partition=None,
+    time=60,
+    cpus_per_task=1,
+    gpus_per_task=None,
+    mem=None,
+    array_parallelism=None,
+    sbatch=(),
+):
     """A submitit SlurmExecutor writing its scripts and logs under folder; sbatch: extra 'KEY=VALUE' (or 'KEY')."""
     if shutil.which("sbatch") is None:
-        raise NanoMarkovError("--launcher slurm needs SLURM's sbatch on PATH: on this machine start a one-node "
-                              "cluster with scripts/slurm_local.sh up (as root), or see your cluster's docs")
+        raise NanoMarkovError(
+            "--launcher slurm needs SLURM's sbatch on PATH: on this machine start a one-node "
+            "cluster with scripts/slurm_local.sh up (as root), or see your cluster's docs"
+        )
     executor = _submitit().SlurmExecutor(folder=folder)
     extra = {}
     for item in sbatch:
@@ -49,10 +75,18 @@ def slurm_executor(folder, slurm_partition=None, time=60, cpus_per_task=1, gpus_
         if not key.strip("-"):
             raise NanoMarkovError(f"--sbatch {item!r}: give KEY=VALUE, e.g. --sbatch account=mylab")
         extra[key.strip("-")] = value if has_value else True
-    chosen = {"partition": slurm_partition, "gpus_per_task": gpus_per_task, "mem": mem,
-              "array_parallelism": array_parallelism}
-    executor.update_parameters(time=time, cpus_per_task=cpus_per_task, additional_parameters=extra,
-                               **{k: v for k, v in chosen.items() if v is not None})
+    chosen = {
+        "partition": slurm_partition,
+        "gpus_per_task": gpus_per_task,
+        "mem": mem,
+        "array_parallelism": array_parallelism,
+    }
+    executor.update_parameters(
+        time=time,
+        cpus_per_task=cpus_per_task,
+        additional_parameters=extra,
+        **{k: v for k, v in chosen.items() if v is not None},
+    )
     return executor
 
 
@@ -63,7 +97,7 @@ class RunJob:
         self.spec, self.threads = spec, threads
 
     def __call__(self):
-        from nanomarkov.sweep import run_one
+        from nanomarkov.sweep.run import run_one
 
         # train() stops cleanly (checkpoint first) on SIGTERM; SLURM's warning signal is passed on as one,
         # and once training has stopped, submitit's own handler checkpoints and requeues the job.
@@ -95,9 +129,14 @@ def job_states(jobs) -> dict:
     slurm = [job for job in jobs if isinstance(job, submitit.SlurmJob)]
     if slurm:
         slurm[0].watcher.update()
-    return {job: (job.watcher.get_state(job.job_id, mode="cache").split()[0] if job in slurm
-                  else {"RUNNING": "RUNNING", "FINISHED": "COMPLETED"}.get(job.state, "FAILED"))
-            for job in jobs}
+    return {
+        job: (
+            job.watcher.get_state(job.job_id, mode="cache").split()[0]
+            if job in slurm
+            else {"RUNNING": "RUNNING", "FINISHED": "COMPLETED"}.get(job.state, "FAILED")
+        )
+        for job in jobs
+    }
 
 
 def sacct_states(job_ids) -> dict:
@@ -115,8 +154,9 @@ def queued_jobs(job_ids) -> set:
     """Those of job_ids that SLURM has queued or running: squeue knows a job as soon as it is submitted, sacct may not."""
     if shutil.which("squeue") is None:
         return set()
-    listed = subprocess.run(["squeue", "-h", "-r", "-o", "%i", "-j", ",".join(job_ids)],
-                            capture_output=True, text=True).stdout.split()  # fails on ids it has forgotten: none queued
+    listed = subprocess.run(
+        ["squeue", "-h", "-r", "-o", "%i", "-j", ",".join(job_ids)], capture_output=True, text=True
+    ).stdout.split()  # fails on ids it has forgotten: none queued
     return set(listed) & set(job_ids)
 
 
@@ -128,8 +168,10 @@ def _outcome(job, state):
         except Exception as e:  # noqa: BLE001 - submitit raises its own types for a missing or failed result
             return {"state": "failed", "error": f"job {job.job_id}: {(str(e).strip().splitlines() or [''])[0]}"}
     if state == "CANCELLED":
-        return {"state": "cancelled", "error": f"job {job.job_id} was cancelled; run the sweep again to resume "
-                                               "from its checkpoint"}
+        return {
+            "state": "cancelled",
+            "error": f"job {job.job_id} was cancelled; run the sweep again to resume from its checkpoint",
+        }
     log = [line for line in (job.stderr() or "").splitlines() if line.strip()]
     return {"state": "failed", "error": f"job {job.job_id} ended {state}" + (f"; log: {log[-1]}" if log else "")}
 
@@ -156,6 +198,10 @@ def run_jobs(executor, specs, threads, on_submit, on_start, on_finish, poll_s=1.
             if state in ACTIVE and not lost:
                 continue
             del waiting[job]
-            on_finish(spec, _outcome(job, state) if not lost else
-                      {"state": "failed", "error": f"sacct does not know job {job.job_id}; is slurmdbd running?"})
+            on_finish(
+                spec,
+                _outcome(job, state)
+                if not lost
+                else {"state": "failed", "error": f"sacct does not know job {job.job_id}; is slurmdbd running?"},
+            )
     return jobs

@@ -1,0 +1,59 @@
+"""nanomarkov/files.py: atomic replaces and strict JSON."""
+
+import json
+import math
+import os
+
+import pytest
+
+from nanomarkov import NanoMarkovError
+from nanomarkov.files import json_text, partial_path, read_json, read_json_or_none, write_atomic, write_json
+
+
+def strict_loads(text):
+    def refuse(constant):
+        raise ValueError(f"non-strict JSON constant {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_non_finite_numbers_are_written_as_null_at_any_depth():
+    record = {"a": math.nan, "b": [1.0, math.inf, {"c": -math.inf}], "d": (2.5, "x"), "e": 3}
+    assert strict_loads(json_text(record)) == {"a": None, "b": [1.0, None, {"c": None}], "d": [2.5, "x"], "e": 3}
+
+
+def test_write_json_replaces_and_leaves_no_partial(tmp_path):
+    path = tmp_path / "r.json"
+    write_json(path, {"v": 1})
+    write_json(path, {"v": 2})
+    assert read_json(path) == {"v": 2}
+    assert not partial_path(path).exists()
+
+
+def test_a_failed_write_keeps_the_old_file_and_removes_its_partial(tmp_path, monkeypatch):
+    path = tmp_path / "r.json"
+    write_json(path, {"v": 1})
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(NanoMarkovError, match="No space left on device.*free some space"):
+        write_atomic(path, "{}", what="record")
+    assert read_json(path) == {"v": 1}
+    assert not partial_path(path).exists()
+
+
+@pytest.mark.parametrize("content", ["null", "[1, 2]", "{not json", b"\xff\xfe"])
+def test_read_json_refuses_anything_but_an_object_with_the_fix(tmp_path, content):
+    path = tmp_path / "meta.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(NanoMarkovError, match="meta.json: not a.*regenerate it"):
+        read_json(path, what="dataset record", fix="regenerate it")
+    assert read_json_or_none(path) is None
+
+
+def test_read_json_names_a_missing_file(tmp_path):
+    with pytest.raises(NanoMarkovError, match="no done record there; train it"):
+        read_json(tmp_path / "done.json", what="done record", fix="train it")
+    assert read_json_or_none(tmp_path / "done.json") is None

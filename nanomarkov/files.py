@@ -9,9 +9,12 @@ Two promises hold for every file written through here:
   finite); `json.loads` of anything written here never needs Python's extensions.
 """
 
+import fcntl
 import json
 import math
 import os
+import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 from nanomarkov.errors import NanoMarkovError
@@ -88,3 +91,41 @@ def read_json_or_none(path):
         return read_json(path)
     except NanoMarkovError:
         return None
+
+
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def writer_lock(folder, what):
+    """Hold the one-writer lock of `folder` (a dataset or a run) for the duration of the block.
+
+    The lock is an flock on `folder/.lock`, which the kernel releases when the holder exits in any
+    way (kill -9 included), so a crashed writer never leaves a stale lock; the file keeps the last
+    holder's pid for the message a second writer gets. NanoMarkovError if another process holds it.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    try:
+        handle = open(path, "a+")
+    except OSError as e:
+        raise NanoMarkovError(f"cannot lock {folder} ({e.strerror or e}); choose a folder you can write") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise NanoMarkovError(
+                f"{folder}: another {what} is writing here ({holder}); wait for it to finish or stop it, "
+                "or choose another folder"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -3,11 +3,21 @@
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 
 from nanomarkov import NanoMarkovError
-from nanomarkov.files import json_text, partial_path, read_json, read_json_or_none, write_atomic, write_json
+from nanomarkov.files import (
+    json_text,
+    partial_path,
+    read_json,
+    read_json_or_none,
+    write_atomic,
+    write_json,
+    writer_lock,
+)
 
 
 def strict_loads(text):
@@ -57,3 +67,26 @@ def test_read_json_names_a_missing_file(tmp_path):
     with pytest.raises(NanoMarkovError, match="no done record there; train it"):
         read_json(tmp_path / "done.json", what="done record", fix="train it")
     assert read_json_or_none(tmp_path / "done.json") is None
+
+
+LOCK_HOLDER = """
+import sys, time
+from nanomarkov.files import writer_lock
+with writer_lock(sys.argv[1], "run"):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_lock_and_not_after_it_dies(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(NanoMarkovError, match=rf"another run is writing here \(pid {holder.pid} on"):
+            with writer_lock(tmp_path, "run"):
+                pass
+    finally:
+        holder.kill()  # like kill -9: no clean-up code runs
+        holder.wait()
+    with writer_lock(tmp_path, "run"):  # the kernel released the dead holder's lock
+        assert f"pid {os.getpid()}" in (tmp_path / ".lock").read_text()

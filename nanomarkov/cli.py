@@ -422,7 +422,7 @@ def build_parser():
         "--launcher",
         choices=["local", "slurm"],
         default="local",
-        help="local processes (default), or one SLURM job array through submitit (CLUSTER.md)",
+        help="local processes (default), or one SLURM job array through submitit (docs/sweeps.md)",
     )
     cl = sw.add_argument_group("SLURM (with --launcher slurm)")
     cl.add_argument(

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from nanomarkov.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from nanomarkov.config import TrainConfig
-from nanomarkov.data import SequenceOrder, load_dataset, to_inputs_targets, whole_split_batches
+from nanomarkov.data import Dataset, SequenceOrder, load_dataset, to_inputs_targets, whole_split_batches
 from nanomarkov.distributed import Distributed, init_distributed
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
 from nanomarkov.files import write_json
@@ -197,7 +197,7 @@ class RunSetup:
     device: str
     autocast: object  # a torch dtype, or None for float32
     use_compile: bool
-    dataset: object
+    dataset: Dataset
     gpt_config: GPTConfig
 
     @property
@@ -223,6 +223,8 @@ class RunSetup:
 
 @dataclasses.dataclass
 class ModelAndOptimizer:
+    """The model as saved and as called, and its optimizer."""
+
     raw: GPT  # the module whose weights are saved
     wrapped: torch.nn.Module  # what the steps call: the raw model, compiled and/or wrapped for DDP
     optimizer: torch.optim.Optimizer
@@ -230,6 +232,8 @@ class ModelAndOptimizer:
 
 @dataclasses.dataclass
 class RunOutputs:
+    """Where the run reports: its log files, a progress bar, wandb."""
+
     log: _RunLog
     bar: object  # a tqdm progress bar on a terminal, else None
     wandb_run: object  # None unless wandb_log

@@ -19,8 +19,10 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import save
 
 from nanomarkov.errors import NanoMarkovError
+from nanomarkov.files import write_atomic, write_json
 from nanomarkov.model import GPT, GPTConfig
 
 FORMAT = "nanomarkov.GPT"
@@ -96,8 +98,6 @@ def export_safetensors(ckpt_or_model, out_dir):
     dataset, when exported from one). Existing files of these two names are
     replaced; config.json is written last, so an interrupted export never loads.
     """
-    from safetensors.torch import save
-
     model, source = model_and_source(ckpt_or_model)
     tensors, tied = _unique_tensors(model.state_dict())
     config = {
@@ -110,13 +110,12 @@ def export_safetensors(ckpt_or_model, out_dir):
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        partial = out / (WEIGHTS_FILE + ".partial")
-        # Bytes written by us rather than safetensors' save_file, whose files ignore the umask (mode 0600).
-        partial.write_bytes(save(tensors, metadata={"format": "pt", "nanomarkov_format": FORMAT}))
-        os.replace(partial, out / WEIGHTS_FILE)
-        (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     except OSError as e:
         raise NanoMarkovError(f"cannot write the export to {out} ({e.strerror or e}); choose another --out") from None
+    # Bytes written by us rather than safetensors' save_file, whose files ignore the umask (mode 0600).
+    weights = save(tensors, metadata={"format": "pt", "nanomarkov_format": FORMAT})
+    write_atomic(out / WEIGHTS_FILE, weights, what="export's weights")
+    write_json(out / CONFIG_FILE, config, what="export's config")
     return out
 
 

@@ -25,6 +25,7 @@ from matplotlib.ticker import EngFormatter, MaxNLocator
 
 from nanomarkov.data import load_dataset
 from nanomarkov.errors import NanoMarkovError
+from nanomarkov.files import read_json
 
 TARGET_EXCESS = 0.003  # nats: the project's quality target (DESIGN.md section 9)
 REPORT_FOLDER = "report"
@@ -73,14 +74,11 @@ def find_runs(root):
     return sorted({mark.parent for mark in marks})
 
 
-def _read_json(path):
-    """A JSON file's content, None when it is absent; one clear error when it is damaged."""
+def _read_run_file(path):
+    """A run file's JSON object, None when it is absent; one clear error when it is damaged."""
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise NanoMarkovError(f"{path}: unreadable ({e}); delete it and rerun the command that writes it") from None
+    return read_json(path, what="run file", fix="delete it and rerun the command that writes it")
 
 
 def _dig(record, keys):
@@ -94,8 +92,8 @@ def _dig(record, keys):
 def load_run(folder):
     """Everything the report needs from one run folder, as a dict; missing files give None."""
     folder = Path(folder)
-    config = _read_json(folder / "config.json") or {}
-    evaluation, done = _read_json(folder / "eval.json"), _read_json(folder / "done.json")
+    config = _read_run_file(folder / "config.json") or {}
+    evaluation, done = _read_run_file(folder / "eval.json"), _read_run_file(folder / "done.json")
     log = []
     if (folder / "log.jsonl").is_file():
         for line in (folder / "log.jsonl").read_text().splitlines():

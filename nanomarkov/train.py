@@ -1,4 +1,4 @@
-"""The training loop: one function, `train(config)`, read top to bottom.
+"""The training loop: `train(config)`, a few named steps read top to bottom.
 
 A run lives in `config.out_dir`:
   config.json    every TrainConfig field, plus the model's vocab_size and block_size
@@ -26,13 +26,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from nanomarkov.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from nanomarkov.config import TrainConfig
-from nanomarkov.data import SequenceOrder, load_dataset, to_inputs_targets, whole_split_batches
-from nanomarkov.distributed import init_distributed
+from nanomarkov.data import Dataset, SequenceOrder, load_dataset, to_inputs_targets, whole_split_batches
+from nanomarkov.distributed import Distributed, init_distributed
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
-from nanomarkov.model import GPT
+from nanomarkov.files import write_json
+from nanomarkov.model import GPT, GPTConfig
 
 # Config fields a resumed run may change without changing what it computes.
 RESUMABLE_CHANGES = {
@@ -186,8 +188,73 @@ class _RunLog:
             self.echo(text)
 
 
+@dataclasses.dataclass
+class RunSetup:
+    """What a run is, fixed before its first step: the process group, the device, the data, the model's shape."""
+
+    cfg: TrainConfig
+    ddp: Distributed
+    device: str
+    autocast: object  # a torch dtype, or None for float32
+    use_compile: bool
+    dataset: Dataset
+    gpt_config: GPTConfig
+
+    @property
+    def out_dir(self):
+        return Path(self.cfg.out_dir)
+
+    @property
+    def ckpt_path(self):
+        return self.out_dir / CHECKPOINT
+
+    @property
+    def theory(self):
+        return self.dataset.meta["theory"]
+
+    @property
+    def global_batch(self):
+        return self.cfg.batch_size * self.cfg.grad_accum_steps * self.ddp.world_size
+
+    @property
+    def tokens_per_iter(self):
+        return self.global_batch * self.gpt_config.block_size
+
+
+@dataclasses.dataclass
+class ModelAndOptimizer:
+    """The model as saved and as called, and its optimizer."""
+
+    raw: GPT  # the module whose weights are saved
+    wrapped: torch.nn.Module  # what the steps call: the raw model, compiled and/or wrapped for DDP
+    optimizer: torch.optim.Optimizer
+
+
+@dataclasses.dataclass
+class RunOutputs:
+    """Where the run reports: its log files, a progress bar, wandb."""
+
+    log: _RunLog
+    bar: object  # a tqdm progress bar on a terminal, else None
+    wandb_run: object  # None unless wandb_log
+
+
 def train(cfg: TrainConfig, overwrite=False, show_progress=None):
     """Train a GPT on cfg.data_dir; returns the done.json dict (status 'done' or 'interrupted')."""
+    setup = set_up_run(cfg)
+    resume_state = read_resume_state(setup, overwrite)
+    model = build_model(setup, resume_state)
+    if setup.ddp.is_main:
+        write_run_folder(setup, resumed=resume_state is not None)
+    outputs = open_outputs(setup, model.raw, resume_state, show_progress)
+    loop = TrainingLoop(setup, model, outputs, resume_state)
+    with _StopRequests() as stop:
+        status = loop.run(stop)
+    return finish(loop, status)
+
+
+def set_up_run(cfg):
+    """Join the process group, choose the device and load the dataset; nothing is written yet."""
     wants_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     ddp = init_distributed("cuda" if wants_cuda else "cpu")
     device, autocast, use_compile = resolve_device(cfg, ddp.local_rank)
@@ -196,243 +263,297 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None):
     dataset = load_dataset(cfg.data_dir)
     if cfg.wandb_log and ddp.is_main:
         _import_wandb()  # fail before anything is written
-    theory = dataset.meta["theory"]
-    out_dir = Path(cfg.out_dir)
-    ckpt_path = out_dir / CHECKPOINT
-
-    global_batch = cfg.batch_size * cfg.grad_accum_steps * ddp.world_size
     gpt_config = cfg.gpt_config(vocab_size=dataset.vocab_size, block_size=dataset.seq_len - 1)
-    tokens_per_iter = global_batch * gpt_config.block_size
+    return RunSetup(cfg, ddp, device, autocast, use_compile, dataset, gpt_config)
 
-    resume_state = None
-    if cfg.init_from == "resume":
-        resume_state = load_checkpoint(ckpt_path)
-        _check_resumable(resume_state, cfg, dataset, ckpt_path)
-    elif ckpt_path.exists() and not overwrite:
+
+def read_resume_state(setup, overwrite):
+    """The checkpoint a resumed run continues from, None for a fresh one (which may not replace a run unasked)."""
+    if setup.cfg.init_from == "resume":
+        state = load_checkpoint(setup.ckpt_path)
+        _check_resumable(state, setup.cfg, setup.dataset, setup.ckpt_path)
+        return state
+    if setup.ckpt_path.exists() and not overwrite:
         raise NanoMarkovError(
-            f"{out_dir} already holds a run (ckpt.pt); pass --resume to continue it, "
+            f"{setup.out_dir} already holds a run (ckpt.pt); pass --resume to continue it, "
             "--force to start it over, or --out_dir=DIR to train elsewhere"
         )
+    return None
 
+
+def build_model(setup, resume_state):
+    """The seeded model and its optimizer, with the checkpoint's weights, moments and RNG state when resuming."""
+    cfg, device = setup.cfg, setup.device
     torch.manual_seed(cfg.seed)
-    model = GPT(gpt_config).to(device)
-    optimizer = model.configure_optimizer(
+    raw = GPT(setup.gpt_config).to(device)
+    optimizer = raw.configure_optimizer(
         cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.split(":")[0]
     )
-    it, elapsed_before, log_sizes = 0, 0.0, {}
     if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
+        raw.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
         _set_rng_state(resume_state["rng"])
-        it, elapsed_before, log_sizes = resume_state["iter"], resume_state["elapsed_s"], resume_state["log_sizes"]
-
-    raw_model = model
-    if use_compile:
-        model = torch.compile(model)
-    if ddp.world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[ddp.local_rank] if device.startswith("cuda") else None)
-
-    if ddp.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if resume_state is None:
-            for stale in ("log.jsonl", "training.log", "done.json"):
-                (out_dir / stale).unlink(missing_ok=True)
-        else:
-            (out_dir / "done.json").unlink(missing_ok=True)
-        config_record = dict(
-            cfg.to_dict(),
-            vocab_size=gpt_config.vocab_size,
-            block_size=gpt_config.block_size,
-            device_resolved=device,
-            autocast=str(autocast),
-            compiled=use_compile,
-            world_size=ddp.world_size,
-            tokens_per_iter=tokens_per_iter,
+    wrapped = torch.compile(raw) if setup.use_compile else raw
+    if setup.ddp.world_size > 1:
+        wrapped = DistributedDataParallel(
+            wrapped, device_ids=[setup.ddp.local_rank] if device.startswith("cuda") else None
         )
-        (out_dir / "config.json").write_text(json.dumps(config_record, indent=2) + "\n")
+    return ModelAndOptimizer(raw, wrapped, optimizer)
 
+
+def write_run_folder(setup, resumed):
+    """Create out_dir, remove what an earlier run left there that this one writes anew, write config.json."""
+    setup.out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("done.json",) if resumed else ("log.jsonl", "training.log", "done.json"):
+        (setup.out_dir / stale).unlink(missing_ok=True)
+    config_record = dict(
+        setup.cfg.to_dict(),
+        vocab_size=setup.gpt_config.vocab_size,
+        block_size=setup.gpt_config.block_size,
+        device_resolved=setup.device,
+        autocast=str(setup.autocast),
+        compiled=setup.use_compile,
+        world_size=setup.ddp.world_size,
+        tokens_per_iter=setup.tokens_per_iter,
+    )
+    write_json(setup.out_dir / "config.json", config_record, what="run config")
+
+
+def open_outputs(setup, raw_model, resume_state, show_progress):
+    """The progress bar, the run's log (cut back to the checkpoint when resuming) with its first line, and wandb."""
+    cfg, ddp = setup.cfg, setup.ddp
     interactive = (sys.stdout.isatty() if show_progress is None else show_progress) and ddp.is_main
-    bar = None
-    if interactive:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.max_iters, initial=it, unit="it", dynamic_ncols=True, leave=False)
-    log = _RunLog(out_dir, ddp.is_main, bar.write if bar is not None else print)
-    log.truncate_to(log_sizes)
-    wandb_run = _start_wandb(cfg, out_dir) if cfg.wandb_log and ddp.is_main else None
+    start_iter = 0 if resume_state is None else resume_state["iter"]
+    bar = (
+        tqdm(total=cfg.max_iters, initial=start_iter, unit="it", dynamic_ncols=True, leave=False)
+        if interactive
+        else None
+    )
+    log = _RunLog(setup.out_dir, ddp.is_main, bar.write if bar is not None else print)
+    log.truncate_to({} if resume_state is None else resume_state["log_sizes"])
+    wandb_run = _start_wandb(cfg, setup.out_dir) if cfg.wandb_log and ddp.is_main else None
+    autocast, theory = setup.autocast, setup.theory
     log.line(
-        f"{out_dir}: {raw_model.num_params():,} parameters, {tokens_per_iter:,} tokens/iter "
-        f"({global_batch} sequences x {gpt_config.block_size}), device {device}"
-        f"{', ' + str(autocast).replace('torch.', '') if autocast else ''}{', compiled' if use_compile else ''}, "
-        f"{'resuming at iter ' + str(it) if resume_state else 'from scratch'}; optimal_loss "
+        f"{setup.out_dir}: {raw_model.num_params():,} parameters, {setup.tokens_per_iter:,} tokens/iter "
+        f"({setup.global_batch} sequences x {setup.gpt_config.block_size}), device {setup.device}"
+        f"{', ' + str(autocast).replace('torch.', '') if autocast else ''}{', compiled' if setup.use_compile else ''}, "
+        f"{'resuming at iter ' + str(start_iter) if resume_state else 'from scratch'}; optimal_loss "
         f"{theory['optimal_loss']:.6f}, true_loss_val {theory['true_loss_val']:.6f}"
     )
+    return RunOutputs(log, bar, wandb_run)
 
-    order = SequenceOrder(dataset.train.shape[0], cfg.seed)
-    started = time.perf_counter()
-    window_losses, window_start, window_tokens = [], time.perf_counter(), 0
-    last_eval = None
 
-    def elapsed():
-        return elapsed_before + time.perf_counter() - started
+class TrainingLoop:
+    """The steps, the log lines and the evaluations (each followed by a checkpoint), and the state they share:
+    the iteration, the loss windows the logged means cover, the last evaluation and the clock."""
 
-    def evaluate_and_checkpoint(scheduled=True):
-        nonlocal last_eval
+    def __init__(self, setup, model, outputs, resume_state):
+        self.setup, self.model, self.outputs = setup, model, outputs
+        self.resumed = resume_state is not None
+        self.order = SequenceOrder(setup.dataset.train.shape[0], setup.cfg.seed)
+        self.it = resume_state["iter"] if self.resumed else 0
+        self.elapsed_before = resume_state["elapsed_s"] if self.resumed else 0.0
+        self.started = time.perf_counter()
+        self.window_start, self.window_tokens = time.perf_counter(), 0
+        # Resumed, the logged loss means cover the same steps as if the run had never stopped.
+        windows = resume_state["loss_windows"] if self.resumed else {"log": [], "eval": []}
+        self.window_losses, self.eval_window = list(windows["log"]), list(windows["eval"])
+        self.last_eval = None
+
+    def elapsed(self):
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def evaluated_now(self):
+        return self.last_eval is not None and self.last_eval["iter"] == self.it
+
+    def run(self, stop):
+        """Train to max_iters, or until `stop` is requested: 'done' or 'interrupted'; either end is evaluated and saved."""
+        cfg = self.setup.cfg
+        if self.it % cfg.eval_interval == 0 and not self.resumed:
+            self.evaluate_and_checkpoint()
+        while self.it < cfg.max_iters:
+            lr = learning_rate_at(self.it, cfg)
+            step_loss, stopping = self.step(lr, stop)
+            self.count_step(step_loss, lr)
+            if self.it % cfg.eval_interval == 0 or self.it == cfg.max_iters:
+                self.evaluate_and_checkpoint()
+            if stopping:
+                if not self.evaluated_now():
+                    self.evaluate_and_checkpoint(scheduled=False)
+                self.outputs.log.line(
+                    f"stopped by {stop.requested or 'a signal to another process'} at iter {self.it}; "
+                    "checkpoint saved; continue with --resume"
+                )
+                return "interrupted"
+        if not self.evaluated_now():
+            self.evaluate_and_checkpoint()
+        return "done"
+
+    def step(self, lr, stop):
+        """One optimizer step at learning rate lr: (its mean loss, whether any of the processes was asked to stop)."""
+        setup, optimizer = self.setup, self.model.optimizer
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = self.accumulate_gradients()
+        # The processes stop after the same step, whichever of them got the signal: one that
+        # stopped alone would leave the others waiting for it in a collective.
+        stopping = stop.requested is not None
+        if setup.ddp.world_size > 1:  # on the device: nccl reduces GPU tensors only
+            shared = torch.tensor([step_loss.item(), stopping], dtype=torch.float64, device=setup.device)
+            dist.all_reduce(shared)
+            step_loss, stopping = shared[0] / setup.ddp.world_size, shared[1].item() > 0
+        step_loss = step_loss.item()
+        if not math.isfinite(step_loss):
+            raise TrainingDiverged(
+                f"training loss is {step_loss} at iter {self.it}; the last good checkpoint "
+                f"({setup.ckpt_path}) is kept; lower learning_rate or raise warmup_iters"
+            )
+        if setup.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.raw.parameters(), setup.cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return step_loss, stopping
+
+    def accumulate_gradients(self):
+        """Forward and backward over the step's micro-batches; their mean loss (float64, on the CPU)."""
+        setup, cfg, ddp = self.setup, self.setup.cfg, self.setup.ddp
+        step_loss = torch.zeros((), dtype=torch.float64)
+        for micro in range(cfg.grad_accum_steps):
+            start = self.it * setup.global_batch + (micro * ddp.world_size + ddp.rank) * cfg.batch_size
+            x, y = to_inputs_targets(setup.dataset.train[self.order.indices(start, cfg.batch_size)], setup.device)
+            last_micro = micro == cfg.grad_accum_steps - 1
+            # DDP averages gradients across processes; only the last micro-batch needs to.
+            sync = contextlib.nullcontext() if last_micro or ddp.world_size == 1 else self.model.wrapped.no_sync()
+            with sync:
+                with _autocast(setup.device, setup.autocast):
+                    _, loss = self.model.wrapped(x, y)
+                (loss / cfg.grad_accum_steps).backward()
+            step_loss += loss.detach().double().cpu() / cfg.grad_accum_steps
+        return step_loss
+
+    def count_step(self, step_loss, lr):
+        """Advance the iteration and the loss windows; a log line every log_interval steps and at the last."""
+        cfg, bar = self.setup.cfg, self.outputs.bar
+        self.it += 1
+        self.window_losses.append(step_loss)
+        self.eval_window.append(step_loss)
+        self.window_tokens += self.setup.tokens_per_iter
+        if bar is not None:
+            bar.update(1)
+        if self.it % cfg.log_interval == 0 or self.it == cfg.max_iters:
+            self.log_training(lr)
+
+    def log_training(self, lr):
+        """The mean training loss since the last log line, and the speed."""
+        bar, it = self.outputs.bar, self.it
+        now = time.perf_counter()
+        rate = self.window_tokens / max(now - self.window_start, 1e-9)
+        record = {
+            "kind": "train",
+            "iter": it,
+            "tokens": it * self.setup.tokens_per_iter,
+            "elapsed_s": round(self.elapsed(), 3),
+            "loss": float(np.mean(self.window_losses)),
+            "lr": lr,
+            "tokens_per_s": round(rate),
+        }
+        text = f"iter {it}: loss {record['loss']:.4f} lr {lr:.2e} {rate / 1e3:.1f}k tok/s"
+        if bar is not None:
+            bar.set_postfix_str(f"loss {record['loss']:.4f}")
+        # On a terminal the bar shows progress; the files get every line regardless.
+        self.outputs.log.line(text, record, echo=bar is None)
+        if self.outputs.wandb_run is not None:
+            self.outputs.wandb_run.log({"train/loss": record["loss"], "lr": lr, "tokens_per_s": rate}, step=it)
+        self.window_losses, self.window_start, self.window_tokens = [], now, 0
+
+    def evaluate_and_checkpoint(self, scheduled=True):
+        """The val loss next to the optimum, logged; then a checkpoint (never of iteration 0)."""
+        self.last_eval = self.evaluate(scheduled)
+        if self.setup.ddp.is_main and self.it > 0:
+            save_checkpoint(self.setup.ckpt_path, self.checkpoint_state())
+
+    def evaluate(self, scheduled):
+        """The eval record; an extra evaluation (scheduled=False, on Ctrl-C) leaves the train-loss window
+        to the next scheduled one."""
+        setup, it, theory = self.setup, self.it, self.setup.theory
         eval_started = time.perf_counter()
-        val_loss = split_loss(model, dataset.val, device, autocast, ddp)
+        val_loss = split_loss(self.model.wrapped, setup.dataset.val, setup.device, setup.autocast, setup.ddp)
         if not math.isfinite(val_loss):
             raise TrainingDiverged(
                 f"val loss is {val_loss} at iter {it}; the last good checkpoint "
-                f"({ckpt_path}) is kept; lower learning_rate or check the data"
+                f"({setup.ckpt_path}) is kept; lower learning_rate or check the data"
             )
         record = {
             "kind": "eval",
             "iter": it,
-            "tokens": it * tokens_per_iter,
-            "elapsed_s": round(elapsed(), 3),
-            "train_loss": float(np.mean(eval_window)) if eval_window else None,
+            "tokens": it * setup.tokens_per_iter,
+            "elapsed_s": round(self.elapsed(), 3),
+            "train_loss": float(np.mean(self.eval_window)) if self.eval_window else None,
             "val_loss": val_loss,
             "optimal_loss": theory["optimal_loss"],
             "true_loss_val": theory["true_loss_val"],
             "excess": val_loss - theory["true_loss_val"],
-            "lr": learning_rate_at(it, cfg),
+            "lr": learning_rate_at(it, setup.cfg),
             "eval_s": round(time.perf_counter() - eval_started, 3),
         }
-        if scheduled:  # an extra eval (on Ctrl-C) leaves the window to the next scheduled one
-            eval_window.clear()
+        if scheduled:
+            self.eval_window.clear()
         train_text = "-" if record["train_loss"] is None else f"{record['train_loss']:.4f}"
-        log.line(
+        self.outputs.log.line(
             f"eval iter {it}: train {train_text} val {val_loss:.6f} optimal {theory['optimal_loss']:.6f} "
             f"excess {record['excess']:+.6f} nats ({record['elapsed_s']:.1f}s)",
             record,
         )
-        if wandb_run is not None:
-            wandb_run.log({k: v for k, v in record.items() if k != "kind"}, step=it)
-        last_eval = record
-        if ddp.is_main and it > 0:
-            save_checkpoint(
-                ckpt_path,
-                {
-                    "model": raw_model.state_dict(),
-                    "model_args": dataclasses.asdict(gpt_config),
-                    "optimizer": optimizer.state_dict(),
-                    "iter": it,
-                    "tokens": it * tokens_per_iter,
-                    "config": cfg.to_dict(),
-                    "rng": _rng_state(),
-                    "data_dir": str(cfg.data_dir),
-                    "data_position": it * global_batch,
-                    "dataset_sha256": dataset.meta["sha256"],
-                    "elapsed_s": elapsed(),
-                    "log_sizes": log.sizes(),
-                    "world_size": ddp.world_size,
-                    "loss_windows": {"log": list(window_losses), "eval": list(eval_window)},
-                },
-            )
+        if self.outputs.wandb_run is not None:
+            self.outputs.wandb_run.log({k: v for k, v in record.items() if k != "kind"}, step=it)
+        return record
 
-    eval_window = []
-    if resume_state is not None:  # the logged loss means then cover the same steps as if never stopped
-        window_losses = list(resume_state["loss_windows"]["log"])
-        eval_window = list(resume_state["loss_windows"]["eval"])
-    status = "done"
-    with _StopRequests() as stop:
-        if it % cfg.eval_interval == 0 and resume_state is None:
-            evaluate_and_checkpoint()
-        while it < cfg.max_iters:
-            lr = learning_rate_at(it, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss = torch.zeros((), dtype=torch.float64)
-            for micro in range(cfg.grad_accum_steps):
-                start = it * global_batch + (micro * ddp.world_size + ddp.rank) * cfg.batch_size
-                x, y = to_inputs_targets(dataset.train[order.indices(start, cfg.batch_size)], device)
-                last_micro = micro == cfg.grad_accum_steps - 1
-                # DDP averages gradients across processes; only the last micro-batch needs to.
-                sync = contextlib.nullcontext() if last_micro or ddp.world_size == 1 else model.no_sync()
-                with sync:
-                    with _autocast(device, autocast):
-                        _, loss = model(x, y)
-                    (loss / cfg.grad_accum_steps).backward()
-                step_loss += loss.detach().double().cpu() / cfg.grad_accum_steps
-            # The processes stop after the same step, whichever of them got the signal: one that
-            # stopped alone would leave the others waiting for it in a collective.
-            stopping = stop.requested is not None
-            if ddp.world_size > 1:  # on the device: nccl reduces GPU tensors only
-                shared = torch.tensor([step_loss.item(), stopping], dtype=torch.float64, device=device)
-                dist.all_reduce(shared)
-                step_loss, stopping = shared[0] / ddp.world_size, shared[1].item() > 0
-            step_loss = step_loss.item()
-            if not math.isfinite(step_loss):
-                raise TrainingDiverged(
-                    f"training loss is {step_loss} at iter {it}; the last good checkpoint "
-                    f"({ckpt_path}) is kept; lower learning_rate or raise warmup_iters"
-                )
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            it += 1
-            window_losses.append(step_loss)
-            eval_window.append(step_loss)
-            window_tokens += tokens_per_iter
-            if bar is not None:
-                bar.update(1)
-            if it % cfg.log_interval == 0 or it == cfg.max_iters:
-                now = time.perf_counter()
-                rate = window_tokens / max(now - window_start, 1e-9)
-                record = {
-                    "kind": "train",
-                    "iter": it,
-                    "tokens": it * tokens_per_iter,
-                    "elapsed_s": round(elapsed(), 3),
-                    "loss": float(np.mean(window_losses)),
-                    "lr": lr,
-                    "tokens_per_s": round(rate),
-                }
-                text = f"iter {it}: loss {record['loss']:.4f} lr {lr:.2e} {rate / 1e3:.1f}k tok/s"
-                if bar is not None:
-                    bar.set_postfix_str(f"loss {record['loss']:.4f}")
-                # On a terminal the bar shows progress; the files get every line regardless.
-                log.line(text, record, echo=bar is None)
-                if wandb_run is not None:
-                    wandb_run.log({"train/loss": record["loss"], "lr": lr, "tokens_per_s": rate}, step=it)
-                window_losses, window_start, window_tokens = [], now, 0
-            if it % cfg.eval_interval == 0 or it == cfg.max_iters:
-                evaluate_and_checkpoint()
-            if stopping:
-                if last_eval is None or last_eval["iter"] != it:
-                    evaluate_and_checkpoint(scheduled=False)
-                status = "interrupted"
-                log.line(
-                    f"stopped by {stop.requested or 'a signal to another process'} at iter {it}; "
-                    "checkpoint saved; continue with --resume"
-                )
-                break
-        if last_eval is None or last_eval["iter"] != it:
-            evaluate_and_checkpoint()
+    def checkpoint_state(self):
+        """Everything a resumed run needs to continue bit-identically."""
+        setup, it = self.setup, self.it
+        return {
+            "model": self.model.raw.state_dict(),
+            "model_args": dataclasses.asdict(setup.gpt_config),
+            "optimizer": self.model.optimizer.state_dict(),
+            "iter": it,
+            "tokens": it * setup.tokens_per_iter,
+            "config": setup.cfg.to_dict(),
+            "rng": _rng_state(),
+            "data_dir": str(setup.cfg.data_dir),
+            "data_position": it * setup.global_batch,
+            "dataset_sha256": setup.dataset.meta["sha256"],
+            "elapsed_s": self.elapsed(),
+            "log_sizes": self.outputs.log.sizes(),
+            "world_size": setup.ddp.world_size,
+            "loss_windows": {"log": list(self.window_losses), "eval": list(self.eval_window)},
+        }
 
-    if bar is not None:
-        bar.close()
+
+def finish(loop, status):
+    """done.json and its log line (for a finished run), and a barrier so that no process leaves early."""
+    setup, outputs, last_eval, theory = loop.setup, loop.outputs, loop.last_eval, loop.setup.theory
+    if outputs.bar is not None:
+        outputs.bar.close()
     done = {
         "status": status,
-        "iters": it,
-        "tokens": it * tokens_per_iter,
-        "elapsed_s": round(elapsed(), 3),
+        "iters": loop.it,
+        "tokens": loop.it * setup.tokens_per_iter,
+        "elapsed_s": round(loop.elapsed(), 3),
         "val_loss": last_eval["val_loss"],
         "optimal_loss": theory["optimal_loss"],
         "true_loss_val": theory["true_loss_val"],
         "excess": last_eval["excess"],
         "pct_of_optimum": 100 * theory["true_loss_val"] / last_eval["val_loss"],
     }
-    if ddp.is_main and status == "done":
-        (out_dir / "done.json").write_text(json.dumps(done, indent=2) + "\n")
-        log.line(
+    if setup.ddp.is_main and status == "done":
+        write_json(setup.out_dir / "done.json", done, what="run summary")
+        outputs.log.line(
             f"done: val {done['val_loss']:.6f} vs true {done['true_loss_val']:.6f} (excess "
             f"{done['excess']:.6f} nats, {done['pct_of_optimum']:.2f}% of optimum) in {done['elapsed_s']:.1f}s"
         )
-    if wandb_run is not None:
-        wandb_run.finish()
-    if ddp.world_size > 1:
+    if outputs.wandb_run is not None:
+        outputs.wandb_run.finish()
+    if setup.ddp.world_size > 1:
         # No process exits before process 0 has saved: srun --kill-on-bad-exit ends the others as
         # soon as one exits non-zero, as an interrupted run does.
         dist.barrier()

@@ -19,7 +19,7 @@ from nanomarkov import NanoMarkovError
 from nanomarkov.config import TrainConfig
 from nanomarkov.data import generate_dataset
 from nanomarkov.evaluate import evaluate_checkpoints
-from nanomarkov.report import find_runs, format_summary, write_report
+from nanomarkov.report import find_runs, format_summary, load_run, write_report
 from nanomarkov.train import train
 
 RUNS = {"a/wide-1": (16, 1), "wide-2": (16, 2), "b/c/narrow-3": (8, 3)}
@@ -169,3 +169,13 @@ def test_empty_or_missing_root_is_bad_input(tmp_path):
         write_report(tmp_path)
     with pytest.raises(NanoMarkovError, match="no such folder"):
         write_report(tmp_path / "absent")
+
+
+@pytest.mark.parametrize("content", ["{half a rec", "[1, 2]"])
+def test_a_damaged_run_file_is_named_with_the_fix_and_a_missing_one_is_none(tmp_path, content):
+    (tmp_path / "done.json").write_text(content)
+    with pytest.raises(NanoMarkovError, match="done.json.*delete it and rerun the command that writes it"):
+        load_run(tmp_path)
+    (tmp_path / "done.json").unlink()
+    run = load_run(tmp_path)
+    assert run["done"] is None and run["eval"] is None and run["config"] == {}

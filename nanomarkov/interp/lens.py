@@ -126,25 +126,36 @@ def to_hooked_transformer(ckpt_or_model):
     hooked model is in eval mode, on the GPT's device and dtype.
     """
     model = model_and_source(ckpt_or_model)[0]
-    c = model.config
     if model.wte.weight.dtype != torch.float32:
         raise NanoMarkovError(
             f"the model is in {model.wte.weight.dtype}; the conversion is checked in float32: call model.float() first"
         )
-    act_fn = TL_ACT_FN.get(c.mlp_filter)
+    act_fn = TL_ACT_FN.get(model.config.mlp_filter)
     if act_fn is None:
         raise NanoMarkovError(
-            f"mlp_filter={c.mlp_filter} has no TransformerLens equivalent; "
+            f"mlp_filter={model.config.mlp_filter} has no TransformerLens equivalent; "
             f"it has {', '.join(f'{k} ({v})' for k, v in TL_ACT_FN.items())}"
         )
     HookedTransformer, HookedTransformerConfig, activations = _transformer_lens()
     if act_fn not in activations:
         raise NanoMarkovError(
-            f"mlp_filter={c.mlp_filter} needs act_fn {act_fn!r}, which this transformer_lens "
+            f"mlp_filter={model.config.mlp_filter} needs act_fn {act_fn!r}, which this transformer_lens "
             f"lacks; upgrade it: {TL_INSTALL}"
         )
+    config = HookedTransformerConfig(**_hooked_config(model, act_fn))
+    with warnings.catch_warnings():  # the 3.x deprecation notice about 4.0; the interp extra pins < 4
+        warnings.simplefilter("ignore", DeprecationWarning)
+        hooked = HookedTransformer(config)
+    _copy_weights_into(hooked, model)
+    _check_same_logits(model, hooked)
+    return hooked
+
+
+def _hooked_config(model, act_fn):
+    """The HookedTransformerConfig arguments for a GPT whose MLP filter is TransformerLens's act_fn."""
+    c = model.config
     weight = model.wte.weight
-    cfg = HookedTransformerConfig(
+    return dict(
         n_layers=c.n_layer,
         d_model=c.n_embd,
         n_ctx=c.block_size,
@@ -161,9 +172,10 @@ def to_hooked_transformer(ckpt_or_model):
         device=str(weight.device),
         dtype=weight.dtype,
     )
-    with warnings.catch_warnings():  # the 3.x deprecation notice about 4.0; the interp extra pins < 4
-        warnings.simplefilter("ignore", DeprecationWarning)
-        hooked = HookedTransformer(cfg)
+
+
+def _copy_weights_into(hooked, model):
+    """Set every parameter of `hooked` from the GPT, freezing the stand-ins."""
     state, frozen = _hooked_state(model)
     params = dict(hooked.named_parameters())
     if set(params) != set(state):  # nothing may be left as TransformerLens initialised it
@@ -176,8 +188,6 @@ def to_hooked_transformer(ckpt_or_model):
         for name, tensor in state.items():
             params[name].copy_(tensor)
             params[name].requires_grad_(name not in frozen)
-    _check_same_logits(model, hooked)
-    return hooked
 
 
 def _check_same_logits(gpt, hooked):
@@ -208,14 +218,24 @@ def from_hooked_transformer(hooked):
     absolute positions, causal attention, a gelu/relu/relu2 MLP, no unembedding
     bias); anything else raises NanoMarkovError naming the setting.
     """
-    cfg = hooked.cfg
-    params = {name: p for name, p in hooked.named_parameters()}
-    act = {v: k for k, v in TL_ACT_FN.items()}
+    params = dict(hooked.named_parameters())
+    _check_expressible(hooked.cfg, params)
+    config = _gpt_config_of(hooked.cfg, params)
+    weights = {name: p.detach() for name, p in params.items()}
+    state = _gpt_state(weights, config, hooked.cfg.normalization_type)
+    gpt = GPT(config).to(weights["embed.W_E"].device)
+    wanted = gpt.state_dict()
+    gpt.load_state_dict({name: tensor for name, tensor in state.items() if name in wanted})
+    _check_same_logits(gpt, hooked)
+    return gpt.eval()
 
-    def refuse(setting, why):
-        raise NanoMarkovError(f"HookedTransformer with {setting} has no nanoMarkov equivalent: {why}")
 
-    # Settings read below or known to change the computation; _check_same_logits catches the rest.
+def _refuse(setting, why):
+    raise NanoMarkovError(f"HookedTransformer with {setting} has no nanoMarkov equivalent: {why}")
+
+
+def _check_expressible(cfg, params):
+    """Refuse settings read by _gpt_config_of or known to change the computation; _check_same_logits catches the rest."""
     for name, expected in [
         ("positional_embedding_type", "standard"),
         ("attention_dir", "causal"),
@@ -232,97 +252,105 @@ def from_hooked_transformer(hooked):
         ("dtype", torch.float32),
     ]:
         if getattr(cfg, name, expected) != expected:
-            refuse(f"{name}={getattr(cfg, name)!r}", f"only {expected!r} is expressible")
+            _refuse(f"{name}={getattr(cfg, name)!r}", f"only {expected!r} is expressible")
     if cfg.normalization_type not in ("LN", "LNPre", None):
-        refuse(f"normalization_type={cfg.normalization_type!r}", "only LayerNorm (LN, LNPre) or none")
+        _refuse(f"normalization_type={cfg.normalization_type!r}", "only LayerNorm (LN, LNPre) or none")
     if cfg.normalization_type and cfg.eps != LN_EPS:
-        refuse(f"eps={cfg.eps}", f"nanoMarkov's LayerNorm has eps {LN_EPS}")
-    if cfg.act_fn not in act:
-        refuse(f"act_fn={cfg.act_fn!r}", f"the MLP filters are {', '.join(f'{v} ({k})' for k, v in TL_ACT_FN.items())}")
+        _refuse(f"eps={cfg.eps}", f"nanoMarkov's LayerNorm has eps {LN_EPS}")
+    if cfg.act_fn not in TL_ACT_FN.values():
+        _refuse(
+            f"act_fn={cfg.act_fn!r}", f"the MLP filters are {', '.join(f'{v} ({k})' for k, v in TL_ACT_FN.items())}"
+        )
     if cfg.d_vocab_out != cfg.d_vocab:
-        refuse(f"d_vocab_out={cfg.d_vocab_out} != d_vocab={cfg.d_vocab}", "the head predicts the input vocabulary")
+        _refuse(f"d_vocab_out={cfg.d_vocab_out} != d_vocab={cfg.d_vocab}", "the head predicts the input vocabulary")
     if cfg.d_mlp % cfg.d_model:
-        refuse(f"d_mlp={cfg.d_mlp}", f"the MLP width must be a multiple of d_model={cfg.d_model}")
+        _refuse(f"d_mlp={cfg.d_mlp}", f"the MLP width must be a multiple of d_model={cfg.d_model}")
     if params["unembed.b_U"].any():
-        refuse("a nonzero unembed.b_U", "nanoMarkov's head has no bias")
+        _refuse("a nonzero unembed.b_U", "nanoMarkov's head has no bias")
 
+
+def _is_stand_in(params, name, value):
+    """Whether parameter `name` is a frozen stand-in written by to_hooked_transformer, all equal to `value`."""
+    tensor = params[name].detach()
+    return not params[name].requires_grad and torch.equal(tensor, value.to(tensor).expand_as(tensor))
+
+
+def _gpt_config_of(cfg, params):
+    """The GPTConfig whose switches the hooked model's shapes and frozen stand-ins stand for."""
     C, V, L = cfg.d_model, cfg.d_vocab, cfg.n_layers
-    w = {name: p.detach() for name, p in params.items()}
     blocks = [f"blocks.{i}." for i in range(L)]
-
-    def fixed(name, value):  # a frozen stand-in written by to_hooked_transformer
-        return not params[name].requires_grad and torch.equal(w[name], value.to(w[name]).expand_as(w[name]))
-
     zero = torch.tensor(0.0)
     attn_names = [p + "attn." + n for p in blocks for n in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O")]
-    mlp_only = all(fixed(n, zero) for n in attn_names)
+    mlp_only = all(_is_stand_in(params, n, zero) for n in attn_names)
     if not mlp_only and (
         cfg.n_heads * cfg.d_head != C
         or not cfg.use_attn_scale
         or not math.isclose(cfg.attn_scale, math.sqrt(cfg.d_head))
     ):
-        refuse(
+        _refuse(
             f"n_heads={cfg.n_heads}, d_head={cfg.d_head}, attn_scale={cfg.attn_scale}",
             "heads must split d_model evenly and scores be divided by sqrt(d_head)",
         )
     identity_in = (
         cfg.d_mlp == C
         and L > 0
-        and all(fixed(p + "mlp.W_in", torch.eye(C)) and fixed(p + "mlp.b_in", zero) for p in blocks)
+        and all(
+            _is_stand_in(params, p + "mlp.W_in", torch.eye(C)) and _is_stand_in(params, p + "mlp.b_in", zero)
+            for p in blocks
+        )
     )
-    ln_biases = [n for n in w if n.endswith(("ln1.b", "ln2.b", "ln_final.b"))]
+    ln_biases = [n for n in params if n.endswith(("ln1.b", "ln2.b", "ln_final.b"))]
     biases = [
         n
-        for n in w
+        for n in params
         if ".b_" in n
         and n != "unembed.b_U"
         and not (mlp_only and ".attn." in n)
         and not (identity_in and n.endswith("mlp.b_in"))
     ] + ln_biases
-    config = GPTConfig(
+    return GPTConfig(
         n_layer=L,
         n_head=cfg.n_heads,
         n_embd=C,
         block_size=cfg.n_ctx,
         vocab_size=V,
-        bias=not all(fixed(n, zero) for n in biases),
+        bias=not all(_is_stand_in(params, n, zero) for n in biases),
         use_ln=cfg.normalization_type is not None,
-        pos_ape=not fixed("pos_embed.W_pos", zero),
+        pos_ape=not _is_stand_in(params, "pos_embed.W_pos", zero),
         mlp_only=mlp_only,
         mlp_ratio=cfg.d_mlp // C,
-        mlp_filter=act[cfg.act_fn],
+        mlp_filter={v: k for k, v in TL_ACT_FN.items()}[cfg.act_fn],
         mlp_first_matrix_identity=identity_in,
-        one_hot_embed=V <= C and fixed("embed.W_E", torch.eye(V, C)),
-        lm_head_tied=torch.equal(w["unembed.W_U"], w["embed.W_E"].T),
+        one_hot_embed=V <= C and _is_stand_in(params, "embed.W_E", torch.eye(V, C)),
+        lm_head_tied=torch.equal(params["unembed.W_U"].detach(), params["embed.W_E"].detach().T),
     )
 
-    # The inverse of _hooked_state's reshapes; tensors the GPT does not have are left out.
+
+def _gpt_state(w, config, normalization_type):
+    """The inverse of _hooked_state's reshapes: a GPT state_dict (tensors the GPT does not have are left out)."""
+    C = config.n_embd
     state = {"wte.weight": w["embed.W_E"], "lm_head.weight": w["unembed.W_U"].T}
     if config.pos_ape:
         state["wpe.weight"] = w["pos_embed.W_pos"]
     norms = {"ln_f": "ln_final"}
-    for i, p in enumerate(blocks):
-        ours = f"blocks.{i}."
-        if not mlp_only:
-            state[ours + "attn.c_attn.weight"] = torch.cat(
+    for i in range(config.n_layer):
+        p = f"blocks.{i}."  # the same prefix in both models
+        if not config.mlp_only:
+            state[p + "attn.c_attn.weight"] = torch.cat(
                 [w[p + f"attn.W_{x}"].transpose(1, 2).reshape(C, C) for x in "QKV"]
             )
-            state[ours + "attn.c_attn.bias"] = torch.cat([w[p + f"attn.b_{x}"].reshape(C) for x in "QKV"])
-            state[ours + "attn.c_proj.weight"] = w[p + "attn.W_O"].reshape(C, C).T
-            state[ours + "attn.c_proj.bias"] = w[p + "attn.b_O"]
-            norms[ours + "ln_1"] = p + "ln1"
-        state[ours + "mlp.c_fc.weight"] = w[p + "mlp.W_in"].T
-        state[ours + "mlp.c_fc.bias"] = w[p + "mlp.b_in"]
-        state[ours + "mlp.c_proj.weight"] = w[p + "mlp.W_out"].T
-        state[ours + "mlp.c_proj.bias"] = w[p + "mlp.b_out"]
-        norms[ours + "ln_2"] = p + "ln2"
+            state[p + "attn.c_attn.bias"] = torch.cat([w[p + f"attn.b_{x}"].reshape(C) for x in "QKV"])
+            state[p + "attn.c_proj.weight"] = w[p + "attn.W_O"].reshape(C, C).T
+            state[p + "attn.c_proj.bias"] = w[p + "attn.b_O"]
+            norms[p + "ln_1"] = p + "ln1"
+        state[p + "mlp.c_fc.weight"] = w[p + "mlp.W_in"].T
+        state[p + "mlp.c_fc.bias"] = w[p + "mlp.b_in"]
+        state[p + "mlp.c_proj.weight"] = w[p + "mlp.W_out"].T
+        state[p + "mlp.c_proj.bias"] = w[p + "mlp.b_out"]
+        norms[p + "ln_2"] = p + "ln2"
     for ours, theirs in norms.items():
-        if cfg.normalization_type == "LN":
+        if normalization_type == "LN":
             state[ours + ".weight"], state[ours + ".bias"] = w[theirs + ".w"], w[theirs + ".b"]
-        elif cfg.normalization_type == "LNPre":  # LayerNorm without its affine map
+        elif normalization_type == "LNPre":  # LayerNorm without its affine map
             state[ours + ".weight"], state[ours + ".bias"] = torch.ones(C), torch.zeros(C)
-    gpt = GPT(config).to(w["embed.W_E"].device)
-    wanted = gpt.state_dict()
-    gpt.load_state_dict({name: tensor for name, tensor in state.items() if name in wanted})
-    _check_same_logits(gpt, hooked)
-    return gpt.eval()
+    return state

@@ -14,6 +14,7 @@ GPT(config) re-creates the tie itself, and `load` checks that it did.
 """
 
 import dataclasses
+import io
 import json
 import os
 from pathlib import Path
@@ -34,10 +35,10 @@ CHECKPOINT = "ckpt.pt"
 
 
 def save_checkpoint(path, state):
-    """Write to a temporary name, then rename: a kill mid-write never leaves a broken ckpt.pt."""
-    partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)
+    """Replace ckpt.pt all at once (files.write_atomic): a kill or a full disk mid-write leaves the previous one."""
+    buffer = io.BytesIO()  # serialised first: a torch.save that fails half-way never touches the disk
+    torch.save(state, buffer)
+    write_atomic(path, buffer.getbuffer(), what="checkpoint")
 
 
 def load_checkpoint(path):

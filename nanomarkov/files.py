@@ -96,31 +96,50 @@ def read_json_or_none(path):
 LOCK_FILE = ".lock"
 
 
-@contextmanager
-def writer_lock(folder, what):
-    """Hold the one-writer lock of `folder` (a dataset or a run) for the duration of the block.
-
-    The lock is an flock on `folder/.lock`, which the kernel releases when the holder exits in any
-    way (kill -9 included), so a crashed writer never leaves a stale lock; the file keeps the last
-    holder's pid for the message a second writer gets. NanoMarkovError if another process holds it.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+def _lock_file(folder, what):
+    """An open handle on folder/.lock holding its exclusive flock, or NanoMarkovError naming the holder."""
     path = folder / LOCK_FILE
-    try:
-        handle = open(path, "a+")
-    except OSError as e:
-        raise NanoMarkovError(f"cannot lock {folder} ({e.strerror or e}); choose a folder you can write") from None
-    with handle:
+    while True:
+        try:
+            handle = open(path, "a+")
+        except OSError as e:
+            raise NanoMarkovError(
+                f"cannot write in {folder} ({e.strerror or e}); choose a folder you can write"
+            ) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
+            handle.close()
             raise NanoMarkovError(
                 f"{folder}: another {what} is writing here ({holder}); wait for it to finish or stop it, "
                 "or choose another folder"
             ) from None
+        # The holder before us may have removed the file between our open and our flock: then
+        # we hold a lock on a name nobody else will open again, so take the new file instead.
+        if path.exists() and os.fstat(handle.fileno()).st_ino == path.stat().st_ino:
+            return handle
+        handle.close()
+
+
+@contextmanager
+def writer_lock(folder, what):
+    """Hold the one-writer lock of `folder` (a dataset or a run) for the duration of the block.
+
+    The lock is an flock on `folder/.lock`, which the kernel releases when the holder exits in any
+    way (kill -9 included), so a crashed writer never leaves a stale lock; the file holds the
+    holder's pid for the message a second writer gets, and is removed when the block ends.
+    NanoMarkovError if another process holds it.
+    """
+    folder = Path(folder)
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise NanoMarkovError(f"cannot create {folder} ({e.strerror or e}); choose a folder you can write") from None
+    handle = _lock_file(folder, what)
+    with handle:
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
@@ -128,4 +147,6 @@ def writer_lock(folder, what):
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            (folder / LOCK_FILE).unlink(missing_ok=True)  # before unlocking: see _lock_file
+            if created and not any(folder.iterdir()):
+                folder.rmdir()  # nothing was written: no empty folder behind a refused or failed command

@@ -14,7 +14,6 @@ bit-identical on CPU to one never stopped.
 
 import contextlib
 import dataclasses
-import json
 import math
 import signal
 import sys
@@ -33,7 +32,7 @@ from nanomarkov.config import TrainConfig
 from nanomarkov.data import Dataset, SequenceOrder, load_dataset, to_inputs_targets, whole_split_batches
 from nanomarkov.distributed import Distributed, init_distributed
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
-from nanomarkov.files import write_json
+from nanomarkov.files import json_text, write_json, writer_lock
 from nanomarkov.model import GPT, GPTConfig
 
 # Config fields a resumed run may change without changing what it computes.
@@ -179,11 +178,16 @@ class _RunLog:
     def line(self, text, record=None, echo=True):
         if not self.enabled:
             return
-        if record is not None:
-            with open(self.jsonl, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        with open(self.text, "a") as f:
-            f.write(text + "\n")
+        try:
+            if record is not None:
+                with open(self.jsonl, "a") as f:
+                    f.write(json_text(record, indent=None) + "\n")
+            with open(self.text, "a") as f:
+                f.write(text + "\n")
+        except OSError as e:  # a full disk: the checkpoint's log sizes cut any half-written line on resume
+            raise NanoMarkovError(
+                f"cannot append to the log in {self.text.parent} ({e.strerror or e}); free some space, then --resume"
+            ) from None
         if echo:
             self.echo(text)
 
@@ -242,15 +246,17 @@ class RunOutputs:
 def train(cfg: TrainConfig, overwrite=False, show_progress=None):
     """Train a GPT on cfg.data_dir; returns the done.json dict (status 'done' or 'interrupted')."""
     setup = set_up_run(cfg)
-    resume_state = read_resume_state(setup, overwrite)
-    model = build_model(setup, resume_state)
-    if setup.ddp.is_main:
-        write_run_folder(setup, resumed=resume_state is not None)
-    outputs = open_outputs(setup, model.raw, resume_state, show_progress)
-    loop = TrainingLoop(setup, model, outputs, resume_state)
-    with _StopRequests() as stop:
-        status = loop.run(stop)
-    return finish(loop, status)
+    # One writer per run folder: a second `train` into it is refused, not interleaved with this one.
+    with writer_lock(setup.out_dir, "training run") if setup.ddp.is_main else contextlib.nullcontext():
+        resume_state = read_resume_state(setup, overwrite)
+        model = build_model(setup, resume_state)
+        if setup.ddp.is_main:
+            write_run_folder(setup, resumed=resume_state is not None)
+        outputs = open_outputs(setup, model.raw, resume_state, show_progress)
+        loop = TrainingLoop(setup, model, outputs, resume_state)
+        with _StopRequests() as stop:
+            status = loop.run(stop)
+        return finish(loop, status)
 
 
 def set_up_run(cfg):
@@ -302,10 +308,14 @@ def build_model(setup, resume_state):
 
 
 def write_run_folder(setup, resumed):
-    """Create out_dir, remove what an earlier run left there that this one writes anew, write config.json."""
+    """Create out_dir, remove what an earlier run left there that this one writes anew, write config.json.
+
+    A resumed run keeps done.json until its first new checkpoint (TrainingLoop.evaluate_and_checkpoint),
+    so a resume that fails at once (a full disk, a kill) leaves the finished run as it was."""
     setup.out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("done.json",) if resumed else ("log.jsonl", "training.log", "done.json"):
-        (setup.out_dir / stale).unlink(missing_ok=True)
+    if not resumed:
+        for stale in ("log.jsonl", "training.log", "done.json"):
+            (setup.out_dir / stale).unlink(missing_ok=True)
     config_record = dict(
         setup.cfg.to_dict(),
         vocab_size=setup.gpt_config.vocab_size,
@@ -359,6 +369,7 @@ class TrainingLoop:
         windows = resume_state["loss_windows"] if self.resumed else {"log": [], "eval": []}
         self.window_losses, self.eval_window = list(windows["log"]), list(windows["eval"])
         self.last_eval = None
+        self.saved_checkpoint = False  # by this run; a resumed run's done.json goes once it has one
 
     def elapsed(self):
         return self.elapsed_before + time.perf_counter() - self.started
@@ -404,10 +415,7 @@ class TrainingLoop:
             step_loss, stopping = shared[0] / setup.ddp.world_size, shared[1].item() > 0
         step_loss = step_loss.item()
         if not math.isfinite(step_loss):
-            raise TrainingDiverged(
-                f"training loss is {step_loss} at iter {self.it}; the last good checkpoint "
-                f"({setup.ckpt_path}) is kept; lower learning_rate or raise warmup_iters"
-            )
+            raise self.diverged("training loss", step_loss)
         if setup.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.raw.parameters(), setup.cfg.grad_clip)
         optimizer.step()
@@ -471,6 +479,20 @@ class TrainingLoop:
         self.last_eval = self.evaluate(scheduled)
         if self.setup.ddp.is_main and self.it > 0:
             save_checkpoint(self.setup.ckpt_path, self.checkpoint_state())
+            if not self.saved_checkpoint:
+                (self.setup.out_dir / "done.json").unlink(missing_ok=True)  # the run has moved past it
+            self.saved_checkpoint = True
+
+    def diverged(self, what, value):
+        """The error for a non-finite loss, saying truthfully whether a checkpoint is left to resume from."""
+        kept = (
+            f"the last good checkpoint ({self.setup.ckpt_path}) is kept"
+            if self.saved_checkpoint or self.resumed
+            else "no checkpoint was saved before it"
+        )
+        return TrainingDiverged(
+            f"{what} is {value} at iter {self.it}; {kept}; lower learning_rate or raise warmup_iters"
+        )
 
     def evaluate(self, scheduled):
         """The eval record; an extra evaluation (scheduled=False, on Ctrl-C) leaves the train-loss window
@@ -479,10 +501,7 @@ class TrainingLoop:
         eval_started = time.perf_counter()
         val_loss = split_loss(self.model.wrapped, setup.dataset.val, setup.device, setup.autocast, setup.ddp)
         if not math.isfinite(val_loss):
-            raise TrainingDiverged(
-                f"val loss is {val_loss} at iter {it}; the last good checkpoint "
-                f"({setup.ckpt_path}) is kept; lower learning_rate or check the data"
-            )
+            raise self.diverged("val loss", val_loss)
         record = {
             "kind": "eval",
             "iter": it,

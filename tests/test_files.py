@@ -90,3 +90,18 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_lock_and_not_after
         holder.wait()
     with writer_lock(tmp_path, "run"):  # the kernel released the dead holder's lock
         assert f"pid {os.getpid()}" in (tmp_path / ".lock").read_text()
+    assert not (tmp_path / ".lock").exists()  # released and removed
+
+
+def test_a_lock_on_a_new_folder_that_stays_empty_leaves_no_folder(tmp_path):
+    with pytest.raises(NanoMarkovError, match="refused"):
+        with writer_lock(tmp_path / "run", "run"):
+            raise NanoMarkovError("refused")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_lock_in_a_folder_that_is_a_file_is_one_error(tmp_path):
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(NanoMarkovError, match="cannot create .*taken.*choose a folder you can write"):
+        with writer_lock(tmp_path / "taken", "run"):
+            pass

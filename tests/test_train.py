@@ -509,3 +509,69 @@ def test_learning_rate_schedule():
     assert {learning_rate_at(it, flat) for it in range(decay + 20)} == {peak}
     no_warmup = TrainConfig(learning_rate=peak, min_lr=floor, warmup_iters=0, lr_decay_iters=decay)
     assert learning_rate_at(0, no_warmup) == peak
+
+
+# ------------------------------------------------------------------ one writer, full disk, divergence
+
+
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_trains(data, tmp_path):
+    values = config(data, tmp_path / "b", max_iters=400, eval_interval=200)
+    first = worker(values, sleep_s=0.02)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "b" / "log.jsonl").exists():
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(NanoMarkovError, match=rf"another training run is writing here \(pid {first.pid} "):
+            run(config(data, tmp_path / "b"), overwrite=True)
+    finally:
+        first.kill()
+        first.wait()
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["max_iters"] == 400  # the first one's
+
+
+def test_a_resume_that_fails_on_a_full_disk_keeps_done_json_and_the_checkpoint(run_a, data, tmp_path, monkeypatch):
+    out = tmp_path / "b"
+    shutil.copytree(run_a, out)
+    before = {name: (out / name).read_bytes() for name in ("done.json", "ckpt.pt")}
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)  # every atomic write ends in fsync: the config.json one fails
+    with pytest.raises(NanoMarkovError, match="No space left on device.*free some space"):
+        run(config(data, out, max_iters=60, init_from="resume"))
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert not list(out.glob("*.partial"))
+
+
+def test_a_checkpoint_save_on_a_full_disk_is_one_error_and_keeps_the_last_good_one(data, tmp_path, monkeypatch):
+    out = tmp_path / "b"
+    good = {}
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    def fill_disk():
+        good["bytes"] = (out / "ckpt.pt").read_bytes()
+        monkeypatch.setattr(os, "fsync", full_disk)
+
+    fail_at(monkeypatch, 15, fill_disk)
+    with pytest.raises(NanoMarkovError, match="cannot write the checkpoint .*ckpt.pt .No space left on device"):
+        run(config(data, out))
+    assert (out / "ckpt.pt").read_bytes() == good["bytes"]
+    assert not list(out.glob("*.partial"))
+
+
+def test_a_divergence_before_any_checkpoint_does_not_promise_one(data, tmp_path, monkeypatch):
+    real_forward = GPT.forward
+
+    def nan_forward(self, idx, targets=None):
+        logits, loss = real_forward(self, idx, targets)
+        return logits, None if loss is None else loss * float("nan")
+
+    monkeypatch.setattr(GPT, "forward", nan_forward)
+    with pytest.raises(TrainingDiverged, match="no checkpoint was saved before it") as error:
+        run(config(data, tmp_path / "b"))
+    assert "is kept" not in str(error.value)

@@ -180,13 +180,11 @@ def generate_dataset(
     replaced only once the new ones are complete. `progress(n_tokens)` is
     called after each chunk.
     """
-    out_dir = Path(out_dir)
-    options = _given(options)
+    out_dir, options = Path(out_dir), _given(options)
     if chain is not None:
-        process = chain.process
         if n_states not in (None, chain.n_states):
             raise NanoMarkovError(f"n_states {n_states} does not match the given chain's {chain.n_states} states")
-        n_states, sparsity, alpha = chain.n_states, None, None
+        process, n_states, sparsity, alpha = chain.process, chain.n_states, None, None
     cls = _checked_class(process, options)
     seq_len = default_seq_len(n_states) if seq_len is None else seq_len
     sparsity = sparsity or None
@@ -205,9 +203,8 @@ def generate_dataset(
         "train_sequences": train_sequences,
         "val_sequences": val_sequences,
         **chain.options(),
+        **({} if source is None else {"source": source}),
     }
-    if source is not None:
-        params["source"] = source
     existing = _existing_meta(out_dir)
     if not force and _holds_this_dataset(out_dir, existing, params):
         return existing
@@ -457,24 +454,27 @@ def load_dataset(path, verify=True):
                 f"{path / 'chain.npz'}: has {name} {value}, meta.json says {meta.get(name)}; regenerate with: {fix}"
             )
 
-    seq_len, dtype = meta["seq_len"], np.dtype(meta["dtype"]).newbyteorder("<")
-    splits = {}
-    for split in SPLITS:
-        file = path / f"{split}.bin"
-        if not file.is_file():
-            raise NanoMarkovError(f"{file}: missing; regenerate with: {fix}")
-        size = file.stat().st_size
-        expected = meta[f"{split}_tokens"] * dtype.itemsize
-        if size % (seq_len * dtype.itemsize) or size != expected:
-            raise NanoMarkovError(
-                f"{file}: {size} bytes, expected {expected} ({meta[f'{split}_sequences']} sequences of "
-                f"{seq_len} {dtype.name} tokens): truncated or replaced; regenerate with: {fix}"
-            )
-        tokens = np.memmap(file, dtype=dtype, mode="r", shape=(meta[f"{split}_sequences"], seq_len))
-        if verify:
-            _verify_split(file, tokens, chain, meta["sha256"][f"{split}.bin"], fix)
-        splits[split] = tokens
+    splits = {split: _load_split(path, split, meta, chain, verify, fix) for split in SPLITS}
     return Dataset(path, meta, chain, splits["train"], splits["val"])
+
+
+def _load_split(path, split, meta, chain, verify, fix):
+    """One split memory-mapped as (n, seq_len), its size checked (and with `verify` its tokens and sha256)."""
+    seq_len, dtype = meta["seq_len"], np.dtype(meta["dtype"]).newbyteorder("<")
+    file = path / f"{split}.bin"
+    if not file.is_file():
+        raise NanoMarkovError(f"{file}: missing; regenerate with: {fix}")
+    size = file.stat().st_size
+    expected = meta[f"{split}_tokens"] * dtype.itemsize
+    if size % (seq_len * dtype.itemsize) or size != expected:
+        raise NanoMarkovError(
+            f"{file}: {size} bytes, expected {expected} ({meta[f'{split}_sequences']} sequences of "
+            f"{seq_len} {dtype.name} tokens): truncated or replaced; regenerate with: {fix}"
+        )
+    tokens = np.memmap(file, dtype=dtype, mode="r", shape=(meta[f"{split}_sequences"], seq_len))
+    if verify:
+        _verify_split(file, tokens, chain, meta["sha256"][f"{split}.bin"], fix)
+    return tokens
 
 
 def _verify_split(file, tokens, chain, expected_sha256, fix):

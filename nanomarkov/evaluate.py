@@ -468,38 +468,7 @@ def format_eval(result):
     run, ce, pp, ac = result.get("run", {}), result["cross_entropy"], result["perplexity"], result["accuracy"]
     tf, mp, ag = result["transition_fidelity"], result["markov_property"], result["agreement"]
     kf, skipped = result.get("korder_fidelity"), result.get("skipped", {})
-    rows = [
-        (
-            "cross-entropy (nats/token)",
-            f"{ce['val_loss']:.6f}",
-            f"true on val {ce['true_loss_val']:.6f}, expected {ce['optimal_loss']:.6f}",
-            f"bigram {ce['bigram_baseline']:.4f}, unigram {ce['unigram_loss']:.4f}, uniform {ce['uniform_loss']:.4f}"
-            + "".join(
-                f", {key.removesuffix('_loss')} {value:.4f}" for key, value in ce.get("process_baselines", {}).items()
-            ),
-        ),
-        ("excess over true (nats)", f"{ce['excess']:.6f}", "0", ""),
-        ("% of optimum (true/val)", f"{ce['pct_of_optimum']:.3f} %", "100 %", ""),
-        ("learnable structure captured", f"{100 * ce['learnable_fraction']:.2f} %", "100 %", "uniform 0 %"),
-        (
-            "perplexity",
-            f"{pp['perplexity']:.4f}",
-            f"{pp['true_perplexity_val']:.4f}",
-            f"bigram {pp['bigram_perplexity']:.4f}, uniform {pp['uniform_perplexity']:.0f}",
-        ),
-        (
-            "accuracy",
-            f"{100 * ac['accuracy']:.3f} %",
-            f"true model on val {100 * ac['true_accuracy_val']:.3f} %, expected {100 * ac['optimal_accuracy']:.3f} %",
-            f"chance {100 * ac['chance']:.3f} %",
-        ),
-        (
-            "agreement across seeds (top-1, JSD)",
-            "n/a (one run)" if ag is None else f"{100 * ag['top1_agreement']:.2f} %, {ag['mean_jsd']:.6f}",
-            "100 %, 0",
-            "",
-        ),
-    ]
+    rows = _common_rows(ce, pp, ac, ag)
     of = result.get("optimal_fidelity")
     if of is not None:
         rows.append(("KL(optimal predictor ‖ model), all positions", f"{of['mean_kl']:.6f}", "0", ""))
@@ -533,6 +502,42 @@ def format_eval(result):
     if timing:
         lines += ["", "time: " + ", ".join(f"{k} {v:.2f}s" for k, v in timing.items())]
     return "\n".join(lines)
+
+
+def _common_rows(ce, pp, ac, ag):
+    """Metrics 1-4 as table rows."""
+    return [
+        (
+            "cross-entropy (nats/token)",
+            f"{ce['val_loss']:.6f}",
+            f"true on val {ce['true_loss_val']:.6f}, expected {ce['optimal_loss']:.6f}",
+            f"bigram {ce['bigram_baseline']:.4f}, unigram {ce['unigram_loss']:.4f}, uniform {ce['uniform_loss']:.4f}"
+            + "".join(
+                f", {key.removesuffix('_loss')} {value:.4f}" for key, value in ce.get("process_baselines", {}).items()
+            ),
+        ),
+        ("excess over true (nats)", f"{ce['excess']:.6f}", "0", ""),
+        ("% of optimum (true/val)", f"{ce['pct_of_optimum']:.3f} %", "100 %", ""),
+        ("learnable structure captured", f"{100 * ce['learnable_fraction']:.2f} %", "100 %", "uniform 0 %"),
+        (
+            "perplexity",
+            f"{pp['perplexity']:.4f}",
+            f"{pp['true_perplexity_val']:.4f}",
+            f"bigram {pp['bigram_perplexity']:.4f}, uniform {pp['uniform_perplexity']:.0f}",
+        ),
+        (
+            "accuracy",
+            f"{100 * ac['accuracy']:.3f} %",
+            f"true model on val {100 * ac['true_accuracy_val']:.3f} %, expected {100 * ac['optimal_accuracy']:.3f} %",
+            f"chance {100 * ac['chance']:.3f} %",
+        ),
+        (
+            "agreement across seeds (top-1, JSD)",
+            "n/a (one run)" if ag is None else f"{100 * ag['top1_agreement']:.2f} %, {ag['mean_jsd']:.6f}",
+            "100 %, 0",
+            "",
+        ),
+    ]
 
 
 def _first_order_rows_md(tf, mp, worst):

@@ -485,7 +485,7 @@ def format_eval(result):
         worst = ", ".join(f"{w['state']} ({w['kl']:.4f})" for w in tf["worst_states"])
         rows += _first_order_rows_md(tf, mp, worst)
     title = f"# Evaluation of {run['checkpoint']}" if run else "# Evaluation"
-    kind = f", order {run['order']}" if kf is not None else ""
+    kind = f", order {run['order']}" if run and kf is not None else ""
     head = (
         (
             f"dataset {run['dataset']}: K={run['n_states']}{kind}, {run['val_sequences']} val sequences of "

@@ -10,7 +10,7 @@ import torch
 from nanomarkov import NanoMarkovError
 from nanomarkov.cli import main
 from nanomarkov.data import generate_dataset, load_dataset
-from nanomarkov.evaluate import evaluate_checkpoints, evaluate_models, write_eval
+from nanomarkov.evaluate import evaluate_checkpoints, evaluate_models, format_eval, write_eval
 from nanomarkov.processes.korder import KOrderChain
 from nanomarkov.processes.markov import MarkovChain
 
@@ -191,6 +191,7 @@ def test_evaluating_the_optimal_korder_predictor(korder_data, tmp_path):
     assert kf["order"] == ORDER and kf["positions"] == 60 * (13 - ORDER)
     assert kf["mean_kl"] < 1e-6 and kf["first_order_kl"] > 0.01
     assert result["optimal_fidelity"] == {"positions": 60 * 13, "mean_kl": pytest.approx(0, abs=1e-6)}
+    assert "order-2 KL" in format_eval(result)  # a result of evaluate_models alone has no "run" yet
     result["run"] = {
         "checkpoint": "x",
         "dataset": "d",

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
+from nanomarkov.processes import DEFAULT_PROCESS, PROCESSES, load_plugins
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -29,15 +30,9 @@ def _progress_bar(total, description):
 
 
 def cmd_generate(args):
-    from nanomarkov.data import PROCESSES, default_data_dir, default_seq_len, generate_dataset
+    from nanomarkov.data import default_data_dir, default_seq_len, generate_dataset
 
-    options = {
-        "order": args.order,
-        "preset": args.preset,
-        "hidden_states": args.hidden_states,
-        "x": args.x,
-        "a": args.a,
-    }
+    options = {option.name: getattr(args, option.name) for option in _all_options()}
     out = Path(args.out) if args.out else default_data_dir(args.n_states, args.sparsity, args.process, **options)
     seq_len = args.seq_len
     total = (args.train + args.val) * (seq_len or default_seq_len(args.n_states))
@@ -59,7 +54,7 @@ def cmd_generate(args):
         )
     theory = meta["theory"]
     kind = "".join(
-        f", {name} {meta[name]}" for name in PROCESSES[meta["process"]].OPTIONS if meta.get(name) is not None
+        f", {name} {meta[name]}" for name in PROCESSES[meta["process"]].option_names() if meta.get(name) is not None
     )
     print(
         f"{out}: {meta['train_sequences']} train + {meta['val_sequences']} val sequences of {meta['seq_len']} "
@@ -84,14 +79,14 @@ THEORY_COLUMNS = [
 
 def theory_rows(paths):
     """One dict per dataset folder: identity, then the exact theory recomputed from the chain."""
-    from nanomarkov.data import PROCESSES, dataset_theory, load_dataset
+    from nanomarkov.data import dataset_theory, load_dataset
 
     rows = []
     for path in paths:
         dataset = load_dataset(path)
         meta = dataset.meta
-        process = meta.get("process", "markov")
-        options = {name: meta[name] for name in PROCESSES[process].OPTIONS if meta.get(name) is not None}
+        process = meta.get("process", DEFAULT_PROCESS)
+        options = {name: meta[name] for name in PROCESSES[process].option_names() if meta.get(name) is not None}
         rows.append(
             {
                 "dataset": str(path),
@@ -332,29 +327,39 @@ def cmd_import_hmmlearn(args):
     return 0
 
 
-def build_parser():
-    parser = OneLineParser(
-        prog="nanomarkov", description="Train small GPTs on Markov chains; check them against exact theory."
-    )
-    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=OneLineParser)
+def _all_options():
+    """Every registered process's generation options, each name once (the first process declaring it wins)."""
+    options = {}
+    for process, cls in PROCESSES.items():
+        for option in cls.OPTIONS:
+            options.setdefault(option.name, (process, option))
+    return [option for _, option in options.values()]
 
+
+def _add_generate(verbs):
     gen = verbs.add_parser("generate", help="sample a random chain's train/val sequences into a dataset folder")
     gen.add_argument("n_states", type=int, help="number of states K (vocabulary K+1 with BOS)")
     gen.add_argument("--train", type=int, default=10000, help="training sequences (default 10000)")
     gen.add_argument("--val", type=int, default=1000, help="validation sequences (default 1000)")
     gen.add_argument(
         "--process",
-        choices=["markov", "korder", "icl", "hmm"],
-        default="markov",
-        help="markov: first-order chain (default); korder: k-th order chain (--order); "
-        "icl: in-context chain, a fresh Dirichlet matrix per sequence (needs attention to learn); "
-        "hmm: hidden Markov model (--preset mess3, or --hidden_states)",
+        choices=list(PROCESSES),
+        default=DEFAULT_PROCESS,
+        help="; ".join(f"{name}: {cls.SUMMARY}" for name, cls in PROCESSES.items()),
     )
-    gen.add_argument("--order", type=int, default=None, help="with --process korder: states of context k (default 2)")
-    gen.add_argument("--preset", choices=["mess3"], default=None, help="with --process hmm: mess3 (K=3, x and a below)")
-    gen.add_argument("--hidden_states", type=int, default=None, help="with --process hmm: hidden states H (default K)")
-    gen.add_argument("--x", type=float, default=None, help="with --preset mess3: switching probability (default 0.05)")
-    gen.add_argument("--a", type=float, default=None, help="with --preset mess3: own-token emission (default 0.85)")
+    owners = {}
+    for process, cls in PROCESSES.items():
+        for option in cls.OPTIONS:
+            owners.setdefault(option.name, []).append(process)
+    for option in _all_options():
+        where = ", ".join(owners[option.name])
+        gen.add_argument(
+            f"--{option.name}",
+            type=option.type,
+            default=None,
+            choices=option.choices,
+            help=f"with --process {where}: {option.help}",
+        )
     gen.add_argument("--sparsity", type=float, default=None, help="percent of each row's transitions set to zero")
     gen.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration of each row (default 1)")
     gen.add_argument(
@@ -367,43 +372,14 @@ def build_parser():
     gen.add_argument(
         "--out",
         default=None,
-        help="dataset folder (default data/mm{K}[-order{k}][-sparse-{S}], data/icl{K}[-sparse-{S}], "
-        "data/mess3[-x{X}-a{A}], data/hmm{K}-h{H}[-sparse-{S}])",
+        help="dataset folder (default data/ + the process's folder name [-sparse-{S}], e.g. data/mm{K}, "
+        "data/mm{K}-order{k}, data/icl{K}, data/mess3, data/hmm{K}-h{H})",
     )
     gen.add_argument("--force", action="store_true", help="replace an existing dataset with other parameters")
     gen.set_defaults(func=cmd_generate)
 
-    theory = verbs.add_parser("theory", help="print the exact theory of dataset folders")
-    theory.add_argument("datasets", nargs="+", help="dataset folders, e.g. data/mm100")
-    theory.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    theory.set_defaults(func=cmd_theory)
 
-    tr = verbs.add_parser(
-        "train",
-        help="train a GPT on a dataset; any TrainConfig field as --key=value",
-        epilog="examples: nanomarkov train 100 42 --sparse 75 | nanomarkov train config.py --max_iters=500",
-    )
-    tr.add_argument(
-        "target", help="a chain id (10, 100, 100-sparse-75), a dataset folder (any process) or a config file (.py)"
-    )
-    tr.add_argument("seed", nargs="?", type=int, default=None, help="seed with a chain id (default 42)")
-    tr.add_argument("--sparse", type=int, default=None, help="sparsity percent of the chain (data/mm{K}-sparse-{S})")
-    tr.add_argument("--preset", default=None, help="recipe: default, seed, c1..c12 (default: default)")
-    tr.add_argument("--seeds", type=int, nargs="+", default=None, help="train one run per seed, one after another")
-    tr.add_argument("--resume", action="store_true", help="continue the run in out_dir from its checkpoint")
-    tr.add_argument("--force", action="store_true", help="start over in an out_dir that already holds a run")
-    tr.set_defaults(func=cmd_train, takes_overrides=True)
-
-    ev = verbs.add_parser("eval", help="the six metrics of checkpoints against the exact theory (several: agreement)")
-    ev.add_argument("checkpoints", nargs="+", help="ckpt.pt files; runs on the same dataset that differ in seed")
-    ev.add_argument("--data", default=None, help="dataset folder (default: the one each checkpoint was trained on)")
-    ev.add_argument("--out", default=None, help="output folder (default: next to each checkpoint)")
-    ev.set_defaults(func=cmd_eval)
-
-    rep = verbs.add_parser("report", help="plots for each run under DIR, and a table of mean ± sd over seeds")
-    rep.add_argument("root", help="a folder of runs, e.g. trainings/MM/MM-100 (or one run folder)")
-    rep.set_defaults(func=cmd_report)
-
+def _add_sweep(verbs):
     sw = verbs.add_parser(
         "sweep",
         help="train and evaluate a whole grid of runs (grids/*.toml); 'sweep status DIR' shows it",
@@ -450,16 +426,8 @@ def build_parser():
     )
     sw.set_defaults(func=cmd_sweep)
 
-    ex = verbs.add_parser(
-        "export",
-        help="write a checkpoint's model as model.safetensors + config.json (no pickle)",
-        epilog="example: nanomarkov export trainings/MM/MM-10/MM-10-42/ckpt.pt --out exports/mm10",
-    )
-    ex.add_argument("checkpoint", help="a ckpt.pt")
-    ex.add_argument("--format", choices=["safetensors"], default="safetensors", help="only safetensors for now")
-    ex.add_argument("--out", required=True, help="output folder (created; its two files are replaced)")
-    ex.set_defaults(func=cmd_export)
 
+def _add_import_hmmlearn(verbs):
     imp = verbs.add_parser(
         "import-hmmlearn",
         help="a dataset folder from a chain the seed saved (pickled hmmlearn model)",
@@ -478,6 +446,63 @@ def build_parser():
     imp.add_argument("--seed", type=int, default=42, help="seed of the samples (default 42)")
     imp.add_argument("--force", action="store_true", help="replace an existing dataset with other parameters")
     imp.set_defaults(func=cmd_import_hmmlearn)
+
+
+def _add_train(verbs):
+    tr = verbs.add_parser(
+        "train",
+        help="train a GPT on a dataset; any TrainConfig field as --key=value",
+        epilog="examples: nanomarkov train 100 42 --sparse 75 | nanomarkov train config.py --max_iters=500",
+    )
+    tr.add_argument(
+        "target", help="a chain id (10, 100, 100-sparse-75), a dataset folder (any process) or a config file (.py)"
+    )
+    tr.add_argument("seed", nargs="?", type=int, default=None, help="seed with a chain id (default 42)")
+    tr.add_argument("--sparse", type=int, default=None, help="sparsity percent of the chain (data/mm{K}-sparse-{S})")
+    tr.add_argument("--preset", default=None, help="recipe: default, seed, c1..c12 (default: default)")
+    tr.add_argument("--seeds", type=int, nargs="+", default=None, help="train one run per seed, one after another")
+    tr.add_argument("--resume", action="store_true", help="continue the run in out_dir from its checkpoint")
+    tr.add_argument("--force", action="store_true", help="start over in an out_dir that already holds a run")
+    tr.set_defaults(func=cmd_train, takes_overrides=True)
+
+
+def build_parser():
+    parser = OneLineParser(
+        prog="nanomarkov", description="Train small GPTs on Markov chains; check them against exact theory."
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=OneLineParser)
+
+    _add_generate(verbs)
+    theory = verbs.add_parser("theory", help="print the exact theory of dataset folders")
+    theory.add_argument("datasets", nargs="+", help="dataset folders, e.g. data/mm100")
+    theory.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    theory.set_defaults(func=cmd_theory)
+
+    _add_train(verbs)
+
+    ev = verbs.add_parser("eval", help="the six metrics of checkpoints against the exact theory (several: agreement)")
+    ev.add_argument("checkpoints", nargs="+", help="ckpt.pt files; runs on the same dataset that differ in seed")
+    ev.add_argument("--data", default=None, help="dataset folder (default: the one each checkpoint was trained on)")
+    ev.add_argument("--out", default=None, help="output folder (default: next to each checkpoint)")
+    ev.set_defaults(func=cmd_eval)
+
+    rep = verbs.add_parser("report", help="plots for each run under DIR, and a table of mean ± sd over seeds")
+    rep.add_argument("root", help="a folder of runs, e.g. trainings/MM/MM-100 (or one run folder)")
+    rep.set_defaults(func=cmd_report)
+
+    _add_sweep(verbs)
+
+    ex = verbs.add_parser(
+        "export",
+        help="write a checkpoint's model as model.safetensors + config.json (no pickle)",
+        epilog="example: nanomarkov export trainings/MM/MM-10/MM-10-42/ckpt.pt --out exports/mm10",
+    )
+    ex.add_argument("checkpoint", help="a ckpt.pt")
+    ex.add_argument("--format", choices=["safetensors"], default="safetensors", help="only safetensors for now")
+    ex.add_argument("--out", required=True, help="output folder (created; its two files are replaced)")
+    ex.set_defaults(func=cmd_export)
+
+    _add_import_hmmlearn(verbs)
 
     demo = verbs.add_parser(
         "demo", help="generate MM-10, train it, print the loss against the optimum (minutes on a CPU)"
@@ -502,6 +527,7 @@ def guarded(function, *args):
 
 
 def _dispatch(argv):
+    load_plugins()  # NANOMARKOV_PROCESSES: a researcher's own processes, registered before --process is built
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "takes_overrides", False):

@@ -20,10 +20,12 @@ import json
 import math
 import traceback
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from nanomarkov.errors import NanoMarkovError
+from nanomarkov.processes import PROCESSES
 
 from .model import GPTConfig
 
@@ -331,35 +333,22 @@ EXTRA["c12"] = {**EXTRA["c10"], "mlp_only": True}
 
 PRESETS = ("default", "seed", *EXTRA)
 
-# The default recipe's changes for processes that are not first-order chains: their
-# optimal predictor reads more than the current token, which an MLP-only model cannot.
-# Measured in BENCHMARKS.md ("Default recipe per process").
-# In-context chains and HMMs both need what the sequence so far says (counts, a belief),
-# gathered by two attention layers.
-_WHOLE_HISTORY = dict(
-    mlp_only=False,
-    n_layer=2,
-    n_head=1,
-    n_embd=64,
-    learning_rate=1e-2,
-    min_lr=1e-4,
-    max_iters=1000,
-    lr_decay_iters=1000,
-    eval_interval=250,
-)
-PROCESS_DEFAULTS = {
-    "korder": dict(
-        mlp_only=False,
-        n_head=1,
-        learning_rate=1e-2,
-        min_lr=1e-4,
-        max_iters=1500,
-        lr_decay_iters=1500,
-        eval_interval=500,
-    ),
-    "icl": _WHOLE_HISTORY,
-    "hmm": _WHOLE_HISTORY,
-}
+
+class _ProcessDefaults(Mapping):
+    """process name -> the default recipe's changes for it: each registered class's RECIPE, read live
+    (so a process registered later, e.g. from NANOMARKOV_PROCESSES, is included)."""
+
+    def __getitem__(self, process):
+        return dict(PROCESSES[process].RECIPE)
+
+    def __iter__(self):
+        return iter(PROCESSES)
+
+    def __len__(self):
+        return len(PROCESSES)
+
+
+PROCESS_DEFAULTS = _ProcessDefaults()
 
 
 def _row(table, n_states):

@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.processes import PROCESSES, process_class
-from nanomarkov.processes.markov import load_hmmlearn_chain, token_dtype
+from nanomarkov.processes import DEFAULT_PROCESS, PLUGINS_VARIABLE, PROCESSES, process_class
+from nanomarkov.processes.markov import load_hmmlearn_chain
+from nanomarkov.processes.numerics import token_dtype
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -58,9 +59,10 @@ def default_seq_len(n_states):
 def _checked_class(process, options):
     """The class of `process`, once every given option is one of its OPTIONS."""
     cls = process_class(process)
+    names = cls.option_names()
     for name in options:
-        if name not in cls.OPTIONS:
-            valid = f"its options: {', '.join('--' + o for o in cls.OPTIONS)}" if cls.OPTIONS else "it has none"
+        if name not in names:
+            valid = f"its options: {', '.join('--' + o for o in names)}" if names else "it has none"
             raise NanoMarkovError(f"--{name} is not an option of --process {process} ({valid})")
     return cls
 
@@ -70,7 +72,7 @@ def _given(options):
     return {name: value for name, value in options.items() if value is not None}
 
 
-def default_data_dir(n_states, sparsity=None, process="markov", **options):
+def default_data_dir(n_states, sparsity=None, process=DEFAULT_PROCESS, **options):
     """The seed's folder names data/mm100, data/mm100-sparse-75; other processes name their own
     (k-th order chains data/mm5-order2[-sparse-75])."""
     options = _given(options)
@@ -79,11 +81,18 @@ def default_data_dir(n_states, sparsity=None, process="markov", **options):
 
 
 def generate_command(
-    n_states, train_sequences=None, val_sequences=None, sparsity=None, out=None, extra="", process="markov", **options
+    n_states,
+    train_sequences=None,
+    val_sequences=None,
+    sparsity=None,
+    out=None,
+    extra="",
+    process=DEFAULT_PROCESS,
+    **options,
 ):
     """The exact `nanomarkov generate` command for a dataset, for error messages."""
     parts = ["nanomarkov generate", str(n_states)]
-    if process != "markov":
+    if process != DEFAULT_PROCESS:
         parts += ["--process", process]
     parts += [f"--{name} {value}" for name, value in _given(options).items()]
     if train_sequences is not None:
@@ -102,8 +111,8 @@ def _regenerate_command(meta, path):
             f"nanomarkov import-hmmlearn {source['path']} --trust-pickle --out {path} --train {meta['train_sequences']} "
             f"--val {meta['val_sequences']} --seq_len {meta['seq_len']} --seed {meta['seed']} --force"
         )
-    process = meta.get("process", "markov")
-    options = {name: meta.get(name) for name in getattr(PROCESSES.get(process), "OPTIONS", ())}
+    process = meta.get("process", DEFAULT_PROCESS)
+    options = {name: meta.get(name) for name in (PROCESSES[process].option_names() if process in PROCESSES else ())}
     return generate_command(
         meta["n_states"],
         meta["train_sequences"],
@@ -119,29 +128,16 @@ def _regenerate_command(meta, path):
 
 
 def _create_command_for(path):
-    """A best guess at the command that creates the dataset a path names (the default folder names)."""
-    match = re.fullmatch(
-        r"(?:mm(?P<mm>\d+)(?:-order(?P<order>\d+))?|icl(?P<icl>\d+)|hmm(?P<hmm>\d+)-h(?P<h>\d+)"
-        r"|(?P<mess3>mess3))(?:-sparse-(?P<sparsity>\d+(?:\.\d+)?))?",
-        Path(path).name,
-    )
-    if not match:
-        return f"nanomarkov generate K --train N --val M --out {path}"
-    g = match.groupdict()
-    n_states = int(g["mm"] or g["icl"] or g["hmm"] or 3)
-    if g["order"]:
-        process, options = "korder", {"order": int(g["order"])}
-    elif g["icl"]:
-        process, options = "icl", {}
-    elif g["hmm"]:
-        process, options = "hmm", {"hidden_states": int(g["h"])}
-    elif g["mess3"]:
-        process, options = "hmm", {"preset": "mess3"}
-    else:
-        process, options = "markov", {}
-    train = 10000 if n_states <= 10 else 50000
-    sparsity = float(g["sparsity"]) if g["sparsity"] else None
-    return generate_command(n_states, train, train // 10, sparsity, path, process=process, **options)
+    """A best guess at the command that creates the dataset a path names (each process parses its folder names)."""
+    name, _, sparsity = Path(path).name.partition("-sparse-")
+    for process, cls in PROCESSES.items():
+        parsed = cls.parse_folder_name(name)
+        if parsed is not None and (not sparsity or re.fullmatch(r"\d+(?:\.\d+)?", sparsity)):
+            n_states, options = parsed
+            train = 10000 if n_states <= 10 else 50000
+            sparsity = float(sparsity) if sparsity else None
+            return generate_command(n_states, train, train // 10, sparsity, path, process=process, **options)
+    return f"nanomarkov generate K --train N --val M --out {path}"
 
 
 # ------------------------------------------------------------------ writing
@@ -163,7 +159,7 @@ def generate_dataset(
     chunk_tokens=CHUNK_TOKENS,
     chain=None,
     source=None,
-    process="markov",
+    process=DEFAULT_PROCESS,
     **options,
 ):
     """Build a random process (or take the given `chain`) and write a dataset folder; returns its meta dict.
@@ -171,8 +167,8 @@ def generate_dataset(
     `process` names a class of PROCESSES ("markov": MarkovChain.random, "korder":
     KOrderChain.random, ...) and `options` are that class's own generation options
     (korder: order, default 2); a None option counts as not given. meta.json records
-    `process` and the chain's options(). Default folders (the CLI's): data/mm{K},
-    data/mm{K}-order{k} for korder, ..., each with -sparse-{S} after it.
+    `process` and the chain's options(). Default folders (the CLI's): the class's
+    folder_name (data/mm{K}, data/mm{K}-order{k} for korder, ...), each with -sparse-{S} after it.
 
     With `chain`, n_states must be its K (or None), sparsity and alpha are
     recorded as null, and `source` (a JSON-able dict saying where the chain
@@ -184,29 +180,18 @@ def generate_dataset(
     replaced only once the new ones are complete. `progress(n_tokens)` is
     called after each chunk.
     """
-    out_dir = Path(out_dir)
-    options = _given(options)
+    out_dir, options = Path(out_dir), _given(options)
     if chain is not None:
-        process = chain.process
         if n_states not in (None, chain.n_states):
             raise NanoMarkovError(f"n_states {n_states} does not match the given chain's {chain.n_states} states")
-        n_states, sparsity, alpha = chain.n_states, None, None
+        process, n_states, sparsity, alpha = chain.process, chain.n_states, None, None
     cls = _checked_class(process, options)
     seq_len = default_seq_len(n_states) if seq_len is None else seq_len
     sparsity = sparsity or None
     _check_generate_args(n_states, train_sequences, val_sequences, sparsity, alpha, seq_len)
-    dtype = np.dtype(dtype) if dtype is not None else token_dtype(n_states + 1)
-    if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
-        raise NanoMarkovError(f"dtype must be uint16 or uint32, got {dtype}")
-    if n_states + 1 > np.iinfo(dtype).max + 1:
-        raise NanoMarkovError(f"K = {n_states} needs {n_states + 1} token ids, more than {dtype} holds; use uint32")
-    if process == "markov" and n_states * n_states * 8 > 8 << 30:
-        raise NanoMarkovError(
-            f"K = {n_states} needs a {n_states}x{n_states} float64 matrix (over 8 GiB); use a smaller K"
-        )
+    dtype = _token_type(dtype, n_states)
     if chain is None:  # built before the identity check: the options' defaults are the chain's to say
         chain = cls.random(n_states, seed=seed, alpha=alpha, sparsity=sparsity, **options)
-
     params = {
         "process": process,
         "n_states": n_states,
@@ -218,31 +203,52 @@ def generate_dataset(
         "train_sequences": train_sequences,
         "val_sequences": val_sequences,
         **chain.options(),
+        **({} if source is None else {"source": source}),
     }
-    if source is not None:
-        params["source"] = source
     existing = _existing_meta(out_dir)
-    if existing is not None and not force:
+    if not force and _holds_this_dataset(out_dir, existing, params):
+        return existing
+    return _write_dataset(out_dir, chain, params, dtype, progress, chunk_tokens)
+
+
+def _token_type(dtype, n_states):
+    """The token dtype asked for (default: the smallest that fits K + 1 ids), checked."""
+    dtype = np.dtype(dtype) if dtype is not None else token_dtype(n_states + 1)
+    if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
+        raise NanoMarkovError(f"dtype must be uint16 or uint32, got {dtype}")
+    if n_states + 1 > np.iinfo(dtype).max + 1:
+        raise NanoMarkovError(f"K = {n_states} needs {n_states + 1} token ids, more than {dtype} holds; use uint32")
+    return dtype
+
+
+def _holds_this_dataset(out_dir, existing, params):
+    """True when out_dir already holds the dataset of `params` (intact); raises when it holds another."""
+    if existing is not None:
         keys = DEFINING_KEYS + tuple(k for k in params if k not in DEFINING_KEYS)
         changed = [f"{k} {existing.get(k)!r} -> {params.get(k)!r}" for k in keys if existing.get(k) != params.get(k)]
         if not changed:
             load_dataset(out_dir)  # raises if the files were damaged since
-            return existing
+            return True
         raise NanoMarkovError(
             f"{out_dir} already holds a different dataset ({', '.join(changed)}); "
             "pass --force to replace it, or --out to write elsewhere"
         )
-    if existing is None and not force and any((out_dir / f"{s}.bin").exists() for s in SPLITS):
+    if any((out_dir / f"{s}.bin").exists() for s in SPLITS):
         raise NanoMarkovError(
             f"{out_dir} holds .bin files but no meta.json (not a nanoMarkov dataset, or an old format); "
             "pass --force to replace them, or --out to write elsewhere"
         )
+    return False
 
+
+def _write_dataset(out_dir, chain, params, dtype, progress, chunk_tokens):
+    """Write every file as a .partial, then move them in, meta.json last; returns the meta dict."""
+    seq_len, seed = params["seq_len"], params["seed"]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         _remove_partials(out_dir)
         with open(_partial(out_dir / "chain.npz"), "wb") as f:  # a file object, so savez adds no extension
-            np.savez(f, **{name: getattr(chain, name) for name in cls.ARRAYS})
+            np.savez(f, **chain.arrays())
         meta = dict(
             params,
             format_version=FORMAT_VERSION,
@@ -262,8 +268,8 @@ def generate_dataset(
             if split == "val":
                 meta["theory"]["true_loss_val"] = loss_sum / (n * (seq_len - 1))
         files = ["chain.npz", "train.bin", "val.bin"]
-        if hasattr(chain, "belief_states"):
-            meta["sha256"][BELIEFS_FILE] = _write_val_beliefs(out_dir, chain, val_sequences, seq_len, dtype)
+        if chain.BELIEF_STATES:
+            meta["sha256"][BELIEFS_FILE] = _write_val_beliefs(out_dir, chain, params["val_sequences"], seq_len, dtype)
             files.append(BELIEFS_FILE)
         _write_json(_partial(out_dir / "meta.json"), meta)
         # Everything is complete on disk: now (and only now) retire the old
@@ -426,15 +432,16 @@ def load_dataset(path, verify=True):
             f"regenerate with: {_create_command_for(path)} --force"
         )
     fix = _regenerate_command(meta, path)
-    process = meta.get("process", "markov")
+    process = meta.get("process", DEFAULT_PROCESS)
     if process not in PROCESSES:
         raise NanoMarkovError(
-            f"{path / 'meta.json'}: unknown process {process!r} (this nanoMarkov knows "
-            f"{', '.join(PROCESSES)}); regenerate it, or use a newer nanoMarkov"
+            f"{path / 'meta.json'}: process {process!r} is not registered (known: {', '.join(PROCESSES)}); "
+            f"name the module or .py file that registers it in {PLUGINS_VARIABLE}"
         )
+    cls = PROCESSES[process]
     try:
         with np.load(path / "chain.npz", allow_pickle=False) as npz:
-            chain = PROCESSES[process](**{name: npz[name] for name in PROCESSES[process].ARRAYS})
+            chain = cls(**{name: npz[name] for name in cls.ARRAYS})
     except (OSError, KeyError, ValueError, NanoMarkovError) as e:
         raise NanoMarkovError(f"{path / 'chain.npz'}: cannot be read ({e}); regenerate with: {fix}") from e
     if chain.n_states != meta["n_states"]:
@@ -447,24 +454,27 @@ def load_dataset(path, verify=True):
                 f"{path / 'chain.npz'}: has {name} {value}, meta.json says {meta.get(name)}; regenerate with: {fix}"
             )
 
-    seq_len, dtype = meta["seq_len"], np.dtype(meta["dtype"]).newbyteorder("<")
-    splits = {}
-    for split in SPLITS:
-        file = path / f"{split}.bin"
-        if not file.is_file():
-            raise NanoMarkovError(f"{file}: missing; regenerate with: {fix}")
-        size = file.stat().st_size
-        expected = meta[f"{split}_tokens"] * dtype.itemsize
-        if size % (seq_len * dtype.itemsize) or size != expected:
-            raise NanoMarkovError(
-                f"{file}: {size} bytes, expected {expected} ({meta[f'{split}_sequences']} sequences of "
-                f"{seq_len} {dtype.name} tokens): truncated or replaced; regenerate with: {fix}"
-            )
-        tokens = np.memmap(file, dtype=dtype, mode="r", shape=(meta[f"{split}_sequences"], seq_len))
-        if verify:
-            _verify_split(file, tokens, chain, meta["sha256"][f"{split}.bin"], fix)
-        splits[split] = tokens
+    splits = {split: _load_split(path, split, meta, chain, verify, fix) for split in SPLITS}
     return Dataset(path, meta, chain, splits["train"], splits["val"])
+
+
+def _load_split(path, split, meta, chain, verify, fix):
+    """One split memory-mapped as (n, seq_len), its size checked (and with `verify` its tokens and sha256)."""
+    seq_len, dtype = meta["seq_len"], np.dtype(meta["dtype"]).newbyteorder("<")
+    file = path / f"{split}.bin"
+    if not file.is_file():
+        raise NanoMarkovError(f"{file}: missing; regenerate with: {fix}")
+    size = file.stat().st_size
+    expected = meta[f"{split}_tokens"] * dtype.itemsize
+    if size % (seq_len * dtype.itemsize) or size != expected:
+        raise NanoMarkovError(
+            f"{file}: {size} bytes, expected {expected} ({meta[f'{split}_sequences']} sequences of "
+            f"{seq_len} {dtype.name} tokens): truncated or replaced; regenerate with: {fix}"
+        )
+    tokens = np.memmap(file, dtype=dtype, mode="r", shape=(meta[f"{split}_sequences"], seq_len))
+    if verify:
+        _verify_split(file, tokens, chain, meta["sha256"][f"{split}.bin"], fix)
+    return tokens
 
 
 def _verify_split(file, tokens, chain, expected_sha256, fix):

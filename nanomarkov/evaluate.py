@@ -19,8 +19,9 @@ dropped and the rest renormalised (BOS never follows a state).
 
 Metrics 1-4 hold for any process (the true model's accuracy comes from the
 process's own optimal predictor, `optimal_log_probs`). Metrics 5 and 6 are about
-first-order chains; for any other process they are null, the result's `skipped`
-says why, and `optimal_fidelity` takes their place: the mean over every val
+first-order chains; the process's METRICS says which families run, for the
+others the result holds null and `skipped` says why (the process's skipped_metrics()),
+and `optimal_fidelity` takes their place: the mean over every val
 position of KL(optimal predictor || model). A k-th order chain (process
 "korder") also gets `korder_fidelity`: the same KL over positions t > k, where
 the context is complete, next to that of the best first-order predictor (what a
@@ -29,6 +30,7 @@ model that reads only the last state can reach at best).
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +40,10 @@ import torch.nn.functional as F
 from nanomarkov.checkpoint import load_model
 from nanomarkov.data import load_dataset
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.processes.markov import entropy
+from nanomarkov.processes.numerics import entropy
 
 # Positions x vocabulary per evaluated batch: bounds memory for any K (~64 MB of float64 logits per model).
-BATCH_ELEMENTS = 1 << 23
+EVAL_BATCH_ELEMENTS = 1 << 23
 WORST_STATES = 5
 
 
@@ -63,211 +65,292 @@ def bigram_baseline(dataset):
     return total / (dataset.val.shape[0] * (dataset.seq_len - 1))
 
 
-def _state_log_probs(logits, n_states):
-    """log q over the K states: BOS dropped, renormalised."""
+def state_log_probs(logits, n_states):
+    """log q over the K states: BOS dropped, renormalised (float64)."""
     return F.log_softmax(logits[..., :n_states].double(), dim=-1)
 
 
-class _Accumulator:
-    """Running sums for one model over the val split."""
+def kl_terms(log_p, log_q):
+    """KL(p || q) along the last axis from log-probabilities, with 0 log 0 = 0 (float64 tensors)."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
 
-    def __init__(self, k):
-        self.loss_sum = 0.0
-        self.correct = 0
-        self.kl_sum = np.zeros(k)  # sum over contexts ending in s of KL(P_s || q_t)
+
+def kl_rows(p, q):
+    """KL(p_i || q_i) for each row, with 0 log 0 = 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * (np.log(p) - np.log(q)), 0.0)
+    return terms.sum(axis=1)
+
+
+@dataclass
+class Batch:
+    """One batch of val sequences with what every family reads: the optimal predictor and each model's q."""
+
+    tokens: torch.Tensor  # (B, L) int64
+    optimal_log: torch.Tensor  # (B, L-1, K) the process's optimal next-state log-probs
+    logits: dict  # name -> (B, L-1, K+1) float64
+    log_q: dict  # name -> (B, L-1, K) float64, over the states
+
+    @property
+    def x(self):
+        return self.tokens[:, :-1]
+
+    @property
+    def y(self):
+        return self.tokens[:, 1:]
+
+
+class CommonMetrics:
+    """Metrics 1-3 for every process: cross-entropy, perplexity, accuracy (and agreement's slot)."""
+
+    def __init__(self, dataset, names):
+        self.k, self.theory = dataset.chain.n_states, dataset.meta["theory"]
+        self.loss_sum = dict.fromkeys(names, 0.0)
+        self.correct = dict.fromkeys(names, 0)
+        self.true_correct, self.positions = 0, 0
+
+    def update(self, batch):
+        y = batch.y
+        self.positions += y.numel()
+        self.true_correct += (batch.optimal_log.argmax(-1) == y).sum().item()
+        for name, logits in batch.logits.items():
+            self.loss_sum[name] += F.cross_entropy(
+                logits.reshape(-1, self.k + 1), y.reshape(-1), reduction="sum"
+            ).item()
+            self.correct[name] += (logits.argmax(-1) == y).sum().item()
+
+    def results(self, name, bigram):
+        n = self.positions
+        return common_metrics(
+            self.loss_sum[name] / n, self.correct[name] / n, self.true_correct / n, self.theory, bigram, self.k
+        )
+
+
+class Agreement:
+    """Metric 4: top-1 agreement and Jensen-Shannon divergence between every pair of runs."""
+
+    def __init__(self, names):
+        self.names = names
+        self.pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+        self.sums = {pair: [0, 0.0] for pair in self.pairs}  # (top-1 agreements, summed JSD)
+
+    def update(self, batch):
+        for a_name, b_name in self.pairs:
+            log_qa, log_qb = batch.log_q[a_name], batch.log_q[b_name]
+            log_m = torch.logaddexp(log_qa, log_qb) - np.log(2)
+            jsd = 0.5 * ((log_qa.exp() * (log_qa - log_m)).sum(-1) + (log_qb.exp() * (log_qb - log_m)).sum(-1))
+            top_a, top_b = batch.logits[a_name].argmax(-1), batch.logits[b_name].argmax(-1)
+            self.sums[(a_name, b_name)][0] += (top_a == top_b).sum().item()
+            self.sums[(a_name, b_name)][1] += jsd.sum().item()
+
+    def result(self, n_positions):
+        """The agreement dict every run shares, or None with one run."""
+        if not self.pairs:
+            return None
+        pairs = [
+            {"a": a, "b": b, "top1_agreement": agree / n_positions, "mean_jsd": jsd / n_positions}
+            for (a, b), (agree, jsd) in self.sums.items()
+        ]
+        return {
+            "runs": self.names,
+            "top1_agreement": float(np.mean([q["top1_agreement"] for q in pairs])),
+            "mean_jsd": float(np.mean([q["mean_jsd"] for q in pairs])),
+            "pairs": pairs,
+        }
+
+
+class OptimalFidelity:
+    """KL(optimal predictor || model), averaged over every val position."""
+
+    KEYS = ("optimal_fidelity",)
+
+    def __init__(self, dataset, names):
+        self.kl_sum, self.positions = dict.fromkeys(names, 0.0), 0
+
+    def update(self, batch):
+        self.positions += batch.y.numel()
+        for name, log_q in batch.log_q.items():
+            self.kl_sum[name] += kl_terms(batch.optimal_log, log_q).sum().item()
+
+    def results(self, name, models, device, timings):
+        return {"optimal_fidelity": {"positions": self.positions, "mean_kl": self.kl_sum[name] / self.positions}}, {}
+
+
+class KOrderFidelity:
+    """A k-th order chain: KL(row of the last k states || model) over positions t > k, where the context is
+    complete, next to that of the best first-order predictor (the best a model reading one state can do)."""
+
+    KEYS = ("korder_fidelity",)
+
+    def __init__(self, dataset, names):
+        self.order = dataset.chain.context_order
+        with np.errstate(divide="ignore"):
+            self.first_order_log = torch.from_numpy(np.log(dataset.chain.first_order_rows()))
+        self.kl_sum, self.first_order_kl_sum, self.positions = dict.fromkeys(names, 0.0), 0.0, 0
+
+    def update(self, batch):
+        full_log = batch.optimal_log[:, self.order :]  # positions predicted from a full context of k states
+        self.positions += full_log.shape[0] * full_log.shape[1]
+        first_order = self.first_order_log[batch.x[:, self.order :]]
+        self.first_order_kl_sum += kl_terms(full_log, first_order).sum().item()
+        for name, log_q in batch.log_q.items():
+            self.kl_sum[name] += kl_terms(batch.optimal_log, log_q)[:, self.order :].sum().item()
+
+    def results(self, name, models, device, timings):
+        n = self.positions
+        return {
+            "korder_fidelity": {
+                "order": self.order,
+                "positions": n,
+                "mean_kl": self.kl_sum[name] / n if n else None,
+                "first_order_kl": self.first_order_kl_sum / n if n else None,
+            }
+        }, {}
+
+
+class FirstOrderFidelity:
+    """Metrics 5 and 6 of a first-order chain: transition fidelity (KL(P_s || model) on the prompts [BOS, s]
+    and on real val contexts ending in s) and the Markov property (the spread of the model's prediction
+    after s across histories: H(mean q) - mean H(q), 0 for a memoryless model)."""
+
+    KEYS = ("transition_fidelity", "markov_property")
+
+    def __init__(self, dataset, names):
+        self.chain, k = dataset.chain, dataset.chain.n_states
+        rows = self.chain.transition_rows()  # row K: after BOS
+        self.p, self.row_entropy = torch.from_numpy(rows[:k]), torch.from_numpy(entropy(rows[:k], axis=1))
+        self.kl_sum = {name: np.zeros(k) for name in names}  # sum over contexts ending in s of KL(P_s || q_t)
+        self.prob_sum = {name: np.zeros((k, k)) for name in names}  # sum of q_t over contexts ending in s
+        self.entropy_sum = {name: np.zeros(k) for name in names}  # sum of H(q_t) over contexts ending in s
         self.count = np.zeros(k)  # contexts ending in s
-        self.prob_sum = np.zeros((k, k))  # sum of q_t over contexts ending in s
-        self.entropy_sum = np.zeros(k)  # sum of H(q_t) over contexts ending in s
-        self.korder_kl_sum = 0.0  # korder: sum over full-context positions of KL(row || q_t)
-        self.optimal_kl_sum = 0.0  # not first-order: sum over all positions of KL(optimal || q_t)
+
+    def update(self, batch):
+        k = self.chain.n_states
+        states = batch.x[:, 1:]  # contexts ending in a state: every position after the BOS one
+        flat_states = states.reshape(-1).numpy()
+        self.count += np.bincount(flat_states, minlength=k)
+        for name, log_q in batch.log_q.items():
+            # KL(P_s || q_t) = -H(P_s) - sum_j P_sj log q_tj, s = current state.
+            ctx_log_q = log_q[:, 1:]
+            ctx_q = ctx_log_q.exp()
+            kl = (-(self.p[states] * ctx_log_q).sum(-1) - self.row_entropy[states]).reshape(-1).numpy()
+            # spread = mean_t KL(q_t || mean q) = H(mean q) - mean_t H(q_t), in one pass.
+            h = -(ctx_q * ctx_log_q).sum(-1).reshape(-1).numpy()
+            self.kl_sum[name] += np.bincount(flat_states, weights=kl, minlength=k)
+            self.entropy_sum[name] += np.bincount(flat_states, weights=h, minlength=k)
+            np.add.at(self.prob_sum[name], flat_states, ctx_q.reshape(-1, k).numpy())
+
+    def _prompts(self, model, device):
+        """The model's next-state distributions on the K prompts [BOS, s] (K, K), and after BOS alone (K,)."""
+        k = self.chain.n_states
+        prompts = torch.stack([torch.full((k,), k), torch.arange(k)], dim=1)
+        log_q = state_log_probs(model(prompts.to(device))[0].cpu(), k)
+        return log_q[:, 1].exp().numpy(), log_q[0, 0].exp().numpy()
+
+    def results(self, name, models, device, timings):
+        started = time.perf_counter()
+        chain, pi, count = self.chain, self.chain.stationary(), self.count
+        learned, learned_start = self._prompts(models[name], device)
+        prompt_kl = kl_rows(chain.transmat, learned)
+        seen = count > 0
+        context_kl = np.where(seen, self.kl_sum[name] / np.maximum(count, 1), np.nan)
+        mean_q = self.prob_sum[name] / np.maximum(count, 1)[:, None]
+        spread = np.where(count > 1, entropy(mean_q, axis=1) - self.entropy_sum[name] / np.maximum(count, 1), np.nan)
+        spread = np.where(np.isnan(spread), np.nan, np.maximum(spread, 0.0))  # rounding can dip below 0
+        worst = np.argsort(-prompt_kl)[:WORST_STATES]
+        fidelity = {
+            "mean_kl": float(prompt_kl.mean()),
+            "weighted_kl": float(pi @ prompt_kl),
+            "context_mean_kl": float(np.nanmean(context_kl)),
+            "context_weighted_kl": float(np.nansum(pi * context_kl) / pi[seen].sum()),
+            "start_kl": float(kl_rows(chain.startprob[None], learned_start[None])[0]),
+            "worst_states": [
+                {"state": int(s), "kl": float(prompt_kl[s]), "stationary_prob": float(pi[s])} for s in worst
+            ],
+            "states_without_val_context": int((~seen).sum()),
+        }
+        arrays = {
+            "learned_matrix": learned,
+            "learned_start": learned_start,
+            "prompt_kl": prompt_kl,
+            "context_kl": context_kl,
+            "spread": spread,
+            "stationary": pi,
+        }
+        timings[f"prompts_and_summary_s[{name}]"] = time.perf_counter() - started
+        return {"transition_fidelity": fidelity, "markov_property": _markov_property(spread, pi, count)}, arrays
+
+
+def _markov_property(spread, pi, count):
+    has_spread = ~np.isnan(spread)
+    return {
+        "mean_spread": float(np.nanmean(spread)) if has_spread.any() else None,
+        "weighted_spread": float(np.nansum(pi * spread) / pi[has_spread].sum()) if has_spread.any() else None,
+        "max_spread": float(np.nanmax(spread)) if has_spread.any() else None,
+        "max_spread_state": int(np.nanargmax(spread)) if has_spread.any() else None,
+        "contexts": int(count.sum()),
+        "min_contexts_per_state": int(count.min()),
+    }
+
+
+# The family that computes each metric key a process may list in METRICS.
+FAMILIES = {
+    "transition_fidelity": FirstOrderFidelity,
+    "markov_property": FirstOrderFidelity,
+    "optimal_fidelity": OptimalFidelity,
+    "korder_fidelity": KOrderFidelity,
+}
 
 
 @torch.no_grad()
 def evaluate_models(models, dataset, device="cpu"):
-    """All six metrics for each model in `models` (a dict name -> module) on `dataset`.
+    """Every metric that applies to the dataset's process, for each model in `models` (a dict name -> module).
 
-    Each module maps idx (B, T) to (logits (B, T, K+1), _), as GPT does. Returns
-    {name: result dict}; with two or more models each result carries the agreement.
+    Each module maps idx (B, T) to (logits (B, T, K+1), _), as GPT does. One pass over
+    the val split feeds every family; the process's METRICS says which families run,
+    and its skipped_metrics() why the others do not. Returns {name: result dict}; with
+    two or more models each result carries the agreement.
     """
-    chain, k = dataset.chain, dataset.chain.n_states
-    markov, korder = chain.process == "markov", chain.process == "korder"
-    order = getattr(chain, "order", 1)
-    theory = dataset.meta["theory"]
-    names = list(models)
-    timings = {}
+    chain, names, timings = dataset.chain, list(models), {}
+    common, agreement = CommonMetrics(dataset, names), Agreement(names)
+    families = [cls(dataset, names) for cls in dict.fromkeys(FAMILIES[key] for key in chain.METRICS)]
     started = time.perf_counter()
-
-    if markov:
-        p = torch.from_numpy(np.array(chain.transmat))
-        row_entropy = torch.from_numpy(chain.row_entropies)
-        # The true model's top-1 prediction is a lookup by the current token (BOS = row K).
-        true_argmax = torch.from_numpy(np.argmax(np.vstack([chain.transmat, chain.startprob]), axis=1))
-    elif korder:
-        with np.errstate(divide="ignore"):
-            first_order_log = torch.from_numpy(np.log(_first_order_rows(chain)))
-    first_order_kl_sum, korder_positions = 0.0, 0
-    acc = {name: _Accumulator(k) for name in names}
-    pair_names = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
-    agree = {pair: [0, 0.0] for pair in pair_names}  # (top-1 agreements, summed JSD)
-    true_correct = 0
-    n_positions = 0
-    batch = max(1, BATCH_ELEMENTS // ((dataset.seq_len - 1) * (k + 1)))
-
-    for lo in range(0, dataset.val.shape[0], batch):
-        tokens = torch.from_numpy(np.asarray(dataset.val[lo : lo + batch], dtype=np.int64))
-        x, y = tokens[:, :-1], tokens[:, 1:]
-        states = x[:, 1:]  # contexts ending in a state: every position after the BOS one
-        n_positions += y.numel()
-        if markov:
-            true_correct += (true_argmax[x] == y).sum().item()
-        else:
-            optimal_log = torch.from_numpy(chain.optimal_log_probs(tokens.numpy()))  # (B, L-1, K)
-            true_correct += (optimal_log.argmax(-1) == y).sum().item()
-            if korder:
-                full_log = optimal_log[:, order:]  # positions predicted from a full context of k states
-                korder_positions += full_log.shape[0] * full_log.shape[1]
-                first_order_kl_sum += _kl_terms(full_log, first_order_log[x[:, order:]]).sum().item()
-        flat_states = states.reshape(-1).numpy()
-        dists = {}
-        for name in names:
-            a = acc[name]
-            # float64 from here on: the sums over a million positions keep every digit.
-            logits = models[name](x.to(device))[0].cpu().double()
-            a.loss_sum += F.cross_entropy(logits.reshape(-1, k + 1), y.reshape(-1), reduction="sum").item()
-            a.correct += (logits.argmax(-1) == y).sum().item()
-            log_q = _state_log_probs(logits, k)
-            q = log_q.exp()
-            dists[name] = (log_q, logits.argmax(-1))
-            if not markov:
-                kl = _kl_terms(optimal_log, log_q)
-                a.optimal_kl_sum += kl.sum().item()
-                if korder:
-                    a.korder_kl_sum += kl[:, order:].sum().item()
-                continue
-            # Metric 5 on real contexts: KL(P_s || q_t) = -H(P_s) - sum_j P_sj log q_tj, s = current state.
-            ctx_log_q, ctx_q = log_q[:, 1:], q[:, 1:]
-            cross = -(p[states] * ctx_log_q).sum(-1)
-            kl = (cross - row_entropy[states]).reshape(-1).numpy()
-            # Metric 6: spread = mean_t KL(q_t || mean q) = H(mean q) - mean_t H(q_t), in one pass.
-            h = -(ctx_q * ctx_log_q).sum(-1).reshape(-1).numpy()
-            a.kl_sum += np.bincount(flat_states, weights=kl, minlength=k)
-            a.count += np.bincount(flat_states, minlength=k)
-            a.entropy_sum += np.bincount(flat_states, weights=h, minlength=k)
-            np.add.at(a.prob_sum, flat_states, ctx_q.reshape(-1, k).numpy())
-        for a_name, b_name in pair_names:
-            (log_qa, top_a), (log_qb, top_b) = dists[a_name], dists[b_name]
-            log_m = torch.logaddexp(log_qa, log_qb) - np.log(2)
-            jsd = 0.5 * ((log_qa.exp() * (log_qa - log_m)).sum(-1) + (log_qb.exp() * (log_qb - log_m)).sum(-1))
-            agree[(a_name, b_name)][0] += (top_a == top_b).sum().item()
-            agree[(a_name, b_name)][1] += jsd.sum().item()
+    for batch in _val_batches(models, dataset, device):
+        for family in (common, agreement, *families):
+            family.update(batch)
     timings["val_pass_s"] = time.perf_counter() - started
-
     started = time.perf_counter()
     bigram = bigram_baseline(dataset)
     timings["bigram_baseline_s"] = time.perf_counter() - started
 
     results = {}
-    if not markov:
-        for name in names:
-            a = acc[name]
-            val_loss = a.loss_sum / n_positions
-            results[name] = {
-                **_common_metrics(val_loss, a.correct / n_positions, true_correct / n_positions, theory, bigram, k),
-                "transition_fidelity": None,
-                "markov_property": None,
-                "optimal_fidelity": {"positions": n_positions, "mean_kl": a.optimal_kl_sum / n_positions},
-                "korder_fidelity": {
-                    "order": order,
-                    "positions": korder_positions,
-                    "mean_kl": a.korder_kl_sum / korder_positions if korder_positions else None,
-                    "first_order_kl": first_order_kl_sum / korder_positions if korder_positions else None,
-                }
-                if korder
-                else None,
-                "skipped": _skipped(chain),
-                "arrays": {},
-            }
-        return _finish(results, names, pair_names, agree, n_positions, timings)
-    pi = chain.stationary()
     for name in names:
-        started = time.perf_counter()
-        # Metric 5 on the clean prompts [BOS, s]: one batch of K two-token prompts.
-        prompts = torch.stack([torch.full((k,), k), torch.arange(k)], dim=1)
-        log_q = _state_log_probs(models[name](prompts.to(device))[0].cpu(), k)
-        learned = log_q[:, 1].exp().numpy()
-        learned_start = log_q[0, 0].exp().numpy()
-        prompt_kl = _kl_rows(chain.transmat, learned)
-        a = acc[name]
-        seen = a.count > 0
-        context_kl = np.where(seen, a.kl_sum / np.maximum(a.count, 1), np.nan)
-        mean_q = a.prob_sum / np.maximum(a.count, 1)[:, None]
-        spread = np.where(a.count > 1, entropy(mean_q, axis=1) - a.entropy_sum / np.maximum(a.count, 1), np.nan)
-        spread = np.where(np.isnan(spread), np.nan, np.maximum(spread, 0.0))  # rounding can dip below 0
-        val_loss = a.loss_sum / n_positions
-        worst = np.argsort(-prompt_kl)[:WORST_STATES]
-        has_spread = ~np.isnan(spread)
-        results[name] = {
-            **_common_metrics(val_loss, a.correct / n_positions, true_correct / n_positions, theory, bigram, k),
-            "transition_fidelity": {
-                "mean_kl": float(prompt_kl.mean()),
-                "weighted_kl": float(pi @ prompt_kl),
-                "context_mean_kl": float(np.nanmean(context_kl)),
-                "context_weighted_kl": float(np.nansum(pi * context_kl) / pi[seen].sum()),
-                "start_kl": float(_kl_rows(chain.startprob[None], learned_start[None])[0]),
-                "worst_states": [
-                    {"state": int(s), "kl": float(prompt_kl[s]), "stationary_prob": float(pi[s])} for s in worst
-                ],
-                "states_without_val_context": int((~seen).sum()),
-            },
-            "markov_property": {
-                "mean_spread": float(np.nanmean(spread)) if has_spread.any() else None,
-                "weighted_spread": float(np.nansum(pi * spread) / pi[has_spread].sum()) if has_spread.any() else None,
-                "max_spread": float(np.nanmax(spread)) if has_spread.any() else None,
-                "max_spread_state": int(np.nanargmax(spread)) if has_spread.any() else None,
-                "contexts": int(a.count.sum()),
-                "min_contexts_per_state": int(a.count.min()),
-            },
-            "optimal_fidelity": None,
-            "korder_fidelity": None,
-            "skipped": _skipped(chain),
-            "arrays": {
-                "learned_matrix": learned,
-                "learned_start": learned_start,
-                "prompt_kl": prompt_kl,
-                "context_kl": context_kl,
-                "spread": spread,
-                "stationary": pi,
-            },
-        }
-        timings[f"prompts_and_summary_s[{name}]"] = time.perf_counter() - started
-    return _finish(results, names, pair_names, agree, n_positions, timings)
+        result = common.results(name, bigram) | dict.fromkeys(FAMILIES)
+        arrays = {}
+        for family in families:
+            values, family_arrays = family.results(name, models, device, timings)
+            result.update(values)
+            arrays.update(family_arrays)
+        results[name] = result | {"skipped": chain.skipped_metrics(), "arrays": arrays}
+    shared = agreement.result(common.positions)
+    for name in names:
+        results[name]["agreement"] = shared
+        results[name]["timing"] = {key: round(value, 3) for key, value in timings.items()}
+    return results
 
 
-def _skipped(chain):
-    """The metrics that do not apply to this process, each with the reason."""
-    if chain.process == "markov":
-        return {
-            "optimal_fidelity": "a first-order chain's optimal predictor is its transition row: "
-            "transition_fidelity reports that KL per state",
-            "korder_fidelity": "defined for k-th order chains (process korder); this one is first-order",
-        }
-    if chain.process == "korder":
-        return {
-            "transition_fidelity": f"defined for first-order chains; this is a k-th order chain (order {chain.order}), "
-            "whose next state depends on the last k states: see korder_fidelity",
-            "markov_property": "a first-order model's prediction should not depend on history before the "
-            f"last state; an order-{chain.order} chain's does, so the check does not apply",
-        }
-    why = {
-        "icl": "each sequence has its own transition matrix, drawn from a prior",
-        "hmm": "tokens are emissions of hidden states, and the next one depends on the belief over them",
-    }
-    reason = why.get(chain.process, f"process {chain.process} is not a first-order chain")
-    return {
-        "transition_fidelity": f"no fixed token-to-token matrix to compare with ({reason}): see optimal_fidelity",
-        "markov_property": f"the optimal prediction depends on the whole history ({reason})",
-        "korder_fidelity": "defined for k-th order chains (process korder)",
-    }
+def _val_batches(models, dataset, device):
+    """The val split in batches of whole sequences, each with the optimal predictor and every model's output."""
+    k = dataset.chain.n_states
+    batch = max(1, EVAL_BATCH_ELEMENTS // ((dataset.seq_len - 1) * (k + 1)))
+    for lo in range(0, dataset.val.shape[0], batch):
+        tokens = torch.from_numpy(np.asarray(dataset.val[lo : lo + batch], dtype=np.int64))
+        optimal_log = torch.from_numpy(dataset.chain.optimal_log_probs(tokens.numpy()))
+        # float64 from here on: the sums over a million positions keep every digit.
+        logits = {name: model(tokens[:, :-1].to(device))[0].cpu().double() for name, model in models.items()}
+        log_q = {name: state_log_probs(value, k) for name, value in logits.items()}
+        yield Batch(tokens, optimal_log, logits, log_q)
 
 
 # Theory keys of loss levels every process has; any other *_loss key is a process's own
@@ -275,7 +358,7 @@ def _skipped(chain):
 COMMON_LOSSES = ("optimal_loss", "true_loss_val", "unigram_loss", "uniform_loss")
 
 
-def _common_metrics(val_loss, accuracy, true_accuracy, theory, bigram, k):
+def common_metrics(val_loss, accuracy, true_accuracy, theory, bigram, k):
     """Metrics 1-3 (and agreement's slot), defined for every process."""
     return {
         "cross_entropy": {
@@ -308,57 +391,6 @@ def _common_metrics(val_loss, accuracy, true_accuracy, theory, bigram, k):
         },
         "agreement": None,
     }
-
-
-def _kl_terms(log_p, log_q):
-    """KL(p || q) along the last axis from log-probabilities, with 0 log 0 = 0 (float64 tensors)."""
-    p = log_p.exp()
-    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
-
-
-def _first_order_rows(chain):
-    """The best predictor from the last state alone, in the stationary regime: P(x_t | x_{t-1}), (K, K).
-
-    From the stationary tuple distribution times the rows, summed over the
-    older states; a state of stationary probability 0 gets the uniform row.
-    """
-    k = chain.n_states
-    joint = (chain.stationary().reshape(-1, 1) * chain.rows).reshape(-1, k, k).sum(axis=0)  # (last, next)
-    mass = joint.sum(axis=1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(mass > 0, joint / mass, 1.0 / k)
-
-
-def _finish(results, names, pair_names, agree, n_positions, timings):
-    """Agreement between runs and the timings, added to every result."""
-    if pair_names:
-        pairs = [
-            {
-                "a": a_name,
-                "b": b_name,
-                "top1_agreement": agree[(a_name, b_name)][0] / n_positions,
-                "mean_jsd": agree[(a_name, b_name)][1] / n_positions,
-            }
-            for a_name, b_name in pair_names
-        ]
-        agreement = {
-            "runs": names,
-            "top1_agreement": float(np.mean([q["top1_agreement"] for q in pairs])),
-            "mean_jsd": float(np.mean([q["mean_jsd"] for q in pairs])),
-            "pairs": pairs,
-        }
-        for name in names:
-            results[name]["agreement"] = agreement
-    for name in names:
-        results[name]["timing"] = {key: round(value, 3) for key, value in timings.items()}
-    return results
-
-
-def _kl_rows(p, q):
-    """KL(p_i || q_i) for each row, with 0 log 0 = 0."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(p > 0, p * (np.log(p) - np.log(q)), 0.0)
-    return terms.sum(axis=1)
 
 
 # ------------------------------------------------------------ checkpoints and files
@@ -406,7 +438,7 @@ def evaluate_checkpoints(ckpt_paths, data_dir=None, out=None, device="cpu"):
             "iter": ckpt.get("iter"),
             "n_states": dataset.chain.n_states,
             "process": dataset.chain.process,
-            "order": getattr(dataset.chain, "order", 1),
+            "order": dataset.chain.options().get("order", 1),
             "seq_len": dataset.seq_len,
             "val_sequences": dataset.val.shape[0],
             "seed": ckpt.get("config", {}).get("seed"),
@@ -436,7 +468,45 @@ def format_eval(result):
     run, ce, pp, ac = result.get("run", {}), result["cross_entropy"], result["perplexity"], result["accuracy"]
     tf, mp, ag = result["transition_fidelity"], result["markov_property"], result["agreement"]
     kf, skipped = result.get("korder_fidelity"), result.get("skipped", {})
-    rows = [
+    rows = _common_rows(ce, pp, ac, ag)
+    of = result.get("optimal_fidelity")
+    if of is not None:
+        rows.append(("KL(optimal predictor ‖ model), all positions", f"{of['mean_kl']:.6f}", "0", ""))
+    if kf is not None and kf["mean_kl"] is not None:
+        rows.append(
+            (
+                f"order-{kf['order']} KL(row of last {kf['order']} states ‖ model), positions t > {kf['order']}",
+                f"{kf['mean_kl']:.6f}",
+                "0",
+                f"best first-order predictor {kf['first_order_kl']:.6f}",
+            )
+        )
+    if tf is not None:
+        worst = ", ".join(f"{w['state']} ({w['kl']:.4f})" for w in tf["worst_states"])
+        rows += _first_order_rows_md(tf, mp, worst)
+    title = f"# Evaluation of {run['checkpoint']}" if run else "# Evaluation"
+    kind = f", order {run['order']}" if run and kf is not None else ""
+    head = (
+        (
+            f"dataset {run['dataset']}: K={run['n_states']}{kind}, {run['val_sequences']} val sequences of "
+            f"{run['seq_len']} tokens; checkpoint at iter {run['iter']}"
+        )
+        if run
+        else ""
+    )
+    lines = [title, "", head, "", "| metric | model | optimum | baselines |", "|---|---:|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    skipped_lines = [f"- skipped {name}: {why}" for name, why in skipped.items() if result.get(name) is None]
+    lines += [""] + skipped_lines if skipped_lines else []
+    timing = result.get("timing", {})
+    if timing:
+        lines += ["", "time: " + ", ".join(f"{k} {v:.2f}s" for k, v in timing.items())]
+    return "\n".join(lines)
+
+
+def _common_rows(ce, pp, ac, ag):
+    """Metrics 1-4 as table rows."""
+    return [
         (
             "cross-entropy (nats/token)",
             f"{ce['val_loss']:.6f}",
@@ -468,39 +538,6 @@ def format_eval(result):
             "",
         ),
     ]
-    of = result.get("optimal_fidelity")
-    if of is not None:
-        rows.append(("KL(optimal predictor ‖ model), all positions", f"{of['mean_kl']:.6f}", "0", ""))
-    if kf is not None and kf["mean_kl"] is not None:
-        rows.append(
-            (
-                f"order-{kf['order']} KL(row of last {kf['order']} states ‖ model), positions t > {kf['order']}",
-                f"{kf['mean_kl']:.6f}",
-                "0",
-                f"best first-order predictor {kf['first_order_kl']:.6f}",
-            )
-        )
-    if tf is not None:
-        worst = ", ".join(f"{w['state']} ({w['kl']:.4f})" for w in tf["worst_states"])
-        rows += _first_order_rows_md(tf, mp, worst)
-    title = f"# Evaluation of {run['checkpoint']}" if run else "# Evaluation"
-    kind = f", order {run['order']}" if run.get("process") == "korder" else ""
-    head = (
-        (
-            f"dataset {run['dataset']}: K={run['n_states']}{kind}, {run['val_sequences']} val sequences of "
-            f"{run['seq_len']} tokens; checkpoint at iter {run['iter']}"
-        )
-        if run
-        else ""
-    )
-    lines = [title, "", head, "", "| metric | model | optimum | baselines |", "|---|---:|---|---|"]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    skipped_lines = [f"- skipped {name}: {why}" for name, why in skipped.items() if result.get(name) is None]
-    lines += [""] + skipped_lines if skipped_lines else []
-    timing = result.get("timing", {})
-    if timing:
-        lines += ["", "time: " + ", ".join(f"{k} {v:.2f}s" for k, v in timing.items())]
-    return "\n".join(lines)
 
 
 def _first_order_rows_md(tf, mp, worst):

@@ -45,7 +45,7 @@ def test_mess3_round_trip_and_saved_beliefs(mess3_data):
         0.85,
     )
     assert isinstance(chain, HiddenMarkovModel)
-    for name, array in zip(HiddenMarkovModel.ARRAYS, HiddenMarkovModel.mess3()._arrays()):
+    for name, array in HiddenMarkovModel.mess3().arrays().items():
         np.testing.assert_array_equal(getattr(chain, name), array)
     theory = dict(meta["theory"])
     assert theory.pop("true_loss_val") == pytest.approx(chain.true_loss(np.asarray(mess3_data.val)), rel=1e-12)

@@ -10,7 +10,7 @@ import torch
 from nanomarkov import NanoMarkovError
 from nanomarkov.cli import main
 from nanomarkov.data import generate_dataset, load_dataset
-from nanomarkov.evaluate import evaluate_checkpoints, evaluate_models, write_eval
+from nanomarkov.evaluate import evaluate_checkpoints, evaluate_models, format_eval, write_eval
 from nanomarkov.processes.korder import KOrderChain
 from nanomarkov.processes.markov import MarkovChain
 
@@ -34,7 +34,7 @@ def test_korder_round_trip(korder_data):
     meta, chain = korder_data.meta, korder_data.chain
     assert meta["process"] == "korder" and meta["order"] == ORDER and meta["sparsity"] == 30
     assert isinstance(chain, KOrderChain) and chain.order == ORDER
-    expected = KOrderChain.random(3, ORDER, seed=4, sparsity=30)
+    expected = KOrderChain.random(3, order=ORDER, seed=4, sparsity=30)
     np.testing.assert_array_equal(chain.transitions, expected.transitions)
     np.testing.assert_array_equal(chain.start, expected.start)
     with np.load(korder_data.path / "chain.npz", allow_pickle=False) as npz:
@@ -150,7 +150,7 @@ def test_optimal_log_probs_of_a_markov_chain():
 
 @pytest.mark.parametrize("order, seq_len", [(1, 9), (2, 9), (3, 12), (3, 3)])
 def test_optimal_log_probs_of_a_korder_chain_give_true_loss(order, seq_len):
-    chain = KOrderChain.random(3, order, seed=order, sparsity=30)
+    chain = KOrderChain.random(3, order=order, seed=order, sparsity=30)
     tokens = chain.sample(200, seq_len, np.random.default_rng(1))
     log_probs = chain.optimal_log_probs(tokens)
     assert log_probs.shape == (200, seq_len - 1, 3)
@@ -191,6 +191,7 @@ def test_evaluating_the_optimal_korder_predictor(korder_data, tmp_path):
     assert kf["order"] == ORDER and kf["positions"] == 60 * (13 - ORDER)
     assert kf["mean_kl"] < 1e-6 and kf["first_order_kl"] > 0.01
     assert result["optimal_fidelity"] == {"positions": 60 * 13, "mean_kl": pytest.approx(0, abs=1e-6)}
+    assert "order-2 KL" in format_eval(result)  # a result of evaluate_models alone has no "run" yet
     result["run"] = {
         "checkpoint": "x",
         "dataset": "d",
@@ -212,9 +213,7 @@ def test_evaluating_the_optimal_korder_predictor(korder_data, tmp_path):
 def test_a_first_order_model_on_korder_data_shows_in_korder_fidelity(korder_data):
     """The table model that knows only the current state has korder KL equal to the direct computation."""
     chain = korder_data.chain
-    from nanomarkov.evaluate import _first_order_rows
-
-    rows = _first_order_rows(chain)
+    rows = chain.first_order_rows()
     table = np.full((4, 4), -30.0)
     with np.errstate(divide="ignore"):
         table[:3, :3] = np.maximum(np.log(rows), -30.0)

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 
 from nanomarkov.data import load_val_beliefs
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.interp.readouts import _forward_capturing
+from nanomarkov.interp.readouts import forward_capturing
 
 TRAIN_FRACTION = 0.8
 
@@ -59,7 +59,7 @@ def residual_streams(model, tokens):
     output, captured with forward hooks during one ordinary forward pass.
     """
     modules = [model.drop, *model.blocks]  # drop's output is the embeddings' sum
-    batches = [[s.float().cpu().numpy() for s in streams] for _, streams in _forward_capturing(model, tokens, modules)]
+    batches = [[s.float().cpu().numpy() for s in streams] for _, streams in forward_capturing(model, tokens, modules)]
     names = ["embed"] + [f"block {i}" for i in range(len(model.blocks))]
     return names, [np.concatenate(layer) for layer in zip(*batches)]
 
@@ -86,7 +86,7 @@ def belief_state_probe(model, dataset, layer=None, n_sequences=1000):
     plot. Returns {"layers", "r2" (n_layer+1,), "layer", "true", "predicted"},
     the last two (held-out positions, H).
     """
-    if not hasattr(dataset.chain, "belief_states"):
+    if not dataset.chain.BELIEF_STATES:
         raise NanoMarkovError(
             f"belief_state_probe needs hidden states (process hmm), this dataset is "
             f"{dataset.chain.process}; see context_probe for korder"
@@ -116,13 +116,13 @@ def context_probe(model, dataset, n_sequences=1000):
     counts as right when the probe's largest output is the true class.
     Returns {"layers", "lags" (k,), "accuracy" and "r2" (n_layer+1, k)}.
     """
-    if dataset.chain.process != "korder":
+    if dataset.chain.context_order is None:
         raise NanoMarkovError(
-            f"context_probe reads the last k states of a k-th order chain (process korder), "
-            f"this dataset is {dataset.chain.process}"
+            f"context_probe reads the last k states of a chain whose next state depends on them "
+            f"(process korder, or markov with k = 1); this dataset is {dataset.chain.process}"
         )
     tokens, n_train = _probe_inputs(model, dataset, n_sequences)
-    k, order = dataset.chain.n_states, dataset.chain.order
+    k, order = dataset.chain.n_states, dataset.chain.context_order
     inputs = tokens[:, :-1].astype(np.int64)  # BOS is already class K
     names, streams = residual_streams(model, tokens)
     rows = n_train * inputs.shape[1]

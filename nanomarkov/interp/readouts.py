@@ -27,10 +27,10 @@ import torch
 from matplotlib.figure import Figure
 
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.evaluate import _kl_rows, _kl_terms, _state_log_probs
+from nanomarkov.evaluate import kl_rows, kl_terms, state_log_probs
 
 # Positions x vocabulary per forward batch: bounds memory (float64 logits, one copy per layer).
-BATCH_ELEMENTS = 1 << 21
+PROBE_BATCH_ELEMENTS = 1 << 21
 
 
 @contextmanager
@@ -46,7 +46,7 @@ def _inference(model):
 
 
 def _check_vocab(model, chain):
-    if chain.process != "markov":
+    if chain.transition_rows() is None:
         raise NanoMarkovError(
             f"this probe compares the model with a first-order transition matrix, which a "
             f"{chain.process} process does not have; see context_probe (korder) and "
@@ -60,7 +60,7 @@ def _check_vocab(model, chain):
 
 
 def _batches(model, tokens):
-    """(B, T) input slices of BOS-led sequences, each batch small enough for BATCH_ELEMENTS."""
+    """(B, T) input slices of BOS-led sequences, each batch small enough for PROBE_BATCH_ELEMENTS."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] < 3:
         raise NanoMarkovError(f"expected BOS-led sequences of shape (n, seq_len >= 3), got {tokens.shape}")
@@ -72,12 +72,12 @@ def _batches(model, tokens):
             f"sequences of {tokens.shape[1]} tokens need block_size >= {tokens.shape[1] - 1}, "
             f"the model has {model.config.block_size}; pass tokens[:, :{model.config.block_size + 1}]"
         )
-    per_batch = max(1, BATCH_ELEMENTS // ((tokens.shape[1] - 1) * model.config.vocab_size))
+    per_batch = max(1, PROBE_BATCH_ELEMENTS // ((tokens.shape[1] - 1) * model.config.vocab_size))
     for lo in range(0, tokens.shape[0], per_batch):
         yield torch.from_numpy(np.asarray(tokens[lo : lo + per_batch, :-1], dtype=np.int64))
 
 
-def _forward_capturing(model, tokens, modules, inputs=False):
+def forward_capturing(model, tokens, modules, inputs=False):
     """For each batch: (its input x on the CPU, [what each module returned, or received with inputs=True]).
 
     Forward hooks record the tensors during one ordinary forward pass, so nothing
@@ -113,8 +113,8 @@ def transition_readout(model, chain):
     k = chain.n_states
     with _inference(model) as device:
         prompts = torch.stack([torch.full((k,), k), torch.arange(k)], dim=1).to(device)
-        learned = _state_log_probs(model(prompts)[0][:, 1].cpu(), k).exp().numpy()
-    return {"learned": learned, "true": np.array(chain.transmat), "kl": _kl_rows(chain.transmat, learned)}
+        learned = state_log_probs(model(prompts)[0][:, 1].cpu(), k).exp().numpy()
+    return {"learned": learned, "true": np.array(chain.transmat), "kl": kl_rows(chain.transmat, learned)}
 
 
 def direct_path(model, chain):
@@ -132,8 +132,8 @@ def direct_path(model, chain):
         x = model.wte.weight[:k]
         if model.wpe is not None:
             x = x + model.wpe.weight[1]
-        learned = _state_log_probs(model.lm_head(model.ln_f(x)).cpu(), k).exp().numpy()
-    return {"learned": learned, "true": np.array(chain.transmat), "kl": _kl_rows(chain.transmat, learned)}
+        learned = state_log_probs(model.lm_head(model.ln_f(x)).cpu(), k).exp().numpy()
+    return {"learned": learned, "true": np.array(chain.transmat), "kl": kl_rows(chain.transmat, learned)}
 
 
 # ------------------------------------------------------------ logit lens
@@ -156,17 +156,17 @@ def logit_lens(model, chain, tokens):
     k = chain.n_states
     # Row x of the table is the true next-state distribution after token x (BOS = row K).
     with np.errstate(divide="ignore"):
-        log_table = torch.from_numpy(np.log(np.vstack([chain.transmat, chain.startprob])))
+        log_table = torch.from_numpy(np.log(chain.transition_rows()))
     modules = [model.drop, *model.blocks]  # drop's output is the embeddings' sum, the input of block 0
     to_final = np.zeros(len(modules))
     to_truth = np.zeros(len(modules))
     positions = 0
-    for x, streams in _forward_capturing(model, tokens, modules):
-        lens = [_state_log_probs(model.lm_head(model.ln_f(s)).cpu(), k) for s in streams]
+    for x, streams in forward_capturing(model, tokens, modules):
+        lens = [state_log_probs(model.lm_head(model.ln_f(s)).cpu(), k) for s in streams]
         log_p = log_table[x]
         for i, log_q in enumerate(lens):
-            to_final[i] += _kl_terms(lens[-1], log_q).sum().item()
-            to_truth[i] += _kl_terms(log_p, log_q).sum().item()
+            to_final[i] += kl_terms(lens[-1], log_q).sum().item()
+            to_truth[i] += kl_terms(log_p, log_q).sum().item()
         positions += x.numel()
     layers = ["embed"] + [f"block {i}" for i in range(len(model.blocks))]
     return {"layers": layers, "kl_to_final": to_final / positions, "kl_to_truth": to_truth / positions}
@@ -214,7 +214,7 @@ def attention_summary(model, tokens):
     n_head = attns[0].n_head
     sums = np.zeros((3, len(attns), n_head))  # current, earlier, bos
     queries = 0
-    for x, inputs in _forward_capturing(model, tokens, attns, inputs=True):
+    for x, inputs in forward_capturing(model, tokens, attns, inputs=True):
         T = x.size(1)
         # Keys strictly between BOS and the query: the history a Markov chain does not need.
         history = torch.ones(T, T, dtype=torch.bool, device=inputs[0].device).tril(-1)

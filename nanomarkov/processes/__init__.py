@@ -1,19 +1,29 @@
 """The processes nanoMarkov trains on, by name: `PROCESSES` maps a name to its class.
 
-A class plugs in by providing: `process`; ARRAYS (the chain.npz arrays, its constructor's
-keyword arguments); OPTIONS (its own generation options, each a CLI flag --name and a top-level
-meta.json key); random(n_states, seed, alpha, sparsity, **options); options(); folder_name(n_states,
-**options); n_states, vocab_size, bos_token; sample, true_loss, optimal_log_probs and theory.
-`register(cls)` adds one.
+A process is a subclass of `nanomarkov.processes.base.Process` (the contract: read
+its docstrings), added with `register(cls)`. A researcher's own process reaches the
+`nanomarkov` command through the environment variable NANOMARKOV_PROCESSES: a list
+of module names or .py files, separated by os.pathsep (":" on Linux), that the CLI
+imports at start; each calls `register(MyProcess)` when imported.
 """
 
+import importlib
+import importlib.util
+import os
+from pathlib import Path
+
 from nanomarkov.errors import NanoMarkovError
+from nanomarkov.processes.base import Option, Process
 from nanomarkov.processes.hmm import HiddenMarkovModel
 from nanomarkov.processes.incontext import InContextChain
 from nanomarkov.processes.korder import KOrderChain
 from nanomarkov.processes.markov import MarkovChain
 
+__all__ = ["PROCESSES", "DEFAULT_PROCESS", "PLUGINS_VARIABLE", "Option", "Process", "register", "process_class"]
+
 PROCESSES = {}
+DEFAULT_PROCESS = "markov"  # what a dataset without a "process" key, and `generate` without --process, is
+PLUGINS_VARIABLE = "NANOMARKOV_PROCESSES"
 
 
 def register(cls):
@@ -32,8 +42,39 @@ def register(cls):
 def process_class(process):
     """The registered class of a process name."""
     if process not in PROCESSES:
-        raise NanoMarkovError(f"unknown process {process!r}; known: {', '.join(PROCESSES)}")
+        raise NanoMarkovError(
+            f"unknown process {process!r}; known: {', '.join(PROCESSES)} (a process of your own is "
+            f"registered by a module that {PLUGINS_VARIABLE} names)"
+        )
     return PROCESSES[process]
+
+
+def load_plugins(value=None):
+    """Import every module or .py file that `value` (default: $NANOMARKOV_PROCESSES) lists, separated by os.pathsep.
+
+    A .py file is imported under the name nanomarkov_plugin_<its stem>. Returns the imported modules.
+    """
+    value = os.environ.get(PLUGINS_VARIABLE, "") if value is None else value
+    modules = []
+    for entry in filter(None, (part.strip() for part in value.split(os.pathsep))):
+        try:
+            if entry.endswith(".py"):
+                path = Path(entry)
+                spec = importlib.util.spec_from_file_location(f"nanomarkov_plugin_{path.stem}", path)
+                if spec is None or not path.is_file():
+                    raise FileNotFoundError(f"no file {path}")
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+            else:
+                module = importlib.import_module(entry)
+        except NanoMarkovError:
+            raise
+        except Exception as e:  # a broken plugin can raise anything on import; say which one it is
+            raise NanoMarkovError(
+                f"{PLUGINS_VARIABLE}: cannot import {entry!r} ({type(e).__name__}: {e}); fix or remove it"
+            ) from e
+        modules.append(module)
+    return modules
 
 
 register(MarkovChain)

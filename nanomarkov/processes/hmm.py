@@ -25,20 +25,23 @@ estimates from a fixed seed. Each theory number has a "_se" key beside it:
 0.0 when exact, half the bracket when bracketed, else the standard error.
 """
 
+import re
 import warnings
 from functools import cached_property
 
 import numpy as np
 
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.processes.markov import (
-    MarkovChain,
-    _alias_draw,
-    _alias_tables,
-    _check_distribution,
-    _check_random_parameters,
-    _random_rows,
+from nanomarkov.processes.base import WHOLE_HISTORY_RECIPE, Option, Process
+from nanomarkov.processes.markov import TRUE_LOSS_CHUNK, MarkovChain
+from nanomarkov.processes.numerics import (
+    alias_draw,
+    alias_tables,
+    check_distribution,
+    check_random_parameters,
     entropy,
+    random_rows,
+    standard_error,
     token_dtype,
 )
 
@@ -73,11 +76,7 @@ def mess3_arrays(x=MESS3_X, a=MESS3_A):
     return np.where(eye, y, x), np.where(eye, a, b), np.full(3, 1 / 3)
 
 
-def _standard_error(values):
-    return float(values.std(ddof=1) / np.sqrt(len(values)))
-
-
-class HiddenMarkovModel:
+class HiddenMarkovModel(Process):
     """An HMM with H hidden states and K emitted tokens (the states of the sequences).
 
     `transmat` (H, H) moves the hidden state, `emissions` (H, K) emits a token
@@ -86,8 +85,18 @@ class HiddenMarkovModel:
     """
 
     process = "hmm"
+    SUMMARY = "hidden Markov model (--preset mess3, or --hidden_states)"
     ARRAYS = ("transmat", "emissions", "startprob")
-    OPTIONS = ("preset", "hidden_states", "x", "a")  # --preset mess3 [--x --a], or --hidden_states H
+    OPTIONS = (
+        Option("preset", str, None, "mess3 (K=3, x and a below)", choices=("mess3",)),
+        Option("hidden_states", int, None, "hidden states H (default K)"),
+        Option("x", float, None, "mess3's switching probability (default 0.05)"),
+        Option("a", float, None, "mess3's own-token emission (default 0.85)"),
+    )
+    RECIPE = WHOLE_HISTORY_RECIPE
+    BELIEF_STATES = True
+    HISTORY_REASON = "tokens are emissions of hidden states, and the next one depends on the belief over them"
+    chunk_sequences = TRUE_LOSS_CHUNK  # true_loss's sequences per chunk
 
     def __init__(self, transmat, emissions, startprob):
         transmat = np.array(transmat, dtype=np.float64)
@@ -109,13 +118,14 @@ class HiddenMarkovModel:
                 f"an HMM with H={n_hidden}, K={emissions.shape[1]} has more than "
                 f"{MAX_MATRIX_ENTRIES} (2^24) matrix entries; use fewer states"
             )
-        _check_distribution("transmat rows", transmat)
-        _check_distribution("emissions rows", emissions)
-        _check_distribution("startprob", startprob)
+        check_distribution("transmat rows", transmat)
+        check_distribution("emissions rows", emissions)
+        check_distribution("startprob", startprob)
         for array in (transmat, emissions, startprob):
             array.flags.writeable = False
         self.transmat, self.emissions, self.startprob = transmat, emissions, startprob
-        self._by_seq_len = {}  # seq_len -> _loss_and_accuracy (may be Monte-Carlo); immutable HMM, never stale
+        # seq_len -> _loss_and_accuracy, and -> _sampled (Monte-Carlo); the HMM is immutable, so never stale
+        self._by_seq_len, self._samples = {}, {}
 
     @classmethod
     def mess3(cls, x=MESS3_X, a=MESS3_A):
@@ -144,7 +154,7 @@ class HiddenMarkovModel:
             raise NanoMarkovError(f"unknown HMM preset {preset!r}; known: mess3")
         if x is not None or a is not None:
             raise NanoMarkovError("x and a are mess3's parameters; they need preset mess3 (--preset mess3)")
-        _check_random_parameters(n_states, alpha, sparsity)
+        check_random_parameters(n_states, alpha, sparsity)
         hidden_states = n_states if hidden_states is None else hidden_states
         if not isinstance(hidden_states, (int, np.integer)) or hidden_states < 2:
             raise NanoMarkovError(f"hidden_states must be an integer >= 2, got {hidden_states!r}")
@@ -154,7 +164,7 @@ class HiddenMarkovModel:
                 f"{MAX_MATRIX_ENTRIES} (2^24) matrix entries; use fewer states"
             )
         rng = np.random.default_rng(seed)
-        transmat = _random_rows(rng, hidden_states, hidden_states, alpha, sparsity)
+        transmat = random_rows(rng, hidden_states, hidden_states, alpha, sparsity)
         emissions = rng.dirichlet(np.full(n_states, float(alpha)), size=hidden_states)
         uniform = np.full(hidden_states, 1.0 / hidden_states)
         with warnings.catch_warnings():
@@ -171,21 +181,25 @@ class HiddenMarkovModel:
             self.transmat.shape == self.emissions.shape == (3, 3)
             and 0 < x < 0.5
             and 0 < a < 1
-            and all(np.array_equal(mine, theirs) for mine, theirs in zip(self._arrays(), mess3_arrays(x, a)))
+            and all(np.array_equal(mine, theirs) for mine, theirs in zip(self.arrays().values(), mess3_arrays(x, a)))
         ):
             return {"preset": "mess3", "hidden_states": 3, "x": x, "a": a}
         return {"preset": None, "hidden_states": self.n_hidden}
 
-    @staticmethod
-    def folder_name(n_states, preset=None, hidden_states=None, x=None, a=None):
+    @classmethod
+    def folder_name(cls, n_states, preset=None, hidden_states=None, x=None, a=None):
         """ "mess3" (with -x..-a.. when not the default parameters), else "hmm{K}-h{H}"."""
         if preset == "mess3":
             x, a = MESS3_X if x is None else x, MESS3_A if a is None else a
             return "mess3" if (x, a) == (MESS3_X, MESS3_A) else f"mess3-x{x:g}-a{a:g}"
         return f"hmm{n_states}-h{n_states if hidden_states is None else hidden_states}"
 
-    def _arrays(self):
-        return tuple(getattr(self, name) for name in self.ARRAYS)
+    @classmethod
+    def parse_folder_name(cls, name):
+        if name == "mess3":
+            return 3, {"preset": "mess3"}
+        match = re.fullmatch(r"hmm(\d+)-h(\d+)", name)
+        return (int(match.group(1)), {"hidden_states": int(match.group(2))}) if match else None
 
     @property
     def n_states(self):
@@ -194,13 +208,6 @@ class HiddenMarkovModel:
     @property
     def n_hidden(self):
         return self.transmat.shape[0]
-
-    # The sequence format is MarkovChain's, and so is the code: these read only n_states.
-    bos_token = MarkovChain.bos_token  # K
-    vocab_size = MarkovChain.vocab_size  # K + 1
-    uniform_loss = MarkovChain.uniform_loss  # log K
-    check_tokens = MarkovChain.check_tokens
-    _check_seq_len = MarkovChain._check_seq_len
 
     # ------------------------------------------------------- the forward algorithm
 
@@ -249,13 +256,13 @@ class HiddenMarkovModel:
                 out[:, t] = np.log(prior @ self.emissions)
         return out
 
-    def true_loss(self, tokens, chunk_sequences=16384):
+    def true_loss(self, tokens):
         """Exact mean NLL of the optimal predictor per predicted token: -log P(x_1..x_{L-1}) / (L-1), averaged."""
         tokens = self.check_tokens(tokens)
-        total = 0.0
+        total, step = 0.0, self.chunk_sequences
         with np.errstate(divide="ignore"):
-            for lo in range(0, tokens.shape[0], chunk_sequences):
-                for _, evidence, _ in self._filtering(tokens[lo : lo + chunk_sequences]):
+            for lo in range(0, tokens.shape[0], step):
+                for _, evidence, _ in self._filtering(tokens[lo : lo + step]):
                     total -= np.log(evidence).sum()
         return float(total / (tokens.shape[0] * (tokens.shape[1] - 1)))
 
@@ -320,11 +327,11 @@ class HiddenMarkovModel:
         return lower, float(losses[-1])
 
     def _monte_carlo(self, seq_len, positions):
-        """Per sampled sequence, the mean over `positions` (a slice of 0..L-2) of the optimal predictor's
+        """Per sampled sequence and position of `positions` (a slice of 0..L-2), the optimal predictor's
         expected loss (the entropy of its predictive distribution) and accuracy (its largest probability).
 
         Averaging the predictive's own entropy rather than -log p of the sampled
-        token has the same expectation and less variance. Returns two (n,) arrays.
+        token has the same expectation and less variance. Returns two (n, P) arrays.
         """
         budget = min(MC_TOKENS, MC_WORK // (self.n_hidden * (self.n_hidden + self.n_states)))
         n_sequences = max(64, budget // seq_len)
@@ -333,9 +340,15 @@ class HiddenMarkovModel:
         losses, accuracies = [], []
         for lo in range(0, n_sequences, per_chunk):
             probs = np.exp(self.optimal_log_probs(self.sample(min(per_chunk, n_sequences - lo), seq_len, rng)))
-            losses.append(entropy(probs[:, positions]).mean(axis=1))
-            accuracies.append(probs[:, positions].max(axis=2).mean(axis=1))
+            losses.append(entropy(probs[:, positions]))
+            accuracies.append(probs[:, positions].max(axis=2))
         return np.concatenate(losses), np.concatenate(accuracies)
+
+    def _sampled(self, seq_len):
+        """_monte_carlo over every position of sequences of seq_len tokens, computed once per seq_len."""
+        if seq_len not in self._samples:
+            self._samples[seq_len] = self._monte_carlo(seq_len, slice(None))
+        return self._samples[seq_len]
 
     @cached_property
     def _entropy_rate(self):
@@ -344,10 +357,11 @@ class HiddenMarkovModel:
             return (bracket[0] + bracket[1]) / 2, (bracket[1] - bracket[0]) / 2
         burn_in = ENTROPY_RATE_BURN_IN
         losses, _ = self._monte_carlo(2 * burn_in + 1, slice(burn_in, 2 * burn_in))
-        return float(losses.mean()), _standard_error(losses)
+        losses = losses.mean(axis=1)
+        return float(losses.mean()), float(standard_error(losses))
 
-    def entropy_rate_estimate(self):
-        """(entropy rate, its error): the rate lim_t H(x_t | x_<t) of the token process.
+    def entropy_rate(self):
+        """The rate lim_t H(x_t | x_<t) of the token process; its error is theory's entropy_rate_se.
 
         The midpoint of the exact bracket of _exact_head with half its width as
         a hard error bound, when that is below BRACKET_WIDTH / 2 (mess3: 1.2e-7).
@@ -355,7 +369,7 @@ class HiddenMarkovModel:
         loss over positions B+1..2B (B = ENTROPY_RATE_BURN_IN) of independent
         runs, an upper bound up to its error once beliefs forget the start.
         """
-        return self._entropy_rate
+        return self._entropy_rate[0]
 
     def _loss_and_accuracy(self, seq_len):
         """(optimal loss, its error, optimal accuracy, its error) for sequences of seq_len tokens.
@@ -365,19 +379,19 @@ class HiddenMarkovModel:
         the loss is exact up to a hard bound; otherwise it, and the accuracy
         always, is a Monte-Carlo estimate with its standard error.
         """
-        self._check_seq_len(seq_len)
+        self.check_seq_len(seq_len)
         if seq_len not in self._by_seq_len:
             losses, accuracies, _ = self._exact_head
             n = seq_len - 1
             if n <= len(losses):
                 numbers = (losses[:n].mean(), 0.0, accuracies[:n].mean(), 0.0)
             else:
-                sampled_losses, sampled_accuracies = self._monte_carlo(seq_len, slice(None))
+                sampled_losses, sampled_accuracies = (values.mean(axis=1) for values in self._sampled(seq_len))
                 numbers = (
                     sampled_losses.mean(),
-                    _standard_error(sampled_losses),
+                    standard_error(sampled_losses),
                     sampled_accuracies.mean(),
-                    _standard_error(sampled_accuracies),
+                    standard_error(sampled_accuracies),
                 )
                 bracket = self._bracket()
                 if bracket is not None:
@@ -398,33 +412,39 @@ class HiddenMarkovModel:
         """Expected top-1 accuracy of the optimal predictor (see _loss_and_accuracy)."""
         return self._loss_and_accuracy(seq_len)[2]
 
-    def theory(self, seq_len):
-        """The theory numbers for sequences of seq_len tokens.
+    def optimal_loss_by_position(self, seq_len):
+        """(losses, errors) of the optimal predictor at positions 1..L-1.
 
-        Each "*_se" key is the error of the number beside it: 0.0 where it is
-        exact, a hard bound where it comes from the entropy-rate bracket, a
-        Monte-Carlo standard error where it is sampled (see _loss_and_accuracy).
+        Exact (error 0.0) at the positions of _exact_head; beyond them the
+        midpoint of the entropy-rate bracket with half its width when the
+        bracket is tight, else the Monte-Carlo estimate and its standard error.
         """
-        loss, loss_se, accuracy, accuracy_se = self._loss_and_accuracy(seq_len)
-        rate, rate_se = self.entropy_rate_estimate()
-        return {
-            "entropy_rate": rate,
-            "entropy_rate_se": rate_se,
-            "optimal_loss": loss,
-            "optimal_loss_se": loss_se,
-            "optimal_accuracy": accuracy,
-            "optimal_accuracy_se": accuracy_se,
-            "uniform_loss": self.uniform_loss,
-            "unigram_loss": self.unigram_loss(),
-        }
+        self.check_seq_len(seq_len)
+        head, _, _ = self._exact_head
+        n = seq_len - 1
+        if n <= len(head):
+            return head[:n].copy(), np.zeros(n)
+        bracket, tail = self._bracket(), n - len(head)
+        if bracket is not None:
+            values = np.full(tail, sum(bracket) / 2)
+            errors = np.full(tail, (bracket[1] - bracket[0]) / 2)
+        else:
+            sampled = self._sampled(seq_len)[0][:, len(head) :]
+            values, errors = sampled.mean(axis=0), standard_error(sampled, axis=0)
+        return np.concatenate([head, values]), np.concatenate([np.zeros(len(head)), errors])
+
+    def standard_errors(self, seq_len):
+        """Each "*_se" is 0.0 where exact, a hard bound from the entropy-rate bracket, else a standard error."""
+        _, loss_se, _, accuracy_se = self._loss_and_accuracy(seq_len)
+        return {"entropy_rate": self._entropy_rate[1], "optimal_loss": loss_se, "optimal_accuracy": accuracy_se}
 
     # -------------------------------------------------------------- sampling
 
     @cached_property
     def _samplers(self):
         """Alias tables: hidden steps (transmat rows, then startprob as row H) and emission rows, flattened."""
-        hidden = _alias_tables(np.vstack([self.transmat, self.startprob]))
-        emitted = _alias_tables(self.emissions)
+        hidden = alias_tables(np.vstack([self.transmat, self.startprob]))
+        emitted = alias_tables(self.emissions)
         return tuple(table.ravel() for table in hidden + emitted)
 
     def sample(self, n_sequences, seq_len, rng):
@@ -434,7 +454,7 @@ class HiddenMarkovModel:
         sequence by sequence: each sequence takes a contiguous run of 2(L-1)
         numbers from `rng`, so the bytes do not depend on how n is chunked.
         """
-        self._check_seq_len(seq_len)
+        self.check_seq_len(seq_len)
         h, k = self.n_hidden, self.n_states
         keep_h, alias_h, keep_e, alias_e = self._samplers
         uniforms = rng.random((n_sequences, seq_len - 1, 2))
@@ -442,6 +462,6 @@ class HiddenMarkovModel:
         out[0] = self.bos_token
         hidden = np.full(n_sequences, h, dtype=np.int64)  # row H of the hidden tables is startprob
         for t in range(seq_len - 1):
-            hidden = _alias_draw(keep_h, alias_h, hidden * h, uniforms[:, t, 0], h)
-            out[t + 1] = _alias_draw(keep_e, alias_e, hidden * k, uniforms[:, t, 1], k)
+            hidden = alias_draw(keep_h, alias_h, hidden * h, uniforms[:, t, 0], h)
+            out[t + 1] = alias_draw(keep_e, alias_e, hidden * k, uniforms[:, t, 1], k)
         return out.T

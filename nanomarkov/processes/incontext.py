@@ -31,12 +31,22 @@ with a standard error for every key it estimates.
 """
 
 import math
+import re
 import warnings
+from functools import cached_property
 
 import numpy as np
 
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.processes.markov import MarkovChain, _check_distribution, _check_random_parameters, entropy, token_dtype
+from nanomarkov.processes.base import WHOLE_HISTORY_RECIPE, Process
+from nanomarkov.processes.markov import MarkovChain
+from nanomarkov.processes.numerics import (
+    check_distribution,
+    check_random_parameters,
+    entropy,
+    standard_error,
+    token_dtype,
+)
 
 # Per-sequence count arrays (n, K, K) are built this many entries at a time (32 MiB of float64).
 BLOCK_ENTRIES = 1 << 22
@@ -63,6 +73,14 @@ def _inverse_cdf(weights, uniforms):
     return (cumulative[:, :-1] <= (uniforms * cumulative[:, -1])[:, None]).sum(axis=1)
 
 
+def _entropy_of_mean(distributions):
+    """H(mean of the rows) and its standard error by the delta method (gradient -(log p + 1))."""
+    mean = distributions.mean(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gradient = np.where(mean > 0, -(np.log(mean) + 1), 0.0)
+    return float(entropy(mean)), float((distributions @ gradient).std(ddof=1) / np.sqrt(len(distributions)))
+
+
 def _log_binomial(n, k):
     return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
 
@@ -73,7 +91,7 @@ def _log_rising(base, n_max):
     return np.concatenate([np.zeros(terms.shape[:-1] + (1,)), np.cumsum(terms, axis=-1)], axis=-1)
 
 
-class InContextChain:
+class InContextChain(Process):
     """An in-context chain on states 0..K-1: a new random transition matrix for every sequence.
 
     `concentration` (K,) is the Dirichlet parameter of every row, `startprob`
@@ -83,8 +101,10 @@ class InContextChain:
     """
 
     process = "icl"
-    ARRAYS = ("concentration", "startprob", "support_size")  # saved in chain.npz; the constructor's arguments
-    OPTIONS = ()  # generation options beyond K, seed, alpha, sparsity: none
+    SUMMARY = "in-context chain, a fresh Dirichlet matrix per sequence (needs attention to learn)"
+    ARRAYS = ("concentration", "startprob", "support_size")
+    RECIPE = WHOLE_HISTORY_RECIPE
+    HISTORY_REASON = "each sequence has its own transition matrix, drawn from a prior"
 
     def __init__(self, concentration, startprob, support_size):
         concentration = np.array(concentration, dtype=np.float64)
@@ -99,7 +119,7 @@ class InContextChain:
         k = concentration.shape[0]
         if startprob.shape != (k,):
             raise NanoMarkovError(f"startprob must have shape ({k},) to match concentration, got {startprob.shape}")
-        _check_distribution("startprob", startprob)
+        check_distribution("startprob", startprob)
         if support_size.ndim != 0 or support_size != np.round(support_size) or not 1 <= support_size <= k:
             raise NanoMarkovError(
                 f"support_size must be a single integer in 1..{k} (K: dense rows), got {support_size}"
@@ -123,7 +143,7 @@ class InContextChain:
         Nothing here is random -- the randomness is in every sequence's own
         matrix -- so `seed` only keeps the signature of the other processes.
         """
-        _check_random_parameters(n_states, alpha, sparsity)
+        check_random_parameters(n_states, alpha, sparsity)
         if n_states > MAX_RANDOM_STATES:
             raise NanoMarkovError(
                 f"in-context chains go up to K = {MAX_RANDOM_STATES} here, got {n_states}: their "
@@ -132,12 +152,14 @@ class InContextChain:
         support = max(1, int(n_states * (100 - sparsity) / 100)) if sparsity else n_states
         return cls(np.full(n_states, float(alpha)), np.full(n_states, 1.0 / n_states), support)
 
-    def options(self):
-        return {}
-
-    @staticmethod
-    def folder_name(n_states):
+    @classmethod
+    def folder_name(cls, n_states):
         return f"icl{n_states}"
+
+    @classmethod
+    def parse_folder_name(cls, name):
+        match = re.fullmatch(r"icl(\d+)", name)
+        return (int(match.group(1)), {}) if match else None
 
     @property
     def n_states(self):
@@ -146,12 +168,6 @@ class InContextChain:
     @property
     def n_support(self):
         return int(self.support_size)
-
-    bos_token = MarkovChain.bos_token  # K
-    vocab_size = MarkovChain.vocab_size  # K + 1
-    uniform_loss = MarkovChain.uniform_loss  # log K
-    check_tokens = MarkovChain.check_tokens
-    _check_seq_len = MarkovChain._check_seq_len
 
     def _block(self):
         return max(1, BLOCK_ENTRIES // self.n_states**2)
@@ -237,7 +253,7 @@ class InContextChain:
         of the stream. `theory` draws the matrices, and the tests check that
         both give the same process.
         """
-        self._check_seq_len(seq_len)
+        self.check_seq_len(seq_len)
         k = self.n_states
         out = np.empty((n_sequences, seq_len), dtype=token_dtype(self.vocab_size))
         out[:, 0] = self.bos_token
@@ -277,7 +293,7 @@ class InContextChain:
 
     # ---------------------------------------------------------------- theory
 
-    def theory(self, seq_len, n_sequences=None):
+    def theory(self, seq_len):
         """Monte-Carlo theory for sequences of seq_len tokens, each estimate with its standard error (*_se).
 
         Per-position expectations are averaged given the past (entropies of the
@@ -292,18 +308,80 @@ class InContextChain:
                                           per-token loss far from the start, which the Bayes
                                           predictor also approaches as sequences grow
           uniform_loss                    log K (exact)
-        `n_sequences` defaults to THEORY_SEQUENCES (fewer for large K); the seed is THEORY_SEED.
+          monte_carlo_sequences           the size of the sample
+        The sample is theory_sequences() sequences from THEORY_SEED (monte_carlo with fewer is faster).
         """
-        self._check_seq_len(seq_len)
-        if n_sequences is None:
-            budget = THEORY_ENTRIES // self.n_states**2
-            n_sequences = max(MIN_THEORY_SEQUENCES, min(THEORY_SEQUENCES, budget))
-        key = (seq_len, n_sequences)
+        return self.monte_carlo(seq_len)
+
+    def theory_sequences(self):
+        """THEORY_SEQUENCES, fewer for large K so the sampled matrices stay within THEORY_ENTRIES."""
+        budget = THEORY_ENTRIES // self.n_states**2
+        return max(MIN_THEORY_SEQUENCES, min(THEORY_SEQUENCES, budget))
+
+    def monte_carlo(self, seq_len, n_sequences=None):
+        """theory(seq_len) from a sample of n_sequences sequences (default theory_sequences())."""
+        self.check_seq_len(seq_len)
+        key = (seq_len, n_sequences or self.theory_sequences())
         if key not in self._theory:
-            self._theory[key] = self._monte_carlo(seq_len, n_sequences)
-        return dict(self._theory[key])
+            self._theory[key] = self._monte_carlo(*key)
+        return dict(self._theory[key][0])
+
+    def optimal_loss(self, seq_len):
+        """The Bayes predictor's expected loss: an estimate, its error theory's optimal_loss_se."""
+        return self.monte_carlo(seq_len)["optimal_loss"]
+
+    def optimal_accuracy(self, seq_len):
+        """The Bayes predictor's expected top-1 accuracy: an estimate, its error theory's optimal_accuracy_se."""
+        return self.monte_carlo(seq_len)["optimal_accuracy"]
+
+    def optimal_loss_by_position(self, seq_len):
+        """(losses, standard errors) of the Bayes predictor at positions 1..L-1, from theory's sample.
+
+        Position 1 (x1 from startprob) is exact, error 0.0; the mean of the
+        losses is theory's optimal_loss up to rounding.
+        """
+        self.monte_carlo(seq_len)
+        by_position = self._theory[(seq_len, self.theory_sequences())][1]
+        errors = standard_error(by_position, axis=0)
+        errors[0] = 0.0  # the same startprob entropy in every sequence: only rounding would show
+        return by_position.mean(axis=0), errors
+
+    def standard_errors(self, seq_len):
+        theory = self.monte_carlo(seq_len)
+        return {key.removesuffix("_se"): value for key, value in theory.items() if key.endswith("_se")}
+
+    @cached_property
+    def _long_run(self):
+        """(entropy rate, its error, unigram loss, its error) over a sample of matrices alone, from THEORY_SEED."""
+        rng = np.random.default_rng(THEORY_SEED)
+        n_sequences, rates, stationaries = self.theory_sequences(), [], []
+        for lo in range(0, n_sequences, self._block()):
+            matrices = self.sample_matrices(min(self._block(), n_sequences - lo), rng)
+            pi = self._stationaries(matrices)
+            stationaries.append(pi)
+            rates.append((pi * entropy(matrices, axis=2)).sum(axis=1))  # as _entropy_rates, reusing pi
+        rates, stationaries = np.concatenate(rates), np.concatenate(stationaries)
+        unigram, unigram_se = _entropy_of_mean(stationaries)
+        return float(rates.mean()), float(standard_error(rates)), unigram, unigram_se
+
+    def entropy_rate(self):
+        """E over matrices of the chain's entropy rate: an estimate from a sample of matrices (THEORY_SEED).
+
+        theory(seq_len) reports the same quantity from the matrices of its own
+        sample: the two agree within their standard errors.
+        """
+        return self._long_run[0]
+
+    def unigram_loss(self):
+        """H(E over matrices of the stationary distribution): an estimate, like entropy_rate().
+
+        theory(seq_len)'s unigram_loss is the finite-length version: H of the
+        average state distribution over the predicted positions.
+        """
+        return self._long_run[2]
 
     def _monte_carlo(self, seq_len, n_sequences):
+        """(theory dict, per-sequence optimal loss at each position (n, L-1)) from a sample."""
         rng = np.random.default_rng(THEORY_SEED)
         parts = []
         for lo in range(0, n_sequences, self._block()):
@@ -317,19 +395,14 @@ class InContextChain:
             values = per_sequence[name]
             theory[name] = float(values.mean())
             theory[f"{name}_se"] = float(values.std(ddof=1) / np.sqrt(n_sequences))
-        # unigram_loss = H(mean marginal); its standard error by the delta method (gradient -(log p + 1)).
-        marginals = per_sequence["marginal"]
-        mean = marginals.mean(axis=0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            gradient = np.where(mean > 0, -(np.log(mean) + 1), 0.0)
-        theory["unigram_loss"] = float(entropy(mean))
-        theory["unigram_loss_se"] = float((marginals @ gradient).std(ddof=1) / np.sqrt(n_sequences))
-        theory["uniform_loss"] = self.uniform_loss
+        theory["unigram_loss"], theory["unigram_loss_se"] = _entropy_of_mean(per_sequence["marginal"])
+        theory["uniform_loss"] = self.uniform_loss()
         theory["monte_carlo_sequences"] = n_sequences
-        return theory
+        return theory, per_sequence["optimal_by_position"]
 
     def _per_sequence(self, matrices, states):
-        """Per sequence, the mean over predicted positions of each predictor's expected loss given the past.
+        """Per sequence, the mean over predicted positions of each predictor's expected loss given the past,
+        and the Bayes predictor's expected loss at each position ("optimal_by_position", (n, L-1)).
 
         Position 0 predicts x1 from startprob for every predictor; position t
         predicts x_{t+1} given x1..x_t (states[:, :t]), whose law given the past
@@ -346,22 +419,30 @@ class InContextChain:
         counts = np.zeros((n, k, k))
         seen = np.zeros((n, k))  # states seen so far, for the unigram-in-context predictor
         seen[rows, states[:, 0]] = 1
+        by_position = np.empty((n, positions))
+        by_position[:, 0] = start_entropy
         for t in range(1, positions):
             current = states[:, t - 1]
             if t >= 2:
                 counts[rows, states[:, t - 2], current] += 1
             p = self._predictive(counts[rows, current])
             unigram = (seen + self.concentration) / (t + self.concentration.sum())
-            sums["optimal_loss"] += entropy(p, axis=1)
+            by_position[:, t] = entropy(p, axis=1)
+            sums["optimal_loss"] += by_position[:, t]
             sums["optimal_accuracy"] += p.max(axis=1)
             sums["oracle_loss"] += row_entropies[rows, current]
             sums["unigram_in_context_loss"] -= (p * np.log(unigram)).sum(axis=1)
             marginal += p
             seen[rows, states[:, t]] += 1
-        return {name: total / positions for name, total in sums.items()} | {"marginal": marginal / positions}
+        averages = {name: total / positions for name, total in sums.items()}
+        return averages | {"marginal": marginal / positions, "optimal_by_position": by_position}
 
     def _entropy_rates(self, matrices):
-        """Each matrix's entropy rate sum_s pi_s H(P_s), with pi its stationary distribution.
+        """Each matrix's entropy rate sum_s pi_s H(P_s), with pi its stationary distribution."""
+        return (self._stationaries(matrices) * entropy(matrices, axis=2)).sum(axis=1)
+
+    def _stationaries(self, matrices):
+        """Each matrix's stationary distribution (n, K).
 
         A matrix with one closed class (dense ones always) has one stationary
         distribution, found by one batched solve; the others (several closed
@@ -388,4 +469,4 @@ class InContextChain:
             warnings.simplefilter("ignore")  # MarkovChain warns that the answer depends on startprob: we want that one
             for i in np.flatnonzero(~single):
                 pi[i] = MarkovChain(matrices[i], self.startprob).stationary()
-        return (pi * entropy(matrices, axis=2)).sum(axis=1)
+        return pi

@@ -17,20 +17,22 @@ states, the "lifted" chain; tuples are indexed by idx = sum_i x_i K^(k-1-i)
 (oldest digit most significant), so one step is idx -> (idx*K + x) mod K^k.
 """
 
+import re
 from functools import cached_property
 
 import numpy as np
 
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.processes.markov import (
-    MarkovChain,
-    _alias_draw,
-    _alias_tables,
-    _check_distribution,
-    _check_random_parameters,
-    _evolve,
-    _random_rows,
+from nanomarkov.processes.base import Option, Process
+from nanomarkov.processes.markov import TRUE_LOSS_CHUNK, MarkovChain
+from nanomarkov.processes.numerics import (
+    alias_draw,
+    alias_tables,
+    check_distribution,
+    check_random_parameters,
     entropy,
+    evolve,
+    random_rows,
     token_dtype,
 )
 
@@ -53,7 +55,7 @@ def _check_size(n_states, order):
         )
 
 
-class KOrderChain:
+class KOrderChain(Process):
     """A k-th order Markov chain on states 0..K-1 with a joint start over the first k states.
 
     `transitions` has shape (K,)*(k+1): transitions[a_1, ..., a_k] is the
@@ -63,15 +65,34 @@ class KOrderChain:
     """
 
     process = "korder"
-    ARRAYS = ("transitions", "start")  # saved in chain.npz; the constructor's arguments
-    OPTIONS = ("order",)  # --order k: the number of past states the next one depends on
+    SUMMARY = "k-th order chain (--order)"
+    ARRAYS = ("transitions", "start")
+    OPTIONS = (Option("order", int, 2, "states of context k (default 2)"),)
+    # Measured in BENCHMARKS.md ("Default recipe per process"): the next state depends on the
+    # last k states, which an MLP-only model cannot read, so one attention head gathers them.
+    RECIPE = dict(
+        mlp_only=False,
+        n_head=1,
+        learning_rate=1e-2,
+        min_lr=1e-4,
+        max_iters=1500,
+        lr_decay_iters=1500,
+        eval_interval=500,
+    )
+    METRICS = ("optimal_fidelity", "korder_fidelity")
+    chunk_sequences = TRUE_LOSS_CHUNK  # true_loss's sequences per chunk
 
     def options(self):
         return {"order": self.order}
 
-    @staticmethod
-    def folder_name(n_states, order=2):
+    @classmethod
+    def folder_name(cls, n_states, order=2):
         return f"mm{n_states}-order{order}"
+
+    @classmethod
+    def parse_folder_name(cls, name):
+        match = re.fullmatch(r"mm(\d+)-order(\d+)", name)
+        return (int(match.group(1)), {"order": int(match.group(2))}) if match else None
 
     def __init__(self, transitions, start):
         transitions = np.array(transitions, dtype=np.float64)
@@ -89,8 +110,8 @@ class KOrderChain:
                 f"start must be the joint distribution of the first {order} states, shape {(n_states,) * order}, "
                 f"got {start.shape}"
             )
-        _check_distribution("transitions rows", transitions)
-        _check_distribution("start", start.reshape(1, -1))
+        check_distribution("transitions rows", transitions)
+        check_distribution("start", start.reshape(1, -1))
         transitions.flags.writeable = False
         start.flags.writeable = False
         self.transitions = transitions
@@ -98,21 +119,21 @@ class KOrderChain:
         self._tuple_marginals = {}  # seq_len -> tuple marginals; immutable chain, never stale
 
     @classmethod
-    def random(cls, n_states, order=2, seed=42, alpha=1.0, sparsity=None):
+    def random(cls, n_states, seed=42, alpha=1.0, sparsity=None, order=2):
         """A random chain: rows ~ Dirichlet(alpha), start ~ Dirichlet(1) over the K^k tuples.
 
         Sparse rows follow MarkovChain.random's rule (max(1, int(K*(100-S)/100))
         targets per row). The draws come in MarkovChain.random's order, so
         order 1 gives exactly MarkovChain.random(n_states, seed, ...).
         """
-        _check_random_parameters(n_states, alpha, sparsity)
+        check_random_parameters(n_states, alpha, sparsity)
         if not isinstance(order, (int, np.integer)) or order < 1:
             raise NanoMarkovError(f"order must be an integer >= 1, got {order!r}")
         _check_size(n_states, order)
         rng = np.random.default_rng(seed)
         n_rows = n_states**order
         start = rng.dirichlet(np.ones(n_rows))
-        rows = _random_rows(rng, n_rows, n_states, alpha, sparsity)
+        rows = random_rows(rng, n_rows, n_states, alpha, sparsity)
         shape = (n_states,) * order
         return cls(rows.reshape(shape + (n_states,)), start.reshape(shape))
 
@@ -128,14 +149,9 @@ class KOrderChain:
     def n_tuples(self):
         return self.n_states**self.order
 
-    # The sequence format and the theory dict are MarkovChain's, and so is the
-    # code: these read only n_states and this class's own theory methods.
-    bos_token = MarkovChain.bos_token  # K
-    vocab_size = MarkovChain.vocab_size  # K + 1
-    uniform_loss = MarkovChain.uniform_loss  # log K
-    theory = MarkovChain.theory  # same keys
-    check_tokens = MarkovChain.check_tokens
-    _check_seq_len = MarkovChain._check_seq_len
+    @property
+    def context_order(self):
+        return self.order
 
     @property
     def rows(self):
@@ -228,10 +244,10 @@ class KOrderChain:
 
     def tuple_marginals(self, seq_len):
         """Distribution of (x_{t-k+1}, ..., x_t) for t = k..L-2, flattened: one row per position k+1..L-1 it predicts."""
-        self._check_seq_len(seq_len)
+        self.check_seq_len(seq_len)
         n_rows = max(0, seq_len - 1 - self.order)
         if seq_len not in self._tuple_marginals:
-            self._tuple_marginals[seq_len] = _evolve(self.start.ravel(), self._shift, n_rows)
+            self._tuple_marginals[seq_len] = evolve(self.start.ravel(), self._shift, n_rows)
         return self._tuple_marginals[seq_len]
 
     def _start_by_position(self, seq_len):
@@ -252,18 +268,15 @@ class KOrderChain:
         return np.array(losses), np.array(accuracies)
 
     def optimal_loss_by_position(self, seq_len):
-        """Expected loss of the true model at each predicted position 1..L-1.
+        """Expected loss of the true model at each predicted position 1..L-1, exact: (losses, zeros).
 
         Positions 1..k cost the conditional entropies of the joint start;
         position t > k predicts from the last k states, whose tuple has
         distribution mu_{t-1}, and costs sum_tuple mu_{t-1}(tuple) H(row).
         """
         start_losses, _ = self._start_by_position(seq_len)
-        return np.concatenate([start_losses, self.tuple_marginals(seq_len) @ self.row_entropies])
-
-    def optimal_loss(self, seq_len):
-        """The theoretical minimum of the expected val loss for sequences of seq_len tokens."""
-        return float(self.optimal_loss_by_position(seq_len).mean())
+        losses = np.concatenate([start_losses, self.tuple_marginals(seq_len) @ self.row_entropies])
+        return losses, np.zeros_like(losses)
 
     def optimal_accuracy(self, seq_len):
         """Expected top-1 accuracy of the true model (predicting each predictive distribution's argmax)."""
@@ -271,7 +284,7 @@ class KOrderChain:
         later = self.tuple_marginals(seq_len) @ self.rows.max(axis=1)
         return float(np.concatenate([start_accuracies, later]).mean())
 
-    def true_loss(self, tokens, chunk_sequences=16384):
+    def true_loss(self, tokens):
         """Exact cross-entropy of the true model on given BOS-led sequences (n, seq_len).
 
         The start conditionals at positions 1..m (m = min(k, L-1)) multiply to
@@ -282,9 +295,9 @@ class KOrderChain:
         with np.errstate(divide="ignore"):
             log_start = np.log(self._start_marginal(m)).ravel()
             log_rows = np.log(self.rows)
-        total = 0.0
-        for lo in range(0, tokens.shape[0], chunk_sequences):
-            states = np.asarray(tokens[lo : lo + chunk_sequences, 1:], dtype=np.int64)
+        total, step = 0.0, self.chunk_sequences
+        for lo in range(0, tokens.shape[0], step):
+            states = np.asarray(tokens[lo : lo + step, 1:], dtype=np.int64)
             total -= log_start[self._tuple_index(states[:, :m])].sum()
             if states.shape[1] > k:
                 # The context of x_t (t > k) is the window x_{t-k}..x_{t-1}: columns t-k-1 .. t-2 of `states`.
@@ -335,6 +348,26 @@ class KOrderChain:
         newest = self._stationary.reshape(-1, self.n_states).sum(axis=0)
         return float(entropy(newest))
 
+    def first_order_rows(self):
+        """The best predictor from the last state alone, in the stationary regime: P(x_t | x_{t-1}), (K, K).
+
+        From the stationary tuple distribution times the rows, summed over the
+        older states; a state of stationary probability 0 gets the uniform row.
+        """
+        k = self.n_states
+        joint = (self.stationary().reshape(-1, 1) * self.rows).reshape(-1, k, k).sum(axis=0)  # (last, next)
+        mass = joint.sum(axis=1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(mass > 0, joint / mass, 1.0 / k)
+
+    def skipped_metrics(self):
+        return {
+            "transition_fidelity": "defined for first-order chains; this is a k-th order chain "
+            f"(order {self.order}), whose next state depends on the last k states: see korder_fidelity",
+            "markov_property": "a first-order model's prediction should not depend on history before the "
+            f"last state; an order-{self.order} chain's does, so the check does not apply",
+        }
+
     # -------------------------------------------------------------- sampling
 
     @cached_property
@@ -352,7 +385,7 @@ class KOrderChain:
         for table in tables:
             offsets.append(total)
             total += table.size
-        keep, alias = _alias_tables(np.vstack(tables))
+        keep, alias = alias_tables(np.vstack(tables))
         return keep.ravel(), alias.ravel(), np.array(offsets, dtype=np.int64)
 
     def sample(self, n_sequences, seq_len, rng):
@@ -364,7 +397,7 @@ class KOrderChain:
         bytes exactly. The first k states come from the start's conditionals
         one at a time (the same joint), the rest from the rows.
         """
-        self._check_seq_len(seq_len)
+        self.check_seq_len(seq_len)
         k, n = self.n_states, self.n_tuples
         keep, alias, offsets = self._samplers
         uniforms = rng.random((n_sequences, seq_len - 1))
@@ -372,7 +405,7 @@ class KOrderChain:
         out[0] = self.bos_token
         context = np.zeros(n_sequences, dtype=np.int64)  # the flattened tuple of the last min(t, k) states
         for t in range(seq_len - 1):
-            state = _alias_draw(keep, alias, offsets[min(t, self.order)] + context * k, uniforms[:, t], k)
+            state = alias_draw(keep, alias, offsets[min(t, self.order)] + context * k, uniforms[:, t], k)
             # Below k the prefix grows (idx*K + x < K^k); from k on the oldest digit drops off.
             context = (context * k + state) % n
             out[t + 1] = state

@@ -6,11 +6,12 @@ state), x1 ~ startprob and x_t ~ transmat[x_{t-1}]. A model sees `seq[:-1]`
 and predicts `seq[1:]`, so L - 1 positions are predicted per sequence; every
 loss below is in nats per predicted token.
 
-This module imports nothing from the rest of the package, so it can be copied
-into another project on its own.
+Shared behaviour (BOS, vocabulary, checks, the theory dict) comes from
+processes.base.Process, the contract every process follows.
 """
 
 import pickle
+import re
 import warnings
 from functools import cached_property
 from pathlib import Path
@@ -18,114 +19,25 @@ from pathlib import Path
 import numpy as np
 
 from nanomarkov.errors import NanoMarkovError
+from nanomarkov.processes.base import Process
+from nanomarkov.processes.numerics import (
+    alias_draw,
+    alias_tables,
+    check_distribution,
+    check_random_parameters,
+    entropy,
+    evolve,
+    random_rows,
+    token_dtype,
+)
 
-ROW_SUM_TOLERANCE = 1e-9
-
-
-def token_dtype(vocab_size):
-    """The smallest unsigned integer type that holds every token id."""
-    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
-
-
-def entropy(p, axis=-1):
-    """Shannon entropy in nats, with 0 log 0 = 0."""
-    p = np.asarray(p, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(p > 0, -p * np.log(p), 0.0)
-    return terms.sum(axis=axis)
-
-
-def _check_distribution(name, p):
-    if not np.all(np.isfinite(p)):
-        raise NanoMarkovError(f"{name} has non-finite entries")
-    if np.any(p < 0):
-        raise NanoMarkovError(f"{name} has negative entries")
-    worst = np.max(np.abs(p.sum(axis=-1) - 1.0))
-    if worst > ROW_SUM_TOLERANCE:
-        raise NanoMarkovError(f"{name} does not sum to 1 (off by {worst:.3g}, tolerance {ROW_SUM_TOLERANCE})")
+# Sequences per chunk of true_loss: bounds its memory for any number of sequences.
+TRUE_LOSS_CHUNK = 16384
+# A K x K float64 matrix above this many bytes is refused before it is drawn.
+MAX_MATRIX_BYTES = 8 << 30
 
 
-def _alias_tables(probs):
-    """Walker/Vose alias tables, one per row of `probs` (n_rows x K).
-
-    Drawing column j uniformly and keeping it with probability keep[j] (else
-    taking alias[j]) samples the row exactly, with O(1) work per draw; that is
-    what makes per-token sampling vectorisable over many sequences at once.
-    """
-    n_rows, k = probs.shape
-    keep = np.ones((n_rows, k))
-    alias = np.tile(np.arange(k, dtype=np.int64), (n_rows, 1))
-    for r in range(n_rows):
-        scaled = (probs[r] * k).tolist()
-        small = [j for j, w in enumerate(scaled) if w < 1.0]
-        large = [j for j, w in enumerate(scaled) if w >= 1.0]
-        keep_row, alias_row = keep[r], alias[r]
-        while small and large:
-            s, g = small.pop(), large[-1]
-            keep_row[s] = scaled[s]
-            alias_row[s] = g
-            scaled[g] -= 1.0 - scaled[s]
-            if scaled[g] < 1.0:
-                small.append(large.pop())
-        # Whatever is left is 1 up to rounding (the deficits balance to ~1e-15),
-        # so it keeps itself; a zero-probability column always has deficit 1 and
-        # is paired before the larges run out, so it is never left here.
-    return keep, alias
-
-
-def _alias_draw(keep, alias, row_starts, uniforms, k):
-    """One draw per entry from flattened alias tables of K columns, rows starting at `row_starts`."""
-    # One uniform gives both the column (integer part of u*K) and the coin
-    # (fractional part): for K <= 2**16 that leaves >= 37 bits for the coin.
-    scaled = uniforms * k
-    column = scaled.astype(np.int64)
-    coin = scaled - column
-    flat = row_starts + column
-    return np.where(coin < keep[flat], column, alias[flat])
-
-
-def _check_random_parameters(n_states, alpha, sparsity):
-    if not isinstance(n_states, (int, np.integer)) or n_states < 2:
-        raise NanoMarkovError(f"n_states must be an integer >= 2, got {n_states!r}")
-    if not alpha > 0:
-        raise NanoMarkovError(f"alpha must be > 0, got {alpha}")
-    if sparsity is not None and not 0 <= sparsity < 100:
-        raise NanoMarkovError(f"sparsity must be a percentage in [0, 100), got {sparsity}")
-
-
-def _random_rows(rng, n_rows, n_states, alpha, sparsity):
-    """n_rows random distributions over n_states: Dirichlet(alpha), or sparse by the seed's rule.
-
-    With `sparsity` S (percent), each row keeps max(1, int(K*(100-S)/100))
-    targets chosen uniformly without replacement and puts Dirichlet(alpha)
-    weights on them.
-    """
-    if not sparsity:
-        return rng.dirichlet(np.full(n_states, float(alpha)), size=n_rows)
-    keep = max(1, int(n_states * (100 - sparsity) / 100))
-    targets = np.argsort(rng.random((n_rows, n_states)), axis=1)[:, :keep]
-    rows = np.zeros((n_rows, n_states))
-    np.put_along_axis(rows, targets, rng.dirichlet(np.full(keep, float(alpha)), size=n_rows), axis=1)
-    return rows
-
-
-def _evolve(first, step, n_rows):
-    """Read-only (n_rows, len(first)) array: first, step(first), step(step(first)), ..."""
-    marginals = np.empty((n_rows, len(first)))
-    if n_rows:
-        marginals[0] = first
-    for t in range(1, n_rows):
-        marginals[t] = step(marginals[t - 1])
-        # Once a distribution stops moving in float64 it stays put: the remaining
-        # rows are the same up to 1e-15 in total, far below any loss digit.
-        if np.abs(marginals[t] - marginals[t - 1]).sum() < 1e-15:
-            marginals[t + 1 :] = marginals[t]
-            break
-    marginals.flags.writeable = False
-    return marginals
-
-
-class MarkovChain:
+class MarkovChain(Process):
     """A first-order Markov chain on states 0..K-1 with a start distribution.
 
     The transition matrix and start distribution are float64 and read-only;
@@ -133,15 +45,19 @@ class MarkovChain:
     """
 
     process = "markov"
-    ARRAYS = ("transmat", "startprob")  # saved in chain.npz; the constructor's arguments
-    OPTIONS = ()  # generation options beyond K, seed, alpha, sparsity: none
+    SUMMARY = "first-order chain (default)"
+    ARRAYS = ("transmat", "startprob")
+    METRICS = ("transition_fidelity", "markov_property")
+    chunk_sequences = TRUE_LOSS_CHUNK  # true_loss's sequences per chunk
 
-    def options(self):
-        return {}
-
-    @staticmethod
-    def folder_name(n_states):
+    @classmethod
+    def folder_name(cls, n_states):
         return f"mm{n_states}"
+
+    @classmethod
+    def parse_folder_name(cls, name):
+        match = re.fullmatch(r"mm(\d+)", name)
+        return (int(match.group(1)), {}) if match else None
 
     def __init__(self, transmat, startprob):
         transmat = np.array(transmat, dtype=np.float64)
@@ -154,8 +70,8 @@ class MarkovChain:
             raise NanoMarkovError(
                 f"startprob must have shape ({transmat.shape[0]},) to match transmat, got {startprob.shape}"
             )
-        _check_distribution("transmat rows", transmat)
-        _check_distribution("startprob", startprob)
+        check_distribution("transmat rows", transmat)
+        check_distribution("startprob", startprob)
         transmat.flags.writeable = False
         startprob.flags.writeable = False
         self.transmat = transmat
@@ -170,22 +86,18 @@ class MarkovChain:
         targets chosen uniformly without replacement (the seed's rule) and puts
         Dirichlet(alpha) weights on them. Same arguments, same chain.
         """
-        _check_random_parameters(n_states, alpha, sparsity)
+        check_random_parameters(n_states, alpha, sparsity)
+        if n_states * n_states * 8 > MAX_MATRIX_BYTES:
+            raise NanoMarkovError(
+                f"K = {n_states} needs a {n_states}x{n_states} float64 matrix (over 8 GiB); use a smaller K"
+            )
         rng = np.random.default_rng(seed)
         startprob = rng.dirichlet(np.ones(n_states))
-        return cls(_random_rows(rng, n_states, n_states, alpha, sparsity), startprob)
+        return cls(random_rows(rng, n_states, n_states, alpha, sparsity), startprob)
 
     @property
     def n_states(self):
         return self.transmat.shape[0]
-
-    @property
-    def bos_token(self):
-        return self.n_states
-
-    @property
-    def vocab_size(self):
-        return self.n_states + 1
 
     # ---------------------------------------------------------------- theory
 
@@ -255,23 +167,20 @@ class MarkovChain:
 
     def state_marginals(self, seq_len):
         """mu_t for t = 1..L-1: the distribution of x_t (row t-1), mu_1 = startprob."""
-        self._check_seq_len(seq_len)
+        self.check_seq_len(seq_len)
         if seq_len not in self._marginals:
-            self._marginals[seq_len] = _evolve(self.startprob, lambda mu: mu @ self.transmat, seq_len - 1)
+            self._marginals[seq_len] = evolve(self.startprob, lambda mu: mu @ self.transmat, seq_len - 1)
         return self._marginals[seq_len]
 
     def optimal_loss_by_position(self, seq_len):
-        """Expected loss of the true model at each predicted position 1..L-1.
+        """Expected loss of the true model at each predicted position 1..L-1, exact: (losses, zeros).
 
         Position 1 predicts x1 from BOS and costs H(startprob); position t > 1
         predicts x_t from x_{t-1} ~ mu_{t-1} and costs sum_s mu_{t-1}(s) H(P_s).
         """
         marginals = self.state_marginals(seq_len)
-        return np.concatenate([[entropy(self.startprob)], marginals[:-1] @ self.row_entropies])
-
-    def optimal_loss(self, seq_len):
-        """The theoretical minimum of the expected val loss for sequences of seq_len tokens."""
-        return float(self.optimal_loss_by_position(seq_len).mean())
+        losses = np.concatenate([[entropy(self.startprob)], marginals[:-1] @ self.row_entropies])
+        return losses, np.zeros_like(losses)
 
     def optimal_accuracy(self, seq_len):
         """Expected top-1 accuracy of the true model (predicting each row's argmax)."""
@@ -279,7 +188,7 @@ class MarkovChain:
         by_position = np.concatenate([[self.startprob.max()], marginals[:-1] @ self.transmat.max(axis=1)])
         return float(by_position.mean())
 
-    def true_loss(self, tokens, chunk_sequences=16384):
+    def true_loss(self, tokens):
         """Exact cross-entropy of the true model on given sequences (n, seq_len).
 
         This is the floor for that very sample: no model can have lower loss on
@@ -289,9 +198,9 @@ class MarkovChain:
         with np.errstate(divide="ignore"):
             log_start = np.log(self.startprob)
             log_trans = np.log(self.transmat)
-        total = 0.0
-        for lo in range(0, tokens.shape[0], chunk_sequences):
-            chunk = np.asarray(tokens[lo : lo + chunk_sequences], dtype=np.int64)
+        total, step = 0.0, self.chunk_sequences
+        for lo in range(0, tokens.shape[0], step):
+            chunk = np.asarray(tokens[lo : lo + step], dtype=np.int64)
             total -= log_start[chunk[:, 1]].sum()
             total -= log_trans[chunk[:, 1:-1], chunk[:, 2:]].sum()
         return float(total / (tokens.shape[0] * (tokens.shape[1] - 1)))
@@ -307,23 +216,24 @@ class MarkovChain:
             log_table = np.log(np.vstack([self.transmat, self.startprob]))  # row K = after BOS
         return log_table[tokens[:, :-1]]
 
-    @property
-    def uniform_loss(self):
-        """log K: the loss of a model that knows nothing."""
-        return float(np.log(self.n_states))
-
     def unigram_loss(self):
         """H(pi): the loss of a model that knows the state frequencies but not the transitions."""
         return float(entropy(self.stationary()))
 
-    def theory(self, seq_len):
-        """The exact theory numbers for sequences of seq_len tokens, as a dict."""
+    # ------------------------------------------------------- what eval and the probes read
+
+    @property
+    def context_order(self):
+        return 1
+
+    def transition_rows(self):
+        return np.vstack([self.transmat, self.startprob])
+
+    def skipped_metrics(self):
         return {
-            "entropy_rate": self.entropy_rate(),
-            "optimal_loss": self.optimal_loss(seq_len),
-            "optimal_accuracy": self.optimal_accuracy(seq_len),
-            "uniform_loss": self.uniform_loss,
-            "unigram_loss": self.unigram_loss(),
+            "optimal_fidelity": "a first-order chain's optimal predictor is its transition row: "
+            "transition_fidelity reports that KL per state",
+            "korder_fidelity": "defined for k-th order chains (process korder); this one is first-order",
         }
 
     # -------------------------------------------------------------- sampling
@@ -331,7 +241,7 @@ class MarkovChain:
     @cached_property
     def _samplers(self):
         """Alias tables for startprob (row K) and every transition row, flattened."""
-        keep, alias = _alias_tables(np.vstack([self.transmat, self.startprob]))
+        keep, alias = alias_tables(np.vstack([self.transmat, self.startprob]))
         return keep.ravel(), alias.ravel()
 
     def sample(self, n_sequences, seq_len, rng):
@@ -342,7 +252,7 @@ class MarkovChain:
         from `rng`, so sampling 10 then 20 sequences gives the same bytes as
         sampling 30 at once: datasets do not depend on the chunk size.
         """
-        self._check_seq_len(seq_len)
+        self.check_seq_len(seq_len)
         k = self.n_states
         keep, alias = self._samplers
         uniforms = rng.random((n_sequences, seq_len - 1))
@@ -351,7 +261,7 @@ class MarkovChain:
         # The start distribution is stored as row K, right after the K transition rows.
         state = np.full(n_sequences, k, dtype=np.int64)
         for t in range(seq_len - 1):
-            state = _alias_draw(keep, alias, state * k, uniforms[:, t], k)
+            state = alias_draw(keep, alias, state * k, uniforms[:, t], k)
             out[t + 1] = state
         return out.T
 
@@ -378,23 +288,6 @@ class MarkovChain:
                 "not a Markov chain over its observed tokens"
             )
         return cls(model.transmat_, model.startprob_)
-
-    # ------------------------------------------------------------- checks
-
-    def _check_seq_len(self, seq_len):
-        if not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
-            raise NanoMarkovError(f"seq_len must be an integer >= 2 (BOS plus at least one state), got {seq_len!r}")
-
-    def check_tokens(self, tokens):
-        """Validate BOS-led sequences (n, seq_len): BOS first, states after."""
-        tokens = np.asarray(tokens) if not isinstance(tokens, np.ndarray) else tokens
-        if tokens.ndim != 2 or tokens.shape[1] < 2 or tokens.shape[0] == 0:
-            raise NanoMarkovError(f"expected sequences of shape (n, seq_len >= 2), got {tokens.shape}")
-        if np.any(tokens[:, 0] != self.bos_token):
-            raise NanoMarkovError(f"every sequence must start with BOS = {self.bos_token}")
-        if np.any(tokens[:, 1:] >= self.n_states):
-            raise NanoMarkovError(f"tokens after BOS must be states 0..{self.n_states - 1}")
-        return tokens
 
 
 UNTRUSTED = (

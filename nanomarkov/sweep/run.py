@@ -111,7 +111,7 @@ def expand_grid(grid, out_root) -> list:
         process = entry.get("process", "markov") if isinstance(entry, dict) else None
         if process is not None and process not in PROCESSES:
             raise NanoMarkovError(f"{here}: unknown process {process!r}; choose from {', '.join(PROCESSES)}")
-        options = PROCESSES[process].OPTIONS if process else ()
+        options = PROCESSES[process].option_names() if process else ()
         _check_keys(entry, DATASET_KEYS + options, here)
         missing = [k for k in ("n_states", "train", "val") if k not in entry]
         if missing:

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 from scipy import integrate, stats
-from test_chains import SIGNIFICANCE, g_test_pvalue
+from test_markov import SIGNIFICANCE, g_test_pvalue
 
 from nanomarkov import NanoMarkovError
 from nanomarkov.processes import incontext
@@ -205,7 +205,7 @@ def test_theory_matches_independent_estimates(n_states, alpha, sparsity):
     """Each Monte-Carlo key against a realised-loss estimate on other samples, within their joint error."""
     chain = InContextChain.random(n_states, alpha=alpha, sparsity=sparsity)
     seq_len, n = 24, 3000
-    theory = chain.theory(seq_len, n_sequences=3000)
+    theory = chain.monte_carlo(seq_len, 3000)
     tokens = chain.sample(n, seq_len, np.random.default_rng(11))
     log_probs = chain.optimal_log_probs(tokens)
     states = tokens[:, 1:].astype(np.int64)
@@ -258,7 +258,7 @@ def test_the_oracle_term_averages_to_the_exact_loss_of_the_known_matrix():
 
 @pytest.mark.parametrize("n_states, sparsity", [(3, None), (10, None), (10, 70)])
 def test_oracle_beats_bayes_beats_unigram_in_context(n_states, sparsity):
-    theory = InContextChain.random(n_states, sparsity=sparsity).theory(64, n_sequences=1000)
+    theory = InContextChain.random(n_states, sparsity=sparsity).monte_carlo(64, 1000)
     margin = 5 * max(theory[f"{k}_se"] for k in ("oracle_loss", "optimal_loss", "unigram_in_context_loss"))
     assert theory["oracle_loss"] + margin < theory["optimal_loss"] < theory["unigram_in_context_loss"] - margin
 
@@ -275,12 +275,12 @@ def test_entropy_rates_are_markov_chain_entropy_rates(sparsity):
 
 def test_entropy_rate_is_the_oracle_loss_far_from_the_start():
     chain = InContextChain.random(3, alpha=2.0)
-    long_run = chain.theory(800, n_sequences=1000)
+    long_run = chain.monte_carlo(800, 1000)
     assert within(
         long_run["oracle_loss"], long_run["oracle_loss_se"], long_run["entropy_rate"], long_run["entropy_rate_se"]
     )
     # And the Bayes predictor closes most of its gap to the oracle by then.
-    short = chain.theory(20, n_sequences=1000)
+    short = chain.monte_carlo(20, 1000)
     assert long_run["optimal_loss"] - long_run["oracle_loss"] < 0.25 * (short["optimal_loss"] - short["oracle_loss"])
 
 
@@ -328,7 +328,7 @@ def test_random_and_the_arrays_rebuild_the_process(tmp_path):
         rebuilt = InContextChain(**{name: arrays[name] for name in InContextChain.ARRAYS})
     tokens = chain.sample(50, 20, np.random.default_rng(0))
     np.testing.assert_array_equal(rebuilt.optimal_log_probs(tokens), chain.optimal_log_probs(tokens))
-    assert rebuilt.theory(20, n_sequences=1000) == chain.theory(20, n_sequences=1000)
+    assert rebuilt.monte_carlo(20, 1000) == chain.monte_carlo(20, 1000)
     with pytest.raises(ValueError):
         rebuilt.concentration[0] = 2.0
 

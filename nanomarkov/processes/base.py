@@ -1,0 +1,274 @@
+"""The process contract: what every process nanoMarkov trains on provides.
+
+A process is a class that derives from `Process`, fills in the class
+attributes below and the methods marked "a process provides", and is added to
+the registry with `nanomarkov.processes.register(MyProcess)`. Everything else
+(the CLI's --process choices and option flags, default folder names and their
+parsing in error hints, the default recipe, which metrics `eval` runs) is read
+from the class.
+
+Sequences: a sequence of `seq_len` tokens is `[BOS, x1, ..., x_{L-1}]` with
+states 0..K-1 and BOS = K (vocabulary K + 1). A model sees `seq[:-1]` and
+predicts `seq[1:]`, so L - 1 positions are predicted per sequence; every loss
+is in nats per predicted token.
+
+Exact and estimated numbers: a number the process can compute exactly is
+returned as a float. Where it can only be estimated (Monte-Carlo, or bounded
+by a bracket), the same method returns the estimate, and `theory(seq_len)`
+reports its error under a "<name>_se" key beside it (0.0 where that process's
+number happens to be exact). `optimal_loss_by_position` always returns two
+arrays, (losses, standard errors), the errors 0.0 where exact.
+"""
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from nanomarkov.errors import NanoMarkovError
+
+
+@dataclass(frozen=True)
+class Option:
+    """A generation option of a process: a `--name` flag of `nanomarkov generate` and a meta.json key.
+
+    `default` is what the process uses when the option is not given (None: the
+    process decides, e.g. from K); `choices` limits the values when not None.
+    """
+
+    name: str
+    type: type
+    default: object
+    help: str
+    choices: tuple | None = None
+
+
+# The metric families of `nanomarkov eval` beyond the common ones (cross-entropy, perplexity,
+# accuracy, agreement), by result key; a process lists in METRICS those that apply to it.
+METRIC_FAMILIES = ("transition_fidelity", "markov_property", "optimal_fidelity", "korder_fidelity")
+
+
+# The default recipe's changes for processes whose optimal predictor needs what the whole
+# sequence so far says (counts for an in-context chain, a belief for an HMM), gathered by
+# two attention layers. Measured in BENCHMARKS.md ("Default recipe per process").
+WHOLE_HISTORY_RECIPE = dict(
+    mlp_only=False,
+    n_layer=2,
+    n_head=1,
+    n_embd=64,
+    learning_rate=1e-2,
+    min_lr=1e-4,
+    max_iters=1000,
+    lr_decay_iters=1000,
+    eval_interval=250,
+)
+
+
+class Process:
+    """The contract of a process (see the module docstring). Subclass it; do not instantiate it.
+
+    Class attributes a process declares:
+      process     its registry name, e.g. "markov" (also meta.json's "process")
+      SUMMARY     one line for `nanomarkov generate --help`
+      ARRAYS      the names of the arrays saved in chain.npz; `cls(**arrays)` rebuilds the process
+      OPTIONS     its generation options beyond K, seed, alpha and sparsity: a tuple of `Option`
+      RECIPE      TrainConfig fields the default recipe changes for this process ({}: none)
+      METRICS     the metric families of METRIC_FAMILIES that `eval` runs on it
+      BELIEF_STATES  True when it has hidden states and provides belief_states(tokens) and n_hidden
+      HISTORY_REASON why the next token depends on more than the current one, for eval's skip notes
+    """
+
+    process = None
+    SUMMARY = ""
+    ARRAYS = ()
+    OPTIONS = ()
+    RECIPE = {}
+    METRICS = ("optimal_fidelity",)
+    BELIEF_STATES = False
+    HISTORY_REASON = None
+
+    # ------------------------------------------------------- construction
+
+    @classmethod
+    def random(cls, n_states, seed=42, alpha=1.0, sparsity=None, **options):
+        """A process provides: a random instance with K = n_states; same arguments, same process.
+
+        `alpha` and `sparsity` shape random rows where the process has any;
+        `options` are the names of OPTIONS (None or absent: the default).
+        """
+        raise NotImplementedError(f"{cls.__name__} does not provide random()")
+
+    def arrays(self):
+        """The arrays saved in chain.npz, {name: array} for each name of ARRAYS."""
+        return {name: getattr(self, name) for name in self.ARRAYS}
+
+    def options(self):
+        """The values of this instance's OPTIONS, {name: value}: recorded in meta.json."""
+        return {}
+
+    @classmethod
+    def option_names(cls):
+        """The names of OPTIONS, in order."""
+        return tuple(option.name for option in cls.OPTIONS)
+
+    @classmethod
+    def folder_name(cls, n_states, **options):
+        """The default dataset folder name (without -sparse-S): "{process}{K}", then "-{name}{value}" per option."""
+        return f"{cls.process}{n_states}" + "".join(f"-{name}{value}" for name, value in options.items())
+
+    @classmethod
+    def parse_folder_name(cls, name):
+        """(n_states, options) of a folder name that folder_name makes (without -sparse-S), or None."""
+        names = "|".join(re.escape(o) for o in cls.option_names())
+        pattern = rf"{re.escape(cls.process)}(?P<k>\d+)" + (rf"((?:-(?:{names})[^-]+)*)" if names else "()")
+        match = re.fullmatch(pattern, name)
+        if not match:
+            return None
+        options = {}
+        for option in cls.OPTIONS:
+            found = re.search(rf"-{re.escape(option.name)}([^-]+)", match.group(2))
+            if found:
+                try:
+                    options[option.name] = option.type(found.group(1))
+                except ValueError:
+                    return None
+        return int(match.group("k")), options
+
+    # ------------------------------------------------------- vocabulary and checks
+
+    @property
+    def n_states(self):
+        """A process provides: K, the number of states (token ids 0..K-1)."""
+        raise NotImplementedError
+
+    @property
+    def bos_token(self):
+        """The BOS token id: K."""
+        return self.n_states
+
+    @property
+    def vocab_size(self):
+        """K + 1: the states and BOS."""
+        return self.n_states + 1
+
+    def check_seq_len(self, seq_len):
+        """Raise unless seq_len is an integer >= 2 (BOS plus at least one state)."""
+        if not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
+            raise NanoMarkovError(f"seq_len must be an integer >= 2 (BOS plus at least one state), got {seq_len!r}")
+
+    def check_tokens(self, tokens):
+        """Validate BOS-led sequences (n, seq_len): BOS first, states after; returns them as an array."""
+        tokens = np.asarray(tokens) if not isinstance(tokens, np.ndarray) else tokens
+        if tokens.ndim != 2 or tokens.shape[1] < 2 or tokens.shape[0] == 0:
+            raise NanoMarkovError(f"expected sequences of shape (n, seq_len >= 2), got {tokens.shape}")
+        if np.any(tokens[:, 0] != self.bos_token):
+            raise NanoMarkovError(f"every sequence must start with BOS = {self.bos_token}")
+        if np.any(tokens[:, 1:] >= self.n_states):
+            raise NanoMarkovError(f"tokens after BOS must be states 0..{self.n_states - 1}")
+        return tokens
+
+    # ------------------------------------------------------- what a process provides
+
+    def sample(self, n_sequences, seq_len, rng):
+        """A process provides: n_sequences BOS-led sequences (n, seq_len) of token_dtype, drawn from `rng`.
+
+        Sampling 10 then 20 sequences from one rng must give the bytes of 30 at
+        once, so that a dataset does not depend on the chunk size.
+        """
+        raise NotImplementedError
+
+    def optimal_log_probs(self, tokens):
+        """A process provides: the optimal predictor's next-state log-probs, (n, L-1, K) float64, exact.
+
+        Entry [:, t] predicts tokens[:, t+1] from tokens[:, :t+1] (-inf where a
+        probability is 0).
+        """
+        raise NotImplementedError
+
+    def true_loss(self, tokens):
+        """Exact mean NLL per predicted token of the optimal predictor on these BOS-led sequences.
+
+        The floor for that very sample. This default averages optimal_log_probs;
+        a process may override it with something faster that gives the same number.
+        """
+        tokens = np.asarray(self.check_tokens(tokens), dtype=np.int64)
+        log_probs = self.optimal_log_probs(tokens)
+        picked = np.take_along_axis(log_probs, tokens[:, 1:, None], axis=2)
+        return float(-picked.sum() / (tokens.shape[0] * (tokens.shape[1] - 1)))
+
+    def optimal_loss_by_position(self, seq_len):
+        """A process provides: (losses, standard errors), two (L-1,) float64 arrays.
+
+        losses[t-1] is the expected loss of the optimal predictor at predicted
+        position t; an error is 0.0 where its loss is exact.
+        """
+        raise NotImplementedError
+
+    def optimal_loss(self, seq_len):
+        """Expected loss of the optimal predictor on sequences of seq_len tokens (its error: theory's *_se)."""
+        return float(self.optimal_loss_by_position(seq_len)[0].mean())
+
+    def optimal_accuracy(self, seq_len):
+        """A process provides: the expected top-1 accuracy of the optimal predictor (argmax)."""
+        raise NotImplementedError
+
+    def entropy_rate(self):
+        """A process provides: lim_t H(x_t | x_<t), the optimal per-token loss far from the start."""
+        raise NotImplementedError
+
+    def unigram_loss(self):
+        """A process provides: the loss of a model that knows only the long-run token frequencies."""
+        raise NotImplementedError
+
+    def uniform_loss(self):
+        """log K: the loss of a model that knows nothing."""
+        return float(np.log(self.n_states))
+
+    def standard_errors(self, seq_len):
+        """The error of each estimated theory number, {name: error}; {} for a process whose theory is exact."""
+        return {}
+
+    def theory(self, seq_len):
+        """The theory numbers for sequences of seq_len tokens, as a dict.
+
+        entropy_rate, optimal_loss, optimal_accuracy, uniform_loss and
+        unigram_loss, each estimated one followed by its "<name>_se".
+        """
+        self.check_seq_len(seq_len)
+        numbers = {
+            "entropy_rate": self.entropy_rate(),
+            "optimal_loss": self.optimal_loss(seq_len),
+            "optimal_accuracy": self.optimal_accuracy(seq_len),
+            "uniform_loss": self.uniform_loss(),
+            "unigram_loss": self.unigram_loss(),
+        }
+        errors = self.standard_errors(seq_len)
+        theory = {}
+        for name, value in numbers.items():
+            theory[name] = value
+            if name in errors:
+                theory[f"{name}_se"] = errors[name]
+        return theory
+
+    # ------------------------------------------------------- what eval and the probes read
+
+    @property
+    def context_order(self):
+        """k when the next state depends on exactly the last k states (a k-th order chain), else None."""
+        return None
+
+    def transition_rows(self):
+        """The (K+1, K) next-state distributions after each state, row K after BOS, where the next
+        state depends on the current token alone (a first-order chain); None otherwise."""
+        return None
+
+    def skipped_metrics(self):
+        """{family: why} for each of METRIC_FAMILIES that eval does not run on this process."""
+        reason = self.HISTORY_REASON or f"process {self.process} is not a first-order chain"
+        why = {
+            "transition_fidelity": f"no fixed token-to-token matrix to compare with ({reason}): see optimal_fidelity",
+            "markov_property": f"the optimal prediction depends on the whole history ({reason})",
+            "optimal_fidelity": "this process does not compare with its optimal predictor",
+            "korder_fidelity": "defined for k-th order chains (process korder)",
+        }
+        return {name: why[name] for name in METRIC_FAMILIES if name not in self.METRICS}

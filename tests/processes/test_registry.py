@@ -1,0 +1,223 @@
+"""The process contract and the registry: a process defined here, outside the package, runs the
+whole pipeline through the `nanomarkov` command once NANOMARKOV_PROCESSES names this file."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nanomarkov.errors import NanoMarkovError
+from nanomarkov.processes import PLUGINS_VARIABLE, PROCESSES, Option, Process, load_plugins, process_class, register
+from nanomarkov.processes.numerics import entropy, token_dtype
+
+
+class IIDProcess(Process):
+    """Tokens drawn i.i.d. from one fixed distribution `probs`: the optimum is H(probs) at every position."""
+
+    process = "iid"
+    SUMMARY = "tokens i.i.d. from one distribution (a test process)"
+    ARRAYS = ("probs",)
+    OPTIONS = (Option("peak", float, None, "probability of state 0 (default: Dirichlet(alpha))"),)
+    RECIPE = dict(n_layer=1, n_head=1, n_embd=12)
+    HISTORY_REASON = "a test process with no transition matrix of its own"
+
+    def __init__(self, probs):
+        self.probs = np.array(probs, dtype=np.float64)
+
+    @classmethod
+    def random(cls, n_states, seed=42, alpha=1.0, sparsity=None, peak=None):
+        if peak is None:
+            return cls(np.random.default_rng(seed).dirichlet(np.full(n_states, alpha)))
+        return cls(np.r_[peak, np.full(n_states - 1, (1 - peak) / (n_states - 1))])
+
+    def options(self):
+        return {"peak": float(self.probs[0])}
+
+    @property
+    def n_states(self):
+        return len(self.probs)
+
+    def sample(self, n_sequences, seq_len, rng):
+        draws = np.searchsorted(np.cumsum(self.probs)[:-1], rng.random((n_sequences, seq_len - 1)), side="right")
+        out = np.full((n_sequences, seq_len), self.bos_token, dtype=token_dtype(self.vocab_size))
+        out[:, 1:] = draws
+        return out
+
+    def optimal_log_probs(self, tokens):
+        tokens = self.check_tokens(tokens)
+        with np.errstate(divide="ignore"):
+            return np.broadcast_to(np.log(self.probs), (tokens.shape[0], tokens.shape[1] - 1, self.n_states)).copy()
+
+    def optimal_loss_by_position(self, seq_len):
+        self.check_seq_len(seq_len)
+        return np.full(seq_len - 1, float(entropy(self.probs))), np.zeros(seq_len - 1)
+
+    def optimal_accuracy(self, seq_len):
+        return float(self.probs.max())
+
+    def entropy_rate(self):
+        return float(entropy(self.probs))
+
+    def unigram_loss(self):
+        return float(entropy(self.probs))
+
+
+if __name__ == "nanomarkov_plugin_test_registry":  # imported by the CLI through NANOMARKOV_PROCESSES
+    register(IIDProcess)
+
+PEAK = 0.7
+PROBS = np.r_[PEAK, np.full(3, 0.1)]
+
+
+@pytest.fixture
+def registered():
+    """IIDProcess in this process's registry for one test (the others see only the built-in four)."""
+    register(IIDProcess)
+    yield IIDProcess
+    PROCESSES.pop("iid")
+
+
+def nanomarkov(args, cwd, plugins=__file__):
+    exe = shutil.which("nanomarkov", path=str(Path(sys.executable).parent))
+    command = [exe] if exe else [sys.executable, "-m", "nanomarkov"]
+    env = {**os.environ, PLUGINS_VARIABLE: plugins}
+    return subprocess.run([*command, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_a_process_defined_in_this_file_runs_generate_theory_train_eval_through_the_cli(tmp_path):
+    generated = nanomarkov(["generate", "4", "--process", "iid", "--peak", str(PEAK), "--train", "64", "--val", "16",
+                            "--seq_len", "9"], tmp_path)  # fmt: skip
+    assert generated.returncode == 0, generated.stderr
+    data = tmp_path / "data" / "iid4-peak0.7"  # the base class's folder name, with the option
+    meta = json.loads((data / "meta.json").read_text())
+    exact = float(entropy(PROBS))
+    assert meta["process"] == "iid" and meta["peak"] == PEAK
+    assert meta["theory"]["optimal_loss"] == pytest.approx(exact, abs=1e-12)
+    assert meta["theory"]["entropy_rate"] == meta["theory"]["unigram_loss"] == pytest.approx(exact, abs=1e-12)
+    assert meta["theory"]["optimal_accuracy"] == pytest.approx(PEAK)
+    assert not any(key.endswith("_se") for key in meta["theory"])  # exact theory: no errors
+
+    theory = nanomarkov(["theory", str(data), "--json"], tmp_path)
+    assert theory.returncode == 0, theory.stderr
+    (row,) = json.loads(theory.stdout)
+    assert row["process"] == "iid" and row["options"] == {"peak": PEAK}
+    assert row["optimal_loss"] == pytest.approx(exact, abs=1e-12) and row["uniform_loss"] == pytest.approx(np.log(4))
+
+    trained = nanomarkov(["train", str(data), "--max_iters=4", "--eval_interval=2", "--log_interval=2",
+                          "--device=cpu"], tmp_path)  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    run_dir = tmp_path / "trainings" / "iid4-peak0.7" / "iid4-peak0.7-42"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["n_layer"], config["n_head"], config["n_embd"]) == (1, 1, 12)  # the class's RECIPE
+
+    evaluated = nanomarkov(["eval", str(run_dir / "ckpt.pt")], tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["cross_entropy"]["optimal_loss"] == pytest.approx(exact, abs=1e-12)
+    assert result["optimal_fidelity"]["mean_kl"] >= 0 and result["run"]["process"] == "iid"
+    assert result["transition_fidelity"] is result["markov_property"] is result["korder_fidelity"] is None
+    assert set(result["skipped"]) == {"transition_fidelity", "markov_property", "korder_fidelity"}
+    assert "a test process" in result["skipped"]["transition_fidelity"]
+
+
+def test_a_dataset_of_an_unregistered_process_names_the_variable(tmp_path):
+    assert nanomarkov(["generate", "4", "--process", "iid", "--train", "8", "--val", "4", "--seq_len", "5",
+                       "--out", "d"], tmp_path).returncode == 0  # fmt: skip
+    result = nanomarkov(["theory", "d"], tmp_path, plugins="")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and PLUGINS_VARIABLE in result.stderr and "'iid'" in result.stderr
+
+
+def test_a_plugin_that_cannot_be_imported_is_one_line_naming_the_variable(tmp_path):
+    result = nanomarkov(["theory", "d"], tmp_path, plugins=str(tmp_path / "missing.py"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert PLUGINS_VARIABLE in result.stderr and "missing.py" in result.stderr
+    with pytest.raises(NanoMarkovError, match="no_such_module"):
+        load_plugins("no_such_module")
+
+
+def test_generate_flags_and_hints_come_from_the_registered_classes(tmp_path, registered):
+    from nanomarkov.cli import build_parser
+    from nanomarkov.data import default_data_dir, load_dataset
+
+    args = build_parser().parse_args(["generate", "4", "--process", "iid", "--peak", "0.5"])
+    assert (args.process, args.peak) == ("iid", 0.5)
+    assert default_data_dir(4, 25, "iid", peak=0.5) == Path("data/iid4-peak0.5-sparse-25")
+    with pytest.raises(NanoMarkovError, match="nanomarkov generate 4 --process iid --peak 0.5 --train 10000"):
+        load_dataset(tmp_path / "iid4-peak0.5")
+    with pytest.raises(NanoMarkovError, match="nanomarkov generate 5 --process korder --order 3 .*--sparsity 50"):
+        load_dataset(tmp_path / "mm5-order3-sparse-50")
+    with pytest.raises(NanoMarkovError, match="nanomarkov generate 3 --process hmm --preset mess3 "):
+        load_dataset(tmp_path / "mess3")
+
+
+def test_the_process_declares_the_recipe_and_the_metrics(registered):
+    from nanomarkov.config import PROCESS_DEFAULTS
+
+    assert PROCESS_DEFAULTS["iid"] == IIDProcess.RECIPE and PROCESS_DEFAULTS.get("markov") == {}
+    assert process_class("hmm").RECIPE == process_class("icl").RECIPE
+    chain = IIDProcess(PROBS)
+    assert chain.skipped_metrics().keys() == {"transition_fidelity", "markov_property", "korder_fidelity"}
+    assert process_class("markov").random(3).skipped_metrics().keys() == {"optimal_fidelity", "korder_fidelity"}
+
+
+def test_the_base_class_gives_vocabulary_checks_true_loss_and_theory():
+    chain = IIDProcess(PROBS)
+    assert (chain.bos_token, chain.vocab_size, chain.uniform_loss()) == (4, 5, pytest.approx(np.log(4)))
+    tokens = chain.sample(30, 6, np.random.default_rng(0))
+    expected = -np.log(PROBS[tokens[:, 1:].astype(int)]).mean()
+    assert chain.true_loss(tokens) == pytest.approx(expected, rel=1e-12)
+    assert chain.theory(6) == {
+        "entropy_rate": pytest.approx(entropy(PROBS)),
+        "optimal_loss": pytest.approx(entropy(PROBS)),
+        "optimal_accuracy": PEAK,
+        "uniform_loss": pytest.approx(np.log(4)),
+        "unigram_loss": pytest.approx(entropy(PROBS)),
+    }
+    assert IIDProcess(**chain.arrays()).options() == {"peak": PEAK}
+    with pytest.raises(NanoMarkovError, match="BOS"):
+        chain.true_loss(tokens[:, 1:])
+    with pytest.raises(NanoMarkovError, match="seq_len"):
+        chain.theory(1)
+    assert IIDProcess.parse_folder_name("iid7-peak0.25") == (7, {"peak": 0.25})
+    assert IIDProcess.parse_folder_name("mm7") is None
+
+
+def test_register_refuses_a_nameless_class_and_a_taken_name():
+    class Nameless(Process):
+        pass
+
+    class Impostor(Process):
+        process = "markov"
+
+    with pytest.raises(NanoMarkovError, match="no `process` name"):
+        register(Nameless)
+    with pytest.raises(NanoMarkovError, match="already registered"):
+        register(Impostor)
+    assert register(PROCESSES["markov"]) is PROCESSES["markov"]
+
+
+@pytest.mark.parametrize("name", ["markov", "korder", "icl", "hmm"])
+def test_every_builtin_process_follows_the_contract(name):
+    cls = process_class(name)
+    chain = cls.random(3, seed=1)
+    rebuilt = cls(**chain.arrays())
+    assert rebuilt.options() == chain.options()
+    losses, errors = chain.optimal_loss_by_position(6)
+    assert losses.shape == errors.shape == (5,) and np.all(errors >= 0)
+    theory = chain.theory(6)
+    assert theory["optimal_loss"] == pytest.approx(losses.mean(), abs=3 * errors.mean() + 1e-12)
+    assert theory["uniform_loss"] == chain.uniform_loss() == pytest.approx(np.log(3))
+    assert all(key.removesuffix("_se") in theory for key in theory if key.endswith("_se"))
+    tokens = chain.sample(20, 6, np.random.default_rng(2))
+    assert chain.optimal_log_probs(tokens).shape == (20, 5, 3)
+    assert isinstance(chain.true_loss(tokens), float) and isinstance(chain.entropy_rate(), float)
+    assert isinstance(chain.unigram_loss(), float) and 0 < chain.optimal_accuracy(6) <= 1
+    folder = cls.folder_name(3, **{k: v for k, v in chain.options().items() if v is not None})
+    parsed = cls.parse_folder_name(folder)
+    assert parsed is not None and parsed[0] == 3

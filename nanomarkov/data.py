@@ -14,21 +14,27 @@ generation killed at any moment leaves nothing that loads.
 
 import hashlib
 import json
+import math
 import os
 import re
+import shutil
+import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from nanomarkov.errors import NanoMarkovError
+from nanomarkov.files import LOCK_FILE, PARTIAL_SUFFIX, exchange_folders, json_text, writer_lock
 from nanomarkov.processes import DEFAULT_PROCESS, PLUGINS_VARIABLE, PROCESSES, process_class
 from nanomarkov.processes.markov import load_hmmlearn_chain
 from nanomarkov.processes.numerics import token_dtype
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
-PARTIAL_SUFFIX = ".partial"
+# A generation builds the new dataset in a hidden sibling folder named .{name}.partial-XXXX.
+BUILD_SUFFIX = ".partial-"
 # Tokens per generated chunk: big enough that numpy's per-call overhead
 # vanishes, small enough that memory stays flat (~40 MB of uniforms).
 CHUNK_TOKENS = 1 << 22
@@ -49,6 +55,22 @@ DEFINING_KEYS = (
 # Where a process has hidden states (it has belief_states), the belief after every val prefix
 # is saved beside val.bin, for probes of the residual stream; sha256 in meta.json like the .bin.
 BELIEFS_FILE = "val_beliefs.npy"
+DATASET_FILES = ("chain.npz", "meta.json", "train.bin", "val.bin", BELIEFS_FILE)
+# What load_dataset needs in meta.json, and of which type; anything else is a damaged or edited file.
+META_KEYS = {
+    "n_states": int,
+    "vocab_size": int,
+    "bos_token": int,
+    "seq_len": int,
+    "dtype": str,
+    "seed": int,
+    "train_sequences": int,
+    "val_sequences": int,
+    "train_tokens": int,
+    "val_tokens": int,
+    "sha256": dict,
+    "theory": dict,
+}
 
 
 def default_seq_len(n_states):
@@ -117,7 +139,7 @@ def _regenerate_command(meta, path):
         meta["n_states"],
         meta["train_sequences"],
         meta["val_sequences"],
-        meta["sparsity"],
+        meta.get("sparsity"),
         path,
         extra=f" --seq_len {meta['seq_len']}"
         + ("" if meta.get("alpha") is None else f" --alpha {meta['alpha']:g}")
@@ -192,6 +214,7 @@ def generate_dataset(
     dtype = _token_type(dtype, n_states)
     if chain is None:  # built before the identity check: the options' defaults are the chain's to say
         chain = cls.random(n_states, seed=seed, alpha=alpha, sparsity=sparsity, **options)
+    chain.check_seq_len(seq_len)  # refused from the sizes alone, before theory allocates anything
     params = {
         "process": process,
         "n_states": n_states,
@@ -205,10 +228,11 @@ def generate_dataset(
         **chain.options(),
         **({} if source is None else {"source": source}),
     }
-    existing = _existing_meta(out_dir)
-    if not force and _holds_this_dataset(out_dir, existing, params):
-        return existing
-    return _write_dataset(out_dir, chain, params, dtype, progress, chunk_tokens)
+    with writer_lock(out_dir, "generation"):  # a second writer is refused, never interleaved
+        existing = _existing_meta(out_dir)
+        if not force and _holds_this_dataset(out_dir, existing, params):
+            return existing
+        return _write_dataset(out_dir, chain, params, dtype, progress, chunk_tokens)
 
 
 def _token_type(dtype, n_states):
@@ -242,47 +266,62 @@ def _holds_this_dataset(out_dir, existing, params):
 
 
 def _write_dataset(out_dir, chain, params, dtype, progress, chunk_tokens):
-    """Write every file as a .partial, then move them in, meta.json last; returns the meta dict."""
-    seq_len, seed = params["seq_len"], params["seed"]
+    """Write the whole dataset into a hidden folder beside out_dir, then swap the two folders in one step.
+
+    So at every instant out_dir holds the old dataset or the new one, whole (a kill at any moment
+    included); files of out_dir that are not part of a dataset (the seed's model.pkl, say) move
+    across. A build left by a killed generation is removed by the next one. Returns the meta dict.
+    """
+    for stale in out_dir.parent.glob(f".{out_dir.name}{BUILD_SUFFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)  # only this folder's writer (us, under its lock) uses them
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _remove_partials(out_dir)
-        with open(_partial(out_dir / "chain.npz"), "wb") as f:  # a file object, so savez adds no extension
-            np.savez(f, **chain.arrays())
-        meta = dict(
-            params,
-            format_version=FORMAT_VERSION,
-            vocab_size=chain.vocab_size,
-            bos_token=chain.bos_token,
-            sha256={},
-            theory=chain.theory(seq_len),
-        )
-        for split_index, split in enumerate(SPLITS, start=1):
-            n = params[f"{split}_sequences"]
-            rng = np.random.default_rng([seed, split_index])
-            digest, loss_sum = _write_split(
-                out_dir / f"{split}.bin", chain, n, seq_len, dtype, rng, max(1, chunk_tokens // seq_len), progress
-            )
-            meta["sha256"][f"{split}.bin"] = digest
-            meta[f"{split}_tokens"] = n * seq_len
-            if split == "val":
-                meta["theory"]["true_loss_val"] = loss_sum / (n * (seq_len - 1))
-        files = ["chain.npz", "train.bin", "val.bin"]
-        if chain.BELIEF_STATES:
-            meta["sha256"][BELIEFS_FILE] = _write_val_beliefs(out_dir, chain, params["val_sequences"], seq_len, dtype)
-            files.append(BELIEFS_FILE)
-        _write_json(_partial(out_dir / "meta.json"), meta)
-        # Everything is complete on disk: now (and only now) retire the old
-        # dataset and move the new one in, meta.json last.
-        (out_dir / "meta.json").unlink(missing_ok=True)
-        (out_dir / BELIEFS_FILE).unlink(missing_ok=True)  # an old dataset's, if the new one has none
-        for name in (*files, "meta.json"):
-            os.replace(_partial(out_dir / name), out_dir / name)
+        build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{BUILD_SUFFIX}", dir=out_dir.parent))
     except OSError as e:
-        raise NanoMarkovError(f"cannot write the dataset to {out_dir}: {e.strerror or e}") from e
+        raise NanoMarkovError(f"cannot write beside {out_dir} ({e.strerror or e}); choose another --out") from None
+    try:
+        meta = _write_files(build, chain, params, dtype, progress, chunk_tokens)
+        for other in out_dir.iterdir():
+            if other.name not in (*DATASET_FILES, LOCK_FILE) and not other.name.endswith(PARTIAL_SUFFIX):
+                os.replace(other, build / other.name)
+        exchange_folders(build, out_dir)
+    except OSError as e:
+        raise NanoMarkovError(
+            f"cannot write the dataset to {out_dir} ({e.strerror or e}); free some space or choose another --out"
+        ) from None
     finally:
-        if out_dir.is_dir():
-            _remove_partials(out_dir)
+        shutil.rmtree(build, ignore_errors=True)  # the unfinished build, or after the swap the old dataset
+    return meta
+
+
+def _write_files(folder, chain, params, dtype, progress, chunk_tokens):
+    """chain.npz, the splits, the beliefs where the process has them, and meta.json (last) into `folder`."""
+    seq_len, seed = params["seq_len"], params["seed"]
+    with open(folder / "chain.npz", "wb") as f:  # a file object, so savez adds no extension
+        np.savez(f, **chain.arrays())
+    meta = dict(
+        params,
+        format_version=FORMAT_VERSION,
+        vocab_size=chain.vocab_size,
+        bos_token=chain.bos_token,
+        sha256={"chain.npz": _file_sha256(folder / "chain.npz")},
+        theory=chain.theory(seq_len),
+    )
+    for split_index, split in enumerate(SPLITS, start=1):
+        n = params[f"{split}_sequences"]
+        rng = np.random.default_rng([seed, split_index])
+        digest, loss_sum = _write_split(
+            folder / f"{split}.bin", chain, n, seq_len, dtype, rng, max(1, chunk_tokens // seq_len), progress
+        )
+        meta["sha256"][f"{split}.bin"] = digest
+        meta[f"{split}_tokens"] = n * seq_len
+        if split == "val":
+            meta["theory"]["true_loss_val"] = loss_sum / (n * (seq_len - 1))
+    if chain.BELIEF_STATES:
+        meta["sha256"][BELIEFS_FILE] = _write_val_beliefs(folder, chain, params["val_sequences"], seq_len, dtype)
+    with open(folder / "meta.json", "w") as f:
+        f.write(json_text(meta))
+        f.flush()
+        os.fsync(f.fileno())
     return meta
 
 
@@ -297,17 +336,17 @@ def _check_generate_args(n_states, train_sequences, val_sequences, sparsity, alp
             raise NanoMarkovError(f"{name} must be a positive number of sequences, got {count!r}")
     if sparsity is not None and not 0 <= sparsity < 100:
         raise NanoMarkovError(f"--sparsity must be a percentage in [0, 100), got {sparsity:g}")
-    if alpha is not None and not alpha > 0:
-        raise NanoMarkovError(f"--alpha must be > 0, got {alpha:g}")
+    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
+        raise NanoMarkovError(f"--alpha must be a finite number > 0 (the Dirichlet concentration), got {alpha:g}")
     if not is_int(seq_len) or seq_len < 2:
         raise NanoMarkovError(f"--seq_len must be >= 2 (BOS plus at least one state), got {seq_len!r}")
 
 
 def _write_split(path, chain, n_sequences, seq_len, dtype, rng, chunk_sequences, progress):
-    """Stream n_sequences into path (as a .partial file); returns (sha256, summed true loss)."""
+    """Stream n_sequences into path; returns (sha256, summed true loss)."""
     digest = hashlib.sha256()
     loss_sum = 0.0
-    with open(_partial(path), "wb") as f:
+    with open(path, "wb") as f:
         for lo in range(0, n_sequences, chunk_sequences):
             chunk = chain.sample(min(chunk_sequences, n_sequences - lo), seq_len, rng)
             chunk = np.ascontiguousarray(chunk, dtype=dtype.newbyteorder("<"))
@@ -317,15 +356,15 @@ def _write_split(path, chain, n_sequences, seq_len, dtype, rng, chunk_sequences,
             loss_sum += chain.true_loss(chunk) * chunk.shape[0] * (seq_len - 1)
             if progress is not None:
                 progress(chunk.size)
+        f.flush()
+        os.fsync(f.fileno())
     return digest.hexdigest(), loss_sum
 
 
-def _write_val_beliefs(out_dir, chain, n_sequences, seq_len, dtype):
-    """The belief states of the (partial) val.bin's sequences into BELIEFS_FILE's partial; returns its sha256."""
-    val = np.memmap(
-        _partial(out_dir / "val.bin"), dtype=dtype.newbyteorder("<"), mode="r", shape=(n_sequences, seq_len)
-    )
-    path = _partial(out_dir / BELIEFS_FILE)
+def _write_val_beliefs(folder, chain, n_sequences, seq_len, dtype):
+    """The belief states of folder's val.bin sequences into BELIEFS_FILE; returns its sha256."""
+    val = np.memmap(folder / "val.bin", dtype=dtype.newbyteorder("<"), mode="r", shape=(n_sequences, seq_len))
+    path = folder / BELIEFS_FILE
     beliefs = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n_sequences, seq_len, chain.n_hidden))
     step = max(1, CHUNK_TOKENS // seq_len)
     for lo in range(0, n_sequences, step):
@@ -361,29 +400,17 @@ def load_val_beliefs(dataset):
     return beliefs
 
 
-def _partial(path):
-    return path.with_name(path.name + PARTIAL_SUFFIX)
-
-
-def _remove_partials(folder):
-    for leftover in folder.glob("*" + PARTIAL_SUFFIX):
-        leftover.unlink()
-
-
-def _write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-
-
 def _existing_meta(folder):
+    """meta.json's object; None where there is no meta.json; {} where it is unreadable or not an object
+    (a dataset of unknown parameters, so never silently reused)."""
     try:
-        with open(Path(folder) / "meta.json") as f:
-            return json.load(f)
+        with open(Path(folder) / "meta.json", encoding="utf-8") as f:
+            meta = json.load(f)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except (OSError, ValueError):
-        return {}  # unreadable: a dataset of unknown parameters, so never silently reused
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 # ------------------------------------------------------------------ loading
@@ -427,8 +454,15 @@ def load_dataset(path, verify=True):
         )
     if not meta or meta.get("format_version") != FORMAT_VERSION:
         raise NanoMarkovError(
-            f"{path / 'meta.json'}: unreadable or of an unknown format version "
+            f"{path / 'meta.json'}: unreadable, not a JSON object, or of an unknown format version "
             f"({meta.get('format_version') if meta else 'none'}; this nanoMarkov reads {FORMAT_VERSION}); "
+            f"regenerate with: {_create_command_for(path)} --force"
+        )
+    missing = [key for key, kind in META_KEYS.items() if not isinstance(meta.get(key), kind)]
+    missing += [] if meta.get("dtype") in ("uint16", "uint32") else ["dtype (uint16 or uint32)"]
+    if missing:
+        raise NanoMarkovError(
+            f"{path / 'meta.json'}: {', '.join(missing)} missing or of the wrong type (edited or damaged); "
             f"regenerate with: {_create_command_for(path)} --force"
         )
     fix = _regenerate_command(meta, path)
@@ -438,12 +472,7 @@ def load_dataset(path, verify=True):
             f"{path / 'meta.json'}: process {process!r} is not registered (known: {', '.join(PROCESSES)}); "
             f"name the module or .py file that registers it in {PLUGINS_VARIABLE}"
         )
-    cls = PROCESSES[process]
-    try:
-        with np.load(path / "chain.npz", allow_pickle=False) as npz:
-            chain = cls(**{name: npz[name] for name in cls.ARRAYS})
-    except (OSError, KeyError, ValueError, NanoMarkovError) as e:
-        raise NanoMarkovError(f"{path / 'chain.npz'}: cannot be read ({e}); regenerate with: {fix}") from e
+    chain = _load_chain(path, PROCESSES[process], meta, fix)
     if chain.n_states != meta["n_states"]:
         raise NanoMarkovError(
             f"{path / 'chain.npz'}: has {chain.n_states} states, meta.json says {meta['n_states']}; regenerate with: {fix}"
@@ -456,6 +485,30 @@ def load_dataset(path, verify=True):
 
     splits = {split: _load_split(path, split, meta, chain, verify, fix) for split in SPLITS}
     return Dataset(path, meta, chain, splits["train"], splits["val"])
+
+
+def _load_chain(path, cls, meta, fix):
+    """The process in chain.npz, its sha256 checked against meta.json first (datasets written before
+    nanoMarkov hashed chain.npz have no such entry and are read as they are)."""
+    file = path / "chain.npz"
+    expected = meta["sha256"].get("chain.npz")
+    if not file.is_file():
+        raise NanoMarkovError(f"{file}: missing; regenerate with: {fix}")
+    if expected is not None and _file_sha256(file) != expected:
+        raise NanoMarkovError(
+            f"{file}: sha256 does not match meta.json (the chain was replaced or modified); regenerate with: {fix}"
+        )
+    try:
+        with np.load(file, allow_pickle=False) as npz:
+            return cls(**{name: npz[name] for name in cls.ARRAYS})
+    except (OSError, EOFError, zipfile.BadZipFile, ValueError):
+        raise NanoMarkovError(
+            f"{file}: not a readable .npz archive of the process's arrays; regenerate with: {fix}"
+        ) from None
+    except KeyError as e:
+        raise NanoMarkovError(f"{file}: lacks the array {e}; regenerate with: {fix}") from None
+    except NanoMarkovError as e:
+        raise NanoMarkovError(f"{file}: {e}; regenerate with: {fix}") from None
 
 
 def _load_split(path, split, meta, chain, verify, fix):

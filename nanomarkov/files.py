@@ -9,6 +9,8 @@ Two promises hold for every file written through here:
   finite); `json.loads` of anything written here never needs Python's extensions.
 """
 
+import ctypes
+import errno
 import fcntl
 import json
 import math
@@ -20,6 +22,9 @@ from pathlib import Path
 from nanomarkov.errors import NanoMarkovError
 
 PARTIAL_SUFFIX = ".partial"
+# renameat2's flag that swaps two paths atomically (Linux 3.15+; ext4, xfs, btrfs, tmpfs among others).
+RENAME_EXCHANGE = 2
+AT_FDCWD = -100
 
 
 def partial_path(path):
@@ -62,6 +67,29 @@ def write_atomic(path, data, what="file"):
             f"cannot write the {what} {path} ({e.strerror or e}); free some space or choose another folder"
         ) from None
     return path
+
+
+def exchange_folders(new, old):
+    """Swap the folders `new` and `old` so that `old`'s path holds what `new` held, atomically where the
+    system can (renameat2 RENAME_EXCHANGE): no reader of `old`'s path ever finds it missing or half.
+
+    Where the file system cannot exchange (some network file systems), the two are renamed one after
+    the other: `old`'s path is then missing for the instant between the renames. Afterwards `new`'s
+    path holds what `old` held (for the caller to delete); raises OSError.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is not None:
+        flags = RENAME_EXCHANGE
+        if renameat2(AT_FDCWD, os.fsencode(new), AT_FDCWD, os.fsencode(old), flags) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(code, os.strerror(code), str(old))
+    aside = Path(str(new) + ".old")
+    os.rename(old, aside)
+    os.rename(new, old)
+    os.rename(aside, new)
 
 
 def write_json(path, record, what="record"):
@@ -137,7 +165,7 @@ def writer_lock(folder, what):
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise NanoMarkovError(f"cannot create {folder} ({e.strerror or e}); choose a folder you can write") from None
+        raise NanoMarkovError(f"cannot write in {folder} ({e.strerror or e}); choose a folder you can write") from None
     handle = _lock_file(folder, what)
     with handle:
         handle.seek(0)

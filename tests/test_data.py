@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+import nanomarkov.data as data_module
 from nanomarkov import NanoMarkovError
 from nanomarkov.data import SequenceOrder, generate_dataset, load_dataset, to_inputs_targets, whole_split_batches
 from nanomarkov.processes.markov import MarkovChain
@@ -104,8 +105,9 @@ def interrupt_after(n_calls):
 def test_interrupted_generation_leaves_nothing_that_loads(tmp_path):
     with pytest.raises(Interrupt):
         make(tmp_path / "d", chunk_tokens=12 * 10, progress=interrupt_after(5))
-    assert list((tmp_path / "d").iterdir()) == []
-    with pytest.raises(NanoMarkovError, match="no meta.json"):
+    assert not (tmp_path / "d").exists()  # nothing was written, so no folder is left behind
+    assert list(tmp_path.iterdir()) == []  # nor the hidden build beside it
+    with pytest.raises(NanoMarkovError, match="no such dataset folder"):
         load_dataset(tmp_path / "d")
 
 
@@ -239,3 +241,112 @@ def test_processes_too_large_to_build_are_refused_before_any_allocation():
         HiddenMarkovModel.random(3, hidden_states=100_000)
     with pytest.raises(NanoMarkovError, match=f"up to K = {MAX_RANDOM_STATES}"):
         InContextChain.random(MAX_RANDOM_STATES + 1)
+
+
+# ------------------------------------------------------------------ trust: tampering, writers, replacing
+
+
+def test_a_replaced_chain_of_the_same_size_is_caught_by_its_sha256(tmp_path):
+    make(tmp_path / "d")
+    other = MarkovChain.random(5, seed=99)
+    with open(tmp_path / "d" / "chain.npz", "wb") as f:
+        np.savez(f, **other.arrays())
+    with pytest.raises(NanoMarkovError, match=r"chain.npz: sha256 does not match meta.json.*nanomarkov generate 5"):
+        load_dataset(tmp_path / "d")
+
+
+@pytest.mark.parametrize("content", [b"not a zip at all", b"PK\x03\x04 truncated"])
+def test_a_chain_that_is_not_an_npz_is_one_clear_line(tmp_path, content):
+    make(tmp_path / "d")
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    del meta["sha256"]["chain.npz"]  # as a dataset written before chain.npz was hashed
+    (tmp_path / "d" / "meta.json").write_text(json.dumps(meta))
+    (tmp_path / "d" / "chain.npz").write_bytes(content)
+    with pytest.raises(NanoMarkovError, match="not a readable .npz archive.*regenerate with") as error:
+        load_dataset(tmp_path / "d")
+    assert "pickle" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda meta: None, "not a JSON object"),
+        (lambda meta: [meta], "not a JSON object"),
+        (lambda meta: {k: v for k, v in meta.items() if k != "seq_len"}, "seq_len missing or of the wrong type"),
+        (lambda meta: dict(meta, sha256="x"), "sha256 missing or of the wrong type"),
+        (lambda meta: dict(meta, dtype="float64"), "dtype .uint16 or uint32."),
+    ],
+)
+def test_a_meta_json_that_is_json_but_not_a_dataset_record_is_named(tmp_path, edit, message):
+    make(tmp_path / "d")
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    (tmp_path / "d" / "meta.json").write_text(json.dumps(edit(meta)))
+    with pytest.raises(NanoMarkovError, match=message) as error:
+        load_dataset(tmp_path / "d")
+    assert "meta.json" in str(error.value) and "--force" in str(error.value)
+
+
+def test_a_second_generation_into_the_same_folder_is_refused_while_the_first_writes(tmp_path):
+    refusals = []
+
+    def second_writer(_):
+        if not refusals:
+            with pytest.raises(NanoMarkovError, match="another generation is writing here") as error:
+                make(tmp_path / "d", seed=4)
+            refusals.append(str(error.value))
+
+    make(tmp_path / "d", progress=second_writer)
+    assert refusals and load_dataset(tmp_path / "d").meta["seed"] == 3
+
+
+def test_force_replaces_so_that_the_old_or_the_new_dataset_loads_at_every_moment(tmp_path, monkeypatch):
+    old = make(tmp_path / "d")
+    (tmp_path / "d" / "model.pkl").write_bytes(b"the seed's pickle")  # not part of a dataset: kept
+    seen = []
+
+    def check_while_writing(_):
+        seen.append(load_dataset(tmp_path / "d").meta["train_sequences"])
+
+    real_exchange = data_module.exchange_folders
+
+    def check_around_the_swap(new, current):
+        seen.append(load_dataset(current).meta["train_sequences"])
+        real_exchange(new, current)
+        seen.append(load_dataset(current).meta["train_sequences"])
+
+    monkeypatch.setattr(data_module, "exchange_folders", check_around_the_swap)
+    new = make(tmp_path / "d", train_sequences=400, force=True, chunk_tokens=12 * 10, progress=check_while_writing)
+    assert seen[0] == old["train_sequences"] == 300 and set(seen[:-1]) == {300} and seen[-1] == 400
+    assert load_dataset(tmp_path / "d").meta == new
+    assert (tmp_path / "d" / "model.pkl").read_bytes() == b"the seed's pickle"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no build, no lock left beside or inside
+    assert ".lock" not in {p.name for p in (tmp_path / "d").iterdir()}
+
+
+def test_a_failed_swap_keeps_the_old_dataset_and_removes_the_build(tmp_path, monkeypatch):
+    old = make(tmp_path / "d")
+
+    def full_disk(new, current):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(data_module, "exchange_folders", full_disk)
+    with pytest.raises(NanoMarkovError, match="No space left on device.*free some space"):
+        make(tmp_path / "d", train_sequences=400, force=True)
+    assert load_dataset(tmp_path / "d").meta == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+@pytest.mark.parametrize(
+    "process, n_states, options",
+    [("markov", 10, {}), ("korder", 3, {"order": 2}), ("icl", 3, {}), ("hmm", 70_000, {"hidden_states": 2})],
+)
+def test_sizes_whose_theory_cannot_fit_are_refused_before_allocating(tmp_path, process, n_states, options):
+    seq_len = 10**5 if process == "hmm" else 10**9  # hmm: 70000 tokens x 1e5 positions, a 52 GiB table
+    with pytest.raises(NanoMarkovError, match=r"--seq_len .* GiB table .*use a shorter --seq_len"):
+        make(tmp_path / "d", n_states=n_states, seq_len=seq_len, process=process, **options)
+    assert not (tmp_path / "d").exists()
+
+
+def test_an_infinite_alpha_names_the_flag(tmp_path):
+    with pytest.raises(NanoMarkovError, match="--alpha must be a finite number > 0"):
+        make(tmp_path / "d", alpha=float("inf"))

@@ -102,6 +102,6 @@ def test_a_lock_on_a_new_folder_that_stays_empty_leaves_no_folder(tmp_path):
 
 def test_a_lock_in_a_folder_that_is_a_file_is_one_error(tmp_path):
     (tmp_path / "taken").write_text("a file")
-    with pytest.raises(NanoMarkovError, match="cannot create .*taken.*choose a folder you can write"):
+    with pytest.raises(NanoMarkovError, match="cannot write in .*taken.*choose a folder you can write"):
         with writer_lock(tmp_path / "taken", "run"):
             pass

@@ -27,6 +27,10 @@ import numpy as np
 
 from nanomarkov.errors import NanoMarkovError
 
+# The largest float64 table a process may build for its theory or its optimal predictor (2 GiB):
+# sizes beyond it are refused from the numbers alone, before anything is allocated.
+MAX_TABLE_ENTRIES = 2**28
+
 
 @dataclass(frozen=True)
 class Option:
@@ -152,9 +156,23 @@ class Process:
         return self.n_states + 1
 
     def check_seq_len(self, seq_len):
-        """Raise unless seq_len is an integer >= 2 (BOS plus at least one state)."""
+        """Raise unless seq_len is an integer >= 2 (BOS plus at least one state) whose tables fit in memory."""
         if not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
             raise NanoMarkovError(f"seq_len must be an integer >= 2 (BOS plus at least one state), got {seq_len!r}")
+        entries = self.table_entries(int(seq_len))
+        if entries > MAX_TABLE_ENTRIES:
+            raise NanoMarkovError(
+                f"--seq_len {seq_len} with K = {self.n_states} needs a {entries * 8 / 2**30:,.1f} GiB table for its "
+                f"exact theory (at most {MAX_TABLE_ENTRIES * 8 / 2**30:.0f} GiB); use a shorter --seq_len or fewer states"
+            )
+
+    def table_entries(self, seq_len):
+        """The entries of the largest float64 table the theory or the optimal predictor builds for seq_len.
+
+        This default: one row of K per position (the first-order marginals, one sequence's
+        predictive table). A process whose tables are larger overrides it.
+        """
+        return seq_len * self.n_states
 
     def check_tokens(self, tokens):
         """Validate BOS-led sequences (n, seq_len): BOS first, states after; returns them as an array."""

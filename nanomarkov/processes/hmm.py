@@ -59,6 +59,7 @@ MC_SEED = 20240501
 MC_TOKENS = 2**21
 MC_WORK = 2**28  # tokens * H * (H + K): caps the cost of an estimate for large HMMs
 MC_CHUNK_TOKENS = 2**18
+MC_CHUNK_ENTRIES = 2**24  # and at most this many predictive probabilities (tokens x K) per chunk
 # The entropy rate is estimated as the mean optimal loss over positions
 # ENTROPY_RATE_BURN_IN+1 .. 2*ENTROPY_RATE_BURN_IN of stationary runs: by then
 # the belief has long forgotten the start in any HMM that mixes reasonably.
@@ -335,7 +336,7 @@ class HiddenMarkovModel(Process):
         """
         budget = min(MC_TOKENS, MC_WORK // (self.n_hidden * (self.n_hidden + self.n_states)))
         n_sequences = max(64, budget // seq_len)
-        per_chunk = max(1, MC_CHUNK_TOKENS // seq_len)
+        per_chunk = max(1, min(MC_CHUNK_TOKENS // seq_len, MC_CHUNK_ENTRIES // (seq_len * self.n_states)))
         rng = np.random.default_rng(MC_SEED)
         losses, accuracies = [], []
         for lo in range(0, n_sequences, per_chunk):

@@ -313,6 +313,10 @@ class InContextChain(Process):
         """
         return self.monte_carlo(seq_len)
 
+    def table_entries(self, seq_len):
+        """theory's Monte-Carlo sample: theory_sequences() sequences of seq_len, drawn at once."""
+        return seq_len * self.theory_sequences()
+
     def theory_sequences(self):
         """THEORY_SEQUENCES, fewer for large K so the sampled matrices stay within THEORY_ENTRIES."""
         budget = THEORY_ENTRIES // self.n_states**2

@@ -145,6 +145,10 @@ class KOrderChain(Process):
     def order(self):
         return self.transitions.ndim - 1
 
+    def table_entries(self, seq_len):
+        """The tuple marginals: one row of K^k per position."""
+        return seq_len * self.n_tuples
+
     @property
     def n_tuples(self):
         return self.n_states**self.order

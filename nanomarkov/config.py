@@ -306,7 +306,9 @@ def _describe(node) -> str:
 def _config_statement(statement, names):
     """Carry out one top-level statement of a config file into `names` (a docstring does nothing)."""
     if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
-        return
+        if isinstance(statement.value.value, str):
+            return
+        raise _Refused(statement, "a bare value, assigned to nothing, is not allowed")
     if isinstance(statement, ast.Assign) and all(isinstance(t, ast.Name) for t in statement.targets):
         value = _config_value(statement.value, names)
         names.update((target.id, value) for target in statement.targets)

@@ -117,6 +117,7 @@ def test_conflicting_seed_and_train_seed(tmp_path):
         ("n_layer, n_head = 1, 2\n", "line 1: assigning to anything but plain names"),
         ("n_layer = [2]\n", "line 1: list is not allowed"),
         ("data_dir = b'x'\n", "line 1: a bytes literal is not allowed"),
+        ('"""a docstring"""\nn_layer = 2\n5\n', "line 3: a bare value"),
         ("n_layer = 'two'\n", "n_layer must be an integer"),
         ("use_ln = 1\n", "use_ln must be True or False"),
     ],

@@ -17,6 +17,8 @@ import dataclasses
 import io
 import json
 import os
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,16 +43,103 @@ def save_checkpoint(path, state):
     write_atomic(path, buffer.getbuffer(), what="checkpoint")
 
 
+# What every refusal of a checkpoint suggests instead.
+CHECKPOINT_FIX = "give a ckpt.pt that `nanomarkov train` wrote (trainings/.../ckpt.pt), or train again"
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6 is a zip archive
+
+
+def _not_a_torch_file(head: bytes) -> str:
+    """What a file whose first bytes are `head` looks like, when it is not torch.save's zip archive."""
+    if not head:
+        return "an empty file"
+    if head[:1] == b"\x80":
+        return "a raw pickle, not torch.save's format (nanoMarkov never unpickles code)"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "not torch.save's format"
+    return f"a text file (it starts {head[:20].decode('utf-8')!r})"
+
+
+def _cause_without_advice(error: Exception) -> str:
+    """torch's weights-only failures advise weights_only=False, which would run the file's code: keep only the cause."""
+    text = str(error)
+    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if unsafe:
+        return f"it holds a pickled object ({unsafe.group(1)}) beyond tensors and plain data, never run here"
+    first_line = text.strip().splitlines()[0] if text.strip() else ""
+    if first_line and "weights_only" not in first_line and "Weights only" not in first_line:
+        return first_line
+    return f"{type(error).__name__}: torch's restricted loader refused it"
+
+
 def load_checkpoint(path):
-    """Read a checkpoint without running any pickled code; one clear error if it can't be read."""
+    """The dict in a checkpoint, read without running any pickled code; one clear error if it can't be."""
     path = Path(path)
     if not path.is_file():
-        raise NanoMarkovError(f"{path}: no checkpoint there")
+        raise NanoMarkovError(f"{path}: no checkpoint there; {CHECKPOINT_FIX}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with path.open("rb") as f:
+            head = f.read(len(ZIP_MAGIC))
+    except OSError as e:
+        raise NanoMarkovError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if head != ZIP_MAGIC:
+        raise NanoMarkovError(f"{path}: not a nanoMarkov checkpoint: {_not_a_torch_file(head)}; {CHECKPOINT_FIX}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error below says what matters
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated, foreign or unsafe files
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise NanoMarkovError(f"{path}: not a readable nanoMarkov checkpoint ({first_line})") from None
+        raise NanoMarkovError(
+            f"{path}: not a readable nanoMarkov checkpoint ({_cause_without_advice(e)}); {CHECKPOINT_FIX}"
+        ) from None
+    if not isinstance(ckpt, dict):
+        raise NanoMarkovError(
+            f"{path}: not a nanoMarkov checkpoint (it holds a {type(ckpt).__name__}); {CHECKPOINT_FIX}"
+        )
+    return ckpt
+
+
+def _model_config(ckpt, path) -> GPTConfig:
+    """The GPTConfig a checkpoint's model_args describe, refusing args that are not exactly GPTConfig's fields."""
+    args = ckpt["model_args"]
+    if not isinstance(args, dict):
+        raise NanoMarkovError(f"{path}: model_args is a {type(args).__name__}, not a dict; {CHECKPOINT_FIX}")
+    fields = [f.name for f in dataclasses.fields(GPTConfig)]
+    foreign = [str(name) for name in args if name not in fields]
+    missing = [name for name in fields if name not in args]
+    if foreign or missing:
+        what = "; ".join(
+            part
+            for part in (foreign and f"unknown field(s) {', '.join(foreign)}", missing and f"no {', '.join(missing)}")
+            if part
+        )
+        raise NanoMarkovError(f"{path}: model_args are not nanoMarkov's GPTConfig ({what}); {CHECKPOINT_FIX}")
+    try:
+        return GPTConfig(**args)
+    except (NanoMarkovError, TypeError, ValueError) as e:
+        raise NanoMarkovError(f"{path}: invalid model_args ({e}); {CHECKPOINT_FIX}") from None
+
+
+def _listed(names, limit=3) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _weights_mismatch(state, model) -> str:
+    """Which weights of `state` do not fit `model` (missing, extra, mis-shaped); '' when all fit."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return "the weights are not a dict of tensors"
+    expected = model.state_dict()
+    missing = [name for name in expected if name not in state]
+    extra = [str(name) for name in state if name not in expected]
+    misshaped = [
+        f"{name} {tuple(state[name].shape)} where the model has {tuple(tensor.shape)}"
+        for name, tensor in expected.items()
+        if name in state and state[name].shape != tensor.shape
+    ]
+    parts = [(missing, "missing"), (extra, "extra"), (misshaped, "mis-shaped")]
+    return "; ".join(f"{label}: {_listed(names)}" for names, label in parts if names)
 
 
 def load_model(ckpt_path):
@@ -58,8 +147,14 @@ def load_model(ckpt_path):
     ckpt = load_checkpoint(ckpt_path)
     for key in ("model", "model_args", "data_dir"):
         if key not in ckpt:
-            raise NanoMarkovError(f"{ckpt_path}: not a nanoMarkov checkpoint (no '{key}')")
-    model = GPT(GPTConfig(**ckpt["model_args"]))
+            raise NanoMarkovError(f"{ckpt_path}: not a nanoMarkov checkpoint (no '{key}'); {CHECKPOINT_FIX}")
+    model = GPT(_model_config(ckpt, ckpt_path))
+    mismatch = _weights_mismatch(ckpt["model"], model)
+    if mismatch:
+        raise NanoMarkovError(
+            f"{ckpt_path}: its weights do not fit its model_args ({mismatch}); the file is damaged or "
+            f"not nanoMarkov's: {CHECKPOINT_FIX}"
+        )
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt
 

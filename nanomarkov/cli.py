@@ -1,10 +1,13 @@
 """`nanomarkov <verb>`: argument parsing and error messages only; the work is in the modules.
 
-Exit codes: 0 ok, 2 bad input (one line on stderr, no traceback), 1 failure.
+Exit codes: 0 ok, 2 bad input (one line on stderr, no traceback), 1 failure, 130 Ctrl-C,
+141 stdout closed early (`nanomarkov theory data/x | head -1`: quietly, as a tool killed by
+SIGPIPE exits in a shell, so `set -o pipefail` still sees that not all output was read).
 """
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -18,6 +21,21 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise NanoMarkovError(f"{self.prog}: {message} (see --help)")
+
+
+EXIT_CLOSED_STDOUT = 128 + 13  # 128 + SIGPIPE, as a shell reports a tool that SIGPIPE ended
+MAX_SEED = 2**32 - 1  # numpy's RandomState, which hmmlearn samples with, takes no larger seed
+
+
+def seed_type(text):
+    """argparse type of a seed: an integer in [0, MAX_SEED], refused at parse time otherwise."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a seed is an integer in [0, {MAX_SEED}], got {text!r}") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"a seed is an integer in [0, {MAX_SEED}], got {seed}")
+    return seed
 
 
 def _progress_bar(total, description):
@@ -365,7 +383,7 @@ def _add_generate(verbs):
     gen.add_argument(
         "--seq_len", type=int, default=None, help="tokens per sequence incl. BOS (default 128 for K<=10, else 256)"
     )
-    gen.add_argument("--seed", type=int, default=42, help="seed of the chain and of the samples (default 42)")
+    gen.add_argument("--seed", type=seed_type, default=42, help="seed of the chain and of the samples (default 42)")
     gen.add_argument(
         "--dtype", choices=["uint16", "uint32"], default=None, help="token type (default: smallest that fits)"
     )
@@ -443,7 +461,7 @@ def _add_import_hmmlearn(verbs):
     imp.add_argument(
         "--seq_len", type=int, default=None, help="tokens per sequence incl. BOS (default 128 for K<=10, else 256)"
     )
-    imp.add_argument("--seed", type=int, default=42, help="seed of the samples (default 42)")
+    imp.add_argument("--seed", type=seed_type, default=42, help="seed of the samples (default 42)")
     imp.add_argument("--force", action="store_true", help="replace an existing dataset with other parameters")
     imp.set_defaults(func=cmd_import_hmmlearn)
 
@@ -457,10 +475,12 @@ def _add_train(verbs):
     tr.add_argument(
         "target", help="a chain id (10, 100, 100-sparse-75), a dataset folder (any process) or a config file (.py)"
     )
-    tr.add_argument("seed", nargs="?", type=int, default=None, help="seed with a chain id (default 42)")
+    tr.add_argument("seed", nargs="?", type=seed_type, default=None, help="seed with a chain id (default 42)")
     tr.add_argument("--sparse", type=int, default=None, help="sparsity percent of the chain (data/mm{K}-sparse-{S})")
     tr.add_argument("--preset", default=None, help="recipe: default, seed, c1..c12 (default: default)")
-    tr.add_argument("--seeds", type=int, nargs="+", default=None, help="train one run per seed, one after another")
+    tr.add_argument(
+        "--seeds", type=seed_type, nargs="+", default=None, help="train one run per seed, one after another"
+    )
     tr.add_argument("--resume", action="store_true", help="continue the run in out_dir from its checkpoint")
     tr.add_argument("--force", action="store_true", help="start over in an out_dir that already holds a run")
     tr.set_defaults(func=cmd_train, takes_overrides=True)
@@ -538,7 +558,15 @@ def _dispatch(argv):
 
 
 def main(argv=None):
-    return guarded(_dispatch, argv)
+    try:
+        code = guarded(_dispatch, argv)
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
+        return code
+    except BrokenPipeError:
+        # The reader left (`| head -1`): nothing to report. Point stdout at /dev/null so that
+        # Python's own flush at exit does not print the same error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_CLOSED_STDOUT
 
 
 if __name__ == "__main__":

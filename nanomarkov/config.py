@@ -3,7 +3,8 @@
 - `preset(name, n_states, ...)`: a recipe (ours, the seed's, or one of the seed's
   ablations c1..c12) as a complete dict of TrainConfig fields; `dataset_preset(name,
   data_dir)` the same for a dataset folder of any process;
-- `load_config_file(path)`: a config file of Python assignments, the seed's style;
+- `load_config_file(path)`: a config file of Python assignments, the seed's style,
+  read as data with `ast` (nothing in it runs);
 - `parse_overrides(["--key=value", ...])`: command-line overrides.
 
 Each gives a plain dict; `TrainConfig.from_dict(d)` checks it and builds the config.
@@ -18,13 +19,13 @@ import dataclasses
 import difflib
 import json
 import math
-import traceback
-import types
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from nanomarkov.errors import NanoMarkovError
+from nanomarkov.files import read_json_or_none
 from nanomarkov.processes import PROCESSES
 
 from .model import GPTConfig
@@ -199,40 +200,175 @@ def _canonical(values: dict, where: str, ignore_legacy: bool) -> dict:
     return out
 
 
-def load_config_file(path) -> dict:
-    """Run a config file of Python assignments and return its settings as a dict.
+CONFIG_FILE_RULE = (
+    "a config file holds only assignments like n_layer = 2: numbers, strings, True/False, "
+    "names assigned above, + - * / // % ** on numbers, + on strings and f-strings of these"
+)
+_NUMBER_OPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
+# Bounds that keep a line of arithmetic cheap: no int beyond 64 bits, no string beyond 4096 characters.
+_MAX_INT_BITS = 64
+_MAX_TEXT = 4096
 
-    The file runs in an empty namespace; its public names that are not modules,
-    functions or classes are the settings. Seed files work unchanged: `train_seed`
-    and `gradient_accumulation_steps` are renamed (LEGACY_RENAMED) and `dataset`,
-    `eval_iters`, `vocab_size`, `block_size` are dropped (LEGACY_IGNORED).
+
+class _Refused(Exception):
+    """A config-file construct that is not data: `node` is where, the message says what it is."""
+
+    def __init__(self, node, what):
+        super().__init__(what)
+        self.lineno = getattr(node, "lineno", None)
+
+
+def _config_value(node, names):
+    """The value of expression `node` of a config file, computing only what CONFIG_FILE_RULE allows."""
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float, str, bool):
+        return _bounded(node, node.value)
+    if isinstance(node, ast.Name):
+        if node.id not in names:
+            raise _Refused(node, f"name {node.id!r} is not assigned earlier in the file")
+        return names[node.id]
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        operand = _config_value(node.operand, names)
+        _require_number(node, operand)
+        return -operand if isinstance(node.op, ast.USub) else operand
+    if isinstance(node, ast.BinOp) and type(node.op) in _NUMBER_OPS:
+        return _config_arithmetic(node, _config_value(node.left, names), _config_value(node.right, names))
+    if isinstance(node, ast.JoinedStr):
+        return _bounded(node, "".join(_fstring_part(part, names) for part in node.values))
+    raise _Refused(node, f"{_describe(node)} is not allowed")
+
+
+def _fstring_part(part, names):
+    if isinstance(part, ast.Constant):
+        return part.value
+    if part.format_spec is not None:
+        raise _Refused(part, "a format spec in an f-string is not allowed")
+    value = _config_value(part.value, names)
+    return repr(value) if part.conversion == ord("r") else str(value)
+
+
+def _config_arithmetic(node, left, right):
+    if isinstance(node.op, ast.Add) and isinstance(left, str) and isinstance(right, str):
+        return _bounded(node, left + right)
+    _require_number(node, left)
+    _require_number(node, right)
+    if isinstance(node.op, ast.Pow) and abs(right) > _MAX_INT_BITS:
+        raise _Refused(node, f"an exponent beyond {_MAX_INT_BITS} is not allowed")
+    try:
+        return _bounded(node, _NUMBER_OPS[type(node.op)](left, right))
+    except (ArithmeticError, ValueError) as e:
+        raise _Refused(node, f"arithmetic error ({e})") from None
+
+
+def _require_number(node, value):
+    if isinstance(value, str):
+        raise _Refused(node, f"{_describe(node)} on a string is not allowed")
+
+
+def _bounded(node, value):
+    if isinstance(value, int) and value.bit_length() > _MAX_INT_BITS:
+        raise _Refused(node, f"an integer beyond {_MAX_INT_BITS} bits is not allowed")
+    if isinstance(value, complex) or (isinstance(value, str) and len(value) > _MAX_TEXT):
+        raise _Refused(node, f"a value like {str(value)[:20]!r}... is not allowed")
+    return value
+
+
+def _describe(node) -> str:
+    """What a refused construct is, in words a user recognises."""
+    words = {
+        ast.Import: "import",
+        ast.ImportFrom: "import",
+        ast.Call: "a call",
+        ast.Attribute: "attribute access",
+        ast.Subscript: "indexing",
+        ast.Lambda: "lambda",
+        ast.FunctionDef: "def",
+        ast.ClassDef: "class",
+        ast.ListComp: "a comprehension",
+        ast.SetComp: "a comprehension",
+        ast.DictComp: "a comprehension",
+        ast.GeneratorExp: "a comprehension",
+    }
+    if isinstance(node, ast.BinOp):
+        return f"operator {type(node.op).__name__}"
+    if isinstance(node, ast.Constant):
+        return f"a {type(node.value).__name__} literal"
+    if isinstance(node, ast.Assign):
+        return "assigning to anything but plain names"
+    return words.get(type(node), type(node).__name__.lower())
+
+
+def _config_statement(statement, names):
+    """Carry out one top-level statement of a config file into `names` (a docstring does nothing)."""
+    if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
+        if isinstance(statement.value.value, str):
+            return
+        raise _Refused(statement, "a bare value, assigned to nothing, is not allowed")
+    if isinstance(statement, ast.Assign) and all(isinstance(t, ast.Name) for t in statement.targets):
+        value = _config_value(statement.value, names)
+        names.update((target.id, value) for target in statement.targets)
+        return
+    if isinstance(statement, ast.AugAssign) and isinstance(statement.target, ast.Name):
+        augmented = ast.BinOp(left=ast.Name(statement.target.id), op=statement.op, right=statement.value)
+        names[statement.target.id] = _config_value(ast.copy_location(augmented, statement), names)
+        return
+    raise _Refused(statement, f"{_describe(statement)} is not allowed")
+
+
+def _check_block_size(settings: dict, where: str):
+    """The seed's files set block_size (its seq_len); it comes from the dataset, so one that disagrees is refused."""
+    data_dir = settings.get("data_dir", TrainConfig.data_dir)
+    meta = read_json_or_none(Path(data_dir) / "meta.json")
+    seq_len = meta.get("seq_len") if meta else None
+    block_size = settings["block_size"]
+    if isinstance(seq_len, int) and block_size not in (seq_len, seq_len - 1):
+        wanted = block_size + 1 if isinstance(block_size, int) else "N"
+        raise NanoMarkovError(
+            f"{where} sets block_size = {block_size!r}, but the model's context comes from the dataset: "
+            f"{data_dir} has seq_len {seq_len}, so block_size is {seq_len - 1}; remove the line, "
+            f"or generate data with --seq_len {wanted}"
+        )
+
+
+def load_config_file(path) -> dict:
+    """Read a config file of Python assignments and return its settings as a dict.
+
+    The file is data, never run: it is parsed with `ast`, and each statement must
+    be an assignment CONFIG_FILE_RULE allows; anything else is refused naming its
+    line. Names starting with `_` are helpers, not settings. Seed files work
+    unchanged: `train_seed` and `gradient_accumulation_steps` are renamed
+    (LEGACY_RENAMED) and `dataset`, `eval_iters`, `vocab_size`, `block_size` are
+    dropped (LEGACY_IGNORED), block_size only when it agrees with the dataset.
     """
     path = Path(path)
+    where = f"config file {path}"
     try:
-        source = path.read_text()
+        source = path.read_bytes().decode("utf-8")
     except OSError as e:
-        raise NanoMarkovError(f"cannot read config file {path}: {e.strerror or e}") from None
-    namespace = {}
+        raise NanoMarkovError(f"cannot read {where}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise NanoMarkovError(f"{where} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     try:
-        exec(compile(source, str(path), "exec"), namespace)
-    except Exception as e:
-        line = (
-            getattr(e, "lineno", None)
-            if isinstance(e, SyntaxError)
-            else next(
-                (fr.lineno for fr in reversed(traceback.extract_tb(e.__traceback__)) if fr.filename == str(path)), None
-            )
-        )
-        raise NanoMarkovError(
-            f"config file {path} line {line}: {type(e).__name__}: {e}; it must be plain "
-            f"Python assignments like n_layer = 2"
-        ) from None
-    settings = {
-        k: v
-        for k, v in namespace.items()
-        if not k.startswith("_") and not callable(v) and not isinstance(v, types.ModuleType)
-    }
-    return _canonical(settings, f"config file {path}", ignore_legacy=True)
+        tree = ast.parse(source, str(path))
+    except SyntaxError as e:
+        raise NanoMarkovError(f"{where} line {e.lineno}: syntax error ({e.msg}); {CONFIG_FILE_RULE}") from None
+    names = {}
+    try:
+        for statement in tree.body:
+            _config_statement(statement, names)
+    except _Refused as e:
+        raise NanoMarkovError(f"{where} line {e.lineno}: {e}; {CONFIG_FILE_RULE}") from None
+    settings = {name: value for name, value in names.items() if not name.startswith("_")}
+    if "block_size" in settings:
+        _check_block_size(settings, where)
+    return _canonical(settings, where, ignore_legacy=True)
 
 
 def parse_overrides(args) -> dict:

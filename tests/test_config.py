@@ -57,17 +57,17 @@ def test_format_rejects_unknown_keys():
 def test_seed_style_file_loads_with_legacy_keys(tmp_path):
     text = "\n".join(
         [
-            "import os",
-            "def helper(): return 3",
+            '"""A seed-style file: comments, helpers, arithmetic."""',
             "_private = 5",
+            "_k = 100",
             "out_dir = 'trainings/MM/MM-100/MM-100-1'",
             "dataset = 'openwebtext'",
             "eval_iters = 50",
-            "data_dir = f'data/mm{100}'",
+            "data_dir = f'data/mm{_k}'",
             "vocab_size = 101",
             "block_size = 256",
             "decay_lr = True",
-            "n_layer = helper() - 1",
+            "n_layer = _private - 3",
             "learning_rate = 5e-3",
             "weight_decay = 1",
             "gradient_accumulation_steps = 40",
@@ -109,6 +109,15 @@ def test_conflicting_seed_and_train_seed(tmp_path):
     [
         ("n_layer = (\n", "line 1"),
         ("a = 1\nn_layer = undefined_name\n", "line 2"),
+        ("n_layer = 2\nn_layer += 'x'\n", "line 2: operator Add on a string"),
+        ("n_embd = 2 ** 100\n", "line 1: an exponent beyond 64"),
+        ("n_embd = 1 // 0\n", "line 1: arithmetic error"),
+        ("wandb_run_name = 'x' * 3\n", "line 1: operator Mult on a string"),
+        ("wandb_run_name = f'{1:>9999}'\n", "line 1: a format spec"),
+        ("n_layer, n_head = 1, 2\n", "line 1: assigning to anything but plain names"),
+        ("n_layer = [2]\n", "line 1: list is not allowed"),
+        ("data_dir = b'x'\n", "line 1: a bytes literal is not allowed"),
+        ('"""a docstring"""\nn_layer = 2\n5\n', "line 3: a bare value"),
         ("n_layer = 'two'\n", "n_layer must be an integer"),
         ("use_ln = 1\n", "use_ln must be True or False"),
     ],
@@ -116,6 +125,83 @@ def test_conflicting_seed_and_train_seed(tmp_path):
 def test_broken_files(tmp_path, text, needle):
     with pytest.raises(NanoMarkovError, match=needle):
         load_config_file(write(tmp_path, text))
+
+
+HOSTILE_LINES = [
+    "import os; os.system('touch PWNED')",
+    "from os import system",
+    "n_layer = __import__('os').system('touch PWNED')",
+    "n_layer = (1).__class__",
+    "data_dir = open('PWNED', 'w').name",
+    "n_layer = [open('PWNED', 'w') for _ in range(1)][0]",
+    "data_dir = f\"{__import__('os').system('touch PWNED')}\"",
+    'data_dir = f\'{open("PWNED", "w")!r}\'',
+    "n_layer = (lambda: open('PWNED', 'w'))()",
+    "def f(): pass",
+    "class C: pass",
+    "if True: n_layer = 1",
+    "with open('PWNED', 'w'): pass",
+    'exec(\'open("PWNED", "w")\')',
+]
+
+
+@pytest.mark.parametrize("line", HOSTILE_LINES)
+def test_config_files_run_nothing(tmp_path, monkeypatch, line):
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, f"n_head = 1\n{line}\n")
+    with pytest.raises(
+        NanoMarkovError, match=r"line 2: .* is not allowed; a config file holds only assignments"
+    ) as err:
+        load_config_file(path)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_train_with_a_hostile_config_file_runs_nothing(tmp_path):
+    path = write(tmp_path, "n_layer = 1\nimport os; os.system('touch PWNED')\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "nanomarkov", "train", str(path)], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "line 2: import is not allowed" in done.stderr
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_config_file_arithmetic_on_earlier_names(tmp_path):
+    text = "_k = 100\nmax_iters = 10 * _k\nlr_decay_iters = max_iters\nlearning_rate = -(-3e-3)\nmin_lr = 1e-4\n"
+    text += "n_embd = 2 ** 7\nwarmup_iters = 7 // 2 + 7 % 2\nwandb_run_name = 'mm' + f'-{_k}-{max_iters!r}'\n"
+    text += "n_layer = 1\nn_layer *= 3\n"
+    assert load_config_file(write(tmp_path, text)) == {
+        "max_iters": 1000,
+        "lr_decay_iters": 1000,
+        "learning_rate": 3e-3,
+        "min_lr": 1e-4,
+        "n_embd": 128,
+        "warmup_iters": 4,
+        "wandb_run_name": "mm-100-1000",
+        "n_layer": 3,
+    }
+
+
+def test_config_file_not_utf8(tmp_path):
+    path = tmp_path / "cfg.py"
+    path.write_bytes("wandb_run_name = 'caf\u00e9'\n".encode("latin-1"))
+    with pytest.raises(NanoMarkovError, match="is not UTF-8 text .*; save it as UTF-8") as err:
+        load_config_file(path)
+    assert "\n" not in str(err.value)
+
+
+def test_block_size_must_agree_with_the_dataset(tmp_path):
+    from nanomarkov.data import generate_dataset
+
+    generate_dataset(tmp_path / "d", 3, 4, 2, seq_len=16)
+    seed_style = f"data_dir = {str(tmp_path / 'd')!r}\nvocab_size = 4\n"
+    for agreeing in (16, 15):  # the seed wrote seq_len; the model's context is seq_len-1
+        got = load_config_file(write(tmp_path, seed_style + f"block_size = {agreeing}\n"))
+        assert got == {"data_dir": str(tmp_path / "d")}
+    with pytest.raises(NanoMarkovError, match="has seq_len 16, so block_size is 15; .*--seq_len 65") as err:
+        load_config_file(write(tmp_path, seed_style + "block_size = 64\n"))
+    assert "\n" not in str(err.value)
 
 
 def test_missing_file(tmp_path):

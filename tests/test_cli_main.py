@@ -1,0 +1,46 @@
+"""cli.main's guard: seeds checked at parse time, and a reader that leaves early (`| head -1`)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from nanomarkov.cli import EXIT_CLOSED_STDOUT, MAX_SEED, main
+from nanomarkov.data import generate_dataset
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "5", "--seed", "-1"],
+        ["generate", "5", "--seed", str(MAX_SEED + 1)],
+        ["generate", "5", "--seed", "1e3"],
+        ["train", "5", "-1"],
+        ["train", "5", "--seeds", "1", "-2"],
+        ["train", "5", "--seeds", str(2**70)],
+        ["import-hmmlearn", "model.pkl", "--trust-pickle", "--out", "x", "--seed", "-7"],
+    ],
+)
+def test_bad_seeds_are_refused_at_parse_time(tmp_path, monkeypatch, capsys, argv):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert f"a seed is an integer in [0, {MAX_SEED}]" in err
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
+def test_the_largest_seed_is_accepted(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "3", "--train", "4", "--val", "2", "--seq_len", "6", "--seed", str(MAX_SEED)]) == 0
+
+
+@pytest.mark.parametrize("argv", [["theory", "DATA"], ["theory", "DATA", "--json"]])
+def test_a_closed_stdout_exits_quietly(tmp_path, argv):
+    generate_dataset(tmp_path / "d", 3, 4, 2, seq_len=8)
+    command = [sys.executable, "-m", "nanomarkov", *[str(tmp_path / "d") if a == "DATA" else a for a in argv]]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # the reader is gone before the first byte is written
+    _, err = child.communicate(timeout=120)
+    assert err.decode() == ""
+    assert child.returncode == EXIT_CLOSED_STDOUT

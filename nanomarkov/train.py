@@ -28,26 +28,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from nanomarkov.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
-from nanomarkov.config import TrainConfig
+from nanomarkov.config import TrainConfig, config_changes
 from nanomarkov.data import SequenceOrder, load_dataset, to_inputs_targets, whole_split_batches
 from nanomarkov.distributed import init_distributed
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
 from nanomarkov.model import GPT
 
-# Config fields a resumed run may change without changing what it computes.
-RESUMABLE_CHANGES = {
-    "init_from",
-    "out_dir",
-    "max_iters",
-    "eval_interval",
-    "log_interval",
-    "always_save_checkpoint",
-    "wandb_log",
-    "wandb_project",
-    "wandb_run_name",
-    "device",
-    "compile",
-}
 EVAL_BATCH_SEQUENCES = 64
 
 
@@ -440,12 +426,7 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None):
 
 
 def _check_resumable(state, cfg, dataset, ckpt_path):
-    saved = state.get("config", {})
-    changed = [
-        f"{k} {saved.get(k)!r} -> {v!r}"
-        for k, v in cfg.to_dict().items()
-        if k not in RESUMABLE_CHANGES and saved.get(k) != v
-    ]
+    changed = config_changes(state.get("config", {}), cfg)
     if changed:
         raise NanoMarkovError(
             f"{ckpt_path} was trained with another config ({', '.join(changed)}); "

@@ -9,10 +9,10 @@ import torch
 
 from nanomarkov import NanoMarkovError
 from nanomarkov.sweep import expand_grid, run_sweep
-from nanomarkov.sweep import run as sweep
+from nanomarkov.sweep import run as sweep_run
 from nanomarkov.sweep.status import format_status, sweep_status
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # A few seconds of CPU per run: 5 states, 12-token sequences, an 8-wide model.
 SMALL = {"n_embd": 8, "batch_size": 8, "max_iters": 6, "eval_interval": 3, "log_interval": 3, "device": "cpu"}
 
@@ -27,7 +27,7 @@ def small_grid(**experiment):
 
 def no_report(monkeypatch):
     """The report's plots are tested in test_report.py; here they would only cost time."""
-    monkeypatch.setattr(sweep, "_report", lambda root, progress: None)
+    monkeypatch.setattr(sweep_run, "write_sweep_report", lambda root, progress: None)
 
 
 def test_seed_grid_expands_to_the_seeds_runs(tmp_path):

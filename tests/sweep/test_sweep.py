@@ -191,6 +191,18 @@ def test_a_run_cut_short_is_resumed_not_restarted(tmp_path, monkeypatch):
     assert json.loads((folder / "done.json").read_text())["iters"] == 12
 
 
+def test_a_finished_run_made_by_another_config_is_not_taken_for_this_one(tmp_path, monkeypatch):
+    no_report(monkeypatch)
+    grid = small_grid(seeds=[42])
+    run_sweep(grid, tmp_path, progress=lambda _: None)
+    grid["defaults"].update(eval_interval=2, device="auto")  # what a resume may change: still this run
+    assert run_sweep(grid, tmp_path, progress=lambda _: None)["runs"]["MM-5/MM-5-42"]["state"] == "done"
+    grid["defaults"]["learning_rate"] = 1e-3
+    run = run_sweep(grid, tmp_path, progress=lambda _: None)["runs"]["MM-5/MM-5-42"]
+    assert (run["action"], run["state"]) == ("skip", "failed")
+    assert "holds a finished run with another config (learning_rate 0.003 -> 0.001); delete" in run["error"]
+
+
 def test_parallel_runs_match_one_at_a_time(tmp_path, monkeypatch):
     no_report(monkeypatch)
     one = run_sweep(small_grid(), tmp_path / "one", jobs=1, threads=1, progress=lambda _: None)

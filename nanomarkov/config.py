@@ -8,6 +8,8 @@
 - `parse_overrides(["--key=value", ...])`: command-line overrides.
 
 Each gives a plain dict; `TrainConfig.from_dict(d)` checks it and builds the config.
+`run_folder(...)` names a run's folder (every recipe and the sweep use it), and
+`config_changes(saved, cfg)` says how a config differs from a run's saved one.
 `format_config_file(d, header)` writes a dict back as a config file.
 
 The model's vocab_size and block_size are not here: they come from the dataset
@@ -131,6 +133,30 @@ class TrainConfig:
 
 FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name not in ("vocab_size", "block_size"))
+
+# Config fields a resumed run may change without changing what it computes.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "init_from",
+        "out_dir",
+        "max_iters",
+        "eval_interval",
+        "log_interval",
+        "always_save_checkpoint",
+        "wandb_log",
+        "wandb_project",
+        "wandb_run_name",
+        "device",
+        "compile",
+    }
+)
+
+
+def config_changes(saved: dict, cfg: TrainConfig, ignore=RESUMABLE_CHANGES) -> list:
+    """How cfg differs from a run's saved config (its config.json dict), as 'key old -> new',
+    leaving out the fields in `ignore` (by default those a resumed run may change)."""
+    return [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in cfg.to_dict().items() if k not in ignore and saved.get(k) != v]
+
 
 # Keys the seed's config files set that mean nothing here. A config file may
 # carry them (they are dropped); an override may not, since typing one by hand
@@ -496,6 +522,21 @@ def mm_id(n_states: int, sparsity: int | None = None) -> str:
     return f"{n_states}" if sparsity is None else f"{n_states}-sparse-{sparsity}"
 
 
+def run_folder(name: str, seed: int, chain: str | None = None, dataset: str | None = None) -> str:
+    """Where a run of recipe `name` lives under its trainings folder, as 'group/run'; give one of:
+
+    chain, the seed's chain id (mm_id): its names, MM-100/MM-100-42 (preset seed too) and, for
+    the ablations, MM-100-extra/MM-100-extra-c4-s42;
+    dataset, a dataset folder's name: mess3/mess3-42, and mess3/mess3-c4-42 for another preset.
+    """
+    _require((chain is None) != (dataset is None), "run_folder needs either chain or dataset, not both")
+    if dataset is not None:
+        return f"{dataset}/{dataset}-{'' if name == 'default' else name + '-'}{seed}"
+    if name in EXTRA:
+        return f"MM-{chain}-extra/MM-{chain}-extra-{name}-s{seed}"
+    return f"MM-{chain}/MM-{chain}-{seed}"
+
+
 def preset(name: str, n_states: int, sparsity: int | None = None, seed: int = 42) -> dict:
     """A complete, checked dict of TrainConfig fields for recipe `name` on MM-{n_states}."""
     _require(name in PRESETS, f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
@@ -511,7 +552,7 @@ def preset(name: str, n_states: int, sparsity: int | None = None, seed: int = 42
     ident = mm_id(n_states, sparsity)
     cfg = dict(
         data_dir=f"data/mm{ident}",
-        out_dir=f"trainings/MM/MM-{ident}/MM-{ident}-{seed}",
+        out_dir=f"trainings/MM/{run_folder(name, seed, chain=ident)}",
         wandb_run_name=f"MM-{ident}-{seed}",
         seed=seed,
     )
@@ -535,10 +576,8 @@ def preset(name: str, n_states: int, sparsity: int | None = None, seed: int = 42
             _, n_layer, n_embd, batch, iters = _row(SEED_RECIPES, n_states)
             cfg.update(n_layer=n_layer, n_head=8, n_embd=n_embd, batch_size=batch, max_iters=iters, warmup_iters=200)
         else:
-            base = f"MM-{ident}-extra"
             cfg.update(
                 EXTRA[name],
-                out_dir=f"trainings/MM/{base}/{base}-{name}-s{seed}",
                 wandb_run_name=f"MM-extra-{name}-s{seed}",
                 batch_size=8,
                 warmup_iters=400,
@@ -585,9 +624,8 @@ def dataset_preset(name: str, data_dir, seed: int = 42) -> dict:
     cfg = preset(name, n_states, None, seed)
     if name == "default":
         cfg.update(PROCESS_DEFAULTS.get(process, {}))
-    folder = Path(data_dir).resolve().name
-    run = f"{folder}-{'' if name == 'default' else name + '-'}{seed}"
-    cfg.update(data_dir=str(data_dir), out_dir=f"trainings/{folder}/{run}", wandb_run_name=run)
+    run = run_folder(name, seed, dataset=Path(data_dir).resolve().name)
+    cfg.update(data_dir=str(data_dir), out_dir=f"trainings/{run}", wandb_run_name=Path(run).name)
     return TrainConfig.from_dict(cfg, f"preset {name} on {data_dir}").to_dict()
 
 

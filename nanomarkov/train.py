@@ -28,27 +28,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from nanomarkov.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
-from nanomarkov.config import TrainConfig
+from nanomarkov.config import TrainConfig, config_changes
 from nanomarkov.data import Dataset, SequenceOrder, load_dataset, to_inputs_targets, whole_split_batches
 from nanomarkov.distributed import Distributed, init_distributed
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
 from nanomarkov.files import json_text, write_json, writer_lock
 from nanomarkov.model import GPT, GPTConfig
 
-# Config fields a resumed run may change without changing what it computes.
-RESUMABLE_CHANGES = {
-    "init_from",
-    "out_dir",
-    "max_iters",
-    "eval_interval",
-    "log_interval",
-    "always_save_checkpoint",
-    "wandb_log",
-    "wandb_project",
-    "wandb_run_name",
-    "device",
-    "compile",
-}
 EVAL_BATCH_SEQUENCES = 64
 
 
@@ -580,12 +566,7 @@ def finish(loop, status):
 
 
 def _check_resumable(state, cfg, dataset, ckpt_path):
-    saved = state.get("config", {})
-    changed = [
-        f"{k} {saved.get(k)!r} -> {v!r}"
-        for k, v in cfg.to_dict().items()
-        if k not in RESUMABLE_CHANGES and saved.get(k) != v
-    ]
+    changed = config_changes(state.get("config", {}), cfg)
     if changed:
         raise NanoMarkovError(
             f"{ckpt_path} was trained with another config ({', '.join(changed)}); "

@@ -599,6 +599,36 @@ def test_dataset_preset_takes_k_and_the_process_from_the_folder(tmp_path):
         dataset_preset("default", tmp_path / "nothing")
 
 
+def test_run_folder_names_the_seeds_runs_and_a_dataset_folders_runs():
+    from nanomarkov.config import run_folder
+
+    assert run_folder("default", 42, chain="100") == "MM-100/MM-100-42"
+    assert run_folder("seed", 7, chain="100-sparse-75") == "MM-100-sparse-75/MM-100-sparse-75-7"
+    assert run_folder("c4", 42, chain="100") == "MM-100-extra/MM-100-extra-c4-s42"
+    assert run_folder("default", 5, dataset="mess3") == "mess3/mess3-5"
+    assert run_folder("c2", 5, dataset="mess3") == "mess3/mess3-c2-5"
+    for wrong in ({}, {"chain": "100", "dataset": "mess3"}):
+        with pytest.raises(NanoMarkovError, match="either chain or dataset"):
+            run_folder("default", 42, **wrong)
+
+
+def test_config_changes_lists_what_differs_except_what_a_resume_may_change():
+    from nanomarkov.config import RESUMABLE_CHANGES, config_changes
+
+    cfg = TrainConfig()
+    saved = {**cfg.to_dict(), "n_embd": 64, "max_iters": 10, "device": "cuda"}
+    assert config_changes(saved, cfg) == ["n_embd 64 -> 128"]
+    assert config_changes(cfg.to_dict(), cfg) == []
+    assert config_changes(saved, cfg, ignore=()) == [
+        "n_embd 64 -> 128",
+        "max_iters 10 -> 1500",
+        "device 'cuda' -> 'auto'",
+    ]
+    assert config_changes(saved, cfg, RESUMABLE_CHANGES | {"n_embd"}) == []
+    del saved["learning_rate"]  # a config saved before a field existed
+    assert config_changes(saved, cfg) == ["n_embd 64 -> 128", "learning_rate None -> 0.01"]
+
+
 def test_train_accepts_a_dataset_folder(tmp_path):
     from nanomarkov.data import generate_dataset
 

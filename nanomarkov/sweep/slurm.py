@@ -1,10 +1,11 @@
 """A sweep's runs as one SLURM job array, through submitit (the optional [cluster] extra).
 
-Each array task runs sweep.run_one for one run. Preemption and time limits: SLURM warns
-a job first (submitit asks for SIGUSR2 90 s before the limit); training then stops after
-its current step with a fresh checkpoint, and submitit requeues the job, which resumes
-from that checkpoint. `scancel` sends SIGTERM: training checkpoints the same way, the run
-is reported as cancelled, and the next sweep resumes it.
+Each array task runs one run of the sweep, through the function the sweep hands over (its
+run_one). Preemption and time limits: SLURM warns a job first (submitit asks for SIGUSR2 90 s
+before the limit); training then stops after its current step with a fresh checkpoint, and
+submitit requeues the job, which resumes from that checkpoint. `scancel` sends SIGTERM:
+training checkpoints the same way, the run is reported as cancelled, and the next sweep
+resumes it.
 
 The waiting side trusts sacct (through submitit's watcher), never only the result files,
 so a job that dies without writing its result is reported instead of waited on forever.
@@ -40,7 +41,8 @@ ACTIVE = {
 UNKNOWN_GIVE_UP_S = 120
 
 
-def _submitit():
+def require_submitit():
+    """The submitit module, or an error saying how to install it."""
     try:
         import submitit
     except ImportError:
@@ -68,7 +70,7 @@ def slurm_executor(
             "--launcher slurm needs SLURM's sbatch on PATH: on this machine start a one-node "
             "cluster with scripts/slurm_local.sh up (as root), or see your cluster's docs"
         )
-    executor = _submitit().SlurmExecutor(folder=folder)
+    executor = require_submitit().SlurmExecutor(folder=folder)
     extra = {}
     for item in sbatch:
         key, has_value, value = item.partition("=")
@@ -91,17 +93,16 @@ def slurm_executor(
 
 
 class RunJob:
-    """What one array task runs: a run of the sweep; submitit calls checkpoint() before requeueing it."""
+    """What one array task runs: run(spec, threads), one run of the sweep; submitit calls checkpoint()
+    before requeueing it. `run` travels to the job pickled, so it must be a module-level function."""
 
-    def __init__(self, spec, threads):
-        self.spec, self.threads = spec, threads
+    def __init__(self, run, spec, threads):
+        self.run, self.spec, self.threads = run, spec, threads
 
     def __call__(self):
-        from nanomarkov.sweep.run import run_one
-
         # train() stops cleanly (checkpoint first) on SIGTERM; SLURM's warning signal is passed on as one,
         # and once training has stopped, submitit's own handler checkpoints and requeues the job.
-        warning = signal.Signals["SIG" + _submitit().JobEnvironment.USR_SIG]
+        warning = signal.Signals["SIG" + require_submitit().JobEnvironment.USR_SIG]
         requeue, warned = signal.getsignal(warning), []
 
         def stop_training(signum, frame):
@@ -110,7 +111,7 @@ class RunJob:
 
         signal.signal(warning, stop_training)
         try:
-            result = run_one(self.spec, self.threads)
+            result = self.run(self.spec, self.threads)
         finally:
             signal.signal(warning, requeue)
         if warned and result["state"] == "pending" and callable(requeue):
@@ -119,13 +120,13 @@ class RunJob:
 
     def checkpoint(self):
         # Nothing to add: the run's own ckpt.pt, written as training stopped, is where it resumes.
-        return _submitit().helpers.DelayedSubmission(RunJob(self.spec, self.threads))
+        return require_submitit().helpers.DelayedSubmission(RunJob(self.run, self.spec, self.threads))
 
 
 def job_states(jobs) -> dict:
     """Each submitit job's state in sacct's words; SLURM jobs from one sacct call for all of them.
     (submitit's local executor, the tests' cluster-free stand-in, says RUNNING or FINISHED.)"""
-    submitit = _submitit()
+    submitit = require_submitit()
     slurm = [job for job in jobs if isinstance(job, submitit.SlurmJob)]
     if slurm:
         slurm[0].watcher.update()
@@ -143,7 +144,7 @@ def sacct_states(job_ids) -> dict:
     """SLURM's state of each job id (e.g. '12_3'), for `sweep status`; {} where sacct is not installed."""
     if not job_ids or shutil.which("sacct") is None:
         return {}
-    watcher = _submitit().SlurmJob.watcher
+    watcher = require_submitit().SlurmJob.watcher
     for job_id in job_ids:
         watcher.register_job(job_id)
     watcher.update()
@@ -161,7 +162,7 @@ def queued_jobs(job_ids) -> set:
 
 
 def _outcome(job, state):
-    """The run's result once its job is over: run_one's dict, or why there is none."""
+    """The run's result once its job is over: the dict its run function returned, or why there is none."""
     if state == "COMPLETED":
         try:
             return job.result()
@@ -176,12 +177,13 @@ def _outcome(job, state):
     return {"state": "failed", "error": f"job {job.job_id} ended {state}" + (f"; log: {log[-1]}" if log else "")}
 
 
-def run_jobs(executor, specs, threads, on_submit, on_start, on_finish, poll_s=1.0):
-    """Submit one job per spec (one array on SLURM), then wait, calling on_finish(spec, result) as each ends."""
-    submitit = _submitit()
+def run_jobs(executor, run, specs, threads, on_submit, on_start, on_finish, poll_s=1.0):
+    """Submit one job per spec (one array on SLURM) running run(spec, threads), then wait, calling
+    on_finish(spec, result) as each ends; on_submit gets {spec name: job id} once all are submitted."""
+    submitit = require_submitit()
     try:
         with executor.batch():
-            jobs = [executor.submit(RunJob(spec, threads)) for spec in specs]
+            jobs = [executor.submit(RunJob(run, spec, threads)) for spec in specs]
     except (submitit.core.utils.FailedJobError, OSError) as e:
         raise NanoMarkovError(f"submission failed: {(str(e).strip().splitlines() or [''])[-1]}") from None
     waiting, submitted = dict(zip(jobs, specs)), time.time()

@@ -11,7 +11,9 @@ import socket
 from pathlib import Path
 
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.sweep.run import MANIFEST, _read_json
+from nanomarkov.files import read_json_or_none
+from nanomarkov.sweep.manifest import MANIFEST, read_manifest
+from nanomarkov.sweep.slurm import queued_jobs, sacct_states
 
 
 def _last_line(path):
@@ -41,8 +43,6 @@ def _live_states(manifest, out_root) -> dict:
     job_ids = {name: run["job_id"] for name, run in unsettled.items() if run.get("job_id")}
     slurm_states = {}
     if job_ids:
-        from nanomarkov.sweep.slurm import sacct_states
-
         slurm_states = sacct_states(sorted(set(job_ids.values())))
     here = manifest.get("host") == socket.gethostname()
     sweep_gone = here and manifest.get("pid") and not _alive(manifest["pid"])
@@ -56,7 +56,7 @@ def _live_states(manifest, out_root) -> dict:
         elif job_state == "CANCELLED":
             live[name] = ("cancelled", f"job {job_ids[name]} cancelled; run the sweep again to resume", job_state)
         elif job_state == "COMPLETED":  # the sweep that waited for it was stopped: the run's folder tells
-            done = _read_json(Path(out_root) / "runs" / name / "done.json") or {}
+            done = read_json_or_none(Path(out_root) / "runs" / name / "done.json") or {}
             live[name] = (
                 ("done", None, job_state)
                 if done.get("status") == "done"
@@ -71,8 +71,8 @@ def _live_states(manifest, out_root) -> dict:
 
 def refuse_if_still_running(out_root):
     """Two sweeps training the same run folders would corrupt each other's checkpoints."""
-    manifest = _read_json(Path(out_root) / MANIFEST)
-    if not manifest or "runs" not in manifest:
+    manifest = read_manifest(out_root)
+    if manifest is None:
         return
     job_ids = {
         run["job_id"]: name
@@ -80,8 +80,6 @@ def refuse_if_still_running(out_root):
         if run.get("job_id") and run["state"] in ("pending", "running")
     }
     if job_ids:
-        from nanomarkov.sweep.slurm import queued_jobs
-
         busy = [f"{job_ids[job]} (job {job})" for job in sorted(queued_jobs(list(job_ids)))]
         if busy:
             raise NanoMarkovError(
@@ -103,8 +101,8 @@ def refuse_if_still_running(out_root):
 
 def sweep_status(out_root) -> list:
     """One row per run of the sweep in out_root: name, state, iters, excess, error, last log line."""
-    manifest = _read_json(Path(out_root) / MANIFEST)
-    if manifest is None or "runs" not in manifest:
+    manifest = read_manifest(out_root)
+    if manifest is None:
         raise NanoMarkovError(
             f"{out_root} holds no readable {MANIFEST}; start a sweep there with nanomarkov sweep GRID --out {out_root}"
         )
@@ -114,7 +112,7 @@ def sweep_status(out_root) -> list:
         if name in live:
             run = {**run, "state": live[name][0], "error": live[name][1]}
         folder = Path(out_root) / "runs" / name
-        done, ev = _read_json(folder / "done.json") or {}, _read_json(folder / "eval.json")
+        done, ev = read_json_or_none(folder / "done.json") or {}, read_json_or_none(folder / "eval.json")
         try:  # a run under way: its latest logged iteration (a line cut by a kill reads as none)
             iters = done.get("iters", json.loads(_last_line(folder / "log.jsonl") or "{}").get("iter"))
         except ValueError:

@@ -9,10 +9,10 @@ import torch
 
 from nanomarkov import NanoMarkovError
 from nanomarkov.sweep import expand_grid, run_sweep
-from nanomarkov.sweep import run as sweep
+from nanomarkov.sweep import run as sweep_run
 from nanomarkov.sweep.status import format_status, sweep_status
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # A few seconds of CPU per run: 5 states, 12-token sequences, an 8-wide model.
 SMALL = {"n_embd": 8, "batch_size": 8, "max_iters": 6, "eval_interval": 3, "log_interval": 3, "device": "cpu"}
 
@@ -27,7 +27,7 @@ def small_grid(**experiment):
 
 def no_report(monkeypatch):
     """The report's plots are tested in test_report.py; here they would only cost time."""
-    monkeypatch.setattr(sweep, "_report", lambda root, progress: None)
+    monkeypatch.setattr(sweep_run, "write_sweep_report", lambda root, progress: None)
 
 
 def test_seed_grid_expands_to_the_seeds_runs(tmp_path):
@@ -189,6 +189,18 @@ def test_a_run_cut_short_is_resumed_not_restarted(tmp_path, monkeypatch):
     manifest = run_sweep(grid, tmp_path, progress=lambda _: None)
     assert manifest["runs"]["MM-5/MM-5-42"]["action"] == "resume"
     assert json.loads((folder / "done.json").read_text())["iters"] == 12
+
+
+def test_a_finished_run_made_by_another_config_is_not_taken_for_this_one(tmp_path, monkeypatch):
+    no_report(monkeypatch)
+    grid = small_grid(seeds=[42])
+    run_sweep(grid, tmp_path, progress=lambda _: None)
+    grid["defaults"].update(eval_interval=2, device="auto")  # what a resume may change: still this run
+    assert run_sweep(grid, tmp_path, progress=lambda _: None)["runs"]["MM-5/MM-5-42"]["state"] == "done"
+    grid["defaults"]["learning_rate"] = 1e-3
+    run = run_sweep(grid, tmp_path, progress=lambda _: None)["runs"]["MM-5/MM-5-42"]
+    assert (run["action"], run["state"]) == ("skip", "failed")
+    assert "holds a finished run with another config (learning_rate 0.003 -> 0.001); delete" in run["error"]
 
 
 def test_parallel_runs_match_one_at_a_time(tmp_path, monkeypatch):

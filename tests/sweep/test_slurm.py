@@ -16,16 +16,17 @@ import torch
 
 from nanomarkov import NanoMarkovError
 from nanomarkov.sweep import expand_grid, run_one, run_sweep
-from nanomarkov.sweep import run as sweep
+from nanomarkov.sweep import run as sweep_run
+from nanomarkov.sweep.slurm import require_submitit, run_jobs
 from nanomarkov.sweep.status import sweep_status
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "grids" / "tiny.toml"
 ITERS = 300  # the SLURM test's runs
 
 
 def no_report(monkeypatch):
-    monkeypatch.setattr(sweep, "_report", lambda root, progress: None)
+    monkeypatch.setattr(sweep_run, "write_sweep_report", lambda root, progress: None)
 
 
 def wait_until(condition, timeout_s, what):
@@ -80,10 +81,8 @@ def test_slurm_launcher_errors_without_sbatch_or_submitit(tmp_path, monkeypatch)
         run_sweep(TINY, tmp_path / "out", launcher="slurm")
     assert not (tmp_path / "out").exists()
     monkeypatch.setitem(sys.modules, "submitit", None)  # as if the [cluster] extra were not installed
-    from nanomarkov.sweep.slurm import _submitit
-
     with pytest.raises(NanoMarkovError, match=r'pip install -e "\.\[cluster\]"'):
-        _submitit()
+        require_submitit()
 
 
 @pytest.mark.parametrize(
@@ -145,7 +144,6 @@ def test_submitit_local_executor_preempted_run_resumes_and_matches(tmp_path):
     """submitit's local executor runs the same job code as SLURM; the preemption signal reaches a run mid-training."""
     submitit = pytest.importorskip("submitit", reason='needs the [cluster] extra: pip install -e ".[cluster]"')
     from nanomarkov.data import generate_dataset
-    from nanomarkov.sweep.slurm import run_jobs
 
     grid = {
         "defaults": {
@@ -192,6 +190,7 @@ def test_submitit_local_executor_preempted_run_resumes_and_matches(tmp_path):
 
     run_jobs(
         executor,
+        run_one,
         [spec],
         1,
         preempt,

@@ -22,7 +22,8 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import save
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.files import write_atomic, write_json
@@ -241,9 +242,6 @@ def _read_config(folder):
 
 
 def _load_export(folder):
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     gpt_config, tied = _read_config(folder)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():

@@ -12,8 +12,26 @@ import re
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
+from nanomarkov.checkpoint import export_safetensors
+from nanomarkov.config import TrainConfig, dataset_preset, load_config_file, parse_mm_id, parse_overrides, preset
+from nanomarkov.data import (
+    dataset_theory,
+    default_data_dir,
+    default_seq_len,
+    generate_dataset,
+    import_hmmlearn,
+    load_dataset,
+)
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
+from nanomarkov.evaluate import evaluate_checkpoints, format_eval
 from nanomarkov.processes import DEFAULT_PROCESS, PROCESSES, load_plugins
+from nanomarkov.report import format_summary, write_report
+from nanomarkov.sweep import run_sweep
+from nanomarkov.sweep.slurm import SLURM_FLAGS
+from nanomarkov.sweep.status import format_status, sweep_status
+from nanomarkov.train import train
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -40,15 +58,12 @@ def seed_type(text):
 
 def _progress_bar(total, description):
     """A tqdm bar on a terminal; nothing when output goes to a file or a pipe."""
-    from tqdm import tqdm
-
     return tqdm(
         total=total, desc=description, unit="tok", unit_scale=True, disable=not sys.stderr.isatty(), leave=False
     )
 
 
 def cmd_generate(args):
-    from nanomarkov.data import default_data_dir, default_seq_len, generate_dataset
 
     options = {option.name: getattr(args, option.name) for option in _all_options()}
     out = Path(args.out) if args.out else default_data_dir(args.n_states, args.sparsity, args.process, **options)
@@ -97,7 +112,6 @@ THEORY_COLUMNS = [
 
 def theory_rows(paths):
     """One dict per dataset folder: identity, then the exact theory recomputed from the chain."""
-    from nanomarkov.data import dataset_theory, load_dataset
 
     rows = []
     for path in paths:
@@ -160,7 +174,6 @@ def cmd_theory(args):
 
 def _train_configs(args, overrides):
     """The TrainConfig of every run a `train` call asks for (one per seed)."""
-    from nanomarkov.config import TrainConfig, dataset_preset, load_config_file, parse_mm_id, preset
 
     target = args.target
     if target.endswith(".py") or Path(target).is_file():
@@ -195,8 +208,6 @@ def _train_configs(args, overrides):
 
 
 def cmd_train(args, extra):
-    from nanomarkov.config import parse_overrides
-    from nanomarkov.train import train
 
     overrides = parse_overrides(extra)
     if args.resume:
@@ -219,11 +230,6 @@ def cmd_train(args, extra):
 
 def cmd_demo(args, extra):
     """generate MM-10 -> train with the default recipe -> evaluate -> plots."""
-    from nanomarkov.config import TrainConfig, parse_overrides, preset
-    from nanomarkov.data import default_data_dir, generate_dataset
-    from nanomarkov.evaluate import evaluate_checkpoints, format_eval
-    from nanomarkov.report import write_report
-    from nanomarkov.train import train
 
     data_dir = default_data_dir(10)
     print(f"1/4 generate {data_dir}: 10,000 train + 1,000 val sequences from a random 10-state chain")
@@ -252,7 +258,6 @@ def cmd_demo(args, extra):
 
 
 def cmd_eval(args):
-    from nanomarkov.evaluate import evaluate_checkpoints, format_eval
 
     for folder, result in evaluate_checkpoints(args.checkpoints, data_dir=args.data, out=args.out):
         print(format_eval(result))
@@ -262,7 +267,6 @@ def cmd_eval(args):
 
 
 def cmd_report(args):
-    from nanomarkov.report import format_summary, write_report
 
     report = write_report(args.root)
     print(format_summary(report["summary"]))
@@ -281,9 +285,6 @@ def cmd_report(args):
 
 
 def cmd_sweep(args):
-    from nanomarkov.sweep import run_sweep
-    from nanomarkov.sweep.slurm import SLURM_FLAGS
-    from nanomarkov.sweep.status import format_status, sweep_status
 
     if args.target == "status":
         if not args.folder or args.out or args.dry_run or args.jobs != 1:
@@ -314,7 +315,6 @@ def cmd_sweep(args):
 
 
 def cmd_export(args):
-    from nanomarkov.checkpoint import export_safetensors
 
     if not Path(args.checkpoint).is_file():
         raise NanoMarkovError(f"{args.checkpoint}: no checkpoint there (a run folder's ckpt.pt)")
@@ -324,7 +324,6 @@ def cmd_export(args):
 
 
 def cmd_import_hmmlearn(args):
-    from nanomarkov.data import import_hmmlearn
 
     meta = import_hmmlearn(
         args.pickle,

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.files import LOCK_FILE, PARTIAL_SUFFIX, exchange_folders, json_text, writer_lock
@@ -186,21 +187,11 @@ def generate_dataset(
 ):
     """Build a random process (or take the given `chain`) and write a dataset folder; returns its meta dict.
 
-    `process` names a class of PROCESSES ("markov": MarkovChain.random, "korder":
-    KOrderChain.random, ...) and `options` are that class's own generation options
-    (korder: order, default 2); a None option counts as not given. meta.json records
-    `process` and the chain's options(). Default folders (the CLI's): the class's
-    folder_name (data/mm{K}, data/mm{K}-order{k} for korder, ...), each with -sparse-{S} after it.
-
-    With `chain`, n_states must be its K (or None), sparsity and alpha are
-    recorded as null, and `source` (a JSON-able dict saying where the chain
-    came from) is stored in meta.json and is part of the dataset's identity.
-    The chain comes from `seed` otherwise; train and val are sampled from their own
-    streams derived from it, so val does not change when --train does. If the
-    folder already holds this very dataset, nothing is rewritten. If it holds
-    another one, this refuses unless `force`, and even then the old files are
-    replaced only once the new ones are complete. `progress(n_tokens)` is
-    called after each chunk.
+    `process` names a registered class, `options` its own generation options (None: not given).
+    With `chain`, sparsity and alpha are null and `source` (JSON: where the chain came from) joins
+    the dataset's identity. Train and val come from their own streams of `seed`, so val does not
+    change with --train. A folder holding this very dataset is left as it is; one holding another
+    is replaced only with `force`, whole and at once (_write_dataset). `progress(n_tokens)` after each chunk.
     """
     out_dir, options = Path(out_dir), _given(options)
     if chain is not None:
@@ -215,19 +206,18 @@ def generate_dataset(
     if chain is None:  # built before the identity check: the options' defaults are the chain's to say
         chain = cls.random(n_states, seed=seed, alpha=alpha, sparsity=sparsity, **options)
     chain.check_seq_len(seq_len)  # refused from the sizes alone, before theory allocates anything
-    params = {
-        "process": process,
-        "n_states": n_states,
-        "seq_len": seq_len,
-        "dtype": dtype.name,
-        "seed": seed,
-        "sparsity": sparsity,
-        "alpha": None if alpha is None else float(alpha),
-        "train_sequences": train_sequences,
-        "val_sequences": val_sequences,
-        **chain.options(),
-        **({} if source is None else {"source": source}),
-    }
+    params = dict(
+        process=process,
+        n_states=n_states,
+        seq_len=seq_len,
+        dtype=dtype.name,
+        seed=seed,
+        sparsity=sparsity,
+        alpha=None if alpha is None else float(alpha),
+        train_sequences=train_sequences,
+        val_sequences=val_sequences,
+    )
+    params.update(chain.options(), **({} if source is None else {"source": source}))
     with writer_lock(out_dir, "generation"):  # a second writer is refused, never interleaved
         existing = _existing_meta(out_dir)
         if not force and _holds_this_dataset(out_dir, existing, params):
@@ -596,8 +586,6 @@ class SequenceOrder:
 
 def to_inputs_targets(sequences, device="cpu"):
     """(x, y) int64 tensors from whole sequences: x = seq[:-1], y = seq[1:]."""
-    import torch  # imported here so that generating data does not pay torch's import time
-
     sequences = torch.from_numpy(np.asarray(sequences, dtype=np.int64))
     x, y = sequences[:, :-1], sequences[:, 1:]
     if device != "cpu":

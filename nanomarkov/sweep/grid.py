@@ -103,9 +103,9 @@ def expand_grid(grid, out_root) -> list:
     out_root = Path(out_root)
     _check_keys(grid, TOP_KEYS, where)
     defaults = _check_overrides(grid.get("defaults", {}), f"{where} [defaults]")
-    datasets = _datasets(grid.get("datasets", []), out_root, where)
+    datasets = _datasets(_list_of(grid.get("datasets", []), dict, f"{where} [[datasets]]"), out_root, where)
     specs, seen = [], {}
-    for j, exp in enumerate(grid.get("experiments", [])):
+    for j, exp in enumerate(_list_of(grid.get("experiments", []), dict, f"{where} [[experiments]]")):
         specs += _experiment_runs(exp, f"{where} [[experiments]] #{j}", datasets, defaults, out_root, seen)
     if not specs:
         raise NanoMarkovError(
@@ -119,15 +119,15 @@ def _datasets(entries, out_root, where) -> list:
     datasets, folders = [], {}
     for i, entry in enumerate(entries):
         here = f"{where} [[datasets]] #{i}"
-        process = entry.get("process", "markov") if isinstance(entry, dict) else None
-        if process is not None and process not in PROCESSES:
+        process = entry.get("process", DEFAULT_PROCESS)
+        if not isinstance(process, str) or process not in PROCESSES:
             raise NanoMarkovError(f"{here}: unknown process {process!r}; choose from {', '.join(PROCESSES)}")
-        options = PROCESSES[process].option_names() if process else ()
+        options = PROCESSES[process].option_names()
         _check_keys(entry, DATASET_KEYS + options, here)
         missing = [k for k in ("n_states", "train", "val") if k not in entry]
         if missing:
             raise NanoMarkovError(f"{here} lacks {', '.join(missing)}; e.g. n_states = 100, train = 50000, val = 5000")
-        params = {"sparsity": None, "seq_len": None, "seed": 42, "process": "markov", **entry}
+        params = {"sparsity": None, "seq_len": None, "seed": 42, "process": DEFAULT_PROCESS, **entry}
         preset("default", params["n_states"], params["sparsity"])  # checks K and sparsity
         chosen = {k: entry[k] for k in options if k in entry}
         folder = out_root / "data" / default_data_dir(params["n_states"], params["sparsity"], process, **chosen).name

@@ -120,6 +120,10 @@ def test_dict_grid_overrides_tags_and_dataset_choice(tmp_path):
             lambda g: g["datasets"][0].update(order=2),
             "unknown key 'order' in the grid [[datasets]] #0; valid keys: n_st",
         ),
+        (lambda g: g.update(datasets=5), "the grid [[datasets]] must be a list of dicts, got 5"),
+        (lambda g: g.update(datasets=[1]), "the grid [[datasets]] must be a list of dicts, got [1]"),
+        (lambda g: g.update(experiments="x"), "the grid [[experiments]] must be a list of dicts"),
+        (lambda g: g["datasets"][0].update(process=[1]), "unknown process [1]"),
     ],
 )
 def test_grid_errors_name_the_problem(tmp_path, change, message):
@@ -128,6 +132,9 @@ def test_grid_errors_name_the_problem(tmp_path, change, message):
     with pytest.raises(NanoMarkovError) as info:
         expand_grid(grid, tmp_path)
     assert message in str(info.value)
+    with pytest.raises(NanoMarkovError):
+        run_sweep(grid, tmp_path / "sweep")
+    assert not (tmp_path / "sweep").exists()  # refused before sweep.json (or anything) is written
 
 
 def test_grid_file_errors(tmp_path):

@@ -115,7 +115,7 @@ def test_theory_matches_exact_enumeration(name):
     exact = exact_theory(chain, seq_len)
     if chain.n_states == 2 and chain.n_support == 2:
         exact |= exact_two_state_matrix_terms(chain, seq_len)
-    theory = chain.theory(seq_len, n_sequences=n_sequences)
+    theory = chain.monte_carlo(seq_len, n_sequences=n_sequences)
     for key, value in exact.items():
         assert abs(theory[key] - value) < 5 * theory[key + "_se"] + 1e-9, (key, theory[key], value)
 
@@ -126,5 +126,5 @@ def test_unigram_loss_sees_an_asymmetric_prior():
     chain = make()
     exact = exact_theory(chain, seq_len)["unigram_loss"]
     assert exact < np.log(2) - 0.05
-    theory = chain.theory(seq_len, n_sequences=n_sequences)
+    theory = chain.monte_carlo(seq_len, n_sequences=n_sequences)
     assert abs(theory["unigram_loss"] - exact) < 5 * theory["unigram_loss_se"]

@@ -26,7 +26,7 @@ from matplotlib.ticker import EngFormatter, MaxNLocator
 
 from nanomarkov.data import load_dataset
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.files import read_json, write_atomic
+from nanomarkov.files import read_json, write_atomic, write_atomic_together
 
 TARGET_EXCESS = 0.003  # nats: the project's quality target (DESIGN.md section 9)
 REPORT_FOLDER = "report"
@@ -222,8 +222,8 @@ def format_summary(rows):
     return "\n".join(lines)
 
 
-def write_csv(rows, path):
-    """One column per number (mean and sd apart), blanks for what was not measured; floats keep every digit."""
+def csv_text(rows):
+    """summary.csv: one column per number (mean and sd apart), blanks for what was not measured; floats keep every digit."""
     columns = ["family", "n_runs", "n_evaluated", "seeds", "runs", "data_dir"]
     columns += [f"{m[0]}_{s}" for m in METRICS for s in ("mean", "sd")] + ["optimal_loss", "true_loss_val_mean"]
     text = io.StringIO(newline="")
@@ -234,17 +234,21 @@ def write_csv(rows, path):
         writer.writerow(
             ["" if out[c] is None else (repr(out[c]) if isinstance(out[c], float) else out[c]) for c in columns]
         )
-    return write_atomic(path, text.getvalue(), "summary table")
+    return text.getvalue()
 
 
 # ------------------------------------------------------------------ plots
 
 
-def _save(fig, path):
-    """The figure as a PNG, rendered in memory and then replacing `path` whole (files.write_atomic)."""
+def png_bytes(fig):
+    """The figure as a PNG, rendered in memory: a file then replaces its predecessor whole."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
-    return write_atomic(path, buffer.getbuffer(), "plot")
+    return buffer.getbuffer()
+
+
+def _save(fig, path):
+    return write_atomic(path, png_bytes(fig), "plot")
 
 
 def plot_learning_curve(run, path):
@@ -364,7 +368,7 @@ def plot_per_state_kl(run, path):
     return _save(fig, path)
 
 
-def plot_comparison(rows, families, path):
+def comparison_figure(rows, families):
     """Excess per family: bar = mean over seeds, error bar = sd, dots = the seeds themselves."""
     pairs = [(row, members) for row, (_, members) in zip(rows, families) if row["excess_mean"] is not None]
     fig = Figure(figsize=(max(6, 1.1 * len(pairs) + 2), 5), layout="constrained")
@@ -393,7 +397,7 @@ def plot_comparison(rows, families, path):
     ax.set_title("excess over the true chain's val loss, per run family")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y", which="both")
-    return _save(fig, path)
+    return fig
 
 
 # ------------------------------------------------------------------ everything
@@ -444,8 +448,9 @@ def summary_notes(runs, missing, stale):
 def write_report(root):
     """Per-run plots, then summary.md, summary.csv and comparison.png in root/report/.
 
-    Every file replaces its predecessor whole (files.write_atomic): a full disk is one NanoMarkovError
-    and leaves the previous report as it was, never an empty or partial file.
+    Every file replaces its predecessor whole, and the three in root/report/ replace theirs together
+    (files.write_atomic_together): a full disk is one NanoMarkovError and leaves the previous report
+    as it was, never an empty or partial file, nor a new table beside an old one.
     """
     root = Path(root)
     folders = find_runs(root)
@@ -462,8 +467,6 @@ def write_report(root):
         out.mkdir(exist_ok=True)
     except OSError as e:
         raise NanoMarkovError(f"cannot write the report to {out} ({e.strerror or e}); free it or its disk") from None
-    files.append(plot_comparison(rows, families, out / "comparison.png"))
-    files.append(write_csv(rows, out / "summary.csv"))
     missing = [str(r["folder"]) for r in runs if r["eval"] is None]
     # Trained on (resumed) after it was evaluated: its eval.json describes an older checkpoint.
     stale = [
@@ -472,7 +475,13 @@ def write_report(root):
         if r["eval"] and r["done"] and _dig(r["eval"], ("run", "iter")) not in (None, r["done"]["iters"])
     ]
     summary = f"# Runs under {root}\n\n" + format_summary(rows) + "\n" + "\n".join(summary_notes(runs, missing, stale))
-    files.append(write_atomic(out / "summary.md", summary + "\n", "summary"))
+    together = {
+        out / "comparison.png": png_bytes(comparison_figure(rows, families)),
+        out / "summary.csv": csv_text(rows),
+        out / "summary.md": summary + "\n",
+    }
+    write_atomic_together(together, "report")
+    files += list(together)
     return {
         "runs": [str(f) for f in folders],
         "files": [str(f) for f in files],

@@ -6,12 +6,14 @@ import json
 import math
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from test_evaluate import TableModel, train_tiny_runs, true_table
 
+from nanomarkov import evaluate
 from nanomarkov.cli import main
 from nanomarkov.data import generate_dataset, load_dataset
 from nanomarkov.evaluate import Batch, FirstOrderFidelity, evaluate_models, state_log_probs
@@ -167,16 +169,56 @@ def test_eval_on_a_full_disk_into_a_new_folder_leaves_no_file(runs, tmp_path, ca
     assert list((tmp_path / "new").iterdir()) == []
 
 
-def test_report_on_a_full_disk_is_one_line_and_keeps_the_previous_report(runs, capsys, monkeypatch):
-    root = runs / "runs"
+def full_disk_under(monkeypatch, folder_name, call):
+    """os.fsync fails with ENOSPC from the `call`-th file in a folder named `folder_name` on."""
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd):
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).parent.name == folder_name:
+            calls.append(fd)
+            if len(calls) >= call:
+                raise OSError(28, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.parametrize("failing_file", [1, 2, 3])
+def test_report_on_a_full_disk_is_one_line_and_keeps_the_previous_report(
+    runs, tmp_path, capsys, monkeypatch, failing_file
+):
+    root = tmp_path / "runs"
+    shutil.copytree(runs / "runs", root, ignore=shutil.ignore_patterns("eval.*", "report"))
     assert main(["report", str(root)]) == 0
-    files = ["report/summary.md", "report/summary.csv", "report/comparison.png", "run1/learning_curve.png"]
+    files = ["report/summary.md", "report/summary.csv", "report/comparison.png"]
     before = snapshot(root, files)
+    assert main(["eval", str(root / "run1" / "ckpt.pt")]) == 0  # the next report differs in every file
     capsys.readouterr()
-    full_disk_at(monkeypatch, 1)
+    full_disk_under(monkeypatch, "report", failing_file)
     assert main(["report", str(root)]) == 2
     assert "No space left on device" in one_error_line(capsys)
     assert snapshot(root, files) == before and partials(root) == []
+
+
+def test_a_run_plot_on_a_full_disk_is_skipped_and_keeps_the_previous_plot(runs, tmp_path, capsys, monkeypatch):
+    root = tmp_path / "runs"
+    shutil.copytree(runs / "runs", root, ignore=shutil.ignore_patterns("eval.*", "report"))
+    assert main(["report", str(root)]) == 0
+    before = snapshot(root / "run1", ["learning_curve.png"])
+    assert main(["eval", str(root / "run1" / "ckpt.pt")]) == 0  # its curve gains the bigram baseline
+    capsys.readouterr()
+    full_disk_under(monkeypatch, "run1", 1)
+    assert main(["report", str(root)]) == 0  # one run's plots must not sink the report
+    assert "learning_curve.png: cannot write the plot" in capsys.readouterr().err
+    assert snapshot(root / "run1", ["learning_curve.png"]) == before and partials(root) == []
+
+
+def test_eval_json_is_strict_even_where_a_non_finite_number_is_not_nulled(runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(evaluate, "without_model_numbers", lambda result: result)
+    assert main(["eval", str(runs / "runs" / "broken" / "ckpt.pt"), "--out", str(tmp_path)]) == 1
+    capsys.readouterr()
+    record = strict_loads((tmp_path / "eval.json").read_text())
+    assert record["outputs_finite"] is False and record["cross_entropy"]["val_loss"] is None
 
 
 def test_export_on_a_full_disk_keeps_the_previous_export_whole(runs, tmp_path, capsys, monkeypatch):

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import socket
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from nanomarkov.errors import NanoMarkovError
@@ -68,8 +68,11 @@ def write_atomic_together(payloads, what="files"):
         for path, partial in partials.items():
             os.replace(partial, path)
     except OSError as e:
+        # A cleanup that fails must not hide why the write failed: a read-only file system refuses
+        # even to unlink a file that is not there (EROFS, not ENOENT).
         for partial in partials.values():
-            Path(partial).unlink(missing_ok=True)
+            with suppress(OSError):
+                partial.unlink(missing_ok=True)
         raise NanoMarkovError(
             f"cannot write the {what} {Path(path)} ({e.strerror or e}); free some space or choose another folder"
         ) from None

@@ -466,7 +466,9 @@ def write_report(root):
     try:
         out.mkdir(exist_ok=True)
     except OSError as e:
-        raise NanoMarkovError(f"cannot write the report to {out} ({e.strerror or e}); free it or its disk") from None
+        raise NanoMarkovError(
+            f"cannot write the report to {out} ({e.strerror or e}); make {root} writable or free some space"
+        ) from None
     missing = [str(r["folder"]) for r in runs if r["eval"] is None]
     # Trained on (resumed) after it was evaluated: its eval.json describes an older checkpoint.
     stale = [

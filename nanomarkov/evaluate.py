@@ -507,7 +507,11 @@ def output_folder(ckpt_path, out, n_checkpoints):
     """Where a checkpoint's evaluation goes (next to it, `out`, or a sub-folder of `out`), created."""
     if out is None:
         return Path(ckpt_path).parent
-    folder = Path(out) if n_checkpoints == 1 else Path(out) / Path(ckpt_path).parent.name
+    return make_folder(Path(out) if n_checkpoints == 1 else Path(out) / Path(ckpt_path).parent.name)
+
+
+def make_folder(folder):
+    """`folder`, created if need be; NanoMarkovError when it cannot be (a file on its path, no permission)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -530,7 +534,7 @@ def write_eval(result, folder):
     The files replace their predecessors together (files.write_atomic_together): a full disk leaves
     the previous evaluation as it was, never an empty or partial file, nor new arrays beside an old record.
     """
-    folder = Path(folder)
+    folder = make_folder(Path(folder))
     arrays = result["arrays"]
     record = {k: v for k, v in result.items() if k != "arrays"}
     record["files"] = {}

@@ -237,6 +237,11 @@ def csv_text(rows):
     return text.getvalue()
 
 
+def write_csv(rows, path):
+    """summary.csv at `path`, replacing its predecessor whole (files.write_atomic)."""
+    return write_atomic(path, csv_text(rows), "summary table")
+
+
 # ------------------------------------------------------------------ plots
 
 

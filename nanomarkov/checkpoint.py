@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.files import write_atomic, write_json
+from nanomarkov.files import json_text, write_atomic, write_atomic_together
 from nanomarkov.model import GPT, GPTConfig
 
 FORMAT = "nanomarkov.GPT"
@@ -193,7 +193,8 @@ def export_safetensors(ckpt_or_model, out_dir):
     config.json holds every GPTConfig field at the top level, plus "format",
     "format_version", "tied_weights" and "source" (the checkpoint, its iter and
     dataset, when exported from one). Existing files of these two names are
-    replaced; config.json is written last, so an interrupted export never loads.
+    replaced together (files.write_atomic_together): an interrupted export or a full
+    disk leaves the previous export as it was, never new weights beside an old config.
     """
     model, source = model_and_source(ckpt_or_model)
     tensors, tied = _unique_tensors(model.state_dict())
@@ -211,8 +212,7 @@ def export_safetensors(ckpt_or_model, out_dir):
         raise NanoMarkovError(f"cannot write the export to {out} ({e.strerror or e}); choose another --out") from None
     # Bytes written by us rather than safetensors' save_file, whose files ignore the umask (mode 0600).
     weights = save(tensors, metadata={"format": "pt", "nanomarkov_format": FORMAT})
-    write_atomic(out / WEIGHTS_FILE, weights, what="export's weights")
-    write_json(out / CONFIG_FILE, config, what="export's config")
+    write_atomic_together({out / WEIGHTS_FILE: weights, out / CONFIG_FILE: json_text(config)}, what="export")
     return out
 
 

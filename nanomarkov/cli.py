@@ -25,7 +25,7 @@ from nanomarkov.data import (
     load_dataset,
 )
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
-from nanomarkov.evaluate import evaluate_checkpoints, format_eval
+from nanomarkov.evaluate import evaluate_checkpoints, format_eval, nonfinite_message
 from nanomarkov.processes import DEFAULT_PROCESS, PROCESSES, load_plugins
 from nanomarkov.report import format_summary, write_report
 from nanomarkov.sweep import run_sweep
@@ -259,11 +259,15 @@ def cmd_demo(args, extra):
 
 def cmd_eval(args):
 
-    for folder, result in evaluate_checkpoints(args.checkpoints, data_dir=args.data, out=args.out):
+    written = evaluate_checkpoints(args.checkpoints, data_dir=args.data, out=args.out)
+    for folder, result in written:
         print(format_eval(result))
         arrays = "".join(f", {name}" for name in ("learned_matrix.npy", "per_state.npz") if (folder / name).is_file())
         print(f"\nwritten: {folder}/eval.json, eval.md{arrays}\n")
-    return 0
+    broken = nonfinite_message(written)  # a model that cannot be measured failed, as a diverged run does: exit 1
+    if broken:
+        print(f"error: {broken}", file=sys.stderr)
+    return 1 if broken else 0
 
 
 def cmd_report(args):

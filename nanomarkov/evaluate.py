@@ -26,9 +26,14 @@ position of KL(optimal predictor || model). A k-th order chain (process
 "korder") also gets `korder_fidelity`: the same KL over positions t > k, where
 the context is complete, next to that of the best first-order predictor (what a
 model that reads only the last state can reach at best).
+
+A model whose outputs are not finite (NaN or inf logits on any val position or
+prompt: broken weights) gets `outputs_finite: false`, and every number measured
+from it (MODEL_NUMBERS) is null rather than a NaN, or a finite number that an
+argmax or a NaN-skipping mean computed from NaN.
 """
 
-import json
+import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +45,7 @@ import torch.nn.functional as F
 from nanomarkov.checkpoint import load_model
 from nanomarkov.data import load_dataset
 from nanomarkov.errors import NanoMarkovError
+from nanomarkov.files import json_text, write_atomic_together
 from nanomarkov.processes.numerics import entropy
 
 # Positions x vocabulary per evaluated batch: bounds memory for any K (~64 MB of float64 logits per model).
@@ -108,6 +114,7 @@ class CommonMetrics:
         self.k, self.theory = dataset.chain.n_states, dataset.meta["theory"]
         self.loss_sum = dict.fromkeys(names, 0.0)
         self.correct = dict.fromkeys(names, 0)
+        self.nonfinite = dict.fromkeys(names, 0)  # positions whose logits hold a NaN or an inf
         self.true_correct, self.positions = 0, 0
 
     def update(self, batch):
@@ -119,6 +126,7 @@ class CommonMetrics:
                 logits.reshape(-1, self.k + 1), y.reshape(-1), reduction="sum"
             ).item()
             self.correct[name] += (logits.argmax(-1) == y).sum().item()
+            self.nonfinite[name] += (~torch.isfinite(logits).all(-1)).sum().item()
 
     def results(self, name, bigram):
         n = self.positions
@@ -144,18 +152,25 @@ class Agreement:
             self.sums[(a_name, b_name)][0] += (top_a == top_b).sum().item()
             self.sums[(a_name, b_name)][1] += jsd.sum().item()
 
-    def result(self, n_positions):
-        """The agreement dict every run shares, or None with one run."""
+    def result(self, n_positions, finite):
+        """The agreement dict every run shares, or None with one run.
+
+        A pair with a model whose outputs are not finite (`finite[name]` False) has no agreement: null,
+        and so are the means over pairs, which would otherwise describe fewer runs than they name.
+        """
         if not self.pairs:
             return None
         pairs = [
             {"a": a, "b": b, "top1_agreement": agree / n_positions, "mean_jsd": jsd / n_positions}
+            if finite[a] and finite[b]
+            else {"a": a, "b": b, "top1_agreement": None, "mean_jsd": None}
             for (a, b), (agree, jsd) in self.sums.items()
         ]
+        every_pair = all(finite.values())
         return {
             "runs": self.names,
-            "top1_agreement": float(np.mean([q["top1_agreement"] for q in pairs])),
-            "mean_jsd": float(np.mean([q["mean_jsd"] for q in pairs])),
+            "top1_agreement": float(np.mean([q["top1_agreement"] for q in pairs])) if every_pair else None,
+            "mean_jsd": float(np.mean([q["mean_jsd"] for q in pairs])) if every_pair else None,
             "pairs": pairs,
         }
 
@@ -253,17 +268,19 @@ class FirstOrderFidelity:
         chain, pi, count = self.chain, self.chain.stationary(), self.count
         learned, learned_start = self._prompts(models[name], device)
         prompt_kl = kl_rows(chain.transmat, learned)
+        # NaN marks a state without contexts in the arrays; the means below select the states with
+        # contexts by `seen` rather than skip NaN (nanmean, nansum), so a NaN the model produced shows.
         seen = count > 0
         context_kl = np.where(seen, self.kl_sum[name] / np.maximum(count, 1), np.nan)
         mean_q = self.prob_sum[name] / np.maximum(count, 1)[:, None]
         spread = np.where(count > 1, entropy(mean_q, axis=1) - self.entropy_sum[name] / np.maximum(count, 1), np.nan)
-        spread = np.where(np.isnan(spread), np.nan, np.maximum(spread, 0.0))  # rounding can dip below 0
+        spread = np.where(count > 1, np.maximum(spread, 0.0), np.nan)  # rounding can dip below 0
         worst = np.argsort(-prompt_kl)[:WORST_STATES]
         fidelity = {
             "mean_kl": float(prompt_kl.mean()),
             "weighted_kl": float(pi @ prompt_kl),
-            "context_mean_kl": float(np.nanmean(context_kl)),
-            "context_weighted_kl": float(np.nansum(pi * context_kl) / pi[seen].sum()),
+            "context_mean_kl": float(context_kl[seen].mean()),
+            "context_weighted_kl": float(pi[seen] @ context_kl[seen] / pi[seen].sum()),
             "start_kl": float(kl_rows(chain.startprob[None], learned_start[None])[0]),
             "worst_states": [
                 {"state": int(s), "kl": float(prompt_kl[s]), "stationary_prob": float(pi[s])} for s in worst
@@ -283,15 +300,42 @@ class FirstOrderFidelity:
 
 
 def _markov_property(spread, pi, count):
-    has_spread = ~np.isnan(spread)
+    has_spread = count > 1  # as for the context KL: selected by count, so a NaN from the model is not skipped
+    states, values = np.flatnonzero(has_spread), spread[has_spread]
     return {
-        "mean_spread": float(np.nanmean(spread)) if has_spread.any() else None,
-        "weighted_spread": float(np.nansum(pi * spread) / pi[has_spread].sum()) if has_spread.any() else None,
-        "max_spread": float(np.nanmax(spread)) if has_spread.any() else None,
-        "max_spread_state": int(np.nanargmax(spread)) if has_spread.any() else None,
+        "mean_spread": float(values.mean()) if values.size else None,
+        "weighted_spread": float(pi[states] @ values / pi[states].sum()) if values.size else None,
+        "max_spread": float(values.max()) if values.size else None,
+        "max_spread_state": int(states[np.argmax(values)]) if values.size else None,
         "contexts": int(count.sum()),
         "min_contexts_per_state": int(count.min()),
     }
+
+
+# Every number measured from the model, per section: null when its outputs are not finite. The rest
+# (the theory, the baselines, counts of positions and contexts) does not depend on the model.
+MODEL_NUMBERS = {
+    "cross_entropy": ("val_loss", "excess", "pct_of_optimum", "learnable_fraction"),
+    "perplexity": ("perplexity",),
+    "accuracy": ("accuracy",),
+    "transition_fidelity": ("mean_kl", "weighted_kl", "context_mean_kl", "context_weighted_kl", "start_kl"),
+    "markov_property": ("mean_spread", "weighted_spread", "max_spread", "max_spread_state"),
+    "optimal_fidelity": ("mean_kl",),
+    "korder_fidelity": ("mean_kl",),
+}
+# Arrays of the model's own outputs (the prompts' distributions), which the val pass does not cover.
+MODEL_OUTPUT_ARRAYS = ("learned_matrix", "learned_start")
+
+
+def without_model_numbers(result):
+    """`result` with every MODEL_NUMBERS entry null and the worst states (ranked by the model) emptied."""
+    result = dict(result)
+    for section, keys in MODEL_NUMBERS.items():
+        if result.get(section) is not None:
+            result[section] = result[section] | dict.fromkeys(keys)
+    if result.get("transition_fidelity") is not None:
+        result["transition_fidelity"]["worst_states"] = []
+    return result
 
 
 # The family that computes each metric key a process may list in METRICS.
@@ -310,7 +354,9 @@ def evaluate_models(models, dataset, device="cpu"):
     Each module maps idx (B, T) to (logits (B, T, K+1), _), as GPT does. One pass over
     the val split feeds every family; the process's METRICS says which families run,
     and its skipped_metrics() why the others do not. Returns {name: result dict}; with
-    two or more models each result carries the agreement.
+    two or more models each result carries the agreement. Each result says whether the
+    model's outputs were finite (`outputs_finite`, `nonfinite_positions`); when not, its
+    MODEL_NUMBERS are null.
     """
     chain, names, timings = dataset.chain, list(models), {}
     common, agreement = CommonMetrics(dataset, names), Agreement(names)
@@ -332,8 +378,19 @@ def evaluate_models(models, dataset, device="cpu"):
             values, family_arrays = family.results(name, models, device, timings)
             result.update(values)
             arrays.update(family_arrays)
-        results[name] = result | {"skipped": chain.skipped_metrics(), "arrays": arrays}
-    shared = agreement.result(common.positions)
+        finite = common.nonfinite[name] == 0 and all(
+            np.isfinite(arrays[key]).all() for key in MODEL_OUTPUT_ARRAYS if key in arrays
+        )
+        if not finite:
+            result = without_model_numbers(result)
+        results[name] = result | {
+            "outputs_finite": bool(finite),
+            "nonfinite_positions": common.nonfinite[name],
+            "positions": common.positions,
+            "skipped": chain.skipped_metrics(),
+            "arrays": arrays,
+        }
+    shared = agreement.result(common.positions, {name: results[name]["outputs_finite"] for name in names})
     for name in names:
         results[name]["agreement"] = shared
         results[name]["timing"] = {key: round(value, 3) for key, value in timings.items()}
@@ -400,7 +457,8 @@ def evaluate_checkpoints(ckpt_paths, data_dir=None, out=None, device="cpu"):
     """Evaluate checkpoints trained on one dataset; write eval.json, eval.md and arrays for each.
 
     Results go next to each checkpoint, or into `out` (one sub-folder per run when
-    there are several). Returns [(output folder, result)].
+    there are several). Returns [(output folder, result)]; a result's `outputs_finite` says
+    whether the model could be measured at all (see nonfinite_message).
     """
     loaded = [(Path(path), *load_model(path)) for path in ckpt_paths]
     data_dirs = {str(data_dir or ckpt["data_dir"]) for _, _, ckpt in loaded}
@@ -424,13 +482,10 @@ def evaluate_checkpoints(ckpt_paths, data_dir=None, out=None, device="cpu"):
                 f"{path} has vocabulary {model.config.vocab_size}, {data_path} has {dataset.vocab_size}"
             )
         models[str(path)] = model.to(device)
+    folders = [output_folder(path, out, len(loaded)) for path, _, _ in loaded]  # before the pass: fail fast
     results = evaluate_models(models, dataset, device)
     written = []
-    for path, _, ckpt in loaded:
-        if out is None:
-            folder = path.parent
-        else:
-            folder = Path(out) if len(loaded) == 1 else Path(out) / path.parent.name
+    for (path, _, ckpt), folder in zip(loaded, folders):
         result = results[str(path)]
         result["run"] = {
             "checkpoint": str(path),
@@ -448,19 +503,87 @@ def evaluate_checkpoints(ckpt_paths, data_dir=None, out=None, device="cpu"):
     return written
 
 
+def output_folder(ckpt_path, out, n_checkpoints):
+    """Where a checkpoint's evaluation goes (next to it, `out`, or a sub-folder of `out`), created."""
+    if out is None:
+        return Path(ckpt_path).parent
+    return make_folder(Path(out) if n_checkpoints == 1 else Path(out) / Path(ckpt_path).parent.name)
+
+
+def make_folder(folder):
+    """`folder`, created if need be; NanoMarkovError when it cannot be (a file on its path, no permission)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise NanoMarkovError(
+            f"cannot write the evaluation to {folder} ({e.strerror or e}); give --out a folder you can write"
+        ) from None
+    return folder
+
+
+def array_bytes(save, *args, **arrays):
+    """What np.save / np.savez would write, in memory: the file then goes to disk atomically."""
+    buffer = io.BytesIO()
+    save(buffer, *args, **arrays)
+    return buffer.getbuffer()
+
+
 def write_eval(result, folder):
-    """eval.json (every number), eval.md (a table), learned_matrix.npy and per_state.npz."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    """eval.json (every number, strict JSON), eval.md (a table), learned_matrix.npy and per_state.npz.
+
+    The files replace their predecessors together (files.write_atomic_together): a full disk leaves
+    the previous evaluation as it was, never an empty or partial file, nor new arrays beside an old record.
+    """
+    folder = make_folder(Path(folder))
     arrays = result["arrays"]
     record = {k: v for k, v in result.items() if k != "arrays"}
     record["files"] = {}
+    payloads = {}
     if "learned_matrix" in arrays:  # first-order chains only: a k-th order chain has no K x K matrix to learn
-        np.save(folder / "learned_matrix.npy", arrays["learned_matrix"])
-        np.savez(folder / "per_state.npz", **{k: v for k, v in arrays.items() if k != "learned_matrix"})
+        payloads[folder / "learned_matrix.npy"] = array_bytes(np.save, arrays["learned_matrix"])
+        per_state = {k: v for k, v in arrays.items() if k != "learned_matrix"}
+        payloads[folder / "per_state.npz"] = array_bytes(np.savez, **per_state)
         record["files"] = {"learned_matrix": "learned_matrix.npy", "per_state": "per_state.npz"}
-    (folder / "eval.json").write_text(json.dumps(record, indent=2) + "\n")
-    (folder / "eval.md").write_text(format_eval(result) + "\n")
+    payloads[folder / "eval.md"] = format_eval(result) + "\n"
+    payloads[folder / "eval.json"] = json_text(record)  # strict: a NaN would be null (outputs_finite says why)
+    write_atomic_together(payloads, "evaluation")
+
+
+def nonfinite_message(written):
+    """One line naming the checkpoints whose outputs are not finite, or None when every one is."""
+    broken = [result for _, result in written if not result["outputs_finite"]]
+    if not broken:
+        return None
+    which = "; ".join(f"{r['run']['checkpoint']} ({nonfinite_where(r)})" for r in broken)
+    return (
+        f"the model's outputs are not finite (NaN or inf) for {which}: its metrics are null in eval.json; "
+        "its weights are broken, so retrain it (e.g. a lower learning rate) or evaluate an earlier checkpoint"
+    )
+
+
+NOT_FINITE = "not finite"  # a table cell whose number is null because the model's outputs are not finite
+
+
+def num(value, spec, scale=1, unit=""):
+    """A table cell: `value` formatted, or NOT_FINITE for a null (see MODEL_NUMBERS)."""
+    return NOT_FINITE if value is None else f"{scale * value:{spec}}{unit}"
+
+
+def nonfinite_where(result):
+    """Where a model's outputs were not finite, in words."""
+    if result["nonfinite_positions"]:
+        return f"on {result['nonfinite_positions']} of {result['positions']} val positions"
+    return "on the prompts [BOS, s]"
+
+
+def nonfinite_warning(result):
+    """The line eval.md opens with when the model's outputs are not finite, else None."""
+    if result.get("outputs_finite", True):
+        return None
+    return (
+        f"**The model's outputs are not finite** (NaN or inf {nonfinite_where(result)}): its weights are broken, so nothing "
+        f"can be measured from it; every number measured from the model reads '{NOT_FINITE}' (null in eval.json)."
+    )
 
 
 def format_eval(result):
@@ -471,19 +594,19 @@ def format_eval(result):
     rows = _common_rows(ce, pp, ac, ag)
     of = result.get("optimal_fidelity")
     if of is not None:
-        rows.append(("KL(optimal predictor ‖ model), all positions", f"{of['mean_kl']:.6f}", "0", ""))
-    if kf is not None and kf["mean_kl"] is not None:
+        rows.append(("KL(optimal predictor ‖ model), all positions", num(of["mean_kl"], ".6f"), "0", ""))
+    if kf is not None and kf["positions"]:
         rows.append(
             (
                 f"order-{kf['order']} KL(row of last {kf['order']} states ‖ model), positions t > {kf['order']}",
-                f"{kf['mean_kl']:.6f}",
+                num(kf["mean_kl"], ".6f"),
                 "0",
                 f"best first-order predictor {kf['first_order_kl']:.6f}",
             )
         )
     if tf is not None:
         worst = ", ".join(f"{w['state']} ({w['kl']:.4f})" for w in tf["worst_states"])
-        rows += _first_order_rows_md(tf, mp, worst)
+        rows += _first_order_rows_md(tf, mp, worst, result.get("outputs_finite", True))
     title = f"# Evaluation of {run['checkpoint']}" if run else "# Evaluation"
     kind = f", order {run['order']}" if run and kf is not None else ""
     head = (
@@ -494,7 +617,9 @@ def format_eval(result):
         if run
         else ""
     )
-    lines = [title, "", head, "", "| metric | model | optimum | baselines |", "|---|---:|---|---|"]
+    warning = nonfinite_warning(result)
+    lines = [title, "", head, *(["", warning] if warning else []), ""]
+    lines += ["| metric | model | optimum | baselines |", "|---|---:|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     skipped_lines = [f"- skipped {name}: {why}" for name, why in skipped.items() if result.get(name) is None]
     lines += [""] + skipped_lines if skipped_lines else []
@@ -509,58 +634,64 @@ def _common_rows(ce, pp, ac, ag):
     return [
         (
             "cross-entropy (nats/token)",
-            f"{ce['val_loss']:.6f}",
+            num(ce["val_loss"], ".6f"),
             f"true on val {ce['true_loss_val']:.6f}, expected {ce['optimal_loss']:.6f}",
             f"bigram {ce['bigram_baseline']:.4f}, unigram {ce['unigram_loss']:.4f}, uniform {ce['uniform_loss']:.4f}"
             + "".join(
                 f", {key.removesuffix('_loss')} {value:.4f}" for key, value in ce.get("process_baselines", {}).items()
             ),
         ),
-        ("excess over true (nats)", f"{ce['excess']:.6f}", "0", ""),
-        ("% of optimum (true/val)", f"{ce['pct_of_optimum']:.3f} %", "100 %", ""),
-        ("learnable structure captured", f"{100 * ce['learnable_fraction']:.2f} %", "100 %", "uniform 0 %"),
+        ("excess over true (nats)", num(ce["excess"], ".6f"), "0", ""),
+        ("% of optimum (true/val)", num(ce["pct_of_optimum"], ".3f", unit=" %"), "100 %", ""),
+        ("learnable structure captured", num(ce["learnable_fraction"], ".2f", 100, " %"), "100 %", "uniform 0 %"),
         (
             "perplexity",
-            f"{pp['perplexity']:.4f}",
+            num(pp["perplexity"], ".4f"),
             f"{pp['true_perplexity_val']:.4f}",
             f"bigram {pp['bigram_perplexity']:.4f}, uniform {pp['uniform_perplexity']:.0f}",
         ),
         (
             "accuracy",
-            f"{100 * ac['accuracy']:.3f} %",
+            num(ac["accuracy"], ".3f", 100, " %"),
             f"true model on val {100 * ac['true_accuracy_val']:.3f} %, expected {100 * ac['optimal_accuracy']:.3f} %",
             f"chance {100 * ac['chance']:.3f} %",
         ),
         (
             "agreement across seeds (top-1, JSD)",
-            "n/a (one run)" if ag is None else f"{100 * ag['top1_agreement']:.2f} %, {ag['mean_jsd']:.6f}",
+            "n/a (one run)"
+            if ag is None
+            else f"{num(ag['top1_agreement'], '.2f', 100, ' %')}, {num(ag['mean_jsd'], '.6f')}",
             "100 %, 0",
             "",
         ),
     ]
 
 
-def _first_order_rows_md(tf, mp, worst):
+def _first_order_rows_md(tf, mp, worst, outputs_finite):
     """Metrics 5 and 6 as table rows."""
+    if not outputs_finite:
+        spread = NOT_FINITE
+    elif mp["mean_spread"] is None:
+        spread = "n/a"
+    else:
+        spread = f"{mp['mean_spread']:.6f}, {mp['max_spread']:.6f} (state {mp['max_spread_state']})"
     return [
         (
             "transition KL, prompts [BOS, s] (mean, π-weighted)",
-            f"{tf['mean_kl']:.6f}, {tf['weighted_kl']:.6f}",
+            f"{num(tf['mean_kl'], '.6f')}, {num(tf['weighted_kl'], '.6f')}",
             "0",
-            f"worst states: {worst}",
+            f"worst states: {worst}" if worst else "",
         ),
         (
             "transition KL, real val contexts (mean, π-weighted)",
-            f"{tf['context_mean_kl']:.6f}, {tf['context_weighted_kl']:.6f}",
+            f"{num(tf['context_mean_kl'], '.6f')}, {num(tf['context_weighted_kl'], '.6f')}",
             "0",
             "",
         ),
-        ("start distribution KL (after BOS)", f"{tf['start_kl']:.6f}", "0", ""),
+        ("start distribution KL (after BOS)", num(tf["start_kl"], ".6f"), "0", ""),
         (
             "Markov spread across histories (mean, max)",
-            "n/a"
-            if mp["mean_spread"] is None
-            else f"{mp['mean_spread']:.6f}, {mp['max_spread']:.6f} (state {mp['max_spread_state']})",
+            spread,
             "0",
             f"{mp['contexts']} contexts, >= {mp['min_contexts_per_state']} per state",
         ),

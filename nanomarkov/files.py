@@ -16,7 +16,7 @@ import json
 import math
 import os
 import socket
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from nanomarkov.errors import NanoMarkovError
@@ -52,21 +52,35 @@ def json_text(record, indent=2):
 
 def write_atomic(path, data, what="file"):
     """Replace `path` with `data` (bytes or str) all at once; a failure raises NanoMarkovError and leaves the old file."""
-    path = Path(path)
-    partial = partial_path(path)
-    payload = data.encode() if isinstance(data, str) else data
+    write_atomic_together({path: data}, what)
+    return Path(path)
+
+
+def write_atomic_together(payloads, what="files"):
+    """Replace several files ({path: bytes or str}) so that a failure leaves every one of them as it was.
+
+    Every file is written to its `.partial` and flushed first; only when all are on disk are they
+    renamed into place, so a full disk never leaves new files beside old ones (a set that disagrees).
+    """
+    partials = {}
     try:
-        with open(partial, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
+        for path, data in payloads.items():
+            partial = partials[path] = partial_path(path)
+            with open(partial, "wb") as f:
+                f.write(data.encode() if isinstance(data, str) else data)
+                f.flush()
+                os.fsync(f.fileno())
+        for path, partial in partials.items():
+            os.replace(partial, path)
     except OSError as e:
-        partial.unlink(missing_ok=True)
+        # A cleanup that fails must not hide why the write failed: a read-only file system refuses
+        # even to unlink a file that is not there (EROFS, not ENOENT).
+        for partial in partials.values():
+            with suppress(OSError):
+                partial.unlink(missing_ok=True)
         raise NanoMarkovError(
-            f"cannot write the {what} {path} ({e.strerror or e}); free some space or choose another folder"
+            f"cannot write the {what} {Path(path)} ({e.strerror or e}); free some space or choose another folder"
         ) from None
-    return path
 
 
 def exchange_folders(new, old):

@@ -13,6 +13,7 @@ from the last evaluation in log.jsonl (a run still going or interrupted).
 """
 
 import csv
+import io
 import json
 from collections import Counter
 from pathlib import Path
@@ -25,7 +26,7 @@ from matplotlib.ticker import EngFormatter, MaxNLocator
 
 from nanomarkov.data import load_dataset
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.files import read_json
+from nanomarkov.files import read_json, write_atomic, write_atomic_together
 
 TARGET_EXCESS = 0.003  # nats: the project's quality target (DESIGN.md section 9)
 REPORT_FOLDER = "report"
@@ -221,26 +222,38 @@ def format_summary(rows):
     return "\n".join(lines)
 
 
-def write_csv(rows, path):
-    """One column per number (mean and sd apart), blanks for what was not measured; floats keep every digit."""
+def csv_text(rows):
+    """summary.csv: one column per number (mean and sd apart), blanks for what was not measured; floats keep every digit."""
     columns = ["family", "n_runs", "n_evaluated", "seeds", "runs", "data_dir"]
     columns += [f"{m[0]}_{s}" for m in METRICS for s in ("mean", "sd")] + ["optimal_loss", "true_loss_val_mean"]
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        for row in rows:
-            out = dict(row, seeds=" ".join(str(s) for s in row["seeds"]), runs=" ".join(row["runs"]))
-            writer.writerow(
-                ["" if out[c] is None else (repr(out[c]) if isinstance(out[c], float) else out[c]) for c in columns]
-            )
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(columns)
+    for row in rows:
+        out = dict(row, seeds=" ".join(str(s) for s in row["seeds"]), runs=" ".join(row["runs"]))
+        writer.writerow(
+            ["" if out[c] is None else (repr(out[c]) if isinstance(out[c], float) else out[c]) for c in columns]
+        )
+    return text.getvalue()
+
+
+def write_csv(rows, path):
+    """summary.csv at `path`, replacing its predecessor whole (files.write_atomic)."""
+    return write_atomic(path, csv_text(rows), "summary table")
 
 
 # ------------------------------------------------------------------ plots
 
 
+def png_bytes(fig):
+    """The figure as a PNG, rendered in memory: a file then replaces its predecessor whole."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getbuffer()
+
+
 def _save(fig, path):
-    fig.savefig(path, dpi=110)
-    return path
+    return write_atomic(path, png_bytes(fig), "plot")
 
 
 def plot_learning_curve(run, path):
@@ -360,7 +373,7 @@ def plot_per_state_kl(run, path):
     return _save(fig, path)
 
 
-def plot_comparison(rows, families, path):
+def comparison_figure(rows, families):
     """Excess per family: bar = mean over seeds, error bar = sd, dots = the seeds themselves."""
     pairs = [(row, members) for row, (_, members) in zip(rows, families) if row["excess_mean"] is not None]
     fig = Figure(figsize=(max(6, 1.1 * len(pairs) + 2), 5), layout="constrained")
@@ -389,47 +402,36 @@ def plot_comparison(rows, families, path):
     ax.set_title("excess over the true chain's val loss, per run family")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y", which="both")
-    return _save(fig, path)
+    return fig
 
 
 # ------------------------------------------------------------------ everything
 
 
-def write_report(root):
-    """Per-run plots, then summary.md, summary.csv and comparison.png in root/report/."""
-    root = Path(root)
-    folders = find_runs(root)
-    if not folders:
-        raise NanoMarkovError(
-            f"no training runs under {root} (folders with done.json or ckpt.pt); train one with: nanomarkov train 10"
-        )
-    runs = [load_run(folder) for folder in folders]
+def plot_runs(runs):
+    """Each run's plots in its folder: (files written, [{run, plot, why}] of the plots that could not be made)."""
     files, skipped = [], []
     for run in runs:
         folder = run["folder"]
         plots = [("learning_curve.png", plot_learning_curve)] if run["log"] else []
-        # The other two read what `nanomarkov eval` writes, for first-order chains (a k-th order one has no matrix).
-        if run["eval"] is not None and run["eval"].get("transition_fidelity") is not None:
+        # The other two read what `nanomarkov eval` writes, for first-order chains (a k-th order one has no
+        # matrix) whose model could be measured (a model with NaN outputs has no matrix worth drawing).
+        if (
+            _dig(run["eval"], ("transition_fidelity",)) is not None
+            and _dig(run["eval"], ("outputs_finite",)) is not False
+        ):
             plots += [("transition_matrix.png", plot_transition_matrix), ("per_state_kl.png", plot_per_state_kl)]
         for name, plot in plots:
             try:
                 files.append(plot(run, folder / name))
             except (NanoMarkovError, OSError, KeyError, ValueError) as e:  # one bad run must not sink the report
                 skipped.append({"run": str(folder), "plot": name, "why": str(e)})
+    return files, skipped
 
-    families = group_families(runs, root)
-    rows = summarize(families, root)
-    out = root / REPORT_FOLDER
-    out.mkdir(exist_ok=True)
-    files.append(plot_comparison(rows, families, out / "comparison.png"))
-    write_csv(rows, out / "summary.csv")
-    missing = [str(r["folder"]) for r in runs if r["eval"] is None]
-    # Trained on (resumed) after it was evaluated: its eval.json describes an older checkpoint.
-    stale = [
-        str(r["folder"])
-        for r in runs
-        if r["eval"] and r["done"] and _dig(r["eval"], ("run", "iter")) not in (None, r["done"]["iters"])
-    ]
+
+def summary_notes(runs, missing, stale):
+    """The lines under the summary table: what the columns are, and which runs lack a (usable) evaluation."""
+    broken = [str(r["folder"]) for r in runs if _dig(r["eval"], ("outputs_finite",)) is False]
     notes = [
         "",
         "Mean ± sd over seeds (sd with ddof=1; none for a single run). Losses in nats per predicted token; "
@@ -437,13 +439,56 @@ def write_report(root):
         "transition KL = transition_fidelity.mean_kl; Markov spread = markov_property.mean_spread; "
         "agreement = top-1 agreement between seeds. Blank: not measured (run nanomarkov eval).",
     ]
-    notes += [
+    return notes + [
         f"{what}: " + ", ".join(names)
-        for what, names in (("Not evaluated", missing), ("Evaluated before more training", stale))
+        for what, names in (
+            ("Not evaluated", missing),
+            ("Evaluated before more training", stale),
+            ("Outputs not finite (NaN or inf: broken weights, nothing measured, left blank)", broken),
+        )
         if names
     ]
-    (out / "summary.md").write_text(f"# Runs under {root}\n\n" + format_summary(rows) + "\n" + "\n".join(notes) + "\n")
-    files += [out / "summary.csv", out / "summary.md"]
+
+
+def write_report(root):
+    """Per-run plots, then summary.md, summary.csv and comparison.png in root/report/.
+
+    Every file replaces its predecessor whole, and the three in root/report/ replace theirs together
+    (files.write_atomic_together): a full disk is one NanoMarkovError and leaves the previous report
+    as it was, never an empty or partial file, nor a new table beside an old one.
+    """
+    root = Path(root)
+    folders = find_runs(root)
+    if not folders:
+        raise NanoMarkovError(
+            f"no training runs under {root} (folders with done.json or ckpt.pt); train one with: nanomarkov train 10"
+        )
+    runs = [load_run(folder) for folder in folders]
+    files, skipped = plot_runs(runs)
+    families = group_families(runs, root)
+    rows = summarize(families, root)
+    out = root / REPORT_FOLDER
+    try:
+        out.mkdir(exist_ok=True)
+    except OSError as e:
+        raise NanoMarkovError(
+            f"cannot write the report to {out} ({e.strerror or e}); make {root} writable or free some space"
+        ) from None
+    missing = [str(r["folder"]) for r in runs if r["eval"] is None]
+    # Trained on (resumed) after it was evaluated: its eval.json describes an older checkpoint.
+    stale = [
+        str(r["folder"])
+        for r in runs
+        if r["eval"] and r["done"] and _dig(r["eval"], ("run", "iter")) not in (None, r["done"]["iters"])
+    ]
+    summary = f"# Runs under {root}\n\n" + format_summary(rows) + "\n" + "\n".join(summary_notes(runs, missing, stale))
+    together = {
+        out / "comparison.png": png_bytes(comparison_figure(rows, families)),
+        out / "summary.csv": csv_text(rows),
+        out / "summary.md": summary + "\n",
+    }
+    write_atomic_together(together, "report")
+    files += list(together)
     return {
         "runs": [str(f) for f in folders],
         "files": [str(f) for f in files],

@@ -159,20 +159,18 @@ def test_bigram_baseline_matches_smoothed_counts_by_hand(dataset):
     assert bigram_baseline(dataset) == pytest.approx(expected, rel=1e-12)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Two tiny runs on one dataset that differ only in seed."""
+def train_tiny_runs(root, runs_folder, seeds=(1, 2)):
+    """Tiny runs (K=4) on one dataset root/d that differ only in seed, in runs_folder/run{seed}; their ckpt.pt paths."""
     from nanomarkov.config import TrainConfig
     from nanomarkov.train import train
 
-    root = tmp_path_factory.mktemp("runs")
     generate_dataset(root / "d", 4, 200, 40, seq_len=12, seed=2)
     paths = []
-    for seed in (1, 2):
+    for seed in seeds:
         cfg = TrainConfig.from_dict(
             dict(
                 data_dir=str(root / "d"),
-                out_dir=str(root / f"run{seed}"),
+                out_dir=str(runs_folder / f"run{seed}"),
                 n_layer=1,
                 n_head=1,
                 n_embd=16,
@@ -186,8 +184,15 @@ def trained(tmp_path_factory):
             )
         )
         train(cfg, show_progress=False)
-        paths.append(root / f"run{seed}" / "ckpt.pt")
-    return root, paths
+        paths.append(runs_folder / f"run{seed}" / "ckpt.pt")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two tiny runs on one dataset that differ only in seed."""
+    root = tmp_path_factory.mktemp("runs")
+    return root, train_tiny_runs(root, root)
 
 
 def test_eval_command_writes_files_that_match_an_independent_recomputation(trained, capsys):

@@ -5,9 +5,11 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import nanomarkov.files
 from nanomarkov import NanoMarkovError
 from nanomarkov.files import (
     json_text,
@@ -15,6 +17,7 @@ from nanomarkov.files import (
     read_json,
     read_json_or_none,
     write_atomic,
+    write_atomic_together,
     write_json,
     writer_lock,
 )
@@ -52,6 +55,41 @@ def test_a_failed_write_keeps_the_old_file_and_removes_its_partial(tmp_path, mon
         write_atomic(path, "{}", what="record")
     assert read_json(path) == {"v": 1}
     assert not partial_path(path).exists()
+
+
+@pytest.mark.parametrize("refused", ["open", "fsync"])
+def test_a_write_on_a_read_only_file_system_is_one_error_however_the_cleanup_fails(tmp_path, monkeypatch, refused):
+    """A read-only file system refuses open() and, even for a file that does not exist, unlink() (EROFS);
+    one remounted read-only mid-write refuses the fsync and the unlink of the partial."""
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    if refused == "open":
+        monkeypatch.setattr(nanomarkov.files, "open", read_only, raising=False)
+    else:
+        monkeypatch.setattr(os, "fsync", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(NanoMarkovError, match="Read-only file system"):
+        write_atomic(tmp_path / "r.json", "{}", what="record")
+
+
+def test_a_write_together_that_fails_on_one_file_replaces_none(tmp_path, monkeypatch):
+    old = {tmp_path / "a": "old a", tmp_path / "b": "old b"}
+    write_atomic_together(old)
+    real_fsync, calls = os.fsync, []
+
+    def full_on_the_second(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_on_the_second)
+    with pytest.raises(NanoMarkovError, match="No space left on device"):
+        write_atomic_together({path: "new" for path in old})
+    assert {path: path.read_text() for path in old} == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
 
 
 @pytest.mark.parametrize("content", ["null", "[1, 2]", "{not json", b"\xff\xfe"])

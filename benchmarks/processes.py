@@ -5,7 +5,7 @@
 For each process generates its default dataset under runs/bench-processes/data/
 (10,000 train + 1,000 val sequences of 128 tokens, seed 42), trains it exactly as
 `nanomarkov train DIR` would (config.dataset_preset: the default recipe with the
-process's PROCESS_DEFAULTS) and reads done.json and the evaluation. The excess is
+process's RECIPE) and reads done.json and the evaluation. The excess is
 over true_loss_val, the exact optimal predictor's loss on the same val sequences.
 Processes that are not first-order also get the mean KL(optimal predictor || model)
 over all val positions (evaluate's optimal_fidelity) and their own baselines.
@@ -78,7 +78,7 @@ def main():
         "",
         f"`python benchmarks/processes.py --record` on {machine()}. Each dataset: 10,000 train + 1,000 val",
         "sequences of 128 tokens, seed 42; trained as `nanomarkov train DIR` does (default recipe + the",
-        "process's PROCESS_DEFAULTS in config.py). Excess is over the exact optimal predictor on the same",
+        "process's RECIPE, on its class). Excess is over the exact optimal predictor on the same",
         "val sequences; optimal KL is the mean KL(optimal predictor ‖ model) over every val position.",
         "",
         "| dataset | process | model | iters, lr | val loss | true on val | excess | optimal KL | train time | baselines |",

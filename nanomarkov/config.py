@@ -22,13 +22,12 @@ import difflib
 import json
 import math
 import operator
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.files import read_json_or_none
-from nanomarkov.processes import PROCESSES
+from nanomarkov.processes import DEFAULT_PROCESS, process_class
 
 from .model import GPTConfig
 
@@ -496,21 +495,10 @@ EXTRA["c12"] = {**EXTRA["c10"], "mlp_only": True}
 PRESETS = ("default", "seed", *EXTRA)
 
 
-class _ProcessDefaults(Mapping):
-    """process name -> the default recipe's changes for it: each registered class's RECIPE, read live
-    (so a process registered later, e.g. from NANOMARKOV_PROCESSES, is included)."""
-
-    def __getitem__(self, process):
-        return dict(PROCESSES[process].RECIPE)
-
-    def __iter__(self):
-        return iter(PROCESSES)
-
-    def __len__(self):
-        return len(PROCESSES)
-
-
-PROCESS_DEFAULTS = _ProcessDefaults()
+def process_recipe(process):
+    """The default recipe's changes for a process: its class's RECIPE (so a process registered
+    later, e.g. from NANOMARKOV_PROCESSES, has its own)."""
+    return dict(process_class(process).RECIPE)
 
 
 def _row(table, n_states):
@@ -612,18 +600,18 @@ def dataset_preset(name: str, data_dir, seed: int = 42) -> dict:
     """Recipe `name` for the dataset folder `data_dir`, whatever its process.
 
     K and the process come from its meta.json; the default recipe takes the
-    process's PROCESS_DEFAULTS. Runs land in trainings/<folder>/<folder>-<seed>
+    process's RECIPE. Runs land in trainings/<folder>/<folder>-<seed>
     (another preset: <folder>-<preset>-<seed>, as a sweep names them).
     """
     meta_path = Path(data_dir) / "meta.json"
     try:
         meta = json.loads(meta_path.read_text())
-        n_states, process = meta["n_states"], meta.get("process", "markov")
+        n_states, process = meta["n_states"], meta.get("process", DEFAULT_PROCESS)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise NanoMarkovError(f"{meta_path}: not a readable dataset ({e}); create it with nanomarkov generate") from e
     cfg = preset(name, n_states, None, seed)
     if name == "default":
-        cfg.update(PROCESS_DEFAULTS.get(process, {}))
+        cfg.update(process_recipe(process))
     run = run_folder(name, seed, dataset=Path(data_dir).resolve().name)
     cfg.update(data_dir=str(data_dir), out_dir=f"trainings/{run}", wandb_run_name=Path(run).name)
     return TrainConfig.from_dict(cfg, f"preset {name} on {data_dir}").to_dict()

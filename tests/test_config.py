@@ -579,7 +579,7 @@ def test_config_script_runs_from_anywhere_and_exits_2_on_bad_input(tmp_path):
 
 
 def test_dataset_preset_takes_k_and_the_process_from_the_folder(tmp_path):
-    from nanomarkov.config import PROCESS_DEFAULTS, dataset_preset, preset
+    from nanomarkov.config import dataset_preset, preset, process_recipe
     from nanomarkov.data import generate_dataset
 
     generate_dataset(tmp_path / "chain", 4, 4, 2, seq_len=8)
@@ -591,7 +591,7 @@ def test_dataset_preset_takes_k_and_the_process_from_the_folder(tmp_path):
     }
     assert first["data_dir"] == str(tmp_path / "chain") and first["out_dir"] == "trainings/chain/chain-3"
     korder = dataset_preset("default", tmp_path / "k2")
-    assert korder["mlp_only"] is False and korder["n_head"] == PROCESS_DEFAULTS["korder"]["n_head"]
+    assert korder["mlp_only"] is False and korder["n_head"] == process_recipe("korder")["n_head"]
     c3 = dataset_preset("c3", tmp_path / "k2")
     assert c3["mlp_only"] == preset("c3", 4)["mlp_only"]  # presets are as named
     assert c3["out_dir"] == "trainings/k2/k2-c3-42" and korder["out_dir"] == "trainings/k2/k2-42"  # never the same run

@@ -15,7 +15,7 @@ import dataclasses
 import tomllib
 from pathlib import Path
 
-from nanomarkov.config import FIELDS, PRESETS, PROCESS_DEFAULTS, TrainConfig, mm_id, preset, run_folder
+from nanomarkov.config import FIELDS, PRESETS, TrainConfig, mm_id, preset, process_recipe, run_folder
 from nanomarkov.data import default_data_dir
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.files import read_json_or_none
@@ -46,7 +46,7 @@ class RunSpec:
     def config(self) -> TrainConfig:
         values = preset(self.preset, self.dataset["n_states"], self.dataset["sparsity"], self.seed)
         if self.preset == "default":  # as `nanomarkov train DIR` would: attention where the process needs it
-            values.update(PROCESS_DEFAULTS.get(self.dataset.get("process", DEFAULT_PROCESS), {}))
+            values.update(process_recipe(self.dataset.get("process", DEFAULT_PROCESS)))
         return TrainConfig.from_dict(
             {**values, **self.overrides, "data_dir": self.data_dir, "out_dir": self.out_dir}, f"run {self.name}"
         )

@@ -157,9 +157,9 @@ def test_generate_flags_and_hints_come_from_the_registered_classes(tmp_path, reg
 
 
 def test_the_process_declares_the_recipe_and_the_metrics(registered):
-    from nanomarkov.config import PROCESS_DEFAULTS
+    from nanomarkov.config import process_recipe
 
-    assert PROCESS_DEFAULTS["iid"] == IIDProcess.RECIPE and PROCESS_DEFAULTS.get("markov") == {}
+    assert process_recipe("iid") == IIDProcess.RECIPE and process_recipe("markov") == {}
     assert process_class("hmm").RECIPE == process_class("icl").RECIPE
     chain = IIDProcess(PROBS)
     assert chain.skipped_metrics().keys() == {"transition_fidelity", "markov_property", "korder_fidelity"}

@@ -245,7 +245,7 @@ def test_dry_run_writes_nothing(tmp_path):
 
 
 def test_datasets_of_other_processes_get_their_folders_names_and_recipes(tmp_path):
-    from nanomarkov.config import PROCESS_DEFAULTS, dataset_preset
+    from nanomarkov.config import dataset_preset, process_recipe
     from nanomarkov.data import generate_dataset
 
     grid = {
@@ -264,7 +264,7 @@ def test_datasets_of_other_processes_get_their_folders_names_and_recipes(tmp_pat
     ]
     assert [Path(s.data_dir).name for s in specs] == ["mm4-order2", "mm4-order2", "mess3", "mess3"]
     korder = specs[0].config()
-    assert korder.mlp_only is False and korder.max_iters == PROCESS_DEFAULTS["korder"]["max_iters"]
+    assert korder.mlp_only is False and korder.max_iters == process_recipe("korder")["max_iters"]
     assert specs[1].config().mlp_filter == "RELU"  # a named preset stays what it is
     # The sweep's default run is the run `nanomarkov train DIR` makes, paths aside.
     generate_dataset(tmp_path / "mess3", 3, 8, 4, seq_len=8, process="hmm", preset="mess3")

@@ -9,7 +9,9 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from tqdm import tqdm
@@ -547,6 +549,9 @@ def guarded(function, *args):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 def _dispatch(argv):
@@ -560,7 +565,18 @@ def _dispatch(argv):
     return args.func(args)
 
 
+class Terminated(Exception):
+    """SIGTERM (kill, a scheduler's time limit), raised where the program is, so that every
+    `finally` runs: a generation removes its unfinished build, locks are let go."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
 def main(argv=None):
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)  # training installs its own while it trains
     try:
         code = guarded(_dispatch, argv)
         sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below

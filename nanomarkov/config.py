@@ -362,6 +362,10 @@ def _check_block_size(settings: dict, where: str):
         )
 
 
+# A config file is a screenful of assignments; a bigger one is not a config file.
+MAX_CONFIG_CHARS = 1 << 16
+
+
 def load_config_file(path) -> dict:
     """Read a config file of Python assignments and return its settings as a dict.
 
@@ -380,16 +384,19 @@ def load_config_file(path) -> dict:
         raise NanoMarkovError(f"cannot read {where}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise NanoMarkovError(f"{where} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-    try:
-        tree = ast.parse(source, str(path))
-    except SyntaxError as e:
-        raise NanoMarkovError(f"{where} line {e.lineno}: syntax error ({e.msg}); {CONFIG_FILE_RULE}") from None
+    if len(source) > MAX_CONFIG_CHARS:
+        raise NanoMarkovError(f"{where} has {len(source):,} characters, more than a config file's {MAX_CONFIG_CHARS:,}")
     names = {}
     try:
+        tree = ast.parse(source, str(path))
         for statement in tree.body:
             _config_statement(statement, names)
+    except SyntaxError as e:
+        raise NanoMarkovError(f"{where} line {e.lineno}: syntax error ({e.msg}); {CONFIG_FILE_RULE}") from None
     except _Refused as e:
         raise NanoMarkovError(f"{where} line {e.lineno}: {e}; {CONFIG_FILE_RULE}") from None
+    except (RecursionError, MemoryError):  # an expression nested or chained beyond what a parser can hold
+        raise NanoMarkovError(f"{where}: an expression too deeply nested to read; {CONFIG_FILE_RULE}") from None
     settings = {name: value for name, value in names.items() if not name.startswith("_")}
     if "block_size" in settings:
         _check_block_size(settings, where)

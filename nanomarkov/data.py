@@ -264,6 +264,7 @@ def _write_dataset(out_dir, chain, params, dtype, progress, chunk_tokens):
     """
     for stale in out_dir.parent.glob(f".{out_dir.name}{BUILD_SUFFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)  # only this folder's writer (us, under its lock) uses them
+    _check_free_space(out_dir, chain, params, dtype)
     try:
         build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{BUILD_SUFFIX}", dir=out_dir.parent))
     except OSError as e:
@@ -281,6 +282,20 @@ def _write_dataset(out_dir, chain, params, dtype, progress, chunk_tokens):
     finally:
         shutil.rmtree(build, ignore_errors=True)  # the unfinished build, or after the swap the old dataset
     return meta
+
+
+def _check_free_space(out_dir, chain, params, dtype):
+    """Refuse, before writing a byte, a dataset bigger than the free space beside out_dir."""
+    tokens = (params["train_sequences"] + params["val_sequences"]) * params["seq_len"]
+    needed = tokens * dtype.itemsize
+    if chain.BELIEF_STATES:
+        needed += params["val_sequences"] * params["seq_len"] * chain.n_hidden * 4
+    free = shutil.disk_usage(out_dir.parent).free
+    if needed > free:
+        raise NanoMarkovError(
+            f"the dataset needs {needed / 2**30:,.1f} GiB and {out_dir.parent} has {free / 2**30:,.1f} GiB free; "
+            "ask for fewer --train/--val sequences, or free some space or choose another --out"
+        )
 
 
 def _write_files(folder, chain, params, dtype, progress, chunk_tokens):

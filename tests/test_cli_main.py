@@ -1,7 +1,9 @@
 """cli.main's guard: seeds checked at parse time, and a reader that leaves early (`| head -1`)."""
 
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -44,3 +46,31 @@ def test_a_closed_stdout_exits_quietly(tmp_path, argv):
     _, err = child.communicate(timeout=120)
     assert err.decode() == ""
     assert child.returncode == EXIT_CLOSED_STDOUT
+
+
+def test_sigterm_during_generate_leaves_no_build_and_no_lock(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nanomarkov", "generate", "5", "--train", "5000000", "--seq_len", "64", "--out", "g/i"],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not list((tmp_path / "g").glob(".i.partial-*/train.bin")):  # writing has begun
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and err.strip() == "terminated"
+    assert list((tmp_path / "g").iterdir()) == []  # the unfinished build and the folder's lock are gone
+
+
+def test_a_sweep_out_that_is_a_file_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    grid = tmp_path / "g.toml"
+    grid.write_text("[[datasets]]\nn_states = 3\ntrain = 4\nval = 2\n[[experiments]]\nseeds = [1]\n")
+    assert main(["sweep", str(grid), "--out", "afile"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write in afile" in err
+    assert (tmp_path / "afile").read_text() == "x"

@@ -660,3 +660,20 @@ def test_train_accepts_a_dataset_folder(tmp_path):
         timeout=120,
     )
     assert bad.returncode == 2 and "its sparsity is its own" in bad.stderr
+
+
+def test_a_config_too_big_or_too_deeply_nested_is_one_line(tmp_path):
+    from nanomarkov.config import load_config_file
+
+    long = tmp_path / "long.py"
+    long.write_text("x = " + "+".join(["1"] * 100_000) + "\n")
+    with pytest.raises(NanoMarkovError, match="more than a config file's"):
+        load_config_file(long)
+    nested = tmp_path / "nested.py"
+    nested.write_text("n_layer = " + "-" * 5000 + "1\n")
+    with pytest.raises(NanoMarkovError, match="too deeply nested"):
+        load_config_file(nested)
+    chained = tmp_path / "chained.py"
+    chained.write_text("n_layer = " + "*".join(["1"] * 20_000) + "\n")
+    with pytest.raises(NanoMarkovError, match="too deeply nested"):
+        load_config_file(chained)

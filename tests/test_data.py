@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -350,3 +351,13 @@ def test_sizes_whose_theory_cannot_fit_are_refused_before_allocating(tmp_path, p
 def test_an_infinite_alpha_names_the_flag(tmp_path):
     with pytest.raises(NanoMarkovError, match="--alpha must be a finite number > 0"):
         make(tmp_path / "d", alpha=float("inf"))
+
+
+def test_a_dataset_bigger_than_the_free_space_is_refused_before_writing(tmp_path, monkeypatch):
+    with pytest.raises(NanoMarkovError, match=r"the dataset needs [\d,.]+ GiB and .* GiB free; ask for fewer --train"):
+        make(tmp_path / "d", train_sequences=10**12)  # 24 TB
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(data_module.shutil, "disk_usage", lambda path: usage._replace(free=300 * 12 * 2))
+    with pytest.raises(NanoMarkovError, match="GiB free"):
+        make(tmp_path / "d")  # 300 + 50 sequences of 12 uint16 tokens: 8400 bytes, 7200 free
+    assert list(tmp_path.iterdir()) == []

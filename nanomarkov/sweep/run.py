@@ -114,7 +114,10 @@ def run_sweep(
         progress(f"{len(specs)} runs; dry run, nothing written")
         return manifest
     refuse_if_still_running(out_root)
-    Path(out_root).mkdir(parents=True, exist_ok=True)
+    try:
+        Path(out_root).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise NanoMarkovError(f"cannot write in {out_root} ({e.strerror or e}); choose another --out") from None
     save_manifest(manifest, out_root)
     generate_datasets(specs, progress)
     tracker = Progress(manifest, out_root, progress, stop_when_interrupted=executor is None)

@@ -94,8 +94,7 @@ def exchange_folders(new, old):
     libc = ctypes.CDLL(None, use_errno=True)
     renameat2 = getattr(libc, "renameat2", None)
     if renameat2 is not None:
-        flags = RENAME_EXCHANGE
-        if renameat2(AT_FDCWD, os.fsencode(new), AT_FDCWD, os.fsencode(old), flags) == 0:
+        if renameat2(AT_FDCWD, os.fsencode(new), AT_FDCWD, os.fsencode(old), RENAME_EXCHANGE) == 0:
             return
         code = ctypes.get_errno()
         if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):

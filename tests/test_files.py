@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import nanomarkov.files
-from nanomarkov import NanoMarkovError
+from nanomarkov import NanoMarkovError, files
 from nanomarkov.files import (
     json_text,
     partial_path,
@@ -143,3 +143,20 @@ def test_a_lock_in_a_folder_that_is_a_file_is_one_error(tmp_path):
     with pytest.raises(NanoMarkovError, match="cannot write in .*taken.*choose a folder you can write"):
         with writer_lock(tmp_path / "taken", "run"):
             pass
+
+
+class NoRenameat2:
+    """A C library without renameat2, as on systems where exchange_folders falls back to two renames."""
+
+
+@pytest.mark.parametrize("has_renameat2", [True, False])
+def test_exchange_folders_swaps_the_two_folders(tmp_path, monkeypatch, has_renameat2):
+    if not has_renameat2:
+        monkeypatch.setattr(files.ctypes, "CDLL", lambda *args, **kwargs: NoRenameat2())
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "data").write_text("new")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "data").write_text("old")
+    files.exchange_folders(tmp_path / "new", tmp_path / "old")
+    assert (tmp_path / "old" / "data").read_text() == "new" and (tmp_path / "new" / "data").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "old"]

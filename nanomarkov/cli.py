@@ -66,7 +66,6 @@ def _progress_bar(total, description):
 
 
 def cmd_generate(args):
-
     options = {option.name: getattr(args, option.name) for option in _all_options()}
     out = Path(args.out) if args.out else default_data_dir(args.n_states, args.sparsity, args.process, **options)
     seq_len = args.seq_len
@@ -210,7 +209,6 @@ def _train_configs(args, overrides):
 
 
 def cmd_train(args, extra):
-
     overrides = parse_overrides(extra)
     if args.resume:
         overrides["init_from"] = "resume"
@@ -260,7 +258,6 @@ def cmd_demo(args, extra):
 
 
 def cmd_eval(args):
-
     written = evaluate_checkpoints(args.checkpoints, data_dir=args.data, out=args.out)
     for folder, result in written:
         print(format_eval(result))
@@ -273,7 +270,6 @@ def cmd_eval(args):
 
 
 def cmd_report(args):
-
     report = write_report(args.root)
     print(format_summary(report["summary"]))
     print(
@@ -291,7 +287,6 @@ def cmd_report(args):
 
 
 def cmd_sweep(args):
-
     if args.target == "status":
         if not args.folder or args.out or args.dry_run or args.jobs != 1:
             raise NanoMarkovError("usage: nanomarkov sweep status DIR (the folder a sweep wrote, its --out)")
@@ -321,7 +316,6 @@ def cmd_sweep(args):
 
 
 def cmd_export(args):
-
     if not Path(args.checkpoint).is_file():
         raise NanoMarkovError(f"{args.checkpoint}: no checkpoint there (a run folder's ckpt.pt)")
     out = export_safetensors(args.checkpoint, args.out)
@@ -330,7 +324,6 @@ def cmd_export(args):
 
 
 def cmd_import_hmmlearn(args):
-
     meta = import_hmmlearn(
         args.pickle,
         args.out,
@@ -565,9 +558,10 @@ def _dispatch(argv):
     return args.func(args)
 
 
-class Terminated(Exception):
+class Terminated(BaseException):
     """SIGTERM (kill, a scheduler's time limit), raised where the program is, so that every
-    `finally` runs: a generation removes its unfinished build, locks are let go."""
+    `finally` runs: a generation removes its unfinished build, locks are let go. A BaseException,
+    like KeyboardInterrupt, so that no `except Exception` takes it for an ordinary failure."""
 
 
 def _raise_terminated(signum, frame):

@@ -271,10 +271,13 @@ def _write_dataset(out_dir, chain, params, dtype, progress, chunk_tokens):
         raise NanoMarkovError(f"cannot write beside {out_dir} ({e.strerror or e}); choose another --out") from None
     try:
         meta = _write_files(build, chain, params, dtype, progress, chunk_tokens)
-        for other in out_dir.iterdir():
-            if other.name not in (*DATASET_FILES, LOCK_FILE) and not other.name.endswith(PARTIAL_SUFFIX):
-                os.replace(other, build / other.name)
+        # The held lock's file, linked in, stays at out_dir/.lock through the swap: no second
+        # writer can take the folder while the old dataset is cleared away.
+        os.link(out_dir / LOCK_FILE, build / LOCK_FILE)
         exchange_folders(build, out_dir)
+        for other in build.iterdir():  # now the old folder: what a user kept beside the dataset stays
+            if other.name not in (*DATASET_FILES, LOCK_FILE) and not other.name.endswith(PARTIAL_SUFFIX):
+                os.replace(other, out_dir / other.name)
     except OSError as e:
         raise NanoMarkovError(
             f"cannot write the dataset to {out_dir} ({e.strerror or e}); free some space or choose another --out"

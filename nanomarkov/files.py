@@ -101,7 +101,11 @@ def exchange_folders(new, old):
             raise OSError(code, os.strerror(code), str(old))
     aside = Path(str(new) + ".old")
     os.rename(old, aside)
-    os.rename(new, old)
+    try:
+        os.rename(new, old)
+    except OSError:
+        os.rename(aside, old)  # the old folder goes back where it was
+        raise
     os.rename(aside, new)
 
 

@@ -314,6 +314,8 @@ def test_force_replaces_so_that_the_old_or_the_new_dataset_loads_at_every_moment
         seen.append(load_dataset(current).meta["train_sequences"])
         real_exchange(new, current)
         seen.append(load_dataset(current).meta["train_sequences"])
+        with pytest.raises(NanoMarkovError, match="another generation is writing here"):
+            make(current, seed=4, force=True)  # the lock stayed with the folder through the swap
 
     monkeypatch.setattr(data_module, "exchange_folders", check_around_the_swap)
     new = make(tmp_path / "d", train_sequences=400, force=True, chunk_tokens=12 * 10, progress=check_while_writing)
@@ -330,10 +332,12 @@ def test_a_failed_swap_keeps_the_old_dataset_and_removes_the_build(tmp_path, mon
     def full_disk(new, current):
         raise OSError(28, "No space left on device")
 
+    (tmp_path / "d" / "model.pkl").write_bytes(b"the seed's pickle")
     monkeypatch.setattr(data_module, "exchange_folders", full_disk)
     with pytest.raises(NanoMarkovError, match="No space left on device.*free some space"):
         make(tmp_path / "d", train_sequences=400, force=True)
     assert load_dataset(tmp_path / "d").meta == old
+    assert (tmp_path / "d" / "model.pkl").read_bytes() == b"the seed's pickle"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
 

@@ -99,6 +99,15 @@ def refuse_if_still_running(out_root):
         )
 
 
+def _logged_iter(log):
+    """A run under way: its latest logged iteration (a line cut by a kill, or no log, reads as none)."""
+    try:
+        record = json.loads(_last_line(log) or "{}")
+    except ValueError:
+        return None
+    return record.get("iter") if isinstance(record, dict) else None
+
+
 def sweep_status(out_root) -> list:
     """One row per run of the sweep in out_root: name, state, iters, excess, error, last log line."""
     manifest = read_manifest(out_root)
@@ -113,10 +122,7 @@ def sweep_status(out_root) -> list:
             run = {**run, "state": live[name][0], "error": live[name][1]}
         folder = Path(out_root) / "runs" / name
         done, ev = read_json_or_none(folder / "done.json") or {}, read_json_or_none(folder / "eval.json")
-        try:  # a run under way: its latest logged iteration (a line cut by a kill reads as none)
-            iters = done.get("iters", json.loads(_last_line(folder / "log.jsonl") or "{}").get("iter"))
-        except ValueError:
-            iters = None
+        iters = done["iters"] if "iters" in done else _logged_iter(folder / "log.jsonl")
         excess = ev["cross_entropy"]["excess"] if ev else done.get("excess")
         rows.append(
             {

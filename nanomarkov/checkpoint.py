@@ -33,7 +33,6 @@ FORMAT = "nanomarkov.GPT"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-FORMATS = ("safetensors",)
 CHECKPOINT = "ckpt.pt"
 
 

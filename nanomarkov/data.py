@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.files import LOCK_FILE, PARTIAL_SUFFIX, exchange_folders, json_text, writer_lock
+from nanomarkov.files import LOCK_FILE, PARTIAL_SUFFIX, exchange_folders, write_json, writer_lock
 from nanomarkov.processes import DEFAULT_PROCESS, PLUGINS_VARIABLE, PROCESSES, process_class
 from nanomarkov.processes.markov import load_hmmlearn_chain
 from nanomarkov.processes.numerics import token_dtype
@@ -326,10 +326,7 @@ def _write_files(folder, chain, params, dtype, progress, chunk_tokens):
             meta["theory"]["true_loss_val"] = loss_sum / (n * (seq_len - 1))
     if chain.BELIEF_STATES:
         meta["sha256"][BELIEFS_FILE] = _write_val_beliefs(folder, chain, params["val_sequences"], seq_len, dtype)
-    with open(folder / "meta.json", "w") as f:
-        f.write(json_text(meta))
-        f.flush()
-        os.fsync(f.fileno())
+    write_json(folder / "meta.json", meta, what="dataset record")
     return meta
 
 

@@ -73,6 +73,7 @@ class Process:
 
     Class attributes a process declares:
       process     its registry name, e.g. "markov" (also meta.json's "process")
+      FOLDER_PREFIX  the default folder name before K (None: the process name; markov: "mm")
       SUMMARY     one line for `nanomarkov generate --help`
       ARRAYS      the names of the arrays saved in chain.npz; `cls(**arrays)` rebuilds the process
       OPTIONS     its generation options beyond K, seed, alpha and sparsity: a tuple of `Option`
@@ -83,6 +84,7 @@ class Process:
     """
 
     process = None
+    FOLDER_PREFIX = None  # the default folder's name before K (None: the process name)
     SUMMARY = ""
     ARRAYS = ()
     OPTIONS = ()
@@ -118,13 +120,16 @@ class Process:
     @classmethod
     def folder_name(cls, n_states, **options):
         """The default dataset folder name (without -sparse-S): "{process}{K}", then "-{name}{value}" per option."""
-        return f"{cls.process}{n_states}" + "".join(f"-{name}{value}" for name, value in options.items())
+        prefix = cls.FOLDER_PREFIX or cls.process
+        return f"{prefix}{n_states}" + "".join(f"-{name}{value}" for name, value in options.items())
 
     @classmethod
     def parse_folder_name(cls, name):
         """(n_states, options) of a folder name that folder_name makes (without -sparse-S), or None."""
         names = "|".join(re.escape(o) for o in cls.option_names())
-        pattern = rf"{re.escape(cls.process)}(?P<k>\d+)" + (rf"((?:-(?:{names})[^-]+)*)" if names else "()")
+        pattern = rf"{re.escape(cls.FOLDER_PREFIX or cls.process)}(?P<k>\d+)" + (
+            rf"((?:-(?:{names})[^-]+)*)" if names else "()"
+        )
         match = re.fullmatch(pattern, name)
         if not match:
             return None

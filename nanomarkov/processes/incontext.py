@@ -31,7 +31,6 @@ with a standard error for every key it estimates.
 """
 
 import math
-import re
 import warnings
 from functools import cached_property
 
@@ -151,15 +150,6 @@ class InContextChain(Process):
             )
         support = max(1, int(n_states * (100 - sparsity) / 100)) if sparsity else n_states
         return cls(np.full(n_states, float(alpha)), np.full(n_states, 1.0 / n_states), support)
-
-    @classmethod
-    def folder_name(cls, n_states):
-        return f"icl{n_states}"
-
-    @classmethod
-    def parse_folder_name(cls, name):
-        match = re.fullmatch(r"icl(\d+)", name)
-        return (int(match.group(1)), {}) if match else None
 
     @property
     def n_states(self):

@@ -11,7 +11,6 @@ processes.base.Process, the contract every process follows.
 """
 
 import pickle
-import re
 import warnings
 from functools import cached_property
 from pathlib import Path
@@ -48,16 +47,8 @@ class MarkovChain(Process):
     SUMMARY = "first-order chain (default)"
     ARRAYS = ("transmat", "startprob")
     METRICS = ("transition_fidelity", "markov_property")
+    FOLDER_PREFIX = "mm"  # the seed's data/mm{K}
     chunk_sequences = TRUE_LOSS_CHUNK  # true_loss's sequences per chunk
-
-    @classmethod
-    def folder_name(cls, n_states):
-        return f"mm{n_states}"
-
-    @classmethod
-    def parse_folder_name(cls, name):
-        match = re.fullmatch(r"mm(\d+)", name)
-        return (int(match.group(1)), {}) if match else None
 
     def __init__(self, transmat, startprob):
         transmat = np.array(transmat, dtype=np.float64)

@@ -24,7 +24,8 @@ from nanomarkov.model import GPT, GPTConfig
 # - one_hot_embed / mlp_first_matrix_identity: the same fixed tables, frozen;
 # - lm_head_tied: W_U is a copy of W_E^T (TransformerLens keeps the two apart,
 #   so further training of the hooked model would untie them);
-# - bias=False: TransformerLens always has biases; they are zeros.
+# - bias=False: TransformerLens always has biases; they are zeros (b_U too when
+#   lm_head_bias is off).
 # Weights are assigned to the parameters directly instead of going through
 # load_and_process_state_dict, whose defaults fold the LayerNorms into the next
 # matrices and center the writing weights: exact in exact arithmetic, but it
@@ -111,7 +112,7 @@ def _hooked_state(model):
             put(name + ".w", None if ln is None else ln.weight, C, fill=1.0)
             put(name + ".b", None if ln is None else ln.bias, C)
     put("unembed.W_U", model.lm_head.weight.T)
-    put("unembed.b_U", None, c.vocab_size)
+    put("unembed.b_U", model.lm_head.bias, c.vocab_size)
     return state, frozen
 
 
@@ -212,11 +213,11 @@ def from_hooked_transformer(hooked):
     Exact inverse of to_hooked_transformer: its frozen stand-ins are read back
     as the switches they stand for (frozen zero W_pos -> pos_ape=False, frozen
     zero attention -> mlp_only, frozen one-hot W_E -> one_hot_embed, frozen
-    identity W_in -> mlp_first_matrix_identity, frozen zero biases -> bias=False);
-    W_U equal to W_E^T means lm_head_tied. A plain TransformerLens model works
+    identity W_in -> mlp_first_matrix_identity, frozen zero biases -> bias=False,
+    a frozen zero b_U -> lm_head_bias=False); W_U equal to W_E^T means lm_head_tied. A plain TransformerLens model works
     if it is a GPT-2-style one nanoMarkov can express (LayerNorm or none, learned
-    absolute positions, causal attention, a gelu/relu/relu2 MLP, no unembedding
-    bias); anything else raises NanoMarkovError naming the setting.
+    absolute positions, causal attention, a gelu/relu/relu2 MLP; its trainable
+    b_U becomes lm_head_bias); anything else raises NanoMarkovError naming the setting.
     """
     params = dict(hooked.named_parameters())
     _check_expressible(hooked.cfg, params)
@@ -265,8 +266,6 @@ def _check_expressible(cfg, params):
         _refuse(f"d_vocab_out={cfg.d_vocab_out} != d_vocab={cfg.d_vocab}", "the head predicts the input vocabulary")
     if cfg.d_mlp % cfg.d_model:
         _refuse(f"d_mlp={cfg.d_mlp}", f"the MLP width must be a multiple of d_model={cfg.d_model}")
-    if params["unembed.b_U"].any():
-        _refuse("a nonzero unembed.b_U", "nanoMarkov's head has no bias")
 
 
 def _is_stand_in(params, name, value):
@@ -323,13 +322,14 @@ def _gpt_config_of(cfg, params):
         mlp_first_matrix_identity=identity_in,
         one_hot_embed=V <= C and _is_stand_in(params, "embed.W_E", torch.eye(V, C)),
         lm_head_tied=torch.equal(params["unembed.W_U"].detach(), params["embed.W_E"].detach().T),
+        lm_head_bias=not _is_stand_in(params, "unembed.b_U", zero),
     )
 
 
 def _gpt_state(w, config, normalization_type):
     """The inverse of _hooked_state's reshapes: a GPT state_dict (tensors the GPT does not have are left out)."""
     C = config.n_embd
-    state = {"wte.weight": w["embed.W_E"], "lm_head.weight": w["unembed.W_U"].T}
+    state = {"wte.weight": w["embed.W_E"], "lm_head.weight": w["unembed.W_U"].T, "lm_head.bias": w["unembed.b_U"]}
     if config.pos_ape:
         state["wpe.weight"] = w["pos_embed.W_pos"]
     norms = {"ln_f": "ln_final"}

@@ -167,12 +167,26 @@ def test_inexpressible_transformer_lens_settings_are_refused(changes, message):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_an_unembedding_bias_is_refused():
+def test_an_unembedding_bias_becomes_the_head_bias():
     hooked = plain_hooked()
     with torch.no_grad():
-        hooked.unembed.b_U.fill_(0.5)
-    with pytest.raises(NanoMarkovError, match="unembed.b_U"):
-        from_hooked_transformer(hooked)
+        hooked.unembed.b_U.copy_(torch.linspace(-1, 1, 11))
+    model = from_hooked_transformer(hooked)
+    assert model.config.lm_head_bias
+    assert torch.equal(model.lm_head.bias, torch.linspace(-1, 1, 11))
+
+
+@pytest.mark.parametrize("name", ["c1", "c12", "default"])  # tied; tied to a frozen one-hot table; untied
+def test_the_head_bias_is_b_U_and_round_trips(name):
+    model = build(name, lm_head_bias=True)
+    assert model.lm_head.bias.requires_grad and model.lm_head.bias.abs().min() > 0
+    hooked = to_hooked_transformer(model)
+    assert torch.equal(hooked.b_U, model.lm_head.bias) and hooked.unembed.b_U.requires_grad
+    idx = inputs(model.config)
+    assert torch.allclose(hooked_logits(hooked, idx), our_logits(model, idx), rtol=0, atol=1e-4)
+    back = from_hooked_transformer(hooked)
+    assert back.config == model.config and torch.equal(back.lm_head.bias, model.lm_head.bias)
+    assert not from_hooked_transformer(to_hooked_transformer(build(name))).config.lm_head_bias
 
 
 def test_half_precision_and_a_missing_transformer_lens_are_explained(monkeypatch):

@@ -1,6 +1,7 @@
 """safetensors export and nanomarkov.load: same logits, ties kept, no pickle ever run."""
 
 import dataclasses
+import importlib.metadata
 import json
 import pathlib
 
@@ -15,6 +16,10 @@ from nanomarkov.config import PRESETS, TrainConfig, preset
 from nanomarkov.model import GPT, GPTConfig
 
 V = 101  # MM-100: 100 states + BOS
+try:  # the installed TransformerLens's major version (0: none), for the interop tests' skips
+    TL_MAJOR = int(importlib.metadata.version("transformer_lens").split(".")[0])
+except importlib.metadata.PackageNotFoundError:
+    TL_MAJOR = 0
 
 
 def trained_looking(config, seed=0):

@@ -1,10 +1,12 @@
-"""TransformerLens: to_hooked_transformer / from_hooked_transformer convert a GPT to a
-TransformerLens HookedTransformer and back (the `interp` extra; imported only
-when called, so the core does not need it). See the comment above them.
+"""TransformerLens: to_transformer_lens converts a GPT for whichever major is installed:
+to_hooked_transformer (3.x, the `interp` extra; from_hooked_transformer goes back) or
+to_transformer_bridge (4.x, the `interp4` extra). TransformerLens is imported only
+when called, so the core does not need it. See the comments above them.
 """
 
 import importlib.metadata
 import math
+import re
 import warnings
 
 import torch
@@ -32,6 +34,7 @@ from nanomarkov.model import GPT, GPTConfig
 # changes what W_E, W_in... and the hooks hold, and costs float equality.
 
 TL_INSTALL = 'pip install -e ".[interp]"'
+TL4_INSTALL = 'pip install -e ".[interp4]"'
 # Our activations and TransformerLens's act_fn names. F.gelu is the exact (erf)
 # GELU, which TransformerLens calls "gelu" ("gelu_new" is the tanh approximation).
 TL_ACT_FN = {"GELU": "gelu", "RELU": "relu", "RELU2": "relu2"}
@@ -52,7 +55,8 @@ def _transformer_lens():
     except ImportError:  # 4.0 removed HookedTransformer for TransformerBridge
         raise NanoMarkovError(
             f"transformer_lens {importlib.metadata.version('transformer_lens')} has no "
-            f"HookedTransformer; install a 3.x one: {TL_INSTALL}"
+            f"HookedTransformer; use to_transformer_lens (it picks to_transformer_bridge there), "
+            f"or install a 3.x one: {TL_INSTALL}"
         ) from None
     return HookedTransformer, HookedTransformerConfig, SUPPORTED_ACTIVATIONS
 
@@ -116,16 +120,8 @@ def _hooked_state(model):
     return state, frozen
 
 
-def to_hooked_transformer(ckpt_or_model):
-    """A TransformerLens HookedTransformer computing the same logits as a GPT, a ckpt.pt or an export folder.
-
-    Every GPTConfig switch has a counterpart (see the comment above) except
-    mlp_filter=RELU3, which TransformerLens has no activation for: that, and
-    anything else it cannot express, raises NanoMarkovError rather than
-    returning a model that differs. Dropout is not carried over (TransformerLens
-    has none; it does not change the logits of a model in eval mode). The
-    hooked model is in eval mode, on the GPT's device and dtype.
-    """
+def _convertible(ckpt_or_model):
+    """(GPT, TransformerLens act_fn name) for a model either major can express, or the reason it cannot."""
     model = model_and_source(ckpt_or_model)[0]
     if model.wte.weight.dtype != torch.float32:
         raise NanoMarkovError(
@@ -137,6 +133,39 @@ def to_hooked_transformer(ckpt_or_model):
             f"mlp_filter={model.config.mlp_filter} has no TransformerLens equivalent; "
             f"it has {', '.join(f'{k} ({v})' for k, v in TL_ACT_FN.items())}"
         )
+    return model, act_fn
+
+
+def to_transformer_lens(ckpt_or_model):
+    """The installed TransformerLens's model of a GPT, a ckpt.pt or an export folder, same logits.
+
+    A HookedTransformer under TransformerLens 3.x (to_hooked_transformer), a
+    TransformerBridge under 4.x (to_transformer_bridge); the same hook names
+    (hook_embed, blocks.{i}.hook_resid_post, blocks.{i}.attn.hook_pattern,
+    blocks.{i}.hook_mlp_out, ...) work in both.
+    """
+    try:
+        version = importlib.metadata.version("transformer_lens")
+    except importlib.metadata.PackageNotFoundError:
+        raise NanoMarkovError(
+            f"TransformerLens is not installed; install 3.x ({TL_INSTALL}, works with SAELens) or 4.x ({TL4_INSTALL})"
+        ) from None
+    if int(re.match(r"\d*", version).group() or 0) >= 4:
+        return to_transformer_bridge(ckpt_or_model)
+    return to_hooked_transformer(ckpt_or_model)
+
+
+def to_hooked_transformer(ckpt_or_model):
+    """A TransformerLens HookedTransformer computing the same logits as a GPT, a ckpt.pt or an export folder.
+
+    Every GPTConfig switch has a counterpart (see the comment above) except
+    mlp_filter=RELU3, which TransformerLens has no activation for: that, and
+    anything else it cannot express, raises NanoMarkovError rather than
+    returning a model that differs. Dropout is not carried over (TransformerLens
+    has none; it does not change the logits of a model in eval mode). The
+    hooked model is in eval mode, on the GPT's device and dtype.
+    """
+    model, act_fn = _convertible(ckpt_or_model)
     HookedTransformer, HookedTransformerConfig, activations = _transformer_lens()
     if act_fn not in activations:
         raise NanoMarkovError(
@@ -205,6 +234,74 @@ def _check_same_logits(gpt, hooked):
             f"the converted model's logits differ by {diff:.3g} (> {LOGIT_TOLERANCE}); "
             f"some setting has no counterpart, so no model is returned"
         )
+
+
+# ---------------------------------------------------------------------------
+# TransformerLens 4 has no HookedTransformer: a TransformerBridge wraps a model.
+# The bridge here wraps TransformerLens's own native GPT (boot_native: no Hugging
+# Face download, and unlike a GPT-2 it can leave out LayerNorm), filled with the
+# per-head weights and stand-ins above through TransformerLens's converter of
+# HookedTransformer state dicts. The native model lacks two things ours has, so:
+# - RELU2: it is built with relu, then each MLP gets TransformerLens's own relu2
+#   (the one HookedTransformer used) and the config says act_fn="relu2";
+# - lm_head_bias: the bridge's unembedding bias is a fixed zero buffer; with the
+#   switch on it becomes a trainable parameter holding our bias.
+
+
+def _transformer_lens_4():
+    """(TransformerBridge, TransformerBridgeConfig, convert_tl_checkpoint, NativeMLP, activations), or a clear error."""
+    try:
+        from transformer_lens.config import TransformerBridgeConfig
+        from transformer_lens.model_bridge import TransformerBridge
+        from transformer_lens.model_bridge.sources.native.model import NativeMLP
+        from transformer_lens.utilities.activation_functions import SUPPORTED_ACTIVATIONS
+        from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
+    except ImportError:
+        raise NanoMarkovError(
+            f"TransformerLens 4 (TransformerBridge.boot_native and convert_tl_checkpoint, 4.3 or later) is "
+            f"not installed; install it: {TL4_INSTALL}, or use to_hooked_transformer with 3.x"
+        ) from None
+    return TransformerBridge, TransformerBridgeConfig, convert_tl_checkpoint, NativeMLP, SUPPORTED_ACTIVATIONS
+
+
+def to_transformer_bridge(ckpt_or_model):
+    """A TransformerLens 4 TransformerBridge computing the same logits as a GPT, a ckpt.pt or an export folder.
+
+    Every switch maps as in to_hooked_transformer (see the two comments above);
+    mlp_filter=RELU3 is refused, for the same reason. The bridge is in eval
+    mode, on the GPT's device, its stand-ins frozen; W_U is a copy of W_E^T
+    when the head is tied. Logits are checked against ours before returning.
+    """
+    model, act_fn = _convertible(ckpt_or_model)
+    TransformerBridge, TransformerBridgeConfig, convert_tl_checkpoint, NativeMLP, activations = _transformer_lens_4()
+    args = _hooked_config(model, act_fn)
+    device = args.pop("device")
+    native_act_fn = "relu" if act_fn == "relu2" else act_fn
+    config = TransformerBridgeConfig(**args | {"act_fn": native_act_fn, "architecture": "TransformerLensNative"})
+    bridge = TransformerBridge.boot_native(config, device=device, dtype=args["dtype"])
+    state, frozen = _hooked_state(model)
+    try:
+        bridge.load_state_dict(convert_tl_checkpoint(state, bridge.cfg), strict=True)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise NanoMarkovError(
+            f"this transformer_lens lays out its native model differently ({str(e).strip().splitlines()[0]}); "
+            f"install the one the interp4 extra allows: {TL4_INSTALL}"
+        ) from None
+    if act_fn != native_act_fn:
+        for module in bridge.original_model.modules():
+            if isinstance(module, NativeMLP):
+                module.act = activations[act_fn]
+        bridge.cfg.act_fn = act_fn
+    if model.config.lm_head_bias:
+        head = bridge.unembed.original_component
+        bias = head.bias.detach().clone()
+        del head.bias  # the fixed buffer the bridge put there
+        head.bias = torch.nn.Parameter(bias)
+    tensors = bridge.state_dict(keep_vars=True)
+    for name in convert_tl_checkpoint({name: state[name] for name in frozen}, bridge.cfg):
+        tensors[name].requires_grad_(False)
+    _check_same_logits(model, bridge)
+    return bridge.eval()
 
 
 def from_hooked_transformer(hooked):

@@ -120,13 +120,19 @@ def _hooked_state(model):
     return state, frozen
 
 
-def _convertible(ckpt_or_model):
-    """(GPT, TransformerLens act_fn name) for a model either major can express, or the reason it cannot."""
-    model = model_and_source(ckpt_or_model)[0]
+def float32_model(ckpt_or_model):
+    """(GPT, provenance) as model_and_source gives them, refusing a model that is not in float32."""
+    model, source = model_and_source(ckpt_or_model)
     if model.wte.weight.dtype != torch.float32:
         raise NanoMarkovError(
             f"the model is in {model.wte.weight.dtype}; the conversion is checked in float32: call model.float() first"
         )
+    return model, source
+
+
+def _convertible(ckpt_or_model):
+    """(GPT, TransformerLens act_fn name) for a model either major can express, or the reason it cannot."""
+    model = float32_model(ckpt_or_model)[0]
     act_fn = TL_ACT_FN.get(model.config.mlp_filter)
     if act_fn is None:
         raise NanoMarkovError(
@@ -177,7 +183,7 @@ def to_hooked_transformer(ckpt_or_model):
         warnings.simplefilter("ignore", DeprecationWarning)
         hooked = HookedTransformer(config)
     _copy_weights_into(hooked, model)
-    _check_same_logits(model, hooked)
+    check_same_logits(model, hooked)
     return hooked
 
 
@@ -220,14 +226,18 @@ def _copy_weights_into(hooked, model):
             params[name].requires_grad_(name not in frozen)
 
 
-def _check_same_logits(gpt, hooked):
-    """Refuse a conversion whose two models disagree on a random input (full context, every token)."""
+def check_same_logits(gpt, converted):
+    """Refuse a conversion whose two models disagree on a random input (full context, every token).
+
+    `converted` returns logits, or an output holding them as .logits (transformers).
+    """
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, gpt.config.vocab_size, (2, gpt.config.block_size), generator=g)
     tokens = tokens.to(gpt.wte.weight.device)
     training = gpt.training
     with torch.no_grad():
-        diff = (gpt.eval()(tokens)[0] - hooked.eval()(tokens)).abs().max().item()
+        output = converted.eval()(tokens)
+        diff = (gpt.eval()(tokens)[0] - getattr(output, "logits", output)).abs().max().item()
     gpt.train(training)
     if not diff <= LOGIT_TOLERANCE:
         raise NanoMarkovError(
@@ -300,7 +310,7 @@ def to_transformer_bridge(ckpt_or_model):
     tensors = bridge.state_dict(keep_vars=True)
     for name in convert_tl_checkpoint({name: state[name] for name in frozen}, bridge.cfg):
         tensors[name].requires_grad_(False)
-    _check_same_logits(model, bridge)
+    check_same_logits(model, bridge)
     return bridge.eval()
 
 
@@ -324,7 +334,7 @@ def from_hooked_transformer(hooked):
     gpt = GPT(config).to(weights["embed.W_E"].device)
     wanted = gpt.state_dict()
     gpt.load_state_dict({name: tensor for name, tensor in state.items() if name in wanted})
-    _check_same_logits(gpt, hooked)
+    check_same_logits(gpt, hooked)
     return gpt.eval()
 
 
@@ -333,7 +343,7 @@ def _refuse(setting, why):
 
 
 def _check_expressible(cfg, params):
-    """Refuse settings read by _gpt_config_of or known to change the computation; _check_same_logits catches the rest."""
+    """Refuse settings read by _gpt_config_of or known to change the computation; check_same_logits catches the rest."""
     for name, expected in [
         ("positional_embedding_type", "standard"),
         ("attention_dir", "causal"),

@@ -11,6 +11,7 @@ from test_export import TL_MAJOR, inputs, preset_config, trained_looking, write_
 
 from nanomarkov import NanoMarkovError
 from nanomarkov.config import PRESETS
+from nanomarkov.interp.hf import export_hf
 from nanomarkov.interp.lens import to_transformer_bridge, to_transformer_lens
 
 pytest.importorskip("transformer_lens", reason='TransformerLens 4 is the interp4 extra: pip install -e ".[interp4]"')
@@ -131,3 +132,13 @@ def test_relu2_and_no_blocks_are_carried_and_relu3_is_refused(tmp_path):
         to_transformer_bridge(build("c2", mlp_filter="RELU3"))
     with pytest.raises(NanoMarkovError, match="float32"):
         to_transformer_bridge(build("c1").to(torch.bfloat16))
+
+
+def test_boot_transformers_opens_the_hugging_face_export(tmp_path):
+    model = build("c1", bias=True)
+    export_hf(model, tmp_path / "hf")
+    bridge = TransformerBridge.boot_transformers(str(tmp_path / "hf"))
+    ours, theirs = both_logits(model, bridge, inputs(model.config))
+    assert torch.allclose(theirs, ours, rtol=0, atol=1e-4)
+    _, cache = bridge.run_with_cache(inputs(model.config))
+    assert cache["blocks.0.attn.hook_pattern"].shape == (4, 2, 16, 16)

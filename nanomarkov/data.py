@@ -648,9 +648,10 @@ class OnlineSequences:
     def sample_chunk(self, chunk):
         """{slot: (C * batch_size, seq_len) tokens} of one chunk, for this process's slots."""
         count = ONLINE_CHUNK_ITERS * self.batch_size
+        # Row-major, as the train split is (a process may return a transposed view: its loop runs over positions).
         return {
-            slot: self.process.sample(
-                count, self.seq_len, np.random.default_rng([self.seed, ONLINE_STREAM, chunk, slot])
+            slot: np.ascontiguousarray(
+                self.process.sample(count, self.seq_len, np.random.default_rng([self.seed, ONLINE_STREAM, chunk, slot]))
             )
             for slot in self.my_slots
         }

@@ -75,7 +75,7 @@ class Process:
       process     its registry name, e.g. "markov" (also meta.json's "process")
       FOLDER_PREFIX  the default folder name before K (None: the process name; markov: "mm")
       SUMMARY     one line for `nanomarkov generate --help`
-      ARRAYS      the names of the arrays saved in chain.npz; `cls(**arrays)` rebuilds the process
+      ARRAYS      the names of the arrays saved in chain.npz; `cls.from_arrays(arrays)` rebuilds the process
       OPTIONS     its generation options beyond K, seed, alpha and sparsity: a tuple of `Option`
       RECIPE      TrainConfig fields the default recipe changes for this process ({}: none)
       METRICS     the metric families of METRIC_FAMILIES that `eval` runs on it
@@ -107,6 +107,14 @@ class Process:
     def arrays(self):
         """The arrays saved in chain.npz, {name: array} for each name of ARRAYS."""
         return {name: getattr(self, name) for name in self.ARRAYS}
+
+    @classmethod
+    def from_arrays(cls, arrays):
+        """The process that arrays() saved (`arrays` a mapping, e.g. an open .npz): cls(**arrays).
+
+        A KeyError names an array of ARRAYS that `arrays` lacks.
+        """
+        return cls(**{name: arrays[name] for name in cls.ARRAYS})
 
     def options(self):
         """The values of this instance's OPTIONS, {name: value}: recorded in meta.json."""

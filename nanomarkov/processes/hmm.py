@@ -456,7 +456,14 @@ class HiddenMarkovModel(Process):
         losses, _, lower = self._exact_head
         if lower is None or losses[-1] - lower > BRACKET_WIDTH:
             return None
-        return lower, float(losses[-1])
+        return min(lower, float(losses[-1])), max(lower, float(losses[-1]))  # apart by rounding at most
+
+    @cached_property
+    def unifilar(self):
+        """True for a token-labelled HMM whose hidden state and token determine the next hidden state."""
+        if self.token_transitions is None:
+            return False
+        return bool(np.all((self.token_transitions > 0).sum(axis=2) <= 1))
 
     def _monte_carlo(self, seq_len, positions):
         """Per sampled sequence and position of `positions` (a slice of 0..L-2), the optimal predictor's
@@ -484,6 +491,8 @@ class HiddenMarkovModel(Process):
 
     @cached_property
     def _entropy_rate(self):
+        if self.unifilar:
+            return float(self._stationary @ entropy(self._emission_rows)), 0.0
         bracket = self._bracket()
         if bracket is not None:
             return (bracket[0] + bracket[1]) / 2, (bracket[1] - bracket[0]) / 2
@@ -495,7 +504,10 @@ class HiddenMarkovModel(Process):
     def entropy_rate(self):
         """The rate lim_t H(x_t | x_<t) of the token process; its error is theory's entropy_rate_se.
 
-        The midpoint of the exact bracket of _exact_head with half its width as
+        Exact for a unifilar token-labelled HMM: sum_i pi_i H(E[i]) (its state,
+        once known, stays known, so the rate is H(x | s) under the stationary
+        law pi; Crutchfield & Feldman 2003). Else
+        the midpoint of the exact bracket of _exact_head with half its width as
         a hard error bound, when that is below BRACKET_WIDTH / 2 (mess3: 1.2e-7).
         Else a Monte-Carlo estimate and its standard error: the mean optimal
         loss over positions B+1..2B (B = ENTROPY_RATE_BURN_IN) of independent

@@ -1,10 +1,17 @@
 """Stage predictors (Process.stage_losses) against brute-force enumeration, and `nanomarkov dynamics`."""
 
 import itertools
+import json
 
 import numpy as np
 import pytest
+import torch
 
+from nanomarkov.checkpoint import save_snapshot
+from nanomarkov.cli import main
+from nanomarkov.data import generate_dataset, load_dataset
+from nanomarkov.dynamics import PLOTS, crossing_levels, first_crossings
+from nanomarkov.model import GPT, GPTConfig
 from nanomarkov.processes.incontext import InContextChain
 from nanomarkov.processes.korder import KOrderChain
 from nanomarkov.processes.markov import MarkovChain
@@ -132,3 +139,137 @@ def test_stage_losses_without_marginals_use_the_long_run_unigram():
         stages["unigram"] == chain.unigram_loss() == pytest.approx(-(chain.stationary() @ np.log(chain.stationary())))
     )
     assert stages["optimal"] == chain.optimal_loss(16)
+
+
+# ------------------------------------------------------------ nanomarkov dynamics
+
+
+def test_first_crossings_on_a_hand_made_series():
+    values = [3.0, None, 2.5, 2.0, float("nan"), 1.5, 1.6, 1.0]
+    levels = {"uniform": 2.2, "unigram": 1.5, "optimal": 0.5, "exactly": 3.0}
+    assert first_crossings(values, levels) == {"uniform": 3, "unigram": 5, "optimal": None, "exactly": 0}
+
+
+def test_crossing_levels_leave_out_stages_below_the_optimum():
+    theory = {
+        "stages": {"uniform": 1.1, "unigram": 1.0, "in_context_unigram": 0.9, "optimal": 0.8, "oracle": 0.7},
+        "floor": 0.79,
+        "reached_excess": 0.003,
+    }
+    levels = crossing_levels(theory)
+    assert levels == {"uniform": 1.1, "unigram": 1.0, "in_context_unigram": 0.9, "optimal": pytest.approx(0.793)}
+
+
+def bigram_gpt(table, seq_len):
+    """A GPT whose next-token logits after token x are exactly table[x] (K+1 x K+1): embed -> head, no block."""
+    vocab = table.shape[0]
+    config = GPTConfig(
+        n_layer=0,
+        n_head=1,
+        n_embd=vocab,
+        vocab_size=vocab,
+        block_size=seq_len - 1,
+        use_ln=False,
+        pos_ape=False,
+        lm_head_tied=False,
+    )
+    model = GPT(config)
+    with torch.no_grad():
+        model.wte.weight.copy_(torch.eye(vocab))
+        model.lm_head.weight.copy_(torch.from_numpy(table.T.astype(np.float32)))
+    return model
+
+
+def logit_table(rows):
+    """Logits from next-state rows ((K+1) x K, row K after BOS), BOS's own logit far below the rest."""
+    return np.hstack([np.log(rows), np.full((rows.shape[0], 1), -40.0)])
+
+
+@pytest.fixture(scope="module")
+def markov_run(tmp_path_factory):
+    """A run folder whose snapshots are hand-made bigram models: uniform over K+1, a mixture, the true chain."""
+    root = tmp_path_factory.mktemp("dynamics")
+    generate_dataset(root / "data", 3, 20, 40, seq_len=12, alpha=0.3, seed=4)
+    chain = load_dataset(root / "data").chain
+    run = root / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"data_dir": str(root / "data")}))
+    true_rows = chain.transition_rows()
+    series = {
+        0: np.zeros((4, 4)),
+        10: logit_table(0.5 * true_rows + 0.5 / 3),
+        100: logit_table(true_rows),
+    }
+    for iter_num, table in series.items():
+        save_snapshot(bigram_gpt(table, 12), run, iter_num, iter_num * 110)
+    return run, chain, series
+
+
+def model_loss(table, tokens):
+    """Mean NLL, per position too, of a bigram model with these logits on BOS-led sequences (numpy)."""
+    log_q = table - np.log(np.exp(table).sum(axis=1, keepdims=True))
+    nll = -log_q[tokens[:, :-1], tokens[:, 1:]]
+    return nll.mean(), nll.mean(axis=0)
+
+
+def strict_json(path):
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_dynamics_of_hand_made_snapshots(markov_run, capsys):
+    run, chain, series = markov_run
+    assert main(["dynamics", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "crossed at iter 10" in out and "on the first 40 of 40 val sequences" in out
+    record = strict_json(run / "dynamics.json")
+    tokens = np.asarray(load_dataset(record["dataset"]).val, dtype=np.int64)
+    assert [e["iter"] for e in record["snapshots"]] == [0, 10, 100]
+    for entry, table in zip(record["snapshots"], series.values()):
+        loss, by_position = model_loss(table, tokens)
+        assert entry["val_loss"] == pytest.approx(loss, abs=1e-6)
+        assert entry["loss_by_position"] == pytest.approx(by_position, abs=1e-6)
+    exact = record["snapshots"][-1]
+    assert record["theory"]["floor"] == pytest.approx(chain.true_loss(tokens))
+    assert exact["excess"] == pytest.approx(0, abs=1e-6)
+    assert exact["optimal_kl"] == pytest.approx(0, abs=1e-6) and exact["transition_kl"] == pytest.approx(0, abs=1e-6)
+    assert record["theory"]["stages"] == pytest.approx(chain.stage_losses(12))
+    # By hand: uniform over K+1 costs log 4, above every stage; the mixture lies between unigram and optimum.
+    mixture = record["snapshots"][1]["val_loss"]
+    assert record["theory"]["stages"]["unigram"] > mixture > record["theory"]["floor"] + 0.003
+    assert record["crossings"] == {
+        "uniform": {"iter": 10, "tokens": 1100, "level": pytest.approx(np.log(3))},
+        "unigram": {"iter": 10, "tokens": 1100, "level": pytest.approx(record["theory"]["stages"]["unigram"])},
+        "optimal": {"iter": 100, "tokens": 11000, "level": pytest.approx(record["theory"]["floor"] + 0.003)},
+    }
+    for name in PLOTS:
+        assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dynamics_json_flag_and_out(markov_run, tmp_path, capsys):
+    run, _, _ = markov_run
+    assert main(["dynamics", str(run), "--json", "--val_sequences", "8", "--out", str(tmp_path / "out")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == strict_json(tmp_path / "out" / "dynamics.json")
+    assert printed["val_sequences"] == 8 and printed["val_sequences_total"] == 40
+    assert set(printed) >= {"run", "dataset", "process", "theory", "snapshots", "crossings", "timing"}
+
+
+@pytest.mark.parametrize(
+    ("make", "argv", "message"),
+    [
+        (lambda d: d.mkdir(), [], "no snapshots"),
+        (lambda d: None, [], "no such run folder"),
+        (lambda d: None, ["--val_sequences", "1"], "--val_sequences must be"),
+    ],
+)
+def test_dynamics_bad_input_is_one_line_and_exit_2(markov_run, tmp_path, capsys, make, argv, message):
+    run = markov_run[0] if "--val_sequences" in argv else tmp_path / "run"
+    make(tmp_path / "run")
+    assert main(["dynamics", str(run), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    if message == "no snapshots":
+        assert "--snapshots" in err

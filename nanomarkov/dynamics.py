@@ -20,6 +20,7 @@ below the stage's loss, and for the optimum, the first within REACHED_EXCESS of 
 (strict JSON) and three plots (PLOTS) into the run folder or `out`.
 """
 
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -232,22 +233,25 @@ def learning_coefficient(model, tokens, num_chains, num_draws, lr, n_beta, batch
         logits = net(input_ids[:, :-1])[0]
         return F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
 
-    result = llc(
-        model,
-        HFDataset.from_dict({"input_ids": tokens.tolist()}),
-        {},
-        lr=lr,
-        n_beta=n_beta or n_tokens / np.log(n_tokens),
-        loss_fn=per_token_loss,
-        num_chains=num_chains,
-        num_draws=num_draws,
-        batch_size=batch_size,
-        localization=localization,
-        device="cpu",
-    )
+    with tempfile.TemporaryDirectory() as scratch:  # devinterp writes its draws to a zarr store
+        result = llc(
+            model,
+            HFDataset.from_dict({"input_ids": tokens.tolist()}).with_format("torch"),
+            {},
+            lr=lr,
+            n_beta=n_beta or n_tokens / np.log(n_tokens),
+            loss_fn=per_token_loss,
+            num_chains=num_chains,
+            num_draws=num_draws,
+            batch_size=batch_size,
+            localization=localization,
+            device="cpu",
+            output_path=Path(scratch) / "samples.zarr",
+        )
+        mean, std = float(result["llc_mean"]), float(result["llc_std"])
     return {
-        "mean": float(result["llc_mean"]),
-        "std": float(result["llc_std"]),
+        "mean": mean,
+        "std": std,
         "seconds": round(time.perf_counter() - started, 3),
     }
 

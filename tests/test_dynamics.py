@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from nanomarkov.checkpoint import save_snapshot
 from nanomarkov.cli import main
 from nanomarkov.data import generate_dataset, load_dataset
-from nanomarkov.dynamics import PLOTS, crossing_levels, first_crossings
+from nanomarkov.dynamics import PLOTS, crossing_levels, first_crossings, learning_coefficient
 from nanomarkov.model import GPT, GPTConfig
 from nanomarkov.processes.incontext import InContextChain
 from nanomarkov.processes.korder import KOrderChain
@@ -273,3 +274,30 @@ def test_dynamics_bad_input_is_one_line_and_exit_2(markov_run, tmp_path, capsys,
     assert message in err and err.count("\n") == 1
     if message == "no snapshots":
         assert "--snapshots" in err
+
+
+# ------------------------------------------------------------ the learning coefficient (devinterp, optional)
+
+
+def test_llc_without_devinterp_is_one_line(markov_run, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "devinterp", None)  # as if not installed, whatever this environment has
+    monkeypatch.setitem(sys.modules, "devinterp.slt.llc", None)
+    assert main(["dynamics", str(markov_run[0]), "--llc"]) == 2
+    err = capsys.readouterr().err
+    assert "devinterp" in err and "pip install" in err and err.count("\n") == 1
+
+
+def test_learning_coefficient_is_larger_at_the_optimum(markov_run):
+    """At the true chain the loss rises around the weights (LLC > 0); far above the optimum SGLD
+    walks downhill, so the estimate is lower (negative)."""
+    pytest.importorskip("devinterp", reason="devinterp not installed (optional: pip install devinterp)")
+    run, chain, series = markov_run
+    tokens = load_dataset(json.loads((run / "config.json").read_text())["data_dir"]).val[:16]
+    settings = dict(num_chains=2, num_draws=10, lr=1e-4, n_beta=None, batch_size=8, localization=100.0)
+    exact = bigram_gpt(series[100], 12)
+    before = {name: value.clone() for name, value in exact.state_dict().items()}
+    at_optimum = learning_coefficient(exact, tokens, **settings)
+    far = learning_coefficient(bigram_gpt(series[0], 12), tokens, **settings)
+    assert set(at_optimum) == {"mean", "std", "seconds"}
+    assert at_optimum["mean"] > 0 > far["mean"]
+    assert all(torch.equal(before[name], value) for name, value in exact.state_dict().items())

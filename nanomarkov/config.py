@@ -156,6 +156,7 @@ RESUMABLE_CHANGES = frozenset(
         "wandb_run_name",
         "device",
         "compile",
+        "snapshots",
     }
 )
 

@@ -8,10 +8,18 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from test_train import BATCH, SEQ_LEN, Stop, config, fail_at, make_data, one_thread, run  # noqa: F401 (autouse)
 
 from nanomarkov import NanoMarkovError
 from nanomarkov.checkpoint import export_safetensors, list_snapshots, load_snapshot, save_snapshot
 from nanomarkov.model import GPT, GPTConfig
+from nanomarkov.sweep.grid import expand_grid
+from nanomarkov.train import snapshot_iters
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("data") / "d")
 
 
 def random_model(tied=True, seed=0):
@@ -102,3 +110,65 @@ def test_a_damaged_snapshot_is_refused_in_one_line(tmp_path, how, needle):
     message = str(error.value)
     assert needle in message and str(path) in message and "\n" not in message
     assert "--snapshots" in message
+
+
+# ------------------------------------------------------------------ the series a run keeps
+
+
+@pytest.mark.parametrize(
+    "n, max_iters, expected",
+    [
+        (4, 10000, [0, 1, 10, 100, 1000, 10000]),  # 10000^(k/4)
+        (3, 40, [0, 1, 3, 12, 40]),  # 40^(1/3) = 3.4, 40^(2/3) = 11.7
+        (3, 3, [0, 1, 2, 3]),  # more asked than there are iterations: every one
+        (5, 0, [0]),
+        (0, 100, []),
+    ],
+)
+def test_snapshot_iterations_are_log_spaced_with_the_first_and_the_last(n, max_iters, expected):
+    assert snapshot_iters(n, max_iters) == expected
+
+
+def test_snapshot_iterations_stay_distinct_where_rounding_would_merge_them():
+    iters = snapshot_iters(30, 600)
+    assert len(iters) == 32 and iters == sorted(set(iters)) and (iters[0], iters[-1]) == (0, 600)
+    assert iters[-2] == round(600 ** (29 / 30))  # the late ones are the log-spaced points themselves
+
+
+def snapshot_counts(out_dir):
+    return [(i, t) for i, t, _ in list_snapshots(out_dir)]
+
+
+def test_a_run_keeps_its_series_and_a_resume_with_more_iters_follows_the_new_one(data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    tokens_per_iter = BATCH * (SEQ_LEN - 1)
+    fail_at(monkeypatch, 23)  # after iter 22's snapshot, past the checkpoint of iter 20
+    with pytest.raises(Stop):
+        run(config(data, out, snapshots=6))
+    monkeypatch.undo()
+    # 40^(k/6): 1, 1.8, 3.4, 6.3, 11.7, 21.6, 40
+    assert snapshot_counts(out) == [(i, i * tokens_per_iter) for i in (0, 1, 2, 3, 6, 12, 22)]
+    first, counts = load_snapshot(list_snapshots(out)[0][2])
+    torch.manual_seed(42)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), GPT(first.config).state_dict().values()))
+    run(config(data, out, snapshots=6, init_from="resume", max_iters=60))
+    # Kept up to the checkpoint (20), then 60^(k/6): 1, 2.0, 3.9, 7.7, 15.3, 30.3, 60; iter 22 is gone.
+    assert snapshot_counts(out) == [(i, i * tokens_per_iter) for i in (0, 1, 2, 3, 6, 12, 30, 60)]
+    last, counts = load_snapshot(list_snapshots(out)[-1][2])
+    assert counts == {"iter": 60, "tokens": 60 * tokens_per_iter}
+    final = torch.load(out / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(last.state_dict()[name], final[name]) for name in final)
+    run(config(data, out), overwrite=True)  # a new run in the folder: the old series goes
+    assert snapshot_counts(out) == []
+
+
+def test_a_grid_passes_snapshots_and_the_data_source_to_its_runs(tmp_path):
+    grid = {
+        "defaults": {"snapshots": 30, "data_source": "online"},
+        "datasets": [{"n_states": 3, "train": 100, "val": 10}],
+        "experiments": [{"seeds": [1]}, {"seeds": [2], "overrides": {"data_source": "fixed"}, "tag": "fixed"}],
+    }
+    configs = [spec.config() for spec in expand_grid(grid, tmp_path)]
+    assert [(c.snapshots, c.data_source) for c in configs] == [(30, "online"), (30, "fixed")]
+    with pytest.raises(NanoMarkovError, match="data_source must be"):
+        expand_grid({**grid, "defaults": {"data_source": "live"}}, tmp_path)

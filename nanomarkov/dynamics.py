@@ -169,6 +169,8 @@ def run_dynamics(run_folder, data_dir=None, val_sequences=DEFAULT_VAL_SEQUENCES,
     `llc` is None (no learning coefficient) or the keyword arguments of learning_coefficient.
     """
     started = time.perf_counter()
+    if llc is not None:
+        import_devinterp()  # before any work: a missing library is said at once
     snapshots = snapshots_of(run_folder)
     full = run_dataset(run_folder, data_dir)
     dataset = val_subset(full, val_sequences)
@@ -212,19 +214,26 @@ def run_dynamics(run_folder, data_dir=None, val_sequences=DEFAULT_VAL_SEQUENCES,
 LLC_DEFAULTS = dict(num_chains=2, num_draws=100, lr=1e-4, n_beta=None, batch_size=16, localization=100.0)
 
 
+def import_devinterp():
+    """(datasets.Dataset, devinterp's llc), or one line saying how to install them."""
+    try:
+        # devinterp first: datasets (which it needs) may be there without it, and takes seconds to import
+        import devinterp.slt.llc
+        from datasets import Dataset as HFDataset
+    except ImportError:
+        raise NanoMarkovError(
+            "--llc needs the devinterp library: pip install 'nanomarkov[devinterp]' (or pip install devinterp)"
+        ) from None
+    return HFDataset, devinterp.slt.llc.llc
+
+
 def learning_coefficient(model, tokens, num_chains, num_draws, lr, n_beta, batch_size, localization):
     """The local learning coefficient of `model` at its weights on BOS-led `tokens`, by SGLD (devinterp).
 
     n_beta None: n / log n with n the number of predicted tokens, the usual inverse temperature.
     Returns {"mean", "std" (over chains), "seconds"}. devinterp is an optional dependency.
     """
-    try:
-        from datasets import Dataset as HFDataset
-        from devinterp.slt.llc import llc
-    except ImportError:
-        raise NanoMarkovError(
-            "--llc needs the devinterp library: pip install 'nanomarkov[devinterp]' (or pip install devinterp)"
-        ) from None
+    HFDataset, llc = import_devinterp()
     tokens = np.asarray(tokens, dtype=np.int64)
     n_tokens = tokens.shape[0] * (tokens.shape[1] - 1)
     started = time.perf_counter()
@@ -330,30 +339,38 @@ def plot_loss(record):
     top.axhline(theory["floor"], color="0.3", lw=1, label=f"floor {theory['floor']:.4f}")
     excess = loss - theory["floor"]
     bottom.plot(tokens[excess > 0], excess[excess > 0], "o-", ms=3, color="k", label="val loss − floor")
-    for i, (name, level) in enumerate(theory["stages"].items()):
-        colour = f"C{i}"
-        top.axhline(level, color=colour, ls="--", lw=1.2, label=f"{name} {level:.4f}")
+    colours = {name: f"C{i}" for i, name in enumerate(theory["stages"])}
+    for name, level in theory["stages"].items():
+        top.axhline(level, color=colours[name], ls="--", lw=1.2, label=f"{name} {level:.4f}")
         if level > theory["floor"]:
-            bottom.axhline(level - theory["floor"], color=colour, ls="--", lw=1.2)
-        crossing = record["crossings"].get(name)
-        if crossing is not None:
-            for ax in (top, bottom):
-                ax.axvline(crossing["tokens"], color=colour, ls=":", lw=1.2)
-            top.annotate(
-                f"{name} @ iter {crossing['iter']}",
-                (crossing["tokens"], level),
-                xytext=(4, 4),
-                textcoords="offset points",
-                color=colour,
-                fontsize=8,
-            )
+            bottom.axhline(level - theory["floor"], color=colours[name], ls="--", lw=1.2)
+    _mark_crossings((top, bottom), record["crossings"], theory["stages"], colours)
     top.set_ylabel("cross-entropy (nats/token)")
     top.set_title(f"{record['run']}: loss against the stages ({record['val_sequences']} val sequences)")
-    top.legend(fontsize=8)
+    top.legend(fontsize=8, loc="upper right")
     bottom.set_yscale("log")
     bottom.set_ylabel("excess over floor (nats, log)")
     _tokens_axis([top, bottom], entries)
     return fig
+
+
+def _mark_crossings(axes, crossings, stages, colours):
+    """A dotted vertical line where each stage was first crossed; stages crossed at one snapshot share a label."""
+    by_iter = {}
+    for name, crossing in crossings.items():
+        if crossing is not None:
+            by_iter.setdefault((crossing["iter"], crossing["tokens"]), []).append(name)
+    for (iter_num, tokens), names in by_iter.items():
+        for ax in axes:
+            ax.axvline(tokens, color=colours[names[0]], ls=":", lw=1.2)
+        axes[0].annotate(
+            f"{', '.join(names)} @ iter {iter_num}",
+            (tokens, max(stages[name] for name in names)),
+            xytext=(4, 4),
+            textcoords="offset points",
+            color=colours[names[0]],
+            fontsize=8,
+        )
 
 
 def _series(entries, key):

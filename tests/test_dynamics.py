@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -16,6 +17,7 @@ from nanomarkov.model import GPT, GPTConfig
 from nanomarkov.processes.incontext import InContextChain
 from nanomarkov.processes.korder import KOrderChain
 from nanomarkov.processes.markov import MarkovChain
+from nanomarkov.sweep.run import write_dynamics_reports
 
 # ------------------------------------------------------------ stage losses by enumeration
 
@@ -249,8 +251,16 @@ def test_dynamics_of_hand_made_snapshots(markov_run, capsys):
         assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def one_snapshot_copy(run, folder):
+    """A copy of the run folder with its first snapshot only (a quicker run of dynamics)."""
+    shutil.copytree(run, folder)
+    for snapshot in sorted((folder / "snapshots").iterdir())[1:]:
+        snapshot.unlink()
+    return folder
+
+
 def test_dynamics_json_flag_and_out(markov_run, tmp_path, capsys):
-    run, _, _ = markov_run
+    run = one_snapshot_copy(markov_run[0], tmp_path / "run")
     assert main(["dynamics", str(run), "--json", "--val_sequences", "8", "--out", str(tmp_path / "out")]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == strict_json(tmp_path / "out" / "dynamics.json")
@@ -293,7 +303,7 @@ def test_learning_coefficient_is_larger_at_the_optimum(markov_run):
     pytest.importorskip("devinterp", reason="devinterp not installed (optional: pip install devinterp)")
     run, chain, series = markov_run
     tokens = load_dataset(json.loads((run / "config.json").read_text())["data_dir"]).val[:16]
-    settings = dict(num_chains=2, num_draws=10, lr=1e-4, n_beta=None, batch_size=8, localization=100.0)
+    settings = dict(num_chains=2, num_draws=5, lr=1e-4, n_beta=None, batch_size=8, localization=100.0)
     exact = bigram_gpt(series[100], 12)
     before = {name: value.clone() for name, value in exact.state_dict().items()}
     at_optimum = learning_coefficient(exact, tokens, **settings)
@@ -301,3 +311,16 @@ def test_learning_coefficient_is_larger_at_the_optimum(markov_run):
     assert set(at_optimum) == {"mean", "std", "seconds"}
     assert at_optimum["mean"] > 0 > far["mean"]
     assert all(torch.equal(before[name], value) for name, value in exact.state_dict().items())
+
+
+def test_a_sweep_report_runs_dynamics_where_a_run_kept_snapshots(markov_run, tmp_path):
+    runs = tmp_path / "runs"
+    one_snapshot_copy(markov_run[0], runs / "with")
+    (runs / "without").mkdir()
+    for name in ("with", "without"):
+        (runs / name / "done.json").write_text("{}")
+    lines = []
+    assert write_dynamics_reports(runs, lines.append) == [str(runs / "with")]
+    assert strict_json(runs / "with" / "dynamics.json")["snapshots"]
+    assert not (runs / "without" / "dynamics.json").exists()
+    assert any("dynamics written in 1 run(s)" in line for line in lines)

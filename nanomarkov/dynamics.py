@@ -417,22 +417,24 @@ def plot_metrics(record):
 
 
 def _plot_attention(ax, tokens, entries):
-    """Per head, the mean attention on the current token (solid) and on BOS (dashed)."""
+    """Per head, the mean attention on the current token (solid), on BOS (dashed) and on earlier states (dotted)."""
     layers = entries[0]["attention"]["layers"]
     current = np.array([e["attention"]["current"] for e in entries], dtype=float)  # (snapshots, layers, heads)
     bos = np.array([e["attention"]["bos"] for e in entries], dtype=float)
+    earlier = np.array([e["attention"]["earlier"] for e in entries], dtype=float)
     for i, layer in enumerate(layers):
         for h in range(current.shape[2]):
             colour = f"C{(i * current.shape[2] + h) % 10}"
             ax.plot(tokens, current[:, i, h], "-", color=colour, label=f"L{layer}H{h} current")
             ax.plot(tokens, bos[:, i, h], "--", color=colour, label=f"L{layer}H{h} BOS")
+            ax.plot(tokens, earlier[:, i, h], ":", color=colour, label=f"L{layer}H{h} earlier states")
     ax.set_ylim(0, 1)
     ax.set_ylabel("mean attention weight")
     ax.legend(fontsize=7, ncol=2)
 
 
 def plot_by_position(record):
-    """Loss at each position, one line per snapshot (dark early, light late), against the optimum there."""
+    """Loss at each position, one line per snapshot (blue early, green late), against the optimum there."""
     theory, entries = record["theory"], record["snapshots"]
     optimum = np.array(theory["optimal_loss_by_position"])
     positions = np.arange(1, optimum.size + 1)
@@ -442,7 +444,7 @@ def plot_by_position(record):
         shade = 0.15 + 0.8 * i / max(1, len(entries) - 1)
         ax.plot(positions, e["loss_by_position"], color=(0.1, 0.3 + 0.5 * shade, 1 - shade), lw=1)
     ax.plot(positions, optimum, color="k", ls="--", lw=1.5, label="optimal predictor (expected)")
-    ax.plot([], [], color=(0.1, 0.4, 0.8), label=f"model, {len(entries)} snapshots (dark: early, green: late)")
+    ax.plot([], [], color=(0.1, 0.4, 0.8), label=f"model, {len(entries)} snapshots (blue: early, green: late)")
     ax.set_xscale("log")
     ax.set_xlabel("predicted position t")
     ax.set_ylabel("loss (nats)")

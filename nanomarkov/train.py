@@ -401,8 +401,7 @@ class TrainingLoop:
     def run(self, stop):
         """Train to max_iters, or until `stop` is requested: 'done' or 'interrupted'; either end is evaluated and saved."""
         cfg = self.setup.cfg
-        if not self.resumed:
-            self.snapshot()
+        self.snapshot()  # resumed, the checkpoint's weights: the same file again, or one a new series adds
         if self.it % cfg.eval_interval == 0 and not self.resumed:
             self.evaluate_and_checkpoint()
         while self.it < cfg.max_iters:

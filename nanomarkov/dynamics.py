@@ -75,6 +75,10 @@ def run_dataset(run_folder, data_dir=None):
         data_dir = read_json(config_path, what="run config", fix="pass --data DIR").get("data_dir")
         if not isinstance(data_dir, str):
             raise NanoMarkovError(f"{config_path}: no data_dir; pass --data DIR")
+        if not Path(data_dir).is_dir():
+            raise NanoMarkovError(
+                f"dataset {data_dir} of {run_folder} not found; run from the folder you trained in, or pass --data DIR"
+            )
     return load_dataset(data_dir, verify=False)
 
 
@@ -136,6 +140,8 @@ def measure_snapshot(model, dataset):
         "loss_by_position": by_position.tolist(),
         "outputs_finite": result["outputs_finite"],
     }
+    if not result["outputs_finite"]:  # broken weights: nothing inside the model to probe either
+        return measured | {"optimal_kl": None, "loss_by_position": None, "belief_r2": None, "attention": None}
     if dataset.chain.BELIEF_STATES:
         probe = belief_state_probe(model, dataset, n_sequences=dataset.val.shape[0])
         measured["belief_r2"] = {"layers": probe["layers"], "r2": probe["r2"].tolist()}
@@ -274,13 +280,13 @@ def format_dynamics(record):
     extra = [("transition KL", "transition_kl"), ("korder KL", "korder_kl")]
     extra = [(title, key) for title, key in extra if any(e.get(key) is not None for e in entries)]
     head = ["iter", "tokens", "val loss", "excess", "optimal KL"] + [title for title, _ in extra]
-    has_probe = any("belief_r2" in e for e in entries)
+    has_probe = any(e.get("belief_r2") for e in entries)
     head += ["belief R²"] if has_probe else []
     rows = []
     for e in entries:
         cells = [str(e["iter"]), f"{e['tokens']:,}", *(_number(e[key], ".4f") for key in ("val_loss", "excess"))]
         cells += [_number(e["optimal_kl"], ".5f")] + [_number(e[key], ".5f") for _, key in extra]
-        cells += [_number(e["belief_r2"]["r2"][-1], ".3f")] if has_probe else []
+        cells += [_number(e["belief_r2"]["r2"][-1] if e.get("belief_r2") else None, ".3f")] if has_probe else []
         rows.append(cells)
     widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
     lines = [
@@ -381,9 +387,9 @@ def plot_metrics(record):
     """KL to the optimum (and to the transition rows), accuracy, belief R² (hmm), attention per head."""
     entries = record["snapshots"]
     tokens = np.array([e["tokens"] for e in entries], dtype=float)
-    attention = [np.array(e["attention"]["current"]) for e in entries]
-    panels = ["kl", "accuracy"] + (["probe"] if "belief_r2" in entries[0] else [])
-    panels += ["attention"] if attention[0].size else []
+    finite = [e for e in entries if e["outputs_finite"]]  # the others have no probe or attention to show
+    panels = ["kl", "accuracy"] + (["probe"] if finite and finite[0].get("belief_r2") else [])
+    panels += ["attention"] if finite and np.array(finite[0]["attention"]["current"]).size else []
     fig = Figure(figsize=(9, 3.2 * len(panels)), layout="constrained")
     axes = dict(zip(panels, np.atleast_1d(fig.subplots(len(panels), 1, sharex=True))))
     ax = axes["kl"]
@@ -400,25 +406,25 @@ def plot_metrics(record):
         ax.axhline(first_order, color="C3", ls="--", lw=1.2, label=f"best first-order predictor {first_order:.4f}")
     ax.set_yscale("log")
     ax.set_ylabel("nats")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # nothing to label when no snapshot's outputs were finite
+        ax.legend(fontsize=8)
     axes["accuracy"].plot(tokens, _series(entries, "accuracy"), "o-", ms=3, color="k")
     axes["accuracy"].set_ylabel("accuracy")
     if "probe" in axes:
-        layers = entries[0]["belief_r2"]["layers"]
-        r2 = np.array([e["belief_r2"]["r2"] for e in entries], dtype=float)
-        for i, layer in enumerate(layers):
-            axes["probe"].plot(tokens, r2[:, i], "o-", ms=3, label=layer)
+        r2 = np.array([e["belief_r2"]["r2"] for e in finite], dtype=float)
+        for i, layer in enumerate(finite[0]["belief_r2"]["layers"]):
+            axes["probe"].plot([e["tokens"] for e in finite], r2[:, i], "o-", ms=3, label=layer)
         axes["probe"].set_ylabel("belief-state probe R²")
         axes["probe"].legend(fontsize=8)
     if "attention" in axes:
-        _plot_attention(axes["attention"], tokens, entries)
+        _plot_attention(axes["attention"], finite)
     _tokens_axis(list(axes.values()), entries)
     return fig
 
 
-def _plot_attention(ax, tokens, entries):
+def _plot_attention(ax, entries):
     """Per head, the mean attention on the current token (solid), on BOS (dashed) and on earlier states (dotted)."""
-    layers = entries[0]["attention"]["layers"]
+    layers, tokens = entries[0]["attention"]["layers"], [e["tokens"] for e in entries]
     current = np.array([e["attention"]["current"] for e in entries], dtype=float)  # (snapshots, layers, heads)
     bos = np.array([e["attention"]["bos"] for e in entries], dtype=float)
     earlier = np.array([e["attention"]["earlier"] for e in entries], dtype=float)
@@ -441,6 +447,8 @@ def plot_by_position(record):
     fig = Figure(figsize=(9, 5), layout="constrained")
     ax = fig.subplots()
     for i, e in enumerate(entries):
+        if e["loss_by_position"] is None:  # outputs not finite
+            continue
         shade = 0.15 + 0.8 * i / max(1, len(entries) - 1)
         ax.plot(positions, e["loss_by_position"], color=(0.1, 0.3 + 0.5 * shade, 1 - shade), lw=1)
     ax.plot(positions, optimum, color="k", ls="--", lw=1.5, label="optimal predictor (expected)")

@@ -324,3 +324,15 @@ def test_a_sweep_report_runs_dynamics_where_a_run_kept_snapshots(markov_run, tmp
     assert strict_json(runs / "with" / "dynamics.json")["snapshots"]
     assert not (runs / "without" / "dynamics.json").exists()
     assert any("dynamics written in 1 run(s)" in line for line in lines)
+
+
+def test_a_snapshot_with_broken_weights_is_null_not_nan(markov_run, tmp_path):
+    run = one_snapshot_copy(markov_run[0], tmp_path / "run")
+    broken = bigram_gpt(np.full((4, 4), np.nan), 12)
+    (snapshot,) = (run / "snapshots").iterdir()
+    snapshot.unlink()
+    save_snapshot(broken, run, 5, 550)
+    assert main(["dynamics", str(run)]) == 0
+    (entry,) = strict_json(run / "dynamics.json")["snapshots"]
+    assert entry["outputs_finite"] is False
+    assert entry["val_loss"] is None and entry["optimal_kl"] is None and entry["loss_by_position"] is None

@@ -26,8 +26,10 @@ from nanomarkov.data import (
     import_hmmlearn,
     load_dataset,
 )
+from nanomarkov.dynamics import DEFAULT_VAL_SEQUENCES, LLC_DEFAULTS, format_dynamics, run_dynamics, write_dynamics
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
 from nanomarkov.evaluate import evaluate_checkpoints, format_eval, nonfinite_message
+from nanomarkov.files import json_text
 from nanomarkov.interp.hf import export_hf
 from nanomarkov.processes import DEFAULT_PROCESS, PROCESSES, load_plugins
 from nanomarkov.report import format_summary, write_report
@@ -305,6 +307,40 @@ def cmd_report(args):
     return 0
 
 
+def cmd_dynamics(args):
+    llc = dict(LLC_DEFAULTS) if args.llc else None
+    record = run_dynamics(
+        args.run, data_dir=args.data, val_sequences=args.val_sequences, llc=llc, show_progress=sys.stderr.isatty()
+    )
+    written = write_dynamics(record, args.out or args.run)
+    if args.json:
+        print(json_text(record), end="")
+    else:
+        print(format_dynamics(record))
+        print(f"\nwritten: {', '.join(str(path) for path in written)}")
+    return 0
+
+
+def _add_dynamics(verbs):
+    dyn = verbs.add_parser(
+        "dynamics",
+        help="every snapshot of a run against the exact theory: stages crossed, KLs, probes, attention",
+        epilog="example: nanomarkov train data/icl3 --snapshots 30, then nanomarkov dynamics trainings/icl3/icl3-42",
+    )
+    dyn.add_argument("run", help="a run folder trained with --snapshots N")
+    dyn.add_argument("--data", default=None, help="dataset folder (default: the one the run trained on)")
+    dyn.add_argument("--out", default=None, help="output folder (default: the run folder)")
+    dyn.add_argument("--json", action="store_true", help="print dynamics.json instead of the table")
+    dyn.add_argument(
+        "--val_sequences",
+        type=int,
+        default=DEFAULT_VAL_SEQUENCES,
+        help=f"val sequences evaluated per snapshot, the first ones (default {DEFAULT_VAL_SEQUENCES})",
+    )
+    dyn.add_argument("--llc", action="store_true", help="estimate the learning coefficient too (needs devinterp; slow)")
+    dyn.set_defaults(func=cmd_dynamics)
+
+
 def cmd_sweep(args):
     if args.target == "status":
         if not args.folder or args.out or args.dry_run or args.jobs != 1:
@@ -544,6 +580,7 @@ def build_parser():
     rep.set_defaults(func=cmd_report)
 
     _add_sweep(verbs)
+    _add_dynamics(verbs)
 
     ex = verbs.add_parser(
         "export",

@@ -344,6 +344,32 @@ class InContextChain(Process):
         theory = self.monte_carlo(seq_len)
         return {key.removesuffix("_se"): value for key, value in theory.items() if key.endswith("_se")}
 
+    # The stage predictors of stage_losses, worst first, and the theory key of each.
+    STAGE_KEYS = {
+        "uniform": "uniform_loss",
+        "unigram": "unigram_loss",
+        "in_context_unigram": "unigram_in_context_loss",
+        "optimal": "optimal_loss",
+        "oracle": "oracle_loss",
+    }
+
+    def stage_losses(self, seq_len):
+        """Estimates from theory's sample (errors: stage_loss_errors), worst first:
+        uniform, unigram    as for every process (unigram: H of the mean law of x_t over positions)
+        in_context_unigram  add-concentration counts of the states seen so far, ignoring the
+                            current one: q_t(j) = (#{s <= t: x_s = j} + alpha_j) / (t + sum alpha),
+                            startprob for x1 (the stage before the model reads transitions)
+        optimal             the Bayes predictor (optimal_loss)
+        oracle              the predictor that knows the sequence's own matrix: below the optimum,
+                            which must learn the matrix from the sequence
+        """
+        theory = self.monte_carlo(seq_len)
+        return {name: float(theory[key]) for name, key in self.STAGE_KEYS.items()}
+
+    def stage_loss_errors(self, seq_len):
+        theory = self.monte_carlo(seq_len)
+        return {name: float(theory.get(f"{key}_se", 0.0)) for name, key in self.STAGE_KEYS.items()}
+
     @cached_property
     def _long_run(self):
         """(entropy rate, its error, unigram loss, its error) over a sample of matrices alone, from THEORY_SEED."""

@@ -76,6 +76,7 @@ class Process:
       FOLDER_PREFIX  the default folder name before K (None: the process name; markov: "mm")
       SUMMARY     one line for `nanomarkov generate --help`
       ARRAYS      the names of the arrays saved in chain.npz; `cls(**arrays)` rebuilds the process
+      OPTIONAL_ARRAYS  names chain.npz holds only where arrays() gives them (absent: the constructor's default)
       OPTIONS     its generation options beyond K, seed, alpha and sparsity: a tuple of `Option`
       RECIPE      TrainConfig fields the default recipe changes for this process ({}: none)
       METRICS     the metric families of METRIC_FAMILIES that `eval` runs on it
@@ -87,6 +88,7 @@ class Process:
     FOLDER_PREFIX = None  # the default folder's name before K (None: the process name)
     SUMMARY = ""
     ARRAYS = ()
+    OPTIONAL_ARRAYS = ()
     OPTIONS = ()
     RECIPE = {}
     METRICS = ("optimal_fidelity",)

@@ -680,7 +680,8 @@ class InContextChain(Process):
         n, positions = states.shape
         rows, law = np.arange(n), self.start_law()[0]
         by_position = np.empty((n, positions))
-        by_position[:, 0] = cross_entropy(starts, law)
+        # H(law) on average; exactly that where the law is exact (1/K), so position 1 shows no rounding.
+        by_position[:, 0] = entropy(law) if not self.start_law()[1].any() else cross_entropy(starts, law)
         sums = {
             "optimal_accuracy": starts[:, law.argmax()].copy(),
             "oracle_loss": entropy(starts, axis=1),

@@ -65,15 +65,30 @@ def _progress_bar(total, description):
     )
 
 
+def states_to_generate(process, n_states):
+    """K: the one given, or the process's own where it fixes K (a K that contradicts it is refused)."""
+    fixed = PROCESSES[process].N_STATES
+    if fixed is None:
+        if n_states is None:
+            raise NanoMarkovError(f"--process {process} needs K, the number of states: nanomarkov generate K ...")
+        return n_states
+    if n_states not in (None, fixed):
+        raise NanoMarkovError(
+            f"--process {process} has K = {fixed} tokens, fixed by the process; got K = {n_states} (leave K out)"
+        )
+    return fixed
+
+
 def cmd_generate(args):
     options = {option.name: getattr(args, option.name) for option in _all_options()}
-    out = Path(args.out) if args.out else default_data_dir(args.n_states, args.sparsity, args.process, **options)
+    n_states = states_to_generate(args.process, args.n_states)
+    out = Path(args.out) if args.out else default_data_dir(n_states, args.sparsity, args.process, **options)
     seq_len = args.seq_len
-    total = (args.train + args.val) * (seq_len or default_seq_len(args.n_states))
+    total = (args.train + args.val) * (seq_len or default_seq_len(n_states))
     with _progress_bar(total, f"generate {out}") as bar:
         meta = generate_dataset(
             out,
-            args.n_states,
+            n_states,
             args.train,
             args.val,
             sparsity=args.sparsity,
@@ -212,6 +227,9 @@ def cmd_train(args, extra):
     overrides = parse_overrides(extra)
     if args.resume:
         overrides["init_from"] = "resume"
+    overrides.update(
+        {k: v for k, v in (("snapshots", args.snapshots), ("data_source", args.data_source)) if v is not None}
+    )
     results = []
     for cfg in _train_configs(args, overrides):
         done = train(cfg, overwrite=args.force)
@@ -358,7 +376,13 @@ def _all_options():
 
 def _add_generate(verbs):
     gen = verbs.add_parser("generate", help="sample a random chain's train/val sequences into a dataset folder")
-    gen.add_argument("n_states", type=int, help="number of states K (vocabulary K+1 with BOS)")
+    gen.add_argument(
+        "n_states",
+        type=int,
+        nargs="?",
+        default=None,
+        help="number of states K (vocabulary K+1 with BOS); left out for a named process, which fixes its K",
+    )
     gen.add_argument("--train", type=int, default=10000, help="training sequences (default 10000)")
     gen.add_argument("--val", type=int, default=1000, help="validation sequences (default 1000)")
     gen.add_argument(
@@ -485,6 +509,12 @@ def _add_train(verbs):
     )
     tr.add_argument("--resume", action="store_true", help="continue the run in out_dir from its checkpoint")
     tr.add_argument("--force", action="store_true", help="start over in an out_dir that already holds a run")
+    tr.add_argument(
+        "--snapshots", type=int, default=None, metavar="N", help="keep N+2 weight snapshots at log-spaced iterations"
+    )
+    tr.add_argument(
+        "--data_source", default=None, metavar="fixed|online", help="online: fresh sequences from the process each step"
+    )
     tr.set_defaults(func=cmd_train, takes_overrides=True)
 
 

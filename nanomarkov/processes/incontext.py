@@ -162,8 +162,6 @@ class InContextChain(Process):
     process = "icl"
     SUMMARY = "in-context chain, a fresh Dirichlet matrix per sequence (needs attention to learn)"
     ARRAYS = ("concentration", "startprob", "support_size")
-    # chain.npz holds the start rule only when it is not the default, so datasets written before it load.
-    OPTIONAL_ARRAYS = ("start",)
     OPTIONS = (
         Option(
             "start",
@@ -235,6 +233,13 @@ class InContextChain(Process):
     def options(self):
         """{"start": "stationary"} for the stationary start; {} for the default, as before the option existed."""
         return {} if self.start == "uniform" else {"start": self.start}
+
+    @classmethod
+    def from_arrays(cls, arrays):
+        """The process arrays() saved: chain.npz holds the start rule ("start") only when it is not the
+        default, so a dataset written before the rule existed loads with the uniform start."""
+        start = arrays["start"] if "start" in arrays else "uniform"
+        return cls(**{name: arrays[name] for name in cls.ARRAYS}, start=start)
 
     def arrays(self):
         """The arrays of chain.npz; the start rule joins them (a 0-d str array) when it is not the default."""

@@ -81,6 +81,9 @@ PREDICTOR_SEED = 1
 # Bayes predictor's gain over the conjugate one, and Monte-Carlo draws of matrices for the prior
 # mean of the stationary law when states differ.
 GAIN_SEQUENCES = 1000
+# The stationary start's largest K: at K = 20 its predictor takes ~0.15 s per sequence of 128 tokens
+# on one CPU core (eval's val split, theory's GAIN_SEQUENCES), growing as K^3.
+MAX_STATIONARY_STATES = 20
 START_LAW_MATRICES = 200_000
 
 # random()'s largest K: theory at K=100, L=256 takes 4 s, and beyond K^2 * MIN_THEORY_SEQUENCES
@@ -204,6 +207,11 @@ class InContextChain(Process):
             raise NanoMarkovError(
                 "start 'stationary' needs dense rows (no --sparsity): a sparse row's matrix can have "
                 "several stationary laws"
+            )
+        if start == "stationary" and k > MAX_STATIONARY_STATES:
+            raise NanoMarkovError(
+                f"start 'stationary' goes up to K = {MAX_STATIONARY_STATES}, got {k}: its Bayes predictor weighs "
+                f"{PREDICTOR_PARTICLES} sampled K x K matrices at every position of every sequence"
             )
         for array in (concentration, startprob, support_size):
             array.flags.writeable = False

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import chi2
 
+from nanomarkov.cli import main
 from nanomarkov.data import generate_dataset, load_dataset
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.processes import incontext
@@ -118,6 +119,8 @@ def test_start_rule_survives_the_arrays_and_refuses_bad_values():
         InContextChain([1.0, 1.0], [0.5, 0.5], 2, start="fixed")
     with pytest.raises(NanoMarkovError, match="dense rows"):
         InContextChain.random(4, sparsity=50, start="stationary")
+    with pytest.raises(NanoMarkovError, match="goes up to K = 20"):
+        InContextChain.random(21, start="stationary")
 
 
 def test_positive_stationary_matches_the_linear_solve():
@@ -128,6 +131,8 @@ def test_positive_stationary_matches_the_linear_solve():
 def test_a_dataset_reloads_with_its_start_rule(tmp_path, monkeypatch):
     monkeypatch.setattr(incontext, "THEORY_SEQUENCES", 1000)
     monkeypatch.setattr(incontext, "GAIN_SEQUENCES", 100)
+    command = "generate 3 --process icl --start stationary --train 20 --val 10 --seq_len 6 --out"
+    assert main([*command.split(), str(tmp_path / "stationary")]) == 0
     for start in ("stationary", None):
         folder = tmp_path / str(start)
         meta = generate_dataset(folder, 3, 20, 10, seq_len=6, process="icl", start=start)

@@ -40,8 +40,11 @@ couples the rows and is no Dirichlet term, so there is no closed form:
 
 E_D over D, the conjugate (uniform-start) posterior given the counts. The first
 is 1/K exactly when every state is alike (one concentration), else a Monte-Carlo
-mean; the second is estimated by self-normalised importance sampling: particles
-drawn from D, weighted by pi_P(x1) (module docstring of `StationaryPredictor`).
+mean; the second is estimated by importance sampling: particles drawn from D,
+weighted by pi_P(x1), with E_D[P_s] as a control variate (`_particle_predictions`).
+`theory` scores the conjugate predictor exactly per sequence and adds the Bayes
+predictor's small gain over it, estimated on fewer sequences (`_add_particle_gain`);
+`true_loss` averages the estimated predictor's log-losses. All carry errors.
 """
 
 import math

@@ -56,8 +56,8 @@ def conditional_entropies(probs, n_positions):
 
 @pytest.mark.parametrize("concentration", [(1.0, 1.0), (0.7, 1.8)])
 def test_theory_by_position_matches_quadrature(concentration, monkeypatch):
-    monkeypatch.setattr(incontext, "THEORY_SEQUENCES", 5000)  # the errors say how far to trust it
-    monkeypatch.setattr(incontext, "START_LAW_MATRICES", 50_000)
+    monkeypatch.setattr(incontext, "THEORY_SEQUENCES", 3000)  # the errors say how far to trust it
+    monkeypatch.setattr(incontext, "START_LAW_MATRICES", 20_000)
     chain = InContextChain(concentration, [0.5, 0.5], 2, start="stationary")
     exact = conditional_entropies(exact_probabilities(concentration, 4), 4)
     losses, errors = chain.optimal_loss_by_position(5)
@@ -68,7 +68,7 @@ def test_theory_by_position_matches_quadrature(concentration, monkeypatch):
 
 
 def test_start_law_is_the_prior_mean_of_the_stationary_law(monkeypatch):
-    monkeypatch.setattr(incontext, "START_LAW_MATRICES", 50_000)
+    monkeypatch.setattr(incontext, "START_LAW_MATRICES", 20_000)
     concentration = (0.7, 1.8)
     a, b, weights = row_grid(concentration)
     exact = np.array([(weights * b / (a + b)).sum(), (weights * a / (a + b)).sum()])
@@ -99,7 +99,7 @@ def test_predictor_averages_to_the_exact_conditionals():
 
 def test_sampler_draws_the_stationary_start():
     """Frequencies of the 16 sequences of four states against the quadrature's probabilities (chi-square)."""
-    concentration, n, draws = (0.7, 1.8), 4, 8000
+    concentration, n, draws = (0.7, 1.8), 4, 5000
     probs = exact_probabilities(concentration, n)
     chain = InContextChain(concentration, [0.5, 0.5], 2, start="stationary")
     tokens = chain.sample(draws, n + 1, np.random.default_rng(3))[:, 1:].astype(int)

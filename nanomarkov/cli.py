@@ -28,6 +28,7 @@ from nanomarkov.data import (
 )
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
 from nanomarkov.evaluate import evaluate_checkpoints, format_eval, nonfinite_message
+from nanomarkov.interp.hf import export_hf
 from nanomarkov.processes import DEFAULT_PROCESS, PROCESSES, load_plugins
 from nanomarkov.report import format_summary, write_report
 from nanomarkov.sweep import run_sweep
@@ -340,6 +341,10 @@ def cmd_sweep(args):
 def cmd_export(args):
     if not Path(args.checkpoint).is_file():
         raise NanoMarkovError(f"{args.checkpoint}: no checkpoint there (a run folder's ckpt.pt)")
+    if args.format == "hf":
+        out = export_hf(args.checkpoint, args.out)
+        print(f"written: {out} (GPT-2); in Python: transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+        return 0
     out = export_safetensors(args.checkpoint, args.out)
     print(f"written: {out}/model.safetensors, {out}/config.json; in Python: nanomarkov.load({str(out)!r})")
     return 0
@@ -546,12 +551,17 @@ def build_parser():
 
     ex = verbs.add_parser(
         "export",
-        help="write a checkpoint's model as model.safetensors + config.json (no pickle)",
+        help="write a checkpoint's model as model.safetensors + config.json (no pickle), or as a Hugging Face GPT-2",
         epilog="example: nanomarkov export trainings/MM/MM-10/MM-10-42/ckpt.pt --out exports/mm10",
     )
     ex.add_argument("checkpoint", help="a ckpt.pt")
-    ex.add_argument("--format", choices=["safetensors"], default="safetensors", help="only safetensors for now")
-    ex.add_argument("--out", required=True, help="output folder (created; its two files are replaced)")
+    ex.add_argument(
+        "--format",
+        choices=["safetensors", "hf"],
+        default="safetensors",
+        help="safetensors: for nanomarkov.load; hf: a GPT-2 folder for transformers (the hf extra)",
+    )
+    ex.add_argument("--out", required=True, help="output folder (created; an earlier export there is replaced)")
     ex.set_defaults(func=cmd_export)
 
     _add_import_hmmlearn(verbs)

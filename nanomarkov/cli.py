@@ -282,7 +282,11 @@ def cmd_eval(args):
     written = evaluate_checkpoints(args.checkpoints, data_dir=args.data, out=args.out)
     for folder, result in written:
         print(format_eval(result))
-        arrays = "".join(f", {name}" for name in ("learned_matrix.npy", "per_state.npz") if (folder / name).is_file())
+        arrays = "".join(
+            f", {name}"
+            for name in ("learned_matrix.npy", "per_state.npz", "loss_by_position.npz")
+            if (folder / name).is_file()
+        )
         print(f"\nwritten: {folder}/eval.json, eval.md{arrays}\n")
     broken = nonfinite_message(written)  # a model that cannot be measured failed, as a diverged run does: exit 1
     if broken:
@@ -295,7 +299,7 @@ def cmd_report(args):
     print(format_summary(report["summary"]))
     print(
         f"\n{len(report['runs'])} run(s); written: {Path(args.root) / 'report'}/summary.md, summary.csv, "
-        "comparison.png, and learning_curve.png (+ transition_matrix.png, per_state_kl.png once evaluated) in each run"
+        "comparison.png, and learning_curve.png (+ loss_by_position.png, and transition_matrix.png, per_state_kl.png for a first-order chain, once evaluated) in each run"
     )
     for run in report["missing_eval"] + report["stale_eval"]:
         print(

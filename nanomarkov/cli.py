@@ -65,15 +65,30 @@ def _progress_bar(total, description):
     )
 
 
+def states_to_generate(process, n_states):
+    """K: the one given, or the process's own where it fixes K (a K that contradicts it is refused)."""
+    fixed = PROCESSES[process].N_STATES
+    if fixed is None:
+        if n_states is None:
+            raise NanoMarkovError(f"--process {process} needs K, the number of states: nanomarkov generate K ...")
+        return n_states
+    if n_states not in (None, fixed):
+        raise NanoMarkovError(
+            f"--process {process} has K = {fixed} tokens, fixed by the process; got K = {n_states} (leave K out)"
+        )
+    return fixed
+
+
 def cmd_generate(args):
     options = {option.name: getattr(args, option.name) for option in _all_options()}
-    out = Path(args.out) if args.out else default_data_dir(args.n_states, args.sparsity, args.process, **options)
+    n_states = states_to_generate(args.process, args.n_states)
+    out = Path(args.out) if args.out else default_data_dir(n_states, args.sparsity, args.process, **options)
     seq_len = args.seq_len
-    total = (args.train + args.val) * (seq_len or default_seq_len(args.n_states))
+    total = (args.train + args.val) * (seq_len or default_seq_len(n_states))
     with _progress_bar(total, f"generate {out}") as bar:
         meta = generate_dataset(
             out,
-            args.n_states,
+            n_states,
             args.train,
             args.val,
             sparsity=args.sparsity,
@@ -357,7 +372,13 @@ def _all_options():
 
 def _add_generate(verbs):
     gen = verbs.add_parser("generate", help="sample a random chain's train/val sequences into a dataset folder")
-    gen.add_argument("n_states", type=int, help="number of states K (vocabulary K+1 with BOS)")
+    gen.add_argument(
+        "n_states",
+        type=int,
+        nargs="?",
+        default=None,
+        help="number of states K (vocabulary K+1 with BOS); left out for a named process, which fixes its K",
+    )
     gen.add_argument("--train", type=int, default=10000, help="training sequences (default 10000)")
     gen.add_argument("--val", type=int, default=1000, help="validation sequences (default 1000)")
     gen.add_argument(

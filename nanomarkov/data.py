@@ -4,6 +4,7 @@ A dataset is a folder holding
   chain.npz   the process's arrays (its class's ARRAYS), read with allow_pickle=False:
               markov: transmat, startprob; korder: transitions, start;
               icl: concentration, startprob, support_size; hmm: transmat, emissions, startprob
+              (state-emitting) or token_transitions, startprob (token-labelled)
   meta.json   parameters, counts, the exact theory, sha256 of each data file
   train.bin   whole BOS-led sequences of seq_len tokens, flat, little-endian
   val.bin     the same, drawn independently
@@ -506,7 +507,7 @@ def _load_chain(path, cls, meta, fix):
         )
     try:
         with np.load(file, allow_pickle=False) as npz:
-            return cls(**{name: npz[name] for name in cls.ARRAYS})
+            return cls.from_arrays(npz)
     except (OSError, EOFError, zipfile.BadZipFile, ValueError):
         raise NanoMarkovError(
             f"{file}: not a readable .npz archive of the process's arrays; regenerate with: {fix}"

@@ -174,15 +174,17 @@ def test_ranks_and_micro_batches_split_one_global_batch_of_distinct_sequences(da
     assert len({row.tobytes() for row in rows}) == len(rows)
 
 
-@pytest.mark.parametrize("process", ["markov", "korder", "icl", "hmm"])
+@pytest.mark.parametrize("process", sorted(PROCESSES))
 def test_every_process_streams_online(process):
-    chain = PROCESSES[process].random(3, seed=0)
+    cls = PROCESSES[process]
+    chain = cls.random(cls.N_STATES or 3, seed=0)  # the named processes fix their own K
     stream = OnlineSequences(chain, 12, 4, 2, seed=0)
     try:
         batch = stream.batch(1, 1)
     finally:
         stream.close()
-    assert batch.shape == (4, 12) and (batch[:, 0] == chain.bos_token).all() and (batch[:, 1:] < 3).all()
+    assert batch.shape == (4, 12) and (batch[:, 0] == chain.bos_token).all()
+    assert (batch[:, 1:] < chain.n_states).all()
     assert np.isfinite(chain.true_loss(batch))  # sequences the process can produce
 
 

@@ -30,6 +30,7 @@ from test_train import (
 )
 
 import nanomarkov.train as train_module
+from nanomarkov import NanoMarkovError
 from nanomarkov.checkpoint import list_snapshots
 from nanomarkov.cli import main
 from nanomarkov.data import ONLINE_CHUNK_ITERS, OnlineSequences, load_dataset
@@ -202,3 +203,10 @@ def test_the_command_line_takes_snapshots_and_the_data_source(data, tmp_path, ca
     assert "online data from the process" in (out / "training.log").read_text()
     assert main(["train", str(data), "--data_source", "live", f"--out_dir={out}"]) == 2
     assert "data_source must be 'fixed' or 'online', got 'live'" in capsys.readouterr().err
+
+
+def test_a_resume_may_not_switch_the_data_source(data, tmp_path):
+    out = tmp_path / "b"
+    run(config(data, out, max_iters=10))
+    with pytest.raises(NanoMarkovError, match="data_source 'fixed' -> 'online'"):
+        run(config(data, out, max_iters=20, init_from="resume", data_source="online"))

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save
 
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.files import json_text, write_atomic, write_atomic_together
-from nanomarkov.model import GPT, GPTConfig
+from nanomarkov.model import ADDED_FIELDS, GPT, GPTConfig
 
 FORMAT = "nanomarkov.GPT"
 FORMAT_VERSION = 1
@@ -109,7 +109,7 @@ def _model_config(ckpt, path, fix=CHECKPOINT_FIX) -> GPTConfig:
         raise NanoMarkovError(f"{path}: model_args is a {type(args).__name__}, not a dict; {fix}")
     fields = [f.name for f in dataclasses.fields(GPTConfig)]
     foreign = [str(name) for name in args if name not in fields]
-    missing = [name for name in fields if name not in args]
+    missing = [name for name in fields if name not in args and name not in ADDED_FIELDS]
     if foreign or missing:
         what = "; ".join(
             part
@@ -118,7 +118,7 @@ def _model_config(ckpt, path, fix=CHECKPOINT_FIX) -> GPTConfig:
         )
         raise NanoMarkovError(f"{path}: model_args are not nanoMarkov's GPTConfig ({what}); {fix}")
     try:
-        return GPTConfig(**args)
+        return GPTConfig(**args)  # a field of ADDED_FIELDS it lacks takes its default
     except (NanoMarkovError, TypeError, ValueError) as e:
         raise NanoMarkovError(f"{path}: invalid model_args ({e}); {fix}") from None
 
@@ -239,10 +239,10 @@ def _read_config(folder):
             f"nanoMarkov reads ({FORMAT_VERSION}); upgrade nanomarkov"
         )
     fields = [f.name for f in dataclasses.fields(GPTConfig)]
-    missing = [name for name in fields if name not in config]
+    missing = [name for name in fields if name not in config and name not in ADDED_FIELDS]
     if missing:
         raise NanoMarkovError(f"{path}: GPTConfig field(s) {', '.join(missing)} missing; export the model again")
-    return GPTConfig(**{name: config[name] for name in fields}), config.get("tied_weights") or {}
+    return GPTConfig(**{name: config[name] for name in fields if name in config}), config.get("tied_weights") or {}
 
 
 def _load_export(folder):

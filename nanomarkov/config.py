@@ -29,6 +29,7 @@ from nanomarkov.errors import NanoMarkovError
 from nanomarkov.files import read_json_or_none
 from nanomarkov.processes import DEFAULT_PROCESS, process_class
 
+from .model import ADDED_FIELDS as MODEL_ADDED_FIELDS
 from .model import GPTConfig
 
 # Where training sequences come from: the dataset's train split, or fresh from its process.
@@ -62,6 +63,7 @@ class TrainConfig:
     mlp_first_matrix_identity: bool = False  # MLP's first matrix is a frozen identity (mlp_ratio 1)
     one_hot_embed: bool = False  # frozen one-hot token embedding (n_embd >= K+1)
     lm_head_tied: bool = True  # head shares the token embedding
+    lm_head_bias: bool = False  # a learned bias on the head's logits
     # Training
     batch_size: int = 32  # sequences per micro-batch
     grad_accum_steps: int = 1  # micro-batches per optimizer step; tokens/iter = batch*accum*block
@@ -142,6 +144,10 @@ class TrainConfig:
 FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name not in ("vocab_size", "block_size"))
 
+# Fields newer than the first runs: absent from an older run's config.json, they mean their default,
+# which computes what that run computed (TrainConfig's own later fields join the model's here).
+ADDED_FIELDS = (*MODEL_ADDED_FIELDS, "data_source")
+
 # Config fields a resumed run may change without changing what it computes.
 RESUMABLE_CHANGES = frozenset(
     {
@@ -164,6 +170,7 @@ RESUMABLE_CHANGES = frozenset(
 def config_changes(saved: dict, cfg: TrainConfig, ignore=RESUMABLE_CHANGES) -> list:
     """How cfg differs from a run's saved config (its config.json dict), as 'key old -> new',
     leaving out the fields in `ignore` (by default those a resumed run may change)."""
+    saved = {**{k: getattr(TrainConfig, k) for k in ADDED_FIELDS if k not in saved}, **saved}
     return [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in cfg.to_dict().items() if k not in ignore and saved.get(k) != v]
 
 

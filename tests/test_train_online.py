@@ -18,7 +18,6 @@ from test_train import (
     assert_same_state,
     ckpt,
     config,
-    finish,
     make_data,
     one_thread,  # noqa: F401  (autouse: one torch thread, so runs compare bit for bit)
     read_log,
@@ -26,7 +25,6 @@ from test_train import (
     run_in_one_thread,
     signal_midway,
     without_timing,
-    worker,
 )
 
 import nanomarkov.train as train_module
@@ -72,7 +70,7 @@ def test_an_online_run_resumed_after_sigkill_equals_one_never_stopped(run_online
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
     assert 20 <= ckpt(out)["iter"] < MAX_ITERS and not (out / "done.json").exists()
-    finish(worker(online(data, out, init_from="resume")))
+    run(online(data, out, init_from="resume"))  # in this process: one torch import fewer than a worker
     assert_same_run(run_online, out)
     assert without_timing(read_log(out)) == without_timing(read_log(run_online))
     # The snapshot series too: the same iterations, the same bytes, none twice.

@@ -12,7 +12,8 @@ A run trained with `--snapshots N` keeps weights-only snapshots under RUN/snapsh
   transition KL   markov: KL(P_s || model after [BOS, s]), mean over states (evaluate.py)
   korder KL       korder: evaluate.py's korder_fidelity, beside its first-order baseline
   belief R²       hmm: the linear probe from each residual stream to the belief state
-  attention       per head: the mean weight on the current token, earlier states and BOS
+  attention       per head: the mean weight on the current token, earlier states (the previous
+                  one among them) and BOS
   llc             with `llc`: the local learning coefficient (devinterp, optional)
 and when the model first crosses each stage: the first snapshot whose val loss is at or
 below the stage's loss, and for the optimum, the first within REACHED_EXCESS of the floor
@@ -424,17 +425,17 @@ def plot_metrics(record):
 
 
 def _plot_attention(ax, entries):
-    """Per head, the mean attention on the current token (solid), on BOS (dashed) and on earlier states (dotted)."""
+    """Per head, the mean attention on the current token (solid), the state before it (dotted), BOS (dashed)."""
     layers, tokens = entries[0]["attention"]["layers"], [e["tokens"] for e in entries]
     current = np.array([e["attention"]["current"] for e in entries], dtype=float)  # (snapshots, layers, heads)
     bos = np.array([e["attention"]["bos"] for e in entries], dtype=float)
-    earlier = np.array([e["attention"]["earlier"] for e in entries], dtype=float)
+    previous = np.array([e["attention"]["previous"] for e in entries], dtype=float)
     for i, layer in enumerate(layers):
         for h in range(current.shape[2]):
             colour = f"C{(i * current.shape[2] + h) % 10}"
             ax.plot(tokens, current[:, i, h], "-", color=colour, label=f"L{layer}H{h} current")
             ax.plot(tokens, bos[:, i, h], "--", color=colour, label=f"L{layer}H{h} BOS")
-            ax.plot(tokens, earlier[:, i, h], ":", color=colour, label=f"L{layer}H{h} earlier states")
+            ax.plot(tokens, previous[:, i, h], ":", color=colour, label=f"L{layer}H{h} previous state")
     ax.set_ylim(0, 1)
     ax.set_ylabel("mean attention weight")
     ax.legend(fontsize=7, ncol=2)

@@ -3,8 +3,9 @@
 A dataset is a folder holding
   chain.npz   the process's arrays (its class's ARRAYS), read with allow_pickle=False:
               markov: transmat, startprob; korder: transitions, start;
-              icl: concentration, startprob, support_size; hmm: transmat, emissions, startprob
-              (state-emitting) or token_transitions, startprob (token-labelled)
+              icl: concentration, startprob, support_size (and start, when stationary);
+              hmm: transmat, emissions, startprob (state-emitting) or token_transitions, startprob
+              (token-labelled)
   meta.json   parameters, counts, the exact theory, sha256 of each data file
   train.bin   whole BOS-led sequences of seq_len tokens, flat, little-endian
   val.bin     the same, drawn independently
@@ -319,7 +320,7 @@ def _write_files(folder, chain, params, dtype, progress, chunk_tokens):
         n = params[f"{split}_sequences"]
         rng = np.random.default_rng([seed, split_index])
         digest, loss_sum = _write_split(
-            folder / f"{split}.bin", chain, n, seq_len, dtype, rng, max(1, chunk_tokens // seq_len), progress
+            folder / f"{split}.bin", chain, n, seq_len, dtype, rng, max(1, chunk_tokens // seq_len), progress, split
         )
         meta["sha256"][f"{split}.bin"] = digest
         meta[f"{split}_tokens"] = n * seq_len
@@ -348,8 +349,8 @@ def _check_generate_args(n_states, train_sequences, val_sequences, sparsity, alp
         raise NanoMarkovError(f"--seq_len must be >= 2 (BOS plus at least one state), got {seq_len!r}")
 
 
-def _write_split(path, chain, n_sequences, seq_len, dtype, rng, chunk_sequences, progress):
-    """Stream n_sequences into path; returns (sha256, summed true loss)."""
+def _write_split(path, chain, n_sequences, seq_len, dtype, rng, chunk_sequences, progress, split):
+    """Stream n_sequences into path; returns (sha256, summed true loss: val only, 0.0 for train)."""
     digest = hashlib.sha256()
     loss_sum = 0.0
     with open(path, "wb") as f:
@@ -359,7 +360,8 @@ def _write_split(path, chain, n_sequences, seq_len, dtype, rng, chunk_sequences,
             buffer = memoryview(chunk).cast("B")
             f.write(buffer)
             digest.update(buffer)
-            loss_sum += chain.true_loss(chunk) * chunk.shape[0] * (seq_len - 1)
+            if split == "val":  # meta.json's true_loss_val; the train split's would go unused
+                loss_sum += chain.true_loss(chunk) * chunk.shape[0] * (seq_len - 1)
             if progress is not None:
                 progress(chunk.size)
         f.flush()

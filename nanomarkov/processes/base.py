@@ -78,6 +78,7 @@ class Process:
                   `nanomarkov generate` then takes no K (or only this one)
       SUMMARY     one line for `nanomarkov generate --help`
       ARRAYS      the names of the arrays saved in chain.npz; `cls.from_arrays(arrays)` rebuilds the process
+      OPTIONAL_ARRAYS  names chain.npz holds only where arrays() gives them (absent: the constructor's default)
       OPTIONS     its generation options beyond K, seed, alpha and sparsity: a tuple of `Option`
       RECIPE      TrainConfig fields the default recipe changes for this process ({}: none)
       METRICS     the metric families of METRIC_FAMILIES that `eval` runs on it
@@ -90,6 +91,7 @@ class Process:
     N_STATES = None
     SUMMARY = ""
     ARRAYS = ()
+    OPTIONAL_ARRAYS = ()
     OPTIONS = ()
     RECIPE = {}
     METRICS = ("optimal_fidelity",)
@@ -113,11 +115,13 @@ class Process:
 
     @classmethod
     def from_arrays(cls, arrays):
-        """The process that arrays() saved (`arrays` a mapping, e.g. an open .npz): cls(**arrays).
+        """The process that arrays() saved (`arrays` a mapping, e.g. an open .npz): cls(**arrays),
+        with those of OPTIONAL_ARRAYS that `arrays` holds.
 
         A KeyError names an array of ARRAYS that `arrays` lacks.
         """
-        return cls(**{name: arrays[name] for name in cls.ARRAYS})
+        optional = {name: arrays[name] for name in cls.OPTIONAL_ARRAYS if name in arrays}
+        return cls(**{name: arrays[name] for name in cls.ARRAYS}, **optional)
 
     def options(self):
         """The values of this instance's OPTIONS, {name: value}: recorded in meta.json."""

@@ -28,6 +28,20 @@ the support holds the d seen states) -- which is how `true_loss` computes it.
 Expected losses have no closed form (they average over the count statistics of
 a random walk on a random matrix), so `theory` is a seeded Monte-Carlo estimate
 with a standard error for every key it estimates.
+
+The start rule `start="stationary"` (dense rows only) draws x1 from the
+stationary law pi_P of the sequence's own matrix instead of startprob, as the
+statistical-induction-head papers sample (Edelman et al. 2024). Then the
+posterior of P given x1..xt is the conjugate one above times pi_P(x1), which
+couples the rows and is no Dirichlet term, so there is no closed form:
+
+    p(x1 = j)                      = E[pi_P(j)]           (the prior mean of the stationary law)
+    p(next = j | x1..xt, x_t = s)  = E_D[P_sj pi_P(x1)] / E_D[pi_P(x1)],
+
+E_D over D, the conjugate (uniform-start) posterior given the counts. The first
+is 1/K exactly when every state is alike (one concentration), else a Monte-Carlo
+mean; the second is estimated by self-normalised importance sampling: particles
+drawn from D, weighted by pi_P(x1) (module docstring of `StationaryPredictor`).
 """
 
 import math
@@ -37,7 +51,7 @@ from functools import cached_property
 import numpy as np
 
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.processes.base import WHOLE_HISTORY_RECIPE, Process
+from nanomarkov.processes.base import WHOLE_HISTORY_RECIPE, Option, Process
 from nanomarkov.processes.markov import MarkovChain
 from nanomarkov.processes.numerics import (
     check_distribution,
@@ -56,6 +70,18 @@ THEORY_SEED = 0
 THEORY_SEQUENCES = 20_000
 THEORY_ENTRIES = 1 << 24
 MIN_THEORY_SEQUENCES = 1000
+
+# The start rules: x1 from startprob, or from the stationary law of the sequence's own matrix.
+START_RULES = ("uniform", "stationary")
+# The stationary start's Bayes predictor: particles per sequence (importance sampling), and the
+# seed of their draws, so that the predictor is a fixed function of the sequences it is given.
+PREDICTOR_PARTICLES = 32
+PREDICTOR_SEED = 1
+# The stationary start's theory: sequences (beyond theory's sample) scored with particles for the
+# Bayes predictor's gain over the conjugate one, and Monte-Carlo draws of matrices for the prior
+# mean of the stationary law when states differ.
+GAIN_SEQUENCES = 1000
+START_LAW_MATRICES = 200_000
 
 # random()'s largest K: theory at K=100, L=256 takes 4 s, and beyond K^2 * MIN_THEORY_SEQUENCES
 # / THEORY_ENTRIES its sample of matrices grows as K^2 (8 GB at K=1000).
@@ -80,6 +106,12 @@ def _entropy_of_mean(distributions):
     return float(entropy(mean)), float((distributions @ gradient).std(ddof=1) / np.sqrt(len(distributions)))
 
 
+def cross_entropy(p, q):
+    """-sum_j p_j log q_j along the last axis, with 0 log q = 0 (also where q_j = 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return -np.where(p > 0, p * np.log(q), 0.0).sum(axis=-1)
+
+
 def _log_binomial(n, k):
     return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
 
@@ -88,6 +120,34 @@ def _log_rising(base, n_max):
     """log(base (base+1) ... (base+n-1)) = log G(base+n)/G(base) for n = 0..n_max, along a new last axis."""
     terms = np.log(np.asarray(base, dtype=np.float64)[..., None] + np.arange(n_max))
     return np.concatenate([np.zeros(terms.shape[:-1] + (1,)), np.cumsum(terms, axis=-1)], axis=-1)
+
+
+def solve_stationary(matrices):
+    """The stationary distribution (n, K) of each matrix (n, K, K) that has one closed class, by one batched solve."""
+    k = matrices.shape[-1]
+    system = np.swapaxes(matrices, 1, 2) - np.eye(k)
+    system[:, -1] = 1.0  # pi (P - I) = 0 has rank K-1 here; sum(pi) = 1 makes it square and regular
+    rhs = np.zeros((system.shape[0], k, 1))
+    rhs[:, -1] = 1.0
+    return np.linalg.solve(system, rhs)[..., 0]
+
+
+def positive_stationary(matrices):
+    """The stationary distribution (n, K) of each matrix (n, K, K) with positive entries, by state
+    reduction (Grassmann-Taksar-Heyman): no subtraction, so accurate, and vector steps over the
+    batch (laid out last) instead of one LAPACK call per matrix: faster for small K."""
+    reduced = np.moveaxis(np.array(matrices, dtype=np.float64), 0, -1).copy()  # (K, K, n)
+    k = reduced.shape[0]
+    leaving = np.ones(reduced.shape[1:])
+    for last in range(k - 1, 0, -1):
+        # P(leave `last` for a lower state): never 0 for positive rows (kept off 0 should a tiny alpha underflow).
+        leaving[last] = np.maximum(reduced[last, :last].sum(axis=0), np.finfo(float).tiny)
+        reduced[:last, :last] += reduced[:last, last][:, None] * (reduced[last, :last] / leaving[last])[None]
+    pi = np.zeros(leaving.shape)
+    pi[0] = 1.0
+    for state in range(1, k):
+        pi[state] = (pi[:state] * reduced[:state, state]).sum(axis=0) / leaving[state]
+    return (pi / pi.sum(axis=0)).T
 
 
 class InContextChain(Process):
@@ -102,10 +162,21 @@ class InContextChain(Process):
     process = "icl"
     SUMMARY = "in-context chain, a fresh Dirichlet matrix per sequence (needs attention to learn)"
     ARRAYS = ("concentration", "startprob", "support_size")
+    # chain.npz holds the start rule only when it is not the default, so datasets written before it load.
+    OPTIONAL_ARRAYS = ("start",)
+    OPTIONS = (
+        Option(
+            "start",
+            str,
+            "uniform",
+            "x1 from startprob (uniform, the default) or from each sequence's own matrix's stationary law",
+            choices=START_RULES,
+        ),
+    )
     RECIPE = WHOLE_HISTORY_RECIPE
     HISTORY_REASON = "each sequence has its own transition matrix, drawn from a prior"
 
-    def __init__(self, concentration, startprob, support_size):
+    def __init__(self, concentration, startprob, support_size, start="uniform"):
         concentration = np.array(concentration, dtype=np.float64)
         startprob = np.array(startprob, dtype=np.float64)
         support_size = np.array(support_size, dtype=np.float64)
@@ -128,16 +199,26 @@ class InContextChain(Process):
                 "a sparse in-context chain needs the same concentration for every state "
                 "(the exact predictor over random supports relies on that symmetry)"
             )
+        start = str(np.asarray(start))  # a str, or the 0-d str array chain.npz gives back
+        if start not in START_RULES:
+            raise NanoMarkovError(f"start must be one of {', '.join(START_RULES)}, got {start!r}")
+        if start == "stationary" and support_size < k:
+            raise NanoMarkovError(
+                "start 'stationary' needs dense rows (no --sparsity): a sparse row's matrix can have "
+                "several stationary laws"
+            )
         for array in (concentration, startprob, support_size):
             array.flags.writeable = False
         self.concentration = concentration
         self.startprob = startprob
         self.support_size = support_size
+        self.start = start
         self._theory = {}  # (seq_len, n_sequences) -> theory dict; the process is immutable
 
     @classmethod
-    def random(cls, n_states, seed=42, alpha=1.0, sparsity=None):
-        """The in-context chain with rows ~ Dirichlet(alpha), sparse by MarkovChain.random's rule, uniform start.
+    def random(cls, n_states, seed=42, alpha=1.0, sparsity=None, start=None):
+        """The in-context chain with rows ~ Dirichlet(alpha), sparse by MarkovChain.random's rule, uniform
+        startprob; `start` the start rule (None: "uniform").
 
         Nothing here is random -- the randomness is in every sequence's own
         matrix -- so `seed` only keeps the signature of the other processes.
@@ -149,7 +230,15 @@ class InContextChain(Process):
                 "Monte-Carlo theory draws a K x K matrix for every sequence it simulates"
             )
         support = max(1, int(n_states * (100 - sparsity) / 100)) if sparsity else n_states
-        return cls(np.full(n_states, float(alpha)), np.full(n_states, 1.0 / n_states), support)
+        return cls(np.full(n_states, float(alpha)), np.full(n_states, 1.0 / n_states), support, start or "uniform")
+
+    def options(self):
+        """{"start": "stationary"} for the stationary start; {} for the default, as before the option existed."""
+        return {} if self.start == "uniform" else {"start": self.start}
+
+    def arrays(self):
+        """The arrays of chain.npz; the start rule joins them (a 0-d str array) when it is not the default."""
+        return super().arrays() | ({} if self.start == "uniform" else {"start": np.array(self.start)})
 
     @property
     def n_states(self):
@@ -159,8 +248,9 @@ class InContextChain(Process):
     def n_support(self):
         return int(self.support_size)
 
-    def _block(self):
-        return max(1, BLOCK_ENTRIES // self.n_states**2)
+    def _block(self, particles=1):
+        """Sequences per block whose count arrays (and `particles` matrices each) fit in BLOCK_ENTRIES."""
+        return max(1, BLOCK_ENTRIES // (particles * self.n_states**2))
 
     # --------------------------------------------------------- the predictor
 
@@ -186,6 +276,8 @@ class InContextChain(Process):
         given the transitions seen so far (-inf where a probability is 0).
         """
         tokens = np.asarray(self.check_tokens(tokens), dtype=np.int64)
+        if self.start == "stationary":
+            return self._stationary_log_probs(tokens)
         n, positions, k = tokens.shape[0], tokens.shape[1] - 1, self.n_states
         out = np.empty((n, positions, k))
         with np.errstate(divide="ignore"):
@@ -200,6 +292,81 @@ class InContextChain(Process):
                     out[lo : lo + len(rows), t] = np.log(self._predictive(counts[rows, states[:, t - 1]]))
         return out
 
+    def _stationary_log_probs(self, tokens):
+        """optimal_log_probs under the stationary start: the start law, then the particles' estimates."""
+        n, positions = tokens.shape[0], tokens.shape[1] - 1
+        out = np.empty((n, positions, self.n_states))
+        out[:, 0] = np.log(self.start_law()[0])
+        rng, step = np.random.default_rng(PREDICTOR_SEED), self._block(PREDICTOR_PARTICLES)
+        for lo in range(0, n, step):
+            states = tokens[lo : lo + step, 1:]
+            for t, predictive, _, _ in self._particle_predictions(states, rng):
+                with np.errstate(divide="ignore"):
+                    out[lo : lo + states.shape[0], t] = np.log(predictive)
+        return out
+
+    def _particle_predictions(self, states, rng):
+        """Under the stationary start, for t = 1..T-1: (t, p, variance, q), p (n, K) the estimated Bayes
+        predictive of x_{t+1} given states[:, :t], variance (n, K) its variance, q the conjugate one.
+
+        PREDICTOR_PARTICLES matrices per sequence, each a draw from D (the conjugate posterior
+        given the transitions so far), weighted by w = pi_P(x1): p = E_D[P_s w] / E_D[w] =
+        q + Cov_D(P_s, w) / E_D[w], s = x_t, with q = E_D[P_s] the conjugate predictive, exact.
+        Only the covariance is estimated (a control variate), so the error shrinks with the spread
+        of pi_P(x1) under D, which vanishes as the counts grow.
+        A transition s -> j changes only row s's posterior, so only that row of every particle is
+        drawn again; the others stay draws from their (unchanged) posteriors.
+        """
+        n, steps = states.shape
+        k, rows = self.n_states, np.arange(n)
+        counts = np.zeros((n, k, k))
+        particles = self._posterior_rows(np.zeros((n, PREDICTOR_PARTICLES, k, k)), rng)
+        for t in range(1, steps):
+            if t >= 2:
+                came, now = states[:, t - 2], states[:, t - 1]
+                counts[rows, came, now] += 1
+                particles[rows, :, came] = self._posterior_rows(
+                    np.broadcast_to(counts[rows, came][:, None, :], (n, PREDICTOR_PARTICLES, k)), rng
+                )
+            weights = positive_stationary(particles.reshape(-1, k, k)).reshape(n, PREDICTOR_PARTICLES, k)
+            weights = weights[rows, :, states[:, 0]]
+            weights /= weights.mean(axis=1, keepdims=True)
+            current = particles[rows, :, states[:, t - 1]]  # (n, particles, K)
+            # Control variate: E_D[P_s] = q is known, so only Cov_D(P_s, w) / E_D[w] is estimated.
+            terms = (weights - 1)[:, :, None] * (current - current.mean(axis=1, keepdims=True))
+            conjugate = self._predictive(counts[rows, states[:, t - 1]])
+            predictive = np.maximum(conjugate + terms.sum(axis=1) / (PREDICTOR_PARTICLES - 1), np.finfo(float).tiny)
+            predictive /= predictive.sum(axis=1, keepdims=True)  # an estimate below 0 is possible, if rare
+            yield t, predictive, terms.var(axis=1, ddof=1) / PREDICTOR_PARTICLES, conjugate
+
+    def _posterior_rows(self, counts, rng):
+        """One draw of a row from its conjugate posterior Dirichlet(concentration + counts) per row of counts (..., K)."""
+        gammas = rng.standard_gamma(self.concentration + counts)
+        return gammas / gammas.sum(axis=-1, keepdims=True)
+
+    def start_law(self):
+        """(p(x1), its standard error), two (K,) arrays: startprob under the uniform start; under the
+        stationary start the prior mean of the stationary law, 1/K exactly when every state is alike
+        (one concentration), else a Monte-Carlo mean of START_LAW_MATRICES matrices (THEORY_SEED)."""
+        return self._start_law
+
+    @cached_property
+    def _start_law(self):
+        k = self.n_states
+        if self.start == "uniform":
+            return self.startprob, np.zeros(k)
+        if np.ptp(self.concentration) == 0:
+            return np.full(k, 1.0 / k), np.zeros(k)
+        rng = np.random.default_rng(THEORY_SEED)
+        step = max(1, BLOCK_ENTRIES // k**2)
+        laws = np.concatenate(
+            [
+                self._stationaries(self.sample_matrices(min(step, START_LAW_MATRICES - lo), rng))
+                for lo in range(0, START_LAW_MATRICES, step)
+            ]
+        )
+        return laws.mean(axis=0), standard_error(laws, axis=0)
+
     def true_loss(self, tokens):
         """Exact cross-entropy of the Bayes predictor on given BOS-led sequences (n, seq_len).
 
@@ -207,6 +374,8 @@ class InContextChain(Process):
         docstring (transition counts only, no per-position pass); by the chain
         rule this equals the mean NLL of optimal_log_probs.
         """
+        if self.start == "stationary":  # no closed form: the mean of the estimated predictor's log-probs
+            return super().true_loss(tokens)
         tokens = self.check_tokens(tokens)
         n, length, k, m = tokens.shape[0], tokens.shape[1], self.n_states, self.n_support
         n_max = max(length - 2, 0)  # transitions per sequence
@@ -244,6 +413,8 @@ class InContextChain(Process):
         both give the same process.
         """
         self.check_seq_len(seq_len)
+        if self.start == "stationary":
+            return self._sample_stationary(n_sequences, seq_len, rng)
         k = self.n_states
         out = np.empty((n_sequences, seq_len), dtype=token_dtype(self.vocab_size))
         out[:, 0] = self.bos_token
@@ -260,6 +431,27 @@ class InContextChain(Process):
                 out[lo : lo + len(rows), t + 1] = state
         return out
 
+    def _sample_stationary(self, n_sequences, seq_len, rng):
+        """The stationary start: each sequence draws its matrix, x1 from its stationary law, then walks it.
+
+        x1 needs the whole matrix, so there is no urn here. Each sequence takes one seed from `rng`
+        (a fixed amount of the stream, so the bytes do not depend on the chunking) for its own
+        generator, which draws its matrix and then its L-1 uniforms.
+        """
+        out = np.empty((n_sequences, seq_len), dtype=token_dtype(self.vocab_size))
+        out[:, 0] = self.bos_token
+        seeds = rng.integers(2**63, size=n_sequences)
+        for lo in range(0, n_sequences, self._block()):
+            block = seeds[lo : lo + self._block()]
+            matrices = np.empty((len(block), self.n_states, self.n_states))
+            uniforms = np.empty((len(block), seq_len - 1))
+            for i, seed in enumerate(block):
+                own = np.random.default_rng(seed)
+                matrices[i] = self.sample_matrices(1, own)[0]
+                uniforms[i] = own.random(seq_len - 1)
+            out[lo : lo + len(block), 1:] = self.walk(matrices, uniforms, self._stationaries(matrices))
+        return out
+
     def sample_matrices(self, n_sequences, rng):
         """n_sequences random transition matrices from the prior, shape (n, K, K)."""
         k, m = self.n_states, self.n_support
@@ -271,12 +463,16 @@ class InContextChain(Process):
         np.put_along_axis(matrices, support, weights, axis=2)
         return matrices
 
-    def walk(self, matrices, uniforms):
-        """The states x1..x_{L-1} (n, L-1) of each matrix's chain from startprob, one uniform (n, L-1) per step."""
+    def walk(self, matrices, uniforms, starts=None):
+        """The states x1..x_{L-1} (n, L-1) of each matrix's chain, one uniform (n, L-1) per step.
+
+        x1 from `starts` (n, K), one distribution per matrix (None: startprob for all).
+        """
         n, steps = uniforms.shape
         rows = np.arange(n)
         states = np.empty((n, steps), dtype=np.int64)
-        states[:, 0] = _inverse_cdf(np.broadcast_to(self.startprob, (n, self.n_states)), uniforms[:, 0])
+        starts = np.broadcast_to(self.startprob, (n, self.n_states)) if starts is None else starts
+        states[:, 0] = _inverse_cdf(starts, uniforms[:, 0])
         for t in range(1, steps):
             states[:, t] = _inverse_cdf(matrices[rows, states[:, t - 1]], uniforms[:, t])
         return states
@@ -331,14 +527,15 @@ class InContextChain(Process):
     def optimal_loss_by_position(self, seq_len):
         """(losses, standard errors) of the Bayes predictor at positions 1..L-1, from theory's sample.
 
-        Position 1 (x1 from startprob) is exact, error 0.0; the mean of the
-        losses is theory's optimal_loss up to rounding.
+        Position 1 is exact, error 0.0, where start_law() is (startprob, or 1/K under the
+        stationary start with one concentration); the mean of the losses is theory's
+        optimal_loss up to rounding.
         """
         self.monte_carlo(seq_len)
-        by_position = self._theory[(seq_len, self.theory_sequences())][1]
-        errors = standard_error(by_position, axis=0)
-        errors[0] = 0.0  # the same startprob entropy in every sequence: only rounding would show
-        return by_position.mean(axis=0), errors
+        losses, errors = (array.copy() for array in self._theory[(seq_len, self.theory_sequences())][1:])
+        if not self.start_law()[1].any():
+            errors[0] = 0.0  # the same start-law entropy in every sequence: only rounding would show
+        return losses, errors
 
     def standard_errors(self, seq_len):
         theory = self.monte_carlo(seq_len)
@@ -375,14 +572,19 @@ class InContextChain(Process):
         return self._long_run[2]
 
     def _monte_carlo(self, seq_len, n_sequences):
-        """(theory dict, per-sequence optimal loss at each position (n, L-1)) from a sample."""
+        """(theory dict, optimal loss at each position (L-1,), its standard errors) from a sample."""
         rng = np.random.default_rng(THEORY_SEED)
         parts = []
         for lo in range(0, n_sequences, self._block()):
             b = min(self._block(), n_sequences - lo)
             matrices = self.sample_matrices(b, rng)
-            states = self.walk(matrices, rng.random((b, seq_len - 1)))
-            parts.append(self._per_sequence(matrices, states) | {"entropy_rate": self._entropy_rates(matrices)})
+            if self.start == "stationary":
+                starts = self._stationaries(matrices)
+                states = self.walk(matrices, rng.random((b, seq_len - 1)), starts)
+                part = self._per_sequence_stationary(matrices, starts, states)
+            else:
+                part = self._per_sequence(matrices, self.walk(matrices, rng.random((b, seq_len - 1))))
+            parts.append(part | {"entropy_rate": self._entropy_rates(matrices)})
         per_sequence = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
         theory = {}
         for name in ("entropy_rate", "optimal_loss", "optimal_accuracy", "oracle_loss", "unigram_in_context_loss"):
@@ -392,7 +594,41 @@ class InContextChain(Process):
         theory["unigram_loss"], theory["unigram_loss_se"] = _entropy_of_mean(per_sequence["marginal"])
         theory["uniform_loss"] = self.uniform_loss()
         theory["monte_carlo_sequences"] = n_sequences
-        return theory, per_sequence["optimal_by_position"]
+        by_position = per_sequence["optimal_by_position"]
+        losses, errors = by_position.mean(axis=0), standard_error(by_position, axis=0)
+        if self.start == "stationary":
+            losses, errors = self._add_particle_gain(theory, losses, errors, seq_len, rng)
+        return theory, losses, errors
+
+    def _add_particle_gain(self, theory, losses, errors, seq_len, rng):
+        """Under the stationary start, theory's sample scored the conjugate predictor q (fast, exact);
+        the Bayes predictor's gain over it comes from GAIN_SEQUENCES further sequences. Adds it to
+        theory's optimal_loss and optimal_accuracy and to (losses, errors) by position, the errors
+        combined as those of independent samples; returns (losses, errors).
+
+        Given the past, the Bayes predictor p gains KL(p || q) nats over q, and the accuracy
+        p[argmax p] - p[argmax q]. Both are taken at p_hat (_particle_predictions), the loss
+        gain less 1/2 sum_j variance_j / p_j, the delta method's bias of KL(p_hat || q): small
+        numbers, so a thousand sequences estimate them well.
+        """
+        gains, accuracies = [], []
+        for lo in range(0, GAIN_SEQUENCES, self._block(PREDICTOR_PARTICLES)):
+            b = min(self._block(PREDICTOR_PARTICLES), GAIN_SEQUENCES - lo)
+            matrices = self.sample_matrices(b, rng)
+            states = self.walk(matrices, rng.random((b, seq_len - 1)), self._stationaries(matrices))
+            gain, accuracy, rows = np.zeros((b, seq_len - 1)), np.zeros(b), np.arange(b)
+            for t, p_hat, variance, q in self._particle_predictions(states, rng):
+                kl = cross_entropy(p_hat, q) - cross_entropy(p_hat, p_hat)
+                gain[:, t] = kl - 0.5 * (variance / p_hat).sum(axis=1)
+                accuracy += p_hat.max(axis=1) - p_hat[rows, q.argmax(axis=1)]
+            gains.append(gain)
+            accuracies.append(accuracy / (seq_len - 1))
+        gain, accuracy = np.concatenate(gains), np.concatenate(accuracies)
+        for name, values in (("optimal_loss", -gain.mean(axis=1)), ("optimal_accuracy", accuracy)):
+            theory[name] += float(values.mean())
+            theory[f"{name}_se"] = float(np.hypot(theory[f"{name}_se"], standard_error(values)))
+        theory["gain_sequences"] = GAIN_SEQUENCES
+        return losses - gain.mean(axis=0), np.hypot(errors, standard_error(gain, axis=0))
 
     def _per_sequence(self, matrices, states):
         """Per sequence, the mean over predicted positions of each predictor's expected loss given the past,
@@ -431,6 +667,44 @@ class InContextChain(Process):
         averages = {name: total / positions for name, total in sums.items()}
         return averages | {"marginal": marginal / positions, "optimal_by_position": by_position}
 
+    def _per_sequence_stationary(self, matrices, starts, states):
+        """_per_sequence under the stationary start (x1 ~ starts, each matrix's stationary law), with
+        "optimal" the conjugate predictor q (the uniform start's Bayes predictor) after position 0,
+        to which _add_particle_gain adds the true Bayes predictor's gain.
+
+        The Bayes predictive p is not known in closed form, so a predictor q is charged
+        -sum_j P[x_t, j] log q_j with the sequence's true row, whose mean given the past is p:
+        unbiased. Position 0: the start law q0 = start_law() costs -sum_j pi_P(j) log q0_j, H(q0)
+        on average.
+        """
+        n, positions = states.shape
+        rows, law = np.arange(n), self.start_law()[0]
+        by_position = np.empty((n, positions))
+        by_position[:, 0] = cross_entropy(starts, law)
+        sums = {
+            "optimal_accuracy": starts[:, law.argmax()].copy(),
+            "oracle_loss": entropy(starts, axis=1),
+            "unigram_in_context_loss": by_position[:, 0].copy(),
+        }
+        marginal, row_entropies = starts.copy(), entropy(matrices, axis=2)
+        seen = np.zeros((n, self.n_states))  # states seen so far, for the unigram-in-context predictor
+        seen[rows, states[:, 0]] = 1
+        counts = np.zeros(matrices.shape)
+        for t in range(1, positions):
+            if t >= 2:
+                counts[rows, states[:, t - 2], states[:, t - 1]] += 1
+            q, truth = self._predictive(counts[rows, states[:, t - 1]]), matrices[rows, states[:, t - 1]]
+            by_position[:, t] = cross_entropy(truth, q)
+            sums["optimal_accuracy"] += truth[rows, q.argmax(axis=1)]
+            sums["oracle_loss"] += row_entropies[rows, states[:, t - 1]]
+            unigram = (seen + self.concentration) / (t + self.concentration.sum())
+            sums["unigram_in_context_loss"] += cross_entropy(truth, unigram)
+            marginal += truth
+            seen[rows, states[:, t]] += 1
+        sums["optimal_loss"] = by_position.sum(axis=1)
+        averages = {name: total / positions for name, total in sums.items()}
+        return averages | {"marginal": marginal / positions, "optimal_by_position": by_position}
+
     def _entropy_rates(self, matrices):
         """Each matrix's entropy rate sum_s pi_s H(P_s), with pi its stationary distribution."""
         return (self._stationaries(matrices) * entropy(matrices, axis=2)).sum(axis=1)
@@ -454,11 +728,7 @@ class InContextChain(Process):
         has_lower_member = np.any(reach & back & np.tri(k, k, -1, dtype=bool), axis=2)
         single = (recurrent & ~has_lower_member).sum(axis=1) == 1
         pi = np.empty((n, k))
-        system = np.swapaxes(matrices[single], 1, 2) - np.eye(k)
-        system[:, -1] = 1.0  # pi (P - I) = 0 has rank K-1 here; sum(pi) = 1 makes it square and regular
-        rhs = np.zeros((system.shape[0], k, 1))
-        rhs[:, -1] = 1.0
-        pi[single] = np.linalg.solve(system, rhs)[..., 0]
+        pi[single] = solve_stationary(matrices[single])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # MarkovChain warns that the answer depends on startprob: we want that one
             for i in np.flatnonzero(~single):

@@ -142,3 +142,16 @@ def test_a_bad_spec_writes_nothing_and_leaves_an_existing_dataset_intact(switchi
     assert sorted(p.name for p in switching.parent.iterdir()) == ["data", "switching.json"]
     assert sorted(p.name for p in (switching.parent / "data").iterdir()) == ["switching"]
     assert "bad.json: no spec file there" in one_line_error(capsys, ["generate", "--spec", "bad.json"])
+
+
+def test_a_spec_without_arrays_is_whole_in_meta_and_an_npz_spec_is_the_json_one(switching, capsys):
+    named = {"process": "switching", "p": P, "q": Q}
+    meta = generate_dataset("named", None, 30, 20, seq_len=12, seed=3, spec=named)
+    assert meta["spec"]["fields"] == named and meta["spec"]["arrays"] == {} and meta["process"] == "switching"
+    assert generate_dataset("again", None, 30, 20, seq_len=12, seed=3, spec=meta["spec"]["fields"]) == meta
+    np.savez("switching.npz", process="markov", transmat=[[1 - P, P], [Q, 1 - Q]], startprob="stationary")
+    assert main(["generate", "--spec", "switching.npz", *SMALL, "--seed", "3", "--out", "npz"]) == 0
+    assert main(["generate", "--spec", "switching.json", *SMALL, "--seed", "3", "--out", "json"]) == 0
+    from_npz, from_json = load_dataset("npz").meta, load_dataset("json").meta
+    assert from_npz["spec"] == from_json["spec"] and from_npz["sha256"] == from_json["sha256"]
+    assert from_npz["spec_file"]["path"] == "switching.npz"

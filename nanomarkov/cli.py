@@ -28,6 +28,7 @@ from nanomarkov.data import (
 )
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
 from nanomarkov.evaluate import evaluate_checkpoints, format_eval, nonfinite_message
+from nanomarkov.interp.hf import export_hf
 from nanomarkov.processes import DEFAULT_PROCESS, PROCESSES, load_plugins
 from nanomarkov.processes.spec import process_from_file
 from nanomarkov.report import format_summary, write_report
@@ -292,6 +293,9 @@ def cmd_train(args, extra):
     overrides = parse_overrides(extra)
     if args.resume:
         overrides["init_from"] = "resume"
+    overrides.update(
+        {k: v for k, v in (("snapshots", args.snapshots), ("data_source", args.data_source)) if v is not None}
+    )
     results = []
     for cfg in _train_configs(args, overrides):
         done = train(cfg, overwrite=args.force)
@@ -398,6 +402,10 @@ def cmd_sweep(args):
 def cmd_export(args):
     if not Path(args.checkpoint).is_file():
         raise NanoMarkovError(f"{args.checkpoint}: no checkpoint there (a run folder's ckpt.pt)")
+    if args.format == "hf":
+        out = export_hf(args.checkpoint, args.out)
+        print(f"written: {out} (GPT-2); in Python: transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+        return 0
     out = export_safetensors(args.checkpoint, args.out)
     print(f"written: {out}/model.safetensors, {out}/config.json; in Python: nanomarkov.load({str(out)!r})")
     return 0
@@ -574,6 +582,12 @@ def _add_train(verbs):
     )
     tr.add_argument("--resume", action="store_true", help="continue the run in out_dir from its checkpoint")
     tr.add_argument("--force", action="store_true", help="start over in an out_dir that already holds a run")
+    tr.add_argument(
+        "--snapshots", type=int, default=None, metavar="N", help="keep N+2 weight snapshots at log-spaced iterations"
+    )
+    tr.add_argument(
+        "--data_source", default=None, metavar="fixed|online", help="online: fresh sequences from the process each step"
+    )
     tr.set_defaults(func=cmd_train, takes_overrides=True)
 
 
@@ -611,12 +625,17 @@ def build_parser():
 
     ex = verbs.add_parser(
         "export",
-        help="write a checkpoint's model as model.safetensors + config.json (no pickle)",
+        help="write a checkpoint's model as model.safetensors + config.json (no pickle), or as a Hugging Face GPT-2",
         epilog="example: nanomarkov export trainings/MM/MM-10/MM-10-42/ckpt.pt --out exports/mm10",
     )
     ex.add_argument("checkpoint", help="a ckpt.pt")
-    ex.add_argument("--format", choices=["safetensors"], default="safetensors", help="only safetensors for now")
-    ex.add_argument("--out", required=True, help="output folder (created; its two files are replaced)")
+    ex.add_argument(
+        "--format",
+        choices=["safetensors", "hf"],
+        default="safetensors",
+        help="safetensors: for nanomarkov.load; hf: a GPT-2 folder for transformers (the hf extra)",
+    )
+    ex.add_argument("--out", required=True, help="output folder (created; an earlier export there is replaced)")
     ex.set_defaults(func=cmd_export)
 
     _add_import_hmmlearn(verbs)

@@ -96,7 +96,7 @@ def read_npz_spec(path):
                         f"{MAX_TABLE_ENTRIES:,} float64 entries (MAX_TABLE_ENTRIES); use a smaller process"
                     )
         with np.load(path, allow_pickle=False) as npz:
-            return {name: npz[name].item() if npz[name].ndim == 0 else npz[name] for name in npz.files}
+            return {name: value.item() if value.ndim == 0 else value for name, value in npz.items()}
     except FileNotFoundError:
         raise NanoMarkovError(f"{path}: no spec file there; {fix}") from None
     except (OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
@@ -179,15 +179,17 @@ def square(field, array, least=2):
 
 def integer(spec, field, low, high=None):
     value = spec[field]
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
         value = int(value)  # an npz of chain.npz's float support_size, say
+    if isinstance(value, np.integer):
+        value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
         raise field_error(field, f"be an integer in {low}..{'' if high is None else high}", repr(spec[field]))
     return value
 
 
 def choice(spec, field, choices):
-    if spec[field] not in choices:
+    if isinstance(spec[field], (list, tuple, dict, np.ndarray)) or spec[field] not in choices:
         raise field_error(field, f"be one of {', '.join(map(repr, choices))}", repr(spec[field]))
     return spec[field]
 
@@ -195,7 +197,8 @@ def choice(spec, field, choices):
 def number(spec, field, must, holds):
     """A finite number (int or float, not bool) for which holds(value) is true."""
     value = spec[field]
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not holds(value):
+    numeric = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if not numeric or not math.isfinite(value) or not holds(value):
         raise field_error(field, f"be a number {must}", repr(value))
     return value
 
@@ -205,7 +208,9 @@ def option_value(spec, option):
     value = spec[option.name]
     if option.type is float:
         value = float(number(spec, option.name, f"({option.help})", lambda v: True))
-    elif not isinstance(value, option.type) or (option.type is int and isinstance(value, bool)):
+    elif option.type is int:
+        value = integer(spec, option.name, 0)
+    elif not isinstance(value, option.type):
         raise field_error(option.name, f"be of type {option.type.__name__} ({option.help})", repr(value))
     if option.choices is not None:
         choice(spec, option.name, option.choices)

@@ -202,7 +202,8 @@ BAD_SPECS = [
         {"process": "markov", "n_states": 3, "order": 2},
         "spec field 'order' is not a field of a markov spec without arrays",
     ),
-    ({"process": "korder", "n_states": 3, "order": 2.5}, "spec field 'order' must be of type int"),
+    ({"process": "korder", "n_states": 3, "order": 2.5}, "spec field 'order' must be an integer in 0.., got 2.5"),
+    ({"process": "hmm", "n_states": 3, "preset": 3}, "spec field 'preset' must be of type str"),
     ({"process": "hmm", "n_states": 3, "preset": "mess4"}, "spec field 'preset' must be one of 'mess3', got 'mess4'"),
 ]
 

@@ -26,8 +26,10 @@ from nanomarkov.data import (
     import_hmmlearn,
     load_dataset,
 )
+from nanomarkov.dynamics import DEFAULT_VAL_SEQUENCES, LLC_DEFAULTS, format_dynamics, run_dynamics, write_dynamics
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
 from nanomarkov.evaluate import evaluate_checkpoints, format_eval, nonfinite_message
+from nanomarkov.files import json_text
 from nanomarkov.interp.hf import export_hf
 from nanomarkov.processes import DEFAULT_PROCESS, PROCESSES, load_plugins
 from nanomarkov.processes.spec import process_from_file
@@ -345,7 +347,11 @@ def cmd_eval(args):
     written = evaluate_checkpoints(args.checkpoints, data_dir=args.data, out=args.out)
     for folder, result in written:
         print(format_eval(result))
-        arrays = "".join(f", {name}" for name in ("learned_matrix.npy", "per_state.npz") if (folder / name).is_file())
+        arrays = "".join(
+            f", {name}"
+            for name in ("learned_matrix.npy", "per_state.npz", "loss_by_position.npz")
+            if (folder / name).is_file()
+        )
         print(f"\nwritten: {folder}/eval.json, eval.md{arrays}\n")
     broken = nonfinite_message(written)  # a model that cannot be measured failed, as a diverged run does: exit 1
     if broken:
@@ -358,7 +364,7 @@ def cmd_report(args):
     print(format_summary(report["summary"]))
     print(
         f"\n{len(report['runs'])} run(s); written: {Path(args.root) / 'report'}/summary.md, summary.csv, "
-        "comparison.png, and learning_curve.png (+ transition_matrix.png, per_state_kl.png once evaluated) in each run"
+        "comparison.png, and learning_curve.png (+ loss_by_position.png, and transition_matrix.png, per_state_kl.png for a first-order chain, once evaluated) in each run"
     )
     for run in report["missing_eval"] + report["stale_eval"]:
         print(
@@ -368,6 +374,40 @@ def cmd_report(args):
     for skip in report["skipped"]:
         print(f"skipped {Path(skip['run']) / skip['plot']}: {skip['why']}", file=sys.stderr)
     return 0
+
+
+def cmd_dynamics(args):
+    llc = dict(LLC_DEFAULTS) if args.llc else None
+    record = run_dynamics(
+        args.run, data_dir=args.data, val_sequences=args.val_sequences, llc=llc, show_progress=sys.stderr.isatty()
+    )
+    written = write_dynamics(record, args.out or args.run)
+    if args.json:
+        print(json_text(record), end="")
+    else:
+        print(format_dynamics(record))
+        print(f"\nwritten: {', '.join(str(path) for path in written)}")
+    return 0
+
+
+def _add_dynamics(verbs):
+    dyn = verbs.add_parser(
+        "dynamics",
+        help="every snapshot of a run against the exact theory: stages crossed, KLs, probes, attention",
+        epilog="example: nanomarkov train data/icl3 --snapshots 30, then nanomarkov dynamics trainings/icl3/icl3-42",
+    )
+    dyn.add_argument("run", help="a run folder trained with --snapshots N")
+    dyn.add_argument("--data", default=None, help="dataset folder (default: the one the run trained on)")
+    dyn.add_argument("--out", default=None, help="output folder (default: the run folder)")
+    dyn.add_argument("--json", action="store_true", help="print dynamics.json instead of the table")
+    dyn.add_argument(
+        "--val_sequences",
+        type=int,
+        default=DEFAULT_VAL_SEQUENCES,
+        help=f"val sequences evaluated per snapshot, the first ones (default {DEFAULT_VAL_SEQUENCES})",
+    )
+    dyn.add_argument("--llc", action="store_true", help="estimate the learning coefficient too (needs devinterp; slow)")
+    dyn.set_defaults(func=cmd_dynamics)
 
 
 def cmd_sweep(args):
@@ -622,6 +662,7 @@ def build_parser():
     rep.set_defaults(func=cmd_report)
 
     _add_sweep(verbs)
+    _add_dynamics(verbs)
 
     ex = verbs.add_parser(
         "export",

@@ -6,7 +6,8 @@ A dataset is a folder holding
               icl: concentration, startprob, support_size (and start, when stationary);
               hmm: transmat, emissions, startprob (state-emitting) or token_transitions, startprob
               (token-labelled)
-  meta.json   parameters, counts, the exact theory, sha256 of each data file
+  meta.json   parameters, counts, the exact theory (and the optimum at every position, compactly:
+              compact_by_position), sha256 of each data file; "spec" where a spec gave the process
   train.bin   whole BOS-led sequences of seq_len tokens, flat, little-endian
   val.bin     the same, drawn independently
   val_beliefs.npy  hmm only: float32 (n_val, seq_len, H), the belief state after every val prefix
@@ -60,6 +61,9 @@ DEFINING_KEYS = (
 # Where a dataset came from but not what it is: not compared when a generation asks whether a
 # folder already holds its dataset (the same spec read from another file is the same dataset).
 PROVENANCE_KEYS = ("spec_file",)
+# meta.json's optimum by position stops listing positions once every later one is this close
+# (nats) to the entropy rate, its limit; expand_by_position puts the limit there.
+BY_POSITION_TOLERANCE = 1e-6
 # Where a process has hidden states (it has belief_states), the belief after every val prefix
 # is saved beside val.bin, for probes of the residual stream; sha256 in meta.json like the .bin.
 BELIEFS_FILE = "val_beliefs.npy"
@@ -344,6 +348,10 @@ def _write_files(folder, chain, params, dtype, progress, chunk_tokens):
         sha256={"chain.npz": _file_sha256(folder / "chain.npz")},
         theory=chain.theory(seq_len),
     )
+    losses, errors = chain.optimal_loss_by_position(seq_len)
+    meta["optimal_loss_by_position"] = compact_by_position(
+        losses, errors, meta["theory"]["entropy_rate"], meta["theory"].get("entropy_rate_se")
+    )
     for split_index, split in enumerate(SPLITS, start=1):
         n = params[f"{split}_sequences"]
         rng = np.random.default_rng([seed, split_index])
@@ -358,6 +366,53 @@ def _write_files(folder, chain, params, dtype, progress, chunk_tokens):
         meta["sha256"][BELIEFS_FILE] = _write_val_beliefs(folder, chain, params["val_sequences"], seq_len, dtype)
     write_json(folder / "meta.json", meta, what="dataset record")
     return meta
+
+
+def compact_by_position(losses, errors, limit, limit_se=None, tolerance=BY_POSITION_TOLERANCE):
+    """meta.json's record of the optimum at every position: the losses up to where they have
+    converged to `limit` (the entropy rate), then nothing, since every later position is within
+    `tolerance` nats of the limit.
+
+    {"values": losses[:n], "se": errors[:n] (null where every error is 0: exact), "limit",
+    "limit_se" (null: exact), "converged_at": n + 1 (the first position the limit stands for;
+    null when none does within the sequence), "tolerance"}. A loss whose error is not 0 counts
+    as converged only when its error bound is within tolerance too, so an estimate is never cut.
+    """
+    losses, errors = np.asarray(losses, dtype=np.float64), np.asarray(errors, dtype=np.float64)
+    close = np.abs(losses - limit) + 4 * errors <= tolerance
+    # n: the number of leading positions kept, the smallest with every later one close to the limit.
+    n = len(losses) - int(np.argmin(close[::-1])) if not close.all() else 0
+    exact = not errors.any()
+    return {
+        "values": losses[:n].tolist(),
+        "se": None if exact else errors[:n].tolist(),
+        "limit": float(limit),
+        "limit_se": None if not limit_se else float(limit_se),
+        "converged_at": n + 1 if n < len(losses) else None,
+        "tolerance": tolerance,
+    }
+
+
+def expand_by_position(record, seq_len):
+    """(losses, errors), two (seq_len - 1,) arrays, from compact_by_position's record: the values,
+    then the limit (its error limit_se, else 0) at every later position."""
+    positions, kept = seq_len - 1, len(record["values"])
+    if kept > positions:
+        raise NanoMarkovError(f"optimal_loss_by_position holds {kept} positions, more than seq_len - 1 = {positions}")
+    losses = np.full(positions, record["limit"], dtype=np.float64)
+    losses[:kept] = record["values"]
+    errors = np.full(positions, record.get("limit_se") or 0.0, dtype=np.float64)
+    errors[:kept] = record["se"] if record.get("se") is not None else 0.0
+    return losses, errors
+
+
+def optimal_loss_by_position(dataset):
+    """(losses, errors) of the optimal predictor at positions 1..L-1 of a loaded dataset: from
+    meta.json, or from its process for a dataset written before meta.json recorded them."""
+    record = dataset.meta.get("optimal_loss_by_position")
+    if record is None:
+        return dataset.chain.optimal_loss_by_position(dataset.seq_len)
+    return expand_by_position(record, dataset.seq_len)
 
 
 def _check_generate_args(n_states, train_sequences, val_sequences, sparsity, alpha, seq_len):

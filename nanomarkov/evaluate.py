@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from nanomarkov.checkpoint import load_model
-from nanomarkov.data import load_dataset
+from nanomarkov.data import load_dataset, optimal_loss_by_position
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.files import json_text, write_atomic_together
 from nanomarkov.processes.numerics import entropy
@@ -51,6 +51,8 @@ from nanomarkov.processes.numerics import entropy
 # Positions x vocabulary per evaluated batch: bounds memory for any K (~64 MB of float64 logits per model).
 EVAL_BATCH_ELEMENTS = 1 << 23
 WORST_STATES = 5
+# Positions eval.json lists where the model's loss is furthest above the optimum.
+FURTHEST_POSITIONS = 3
 
 
 def bigram_baseline(dataset):
@@ -133,6 +135,58 @@ class CommonMetrics:
         return common_metrics(
             self.loss_sum[name] / n, self.correct[name] / n, self.true_correct / n, self.theory, bigram, self.k
         )
+
+
+class LossByPosition:
+    """The loss at each predicted position t = 1..L-1 over val, for every model and for the optimal
+    predictor on this very val split, beside the expected optimum there (meta.json's, or the process's)."""
+
+    def __init__(self, dataset, names):
+        self.k, self.theory = dataset.chain.n_states, dataset.meta["theory"]
+        self.optimal, self.optimal_se = optimal_loss_by_position(dataset)
+        self.loss_sum = {name: np.zeros(dataset.seq_len - 1) for name in names}
+        self.true_sum, self.sequences = np.zeros(dataset.seq_len - 1), 0
+
+    def update(self, batch):
+        y = batch.y
+        self.sequences += y.shape[0]
+        self.true_sum -= batch.optimal_log.gather(-1, y[..., None])[..., 0].sum(0).numpy()
+        for name, logits in batch.logits.items():
+            nll = F.cross_entropy(logits.reshape(-1, self.k + 1), y.reshape(-1), reduction="none")
+            self.loss_sum[name] += nll.reshape(y.shape).sum(0).numpy()
+
+    def results(self, name):
+        """({"loss_by_position": summary}, {"val_loss": (L-1,), ...}): the arrays go to loss_by_position.npz."""
+        val_loss = self.loss_sum[name] / self.sequences
+        excess = val_loss - self.optimal
+        positions = [t for t in (1, 10, 100) if t <= len(val_loss)] + [len(val_loss)]
+        summary = {
+            "positions": len(val_loss),
+            "estimated": bool(self.optimal_se.any()),
+            "at": [_at_position(t, val_loss, self.optimal, self.optimal_se) for t in dict.fromkeys(positions)],
+            "furthest_above_optimum": [
+                _at_position(int(t) + 1, val_loss, self.optimal, self.optimal_se)
+                for t in np.argsort(-excess)[:FURTHEST_POSITIONS]
+            ],
+            "entropy_rate": self.theory["entropy_rate"],
+            "unigram_loss": self.theory["unigram_loss"],
+            "uniform_loss": self.theory["uniform_loss"],
+            "file": "loss_by_position.npz",
+        }
+        arrays = {
+            "val_loss": val_loss,
+            "optimal_loss": self.optimal,
+            "optimal_loss_se": self.optimal_se,
+            "true_loss_val": self.true_sum / self.sequences,
+        }
+        return {"loss_by_position": summary}, arrays
+
+
+def _at_position(t, val_loss, optimal, optimal_se):
+    """eval.json's entry for predicted position t (1-based)."""
+    entry = {"position": t, "val_loss": float(val_loss[t - 1]), "optimal_loss": float(optimal[t - 1])}
+    entry["excess"] = entry["val_loss"] - entry["optimal_loss"]
+    return entry | ({"optimal_loss_se": float(optimal_se[t - 1])} if optimal_se.any() else {})
 
 
 class Agreement:
@@ -335,6 +389,9 @@ def without_model_numbers(result):
             result[section] = result[section] | dict.fromkeys(keys)
     if result.get("transition_fidelity") is not None:
         result["transition_fidelity"]["worst_states"] = []
+    if result.get("loss_by_position") is not None:
+        at = [entry | {"val_loss": None, "excess": None} for entry in result["loss_by_position"]["at"]]
+        result["loss_by_position"] = result["loss_by_position"] | {"at": at, "furthest_above_optimum": []}
     return result
 
 
@@ -360,10 +417,11 @@ def evaluate_models(models, dataset, device="cpu"):
     """
     chain, names, timings = dataset.chain, list(models), {}
     common, agreement = CommonMetrics(dataset, names), Agreement(names)
+    by_position = LossByPosition(dataset, names)
     families = [cls(dataset, names) for cls in dict.fromkeys(FAMILIES[key] for key in chain.METRICS)]
     started = time.perf_counter()
     for batch in _val_batches(models, dataset, device):
-        for family in (common, agreement, *families):
+        for family in (common, agreement, by_position, *families):
             family.update(batch)
     timings["val_pass_s"] = time.perf_counter() - started
     started = time.perf_counter()
@@ -373,7 +431,9 @@ def evaluate_models(models, dataset, device="cpu"):
     results = {}
     for name in names:
         result = common.results(name, bigram) | dict.fromkeys(FAMILIES)
-        arrays = {}
+        result_by_position, position_arrays = by_position.results(name)
+        result.update(result_by_position)
+        arrays = {"loss_by_position": position_arrays}
         for family in families:
             values, family_arrays = family.results(name, models, device, timings)
             result.update(values)
@@ -529,7 +589,8 @@ def array_bytes(save, *args, **arrays):
 
 
 def write_eval(result, folder):
-    """eval.json (every number, strict JSON), eval.md (a table), learned_matrix.npy and per_state.npz.
+    """eval.json (every number, strict JSON), eval.md (a table), learned_matrix.npy and per_state.npz
+    (first-order chains), loss_by_position.npz (val_loss, optimal_loss, optimal_loss_se, true_loss_val).
 
     The files replace their predecessors together (files.write_atomic_together): a full disk leaves
     the previous evaluation as it was, never an empty or partial file, nor new arrays beside an old record.
@@ -541,9 +602,12 @@ def write_eval(result, folder):
     payloads = {}
     if "learned_matrix" in arrays:  # first-order chains only: a k-th order chain has no K x K matrix to learn
         payloads[folder / "learned_matrix.npy"] = array_bytes(np.save, arrays["learned_matrix"])
-        per_state = {k: v for k, v in arrays.items() if k != "learned_matrix"}
+        per_state = {k: v for k, v in arrays.items() if k not in ("learned_matrix", "loss_by_position")}
         payloads[folder / "per_state.npz"] = array_bytes(np.savez, **per_state)
         record["files"] = {"learned_matrix": "learned_matrix.npy", "per_state": "per_state.npz"}
+    if "loss_by_position" in arrays:
+        payloads[folder / "loss_by_position.npz"] = array_bytes(np.savez, **arrays["loss_by_position"])
+        record["files"]["loss_by_position"] = "loss_by_position.npz"
     payloads[folder / "eval.md"] = format_eval(result) + "\n"
     payloads[folder / "eval.json"] = json_text(record)  # strict: a NaN would be null (outputs_finite says why)
     write_atomic_together(payloads, "evaluation")
@@ -592,6 +656,8 @@ def format_eval(result):
     tf, mp, ag = result["transition_fidelity"], result["markov_property"], result["agreement"]
     kf, skipped = result.get("korder_fidelity"), result.get("skipped", {})
     rows = _common_rows(ce, pp, ac, ag)
+    if result.get("loss_by_position") is not None:
+        rows.append(_by_position_row(result["loss_by_position"]))
     of = result.get("optimal_fidelity")
     if of is not None:
         rows.append(("KL(optimal predictor ‖ model), all positions", num(of["mean_kl"], ".6f"), "0", ""))
@@ -665,6 +731,19 @@ def _common_rows(ce, pp, ac, ag):
             "",
         ),
     ]
+
+
+def _by_position_row(by_position):
+    """The loss at positions 1, 10, 100 and the last, and where the model is furthest above the optimum."""
+    model = ", ".join(f"{e['position']}: {num(e['val_loss'], '.4f')}" for e in by_position["at"])
+    optimum = ", ".join(f"{e['position']}: {e['optimal_loss']:.4f}" for e in by_position["at"])
+    furthest = ", ".join(f"{e['position']} ({e['excess']:+.4f})" for e in by_position["furthest_above_optimum"])
+    return (
+        "loss at position t (t: loss)",
+        model,
+        optimum + (" (estimated)" if by_position["estimated"] else ""),
+        f"furthest above the optimum at {furthest}" if furthest else "",
+    )
 
 
 def _first_order_rows_md(tf, mp, worst, outputs_finite):

@@ -5,6 +5,8 @@ Every run folder under DIR (one holding done.json or ckpt.pt) gets, next to its 
                          bigram baseline; below it the excess over the floor on a log scale
   transition_matrix.png  true vs learned transition matrix, and their difference (needs eval.json)
   per_state_kl.png       each state's KL(true row || model) against its stationary probability (needs eval.json)
+  loss_by_position.png   the model's loss at each position against the optimum there and the baselines,
+                         log position axis: the in-context-learning curve (needs eval.json)
 
 Runs that differ only in seed form a family; DIR/report/ gets summary.md, summary.csv
 (mean and sd over seeds of every headline number) and comparison.png (excess per family).
@@ -348,6 +350,45 @@ def plot_transition_matrix(run, path):
     return _save(fig, path)
 
 
+def plot_loss_by_position(run, path):
+    """The in-context-learning plot: the model's val loss at each position against the optimum there
+    (with its standard-error band where estimated), the optimal predictor on this val split, and the
+    baselines (uniform log K, unigram, the entropy rate: the optimum's limit), on a log position axis."""
+    summary = run["eval"]["loss_by_position"]
+    with np.load(run["folder"] / summary["file"], allow_pickle=False) as npz:
+        val, optimal, se, true_val = (npz[k] for k in ("val_loss", "optimal_loss", "optimal_loss_se", "true_loss_val"))
+    positions = np.arange(1, len(val) + 1)
+    fig = Figure(figsize=(8, 7), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
+    top.plot(positions, val, "-", color="C0", lw=1.5, label="model (val)")
+    top.plot(positions, true_val, "-", color="0.6", lw=0.8, label="optimal predictor on this val split")
+    top.plot(positions, optimal, "-", color="k", lw=1.2, label="optimum (expected)")
+    estimated = se.any()
+    if estimated:
+        top.fill_between(positions, optimal - se, optimal + se, color="k", alpha=0.2, lw=0, label="optimum ± 1 s.e.")
+    baselines = [("uniform_loss", "uniform log K", "C3", "--"), ("unigram_loss", "unigram", "C2", "-.")]
+    baselines.append(("entropy_rate", "entropy rate (the optimum's limit)", "C4", ":"))
+    for key, label, color, style in baselines:
+        top.axhline(summary[key], color=color, ls=style, lw=1, label=f"{label} {summary[key]:.4f}")
+    top.set_xscale("log")
+    ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000) if t <= len(val)]
+    top.set_xticks(ticks, [str(t) for t in ticks])
+    top.set_ylabel("cross-entropy at position t (nats)")
+    process, data = _dig(run["eval"], ("run", "process")), _dataset_path(run)
+    top.set_title(f"{run['folder'].name}: loss by position, process {process} ({data})")
+    top.legend(fontsize=8)
+    top.grid(alpha=0.3, which="both")
+    bottom.plot(positions, val - optimal, "-", color="C0", lw=1.2, label="model − optimum")
+    if estimated:
+        bottom.fill_between(positions, -se, se, color="k", alpha=0.2, lw=0, label="± 1 s.e. of the optimum")
+    bottom.axhline(0, color="k", lw=1)
+    bottom.set_ylabel("excess over the optimum (nats)")
+    bottom.set_xlabel("predicted position t (x_t given x_1..x_{t-1}; log scale)")
+    bottom.legend(fontsize=8)
+    bottom.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
 def plot_per_state_kl(run, path):
     """Per-state KL against stationary probability: are the rare states the badly learned ones?"""
     with np.load(run["folder"] / "per_state.npz", allow_pickle=False) as npz:
@@ -421,6 +462,8 @@ def plot_runs(runs):
             and _dig(run["eval"], ("outputs_finite",)) is not False
         ):
             plots += [("transition_matrix.png", plot_transition_matrix), ("per_state_kl.png", plot_per_state_kl)]
+        if _dig(run["eval"], ("loss_by_position",)) is not None and _dig(run["eval"], ("outputs_finite",)) is not False:
+            plots.append(("loss_by_position.png", plot_loss_by_position))
         for name, plot in plots:
             try:
                 files.append(plot(run, folder / name))

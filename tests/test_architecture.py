@@ -13,7 +13,7 @@ LAYERS = [
     {"errors", "files"},
     {"processes"},
     {"model", "data", "checkpoint", "config", "distributed"},
-    {"train", "evaluate", "report", "interp"},
+    {"train", "evaluate", "report", "interp", "dynamics"},
     {"sweep"},
     {"cli", "__main__"},
 ]

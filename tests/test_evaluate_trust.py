@@ -20,7 +20,7 @@ from nanomarkov.evaluate import Batch, FirstOrderFidelity, evaluate_models, stat
 from nanomarkov.files import PARTIAL_SUFFIX
 from nanomarkov.report import write_report
 
-EVAL_FILES = ("eval.json", "eval.md", "learned_matrix.npy", "per_state.npz")
+EVAL_FILES = ("eval.json", "eval.md", "learned_matrix.npy", "per_state.npz", "loss_by_position.npz")
 
 
 def strict_loads(text):

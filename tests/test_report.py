@@ -116,8 +116,8 @@ def test_mean_and_sd_over_seeds_match_numpy_on_the_eval_files(report):
 def test_every_png_is_a_real_readable_image(report):
     root, result = report
     pngs = [p for p in result["files"] if p.endswith(".png")]
-    # three plots per evaluated run, the learning curve alone for the other, one comparison
-    assert len(pngs) == 2 * 3 + 1 + 1
+    # four plots per evaluated run (with the loss by position), the learning curve alone for the other, one comparison
+    assert len(pngs) == 2 * 4 + 1 + 1
     assert str(root / "report" / "comparison.png") in pngs
     for path in pngs:
         with open(path, "rb") as f:

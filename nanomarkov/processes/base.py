@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nanomarkov.errors import NanoMarkovError
+from nanomarkov.processes.numerics import entropy
 
 # The largest float64 table a process may build for its theory or its optimal predictor (2 GiB):
 # sizes beyond it are refused from the numbers alone, before anything is allocated.
@@ -78,7 +79,6 @@ class Process:
                   `nanomarkov generate` then takes no K (or only this one)
       SUMMARY     one line for `nanomarkov generate --help`
       ARRAYS      the names of the arrays saved in chain.npz; `cls.from_arrays(arrays)` rebuilds the process
-      OPTIONAL_ARRAYS  names chain.npz holds only where arrays() gives them (absent: the constructor's default)
       OPTIONS     its generation options beyond K, seed, alpha and sparsity: a tuple of `Option`
       RECIPE      TrainConfig fields the default recipe changes for this process ({}: none)
       METRICS     the metric families of METRIC_FAMILIES that `eval` runs on it
@@ -91,7 +91,6 @@ class Process:
     N_STATES = None
     SUMMARY = ""
     ARRAYS = ()
-    OPTIONAL_ARRAYS = ()
     OPTIONS = ()
     RECIPE = {}
     METRICS = ("optimal_fidelity",)
@@ -115,13 +114,11 @@ class Process:
 
     @classmethod
     def from_arrays(cls, arrays):
-        """The process that arrays() saved (`arrays` a mapping, e.g. an open .npz): cls(**arrays),
-        with those of OPTIONAL_ARRAYS that `arrays` holds.
+        """The process that arrays() saved (`arrays` a mapping, e.g. an open .npz): cls(**arrays).
 
         A KeyError names an array of ARRAYS that `arrays` lacks.
         """
-        optional = {name: arrays[name] for name in cls.OPTIONAL_ARRAYS if name in arrays}
-        return cls(**{name: arrays[name] for name in cls.ARRAYS}, **optional)
+        return cls(**{name: arrays[name] for name in cls.ARRAYS})
 
     def options(self):
         """The values of this instance's OPTIONS, {name: value}: recorded in meta.json."""
@@ -271,6 +268,45 @@ class Process:
     def standard_errors(self, seq_len):
         """The error of each estimated theory number, {name: error}; {} for a process whose theory is exact."""
         return {}
+
+    # ------------------------------------------------------- stage predictors
+
+    def token_marginals(self, seq_len):
+        """The distribution of x_t at each predicted position t = 1..L-1, (L-1, K); None where unknown.
+
+        A process that knows it exactly provides it: the unigram stage is then
+        exact for sequences of seq_len (see stage_losses); otherwise that stage
+        is the long-run unigram_loss().
+        """
+        return None
+
+    def stage_losses(self, seq_len):
+        """The expected loss of each stage predictor on sequences of seq_len tokens, {name: loss}, worst first.
+
+        A model learning the process passes through them on its way to the
+        optimum (`nanomarkov dynamics` marks when it crosses each):
+          uniform  log K: knows nothing
+          unigram  one distribution at every position, the token frequencies: with
+                   q the mean over predicted positions of the law of x_t (token_marginals),
+                   the best such predictor costs H(q); the long-run unigram_loss() where
+                   the marginals are unknown
+          optimal  the optimal predictor (optimal_loss)
+        A process adds its own stages (korder: first_order; icl: in_context_unigram,
+        oracle). Estimated ones have their errors in stage_loss_errors(seq_len).
+        """
+        self.check_seq_len(seq_len)
+        marginals = self.token_marginals(seq_len)
+        unigram = self.unigram_loss() if marginals is None else float(entropy(np.mean(marginals, axis=0)))
+        return {"uniform": self.uniform_loss(), "unigram": unigram, "optimal": self.optimal_loss(seq_len)}
+
+    def stage_loss_errors(self, seq_len):
+        """The standard error of each estimated stage loss, {name: error} (0.0 where exact)."""
+        errors = self.standard_errors(seq_len)
+        stages = dict.fromkeys(self.stage_losses(seq_len), 0.0)
+        stages["optimal"] = float(errors.get("optimal_loss", 0.0))
+        if self.token_marginals(seq_len) is None:
+            stages["unigram"] = float(errors.get("unigram_loss", 0.0))
+        return stages
 
     def theory(self, seq_len):
         """The theory numbers for sequences of seq_len tokens, as a dict.

@@ -40,8 +40,11 @@ couples the rows and is no Dirichlet term, so there is no closed form:
 
 E_D over D, the conjugate (uniform-start) posterior given the counts. The first
 is 1/K exactly when every state is alike (one concentration), else a Monte-Carlo
-mean; the second is estimated by self-normalised importance sampling: particles
-drawn from D, weighted by pi_P(x1) (module docstring of `StationaryPredictor`).
+mean; the second is estimated by importance sampling: particles drawn from D,
+weighted by pi_P(x1), with E_D[P_s] as a control variate (`_particle_predictions`).
+`theory` scores the conjugate predictor exactly per sequence and adds the Bayes
+predictor's small gain over it, estimated on fewer sequences (`_add_particle_gain`);
+`true_loss` averages the estimated predictor's log-losses. All carry errors.
 """
 
 import math
@@ -81,6 +84,9 @@ PREDICTOR_SEED = 1
 # Bayes predictor's gain over the conjugate one, and Monte-Carlo draws of matrices for the prior
 # mean of the stationary law when states differ.
 GAIN_SEQUENCES = 1000
+# The stationary start's largest K: at K = 20 its predictor takes ~0.15 s per sequence of 128 tokens
+# on one CPU core (eval's val split, theory's GAIN_SEQUENCES), growing as K^3.
+MAX_STATIONARY_STATES = 20
 START_LAW_MATRICES = 200_000
 
 # random()'s largest K: theory at K=100, L=256 takes 4 s, and beyond K^2 * MIN_THEORY_SEQUENCES
@@ -162,8 +168,6 @@ class InContextChain(Process):
     process = "icl"
     SUMMARY = "in-context chain, a fresh Dirichlet matrix per sequence (needs attention to learn)"
     ARRAYS = ("concentration", "startprob", "support_size")
-    # chain.npz holds the start rule only when it is not the default, so datasets written before it load.
-    OPTIONAL_ARRAYS = ("start",)
     OPTIONS = (
         Option(
             "start",
@@ -207,6 +211,11 @@ class InContextChain(Process):
                 "start 'stationary' needs dense rows (no --sparsity): a sparse row's matrix can have "
                 "several stationary laws"
             )
+        if start == "stationary" and k > MAX_STATIONARY_STATES:
+            raise NanoMarkovError(
+                f"start 'stationary' goes up to K = {MAX_STATIONARY_STATES}, got {k}: its Bayes predictor weighs "
+                f"{PREDICTOR_PARTICLES} sampled K x K matrices at every position of every sequence"
+            )
         for array in (concentration, startprob, support_size):
             array.flags.writeable = False
         self.concentration = concentration
@@ -235,6 +244,13 @@ class InContextChain(Process):
     def options(self):
         """{"start": "stationary"} for the stationary start; {} for the default, as before the option existed."""
         return {} if self.start == "uniform" else {"start": self.start}
+
+    @classmethod
+    def from_arrays(cls, arrays):
+        """The process arrays() saved: chain.npz holds the start rule ("start") only when it is not the
+        default, so a dataset written before the rule existed loads with the uniform start."""
+        start = arrays["start"] if "start" in arrays else "uniform"
+        return cls(**{name: arrays[name] for name in cls.ARRAYS}, start=start)
 
     def arrays(self):
         """The arrays of chain.npz; the start rule joins them (a 0-d str array) when it is not the default."""
@@ -541,6 +557,32 @@ class InContextChain(Process):
         theory = self.monte_carlo(seq_len)
         return {key.removesuffix("_se"): value for key, value in theory.items() if key.endswith("_se")}
 
+    # The stage predictors of stage_losses, worst first, and the theory key of each.
+    STAGE_KEYS = {
+        "uniform": "uniform_loss",
+        "unigram": "unigram_loss",
+        "in_context_unigram": "unigram_in_context_loss",
+        "optimal": "optimal_loss",
+        "oracle": "oracle_loss",
+    }
+
+    def stage_losses(self, seq_len):
+        """Estimates from theory's sample (errors: stage_loss_errors), worst first:
+        uniform, unigram    as for every process (unigram: H of the mean law of x_t over positions)
+        in_context_unigram  add-concentration counts of the states seen so far, ignoring the
+                            current one: q_t(j) = (#{s <= t: x_s = j} + alpha_j) / (t + sum alpha),
+                            startprob for x1 (the stage before the model reads transitions)
+        optimal             the Bayes predictor (optimal_loss)
+        oracle              the predictor that knows the sequence's own matrix: below the optimum,
+                            which must learn the matrix from the sequence
+        """
+        theory = self.monte_carlo(seq_len)
+        return {name: float(theory[key]) for name, key in self.STAGE_KEYS.items()}
+
+    def stage_loss_errors(self, seq_len):
+        theory = self.monte_carlo(seq_len)
+        return {name: float(theory.get(f"{key}_se", 0.0)) for name, key in self.STAGE_KEYS.items()}
+
     @cached_property
     def _long_run(self):
         """(entropy rate, its error, unigram loss, its error) over a sample of matrices alone, from THEORY_SEED."""
@@ -680,7 +722,8 @@ class InContextChain(Process):
         n, positions = states.shape
         rows, law = np.arange(n), self.start_law()[0]
         by_position = np.empty((n, positions))
-        by_position[:, 0] = cross_entropy(starts, law)
+        # H(law) on average; exactly that where the law is exact (1/K), so position 1 shows no rounding.
+        by_position[:, 0] = entropy(law) if not self.start_law()[1].any() else cross_entropy(starts, law)
         sums = {
             "optimal_accuracy": starts[:, law.argmax()].copy(),
             "oracle_loss": entropy(starts, axis=1),

@@ -364,6 +364,47 @@ class KOrderChain(Process):
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(mass > 0, joint / mass, 1.0 / k)
 
+    # ------------------------------------------------------- stage predictors
+
+    def token_marginals(self, seq_len):
+        """The law of x_t at t = 1..L-1, exact: the start's marginals up to k, then each tuple law times the rows."""
+        self.check_seq_len(seq_len)
+        m = min(self.order, seq_len - 1)
+        axes = range(self.order)
+        start = [self.start.sum(axis=tuple(a for a in axes if a != t)) for t in range(m)]
+        return np.vstack([*start, self.tuple_marginals(seq_len) @ self.rows])
+
+    def stage_losses(self, seq_len):
+        """The base stages plus first_order: the best predictor of x_t from x_{t-1} alone (BOS before x1).
+
+        At each position t it predicts with the true conditional P(x_t | x_{t-1})
+        of that position (the start's joint law up to t = k, the tuple law after),
+        costing H(x_{t-1}, x_t) - H(x_{t-1}); position 1 costs H(x1). Exact; for
+        order 1 it is the optimum.
+        """
+        stages = super().stage_losses(seq_len)
+        return {"uniform": stages["uniform"], "unigram": stages["unigram"]} | {
+            "first_order": float(np.mean(self._first_order_by_position(seq_len))),
+            "optimal": stages["optimal"],
+        }
+
+    def _first_order_by_position(self, seq_len):
+        """H(x_t | x_{t-1}) at t = 1..L-1 (H(x1) at t = 1), from the joint law of each adjacent pair."""
+        k, order, marginals = self.n_states, self.order, self.token_marginals(seq_len)
+        pairs = []
+        for t in range(2, min(order, seq_len - 1) + 1):  # (x_{t-1}, x_t) inside the start's joint law
+            pairs.append(self.start.sum(axis=tuple(a for a in range(order) if a not in (t - 2, t - 1))))
+        rows = self.rows.reshape(-1, k, k)  # (older digits, x_{t-1}, x_t)
+        previous, joint = None, None
+        for mu in self.tuple_marginals(seq_len):
+            if previous is None or not np.array_equal(mu, previous):  # once the law settles, so does the pair
+                joint = np.einsum("ab,abj->bj", mu.reshape(-1, k), rows)
+            pairs.append(joint)
+            previous = mu
+        losses = [float(entropy(marginals[0]))]
+        losses += [float(entropy(pair.ravel()) - entropy(pair.sum(axis=1))) for pair in pairs]
+        return np.array(losses)
+
     def skipped_metrics(self):
         return {
             "transition_fidelity": "defined for first-order chains; this is a k-th order chain "

@@ -163,6 +163,10 @@ class MarkovChain(Process):
             self._marginals[seq_len] = evolve(self.startprob, lambda mu: mu @ self.transmat, seq_len - 1)
         return self._marginals[seq_len]
 
+    def token_marginals(self, seq_len):
+        """The law of x_t at t = 1..L-1, exact (the unigram stage of stage_losses)."""
+        return self.state_marginals(seq_len)
+
     def optimal_loss_by_position(self, seq_len):
         """Expected loss of the true model at each predicted position 1..L-1, exact: (losses, zeros).
 

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import torch
 
+from nanomarkov.checkpoint import list_snapshots
 from nanomarkov.config import RESUMABLE_CHANGES, config_changes
 from nanomarkov.data import generate_dataset
+from nanomarkov.dynamics import PLOTS, run_dynamics, write_dynamics
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.evaluate import evaluate_checkpoints
 from nanomarkov.files import read_json, read_json_or_none
-from nanomarkov.report import family_key, write_report
+from nanomarkov.report import family_key, find_runs, write_report
 from nanomarkov.sweep.grid import expand_grid, plan
 from nanomarkov.sweep.local import run_here, run_in_pool
 from nanomarkov.sweep.manifest import Progress, new_manifest, save_manifest
@@ -129,6 +131,7 @@ def run_sweep(
     evaluate_families(specs, manifest["runs"], progress)
     manifest["finished"] = time.time()
     manifest["report"] = write_sweep_report(Path(out_root) / "runs", progress)
+    manifest["dynamics"] = write_dynamics_reports(Path(out_root) / "runs", progress)
     save_manifest(manifest, out_root)
     return manifest
 
@@ -182,6 +185,24 @@ def write_sweep_report(root, progress):
         return None
     progress(f"report written under {root / 'report'}")
     return {"folder": str(root / "report"), "skipped_plots": written.get("skipped", [])}
+
+
+def write_dynamics_reports(root, progress):
+    """`nanomarkov dynamics` for each run under root that kept snapshots (a grid with `snapshots`): the run
+    folders written; a run it cannot measure is a progress line, not a failed sweep."""
+    written = []
+    for folder in find_runs(root) if Path(root).is_dir() else []:
+        if not list_snapshots(folder):
+            continue
+        try:
+            write_dynamics(run_dynamics(folder), folder)
+        except NanoMarkovError as e:
+            progress(f"dynamics skipped for {folder}: {e}")
+            continue
+        written.append(str(folder))
+    if written:
+        progress(f"dynamics written in {len(written)} run(s) with snapshots: dynamics.json and {', '.join(PLOTS)}")
+    return written
 
 
 def evaluate_families(specs, runs, progress):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import chi2
 
+from nanomarkov.cli import main
 from nanomarkov.data import generate_dataset, load_dataset
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.processes import incontext
@@ -55,8 +56,8 @@ def conditional_entropies(probs, n_positions):
 
 @pytest.mark.parametrize("concentration", [(1.0, 1.0), (0.7, 1.8)])
 def test_theory_by_position_matches_quadrature(concentration, monkeypatch):
-    monkeypatch.setattr(incontext, "THEORY_SEQUENCES", 5000)  # the errors say how far to trust it
-    monkeypatch.setattr(incontext, "START_LAW_MATRICES", 50_000)
+    monkeypatch.setattr(incontext, "THEORY_SEQUENCES", 3000)  # the errors say how far to trust it
+    monkeypatch.setattr(incontext, "START_LAW_MATRICES", 20_000)
     chain = InContextChain(concentration, [0.5, 0.5], 2, start="stationary")
     exact = conditional_entropies(exact_probabilities(concentration, 4), 4)
     losses, errors = chain.optimal_loss_by_position(5)
@@ -67,7 +68,7 @@ def test_theory_by_position_matches_quadrature(concentration, monkeypatch):
 
 
 def test_start_law_is_the_prior_mean_of_the_stationary_law(monkeypatch):
-    monkeypatch.setattr(incontext, "START_LAW_MATRICES", 50_000)
+    monkeypatch.setattr(incontext, "START_LAW_MATRICES", 20_000)
     concentration = (0.7, 1.8)
     a, b, weights = row_grid(concentration)
     exact = np.array([(weights * b / (a + b)).sum(), (weights * a / (a + b)).sum()])
@@ -98,7 +99,7 @@ def test_predictor_averages_to_the_exact_conditionals():
 
 def test_sampler_draws_the_stationary_start():
     """Frequencies of the 16 sequences of four states against the quadrature's probabilities (chi-square)."""
-    concentration, n, draws = (0.7, 1.8), 4, 8000
+    concentration, n, draws = (0.7, 1.8), 4, 5000
     probs = exact_probabilities(concentration, n)
     chain = InContextChain(concentration, [0.5, 0.5], 2, start="stationary")
     tokens = chain.sample(draws, n + 1, np.random.default_rng(3))[:, 1:].astype(int)
@@ -118,6 +119,8 @@ def test_start_rule_survives_the_arrays_and_refuses_bad_values():
         InContextChain([1.0, 1.0], [0.5, 0.5], 2, start="fixed")
     with pytest.raises(NanoMarkovError, match="dense rows"):
         InContextChain.random(4, sparsity=50, start="stationary")
+    with pytest.raises(NanoMarkovError, match="goes up to K = 20"):
+        InContextChain.random(21, start="stationary")
 
 
 def test_positive_stationary_matches_the_linear_solve():
@@ -128,6 +131,8 @@ def test_positive_stationary_matches_the_linear_solve():
 def test_a_dataset_reloads_with_its_start_rule(tmp_path, monkeypatch):
     monkeypatch.setattr(incontext, "THEORY_SEQUENCES", 1000)
     monkeypatch.setattr(incontext, "GAIN_SEQUENCES", 100)
+    command = "generate 3 --process icl --start stationary --train 20 --val 10 --seq_len 6 --out"
+    assert main([*command.split(), str(tmp_path / "stationary")]) == 0
     for start in ("stationary", None):
         folder = tmp_path / str(start)
         meta = generate_dataset(folder, 3, 20, 10, seq_len=6, process="icl", start=start)

@@ -1,0 +1,462 @@
+"""Training dynamics against the exact theory: `nanomarkov dynamics RUN`.
+
+A run trained with `--snapshots N` keeps weights-only snapshots under RUN/snapshots/
+(checkpoint.list_snapshots). For each one, on the first val sequences of the run's dataset
+(the same ones for every snapshot), this measures:
+  val loss        next to the process's stage predictors (Process.stage_losses: uniform,
+                  unigram, korder's first_order, icl's in_context_unigram, the optimum,
+                  icl's oracle) and the floor, the optimal predictor's loss on exactly
+                  these sequences; plus accuracy
+  by position     the loss at each predicted position, next to the optimum there
+  optimal KL      KL(optimal predictor || model), mean over every position (all processes)
+  transition KL   markov: KL(P_s || model after [BOS, s]), mean over states (evaluate.py)
+  korder KL       korder: evaluate.py's korder_fidelity, beside its first-order baseline
+  belief R²       hmm: the linear probe from each residual stream to the belief state
+  attention       per head: the mean weight on the current token, earlier states and BOS
+  llc             with `llc`: the local learning coefficient (devinterp, optional)
+and when the model first crosses each stage: the first snapshot whose val loss is at or
+below the stage's loss, and for the optimum, the first within REACHED_EXCESS of the floor
+(a stage below the optimum, like icl's oracle, is never crossed). It writes dynamics.json
+(strict JSON) and three plots (PLOTS) into the run folder or `out`.
+"""
+
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter
+from tqdm import tqdm
+
+from nanomarkov.checkpoint import list_snapshots, load_snapshot
+from nanomarkov.data import load_dataset
+from nanomarkov.errors import NanoMarkovError
+from nanomarkov.evaluate import EVAL_BATCH_ELEMENTS, evaluate_models, kl_terms, make_folder, state_log_probs
+from nanomarkov.files import json_text, read_json, write_atomic_together
+from nanomarkov.interp.linear_probes import belief_state_probe
+from nanomarkov.interp.readouts import attention_summary
+from nanomarkov.report import TARGET_EXCESS, png_bytes
+
+DYNAMICS_FILE = "dynamics.json"
+PLOTS = ("dynamics_loss.png", "dynamics_metrics.png", "dynamics_by_position.png")
+# Val sequences evaluated per snapshot (fewer when sequences x vocabulary would pass EVAL_BATCH_ELEMENTS):
+# dozens of snapshots of a small model then take seconds on a CPU.
+DEFAULT_VAL_SEQUENCES = 256
+ATTENTION_SEQUENCES = 64  # the attention summary needs fewer: its means settle fast
+# The optimum counts as reached within this of the floor (the project's quality target).
+REACHED_EXCESS = TARGET_EXCESS
+
+
+def snapshots_of(run_folder):
+    """The run's snapshots [(iter, tokens, path)]; one line naming the fix when there are none."""
+    run_folder = Path(run_folder)
+    if not run_folder.is_dir():
+        raise NanoMarkovError(f"{run_folder}: no such run folder; give the folder `nanomarkov train` wrote")
+    found = list_snapshots(run_folder)
+    if not found:
+        raise NanoMarkovError(
+            f"{run_folder}: no snapshots (RUN/snapshots/ is empty or missing); train with snapshots kept, "
+            f"e.g. `nanomarkov train DATA --snapshots 30`"
+        )
+    return found
+
+
+def run_dataset(run_folder, data_dir=None):
+    """The run's dataset (config.json's data_dir, or `data_dir`), loaded."""
+    run_folder = Path(run_folder)
+    if data_dir is None:
+        config_path = run_folder / "config.json"
+        if not config_path.is_file():
+            raise NanoMarkovError(f"{run_folder}: no config.json to name the dataset; pass --data DIR")
+        data_dir = read_json(config_path, what="run config", fix="pass --data DIR").get("data_dir")
+        if not isinstance(data_dir, str):
+            raise NanoMarkovError(f"{config_path}: no data_dir; pass --data DIR")
+        if not Path(data_dir).is_dir():
+            raise NanoMarkovError(
+                f"dataset {data_dir} of {run_folder} not found; run from the folder you trained in, or pass --data DIR"
+            )
+    return load_dataset(data_dir, verify=False)
+
+
+def val_subset(dataset, n_sequences):
+    """The dataset cut to its first n val sequences, with the theory's floor recomputed on them."""
+    k, positions = dataset.chain.n_states, dataset.seq_len - 1
+    if not isinstance(n_sequences, int) or n_sequences < 2:
+        raise NanoMarkovError(f"--val_sequences must be an integer >= 2, got {n_sequences!r}")
+    n = min(n_sequences, dataset.val.shape[0], max(2, EVAL_BATCH_ELEMENTS // (positions * (k + 1))))
+    val = np.asarray(dataset.val[:n])
+    theory = dict(dataset.meta["theory"], true_loss_val=dataset.chain.true_loss(val))
+    # No train split: evaluate's bigram baseline (train counts) is not a stage here, and costs a pass over train.
+    return replace(dataset, val=val, train=val[:0], meta=dict(dataset.meta, theory=theory))
+
+
+def stage_theory(dataset):
+    """The baselines every snapshot is compared with: stages, their errors, the floor, the optimum by position."""
+    chain, seq_len = dataset.chain, dataset.seq_len
+    optimum_by_position, optimum_by_position_se = chain.optimal_loss_by_position(seq_len)
+    return {
+        "stages": chain.stage_losses(seq_len),
+        "stage_errors": chain.stage_loss_errors(seq_len),
+        "floor": dataset.meta["theory"]["true_loss_val"],
+        "reached_excess": REACHED_EXCESS,
+        "optimal_loss_by_position": optimum_by_position.tolist(),
+        "optimal_loss_by_position_se": optimum_by_position_se.tolist(),
+    }
+
+
+@torch.no_grad()
+def position_metrics(model, dataset):
+    """Loss at each predicted position (L-1,) and the mean KL(optimal predictor || model) over every position."""
+    k, val = dataset.chain.n_states, dataset.val
+    batch = max(1, EVAL_BATCH_ELEMENTS // ((dataset.seq_len - 1) * (k + 1)))
+    loss_sum, kl_sum = np.zeros(dataset.seq_len - 1), 0.0
+    for lo in range(0, val.shape[0], batch):
+        tokens = torch.from_numpy(np.asarray(val[lo : lo + batch], dtype=np.int64))
+        logits = model(tokens[:, :-1])[0].double()
+        loss = F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
+        loss_sum += loss.sum(0).numpy()
+        optimal_log = torch.from_numpy(dataset.chain.optimal_log_probs(tokens.numpy()))
+        kl_sum += kl_terms(optimal_log, state_log_probs(logits, k)).sum().item()
+    n = val.shape[0]
+    return loss_sum / n, kl_sum / (n * (dataset.seq_len - 1))
+
+
+def measure_snapshot(model, dataset):
+    """Every dynamics number of one model on the (cut) dataset, as a dict of plain values."""
+    result = evaluate_models({"model": model}, dataset)["model"]
+    by_position, optimal_kl = position_metrics(model, dataset)
+    measured = {
+        "val_loss": result["cross_entropy"]["val_loss"],
+        "excess": result["cross_entropy"]["excess"],
+        "accuracy": result["accuracy"]["accuracy"],
+        "optimal_kl": optimal_kl,
+        "transition_kl": (result.get("transition_fidelity") or {}).get("mean_kl"),
+        "korder_kl": (result.get("korder_fidelity") or {}).get("mean_kl"),
+        "korder_first_order_kl": (result.get("korder_fidelity") or {}).get("first_order_kl"),
+        "loss_by_position": by_position.tolist(),
+        "outputs_finite": result["outputs_finite"],
+    }
+    if not result["outputs_finite"]:  # broken weights: nothing inside the model to probe either
+        return measured | {"optimal_kl": None, "loss_by_position": None, "belief_r2": None, "attention": None}
+    if dataset.chain.BELIEF_STATES:
+        probe = belief_state_probe(model, dataset, n_sequences=dataset.val.shape[0])
+        measured["belief_r2"] = {"layers": probe["layers"], "r2": probe["r2"].tolist()}
+    attention = attention_summary(model, dataset.val[:ATTENTION_SEQUENCES])
+    measured["attention"] = {key: np.asarray(value).tolist() for key, value in attention.items()}
+    return measured
+
+
+def first_crossings(values, levels):
+    """{name: index of the first value at or below its level, or None}; NaN or None values never cross."""
+    values = np.array([np.nan if v is None else v for v in values], dtype=float)
+    crossings = {}
+    for name, level in levels.items():
+        below = np.flatnonzero(values <= level)
+        crossings[name] = int(below[0]) if below.size else None
+    return crossings
+
+
+def crossing_levels(theory):
+    """The level each stage is crossed at: its loss for stages above the optimum; the floor plus
+    REACHED_EXCESS for the optimum; none for a stage below the optimum (it knows more than the data)."""
+    stages, optimum = theory["stages"], theory["stages"]["optimal"]
+    levels = {name: loss for name, loss in stages.items() if loss > optimum}
+    levels["optimal"] = theory["floor"] + theory["reached_excess"]
+    return levels
+
+
+def run_dynamics(run_folder, data_dir=None, val_sequences=DEFAULT_VAL_SEQUENCES, llc=None, show_progress=None):
+    """dynamics.json's record for a run: theory, one entry per snapshot, the crossings (see the module docstring).
+
+    `llc` is None (no learning coefficient) or the keyword arguments of learning_coefficient.
+    """
+    started = time.perf_counter()
+    if llc is not None:
+        import_devinterp()  # before any work: a missing library is said at once
+    snapshots = snapshots_of(run_folder)
+    full = run_dataset(run_folder, data_dir)
+    dataset = val_subset(full, val_sequences)
+    theory = stage_theory(dataset)
+    entries = []
+    bar = tqdm(snapshots, desc=f"dynamics {run_folder}", unit="snapshot", leave=False, disable=not show_progress)
+    for iter_num, tokens, path in bar:
+        model, _ = load_snapshot(path)
+        if model.config.vocab_size != dataset.vocab_size:
+            raise NanoMarkovError(
+                f"{path}: vocabulary {model.config.vocab_size}, but {dataset.path} has {dataset.vocab_size}; "
+                "pass --data with the dataset this run trained on"
+            )
+        entry = {"iter": iter_num, "tokens": tokens, "file": str(path)} | measure_snapshot(model, dataset)
+        if llc is not None:
+            entry["llc"] = learning_coefficient(model, dataset.val, **llc)
+        entries.append(entry)
+    levels = crossing_levels(theory)
+    crossings = {
+        name: None if i is None else {"iter": entries[i]["iter"], "tokens": entries[i]["tokens"], "level": levels[name]}
+        for name, i in first_crossings([e["val_loss"] for e in entries], levels).items()
+    }
+    seconds = time.perf_counter() - started
+    return {
+        "run": str(run_folder),
+        "dataset": str(full.path),
+        "process": full.chain.process,
+        "n_states": full.chain.n_states,
+        "seq_len": full.seq_len,
+        "val_sequences": int(dataset.val.shape[0]),
+        "val_sequences_total": int(full.val.shape[0]),
+        "theory": theory,
+        "snapshots": entries,
+        "crossings": crossings,
+        "timing": {"total_s": round(seconds, 3), "per_snapshot_s": round(seconds / len(entries), 3)},
+    }
+
+
+# ------------------------------------------------------------ the learning coefficient (devinterp, optional)
+
+LLC_DEFAULTS = dict(num_chains=2, num_draws=100, lr=1e-4, n_beta=None, batch_size=16, localization=100.0)
+
+
+def import_devinterp():
+    """(datasets.Dataset, devinterp's llc), or one line saying how to install them."""
+    try:
+        # devinterp first: datasets (which it needs) may be there without it, and takes seconds to import
+        import devinterp.slt.llc
+        from datasets import Dataset as HFDataset
+    except ImportError:
+        raise NanoMarkovError(
+            "--llc needs the devinterp library: pip install 'nanomarkov[devinterp]' (or pip install devinterp)"
+        ) from None
+    return HFDataset, devinterp.slt.llc.llc
+
+
+def learning_coefficient(model, tokens, num_chains, num_draws, lr, n_beta, batch_size, localization):
+    """The local learning coefficient of `model` at its weights on BOS-led `tokens`, by SGLD (devinterp).
+
+    n_beta None: n / log n with n the number of predicted tokens, the usual inverse temperature.
+    Returns {"mean", "std" (over chains), "seconds"}. devinterp is an optional dependency.
+    """
+    HFDataset, llc = import_devinterp()
+    tokens = np.asarray(tokens, dtype=np.int64)
+    n_tokens = tokens.shape[0] * (tokens.shape[1] - 1)
+    started = time.perf_counter()
+
+    def per_token_loss(net, input_ids):
+        logits = net(input_ids[:, :-1])[0]
+        return F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+
+    with tempfile.TemporaryDirectory() as scratch:  # devinterp writes its draws to a zarr store
+        result = llc(
+            model,
+            HFDataset.from_dict({"input_ids": tokens.tolist()}).with_format("torch"),
+            {},
+            lr=lr,
+            n_beta=n_beta or n_tokens / np.log(n_tokens),
+            loss_fn=per_token_loss,
+            num_chains=num_chains,
+            num_draws=num_draws,
+            batch_size=batch_size,
+            localization=localization,
+            device="cpu",
+            output_path=Path(scratch) / "samples.zarr",
+        )
+        mean, std = float(result["llc_mean"]), float(result["llc_std"])
+    return {
+        "mean": mean,
+        "std": std,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+# ------------------------------------------------------------ text, files and plots
+
+
+def format_dynamics(record):
+    """The record as a few lines: one per snapshot, then when each stage was crossed."""
+    theory, entries = record["theory"], record["snapshots"]
+    extra = [("transition KL", "transition_kl"), ("korder KL", "korder_kl")]
+    extra = [(title, key) for title, key in extra if any(e.get(key) is not None for e in entries)]
+    head = ["iter", "tokens", "val loss", "excess", "optimal KL"] + [title for title, _ in extra]
+    has_probe = any(e.get("belief_r2") for e in entries)
+    head += ["belief R²"] if has_probe else []
+    rows = []
+    for e in entries:
+        cells = [str(e["iter"]), f"{e['tokens']:,}", *(_number(e[key], ".4f") for key in ("val_loss", "excess"))]
+        cells += [_number(e["optimal_kl"], ".5f")] + [_number(e[key], ".5f") for _, key in extra]
+        cells += [_number(e["belief_r2"]["r2"][-1] if e.get("belief_r2") else None, ".3f")] if has_probe else []
+        rows.append(cells)
+    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
+    lines = [
+        f"{record['run']}: {record['process']} K={record['n_states']}, {len(entries)} snapshot(s), "
+        f"on the first {record['val_sequences']} of {record['val_sequences_total']} val sequences",
+        "  ".join(h.rjust(w) for h, w in zip(head, widths)),
+        *("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows),
+        "",
+        f"floor (optimal predictor on these sequences) {theory['floor']:.4f}",
+    ]
+    for name, loss in theory["stages"].items():
+        crossing = record["crossings"].get(name, "below")
+        if crossing == "below":
+            when = "below the optimum: not reachable from the data"
+        elif crossing is None:
+            when = "not crossed yet"
+        else:
+            when = f"crossed at iter {crossing['iter']} ({crossing['tokens']:,} tokens)"
+        lines.append(f"stage {name:<20} {loss:.4f}  {when}")
+    return "\n".join(lines)
+
+
+def _number(value, spec):
+    return "n/a" if value is None else f"{value:{spec}}"
+
+
+def write_dynamics(record, folder):
+    """dynamics.json and the PLOTS into `folder` (created), replaced together; returns their paths."""
+    folder = make_folder(Path(folder))
+    figures = (plot_loss(record), plot_metrics(record), plot_by_position(record))
+    payloads = {folder / DYNAMICS_FILE: json_text(record)}
+    payloads.update({folder / name: png_bytes(fig) for name, fig in zip(PLOTS, figures)})
+    write_atomic_together(payloads, "dynamics")
+    return list(payloads)
+
+
+def _tokens_axis(axes, entries):
+    """A shared log x-axis of tokens seen that still shows a snapshot at 0 tokens (linear below the first step)."""
+    positive = [e["tokens"] for e in entries if e["tokens"] > 0]
+    for ax in axes:
+        ax.set_xscale("symlog", linthresh=min(positive) if positive else 1)
+        ax.set_xlim(left=0)
+        ax.xaxis.set_major_formatter(EngFormatter())
+        ax.grid(alpha=0.3, which="both")
+    axes[-1].set_xlabel("tokens seen")
+
+
+def plot_loss(record):
+    """Val loss over tokens seen with each stage as a horizontal line, and where it was first crossed."""
+    theory, entries = record["theory"], record["snapshots"]
+    tokens = np.array([e["tokens"] for e in entries], dtype=float)
+    loss = np.array([np.nan if e["val_loss"] is None else e["val_loss"] for e in entries])
+    fig = Figure(figsize=(9, 7.5), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
+    top.plot(tokens, loss, "o-", ms=3, color="k", label="val loss")
+    top.axhline(theory["floor"], color="0.3", lw=1, label=f"floor {theory['floor']:.4f}")
+    excess = loss - theory["floor"]
+    bottom.plot(tokens[excess > 0], excess[excess > 0], "o-", ms=3, color="k", label="val loss − floor")
+    colours = {name: f"C{i}" for i, name in enumerate(theory["stages"])}
+    for name, level in theory["stages"].items():
+        top.axhline(level, color=colours[name], ls="--", lw=1.2, label=f"{name} {level:.4f}")
+        if level > theory["floor"]:
+            bottom.axhline(level - theory["floor"], color=colours[name], ls="--", lw=1.2)
+    _mark_crossings((top, bottom), record["crossings"], theory["stages"], colours)
+    top.set_ylabel("cross-entropy (nats/token)")
+    top.set_title(f"{record['run']}: loss against the stages ({record['val_sequences']} val sequences)")
+    top.legend(fontsize=8, loc="upper right")
+    bottom.set_yscale("log")
+    bottom.set_ylabel("excess over floor (nats, log)")
+    _tokens_axis([top, bottom], entries)
+    return fig
+
+
+def _mark_crossings(axes, crossings, stages, colours):
+    """A dotted vertical line where each stage was first crossed; stages crossed at one snapshot share a label."""
+    by_iter = {}
+    for name, crossing in crossings.items():
+        if crossing is not None:
+            by_iter.setdefault((crossing["iter"], crossing["tokens"]), []).append(name)
+    for (iter_num, tokens), names in by_iter.items():
+        for ax in axes:
+            ax.axvline(tokens, color=colours[names[0]], ls=":", lw=1.2)
+        axes[0].annotate(
+            f"{', '.join(names)} @ iter {iter_num}",
+            (tokens, max(stages[name] for name in names)),
+            xytext=(4, 4),
+            textcoords="offset points",
+            color=colours[names[0]],
+            fontsize=8,
+        )
+
+
+def _series(entries, key):
+    return np.array([np.nan if e.get(key) is None else e[key] for e in entries], dtype=float)
+
+
+def plot_metrics(record):
+    """KL to the optimum (and to the transition rows), accuracy, belief R² (hmm), attention per head."""
+    entries = record["snapshots"]
+    tokens = np.array([e["tokens"] for e in entries], dtype=float)
+    finite = [e for e in entries if e["outputs_finite"]]  # the others have no probe or attention to show
+    panels = ["kl", "accuracy"] + (["probe"] if finite and finite[0].get("belief_r2") else [])
+    panels += ["attention"] if finite and np.array(finite[0]["attention"]["current"]).size else []
+    fig = Figure(figsize=(9, 3.2 * len(panels)), layout="constrained")
+    axes = dict(zip(panels, np.atleast_1d(fig.subplots(len(panels), 1, sharex=True))))
+    ax = axes["kl"]
+    for key, label in (
+        ("optimal_kl", "KL(optimal ‖ model), all positions"),
+        ("transition_kl", "transition KL, prompts [BOS, s]"),
+        ("korder_kl", "KL(row of last k ‖ model), t > k"),
+    ):
+        values = _series(entries, key)
+        if np.isfinite(values).any():
+            ax.plot(tokens, values, "o-", ms=3, label=label)
+    first_order = entries[0].get("korder_first_order_kl")
+    if first_order is not None:
+        ax.axhline(first_order, color="C3", ls="--", lw=1.2, label=f"best first-order predictor {first_order:.4f}")
+    ax.set_yscale("log")
+    ax.set_ylabel("nats")
+    if ax.get_legend_handles_labels()[0]:  # nothing to label when no snapshot's outputs were finite
+        ax.legend(fontsize=8)
+    axes["accuracy"].plot(tokens, _series(entries, "accuracy"), "o-", ms=3, color="k")
+    axes["accuracy"].set_ylabel("accuracy")
+    if "probe" in axes:
+        r2 = np.array([e["belief_r2"]["r2"] for e in finite], dtype=float)
+        for i, layer in enumerate(finite[0]["belief_r2"]["layers"]):
+            axes["probe"].plot([e["tokens"] for e in finite], r2[:, i], "o-", ms=3, label=layer)
+        axes["probe"].set_ylabel("belief-state probe R²")
+        axes["probe"].legend(fontsize=8)
+    if "attention" in axes:
+        _plot_attention(axes["attention"], finite)
+    _tokens_axis(list(axes.values()), entries)
+    return fig
+
+
+def _plot_attention(ax, entries):
+    """Per head, the mean attention on the current token (solid), on BOS (dashed) and on earlier states (dotted)."""
+    layers, tokens = entries[0]["attention"]["layers"], [e["tokens"] for e in entries]
+    current = np.array([e["attention"]["current"] for e in entries], dtype=float)  # (snapshots, layers, heads)
+    bos = np.array([e["attention"]["bos"] for e in entries], dtype=float)
+    earlier = np.array([e["attention"]["earlier"] for e in entries], dtype=float)
+    for i, layer in enumerate(layers):
+        for h in range(current.shape[2]):
+            colour = f"C{(i * current.shape[2] + h) % 10}"
+            ax.plot(tokens, current[:, i, h], "-", color=colour, label=f"L{layer}H{h} current")
+            ax.plot(tokens, bos[:, i, h], "--", color=colour, label=f"L{layer}H{h} BOS")
+            ax.plot(tokens, earlier[:, i, h], ":", color=colour, label=f"L{layer}H{h} earlier states")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("mean attention weight")
+    ax.legend(fontsize=7, ncol=2)
+
+
+def plot_by_position(record):
+    """Loss at each position, one line per snapshot (blue early, green late), against the optimum there."""
+    theory, entries = record["theory"], record["snapshots"]
+    optimum = np.array(theory["optimal_loss_by_position"])
+    positions = np.arange(1, optimum.size + 1)
+    fig = Figure(figsize=(9, 5), layout="constrained")
+    ax = fig.subplots()
+    for i, e in enumerate(entries):
+        if e["loss_by_position"] is None:  # outputs not finite
+            continue
+        shade = 0.15 + 0.8 * i / max(1, len(entries) - 1)
+        ax.plot(positions, e["loss_by_position"], color=(0.1, 0.3 + 0.5 * shade, 1 - shade), lw=1)
+    ax.plot(positions, optimum, color="k", ls="--", lw=1.5, label="optimal predictor (expected)")
+    ax.plot([], [], color=(0.1, 0.4, 0.8), label=f"model, {len(entries)} snapshots (blue: early, green: late)")
+    ax.set_xscale("log")
+    ax.set_xlabel("predicted position t")
+    ax.set_ylabel("loss (nats)")
+    ax.set_title("loss by position, every snapshot, against the optimum")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    return fig

@@ -1,0 +1,122 @@
+"""The optimum at every position: meta.json's compact record (against a closed form), eval's loss
+by position (against a hand computation), and report's plot of it."""
+
+import matplotlib.image
+import numpy as np
+import pytest
+from test_evaluate import TableModel
+
+from nanomarkov.data import (
+    BY_POSITION_TOLERANCE,
+    compact_by_position,
+    expand_by_position,
+    generate_dataset,
+    load_dataset,
+    optimal_loss_by_position,
+)
+from nanomarkov.evaluate import evaluate_models, format_eval, write_eval
+from nanomarkov.processes import incontext
+from nanomarkov.processes.numerics import entropy
+from nanomarkov.report import load_run, plot_runs
+
+
+@pytest.fixture(scope="module")
+def markov(tmp_path_factory):
+    path = tmp_path_factory.mktemp("position") / "mm4"
+    generate_dataset(path, 4, 50, 60, seq_len=40, seed=3)
+    return load_dataset(path)
+
+
+def closed_form(chain, seq_len):
+    """Position 1 costs H(startprob); position t > 1 costs sum_s mu_{t-1}(s) H(P_s), mu_1 = startprob, mu_t = mu_{t-1} P."""
+    row_entropy, marginal, losses = entropy(chain.transmat, axis=1), chain.startprob.copy(), [entropy(chain.startprob)]
+    for _ in range(seq_len - 2):
+        losses.append(marginal @ row_entropy)
+        marginal = marginal @ chain.transmat
+    return np.array(losses)
+
+
+def test_meta_records_the_markov_optimum_compactly(markov):
+    record = markov.meta["optimal_loss_by_position"]
+    exact = closed_form(markov.chain, 40)
+    kept = len(record["values"])
+    assert record["se"] is None and record["limit_se"] is None  # exact theory
+    assert record["limit"] == pytest.approx(markov.chain.entropy_rate(), abs=1e-12)
+    assert 2 <= kept < 39 and record["converged_at"] == kept + 1  # a random 4-state chain mixes within 39 steps
+    np.testing.assert_allclose(record["values"], exact[:kept], rtol=0, atol=1e-12)
+    losses, errors = optimal_loss_by_position(markov)
+    assert losses.shape == errors.shape == (39,) and not errors.any()
+    np.testing.assert_allclose(losses, exact, rtol=0, atol=BY_POSITION_TOLERANCE)
+    assert np.abs(losses[kept:] - exact[kept:]).max() > 0  # the tail really is the limit, not the values
+
+
+def test_an_older_dataset_falls_back_to_its_process(markov):
+    meta = {k: v for k, v in markov.meta.items() if k != "optimal_loss_by_position"}
+    older = type(markov)(markov.path, meta, markov.chain, markov.train, markov.val)
+    losses, _ = optimal_loss_by_position(older)
+    np.testing.assert_allclose(losses, closed_form(markov.chain, 40), rtol=0, atol=1e-12)
+
+
+def test_compact_and_expand_round_trip():
+    limit = 0.5
+    losses = limit + 0.1 * 0.5 ** np.arange(40)  # within 1e-6 of the limit from the 18th position on
+    record = compact_by_position(losses, np.zeros(40), limit)
+    first_close = int(np.argmax(np.abs(losses - limit) <= BY_POSITION_TOLERANCE))
+    assert len(record["values"]) == first_close and record["converged_at"] == first_close + 1
+    expanded, errors = expand_by_position(record, 41)
+    np.testing.assert_array_equal(expanded[:first_close], losses[:first_close])
+    assert np.abs(expanded - losses).max() <= BY_POSITION_TOLERANCE and not errors.any()
+    # An estimate is kept whole while its error bound reaches past the tolerance; its errors come back too.
+    estimated = compact_by_position(losses, np.full(40, 1e-4), limit, limit_se=2e-4)
+    assert len(estimated["values"]) == 40 and estimated["converged_at"] is None
+    np.testing.assert_array_equal(expand_by_position(estimated, 41)[1], np.full(40, 1e-4))
+    # A loss that never settles (a periodic chain's) is kept whole.
+    assert len(compact_by_position(limit + 0.1 * (-1) ** np.arange(40), np.zeros(40), limit)["values"]) == 40
+    # A tail that leaves the limit again after approaching it: only the positions after the last excursion go.
+    bumpy = np.where(np.arange(40) == 30, limit + 1e-3, losses)
+    assert len(compact_by_position(bumpy, np.zeros(40), limit)["values"]) == 31
+
+
+def test_eval_loss_by_position_matches_a_hand_computation(markov, tmp_path):
+    k = markov.chain.n_states
+    table = np.random.default_rng(0).normal(size=(k + 1, k + 1))
+    result = evaluate_models({"m": TableModel(table)}, markov)["m"]
+    val = np.asarray(markov.val, dtype=np.int64)
+    by_hand = np.zeros(val.shape[1] - 1)
+    for seq in val:
+        for t, (x, y) in enumerate(zip(seq[:-1], seq[1:])):
+            by_hand[t] += np.log(np.exp(table[x]).sum()) - table[x, y]
+    by_hand /= len(val)
+    arrays = result["arrays"]["loss_by_position"]
+    np.testing.assert_allclose(arrays["val_loss"], by_hand, rtol=1e-12)
+    assert arrays["val_loss"].mean() == pytest.approx(result["cross_entropy"]["val_loss"], rel=1e-12)
+    np.testing.assert_allclose(arrays["optimal_loss"], optimal_loss_by_position(markov)[0], rtol=0, atol=0)
+    assert arrays["true_loss_val"].mean() == pytest.approx(markov.meta["theory"]["true_loss_val"], rel=1e-9)
+    summary = result["loss_by_position"]
+    assert [e["position"] for e in summary["at"]] == [1, 10, 39]
+    assert summary["at"][1]["val_loss"] == pytest.approx(by_hand[9], rel=1e-12)
+    worst = int(np.argmax(by_hand - arrays["optimal_loss"])) + 1
+    assert summary["furthest_above_optimum"][0]["position"] == worst
+    assert "loss at position t" in format_eval(result)
+    write_eval(result, tmp_path)
+    with np.load(tmp_path / "loss_by_position.npz") as npz:
+        np.testing.assert_array_equal(npz["val_loss"], arrays["val_loss"])
+
+
+def test_report_draws_the_loss_by_position(tmp_path, monkeypatch):
+    """An icl dataset: its optimum is estimated, so the plot carries the error band."""
+    monkeypatch.setattr(incontext, "THEORY_SEQUENCES", 1000)
+    generate_dataset(tmp_path / "icl", 2, 20, 30, seq_len=9, process="icl")
+    dataset = load_dataset(tmp_path / "icl")
+    table = np.zeros((3, 3))
+    result = evaluate_models({"m": TableModel(table)}, dataset)["m"]
+    assert result["loss_by_position"]["estimated"]
+    run_folder = tmp_path / "run"
+    run = {"checkpoint": str(run_folder / "ckpt.pt"), "dataset": str(tmp_path / "icl"), "iter": 0, "n_states": 2}
+    run |= {"process": "icl", "order": 1, "seq_len": 9, "val_sequences": 30, "seed": 1}
+    write_eval(result | {"run": run}, run_folder)
+    (run_folder / "ckpt.pt").touch()  # what marks a run folder
+    files, skipped = plot_runs([load_run(run_folder)])
+    assert skipped == [] and files == [run_folder / "loss_by_position.png"]
+    image = matplotlib.image.imread(files[0])
+    assert image.shape[0] >= 300 and image.std() > 0.01

@@ -28,6 +28,7 @@ from nanomarkov.data import (
 )
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
 from nanomarkov.evaluate import evaluate_checkpoints, format_eval, nonfinite_message
+from nanomarkov.interp.hf import export_hf
 from nanomarkov.processes import DEFAULT_PROCESS, PROCESSES, load_plugins
 from nanomarkov.report import format_summary, write_report
 from nanomarkov.sweep import run_sweep
@@ -65,15 +66,30 @@ def _progress_bar(total, description):
     )
 
 
+def states_to_generate(process, n_states):
+    """K: the one given, or the process's own where it fixes K (a K that contradicts it is refused)."""
+    fixed = PROCESSES[process].N_STATES
+    if fixed is None:
+        if n_states is None:
+            raise NanoMarkovError(f"--process {process} needs K, the number of states: nanomarkov generate K ...")
+        return n_states
+    if n_states not in (None, fixed):
+        raise NanoMarkovError(
+            f"--process {process} has K = {fixed} tokens, fixed by the process; got K = {n_states} (leave K out)"
+        )
+    return fixed
+
+
 def cmd_generate(args):
     options = {option.name: getattr(args, option.name) for option in _all_options()}
-    out = Path(args.out) if args.out else default_data_dir(args.n_states, args.sparsity, args.process, **options)
+    n_states = states_to_generate(args.process, args.n_states)
+    out = Path(args.out) if args.out else default_data_dir(n_states, args.sparsity, args.process, **options)
     seq_len = args.seq_len
-    total = (args.train + args.val) * (seq_len or default_seq_len(args.n_states))
+    total = (args.train + args.val) * (seq_len or default_seq_len(n_states))
     with _progress_bar(total, f"generate {out}") as bar:
         meta = generate_dataset(
             out,
-            args.n_states,
+            n_states,
             args.train,
             args.val,
             sparsity=args.sparsity,
@@ -212,6 +228,9 @@ def cmd_train(args, extra):
     overrides = parse_overrides(extra)
     if args.resume:
         overrides["init_from"] = "resume"
+    overrides.update(
+        {k: v for k, v in (("snapshots", args.snapshots), ("data_source", args.data_source)) if v is not None}
+    )
     results = []
     for cfg in _train_configs(args, overrides):
         done = train(cfg, overwrite=args.force)
@@ -318,6 +337,10 @@ def cmd_sweep(args):
 def cmd_export(args):
     if not Path(args.checkpoint).is_file():
         raise NanoMarkovError(f"{args.checkpoint}: no checkpoint there (a run folder's ckpt.pt)")
+    if args.format == "hf":
+        out = export_hf(args.checkpoint, args.out)
+        print(f"written: {out} (GPT-2); in Python: transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+        return 0
     out = export_safetensors(args.checkpoint, args.out)
     print(f"written: {out}/model.safetensors, {out}/config.json; in Python: nanomarkov.load({str(out)!r})")
     return 0
@@ -354,7 +377,13 @@ def _all_options():
 
 def _add_generate(verbs):
     gen = verbs.add_parser("generate", help="sample a random chain's train/val sequences into a dataset folder")
-    gen.add_argument("n_states", type=int, help="number of states K (vocabulary K+1 with BOS)")
+    gen.add_argument(
+        "n_states",
+        type=int,
+        nargs="?",
+        default=None,
+        help="number of states K (vocabulary K+1 with BOS); left out for a named process, which fixes its K",
+    )
     gen.add_argument("--train", type=int, default=10000, help="training sequences (default 10000)")
     gen.add_argument("--val", type=int, default=1000, help="validation sequences (default 1000)")
     gen.add_argument(
@@ -481,6 +510,12 @@ def _add_train(verbs):
     )
     tr.add_argument("--resume", action="store_true", help="continue the run in out_dir from its checkpoint")
     tr.add_argument("--force", action="store_true", help="start over in an out_dir that already holds a run")
+    tr.add_argument(
+        "--snapshots", type=int, default=None, metavar="N", help="keep N+2 weight snapshots at log-spaced iterations"
+    )
+    tr.add_argument(
+        "--data_source", default=None, metavar="fixed|online", help="online: fresh sequences from the process each step"
+    )
     tr.set_defaults(func=cmd_train, takes_overrides=True)
 
 
@@ -512,12 +547,17 @@ def build_parser():
 
     ex = verbs.add_parser(
         "export",
-        help="write a checkpoint's model as model.safetensors + config.json (no pickle)",
+        help="write a checkpoint's model as model.safetensors + config.json (no pickle), or as a Hugging Face GPT-2",
         epilog="example: nanomarkov export trainings/MM/MM-10/MM-10-42/ckpt.pt --out exports/mm10",
     )
     ex.add_argument("checkpoint", help="a ckpt.pt")
-    ex.add_argument("--format", choices=["safetensors"], default="safetensors", help="only safetensors for now")
-    ex.add_argument("--out", required=True, help="output folder (created; its two files are replaced)")
+    ex.add_argument(
+        "--format",
+        choices=["safetensors", "hf"],
+        default="safetensors",
+        help="safetensors: for nanomarkov.load; hf: a GPT-2 folder for transformers (the hf extra)",
+    )
+    ex.add_argument("--out", required=True, help="output folder (created; an earlier export there is replaced)")
     ex.set_defaults(func=cmd_export)
 
     _add_import_hmmlearn(verbs)

@@ -16,6 +16,9 @@ from torch.nn import functional as F
 from nanomarkov.errors import NanoMarkovError
 
 MLP_FILTERS = ("GELU", "RELU", "RELU2", "RELU3")
+# GPTConfig fields newer than the first checkpoints and exports: a file without one means its default,
+# which builds the model that file was written from.
+ADDED_FIELDS = ("lm_head_bias",)
 
 
 @dataclass
@@ -35,6 +38,7 @@ class GPTConfig:
     mlp_first_matrix_identity: bool = False  # MLP's first Linear is a frozen identity (needs mlp_ratio 1)
     one_hot_embed: bool = False  # frozen token embedding whose row i is e_i (needs vocab_size <= n_embd)
     lm_head_tied: bool = True  # the head reuses the token embedding (with one_hot_embed: a frozen readout)
+    lm_head_bias: bool = False  # learned bias on the logits; its own tensor when tied, trained under one_hot_embed
 
     def __post_init__(self):
         for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "mlp_ratio"):
@@ -51,6 +55,7 @@ class GPTConfig:
             "mlp_first_matrix_identity",
             "one_hot_embed",
             "lm_head_tied",
+            "lm_head_bias",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise NanoMarkovError(f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}")
@@ -158,7 +163,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = _norm(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
 
         self.apply(self._init_weights)
         # Each residual sublayer adds its output to the stream; scaling their output
@@ -180,6 +185,7 @@ class GPT(nn.Module):
             # One tensor, two uses. With one_hot_embed it is frozen, so the logits are
             # simply the first vocab_size coordinates of the final residual stream: the
             # seed's c3..c12 ran that way, which makes the learned map directly readable.
+            # Only the weight is shared: a head bias stays the head's own (trainable) tensor.
             self.lm_head.weight = self.wte.weight
 
     @staticmethod

@@ -321,6 +321,8 @@ def test_to_dict_from_dict_round_trip():
         (dict(out_dir=""), "out_dir"),
         (dict(seed=-1), "seed"),
         (dict(eval_interval=0), "eval_interval"),
+        (dict(snapshots=-1), "snapshots"),
+        (dict(data_source="stream"), "data_source must be 'fixed' or 'online'"),
     ],
 )
 def test_invalid_train_configs(bad, needle):
@@ -627,6 +629,10 @@ def test_config_changes_lists_what_differs_except_what_a_resume_may_change():
     assert config_changes(saved, cfg, RESUMABLE_CHANGES | {"n_embd"}) == []
     del saved["learning_rate"]  # a config saved before a field existed
     assert config_changes(saved, cfg) == ["n_embd 64 -> 128", "learning_rate None -> 0.01"]
+    # A field added since (ADDED_FIELDS) means its default where an older run's config lacks it.
+    del saved["lm_head_bias"]
+    assert config_changes(saved, cfg) == ["n_embd 64 -> 128", "learning_rate None -> 0.01"]
+    assert "lm_head_bias False -> True" in config_changes(saved, TrainConfig(lm_head_bias=True))
 
 
 def test_train_accepts_a_dataset_folder(tmp_path):

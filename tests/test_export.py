@@ -1,6 +1,7 @@
 """safetensors export and nanomarkov.load: same logits, ties kept, no pickle ever run."""
 
 import dataclasses
+import importlib.metadata
 import json
 import pathlib
 
@@ -15,6 +16,10 @@ from nanomarkov.config import PRESETS, TrainConfig, preset
 from nanomarkov.model import GPT, GPTConfig
 
 V = 101  # MM-100: 100 states + BOS
+try:  # the installed TransformerLens's major version (0: none), for the interop tests' skips
+    TL_MAJOR = int(importlib.metadata.version("transformer_lens").split(".")[0])
+except importlib.metadata.PackageNotFoundError:
+    TL_MAJOR = 0
 
 
 def trained_looking(config, seed=0):
@@ -78,6 +83,31 @@ def test_tied_head_is_saved_once_and_tied_again(tied, tmp_path):
     loaded = load(tmp_path)
     assert (loaded.lm_head.weight is loaded.wte.weight) == tied
     torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_head_bias_round_trips_and_older_files_without_the_field_still_load(tied, tmp_path):
+    model = trained_looking(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11, lm_head_bias=True))
+    export_safetensors(model, tmp_path / "new")
+    loaded = load(tmp_path / "new")
+    assert loaded.config.lm_head_bias and torch.equal(loaded.lm_head.bias, model.lm_head.bias)
+    # Files written before the field existed: no lm_head_bias in config.json or model_args, no bias tensor.
+    old = trained_looking(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11, lm_head_tied=tied))
+    export_safetensors(old, tmp_path / "old")
+    config_file = tmp_path / "old" / "config.json"
+    config_file.write_text(
+        json.dumps({k: v for k, v in json.loads(config_file.read_text()).items() if k != "lm_head_bias"})
+    )
+    ckpt = write_ckpt(old, tmp_path / "ckpt.pt")
+    saved = torch.load(ckpt)
+    del saved["model_args"]["lm_head_bias"]
+    torch.save(saved, ckpt)
+    idx = inputs(old.config)
+    for source in (tmp_path / "old", ckpt):
+        again = load(source)
+        assert again.config == old.config and again.lm_head.bias is None
+        with torch.no_grad():
+            assert torch.equal(again(idx)[0], old(idx)[0])
 
 
 def test_config_json_carries_every_gpt_field_and_the_format(tmp_path):

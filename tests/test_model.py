@@ -39,6 +39,7 @@ def expected_params(c: GPTConfig, trainable_only=False):
     per_block += ((0 if c.mlp_first_matrix_identity else h) + d) if c.bias else 0
     n += c.n_layer * per_block + ln  # blocks, ln_f
     n += 0 if c.lm_head_tied else c.vocab_size * d  # head
+    n += c.vocab_size if c.lm_head_bias else 0  # its bias, never tied nor frozen
     return n
 
 
@@ -56,6 +57,9 @@ SWITCHES = [
     dict(one_hot_embed=True, lm_head_tied=False),
     dict(n_layer=0),
     dict(n_layer=3, mlp_only=True, use_ln=False, pos_ape=False, lm_head_tied=False),
+    dict(lm_head_bias=True),
+    dict(lm_head_bias=True, one_hot_embed=True),
+    dict(lm_head_bias=True, lm_head_tied=False, n_layer=0),
 ]
 
 
@@ -195,6 +199,22 @@ def test_tied_head_shares_the_embedding():
     assert untied.lm_head.weight is not untied.wte.weight
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_head_bias_is_added_to_the_logits_and_trains_beside_a_frozen_one_hot_head(tied):
+    model = make(n_embd=16, n_head=2, one_hot_embed=True, lm_head_tied=tied, lm_head_bias=True)
+    assert torch.equal(model.lm_head.bias, torch.zeros(V))  # starts as the model without it
+    bias = torch.linspace(-2, 2, V)
+    with torch.no_grad():
+        model.lm_head.bias.copy_(bias)
+        final = model.ln_f(model.blocks[1](model.blocks[0](model.wte(tokens()) + model.wpe.weight)))
+        assert torch.allclose(model(tokens())[0], final @ model.lm_head.weight.T + bias, rtol=0, atol=1e-5)
+    opt = one_adam_step(model)
+    optimised = {id(p) for g in opt.param_groups for p in g["params"] if g["weight_decay"] == 0}
+    assert id(model.lm_head.bias) in optimised and not torch.equal(model.lm_head.bias, bias)
+    assert torch.equal(model.wte.weight, torch.eye(V, 16))
+    assert (model.lm_head.weight is model.wte.weight) == tied
+
+
 def test_optimizer_groups_decay_only_trainable_matrices():
     model = make(bias=True, one_hot_embed=True, lm_head_tied=False)
     decay, no_decay = model.optimizer_groups(0.1)
@@ -265,6 +285,7 @@ def test_config_round_trips_through_asdict():
         (dict(n_embd=32.0), "n_embd"),
         (dict(n_layer=True), "n_layer"),
         (dict(use_ln="yes"), "use_ln"),
+        (dict(lm_head_bias=1), "lm_head_bias"),
     ],
 )
 def test_invalid_configs_are_rejected(bad, needle):

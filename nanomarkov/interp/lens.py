@@ -1,10 +1,12 @@
-"""TransformerLens: to_hooked_transformer / from_hooked_transformer convert a GPT to a
-TransformerLens HookedTransformer and back (the `interp` extra; imported only
-when called, so the core does not need it). See the comment above them.
+"""TransformerLens: to_transformer_lens converts a GPT for whichever major is installed:
+to_hooked_transformer (3.x, the `interp` extra; from_hooked_transformer goes back) or
+to_transformer_bridge (4.x, the `interp4` extra). TransformerLens is imported only
+when called, so the core does not need it. See the comments above them.
 """
 
 import importlib.metadata
 import math
+import re
 import warnings
 
 import torch
@@ -24,13 +26,15 @@ from nanomarkov.model import GPT, GPTConfig
 # - one_hot_embed / mlp_first_matrix_identity: the same fixed tables, frozen;
 # - lm_head_tied: W_U is a copy of W_E^T (TransformerLens keeps the two apart,
 #   so further training of the hooked model would untie them);
-# - bias=False: TransformerLens always has biases; they are zeros.
+# - bias=False: TransformerLens always has biases; they are zeros (b_U too when
+#   lm_head_bias is off).
 # Weights are assigned to the parameters directly instead of going through
 # load_and_process_state_dict, whose defaults fold the LayerNorms into the next
 # matrices and center the writing weights: exact in exact arithmetic, but it
 # changes what W_E, W_in... and the hooks hold, and costs float equality.
 
 TL_INSTALL = 'pip install -e ".[interp]"'
+TL4_INSTALL = 'pip install -e ".[interp4]"'
 # Our activations and TransformerLens's act_fn names. F.gelu is the exact (erf)
 # GELU, which TransformerLens calls "gelu" ("gelu_new" is the tanh approximation).
 TL_ACT_FN = {"GELU": "gelu", "RELU": "relu", "RELU2": "relu2"}
@@ -51,7 +55,8 @@ def _transformer_lens():
     except ImportError:  # 4.0 removed HookedTransformer for TransformerBridge
         raise NanoMarkovError(
             f"transformer_lens {importlib.metadata.version('transformer_lens')} has no "
-            f"HookedTransformer; install a 3.x one: {TL_INSTALL}"
+            f"HookedTransformer; use to_transformer_lens (it picks to_transformer_bridge there), "
+            f"or install a 3.x one: {TL_INSTALL}"
         ) from None
     return HookedTransformer, HookedTransformerConfig, SUPPORTED_ACTIVATIONS
 
@@ -111,8 +116,49 @@ def _hooked_state(model):
             put(name + ".w", None if ln is None else ln.weight, C, fill=1.0)
             put(name + ".b", None if ln is None else ln.bias, C)
     put("unembed.W_U", model.lm_head.weight.T)
-    put("unembed.b_U", None, c.vocab_size)
+    put("unembed.b_U", model.lm_head.bias, c.vocab_size)
     return state, frozen
+
+
+def float32_model(ckpt_or_model):
+    """(GPT, provenance) as model_and_source gives them, refusing a model that is not in float32."""
+    model, source = model_and_source(ckpt_or_model)
+    if model.wte.weight.dtype != torch.float32:
+        raise NanoMarkovError(
+            f"the model is in {model.wte.weight.dtype}; the conversion is checked in float32: call model.float() first"
+        )
+    return model, source
+
+
+def _convertible(ckpt_or_model):
+    """(GPT, TransformerLens act_fn name) for a model either major can express, or the reason it cannot."""
+    model = float32_model(ckpt_or_model)[0]
+    act_fn = TL_ACT_FN.get(model.config.mlp_filter)
+    if act_fn is None:
+        raise NanoMarkovError(
+            f"mlp_filter={model.config.mlp_filter} has no TransformerLens equivalent; "
+            f"it has {', '.join(f'{k} ({v})' for k, v in TL_ACT_FN.items())}"
+        )
+    return model, act_fn
+
+
+def to_transformer_lens(ckpt_or_model):
+    """The installed TransformerLens's model of a GPT, a ckpt.pt or an export folder, same logits.
+
+    A HookedTransformer under TransformerLens 3.x (to_hooked_transformer), a
+    TransformerBridge under 4.x (to_transformer_bridge); the same hook names
+    (hook_embed, blocks.{i}.hook_resid_post, blocks.{i}.attn.hook_pattern,
+    blocks.{i}.hook_mlp_out, ...) work in both.
+    """
+    try:
+        version = importlib.metadata.version("transformer_lens")
+    except importlib.metadata.PackageNotFoundError:
+        raise NanoMarkovError(
+            f"TransformerLens is not installed; install 3.x ({TL_INSTALL}, works with SAELens) or 4.x ({TL4_INSTALL})"
+        ) from None
+    if int(re.match(r"\d*", version).group() or 0) >= 4:
+        return to_transformer_bridge(ckpt_or_model)
+    return to_hooked_transformer(ckpt_or_model)
 
 
 def to_hooked_transformer(ckpt_or_model):
@@ -125,17 +171,7 @@ def to_hooked_transformer(ckpt_or_model):
     has none; it does not change the logits of a model in eval mode). The
     hooked model is in eval mode, on the GPT's device and dtype.
     """
-    model = model_and_source(ckpt_or_model)[0]
-    if model.wte.weight.dtype != torch.float32:
-        raise NanoMarkovError(
-            f"the model is in {model.wte.weight.dtype}; the conversion is checked in float32: call model.float() first"
-        )
-    act_fn = TL_ACT_FN.get(model.config.mlp_filter)
-    if act_fn is None:
-        raise NanoMarkovError(
-            f"mlp_filter={model.config.mlp_filter} has no TransformerLens equivalent; "
-            f"it has {', '.join(f'{k} ({v})' for k, v in TL_ACT_FN.items())}"
-        )
+    model, act_fn = _convertible(ckpt_or_model)
     HookedTransformer, HookedTransformerConfig, activations = _transformer_lens()
     if act_fn not in activations:
         raise NanoMarkovError(
@@ -147,7 +183,7 @@ def to_hooked_transformer(ckpt_or_model):
         warnings.simplefilter("ignore", DeprecationWarning)
         hooked = HookedTransformer(config)
     _copy_weights_into(hooked, model)
-    _check_same_logits(model, hooked)
+    check_same_logits(model, hooked)
     return hooked
 
 
@@ -190,14 +226,18 @@ def _copy_weights_into(hooked, model):
             params[name].requires_grad_(name not in frozen)
 
 
-def _check_same_logits(gpt, hooked):
-    """Refuse a conversion whose two models disagree on a random input (full context, every token)."""
+def check_same_logits(gpt, converted):
+    """Refuse a conversion whose two models disagree on a random input (full context, every token).
+
+    `converted` returns logits, or an output holding them as .logits (transformers).
+    """
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, gpt.config.vocab_size, (2, gpt.config.block_size), generator=g)
     tokens = tokens.to(gpt.wte.weight.device)
     training = gpt.training
     with torch.no_grad():
-        diff = (gpt.eval()(tokens)[0] - hooked.eval()(tokens)).abs().max().item()
+        output = converted.eval()(tokens)
+        diff = (gpt.eval()(tokens)[0] - getattr(output, "logits", output)).abs().max().item()
     gpt.train(training)
     if not diff <= LOGIT_TOLERANCE:
         raise NanoMarkovError(
@@ -206,17 +246,85 @@ def _check_same_logits(gpt, hooked):
         )
 
 
+# ---------------------------------------------------------------------------
+# TransformerLens 4 has no HookedTransformer: a TransformerBridge wraps a model.
+# The bridge here wraps TransformerLens's own native GPT (boot_native: no Hugging
+# Face download, and unlike a GPT-2 it can leave out LayerNorm), filled with the
+# per-head weights and stand-ins above through TransformerLens's converter of
+# HookedTransformer state dicts. The native model lacks two things ours has, so:
+# - RELU2: it is built with relu, then each MLP gets TransformerLens's own relu2
+#   (the one HookedTransformer used) and the config says act_fn="relu2";
+# - lm_head_bias: the bridge's unembedding bias is a fixed zero buffer; with the
+#   switch on it becomes a trainable parameter holding our bias.
+
+
+def _transformer_lens_4():
+    """(TransformerBridge, TransformerBridgeConfig, convert_tl_checkpoint, NativeMLP, activations), or a clear error."""
+    try:
+        from transformer_lens.config import TransformerBridgeConfig
+        from transformer_lens.model_bridge import TransformerBridge
+        from transformer_lens.model_bridge.sources.native.model import NativeMLP
+        from transformer_lens.utilities.activation_functions import SUPPORTED_ACTIVATIONS
+        from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
+    except ImportError:
+        raise NanoMarkovError(
+            f"TransformerLens 4 (TransformerBridge.boot_native and convert_tl_checkpoint, 4.3 or later) is "
+            f"not installed; install it: {TL4_INSTALL}, or use to_hooked_transformer with 3.x"
+        ) from None
+    return TransformerBridge, TransformerBridgeConfig, convert_tl_checkpoint, NativeMLP, SUPPORTED_ACTIVATIONS
+
+
+def to_transformer_bridge(ckpt_or_model):
+    """A TransformerLens 4 TransformerBridge computing the same logits as a GPT, a ckpt.pt or an export folder.
+
+    Every switch maps as in to_hooked_transformer (see the two comments above);
+    mlp_filter=RELU3 is refused, for the same reason. The bridge is in eval
+    mode, on the GPT's device, its stand-ins frozen; W_U is a copy of W_E^T
+    when the head is tied. Logits are checked against ours before returning.
+    """
+    model, act_fn = _convertible(ckpt_or_model)
+    TransformerBridge, TransformerBridgeConfig, convert_tl_checkpoint, NativeMLP, activations = _transformer_lens_4()
+    args = _hooked_config(model, act_fn)
+    device = args.pop("device")
+    native_act_fn = "relu" if act_fn == "relu2" else act_fn
+    config = TransformerBridgeConfig(**args | {"act_fn": native_act_fn, "architecture": "TransformerLensNative"})
+    bridge = TransformerBridge.boot_native(config, device=device, dtype=args["dtype"])
+    state, frozen = _hooked_state(model)
+    try:
+        bridge.load_state_dict(convert_tl_checkpoint(state, bridge.cfg), strict=True)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise NanoMarkovError(
+            f"this transformer_lens lays out its native model differently ({str(e).strip().splitlines()[0]}); "
+            f"install the one the interp4 extra allows: {TL4_INSTALL}"
+        ) from None
+    if act_fn != native_act_fn:
+        for module in bridge.original_model.modules():
+            if isinstance(module, NativeMLP):
+                module.act = activations[act_fn]
+        bridge.cfg.act_fn = act_fn
+    if model.config.lm_head_bias:
+        head = bridge.unembed.original_component
+        bias = head.bias.detach().clone()
+        del head.bias  # the fixed buffer the bridge put there
+        head.bias = torch.nn.Parameter(bias)
+    tensors = bridge.state_dict(keep_vars=True)
+    for name in convert_tl_checkpoint({name: state[name] for name in frozen}, bridge.cfg):
+        tensors[name].requires_grad_(False)
+    check_same_logits(model, bridge)
+    return bridge.eval()
+
+
 def from_hooked_transformer(hooked):
     """The GPT (eval mode) computing the same logits as a HookedTransformer.
 
     Exact inverse of to_hooked_transformer: its frozen stand-ins are read back
     as the switches they stand for (frozen zero W_pos -> pos_ape=False, frozen
     zero attention -> mlp_only, frozen one-hot W_E -> one_hot_embed, frozen
-    identity W_in -> mlp_first_matrix_identity, frozen zero biases -> bias=False);
-    W_U equal to W_E^T means lm_head_tied. A plain TransformerLens model works
+    identity W_in -> mlp_first_matrix_identity, frozen zero biases -> bias=False,
+    a frozen zero b_U -> lm_head_bias=False); W_U equal to W_E^T means lm_head_tied. A plain TransformerLens model works
     if it is a GPT-2-style one nanoMarkov can express (LayerNorm or none, learned
-    absolute positions, causal attention, a gelu/relu/relu2 MLP, no unembedding
-    bias); anything else raises NanoMarkovError naming the setting.
+    absolute positions, causal attention, a gelu/relu/relu2 MLP; its trainable
+    b_U becomes lm_head_bias); anything else raises NanoMarkovError naming the setting.
     """
     params = dict(hooked.named_parameters())
     _check_expressible(hooked.cfg, params)
@@ -226,7 +334,7 @@ def from_hooked_transformer(hooked):
     gpt = GPT(config).to(weights["embed.W_E"].device)
     wanted = gpt.state_dict()
     gpt.load_state_dict({name: tensor for name, tensor in state.items() if name in wanted})
-    _check_same_logits(gpt, hooked)
+    check_same_logits(gpt, hooked)
     return gpt.eval()
 
 
@@ -235,7 +343,7 @@ def _refuse(setting, why):
 
 
 def _check_expressible(cfg, params):
-    """Refuse settings read by _gpt_config_of or known to change the computation; _check_same_logits catches the rest."""
+    """Refuse settings read by _gpt_config_of or known to change the computation; check_same_logits catches the rest."""
     for name, expected in [
         ("positional_embedding_type", "standard"),
         ("attention_dir", "causal"),
@@ -265,8 +373,6 @@ def _check_expressible(cfg, params):
         _refuse(f"d_vocab_out={cfg.d_vocab_out} != d_vocab={cfg.d_vocab}", "the head predicts the input vocabulary")
     if cfg.d_mlp % cfg.d_model:
         _refuse(f"d_mlp={cfg.d_mlp}", f"the MLP width must be a multiple of d_model={cfg.d_model}")
-    if params["unembed.b_U"].any():
-        _refuse("a nonzero unembed.b_U", "nanoMarkov's head has no bias")
 
 
 def _is_stand_in(params, name, value):
@@ -323,13 +429,14 @@ def _gpt_config_of(cfg, params):
         mlp_first_matrix_identity=identity_in,
         one_hot_embed=V <= C and _is_stand_in(params, "embed.W_E", torch.eye(V, C)),
         lm_head_tied=torch.equal(params["unembed.W_U"].detach(), params["embed.W_E"].detach().T),
+        lm_head_bias=not _is_stand_in(params, "unembed.b_U", zero),
     )
 
 
 def _gpt_state(w, config, normalization_type):
     """The inverse of _hooked_state's reshapes: a GPT state_dict (tensors the GPT does not have are left out)."""
     C = config.n_embd
-    state = {"wte.weight": w["embed.W_E"], "lm_head.weight": w["unembed.W_U"].T}
+    state = {"wte.weight": w["embed.W_E"], "lm_head.weight": w["unembed.W_U"].T, "lm_head.bias": w["unembed.b_U"]}
     if config.pos_ape:
         state["wpe.weight"] = w["pos_embed.W_pos"]
     norms = {"ln_f": "ln_final"}

@@ -17,6 +17,7 @@ from nanomarkov.processes.base import Option, Process
 from nanomarkov.processes.hmm import HiddenMarkovModel
 from nanomarkov.processes.incontext import InContextChain
 from nanomarkov.processes.korder import KOrderChain
+from nanomarkov.processes.literature import NAMED_PROCESSES
 from nanomarkov.processes.markov import MarkovChain
 
 __all__ = ["PROCESSES", "DEFAULT_PROCESS", "PLUGINS_VARIABLE", "Option", "Process", "register", "process_class"]
@@ -81,3 +82,5 @@ register(MarkovChain)
 register(KOrderChain)
 register(InContextChain)
 register(HiddenMarkovModel)
+for named in NAMED_PROCESSES:
+    register(named)

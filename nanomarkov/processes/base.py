@@ -74,8 +74,10 @@ class Process:
     Class attributes a process declares:
       process     its registry name, e.g. "markov" (also meta.json's "process")
       FOLDER_PREFIX  the default folder name before K (None: the process name; markov: "mm")
+      N_STATES    K where the process fixes it (the named processes of the literature), else None;
+                  `nanomarkov generate` then takes no K (or only this one)
       SUMMARY     one line for `nanomarkov generate --help`
-      ARRAYS      the names of the arrays saved in chain.npz; `cls(**arrays)` rebuilds the process
+      ARRAYS      the names of the arrays saved in chain.npz; `cls.from_arrays(arrays)` rebuilds the process
       OPTIONS     its generation options beyond K, seed, alpha and sparsity: a tuple of `Option`
       RECIPE      TrainConfig fields the default recipe changes for this process ({}: none)
       METRICS     the metric families of METRIC_FAMILIES that `eval` runs on it
@@ -85,6 +87,7 @@ class Process:
 
     process = None
     FOLDER_PREFIX = None  # the default folder's name before K (None: the process name)
+    N_STATES = None
     SUMMARY = ""
     ARRAYS = ()
     OPTIONS = ()
@@ -107,6 +110,14 @@ class Process:
     def arrays(self):
         """The arrays saved in chain.npz, {name: array} for each name of ARRAYS."""
         return {name: getattr(self, name) for name in self.ARRAYS}
+
+    @classmethod
+    def from_arrays(cls, arrays):
+        """The process that arrays() saved (`arrays` a mapping, e.g. an open .npz): cls(**arrays).
+
+        A KeyError names an array of ARRAYS that `arrays` lacks.
+        """
+        return cls(**{name: arrays[name] for name in cls.ARRAYS})
 
     def options(self):
         """The values of this instance's OPTIONS, {name: value}: recorded in meta.json."""
@@ -133,15 +144,21 @@ class Process:
         match = re.fullmatch(pattern, name)
         if not match:
             return None
+        options = cls.parse_folder_options(match.group(2))
+        return None if options is None else (int(match.group("k")), options)
+
+    @classmethod
+    def parse_folder_options(cls, suffix):
+        """{name: value} of the "-{name}{value}" parts of a folder name, or None where a value does not parse."""
         options = {}
         for option in cls.OPTIONS:
-            found = re.search(rf"-{re.escape(option.name)}([^-]+)", match.group(2))
+            found = re.search(rf"-{re.escape(option.name)}([^-]+)", suffix)
             if found:
                 try:
                     options[option.name] = option.type(found.group(1))
                 except ValueError:
                     return None
-        return int(match.group("k")), options
+        return options
 
     # ------------------------------------------------------- vocabulary and checks
 

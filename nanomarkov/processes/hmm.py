@@ -1,12 +1,25 @@
 """Hidden Markov models: construction, the forward algorithm (belief states), theory, sampling.
 
 Same sequence format as `chains.MarkovChain`: `[BOS, x1, ..., x_{L-1}]` with
-BOS = K. A hidden chain h_1, h_2, ... on H states runs underneath
-(h_1 ~ startprob, h_{t+1} ~ transmat[h_t]) and each token is an emission of
-the current hidden state, x_t ~ emissions[h_t] (the "Moore" form, hmmlearn's
-convention). The tokens alone are not Markov: the optimal predictor tracks the
-belief state b_t = P(h_t | x_1..x_t), which the forward algorithm updates one
-token at a time, and predicts x_{t+1} with b_t @ transmat @ emissions.
+BOS = K. An HMM is written in one of two forms; the tokens alone are not
+Markov in either, and the optimal predictor tracks a belief over the hidden
+states, updated one token at a time by the forward algorithm.
+
+State-emitting ("Moore", hmmlearn's convention): `HiddenMarkovModel(transmat,
+emissions, startprob)`. A hidden chain h_1, h_2, ... on H states runs
+underneath (h_1 ~ startprob, h_{t+1} ~ transmat[h_t]) and each token is an
+emission of the current hidden state, x_t ~ emissions[h_t]. The belief b_t =
+P(h_t | x_1..x_t), and x_{t+1} is predicted with b_t @ transmat @ emissions.
+
+Token-labelled ("Mealy", the form of computational mechanics, simplexity and
+epsilon-transformers): `HiddenMarkovModel.from_token_transitions(T, startprob)`
+with T[x][i, j] = P(token x, next hidden j | hidden i) and s_0 ~ startprob
+(default: the stationary law of sum_x T[x]), so P(x_1..x_n) = startprob
+T[x_1] ... T[x_n] 1. The belief b_t = P(s_t | x_1..x_t) is b_{t-1} T[x_t]
+normalised, and x_{t+1} is predicted with b_t @ E, E[i, x] = sum_j T[x][i, j].
+The state-emitting form is the special case T[x][i, j] = emissions[i, x]
+transmat[i, j] (with s_{t-1} = h_t); it keeps its own arithmetic, so its
+numbers, samples and beliefs are those it always had.
 
 The mess3 preset (Marzen & Crutchfield; the belief-state-geometry process of
 Shai et al. 2024) is usually written in the edge-emitting ("Mealy") form, one
@@ -77,17 +90,72 @@ def mess3_arrays(x=MESS3_X, a=MESS3_A):
     return np.where(eye, y, x), np.where(eye, a, b), np.full(3, 1 / 3)
 
 
-class HiddenMarkovModel(Process):
-    """An HMM with H hidden states and K emitted tokens (the states of the sequences).
+def checked_state_emitting(transmat, emissions):
+    """(transmat, emissions) as read-only float64 arrays, once they are a valid state-emitting HMM."""
+    transmat = np.array(transmat, dtype=np.float64)
+    emissions = np.array(emissions, dtype=np.float64)
+    if transmat.ndim != 2 or transmat.shape[0] != transmat.shape[1] or transmat.shape[0] < 2:
+        raise NanoMarkovError(
+            f"transmat must be a square (H, H) matrix with H >= 2 hidden states, got shape {transmat.shape}"
+        )
+    n_hidden = transmat.shape[0]
+    if emissions.ndim != 2 or emissions.shape[0] != n_hidden or emissions.shape[1] < 2:
+        raise NanoMarkovError(
+            f"emissions must have shape (H={n_hidden}, K) with K >= 2 tokens, got shape {emissions.shape}"
+        )
+    if n_hidden * (n_hidden + emissions.shape[1]) > MAX_MATRIX_ENTRIES:
+        raise NanoMarkovError(
+            f"an HMM with H={n_hidden}, K={emissions.shape[1]} has more than "
+            f"{MAX_MATRIX_ENTRIES} (2^24) matrix entries; use fewer states"
+        )
+    check_distribution("transmat rows", transmat)
+    check_distribution("emissions rows", emissions)
+    transmat.flags.writeable = emissions.flags.writeable = False
+    return transmat, emissions
 
-    `transmat` (H, H) moves the hidden state, `emissions` (H, K) emits a token
-    from the current hidden state, `startprob` (H,) is the distribution of
-    h_1. All float64 and read-only.
+
+def checked_token_transitions(token_transitions):
+    """token_transitions as a read-only float64 (K, H, H) array, once it is a valid token-labelled HMM."""
+    tokens = np.array(token_transitions, dtype=np.float64)
+    if tokens.ndim != 3 or tokens.shape[1] != tokens.shape[2] or tokens.shape[0] < 2 or tokens.shape[1] < 1:
+        raise NanoMarkovError(
+            "token_transitions must have shape (K, H, H): K >= 2 tokens, one H x H matrix per token, "
+            f"got shape {tokens.shape}"
+        )
+    n_tokens, n_hidden, _ = tokens.shape
+    if n_tokens * n_hidden * n_hidden > MAX_MATRIX_ENTRIES:
+        raise NanoMarkovError(
+            f"token_transitions with K={n_tokens}, H={n_hidden} have more than {MAX_MATRIX_ENTRIES} (2^24) "
+            "entries; use fewer states"
+        )
+    # Row i of the (H, K*H) matrix [T[x][i, j]] over (x, j) is the law of (token, next hidden) from i.
+    check_distribution("token_transitions (rows of sum_x T[x])", tokens.transpose(1, 0, 2).reshape(n_hidden, -1))
+    tokens.flags.writeable = False
+    return tokens
+
+
+def stationary_law(hidden_chain):
+    """The stationary law of a hidden chain (H, H): MarkovChain's exact solve, from a uniform start
+    where it has several closed classes (it warns then)."""
+    if hidden_chain.shape[0] == 1:
+        return np.ones(1)
+    return MarkovChain(hidden_chain, np.full(hidden_chain.shape[0], 1.0 / hidden_chain.shape[0])).stationary()
+
+
+class HiddenMarkovModel(Process):
+    """An HMM with H hidden states and K emitted tokens (the states of the sequences), in either form.
+
+    State-emitting: `transmat` (H, H) moves the hidden state, `emissions` (H, K)
+    emits a token from the current hidden state, `startprob` (H,) is the
+    distribution of h_1; `token_transitions` is None. Token-labelled:
+    `token_transitions` (K, H, H) and `startprob` (H,), the distribution of
+    s_0; `transmat` and `emissions` are None. All float64 and read-only; the
+    arrays an instance has are those of chain.npz.
     """
 
     process = "hmm"
     SUMMARY = "hidden Markov model (--preset mess3, or --hidden_states)"
-    ARRAYS = ("transmat", "emissions", "startprob")
+    ARRAYS = ("transmat", "emissions", "startprob", "token_transitions")  # an instance has those of its form
     OPTIONS = (
         Option("preset", str, None, "mess3 (K=3, x and a below)", choices=("mess3",)),
         Option("hidden_states", int, None, "hidden states H (default K)"),
@@ -99,34 +167,67 @@ class HiddenMarkovModel(Process):
     HISTORY_REASON = "tokens are emissions of hidden states, and the next one depends on the belief over them"
     chunk_sequences = TRUE_LOSS_CHUNK  # true_loss's sequences per chunk
 
-    def __init__(self, transmat, emissions, startprob):
-        transmat = np.array(transmat, dtype=np.float64)
-        emissions = np.array(emissions, dtype=np.float64)
+    def __init__(self, transmat=None, emissions=None, startprob=None, token_transitions=None):
+        """State-emitting from transmat, emissions and startprob; token-labelled from token_transitions
+        (see from_token_transitions). startprob None: the stationary law of the hidden chain."""
+        if token_transitions is not None:
+            if transmat is not None or emissions is not None:
+                raise NanoMarkovError(
+                    "give an HMM either as transmat + emissions (state-emitting) or as token_transitions "
+                    "(token-labelled), not both"
+                )
+            self.transmat = self.emissions = None
+            self.token_transitions = checked_token_transitions(token_transitions)
+            hidden_chain = self.token_transitions.sum(axis=0)
+            self._emission_rows = self.token_transitions.sum(axis=2).T  # E[i, x] = P(x | s = i)
+        elif transmat is None or emissions is None:
+            raise NanoMarkovError(
+                "an HMM needs transmat and emissions (state-emitting) or token_transitions (token-labelled)"
+            )
+        else:
+            self.transmat, self.emissions = checked_state_emitting(transmat, emissions)
+            self.token_transitions, hidden_chain, self._emission_rows = None, self.transmat, self.emissions
+        n_hidden = hidden_chain.shape[0]
+        if startprob is None:
+            startprob = stationary_law(hidden_chain)
         startprob = np.array(startprob, dtype=np.float64)
-        if transmat.ndim != 2 or transmat.shape[0] != transmat.shape[1] or transmat.shape[0] < 2:
-            raise NanoMarkovError(
-                f"transmat must be a square (H, H) matrix with H >= 2 hidden states, got shape {transmat.shape}"
-            )
-        n_hidden = transmat.shape[0]
-        if emissions.ndim != 2 or emissions.shape[0] != n_hidden or emissions.shape[1] < 2:
-            raise NanoMarkovError(
-                f"emissions must have shape (H={n_hidden}, K) with K >= 2 tokens, got shape {emissions.shape}"
-            )
         if startprob.shape != (n_hidden,):
-            raise NanoMarkovError(f"startprob must have shape ({n_hidden},) to match transmat, got {startprob.shape}")
-        if n_hidden * (n_hidden + emissions.shape[1]) > MAX_MATRIX_ENTRIES:
-            raise NanoMarkovError(
-                f"an HMM with H={n_hidden}, K={emissions.shape[1]} has more than "
-                f"{MAX_MATRIX_ENTRIES} (2^24) matrix entries; use fewer states"
-            )
-        check_distribution("transmat rows", transmat)
-        check_distribution("emissions rows", emissions)
+            what = "transmat" if self.token_transitions is None else "token_transitions"
+            raise NanoMarkovError(f"startprob must have shape ({n_hidden},) to match {what}, got {startprob.shape}")
         check_distribution("startprob", startprob)
-        for array in (transmat, emissions, startprob):
+        for array in (hidden_chain, self._emission_rows, startprob):
             array.flags.writeable = False
-        self.transmat, self.emissions, self.startprob = transmat, emissions, startprob
+        self.startprob, self._hidden_chain = startprob, hidden_chain
         # seq_len -> _loss_and_accuracy, and -> _sampled (Monte-Carlo); the HMM is immutable, so never stale
         self._by_seq_len, self._samples = {}, {}
+
+    @classmethod
+    def from_token_transitions(cls, token_transitions, startprob=None):
+        """A token-labelled HMM: token_transitions[x][i, j] = P(token x, next hidden j | hidden i).
+
+        Shape (K, H, H), K >= 2 tokens, H >= 1 hidden states; every row of
+        sum_x T[x] sums to 1. startprob (H,) is the law of the hidden state
+        before the first token; None: the stationary law of sum_x T[x].
+        """
+        return cls(token_transitions=token_transitions, startprob=startprob)
+
+    def arrays(self):
+        """The arrays of this instance's form, {name: array} (chain.npz)."""
+        return {name: getattr(self, name) for name in self.ARRAYS if getattr(self, name) is not None}
+
+    @classmethod
+    def from_arrays(cls, arrays):
+        """The HMM of either form that arrays() saved: the arrays of ARRAYS that `arrays` has."""
+        return cls(**{name: arrays[name] for name in cls.ARRAYS if name in arrays})
+
+    def as_token_transitions(self):
+        """T (K, H, H) with T[x][i, j] = P(x, next hidden j | hidden i): the token-labelled form of either form.
+
+        For the state-emitting form, T[x][i, j] = emissions[i, x] * transmat[i, j].
+        """
+        if self.token_transitions is not None:
+            return self.token_transitions
+        return self.emissions.T[:, :, None] * self.transmat[None]
 
     @classmethod
     def mess3(cls, x=MESS3_X, a=MESS3_A):
@@ -177,6 +278,8 @@ class HiddenMarkovModel(Process):
 
     def options(self):
         """The generation options this HMM answers to; mess3 is recognised by its exact arrays."""
+        if self.token_transitions is not None:
+            return {"preset": None, "hidden_states": self.n_hidden}
         x, a = float(self.transmat[0, 1]), float(self.emissions[0, 0])
         if (
             self.transmat.shape == self.emissions.shape == (3, 3)
@@ -204,38 +307,54 @@ class HiddenMarkovModel(Process):
 
     @property
     def n_states(self):
-        return self.emissions.shape[1]
+        return self._emission_rows.shape[1]
 
     @property
     def n_hidden(self):
-        return self.transmat.shape[0]
+        return self._hidden_chain.shape[0]
 
     # ------------------------------------------------------- the forward algorithm
 
     def _filtering(self, tokens):
-        """For t = 1..L-1: (P(h_t | x_<t), P(x_t | x_<t), P(h_t | x_<=t)), each row one sequence.
+        """For t = 1..L-1: (prior, P(x_t | x_<t), belief), each row one sequence.
 
-        The belief is renormalised at every step, so nothing underflows however
-        long the sequences. A token of probability 0 leaves the belief at its
-        prior (there is no posterior to take), which keeps later steps finite.
+        State-emitting: prior P(h_t | x_<t), belief P(h_t | x_<=t). Token-labelled:
+        prior P(s_{t-1} | x_<t), belief P(s_t | x_<=t). Either way prior @ E is
+        the predictive distribution of x_t. The belief is renormalised at every
+        step, so nothing underflows however long the sequences. A token of
+        probability 0 leaves the belief at its prior (there is no posterior to
+        take), which keeps later steps finite.
         """
         states = np.asarray(tokens[:, 1:], dtype=np.int64)
         prior = np.tile(self.startprob, (states.shape[0], 1))
         for t in range(states.shape[1]):
-            joint = prior * self.emissions.T[states[:, t]]
+            joint = self._joint(prior, states[:, t])
             evidence = joint.sum(axis=1)
             belief = np.divide(joint, evidence[:, None], out=prior.copy(), where=evidence[:, None] > 0)
             yield prior, evidence, belief
-            prior = belief @ self.transmat
+            prior = belief if self.token_transitions is not None else belief @ self.transmat
+
+    def _joint(self, prior, states):
+        """Per row, the prior times the token's likelihood: P(x_t, h_t | x_<t) state-emitting,
+        P(x_t, s_t | x_<t) = prior @ T[x_t] token-labelled."""
+        if self.token_transitions is None:
+            return prior * self.emissions.T[states]
+        joint = np.empty_like(prior)
+        for token, matrix in enumerate(self.token_transitions):  # one product per token, not per row
+            rows = states == token
+            joint[rows] = prior[rows] @ matrix
+        return joint
 
     def belief_states(self, tokens):
-        """The belief P(h_t | x_1..x_t) after every prefix of BOS-led sequences: (n, L, H) float64.
+        """The belief over the hidden states after every prefix of BOS-led sequences: (n, L, H) float64.
 
-        Position 0 (BOS, nothing seen yet) holds the prior startprob; position t
-        the filtering distribution after x_1..x_t, the hidden state that emitted
-        x_t. For a stationary start (mess3, random HMMs) startprob @ transmat =
-        startprob, so the next-token distribution is belief @ transmat @
-        emissions at every position, BOS included.
+        Position 0 (BOS, nothing seen yet) holds startprob. State-emitting: position
+        t holds P(h_t | x_1..x_t), the hidden state that emitted x_t; for a
+        stationary start (mess3, random HMMs) startprob @ transmat = startprob, so
+        the next-token distribution is belief @ transmat @ emissions at every
+        position, BOS included. Token-labelled: position t holds P(s_t | x_1..x_t),
+        the hidden state after x_t (the mixed state of computational mechanics),
+        and the next-token distribution is belief @ E.
         """
         tokens = self.check_tokens(tokens)
         out = np.empty((tokens.shape[0], tokens.shape[1], self.n_hidden))
@@ -248,13 +367,13 @@ class HiddenMarkovModel(Process):
         """The optimal next-token log-probs for BOS-led sequences (n, L): shape (n, L-1, K), float64.
 
         Entry [:, t] predicts tokens[:, t+1] from tokens[:, :t+1]: the log of
-        P(h_{t+1} | x_1..x_t) @ emissions (-inf where a probability is 0).
+        the predictive distribution prior @ E of _filtering (-inf where a probability is 0).
         """
         tokens = self.check_tokens(tokens)
         out = np.empty((tokens.shape[0], tokens.shape[1] - 1, self.n_states))
         with np.errstate(divide="ignore"):
             for t, (prior, _, _) in enumerate(self._filtering(tokens)):
-                out[:, t] = np.log(prior @ self.emissions)
+                out[:, t] = np.log(prior @ self._emission_rows)
         return out
 
     def true_loss(self, tokens):
@@ -272,18 +391,21 @@ class HiddenMarkovModel(Process):
     @cached_property
     def _stationary(self):
         """The hidden chain's stationary distribution (MarkovChain's exact solve; warns if not unique)."""
-        return MarkovChain(self.transmat, self.startprob).stationary()
+        if self.n_hidden == 1:
+            return np.ones(1)
+        return MarkovChain(self._hidden_chain, self.startprob).stationary()
 
     def unigram_loss(self):
-        """H of the stationary token distribution pi @ emissions: a model that knows only token frequencies."""
-        return float(entropy(self._stationary @ self.emissions))
+        """H of the stationary token distribution pi @ E: a model that knows only token frequencies."""
+        return float(entropy(self._stationary @ self._emission_rows))
 
     def _enumerate(self, n_positions, starts):
         """Exact expected loss and accuracy of the optimal predictor at positions 1..n, for each start.
 
-        `starts` (S, H) are distributions of h_1. Every prefix x_1..x_{t-1}
-        carries its forward vector P(prefix, h_t); its product with the
-        emissions is the joint P(prefix, x_t), whose rows give the prefix's
+        `starts` (S, H) are distributions of the first hidden state (h_1, or s_0
+        token-labelled). Every prefix x_1..x_{t-1} carries its forward vector
+        P(prefix, hidden state that emits x_t); its product with E is the
+        joint P(prefix, x_t), whose rows give the prefix's
         probability (the row sum) and its predictive distribution. Position t
         costs sum_prefix sum_x -P(prefix, x) log P(x | prefix) and is right
         with probability sum_prefix max_x P(prefix, x). Returns two (S, n) arrays.
@@ -291,15 +413,22 @@ class HiddenMarkovModel(Process):
         forward = starts[:, None, :]
         losses, accuracies = [], []
         for t in range(1, n_positions + 1):
-            joint = forward @ self.emissions
+            joint = forward @ self._emission_rows
             mass = joint.sum(axis=2, keepdims=True)
             with np.errstate(divide="ignore", invalid="ignore"):
                 losses.append(np.where(joint > 0, joint * (np.log(mass) - np.log(joint)), 0.0).sum(axis=(1, 2)))
             accuracies.append(joint.max(axis=2).sum(axis=1))
-            if t < n_positions:  # prefix index p*K + x, then one hidden step
-                extended = forward[:, :, None, :] * self.emissions.T
-                forward = extended.reshape(len(starts), -1, self.n_hidden) @ self.transmat
+            if t < n_positions:  # prefix index p*K + x
+                forward = self._extend(forward)
         return np.stack(losses, axis=1), np.stack(accuracies, axis=1)
+
+    def _extend(self, forward):
+        """The forward vectors (S, P, H) of every prefix extended by every token: (S, P*K, H), index p*K + x."""
+        if self.token_transitions is None:  # emit, then one hidden step
+            extended = forward[:, :, None, :] * self.emissions.T
+            return extended.reshape(len(forward), -1, self.n_hidden) @ self.transmat
+        extended = np.einsum("sph,xhj->spxj", forward, self.token_transitions)
+        return extended.reshape(len(forward), -1, self.n_hidden)
 
     @cached_property
     def _exact_head(self):
@@ -307,11 +436,13 @@ class HiddenMarkovModel(Process):
 
         m is the most positions whose K^(m-1) prefixes (per start) fit in
         MAX_ENUMERATED_ENTRIES. For a stationary process the loss at position
-        t, H(x_t | x_<t), falls to the entropy rate h, and knowing h_1 as
-        well only helps: sum_s pi(s) H(x_t | x_<t, h_1 = s) <= h <= H(x_t | x_<t)
-        (Cover & Thomas, Thm 4.5.1). The lower bound is None otherwise.
+        t, H(x_t | x_<t), falls to the entropy rate h, and knowing the first
+        hidden state as well only helps: sum_s pi(s) H(x_t | x_<t, h_1 = s) <= h
+        <= H(x_t | x_<t) (Cover & Thomas, Thm 4.5.1; token-labelled, s_0 in place
+        of h_1: given it, the tokens after it are independent of those before).
+        The lower bound is None otherwise.
         """
-        stationary = np.allclose(self.startprob @ self.transmat, self.startprob, rtol=0, atol=1e-12)
+        stationary = np.allclose(self.startprob @ self._hidden_chain, self.startprob, rtol=0, atol=1e-12)
         starts = np.vstack([self.startprob, np.eye(self.n_hidden)]) if stationary else self.startprob[None]
         positions = 1
         while len(starts) * self.n_states**positions * max(self.n_hidden, self.n_states) <= MAX_ENUMERATED_ENTRIES:
@@ -325,7 +456,14 @@ class HiddenMarkovModel(Process):
         losses, _, lower = self._exact_head
         if lower is None or losses[-1] - lower > BRACKET_WIDTH:
             return None
-        return lower, float(losses[-1])
+        return min(lower, float(losses[-1])), max(lower, float(losses[-1]))  # apart by rounding at most
+
+    @cached_property
+    def unifilar(self):
+        """True for a token-labelled HMM whose hidden state and token determine the next hidden state."""
+        if self.token_transitions is None:
+            return False
+        return bool(np.all((self.token_transitions > 0).sum(axis=2) <= 1))
 
     def _monte_carlo(self, seq_len, positions):
         """Per sampled sequence and position of `positions` (a slice of 0..L-2), the optimal predictor's
@@ -353,6 +491,8 @@ class HiddenMarkovModel(Process):
 
     @cached_property
     def _entropy_rate(self):
+        if self.unifilar:
+            return float(self._stationary @ entropy(self._emission_rows)), 0.0
         bracket = self._bracket()
         if bracket is not None:
             return (bracket[0] + bracket[1]) / 2, (bracket[1] - bracket[0]) / 2
@@ -364,7 +504,10 @@ class HiddenMarkovModel(Process):
     def entropy_rate(self):
         """The rate lim_t H(x_t | x_<t) of the token process; its error is theory's entropy_rate_se.
 
-        The midpoint of the exact bracket of _exact_head with half its width as
+        Exact for a unifilar token-labelled HMM: sum_i pi_i H(E[i]) (its state,
+        once known, stays known, so the rate is H(x | s) under the stationary
+        law pi; Crutchfield & Feldman 2003). Else
+        the midpoint of the exact bracket of _exact_head with half its width as
         a hard error bound, when that is below BRACKET_WIDTH / 2 (mess3: 1.2e-7).
         Else a Monte-Carlo estimate and its standard error: the mean optimal
         loss over positions B+1..2B (B = ENTROPY_RATE_BURN_IN) of independent
@@ -443,17 +586,30 @@ class HiddenMarkovModel(Process):
 
     @cached_property
     def _samplers(self):
-        """Alias tables: hidden steps (transmat rows, then startprob as row H) and emission rows, flattened."""
-        hidden = alias_tables(np.vstack([self.transmat, self.startprob]))
-        emitted = alias_tables(self.emissions)
+        """Alias tables, flattened: the hidden steps (startprob as the last row), then the emission rows.
+
+        State-emitting, hidden row h is transmat[h]. Token-labelled, row x*H + i
+        is the next hidden state's law given hidden i and token x, T[x][i] / E[i, x]
+        (uniform where x cannot follow i: never drawn).
+        """
+        if self.token_transitions is None:
+            steps = self.transmat
+        else:
+            mass = self._emission_rows.T[:, :, None]  # (K, H, 1): E[i, x]
+            uniform = np.full(self.token_transitions.shape, 1.0 / self.n_hidden)
+            steps = np.divide(self.token_transitions, mass, out=uniform, where=mass > 0).reshape(-1, self.n_hidden)
+        hidden = alias_tables(np.vstack([steps, self.startprob]))
+        emitted = alias_tables(self._emission_rows)
         return tuple(table.ravel() for table in hidden + emitted)
 
     def sample(self, n_sequences, seq_len, rng):
         """n_sequences BOS-led sequences of seq_len tokens, shape (n, seq_len).
 
-        Two uniforms per token (the hidden step, then the emission), laid out
-        sequence by sequence: each sequence takes a contiguous run of 2(L-1)
-        numbers from `rng`, so the bytes do not depend on how n is chunked.
+        Two uniforms per token (the hidden state that emits it, then the token),
+        laid out sequence by sequence: each sequence takes a contiguous run of
+        2(L-1) numbers from `rng`, so the bytes do not depend on how n is chunked.
+        Token-labelled, the hidden step after token x from state i draws from
+        T[x][i] normalised, so (x, next state) has law T[x][i, j].
         """
         self.check_seq_len(seq_len)
         h, k = self.n_hidden, self.n_states
@@ -461,8 +617,9 @@ class HiddenMarkovModel(Process):
         uniforms = rng.random((n_sequences, seq_len - 1, 2))
         out = np.empty((seq_len, n_sequences), dtype=token_dtype(self.vocab_size))
         out[0] = self.bos_token
-        hidden = np.full(n_sequences, h, dtype=np.int64)  # row H of the hidden tables is startprob
+        row = np.full(n_sequences, len(keep_h) // h - 1, dtype=np.int64)  # the last hidden row is startprob
         for t in range(seq_len - 1):
-            hidden = alias_draw(keep_h, alias_h, hidden * h, uniforms[:, t, 0], h)
-            out[t + 1] = alias_draw(keep_e, alias_e, hidden * k, uniforms[:, t, 1], k)
+            hidden = alias_draw(keep_h, alias_h, row * h, uniforms[:, t, 0], h)
+            out[t + 1] = token = alias_draw(keep_e, alias_e, hidden * k, uniforms[:, t, 1], k)
+            row = hidden if self.token_transitions is None else token * h + hidden
         return out.T

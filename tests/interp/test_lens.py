@@ -5,17 +5,22 @@ import sys
 
 import pytest
 import torch
-from test_export import inputs, preset_config, trained_looking, write_ckpt
+from test_export import TL_MAJOR, inputs, preset_config, trained_looking, write_ckpt
 
 from nanomarkov import NanoMarkovError
 from nanomarkov.checkpoint import export_safetensors
 from nanomarkov.config import PRESETS
-from nanomarkov.interp.lens import from_hooked_transformer, to_hooked_transformer
+from nanomarkov.interp.lens import from_hooked_transformer, to_hooked_transformer, to_transformer_lens
 from nanomarkov.model import GPT
 
 transformer_lens = pytest.importorskip(
     "transformer_lens", reason='TransformerLens is the interp extra: pip install -e ".[interp]"'
 )
+if TL_MAJOR >= 4:
+    pytest.skip(
+        "TransformerLens 4 is installed here: HookedTransformer needs 3.x (tests/interp/test_bridge.py covers 4.x)",
+        allow_module_level=True,
+    )
 
 
 def build(name, **changes):
@@ -78,6 +83,14 @@ def test_relu2_maps_and_relu3_is_refused():
     assert from_hooked_transformer(hooked).config.mlp_filter == "RELU2"
     with pytest.raises(NanoMarkovError, match="mlp_filter=RELU3 has no TransformerLens equivalent"):
         to_hooked_transformer(build("c2", mlp_filter="RELU3"))
+
+
+def test_one_call_gives_a_hooked_transformer_on_3x():
+    model = build("c2", lm_head_bias=True)
+    hooked = to_transformer_lens(model)
+    assert isinstance(hooked, transformer_lens.HookedTransformer)
+    idx = inputs(model.config)
+    assert torch.allclose(hooked_logits(hooked, idx), our_logits(model, idx), rtol=0, atol=1e-4)
 
 
 def test_accepts_a_checkpoint_and_an_export_folder(tmp_path):
@@ -167,12 +180,26 @@ def test_inexpressible_transformer_lens_settings_are_refused(changes, message):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_an_unembedding_bias_is_refused():
+def test_an_unembedding_bias_becomes_the_head_bias():
     hooked = plain_hooked()
     with torch.no_grad():
-        hooked.unembed.b_U.fill_(0.5)
-    with pytest.raises(NanoMarkovError, match="unembed.b_U"):
-        from_hooked_transformer(hooked)
+        hooked.unembed.b_U.copy_(torch.linspace(-1, 1, 11))
+    model = from_hooked_transformer(hooked)
+    assert model.config.lm_head_bias
+    assert torch.equal(model.lm_head.bias, torch.linspace(-1, 1, 11))
+
+
+@pytest.mark.parametrize("name", ["c1", "c12", "default"])  # tied; tied to a frozen one-hot table; untied
+def test_the_head_bias_is_b_U_and_round_trips(name):
+    model = build(name, lm_head_bias=True)
+    assert model.lm_head.bias.requires_grad and model.lm_head.bias.abs().min() > 0
+    hooked = to_hooked_transformer(model)
+    assert torch.equal(hooked.b_U, model.lm_head.bias) and hooked.unembed.b_U.requires_grad
+    idx = inputs(model.config)
+    assert torch.allclose(hooked_logits(hooked, idx), our_logits(model, idx), rtol=0, atol=1e-4)
+    back = from_hooked_transformer(hooked)
+    assert back.config == model.config and torch.equal(back.lm_head.bias, model.lm_head.bias)
+    assert not from_hooked_transformer(to_hooked_transformer(build(name))).config.lm_head_bias
 
 
 def test_half_precision_and_a_missing_transformer_lens_are_explained(monkeypatch):

@@ -1,0 +1,181 @@
+"""Hugging Face: to_hf_gpt2 gives a GPT as a transformers GPT2LMHeadModel with the same logits, and
+export_hf writes it as a folder that `AutoModelForCausalLM.from_pretrained(DIR)` loads with no custom
+code (config.json, model.safetensors). transformers is the `hf` extra, imported only when called.
+
+GPT-2 is our block with every part always present, so a switch that removes a part becomes
+exact zeros or fixed tables there:
+- pos_ape=False: wpe is all zeros;
+- bias=False: every bias (Linear and LayerNorm) is zero; a LayerNorm weight stays ours;
+- mlp_only=True: each block's attention has one head and all-zero weights and biases, so
+  c_proj writes exactly 0 whatever the softmax gives (ln_1 is the identity LayerNorm, unused);
+- one_hot_embed / mlp_first_matrix_identity: the same fixed tables as values;
+- lm_head_tied: tie_word_embeddings, as GPT-2 itself does;
+- mlp_filter: GELU is the exact (erf) GELU, transformers' "gelu" (GPT-2's own default "gelu_new" is
+  the tanh approximation); RELU is "relu", RELU2 is "relu2" (relu(x)**2).
+What GPT-2 cannot hold is refused (gpt2_refusal says why): no LayerNorm, a head bias, RELU3.
+"""
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import torch
+
+from nanomarkov.errors import NanoMarkovError
+from nanomarkov.files import PARTIAL_SUFFIX, exchange_folders, read_json_or_none
+from nanomarkov.interp.lens import LN_EPS, check_same_logits, float32_model
+
+HF_INSTALL = 'pip install -e ".[hf]"'
+HF_ACTIVATION = {"GELU": "gelu", "RELU": "relu", "RELU2": "relu2"}  # transformers' ACT2FN names
+HF_FORMAT = "nanomarkov.GPT as GPT-2"  # config.json's "nanomarkov" field says what the folder is
+
+
+def _transformers():
+    """(GPT2Config, GPT2LMHeadModel, ACT2CLS), or a clear error."""
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers.activations import ACT2CLS
+    except ImportError:
+        raise NanoMarkovError(
+            f"Hugging Face transformers is not installed; install the hf extra: {HF_INSTALL}"
+        ) from None
+    return GPT2Config, GPT2LMHeadModel, ACT2CLS
+
+
+def gpt2_refusal(config) -> str:
+    """Why GPT-2 cannot compute what a GPTConfig describes, or '' when it can."""
+    if not config.use_ln:
+        return (
+            "use_ln=False: GPT-2 has a LayerNorm before every sublayer and the head, and a LayerNorm is "
+            "never the identity (it centres and rescales); open it in TransformerLens or nanoMarkov instead"
+        )
+    if config.lm_head_bias:
+        return (
+            "lm_head_bias=True: GPT-2's lm_head is a Linear without bias, and no exact rewrite adds one "
+            "(a constant residual coordinate would change every LayerNorm's mean and variance)"
+        )
+    if config.mlp_filter not in HF_ACTIVATION:
+        return f"mlp_filter={config.mlp_filter}: transformers has no activation relu(x)**3"
+    return ""
+
+
+def gpt2_config(model, source, GPT2Config):
+    """The GPT2Config of a GPT, with a "nanomarkov" field naming what it is and where it comes from."""
+    c = model.config
+    data_dir = source.get("data_dir")
+    meta = read_json_or_none(Path(data_dir) / "meta.json") if data_dir else None
+    return GPT2Config(
+        vocab_size=c.vocab_size,
+        n_positions=c.block_size,
+        n_embd=c.n_embd,
+        n_layer=c.n_layer,
+        n_head=1 if c.mlp_only else c.n_head,
+        n_inner=c.mlp_ratio * c.n_embd,
+        activation_function=HF_ACTIVATION[c.mlp_filter],
+        resid_pdrop=c.dropout,
+        embd_pdrop=c.dropout,
+        attn_pdrop=c.dropout,
+        layer_norm_epsilon=LN_EPS,
+        tie_word_embeddings=c.lm_head_tied,
+        # The vocabulary is the K states 0..K-1 and BOS = K, which starts every sequence; no EOS, no padding.
+        bos_token_id=c.vocab_size - 1,
+        eos_token_id=None,
+        pad_token_id=None,
+        nanomarkov={
+            "format": HF_FORMAT,
+            "gpt_config": dataclasses.asdict(c),
+            "source": source,
+            "process": meta.get("process") if isinstance(meta, dict) else None,
+            "note": f"tokens 0..{c.vocab_size - 2} are the process's states, {c.vocab_size - 1} is BOS",
+        },
+    )
+
+
+def gpt2_state(model) -> dict:
+    """GPT2LMHeadModel's state_dict for a GPT; a part the GPT lacks is zeros (or the identity LayerNorm)."""
+    c = model.config
+    C = c.n_embd
+    ours = {name: tensor.detach() for name, tensor in model.state_dict().items()}
+    zeros, ones = torch.zeros(C), torch.ones(C)
+    state = {
+        "transformer.wte.weight": ours["wte.weight"],
+        "transformer.wpe.weight": ours.get("wpe.weight", torch.zeros(c.block_size, C)),
+        "transformer.ln_f.weight": ours["ln_f.weight"],
+        "transformer.ln_f.bias": ours.get("ln_f.bias", zeros),
+        "lm_head.weight": ours["lm_head.weight"],
+    }
+    # GPT-2's Conv1D stores (in, out): the transpose of our Linear's (out, in).
+    linears = {"attn.c_attn": 3 * C, "attn.c_proj": C, "mlp.c_fc": c.mlp_ratio * C, "mlp.c_proj": C}
+    for i in range(c.n_layer):
+        p, h = f"blocks.{i}.", f"transformer.h.{i}."
+        for name, out_features in linears.items():
+            default = torch.zeros(out_features, C if name != "mlp.c_proj" else c.mlp_ratio * C)
+            state[h + name + ".weight"] = ours.get(p + name + ".weight", default).T
+            state[h + name + ".bias"] = ours.get(p + name + ".bias", torch.zeros(out_features))
+        for norm in ("ln_1", "ln_2"):
+            state[h + norm + ".weight"] = ours.get(p + norm + ".weight", ones)
+            state[h + norm + ".bias"] = ours.get(p + norm + ".bias", zeros)
+    return {name: tensor.to(model.wte.weight.device) for name, tensor in state.items()}
+
+
+def to_hf_gpt2(ckpt_or_model):
+    """A transformers GPT2LMHeadModel (eval mode, float32, on the GPT's device) with the same logits.
+
+    From a GPT, a ckpt.pt or an export folder. NanoMarkovError when GPT-2 cannot express
+    the architecture (gpt2_refusal) or the logits differ by more than 1e-4.
+    """
+    model, source = float32_model(ckpt_or_model)
+    why = gpt2_refusal(model.config)
+    if why:
+        raise NanoMarkovError(f"GPT-2 (Hugging Face) cannot express this model: {why}")
+    GPT2Config, GPT2LMHeadModel, activations = _transformers()
+    if HF_ACTIVATION[model.config.mlp_filter] not in activations:
+        raise NanoMarkovError(
+            f"this transformers has no {HF_ACTIVATION[model.config.mlp_filter]!r} activation; upgrade it: {HF_INSTALL}"
+        )
+    hf = GPT2LMHeadModel(gpt2_config(model, source, GPT2Config)).to(model.wte.weight.device)
+    missing, unexpected = hf.load_state_dict(gpt2_state(model), strict=False)
+    # GPT-2 keeps no persistent buffers, and a tied lm_head.weight is the same tensor as wte.
+    if [name for name in missing if name != "lm_head.weight"] or unexpected:
+        raise NanoMarkovError(
+            f"this transformers lays out GPT-2 differently (missing {missing}, unexpected {unexpected}); "
+            f"install the one the hf extra allows: {HF_INSTALL}"
+        )
+    check_same_logits(model, hf)
+    return hf.eval()
+
+
+def export_hf(ckpt_or_model, out_dir):
+    """Write a Hugging Face GPT-2 folder (config.json, model.safetensors, generation_config.json); return it.
+
+    The folder is written whole beside `out_dir` and swapped in (files.exchange_folders), so an
+    interrupted export leaves the previous one; an existing folder that is not such an export is
+    never replaced.
+    """
+    out = Path(out_dir)
+    if out.exists() and not _is_hf_export(out):
+        raise NanoMarkovError(f"{out} exists and is not a Hugging Face export of nanoMarkov; choose another --out")
+    hf = to_hf_gpt2(ckpt_or_model)
+    build = out.with_name(out.name + PARTIAL_SUFFIX)
+    try:
+        shutil.rmtree(build, ignore_errors=True)  # what an earlier, interrupted export left
+        out.parent.mkdir(parents=True, exist_ok=True)
+        hf.save_pretrained(build)
+        if out.exists():
+            exchange_folders(build, out)
+            shutil.rmtree(build)
+        else:
+            build.rename(out)
+    except OSError as e:
+        shutil.rmtree(build, ignore_errors=True)
+        raise NanoMarkovError(f"cannot write the export to {out} ({e.strerror or e}); choose another --out") from None
+    return out
+
+
+def _is_hf_export(folder) -> bool:
+    """Whether `folder` may be replaced: an empty folder, or one export_hf wrote."""
+    if not folder.is_dir():
+        return False
+    config = read_json_or_none(folder / "config.json")
+    marker = config.get("nanomarkov") if isinstance(config, dict) else None
+    return not any(folder.iterdir()) or (isinstance(marker, dict) and marker.get("format") == HF_FORMAT)

@@ -14,7 +14,9 @@ TEST_EXTRAS ?= $(ALL_TEST_EXTRAS)
 ALLOW_SKIPS := $(if $(filter $(ALL_TEST_EXTRAS),$(TEST_EXTRAS)),,NANOMARKOV_ALLOW_SKIPS=1)
 
 # TransformerLens 4 cannot share $(VENV) with SAELens (which needs TransformerLens < 4): `make test-lens4`
-# runs its tests in a second venv with the interp4 extra (~1.6 GB with torch), and nnsight's beside it.
+# runs its tests, and nnsight's beside it, in a second venv: a copy of $(VENV) with SAELens out and the
+# interp4 extra in (TransformerLens 3 -> 4). Copying keeps torch and the shared dependencies: seconds,
+# where a fresh venv took minutes (BENCHMARKS.md); a fresh `pip install -e ".[interp4]"` passes the same tests.
 VENV4 ?= .venv-lens4
 LENS4_TESTS := $(wildcard tests/interp/test_bridge*.py) tests/interp/test_nnsight.py
 
@@ -39,9 +41,11 @@ demo: install
 test: $(VENV)/.installed-test
 	$(ALLOW_SKIPS) $(PY) -m pytest -q -rs
 
-$(VENV4)/.installed-test: pyproject.toml
-	python3 -m venv $(VENV4)
-	$(if $(TORCH),$(VENV4)/bin/python -m pip install $(TORCH))
+$(VENV4)/.installed-test: $(VENV)/.installed-test
+	rm -rf $(VENV4)
+	cp -a $(VENV) $(VENV4)
+	rm -f $(VENV4)/.installed*
+	$(VENV4)/bin/python -m pip uninstall -y sae-lens
 	$(VENV4)/bin/python -m pip install -e ".[dev,interp4]"
 	touch $@
 

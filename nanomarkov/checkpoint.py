@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from nanomarkov.errors import NanoMarkovError
@@ -34,6 +34,8 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CHECKPOINT = "ckpt.pt"
+SNAPSHOTS = "snapshots"  # a run's folder of weights-only snapshots (save_snapshot)
+SNAPSHOT_NAME = re.compile(r"^iter(\d{7,})-tokens(\d+)\.safetensors$")
 
 
 def save_checkpoint(path, state):
@@ -100,11 +102,11 @@ def load_checkpoint(path):
     return ckpt
 
 
-def _model_config(ckpt, path) -> GPTConfig:
+def _model_config(ckpt, path, fix=CHECKPOINT_FIX) -> GPTConfig:
     """The GPTConfig a checkpoint's model_args describe, refusing args that are not exactly GPTConfig's fields."""
     args = ckpt["model_args"]
     if not isinstance(args, dict):
-        raise NanoMarkovError(f"{path}: model_args is a {type(args).__name__}, not a dict; {CHECKPOINT_FIX}")
+        raise NanoMarkovError(f"{path}: model_args is a {type(args).__name__}, not a dict; {fix}")
     fields = [f.name for f in dataclasses.fields(GPTConfig)]
     foreign = [str(name) for name in args if name not in fields]
     missing = [name for name in fields if name not in args]
@@ -114,11 +116,11 @@ def _model_config(ckpt, path) -> GPTConfig:
             for part in (foreign and f"unknown field(s) {', '.join(foreign)}", missing and f"no {', '.join(missing)}")
             if part
         )
-        raise NanoMarkovError(f"{path}: model_args are not nanoMarkov's GPTConfig ({what}); {CHECKPOINT_FIX}")
+        raise NanoMarkovError(f"{path}: model_args are not nanoMarkov's GPTConfig ({what}); {fix}")
     try:
         return GPTConfig(**args)
     except (NanoMarkovError, TypeError, ValueError) as e:
-        raise NanoMarkovError(f"{path}: invalid model_args ({e}); {CHECKPOINT_FIX}") from None
+        raise NanoMarkovError(f"{path}: invalid model_args ({e}); {fix}") from None
 
 
 def _listed(names, limit=3) -> str:
@@ -283,3 +285,91 @@ def load(path):
     raise NanoMarkovError(
         f"{path}: nothing there; give an export folder (model.safetensors + config.json) or a ckpt.pt"
     )
+
+
+def snapshot_path(run_folder, iter_num: int, tokens_seen: int) -> Path:
+    """Where the snapshot of a run at `iter_num`, after `tokens_seen` training tokens, lives."""
+    return Path(run_folder) / SNAPSHOTS / f"iter{iter_num:07d}-tokens{tokens_seen}.safetensors"
+
+
+def save_snapshot(model, run_folder, iter_num: int, tokens_seen: int) -> Path:
+    """Write the model's weights (export_safetensors' tensor names) to RUN/snapshots/iter...-tokens....safetensors.
+
+    Weights only, no optimizer: a snapshot is for looking at a model mid-training, and is
+    small enough to keep dozens. The safetensors metadata holds "format", "iter", "tokens",
+    "config" (the GPTConfig as JSON) and "tied_weights"; the file appears whole or not at all.
+    """
+    tensors, tied = _unique_tensors(model.state_dict())
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "iter": str(int(iter_num)),
+        "tokens": str(int(tokens_seen)),
+        "config": json_text(dataclasses.asdict(model.config), indent=None),
+        "tied_weights": json_text(tied, indent=None),
+    }
+    path = snapshot_path(run_folder, iter_num, tokens_seen)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise NanoMarkovError(f"cannot write a snapshot to {path.parent} ({e.strerror or e})") from None
+    return write_atomic(path, save(tensors, metadata=metadata), what="snapshot")
+
+
+def list_snapshots(run_folder) -> list:
+    """[(iter_num, tokens_seen, path)] of a run's snapshots, by iteration (partial writes and other files ignored)."""
+    folder = Path(run_folder) / SNAPSHOTS
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = SNAPSHOT_NAME.match(path.name)
+        if match and path.is_file():
+            found.append((int(match.group(1)), int(match.group(2)), path))
+    return sorted(found)
+
+
+SNAPSHOT_FIX = "give a file that `nanomarkov train --snapshots N` wrote under RUN/snapshots/, or train again"
+
+
+def _snapshot_metadata(path: Path) -> dict:
+    """The checked metadata of a snapshot file: format, iter and tokens as ints, config and tied_weights as dicts."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise NanoMarkovError(f"{path}: not a readable safetensors file ({e}); {SNAPSHOT_FIX}") from None
+    if metadata.get("format") != FORMAT:
+        raise NanoMarkovError(f"{path}: not a nanoMarkov snapshot (format is not {FORMAT!r}); {SNAPSHOT_FIX}")
+    try:
+        checked = {"iter": int(metadata["iter"]), "tokens": int(metadata["tokens"])}
+        checked["config"] = json.loads(metadata["config"])
+        checked["tied_weights"] = json.loads(metadata.get("tied_weights", "{}"))
+    except (KeyError, ValueError) as e:
+        raise NanoMarkovError(f"{path}: damaged snapshot metadata ({type(e).__name__}: {e}); {SNAPSHOT_FIX}") from None
+    if not isinstance(checked["config"], dict) or not isinstance(checked["tied_weights"], dict):
+        raise NanoMarkovError(f"{path}: damaged snapshot metadata (config is not a JSON object); {SNAPSHOT_FIX}")
+    return checked
+
+
+def load_snapshot(path):
+    """(GPT in eval mode, {"iter": ..., "tokens": ...}) from a file save_snapshot wrote; one clear error if damaged."""
+    path = Path(path)
+    if not path.is_file():
+        raise NanoMarkovError(f"{path}: no snapshot there; {SNAPSHOT_FIX}")
+    metadata = _snapshot_metadata(path)
+    config = _model_config({"model_args": metadata["config"]}, path, SNAPSHOT_FIX)
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise NanoMarkovError(f"{path}: not a readable safetensors file ({e}); {SNAPSHOT_FIX}") from None
+    for alias, name in metadata["tied_weights"].items():
+        if name not in state:
+            raise NanoMarkovError(f"{path}: tied weight {alias} refers to {name}, which is not there; {SNAPSHOT_FIX}")
+        state[alias] = state[name]
+    model = GPT(config)
+    mismatch = _weights_mismatch(state, model)
+    if mismatch:
+        raise NanoMarkovError(f"{path}: its weights do not fit its config ({mismatch}); {SNAPSHOT_FIX}")
+    model.load_state_dict(state)
+    return model.eval(), {"iter": metadata["iter"], "tokens": metadata["tokens"]}

@@ -227,6 +227,9 @@ def cmd_train(args, extra):
     overrides = parse_overrides(extra)
     if args.resume:
         overrides["init_from"] = "resume"
+    overrides.update(
+        {k: v for k, v in (("snapshots", args.snapshots), ("data_source", args.data_source)) if v is not None}
+    )
     results = []
     for cfg in _train_configs(args, overrides):
         done = train(cfg, overwrite=args.force)
@@ -502,6 +505,12 @@ def _add_train(verbs):
     )
     tr.add_argument("--resume", action="store_true", help="continue the run in out_dir from its checkpoint")
     tr.add_argument("--force", action="store_true", help="start over in an out_dir that already holds a run")
+    tr.add_argument(
+        "--snapshots", type=int, default=None, metavar="N", help="keep N+2 weight snapshots at log-spaced iterations"
+    )
+    tr.add_argument(
+        "--data_source", default=None, metavar="fixed|online", help="online: fresh sequences from the process each step"
+    )
     tr.set_defaults(func=cmd_train, takes_overrides=True)
 
 

@@ -31,6 +31,9 @@ from nanomarkov.processes import DEFAULT_PROCESS, process_class
 
 from .model import GPTConfig
 
+# Where training sequences come from: the dataset's train split, or fresh from its process.
+DATA_SOURCES = ("fixed", "online")
+
 
 @dataclass
 class TrainConfig:
@@ -41,6 +44,7 @@ class TrainConfig:
     always_save_checkpoint: bool = True  # checkpoint at every eval, not only when val loss improves
     eval_interval: int = 250  # iterations between evaluations (and checkpoints)
     log_interval: int = 10  # iterations between train-loss log lines
+    snapshots: int = 0  # weights-only snapshots at log-spaced iterations in out_dir/snapshots/ (0: none)
     wandb_log: bool = False  # log to Weights & Biases (wandb is imported only then)
     wandb_project: str = "MM-experiments"  # wandb project name
     wandb_run_name: str = ""  # wandb run name; '' means the name of out_dir
@@ -71,6 +75,7 @@ class TrainConfig:
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.95  # AdamW second-moment decay
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables
+    data_source: str = "fixed"  # 'fixed': the dataset's train split; 'online': fresh sequences from its process
     # System
     seed: int = 42  # seeds torch, numpy and batch sampling
     device: str = "auto"  # auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps
@@ -82,7 +87,7 @@ class TrainConfig:
             setattr(self, f.name, _check_type(f.name, getattr(self, f.name)))
         for name in ("batch_size", "grad_accum_steps", "eval_interval", "log_interval"):
             _require(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "seed"):
+        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "seed", "snapshots"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         _require(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         _require(
@@ -100,6 +105,10 @@ class TrainConfig:
         _require(self.data_dir != "" and self.out_dir != "", "data_dir and out_dir must not be empty")
         _require(
             self.init_from in ("scratch", "resume"), f"init_from must be 'scratch' or 'resume', got {self.init_from!r}"
+        )
+        _require(
+            self.data_source in DATA_SOURCES,
+            f"data_source must be {' or '.join(map(repr, DATA_SOURCES))}, got {self.data_source!r}",
         )
         _require(
             self.device in ("auto", "cpu", "cuda", "mps")
@@ -147,6 +156,7 @@ RESUMABLE_CHANGES = frozenset(
         "wandb_run_name",
         "device",
         "compile",
+        "snapshots",
     }
 )
 

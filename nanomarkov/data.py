@@ -21,6 +21,7 @@ import re
 import shutil
 import tempfile
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -598,6 +599,75 @@ class SequenceOrder:
             parts.append(self._epoch(epoch)[offset : offset + take])
             start, count = start + take, count - take
         return np.concatenate(parts)
+
+
+class FixedSequences:
+    """Training batches from a dataset's train split, in SequenceOrder.
+
+    Slot s of iteration it (s = micro-batch * world_size + rank) reads the batch_size
+    sequences at position it * batch_size * slots + s * batch_size of the order.
+    """
+
+    def __init__(self, train, batch_size, slots, seed):
+        self.train, self.batch_size, self.slots = train, batch_size, slots
+        self.order = SequenceOrder(train.shape[0], seed)
+
+    def batch(self, it, slot):
+        start = (it * self.slots + slot) * self.batch_size
+        return self.train[self.order.indices(start, self.batch_size)]
+
+    def close(self):
+        """Nothing to release (OnlineSequences has a thread to stop)."""
+
+
+# Iterations per seeded chunk of online data. Part of what an online run's data is: changing it
+# changes every online run's sequences (the seed of a chunk is its index).
+ONLINE_CHUNK_ITERS = 64
+# Mixed into the online stream's seeds, keeping them apart from SequenceOrder's [seed, epoch].
+ONLINE_STREAM = 0x6F6E6C69
+
+
+class OnlineSequences:
+    """Fresh training batches sampled from the process itself, an endless seeded stream.
+
+    Slot s's batches (s = micro-batch * world_size + rank) for iterations c*C .. c*C+C-1
+    (C = ONLINE_CHUNK_ITERS) are one vectorised `process.sample` of C*batch_size sequences
+    from numpy's generator seeded [seed, ONLINE_STREAM, c, s]. So a batch is a pure function
+    of (seed, batch_size, iteration, slot): a resume samples its chunk again and continues
+    bit-identically; micro-batches and ranks get distinct sequences; and the global batch is
+    the same however its slots are split between accumulation and ranks. A background thread
+    samples the next chunk while this one is trained on; `close()` stops it.
+    """
+
+    def __init__(self, process, seq_len, batch_size, slots, seed, my_slots=None):
+        self.process, self.seq_len, self.batch_size, self.seed = process, seq_len, batch_size, seed
+        self.my_slots = tuple(range(slots) if my_slots is None else my_slots)
+        self.chunk, self.sequences = None, {}
+        self.ahead = None  # (chunk index, future of its sequences)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="online-data")
+
+    def sample_chunk(self, chunk):
+        """{slot: (C * batch_size, seq_len) tokens} of one chunk, for this process's slots."""
+        count = ONLINE_CHUNK_ITERS * self.batch_size
+        # Row-major, as the train split is (a process may return a transposed view: its loop runs over positions).
+        return {
+            slot: np.ascontiguousarray(
+                self.process.sample(count, self.seq_len, np.random.default_rng([self.seed, ONLINE_STREAM, chunk, slot]))
+            )
+            for slot in self.my_slots
+        }
+
+    def batch(self, it, slot):
+        chunk, row = divmod(it, ONLINE_CHUNK_ITERS)
+        if chunk != self.chunk:
+            ahead = self.ahead
+            self.sequences = ahead[1].result() if ahead and ahead[0] == chunk else self.sample_chunk(chunk)
+            self.chunk = chunk
+            self.ahead = (chunk + 1, self.executor.submit(self.sample_chunk, chunk + 1))
+        return self.sequences[slot][row * self.batch_size : (row + 1) * self.batch_size]
+
+    def close(self):
+        self.executor.shutdown(wait=True, cancel_futures=True)
 
 
 def to_inputs_targets(sequences, device="cpu"):

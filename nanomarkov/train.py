@@ -5,10 +5,12 @@ A run lives in `config.out_dir`:
   log.jsonl      one JSON object per log line ("train") and per evaluation ("eval")
   training.log   the same lines for a person
   ckpt.pt        the last good state: model, optimizer, RNG, data position (torch.load(weights_only=True))
+  snapshots/     with --snapshots N: weights-only safetensors at log-spaced iterations (checkpoint.save_snapshot)
   done.json      written once the run has finished: final val loss next to the exact optimum
 
-The data order is a pure function of (seed, position), and the checkpoint holds
-every other piece of state, so a run killed at any moment and resumed ends
+The data (the train split's order, or with data_source 'online' the sequences
+sampled from the process) is a pure function of (seed, iteration), and the
+checkpoint holds every other piece of state, so a run killed at any moment and resumed ends
 bit-identical on CPU to one never stopped.
 """
 
@@ -27,9 +29,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from nanomarkov.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from nanomarkov.checkpoint import CHECKPOINT, list_snapshots, load_checkpoint, save_checkpoint, save_snapshot
 from nanomarkov.config import TrainConfig, config_changes
-from nanomarkov.data import Dataset, SequenceOrder, load_dataset, to_inputs_targets, whole_split_batches
+from nanomarkov.data import (
+    Dataset,
+    FixedSequences,
+    OnlineSequences,
+    load_dataset,
+    to_inputs_targets,
+    whole_split_batches,
+)
 from nanomarkov.distributed import Distributed, init_distributed
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
 from nanomarkov.files import json_text, write_json, writer_lock
@@ -64,6 +73,24 @@ def resolve_device(cfg, local_rank=0):
     # 109 s vs 66 s) loses; long CPU runs may gain from --compile=True (not measured yet).
     use_compile = device_type == "cuda" if cfg.compile == "auto" else cfg.compile
     return device, autocast, use_compile
+
+
+def snapshot_iters(n_snapshots, max_iters):
+    """The iterations --snapshots N keeps: 0 (before any step), and N+1 log-spaced ones from 1 to max_iters.
+
+    A pure function of (N, max_iters), so a resumed run continues the same series. Rounding
+    would merge the first few, so each is pushed past the one before (and kept below the ones
+    after): they stay distinct, and all of 1..max_iters when N+1 >= max_iters.
+    """
+    if n_snapshots <= 0:
+        return []
+    count = min(n_snapshots + 1, max_iters)
+    points = np.rint(np.geomspace(1, max_iters, count)).astype(int) if count > 0 else []
+    iters = []
+    for i, point in enumerate(points):
+        pushed = max(point, iters[-1] + 1) if iters else point
+        iters.append(int(min(pushed, max_iters - (count - 1 - i))))
+    return [0, *iters]
 
 
 def learning_rate_at(it, cfg):
@@ -237,10 +264,12 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None):
         resume_state = read_resume_state(setup, overwrite)
         model = build_model(setup, resume_state)
         if setup.ddp.is_main:
-            write_run_folder(setup, resumed=resume_state is not None)
+            write_run_folder(
+                setup, resumed=resume_state is not None, start_iter=resume_state["iter"] if resume_state else 0
+            )
         outputs = open_outputs(setup, model.raw, resume_state, show_progress)
         loop = TrainingLoop(setup, model, outputs, resume_state)
-        with _StopRequests() as stop:
+        with _StopRequests() as stop, contextlib.closing(loop.sequences):
             status = loop.run(stop)
         return finish(loop, status)
 
@@ -293,7 +322,7 @@ def build_model(setup, resume_state):
     return ModelAndOptimizer(raw, wrapped, optimizer)
 
 
-def write_run_folder(setup, resumed):
+def write_run_folder(setup, resumed, start_iter):
     """Create out_dir, remove what an earlier run left there that this one writes anew, write config.json.
 
     A resumed run keeps done.json until its first new checkpoint (TrainingLoop.evaluate_and_checkpoint),
@@ -302,6 +331,10 @@ def write_run_folder(setup, resumed):
     if not resumed:
         for stale in ("log.jsonl", "training.log", "done.json"):
             (setup.out_dir / stale).unlink(missing_ok=True)
+    # Snapshots past the start (all of them for a fresh run) are written again, if the series has them.
+    for iter_num, _, path in list_snapshots(setup.out_dir):
+        if iter_num > start_iter or not resumed:
+            path.unlink()
     config_record = dict(
         setup.cfg.to_dict(),
         vocab_size=setup.gpt_config.vocab_size,
@@ -332,7 +365,8 @@ def open_outputs(setup, raw_model, resume_state, show_progress):
     log.line(
         f"{setup.out_dir}: {raw_model.num_params():,} parameters, {setup.tokens_per_iter:,} tokens/iter "
         f"({setup.global_batch} sequences x {setup.gpt_config.block_size}), device {setup.device}"
-        f"{', ' + str(autocast).replace('torch.', '') if autocast else ''}{', compiled' if setup.use_compile else ''}, "
+        f"{', ' + str(autocast).replace('torch.', '') if autocast else ''}{', compiled' if setup.use_compile else ''}"
+        f"{', online data from the process' if cfg.data_source == 'online' else ''}, "
         f"{'resuming at iter ' + str(start_iter) if resume_state else 'from scratch'}; optimal_loss "
         f"{theory['optimal_loss']:.6f}, true_loss_val {theory['true_loss_val']:.6f}"
     )
@@ -346,7 +380,8 @@ class TrainingLoop:
     def __init__(self, setup, model, outputs, resume_state):
         self.setup, self.model, self.outputs = setup, model, outputs
         self.resumed = resume_state is not None
-        self.order = SequenceOrder(setup.dataset.train.shape[0], setup.cfg.seed)
+        self.sequences = training_sequences(setup)
+        self.snapshot_iters = set(snapshot_iters(setup.cfg.snapshots, setup.cfg.max_iters))
         self.it = resume_state["iter"] if self.resumed else 0
         self.elapsed_before = resume_state["elapsed_s"] if self.resumed else 0.0
         self.started = time.perf_counter()
@@ -366,12 +401,14 @@ class TrainingLoop:
     def run(self, stop):
         """Train to max_iters, or until `stop` is requested: 'done' or 'interrupted'; either end is evaluated and saved."""
         cfg = self.setup.cfg
+        self.snapshot()  # resumed, the checkpoint's weights: the same file again, or one a new series adds
         if self.it % cfg.eval_interval == 0 and not self.resumed:
             self.evaluate_and_checkpoint()
         while self.it < cfg.max_iters:
             lr = learning_rate_at(self.it, cfg)
             step_loss, stopping = self.step(lr, stop)
             self.count_step(step_loss, lr)
+            self.snapshot()
             if self.it % cfg.eval_interval == 0 or self.it == cfg.max_iters:
                 self.evaluate_and_checkpoint()
             if stopping:
@@ -413,8 +450,7 @@ class TrainingLoop:
         setup, cfg, ddp = self.setup, self.setup.cfg, self.setup.ddp
         step_loss = torch.zeros((), dtype=torch.float64)
         for micro in range(cfg.grad_accum_steps):
-            start = self.it * setup.global_batch + (micro * ddp.world_size + ddp.rank) * cfg.batch_size
-            x, y = to_inputs_targets(setup.dataset.train[self.order.indices(start, cfg.batch_size)], setup.device)
+            x, y = to_inputs_targets(self.sequences.batch(self.it, micro * ddp.world_size + ddp.rank), setup.device)
             last_micro = micro == cfg.grad_accum_steps - 1
             # DDP averages gradients across processes; only the last micro-batch needs to.
             sync = contextlib.nullcontext() if last_micro or ddp.world_size == 1 else self.model.wrapped.no_sync()
@@ -459,6 +495,12 @@ class TrainingLoop:
         if self.outputs.wandb_run is not None:
             self.outputs.wandb_run.log({"train/loss": record["loss"], "lr": lr, "tokens_per_s": rate}, step=it)
         self.window_losses, self.window_start, self.window_tokens = [], now, 0
+
+    def snapshot(self):
+        """The model's weights into snapshots/ when this iteration is one of the series (before its checkpoint,
+        so a run resumed from that checkpoint has every earlier snapshot)."""
+        if self.setup.ddp.is_main and self.it in self.snapshot_iters:
+            save_snapshot(self.model.raw, self.setup.out_dir, self.it, self.it * self.setup.tokens_per_iter)
 
     def evaluate_and_checkpoint(self, scheduled=True):
         """The val loss next to the optimum, logged; then a checkpoint (never of iteration 0)."""
@@ -532,6 +574,17 @@ class TrainingLoop:
             "world_size": setup.ddp.world_size,
             "loss_windows": {"log": list(self.window_losses), "eval": list(self.eval_window)},
         }
+
+
+def training_sequences(setup):
+    """Where this process's micro-batches come from: the train split (FixedSequences) or the process
+    itself (OnlineSequences); either way every micro-batch of every rank is its own slot of the global batch."""
+    cfg, ddp = setup.cfg, setup.ddp
+    slots = cfg.grad_accum_steps * ddp.world_size
+    if cfg.data_source == "online":
+        mine = [micro * ddp.world_size + ddp.rank for micro in range(cfg.grad_accum_steps)]
+        return OnlineSequences(setup.dataset.chain, setup.dataset.seq_len, cfg.batch_size, slots, cfg.seed, mine)
+    return FixedSequences(setup.dataset.train, cfg.batch_size, slots, cfg.seed)
 
 
 def finish(loop, status):

@@ -321,6 +321,8 @@ def test_to_dict_from_dict_round_trip():
         (dict(out_dir=""), "out_dir"),
         (dict(seed=-1), "seed"),
         (dict(eval_interval=0), "eval_interval"),
+        (dict(snapshots=-1), "snapshots"),
+        (dict(data_source="stream"), "data_source must be 'fixed' or 'online'"),
     ],
 )
 def test_invalid_train_configs(bad, needle):

@@ -522,7 +522,12 @@ def _add_generate(verbs):
     gen.add_argument(
         "--seq_len", type=int, default=None, help="tokens per sequence incl. BOS (default 128 for K<=10, else 256)"
     )
-    gen.add_argument("--seed", type=seed_type, default=42, help="seed of the chain and of the samples (default 42)")
+    gen.add_argument(
+        "--seed",
+        type=seed_type,
+        default=42,
+        help="seed of the chain and of the samples (a named process: the samples only; default 42)",
+    )
     gen.add_argument(
         "--dtype", choices=["uint16", "uint32"], default=None, help="token type (default: smallest that fits)"
     )

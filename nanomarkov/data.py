@@ -125,7 +125,8 @@ def generate_command(
     **options,
 ):
     """The exact `nanomarkov generate` command for a dataset, for error messages."""
-    parts = ["nanomarkov generate", str(n_states)]
+    fixed = process in PROCESSES and PROCESSES[process].N_STATES  # a named process takes no K
+    parts = ["nanomarkov generate"] + ([] if fixed else [str(n_states)])
     if process != DEFAULT_PROCESS:
         parts += ["--process", process]
     parts += [f"--{name} {value}" for name, value in _given(options).items()]

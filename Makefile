@@ -14,7 +14,7 @@ TEST_EXTRAS ?= $(ALL_TEST_EXTRAS)
 ALLOW_SKIPS := $(if $(filter $(ALL_TEST_EXTRAS),$(TEST_EXTRAS)),,NANOMARKOV_ALLOW_SKIPS=1)
 
 # TransformerLens 4 cannot share $(VENV) with SAELens (which needs TransformerLens < 4): `make test-lens4`
-# runs its tests, and nnsight's beside it, in a second venv: a copy of $(VENV) with SAELens out and the
+# (which `make test` runs last) runs its tests, and nnsight's beside it, in a second venv: a copy of $(VENV) with SAELens out and the
 # interp4 extra in (TransformerLens 3 -> 4). Copying keeps torch and the shared dependencies: seconds,
 # where a fresh venv took minutes (BENCHMARKS.md); a fresh `pip install -e ".[interp4]"` passes the same tests.
 VENV4 ?= .venv-lens4
@@ -38,8 +38,10 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/nanomarkov demo
 
+# With every extra, `make test` goes on to the TransformerLens 4 tests (test-lens4) once the main suite passes.
 test: $(VENV)/.installed-test
 	$(ALLOW_SKIPS) $(PY) -m pytest -q -rs
+	$(if $(ALLOW_SKIPS),,$(MAKE) test-lens4)
 
 $(VENV4)/.installed-test: $(VENV)/.installed-test
 	rm -rf $(VENV4)

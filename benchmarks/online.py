@@ -148,7 +148,7 @@ def main():
             f"Machine: {machine()}. Default recipe, {args.iters} steps per run, fixed and online alternated "
             f"{args.repeats} times; median tokens/s of the log lines.",
             "",
-            *speed,
+            *(speed if args.repeats > 0 else ["(whole runs not measured: --repeats 0)"]),
             "",
             f"Training steps alone, one model, fixed and online batches in alternating blocks of 16 steps "
             f"({args.rounds} rounds):",

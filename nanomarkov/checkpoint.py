@@ -167,6 +167,9 @@ def model_and_source(ckpt_or_model):
         return ckpt_or_model, {}
     if isinstance(ckpt_or_model, (str, os.PathLike)):
         path = Path(ckpt_or_model)
+        if path.is_file() and SNAPSHOT_NAME.match(path.name):
+            model, counts = load_snapshot(path)
+            return model, {"snapshot": str(path), **counts}
         if path.is_file() and path.name != WEIGHTS_FILE:
             model, ckpt = load_model(path)
             return model, {"checkpoint": str(path), "iter": ckpt.get("iter"), "data_dir": ckpt.get("data_dir")}
@@ -269,7 +272,7 @@ def _load_export(folder):
 
 
 def load(path):
-    """A GPT in eval mode from an export folder (model.safetensors + config.json) or a ckpt.pt.
+    """A GPT in eval mode from an export folder (model.safetensors + config.json), a ckpt.pt or a snapshot.
 
     Nothing pickled is ever executed: a folder is read with safetensors and
     json, a checkpoint with torch.load(weights_only=True). The model is on the

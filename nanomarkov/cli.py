@@ -32,6 +32,7 @@ from nanomarkov.evaluate import evaluate_checkpoints, format_eval, nonfinite_mes
 from nanomarkov.files import json_text
 from nanomarkov.interp.hf import export_hf
 from nanomarkov.processes import DEFAULT_PROCESS, PROCESSES, load_plugins
+from nanomarkov.processes.spec import process_from_file
 from nanomarkov.report import format_summary, write_report
 from nanomarkov.sweep import run_sweep
 from nanomarkov.sweep.slurm import SLURM_FLAGS
@@ -83,9 +84,12 @@ def states_to_generate(process, n_states):
 
 
 def cmd_generate(args):
+    if args.spec:
+        return _generate_from_spec(args)
+    process = args.process or DEFAULT_PROCESS
     options = {option.name: getattr(args, option.name) for option in _all_options()}
-    n_states = states_to_generate(args.process, args.n_states)
-    out = Path(args.out) if args.out else default_data_dir(n_states, args.sparsity, args.process, **options)
+    n_states = states_to_generate(process, args.n_states)
+    out = Path(args.out) if args.out else default_data_dir(n_states, args.sparsity, process, **options)
     seq_len = args.seq_len
     total = (args.train + args.val) * (seq_len or default_seq_len(n_states))
     with _progress_bar(total, f"generate {out}") as bar:
@@ -95,15 +99,49 @@ def cmd_generate(args):
             args.train,
             args.val,
             sparsity=args.sparsity,
-            alpha=args.alpha,
+            alpha=1.0 if args.alpha is None else args.alpha,
             seq_len=seq_len,
             seed=args.seed,
             dtype=args.dtype,
             force=args.force,
             progress=bar.update,
-            process=args.process,
+            process=process,
             **options,
         )
+    _print_generated(out, meta)
+    return 0
+
+
+def _generate_from_spec(args):
+    """`generate --spec FILE`: the process is the spec's, so a flag that also gives it is refused."""
+    given = [("K", args.n_states), ("--process", args.process), ("--alpha", args.alpha), ("--sparsity", args.sparsity)]
+    given += [(f"--{option.name}", getattr(args, option.name)) for option in _all_options()]
+    contradicting = [flag for flag, value in given if value is not None]
+    if contradicting:
+        raise NanoMarkovError(
+            f"{', '.join(contradicting)} and --spec both give the process; the spec gives all of it: drop "
+            f"{', '.join(contradicting)} (or change {args.spec})"
+        )
+    out = Path(args.out) if args.out else Path("data") / Path(args.spec).stem
+    total = (args.train + args.val) * args.seq_len if args.seq_len else None
+    with _progress_bar(total, f"generate {out}") as bar:
+        meta = generate_dataset(
+            out,
+            None,
+            args.train,
+            args.val,
+            seq_len=args.seq_len,
+            seed=args.seed,
+            dtype=args.dtype,
+            force=args.force,
+            progress=bar.update,
+            spec=args.spec,
+        )
+    _print_generated(out, meta)
+    return 0
+
+
+def _print_generated(out, meta):
     theory = meta["theory"]
     kind = "".join(
         f", {name} {meta[name]}" for name in PROCESSES[meta["process"]].option_names() if meta.get(name) is not None
@@ -116,7 +154,6 @@ def cmd_generate(args):
         f"optimal_loss {theory['optimal_loss']:.6f}  true_loss_val {theory['true_loss_val']:.6f}  "
         f"entropy_rate {theory['entropy_rate']:.6f}  uniform {theory['uniform_loss']:.6f} nats/token"
     )
-    return 0
 
 
 THEORY_COLUMNS = [
@@ -153,8 +190,28 @@ def theory_rows(paths):
     return rows
 
 
+def spec_theory_row(path, seq_len=None):
+    """The theory row of the process a spec file gives (no dataset: no true_loss_val); writes nothing."""
+    _, process = process_from_file(path)
+    options = {name: value for name, value in process.options().items() if value is not None}
+    seq_len = default_seq_len(process.n_states) if seq_len is None else seq_len
+    return {
+        "dataset": None,
+        "spec": str(path),
+        "process": process.process,
+        "options": options,
+        "order": options.get("order"),
+        "n_states": process.n_states,
+        "sparsity": None,
+        "seq_len": seq_len,
+        **process.theory(seq_len),
+    }
+
+
 def _estimate(row, key):
-    """A theory number; a Monte-Carlo or bracketed one (a nonzero *_se key) with its error."""
+    """A theory number; a Monte-Carlo or bracketed one (a nonzero *_se key) with its error; "-" where there is none."""
+    if key not in row:
+        return "-"
     error = row.get(f"{key}_se")
     return f"{row[key]:.6f}" + (f"±{error:.1g}" if error else "")
 
@@ -166,7 +223,7 @@ def format_theory_table(rows):
         process = " ".join([row["process"]] + [f"{k}={v}" for k, v in row["options"].items()])
         lines.append(
             [
-                row["dataset"],
+                row["dataset"] or row["spec"],
                 process,
                 str(row["n_states"]),
                 "-" if row["sparsity"] is None else f"{row['sparsity']:g}",
@@ -186,7 +243,15 @@ def format_theory_table(rows):
 
 
 def cmd_theory(args):
-    rows = theory_rows(args.datasets)
+    if args.spec and args.datasets:
+        raise NanoMarkovError("nanomarkov theory: give dataset folders or --spec FILE, not both")
+    if args.seq_len is not None and not args.spec:
+        raise NanoMarkovError(
+            "nanomarkov theory: --seq_len goes with --spec (a dataset's theory is at its own seq_len)"
+        )
+    if not args.spec and not args.datasets:
+        raise NanoMarkovError("nanomarkov theory: dataset folders (or --spec FILE) are required (see --help)")
+    rows = [spec_theory_row(args.spec, args.seq_len)] if args.spec else theory_rows(args.datasets)
     print(json.dumps(rows, indent=2) if args.json else format_theory_table(rows))
     return 0
 
@@ -422,15 +487,22 @@ def _add_generate(verbs):
         type=int,
         nargs="?",
         default=None,
-        help="number of states K (vocabulary K+1 with BOS); left out for a named process, which fixes its K",
+        help="number of states K (vocabulary K+1 with BOS); left out for a named process, which fixes its K, "
+        "and with --spec",
+    )
+    gen.add_argument(
+        "--spec",
+        default=None,
+        metavar="FILE",
+        help="the process given exactly by a .json or .npz spec file (docs/specs.md); default --out data/<its stem>",
     )
     gen.add_argument("--train", type=int, default=10000, help="training sequences (default 10000)")
     gen.add_argument("--val", type=int, default=1000, help="validation sequences (default 1000)")
     gen.add_argument(
         "--process",
         choices=list(PROCESSES),
-        default=DEFAULT_PROCESS,
-        help="; ".join(f"{name}: {cls.SUMMARY}" for name, cls in PROCESSES.items()),
+        default=None,
+        help=f"(default {DEFAULT_PROCESS}) " + "; ".join(f"{name}: {cls.SUMMARY}" for name, cls in PROCESSES.items()),
     )
     owners = {}
     for process, cls in PROCESSES.items():
@@ -446,11 +518,16 @@ def _add_generate(verbs):
             help=f"with --process {where}: {option.help}",
         )
     gen.add_argument("--sparsity", type=float, default=None, help="percent of each row's transitions set to zero")
-    gen.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration of each row (default 1)")
+    gen.add_argument("--alpha", type=float, default=None, help="Dirichlet concentration of each row (default 1)")
     gen.add_argument(
         "--seq_len", type=int, default=None, help="tokens per sequence incl. BOS (default 128 for K<=10, else 256)"
     )
-    gen.add_argument("--seed", type=seed_type, default=42, help="seed of the chain and of the samples (default 42)")
+    gen.add_argument(
+        "--seed",
+        type=seed_type,
+        default=42,
+        help="seed of the chain and of the samples (a named process: the samples only; default 42)",
+    )
     gen.add_argument(
         "--dtype", choices=["uint16", "uint32"], default=None, help="token type (default: smallest that fits)"
     )
@@ -566,9 +643,15 @@ def build_parser():
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=OneLineParser)
 
     _add_generate(verbs)
-    theory = verbs.add_parser("theory", help="print the exact theory of dataset folders")
-    theory.add_argument("datasets", nargs="+", help="dataset folders, e.g. data/mm100")
+    theory = verbs.add_parser("theory", help="print the exact theory of dataset folders, or of a spec file")
+    theory.add_argument("datasets", nargs="*", help="dataset folders, e.g. data/mm100")
     theory.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    theory.add_argument(
+        "--spec", default=None, metavar="FILE", help="the theory of the process a spec file gives; writes nothing"
+    )
+    theory.add_argument(
+        "--seq_len", type=int, default=None, help="with --spec: tokens per sequence incl. BOS (default as generate's)"
+    )
     theory.set_defaults(func=cmd_theory)
 
     _add_train(verbs)

@@ -7,7 +7,7 @@ A dataset is a folder holding
               hmm: transmat, emissions, startprob (state-emitting) or token_transitions, startprob
               (token-labelled)
   meta.json   parameters, counts, the exact theory (and the optimum at every position, compactly:
-              compact_by_position), sha256 of each data file
+              compact_by_position), sha256 of each data file; "spec" where a spec gave the process
   train.bin   whole BOS-led sequences of seq_len tokens, flat, little-endian
   val.bin     the same, drawn independently
   val_beliefs.npy  hmm only: float32 (n_val, seq_len, H), the belief state after every val prefix
@@ -35,6 +35,7 @@ from nanomarkov.files import LOCK_FILE, PARTIAL_SUFFIX, exchange_folders, write_
 from nanomarkov.processes import DEFAULT_PROCESS, PLUGINS_VARIABLE, PROCESSES, process_class
 from nanomarkov.processes.markov import load_hmmlearn_chain
 from nanomarkov.processes.numerics import token_dtype
+from nanomarkov.processes.spec import process_from_file, process_from_spec, spec_record
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -57,6 +58,9 @@ DEFINING_KEYS = (
     "val_sequences",
     "source",
 )
+# Where a dataset came from but not what it is: not compared when a generation asks whether a
+# folder already holds its dataset (the same spec read from another file is the same dataset).
+PROVENANCE_KEYS = ("spec_file",)
 # meta.json's optimum by position stops listing positions once every later one is this close
 # (nats) to the entropy rate, its limit; expand_by_position puts the limit there.
 BY_POSITION_TOLERANCE = 1e-6
@@ -121,7 +125,8 @@ def generate_command(
     **options,
 ):
     """The exact `nanomarkov generate` command for a dataset, for error messages."""
-    parts = ["nanomarkov generate", str(n_states)]
+    fixed = process in PROCESSES and PROCESSES[process].N_STATES  # a named process takes no K
+    parts = ["nanomarkov generate"] + ([] if fixed else [str(n_states)])
     if process != DEFAULT_PROCESS:
         parts += ["--process", process]
     parts += [f"--{name} {value}" for name, value in _given(options).items()]
@@ -135,6 +140,12 @@ def generate_command(
 
 
 def _regenerate_command(meta, path):
+    if meta.get("spec"):  # a process given by a spec: the file it was read from, where there was one
+        spec_file = meta.get("spec_file") or {"path": f"SPEC.json (the spec of sha256 {meta['spec'].get('sha256')})"}
+        return (
+            f"nanomarkov generate --spec {spec_file['path']} --train {meta['train_sequences']} --val "
+            f"{meta['val_sequences']} --seq_len {meta['seq_len']} --seed {meta['seed']} --out {path} --force"
+        )
     source = meta.get("source")
     if source:  # a chain imported from a file, not a random one
         return (
@@ -189,18 +200,21 @@ def generate_dataset(
     chunk_tokens=CHUNK_TOKENS,
     chain=None,
     source=None,
+    spec=None,
     process=DEFAULT_PROCESS,
     **options,
 ):
-    """Build a random process (or take the given `chain`) and write a dataset folder; returns its meta dict.
+    """Build a random process (or take the given `chain`, or a `spec`'s) and write a dataset folder; returns its meta dict.
 
     `process` names a registered class, `options` its own generation options (None: not given).
     With `chain`, sparsity and alpha are null and `source` (JSON: where the chain came from) joins
-    the dataset's identity. Train and val come from their own streams of `seed`, so val does not
-    change with --train. A folder holding this very dataset is left as it is; one holding another
-    is replaced only with `force`, whole and at once (_write_dataset). `progress(n_tokens)` after each chunk.
-    """
-    out_dir, options = Path(out_dir), _given(options)
+    the dataset's identity; `spec` is a spec dict or file (docs/specs.md), recorded in meta.json.
+    Train and val come from their own streams of `seed`, so val does not change with --train. A
+    folder holding this dataset is left as it is, one holding another replaced only with `force`,
+    whole and at once (_write_dataset); `progress(n_tokens)` after each chunk."""
+    out_dir, options, spec_params = Path(out_dir), _given(options), {}
+    if spec is not None:
+        chain, spec_params = _process_of_spec(spec, chain, process, options, sparsity, alpha)
     if chain is not None:
         if n_states not in (None, chain.n_states):
             raise NanoMarkovError(f"n_states {n_states} does not match the given chain's {chain.n_states} states")
@@ -224,12 +238,26 @@ def generate_dataset(
         train_sequences=train_sequences,
         val_sequences=val_sequences,
     )
-    params.update(chain.options(), **({} if source is None else {"source": source}))
+    params.update(chain.options(), **({} if source is None else {"source": source}), **spec_params)
     with writer_lock(out_dir, "generation"):  # a second writer is refused, never interleaved
         existing = _existing_meta(out_dir)
         if not force and _holds_this_dataset(out_dir, existing, params):
             return existing
         return _write_dataset(out_dir, chain, params, dtype, progress, chunk_tokens)
+
+
+def _process_of_spec(spec, chain, process, options, sparsity, alpha):
+    """(the process, its meta.json keys) of a spec dict or of the path of a spec file; refused beside
+    anything else that gives the process (a chain, process, option, sparsity or alpha)."""
+    if chain is not None or process != DEFAULT_PROCESS or options or sparsity or alpha != 1.0:
+        raise NanoMarkovError(
+            "a spec gives the whole process: pass no chain, process, options, sparsity or alpha with it"
+        )
+    if not isinstance(spec, (str, os.PathLike)):
+        return process_from_spec(spec), {"spec": spec_record(spec)}
+    path = Path(spec)
+    spec, process = process_from_file(path)
+    return process, {"spec": spec_record(spec), "spec_file": {"path": str(path), "sha256": _file_sha256(path)}}
 
 
 def _token_type(dtype, n_states):
@@ -245,7 +273,7 @@ def _token_type(dtype, n_states):
 def _holds_this_dataset(out_dir, existing, params):
     """True when out_dir already holds the dataset of `params` (intact); raises when it holds another."""
     if existing is not None:
-        keys = DEFINING_KEYS + tuple(k for k in params if k not in DEFINING_KEYS)
+        keys = DEFINING_KEYS + tuple(k for k in params if k not in DEFINING_KEYS + PROVENANCE_KEYS)
         changed = [f"{k} {existing.get(k)!r} -> {params.get(k)!r}" for k in keys if existing.get(k) != params.get(k)]
         if not changed:
             load_dataset(out_dir)  # raises if the files were damaged since

@@ -12,7 +12,8 @@ A run trained with `--snapshots N` keeps weights-only snapshots under RUN/snapsh
   transition KL   markov: KL(P_s || model after [BOS, s]), mean over states (evaluate.py)
   korder KL       korder: evaluate.py's korder_fidelity, beside its first-order baseline
   belief R²       hmm: the linear probe from each residual stream to the belief state
-  attention       per head: the mean weight on the current token, earlier states and BOS
+  attention       per head: the mean weight on the current token, earlier states (the previous
+                  one among them) and BOS
   llc             with `llc`: the local learning coefficient (devinterp, optional)
 and when the model first crosses each stage: the first snapshot whose val loss is at or
 below the stage's loss, and for the optimum, the first within REACHED_EXCESS of the floor
@@ -33,7 +34,7 @@ from matplotlib.ticker import EngFormatter
 from tqdm import tqdm
 
 from nanomarkov.checkpoint import list_snapshots, load_snapshot
-from nanomarkov.data import load_dataset
+from nanomarkov.data import load_dataset, optimal_loss_by_position
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.evaluate import EVAL_BATCH_ELEMENTS, evaluate_models, kl_terms, make_folder, state_log_probs
 from nanomarkov.files import json_text, read_json, write_atomic_together
@@ -97,7 +98,7 @@ def val_subset(dataset, n_sequences):
 def stage_theory(dataset):
     """The baselines every snapshot is compared with: stages, their errors, the floor, the optimum by position."""
     chain, seq_len = dataset.chain, dataset.seq_len
-    optimum_by_position, optimum_by_position_se = chain.optimal_loss_by_position(seq_len)
+    optimum_by_position, optimum_by_position_se = optimal_loss_by_position(dataset)
     return {
         "stages": chain.stage_losses(seq_len),
         "stage_errors": chain.stage_loss_errors(seq_len),
@@ -109,26 +110,27 @@ def stage_theory(dataset):
 
 
 @torch.no_grad()
-def position_metrics(model, dataset):
-    """Loss at each predicted position (L-1,) and the mean KL(optimal predictor || model) over every position."""
+def optimal_kl_over_positions(model, dataset):
+    """Mean KL(optimal predictor || model) over every val position (a process whose METRICS have no
+    optimal_fidelity, a first-order chain, gets it here: eval reports it per state instead)."""
     k, val = dataset.chain.n_states, dataset.val
     batch = max(1, EVAL_BATCH_ELEMENTS // ((dataset.seq_len - 1) * (k + 1)))
-    loss_sum, kl_sum = np.zeros(dataset.seq_len - 1), 0.0
+    kl_sum = 0.0
     for lo in range(0, val.shape[0], batch):
         tokens = torch.from_numpy(np.asarray(val[lo : lo + batch], dtype=np.int64))
-        logits = model(tokens[:, :-1])[0].double()
-        loss = F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
-        loss_sum += loss.sum(0).numpy()
-        optimal_log = torch.from_numpy(dataset.chain.optimal_log_probs(tokens.numpy()))
-        kl_sum += kl_terms(optimal_log, state_log_probs(logits, k)).sum().item()
-    n = val.shape[0]
-    return loss_sum / n, kl_sum / (n * (dataset.seq_len - 1))
+        log_q = state_log_probs(model(tokens[:, :-1])[0].double(), k)
+        kl_sum += kl_terms(torch.from_numpy(dataset.chain.optimal_log_probs(tokens.numpy())), log_q).sum().item()
+    return kl_sum / (val.shape[0] * (dataset.seq_len - 1))
 
 
 def measure_snapshot(model, dataset):
     """Every dynamics number of one model on the (cut) dataset, as a dict of plain values."""
     result = evaluate_models({"model": model}, dataset)["model"]
-    by_position, optimal_kl = position_metrics(model, dataset)
+    if result.get("optimal_fidelity") is not None:
+        optimal_kl = result["optimal_fidelity"]["mean_kl"]
+    else:
+        optimal_kl = optimal_kl_over_positions(model, dataset)
+    by_position = result["arrays"]["loss_by_position"]["val_loss"]
     measured = {
         "val_loss": result["cross_entropy"]["val_loss"],
         "excess": result["cross_entropy"]["excess"],
@@ -423,17 +425,17 @@ def plot_metrics(record):
 
 
 def _plot_attention(ax, entries):
-    """Per head, the mean attention on the current token (solid), on BOS (dashed) and on earlier states (dotted)."""
+    """Per head, the mean attention on the current token (solid), the state before it (dotted), BOS (dashed)."""
     layers, tokens = entries[0]["attention"]["layers"], [e["tokens"] for e in entries]
     current = np.array([e["attention"]["current"] for e in entries], dtype=float)  # (snapshots, layers, heads)
     bos = np.array([e["attention"]["bos"] for e in entries], dtype=float)
-    earlier = np.array([e["attention"]["earlier"] for e in entries], dtype=float)
+    previous = np.array([e["attention"]["previous"] for e in entries], dtype=float)
     for i, layer in enumerate(layers):
         for h in range(current.shape[2]):
             colour = f"C{(i * current.shape[2] + h) % 10}"
             ax.plot(tokens, current[:, i, h], "-", color=colour, label=f"L{layer}H{h} current")
             ax.plot(tokens, bos[:, i, h], "--", color=colour, label=f"L{layer}H{h} BOS")
-            ax.plot(tokens, earlier[:, i, h], ":", color=colour, label=f"L{layer}H{h} earlier states")
+            ax.plot(tokens, previous[:, i, h], ":", color=colour, label=f"L{layer}H{h} previous state")
     ax.set_ylim(0, 1)
     ax.set_ylabel("mean attention weight")
     ax.legend(fontsize=7, ncol=2)

@@ -120,3 +120,14 @@ def test_report_draws_the_loss_by_position(tmp_path, monkeypatch):
     assert skipped == [] and files == [run_folder / "loss_by_position.png"]
     image = matplotlib.image.imread(files[0])
     assert image.shape[0] >= 300 and image.std() > 0.01
+
+
+def test_a_model_with_nan_outputs_has_no_loss_by_position(markov):
+    table = np.zeros((markov.chain.n_states + 1,) * 2)
+    table[2, 0] = np.nan  # after state 2 the model's logits are broken
+    result = evaluate_models({"m": TableModel(table)}, markov)["m"]
+    summary = result["loss_by_position"]
+    assert not result["outputs_finite"] and summary["furthest_above_optimum"] == []
+    assert all(entry["val_loss"] is None and entry["excess"] is None for entry in summary["at"])
+    assert all(entry["optimal_loss"] is not None for entry in summary["at"])  # the theory stays
+    assert "1: not finite" in format_eval(result)

@@ -170,17 +170,22 @@ def attention_forced_to(target):
         if target == "current":
             w[0:8, 0:8] = torch.eye(8)  # queries
             w[16:24, 0:8] = torch.eye(8)  # keys
+        elif target == "previous":
+            w[0:8, 0:8] = torch.eye(8)  # query t
+            w[17:24, 0:7] = torch.eye(7)  # key j looks like position j + 1: query t meets key t - 1
         else:
             w[0, 8] = 1.0
             w[16, 0] = 1.0
     return model
 
 
-@pytest.mark.parametrize("target", ["current", "bos"])
+@pytest.mark.parametrize("target", ["current", "bos", "previous"])
 def test_attention_summary_finds_where_a_head_was_made_to_look(target):
     result = attention_summary(attention_forced_to(target), bos_led(20, 9, 7))
     assert result["current"].shape == (1, 1) and list(result["layers"]) == [0]
-    expected = {"current": 0.0, "earlier": 0.0, "bos": 0.0, target: 1.0}
+    expected = {"current": 0.0, "earlier": 0.0, "bos": 0.0, "previous": 0.0, target: 1.0}
+    if target == "previous":  # of queries t = 1..7, t = 1's previous key is BOS; the other six's is a state
+        expected |= {"previous": 6 / 7, "earlier": 6 / 7, "bos": 1 / 7}
     for key, value in expected.items():
         assert result[key][0, 0] == pytest.approx(value, abs=1e-6), key
 
@@ -193,7 +198,8 @@ def test_attention_summary_shapes_and_sums_and_mlp_only():
             p.normal_(0, 0.5)
     tokens = bos_led(30, 9, 7)
     result = attention_summary(model, tokens)
-    assert all(result[key].shape == (3, 2) for key in ("current", "earlier", "bos"))
+    assert all(result[key].shape == (3, 2) for key in ("current", "earlier", "bos", "previous"))
+    assert np.all(result["previous"] <= result["earlier"]) and np.all(result["previous"] > 0)
     np.testing.assert_allclose(result["current"] + result["earlier"] + result["bos"], 1.0, atol=1e-6)
     assert np.all(result["earlier"] > 0.01)  # random heads spread over the history
     empty = attention_summary(GPT(GPTConfig(n_layer=2, n_embd=16, block_size=8, vocab_size=7, mlp_only=True)), tokens)

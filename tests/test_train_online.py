@@ -18,7 +18,6 @@ from test_train import (
     assert_same_state,
     ckpt,
     config,
-    finish,
     make_data,
     one_thread,  # noqa: F401  (autouse: one torch thread, so runs compare bit for bit)
     read_log,
@@ -26,10 +25,10 @@ from test_train import (
     run_in_one_thread,
     signal_midway,
     without_timing,
-    worker,
 )
 
 import nanomarkov.train as train_module
+from nanomarkov import NanoMarkovError
 from nanomarkov.checkpoint import list_snapshots
 from nanomarkov.cli import main
 from nanomarkov.data import ONLINE_CHUNK_ITERS, OnlineSequences, load_dataset
@@ -71,7 +70,7 @@ def test_an_online_run_resumed_after_sigkill_equals_one_never_stopped(run_online
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
     assert 20 <= ckpt(out)["iter"] < MAX_ITERS and not (out / "done.json").exists()
-    finish(worker(online(data, out, init_from="resume")))
+    run(online(data, out, init_from="resume"))  # in this process: one torch import fewer than a worker
     assert_same_run(run_online, out)
     assert without_timing(read_log(out)) == without_timing(read_log(run_online))
     # The snapshot series too: the same iterations, the same bytes, none twice.
@@ -174,15 +173,17 @@ def test_ranks_and_micro_batches_split_one_global_batch_of_distinct_sequences(da
     assert len({row.tobytes() for row in rows}) == len(rows)
 
 
-@pytest.mark.parametrize("process", ["markov", "korder", "icl", "hmm"])
+@pytest.mark.parametrize("process", sorted(PROCESSES))
 def test_every_process_streams_online(process):
-    chain = PROCESSES[process].random(3, seed=0)
+    cls = PROCESSES[process]
+    chain = cls.random(cls.N_STATES or 3, seed=0)  # the named processes fix their own K
     stream = OnlineSequences(chain, 12, 4, 2, seed=0)
     try:
         batch = stream.batch(1, 1)
     finally:
         stream.close()
-    assert batch.shape == (4, 12) and (batch[:, 0] == chain.bos_token).all() and (batch[:, 1:] < 3).all()
+    assert batch.shape == (4, 12) and (batch[:, 0] == chain.bos_token).all()
+    assert (batch[:, 1:] < chain.n_states).all()
     assert np.isfinite(chain.true_loss(batch))  # sequences the process can produce
 
 
@@ -200,3 +201,10 @@ def test_the_command_line_takes_snapshots_and_the_data_source(data, tmp_path, ca
     assert "online data from the process" in (out / "training.log").read_text()
     assert main(["train", str(data), "--data_source", "live", f"--out_dir={out}"]) == 2
     assert "data_source must be 'fixed' or 'online', got 'live'" in capsys.readouterr().err
+
+
+def test_a_resume_may_not_switch_the_data_source(data, tmp_path):
+    out = tmp_path / "b"
+    run(config(data, out, max_iters=10))
+    with pytest.raises(NanoMarkovError, match="data_source 'fixed' -> 'online'"):
+        run(config(data, out, max_iters=20, init_from="resume", data_source="online"))

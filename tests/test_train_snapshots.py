@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from test_train import BATCH, SEQ_LEN, Stop, config, fail_at, make_data, one_thread, run  # noqa: F401 (autouse)
 
+import nanomarkov
 from nanomarkov import NanoMarkovError
 from nanomarkov.checkpoint import export_safetensors, list_snapshots, load_snapshot, save_snapshot
 from nanomarkov.model import GPT, GPTConfig
@@ -43,6 +44,7 @@ def test_a_snapshot_round_trips_weights_config_and_counts(tmp_path, tied):
     idx = torch.tensor([[4, 0, 1, 3]])
     assert torch.equal(loaded(idx)[0], model(idx)[0])
     assert (loaded.lm_head.weight is loaded.wte.weight) == tied
+    assert torch.equal(nanomarkov.load(path)(idx)[0], model(idx)[0])  # the package's front door opens it too
 
 
 def test_snapshot_tensors_and_metadata_are_those_of_the_export(tmp_path):

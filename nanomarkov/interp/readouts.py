@@ -200,8 +200,10 @@ def attention_summary(model, tokens):
     current token (or parks it on BOS, a no-op). The input of each attention
     layer is captured with a forward pre-hook; see _attention_weights for how
     the weights are recomputed from it. Returns {"current", "earlier", "bos"},
-    each (n_layer, n_head), and "layers" (block indices); all empty (shape
-    (0, 0)) for an MLP-only model, which has no attention.
+    each (n_layer, n_head), "previous" (the part of "earlier" on the state just
+    before the query: a previous-token head, what an in-context or k-th order
+    chain needs) and "layers" (block indices); all empty (shape (0, 0)) for an
+    MLP-only model, which has no attention.
     """
     attns = [block.attn for block in model.blocks if block.attn is not None]
     if not attns:
@@ -209,10 +211,11 @@ def attention_summary(model, tokens):
             "current": np.zeros((0, 0)),
             "earlier": np.zeros((0, 0)),
             "bos": np.zeros((0, 0)),
+            "previous": np.zeros((0, 0)),
             "layers": np.zeros(0, dtype=int),
         }
     n_head = attns[0].n_head
-    sums = np.zeros((3, len(attns), n_head))  # current, earlier, bos
+    sums = np.zeros((4, len(attns), n_head))  # current, earlier, bos, previous (a part of earlier)
     queries = 0
     for x, inputs in forward_capturing(model, tokens, attns, inputs=True):
         T = x.size(1)
@@ -224,10 +227,12 @@ def attention_summary(model, tokens):
             sums[0, i] += w.diagonal(offset=1, dim1=-2, dim2=-1).sum((0, 2)).cpu().numpy()
             sums[1, i] += (w * history[1:]).sum((0, 2, 3)).cpu().numpy()
             sums[2, i] += w[..., 0].sum((0, 2)).cpu().numpy()
+            # The state just before the query (key t-1 for queries t >= 2; at t = 1 that key is BOS).
+            sums[3, i] += w.diagonal(dim1=-2, dim2=-1)[..., 1:].sum((0, 2)).cpu().numpy()
         queries += x.size(0) * (T - 1)
-    current, earlier, bos = sums / queries
+    current, earlier, bos, previous = sums / queries
     layers = np.array([i for i, block in enumerate(model.blocks) if block.attn is not None])
-    return {"current": current, "earlier": earlier, "bos": bos, "layers": layers}
+    return {"current": current, "earlier": earlier, "bos": bos, "previous": previous, "layers": layers}
 
 
 # ------------------------------------------------------------ plots

@@ -214,7 +214,7 @@ class InContextChain(Process):
         if start == "stationary" and k > MAX_STATIONARY_STATES:
             raise NanoMarkovError(
                 f"start 'stationary' goes up to K = {MAX_STATIONARY_STATES}, got {k}: its Bayes predictor weighs "
-                f"{PREDICTOR_PARTICLES} sampled K x K matrices at every position of every sequence"
+                f"{PREDICTOR_PARTICLES} sampled K x K matrices at every position of every sequence; use fewer states or --start uniform"
             )
         for array in (concentration, startprob, support_size):
             array.flags.writeable = False

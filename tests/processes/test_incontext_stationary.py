@@ -140,3 +140,24 @@ def test_a_dataset_reloads_with_its_start_rule(tmp_path, monkeypatch):
         with np.load(folder / "chain.npz", allow_pickle=False) as npz:
             assert ("start" in npz.files) == (start is not None)
         assert load_dataset(folder).chain.start == (start or "uniform")
+
+
+def test_predictor_for_three_states_matches_monte_carlo_over_the_prior():
+    """K = 3, unequal concentrations: p(x_{t+1} | x_1..x_t) = E[pi_P(x1) prod P P_{x_t, j}] / E[pi_P(x1) prod P]
+    over 200,000 prior matrices (delta-method errors), against the predictor averaged over 200 copies."""
+    concentration, n_matrices, copies = np.array([0.6, 1.0, 2.5]), 200_000, 200
+    rng = np.random.default_rng(11)
+    matrices = rng.dirichlet(concentration, size=(n_matrices, 3))
+    pi = solve_stationary(matrices)
+    chain = InContextChain(concentration, np.full(3, 1 / 3), 3, start="stationary")
+    heads = [(a, b) for a in range(3) for b in range(3)]
+    tokens = np.array([[3, a, b, 0] for a, b in heads])
+    estimated = np.exp(chain.optimal_log_probs(np.repeat(tokens, copies, axis=0))).reshape(len(heads), copies, 3, 3)
+    for i, (a, b) in enumerate(heads):
+        for t, weight in ((1, pi[:, a]), (2, pi[:, a] * matrices[:, a, b])):
+            target = matrices[:, (a, b)[t - 1]]  # (n, K): P[x_t, j]
+            ratio = (weight[:, None] * target).mean(axis=0) / weight.mean()
+            error = (weight[:, None] * (target - ratio)).std(axis=0) / (np.sqrt(n_matrices) * weight.mean())
+            mean = estimated[i, :, t].mean(axis=0)
+            spread = estimated[i, :, t].std(axis=0, ddof=1) / np.sqrt(copies)
+            assert np.all(np.abs(mean - ratio) <= 4 * np.hypot(error, spread) + 2e-4), ((a, b), t, mean, ratio)

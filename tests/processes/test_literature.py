@@ -220,6 +220,25 @@ def test_named_processes_fix_their_k_and_refuse_what_does_not_apply():
     assert PROCESSES["mess3"].folder_name() == "mess3-mealy" and cls.parse_folder_name("rrxorx") is None
 
 
+def test_a_missing_named_dataset_names_the_command_that_makes_it_without_k(tmp_path):
+    with pytest.raises(
+        NanoMarkovError, match="create it with: nanomarkov generate --process golden_mean --p 0.4 --train"
+    ):
+        load_dataset(tmp_path / "golden_mean-p0.4")
+
+
+@pytest.mark.parametrize("name", ["switching", "z1r"])
+def test_chain_npz_holds_matrices_and_parameters_and_an_edited_matrix_is_refused(name):
+    process = PROCESSES[name].random(p=0.3)
+    arrays = process.arrays()
+    rebuilt = PROCESSES[name].from_arrays(arrays)
+    assert rebuilt.options() == process.options() and arrays["p"].shape == ()
+    matrix = "transmat" if name == "switching" else "token_transitions"
+    arrays[matrix] = arrays[matrix][::-1].copy()
+    with pytest.raises(NanoMarkovError, match=f"{matrix} is not that of --process {name}"):
+        PROCESSES[name].from_arrays(arrays)
+
+
 @pytest.mark.parametrize("cls", NAMED_PROCESSES, ids=lambda cls: cls.process)
 def test_generate_then_theory_through_the_cli(cls, tmp_path, capsys):
     out = tmp_path / cls.process

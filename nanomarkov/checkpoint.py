@@ -355,6 +355,11 @@ def _snapshot_metadata(path: Path) -> dict:
     return checked
 
 
+def snapshot_config(path) -> GPTConfig:
+    """A snapshot's GPTConfig, from its metadata alone (no weights read)."""
+    return _model_config({"model_args": _snapshot_metadata(Path(path))["config"]}, path, SNAPSHOT_FIX)
+
+
 def load_snapshot(path):
     """(GPT in eval mode, {"iter": ..., "tokens": ...}) from a file save_snapshot wrote; one clear error if damaged."""
     path = Path(path)

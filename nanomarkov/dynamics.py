@@ -21,9 +21,9 @@ below the stage's loss, and for the optimum, the first within REACHED_EXCESS of 
 (strict JSON) and three plots (PLOTS) into the run folder or `out`.
 """
 
+import dataclasses
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,13 +33,14 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 from tqdm import tqdm
 
-from nanomarkov.checkpoint import list_snapshots, load_snapshot
+from nanomarkov.checkpoint import list_snapshots, load_snapshot, snapshot_config
 from nanomarkov.data import load_dataset, optimal_loss_by_position
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.evaluate import EVAL_BATCH_ELEMENTS, evaluate_models, kl_terms, make_folder, state_log_probs
-from nanomarkov.files import json_text, read_json, write_atomic_together
+from nanomarkov.files import json_text, read_json, read_json_or_none, write_atomic_together
 from nanomarkov.interp.linear_probes import belief_state_probe
 from nanomarkov.interp.readouts import attention_summary
+from nanomarkov.processes import DEFAULT_PROCESS
 from nanomarkov.report import TARGET_EXCESS, png_bytes
 
 DYNAMICS_FILE = "dynamics.json"
@@ -55,9 +56,19 @@ REACHED_EXCESS = TARGET_EXCESS
 def snapshots_of(run_folder):
     """The run's snapshots [(iter, tokens, path)]; one line naming the fix when there are none."""
     run_folder = Path(run_folder)
+    if run_folder.is_file():
+        raise NanoMarkovError(
+            f"{run_folder}: a file, not a run folder; give the folder `nanomarkov train` wrote "
+            f"(the one holding ckpt.pt and snapshots/), e.g. `nanomarkov dynamics {run_folder.parent}`"
+        )
     if not run_folder.is_dir():
         raise NanoMarkovError(f"{run_folder}: no such run folder; give the folder `nanomarkov train` wrote")
     found = list_snapshots(run_folder)
+    if not found and (run_folder / "meta.json").is_file() and not (run_folder / "config.json").is_file():
+        raise NanoMarkovError(
+            f"{run_folder}: a dataset folder (meta.json, no config.json), not a run; give the run folder "
+            f"`nanomarkov train {run_folder} --snapshots 30` wrote (its --out_dir)"
+        )
     if not found:
         raise NanoMarkovError(
             f"{run_folder}: no snapshots (RUN/snapshots/ is empty or missing); train with snapshots kept, "
@@ -66,20 +77,58 @@ def snapshots_of(run_folder):
     return found
 
 
-def run_dataset(run_folder, data_dir=None):
-    """The run's dataset (config.json's data_dir, or `data_dir`), loaded."""
-    run_folder = Path(run_folder)
-    if data_dir is None:
-        config_path = run_folder / "config.json"
-        if not config_path.is_file():
-            raise NanoMarkovError(f"{run_folder}: no config.json to name the dataset; pass --data DIR")
-        data_dir = read_json(config_path, what="run config", fix="pass --data DIR").get("data_dir")
-        if not isinstance(data_dir, str):
-            raise NanoMarkovError(f"{config_path}: no data_dir; pass --data DIR")
-        if not Path(data_dir).is_dir():
+def one_architecture(run_folder, snapshots):
+    """Refuse, before any work, a snapshot whose GPTConfig is not the run's (say one copied from another run).
+
+    The run's config: config.json's model fields, and for any it lacks, the config most snapshots share.
+    """
+    configs = {path: dataclasses.asdict(snapshot_config(path)) for _, _, path in snapshots}
+    reference = dict(max(configs.values(), key=lambda config: list(configs.values()).count(config)))
+    saved = read_json_or_none(Path(run_folder) / "config.json") or {}
+    reference.update({name: saved[name] for name in reference if name in saved})
+    for path, config in configs.items():
+        differences = [
+            f"{name}: {config[name]!r} vs {value!r}" for name, value in reference.items() if config[name] != value
+        ]
+        if differences:
             raise NanoMarkovError(
-                f"dataset {data_dir} of {run_folder} not found; run from the folder you trained in, or pass --data DIR"
+                f"{path}: its GPTConfig differs from the run's (config.json, the other snapshots) in "
+                f"{', '.join(differences)}; remove it from {path.parent} or retrain"
             )
+
+
+def refuse_another_process(dataset, run_folder):
+    """Refuse a --data dataset of another process or K than the one the run trained on (when that one is there)."""
+    trained_on = (read_json_or_none(Path(run_folder) / "config.json") or {}).get("data_dir")
+    meta = read_json_or_none(Path(trained_on) / "meta.json") if isinstance(trained_on, str) else None
+    if meta is None:  # moved or deleted: pointing at it anew is what --data is for
+        return
+    theirs = (meta.get("process", DEFAULT_PROCESS), meta.get("n_states"))
+    ours = (dataset.meta.get("process", DEFAULT_PROCESS), dataset.meta["n_states"])
+    if ours != theirs:
+        raise NanoMarkovError(
+            f"--data {dataset.path} is {ours[0]} K={ours[1]}, but {run_folder} trained on {trained_on} "
+            f"({theirs[0]} K={theirs[1]}); pass that dataset or a regenerated copy of it (same process and K)"
+        )
+
+
+def run_dataset(run_folder, data_dir=None):
+    """The run's dataset (config.json's data_dir, or `data_dir`, of the same process and K), loaded."""
+    run_folder = Path(run_folder)
+    if data_dir is not None:
+        dataset = load_dataset(data_dir, verify=False)
+        refuse_another_process(dataset, run_folder)
+        return dataset
+    config_path = run_folder / "config.json"
+    if not config_path.is_file():
+        raise NanoMarkovError(f"{run_folder}: no config.json to name the dataset; pass --data DIR")
+    data_dir = read_json(config_path, what="run config", fix="pass --data DIR").get("data_dir")
+    if not isinstance(data_dir, str):
+        raise NanoMarkovError(f"{config_path}: no data_dir; pass --data DIR")
+    if not Path(data_dir).is_dir():
+        raise NanoMarkovError(
+            f"dataset {data_dir} of {run_folder} not found; run from the folder you trained in, or pass --data DIR"
+        )
     return load_dataset(data_dir, verify=False)
 
 
@@ -92,7 +141,7 @@ def val_subset(dataset, n_sequences):
     val = np.asarray(dataset.val[:n])
     theory = dict(dataset.meta["theory"], true_loss_val=dataset.chain.true_loss(val))
     # No train split: evaluate's bigram baseline (train counts) is not a stage here, and costs a pass over train.
-    return replace(dataset, val=val, train=val[:0], meta=dict(dataset.meta, theory=theory))
+    return dataclasses.replace(dataset, val=val, train=val[:0], meta=dict(dataset.meta, theory=theory))
 
 
 def stage_theory(dataset):
@@ -180,6 +229,7 @@ def run_dynamics(run_folder, data_dir=None, val_sequences=DEFAULT_VAL_SEQUENCES,
     if llc is not None:
         import_devinterp()  # before any work: a missing library is said at once
     snapshots = snapshots_of(run_folder)
+    one_architecture(run_folder, snapshots)
     full = run_dataset(run_folder, data_dir)
     dataset = val_subset(full, val_sequences)
     theory = stage_theory(dataset)
@@ -317,7 +367,7 @@ def _number(value, spec):
 
 def write_dynamics(record, folder):
     """dynamics.json and the PLOTS into `folder` (created), replaced together; returns their paths."""
-    folder = make_folder(Path(folder))
+    folder = make_folder(Path(folder), what="the dynamics")
     figures = (plot_loss(record), plot_metrics(record), plot_by_position(record))
     payloads = {folder / DYNAMICS_FILE: json_text(record)}
     payloads.update({folder / name: png_bytes(fig) for name, fig in zip(PLOTS, figures)})

@@ -570,13 +570,13 @@ def output_folder(ckpt_path, out, n_checkpoints):
     return make_folder(Path(out) if n_checkpoints == 1 else Path(out) / Path(ckpt_path).parent.name)
 
 
-def make_folder(folder):
+def make_folder(folder, what="the evaluation"):
     """`folder`, created if need be; NanoMarkovError when it cannot be (a file on its path, no permission)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise NanoMarkovError(
-            f"cannot write the evaluation to {folder} ({e.strerror or e}); give --out a folder you can write"
+            f"cannot write {what} to {folder} ({e.strerror or e}); give --out a folder you can write"
         ) from None
     return folder
 

@@ -336,3 +336,48 @@ def test_a_snapshot_with_broken_weights_is_null_not_nan(markov_run, tmp_path):
     (entry,) = strict_json(run / "dynamics.json")["snapshots"]
     assert entry["outputs_finite"] is False
     assert entry["val_loss"] is None and entry["optimal_kl"] is None and entry["loss_by_position"] is None
+
+
+def test_a_snapshot_of_another_architecture_is_refused_before_any_work(markov_run, tmp_path, capsys):
+    """One snapshot copied in from a run with another width: one line naming it and the field, nothing written."""
+    run = one_snapshot_copy(markov_run[0], tmp_path / "run")
+    save_snapshot(bigram_gpt(np.zeros((4, 4)), 12), run, 20, 2200)
+    wider = GPTConfig(n_layer=0, n_head=1, n_embd=8, vocab_size=4, block_size=11, use_ln=False, pos_ape=False)
+    odd = save_snapshot(GPT(wider), run, 50, 5500)
+    (run / "dynamics.json").unlink(missing_ok=True)  # the module's run may have left one
+    assert main(["dynamics", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert odd.name in err and "n_embd: 8 vs 4" in err and "remove it" in err and err.count("\n") == 1
+    assert not (run / "dynamics.json").exists()
+
+
+def test_data_of_another_process_is_refused_but_a_regenerated_copy_is_not(markov_run, tmp_path, capsys):
+    run = one_snapshot_copy(markov_run[0], tmp_path / "run")
+    generate_dataset(tmp_path / "korder", 3, 4, 8, seq_len=12, seed=4, process="korder")
+    assert main(["dynamics", str(run), "--data", str(tmp_path / "korder")]) == 2
+    err = capsys.readouterr().err
+    assert "korder K=3" in err and "markov K=3" in err and err.count("\n") == 1
+    generate_dataset(tmp_path / "copy", 3, 4, 8, seq_len=12, alpha=0.3, seed=9)  # same process and K, new chain
+    assert main(["dynamics", str(run), "--data", str(tmp_path / "copy"), "--val_sequences", "4"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: d.write_text("weights"), "a file, not a run folder"),
+        (lambda d: (d.mkdir(), (d / "meta.json").write_text("{}")), "a dataset folder"),
+    ],
+)
+def test_a_file_or_a_dataset_given_as_the_run_is_named_so(tmp_path, capsys, make, message):
+    make(tmp_path / "given")
+    assert main(["dynamics", str(tmp_path / "given")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "run folder" in err and err.count("\n") == 1
+
+
+def test_out_on_a_file_names_the_dynamics(markov_run, tmp_path, capsys):
+    run = one_snapshot_copy(markov_run[0], tmp_path / "run")
+    (tmp_path / "afile").write_text("")
+    assert main(["dynamics", str(run), "--out", str(tmp_path / "afile"), "--val_sequences", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the dynamics to" in err and "evaluation" not in err and err.count("\n") == 1

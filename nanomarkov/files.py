@@ -114,11 +114,13 @@ def write_json(path, record, what="record"):
     return write_atomic(path, json_text(record), what=what)
 
 
-def read_json(path, what="file", fix="write it again"):
-    """The JSON object in `path`; a missing, unreadable or non-object file raises NanoMarkovError naming `fix`."""
+def read_json(path, what="file", fix="write it again", object_pairs_hook=None):
+    """The JSON object in `path`; a missing, unreadable or non-object file raises NanoMarkovError naming `fix`.
+
+    `object_pairs_hook` is json's: it builds each object from its (key, value) pairs."""
     path = Path(path)
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=object_pairs_hook)
     except FileNotFoundError:
         raise NanoMarkovError(f"{path}: no {what} there; {fix}") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:

@@ -160,7 +160,7 @@ def export_hf(ckpt_or_model, out_dir):
     try:
         shutil.rmtree(build, ignore_errors=True)  # what an earlier, interrupted export left
         out.parent.mkdir(parents=True, exist_ok=True)
-        hf.save_pretrained(build)
+        save_quietly(hf, build)
         if out.exists():
             exchange_folders(build, out)
             shutil.rmtree(build)
@@ -170,6 +170,20 @@ def export_hf(ckpt_or_model, out_dir):
         shutil.rmtree(build, ignore_errors=True)
         raise NanoMarkovError(f"cannot write the export to {out} ({e.strerror or e}); choose another --out") from None
     return out
+
+
+def save_quietly(hf, folder):
+    """hf.save_pretrained(folder) without transformers' "Writing model shards" bar on stderr; the bar's
+    setting is transformers' global, so it is put back as it was."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        hf.save_pretrained(folder)
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
 
 
 def _is_hf_export(folder) -> bool:

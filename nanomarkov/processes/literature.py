@@ -17,11 +17,13 @@ against the matrices.
 Entropy rates h below are in bits (theory reports nats), H(p) the binary entropy.
 """
 
+import math
+
 import numpy as np
 
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.processes.base import Option
-from nanomarkov.processes.hmm import HiddenMarkovModel, stationary_law
+from nanomarkov.processes.hmm import MAX_MATRIX_ENTRIES, HiddenMarkovModel, stationary_law
 from nanomarkov.processes.markov import MarkovChain
 
 
@@ -341,10 +343,20 @@ class MatchingParens(NamedHMM):
         Option("p", float, 0.5, "P(open) at a depth strictly between 0 and the deepest"),
     )
 
+    # The deepest nesting whose K (depth+1) x (depth+1) matrices stay within the HMM's MAX_MATRIX_ENTRIES:
+    # a larger --depth is refused before any matrix is built.
+    MAX_DEPTH = math.isqrt(MAX_MATRIX_ENTRIES // N_STATES) - 1
+
     @classmethod
     def build(cls, depth, p):
         if depth < 1:
             raise NanoMarkovError(f"--depth of --process {cls.process} must be an integer >= 1, got {depth}")
+        if depth > cls.MAX_DEPTH:
+            raise NanoMarkovError(
+                f"--depth of --process {cls.process} must be at most {cls.MAX_DEPTH} (its 2 matrices of "
+                f"(depth+1)^2 entries stay within {MAX_MATRIX_ENTRIES} (2^24), MAX_MATRIX_ENTRIES), got {depth}; "
+                "use a smaller --depth"
+            )
         opens = np.array([1.0] + [p] * (depth - 1) + [0.0])  # P(open) at each depth
         return {"token_transitions": [np.diag(opens[:-1], k=1), np.diag(1 - opens[1:], k=-1)]}
 

@@ -70,9 +70,26 @@ def read_spec(path):
             "write its arrays to a .npz spec (docs/specs.md)"
         )
     try:
-        return read_json(path, what="spec file", fix="a spec is a JSON object naming its process (docs/specs.md)")
+        return read_json(
+            path,
+            what="spec file",
+            fix="a spec is a JSON object naming its process (docs/specs.md)",
+            object_pairs_hook=unique_fields,
+        )
     except RecursionError:
         raise NanoMarkovError(f"{path}: nested too deep for a spec file (docs/specs.md)") from None
+
+
+def unique_fields(pairs):
+    """A JSON object as a dict, refusing a key given twice (json alone keeps the last one silently).
+
+    The ValueError is read_json's "not a readable spec file (...)", one line naming the file."""
+    fields = {}
+    for key, value in pairs:
+        if key in fields:
+            raise ValueError(f"spec field {key!r} is given twice")
+        fields[key] = value
+    return fields
 
 
 def process_from_file(path):
@@ -117,6 +134,9 @@ def numbers(spec, field, ndim=None):
         raise field_error(field, "be an array of numbers with rows of equal length", "a ragged list") from None
     if array.dtype.kind not in "iuf":
         raise field_error(field, "hold numbers only", f"entries of type {array.dtype}")
+    at = first_bool(value)
+    if at is not None:  # numpy reads true / false as 1 / 0
+        raise field_error(field, "hold numbers only", f"a bool at index {list(at)}")
     if ndim is not None and array.ndim != ndim:
         raise field_error(field, f"be a {ndim}-dimensional array", f"shape {array.shape}")
     if array.size > MAX_TABLE_ENTRIES:
@@ -126,6 +146,25 @@ def numbers(spec, field, ndim=None):
         at = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
         raise field_error(field, "have finite entries", f"{array[at]} at index {list(at)}")
     return array
+
+
+CONTAINERS_AND_BOOLS = (list, tuple, bool, np.bool_)
+
+
+def first_bool(value):
+    """The index of the first bool in nested lists `value`, or None (an array's dtype already says).
+
+    Called once np.asarray has read `value`, so its nesting is at most numpy's few dimensions deep."""
+    if isinstance(value, (bool, np.bool_)):
+        return ()
+    if not isinstance(value, (list, tuple)) or set(map(type, value)).isdisjoint(CONTAINERS_AND_BOOLS):
+        return None  # the common case, a list of plain numbers, at C speed
+    for i, item in enumerate(value):
+        if isinstance(item, (list, tuple, bool, np.bool_)):
+            at = first_bool(item)
+            if at is not None:
+                return (i, *at)
+    return None
 
 
 def check_nonnegative(field, array):
@@ -179,8 +218,6 @@ def square(field, array, least=2):
 
 def integer(spec, field, low, high=None):
     value = spec[field]
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        value = int(value)  # an npz of chain.npz's float support_size, say
     if isinstance(value, np.integer):
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):

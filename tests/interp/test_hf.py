@@ -99,10 +99,14 @@ def test_cli_export_hf_and_its_one_line_errors(tmp_path, capsys):
     model = build("c1", bias=True)
     ckpt = write_ckpt(model, tmp_path / "ckpt.pt")
     assert main(["export", str(ckpt), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    printed = capsys.readouterr()
+    assert "AutoModelForCausalLM.from_pretrained" in printed.out
+    assert printed.err == ""  # no "Writing model shards" bar from transformers
+    assert transformers.utils.logging.is_progress_bar_enabled()  # its global setting put back
     idx = inputs(model.config)
     with torch.no_grad():
         assert torch.allclose(loaded_logits(tmp_path / "hf", idx), model(idx)[0], rtol=0, atol=1e-4)
-    assert "AutoModelForCausalLM.from_pretrained" in capsys.readouterr().out  # and transformers' progress bars
+    capsys.readouterr()  # transformers' own "Loading weights" bar of the check above
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     for ckpt_path, out, needle in [

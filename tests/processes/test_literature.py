@@ -220,6 +220,23 @@ def test_named_processes_fix_their_k_and_refuse_what_does_not_apply():
     assert PROCESSES["mess3"].folder_name() == "mess3-mealy" and cls.parse_folder_name("rrxorx") is None
 
 
+def test_a_depth_past_the_matrix_limit_is_refused_before_any_matrix_is_built(tmp_path, capsys):
+    # 2 tokens x (D+1)^2 entries within 2^24: 2 * 2896^2 = 16,773,632 fits, 2 * 2897^2 = 16,785,218 does not.
+    assert PROCESSES["matching_parens"].MAX_DEPTH == 2895
+    with pytest.raises(NanoMarkovError, match=r"--depth of --process matching_parens must be at most 2895 \("):
+        PROCESSES["matching_parens"](depth=2896)
+    spec = tmp_path / "spec.json"
+    spec.write_text('{"process": "matching_parens", "depth": 30000}')
+    for command in (
+        ["generate", "--process", "matching_parens", "--depth", "100000", "--out", str(tmp_path / "parens")],
+        ["theory", "--spec", str(spec)],
+    ):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.endswith("use a smaller --depth"), err
+    assert not (tmp_path / "parens").exists()
+
+
 def test_a_missing_named_dataset_names_the_command_that_makes_it_without_k(tmp_path):
     with pytest.raises(
         NanoMarkovError, match="create it with: nanomarkov generate --process golden_mean --p 0.4 --train"

@@ -160,6 +160,14 @@ BAD_SPECS = [
     (twice([[0.5, 0.5], [1.0]]), "spec field 'transmat' must be an array of numbers with rows of equal length"),
     (twice([[0.5, "0.5"], [1.0, 0.0]]), "spec field 'transmat' must hold numbers only"),
     (twice([[True, False], [False, True]]), "spec field 'transmat' must hold numbers only"),
+    (
+        twice([[True, False], [0.5, 0.5]]),
+        "spec field 'transmat' must hold numbers only, got a bool at index [0, 0]",
+    ),
+    (
+        {**SWITCHING, "startprob": [0.5, np.True_]},
+        "spec field 'startprob' must hold numbers only, got a bool at index [1]",
+    ),
     (twice([0.5, 0.5]), "spec field 'transmat' must be a 2-dimensional array"),
     (
         twice([[1.5, -0.5], [0.5, 0.5]]),
@@ -195,6 +203,9 @@ BAD_SPECS = [
     ({**ICL, "start": "stationary"}, "spec field 'startprob' must be left out with start \"stationary\""),
     ({"process": "icl", "concentration": [1, 1, 1], "support_size": 2, "start": "stationary"}, "spec field 'start'"),
     ({"process": "markov", "n_states": 1}, "spec field 'n_states' must be an integer in 2.., got 1"),
+    ({"process": "markov", "n_states": 3.0}, "spec field 'n_states' must be an integer in 2.., got 3.0"),
+    ({"process": "markov", "n_states": 3.5}, "spec field 'n_states' must be an integer in 2.., got 3.5"),
+    ({**ICL, "support_size": 2.0}, "spec field 'support_size' must be an integer in 1..3, got 2.0"),
     ({"process": "markov", "n_states": 3, "seed": -1}, "spec field 'seed' must be an integer in 0..4294967295"),
     ({"process": "markov", "n_states": 3, "alpha": 0}, "spec field 'alpha' must be a number > 0, got 0"),
     ({"process": "markov", "n_states": 3, "sparsity": 100}, "spec field 'sparsity' must be a number in [0, 100)"),
@@ -236,6 +247,10 @@ def test_unreadable_files_are_refused_naming_the_file(tmp_path, monkeypatch):
         "spec.txt": ("x", "spec.txt: a spec file is .json or .npz"),
         "missing.json": (None, "missing.json: no spec file there"),
         "broken.json": ("{", "broken.json: not a readable spec file"),
+        "twice.json": (
+            '{"process": "markov", "n_states": 3, "process": "hmm"}',
+            "twice.json: not a readable spec file (spec field 'process' is given twice)",
+        ),
         "list.json": ("[1, 2]", "list.json: not a spec file (a JSON object was expected, found list)"),
         "deep.json": ("[" * 100_000 + "]" * 100_000, "deep.json: "),
         "broken.npz": ("not a zip", "broken.npz: not a readable .npz spec"),

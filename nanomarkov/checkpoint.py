@@ -75,9 +75,16 @@ def _cause_without_advice(error: Exception) -> str:
     return f"{type(error).__name__}: torch's restricted loader refused it"
 
 
-def load_checkpoint(path):
-    """The dict in a checkpoint, read without running any pickled code; one clear error if it can't be."""
+def checkpoint_path(path):
+    """The checkpoint file `path` names: a run folder stands for its ckpt.pt."""
     path = Path(path)
+    return path / "ckpt.pt" if path.is_dir() else path
+
+
+def load_checkpoint(path):
+    """The dict in a checkpoint (a ckpt.pt, or a run folder holding one), read without running any pickled
+    code; one clear error if it can't be."""
+    path = checkpoint_path(path)
     if not path.is_file():
         raise NanoMarkovError(f"{path}: no checkpoint there; {CHECKPOINT_FIX}")
     try:
@@ -146,6 +153,7 @@ def _weights_mismatch(state, model) -> str:
 
 def load_model(ckpt_path):
     """(model in eval mode, checkpoint dict) from a ckpt.pt, without running pickled code."""
+    ckpt_path = checkpoint_path(ckpt_path)
     ckpt = load_checkpoint(ckpt_path)
     for key in ("model", "model_args", "data_dir"):
         if key not in ckpt:

@@ -657,7 +657,11 @@ def build_parser():
     _add_train(verbs)
 
     ev = verbs.add_parser("eval", help="the six metrics of checkpoints against the exact theory (several: agreement)")
-    ev.add_argument("checkpoints", nargs="+", help="ckpt.pt files; runs on the same dataset that differ in seed")
+    ev.add_argument(
+        "checkpoints",
+        nargs="+",
+        help="ckpt.pt files or run folders holding one; runs on the same dataset that differ in seed",
+    )
     ev.add_argument("--data", default=None, help="dataset folder (default: the one each checkpoint was trained on)")
     ev.add_argument("--out", default=None, help="output folder (default: next to each checkpoint)")
     ev.set_defaults(func=cmd_eval)

@@ -7,7 +7,8 @@ A dataset is a folder holding
               hmm: transmat, emissions, startprob (state-emitting) or token_transitions, startprob
               (token-labelled)
   meta.json   parameters, counts, the exact theory (and the optimum at every position, compactly:
-              compact_by_position), sha256 of each data file; "spec" where a spec gave the process
+              compact_by_position; the process's stage_losses), sha256 of each data file; "spec"
+              where a spec gave the process
   train.bin   whole BOS-led sequences of seq_len tokens, flat, little-endian
   val.bin     the same, drawn independently
   val_beliefs.npy  hmm only: float32 (n_val, seq_len, H), the belief state after every val prefix
@@ -353,6 +354,7 @@ def _write_files(folder, chain, params, dtype, progress, chunk_tokens):
     meta["optimal_loss_by_position"] = compact_by_position(
         losses, errors, meta["theory"]["entropy_rate"], meta["theory"].get("entropy_rate_se")
     )
+    meta["stage_losses"] = chain.stage_losses(seq_len)  # from theory's sample where estimated: free here
     for split_index, split in enumerate(SPLITS, start=1):
         n = params[f"{split}_sequences"]
         rng = np.random.default_rng([seed, split_index])
@@ -414,6 +416,13 @@ def optimal_loss_by_position(dataset):
     if record is None:
         return dataset.chain.optimal_loss_by_position(dataset.seq_len)
     return expand_by_position(record, dataset.seq_len)
+
+
+def stage_losses(dataset):
+    """The process's stage losses (Process.stage_losses) for a loaded dataset: from meta.json, or from
+    its process for a dataset written before meta.json recorded them (an estimate's sample is drawn again)."""
+    record = dataset.meta.get("stage_losses")
+    return dataset.chain.stage_losses(dataset.seq_len) if record is None else record
 
 
 def _check_generate_args(n_states, train_sequences, val_sequences, sparsity, alpha, seq_len):

@@ -42,8 +42,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nanomarkov.checkpoint import load_model
-from nanomarkov.data import load_dataset, optimal_loss_by_position
+from nanomarkov.checkpoint import checkpoint_path, load_model
+from nanomarkov.data import load_dataset, optimal_loss_by_position, stage_losses
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.files import json_text, write_atomic_together
 from nanomarkov.processes.numerics import entropy
@@ -51,7 +51,7 @@ from nanomarkov.processes.numerics import entropy
 # Positions x vocabulary per evaluated batch: bounds memory for any K (~64 MB of float64 logits per model).
 EVAL_BATCH_ELEMENTS = 1 << 23
 WORST_STATES = 5
-# Positions eval.json lists where the model's loss is furthest above the optimum.
+# Positions eval.json lists where the model's loss is furthest above the optimal predictor on the same val sequences.
 FURTHEST_POSITIONS = 3
 
 
@@ -139,11 +139,15 @@ class CommonMetrics:
 
 class LossByPosition:
     """The loss at each predicted position t = 1..L-1 over val, for every model and for the optimal
-    predictor on this very val split, beside the expected optimum there (meta.json's, or the process's)."""
+    predictor on this very val split, beside the expected optimum there (meta.json's, or the process's).
+
+    The excess at a position is the model's loss minus the optimal predictor's on the same val sequences:
+    measured against the expected optimum, the val split's sampling noise would swamp it."""
 
     def __init__(self, dataset, names):
         self.k, self.theory = dataset.chain.n_states, dataset.meta["theory"]
         self.optimal, self.optimal_se = optimal_loss_by_position(dataset)
+        self.stages = stage_losses(dataset)
         self.loss_sum = {name: np.zeros(dataset.seq_len - 1) for name in names}
         self.true_sum, self.sequences = np.zeros(dataset.seq_len - 1), 0
 
@@ -157,36 +161,37 @@ class LossByPosition:
 
     def results(self, name):
         """({"loss_by_position": summary}, {"val_loss": (L-1,), ...}): the arrays go to loss_by_position.npz."""
-        val_loss = self.loss_sum[name] / self.sequences
-        excess = val_loss - self.optimal
-        positions = [t for t in (1, 10, 100) if t <= len(val_loss)] + [len(val_loss)]
-        summary = {
-            "positions": len(val_loss),
-            "estimated": bool(self.optimal_se.any()),
-            "at": [_at_position(t, val_loss, self.optimal, self.optimal_se) for t in dict.fromkeys(positions)],
-            "furthest_above_optimum": [
-                _at_position(int(t) + 1, val_loss, self.optimal, self.optimal_se)
-                for t in np.argsort(-excess)[:FURTHEST_POSITIONS]
-            ],
-            "entropy_rate": self.theory["entropy_rate"],
-            "unigram_loss": self.theory["unigram_loss"],
-            "uniform_loss": self.theory["uniform_loss"],
-            "file": "loss_by_position.npz",
-        }
         arrays = {
-            "val_loss": val_loss,
+            "val_loss": self.loss_sum[name] / self.sequences,
             "optimal_loss": self.optimal,
             "optimal_loss_se": self.optimal_se,
             "true_loss_val": self.true_sum / self.sequences,
         }
+        excess = arrays["val_loss"] - arrays["true_loss_val"]
+        positions = [t for t in (1, 10, 100) if t <= len(excess)] + [len(excess)]
+        summary = {
+            "positions": len(excess),
+            "estimated": bool(self.optimal_se.any()),
+            "at": [_at_position(t, arrays) for t in dict.fromkeys(positions)],
+            "furthest_above_optimum": [
+                _at_position(int(t) + 1, arrays) for t in np.argsort(-excess)[:FURTHEST_POSITIONS]
+            ],
+            "entropy_rate": self.theory["entropy_rate"],
+            "unigram_loss": self.theory["unigram_loss"],
+            "uniform_loss": self.theory["uniform_loss"],
+            "stage_losses": self.stages,
+            "file": "loss_by_position.npz",
+        }
         return {"loss_by_position": summary}, arrays
 
 
-def _at_position(t, val_loss, optimal, optimal_se):
-    """eval.json's entry for predicted position t (1-based)."""
-    entry = {"position": t, "val_loss": float(val_loss[t - 1]), "optimal_loss": float(optimal[t - 1])}
-    entry["excess"] = entry["val_loss"] - entry["optimal_loss"]
-    return entry | ({"optimal_loss_se": float(optimal_se[t - 1])} if optimal_se.any() else {})
+def _at_position(t, arrays):
+    """eval.json's entry for predicted position t (1-based): excess is val_loss - optimal_loss_val, the
+    optimal predictor on the same val sequences; optimal_loss is the expected optimum (the theory)."""
+    at = {key: float(values[t - 1]) for key, values in arrays.items()}
+    entry = {"position": t, "val_loss": at["val_loss"], "optimal_loss": at["optimal_loss"]}
+    entry |= {"optimal_loss_val": at["true_loss_val"], "excess": at["val_loss"] - at["true_loss_val"]}
+    return entry | ({"optimal_loss_se": at["optimal_loss_se"]} if arrays["optimal_loss_se"].any() else {})
 
 
 class Agreement:
@@ -520,7 +525,7 @@ def evaluate_checkpoints(ckpt_paths, data_dir=None, out=None, device="cpu"):
     there are several). Returns [(output folder, result)]; a result's `outputs_finite` says
     whether the model could be measured at all (see nonfinite_message).
     """
-    loaded = [(Path(path), *load_model(path)) for path in ckpt_paths]
+    loaded = [(checkpoint_path(path), *load_model(path)) for path in ckpt_paths]
     data_dirs = {str(data_dir or ckpt["data_dir"]) for _, _, ckpt in loaded}
     if len(data_dirs) > 1:
         raise NanoMarkovError(
@@ -734,15 +739,16 @@ def _common_rows(ce, pp, ac, ag):
 
 
 def _by_position_row(by_position):
-    """The loss at positions 1, 10, 100 and the last, and where the model is furthest above the optimum."""
+    """The loss at positions 1, 10, 100 and the last beside the expected optimum there, and where the model is
+    furthest above the optimal predictor on the same val sequences."""
     model = ", ".join(f"{e['position']}: {num(e['val_loss'], '.4f')}" for e in by_position["at"])
     optimum = ", ".join(f"{e['position']}: {e['optimal_loss']:.4f}" for e in by_position["at"])
     furthest = ", ".join(f"{e['position']} ({e['excess']:+.4f})" for e in by_position["furthest_above_optimum"])
     return (
         "loss at position t (t: loss)",
         model,
-        optimum + (" (estimated)" if by_position["estimated"] else ""),
-        f"furthest above the optimum at {furthest}" if furthest else "",
+        "expected " + optimum + (" (estimated)" if by_position["estimated"] else ""),
+        f"furthest above the optimal predictor on these val sequences at {furthest}" if furthest else "",
     )
 
 

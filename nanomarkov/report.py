@@ -5,8 +5,9 @@ Every run folder under DIR (one holding done.json or ckpt.pt) gets, next to its 
                          bigram baseline; below it the excess over the floor on a log scale
   transition_matrix.png  true vs learned transition matrix, and their difference (needs eval.json)
   per_state_kl.png       each state's KL(true row || model) against its stationary probability (needs eval.json)
-  loss_by_position.png   the model's loss at each position against the optimum there and the baselines,
-                         log position axis: the in-context-learning curve (needs eval.json)
+  loss_by_position.png   the model's loss at each position against the expected optimum there and the
+                         process's stage losses, and below its excess over the optimal predictor on the
+                         same val sequences; log position axis: the in-context-learning curve (needs eval.json)
 
 Runs that differ only in seed form a family; DIR/report/ gets summary.md, summary.csv
 (mean and sd over seeds of every headline number) and comparison.png (excess per family).
@@ -63,6 +64,9 @@ METRICS = [
 ]
 OPTIMUM = [("optimal_loss", ("cross_entropy", "optimal_loss")), ("true_loss_val", ("cross_entropy", "true_loss_val"))]
 WORST_LABELLED = 5
+# nats: stage losses closer than this share one line in loss_by_position.png (an estimate's noise, not a difference).
+STAGE_TOLERANCE = 1e-3
+STAGE_LABELS = {"optimal": "optimal (mean over positions)"}  # a line, unlike the optimum curve beside it
 
 
 # ------------------------------------------------------------------ reading runs
@@ -351,9 +355,10 @@ def plot_transition_matrix(run, path):
 
 
 def plot_loss_by_position(run, path):
-    """The in-context-learning plot: the model's val loss at each position against the optimum there
-    (with its standard-error band where estimated), the optimal predictor on this val split, and the
-    baselines (uniform log K, unigram, the entropy rate: the optimum's limit), on a log position axis."""
+    """The in-context-learning plot: above, the model's val loss at each position against the expected
+    optimum there (with its standard-error band where estimated), the optimal predictor on this val split,
+    the process's stage losses and the entropy rate (the optimum's limit); below, the model's excess over
+    the optimal predictor on the same val sequences. Log position axis."""
     summary = run["eval"]["loss_by_position"]
     with np.load(run["folder"] / summary["file"], allow_pickle=False) as npz:
         val, optimal, se, true_val = (npz[k] for k in ("val_loss", "optimal_loss", "optimal_loss_se", "true_loss_val"))
@@ -363,13 +368,11 @@ def plot_loss_by_position(run, path):
     top.plot(positions, val, "-", color="C0", lw=1.5, label="model (val)")
     top.plot(positions, true_val, "-", color="0.6", lw=0.8, label="optimal predictor on this val split")
     top.plot(positions, optimal, "-", color="k", lw=1.2, label="optimum (expected)")
-    estimated = se.any()
-    if estimated:
+    if se.any():
         top.fill_between(positions, optimal - se, optimal + se, color="k", alpha=0.2, lw=0, label="optimum ± 1 s.e.")
-    baselines = [("uniform_loss", "uniform log K", "C3", "--"), ("unigram_loss", "unigram", "C2", "-.")]
-    baselines.append(("entropy_rate", "entropy rate (the optimum's limit)", "C4", ":"))
-    for key, label, color, style in baselines:
-        top.axhline(summary[key], color=color, ls=style, lw=1, label=f"{label} {summary[key]:.4f}")
+    styles = ["--", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1)), (0, (8, 2))]
+    for i, (label, value) in enumerate(stage_lines(summary).items()):
+        top.axhline(value, color=f"C{i + 2}", ls=styles[i % len(styles)], lw=1, label=f"{label} {value:.4f}")
     top.set_xscale("log")
     ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000) if t <= len(val)]
     top.set_xticks(ticks, [str(t) for t in ticks])
@@ -378,15 +381,31 @@ def plot_loss_by_position(run, path):
     top.set_title(f"{run['folder'].name}: loss by position, process {process} ({data})")
     top.legend(fontsize=8)
     top.grid(alpha=0.3, which="both")
-    bottom.plot(positions, val - optimal, "-", color="C0", lw=1.2, label="model − optimum")
-    if estimated:
-        bottom.fill_between(positions, -se, se, color="k", alpha=0.2, lw=0, label="± 1 s.e. of the optimum")
+    bottom.plot(
+        positions, val - true_val, "-", color="C0", lw=1.2, label="model − optimal predictor (same val sequences)"
+    )
     bottom.axhline(0, color="k", lw=1)
-    bottom.set_ylabel("excess over the optimum (nats)")
+    bottom.set_ylabel("excess over the optimal predictor (nats)")
     bottom.set_xlabel("predicted position t (x_t given x_1..x_{t-1}; log scale)")
     bottom.legend(fontsize=8)
     bottom.grid(alpha=0.3, which="both")
     return _save(fig, path)
+
+
+def stage_lines(summary):
+    """{label: loss} of the horizontal lines: the process's stage losses (uniform and unigram for an eval.json
+    from before they were recorded) and the entropy rate; stages of equal loss share one line and label."""
+    stages = summary.get("stage_losses") or {"uniform": summary["uniform_loss"], "unigram": summary["unigram_loss"]}
+    stages = {STAGE_LABELS.get(name, name.replace("_", " ")): loss for name, loss in stages.items()}
+    stages["entropy rate (the optimum's limit)"] = summary["entropy_rate"]
+    lines = {}
+    for name, loss in stages.items():
+        same = [label for label, value in lines.items() if abs(value - loss) <= STAGE_TOLERANCE]
+        if same:
+            lines[f"{same[0]} = {name}"] = lines.pop(same[0])
+        else:
+            lines[name] = loss
+    return lines
 
 
 def plot_per_state_kl(run, path):

@@ -44,6 +44,19 @@ def test_a_good_checkpoint_loads(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
 
 
+def test_a_run_folder_stands_for_its_ckpt_pt(tmp_path):
+    model = small_model()
+    save(tmp_path / "ckpt.pt", model)
+    loaded, ckpt = load_model(tmp_path)
+    assert ckpt["data_dir"] == "d"
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    with pytest.raises(NanoMarkovError, match="no checkpoint there") as err:
+        load_checkpoint(empty)
+    assert str(err.value).startswith(str(empty / "ckpt.pt"))
+
+
 def weights_without_wte():
     state = small_model().state_dict()
     return {name: tensor for name, tensor in state.items() if name != "wte.weight"}

@@ -1,11 +1,15 @@
 """The optimum at every position: meta.json's compact record (against a closed form), eval's loss
 by position (against a hand computation), and report's plot of it."""
 
+import dataclasses
+
 import matplotlib.image
 import numpy as np
 import pytest
-from test_evaluate import TableModel
+import torch
+from test_evaluate import TableModel, true_table
 
+from nanomarkov.cli import main
 from nanomarkov.data import (
     BY_POSITION_TOLERANCE,
     compact_by_position,
@@ -13,11 +17,14 @@ from nanomarkov.data import (
     generate_dataset,
     load_dataset,
     optimal_loss_by_position,
+    stage_losses,
 )
 from nanomarkov.evaluate import evaluate_models, format_eval, write_eval
+from nanomarkov.files import read_json
+from nanomarkov.model import GPT, GPTConfig
 from nanomarkov.processes import incontext
 from nanomarkov.processes.numerics import entropy
-from nanomarkov.report import load_run, plot_runs
+from nanomarkov.report import STAGE_TOLERANCE, load_run, plot_runs, stage_lines
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +57,23 @@ def test_meta_records_the_markov_optimum_compactly(markov):
     assert np.abs(losses[kept:] - exact[kept:]).max() > 0  # the tail really is the limit, not the values
 
 
+def by_hand_stages(chain, seq_len):
+    """uniform log K; unigram H of the law of x_t averaged over t = 1..L-1; optimal the mean optimum."""
+    marginals = [chain.startprob @ np.linalg.matrix_power(chain.transmat, t) for t in range(seq_len - 1)]
+    unigram = entropy(np.mean(marginals, axis=0))
+    return {"uniform": np.log(chain.n_states), "unigram": unigram, "optimal": closed_form(chain, seq_len).mean()}
+
+
+def test_meta_records_the_stage_losses(markov):
+    assert markov.meta["stage_losses"] == pytest.approx(by_hand_stages(markov.chain, 40), abs=1e-12)
+
+
 def test_an_older_dataset_falls_back_to_its_process(markov):
-    meta = {k: v for k, v in markov.meta.items() if k != "optimal_loss_by_position"}
+    meta = {k: v for k, v in markov.meta.items() if k not in ("optimal_loss_by_position", "stage_losses")}
     older = type(markov)(markov.path, meta, markov.chain, markov.train, markov.val)
     losses, _ = optimal_loss_by_position(older)
     np.testing.assert_allclose(losses, closed_form(markov.chain, 40), rtol=0, atol=1e-12)
+    assert stage_losses(older) == pytest.approx(by_hand_stages(markov.chain, 40), abs=1e-12)
 
 
 def test_compact_and_expand_round_trip():
@@ -95,8 +114,14 @@ def test_eval_loss_by_position_matches_a_hand_computation(markov, tmp_path):
     summary = result["loss_by_position"]
     assert [e["position"] for e in summary["at"]] == [1, 10, 39]
     assert summary["at"][1]["val_loss"] == pytest.approx(by_hand[9], rel=1e-12)
-    worst = int(np.argmax(by_hand - arrays["optimal_loss"])) + 1
+    chain, optimal_by_hand = markov.chain, np.zeros(val.shape[1] - 1)
+    for seq in val:  # the chain's own loss on these sequences: -log startprob(x1), then -log P(x_{t-1}, x_t)
+        optimal_by_hand[0] -= np.log(chain.startprob[seq[1]])
+        optimal_by_hand[1:] -= np.log(chain.transmat[seq[1:-1], seq[2:]])
+    optimal_by_hand /= len(val)
+    worst = int(np.argmax(by_hand - optimal_by_hand)) + 1
     assert summary["furthest_above_optimum"][0]["position"] == worst
+    assert summary["at"][1]["excess"] == pytest.approx(by_hand[9] - optimal_by_hand[9], rel=1e-9)
     assert "loss at position t" in format_eval(result)
     write_eval(result, tmp_path)
     with np.load(tmp_path / "loss_by_position.npz") as npz:
@@ -111,6 +136,8 @@ def test_report_draws_the_loss_by_position(tmp_path, monkeypatch):
     table = np.zeros((3, 3))
     result = evaluate_models({"m": TableModel(table)}, dataset)["m"]
     assert result["loss_by_position"]["estimated"]
+    stages = result["loss_by_position"]["stage_losses"]
+    assert list(stages) == ["uniform", "unigram", "in_context_unigram", "optimal", "oracle"]
     run_folder = tmp_path / "run"
     run = {"checkpoint": str(run_folder / "ckpt.pt"), "dataset": str(tmp_path / "icl"), "iter": 0, "n_states": 2}
     run |= {"process": "icl", "order": 1, "seq_len": 9, "val_sequences": 30, "seed": 1}
@@ -131,3 +158,41 @@ def test_a_model_with_nan_outputs_has_no_loss_by_position(markov):
     assert all(entry["val_loss"] is None and entry["excess"] is None for entry in summary["at"])
     assert all(entry["optimal_loss"] is not None for entry in summary["at"])  # the theory stays
     assert "1: not finite" in format_eval(result)
+
+
+def test_the_optimal_predictor_has_no_excess_at_any_position(markov):
+    """The excess is measured on the same val sequences: the chain itself as the model has none, up to float
+    error, while its distance from the expected optimum is the val split's sampling noise."""
+    result = evaluate_models({"m": TableModel(true_table(markov.chain))}, markov)["m"]
+    arrays, summary = result["arrays"]["loss_by_position"], result["loss_by_position"]
+    noise = np.abs(arrays["val_loss"] - arrays["optimal_loss"]).max()
+    assert noise > 1e-3  # 60 val sequences: the expected optimum is far off at some position
+    for entry in summary["at"] + summary["furthest_above_optimum"]:
+        assert abs(entry["excess"]) < 1e-12
+        assert entry["optimal_loss"] == pytest.approx(arrays["optimal_loss"][entry["position"] - 1], abs=0)
+    assert "furthest above the optimal predictor on these val sequences" in format_eval(result)
+
+
+def test_stage_lines_merge_equal_losses():
+    summary = {"stage_losses": {"uniform": 1.0986, "unigram": 1.0984, "in_context_unigram": 0.9, "optimal": 0.7}}
+    summary["entropy_rate"] = 0.7 + STAGE_TOLERANCE / 2
+    lines = stage_lines(summary)
+    assert lines == {
+        "uniform = unigram": 1.0986,
+        "in context unigram": 0.9,
+        "optimal (mean over positions) = entropy rate (the optimum's limit)": 0.7,
+    }
+    older = stage_lines({"uniform_loss": 1.5, "unigram_loss": 1.2, "entropy_rate": 1.0})
+    assert list(older) == ["uniform", "unigram", "entropy rate (the optimum's limit)"]
+
+
+def test_eval_takes_a_run_folder(markov, tmp_path):
+    """`nanomarkov eval RUN` evaluates RUN/ckpt.pt and writes next to it."""
+    config = GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=40, vocab_size=markov.vocab_size)
+    state = {"model": GPT(config).state_dict(), "model_args": dataclasses.asdict(config), "data_dir": str(markov.path)}
+    run = tmp_path / "run-42"
+    run.mkdir()
+    torch.save(state, run / "ckpt.pt")
+    assert main(["eval", str(run)]) == 0
+    assert (run / "eval.json").is_file() and (run / "loss_by_position.npz").is_file()
+    assert read_json(run / "eval.json")["run"]["checkpoint"] == str(run / "ckpt.pt")

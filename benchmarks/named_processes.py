@@ -78,7 +78,7 @@ def table(rows, command):
         "with them): that row's excess is a shortened run's, not the full recipe's.",
         "Entropy rate and optimal loss (the exact optimum's expected loss per token over a sequence) from",
         "theory, in nats; excess = val loss − optimal loss, and − true on val (the optimum's loss on the same",
-        "val sequences). Wall time (training + evaluation) was measured on a shared, loaded 2-core machine:",
+        "val sequences). Wall time (training + evaluation) depends on what else the machine runs:",
         "the excess is what matters, the times are not comparable between rows or with other sections.",
         "",
         "| process | K | model | iters | entropy rate | optimal loss | val loss | excess | excess vs true on val | wall |",

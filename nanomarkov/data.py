@@ -7,7 +7,7 @@ A dataset is a folder holding
               hmm: transmat, emissions, startprob (state-emitting) or token_transitions, startprob
               (token-labelled)
   meta.json   parameters, counts, the exact theory (and the optimum at every position, compactly:
-              compact_by_position; the process's stage_losses), sha256 of each data file; "spec"
+              compact_by_position; the process's stage_losses and stage_loss_errors), sha256 of each data file; "spec"
               where a spec gave the process
   train.bin   whole BOS-led sequences of seq_len tokens, flat, little-endian
   val.bin     the same, drawn independently
@@ -355,6 +355,7 @@ def _write_files(folder, chain, params, dtype, progress, chunk_tokens):
         losses, errors, meta["theory"]["entropy_rate"], meta["theory"].get("entropy_rate_se")
     )
     meta["stage_losses"] = chain.stage_losses(seq_len)  # from theory's sample where estimated: free here
+    meta["stage_loss_errors"] = chain.stage_loss_errors(seq_len)
     for split_index, split in enumerate(SPLITS, start=1):
         n = params[f"{split}_sequences"]
         rng = np.random.default_rng([seed, split_index])
@@ -423,6 +424,12 @@ def stage_losses(dataset):
     its process for a dataset written before meta.json recorded them (an estimate's sample is drawn again)."""
     record = dataset.meta.get("stage_losses")
     return dataset.chain.stage_losses(dataset.seq_len) if record is None else record
+
+
+def stage_loss_errors(dataset):
+    """The standard errors of stage_losses(dataset) (0.0 where exact): from meta.json, or from its process."""
+    record = dataset.meta.get("stage_loss_errors")
+    return dataset.chain.stage_loss_errors(dataset.seq_len) if record is None else record
 
 
 def _check_generate_args(n_states, train_sequences, val_sequences, sparsity, alpha, seq_len):

@@ -34,7 +34,7 @@ from matplotlib.ticker import EngFormatter
 from tqdm import tqdm
 
 from nanomarkov.checkpoint import list_snapshots, load_snapshot, snapshot_config
-from nanomarkov.data import load_dataset, optimal_loss_by_position
+from nanomarkov.data import load_dataset, optimal_loss_by_position, stage_loss_errors, stage_losses
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.evaluate import EVAL_BATCH_ELEMENTS, evaluate_models, kl_terms, make_folder, state_log_probs
 from nanomarkov.files import json_text, read_json, read_json_or_none, write_atomic_together
@@ -146,11 +146,10 @@ def val_subset(dataset, n_sequences):
 
 def stage_theory(dataset):
     """The baselines every snapshot is compared with: stages, their errors, the floor, the optimum by position."""
-    chain, seq_len = dataset.chain, dataset.seq_len
     optimum_by_position, optimum_by_position_se = optimal_loss_by_position(dataset)
     return {
-        "stages": chain.stage_losses(seq_len),
-        "stage_errors": chain.stage_loss_errors(seq_len),
+        "stages": stage_losses(dataset),
+        "stage_errors": stage_loss_errors(dataset),
         "floor": dataset.meta["theory"]["true_loss_val"],
         "reached_excess": REACHED_EXCESS,
         "optimal_loss_by_position": optimum_by_position.tolist(),

@@ -17,8 +17,10 @@ from nanomarkov.data import (
     generate_dataset,
     load_dataset,
     optimal_loss_by_position,
+    stage_loss_errors,
     stage_losses,
 )
+from nanomarkov.dynamics import stage_theory
 from nanomarkov.evaluate import evaluate_models, format_eval, write_eval
 from nanomarkov.files import read_json
 from nanomarkov.model import GPT, GPTConfig
@@ -66,14 +68,26 @@ def by_hand_stages(chain, seq_len):
 
 def test_meta_records_the_stage_losses(markov):
     assert markov.meta["stage_losses"] == pytest.approx(by_hand_stages(markov.chain, 40), abs=1e-12)
+    assert markov.meta["stage_loss_errors"] == {"uniform": 0.0, "unigram": 0.0, "optimal": 0.0}  # all exact
+
+
+def test_dynamics_reads_the_recorded_stages(markov):
+    """dynamics takes the stages from meta.json: an icl process would otherwise draw theory's sample again."""
+    recorded = {"uniform": 9.0, "unigram": 8.0, "optimal": 7.0}
+    errors = {"uniform": 0.0, "unigram": 0.5, "optimal": 0.25}
+    meta = dict(markov.meta, stage_losses=recorded, stage_loss_errors=errors)
+    theory = stage_theory(dataclasses.replace(markov, meta=meta))
+    assert theory["stages"] == recorded and theory["stage_errors"] == errors
 
 
 def test_an_older_dataset_falls_back_to_its_process(markov):
-    meta = {k: v for k, v in markov.meta.items() if k not in ("optimal_loss_by_position", "stage_losses")}
+    recorded = ("optimal_loss_by_position", "stage_losses", "stage_loss_errors")
+    meta = {k: v for k, v in markov.meta.items() if k not in recorded}
     older = type(markov)(markov.path, meta, markov.chain, markov.train, markov.val)
     losses, _ = optimal_loss_by_position(older)
     np.testing.assert_allclose(losses, closed_form(markov.chain, 40), rtol=0, atol=1e-12)
     assert stage_losses(older) == pytest.approx(by_hand_stages(markov.chain, 40), abs=1e-12)
+    assert stage_loss_errors(older) == {"uniform": 0.0, "unigram": 0.0, "optimal": 0.0}
 
 
 def test_compact_and_expand_round_trip():

@@ -26,7 +26,14 @@ from nanomarkov.data import (
     import_hmmlearn,
     load_dataset,
 )
-from nanomarkov.dynamics import DEFAULT_VAL_SEQUENCES, LLC_DEFAULTS, format_dynamics, run_dynamics, write_dynamics
+from nanomarkov.dynamics import (
+    DEFAULT_VAL_SEQUENCES,
+    LLC_DEFAULTS,
+    format_dynamics,
+    llc_settings,
+    run_dynamics,
+    write_dynamics,
+)
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
 from nanomarkov.evaluate import evaluate_checkpoints, format_eval, nonfinite_message
 from nanomarkov.files import json_text
@@ -376,8 +383,22 @@ def cmd_report(args):
     return 0
 
 
+# The learning coefficient's settings on the command line: flag -> dynamics.LLC_DEFAULTS key.
+LLC_FLAGS = {
+    "llc_chains": "num_chains",
+    "llc_draws": "num_draws",
+    "llc_batch_size": "batch_size",
+    "llc_lr": "lr",
+    "llc_localization": "localization",
+}
+
+
 def cmd_dynamics(args):
-    llc = dict(LLC_DEFAULTS) if args.llc else None
+    given = {name: getattr(args, flag) for flag, name in LLC_FLAGS.items() if getattr(args, flag) is not None}
+    if given and not args.llc:
+        flag = next(flag for flag, name in LLC_FLAGS.items() if name in given)
+        raise NanoMarkovError(f"--{flag} sets the learning coefficient's estimate; add --llc to estimate it")
+    llc = llc_settings(**given) if args.llc else None
     record = run_dynamics(
         args.run, data_dir=args.data, val_sequences=args.val_sequences, llc=llc, show_progress=sys.stderr.isatty()
     )
@@ -407,6 +428,11 @@ def _add_dynamics(verbs):
         help=f"val sequences evaluated per snapshot, the first ones (default {DEFAULT_VAL_SEQUENCES})",
     )
     dyn.add_argument("--llc", action="store_true", help="estimate the learning coefficient too (needs devinterp; slow)")
+    for flag, name in LLC_FLAGS.items():
+        kind = int if name in ("num_chains", "num_draws", "batch_size") else float
+        dyn.add_argument(
+            f"--{flag}", type=kind, default=None, help=f"with --llc: devinterp's {name} (default {LLC_DEFAULTS[name]})"
+        )
     dyn.set_defaults(func=cmd_dynamics)
 
 

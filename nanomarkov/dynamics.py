@@ -22,6 +22,7 @@ below the stage's loss, and for the optimum, the first within REACHED_EXCESS of 
 """
 
 import dataclasses
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -269,6 +270,26 @@ def run_dynamics(run_folder, data_dir=None, val_sequences=DEFAULT_VAL_SEQUENCES,
 # ------------------------------------------------------------ the learning coefficient (devinterp, optional)
 
 LLC_DEFAULTS = dict(num_chains=2, num_draws=100, lr=1e-4, n_beta=None, batch_size=16, localization=100.0)
+
+
+def llc_settings(**changes):
+    """LLC_DEFAULTS with `changes` (a None value keeps the default), checked: counts are integers >= 1,
+    lr and localization finite and > 0, n_beta None or finite and > 0."""
+    settings = dict(LLC_DEFAULTS)
+    for name, value in changes.items():
+        if name not in settings:
+            raise NanoMarkovError(f"unknown learning-coefficient setting {name!r}; choose from {', '.join(settings)}")
+        if value is None:
+            continue
+        if name in ("num_chains", "num_draws", "batch_size"):
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+        if not ok:
+            kind = "an integer >= 1" if name in ("num_chains", "num_draws", "batch_size") else "a finite number > 0"
+            raise NanoMarkovError(f"learning-coefficient setting {name} must be {kind}, got {value!r}")
+        settings[name] = value
+    return settings
 
 
 def import_devinterp():

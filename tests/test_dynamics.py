@@ -13,6 +13,7 @@ from nanomarkov.checkpoint import save_snapshot
 from nanomarkov.cli import main
 from nanomarkov.data import generate_dataset, load_dataset
 from nanomarkov.dynamics import PLOTS, crossing_levels, first_crossings, learning_coefficient
+from nanomarkov.errors import NanoMarkovError
 from nanomarkov.model import GPT, GPTConfig
 from nanomarkov.processes.incontext import InContextChain
 from nanomarkov.processes.korder import KOrderChain
@@ -295,6 +296,37 @@ def test_llc_without_devinterp_is_one_line(markov_run, capsys, monkeypatch):
     assert main(["dynamics", str(markov_run[0]), "--llc"]) == 2
     err = capsys.readouterr().err
     assert "devinterp" in err and "pip install" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--llc_draws", "5"], "--llc_draws sets the learning coefficient's estimate; add --llc"),
+        (["--llc", "--llc_draws", "0"], "num_draws must be an integer >= 1, got 0"),
+        (["--llc", "--llc_chains", "-2"], "num_chains must be an integer >= 1, got -2"),
+        (["--llc", "--llc_lr", "nan"], "lr must be a finite number > 0, got nan"),
+        (["--llc", "--llc_localization", "0"], "localization must be a finite number > 0, got 0.0"),
+        (["--llc", "--llc_draws", "many"], "--llc_draws"),
+    ],
+)
+def test_bad_learning_coefficient_settings_are_one_line(markov_run, capsys, flags, message):
+    assert main(["dynamics", str(markov_run[0]), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (markov_run[0] / "dynamics.json").exists()
+
+
+def test_learning_coefficient_settings_reach_the_estimate(markov_run, monkeypatch, capsys):
+    seen = {}
+
+    def stop_at_start(run, llc=None, **_):
+        seen.update(llc)
+        raise NanoMarkovError("stopped before any snapshot")
+
+    monkeypatch.setattr("nanomarkov.cli.run_dynamics", stop_at_start)
+    argv = ["dynamics", str(markov_run[0]), "--llc", "--llc_draws", "7", "--llc_lr", "3e-5", "--llc_batch_size", "4"]
+    assert main(argv) == 2
+    assert seen == dict(num_chains=2, num_draws=7, lr=3e-5, n_beta=None, batch_size=4, localization=100.0)
 
 
 def test_learning_coefficient_is_larger_at_the_optimum(markov_run):

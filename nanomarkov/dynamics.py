@@ -375,6 +375,11 @@ def format_dynamics(record):
             when = "below the optimum: not reachable from the data"
         elif crossing is None:
             when = "not crossed yet"
+        elif name == "optimal":
+            when = (
+                f"reached at iter {crossing['iter']} ({crossing['tokens']:,} tokens): "
+                f"within {theory['reached_excess']} of the floor"
+            )
         else:
             when = f"crossed at iter {crossing['iter']} ({crossing['tokens']:,} tokens)"
         lines.append(f"stage {name:<20} {loss:.4f}  {when}")
@@ -422,7 +427,8 @@ def plot_loss(record):
         top.axhline(level, color=colours[name], ls="--", lw=1.2, label=f"{name} {level:.4f}")
         if level > theory["floor"]:
             bottom.axhline(level - theory["floor"], color=colours[name], ls="--", lw=1.2)
-    _mark_crossings((top, bottom), record["crossings"], theory["stages"], colours)
+    bottom.axhline(theory["reached_excess"], color=colours["optimal"], ls=":", lw=1)
+    _mark_crossings((top, bottom), record["crossings"], crossing_levels(theory), colours)
     top.set_ylabel("cross-entropy (nats/token)")
     top.set_title(f"{record['run']}: loss against the stages ({record['val_sequences']} val sequences)")
     top.legend(fontsize=8, loc="upper right")
@@ -432,8 +438,9 @@ def plot_loss(record):
     return fig
 
 
-def _mark_crossings(axes, crossings, stages, colours):
-    """A dotted vertical line where each stage was first crossed; stages crossed at one snapshot share a label."""
+def _mark_crossings(axes, crossings, levels, colours):
+    """A dotted vertical line where each stage was first crossed (at its crossing level: the optimum's is
+    the floor plus REACHED_EXCESS); stages crossed at one snapshot share a label."""
     by_iter = {}
     for name, crossing in crossings.items():
         if crossing is not None:
@@ -443,7 +450,7 @@ def _mark_crossings(axes, crossings, stages, colours):
             ax.axvline(tokens, color=colours[names[0]], ls=":", lw=1.2)
         axes[0].annotate(
             f"{', '.join(names)} @ iter {iter_num}",
-            (tokens, max(stages[name] for name in names)),
+            (tokens, max(levels[name] for name in names)),
             xytext=(4, 4),
             textcoords="offset points",
             color=colours[names[0]],

@@ -287,6 +287,11 @@ def _train_configs(args, overrides):
             TrainConfig.from_dict({**dataset_preset(name, target, seed), **overrides}, f"preset {name} on {target}")
             for seed in seeds
         ]
+    if not re.fullmatch(r"\d+(-sparse-\d+)?", target):
+        raise NanoMarkovError(
+            f"{target} is no dataset folder, config file or chain id (100, 100-sparse-75); "
+            "make the dataset first with nanomarkov generate, which prints its folder"
+        )
     n_states, sparsity = parse_mm_id(target)
     if args.sparse is not None:
         if sparsity is not None and sparsity != args.sparse:

@@ -117,6 +117,8 @@ def one_line_error(capsys, argv):
         (["generate", "five"], "invalid int value"),
         (["frobnicate"], "invalid choice"),
         (["theory"], "required"),
+        (["train", "data/mess3"], "data/mess3 is no dataset folder, config file or chain id"),
+        (["train", "100-sparse-x"], "make the dataset first with nanomarkov generate"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, argv, message):

@@ -491,7 +491,8 @@ def _file_sha256(path):
 
 
 def load_val_beliefs(dataset):
-    """The saved belief states of a dataset's val split, (n_val, seq_len, H) float32, checked against meta.json."""
+    """The saved belief states of a dataset's val split, (n_val, seq_len, H) float32, checked against meta.json:
+    one row per sequence of dataset.val (a dataset cut to its first n val sequences gets their n rows)."""
     path = dataset.path / BELIEFS_FILE
     expected = dataset.meta["sha256"].get(BELIEFS_FILE)
     if expected is None:
@@ -503,9 +504,9 @@ def load_val_beliefs(dataset):
     if not path.is_file() or _file_sha256(path) != expected:
         raise NanoMarkovError(f"{path}: missing or modified (sha256 does not match meta.json); regenerate with: {fix}")
     beliefs = np.load(path, mmap_mode="r", allow_pickle=False)
-    if beliefs.shape != (*dataset.val.shape, dataset.chain.n_hidden):
+    if beliefs.shape != (dataset.meta["val_sequences"], dataset.seq_len, dataset.chain.n_hidden):
         raise NanoMarkovError(f"{path}: shape {beliefs.shape} does not match val.bin; regenerate with: {fix}")
-    return beliefs
+    return beliefs[: dataset.val.shape[0]]
 
 
 def _existing_meta(folder):

@@ -414,3 +414,17 @@ def test_out_on_a_file_names_the_dynamics(markov_run, tmp_path, capsys):
     assert main(["dynamics", str(run), "--out", str(tmp_path / "afile"), "--val_sequences", "4"]) == 2
     err = capsys.readouterr().err
     assert "cannot write the dynamics to" in err and "evaluation" not in err and err.count("\n") == 1
+
+
+def test_an_hmm_run_gets_the_belief_probe_on_a_subset_of_val(tmp_path, capsys):
+    """More val sequences than --val_sequences (the default 256): the probe reads the first ones' beliefs."""
+    generate_dataset(tmp_path / "data", 3, 20, 300, seq_len=12, process="hmm", preset="mess3", seed=5)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"data_dir": str(tmp_path / "data")}))
+    save_snapshot(bigram_gpt(np.zeros((4, 4)), 12), run, 0, 0)
+    assert main(["dynamics", str(run)]) == 0
+    assert "belief R²" in capsys.readouterr().out
+    (entry,) = strict_json(run / "dynamics.json")["snapshots"]
+    # The residual stream is the one-hot of the current token: it says something about the belief, not all.
+    assert 0.05 < entry["belief_r2"]["r2"][-1] < 0.95

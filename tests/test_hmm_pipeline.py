@@ -1,5 +1,6 @@
 """Hidden Markov models through the pipeline (generate, load, beliefs, evaluate, train) and the linear probes."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -54,6 +55,9 @@ def test_mess3_round_trip_and_saved_beliefs(mess3_data):
     beliefs = load_val_beliefs(mess3_data)
     assert beliefs.dtype == np.float32 and beliefs.shape == (60, 12, 3)
     np.testing.assert_allclose(beliefs, chain.belief_states(np.asarray(mess3_data.val)), rtol=1e-6, atol=1e-7)
+    # A dataset cut to its first val sequences (as `dynamics --val_sequences` cuts it) gets their rows.
+    first = dataclasses.replace(mess3_data, val=mess3_data.val[:7])
+    np.testing.assert_allclose(load_val_beliefs(first), chain.belief_states(np.asarray(mess3_data.val[:7])), atol=1e-7)
 
 
 def test_beliefs_do_not_depend_on_chunking_and_are_checked(tmp_path, mess3_data):

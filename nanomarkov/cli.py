@@ -28,6 +28,7 @@ from nanomarkov.data import (
 )
 from nanomarkov.dynamics import (
     DEFAULT_VAL_SEQUENCES,
+    LLC_COUNTS,
     LLC_DEFAULTS,
     format_dynamics,
     llc_settings,
@@ -434,7 +435,7 @@ def _add_dynamics(verbs):
     )
     dyn.add_argument("--llc", action="store_true", help="estimate the learning coefficient too (needs devinterp; slow)")
     for flag, name in LLC_FLAGS.items():
-        kind = int if name in ("num_chains", "num_draws", "batch_size") else float
+        kind = int if name in LLC_COUNTS else float
         dyn.add_argument(
             f"--{flag}", type=kind, default=None, help=f"with --llc: devinterp's {name} (default {LLC_DEFAULTS[name]})"
         )

@@ -270,6 +270,7 @@ def run_dynamics(run_folder, data_dir=None, val_sequences=DEFAULT_VAL_SEQUENCES,
 # ------------------------------------------------------------ the learning coefficient (devinterp, optional)
 
 LLC_DEFAULTS = dict(num_chains=2, num_draws=100, lr=1e-4, n_beta=None, batch_size=16, localization=100.0)
+LLC_COUNTS = ("num_chains", "num_draws", "batch_size")  # the integer settings; the others are rates
 
 
 def llc_settings(**changes):
@@ -281,12 +282,12 @@ def llc_settings(**changes):
             raise NanoMarkovError(f"unknown learning-coefficient setting {name!r}; choose from {', '.join(settings)}")
         if value is None:
             continue
-        if name in ("num_chains", "num_draws", "batch_size"):
+        if name in LLC_COUNTS:
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
         else:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
         if not ok:
-            kind = "an integer >= 1" if name in ("num_chains", "num_draws", "batch_size") else "a finite number > 0"
+            kind = "an integer >= 1" if name in LLC_COUNTS else "a finite number > 0"
             raise NanoMarkovError(f"learning-coefficient setting {name} must be {kind}, got {value!r}")
         settings[name] = value
     return settings

@@ -188,7 +188,9 @@ def main():
         f"Machine: {machine()}. Each recipe is the default preset of its K with the changes named, its "
         "cosine schedule as long as the run, trained once on the train split (fixed: 50k sequences, "
         "12.8 M tokens) and once on fresh sequences from the process (online); times are the run's own "
-        "elapsed seconds, evaluations of the whole val split included.",
+        "elapsed seconds, evaluations of the whole val split included. Zero-layer: the token embedding, the "
+        "final LayerNorm and the head, nothing between (`--n_layer=0 --pos_ape=False`), i.e. the bigram table "
+        "itself; docs/training.md says why it is not the default.",
         "",
         *mm100,
     ]
@@ -198,7 +200,8 @@ def main():
         text += [
             "",
             f"MM-1000 recipes, online, {args.search_minutes:g} minutes each (schedule sized to that time), "
-            "zero layers and no position embedding:",
+            "zero layers and no position embedding; a budget this short favours the cheaper widths over "
+            "the fuller rank of the wider ones:",
             "",
             *search,
         ]
@@ -208,7 +211,8 @@ def main():
         changes = ", ".join(f"{key}={value}" for key, value in recipe.items())
         text += [
             "",
-            f"MM-1000, {args.mm1000_minutes:g} minutes per run, the best recipe above: default preset with {changes}:",
+            f"MM-1000, {args.mm1000_minutes:g} minutes per run, the best recipe above: default preset with {changes} "
+            "(the default recipe itself, one pass of fixed data: the Training section's MM-1000 row):",
             "",
             *mm1000,
         ]

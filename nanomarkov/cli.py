@@ -349,9 +349,10 @@ def cmd_demo(args, extra):
     ((_, result),) = evaluate_checkpoints([run_dir / "ckpt.pt"])
     print(format_eval(result))
     print("\n4/4 plots")
-    write_report(run_dir)
-    for name in ("learning_curve.png", "transition_matrix.png", "per_state_kl.png"):
-        print(f"  {run_dir / name}")
+    report = write_report(run_dir)
+    for path in report["files"]:
+        if path.endswith(".png") and Path(path).parent == run_dir:
+            print(f"  {path}")
     print(f"\nrun folder {run_dir}: config.json, log.jsonl, training.log, ckpt.pt, done.json, eval.json, eval.md")
     return 0
 

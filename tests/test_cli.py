@@ -210,7 +210,7 @@ def test_demo_generates_trains_and_prints_the_loss_against_the_optimum(tmp_path)
     run_dir = tmp_path / "trainings" / "MM" / "MM-10" / "MM-10-42"
     record = json.loads((run_dir / "eval.json").read_text())
     assert f"| cross-entropy (nats/token) | {record['cross_entropy']['val_loss']:.6f} |" in result.stdout
-    for plot in ("learning_curve.png", "transition_matrix.png", "per_state_kl.png"):
+    for plot in ("learning_curve.png", "transition_matrix.png", "per_state_kl.png", "loss_by_position.png"):
         assert (run_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(
             Path("trainings") / "MM" / "MM-10" / "MM-10-42" / plot
         ) in result.stdout

@@ -429,7 +429,7 @@ def plot_loss(record):
         if level > theory["floor"]:
             bottom.axhline(level - theory["floor"], color=colours[name], ls="--", lw=1.2)
     bottom.axhline(theory["reached_excess"], color=colours["optimal"], ls=":", lw=1)
-    _mark_crossings((top, bottom), record["crossings"], crossing_levels(theory), colours)
+    _mark_crossings((top, bottom), record["crossings"], colours)
     top.set_ylabel("cross-entropy (nats/token)")
     top.set_title(f"{record['run']}: loss against the stages ({record['val_sequences']} val sequences)")
     top.legend(fontsize=8, loc="upper right")
@@ -439,9 +439,9 @@ def plot_loss(record):
     return fig
 
 
-def _mark_crossings(axes, crossings, levels, colours):
-    """A dotted vertical line where each stage was first crossed (at its crossing level: the optimum's is
-    the floor plus REACHED_EXCESS); stages crossed at one snapshot share a label."""
+def _mark_crossings(axes, crossings, colours):
+    """A dotted vertical line where each stage was first crossed, labelled at the level crossed (the optimum's
+    is the floor plus REACHED_EXCESS); stages crossed at one snapshot share a label."""
     by_iter = {}
     for name, crossing in crossings.items():
         if crossing is not None:
@@ -451,7 +451,7 @@ def _mark_crossings(axes, crossings, levels, colours):
             ax.axvline(tokens, color=colours[names[0]], ls=":", lw=1.2)
         axes[0].annotate(
             f"{', '.join(names)} @ iter {iter_num}",
-            (tokens, max(levels[name] for name in names)),
+            (tokens, max(crossings[name]["level"] for name in names)),
             xytext=(4, 4),
             textcoords="offset points",
             color=colours[names[0]],

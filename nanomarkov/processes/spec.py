@@ -160,7 +160,7 @@ def first_bool(value):
     if not isinstance(value, (list, tuple)) or set(map(type, value)).isdisjoint(CONTAINERS_AND_BOOLS):
         return None  # the common case, a list of plain numbers, at C speed
     for i, item in enumerate(value):
-        if isinstance(item, (list, tuple, bool, np.bool_)):
+        if isinstance(item, CONTAINERS_AND_BOOLS):
             at = first_bool(item)
             if at is not None:
                 return (i, *at)

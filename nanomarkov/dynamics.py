@@ -14,11 +14,16 @@ A run trained with `--snapshots N` keeps weights-only snapshots under RUN/snapsh
   belief R²       hmm: the linear probe from each residual stream to the belief state
   attention       per head: the mean weight on the current token, earlier states (the previous
                   one among them) and BOS
+  stage KL        per stage predictor (Process.stage_log_probs), KL(stage || model), mean over every
+                  position: the distance to each strategy, and when the model entered and left
+                  each (stage_events, STAGE_EVENT_RULE)
+  attention scores per head: the previous-token score on val, the induction score on repeated
+                  random sequences (interp.readouts)
   llc             with `llc`: the local learning coefficient (devinterp, optional)
 and when the model first crosses each stage: the first snapshot whose val loss is at or
 below the stage's loss, and for the optimum, the first within REACHED_EXCESS of the floor
 (a stage below the optimum, like icl's oracle, is never crossed). It writes dynamics.json
-(strict JSON) and three plots (PLOTS) into the run folder or `out`.
+(strict JSON) and the plots (PLOTS) into the run folder or `out`.
 """
 
 import dataclasses
@@ -726,8 +731,8 @@ def plot_strategies(record):
 
 
 def plot_attention_scores(record):
-    """Each head's previous-token score (top) and induction score (bottom) over tokens seen, against the
-    level of a head that attends uniformly to every earlier position (dashed)."""
+    """Each head's previous-token score (top) and induction score (bottom) over tokens seen (log y), against
+    the level of a head that attends uniformly to every earlier position (dashed)."""
     entries = [e for e in record["snapshots"] if e.get("attention_scores")]
     fig = Figure(figsize=(9, 6.5), layout="constrained")
     axes = fig.subplots(2, 1, sharex=True)
@@ -757,7 +762,9 @@ def plot_attention_scores(record):
                     label=f"L{layer}H{h}",
                 )
         ax.axhline(chance[key], color="0.5", ls="--", lw=1, label="uniform attention")
-        ax.set_ylim(0, 1)
+        # Log y: an induction head over few states rises only a few times above the even spread (docs/dynamics.md).
+        ax.set_yscale("log")
+        ax.set_ylim(min(chance[key], np.nanmin(values, initial=1.0)) / 2, 1.05)
         ax.set_ylabel(title)
         ax.legend(fontsize=7, ncol=2)
     _tokens_axis(list(axes), record["snapshots"])

@@ -11,6 +11,9 @@ function that draws it (matplotlib Figure, no pyplot: safe headless).
 - direct_path: embedding -> ln_f -> head alone, skipping every block, against P.
 - attention_summary: how much each head attends to the current token, to
   earlier states and to BOS. A Markov chain needs only the current token.
+- previous_token_scores, induction_scores: the circuits literature's two head
+  scores (attention to the previous token; on repeated random sequences,
+  repeated_random_tokens, to the token after the current one's earlier copy).
 
 As in evaluation, a distribution "over the states" drops the BOS logit and
 renormalises over the K states (BOS never follows anything), and KL(P_s || q)

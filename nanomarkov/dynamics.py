@@ -39,11 +39,19 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 from tqdm import tqdm
 
-from nanomarkov.checkpoint import list_snapshots, load_snapshot, snapshot_config
+from nanomarkov.checkpoint import CHECKPOINT, list_snapshots, load_checkpoint, load_snapshot, snapshot_config
+from nanomarkov.config import is_run_folder
 from nanomarkov.data import load_dataset, optimal_loss_by_position, stage_loss_errors, stage_losses
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.evaluate import EVAL_BATCH_ELEMENTS, evaluate_models, kl_terms, make_folder, state_log_probs
-from nanomarkov.files import json_text, read_json, read_json_or_none, write_atomic_together
+from nanomarkov.evaluate import (
+    EVAL_BATCH_ELEMENTS,
+    check_trained_on,
+    evaluate_models,
+    kl_terms,
+    make_folder,
+    state_log_probs,
+)
+from nanomarkov.files import check_output_folder, json_text, read_json, read_json_or_none, write_atomic_together
 from nanomarkov.interp.linear_probes import belief_state_probe
 from nanomarkov.interp.readouts import (
     attention_layers,
@@ -138,12 +146,24 @@ def refuse_another_process(dataset, run_folder):
         )
 
 
+def refuse_other_data(dataset, run_folder):
+    """Refuse a dataset other than the one the run trained on, as eval does (evaluate.check_trained_on):
+    by the sha256 its config.json records, or else its checkpoint (a run without either: any passes)."""
+    run_folder = Path(run_folder)
+    record = read_json_or_none(run_folder / "config.json") or {}
+    if "dataset_sha256" not in record and (run_folder / CHECKPOINT).is_file():
+        record = load_checkpoint(run_folder / CHECKPOINT)
+    check_trained_on(run_folder, record, dataset)
+
+
 def run_dataset(run_folder, data_dir=None):
-    """The run's dataset (config.json's data_dir, or `data_dir`, of the same process and K), loaded."""
+    """The run's dataset (config.json's data_dir, or `data_dir`), loaded; refused when it is not the one
+    the run trained on."""
     run_folder = Path(run_folder)
     if data_dir is not None:
         dataset = load_dataset(data_dir, verify=False)
         refuse_another_process(dataset, run_folder)
+        refuse_other_data(dataset, run_folder)
         return dataset
     config_path = run_folder / "config.json"
     if not config_path.is_file():
@@ -155,7 +175,9 @@ def run_dataset(run_folder, data_dir=None):
         raise NanoMarkovError(
             f"dataset {data_dir} of {run_folder} not found; run from the folder you trained in, or pass --data DIR"
         )
-    return load_dataset(data_dir, verify=False)
+    dataset = load_dataset(data_dir, verify=False)
+    refuse_other_data(dataset, run_folder)
+    return dataset
 
 
 def val_subset(dataset, n_sequences):
@@ -541,8 +563,21 @@ def _number(value, spec):
     return "n/a" if value is None else f"{value:{spec}}"
 
 
-def write_dynamics(record, folder):
+def is_dynamics_folder(folder) -> bool:
+    """Whether dynamics may write into `folder` as its own: a run (its config.json or snapshots), or
+    a folder holding earlier dynamics."""
+    folder = Path(folder)
+    return is_run_folder(folder) or bool(list_snapshots(folder)) or (folder / DYNAMICS_FILE).is_file()
+
+
+def check_dynamics_folder(folder, force=False):
+    """Refuse a `folder` that dynamics may not write into (files.check_output_folder)."""
+    check_output_folder(folder, "dynamics", is_dynamics_folder, force=force)
+
+
+def write_dynamics(record, folder, force=False):
     """dynamics.json and the PLOTS into `folder` (created), replaced together; returns their paths."""
+    check_dynamics_folder(folder, force)
     folder = make_folder(Path(folder), what="the dynamics")
     figures = (
         plot_loss(record),

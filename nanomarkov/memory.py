@@ -22,6 +22,9 @@ import numpy as np
 from nanomarkov.errors import NanoMarkovError
 
 MEMINFO = Path("/proc/meminfo")
+# Sizes up to this are never checked: any machine that runs Python holds them, and the checks on
+# every sampled batch then cost no read of /proc/meminfo.
+ALWAYS_FITS_BYTES = 64 << 20
 
 
 def format_bytes(n_bytes):
@@ -64,6 +67,8 @@ def check_fits(needed_bytes, what, fix, free_bytes=None, where="this machine"):
     `what` names what is held ("K = 30000's chain and its theory"), `fix` says how to hold less;
     `where` names the memory (a GPU's, when the caller read that one).
     """
+    if needed_bytes <= ALWAYS_FITS_BYTES:
+        return
     free = free_memory_bytes() if free_bytes is None else free_bytes
     if free is not None and needed_bytes > free:
         raise NanoMarkovError(

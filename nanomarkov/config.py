@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.files import read_json_or_none
+from nanomarkov.files import read_capped, read_json_or_none
 from nanomarkov.processes import DEFAULT_PROCESS, process_class
 
 from .model import ADDED_FIELDS as MODEL_ADDED_FIELDS
@@ -436,7 +436,8 @@ def load_config_file(path) -> dict:
     path = Path(path)
     where = f"config file {path}"
     try:
-        source = path.read_bytes().decode("utf-8")
+        # Room for MAX_CONFIG_CHARS characters of 4 UTF-8 bytes; a longer file is refused unread.
+        source = read_capped(path, 4 * MAX_CONFIG_CHARS).decode("utf-8")
     except OSError as e:
         raise NanoMarkovError(f"cannot read {where}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
@@ -669,7 +670,7 @@ def dataset_preset(name: str, data_dir, seed: int = 42) -> dict:
     """
     meta_path = Path(data_dir) / "meta.json"
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(read_capped(meta_path))
         n_states, process = meta["n_states"], meta.get("process", DEFAULT_PROCESS)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise NanoMarkovError(f"{meta_path}: not a readable dataset ({e}); create it with nanomarkov generate") from e

@@ -32,7 +32,17 @@ import numpy as np
 import torch
 
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.files import LOCK_FILE, PARTIAL_SUFFIX, check_output_folder, exchange_folders, write_json, writer_lock
+from nanomarkov.files import (
+    LOCK_FILE,
+    PARTIAL_SUFFIX,
+    check_output_folder,
+    exchange_folders,
+    open_regular,
+    read_capped,
+    write_json,
+    writer_lock,
+)
+from nanomarkov.memory import check_fits, npz_bytes, npz_headers
 from nanomarkov.processes import DEFAULT_PROCESS, PLUGINS_VARIABLE, PROCESSES, process_class
 from nanomarkov.processes.markov import load_hmmlearn_chain
 from nanomarkov.processes.numerics import token_dtype
@@ -513,8 +523,7 @@ def _existing_meta(folder):
     """meta.json's object; None where there is no meta.json; {} where it is unreadable or not an object
     (a dataset of unknown parameters, so never silently reused)."""
     try:
-        with open(Path(folder) / "meta.json", encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = json.loads(read_capped(Path(folder) / "meta.json"))
     except (FileNotFoundError, NotADirectoryError):
         return None
     except (OSError, ValueError):
@@ -608,8 +617,11 @@ def _load_chain(path, cls, meta, fix):
             f"{file}: sha256 does not match meta.json (the chain was replaced or modified); regenerate with: {fix}"
         )
     try:
-        with np.load(file, allow_pickle=False) as npz:
-            return cls.from_arrays(npz)
+        with open_regular(file) as opened:
+            check_fits(npz_bytes(npz_headers(opened)), f"the arrays of {file}", f"regenerate with: {fix}")
+            opened.seek(0)
+            with np.load(opened, allow_pickle=False) as npz:
+                return cls.from_arrays(npz)
     except (OSError, EOFError, zipfile.BadZipFile, ValueError):
         raise NanoMarkovError(
             f"{file}: not a readable .npz archive of the process's arrays; regenerate with: {fix}"

@@ -17,12 +17,23 @@ import math
 import os
 import pwd
 import socket
+import stat
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from nanomarkov.errors import NanoMarkovError
 
 PARTIAL_SUFFIX = ".partial"
+# The most a file named by the user (a spec, a config, a grid, a JSON record) is read whole: more is refused.
+MAX_READ_BYTES = 64 << 20
+# What a path that is not a regular file is, by its mode, for the refusal that names it.
+FILE_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 # renameat2's flag that swaps two paths atomically (Linux 3.15+; ext4, xfs, btrfs, tmpfs among others).
 RENAME_EXCHANGE = 2
 AT_FDCWD = -100
@@ -115,16 +126,47 @@ def write_json(path, record, what="record"):
     return write_atomic(path, json_text(record), what=what)
 
 
-def read_json(path, what="file", fix="write it again", object_pairs_hook=None):
+def open_regular(path):
+    """`path` opened for binary reading; OSError (its strerror says why) unless it is a regular file once
+    links are followed.
+
+    The file is opened without blocking, so a FIFO with no writer is refused at once instead of
+    hanging, and its kind is read from the open descriptor (fstat): a device such as /dev/zero, a FIFO
+    or a folder is never read, whatever the link that names it.
+    """
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    mode = os.fstat(descriptor).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(descriptor)
+        kind = next((name for test, name in FILE_KINDS if test(mode)), "a special file")
+        raise OSError(errno.EINVAL, f"{kind}, not a regular file", str(path))
+    os.set_blocking(descriptor, True)
+    return os.fdopen(descriptor, "rb")
+
+
+def read_capped(path, max_bytes=MAX_READ_BYTES):
+    """The bytes of the regular file `path` (see open_regular); OSError, unread, beyond `max_bytes`."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        data = f.read(max_bytes + 1) if size <= max_bytes else b""
+    if size > max_bytes or len(data) > max_bytes:
+        raise OSError(errno.EFBIG, f"{max(size, len(data)):,} bytes, more than the {max_bytes:,} read here", str(path))
+    return data
+
+
+def read_json(path, what="file", fix="write it again", object_pairs_hook=None, max_bytes=MAX_READ_BYTES):
     """The JSON object in `path`; a missing, unreadable or non-object file raises NanoMarkovError naming `fix`.
 
-    `object_pairs_hook` is json's: it builds each object from its (key, value) pairs."""
+    Only a regular file of at most `max_bytes` is read (read_capped). `object_pairs_hook` is json's:
+    it builds each object from its (key, value) pairs."""
     path = Path(path)
     try:
-        record = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=object_pairs_hook)
+        record = json.loads(read_capped(path, max_bytes).decode("utf-8"), object_pairs_hook=object_pairs_hook)
     except FileNotFoundError:
         raise NanoMarkovError(f"{path}: no {what} there; {fix}") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except OSError as e:
+        raise NanoMarkovError(f"{path}: not a readable {what} ({e.strerror or e}); {fix}") from None
+    except (UnicodeDecodeError, ValueError) as e:
         raise NanoMarkovError(f"{path}: not a readable {what} ({e}); {fix}") from None
     if not isinstance(record, dict):
         raise NanoMarkovError(

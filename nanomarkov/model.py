@@ -86,6 +86,36 @@ class GPTConfig:
             )
 
 
+# Values a training step keeps for backward per token, per layer and per unit of width: Korthikanti
+# et al. (2022, "Reducing activation recomputation") count 34 bytes of 16-bit activations, i.e. 17
+# values, leaving out the attention matrix that scaled_dot_product_attention never holds whole.
+ACTIVATION_VALUES_PER_WIDTH = 17
+# Values per token and vocabulary entry: the logits, their softmax and its gradient.
+LOGIT_VALUES_PER_TOKEN = 3
+FLOAT32_BYTES = 4
+
+
+def weight_count(config: GPTConfig) -> int:
+    """The values GPT(config) allocates, from its sizes alone (an upper bound: every bias and norm counted).
+
+    The head's matrix is counted even when tied: it is built before the tie replaces it."""
+    width, hidden = config.n_embd, config.mlp_ratio * config.n_embd
+    attention = 0 if config.mlp_only else 4 * width * width
+    per_layer = attention + 2 * width * hidden + hidden + 9 * width
+    embeddings = config.vocab_size * width + (config.block_size * width if config.pos_ape else 0)
+    return embeddings + config.n_layer * per_layer + config.vocab_size * (width + 1) + 2 * width
+
+
+def training_bytes(config: GPTConfig, batch_size: int) -> int:
+    """The bytes one float32 training step on `batch_size` sequences of block_size tokens holds, estimated
+    from the sizes alone: the weights, their gradients and AdamW's two moments (4 values a weight), the
+    activations (ACTIVATION_VALUES_PER_WIDTH a token, layer and unit of width) and the logits."""
+    tokens = batch_size * config.block_size
+    per_token = config.n_embd * max(config.n_layer, 1) * ACTIVATION_VALUES_PER_WIDTH
+    per_token += config.vocab_size * LOGIT_VALUES_PER_TOKEN
+    return FLOAT32_BYTES * (4 * weight_count(config) + tokens * per_token)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()

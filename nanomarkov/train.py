@@ -42,7 +42,8 @@ from nanomarkov.data import (
 from nanomarkov.distributed import Distributed, init_distributed
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
 from nanomarkov.files import check_output_folder, json_text, write_json, writer_lock
-from nanomarkov.model import GPT, GPTConfig
+from nanomarkov.memory import check_fits
+from nanomarkov.model import GPT, GPTConfig, training_bytes, weight_count
 
 EVAL_BATCH_SEQUENCES = 64
 
@@ -300,7 +301,24 @@ def set_up_run(cfg):
     if cfg.wandb_log and ddp.is_main:
         _import_wandb()  # fail before anything is written
     gpt_config = cfg.gpt_config(vocab_size=dataset.vocab_size, block_size=dataset.seq_len - 1)
+    check_training_fits(gpt_config, cfg.batch_size, device)
     return RunSetup(cfg, ddp, device, autocast, use_compile, dataset, gpt_config)
+
+
+def check_training_fits(gpt_config, batch_size, device):
+    """Refuse, before the model is built, a model and batch whose training step will not fit in the
+    memory of `device` (a GPU's own free memory; the machine's for the CPU and MPS)."""
+    free, where = None, "this machine"
+    if device.startswith("cuda"):
+        free, where = torch.cuda.mem_get_info(device)[0], f"the GPU {device}"
+    check_fits(
+        training_bytes(gpt_config, batch_size),
+        f"training {weight_count(gpt_config):,} weights (n_embd {gpt_config.n_embd}, n_layer {gpt_config.n_layer}) "
+        f"on batches of {batch_size} sequences of {gpt_config.block_size} tokens",
+        "use a smaller --batch_size, --n_embd or --n_layer",
+        free,
+        where,
+    )
 
 
 def read_resume_state(setup, overwrite):

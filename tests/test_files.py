@@ -5,12 +5,14 @@ import math
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 import nanomarkov.files
 from nanomarkov import NanoMarkovError, files
+from nanomarkov.config import load_config_file
 from nanomarkov.files import (
     check_output_folder,
     json_text,
@@ -23,6 +25,8 @@ from nanomarkov.files import (
     write_json,
     writer_lock,
 )
+from nanomarkov.processes.spec import read_spec
+from nanomarkov.sweep.grid import load_grid
 
 
 def strict_loads(text):
@@ -221,3 +225,63 @@ def test_a_home_folder_is_refused_even_with_force_but_a_folder_in_it_is_not(tmp_
         with pytest.raises(NanoMarkovError, match="is a home folder"):
             check_output_folder(folder, "sweep", never_a_kind, force=True)
     assert protected_folder(home / "runs") == "" and protected_folder("/root/runs") == ""
+
+
+def within_seconds(call, seconds=5):
+    """What `call()` raised, run in a thread that must finish within `seconds` (a hang fails, never blocks)."""
+    outcome = []
+
+    def run():
+        try:
+            call()
+            outcome.append(None)
+        except Exception as e:  # the test inspects what was raised
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still reading after {seconds} s"
+    return outcome[0]
+
+
+def user_named_readers():
+    """Every reader of a file the user names that reads it whole, by a readable name."""
+    return {
+        "read_json": lambda path: read_json(path.with_suffix(".json")),
+        "spec.json": lambda path: read_spec(path.with_suffix(".json")),
+        "spec.npz": lambda path: read_spec(path.with_suffix(".npz")),
+        "config": lambda path: load_config_file(path.with_suffix(".py")),
+        "grid": lambda path: load_grid(path.with_suffix(".toml")),
+    }
+
+
+@pytest.mark.parametrize("reader", sorted(user_named_readers()))
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "/dev/urandom", "folder"])
+def test_a_file_that_is_not_a_regular_file_is_refused_unread(tmp_path, reader, kind):
+    suffix = {"read_json": ".json", "spec.json": ".json", "spec.npz": ".npz", "config": ".py", "grid": ".toml"}[reader]
+    path = tmp_path / f"input{suffix}"
+    if kind == "fifo":
+        os.mkfifo(path)  # no writer: opening it for reading the usual way blocks forever
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to(kind)  # endless: read whole, it takes every byte of memory
+    error = within_seconds(lambda: user_named_readers()[reader](path))
+    expected = {"fifo": "a FIFO (named pipe)", "folder": "a folder"}.get(kind, "a character device")
+    assert isinstance(error, NanoMarkovError), error
+    assert f"{expected}, not a regular file" in str(error) and "\n" not in str(error)
+    assert str(path) in str(error)
+
+
+def test_a_regular_file_is_read_whole_only_up_to_its_cap(tmp_path):
+    path = tmp_path / "big.json"
+    text = '{"a": "' + "x" * 100 + '"}'
+    path.write_text(text)
+    assert files.read_capped(path, max_bytes=len(text)) == text.encode()
+    with pytest.raises(OSError, match=rf"{len(text)} bytes, more than the 100 "):
+        files.read_capped(path, max_bytes=100)
+    with pytest.raises(
+        NanoMarkovError, match=rf"big.json: not a readable file \({len(text)} bytes, more than the 100 "
+    ):
+        read_json(path, max_bytes=100)

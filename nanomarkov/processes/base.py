@@ -26,11 +26,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from nanomarkov.errors import NanoMarkovError
+from nanomarkov.memory import check_fits
 from nanomarkov.processes.numerics import entropy
 
 # The largest float64 table a process may build for its theory or its optimal predictor (2 GiB):
 # sizes beyond it are refused from the numbers alone, before anything is allocated.
 MAX_TABLE_ENTRIES = 2**28
+# Tables of table_entries(seq_len) a theory holds at once (the table, its logarithm or entropies, a
+# product): within MAX_TABLE_ENTRIES they must also fit in the memory free.
+THEORY_TABLES = 3
 
 
 @dataclass(frozen=True)
@@ -188,6 +192,12 @@ class Process:
                 f"--seq_len {seq_len} with K = {self.n_states} needs a {entries * 8 / 2**30:,.1f} GiB table for its "
                 f"exact theory (at most {MAX_TABLE_ENTRIES * 8 / 2**30:.0f} GiB); use a shorter --seq_len or fewer states"
             )
+        check_fits(
+            THEORY_TABLES * entries * 8,
+            f"the exact theory of --seq_len {seq_len} with K = {self.n_states} ({THEORY_TABLES} float64 tables of "
+            f"{entries:,} entries)",
+            "use a shorter --seq_len or fewer states",
+        )
 
     def table_entries(self, seq_len):
         """The entries of the largest float64 table the theory or the optimal predictor builds for seq_len.

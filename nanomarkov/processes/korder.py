@@ -23,6 +23,7 @@ from functools import cached_property
 import numpy as np
 
 from nanomarkov.errors import NanoMarkovError
+from nanomarkov.memory import check_fits
 from nanomarkov.processes.base import Option, Process
 from nanomarkov.processes.markov import TRUE_LOSS_CHUNK, MarkovChain
 from nanomarkov.processes.numerics import (
@@ -39,6 +40,9 @@ from nanomarkov.processes.numerics import (
 # K^(k+1) transition entries at most (512 MiB in float64): beyond this the
 # theory's per-position sweep and the alias tables stop being "moderate".
 MAX_TRANSITION_ENTRIES = 2**26
+# Tables of K^(k+1) float64 entries held at once at the peak of generation (the transitions, their
+# alias tables, theory's temporaries): tracemalloc measured 5.7 for K = 40, order 3.
+PEAK_TABLES = 6
 # Lifted chains up to this many tuples get the exact linear solve of
 # MarkovChain.stationary (dense K^k x K^k, about half a second at 1024); larger
 # ones iterate the shift from `start` until it stops moving.
@@ -53,6 +57,12 @@ def _check_size(n_states, order):
             f"a k-th order chain with K={n_states}, order={order} has K^(k+1) = {entries} transition entries, "
             f"more than the limit {MAX_TRANSITION_ENTRIES} (2^26); use fewer states or a lower order"
         )
+    check_fits(
+        PEAK_TABLES * entries * 8,
+        f"a k-th order chain with K={n_states}, order={order} ({PEAK_TABLES} float64 tables of K^(k+1) = "
+        f"{entries:,} entries at once)",
+        "use fewer states or a lower order",
+    )
 
 
 class KOrderChain(Process):

@@ -18,7 +18,7 @@ from pathlib import Path
 from nanomarkov.config import FIELDS, PRESETS, TrainConfig, merge_settings, mm_id, preset, process_recipe, run_folder
 from nanomarkov.data import default_data_dir
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.files import read_json_or_none
+from nanomarkov.files import read_capped, read_json_or_none
 from nanomarkov.processes import DEFAULT_PROCESS, PROCESSES
 
 TOP_KEYS = ("defaults", "datasets", "experiments")
@@ -90,11 +90,10 @@ def _list_of(value, kind, where):
 
 def load_grid(path) -> dict:
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        return tomllib.loads(read_capped(path).decode("utf-8"))
     except OSError as e:
         raise NanoMarkovError(f"cannot read grid {path}: {e.strerror or e}") from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise NanoMarkovError(f"grid {path} is not valid TOML: {e}") from None
 
 

@@ -561,19 +561,7 @@ def _add_generate(verbs):
         default=None,
         help=f"(default {DEFAULT_PROCESS}) " + "; ".join(f"{name}: {cls.SUMMARY}" for name, cls in PROCESSES.items()),
     )
-    owners = {}
-    for process, cls in PROCESSES.items():
-        for option in cls.OPTIONS:
-            owners.setdefault(option.name, []).append(process)
-    for option in _all_options():
-        where = ", ".join(owners[option.name])
-        gen.add_argument(
-            f"--{option.name}",
-            type=option.type,
-            default=None,
-            choices=option.choices,
-            help=f"with --process {where}: {option.help}",
-        )
+    _add_process_options(gen)
     gen.add_argument("--sparsity", type=float, default=None, help="percent of each row's transitions set to zero")
     gen.add_argument("--alpha", type=float, default=None, help="Dirichlet concentration of each row (default 1)")
     gen.add_argument(
@@ -598,6 +586,22 @@ def _add_generate(verbs):
         "--force", action="store_true", help="replace an existing dataset with other parameters (or files of yours)"
     )
     gen.set_defaults(func=cmd_generate)
+
+
+def _add_process_options(gen):
+    """One flag per generation option of the registered processes, its help naming the processes that take it."""
+    owners = {}
+    for process, cls in PROCESSES.items():
+        for option in cls.OPTIONS:
+            owners.setdefault(option.name, []).append(process)
+    for option in _all_options():
+        gen.add_argument(
+            f"--{option.name}",
+            type=option.type,
+            default=None,
+            choices=option.choices,
+            help=f"with --process {', '.join(owners[option.name])}: {option.help}",
+        )
 
 
 def _add_sweep(verbs):

@@ -2,8 +2,8 @@
 
 Exit codes: 0 ok, 2 bad input (one line on stderr, no traceback; out of memory too: the fix is a
 smaller input), 1 failure (a diverged run; stdout that cannot be written, e.g. `> /dev/full`: the
-work may be done but its output is lost, and the same command succeeds where stdout has room, as
-coreutils exit 1 on a write error), 130 Ctrl-C, 141 stdout closed early (`nanomarkov theory data/x
+command's work is done whole -- a dataset, a training run -- but its output is lost, and the same
+command succeeds where stdout has room, as coreutils exit 1 on a write error), 130 Ctrl-C, 141 stdout closed early (`nanomarkov theory data/x
 | head -1`: quietly, as a tool killed by SIGPIPE exits in a shell, so `set -o pipefail` still sees
 that not all output was read). A warning from any layer is one `note:` line on stderr.
 """
@@ -816,31 +816,31 @@ def _raise_terminated(signum, frame):
     raise Terminated
 
 
-class StdoutUnwritable(Exception):
-    """Writing to stdout failed (a full device, an I/O error): told apart from every other OSError, which
-    a library function turns into a NanoMarkovError naming its file."""
-
-
 class CheckedStdout:
-    """sys.stdout, with a failed write or flush raised as StdoutUnwritable; a closed pipe stays BrokenPipeError."""
+    """sys.stdout that outlives a failed write (a full device, an I/O error): the first failure is kept in
+    `failure` and what follows is dropped, so that the command's work (a dataset, a training run) still
+    ends whole, and main reports the lost output at the end. A closed pipe stays BrokenPipeError: the
+    reader has gone, and the command stops as a tool that SIGPIPE ends does."""
 
     def __init__(self, stream):
-        self.stream = stream
+        self.stream, self.failure = stream, None
 
     def write(self, text):
-        return self.checked(self.stream.write, text)
+        self.checked(self.stream.write, text)
+        return len(text)
 
     def flush(self):
-        return self.checked(self.stream.flush)
+        self.checked(self.stream.flush)
 
-    @staticmethod
-    def checked(operation, *args):
+    def checked(self, operation, *args):
+        if self.failure is not None:
+            return
         try:
-            return operation(*args)
+            operation(*args)
         except BrokenPipeError:
             raise
         except OSError as e:
-            raise StdoutUnwritable(e.strerror or str(e)) from None
+            self.failure = e.strerror or str(e)
 
     def __getattr__(self, name):  # isatty, fileno, encoding: the stream's own
         return getattr(self.stream, name)
@@ -859,10 +859,12 @@ def silence(stream):
 
 
 def run_and_flush(argv):
-    """The command, then stdout flushed here rather than at exit, so that a failed write is caught in main; also
-    after argparse's --help, which exits through SystemExit."""
+    """The command's exit code, with stdout flushed here rather than at exit, so that a failed write is seen
+    in main; also after argparse's --help, which ends through SystemExit."""
     try:
         return guarded(_dispatch, argv)
+    except SystemExit as e:  # only argparse's: a plugin's sys.exit is refused where plugins load
+        return 0 if e.code is None else e.code
     finally:
         sys.stdout.flush()
 
@@ -870,17 +872,19 @@ def run_and_flush(argv):
 def main(argv=None):
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)  # training installs its own while it trains
+    stdout = CheckedStdout(sys.stdout)
     try:
-        with warnings.catch_warnings(), redirect_stdout(CheckedStdout(sys.stdout)):
+        with warnings.catch_warnings(), redirect_stdout(stdout):
             warnings.showwarning = show_note  # restored by catch_warnings
-            return run_and_flush(argv)
+            code = run_and_flush(argv)
     except BrokenPipeError:
         silence(sys.stdout)  # the reader left (`| head -1`): nothing to report
         return EXIT_CLOSED_STDOUT
-    except StdoutUnwritable as e:
-        silence(sys.stdout)
-        say(f"error: cannot write to stdout ({e}); free space where stdout goes, or redirect it elsewhere")
-        return 1
+    if stdout.failure is None:
+        return code
+    silence(sys.stdout)
+    say(f"error: cannot write to stdout ({stdout.failure}); free space where stdout goes, or redirect it elsewhere")
+    return code or 1
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch
 
 from nanomarkov import cli
 from nanomarkov.cli import main
+from nanomarkov.data import load_dataset
 
 SPEC = {"process": "markov", "transmat": [[0.9, 0.1], [0.5, 0.5]], "startprob": [0.5, 0.5]}
 
@@ -45,6 +46,13 @@ def test_stdout_on_a_failing_device_is_one_line_and_exit_1(spec, capsys, monkeyp
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: cannot write to stdout")
     assert os.strerror(code) in err and "Traceback" not in err
+
+
+def test_a_full_stdout_still_lets_the_command_finish_its_work(spec, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdout", FailingDevice(errno.ENOSPC))
+    assert main(["generate", "3", "--train", "4", "--val", "2", "--seq_len", "6", "--out", "d"]) == 1
+    assert "cannot write to stdout" in capsys.readouterr().err
+    assert load_dataset("d").meta["train_sequences"] == 4  # the dataset is whole; only the summary was lost
 
 
 def test_stdout_and_stderr_both_full_still_exit_1_without_raising(spec, monkeypatch):

@@ -35,7 +35,7 @@ from nanomarkov.errors import NanoMarkovError
 from nanomarkov.files import LOCK_FILE, PARTIAL_SUFFIX, exchange_folders, write_json, writer_lock
 from nanomarkov.processes import DEFAULT_PROCESS, PLUGINS_VARIABLE, PROCESSES, process_class
 from nanomarkov.processes.markov import load_hmmlearn_chain
-from nanomarkov.processes.numerics import token_dtype
+from nanomarkov.processes.numerics import CONCENTRATION_RANGE, token_dtype, valid_concentration
 from nanomarkov.processes.spec import process_from_file, process_from_spec, spec_record
 
 FORMAT_VERSION = 1
@@ -503,8 +503,10 @@ def _check_generate_args(n_states, train_sequences, val_sequences, sparsity, alp
             raise NanoMarkovError(f"{name} must be a positive number of sequences, got {count!r}")
     if sparsity is not None and not 0 <= sparsity < 100:
         raise NanoMarkovError(f"--sparsity must be a percentage in [0, 100), got {sparsity:g}")
-    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
-        raise NanoMarkovError(f"--alpha must be a finite number > 0 (the Dirichlet concentration), got {alpha:g}")
+    if alpha is not None and not valid_concentration(alpha):
+        raise NanoMarkovError(
+            f"--alpha must be a finite number {CONCENTRATION_RANGE}, the concentration; got {alpha:g}"
+        )
     if not is_int(seq_len) or seq_len < 2:
         raise NanoMarkovError(f"--seq_len must be >= 2 (BOS plus at least one state), got {seq_len!r}")
 

@@ -1,8 +1,11 @@
 """`nanomarkov <verb>`: argument parsing and error messages only; the work is in the modules.
 
-Exit codes: 0 ok, 2 bad input (one line on stderr, no traceback), 1 failure, 130 Ctrl-C,
-141 stdout closed early (`nanomarkov theory data/x | head -1`: quietly, as a tool killed by
-SIGPIPE exits in a shell, so `set -o pipefail` still sees that not all output was read).
+Exit codes: 0 ok, 2 bad input (one line on stderr, no traceback; out of memory too: the fix is a
+smaller input), 1 failure (a diverged run; stdout that cannot be written, e.g. `> /dev/full`: the
+command's work is done whole -- a dataset, a training run -- but its output is lost, and the same
+command succeeds where stdout has room, as coreutils exit 1 on a write error), 130 Ctrl-C, 141 stdout closed early (`nanomarkov theory data/x
+| head -1`: quietly, as a tool killed by SIGPIPE exits in a shell, so `set -o pipefail` still sees
+that not all output was read). A warning from any layer is one `note:` line on stderr.
 """
 
 import argparse
@@ -12,6 +15,8 @@ import re
 import signal
 import sys
 import threading
+import warnings
+from contextlib import redirect_stdout, suppress
 from pathlib import Path
 
 from tqdm import tqdm
@@ -384,7 +389,7 @@ def cmd_eval(args):
         print(f"\nwritten: {folder}/eval.json, eval.md{arrays}\n")
     broken = nonfinite_message(written)  # a model that cannot be measured failed, as a diverged run does: exit 1
     if broken:
-        print(f"error: {broken}", file=sys.stderr)
+        say(f"error: {broken}")
     return 1 if broken else 0
 
 
@@ -401,7 +406,7 @@ def cmd_report(args):
             f"nanomarkov eval {Path(run) / 'ckpt.pt'}"
         )
     for skip in report["skipped"]:
-        print(f"skipped {Path(skip['run']) / skip['plot']}: {skip['why']}", file=sys.stderr)
+        say(f"skipped {Path(skip['run']) / skip['plot']}: {skip['why']}")
     return 0
 
 
@@ -770,22 +775,64 @@ def build_parser():
     return parser
 
 
+def say(line):
+    """One line on stderr, never an exception: stderr may be a full device too, and then the exit code is all
+    that can still tell what happened."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        silence(sys.stderr)
+
+
 def guarded(function, *args):
     """Run a command: bad input is one line on stderr and exit 2, a failed run exit 1, Ctrl-C 130."""
     try:
         return function(*args)
     except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         return 1
     except NanoMarkovError as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
+        return 2
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        say(out_of_memory_message(e))
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        say("interrupted")
         return 130
     except Terminated:
-        print("terminated", file=sys.stderr)
+        say("terminated")
         return 128 + signal.SIGTERM
+
+
+# torch's words for an allocation that failed, where it raises a plain RuntimeError (the CPU allocator,
+# a CUDA error raised outside the allocator) rather than torch.OutOfMemoryError.
+TORCH_OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory", re.IGNORECASE)
+
+
+def is_out_of_memory(error):
+    """Whether an exception is an allocation that failed: MemoryError (numpy's included), torch's OutOfMemoryError
+    (GPU), or torch's RuntimeError from its CPU allocator."""
+    if isinstance(error, MemoryError):
+        return True
+    torch = sys.modules.get("torch")  # not imported: nothing of torch ran, so no torch error to recognise
+    torch_oom = getattr(torch, "OutOfMemoryError", None)
+    return (torch_oom is not None and isinstance(error, torch_oom)) or bool(TORCH_OUT_OF_MEMORY.search(str(error)))
+
+
+def out_of_memory_message(error):
+    """The one line for an allocation that failed: which memory, the size asked for where the error says it."""
+    text = str(error)
+    on_gpu = re.search(r"CUDA|GPU|MPS|XPU", text) is not None
+    asked = re.search(r"allocate (\d+(?:\.\d+)? ?[KMGTPE]i?B)", text, re.IGNORECASE)
+    asked_bytes = re.search(r"allocate (\d+) bytes", text)
+    size = asked.group(1) if asked else f"{int(asked_bytes.group(1)) / 2**30:,.1f} GiB" if asked_bytes else None
+    return (
+        f"error: out of {'GPU' if on_gpu else 'memory'}{f' (asked for {size} more)' if size else ''}: use a smaller "
+        "K, --batch_size or model (--n_layer, --n_embd), fewer --train/--val sequences, or a machine with more memory"
+    )
 
 
 def _dispatch(argv):
@@ -809,18 +856,75 @@ def _raise_terminated(signum, frame):
     raise Terminated
 
 
+class CheckedStdout:
+    """sys.stdout that outlives a failed write (a full device, an I/O error): the first failure is kept in
+    `failure` and what follows is dropped, so that the command's work (a dataset, a training run) still
+    ends whole, and main reports the lost output at the end. A closed pipe stays BrokenPipeError: the
+    reader has gone, and the command stops as a tool that SIGPIPE ends does."""
+
+    def __init__(self, stream):
+        self.stream, self.failure = stream, None
+
+    def write(self, text):
+        self.checked(self.stream.write, text)
+        return len(text)
+
+    def flush(self):
+        self.checked(self.stream.flush)
+
+    def checked(self, operation, *args):
+        if self.failure is not None:
+            return
+        try:
+            operation(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            self.failure = e.strerror or str(e)
+
+    def __getattr__(self, name):  # isatty, fileno, encoding: the stream's own
+        return getattr(self.stream, name)
+
+
+def show_note(message, category, filename, lineno, file=None, line=None):
+    """warnings.showwarning for the command line: the message as one `note:` line, without Python's source line."""
+    say(f"note: {' '.join(str(message).split())}")
+
+
+def silence(stream):
+    """Point a stream that failed at /dev/null, so that Python's own flush at exit does not fail again on what is
+    left in its buffer (and turn the exit code into 120)."""
+    with suppress(OSError, ValueError):  # no file descriptor (a test's captured stream): nothing is flushed at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+
+
+def run_and_flush(argv):
+    """The command's exit code, with stdout flushed here rather than at exit, so that a failed write is seen
+    in main; also after argparse's --help, which ends through SystemExit."""
+    try:
+        return guarded(_dispatch, argv)
+    except SystemExit as e:  # only argparse's: a plugin's sys.exit is refused where plugins load
+        return 0 if e.code is None else e.code
+    finally:
+        sys.stdout.flush()
+
+
 def main(argv=None):
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)  # training installs its own while it trains
+    stdout = CheckedStdout(sys.stdout)
     try:
-        code = guarded(_dispatch, argv)
-        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
-        return code
+        with warnings.catch_warnings(), redirect_stdout(stdout):
+            warnings.showwarning = show_note  # restored by catch_warnings
+            code = run_and_flush(argv)
     except BrokenPipeError:
-        # The reader left (`| head -1`): nothing to report. Point stdout at /dev/null so that
-        # Python's own flush at exit does not print the same error.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        silence(sys.stdout)  # the reader left (`| head -1`): nothing to report
         return EXIT_CLOSED_STDOUT
+    if stdout.failure is None:
+        return code
+    silence(sys.stdout)
+    say(f"error: cannot write to stdout ({stdout.failure}); free space where stdout goes, or redirect it elsewhere")
+    return code or 1
 
 
 if __name__ == "__main__":

@@ -324,9 +324,9 @@ class FirstOrderFidelity:
 
     def results(self, name, models, device, timings):
         started = time.perf_counter()
-        chain, pi, count = self.chain, self.chain.stationary(), self.count
+        pi, count, rows = self.chain.stationary(), self.count, self.chain.transition_rows()
         learned, learned_start = self._prompts(models[name], device)
-        prompt_kl = kl_rows(chain.transmat, learned)
+        prompt_kl = kl_rows(rows[:-1], learned)
         # NaN marks a state without contexts in the arrays; the means below select the states with
         # contexts by `seen` rather than skip NaN (nanmean, nansum), so a NaN the model produced shows.
         seen = count > 0
@@ -340,7 +340,7 @@ class FirstOrderFidelity:
             "weighted_kl": float(pi @ prompt_kl),
             "context_mean_kl": float(context_kl[seen].mean()),
             "context_weighted_kl": float(pi[seen] @ context_kl[seen] / pi[seen].sum()),
-            "start_kl": float(kl_rows(chain.startprob[None], learned_start[None])[0]),
+            "start_kl": float(kl_rows(rows[-1:], learned_start[None])[0]),  # the last row is the one after BOS
             "worst_states": [
                 {"state": int(s), "kl": float(prompt_kl[s]), "stationary_prob": float(pi[s])} for s in worst
             ],

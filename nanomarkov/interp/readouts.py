@@ -106,6 +106,12 @@ def forward_capturing(model, tokens, modules, inputs=False):
 # ------------------------------------------------------------ the whole model and the direct path
 
 
+def readout(chain, learned):
+    """{"learned", "true", "kl"} of learned rows q_s (K, K) against the chain's rows P_s after each state."""
+    true = chain.transition_rows()[:-1]  # the last row is the one after BOS
+    return {"learned": learned, "true": true, "kl": kl_rows(true, learned)}
+
+
 def transition_readout(model, chain):
     """The model's next-state distribution after [BOS, s] for every state s, against P.
 
@@ -117,7 +123,7 @@ def transition_readout(model, chain):
     with _inference(model) as device:
         prompts = torch.stack([torch.full((k,), k), torch.arange(k)], dim=1).to(device)
         learned = state_log_probs(model(prompts)[0][:, 1].cpu(), k).exp().numpy()
-    return {"learned": learned, "true": np.array(chain.transmat), "kl": kl_rows(chain.transmat, learned)}
+    return readout(chain, learned)
 
 
 def direct_path(model, chain):
@@ -136,7 +142,7 @@ def direct_path(model, chain):
         if model.wpe is not None:
             x = x + model.wpe.weight[1]
         learned = state_log_probs(model.lm_head(model.ln_f(x)).cpu(), k).exp().numpy()
-    return {"learned": learned, "true": np.array(chain.transmat), "kl": kl_rows(chain.transmat, learned)}
+    return readout(chain, learned)
 
 
 # ------------------------------------------------------------ logit lens

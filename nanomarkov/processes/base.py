@@ -20,6 +20,7 @@ number happens to be exact). `optimal_loss_by_position` always returns two
 arrays, (losses, standard errors), the errors 0.0 where exact.
 """
 
+import inspect
 import re
 from dataclasses import dataclass
 
@@ -56,6 +57,26 @@ class Option:
 # accuracy, agreement), by result key; a process lists in METRICS those that apply to it.
 METRIC_FAMILIES = ("transition_fidelity", "markov_property", "optimal_fidelity", "korder_fidelity")
 
+# What a process provides itself (ARCHITECTURE.md, "Add a process"): the base class's versions only raise.
+REQUIRED_MEMBERS = (
+    "n_states",
+    "random",
+    "sample",
+    "optimal_log_probs",
+    "optimal_loss_by_position",
+    "optimal_accuracy",
+    "entropy_rate",
+    "unigram_loss",
+)
+# What eval reads beyond those, by the METRICS entry that makes it run (transition fidelity and the Markov
+# property are one pass), and what the belief probes read where BELIEF_STATES is True.
+METRIC_MEMBERS = {
+    "transition_fidelity": ("transition_rows", "stationary"),
+    "markov_property": ("transition_rows", "stationary"),
+    "korder_fidelity": ("context_order", "first_order_rows"),
+}
+BELIEF_MEMBERS = ("belief_states", "n_hidden")
+
 
 # The default recipe's changes for processes whose optimal predictor needs what the whole
 # sequence so far says (counts for an in-context chain, a belief for an HMM), gathered by
@@ -85,9 +106,13 @@ class Process:
       ARRAYS      the names of the arrays saved in chain.npz; `cls.from_arrays(arrays)` rebuilds the process
       OPTIONS     its generation options beyond K, seed, alpha and sparsity: a tuple of `Option`
       RECIPE      TrainConfig fields the default recipe changes for this process ({}: none)
-      METRICS     the metric families of METRIC_FAMILIES that `eval` runs on it
+      METRICS     the metric families of METRIC_FAMILIES that `eval` runs on it; each needs the
+                  methods METRIC_MEMBERS names for it
       BELIEF_STATES  True when it has hidden states and provides belief_states(tokens) and n_hidden
       HISTORY_REASON why the next token depends on more than the current one, for eval's skip notes
+
+    `register` refuses a class that does not override each of REQUIRED_MEMBERS, and those its
+    METRICS and BELIEF_STATES need (missing_members).
     """
 
     process = None
@@ -100,6 +125,21 @@ class Process:
     METRICS = ("optimal_fidelity",)
     BELIEF_STATES = False
     HISTORY_REASON = None
+
+    @classmethod
+    def missing_members(cls):
+        """{name: what needs it} for each member of the contract this class needs and does not provide (the base
+        class's stub is not providing it); {} for a class that can be registered."""
+        needs = dict.fromkeys(REQUIRED_MEMBERS, "the least a process provides")
+        for family in cls.METRICS:
+            needs.update({name: f"{family} in METRICS" for name in METRIC_MEMBERS.get(family, ()) if name not in needs})
+        if cls.BELIEF_STATES:
+            needs.update(dict.fromkeys(BELIEF_MEMBERS, "BELIEF_STATES = True"))
+        return {
+            name: why
+            for name, why in needs.items()
+            if inspect.getattr_static(cls, name, None) is inspect.getattr_static(Process, name, None)
+        }
 
     # ------------------------------------------------------- construction
 
@@ -377,8 +417,32 @@ class Process:
 
     def transition_rows(self):
         """The (K+1, K) next-state distributions after each state, row K after BOS, where the next
-        state depends on the current token alone (a first-order chain); None otherwise."""
+        state depends on the current token alone (a first-order chain); None otherwise.
+
+        A process whose METRICS list transition_fidelity or markov_property provides it."""
         return None
+
+    def stationary(self):
+        """The long-run distribution of the states, (K,): it weights eval's per-state transition KL.
+
+        A process whose METRICS list transition_fidelity or markov_property provides it."""
+        raise NotImplementedError
+
+    def first_order_rows(self):
+        """The best predictor from the last state alone, (K, K): korder_fidelity's baseline.
+
+        A process whose METRICS list korder_fidelity provides it (with context_order)."""
+        raise NotImplementedError
+
+    @property
+    def n_hidden(self):
+        """The number of hidden states. A process with BELIEF_STATES = True provides it."""
+        raise NotImplementedError
+
+    def belief_states(self, tokens):
+        """The belief over the hidden states after every prefix, (n, L, n_hidden) float64: what the belief probes
+        target. A process with BELIEF_STATES = True provides it."""
+        raise NotImplementedError
 
     def skipped_metrics(self):
         """{family: why} for each of METRIC_FAMILIES that eval does not run on this process."""

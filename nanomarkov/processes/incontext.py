@@ -57,11 +57,13 @@ from nanomarkov.errors import NanoMarkovError
 from nanomarkov.processes.base import WHOLE_HISTORY_RECIPE, Option, Process
 from nanomarkov.processes.markov import MarkovChain
 from nanomarkov.processes.numerics import (
+    CONCENTRATION_RANGE,
     check_distribution,
     check_random_parameters,
     entropy,
     standard_error,
     token_dtype,
+    valid_concentration,
 )
 
 # Per-sequence count arrays (n, K, K) are built this many entries at a time (32 MiB of float64).
@@ -188,8 +190,10 @@ class InContextChain(Process):
             raise NanoMarkovError(
                 f"concentration must be a vector of K >= 2 Dirichlet parameters, got shape {concentration.shape}"
             )
-        if not np.all(np.isfinite(concentration)) or np.any(concentration <= 0):
-            raise NanoMarkovError("concentration must be finite and > 0 (a Dirichlet parameter per state)")
+        if not valid_concentration(concentration):
+            raise NanoMarkovError(
+                f"concentration, a Dirichlet parameter per state, must be finite and {CONCENTRATION_RANGE}"
+            )
         k = concentration.shape[0]
         if startprob.shape != (k,):
             raise NanoMarkovError(f"startprob must have shape ({k},) to match concentration, got {startprob.shape}")

@@ -40,6 +40,7 @@ from nanomarkov.processes.hmm import HiddenMarkovModel
 from nanomarkov.processes.incontext import START_RULES, InContextChain
 from nanomarkov.processes.korder import KOrderChain
 from nanomarkov.processes.markov import MarkovChain
+from nanomarkov.processes.numerics import CONCENTRATION_RANGE, valid_concentration
 
 SPEC_ROW_TOLERANCE = 1e-6
 # Larger JSON specs are refused before parsing: their arrays belong in a .npz spec.
@@ -338,10 +339,11 @@ def token_hmm_from_spec(spec):
 
 def icl_from_spec(spec):
     concentration = numbers(spec, "concentration", 1)
-    if len(concentration) < 2 or np.any(concentration <= 0):
+    if len(concentration) < 2 or not valid_concentration(concentration):
         raise field_error(
-            "concentration", "be a vector of K >= 2 Dirichlet parameters, each > 0", concentration.tolist()
-        )
+            "concentration", f"be a vector of K >= 2 Dirichlet parameters, each {CONCENTRATION_RANGE}",
+            concentration.tolist(),
+        )  # fmt: skip
     k = len(concentration)
     support_size = integer(spec, "support_size", 1, k) if "support_size" in spec else k
     startprob = np.full(k, 1 / k)
@@ -405,7 +407,7 @@ def random_from_spec(cls, spec):
     if "seed" in spec:
         given["seed"] = integer(spec, "seed", 0, MAX_SEED)
     if "alpha" in spec:
-        given["alpha"] = number(spec, "alpha", "> 0", lambda v: v > 0)
+        given["alpha"] = number(spec, "alpha", CONCENTRATION_RANGE, valid_concentration)
     if spec.get("sparsity") is not None:
         given["sparsity"] = number(spec, "sparsity", "in [0, 100) (percent)", lambda v: 0 <= v < 100)
     options = {option.name: option_value(spec, option) for option in cls.OPTIONS if spec.get(option.name) is not None}

@@ -58,6 +58,7 @@ class TrainConfig:
     use_ln: bool = True  # LayerNorms on (all of them, final one included)
     pos_ape: bool = True  # learned absolute position embeddings
     mlp_only: bool = False  # no attention sublayer at all
+    attn_only: bool = False  # no MLP (nor its LayerNorm) at all; mlp_ratio and mlp_filter are unused
     mlp_ratio: int = 4  # MLP hidden width / n_embd
     mlp_filter: str = "GELU"  # GELU | RELU | RELU2 | RELU3
     mlp_first_matrix_identity: bool = False  # MLP's first matrix is a frozen identity (mlp_ratio 1)

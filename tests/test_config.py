@@ -322,6 +322,7 @@ def test_to_dict_from_dict_round_trip():
         (dict(seed=-1), "seed"),
         (dict(eval_interval=0), "eval_interval"),
         (dict(snapshots=-1), "snapshots"),
+        (dict(attn_only=True, mlp_only=True), "attn_only and mlp_only together"),
         (dict(data_source="stream"), "data_source must be 'fixed' or 'online'"),
     ],
 )

@@ -46,6 +46,7 @@ class TrainConfig:
     eval_interval: int = 250  # iterations between evaluations (and checkpoints)
     log_interval: int = 10  # iterations between train-loss log lines
     snapshots: int = 0  # weights-only snapshots at log-spaced iterations in out_dir/snapshots/ (0: none)
+    snapshot_every: int = 0  # also a snapshot every N iterations, and at max_iters (0: none)
     wandb_log: bool = False  # log to Weights & Biases (wandb is imported only then)
     wandb_project: str = "MM-experiments"  # wandb project name
     wandb_run_name: str = ""  # wandb run name; '' means the name of out_dir
@@ -90,8 +91,14 @@ class TrainConfig:
             setattr(self, f.name, _check_type(f.name, getattr(self, f.name)))
         for name in ("batch_size", "grad_accum_steps", "eval_interval", "log_interval"):
             _require(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "seed", "snapshots"):
+        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "seed", "snapshots", "snapshot_every"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        # Past max_iters the schedule would keep 0 and max_iters only: surely not what was meant.
+        _require(
+            self.snapshot_every <= self.max_iters,
+            f"snapshot_every ({self.snapshot_every}) is more than max_iters ({self.max_iters}); give at most "
+            f"max_iters, or 0 for no snapshots at fixed steps",
+        )
         _require(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         _require(
             0 <= self.min_lr <= self.learning_rate,
@@ -164,6 +171,7 @@ RESUMABLE_CHANGES = frozenset(
         "device",
         "compile",
         "snapshots",
+        "snapshot_every",
     }
 )
 

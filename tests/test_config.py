@@ -322,6 +322,8 @@ def test_to_dict_from_dict_round_trip():
         (dict(seed=-1), "seed"),
         (dict(eval_interval=0), "eval_interval"),
         (dict(snapshots=-1), "snapshots"),
+        (dict(snapshot_every=-1), "snapshot_every must be >= 0"),
+        (dict(snapshot_every=11, max_iters=10), r"snapshot_every \(11\) is more than max_iters \(10\)"),
         (dict(attn_only=True, mlp_only=True), "attn_only and mlp_only together"),
         (dict(data_source="stream"), "data_source must be 'fixed' or 'online'"),
     ],

@@ -38,8 +38,10 @@ def our_logits(model, idx):
         return model(idx)[0]
 
 
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("name", PRESETS + VARIANTS)
+# Every preset with and without biases; the variants (attn_only) once each, one of either.
+@pytest.mark.parametrize(
+    "name, bias", [(n, b) for n in PRESETS for b in (False, True)] + [(v, i % 2 == 0) for i, v in enumerate(VARIANTS)]
+)
 def test_logits_match_and_round_trip_is_exact_for_every_preset(name, bias):
     model = build(name, bias=bias)
     hooked = to_hooked_transformer(model)

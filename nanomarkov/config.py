@@ -154,7 +154,7 @@ MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name not
 
 # Fields newer than the first runs: absent from an older run's config.json, they mean their default,
 # which computes what that run computed (TrainConfig's own later fields join the model's here).
-ADDED_FIELDS = (*MODEL_ADDED_FIELDS, "data_source")
+ADDED_FIELDS = (*MODEL_ADDED_FIELDS, "data_source", "snapshot_every")
 
 # Config fields a resumed run may change without changing what it computes.
 RESUMABLE_CHANGES = frozenset(

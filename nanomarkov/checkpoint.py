@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.files import json_text, write_atomic, write_atomic_together
+from nanomarkov.files import check_output_folder, json_text, read_json_or_none, write_atomic, write_atomic_together
 from nanomarkov.model import ADDED_FIELDS, GPT, GPTConfig
 
 FORMAT = "nanomarkov.GPT"
@@ -185,6 +185,22 @@ def model_and_source(ckpt_or_model):
     raise NanoMarkovError(f"expected a GPT or a path to a ckpt.pt, got {type(ckpt_or_model).__name__}")
 
 
+def nonfinite_weights(model) -> list:
+    """The names of the model's weights holding a NaN or an infinity (none: an empty list)."""
+    return [name for name, tensor in model.state_dict().items() if not torch.isfinite(tensor).all()]
+
+
+def check_finite_weights(model, source, what="export"):
+    """Refuse a model whose weights hold NaN or inf: nothing computed from it means anything."""
+    broken = nonfinite_weights(model)
+    if broken:
+        named = source.get("checkpoint") or source.get("snapshot") or source.get("export") or "the model"
+        raise NanoMarkovError(
+            f"{named}: its weights are not finite (NaN or inf in {_listed(broken)}), so there is no model to "
+            f"{what}; use an earlier checkpoint or snapshot, or retrain (e.g. with a lower learning rate)"
+        )
+
+
 def _unique_tensors(state):
     """(tensors saved once each, {alias: saved name}) for a state_dict whose entries may share storage."""
     unique, tied, first_name = {}, {}, {}
@@ -199,8 +215,16 @@ def _unique_tensors(state):
     return unique, tied
 
 
-def export_safetensors(ckpt_or_model, out_dir):
+def is_export_folder(folder) -> bool:
+    """Whether `folder` holds an export of nanoMarkov (its config.json says the format)."""
+    config = read_json_or_none(Path(folder) / CONFIG_FILE)
+    return config is not None and config.get("format") == FORMAT
+
+
+def export_safetensors(ckpt_or_model, out_dir, force=False):
     """Write `out_dir/model.safetensors` and `out_dir/config.json` for a GPT or a ckpt.pt; return out_dir.
+
+    `out_dir` is new, empty or an earlier export, or `force` (files.check_output_folder).
 
     config.json holds every GPTConfig field at the top level, plus "format",
     "format_version", "tied_weights" and "source" (the checkpoint, its iter and
@@ -208,7 +232,9 @@ def export_safetensors(ckpt_or_model, out_dir):
     replaced together (files.write_atomic_together): an interrupted export or a full
     disk leaves the previous export as it was, never new weights beside an old config.
     """
+    check_output_folder(out_dir, "model export", is_export_folder, force=force)
     model, source = model_and_source(ckpt_or_model)
+    check_finite_weights(model, source)
     tensors, tied = _unique_tensors(model.state_dict())
     config = {
         **dataclasses.asdict(model.config),

@@ -17,7 +17,15 @@ from pathlib import Path
 from tqdm import tqdm
 
 from nanomarkov.checkpoint import export_safetensors
-from nanomarkov.config import TrainConfig, dataset_preset, load_config_file, parse_mm_id, parse_overrides, preset
+from nanomarkov.config import (
+    TrainConfig,
+    dataset_preset,
+    load_config_file,
+    merge_settings,
+    parse_mm_id,
+    parse_overrides,
+    preset,
+)
 from nanomarkov.data import (
     dataset_theory,
     default_data_dir,
@@ -30,6 +38,7 @@ from nanomarkov.dynamics import (
     DEFAULT_VAL_SEQUENCES,
     LLC_COUNTS,
     LLC_DEFAULTS,
+    check_dynamics_folder,
     format_dynamics,
     llc_settings,
     run_dynamics,
@@ -274,7 +283,11 @@ def _train_configs(args, overrides):
                 "with a config file, set the seed and the rest as --key=value "
                 "(SEED, --seeds, --sparse and --preset go with a chain id: nanomarkov train 100 42)"
             )
-        return [TrainConfig.from_dict({**load_config_file(target), **overrides}, f"config file {target}")]
+        return [
+            TrainConfig.from_dict(
+                merge_settings(merge_settings({}, load_config_file(target)), overrides), f"config file {target}"
+            )
+        ]
     if args.seeds and args.seed is not None:
         raise NanoMarkovError("give either SEED or --seeds, not both")
     seeds = args.seeds or [42 if args.seed is None else args.seed]
@@ -285,7 +298,9 @@ def _train_configs(args, overrides):
                 f"{target} is a dataset folder: its sparsity is its own (--sparse goes with a chain id)"
             )
         return [
-            TrainConfig.from_dict({**dataset_preset(name, target, seed), **overrides}, f"preset {name} on {target}")
+            TrainConfig.from_dict(
+                merge_settings(dataset_preset(name, target, seed), overrides), f"preset {name} on {target}"
+            )
             for seed in seeds
         ]
     if not re.fullmatch(r"\d+(-sparse-\d+)?", target):
@@ -299,7 +314,7 @@ def _train_configs(args, overrides):
             raise NanoMarkovError(f"{target} and --sparse {args.sparse} disagree on the sparsity")
         sparsity = args.sparse
     return [
-        TrainConfig.from_dict({**preset(name, n_states, sparsity, seed), **overrides}, f"preset {name}")
+        TrainConfig.from_dict(merge_settings(preset(name, n_states, sparsity, seed), overrides), f"preset {name}")
         for seed in seeds
     ]
 
@@ -341,7 +356,7 @@ def cmd_demo(args, extra):
     data_dir = default_data_dir(10)
     print(f"1/4 generate {data_dir}: 10,000 train + 1,000 val sequences from a random 10-state chain")
     generate_dataset(data_dir, 10, 10000, 1000)
-    cfg = TrainConfig.from_dict({**preset("default", 10), **parse_overrides(extra)}, "demo")
+    cfg = TrainConfig.from_dict(merge_settings(preset("default", 10), parse_overrides(extra)), "demo")
     print(f"2/4 train {cfg.out_dir} with the default recipe")
     done = train(cfg, overwrite=True)
     if done["status"] != "done":
@@ -414,10 +429,12 @@ def cmd_dynamics(args):
         flag = next(flag for flag, name in LLC_FLAGS.items() if name in given)
         raise NanoMarkovError(f"--{flag} sets the learning coefficient's estimate; add --llc to estimate it")
     llc = llc_settings(**given) if args.llc else None
+    if args.out:
+        check_dynamics_folder(args.out, args.force)  # before the work, which takes a while
     record = run_dynamics(
         args.run, data_dir=args.data, val_sequences=args.val_sequences, llc=llc, show_progress=sys.stderr.isatty()
     )
-    written = write_dynamics(record, args.out or args.run)
+    written = write_dynamics(record, args.out or args.run, force=args.force)
     if args.json:
         print(json_text(record), end="")
     else:
@@ -435,6 +452,7 @@ def _add_dynamics(verbs):
     dyn.add_argument("run", help="a run folder trained with --snapshots N")
     dyn.add_argument("--data", default=None, help="dataset folder (default: the one the run trained on)")
     dyn.add_argument("--out", default=None, help="output folder (default: the run folder)")
+    dyn.add_argument("--force", action="store_true", help="write into an --out that holds other files")
     dyn.add_argument("--json", action="store_true", help="print dynamics.json instead of the table")
     dyn.add_argument(
         "--val_sequences",
@@ -453,7 +471,7 @@ def _add_dynamics(verbs):
 
 def cmd_sweep(args):
     if args.target == "status":
-        if not args.folder or args.out or args.dry_run or args.jobs != 1:
+        if not args.folder or args.out or args.dry_run or args.force or args.jobs != 1:
             raise NanoMarkovError("usage: nanomarkov sweep status DIR (the folder a sweep wrote, its --out)")
         print(format_status(sweep_status(args.folder)))
         return 0
@@ -473,6 +491,7 @@ def cmd_sweep(args):
         dry_run=args.dry_run,
         launcher=args.launcher,
         slurm=slurm if args.launcher == "slurm" else None,
+        force=args.force,
     )
     if not args.dry_run:
         print(format_status(sweep_status(args.out)))
@@ -484,10 +503,15 @@ def cmd_export(args):
     if not Path(args.checkpoint).is_file():
         raise NanoMarkovError(f"{args.checkpoint}: no checkpoint there (a run folder's ckpt.pt)")
     if args.format == "hf":
+        if args.force:
+            raise NanoMarkovError(
+                "--force goes with --format safetensors: a Hugging Face export replaces its folder whole, "
+                "so give --out a new or empty folder (or an earlier hf export)"
+            )
         out = export_hf(args.checkpoint, args.out)
         print(f"written: {out} (GPT-2); in Python: transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
         return 0
-    out = export_safetensors(args.checkpoint, args.out)
+    out = export_safetensors(args.checkpoint, args.out, force=args.force)
     print(f"written: {out}/model.safetensors, {out}/config.json; in Python: nanomarkov.load({str(out)!r})")
     return 0
 
@@ -578,7 +602,9 @@ def _add_generate(verbs):
         help="dataset folder (default data/ + the process's folder name [-sparse-{S}], e.g. data/mm{K}, "
         "data/mm{K}-order{k}, data/icl{K}, data/mess3, data/hmm{K}-h{H})",
     )
-    gen.add_argument("--force", action="store_true", help="replace an existing dataset with other parameters")
+    gen.add_argument(
+        "--force", action="store_true", help="replace an existing dataset with other parameters (or files of yours)"
+    )
     gen.set_defaults(func=cmd_generate)
 
 
@@ -593,6 +619,7 @@ def _add_sweep(verbs):
     sw.add_argument("target", help="a grid file (TOML), or 'status'")
     sw.add_argument("folder", nargs="?", help="with 'status': the sweep's folder")
     sw.add_argument("--out", default=None, help="folder for the datasets, runs, sweep.json and report")
+    sw.add_argument("--force", action="store_true", help="write into an --out that holds other files")
     sw.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process (default 1)")
     sw.add_argument(
         "--dry-run", action="store_true", help="print what would be trained, resumed or skipped; write nothing"
@@ -667,7 +694,9 @@ def _add_train(verbs):
         "--seeds", type=seed_type, nargs="+", default=None, help="train one run per seed, one after another"
     )
     tr.add_argument("--resume", action="store_true", help="continue the run in out_dir from its checkpoint")
-    tr.add_argument("--force", action="store_true", help="start over in an out_dir that already holds a run")
+    tr.add_argument(
+        "--force", action="store_true", help="start over in an out_dir that holds a run (or files of yours)"
+    )
     tr.add_argument(
         "--snapshots", type=int, default=None, metavar="N", help="keep N+2 weight snapshots at log-spaced iterations"
     )
@@ -682,6 +711,26 @@ def _add_train(verbs):
         "--data_source", default=None, metavar="fixed|online", help="online: fresh sequences from the process each step"
     )
     tr.set_defaults(func=cmd_train, takes_overrides=True)
+
+
+def _add_export(verbs):
+    ex = verbs.add_parser(
+        "export",
+        help="write a checkpoint's model as model.safetensors + config.json (no pickle), or as a Hugging Face GPT-2",
+        epilog="example: nanomarkov export trainings/MM/MM-10/MM-10-42/ckpt.pt --out exports/mm10",
+    )
+    ex.add_argument("checkpoint", help="a ckpt.pt")
+    ex.add_argument(
+        "--format",
+        choices=["safetensors", "hf"],
+        default="safetensors",
+        help="safetensors: for nanomarkov.load; hf: a GPT-2 folder for transformers (the hf extra)",
+    )
+    ex.add_argument("--out", required=True, help="output folder (created; an earlier export there is replaced)")
+    ex.add_argument(
+        "--force", action="store_true", help="safetensors: write into an --out that holds other files (not hf)"
+    )
+    ex.set_defaults(func=cmd_export)
 
 
 def build_parser():
@@ -721,20 +770,7 @@ def build_parser():
     _add_sweep(verbs)
     _add_dynamics(verbs)
 
-    ex = verbs.add_parser(
-        "export",
-        help="write a checkpoint's model as model.safetensors + config.json (no pickle), or as a Hugging Face GPT-2",
-        epilog="example: nanomarkov export trainings/MM/MM-10/MM-10-42/ckpt.pt --out exports/mm10",
-    )
-    ex.add_argument("checkpoint", help="a ckpt.pt")
-    ex.add_argument(
-        "--format",
-        choices=["safetensors", "hf"],
-        default="safetensors",
-        help="safetensors: for nanomarkov.load; hf: a GPT-2 folder for transformers (the hf extra)",
-    )
-    ex.add_argument("--out", required=True, help="output folder (created; an earlier export there is replaced)")
-    ex.set_defaults(func=cmd_export)
+    _add_export(verbs)
 
     _add_import_hmmlearn(verbs)
 

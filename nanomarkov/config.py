@@ -93,11 +93,18 @@ class TrainConfig:
             _require(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("max_iters", "warmup_iters", "lr_decay_iters", "seed", "snapshots", "snapshot_every"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        _require(self.max_iters >= 1, "max_iters = 0 trains nothing; give max_iters >= 1 (e.g. --max_iters=600)")
         # Past max_iters the schedule would keep 0 and max_iters only: surely not what was meant.
         _require(
             self.snapshot_every <= self.max_iters,
             f"snapshot_every ({self.snapshot_every}) is more than max_iters ({self.max_iters}); give at most "
             f"max_iters, or 0 for no snapshots at fixed steps",
+        )
+        _require(
+            not self.decay_lr or self.warmup_iters <= self.max_iters,
+            f"warmup_iters ({self.warmup_iters}) is longer than the run (max_iters {self.max_iters}): the "
+            f"learning rate would never reach its peak; give warmup_iters <= {self.max_iters} "
+            f"(e.g. --warmup_iters={self.max_iters // 10}) or a longer run",
         )
         _require(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         _require(
@@ -156,6 +163,18 @@ MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name not
 # which computes what that run computed (TrainConfig's own later fields join the model's here).
 ADDED_FIELDS = (*MODEL_ADDED_FIELDS, "data_source", "snapshot_every")
 
+# A run folder is one whose config.json `train` wrote: every run's holds these keys beside the
+# TrainConfig fields (since the first version), which a user's own config.json is unlikely to.
+RUN_CONFIG_FILE = "config.json"
+RUN_CONFIG_MARKS = ("data_dir", "out_dir", "vocab_size", "block_size", "device_resolved", "tokens_per_iter")
+
+
+def is_run_folder(folder) -> bool:
+    """Whether `folder` holds a run of nanoMarkov (its config.json written by `train`)."""
+    record = read_json_or_none(Path(folder) / RUN_CONFIG_FILE)
+    return record is not None and all(key in record for key in RUN_CONFIG_MARKS)
+
+
 # Config fields a resumed run may change without changing what it computes.
 RESUMABLE_CHANGES = frozenset(
     {
@@ -194,6 +213,27 @@ LEGACY_IGNORED = {
 }
 # Seed keys that were renamed: the old name still works.
 LEGACY_RENAMED = {"train_seed": "seed", "gradient_accumulation_steps": "grad_accum_steps"}
+
+
+def merge_settings(base: dict, given: dict) -> dict:
+    """`base` (a recipe, or the defaults under a config file) with the settings `given` on top, the
+    schedule following the run (docs/training.md#the-learning-rate-schedule):
+
+    - max_iters given without lr_decay_iters: the decay ends with the run, at max_iters;
+    - a resumed run (init_from 'resume') keeps the decay it was trained with (its config.json's
+      lr_decay_iters) unless lr_decay_iters is given, so that resuming never changes its schedule.
+    """
+    merged = {**base, **given}
+    if "lr_decay_iters" in given:
+        return merged
+    saved = {}
+    if merged.get("init_from") == "resume" and isinstance(merged.get("out_dir"), str):
+        saved = read_json_or_none(Path(merged["out_dir"]) / RUN_CONFIG_FILE) or {}
+    if type(saved.get("lr_decay_iters")) is int:
+        merged["lr_decay_iters"] = saved["lr_decay_iters"]
+    elif "max_iters" in given:
+        merged["lr_decay_iters"] = given["max_iters"]
+    return merged
 
 
 def _require(condition: bool, message: str):

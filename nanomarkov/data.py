@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.files import LOCK_FILE, PARTIAL_SUFFIX, exchange_folders, write_json, writer_lock
+from nanomarkov.files import LOCK_FILE, PARTIAL_SUFFIX, check_output_folder, exchange_folders, write_json, writer_lock
 from nanomarkov.processes import DEFAULT_PROCESS, PLUGINS_VARIABLE, PROCESSES, process_class
 from nanomarkov.processes.markov import load_hmmlearn_chain
 from nanomarkov.processes.numerics import token_dtype
@@ -210,8 +210,8 @@ def generate_dataset(
     `process` names a registered class, `options` its own generation options (None: not given).
     With `chain`, sparsity and alpha are null and `source` (JSON: where the chain came from) joins
     the dataset's identity; `spec` is a spec dict or file (docs/specs.md), recorded in meta.json.
-    Train and val come from their own streams of `seed`, so val does not change with --train. A
-    folder holding this dataset is left as it is, one holding another replaced only with `force`,
+    Train and val come from their own streams of `seed`, so val does not change with --train. This
+    dataset is left as it is, any other folder (files.check_output_folder) replaced only with `force`,
     whole and at once (_write_dataset); `progress(n_tokens)` after each chunk."""
     out_dir, options, spec_params = Path(out_dir), _given(options), {}
     if spec is not None:
@@ -240,10 +240,10 @@ def generate_dataset(
         val_sequences=val_sequences,
     )
     params.update(chain.options(), **({} if source is None else {"source": source}), **spec_params)
+    check_output_folder(out_dir, "dataset", is_dataset_folder, force=force)
     with writer_lock(out_dir, "generation"):  # a second writer is refused, never interleaved
-        existing = _existing_meta(out_dir)
-        if not force and _holds_this_dataset(out_dir, existing, params):
-            return existing
+        if not force and _holds_this_dataset(out_dir, _existing_meta(out_dir), params):
+            return _existing_meta(out_dir)
         return _write_dataset(out_dir, chain, params, dtype, progress, chunk_tokens)
 
 
@@ -283,12 +283,12 @@ def _holds_this_dataset(out_dir, existing, params):
             f"{out_dir} already holds a different dataset ({', '.join(changed)}); "
             "pass --force to replace it, or --out to write elsewhere"
         )
-    if any((out_dir / f"{s}.bin").exists() for s in SPLITS):
-        raise NanoMarkovError(
-            f"{out_dir} holds .bin files but no meta.json (not a nanoMarkov dataset, or an old format); "
-            "pass --force to replace them, or --out to write elsewhere"
-        )
     return False
+
+
+def is_dataset_folder(folder) -> bool:
+    """Whether `folder` holds a dataset of nanoMarkov (its meta.json; damaged or not, it is one)."""
+    return (Path(folder) / "meta.json").is_file()
 
 
 def _write_dataset(out_dir, chain, params, dtype, progress, chunk_tokens):

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nanomarkov.checkpoint import checkpoint_path, load_model
+from nanomarkov.checkpoint import checkpoint_path, load_model, nonfinite_weights
 from nanomarkov.data import load_dataset, optimal_loss_by_position, stage_losses
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.files import json_text, write_atomic_together
@@ -540,8 +540,7 @@ def evaluate_checkpoints(ckpt_paths, data_dir=None, out=None, device="cpu"):
     dataset = load_dataset(data_path)
     models = {}
     for path, model, ckpt in loaded:
-        if ckpt.get("dataset_sha256") not in (None, dataset.meta["sha256"]):
-            raise NanoMarkovError(f"{path} was trained on other data than {data_path} (sha256 differs)")
+        check_trained_on(path, ckpt, dataset)
         if model.config.vocab_size != dataset.vocab_size:
             raise NanoMarkovError(
                 f"{path} has vocabulary {model.config.vocab_size}, {data_path} has {dataset.vocab_size}"
@@ -550,8 +549,9 @@ def evaluate_checkpoints(ckpt_paths, data_dir=None, out=None, device="cpu"):
     folders = [output_folder(path, out, len(loaded)) for path, _, _ in loaded]  # before the pass: fail fast
     results = evaluate_models(models, dataset, device)
     written = []
-    for (path, _, ckpt), folder in zip(loaded, folders):
+    for (path, model, ckpt), folder in zip(loaded, folders):
         result = results[str(path)]
+        result["nonfinite_weights"] = nonfinite_weights(model)  # why its outputs are not finite, if they are not
         result["run"] = {
             "checkpoint": str(path),
             "dataset": data_path,
@@ -566,6 +566,22 @@ def evaluate_checkpoints(ckpt_paths, data_dir=None, out=None, device="cpu"):
         write_eval(result, folder)
         written.append((folder, result))
     return written
+
+
+def check_trained_on(trained, ckpt, dataset):
+    """Refuse a dataset other than the one `trained` (a checkpoint or run) was trained on: the sha256 of
+    its files, which `ckpt` (its checkpoint or config.json) records (one that records none passes any)."""
+    expected, found = ckpt.get("dataset_sha256"), dataset.meta["sha256"]
+    if expected is None or expected == found:
+        return
+    expected = expected if isinstance(expected, dict) else {}
+    differ = sorted(name for name in {*expected, *found} if expected.get(name) != found.get(name))
+    recorded = ", ".join(f"{name} {str(expected[name])[:12]}" for name in differ if name in expected)
+    raise NanoMarkovError(
+        f"{trained} was trained on other data than {dataset.path} (sha256 of {', '.join(differ)} differs): "
+        f"it expects the dataset {ckpt.get('data_dir')} whose sha256 starts {recorded or '(unreadable)'}; "
+        "pass that dataset with --data DIR (or an identical copy of it)"
+    )
 
 
 def output_folder(ckpt_path, out, n_checkpoints):
@@ -639,10 +655,15 @@ def num(value, spec, scale=1, unit=""):
 
 
 def nonfinite_where(result):
-    """Where a model's outputs were not finite, in words."""
+    """Where a model's outputs were not finite (and which of its weights are not), in words."""
     if result["nonfinite_positions"]:
-        return f"on {result['nonfinite_positions']} of {result['positions']} val positions"
-    return "on the prompts [BOS, s]"
+        where = f"on {result['nonfinite_positions']} of {result['positions']} val positions"
+    else:
+        where = "on the prompts [BOS, s]"
+    weights = result.get("nonfinite_weights") or []
+    if weights:
+        where += f"; NaN or inf in its weights {', '.join(weights[:3])}{' and more' if len(weights) > 3 else ''}"
+    return where
 
 
 def nonfinite_warning(result):

@@ -15,6 +15,7 @@ import fcntl
 import json
 import math
 import os
+import pwd
 import socket
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -197,3 +198,78 @@ def writer_lock(folder, what):
             (folder / LOCK_FILE).unlink(missing_ok=True)  # before unlocking: see _lock_file
             if created and not any(folder.iterdir()):
                 folder.rmdir()  # nothing was written: no empty folder behind a refused or failed command
+
+
+# Folders no command writes into, even with --force: the system's trees (and everything below them),
+# and the folders that hold other people's folders (the root, the homes' parent, mount points).
+SYSTEM_TREES = tuple(
+    Path(p)
+    for p in ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/sbin", "/sys", "/usr")
+)
+SYSTEM_FOLDERS = frozenset(
+    Path(p) for p in ("/home", "/root", "/var", "/opt", "/srv", "/mnt", "/media", "/run", "/tmp")
+)
+# What a writer may leave in a folder without having written anything of its own there.
+LEFT_BY_A_WRITER = (LOCK_FILE,)
+
+
+def _homes(folder: Path) -> set:
+    """The home folders `folder` might be: this user's, its owner's, and that of the user it is named after."""
+    homes = {os.environ.get("HOME")}
+    with suppress(KeyError, OSError):
+        homes.add(pwd.getpwuid(os.getuid()).pw_dir)
+        homes.add(pwd.getpwuid(folder.stat().st_uid).pw_dir)
+    with suppress(KeyError):
+        homes.add(pwd.getpwnam(folder.name).pw_dir)
+    return {Path(home).resolve() for home in homes if home}
+
+
+def protected_folder(folder) -> str:
+    """Why no command may write into `folder` ('the root folder', 'a home folder', 'a system folder'), or ''."""
+    folder = Path(folder).resolve()
+    if folder == Path("/"):
+        return "the root folder"
+    if folder in _homes(folder):
+        return "a home folder"
+    if folder in SYSTEM_FOLDERS or any(folder.is_relative_to(tree) for tree in SYSTEM_TREES):
+        return "a system folder"
+    return ""
+
+
+def own_entries(folder: Path) -> list:
+    """The names in `folder` but what a writer may leave without writing (LEFT_BY_A_WRITER, .partial files), sorted."""
+    return sorted(
+        entry.name
+        for entry in folder.iterdir()
+        if entry.name not in LEFT_BY_A_WRITER and not entry.name.endswith(PARTIAL_SUFFIX)
+    )
+
+
+def check_output_folder(folder, kind, is_kind, force=False, flag="--out"):
+    """Refuse, before anything is written, to write a `kind` (e.g. "training run") into `folder` unless
+    it is new or empty, already a `kind` (`is_kind(folder)` is true), or `force` is true (None: the
+    command has no --force); never into the root, a home folder or a system folder, even with force.
+
+    One rule for every command that writes a folder, so that none writes among a user's own files
+    unasked. NanoMarkovError names the folder, why, and the fix.
+    """
+    folder = Path(folder)
+    elsewhere = f"give {flag} a new or empty folder"
+    why = protected_folder(folder)
+    if why:
+        raise NanoMarkovError(
+            f"{folder} is {why}: nanoMarkov writes no {kind} there, even with --force; "
+            f"give {flag} a folder of its own, e.g. {flag}=./NAME"
+        )
+    if folder.exists() and not folder.is_dir():
+        raise NanoMarkovError(f"cannot write the {kind} to {folder}: a file, not a folder; {elsewhere}")
+    if force or not folder.is_dir() or is_kind(folder):
+        return
+    try:
+        entries = own_entries(folder)
+    except OSError as e:
+        raise NanoMarkovError(f"cannot read the folder {folder} ({e.strerror or e}); {elsewhere}") from None
+    if entries:
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        fix = elsewhere if force is None else f"{elsewhere}, or pass --force to write into it anyway"
+        raise NanoMarkovError(f"{folder} holds files that are not a {kind} ({shown}); {fix}")

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from nanomarkov.checkpoint import CHECKPOINT, list_snapshots, load_checkpoint, save_checkpoint, save_snapshot
-from nanomarkov.config import TrainConfig, config_changes
+from nanomarkov.config import TrainConfig, config_changes, is_run_folder
 from nanomarkov.data import (
     Dataset,
     FixedSequences,
@@ -42,7 +42,7 @@ from nanomarkov.data import (
 )
 from nanomarkov.distributed import Distributed, init_distributed
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
-from nanomarkov.files import json_text, write_json, writer_lock
+from nanomarkov.files import check_output_folder, json_text, write_json, writer_lock
 from nanomarkov.model import GPT, GPTConfig
 
 EVAL_BATCH_SEQUENCES = 64
@@ -111,6 +111,19 @@ def learning_rate_at(it, cfg):
         return cfg.min_lr
     progress = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def schedule_text(cfg):
+    """The learning-rate schedule in words, for a run's first log line."""
+    if not cfg.decay_lr:
+        return f"lr {cfg.learning_rate:g} constant"
+    text = (
+        f"lr warm-up {cfg.warmup_iters} iters to {cfg.learning_rate:g}, "
+        f"cosine decay until iter {cfg.lr_decay_iters} to min_lr {cfg.min_lr:g}"
+    )
+    if cfg.lr_decay_iters < cfg.max_iters:
+        text += f" (held there for the last {cfg.max_iters - cfg.lr_decay_iters} of {cfg.max_iters} iters)"
+    return text
 
 
 @torch.no_grad()
@@ -267,6 +280,8 @@ class RunOutputs:
 def train(cfg: TrainConfig, overwrite=False, show_progress=None):
     """Train a GPT on cfg.data_dir; returns the done.json dict (status 'done' or 'interrupted')."""
     setup = set_up_run(cfg)
+    if setup.ddp.is_main:
+        check_output_folder(setup.out_dir, "training run", is_run_folder, force=overwrite, flag="--out_dir")
     # One writer per run folder: a second `train` into it is refused, not interleaved with this one.
     with writer_lock(setup.out_dir, "training run") if setup.ddp.is_main else contextlib.nullcontext():
         resume_state = read_resume_state(setup, overwrite)
@@ -352,6 +367,7 @@ def write_run_folder(setup, resumed, start_iter):
         compiled=setup.use_compile,
         world_size=setup.ddp.world_size,
         tokens_per_iter=setup.tokens_per_iter,
+        dataset_sha256=setup.dataset.meta["sha256"],  # what eval and dynamics check a dataset against
     )
     write_json(setup.out_dir / "config.json", config_record, what="run config")
 
@@ -375,8 +391,8 @@ def open_outputs(setup, raw_model, resume_state, show_progress):
         f"({setup.global_batch} sequences x {setup.gpt_config.block_size}), device {setup.device}"
         f"{', ' + str(autocast).replace('torch.', '') if autocast else ''}{', compiled' if setup.use_compile else ''}"
         f"{', online data from the process' if cfg.data_source == 'online' else ''}, "
-        f"{'resuming at iter ' + str(start_iter) if resume_state else 'from scratch'}; optimal_loss "
-        f"{theory['optimal_loss']:.6f}, true_loss_val {theory['true_loss_val']:.6f}"
+        f"{'resuming at iter ' + str(start_iter) if resume_state else 'from scratch'}; {schedule_text(cfg)}; "
+        f"optimal_loss {theory['optimal_loss']:.6f}, true_loss_val {theory['true_loss_val']:.6f}"
     )
     return RunOutputs(log, bar, wandb_run)
 

@@ -113,6 +113,8 @@ def test_eval_of_a_nan_checkpoint_writes_strict_json_says_so_and_exits_1(runs, c
     folder = runs / "runs" / "broken"
     assert main(["eval", str(folder / "ckpt.pt")]) == 1
     assert "not finite" in one_error_line(capsys)
+    assert "NaN or inf in its weights wte.weight" in (folder / "eval.md").read_text()
+
     record = strict_loads((folder / "eval.json").read_text())
     assert record["outputs_finite"] is False and record["nonfinite_positions"] > 0
     assert record["cross_entropy"]["val_loss"] is None and record["transition_fidelity"]["context_weighted_kl"] is None
@@ -125,6 +127,15 @@ def test_eval_of_a_nan_checkpoint_writes_strict_json_says_so_and_exits_1(runs, c
     assert f"Outputs not finite (NaN or inf: broken weights, nothing measured, left blank): {folder}" in summary
     assert not (folder / "transition_matrix.png").exists()
     assert all(str(folder) != skip["run"] for skip in report["skipped"])
+
+
+@pytest.mark.parametrize("form", ["safetensors", "hf"])
+def test_export_of_a_nan_checkpoint_names_its_weights_and_writes_nothing(runs, tmp_path, capsys, form):
+    ckpt = runs / "runs" / "broken" / "ckpt.pt"
+    assert main(["export", str(ckpt), "--format", form, "--out", str(tmp_path / "out")]) == 2
+    error = one_error_line(capsys)
+    assert f"{ckpt}: its weights are not finite (NaN or inf in wte.weight" in error
+    assert not (tmp_path / "out").exists()
 
 
 def snapshot(folder, names):

@@ -12,8 +12,10 @@ import pytest
 import nanomarkov.files
 from nanomarkov import NanoMarkovError, files
 from nanomarkov.files import (
+    check_output_folder,
     json_text,
     partial_path,
+    protected_folder,
     read_json,
     read_json_or_none,
     write_atomic,
@@ -160,3 +162,62 @@ def test_exchange_folders_swaps_the_two_folders(tmp_path, monkeypatch, has_renam
     files.exchange_folders(tmp_path / "new", tmp_path / "old")
     assert (tmp_path / "old" / "data").read_text() == "new" and (tmp_path / "new" / "data").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "old"]
+
+
+def never_a_kind(folder):
+    return False
+
+
+@pytest.mark.parametrize("content", [{}, {".lock": "pid 1", "config.json.partial": "{"}])
+def test_a_new_or_empty_folder_is_written_into(tmp_path, content):
+    folder = tmp_path / "out"
+    check_output_folder(folder, "training run", never_a_kind)  # new
+    folder.mkdir()
+    for name, text in content.items():  # what a killed writer leaves is no file of the user's
+        (folder / name).write_text(text)
+    check_output_folder(folder, "training run", never_a_kind)
+
+
+def test_a_folder_of_other_files_is_refused_unless_it_is_of_the_kind_or_forced(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"mine": 1}')
+    with pytest.raises(NanoMarkovError) as refused:
+        check_output_folder(folder, "training run", never_a_kind, flag="--out_dir")
+    message = str(refused.value)
+    assert message.startswith(f"{folder} holds files that are not a training run (config.json)")
+    assert "--out_dir a new or empty folder" in message and "--force" in message
+    with pytest.raises(NanoMarkovError, match="new or empty folder$"):  # a command without --force says so
+        check_output_folder(folder, "export", never_a_kind, force=None)
+    check_output_folder(folder, "training run", lambda f: (f / "config.json").is_file())
+    check_output_folder(folder, "training run", never_a_kind, force=True)
+    with pytest.raises(NanoMarkovError, match="a file, not a folder"):
+        check_output_folder(folder / "config.json", "training run", never_a_kind, force=True)
+
+
+@pytest.mark.parametrize(
+    "folder, why",
+    [
+        ("/", "the root folder"),
+        ("/etc", "a system folder"),
+        ("/usr/local/share/runs", "a system folder"),
+        ("/proc/self", "a system folder"),
+        ("/home", "a system folder"),
+        ("/var", "a system folder"),
+        ("/tmp/../", "the root folder"),
+    ],
+)
+def test_the_root_and_system_folders_are_refused_even_with_force(folder, why):
+    with pytest.raises(NanoMarkovError, match=f"is {why}: nanoMarkov writes no dataset there, even with --force"):
+        check_output_folder(folder, "dataset", lambda f: True, force=True)
+
+
+def test_a_home_folder_is_refused_even_with_force_but_a_folder_in_it_is_not(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    (tmp_path / "link").symlink_to(home)
+    for folder in (home, tmp_path / "link", tmp_path / "link" / "."):
+        with pytest.raises(NanoMarkovError, match="is a home folder"):
+            check_output_folder(folder, "sweep", never_a_kind, force=True)
+    assert protected_folder(home / "runs") == "" and protected_folder("/root/runs") == ""

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.files import PARTIAL_SUFFIX, exchange_folders, read_json_or_none
+from nanomarkov.files import PARTIAL_SUFFIX, check_output_folder, exchange_folders, read_json_or_none
 from nanomarkov.interp.lens import LN_EPS, check_same_logits, float32_model
 
 HF_INSTALL = 'pip install -e ".[hf]"'
@@ -165,8 +165,8 @@ def export_hf(ckpt_or_model, out_dir):
     never replaced.
     """
     out = Path(out_dir)
-    if out.exists() and not _is_hf_export(out):
-        raise NanoMarkovError(f"{out} exists and is not a Hugging Face export of nanoMarkov; choose another --out")
+    # No force: the folder is replaced whole, so a folder of anything else would be lost with it.
+    check_output_folder(out, "Hugging Face export", is_hf_export, force=None)
     hf = to_hf_gpt2(ckpt_or_model)
     build = out.with_name(out.name + PARTIAL_SUFFIX)
     try:
@@ -198,10 +198,8 @@ def save_quietly(hf, folder):
             transformers_logging.enable_progress_bar()
 
 
-def _is_hf_export(folder) -> bool:
-    """Whether `folder` may be replaced: an empty folder, or one export_hf wrote."""
-    if not folder.is_dir():
-        return False
-    config = read_json_or_none(folder / "config.json")
+def is_hf_export(folder) -> bool:
+    """Whether `folder` holds a folder export_hf wrote (its config.json says so)."""
+    config = read_json_or_none(Path(folder) / "config.json")
     marker = config.get("nanomarkov") if isinstance(config, dict) else None
-    return not any(folder.iterdir()) or (isinstance(marker, dict) and marker.get("format") == HF_FORMAT)
+    return isinstance(marker, dict) and marker.get("format") == HF_FORMAT

@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from nanomarkov.checkpoint import model_and_source
+from nanomarkov.checkpoint import check_finite_weights, model_and_source
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.model import GPT, GPTConfig
 
@@ -126,6 +126,7 @@ def _hooked_state(model):
 def float32_model(ckpt_or_model):
     """(GPT, provenance) as model_and_source gives them, refusing a model that is not in float32."""
     model, source = model_and_source(ckpt_or_model)
+    check_finite_weights(model, source, what="convert")
     if model.wte.weight.dtype != torch.float32:
         raise NanoMarkovError(
             f"the model is in {model.wte.weight.dtype}; the conversion is checked in float32: call model.float() first"

@@ -299,6 +299,34 @@ class Process:
         unigram = self.unigram_loss() if marginals is None else float(entropy(np.mean(marginals, axis=0)))
         return {"uniform": self.uniform_loss(), "unigram": unigram, "optimal": self.optimal_loss(seq_len)}
 
+    def unigram_law(self, seq_len):
+        """The unigram stage's predictor, one distribution over the K states used at every position, (K,):
+        the mean over predicted positions of token_marginals(seq_len), whose entropy is that stage's
+        loss; None where the marginals are unknown (a process that knows its long-run token law, as
+        hmm does, gives that law here: the one whose entropy its unigram_loss is)."""
+        marginals = self.token_marginals(seq_len)
+        return None if marginals is None else np.mean(marginals, axis=0)
+
+    def stage_log_probs(self, tokens):
+        """Each stage predictor's next-state log-probs on given BOS-led sequences (n, L): {name: (n, L-1, K)}.
+
+        Entry [:, t] predicts tokens[:, t+1] from tokens[:, :t+1], as in optimal_log_probs
+        (-inf where a probability is 0); on sequences drawn from the process each stage's mean
+        NLL is its stage_losses entry in expectation. Only the stages that are a function of the
+        tokens: icl's oracle reads the sequence's own matrix, which no token array holds. This
+        default: uniform (1/K everywhere), unigram (unigram_law at every position, where known)
+        and optimal; a process with more stages adds them, in stage_losses' order.
+        """
+        tokens = np.asarray(self.check_tokens(tokens), dtype=np.int64)
+        shape = (tokens.shape[0], tokens.shape[1] - 1, self.n_states)
+        stages = {"uniform": np.full(shape, -np.log(self.n_states))}
+        law = self.unigram_law(tokens.shape[1])
+        if law is not None:
+            with np.errstate(divide="ignore"):
+                stages["unigram"] = np.broadcast_to(np.log(law), shape).copy()
+        stages["optimal"] = self.optimal_log_probs(tokens)
+        return stages
+
     def stage_loss_errors(self, seq_len):
         """The standard error of each estimated stage loss, {name: error} (0.0 where exact)."""
         errors = self.standard_errors(seq_len)

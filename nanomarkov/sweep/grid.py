@@ -15,7 +15,7 @@ import dataclasses
 import tomllib
 from pathlib import Path
 
-from nanomarkov.config import FIELDS, PRESETS, TrainConfig, mm_id, preset, process_recipe, run_folder
+from nanomarkov.config import FIELDS, PRESETS, TrainConfig, merge_settings, mm_id, preset, process_recipe, run_folder
 from nanomarkov.data import default_data_dir
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.files import read_json_or_none
@@ -47,9 +47,11 @@ class RunSpec:
         values = preset(self.preset, self.dataset["n_states"], self.dataset["sparsity"], self.seed)
         if self.preset == "default":  # as `nanomarkov train DIR` would: attention where the process needs it
             values.update(process_recipe(self.dataset.get("process", DEFAULT_PROCESS)))
-        return TrainConfig.from_dict(
-            {**values, **self.overrides, "data_dir": self.data_dir, "out_dir": self.out_dir}, f"run {self.name}"
-        )
+        # A run with a checkpoint is resumed (plan), and keeps its schedule (config.merge_settings).
+        resume = (Path(self.out_dir) / "ckpt.pt").exists()
+        given = {**self.overrides, "data_dir": self.data_dir, "out_dir": self.out_dir}
+        given["init_from"] = "resume" if resume else "scratch"
+        return TrainConfig.from_dict(merge_settings(values, given), f"run {self.name}")
 
     def dataset_options(self) -> dict:
         """The dataset's process options (korder's order, ...): its parameters beyond DATASET_KEYS."""

@@ -24,11 +24,11 @@ from nanomarkov.data import generate_dataset
 from nanomarkov.dynamics import PLOTS, run_dynamics, write_dynamics
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.evaluate import evaluate_checkpoints
-from nanomarkov.files import read_json, read_json_or_none
+from nanomarkov.files import check_output_folder, read_json, read_json_or_none
 from nanomarkov.report import family_key, find_runs, write_report
 from nanomarkov.sweep.grid import expand_grid, plan
 from nanomarkov.sweep.local import run_here, run_in_pool
-from nanomarkov.sweep.manifest import Progress, new_manifest, save_manifest
+from nanomarkov.sweep.manifest import Progress, new_manifest, read_manifest, save_manifest
 from nanomarkov.sweep.slurm import run_jobs, slurm_executor
 from nanomarkov.sweep.status import refuse_if_still_running
 from nanomarkov.train import train
@@ -90,15 +90,17 @@ def run_one(spec, threads=None) -> dict:
 
 
 def run_sweep(
-    grid, out_root, jobs=1, dry_run=False, progress=print, threads=None, launcher="local", slurm=None
+    grid, out_root, jobs=1, dry_run=False, progress=print, threads=None, launcher="local", slurm=None, force=False
 ) -> dict:
     """Generate the grid's datasets, train and evaluate every run, report; returns the manifest.
 
     launcher "local": jobs > 1 runs that many trainings at once in fresh processes,
     each with `threads` torch threads (default: the machine's cores shared out evenly).
     launcher "slurm": one job array through submitit; `slurm` holds slurm.slurm_executor's
-    options, and each run gets cpus_per_task threads.
+    options, and each run gets cpus_per_task threads. out_root is new, empty or a sweep's (sweep.json),
+    or `force` (files.check_output_folder).
     """
+    check_output_folder(out_root, "sweep", lambda folder: read_manifest(folder) is not None, force=force)
     specs = expand_grid(grid, out_root)
     _check_launcher(jobs, launcher)
     executor = None

@@ -108,7 +108,7 @@ def test_a_process_defined_in_this_file_runs_generate_theory_train_eval_through_
     assert row["process"] == "iid" and row["options"] == {"peak": PEAK}
     assert row["optimal_loss"] == pytest.approx(exact, abs=1e-12) and row["uniform_loss"] == pytest.approx(np.log(4))
 
-    trained = nanomarkov(["train", str(data), "--max_iters=4", "--eval_interval=2", "--log_interval=2",
+    trained = nanomarkov(["train", str(data), "--max_iters=4", "--warmup_iters=1", "--eval_interval=2", "--log_interval=2",
                           "--device=cpu"], tmp_path)  # fmt: skip
     assert trained.returncode == 0, trained.stderr
     run_dir = tmp_path / "trainings" / "iid4-peak0.7" / "iid4-peak0.7-42"

@@ -329,7 +329,15 @@ def cmd_train(args, extra):
     if args.resume:
         overrides["init_from"] = "resume"
     overrides.update(
-        {k: v for k, v in (("snapshots", args.snapshots), ("data_source", args.data_source)) if v is not None}
+        {
+            k: v
+            for k, v in (
+                ("snapshots", args.snapshots),
+                ("snapshot_every", args.snapshot_every),
+                ("data_source", args.data_source),
+            )
+            if v is not None
+        }
     )
     results = []
     for cfg in _train_configs(args, overrides):
@@ -700,6 +708,13 @@ def _add_train(verbs):
     )
     tr.add_argument(
         "--snapshots", type=int, default=None, metavar="N", help="keep N+2 weight snapshots at log-spaced iterations"
+    )
+    tr.add_argument(
+        "--snapshot_every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also keep a weight snapshot every N iterations (and the last); with --snapshots, the union",
     )
     tr.add_argument(
         "--data_source", default=None, metavar="fixed|online", help="online: fresh sequences from the process each step"

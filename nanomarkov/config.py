@@ -46,6 +46,7 @@ class TrainConfig:
     eval_interval: int = 250  # iterations between evaluations (and checkpoints)
     log_interval: int = 10  # iterations between train-loss log lines
     snapshots: int = 0  # weights-only snapshots at log-spaced iterations in out_dir/snapshots/ (0: none)
+    snapshot_every: int = 0  # also a snapshot every N iterations, and at max_iters (0: none)
     wandb_log: bool = False  # log to Weights & Biases (wandb is imported only then)
     wandb_project: str = "MM-experiments"  # wandb project name
     wandb_run_name: str = ""  # wandb run name; '' means the name of out_dir
@@ -58,6 +59,7 @@ class TrainConfig:
     use_ln: bool = True  # LayerNorms on (all of them, final one included)
     pos_ape: bool = True  # learned absolute position embeddings
     mlp_only: bool = False  # no attention sublayer at all
+    attn_only: bool = False  # no MLP (nor its LayerNorm) at all; mlp_ratio and mlp_filter are unused
     mlp_ratio: int = 4  # MLP hidden width / n_embd
     mlp_filter: str = "GELU"  # GELU | RELU | RELU2 | RELU3
     mlp_first_matrix_identity: bool = False  # MLP's first matrix is a frozen identity (mlp_ratio 1)
@@ -89,9 +91,15 @@ class TrainConfig:
             setattr(self, f.name, _check_type(f.name, getattr(self, f.name)))
         for name in ("batch_size", "grad_accum_steps", "eval_interval", "log_interval"):
             _require(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "seed", "snapshots"):
+        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "seed", "snapshots", "snapshot_every"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         _require(self.max_iters >= 1, "max_iters = 0 trains nothing; give max_iters >= 1 (e.g. --max_iters=600)")
+        # Past max_iters the schedule would keep 0 and max_iters only: surely not what was meant.
+        _require(
+            self.snapshot_every <= self.max_iters,
+            f"snapshot_every ({self.snapshot_every}) is more than max_iters ({self.max_iters}); give at most "
+            f"max_iters, or 0 for no snapshots at fixed steps",
+        )
         _require(
             not self.decay_lr or self.warmup_iters <= self.max_iters,
             f"warmup_iters ({self.warmup_iters}) is longer than the run (max_iters {self.max_iters}): the "
@@ -153,7 +161,7 @@ MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name not
 
 # Fields newer than the first runs: absent from an older run's config.json, they mean their default,
 # which computes what that run computed (TrainConfig's own later fields join the model's here).
-ADDED_FIELDS = (*MODEL_ADDED_FIELDS, "data_source")
+ADDED_FIELDS = (*MODEL_ADDED_FIELDS, "data_source", "snapshot_every")
 
 # A run folder is one whose config.json `train` wrote: every run's holds these keys beside the
 # TrainConfig fields (since the first version), which a user's own config.json is unlikely to.
@@ -182,6 +190,7 @@ RESUMABLE_CHANGES = frozenset(
         "device",
         "compile",
         "snapshots",
+        "snapshot_every",
     }
 )
 

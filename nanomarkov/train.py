@@ -5,7 +5,8 @@ A run lives in `config.out_dir`:
   log.jsonl      one JSON object per log line ("train") and per evaluation ("eval")
   training.log   the same lines for a person
   ckpt.pt        the last good state: model, optimizer, RNG, data position (torch.load(weights_only=True))
-  snapshots/     with --snapshots N: weights-only safetensors at log-spaced iterations (checkpoint.save_snapshot)
+  snapshots/     with --snapshots N / --snapshot_every M: weights-only safetensors at log-spaced / evenly spaced
+                 iterations (checkpoint.save_snapshot)
   done.json      written once the run has finished: final val loss next to the exact optimum
 
 The data (the train split's order, or with data_source 'online' the sequences
@@ -76,13 +77,20 @@ def resolve_device(cfg, local_rank=0):
     return device, autocast, use_compile
 
 
-def snapshot_iters(n_snapshots, max_iters):
-    """The iterations --snapshots N keeps: 0 (before any step), and N+1 log-spaced ones from 1 to max_iters.
+def snapshot_iters(n_snapshots, max_iters, every=0):
+    """The iterations --snapshots N keeps: 0 (before any step), and N+1 log-spaced ones from 1 to max_iters;
+    with --snapshot_every M (every > 0) also 0, M, 2M, ... and max_iters: the union, sorted.
 
-    A pure function of (N, max_iters), so a resumed run continues the same series. Rounding
+    A pure function of its arguments, so a resumed run continues the same series. Rounding
     would merge the first few, so each is pushed past the one before (and kept below the ones
     after): they stay distinct, and all of 1..max_iters when N+1 >= max_iters.
     """
+    evenly = {*range(0, max_iters + 1, every), max_iters} if every > 0 else set()
+    return sorted(evenly.union(log_spaced_iters(n_snapshots, max_iters)))
+
+
+def log_spaced_iters(n_snapshots, max_iters):
+    """--snapshots N's part of snapshot_iters: 0 and N+1 log-spaced iterations from 1 to max_iters ([] for N=0)."""
     if n_snapshots <= 0:
         return []
     count = min(n_snapshots + 1, max_iters)
@@ -415,7 +423,7 @@ class TrainingLoop:
         self.setup, self.model, self.outputs = setup, model, outputs
         self.resumed = resume_state is not None
         self.sequences = training_sequences(setup)
-        self.snapshot_iters = set(snapshot_iters(setup.cfg.snapshots, setup.cfg.max_iters))
+        self.snapshot_iters = set(snapshot_iters(setup.cfg.snapshots, setup.cfg.max_iters, setup.cfg.snapshot_every))
         self.it = resume_state["iter"] if self.resumed else 0
         self.elapsed_before = resume_state["elapsed_s"] if self.resumed else 0.0
         self.started = time.perf_counter()

@@ -119,6 +119,9 @@ def one_line_error(capsys, argv):
         (["theory"], "required"),
         (["train", "data/mess3"], "data/mess3 is no dataset folder, config file or chain id"),
         (["train", "100-sparse-x"], "make the dataset first with nanomarkov generate"),
+        (["train", "100", "--snapshot_every", "-5"], "snapshot_every must be >= 0, got -5"),
+        (["train", "100", "--snapshot_every", "6001"], "snapshot_every (6001) is more than max_iters (6000)"),
+        (["train", "100", "--attn_only=True"], "attn_only and mlp_only together"),  # the recipe is MLP-only
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, argv, message):

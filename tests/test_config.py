@@ -324,6 +324,9 @@ def test_to_dict_from_dict_round_trip():
         (dict(seed=-1), "seed"),
         (dict(eval_interval=0), "eval_interval"),
         (dict(snapshots=-1), "snapshots"),
+        (dict(snapshot_every=-1), "snapshot_every must be >= 0"),
+        (dict(snapshot_every=11, max_iters=10), r"snapshot_every \(11\) is more than max_iters \(10\)"),
+        (dict(attn_only=True, mlp_only=True), "attn_only and mlp_only together"),
         (dict(data_source="stream"), "data_source must be 'fixed' or 'online'"),
     ],
 )
@@ -632,9 +635,10 @@ def test_config_changes_lists_what_differs_except_what_a_resume_may_change():
     del saved["learning_rate"]  # a config saved before a field existed
     assert config_changes(saved, cfg) == ["n_embd 64 -> 128", "learning_rate None -> 0.01"]
     # A field added since (ADDED_FIELDS) means its default where an older run's config lacks it.
-    del saved["lm_head_bias"]
+    del saved["lm_head_bias"], saved["attn_only"], saved["snapshot_every"]
     assert config_changes(saved, cfg) == ["n_embd 64 -> 128", "learning_rate None -> 0.01"]
     assert "lm_head_bias False -> True" in config_changes(saved, TrainConfig(lm_head_bias=True))
+    assert "attn_only False -> True" in config_changes(saved, TrainConfig(attn_only=True))
 
 
 def test_train_accepts_a_dataset_folder(tmp_path):

@@ -81,7 +81,15 @@ def small_dataset(tmp_path):
 )
 def test_training_too_big_is_refused_before_the_model_is_built(small_dataset, capsys, tmp_path, flags, named):
     out = tmp_path / "run"
-    argv = ["train", str(small_dataset), f"--out_dir={out}", "--device=cpu", "--max_iters=1", "--warmup_iters=0", *flags]
+    argv = [
+        "train",
+        str(small_dataset),
+        f"--out_dir={out}",
+        "--device=cpu",
+        "--max_iters=1",
+        "--warmup_iters=0",
+        *flags,
+    ]
     error = one_line_error(capsys, argv)
     assert named in error and "this machine has" in error and "use a smaller --batch_size" in error
     assert not out.exists()

@@ -39,8 +39,10 @@ demo: install
 	$(VENV)/bin/nanomarkov demo
 
 # With every extra, `make test` goes on to the TransformerLens 4 tests (test-lens4) once the main suite passes.
+# One worker per core (pytest-xdist); --dist loadfile keeps a test file, and its module-scoped fixtures, on one worker.
+TEST_WORKERS ?= auto
 test: $(VENV)/.installed-test
-	$(ALLOW_SKIPS) $(PY) -m pytest -q -rs
+	$(ALLOW_SKIPS) $(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile
 	$(if $(ALLOW_SKIPS),,$(MAKE) test-lens4)
 
 $(VENV4)/.installed-test: $(VENV)/.installed-test

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ALLOWED_SKIPS = Path(__file__).with_name("allowed_skips.txt")
 ALLOW_ANY_SKIP = "NANOMARKOV_ALLOW_SKIPS"  # set to 1 to list unexpected skips without failing
@@ -72,5 +73,16 @@ class SkipGuard:
         )
 
 
+def share_cores_between_workers():
+    """Under pytest-xdist (`make test`), each worker takes its share of the cores: torch's default, every core in
+    every process, oversubscribes them, and small models then run several times slower."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # for the `python -m nanomarkov` subprocesses tests start
+        torch.set_num_threads(threads)
+
+
 def pytest_configure(config):
+    share_cores_between_workers()
     config.pluginmanager.register(SkipGuard(read_allowed()), "nanomarkov-skip-guard")

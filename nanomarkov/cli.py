@@ -6,12 +6,14 @@ SIGPIPE exits in a shell, so `set -o pipefail` still sees that not all output wa
 """
 
 import argparse
+import importlib.metadata
 import json
 import os
 import re
 import signal
 import sys
 import threading
+import tomllib
 from pathlib import Path
 
 from tqdm import tqdm
@@ -669,10 +671,24 @@ def _add_train(verbs):
     tr.set_defaults(func=cmd_train, takes_overrides=True)
 
 
+def package_version():
+    """The installed package's version; from a source tree that was never installed, its pyproject.toml's."""
+    try:
+        return importlib.metadata.version("nanomarkov")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        with open(Path(__file__).resolve().parent.parent / "pyproject.toml", "rb") as f:
+            return f"{tomllib.load(f)['project']['version']} (source tree, not installed)"
+    except (OSError, KeyError, TypeError, tomllib.TOMLDecodeError):
+        return "unknown (not installed: pip install -e .)"
+
+
 def build_parser():
     parser = OneLineParser(
         prog="nanomarkov", description="Train small GPTs on Markov chains; check them against exact theory."
     )
+    parser.add_argument("--version", action="version", version=f"nanomarkov {package_version()}")
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=OneLineParser)
 
     _add_generate(verbs)

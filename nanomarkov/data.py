@@ -32,7 +32,15 @@ import numpy as np
 import torch
 
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.files import LOCK_FILE, PARTIAL_SUFFIX, exchange_folders, write_json, writer_lock
+from nanomarkov.files import (
+    LOCK_FILE,
+    PARTIAL_SUFFIX,
+    exchange_folders,
+    follow_umask,
+    format_bytes,
+    write_json,
+    writer_lock,
+)
 from nanomarkov.processes import DEFAULT_PROCESS, PLUGINS_VARIABLE, PROCESSES, process_class
 from nanomarkov.processes.markov import load_hmmlearn_chain
 from nanomarkov.processes.numerics import token_dtype
@@ -303,6 +311,7 @@ def _write_dataset(out_dir, chain, params, dtype, progress, chunk_tokens):
     _check_free_space(out_dir, chain, params, dtype)
     try:
         build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{BUILD_SUFFIX}", dir=out_dir.parent))
+        follow_umask(build)  # mkdtemp's 0700 would become the dataset folder's mode at the swap
     except OSError as e:
         raise NanoMarkovError(f"cannot write beside {out_dir} ({e.strerror or e}); choose another --out") from None
     try:
@@ -332,7 +341,7 @@ def _check_free_space(out_dir, chain, params, dtype):
     free = shutil.disk_usage(out_dir.parent).free
     if needed > free:
         raise NanoMarkovError(
-            f"the dataset needs {needed / 2**30:,.1f} GiB and {out_dir.parent} has {free / 2**30:,.1f} GiB free; "
+            f"the dataset needs {format_bytes(needed)} and {out_dir.parent} has {format_bytes(free)} free; "
             "ask for fewer --train/--val sequences, or free some space or choose another --out"
         )
 

@@ -467,6 +467,7 @@ def cmd_sweep(args):
         dry_run=args.dry_run,
         launcher=args.launcher,
         slurm=slurm if args.launcher == "slurm" else None,
+        notes=lambda line: print(line, file=sys.stderr, flush=True),
     )
     if not args.dry_run:
         print(format_status(sweep_status(args.out)))

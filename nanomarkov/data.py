@@ -199,29 +199,50 @@ def generate_dataset(
     train_sequences,
     val_sequences,
     *,
+    force=False,
+    progress=None,
+    chunk_tokens=CHUNK_TOKENS,
+    **choices,
+):
+    """Build a random process (or take the given `chain`, or a `spec`'s) and write a dataset folder; returns its meta dict.
+
+    `choices` are plan_dataset's keywords (sparsity, alpha, seq_len, seed, dtype, chain, source, spec,
+    process and the process's options), checked there before anything is written. A folder holding
+    this dataset is left as it is, one holding another replaced only with `force`, whole and at once
+    (_write_dataset); `progress(n_tokens)` after each chunk."""
+    chain, params, dtype = plan_dataset(n_states, train_sequences, val_sequences, **choices)
+    out_dir = Path(out_dir)
+    with writer_lock(out_dir, "generation"):  # a second writer is refused, never interleaved
+        existing = _existing_meta(out_dir)
+        if not force and _holds_this_dataset(out_dir, existing, params):
+            return existing
+        return _write_dataset(out_dir, chain, params, dtype, progress, chunk_tokens)
+
+
+def plan_dataset(
+    n_states,
+    train_sequences,
+    val_sequences,
+    *,
     sparsity=None,
     alpha=1.0,
     seq_len=None,
     seed=42,
     dtype=None,
-    force=False,
-    progress=None,
-    chunk_tokens=CHUNK_TOKENS,
     chain=None,
     source=None,
     spec=None,
     process=DEFAULT_PROCESS,
     **options,
 ):
-    """Build a random process (or take the given `chain`, or a `spec`'s) and write a dataset folder; returns its meta dict.
+    """Every check generate_dataset makes before it writes, and what it then writes from: (the process, the
+    dataset's parameters, the token dtype). A sweep calls it to refuse, before any work, what `generate` would.
 
     `process` names a registered class, `options` its own generation options (None: not given).
     With `chain`, sparsity and alpha are null and `source` (JSON: where the chain came from) joins
     the dataset's identity; `spec` is a spec dict or file (docs/specs.md), recorded in meta.json.
-    Train and val come from their own streams of `seed`, so val does not change with --train. A
-    folder holding this dataset is left as it is, one holding another replaced only with `force`,
-    whole and at once (_write_dataset); `progress(n_tokens)` after each chunk."""
-    out_dir, options, spec_params = Path(out_dir), _given(options), {}
+    Train and val come from their own streams of `seed`, so val does not change with --train."""
+    options, spec_params = _given(options), {}
     if spec is not None:
         chain, spec_params = _process_of_spec(spec, chain, process, options, sparsity, alpha)
     if chain is not None:
@@ -248,11 +269,7 @@ def generate_dataset(
         val_sequences=val_sequences,
     )
     params.update(chain.options(), **({} if source is None else {"source": source}), **spec_params)
-    with writer_lock(out_dir, "generation"):  # a second writer is refused, never interleaved
-        existing = _existing_meta(out_dir)
-        if not force and _holds_this_dataset(out_dir, existing, params):
-            return existing
-        return _write_dataset(out_dir, chain, params, dtype, progress, chunk_tokens)
+    return chain, params, dtype
 
 
 def _process_of_spec(spec, chain, process, options, sparsity, alpha):

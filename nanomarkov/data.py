@@ -689,6 +689,27 @@ def _verify_split(file, tokens, chain, expected_sha256, fix):
         )
 
 
+def learnable_fraction(loss, theory):
+    """The share of the learnable structure a model with this val loss has captured: how far it has come
+    from the uniform predictor (knowing nothing, 0) to the true process on the same val sequences (1).
+
+    Uniform rather than unigram is the start because it is what an untrained model predicts and needs no
+    estimate; and unlike true_loss_val / loss ("% of optimum"), which gives a uniform predictor ~90 %, it
+    puts a model that learned nothing at 0."""
+    return (theory["uniform_loss"] - loss) / (theory["uniform_loss"] - theory["true_loss_val"])
+
+
+def headline(record):
+    """A run's result in one phrase: its excess in nats over the floor it is measured against, and the
+    learnable structure captured (a record of done.json's keys; an older one without the share omits it)."""
+    captured = record.get("learnable_fraction")
+    share = "" if captured is None else f", {100 * captured:.1f} % of the learnable structure captured"
+    return (
+        f"val {record['val_loss']:.6f}, excess {record['excess']:+.6f} nats over true_loss_val "
+        f"{record['true_loss_val']:.6f}{share}"
+    )
+
+
 def dataset_theory(dataset):
     """The exact theory of a loaded dataset, recomputed from its chain and val split."""
     theory = dataset.chain.theory(dataset.seq_len)

@@ -26,8 +26,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.files import json_text, write_atomic, write_atomic_together
-from nanomarkov.model import ADDED_FIELDS, GPT, GPTConfig
+from nanomarkov.files import (
+    check_output_folder,
+    json_text,
+    read_capped,
+    read_json_or_none,
+    write_atomic,
+    write_atomic_together,
+)
+from nanomarkov.memory import check_fits
+from nanomarkov.model import ADDED_FIELDS, FLOAT32_BYTES, GPT, GPTConfig, weight_count
 
 FORMAT = "nanomarkov.GPT"
 FORMAT_VERSION = 1
@@ -130,6 +138,18 @@ def _model_config(ckpt, path, fix=CHECKPOINT_FIX) -> GPTConfig:
         raise NanoMarkovError(f"{path}: invalid model_args ({e}); {fix}") from None
 
 
+def build_checked(config, path, fix) -> GPT:
+    """GPT(config) for the file `path`, refused before it is built when its weights do not fit in memory
+    (a file whose model_args were edited to n_embd = 10**6 must not take the machine down)."""
+    count = weight_count(config)
+    check_fits(
+        count * FLOAT32_BYTES,
+        f"{path}: the model it describes ({count:,} weights, n_embd {config.n_embd}, n_layer {config.n_layer})",
+        f"open it where more memory is free, or {fix}",
+    )
+    return GPT(config)
+
+
 def _listed(names, limit=3) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
@@ -158,7 +178,7 @@ def load_model(ckpt_path):
     for key in ("model", "model_args", "data_dir"):
         if key not in ckpt:
             raise NanoMarkovError(f"{ckpt_path}: not a nanoMarkov checkpoint (no '{key}'); {CHECKPOINT_FIX}")
-    model = GPT(_model_config(ckpt, ckpt_path))
+    model = build_checked(_model_config(ckpt, ckpt_path), ckpt_path, CHECKPOINT_FIX)
     mismatch = _weights_mismatch(ckpt["model"], model)
     if mismatch:
         raise NanoMarkovError(
@@ -185,6 +205,22 @@ def model_and_source(ckpt_or_model):
     raise NanoMarkovError(f"expected a GPT or a path to a ckpt.pt, got {type(ckpt_or_model).__name__}")
 
 
+def nonfinite_weights(model) -> list:
+    """The names of the model's weights holding a NaN or an infinity (none: an empty list)."""
+    return [name for name, tensor in model.state_dict().items() if not torch.isfinite(tensor).all()]
+
+
+def check_finite_weights(model, source, what="export"):
+    """Refuse a model whose weights hold NaN or inf: nothing computed from it means anything."""
+    broken = nonfinite_weights(model)
+    if broken:
+        named = source.get("checkpoint") or source.get("snapshot") or source.get("export") or "the model"
+        raise NanoMarkovError(
+            f"{named}: its weights are not finite (NaN or inf in {_listed(broken)}), so there is no model to "
+            f"{what}; use an earlier checkpoint or snapshot, or retrain (e.g. with a lower learning rate)"
+        )
+
+
 def _unique_tensors(state):
     """(tensors saved once each, {alias: saved name}) for a state_dict whose entries may share storage."""
     unique, tied, first_name = {}, {}, {}
@@ -199,8 +235,16 @@ def _unique_tensors(state):
     return unique, tied
 
 
-def export_safetensors(ckpt_or_model, out_dir):
+def is_export_folder(folder) -> bool:
+    """Whether `folder` holds an export of nanoMarkov (its config.json says the format)."""
+    config = read_json_or_none(Path(folder) / CONFIG_FILE)
+    return config is not None and config.get("format") == FORMAT
+
+
+def export_safetensors(ckpt_or_model, out_dir, force=False):
     """Write `out_dir/model.safetensors` and `out_dir/config.json` for a GPT or a ckpt.pt; return out_dir.
+
+    `out_dir` is new, empty or an earlier export, or `force` (files.check_output_folder).
 
     config.json holds every GPTConfig field at the top level, plus "format",
     "format_version", "tied_weights" and "source" (the checkpoint, its iter and
@@ -208,7 +252,9 @@ def export_safetensors(ckpt_or_model, out_dir):
     replaced together (files.write_atomic_together): an interrupted export or a full
     disk leaves the previous export as it was, never new weights beside an old config.
     """
+    check_output_folder(out_dir, "model export", is_export_folder, force=force)
     model, source = model_and_source(ckpt_or_model)
+    check_finite_weights(model, source)
     tensors, tied = _unique_tensors(model.state_dict())
     config = {
         **dataclasses.asdict(model.config),
@@ -236,7 +282,7 @@ def _read_config(folder):
             f"`nanomarkov export CKPT --format safetensors --out {folder}`"
         )
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(read_capped(path))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise NanoMarkovError(f"{path}: not readable JSON ({e}); export the model again") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
@@ -266,7 +312,7 @@ def _load_export(folder):
         if name not in state:
             raise NanoMarkovError(f"{folder}: tied weight {alias} refers to {name}, which is not in {WEIGHTS_FILE}")
         state[alias] = state[name]
-    model = GPT(gpt_config)
+    model = build_checked(gpt_config, folder, "export the model again")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -383,7 +429,7 @@ def load_snapshot(path):
         if name not in state:
             raise NanoMarkovError(f"{path}: tied weight {alias} refers to {name}, which is not there; {SNAPSHOT_FIX}")
         state[alias] = state[name]
-    model = GPT(config)
+    model = build_checked(config, path, SNAPSHOT_FIX)
     mismatch = _weights_mismatch(state, model)
     if mismatch:
         raise NanoMarkovError(f"{path}: its weights do not fit its config ({mismatch}); {SNAPSHOT_FIX}")

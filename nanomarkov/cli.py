@@ -1,8 +1,11 @@
 """`nanomarkov <verb>`: argument parsing and error messages only; the work is in the modules.
 
-Exit codes: 0 ok, 2 bad input (one line on stderr, no traceback), 1 failure, 130 Ctrl-C,
-141 stdout closed early (`nanomarkov theory data/x | head -1`: quietly, as a tool killed by
-SIGPIPE exits in a shell, so `set -o pipefail` still sees that not all output was read).
+Exit codes: 0 ok, 2 bad input (one line on stderr, no traceback; out of memory too: the fix is a
+smaller input), 1 failure (a diverged run; stdout that cannot be written, e.g. `> /dev/full`: the
+command's work is done whole -- a dataset, a training run -- but its output is lost, and the same
+command succeeds where stdout has room, as coreutils exit 1 on a write error), 130 Ctrl-C, 141 stdout closed early (`nanomarkov theory data/x
+| head -1`: quietly, as a tool killed by SIGPIPE exits in a shell, so `set -o pipefail` still sees
+that not all output was read). A warning from any layer is one `note:` line on stderr.
 """
 
 import argparse
@@ -14,12 +17,22 @@ import signal
 import sys
 import threading
 import tomllib
+import warnings
+from contextlib import redirect_stdout, suppress
 from pathlib import Path
 
 from tqdm import tqdm
 
 from nanomarkov.checkpoint import export_safetensors
-from nanomarkov.config import TrainConfig, dataset_preset, load_config_file, parse_mm_id, parse_overrides, preset
+from nanomarkov.config import (
+    TrainConfig,
+    dataset_preset,
+    load_config_file,
+    merge_settings,
+    parse_mm_id,
+    parse_overrides,
+    preset,
+)
 from nanomarkov.data import (
     dataset_theory,
     default_data_dir,
@@ -33,6 +46,7 @@ from nanomarkov.dynamics import (
     DEFAULT_VAL_SEQUENCES,
     LLC_COUNTS,
     LLC_DEFAULTS,
+    check_dynamics_folder,
     format_dynamics,
     llc_settings,
     run_dynamics,
@@ -277,7 +291,11 @@ def _train_configs(args, overrides):
                 "with a config file, set the seed and the rest as --key=value "
                 "(SEED, --seeds, --sparse and --preset go with a chain id: nanomarkov train 100 42)"
             )
-        return [TrainConfig.from_dict({**load_config_file(target), **overrides}, f"config file {target}")]
+        return [
+            TrainConfig.from_dict(
+                merge_settings(merge_settings({}, load_config_file(target)), overrides), f"config file {target}"
+            )
+        ]
     if args.seeds and args.seed is not None:
         raise NanoMarkovError("give either SEED or --seeds, not both")
     seeds = args.seeds or [42 if args.seed is None else args.seed]
@@ -288,7 +306,9 @@ def _train_configs(args, overrides):
                 f"{target} is a dataset folder: its sparsity is its own (--sparse goes with a chain id)"
             )
         return [
-            TrainConfig.from_dict({**dataset_preset(name, target, seed), **overrides}, f"preset {name} on {target}")
+            TrainConfig.from_dict(
+                merge_settings(dataset_preset(name, target, seed), overrides), f"preset {name} on {target}"
+            )
             for seed in seeds
         ]
     if not re.fullmatch(r"\d+(-sparse-\d+)?", target):
@@ -302,7 +322,7 @@ def _train_configs(args, overrides):
             raise NanoMarkovError(f"{target} and --sparse {args.sparse} disagree on the sparsity")
         sparsity = args.sparse
     return [
-        TrainConfig.from_dict({**preset(name, n_states, sparsity, seed), **overrides}, f"preset {name}")
+        TrainConfig.from_dict(merge_settings(preset(name, n_states, sparsity, seed), overrides), f"preset {name}")
         for seed in seeds
     ]
 
@@ -312,7 +332,15 @@ def cmd_train(args, extra):
     if args.resume:
         overrides["init_from"] = "resume"
     overrides.update(
-        {k: v for k, v in (("snapshots", args.snapshots), ("data_source", args.data_source)) if v is not None}
+        {
+            k: v
+            for k, v in (
+                ("snapshots", args.snapshots),
+                ("snapshot_every", args.snapshot_every),
+                ("data_source", args.data_source),
+            )
+            if v is not None
+        }
     )
     results = []
     for cfg in _train_configs(args, overrides):
@@ -331,7 +359,7 @@ def cmd_demo(args, extra):
     data_dir = default_data_dir(10)
     print(f"1/4 generate {data_dir}: 10,000 train + 1,000 val sequences from a random 10-state chain")
     generate_dataset(data_dir, 10, 10000, 1000)
-    cfg = TrainConfig.from_dict({**preset("default", 10), **parse_overrides(extra)}, "demo")
+    cfg = TrainConfig.from_dict(merge_settings(preset("default", 10), parse_overrides(extra)), "demo")
     print(f"2/4 train {cfg.out_dir} with the default recipe")
     done = train(cfg, overwrite=True)
     if done["status"] != "done":
@@ -369,7 +397,7 @@ def cmd_eval(args):
         print(f"\nwritten: {folder}/eval.json, eval.md{arrays}\n")
     broken = nonfinite_message(written)  # a model that cannot be measured failed, as a diverged run does: exit 1
     if broken:
-        print(f"error: {broken}", file=sys.stderr)
+        say(f"error: {broken}")
     return 1 if broken else 0
 
 
@@ -386,7 +414,7 @@ def cmd_report(args):
             f"nanomarkov eval {Path(run) / 'ckpt.pt'}"
         )
     for skip in report["skipped"]:
-        print(f"skipped {Path(skip['run']) / skip['plot']}: {skip['why']}", file=sys.stderr)
+        say(f"skipped {Path(skip['run']) / skip['plot']}: {skip['why']}")
     return 0
 
 
@@ -406,10 +434,12 @@ def cmd_dynamics(args):
         flag = next(flag for flag, name in LLC_FLAGS.items() if name in given)
         raise NanoMarkovError(f"--{flag} sets the learning coefficient's estimate; add --llc to estimate it")
     llc = llc_settings(**given) if args.llc else None
+    if args.out:
+        check_dynamics_folder(args.out, args.force)  # before the work, which takes a while
     record = run_dynamics(
         args.run, data_dir=args.data, val_sequences=args.val_sequences, llc=llc, show_progress=sys.stderr.isatty()
     )
-    written = write_dynamics(record, args.out or args.run)
+    written = write_dynamics(record, args.out or args.run, force=args.force)
     if args.json:
         print(json_text(record), end="")
     else:
@@ -427,6 +457,7 @@ def _add_dynamics(verbs):
     dyn.add_argument("run", help="a run folder trained with --snapshots N")
     dyn.add_argument("--data", default=None, help="dataset folder (default: the one the run trained on)")
     dyn.add_argument("--out", default=None, help="output folder (default: the run folder)")
+    dyn.add_argument("--force", action="store_true", help="write into an --out that holds other files")
     dyn.add_argument("--json", action="store_true", help="print dynamics.json instead of the table")
     dyn.add_argument(
         "--val_sequences",
@@ -445,7 +476,7 @@ def _add_dynamics(verbs):
 
 def cmd_sweep(args):
     if args.target == "status":
-        if not args.folder or args.out or args.dry_run or args.jobs != 1:
+        if not args.folder or args.out or args.dry_run or args.force or args.jobs != 1:
             raise NanoMarkovError("usage: nanomarkov sweep status DIR (the folder a sweep wrote, its --out)")
         print(format_status(sweep_status(args.folder)))
         return 0
@@ -466,6 +497,7 @@ def cmd_sweep(args):
         launcher=args.launcher,
         slurm=slurm if args.launcher == "slurm" else None,
         notes=lambda line: print(line, file=sys.stderr, flush=True),
+        force=args.force,
     )
     if not args.dry_run:
         print(format_status(sweep_status(args.out)))
@@ -477,10 +509,15 @@ def cmd_export(args):
     if not Path(args.checkpoint).is_file():
         raise NanoMarkovError(f"{args.checkpoint}: no checkpoint there (a run folder's ckpt.pt)")
     if args.format == "hf":
+        if args.force:
+            raise NanoMarkovError(
+                "--force goes with --format safetensors: a Hugging Face export replaces its folder whole, "
+                "so give --out a new or empty folder (or an earlier hf export)"
+            )
         out = export_hf(args.checkpoint, args.out)
         print(f"written: {out} (GPT-2); in Python: transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
         return 0
-    out = export_safetensors(args.checkpoint, args.out)
+    out = export_safetensors(args.checkpoint, args.out, force=args.force)
     print(f"written: {out}/model.safetensors, {out}/config.json; in Python: nanomarkov.load({str(out)!r})")
     return 0
 
@@ -538,19 +575,7 @@ def _add_generate(verbs):
         default=None,
         help=f"(default {DEFAULT_PROCESS}) " + "; ".join(f"{name}: {cls.SUMMARY}" for name, cls in PROCESSES.items()),
     )
-    owners = {}
-    for process, cls in PROCESSES.items():
-        for option in cls.OPTIONS:
-            owners.setdefault(option.name, []).append(process)
-    for option in _all_options():
-        where = ", ".join(owners[option.name])
-        gen.add_argument(
-            f"--{option.name}",
-            type=option.type,
-            default=None,
-            choices=option.choices,
-            help=f"with --process {where}: {option.help}",
-        )
+    _add_process_options(gen)
     gen.add_argument("--sparsity", type=float, default=None, help="percent of each row's transitions set to zero")
     gen.add_argument("--alpha", type=float, default=None, help="Dirichlet concentration of each row (default 1)")
     gen.add_argument(
@@ -571,8 +596,26 @@ def _add_generate(verbs):
         help="dataset folder (default data/ + the process's folder name [-sparse-{S}], e.g. data/mm{K}, "
         "data/mm{K}-order{k}, data/icl{K}, data/mess3, data/hmm{K}-h{H})",
     )
-    gen.add_argument("--force", action="store_true", help="replace an existing dataset with other parameters")
+    gen.add_argument(
+        "--force", action="store_true", help="replace an existing dataset with other parameters (or files of yours)"
+    )
     gen.set_defaults(func=cmd_generate)
+
+
+def _add_process_options(gen):
+    """One flag per generation option of the registered processes, its help naming the processes that take it."""
+    owners = {}
+    for process, cls in PROCESSES.items():
+        for option in cls.OPTIONS:
+            owners.setdefault(option.name, []).append(process)
+    for option in _all_options():
+        gen.add_argument(
+            f"--{option.name}",
+            type=option.type,
+            default=None,
+            choices=option.choices,
+            help=f"with --process {', '.join(owners[option.name])}: {option.help}",
+        )
 
 
 def _add_sweep(verbs):
@@ -586,6 +629,7 @@ def _add_sweep(verbs):
     sw.add_argument("target", help="a grid file (TOML), or 'status'")
     sw.add_argument("folder", nargs="?", help="with 'status': the sweep's folder")
     sw.add_argument("--out", default=None, help="folder for the datasets, runs, sweep.json and report")
+    sw.add_argument("--force", action="store_true", help="write into an --out that holds other files")
     sw.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process (default 1)")
     sw.add_argument(
         "--dry-run", action="store_true", help="print what would be trained, resumed or skipped; write nothing"
@@ -660,9 +704,18 @@ def _add_train(verbs):
         "--seeds", type=seed_type, nargs="+", default=None, help="train one run per seed, one after another"
     )
     tr.add_argument("--resume", action="store_true", help="continue the run in out_dir from its checkpoint")
-    tr.add_argument("--force", action="store_true", help="start over in an out_dir that already holds a run")
+    tr.add_argument(
+        "--force", action="store_true", help="start over in an out_dir that holds a run (or files of yours)"
+    )
     tr.add_argument(
         "--snapshots", type=int, default=None, metavar="N", help="keep N+2 weight snapshots at log-spaced iterations"
+    )
+    tr.add_argument(
+        "--snapshot_every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also keep a weight snapshot every N iterations (and the last); with --snapshots, the union",
     )
     tr.add_argument(
         "--data_source", default=None, metavar="fixed|online", help="online: fresh sequences from the process each step"
@@ -681,6 +734,26 @@ def package_version():
             return f"{tomllib.load(f)['project']['version']} (source tree, not installed)"
     except (OSError, KeyError, TypeError, tomllib.TOMLDecodeError):
         return "unknown (not installed: pip install -e .)"
+
+
+def _add_export(verbs):
+    ex = verbs.add_parser(
+        "export",
+        help="write a checkpoint's model as model.safetensors + config.json (no pickle), or as a Hugging Face GPT-2",
+        epilog="example: nanomarkov export trainings/MM/MM-10/MM-10-42/ckpt.pt --out exports/mm10",
+    )
+    ex.add_argument("checkpoint", help="a ckpt.pt")
+    ex.add_argument(
+        "--format",
+        choices=["safetensors", "hf"],
+        default="safetensors",
+        help="safetensors: for nanomarkov.load; hf: a GPT-2 folder for transformers (the hf extra)",
+    )
+    ex.add_argument("--out", required=True, help="output folder (created; an earlier export there is replaced)")
+    ex.add_argument(
+        "--force", action="store_true", help="safetensors: write into an --out that holds other files (not hf)"
+    )
+    ex.set_defaults(func=cmd_export)
 
 
 def build_parser():
@@ -721,20 +794,7 @@ def build_parser():
     _add_sweep(verbs)
     _add_dynamics(verbs)
 
-    ex = verbs.add_parser(
-        "export",
-        help="write a checkpoint's model as model.safetensors + config.json (no pickle), or as a Hugging Face GPT-2",
-        epilog="example: nanomarkov export trainings/MM/MM-10/MM-10-42/ckpt.pt --out exports/mm10",
-    )
-    ex.add_argument("checkpoint", help="a ckpt.pt")
-    ex.add_argument(
-        "--format",
-        choices=["safetensors", "hf"],
-        default="safetensors",
-        help="safetensors: for nanomarkov.load; hf: a GPT-2 folder for transformers (the hf extra)",
-    )
-    ex.add_argument("--out", required=True, help="output folder (created; an earlier export there is replaced)")
-    ex.set_defaults(func=cmd_export)
+    _add_export(verbs)
 
     _add_import_hmmlearn(verbs)
 
@@ -745,22 +805,64 @@ def build_parser():
     return parser
 
 
+def say(line):
+    """One line on stderr, never an exception: stderr may be a full device too, and then the exit code is all
+    that can still tell what happened."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        silence(sys.stderr)
+
+
 def guarded(function, *args):
     """Run a command: bad input is one line on stderr and exit 2, a failed run exit 1, Ctrl-C 130."""
     try:
         return function(*args)
     except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         return 1
     except NanoMarkovError as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
+        return 2
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        say(out_of_memory_message(e))
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        say("interrupted")
         return 130
     except Terminated:
-        print("terminated", file=sys.stderr)
+        say("terminated")
         return 128 + signal.SIGTERM
+
+
+# torch's words for an allocation that failed, where it raises a plain RuntimeError (the CPU allocator,
+# a CUDA error raised outside the allocator) rather than torch.OutOfMemoryError.
+TORCH_OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory", re.IGNORECASE)
+
+
+def is_out_of_memory(error):
+    """Whether an exception is an allocation that failed: MemoryError (numpy's included), torch's OutOfMemoryError
+    (GPU), or torch's RuntimeError from its CPU allocator."""
+    if isinstance(error, MemoryError):
+        return True
+    torch = sys.modules.get("torch")  # not imported: nothing of torch ran, so no torch error to recognise
+    torch_oom = getattr(torch, "OutOfMemoryError", None)
+    return (torch_oom is not None and isinstance(error, torch_oom)) or bool(TORCH_OUT_OF_MEMORY.search(str(error)))
+
+
+def out_of_memory_message(error):
+    """The one line for an allocation that failed: which memory, the size asked for where the error says it."""
+    text = str(error)
+    on_gpu = re.search(r"CUDA|GPU|MPS|XPU", text) is not None
+    asked = re.search(r"allocate (\d+(?:\.\d+)? ?[KMGTPE]i?B)", text, re.IGNORECASE)
+    asked_bytes = re.search(r"allocate (\d+) bytes", text)
+    size = asked.group(1) if asked else f"{int(asked_bytes.group(1)) / 2**30:,.1f} GiB" if asked_bytes else None
+    return (
+        f"error: out of {'GPU' if on_gpu else 'memory'}{f' (asked for {size} more)' if size else ''}: use a smaller "
+        "K, --batch_size or model (--n_layer, --n_embd), fewer --train/--val sequences, or a machine with more memory"
+    )
 
 
 def _dispatch(argv):
@@ -784,18 +886,75 @@ def _raise_terminated(signum, frame):
     raise Terminated
 
 
+class CheckedStdout:
+    """sys.stdout that outlives a failed write (a full device, an I/O error): the first failure is kept in
+    `failure` and what follows is dropped, so that the command's work (a dataset, a training run) still
+    ends whole, and main reports the lost output at the end. A closed pipe stays BrokenPipeError: the
+    reader has gone, and the command stops as a tool that SIGPIPE ends does."""
+
+    def __init__(self, stream):
+        self.stream, self.failure = stream, None
+
+    def write(self, text):
+        self.checked(self.stream.write, text)
+        return len(text)
+
+    def flush(self):
+        self.checked(self.stream.flush)
+
+    def checked(self, operation, *args):
+        if self.failure is not None:
+            return
+        try:
+            operation(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            self.failure = e.strerror or str(e)
+
+    def __getattr__(self, name):  # isatty, fileno, encoding: the stream's own
+        return getattr(self.stream, name)
+
+
+def show_note(message, category, filename, lineno, file=None, line=None):
+    """warnings.showwarning for the command line: the message as one `note:` line, without Python's source line."""
+    say(f"note: {' '.join(str(message).split())}")
+
+
+def silence(stream):
+    """Point a stream that failed at /dev/null, so that Python's own flush at exit does not fail again on what is
+    left in its buffer (and turn the exit code into 120)."""
+    with suppress(OSError, ValueError):  # no file descriptor (a test's captured stream): nothing is flushed at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+
+
+def run_and_flush(argv):
+    """The command's exit code, with stdout flushed here rather than at exit, so that a failed write is seen
+    in main; also after argparse's --help, which ends through SystemExit."""
+    try:
+        return guarded(_dispatch, argv)
+    except SystemExit as e:  # only argparse's: a plugin's sys.exit is refused where plugins load
+        return 0 if e.code is None else e.code
+    finally:
+        sys.stdout.flush()
+
+
 def main(argv=None):
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)  # training installs its own while it trains
+    stdout = CheckedStdout(sys.stdout)
     try:
-        code = guarded(_dispatch, argv)
-        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
-        return code
+        with warnings.catch_warnings(), redirect_stdout(stdout):
+            warnings.showwarning = show_note  # restored by catch_warnings
+            code = run_and_flush(argv)
     except BrokenPipeError:
-        # The reader left (`| head -1`): nothing to report. Point stdout at /dev/null so that
-        # Python's own flush at exit does not print the same error.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        silence(sys.stdout)  # the reader left (`| head -1`): nothing to report
         return EXIT_CLOSED_STDOUT
+    if stdout.failure is None:
+        return code
+    silence(sys.stdout)
+    say(f"error: cannot write to stdout ({stdout.failure}); free space where stdout goes, or redirect it elsewhere")
+    return code or 1
 
 
 if __name__ == "__main__":

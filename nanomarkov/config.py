@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.files import read_json_or_none
+from nanomarkov.files import read_capped, read_json_or_none
 from nanomarkov.processes import DEFAULT_PROCESS, process_class
 
 from .model import ADDED_FIELDS as MODEL_ADDED_FIELDS
@@ -46,6 +46,7 @@ class TrainConfig:
     eval_interval: int = 250  # iterations between evaluations (and checkpoints)
     log_interval: int = 10  # iterations between train-loss log lines
     snapshots: int = 0  # weights-only snapshots at log-spaced iterations in out_dir/snapshots/ (0: none)
+    snapshot_every: int = 0  # also a snapshot every N iterations, and at max_iters (0: none)
     wandb_log: bool = False  # log to Weights & Biases (wandb is imported only then)
     wandb_project: str = "MM-experiments"  # wandb project name
     wandb_run_name: str = ""  # wandb run name; '' means the name of out_dir
@@ -58,6 +59,7 @@ class TrainConfig:
     use_ln: bool = True  # LayerNorms on (all of them, final one included)
     pos_ape: bool = True  # learned absolute position embeddings
     mlp_only: bool = False  # no attention sublayer at all
+    attn_only: bool = False  # no MLP (nor its LayerNorm) at all; mlp_ratio and mlp_filter are unused
     mlp_ratio: int = 4  # MLP hidden width / n_embd
     mlp_filter: str = "GELU"  # GELU | RELU | RELU2 | RELU3
     mlp_first_matrix_identity: bool = False  # MLP's first matrix is a frozen identity (mlp_ratio 1)
@@ -89,8 +91,21 @@ class TrainConfig:
             setattr(self, f.name, _check_type(f.name, getattr(self, f.name)))
         for name in ("batch_size", "grad_accum_steps", "eval_interval", "log_interval"):
             _require(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "seed", "snapshots"):
+        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "seed", "snapshots", "snapshot_every"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        _require(self.max_iters >= 1, "max_iters = 0 trains nothing; give max_iters >= 1 (e.g. --max_iters=600)")
+        # Past max_iters the schedule would keep 0 and max_iters only: surely not what was meant.
+        _require(
+            self.snapshot_every <= self.max_iters,
+            f"snapshot_every ({self.snapshot_every}) is more than max_iters ({self.max_iters}); give at most "
+            f"max_iters, or 0 for no snapshots at fixed steps",
+        )
+        _require(
+            not self.decay_lr or self.warmup_iters <= self.max_iters,
+            f"warmup_iters ({self.warmup_iters}) is longer than the run (max_iters {self.max_iters}): the "
+            f"learning rate would never reach its peak; give warmup_iters <= {self.max_iters} "
+            f"(e.g. --warmup_iters={self.max_iters // 10}) or a longer run",
+        )
         _require(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         _require(
             0 <= self.min_lr <= self.learning_rate,
@@ -146,7 +161,19 @@ MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name not
 
 # Fields newer than the first runs: absent from an older run's config.json, they mean their default,
 # which computes what that run computed (TrainConfig's own later fields join the model's here).
-ADDED_FIELDS = (*MODEL_ADDED_FIELDS, "data_source")
+ADDED_FIELDS = (*MODEL_ADDED_FIELDS, "data_source", "snapshot_every")
+
+# A run folder is one whose config.json `train` wrote: every run's holds these keys beside the
+# TrainConfig fields (since the first version), which a user's own config.json is unlikely to.
+RUN_CONFIG_FILE = "config.json"
+RUN_CONFIG_MARKS = ("data_dir", "out_dir", "vocab_size", "block_size", "device_resolved", "tokens_per_iter")
+
+
+def is_run_folder(folder) -> bool:
+    """Whether `folder` holds a run of nanoMarkov (its config.json written by `train`)."""
+    record = read_json_or_none(Path(folder) / RUN_CONFIG_FILE)
+    return record is not None and all(key in record for key in RUN_CONFIG_MARKS)
+
 
 # Config fields a resumed run may change without changing what it computes.
 RESUMABLE_CHANGES = frozenset(
@@ -163,6 +190,7 @@ RESUMABLE_CHANGES = frozenset(
         "device",
         "compile",
         "snapshots",
+        "snapshot_every",
     }
 )
 
@@ -185,6 +213,27 @@ LEGACY_IGNORED = {
 }
 # Seed keys that were renamed: the old name still works.
 LEGACY_RENAMED = {"train_seed": "seed", "gradient_accumulation_steps": "grad_accum_steps"}
+
+
+def merge_settings(base: dict, given: dict) -> dict:
+    """`base` (a recipe, or the defaults under a config file) with the settings `given` on top, the
+    schedule following the run (docs/training.md#the-learning-rate-schedule):
+
+    - max_iters given without lr_decay_iters: the decay ends with the run, at max_iters;
+    - a resumed run (init_from 'resume') keeps the decay it was trained with (its config.json's
+      lr_decay_iters) unless lr_decay_iters is given, so that resuming never changes its schedule.
+    """
+    merged = {**base, **given}
+    if "lr_decay_iters" in given:
+        return merged
+    saved = {}
+    if merged.get("init_from") == "resume" and isinstance(merged.get("out_dir"), str):
+        saved = read_json_or_none(Path(merged["out_dir"]) / RUN_CONFIG_FILE) or {}
+    if type(saved.get("lr_decay_iters")) is int:
+        merged["lr_decay_iters"] = saved["lr_decay_iters"]
+    elif "max_iters" in given:
+        merged["lr_decay_iters"] = given["max_iters"]
+    return merged
 
 
 def _require(condition: bool, message: str):
@@ -403,7 +452,8 @@ def load_config_file(path) -> dict:
     path = Path(path)
     where = f"config file {path}"
     try:
-        source = path.read_bytes().decode("utf-8")
+        # Room for MAX_CONFIG_CHARS characters of 4 UTF-8 bytes; a longer file is refused unread.
+        source = read_capped(path, 4 * MAX_CONFIG_CHARS).decode("utf-8")
     except OSError as e:
         raise NanoMarkovError(f"cannot read {where}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
@@ -641,7 +691,7 @@ def dataset_preset(name: str, data_dir, seed: int = 42) -> dict:
     """
     meta_path = Path(data_dir) / "meta.json"
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(read_capped(meta_path))
         n_states, process = meta["n_states"], meta.get("process", DEFAULT_PROCESS)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise NanoMarkovError(f"{meta_path}: not a readable dataset ({e}); create it with nanomarkov generate") from e

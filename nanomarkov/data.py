@@ -35,15 +35,19 @@ from nanomarkov.errors import NanoMarkovError
 from nanomarkov.files import (
     LOCK_FILE,
     PARTIAL_SUFFIX,
+    check_output_folder,
     exchange_folders,
     follow_umask,
     format_bytes,
+    open_regular,
+    read_capped,
     write_json,
     writer_lock,
 )
+from nanomarkov.memory import check_fits, npz_bytes, npz_headers
 from nanomarkov.processes import DEFAULT_PROCESS, PLUGINS_VARIABLE, PROCESSES, process_class
 from nanomarkov.processes.markov import load_hmmlearn_chain
-from nanomarkov.processes.numerics import token_dtype
+from nanomarkov.processes.numerics import CONCENTRATION_RANGE, token_dtype, valid_concentration
 from nanomarkov.processes.spec import process_from_file, process_from_spec, spec_record
 
 FORMAT_VERSION = 1
@@ -207,15 +211,15 @@ def generate_dataset(
     """Build a random process (or take the given `chain`, or a `spec`'s) and write a dataset folder; returns its meta dict.
 
     `choices` are plan_dataset's keywords (sparsity, alpha, seq_len, seed, dtype, chain, source, spec,
-    process and the process's options), checked there before anything is written. A folder holding
-    this dataset is left as it is, one holding another replaced only with `force`, whole and at once
-    (_write_dataset); `progress(n_tokens)` after each chunk."""
+    process and the process's options), checked there before anything is written. This
+    dataset is left as it is, any other folder (files.check_output_folder) replaced only with `force`,
+    whole and at once (_write_dataset); `progress(n_tokens)` after each chunk."""
     chain, params, dtype = plan_dataset(n_states, train_sequences, val_sequences, **choices)
     out_dir = Path(out_dir)
+    check_output_folder(out_dir, "dataset", is_dataset_folder, force=force)
     with writer_lock(out_dir, "generation"):  # a second writer is refused, never interleaved
-        existing = _existing_meta(out_dir)
-        if not force and _holds_this_dataset(out_dir, existing, params):
-            return existing
+        if not force and _holds_this_dataset(out_dir, _existing_meta(out_dir), params):
+            return _existing_meta(out_dir)
         return _write_dataset(out_dir, chain, params, dtype, progress, chunk_tokens)
 
 
@@ -308,12 +312,12 @@ def _holds_this_dataset(out_dir, existing, params):
             f"{out_dir} already holds a different dataset ({', '.join(changed)}); "
             "pass --force to replace it, or --out to write elsewhere"
         )
-    if any((out_dir / f"{s}.bin").exists() for s in SPLITS):
-        raise NanoMarkovError(
-            f"{out_dir} holds .bin files but no meta.json (not a nanoMarkov dataset, or an old format); "
-            "pass --force to replace them, or --out to write elsewhere"
-        )
     return False
+
+
+def is_dataset_folder(folder) -> bool:
+    """Whether `folder` holds a dataset of nanoMarkov (its meta.json; damaged or not, it is one)."""
+    return (Path(folder) / "meta.json").is_file()
 
 
 def _write_dataset(out_dir, chain, params, dtype, progress, chunk_tokens):
@@ -382,6 +386,7 @@ def _write_files(folder, chain, params, dtype, progress, chunk_tokens):
     )
     meta["stage_losses"] = chain.stage_losses(seq_len)  # from theory's sample where estimated: free here
     meta["stage_loss_errors"] = chain.stage_loss_errors(seq_len)
+    check_theory(chain, meta["theory"], seq_len)
     for split_index, split in enumerate(SPLITS, start=1):
         n = params[f"{split}_sequences"]
         rng = np.random.default_rng([seed, split_index])
@@ -396,6 +401,65 @@ def _write_files(folder, chain, params, dtype, progress, chunk_tokens):
         meta["sha256"][BELIEFS_FILE] = _write_val_beliefs(folder, chain, params["val_sequences"], seq_len, dtype)
     write_json(folder / "meta.json", meta, what="dataset record")
     return meta
+
+
+# Rounding a float64 theory may show past a bound that holds for every process; an estimated number may
+# also stray by THEORY_SIGMAS of its standard errors.
+THEORY_ROUNDING = 1e-9
+THEORY_SIGMAS = 4
+# The optimal predictor's probabilities are checked on this many sequences of at most this many tokens.
+CHECKED_SEQUENCES, CHECKED_TOKENS = 4, 16
+LOSS_KEYS = ("entropy_rate", "optimal_loss", "unigram_loss")
+
+
+def theory_bounds(theory, n_states):
+    """(what, holds) for each bound every process's theory obeys, whatever its start: losses between 0 and
+    log K, the entropy rate at most the unigram loss (H(x_t | past) <= H(x_t) in the stationary regime),
+    the argmax accuracy between 1/K and 1; each with the slack of its numbers' errors."""
+    log_k = math.log(n_states)
+
+    def slack(*names):
+        return THEORY_ROUNDING + THEORY_SIGMAS * sum(theory.get(f"{name}_se") or 0.0 for name in names)
+
+    bounds = [(f"{name} = {theory[name]:.6g} is negative", theory[name] >= -slack(name)) for name in LOSS_KEYS]
+    bounds += [
+        (f"{name} = {theory[name]:.6g} is above log K = {log_k:.6g}", theory[name] <= log_k + slack(name))
+        for name in LOSS_KEYS
+    ]
+    accuracy = theory["optimal_accuracy"]
+    return bounds + [
+        (
+            f"entropy_rate = {theory['entropy_rate']:.6g} is above unigram_loss = {theory['unigram_loss']:.6g}",
+            theory["entropy_rate"] <= theory["unigram_loss"] + slack("entropy_rate", "unigram_loss"),
+        ),
+        (
+            f"optimal_accuracy = {accuracy:.6g} is outside [1/K, 1]",
+            1 / n_states - slack("optimal_accuracy") <= accuracy <= 1 + slack("optimal_accuracy"),
+        ),
+    ]
+
+
+def check_theory(chain, theory, seq_len):
+    """Refuse theory that cannot be right (a plugin's wrong probabilities, say) before the dataset is written:
+    a number that is not finite or breaks a bound of theory_bounds, or optimal_log_probs that are not
+    probabilities summing to 1 on a few sampled sequences."""
+    where = f"process {chain.process} ({type(chain).__name__}, module {type(chain).__module__})"
+    numbers = {key: value for key, value in theory.items() if isinstance(value, float)}
+    broken = [f"{key} = {value}" for key, value in numbers.items() if not math.isfinite(value)]
+    if not broken:
+        broken = [what for what, holds in theory_bounds(theory, chain.n_states) if not holds]
+    if not broken:
+        tokens = chain.sample(CHECKED_SEQUENCES, min(seq_len, CHECKED_TOKENS), np.random.default_rng(0))
+        log_probs = np.asarray(chain.optimal_log_probs(tokens), dtype=np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            total = np.exp(log_probs).sum(axis=-1)
+        if np.isnan(log_probs).any() or (log_probs > THEORY_ROUNDING).any() or np.abs(total - 1).max() > 1e-6:
+            broken = ["optimal_log_probs gives probabilities outside [0, 1] or rows that do not sum to 1"]
+    if broken:
+        raise NanoMarkovError(
+            f"{where} gives theory that cannot be right: {'; '.join(broken)}; nothing was written: fix the "
+            "process (its probabilities, entropies or optimal predictor)"
+        )
 
 
 def compact_by_position(losses, errors, limit, limit_se=None, tolerance=BY_POSITION_TOLERANCE):
@@ -469,8 +533,10 @@ def _check_generate_args(n_states, train_sequences, val_sequences, sparsity, alp
             raise NanoMarkovError(f"{name} must be a positive number of sequences, got {count!r}")
     if sparsity is not None and not 0 <= sparsity < 100:
         raise NanoMarkovError(f"--sparsity must be a percentage in [0, 100), got {sparsity:g}")
-    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
-        raise NanoMarkovError(f"--alpha must be a finite number > 0 (the Dirichlet concentration), got {alpha:g}")
+    if alpha is not None and not valid_concentration(alpha):
+        raise NanoMarkovError(
+            f"--alpha must be a finite number {CONCENTRATION_RANGE}, the concentration; got {alpha:g}"
+        )
     if not is_int(seq_len) or seq_len < 2:
         raise NanoMarkovError(f"--seq_len must be >= 2 (BOS plus at least one state), got {seq_len!r}")
 
@@ -539,8 +605,7 @@ def _existing_meta(folder):
     """meta.json's object; None where there is no meta.json; {} where it is unreadable or not an object
     (a dataset of unknown parameters, so never silently reused)."""
     try:
-        with open(Path(folder) / "meta.json", encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = json.loads(read_capped(Path(folder) / "meta.json"))
     except (FileNotFoundError, NotADirectoryError):
         return None
     except (OSError, ValueError):
@@ -634,8 +699,11 @@ def _load_chain(path, cls, meta, fix):
             f"{file}: sha256 does not match meta.json (the chain was replaced or modified); regenerate with: {fix}"
         )
     try:
-        with np.load(file, allow_pickle=False) as npz:
-            return cls.from_arrays(npz)
+        with open_regular(file) as opened:
+            check_fits(npz_bytes(npz_headers(opened)), f"the arrays of {file}", f"regenerate with: {fix}")
+            opened.seek(0)
+            with np.load(opened, allow_pickle=False) as npz:
+                return cls.from_arrays(npz)
     except (OSError, EOFError, zipfile.BadZipFile, ValueError):
         raise NanoMarkovError(
             f"{file}: not a readable .npz archive of the process's arrays; regenerate with: {fix}"
@@ -694,7 +762,7 @@ def learnable_fraction(loss, theory):
     from the uniform predictor (knowing nothing, 0) to the true process on the same val sequences (1).
 
     Uniform rather than unigram is the start because it is what an untrained model predicts and needs no
-    estimate; and unlike true_loss_val / loss ("% of optimum"), which gives a uniform predictor ~90 %, it
+    estimate; and unlike true_loss_val / loss ("% of optimum"), which gives a uniform predictor 85 % and more, it
     puts a model that learned nothing at 0."""
     return (theory["uniform_loss"] - loss) / (theory["uniform_loss"] - theory["true_loss_val"])
 

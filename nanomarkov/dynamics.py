@@ -14,11 +14,16 @@ A run trained with `--snapshots N` keeps weights-only snapshots under RUN/snapsh
   belief R²       hmm: the linear probe from each residual stream to the belief state
   attention       per head: the mean weight on the current token, earlier states (the previous
                   one among them) and BOS
+  stage KL        per stage predictor (Process.stage_log_probs), KL(stage || model), mean over every
+                  position: the distance to each strategy, and when the model entered and left
+                  each (stage_events, STAGE_EVENT_RULE)
+  attention scores per head: the previous-token score on val, the induction score on repeated
+                  random sequences (interp.readouts)
   llc             with `llc`: the local learning coefficient (devinterp, optional)
 and when the model first crosses each stage: the first snapshot whose val loss is at or
 below the stage's loss, and for the optimum, the first within REACHED_EXCESS of the floor
 (a stage below the optimum, like icl's oracle, is never crossed). It writes dynamics.json
-(strict JSON) and three plots (PLOTS) into the run folder or `out`.
+(strict JSON) and the plots (PLOTS) into the run folder or `out`.
 """
 
 import dataclasses
@@ -34,24 +39,52 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 from tqdm import tqdm
 
-from nanomarkov.checkpoint import list_snapshots, load_snapshot, snapshot_config
+from nanomarkov.checkpoint import CHECKPOINT, list_snapshots, load_checkpoint, load_snapshot, snapshot_config
+from nanomarkov.config import is_run_folder
 from nanomarkov.data import load_dataset, optimal_loss_by_position, stage_loss_errors, stage_losses
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.evaluate import EVAL_BATCH_ELEMENTS, evaluate_models, kl_terms, make_folder, state_log_probs
-from nanomarkov.files import json_text, read_json, read_json_or_none, write_atomic_together
+from nanomarkov.evaluate import (
+    EVAL_BATCH_ELEMENTS,
+    check_trained_on,
+    evaluate_models,
+    kl_terms,
+    make_folder,
+    state_log_probs,
+)
+from nanomarkov.files import check_output_folder, json_text, read_json, read_json_or_none, write_atomic_together
 from nanomarkov.interp.linear_probes import belief_state_probe
-from nanomarkov.interp.readouts import attention_summary
+from nanomarkov.interp.readouts import (
+    attention_layers,
+    attention_summary,
+    induction_scores,
+    previous_token_scores,
+    repeated_random_tokens,
+)
 from nanomarkov.processes import DEFAULT_PROCESS
 from nanomarkov.report import TARGET_EXCESS, png_bytes
 
 DYNAMICS_FILE = "dynamics.json"
-PLOTS = ("dynamics_loss.png", "dynamics_metrics.png", "dynamics_by_position.png")
+PLOTS = (
+    "dynamics_loss.png",
+    "dynamics_metrics.png",
+    "dynamics_by_position.png",
+    "dynamics_strategies.png",
+    "dynamics_attention.png",
+)
 # Val sequences evaluated per snapshot (fewer when sequences x vocabulary would pass EVAL_BATCH_ELEMENTS):
 # dozens of snapshots of a small model then take seconds on a CPU.
 DEFAULT_VAL_SEQUENCES = 256
 ATTENTION_SEQUENCES = 64  # the attention summary needs fewer: its means settle fast
 # The optimum counts as reached within this of the floor (the project's quality target).
 REACHED_EXCESS = TARGET_EXCESS
+# Sequences x vocabulary per batch of the stage KLs: each stage's (n, L-1, K) float64 table then stays ~8 MB.
+STAGE_BATCH_ELEMENTS = EVAL_BATCH_ELEMENTS // 8
+# When the model entered and left each stage (stage_events), from its distance d_i to the stage at each snapshot
+# and the closest approach m = min d_i: the stage counts as approached at all when m <= APPROACH_SHARE * max d_i
+# (the model came at least 4x closer than it ever was far); the "near" band is d <= ENTER_FACTOR * m + ENTER_NATS
+# (twice the closest distance, plus a margin so that a distance of ~0 does not make the band vanish).
+STAGE_EVENT_RULE = dict(approach_share=0.25, enter_factor=2.0, enter_nats=1e-3)
+INDUCTION_SEED = 0  # the repeated random sequences of the induction score: the same ones for every snapshot
 
 
 def snapshots_of(run_folder):
@@ -113,12 +146,24 @@ def refuse_another_process(dataset, run_folder):
         )
 
 
+def refuse_other_data(dataset, run_folder):
+    """Refuse a dataset other than the one the run trained on, as eval does (evaluate.check_trained_on):
+    by the sha256 its config.json records, or else its checkpoint (a run without either: any passes)."""
+    run_folder = Path(run_folder)
+    record = read_json_or_none(run_folder / "config.json") or {}
+    if "dataset_sha256" not in record and (run_folder / CHECKPOINT).is_file():
+        record = load_checkpoint(run_folder / CHECKPOINT)
+    check_trained_on(run_folder, record, dataset)
+
+
 def run_dataset(run_folder, data_dir=None):
-    """The run's dataset (config.json's data_dir, or `data_dir`, of the same process and K), loaded."""
+    """The run's dataset (config.json's data_dir, or `data_dir`), loaded; refused when it is not the one
+    the run trained on."""
     run_folder = Path(run_folder)
     if data_dir is not None:
         dataset = load_dataset(data_dir, verify=False)
         refuse_another_process(dataset, run_folder)
+        refuse_other_data(dataset, run_folder)
         return dataset
     config_path = run_folder / "config.json"
     if not config_path.is_file():
@@ -130,7 +175,9 @@ def run_dataset(run_folder, data_dir=None):
         raise NanoMarkovError(
             f"dataset {data_dir} of {run_folder} not found; run from the folder you trained in, or pass --data DIR"
         )
-    return load_dataset(data_dir, verify=False)
+    dataset = load_dataset(data_dir, verify=False)
+    refuse_other_data(dataset, run_folder)
+    return dataset
 
 
 def val_subset(dataset, n_sequences):
@@ -192,13 +239,84 @@ def measure_snapshot(model, dataset):
         "outputs_finite": result["outputs_finite"],
     }
     if not result["outputs_finite"]:  # broken weights: nothing inside the model to probe either
-        return measured | {"optimal_kl": None, "loss_by_position": None, "belief_r2": None, "attention": None}
+        broken = {"optimal_kl": None, "loss_by_position": None, "belief_r2": None, "attention": None}
+        return measured | broken | {"stage_kl": None, "attention_scores": None}
+    measured["stage_kl"] = stage_kl_over_positions(model, dataset)
+    measured["attention_scores"] = attention_scores(model, dataset)
     if dataset.chain.BELIEF_STATES:
         probe = belief_state_probe(model, dataset, n_sequences=dataset.val.shape[0])
         measured["belief_r2"] = {"layers": probe["layers"], "r2": probe["r2"].tolist()}
     attention = attention_summary(model, dataset.val[:ATTENTION_SEQUENCES])
     measured["attention"] = {key: np.asarray(value).tolist() for key, value in attention.items()}
     return measured
+
+
+@torch.no_grad()
+def stage_kl_over_positions(model, dataset):
+    """{stage: mean KL(stage predictor || model)} over every val position (n x (L-1)), for each stage of
+    Process.stage_log_probs; the model's distribution is evaluate's state_log_probs (BOS dropped,
+    the K state logits renormalised), as in optimal_kl_over_positions."""
+    k, val = dataset.chain.n_states, dataset.val
+    batch = max(1, STAGE_BATCH_ELEMENTS // ((dataset.seq_len - 1) * (k + 1)))
+    sums = {}
+    for lo in range(0, val.shape[0], batch):
+        tokens = np.asarray(val[lo : lo + batch], dtype=np.int64)
+        log_q = state_log_probs(model(torch.from_numpy(tokens[:, :-1]))[0].double(), k)
+        for name, log_p in dataset.chain.stage_log_probs(tokens).items():
+            sums[name] = sums.get(name, 0.0) + kl_terms(torch.from_numpy(log_p), log_q).sum().item()
+    return {name: total / (val.shape[0] * (dataset.seq_len - 1)) for name, total in sums.items()}
+
+
+def attention_scores(model, dataset):
+    """Per attention layer and head: the previous-token score on the first ATTENTION_SEQUENCES val
+    sequences, the induction score on as many repeated random sequences of n = (block_size - 1) // 2
+    states (interp.readouts; seeded, the same for every snapshot). None for a model without attention."""
+    layers, half = attention_layers(model), (model.config.block_size - 1) // 2
+    if not layers.size:
+        return None
+    rng = np.random.default_rng(INDUCTION_SEED)
+    repeated = repeated_random_tokens(dataset.chain.n_states, ATTENTION_SEQUENCES, half, rng)
+    return {
+        "layers": layers.tolist(),
+        "previous_token": previous_token_scores(model, dataset.val[:ATTENTION_SEQUENCES]).tolist(),
+        "induction": induction_scores(model, repeated).tolist() if half >= 1 else None,
+        "induction_half": half,
+    }
+
+
+def distance_events(distances, rule=STAGE_EVENT_RULE):
+    """(closest, entered, left, band) of one stage's distance at each snapshot (NaN: none there): indices
+    of the closest approach (the first minimum), the first snapshot in the near band (None when the
+    stage was never approached, see STAGE_EVENT_RULE), and the first snapshot after the closest
+    approach from which every later one stays outside the band (None while the last is in it)."""
+    distances = np.asarray(distances, dtype=float)
+    finite = np.flatnonzero(np.isfinite(distances))
+    if not finite.size:
+        return None, None, None, None
+    closest = int(finite[np.argmin(distances[finite])])
+    nearest = distances[closest]
+    band = rule["enter_factor"] * nearest + rule["enter_nats"]
+    if nearest > rule["approach_share"] * distances[finite].max():
+        return closest, None, None, band
+    near = finite[distances[finite] <= band]
+    later = finite[finite > near[-1]]
+    return closest, int(near[0]), int(later[0]) if later.size else None, band
+
+
+def stage_events(entries):
+    """{stage: {"closest", "entered", "left" (each {iter, tokens, kl} or None), "band"}} from each
+    snapshot's stage_kl (distance_events)."""
+    names = list(dict.fromkeys(name for e in entries for name in e.get("stage_kl") or {}))
+    events = {}
+    for name in names:
+        distances = [np.nan if e.get("stage_kl") is None else e["stage_kl"].get(name, np.nan) for e in entries]
+        *picked, band = distance_events(distances)
+        at = [
+            None if i is None else {"iter": entries[i]["iter"], "tokens": entries[i]["tokens"], "kl": distances[i]}
+            for i in picked
+        ]
+        events[name] = dict(zip(("closest", "entered", "left"), at), band=band)
+    return events
 
 
 def first_crossings(values, levels):
@@ -263,6 +381,8 @@ def run_dynamics(run_folder, data_dir=None, val_sequences=DEFAULT_VAL_SEQUENCES,
         "theory": theory,
         "snapshots": entries,
         "crossings": crossings,
+        "stage_events": stage_events(entries),
+        "stage_event_rule": STAGE_EVENT_RULE,
         "timing": {"total_s": round(seconds, 3), "per_snapshot_s": round(seconds / len(entries), 3)},
     }
 
@@ -393,17 +513,88 @@ def format_dynamics(record):
         else:
             when = f"crossed at iter {crossing['iter']} ({crossing['tokens']:,} tokens)"
         lines.append(f"stage {name:<20} {loss:.4f}  {when}")
-    return "\n".join(lines)
+    return "\n".join(lines + format_strategies(record))
+
+
+def format_strategies(record):
+    """The distance to each strategy per snapshot, the best previous-token and induction heads, and
+    when each stage was entered and left: lines to add below the table."""
+    entries, events = record["snapshots"], record.get("stage_events") or {}
+    if not events:
+        return []
+    head = ["iter", *(f"KL {name}" for name in events), "prev-token", "induction"]
+    rows = []
+    for e in entries:
+        kl = e.get("stage_kl") or {}
+        scores = e.get("attention_scores")
+        best = [None, None] if scores is None else [_best_head(scores, key) for key in ("previous_token", "induction")]
+        rows.append([str(e["iter"]), *(_number(kl.get(name), ".5f") for name in events), *best])
+    rows = [[cell if isinstance(cell, str) else "none" for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
+    rule = record["stage_event_rule"]
+    lines = [
+        "",
+        "distance to each strategy: mean KL(stage || model) over the same positions, nats; the best head's "
+        "previous-token and induction score (none: no attention)",
+        "  ".join(h.rjust(w) for h, w in zip(head, widths)),
+        *("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows),
+        f"entered: first snapshot with KL <= {rule['enter_factor']:g} x its minimum + {rule['enter_nats']:g}; "
+        f"left: from there on above that (a stage whose minimum is over {rule['approach_share']:g} x its maximum "
+        "was never approached)",
+    ]
+    for name, event in events.items():
+        closest = event["closest"]
+        if closest is None:
+            lines.append(f"strategy {name:<20} no finite distance")
+            continue
+        said = [f"closest {closest['kl']:.5f} at iter {closest['iter']}"]
+        if event["entered"] is None:
+            said.append("never approached")
+        else:
+            said.append(f"entered at iter {event['entered']['iter']} ({event['entered']['tokens']:,} tokens)")
+            left = event["left"]
+            said.append("not left" if left is None else f"left at iter {left['iter']} ({left['tokens']:,} tokens)")
+        lines.append(f"strategy {name:<20} " + ", ".join(said))
+    return lines
+
+
+def _best_head(scores, key):
+    """'L{layer}H{head} {score}' of the head with the highest score, or None where there is none."""
+    values = scores.get(key)
+    if not values or not np.asarray(values).size:
+        return None
+    values = np.asarray(values, dtype=float)
+    layer, head = np.unravel_index(np.argmax(values), values.shape)
+    return f"L{scores['layers'][layer]}H{head} {values[layer, head]:.3f}"
 
 
 def _number(value, spec):
     return "n/a" if value is None else f"{value:{spec}}"
 
 
-def write_dynamics(record, folder):
+def is_dynamics_folder(folder) -> bool:
+    """Whether dynamics may write into `folder` as its own: a run (its config.json or snapshots), or
+    a folder holding earlier dynamics."""
+    folder = Path(folder)
+    return is_run_folder(folder) or bool(list_snapshots(folder)) or (folder / DYNAMICS_FILE).is_file()
+
+
+def check_dynamics_folder(folder, force=False):
+    """Refuse a `folder` that dynamics may not write into (files.check_output_folder)."""
+    check_output_folder(folder, "dynamics", is_dynamics_folder, force=force)
+
+
+def write_dynamics(record, folder, force=False):
     """dynamics.json and the PLOTS into `folder` (created), replaced together; returns their paths."""
+    check_dynamics_folder(folder, force)
     folder = make_folder(Path(folder), what="the dynamics")
-    figures = (plot_loss(record), plot_metrics(record), plot_by_position(record))
+    figures = (
+        plot_loss(record),
+        plot_metrics(record),
+        plot_by_position(record),
+        plot_strategies(record),
+        plot_attention_scores(record),
+    )
     payloads = {folder / DYNAMICS_FILE: json_text(record)}
     payloads.update({folder / name: png_bytes(fig) for name, fig in zip(PLOTS, figures)})
     write_atomic_together(payloads, "dynamics")
@@ -548,4 +739,77 @@ def plot_by_position(record):
     ax.set_title("loss by position, every snapshot, against the optimum")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
+    return fig
+
+
+def plot_strategies(record):
+    """The distance to each strategy over tokens seen (log-log), one line per stage, with where the model
+    entered (filled triangle) and left (open one) each stage."""
+    entries, events = record["snapshots"], record.get("stage_events") or {}
+    tokens = np.array([e["tokens"] for e in entries], dtype=float)
+    fig = Figure(figsize=(9, 5.5), layout="constrained")
+    ax = fig.subplots()
+    for i, name in enumerate(events):
+        colour = f"C{i}"
+        kl = np.array([np.nan if not e.get("stage_kl") else e["stage_kl"].get(name, np.nan) for e in entries])
+        ax.plot(tokens, np.where(kl > 0, kl, np.nan), "o-", ms=3, color=colour, label=f"KL({name} ‖ model)")
+        for what, marker, fill in (("entered", "v", colour), ("left", "^", "none")):
+            event = events[name][what]
+            if event is not None and event["kl"] > 0:
+                ax.plot(event["tokens"], event["kl"], marker, ms=10, color=colour, mfc=fill, mew=1.5)
+                ax.annotate(
+                    f"{what} @ {event['iter']}",
+                    (event["tokens"], event["kl"]),
+                    xytext=(5, -12 if what == "entered" else 6),
+                    textcoords="offset points",
+                    color=colour,
+                    fontsize=7,
+                )
+    ax.set_yscale("log")
+    ax.set_ylabel("mean KL(stage ‖ model), nats (log)")
+    ax.set_title(f"{record['run']}: distance to each strategy (▼ entered, △ left)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    _tokens_axis([ax], entries)
+    return fig
+
+
+def plot_attention_scores(record):
+    """Each head's previous-token score (top) and induction score (bottom) over tokens seen (log y), against
+    the level of a head that attends uniformly to every earlier position (dashed)."""
+    entries = [e for e in record["snapshots"] if e.get("attention_scores")]
+    fig = Figure(figsize=(9, 6.5), layout="constrained")
+    axes = fig.subplots(2, 1, sharex=True)
+    if not entries:
+        for ax in axes:
+            ax.text(0.5, 0.5, "no attention (mlp_only or 0 layers): no scores", ha="center", transform=ax.transAxes)
+        return fig
+    scores = entries[0]["attention_scores"]
+    tokens = [e["tokens"] for e in entries]
+    positions = record["seq_len"] - 1  # the val sequences' queries t = 1..L-2 of a model reading L-1 tokens
+    half = scores["induction_half"]
+    chance = {
+        "previous_token": np.mean(1 / np.arange(2, positions + 1)),
+        "induction": np.mean(1 / (half + np.arange(1, half + 1) + 1)) if half >= 1 else np.nan,
+    }
+    for ax, key, title in zip(axes, chance, ("previous-token score (val sequences)", "induction score (repeated)")):
+        shape = np.shape(scores["previous_token"])  # (layers, heads); no induction score below 3 positions
+        values = np.array([e["attention_scores"][key] or np.full(shape, np.nan) for e in entries], dtype=float)
+        for i, layer in enumerate(scores["layers"]):
+            for h in range(values.shape[2]):
+                ax.plot(
+                    tokens,
+                    values[:, i, h],
+                    "o-",
+                    ms=3,
+                    color=f"C{(i * values.shape[2] + h) % 10}",
+                    label=f"L{layer}H{h}",
+                )
+        ax.axhline(chance[key], color="0.5", ls="--", lw=1, label="uniform attention")
+        # Log y: an induction head over few states rises only a few times above the even spread (docs/dynamics.md).
+        ax.set_yscale("log")
+        ax.set_ylim(min(chance[key], np.nanmin(values, initial=1.0)) / 2, 1.05)
+        ax.set_ylabel(title)
+        ax.legend(fontsize=7, ncol=2)
+    _tokens_axis(list(axes), record["snapshots"])
     return fig

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nanomarkov.checkpoint import checkpoint_path, load_model
+from nanomarkov.checkpoint import checkpoint_path, load_model, nonfinite_weights
 from nanomarkov.data import learnable_fraction, load_dataset, optimal_loss_by_position, stage_losses
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.files import json_text, write_atomic_together
@@ -324,9 +324,9 @@ class FirstOrderFidelity:
 
     def results(self, name, models, device, timings):
         started = time.perf_counter()
-        chain, pi, count = self.chain, self.chain.stationary(), self.count
+        pi, count, rows = self.chain.stationary(), self.count, self.chain.transition_rows()
         learned, learned_start = self._prompts(models[name], device)
-        prompt_kl = kl_rows(chain.transmat, learned)
+        prompt_kl = kl_rows(rows[:-1], learned)
         # NaN marks a state without contexts in the arrays; the means below select the states with
         # contexts by `seen` rather than skip NaN (nanmean, nansum), so a NaN the model produced shows.
         seen = count > 0
@@ -340,7 +340,7 @@ class FirstOrderFidelity:
             "weighted_kl": float(pi @ prompt_kl),
             "context_mean_kl": float(context_kl[seen].mean()),
             "context_weighted_kl": float(pi[seen] @ context_kl[seen] / pi[seen].sum()),
-            "start_kl": float(kl_rows(chain.startprob[None], learned_start[None])[0]),
+            "start_kl": float(kl_rows(rows[-1:], learned_start[None])[0]),  # the last row is the one after BOS
             "worst_states": [
                 {"state": int(s), "kl": float(prompt_kl[s]), "stationary_prob": float(pi[s])} for s in worst
             ],
@@ -539,8 +539,7 @@ def evaluate_checkpoints(ckpt_paths, data_dir=None, out=None, device="cpu"):
     dataset = load_dataset(data_path)
     models = {}
     for path, model, ckpt in loaded:
-        if ckpt.get("dataset_sha256") not in (None, dataset.meta["sha256"]):
-            raise NanoMarkovError(f"{path} was trained on other data than {data_path} (sha256 differs)")
+        check_trained_on(path, ckpt, dataset)
         if model.config.vocab_size != dataset.vocab_size:
             raise NanoMarkovError(
                 f"{path} has vocabulary {model.config.vocab_size}, {data_path} has {dataset.vocab_size}"
@@ -549,8 +548,9 @@ def evaluate_checkpoints(ckpt_paths, data_dir=None, out=None, device="cpu"):
     folders = [output_folder(path, out, len(loaded)) for path, _, _ in loaded]  # before the pass: fail fast
     results = evaluate_models(models, dataset, device)
     written = []
-    for (path, _, ckpt), folder in zip(loaded, folders):
+    for (path, model, ckpt), folder in zip(loaded, folders):
         result = results[str(path)]
+        result["nonfinite_weights"] = nonfinite_weights(model)  # why its outputs are not finite, if they are not
         result["run"] = {
             "checkpoint": str(path),
             "dataset": data_path,
@@ -565,6 +565,22 @@ def evaluate_checkpoints(ckpt_paths, data_dir=None, out=None, device="cpu"):
         write_eval(result, folder)
         written.append((folder, result))
     return written
+
+
+def check_trained_on(trained, ckpt, dataset):
+    """Refuse a dataset other than the one `trained` (a checkpoint or run) was trained on: the sha256 of
+    its files, which `ckpt` (its checkpoint or config.json) records (one that records none passes any)."""
+    expected, found = ckpt.get("dataset_sha256"), dataset.meta["sha256"]
+    if expected is None or expected == found:
+        return
+    expected = expected if isinstance(expected, dict) else {}
+    differ = sorted(name for name in {*expected, *found} if expected.get(name) != found.get(name))
+    recorded = ", ".join(f"{name} {str(expected[name])[:12]}" for name in differ if name in expected)
+    raise NanoMarkovError(
+        f"{trained} was trained on other data than {dataset.path} (sha256 of {', '.join(differ)} differs): "
+        f"it expects the dataset {ckpt.get('data_dir')} whose sha256 starts {recorded or '(unreadable)'}; "
+        "pass that dataset with --data DIR (or an identical copy of it)"
+    )
 
 
 def output_folder(ckpt_path, out, n_checkpoints):
@@ -638,10 +654,15 @@ def num(value, spec, scale=1, unit=""):
 
 
 def nonfinite_where(result):
-    """Where a model's outputs were not finite, in words."""
+    """Where a model's outputs were not finite (and which of its weights are not), in words."""
     if result["nonfinite_positions"]:
-        return f"on {result['nonfinite_positions']} of {result['positions']} val positions"
-    return "on the prompts [BOS, s]"
+        where = f"on {result['nonfinite_positions']} of {result['positions']} val positions"
+    else:
+        where = "on the prompts [BOS, s]"
+    weights = result.get("nonfinite_weights") or []
+    if weights:
+        where += f"; NaN or inf in its weights {', '.join(weights[:3])}{' and more' if len(weights) > 3 else ''}"
+    return where
 
 
 def nonfinite_warning(result):

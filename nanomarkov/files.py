@@ -15,13 +15,25 @@ import fcntl
 import json
 import math
 import os
+import pwd
 import socket
+import stat
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from nanomarkov.errors import NanoMarkovError
 
 PARTIAL_SUFFIX = ".partial"
+# The most a file named by the user (a spec, a config, a grid, a JSON record) is read whole: more is refused.
+MAX_READ_BYTES = 64 << 20
+# What a path that is not a regular file is, by its mode, for the refusal that names it.
+FILE_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 # renameat2's flag that swaps two paths atomically (Linux 3.15+; ext4, xfs, btrfs, tmpfs among others).
 RENAME_EXCHANGE = 2
 AT_FDCWD = -100
@@ -152,16 +164,47 @@ def write_json(path, record, what="record"):
     return write_atomic(path, json_text(record), what=what)
 
 
-def read_json(path, what="file", fix="write it again", object_pairs_hook=None):
+def open_regular(path):
+    """`path` opened for binary reading; OSError (its strerror says why) unless it is a regular file once
+    links are followed.
+
+    The file is opened without blocking, so a FIFO with no writer is refused at once instead of
+    hanging, and its kind is read from the open descriptor (fstat): a device such as /dev/zero, a FIFO
+    or a folder is never read, whatever the link that names it.
+    """
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    mode = os.fstat(descriptor).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(descriptor)
+        kind = next((name for test, name in FILE_KINDS if test(mode)), "a special file")
+        raise OSError(errno.EINVAL, f"{kind}, not a regular file", str(path))
+    os.set_blocking(descriptor, True)
+    return os.fdopen(descriptor, "rb")
+
+
+def read_capped(path, max_bytes=MAX_READ_BYTES):
+    """The bytes of the regular file `path` (see open_regular); OSError, unread, beyond `max_bytes`."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        data = f.read(max_bytes + 1) if size <= max_bytes else b""
+    if size > max_bytes or len(data) > max_bytes:
+        raise OSError(errno.EFBIG, f"{max(size, len(data)):,} bytes, more than the {max_bytes:,} read here", str(path))
+    return data
+
+
+def read_json(path, what="file", fix="write it again", object_pairs_hook=None, max_bytes=MAX_READ_BYTES):
     """The JSON object in `path`; a missing, unreadable or non-object file raises NanoMarkovError naming `fix`.
 
-    `object_pairs_hook` is json's: it builds each object from its (key, value) pairs."""
+    Only a regular file of at most `max_bytes` is read (read_capped). `object_pairs_hook` is json's:
+    it builds each object from its (key, value) pairs."""
     path = Path(path)
     try:
-        record = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=object_pairs_hook)
+        record = json.loads(read_capped(path, max_bytes).decode("utf-8"), object_pairs_hook=object_pairs_hook)
     except FileNotFoundError:
         raise NanoMarkovError(f"{path}: no {what} there; {fix}") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except OSError as e:
+        raise NanoMarkovError(f"{path}: not a readable {what} ({e.strerror or e}); {fix}") from None
+    except (UnicodeDecodeError, ValueError) as e:
         raise NanoMarkovError(f"{path}: not a readable {what} ({e}); {fix}") from None
     if not isinstance(record, dict):
         raise NanoMarkovError(
@@ -235,3 +278,78 @@ def writer_lock(folder, what):
             (folder / LOCK_FILE).unlink(missing_ok=True)  # before unlocking: see _lock_file
             if created and not any(folder.iterdir()):
                 folder.rmdir()  # nothing was written: no empty folder behind a refused or failed command
+
+
+# Folders no command writes into, even with --force: the system's trees (and everything below them),
+# and the folders that hold other people's folders (the root, the homes' parent, mount points).
+SYSTEM_TREES = tuple(
+    Path(p)
+    for p in ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/sbin", "/sys", "/usr")
+)
+SYSTEM_FOLDERS = frozenset(
+    Path(p) for p in ("/home", "/root", "/var", "/opt", "/srv", "/mnt", "/media", "/run", "/tmp")
+)
+# What a writer may leave in a folder without having written anything of its own there.
+LEFT_BY_A_WRITER = (LOCK_FILE,)
+
+
+def _homes(folder: Path) -> set:
+    """The home folders `folder` might be: this user's, its owner's, and that of the user it is named after."""
+    homes = {os.environ.get("HOME")}
+    with suppress(KeyError, OSError):
+        homes.add(pwd.getpwuid(os.getuid()).pw_dir)
+        homes.add(pwd.getpwuid(folder.stat().st_uid).pw_dir)
+    with suppress(KeyError):
+        homes.add(pwd.getpwnam(folder.name).pw_dir)
+    return {Path(home).resolve() for home in homes if home}
+
+
+def protected_folder(folder) -> str:
+    """Why no command may write into `folder` ('the root folder', 'a home folder', 'a system folder'), or ''."""
+    folder = Path(folder).resolve()
+    if folder == Path("/"):
+        return "the root folder"
+    if folder in _homes(folder):
+        return "a home folder"
+    if folder in SYSTEM_FOLDERS or any(folder.is_relative_to(tree) for tree in SYSTEM_TREES):
+        return "a system folder"
+    return ""
+
+
+def own_entries(folder: Path) -> list:
+    """The names in `folder` but what a writer may leave without writing (LEFT_BY_A_WRITER, .partial files), sorted."""
+    return sorted(
+        entry.name
+        for entry in folder.iterdir()
+        if entry.name not in LEFT_BY_A_WRITER and not entry.name.endswith(PARTIAL_SUFFIX)
+    )
+
+
+def check_output_folder(folder, kind, is_kind, force=False, flag="--out"):
+    """Refuse, before anything is written, to write a `kind` (e.g. "training run") into `folder` unless
+    it is new or empty, already a `kind` (`is_kind(folder)` is true), or `force` is true (None: the
+    command has no --force); never into the root, a home folder or a system folder, even with force.
+
+    One rule for every command that writes a folder, so that none writes among a user's own files
+    unasked. NanoMarkovError names the folder, why, and the fix.
+    """
+    folder = Path(folder)
+    elsewhere = f"give {flag} a new or empty folder"
+    why = protected_folder(folder)
+    if why:
+        raise NanoMarkovError(
+            f"{folder} is {why}: nanoMarkov writes no {kind} there, even with --force; "
+            f"give {flag} a folder of its own, e.g. {flag}=./NAME"
+        )
+    if folder.exists() and not folder.is_dir():
+        raise NanoMarkovError(f"cannot write the {kind} to {folder}: a file, not a folder; {elsewhere}")
+    if force or not folder.is_dir() or is_kind(folder):
+        return
+    try:
+        entries = own_entries(folder)
+    except OSError as e:
+        raise NanoMarkovError(f"cannot read the folder {folder} ({e.strerror or e}); {elsewhere}") from None
+    if entries:
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        fix = elsewhere if force is None else f"{elsewhere}, or pass --force to write into it anyway"
+        raise NanoMarkovError(f"{folder} holds files that are not a {kind} ({shown}); {fix}")

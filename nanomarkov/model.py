@@ -18,7 +18,7 @@ from nanomarkov.errors import NanoMarkovError
 MLP_FILTERS = ("GELU", "RELU", "RELU2", "RELU3")
 # GPTConfig fields newer than the first checkpoints and exports: a file without one means its default,
 # which builds the model that file was written from.
-ADDED_FIELDS = ("lm_head_bias",)
+ADDED_FIELDS = ("lm_head_bias", "attn_only")
 
 
 @dataclass
@@ -33,6 +33,7 @@ class GPTConfig:
     use_ln: bool = True  # LayerNorm before every sublayer and before the head; False removes all
     pos_ape: bool = True  # add a learned absolute position embedding to the token embedding
     mlp_only: bool = False  # blocks have no attention at all, so a position sees only itself
+    attn_only: bool = False  # blocks have no MLP and no second LayerNorm (mlp_ratio, mlp_filter unused)
     mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * n_embd
     mlp_filter: str = "GELU"  # MLP nonlinearity: GELU, RELU, RELU2 = relu(x)**2, RELU3 = relu(x)**3
     mlp_first_matrix_identity: bool = False  # MLP's first Linear is a frozen identity (needs mlp_ratio 1)
@@ -52,6 +53,7 @@ class GPTConfig:
             "use_ln",
             "pos_ape",
             "mlp_only",
+            "attn_only",
             "mlp_first_matrix_identity",
             "one_hot_embed",
             "lm_head_tied",
@@ -69,6 +71,16 @@ class GPTConfig:
             raise NanoMarkovError(
                 f"GPTConfig.mlp_filter must be one of {', '.join(MLP_FILTERS)}, got {self.mlp_filter!r}"
             )
+        if self.attn_only and self.mlp_only:
+            raise NanoMarkovError(
+                "attn_only and mlp_only together leave a block with nothing in it; set one of them to False "
+                "(n_layer=0 is the model without blocks)"
+            )
+        if self.attn_only and self.mlp_first_matrix_identity:
+            raise NanoMarkovError(
+                "mlp_first_matrix_identity sets the first matrix of an MLP, and attn_only blocks have none; "
+                "set one of them to False"
+            )
         if not self.mlp_only and self.n_embd % self.n_head != 0:
             raise NanoMarkovError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}) so the heads "
@@ -84,6 +96,36 @@ class GPTConfig:
                 f"one_hot_embed needs one residual dimension per token: vocab_size ({self.vocab_size}) "
                 f"> n_embd ({self.n_embd}); raise n_embd to at least {self.vocab_size}"
             )
+
+
+# Values a training step keeps for backward per token, per layer and per unit of width: Korthikanti
+# et al. (2022, "Reducing activation recomputation") count 34 bytes of 16-bit activations, i.e. 17
+# values, leaving out the attention matrix that scaled_dot_product_attention never holds whole.
+ACTIVATION_VALUES_PER_WIDTH = 17
+# Values per token and vocabulary entry: the logits, their softmax and its gradient.
+LOGIT_VALUES_PER_TOKEN = 3
+FLOAT32_BYTES = 4
+
+
+def weight_count(config: GPTConfig) -> int:
+    """The values GPT(config) allocates, from its sizes alone (an upper bound: every bias and norm counted).
+
+    The head's matrix is counted even when tied: it is built before the tie replaces it."""
+    width, hidden = config.n_embd, config.mlp_ratio * config.n_embd
+    attention = 0 if config.mlp_only else 4 * width * width
+    per_layer = attention + 2 * width * hidden + hidden + 9 * width
+    embeddings = config.vocab_size * width + (config.block_size * width if config.pos_ape else 0)
+    return embeddings + config.n_layer * per_layer + config.vocab_size * (width + 1) + 2 * width
+
+
+def training_bytes(config: GPTConfig, batch_size: int) -> int:
+    """The bytes one float32 training step on `batch_size` sequences of block_size tokens holds, estimated
+    from the sizes alone: the weights, their gradients and AdamW's two moments (4 values a weight), the
+    activations (ACTIVATION_VALUES_PER_WIDTH a token, layer and unit of width) and the logits."""
+    tokens = batch_size * config.block_size
+    per_token = config.n_embd * max(config.n_layer, 1) * ACTIVATION_VALUES_PER_WIDTH
+    per_token += config.vocab_size * LOGIT_VALUES_PER_TOKEN
+    return FLOAT32_BYTES * (4 * weight_count(config) + tokens * per_token)
 
 
 class CausalSelfAttention(nn.Module):
@@ -140,16 +182,18 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        # With mlp_only there is no attention sublayer, hence no parameters for it at all.
+        # With mlp_only there is no attention sublayer, with attn_only no MLP: no parameters for it at all.
         self.ln_1 = None if config.mlp_only else _norm(config)
         self.attn = None if config.mlp_only else CausalSelfAttention(config)
-        self.ln_2 = _norm(config)
-        self.mlp = MLP(config)
+        self.ln_2 = None if config.attn_only else _norm(config)
+        self.mlp = None if config.attn_only else MLP(config)
 
     def forward(self, x):
         if self.attn is not None:
             x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        if self.mlp is not None:
+            x = x + self.mlp(self.ln_2(x))
+        return x
 
 
 class GPT(nn.Module):
@@ -168,7 +212,7 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
         # Each residual sublayer adds its output to the stream; scaling their output
         # projections by 1/sqrt(count) keeps the stream's variance from growing with depth.
-        n_residual = max(1, config.n_layer * (1 if config.mlp_only else 2))
+        n_residual = max(1, config.n_layer * (1 if config.mlp_only or config.attn_only else 2))
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(n_residual))

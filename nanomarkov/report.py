@@ -322,7 +322,7 @@ def plot_transition_matrix(run, path):
     if not data or not Path(data).is_dir():
         raise NanoMarkovError(f"dataset {data} not found (run the report from the folder you trained in)")
     # Sizes are checked, the tokens are not re-hashed: the plot needs only the chain.
-    true = load_dataset(data, verify=False).chain.transmat
+    true = load_dataset(data, verify=False).chain.transition_rows()[:-1]  # the last row is the one after BOS
     learned = np.load(run["folder"] / "learned_matrix.npy", allow_pickle=False)
     if learned.shape != true.shape:
         raise NanoMarkovError(

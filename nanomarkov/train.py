@@ -5,7 +5,8 @@ A run lives in `config.out_dir`:
   log.jsonl      one JSON object per log line ("train") and per evaluation ("eval")
   training.log   the same lines for a person
   ckpt.pt        the last good state: model, optimizer, RNG, data position (torch.load(weights_only=True))
-  snapshots/     with --snapshots N: weights-only safetensors at log-spaced iterations (checkpoint.save_snapshot)
+  snapshots/     with --snapshots N / --snapshot_every M: weights-only safetensors at log-spaced / evenly spaced
+                 iterations (checkpoint.save_snapshot)
   done.json      written once the run has finished: final val loss next to the exact optimum
 
 The data (the train split's order, or with data_source 'online' the sequences
@@ -30,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from nanomarkov.checkpoint import CHECKPOINT, list_snapshots, load_checkpoint, save_checkpoint, save_snapshot
-from nanomarkov.config import TrainConfig, config_changes
+from nanomarkov.config import TrainConfig, config_changes, is_run_folder
 from nanomarkov.data import (
     Dataset,
     FixedSequences,
@@ -43,8 +44,9 @@ from nanomarkov.data import (
 )
 from nanomarkov.distributed import Distributed, init_distributed
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
-from nanomarkov.files import json_text, write_json, writer_lock
-from nanomarkov.model import GPT, GPTConfig
+from nanomarkov.files import check_output_folder, json_text, write_json, writer_lock
+from nanomarkov.memory import check_fits
+from nanomarkov.model import GPT, GPTConfig, training_bytes, weight_count
 
 EVAL_BATCH_SEQUENCES = 64
 
@@ -77,13 +79,20 @@ def resolve_device(cfg, local_rank=0):
     return device, autocast, use_compile
 
 
-def snapshot_iters(n_snapshots, max_iters):
-    """The iterations --snapshots N keeps: 0 (before any step), and N+1 log-spaced ones from 1 to max_iters.
+def snapshot_iters(n_snapshots, max_iters, every=0):
+    """The iterations --snapshots N keeps: 0 (before any step), and N+1 log-spaced ones from 1 to max_iters;
+    with --snapshot_every M (every > 0) also 0, M, 2M, ... and max_iters: the union, sorted.
 
-    A pure function of (N, max_iters), so a resumed run continues the same series. Rounding
+    A pure function of its arguments, so a resumed run continues the same series. Rounding
     would merge the first few, so each is pushed past the one before (and kept below the ones
     after): they stay distinct, and all of 1..max_iters when N+1 >= max_iters.
     """
+    evenly = {*range(0, max_iters + 1, every), max_iters} if every > 0 else set()
+    return sorted(evenly.union(log_spaced_iters(n_snapshots, max_iters)))
+
+
+def log_spaced_iters(n_snapshots, max_iters):
+    """--snapshots N's part of snapshot_iters: 0 and N+1 log-spaced iterations from 1 to max_iters ([] for N=0)."""
     if n_snapshots <= 0:
         return []
     count = min(n_snapshots + 1, max_iters)
@@ -105,6 +114,19 @@ def learning_rate_at(it, cfg):
         return cfg.min_lr
     progress = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def schedule_text(cfg):
+    """The learning-rate schedule in words, for a run's first log line."""
+    if not cfg.decay_lr:
+        return f"lr {cfg.learning_rate:g} constant"
+    text = (
+        f"lr warm-up {cfg.warmup_iters} iters to {cfg.learning_rate:g}, "
+        f"cosine decay until iter {cfg.lr_decay_iters} to min_lr {cfg.min_lr:g}"
+    )
+    if cfg.lr_decay_iters < cfg.max_iters:
+        text += f" (held there for the last {cfg.max_iters - cfg.lr_decay_iters} of {cfg.max_iters} iters)"
+    return text
 
 
 @torch.no_grad()
@@ -261,6 +283,8 @@ class RunOutputs:
 def train(cfg: TrainConfig, overwrite=False, show_progress=None):
     """Train a GPT on cfg.data_dir; returns the done.json dict (status 'done' or 'interrupted')."""
     setup = set_up_run(cfg)
+    if setup.ddp.is_main:
+        check_output_folder(setup.out_dir, "training run", is_run_folder, force=overwrite, flag="--out_dir")
     # One writer per run folder: a second `train` into it is refused, not interleaved with this one.
     with writer_lock(setup.out_dir, "training run") if setup.ddp.is_main else contextlib.nullcontext():
         resume_state = read_resume_state(setup, overwrite)
@@ -287,7 +311,24 @@ def set_up_run(cfg):
     if cfg.wandb_log and ddp.is_main:
         _import_wandb()  # fail before anything is written
     gpt_config = cfg.gpt_config(vocab_size=dataset.vocab_size, block_size=dataset.seq_len - 1)
+    check_training_fits(gpt_config, cfg.batch_size, device)
     return RunSetup(cfg, ddp, device, autocast, use_compile, dataset, gpt_config)
+
+
+def check_training_fits(gpt_config, batch_size, device):
+    """Refuse, before the model is built, a model and batch whose training step will not fit in the
+    memory of `device` (a GPU's own free memory; the machine's for the CPU and MPS)."""
+    free, where = None, "this machine"
+    if device.startswith("cuda"):
+        free, where = torch.cuda.mem_get_info(device)[0], f"the GPU {device}"
+    check_fits(
+        training_bytes(gpt_config, batch_size),
+        f"training {weight_count(gpt_config):,} weights (n_embd {gpt_config.n_embd}, n_layer {gpt_config.n_layer}) "
+        f"on batches of {batch_size} sequences of {gpt_config.block_size} tokens",
+        "use a smaller --batch_size, --n_embd or --n_layer",
+        free,
+        where,
+    )
 
 
 def read_resume_state(setup, overwrite):
@@ -346,6 +387,7 @@ def write_run_folder(setup, resumed, start_iter):
         compiled=setup.use_compile,
         world_size=setup.ddp.world_size,
         tokens_per_iter=setup.tokens_per_iter,
+        dataset_sha256=setup.dataset.meta["sha256"],  # what eval and dynamics check a dataset against
     )
     write_json(setup.out_dir / "config.json", config_record, what="run config")
 
@@ -369,8 +411,8 @@ def open_outputs(setup, raw_model, resume_state, show_progress):
         f"({setup.global_batch} sequences x {setup.gpt_config.block_size}), device {setup.device}"
         f"{', ' + str(autocast).replace('torch.', '') if autocast else ''}{', compiled' if setup.use_compile else ''}"
         f"{', online data from the process' if cfg.data_source == 'online' else ''}, "
-        f"{'resuming at iter ' + str(start_iter) if resume_state else 'from scratch'}; optimal_loss "
-        f"{theory['optimal_loss']:.6f}, true_loss_val {theory['true_loss_val']:.6f}"
+        f"{'resuming at iter ' + str(start_iter) if resume_state else 'from scratch'}; {schedule_text(cfg)}; "
+        f"optimal_loss {theory['optimal_loss']:.6f}, true_loss_val {theory['true_loss_val']:.6f}"
     )
     return RunOutputs(log, bar, wandb_run)
 
@@ -383,7 +425,7 @@ class TrainingLoop:
         self.setup, self.model, self.outputs = setup, model, outputs
         self.resumed = resume_state is not None
         self.sequences = training_sequences(setup)
-        self.snapshot_iters = set(snapshot_iters(setup.cfg.snapshots, setup.cfg.max_iters))
+        self.snapshot_iters = set(snapshot_iters(setup.cfg.snapshots, setup.cfg.max_iters, setup.cfg.snapshot_every))
         self.it = resume_state["iter"] if self.resumed else 0
         self.elapsed_before = resume_state["elapsed_s"] if self.resumed else 0.0
         self.started = time.perf_counter()

@@ -120,6 +120,9 @@ def one_line_error(capsys, argv):
         (["theory"], "required"),
         (["train", "data/mess3"], "data/mess3 is no dataset folder, config file or chain id"),
         (["train", "100-sparse-x"], "make the dataset first with nanomarkov generate"),
+        (["train", "100", "--snapshot_every", "-5"], "snapshot_every must be >= 0, got -5"),
+        (["train", "100", "--snapshot_every", "6001"], "snapshot_every (6001) is more than max_iters (6000)"),
+        (["train", "100", "--attn_only=True"], "attn_only and mlp_only together"),  # the recipe is MLP-only
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, argv, message):
@@ -145,7 +148,14 @@ def test_file_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert load_dataset(d).meta["train_sequences"] == 11
 
 
-TINY_TRAIN = ["--max_iters=6", "--eval_interval=3", "--log_interval=3", "--n_embd=8", "--device=cpu"]
+TINY_TRAIN = [
+    "--max_iters=6",
+    "--warmup_iters=2",
+    "--eval_interval=3",
+    "--log_interval=3",
+    "--n_embd=8",
+    "--device=cpu",
+]
 
 
 def test_train_by_chain_id_writes_the_run_folder_and_refuses_to_overwrite(tmp_path, capsys, monkeypatch):
@@ -155,11 +165,18 @@ def test_train_by_chain_id_writes_the_run_folder_and_refuses_to_overwrite(tmp_pa
     run_dir = tmp_path / "trainings" / "MM" / "MM-5" / "MM-5-7"
     done = json.loads((run_dir / "done.json").read_text())
     assert done["status"] == "done" and done["iters"] == 6
-    assert json.loads((run_dir / "config.json").read_text())["seed"] == 7
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["seed"] == 7 and config["dataset_sha256"] == load_dataset("data/mm5").meta["sha256"]
+    # --max_iters alone: the decay ends with the run (the recipe's lr_decay_iters is 600), as the first line says.
+    assert config["lr_decay_iters"] == 6
+    first = (run_dir / "training.log").read_text().splitlines()[0]
+    assert "warm-up 2 iters to 0.003, cosine decay until iter 6 to min_lr 3e-05" in first
     capsys.readouterr()
     assert "--resume" in one_line_error(capsys, ["train", "5", "7", *TINY_TRAIN])
     assert main(["train", "5", "7", *TINY_TRAIN, "--max_iters=9", "--resume"]) == 0
     assert json.loads((run_dir / "done.json").read_text())["iters"] == 9
+    assert json.loads((run_dir / "config.json").read_text())["lr_decay_iters"] == 6  # resuming keeps the schedule
+    assert "(held there for the last 3 of 9 iters)" in (run_dir / "training.log").read_text()
 
 
 @pytest.mark.parametrize(
@@ -202,7 +219,7 @@ def test_seed_training_commands_from_a_fresh_directory(tmp_path):
 
 
 def test_demo_generates_trains_and_prints_the_loss_against_the_optimum(tmp_path):
-    result = run(["-m", "nanomarkov", "demo", "--max_iters=30", "--eval_interval=15"], tmp_path)
+    result = run(["-m", "nanomarkov", "demo", "--max_iters=30", "--warmup_iters=5", "--eval_interval=15"], tmp_path)
     assert result.returncode == 0, result.stderr
     done = json.loads((tmp_path / "trainings" / "MM" / "MM-10" / "MM-10-42" / "done.json").read_text())
     assert f"val loss      {done['val_loss']:.6f}" in result.stdout
@@ -230,3 +247,52 @@ def test_wandb_without_wandb_installed_says_how_to_get_it(tmp_path, capsys, monk
     assert main(["generate", "5", "--train", "40", "--val", "8", "--seq_len", "12"]) == 0
     assert "pip install wandb" in one_line_error(capsys, ["train", "5", *TINY_TRAIN, "--wandb_log=True"])
     assert not (tmp_path / "trainings").exists()  # refused before anything was written
+
+
+def folder_of_the_users(folder):
+    """A folder holding the user's own files, named as nanoMarkov's are; returns {path: bytes}."""
+    folder.mkdir(parents=True)
+    files = {"config.json": b'{"mine": 1}\n', "training.log": b"my notes\n", "log.jsonl": b"{}\n", "x.txt": b"x"}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return {folder / name: data for name, data in files.items()}
+
+
+@pytest.mark.parametrize(
+    "verb, kind",
+    [
+        (["train", "DATA", *TINY_TRAIN, "--out_dir=OUT"], "not a training run"),
+        (["generate", "3", "--train", "4", "--val", "2", "--seq_len", "6", "--out", "OUT"], "not a dataset"),
+        (["export", "CKPT", "--out", "OUT"], "not a model export"),
+        (["export", "CKPT", "--format", "hf", "--out", "OUT"], "not a Hugging Face export"),
+        (["dynamics", "RUN", "--out", "OUT"], "not a dynamics"),
+        (["sweep", "GRID", "--out", "OUT"], "not a sweep"),
+    ],
+)
+def test_no_verb_writes_among_the_users_files_unasked(tmp_path, capsys, verb, kind):
+    """A folder of the user's own files (its names nanoMarkov's own) is left byte-identical, without --force."""
+    generate_tiny = ["generate", "3", "--train", "4", "--val", "2", "--seq_len", "6", "--out", str(tmp_path / "d")]
+    if "DATA" in verb:
+        assert main(generate_tiny) == 0
+    (tmp_path / "ckpt.pt").write_bytes(b"checked after the folder")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "grid.toml").write_text("")
+    out = tmp_path / "out"
+    before = folder_of_the_users(out)
+    names = {"DATA": tmp_path / "d", "OUT": out, "CKPT": tmp_path / "ckpt.pt", "RUN": tmp_path / "run"}
+    names["GRID"] = tmp_path / "grid.toml"
+    argv = [str(names[a]) if a in names else a.replace("OUT", str(out)) for a in verb]
+    capsys.readouterr()
+    message = one_line_error(capsys, argv)
+    assert f"{out} holds files that are not" in message and kind in message and "new or empty folder" in message
+    assert {path: path.read_bytes() for path in out.iterdir()} == before
+
+
+def test_train_never_writes_into_a_home_folder_even_with_force(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    before = folder_of_the_users(tmp_path / "home")
+    assert main(["generate", "3", "--train", "4", "--val", "2", "--seq_len", "6", "--out", str(tmp_path / "d")]) == 0
+    capsys.readouterr()
+    argv = ["train", str(tmp_path / "d"), *TINY_TRAIN, f"--out_dir={tmp_path / 'home'}", "--force"]
+    assert "is a home folder" in one_line_error(capsys, argv)
+    assert {path: path.read_bytes() for path in (tmp_path / "home").iterdir()} == before

@@ -155,3 +155,35 @@ def test_a_spec_without_arrays_is_whole_in_meta_and_an_npz_spec_is_the_json_one(
     from_npz, from_json = load_dataset("npz").meta, load_dataset("json").meta
     assert from_npz["spec"] == from_json["spec"] and from_npz["sha256"] == from_json["sha256"]
     assert from_npz["spec_file"]["path"] == "switching.npz"
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [({"process": "icl", "concentration": [1e308, 1e308, 1e308]}, "'concentration'"),
+     ({"process": "icl", "concentration": [1.0, 1e13]}, "'concentration'"),
+     ({"process": "markov", "n_states": 3, "alpha": 1e300}, "'alpha'")],
+)  # fmt: skip
+def test_a_concentration_too_large_for_float64_is_refused_naming_its_field(tmp_path, monkeypatch, capsys, spec, field):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "huge.json").write_text(json.dumps(spec))
+    for argv in (["theory", "--spec", "huge.json"], ["generate", "--spec", "huge.json", *SMALL]):
+        line = one_line_error(capsys, argv)  # one line: no numpy warning before it
+        assert f"spec field {field}" in line and "1e+12" in line and "transmat" not in line
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["huge.json"]
+
+
+@pytest.mark.parametrize("process", ["markov", "icl"])
+def test_an_alpha_too_large_for_float64_is_refused_naming_the_flag(tmp_path, monkeypatch, capsys, process):
+    monkeypatch.chdir(tmp_path)
+    line = one_line_error(capsys, ["generate", "3", "--process", process, "--alpha", "1e308", *SMALL])
+    assert line.startswith("error: --alpha") and "1e+12" in line and "transmat" not in line
+
+
+def test_a_chain_with_several_closed_classes_is_one_note_line_in_the_tools_words(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    spec = {"process": "markov", "transmat": [[1, 0, 0], [0, 1, 0], [0.5, 0.25, 0.25]], "startprob": [0.2, 0.3, 0.5]}
+    (tmp_path / "two.json").write_text(json.dumps(spec))
+    assert main(["theory", "--spec", "two.json"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("note: the chain has 2 closed classes") and err.count("\n") == 1
+    assert "Warning" not in err and ".py" not in err  # no category, no source line

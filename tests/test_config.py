@@ -1,5 +1,6 @@
 import dataclasses
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from nanomarkov.config import (
     TrainConfig,
     format_config_file,
     load_config_file,
+    merge_settings,
     parse_mm_id,
     parse_overrides,
     preset,
@@ -292,7 +294,7 @@ def test_gpt_config_takes_vocab_and_block_from_the_dataset():
 
 
 def test_to_dict_from_dict_round_trip():
-    c = TrainConfig(max_iters=3, compile=True)
+    c = TrainConfig(max_iters=3, warmup_iters=1, compile=True)
     assert TrainConfig.from_dict(c.to_dict()) == c
     with pytest.raises(NanoMarkovError, match="valid keys"):
         TrainConfig.from_dict({"max_iters": 3, "eval_iters": 5})
@@ -322,6 +324,9 @@ def test_to_dict_from_dict_round_trip():
         (dict(seed=-1), "seed"),
         (dict(eval_interval=0), "eval_interval"),
         (dict(snapshots=-1), "snapshots"),
+        (dict(snapshot_every=-1), "snapshot_every must be >= 0"),
+        (dict(snapshot_every=11, max_iters=10), r"snapshot_every \(11\) is more than max_iters \(10\)"),
+        (dict(attn_only=True, mlp_only=True), "attn_only and mlp_only together"),
         (dict(data_source="stream"), "data_source must be 'fixed' or 'online'"),
     ],
 )
@@ -630,9 +635,10 @@ def test_config_changes_lists_what_differs_except_what_a_resume_may_change():
     del saved["learning_rate"]  # a config saved before a field existed
     assert config_changes(saved, cfg) == ["n_embd 64 -> 128", "learning_rate None -> 0.01"]
     # A field added since (ADDED_FIELDS) means its default where an older run's config lacks it.
-    del saved["lm_head_bias"]
+    del saved["lm_head_bias"], saved["attn_only"], saved["snapshot_every"]
     assert config_changes(saved, cfg) == ["n_embd 64 -> 128", "learning_rate None -> 0.01"]
     assert "lm_head_bias False -> True" in config_changes(saved, TrainConfig(lm_head_bias=True))
+    assert "attn_only False -> True" in config_changes(saved, TrainConfig(attn_only=True))
 
 
 def test_train_accepts_a_dataset_folder(tmp_path):
@@ -647,6 +653,7 @@ def test_train_accepts_a_dataset_folder(tmp_path):
             "train",
             "data/k2",
             "--max_iters=2",
+            "--warmup_iters=1",
             "--eval_interval=2",
             "--batch_size=4",
         ],
@@ -683,3 +690,51 @@ def test_a_config_too_big_or_too_deeply_nested_is_one_line(tmp_path):
     chained.write_text("n_layer = " + "*".join(["1"] * 20_000) + "\n")
     with pytest.raises(NanoMarkovError, match="too deeply nested"):
         load_config_file(chained)
+
+
+RECIPE = {"max_iters": 600, "lr_decay_iters": 600, "warmup_iters": 50, "out_dir": "nowhere"}
+
+
+@pytest.mark.parametrize(
+    "given, max_iters, decay",
+    [
+        ({"max_iters": 8000}, 8000, 8000),  # alone: the decay ends with the run
+        ({"max_iters": 8000, "lr_decay_iters": 1000}, 8000, 1000),  # both: as given
+        ({"learning_rate": 1e-3}, 600, 600),  # neither: the recipe's
+        ({"lr_decay_iters": 300}, 600, 300),
+    ],
+)
+def test_the_schedule_follows_the_run(given, max_iters, decay):
+    merged = merge_settings(RECIPE, given)
+    assert (merged["max_iters"], merged["lr_decay_iters"]) == (max_iters, decay)
+    assert TrainConfig.from_dict({k: v for k, v in merged.items() if k != "out_dir"}).lr_decay_iters == decay
+
+
+def test_a_config_file_with_max_iters_alone_decays_with_the_run(tmp_path):
+    path = write(tmp_path, "max_iters = 8000\nwarmup_iters = 100\n")
+    assert merge_settings({}, load_config_file(path))["lr_decay_iters"] == 8000
+    assert merge_settings(merge_settings({}, load_config_file(path)), {"max_iters": 90})["lr_decay_iters"] == 90
+
+
+def test_a_resumed_run_keeps_the_decay_it_was_trained_with(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"lr_decay_iters": 6}))
+    resumed = merge_settings({**RECIPE, "out_dir": str(tmp_path)}, {"max_iters": 9, "init_from": "resume"})
+    assert (resumed["max_iters"], resumed["lr_decay_iters"]) == (9, 6)
+    given = merge_settings(RECIPE, {"init_from": "resume", "lr_decay_iters": 7, "out_dir": str(tmp_path)})
+    assert given["lr_decay_iters"] == 7
+
+
+@pytest.mark.parametrize(
+    "settings, needle",
+    [
+        (dict(max_iters=0), "max_iters = 0 trains nothing"),
+        (dict(max_iters=60, warmup_iters=200), r"warmup_iters \(200\) is longer than the run \(max_iters 60\)"),
+    ],
+)
+def test_a_run_that_trains_nothing_is_refused(settings, needle):
+    with pytest.raises(NanoMarkovError, match=needle):
+        TrainConfig(**settings)
+
+
+def test_a_constant_learning_rate_has_no_warm_up_to_outlast():
+    assert TrainConfig(max_iters=60, warmup_iters=200, lr_decay_iters=200, decay_lr=False).max_iters == 60

@@ -125,7 +125,7 @@ def test_interrupted_force_keeps_the_old_dataset_whole(tmp_path):
 def test_foreign_bin_files_are_not_overwritten_without_force(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "train.bin").write_bytes(b"seed data")
-    with pytest.raises(NanoMarkovError, match="no meta.json"):
+    with pytest.raises(NanoMarkovError, match=r"holds files that are not a dataset \(train.bin\).*--force"):
         make(tmp_path / "d")
     assert (tmp_path / "d" / "train.bin").read_bytes() == b"seed data"
 
@@ -380,3 +380,63 @@ def test_a_dataset_folder_and_its_files_follow_the_umask(tmp_path, umask):
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o777 & ~umask  # not tempfile's 0700
     for path in (tmp_path / "d").iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+
+
+class Lying(MarkovChain):
+    """A chain whose theory says what it is told to, where a plugin with wrong probabilities would err."""
+
+    def __init__(self, transmat, startprob, **lies):
+        super().__init__(transmat, startprob)
+        self.lies = lies
+
+    def entropy_rate(self):
+        return self.lies.get("entropy_rate", super().entropy_rate())
+
+    def unigram_loss(self):
+        return self.lies.get("unigram_loss", super().unigram_loss())
+
+    def optimal_accuracy(self, seq_len):
+        return self.lies.get("optimal_accuracy", super().optimal_accuracy(seq_len))
+
+    def optimal_loss_by_position(self, seq_len):
+        losses, errors = super().optimal_loss_by_position(seq_len)
+        return losses * self.lies.get("loss_factor", 1.0), errors
+
+    def optimal_log_probs(self, tokens):
+        return super().optimal_log_probs(tokens) + self.lies.get("log_prob_shift", 0.0)
+
+
+SWITCH = [[0.9, 0.1], [0.5, 0.5]]  # entropy rate 0.386, unigram 0.451, log 2 = 0.693: room on both sides
+
+
+@pytest.mark.parametrize(
+    ("lie", "named"),
+    [({"entropy_rate": -0.25}, "entropy_rate = -0.25 is negative"),
+     ({"entropy_rate": 0.5}, "entropy_rate = 0.5 is above unigram_loss"),
+     ({"unigram_loss": 0.8}, "unigram_loss = 0.8 is above log K"),
+     ({"loss_factor": float("nan")}, "optimal_loss = nan"),
+     ({"loss_factor": -1.0}, "optimal_loss = -"),
+     ({"optimal_accuracy": 1.5}, "optimal_accuracy = 1.5 is outside [1/K, 1]"),
+     ({"optimal_accuracy": 0.25}, "optimal_accuracy = 0.25 is outside [1/K, 1]"),
+     ({"log_prob_shift": np.log(2)}, "optimal_log_probs gives probabilities outside [0, 1]"),
+     ({"log_prob_shift": -0.01}, "rows that do not sum to 1")],
+)  # fmt: skip
+def test_theory_that_cannot_be_right_is_refused_before_anything_is_written(tmp_path, lie, named):
+    out = tmp_path / "d"
+    generate_dataset(out, 2, 6, 3, seq_len=6, seed=1)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    with pytest.raises(NanoMarkovError) as refused:
+        generate_dataset(out, None, 6, 3, seq_len=6, force=True, chain=Lying(SWITCH, [1.0, 0.0], **lie))
+    message = str(refused.value)
+    assert "process markov (Lying, module test_data)" in message and named in message
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["d"]  # no build left beside it
+    with pytest.raises(NanoMarkovError, match="cannot be right"):
+        generate_dataset(tmp_path / "new", None, 6, 3, seq_len=6, chain=Lying(SWITCH, [1.0, 0.0], **lie))
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_optimum_below_the_entropy_rate_is_right_for_a_chain_started_away_from_its_stationary_law(tmp_path):
+    """Not refused: started in the quiet state 0, the first positions cost less than the long run does."""
+    meta = generate_dataset(tmp_path / "d", None, 6, 3, seq_len=4, chain=MarkovChain(SWITCH, [1.0, 0.0]))
+    assert meta["theory"]["optimal_loss"] < meta["theory"]["entropy_rate"]

@@ -385,13 +385,24 @@ def test_a_snapshot_of_another_architecture_is_refused_before_any_work(markov_ru
     assert not (run / "dynamics.json").exists()
 
 
-def test_data_of_another_process_is_refused_but_a_regenerated_copy_is_not(markov_run, tmp_path, capsys):
+def test_data_of_another_process_or_chain_is_refused_but_a_copy_is_not(markov_run, tmp_path, capsys):
     run = one_snapshot_copy(markov_run[0], tmp_path / "run")
     generate_dataset(tmp_path / "korder", 3, 4, 8, seq_len=12, seed=4, process="korder")
     assert main(["dynamics", str(run), "--data", str(tmp_path / "korder")]) == 2
     err = capsys.readouterr().err
     assert "korder K=3" in err and "markov K=3" in err and err.count("\n") == 1
-    generate_dataset(tmp_path / "copy", 3, 4, 8, seq_len=12, alpha=0.3, seed=9)  # same process and K, new chain
+    # The run records its dataset's sha256 (train writes it in config.json): eval's check, so another
+    # chain of the same process and K is refused, naming the dataset the run expects.
+    config = json.loads((run / "config.json").read_text())
+    trained_on = load_dataset(config["data_dir"]).meta["sha256"]
+    (run / "config.json").write_text(json.dumps({**config, "dataset_sha256": trained_on}))
+    (run / "dynamics.json").unlink(missing_ok=True)  # the module's run may have left one
+    generate_dataset(tmp_path / "other", 3, 4, 8, seq_len=12, alpha=0.3, seed=9)  # same process and K, new chain
+    assert main(["dynamics", str(run), "--data", str(tmp_path / "other"), "--val_sequences", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "trained on other data than" in err and config["data_dir"] in err and err.count("\n") == 1
+    assert trained_on["val.bin"][:12] in err and not (run / "dynamics.json").exists()
+    shutil.copytree(config["data_dir"], tmp_path / "copy")
     assert main(["dynamics", str(run), "--data", str(tmp_path / "copy"), "--val_sequences", "4"]) == 0
 
 

@@ -113,6 +113,8 @@ def test_eval_of_a_nan_checkpoint_writes_strict_json_says_so_and_exits_1(runs, c
     folder = runs / "runs" / "broken"
     assert main(["eval", str(folder / "ckpt.pt")]) == 1
     assert "not finite" in one_error_line(capsys)
+    assert "NaN or inf in its weights wte.weight" in (folder / "eval.md").read_text()
+
     record = strict_loads((folder / "eval.json").read_text())
     assert record["outputs_finite"] is False and record["nonfinite_positions"] > 0
     assert record["cross_entropy"]["val_loss"] is None and record["transition_fidelity"]["context_weighted_kl"] is None
@@ -140,6 +142,15 @@ def test_the_eval_table_counts_its_rows_labels_the_floor_and_names_its_timings_i
     assert any(row.startswith("| % of optimum") and f"uniform {uniform_pct:.3f} %" in row for row in rows)
     (time_line,) = [line for line in out.splitlines() if line.startswith("time: ")]
     assert "_s" not in time_line and "[" not in time_line and "prompts and summary" in time_line, time_line
+
+
+@pytest.mark.parametrize("form", ["safetensors", "hf"])
+def test_export_of_a_nan_checkpoint_names_its_weights_and_writes_nothing(runs, tmp_path, capsys, form):
+    ckpt = runs / "runs" / "broken" / "ckpt.pt"
+    assert main(["export", str(ckpt), "--format", form, "--out", str(tmp_path / "out")]) == 2
+    error = one_error_line(capsys)
+    assert f"{ckpt}: its weights are not finite (NaN or inf in wte.weight" in error
+    assert not (tmp_path / "out").exists()
 
 
 def snapshot(folder, names):

@@ -33,8 +33,15 @@ def trained_looking(config, seed=0):
     return model.eval()
 
 
+# Switches no preset sets, as cases beside the presets in the conversion tests: "c9+attn_only" is
+# preset c9 with attn_only=True (c2: LayerNorm, positions, RELU unused; c9: no LayerNorm, no positions, one-hot).
+VARIANTS = ("c2+attn_only", "c9+attn_only")
+
+
 def preset_config(name):
-    return TrainConfig.from_dict(preset(name, 100)).gpt_config(V, 16)
+    base, *switches = name.split("+")
+    config = TrainConfig.from_dict(preset(base, 100)).gpt_config(V, 16)
+    return dataclasses.replace(config, **dict.fromkeys(switches, True))
 
 
 def inputs(config, n=4, seed=1):
@@ -57,7 +64,7 @@ def write_ckpt(model, path):
     return path
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", PRESETS + VARIANTS)
 def test_round_trip_gives_identical_logits_for_every_preset(name, tmp_path):
     model = trained_looking(preset_config(name))
     export_safetensors(model, tmp_path / "export")
@@ -86,26 +93,26 @@ def test_tied_head_is_saved_once_and_tied_again(tied, tmp_path):
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_head_bias_round_trips_and_older_files_without_the_field_still_load(tied, tmp_path):
+def test_head_bias_round_trips_and_older_files_without_the_added_fields_still_load(tied, tmp_path):
     model = trained_looking(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11, lm_head_bias=True))
     export_safetensors(model, tmp_path / "new")
     loaded = load(tmp_path / "new")
     assert loaded.config.lm_head_bias and torch.equal(loaded.lm_head.bias, model.lm_head.bias)
-    # Files written before the field existed: no lm_head_bias in config.json or model_args, no bias tensor.
+    # Files written before the fields existed: neither in config.json nor in model_args (named here, not read
+    # from model.ADDED_FIELDS, so that a field left out of it fails this test).
+    added = ("lm_head_bias", "attn_only")
     old = trained_looking(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11, lm_head_tied=tied))
     export_safetensors(old, tmp_path / "old")
     config_file = tmp_path / "old" / "config.json"
-    config_file.write_text(
-        json.dumps({k: v for k, v in json.loads(config_file.read_text()).items() if k != "lm_head_bias"})
-    )
+    config_file.write_text(json.dumps({k: v for k, v in json.loads(config_file.read_text()).items() if k not in added}))
     ckpt = write_ckpt(old, tmp_path / "ckpt.pt")
     saved = torch.load(ckpt)
-    del saved["model_args"]["lm_head_bias"]
+    saved["model_args"] = {k: v for k, v in saved["model_args"].items() if k not in added}
     torch.save(saved, ckpt)
     idx = inputs(old.config)
     for source in (tmp_path / "old", ckpt):
         again = load(source)
-        assert again.config == old.config and again.lm_head.bias is None
+        assert again.config == old.config and again.lm_head.bias is None and again.blocks[0].mlp is not None
         with torch.no_grad():
             assert torch.equal(again(idx)[0], old(idx)[0])
 

@@ -5,15 +5,19 @@ import math
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 import nanomarkov.files
 from nanomarkov import NanoMarkovError, files
+from nanomarkov.config import load_config_file
 from nanomarkov.files import (
+    check_output_folder,
     json_text,
     partial_path,
+    protected_folder,
     read_json,
     read_json_or_none,
     write_atomic,
@@ -21,6 +25,8 @@ from nanomarkov.files import (
     write_json,
     writer_lock,
 )
+from nanomarkov.processes.spec import read_spec
+from nanomarkov.sweep.grid import load_grid
 
 
 def strict_loads(text):
@@ -177,3 +183,122 @@ def test_exchange_folders_swaps_the_two_folders(tmp_path, monkeypatch, has_renam
 )
 def test_format_bytes_shows_a_small_size_in_a_unit_that_shows_it(n_bytes, text):
     assert files.format_bytes(n_bytes) == text
+
+
+def never_a_kind(folder):
+    return False
+
+
+@pytest.mark.parametrize("content", [{}, {".lock": "pid 1", "config.json.partial": "{"}])
+def test_a_new_or_empty_folder_is_written_into(tmp_path, content):
+    folder = tmp_path / "out"
+    check_output_folder(folder, "training run", never_a_kind)  # new
+    folder.mkdir()
+    for name, text in content.items():  # what a killed writer leaves is no file of the user's
+        (folder / name).write_text(text)
+    check_output_folder(folder, "training run", never_a_kind)
+
+
+def test_a_folder_of_other_files_is_refused_unless_it_is_of_the_kind_or_forced(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"mine": 1}')
+    with pytest.raises(NanoMarkovError) as refused:
+        check_output_folder(folder, "training run", never_a_kind, flag="--out_dir")
+    message = str(refused.value)
+    assert message.startswith(f"{folder} holds files that are not a training run (config.json)")
+    assert "--out_dir a new or empty folder" in message and "--force" in message
+    with pytest.raises(NanoMarkovError, match="new or empty folder$"):  # a command without --force says so
+        check_output_folder(folder, "export", never_a_kind, force=None)
+    check_output_folder(folder, "training run", lambda f: (f / "config.json").is_file())
+    check_output_folder(folder, "training run", never_a_kind, force=True)
+    with pytest.raises(NanoMarkovError, match="a file, not a folder"):
+        check_output_folder(folder / "config.json", "training run", never_a_kind, force=True)
+
+
+@pytest.mark.parametrize(
+    "folder, why",
+    [
+        ("/", "the root folder"),
+        ("/etc", "a system folder"),
+        ("/usr/local/share/runs", "a system folder"),
+        ("/proc/self", "a system folder"),
+        ("/home", "a system folder"),
+        ("/var", "a system folder"),
+        ("/tmp/../", "the root folder"),
+    ],
+)
+def test_the_root_and_system_folders_are_refused_even_with_force(folder, why):
+    with pytest.raises(NanoMarkovError, match=f"is {why}: nanoMarkov writes no dataset there, even with --force"):
+        check_output_folder(folder, "dataset", lambda f: True, force=True)
+
+
+def test_a_home_folder_is_refused_even_with_force_but_a_folder_in_it_is_not(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    (tmp_path / "link").symlink_to(home)
+    for folder in (home, tmp_path / "link", tmp_path / "link" / "."):
+        with pytest.raises(NanoMarkovError, match="is a home folder"):
+            check_output_folder(folder, "sweep", never_a_kind, force=True)
+    assert protected_folder(home / "runs") == "" and protected_folder("/root/runs") == ""
+
+
+def within_seconds(call, seconds=5):
+    """What `call()` raised, run in a thread that must finish within `seconds` (a hang fails, never blocks)."""
+    outcome = []
+
+    def run():
+        try:
+            call()
+            outcome.append(None)
+        except Exception as e:  # the test inspects what was raised
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still reading after {seconds} s"
+    return outcome[0]
+
+
+def user_named_readers():
+    """Every reader of a file the user names that reads it whole, by a readable name."""
+    return {
+        "read_json": lambda path: read_json(path.with_suffix(".json")),
+        "spec.json": lambda path: read_spec(path.with_suffix(".json")),
+        "spec.npz": lambda path: read_spec(path.with_suffix(".npz")),
+        "config": lambda path: load_config_file(path.with_suffix(".py")),
+        "grid": lambda path: load_grid(path.with_suffix(".toml")),
+    }
+
+
+@pytest.mark.parametrize("reader", sorted(user_named_readers()))
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "/dev/urandom", "folder"])
+def test_a_file_that_is_not_a_regular_file_is_refused_unread(tmp_path, reader, kind):
+    suffix = {"read_json": ".json", "spec.json": ".json", "spec.npz": ".npz", "config": ".py", "grid": ".toml"}[reader]
+    path = tmp_path / f"input{suffix}"
+    if kind == "fifo":
+        os.mkfifo(path)  # no writer: opening it for reading the usual way blocks forever
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to(kind)  # endless: read whole, it takes every byte of memory
+    error = within_seconds(lambda: user_named_readers()[reader](path))
+    expected = {"fifo": "a FIFO (named pipe)", "folder": "a folder"}.get(kind, "a character device")
+    assert isinstance(error, NanoMarkovError), error
+    assert f"{expected}, not a regular file" in str(error) and "\n" not in str(error)
+    assert str(path) in str(error)
+
+
+def test_a_regular_file_is_read_whole_only_up_to_its_cap(tmp_path):
+    path = tmp_path / "big.json"
+    text = '{"a": "' + "x" * 100 + '"}'
+    path.write_text(text)
+    assert files.read_capped(path, max_bytes=len(text)) == text.encode()
+    with pytest.raises(OSError, match=rf"{len(text)} bytes, more than the 100 "):
+        files.read_capped(path, max_bytes=100)
+    with pytest.raises(
+        NanoMarkovError, match=rf"big.json: not a readable file \({len(text)} bytes, more than the 100 "
+    ):
+        read_json(path, max_bytes=100)

@@ -34,9 +34,10 @@ def expected_params(c: GPTConfig, trainable_only=False):
     per_block = 0
     if not c.mlp_only:
         per_block += ln + 3 * d * d + d * d + (4 * d if c.bias else 0)  # ln_1, qkv, proj
-    first_frozen = c.mlp_first_matrix_identity and trainable_only
-    per_block += ln + (0 if first_frozen else d * h) + h * d  # ln_2, fc, proj
-    per_block += ((0 if c.mlp_first_matrix_identity else h) + d) if c.bias else 0
+    if not c.attn_only:
+        first_frozen = c.mlp_first_matrix_identity and trainable_only
+        per_block += ln + (0 if first_frozen else d * h) + h * d  # ln_2, fc, proj
+        per_block += ((0 if c.mlp_first_matrix_identity else h) + d) if c.bias else 0
     n += c.n_layer * per_block + ln  # blocks, ln_f
     n += 0 if c.lm_head_tied else c.vocab_size * d  # head
     n += c.vocab_size if c.lm_head_bias else 0  # its bias, never tied nor frozen
@@ -60,6 +61,10 @@ SWITCHES = [
     dict(lm_head_bias=True),
     dict(lm_head_bias=True, one_hot_embed=True),
     dict(lm_head_bias=True, lm_head_tied=False, n_layer=0),
+    dict(attn_only=True),
+    dict(attn_only=True, bias=True, mlp_ratio=1, mlp_filter="RELU3"),
+    dict(attn_only=True, use_ln=False, pos_ape=False, one_hot_embed=True, lm_head_tied=False, lm_head_bias=True),
+    dict(attn_only=True, n_layer=0),
 ]
 
 
@@ -81,6 +86,18 @@ def test_mlp_only_has_no_attention_parameters():
     names = [n for n, _ in GPT(cfg(mlp_only=True)).named_parameters()]
     assert not any("attn" in n or "ln_1" in n for n in names)
     assert any("attn" in n for n, _ in GPT(cfg()).named_parameters())
+
+
+def test_attn_only_has_no_mlp_parameters_and_adds_only_attention():
+    model = make(attn_only=True)
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("mlp" in n or "ln_2" in n for n in names) and any("attn" in n for n in names)
+    idx = tokens()
+    with torch.no_grad():
+        x = model.wte(idx) + model.wpe.weight
+        for block in model.blocks:
+            x = x + block.attn(block.ln_1(x))
+        assert torch.equal(model(idx)[0], model.lm_head(model.ln_f(x)))
 
 
 def test_no_layernorm_anywhere_when_use_ln_off():
@@ -286,6 +303,11 @@ def test_config_round_trips_through_asdict():
         (dict(n_layer=True), "n_layer"),
         (dict(use_ln="yes"), "use_ln"),
         (dict(lm_head_bias=1), "lm_head_bias"),
+        (dict(attn_only=1), "attn_only"),
+        (dict(attn_only=True, mlp_only=True), "attn_only and mlp_only together"),
+        (dict(attn_only=True, mlp_only=True, n_layer=0), "attn_only and mlp_only together"),
+        (dict(attn_only=True, mlp_ratio=1, mlp_first_matrix_identity=True), "attn_only blocks have none"),
+        (dict(attn_only=True, n_embd=30, n_head=4), "divisible"),
     ],
 )
 def test_invalid_configs_are_rejected(bad, needle):

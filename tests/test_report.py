@@ -50,6 +50,7 @@ def report(tmp_path_factory):
                 n_head=2,
                 n_embd=n_embd,
                 max_iters=20,
+                warmup_iters=5,
                 eval_interval=5,
                 log_interval=5,
                 batch_size=8,

@@ -13,7 +13,7 @@ from nanomarkov.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
-TINY = ["--n_embd=8", "--batch_size=8", "--max_iters=6", "--eval_interval=3", "--device=cpu"]
+TINY = ["--n_embd=8", "--batch_size=8", "--max_iters=6", "--warmup_iters=2", "--eval_interval=3", "--device=cpu"]
 
 
 def run(args, cwd):

@@ -42,7 +42,9 @@ def test_gradient_accumulation_is_the_same_global_batch_in_one_step(data_dir, tm
 
 def weights_at_start(data_dir, tmp_path):
     """The same model after one step at learning rate ~0: its starting point, to show the runs moved."""
-    values = config(data_dir, tmp_path / "start", max_iters=1, eval_interval=1, learning_rate=1e-12, min_lr=0.0)
+    values = config(
+        data_dir, tmp_path / "start", max_iters=1, warmup_iters=1, eval_interval=1, learning_rate=1e-12, min_lr=0.0
+    )
     train(TrainConfig.from_dict(values), show_progress=False)
     return weights(tmp_path / "start")
 

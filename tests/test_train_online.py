@@ -195,7 +195,17 @@ def test_an_online_run_keeps_its_snapshot_series(run_online):
 
 def test_the_command_line_takes_snapshots_and_the_data_source(data, tmp_path, capsys):
     out = tmp_path / "cli"
-    args = ["train", str(data), "--snapshots", "2", "--data_source", "online", f"--out_dir={out}", "--max_iters=4"]
+    args = [
+        "train",
+        str(data),
+        "--snapshots",
+        "2",
+        "--data_source",
+        "online",
+        f"--out_dir={out}",
+        "--max_iters=4",
+        "--warmup_iters=1",
+    ]
     assert main([*args, "--batch_size=4", "--eval_interval=100", "--device=cpu"]) == 0
     assert [i for i, _, _ in list_snapshots(out)] == [0, 1, 2, 4]  # 4^(1/2) = 2
     assert "online data from the process" in (out / "training.log").read_text()

@@ -137,6 +137,21 @@ def test_snapshot_iterations_stay_distinct_where_rounding_would_merge_them():
     assert iters[-2] == round(600 ** (29 / 30))  # the late ones are the log-spaced points themselves
 
 
+@pytest.mark.parametrize(
+    "n, max_iters, every, expected",
+    [
+        (0, 40, 10, [0, 10, 20, 30, 40]),
+        (0, 45, 10, [0, 10, 20, 30, 40, 45]),  # the last iteration too
+        (0, 3, 1, [0, 1, 2, 3]),
+        (0, 7, 7, [0, 7]),
+        (3, 40, 15, [0, 1, 3, 12, 15, 30, 40]),  # the union with 0, 1, 3, 12, 40
+        (3, 40, 0, [0, 1, 3, 12, 40]),
+    ],
+)
+def test_snapshot_every_n_iterations_alone_and_with_the_log_spaced_ones(n, max_iters, every, expected):
+    assert snapshot_iters(n, max_iters, every) == expected
+
+
 def snapshot_counts(out_dir):
     return [(i, t) for i, t, _ in list_snapshots(out_dir)]
 
@@ -146,16 +161,22 @@ def test_a_run_keeps_its_series_and_a_resume_with_more_iters_follows_the_new_one
     tokens_per_iter = BATCH * (SEQ_LEN - 1)
     fail_at(monkeypatch, 23)  # after iter 22's snapshot, past the checkpoint of iter 20
     with pytest.raises(Stop):
-        run(config(data, out, snapshots=6))
+        run(config(data, out, snapshots=6, snapshot_every=7))
     monkeypatch.undo()
-    # 40^(k/6): 1, 1.8, 3.4, 6.3, 11.7, 21.6, 40
-    assert snapshot_counts(out) == [(i, i * tokens_per_iter) for i in (0, 1, 2, 3, 6, 12, 22)]
+    # 40^(k/6): 1, 1.8, 3.4, 6.3, 11.7, 21.6, 40; with every 7th: 7, 14, 21, 28, 35
+    assert snapshot_counts(out) == [(i, i * tokens_per_iter) for i in (0, 1, 2, 3, 6, 7, 12, 14, 21, 22)]
+    killed_21 = load_snapshot(list_snapshots(out)[-2][2])[0].state_dict()
     first, counts = load_snapshot(list_snapshots(out)[0][2])
     torch.manual_seed(42)
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), GPT(first.config).state_dict().values()))
-    run(config(data, out, snapshots=6, init_from="resume", max_iters=60))
-    # Kept up to the checkpoint (20), then 60^(k/6): 1, 2.0, 3.9, 7.7, 15.3, 30.3, 60; iter 22 is gone.
-    assert snapshot_counts(out) == [(i, i * tokens_per_iter) for i in (0, 1, 2, 3, 6, 12, 30, 60)]
+    run(config(data, out, snapshots=6, snapshot_every=7, init_from="resume", max_iters=60))
+    # Kept up to the checkpoint (20), then 60^(k/6): 1, 2.0, 3.9, 7.7, 15.3, 30.3, 60 and every 7th to 56;
+    # iter 22 is gone, 21 is written again (each file once: they are named by iteration).
+    assert snapshot_counts(out) == [
+        (i, i * tokens_per_iter) for i in (0, 1, 2, 3, 6, 7, 12, 14, 21, 28, 30, 35, 42, 49, 56, 60)
+    ]
+    again_21 = load_snapshot(list_snapshots(out)[8][2])[0].state_dict()
+    assert all(torch.equal(again_21[name], killed_21[name]) for name in killed_21)  # the resume is exact on CPU
     last, counts = load_snapshot(list_snapshots(out)[-1][2])
     assert counts == {"iter": 60, "tokens": 60 * tokens_per_iter}
     final = torch.load(out / "ckpt.pt", weights_only=True)["model"]
@@ -164,13 +185,22 @@ def test_a_run_keeps_its_series_and_a_resume_with_more_iters_follows_the_new_one
     assert snapshot_counts(out) == []
 
 
-def test_a_grid_passes_snapshots_and_the_data_source_to_its_runs(tmp_path):
+def test_a_grid_passes_snapshots_attn_only_and_the_data_source_to_its_runs(tmp_path):
     grid = {
-        "defaults": {"snapshots": 30, "data_source": "online"},
+        "defaults": {
+            "snapshots": 30,
+            "snapshot_every": 10,
+            "attn_only": True,
+            "mlp_only": False,
+            "data_source": "online",
+        },
         "datasets": [{"n_states": 3, "train": 100, "val": 10}],
         "experiments": [{"seeds": [1]}, {"seeds": [2], "overrides": {"data_source": "fixed"}, "tag": "fixed"}],
     }
     configs = [spec.config() for spec in expand_grid(grid, tmp_path)]
-    assert [(c.snapshots, c.data_source) for c in configs] == [(30, "online"), (30, "fixed")]
+    assert [(c.snapshots, c.snapshot_every, c.attn_only, c.data_source) for c in configs] == [
+        (30, 10, True, "online"),
+        (30, 10, True, "fixed"),
+    ]
     with pytest.raises(NanoMarkovError, match="data_source must be"):
         expand_grid({**grid, "defaults": {"data_source": "live"}}, tmp_path)

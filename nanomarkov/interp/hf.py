@@ -8,6 +8,9 @@ exact zeros or fixed tables there:
 - bias=False: every bias (Linear and LayerNorm) is zero; a LayerNorm weight stays ours;
 - mlp_only=True: each block's attention has one head and all-zero weights and biases, so
   c_proj writes exactly 0 whatever the softmax gives (ln_1 is the identity LayerNorm, unused);
+- attn_only=True: each block's MLP is one hidden unit wide (n_inner=1) with all-zero weights and
+  biases, so its c_proj writes exactly 0 whatever the activation gives (ln_2 is the identity
+  LayerNorm, unused); mlp_ratio and mlp_filter, unused by our model, are not carried;
 - one_hot_embed / mlp_first_matrix_identity: the same fixed tables as values;
 - lm_head_tied: tie_word_embeddings, as GPT-2 itself does;
 - mlp_filter: GELU is the exact (erf) GELU, transformers' "gelu" (GPT-2's own default "gelu_new" is
@@ -22,7 +25,7 @@ from pathlib import Path
 import torch
 
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.files import PARTIAL_SUFFIX, exchange_folders, follow_umask, read_json_or_none
+from nanomarkov.files import PARTIAL_SUFFIX, check_output_folder, exchange_folders, follow_umask, read_json_or_none
 from nanomarkov.interp.lens import LN_EPS, check_same_logits, float32_model
 
 HF_INSTALL = 'pip install -e ".[hf]"'
@@ -54,9 +57,17 @@ def gpt2_refusal(config) -> str:
             "lm_head_bias=True: GPT-2's lm_head is a Linear without bias, and no exact rewrite adds one "
             "(a constant residual coordinate would change every LayerNorm's mean and variance)"
         )
-    if config.mlp_filter not in HF_ACTIVATION:
+    if config.mlp_filter not in HF_ACTIVATION and not config.attn_only:
         return f"mlp_filter={config.mlp_filter}: transformers has no activation relu(x)**3"
     return ""
+
+
+def gpt2_mlp(config) -> tuple:
+    """(GPT-2's n_inner, activation_function) for a GPTConfig: attn_only's stand-in MLP is the smallest
+    GPT-2 has, one unit wide, with the exact GELU (it only ever sees 0)."""
+    if config.attn_only:
+        return 1, HF_ACTIVATION["GELU"]
+    return config.mlp_ratio * config.n_embd, HF_ACTIVATION[config.mlp_filter]
 
 
 def gpt2_config(model, source, GPT2Config):
@@ -64,14 +75,15 @@ def gpt2_config(model, source, GPT2Config):
     c = model.config
     data_dir = source.get("data_dir")
     meta = read_json_or_none(Path(data_dir) / "meta.json") if data_dir else None
+    n_inner, activation = gpt2_mlp(c)
     return GPT2Config(
         vocab_size=c.vocab_size,
         n_positions=c.block_size,
         n_embd=c.n_embd,
         n_layer=c.n_layer,
         n_head=1 if c.mlp_only else c.n_head,
-        n_inner=c.mlp_ratio * c.n_embd,
-        activation_function=HF_ACTIVATION[c.mlp_filter],
+        n_inner=n_inner,
+        activation_function=activation,
         resid_pdrop=c.dropout,
         embd_pdrop=c.dropout,
         attn_pdrop=c.dropout,
@@ -97,6 +109,7 @@ def gpt2_state(model) -> dict:
     C = c.n_embd
     ours = {name: tensor.detach() for name, tensor in model.state_dict().items()}
     zeros, ones = torch.zeros(C), torch.ones(C)
+    hidden = gpt2_mlp(c)[0]
     state = {
         "transformer.wte.weight": ours["wte.weight"],
         "transformer.wpe.weight": ours.get("wpe.weight", torch.zeros(c.block_size, C)),
@@ -105,11 +118,11 @@ def gpt2_state(model) -> dict:
         "lm_head.weight": ours["lm_head.weight"],
     }
     # GPT-2's Conv1D stores (in, out): the transpose of our Linear's (out, in).
-    linears = {"attn.c_attn": 3 * C, "attn.c_proj": C, "mlp.c_fc": c.mlp_ratio * C, "mlp.c_proj": C}
+    linears = {"attn.c_attn": 3 * C, "attn.c_proj": C, "mlp.c_fc": hidden, "mlp.c_proj": C}
     for i in range(c.n_layer):
         p, h = f"blocks.{i}.", f"transformer.h.{i}."
         for name, out_features in linears.items():
-            default = torch.zeros(out_features, C if name != "mlp.c_proj" else c.mlp_ratio * C)
+            default = torch.zeros(out_features, C if name != "mlp.c_proj" else hidden)
             state[h + name + ".weight"] = ours.get(p + name + ".weight", default).T
             state[h + name + ".bias"] = ours.get(p + name + ".bias", torch.zeros(out_features))
         for norm in ("ln_1", "ln_2"):
@@ -129,10 +142,9 @@ def to_hf_gpt2(ckpt_or_model):
     if why:
         raise NanoMarkovError(f"GPT-2 (Hugging Face) cannot express this model: {why}")
     GPT2Config, GPT2LMHeadModel, activations = _transformers()
-    if HF_ACTIVATION[model.config.mlp_filter] not in activations:
-        raise NanoMarkovError(
-            f"this transformers has no {HF_ACTIVATION[model.config.mlp_filter]!r} activation; upgrade it: {HF_INSTALL}"
-        )
+    activation = gpt2_mlp(model.config)[1]
+    if activation not in activations:
+        raise NanoMarkovError(f"this transformers has no {activation!r} activation; upgrade it: {HF_INSTALL}")
     hf = GPT2LMHeadModel(gpt2_config(model, source, GPT2Config)).to(model.wte.weight.device)
     missing, unexpected = hf.load_state_dict(gpt2_state(model), strict=False)
     # GPT-2 keeps no persistent buffers, and a tied lm_head.weight is the same tensor as wte.
@@ -153,8 +165,8 @@ def export_hf(ckpt_or_model, out_dir):
     never replaced.
     """
     out = Path(out_dir)
-    if out.exists() and not _is_hf_export(out):
-        raise NanoMarkovError(f"{out} exists and is not a Hugging Face export of nanoMarkov; choose another --out")
+    # No force: the folder is replaced whole, so a folder of anything else would be lost with it.
+    check_output_folder(out, "Hugging Face export", is_hf_export, force=None)
     hf = to_hf_gpt2(ckpt_or_model)
     build = out.with_name(out.name + PARTIAL_SUFFIX)
     try:
@@ -187,10 +199,8 @@ def save_quietly(hf, folder):
             transformers_logging.enable_progress_bar()
 
 
-def _is_hf_export(folder) -> bool:
-    """Whether `folder` may be replaced: an empty folder, or one export_hf wrote."""
-    if not folder.is_dir():
-        return False
-    config = read_json_or_none(folder / "config.json")
+def is_hf_export(folder) -> bool:
+    """Whether `folder` holds a folder export_hf wrote (its config.json says so)."""
+    config = read_json_or_none(Path(folder) / "config.json")
     marker = config.get("nanomarkov") if isinstance(config, dict) else None
-    return not any(folder.iterdir()) or (isinstance(marker, dict) and marker.get("format") == HF_FORMAT)
+    return isinstance(marker, dict) and marker.get("format") == HF_FORMAT

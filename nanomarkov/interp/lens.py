@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from nanomarkov.checkpoint import model_and_source
+from nanomarkov.checkpoint import check_finite_weights, model_and_source
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.model import GPT, GPTConfig
 
@@ -23,6 +23,8 @@ from nanomarkov.model import GPT, GPTConfig
 # - mlp_only=True: TransformerLens has no block without attention, so each block
 #   gets one head of width 1 whose weights and biases are all zeros and frozen;
 #   its output z @ W_O + b_O is then exactly 0 and hook_attn_out reads zeros;
+# - attn_only=True: TransformerLens's own attn_only, blocks without MLP and ln2 (its
+#   d_mlp and act_fn carry our unused mlp_ratio and mlp_filter, so a round trip keeps them);
 # - one_hot_embed / mlp_first_matrix_identity: the same fixed tables, frozen;
 # - lm_head_tied: W_U is a copy of W_E^T (TransformerLens keeps the two apart,
 #   so further training of the hooked model would untie them);
@@ -106,11 +108,12 @@ def _hooked_state(model):
             put(p + "attn.b_O", block.attn.c_proj.bias, C)
             norms.append((p + "ln1", block.ln_1))
         mlp = block.mlp
-        put(p + "mlp.W_in", mlp.c_fc.weight.T)
-        put(p + "mlp.b_in", mlp.c_fc.bias, mlp.c_fc.out_features)
-        put(p + "mlp.W_out", mlp.c_proj.weight.T)
-        put(p + "mlp.b_out", mlp.c_proj.bias, C)
-        norms.append((p + "ln2", block.ln_2))
+        if mlp is not None:
+            put(p + "mlp.W_in", mlp.c_fc.weight.T)
+            put(p + "mlp.b_in", mlp.c_fc.bias, mlp.c_fc.out_features)
+            put(p + "mlp.W_out", mlp.c_proj.weight.T)
+            put(p + "mlp.b_out", mlp.c_proj.bias, C)
+            norms.append((p + "ln2", block.ln_2))
     if c.use_ln:
         for name, ln in norms:  # ln None: the stand-in attention's LayerNorm, frozen at the identity
             put(name + ".w", None if ln is None else ln.weight, C, fill=1.0)
@@ -123,6 +126,7 @@ def _hooked_state(model):
 def float32_model(ckpt_or_model):
     """(GPT, provenance) as model_and_source gives them, refusing a model that is not in float32."""
     model, source = model_and_source(ckpt_or_model)
+    check_finite_weights(model, source, what="convert")
     if model.wte.weight.dtype != torch.float32:
         raise NanoMarkovError(
             f"the model is in {model.wte.weight.dtype}; the conversion is checked in float32: call model.float() first"
@@ -131,10 +135,12 @@ def float32_model(ckpt_or_model):
 
 
 def _convertible(ckpt_or_model):
-    """(GPT, TransformerLens act_fn name) for a model either major can express, or the reason it cannot."""
+    """(GPT, TransformerLens act_fn name) for a model either major can express, or the reason it cannot.
+
+    An attn_only model has no MLP, so its unused mlp_filter may have no act_fn (None then)."""
     model = float32_model(ckpt_or_model)[0]
     act_fn = TL_ACT_FN.get(model.config.mlp_filter)
-    if act_fn is None:
+    if act_fn is None and not model.config.attn_only:
         raise NanoMarkovError(
             f"mlp_filter={model.config.mlp_filter} has no TransformerLens equivalent; "
             f"it has {', '.join(f'{k} ({v})' for k, v in TL_ACT_FN.items())}"
@@ -173,7 +179,7 @@ def to_hooked_transformer(ckpt_or_model):
     """
     model, act_fn = _convertible(ckpt_or_model)
     HookedTransformer, HookedTransformerConfig, activations = _transformer_lens()
-    if act_fn not in activations:
+    if act_fn is not None and act_fn not in activations:
         raise NanoMarkovError(
             f"mlp_filter={model.config.mlp_filter} needs act_fn {act_fn!r}, which this transformer_lens "
             f"lacks; upgrade it: {TL_INSTALL}"
@@ -200,6 +206,7 @@ def _hooked_config(model, act_fn):
         d_head=1 if c.mlp_only else c.n_embd // c.n_head,
         d_mlp=c.mlp_ratio * c.n_embd,
         act_fn=act_fn,
+        attn_only=c.attn_only,
         normalization_type="LN" if c.use_ln else None,
         eps=LN_EPS,
         # TransformerLens divides attention scores by sqrt(d_head) by default, as scaled_dot_product_attention does.
@@ -319,7 +326,7 @@ def from_hooked_transformer(hooked):
 
     Exact inverse of to_hooked_transformer: its frozen stand-ins are read back
     as the switches they stand for (frozen zero W_pos -> pos_ape=False, frozen
-    zero attention -> mlp_only, frozen one-hot W_E -> one_hot_embed, frozen
+    zero attention -> mlp_only, attn_only -> attn_only, frozen one-hot W_E -> one_hot_embed, frozen
     identity W_in -> mlp_first_matrix_identity, frozen zero biases -> bias=False,
     a frozen zero b_U -> lm_head_bias=False); W_U equal to W_E^T means lm_head_tied. A plain TransformerLens model works
     if it is a GPT-2-style one nanoMarkov can express (LayerNorm or none, learned
@@ -347,7 +354,6 @@ def _check_expressible(cfg, params):
     for name, expected in [
         ("positional_embedding_type", "standard"),
         ("attention_dir", "causal"),
-        ("attn_only", False),
         ("gated_mlp", False),
         ("parallel_attn_mlp", False),
         ("final_rms", False),
@@ -365,12 +371,14 @@ def _check_expressible(cfg, params):
         _refuse(f"normalization_type={cfg.normalization_type!r}", "only LayerNorm (LN, LNPre) or none")
     if cfg.normalization_type and cfg.eps != LN_EPS:
         _refuse(f"eps={cfg.eps}", f"nanoMarkov's LayerNorm has eps {LN_EPS}")
+    if cfg.d_vocab_out != cfg.d_vocab:
+        _refuse(f"d_vocab_out={cfg.d_vocab_out} != d_vocab={cfg.d_vocab}", "the head predicts the input vocabulary")
+    if cfg.attn_only:  # no MLP: its act_fn and d_mlp are unused, whatever they say
+        return
     if cfg.act_fn not in TL_ACT_FN.values():
         _refuse(
             f"act_fn={cfg.act_fn!r}", f"the MLP filters are {', '.join(f'{v} ({k})' for k, v in TL_ACT_FN.items())}"
         )
-    if cfg.d_vocab_out != cfg.d_vocab:
-        _refuse(f"d_vocab_out={cfg.d_vocab_out} != d_vocab={cfg.d_vocab}", "the head predicts the input vocabulary")
     if cfg.d_mlp % cfg.d_model:
         _refuse(f"d_mlp={cfg.d_mlp}", f"the MLP width must be a multiple of d_model={cfg.d_model}")
 
@@ -387,7 +395,7 @@ def _gpt_config_of(cfg, params):
     blocks = [f"blocks.{i}." for i in range(L)]
     zero = torch.tensor(0.0)
     attn_names = [p + "attn." + n for p in blocks for n in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O")]
-    mlp_only = all(_is_stand_in(params, n, zero) for n in attn_names)
+    mlp_only = not cfg.attn_only and all(_is_stand_in(params, n, zero) for n in attn_names)
     if not mlp_only and (
         cfg.n_heads * cfg.d_head != C
         or not cfg.use_attn_scale
@@ -398,7 +406,8 @@ def _gpt_config_of(cfg, params):
             "heads must split d_model evenly and scores be divided by sqrt(d_head)",
         )
     identity_in = (
-        cfg.d_mlp == C
+        not cfg.attn_only
+        and cfg.d_mlp == C
         and L > 0
         and all(
             _is_stand_in(params, p + "mlp.W_in", torch.eye(C)) and _is_stand_in(params, p + "mlp.b_in", zero)
@@ -424,8 +433,10 @@ def _gpt_config_of(cfg, params):
         use_ln=cfg.normalization_type is not None,
         pos_ape=not _is_stand_in(params, "pos_embed.W_pos", zero),
         mlp_only=mlp_only,
-        mlp_ratio=cfg.d_mlp // C,
-        mlp_filter={v: k for k, v in TL_ACT_FN.items()}[cfg.act_fn],
+        attn_only=cfg.attn_only,
+        # attn_only: what our export carried, else GPTConfig's defaults (unused without an MLP).
+        mlp_ratio=cfg.d_mlp // C if cfg.d_mlp and cfg.d_mlp % C == 0 else GPTConfig.mlp_ratio,
+        mlp_filter={v: k for k, v in TL_ACT_FN.items()}.get(cfg.act_fn, GPTConfig.mlp_filter),
         mlp_first_matrix_identity=identity_in,
         one_hot_embed=V <= C and _is_stand_in(params, "embed.W_E", torch.eye(V, C)),
         lm_head_tied=torch.equal(params["unembed.W_U"].detach(), params["embed.W_E"].detach().T),
@@ -450,11 +461,12 @@ def _gpt_state(w, config, normalization_type):
             state[p + "attn.c_proj.weight"] = w[p + "attn.W_O"].reshape(C, C).T
             state[p + "attn.c_proj.bias"] = w[p + "attn.b_O"]
             norms[p + "ln_1"] = p + "ln1"
-        state[p + "mlp.c_fc.weight"] = w[p + "mlp.W_in"].T
-        state[p + "mlp.c_fc.bias"] = w[p + "mlp.b_in"]
-        state[p + "mlp.c_proj.weight"] = w[p + "mlp.W_out"].T
-        state[p + "mlp.c_proj.bias"] = w[p + "mlp.b_out"]
-        norms[p + "ln_2"] = p + "ln2"
+        if not config.attn_only:
+            state[p + "mlp.c_fc.weight"] = w[p + "mlp.W_in"].T
+            state[p + "mlp.c_fc.bias"] = w[p + "mlp.b_in"]
+            state[p + "mlp.c_proj.weight"] = w[p + "mlp.W_out"].T
+            state[p + "mlp.c_proj.bias"] = w[p + "mlp.b_out"]
+            norms[p + "ln_2"] = p + "ln2"
     for ours, theirs in norms.items():
         if normalization_type == "LN":
             state[ours + ".weight"], state[ours + ".bias"] = w[theirs + ".w"], w[theirs + ".b"]

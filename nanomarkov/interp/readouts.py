@@ -11,6 +11,9 @@ function that draws it (matplotlib Figure, no pyplot: safe headless).
 - direct_path: embedding -> ln_f -> head alone, skipping every block, against P.
 - attention_summary: how much each head attends to the current token, to
   earlier states and to BOS. A Markov chain needs only the current token.
+- previous_token_scores, induction_scores: the circuits literature's two head
+  scores (attention to the previous token; on repeated random sequences,
+  repeated_random_tokens, to the token after the current one's earlier copy).
 
 As in evaluation, a distribution "over the states" drops the BOS logit and
 renormalises over the K states (BOS never follows anything), and KL(P_s || q)
@@ -103,6 +106,12 @@ def forward_capturing(model, tokens, modules, inputs=False):
 # ------------------------------------------------------------ the whole model and the direct path
 
 
+def readout(chain, learned):
+    """{"learned", "true", "kl"} of learned rows q_s (K, K) against the chain's rows P_s after each state."""
+    true = chain.transition_rows()[:-1]  # the last row is the one after BOS
+    return {"learned": learned, "true": true, "kl": kl_rows(true, learned)}
+
+
 def transition_readout(model, chain):
     """The model's next-state distribution after [BOS, s] for every state s, against P.
 
@@ -114,7 +123,7 @@ def transition_readout(model, chain):
     with _inference(model) as device:
         prompts = torch.stack([torch.full((k,), k), torch.arange(k)], dim=1).to(device)
         learned = state_log_probs(model(prompts)[0][:, 1].cpu(), k).exp().numpy()
-    return {"learned": learned, "true": np.array(chain.transmat), "kl": kl_rows(chain.transmat, learned)}
+    return readout(chain, learned)
 
 
 def direct_path(model, chain):
@@ -133,7 +142,7 @@ def direct_path(model, chain):
         if model.wpe is not None:
             x = x + model.wpe.weight[1]
         learned = state_log_probs(model.lm_head(model.ln_f(x)).cpu(), k).exp().numpy()
-    return {"learned": learned, "true": np.array(chain.transmat), "kl": kl_rows(chain.transmat, learned)}
+    return readout(chain, learned)
 
 
 # ------------------------------------------------------------ logit lens
@@ -191,6 +200,53 @@ def _attention_weights(attn, h):
     return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
 
 
+def attention_layers(model):
+    """The indices of the blocks that have attention (none in an MLP-only model or one of 0 layers)."""
+    return np.array([i for i, block in enumerate(model.blocks) if block.attn is not None], dtype=int)
+
+
+def attention_patterns(model, tokens):
+    """For each batch of BOS-led sequences (the model reads seq[:-1]): (its input x, [the attention
+    weights (B, n_head, T, T) of each attention layer, in block order]), from _attention_weights."""
+    attns = [block.attn for block in model.blocks if block.attn is not None]
+    for x, inputs in forward_capturing(model, tokens, attns, inputs=True):
+        yield x, [_attention_weights(attn, h) for attn, h in zip(attns, inputs)]
+
+
+def previous_token_scores(model, tokens):
+    """Per attention layer and head, (n_attn_layers, n_head): the previous-token score, the attention
+    weight from each query position t >= 1 to key t - 1 (BOS for t = 1), averaged over every such
+    query of the given BOS-led sequences. 1 for a head that attends to the previous token alone."""
+    sums, queries = np.zeros((attention_layers(model).size, model.config.n_head)), 0
+    for x, weights in attention_patterns(model, tokens):
+        for i, w in enumerate(weights):
+            sums[i] += w.diagonal(offset=-1, dim1=-2, dim2=-1).sum((0, 2)).cpu().numpy()
+        queries += x.size(0) * (x.size(1) - 1)
+    return sums / max(queries, 1)
+
+
+def repeated_random_tokens(n_states, n_sequences, half, rng):
+    """(n_sequences, 2 half + 2) sequences [BOS, r_1..r_n, r_1..r_n, r_1], r_i i.i.d. uniform over the
+    K states (n = half): a model reads [BOS, r, r]; the last r_1 is only the next token."""
+    repeated = rng.integers(n_states, size=(n_sequences, half))
+    bos = np.full((n_sequences, 1), n_states)
+    return np.hstack([bos, repeated, repeated, repeated[:, :1]])
+
+
+def induction_scores(model, tokens):
+    """Per attention layer and head, (n_attn_layers, n_head): the induction score (Olsson et al. 2022)
+    on repeated sequences from repeated_random_tokens, the attention weight from the second copy of
+    r_i (position n + i) to the token after its first copy (position i + 1), averaged over i = 1..n
+    and the sequences. 1 for a head that attends there alone."""
+    half = (np.asarray(tokens).shape[1] - 2) // 2
+    sums = np.zeros((attention_layers(model).size, model.config.n_head))
+    for _, weights in attention_patterns(model, tokens):
+        for i, w in enumerate(weights):
+            # Row q = n + 1 + r of the second copy, column q - n + 1 = r + 2: the slice's diagonal at offset 2.
+            sums[i] += w[:, :, half + 1 :].diagonal(offset=2, dim1=-2, dim2=-1).sum((0, 2)).cpu().numpy()
+    return sums / max(np.asarray(tokens).shape[0] * half, 1)
+
+
 def attention_summary(model, tokens):
     """Per layer and head, the mean attention weight on the current token, on earlier states, and on BOS.
 
@@ -205,8 +261,8 @@ def attention_summary(model, tokens):
     chain needs) and "layers" (block indices); all empty (shape (0, 0)) for an
     MLP-only model, which has no attention.
     """
-    attns = [block.attn for block in model.blocks if block.attn is not None]
-    if not attns:
+    layers = attention_layers(model)
+    if not layers.size:
         return {
             "current": np.zeros((0, 0)),
             "earlier": np.zeros((0, 0)),
@@ -214,16 +270,15 @@ def attention_summary(model, tokens):
             "previous": np.zeros((0, 0)),
             "layers": np.zeros(0, dtype=int),
         }
-    n_head = attns[0].n_head
-    sums = np.zeros((4, len(attns), n_head))  # current, earlier, bos, previous (a part of earlier)
+    sums = np.zeros((4, layers.size, model.config.n_head))  # current, earlier, bos, previous (a part of earlier)
     queries = 0
-    for x, inputs in forward_capturing(model, tokens, attns, inputs=True):
+    for x, weights in attention_patterns(model, tokens):
         T = x.size(1)
         # Keys strictly between BOS and the query: the history a Markov chain does not need.
-        history = torch.ones(T, T, dtype=torch.bool, device=inputs[0].device).tril(-1)
+        history = torch.ones(T, T, dtype=torch.bool, device=weights[0].device).tril(-1)
         history[:, 0] = False
-        for i, (attn, h) in enumerate(zip(attns, inputs)):
-            w = _attention_weights(attn, h)[:, :, 1:]  # queries t >= 1
+        for i, w in enumerate(weights):
+            w = w[:, :, 1:]  # queries t >= 1
             sums[0, i] += w.diagonal(offset=1, dim1=-2, dim2=-1).sum((0, 2)).cpu().numpy()
             sums[1, i] += (w * history[1:]).sum((0, 2, 3)).cpu().numpy()
             sums[2, i] += w[..., 0].sum((0, 2)).cpu().numpy()
@@ -231,7 +286,6 @@ def attention_summary(model, tokens):
             sums[3, i] += w.diagonal(dim1=-2, dim2=-1)[..., 1:].sum((0, 2)).cpu().numpy()
         queries += x.size(0) * (T - 1)
     current, earlier, bos, previous = sums / queries
-    layers = np.array([i for i, block in enumerate(model.blocks) if block.attn is not None])
     return {"current": current, "earlier": earlier, "bos": bos, "previous": previous, "layers": layers}
 
 

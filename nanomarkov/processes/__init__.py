@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.processes.base import Option, Process
+from nanomarkov.processes.base import METRIC_FAMILIES, Option, Process
 from nanomarkov.processes.hmm import HiddenMarkovModel
 from nanomarkov.processes.incontext import InContextChain
 from nanomarkov.processes.korder import KOrderChain
@@ -36,8 +36,30 @@ def register(cls):
         raise NanoMarkovError(
             f"process {name!r} is already registered ({PROCESSES[name].__name__}); choose another name"
         )
+    check_contract(cls)
     PROCESSES[name] = cls
     return cls
+
+
+def check_contract(cls):
+    """Refuse a class that lacks a method of the contract, or lists a metric family that does not exist, now rather
+    than when the method is first called (processes/base.py says what each provides)."""
+    unknown = [family for family in cls.METRICS if family not in METRIC_FAMILIES]
+    if unknown:
+        raise NanoMarkovError(
+            f"{cls.__name__} (module {cls.__module__}) lists {', '.join(map(repr, unknown))} in METRICS, which is "
+            f"no metric family; the families are {', '.join(METRIC_FAMILIES)}"
+        )
+    missing = cls.missing_members()
+    if missing:
+        reasons = {}
+        for name, why in missing.items():
+            reasons.setdefault(why, []).append(name)
+        lacks = "; ".join(f"{', '.join(names)} ({why})" for why, names in reasons.items())
+        raise NanoMarkovError(
+            f"{cls.__name__} (module {cls.__module__}) does not provide {lacks}: implement them as "
+            "nanomarkov/processes/base.py describes"
+        )
 
 
 def process_class(process):
@@ -70,12 +92,22 @@ def load_plugins(value=None):
                 module = importlib.import_module(entry)
         except NanoMarkovError:
             raise
-        except Exception as e:  # a broken plugin can raise anything on import; say which one it is
+        # A broken plugin can raise anything on import, sys.exit included (which would end every command with
+        # its code, silently); Ctrl-C and SIGTERM are the user's, not the plugin's, and go on.
+        except (Exception, SystemExit) as e:
             raise NanoMarkovError(
-                f"{PLUGINS_VARIABLE}: cannot import {entry!r} ({type(e).__name__}: {e}); fix or remove it"
-            ) from e
+                f"{PLUGINS_VARIABLE}: cannot import {entry!r}: it raised {raised(e)}; fix or remove it"
+            ) from None
         modules.append(module)
     return modules
+
+
+def raised(error):
+    """What an exception was, in one line: sys.exit(code) for SystemExit, else its type and message."""
+    if isinstance(error, SystemExit):
+        return f"SystemExit (it called sys.exit({error.code!r}))"
+    message = " ".join(str(error).split())
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
 register(MarkovChain)

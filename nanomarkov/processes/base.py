@@ -20,17 +20,22 @@ number happens to be exact). `optimal_loss_by_position` always returns two
 arrays, (losses, standard errors), the errors 0.0 where exact.
 """
 
+import inspect
 import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from nanomarkov.errors import NanoMarkovError
+from nanomarkov.memory import check_fits
 from nanomarkov.processes.numerics import entropy
 
 # The largest float64 table a process may build for its theory or its optimal predictor (2 GiB):
 # sizes beyond it are refused from the numbers alone, before anything is allocated.
 MAX_TABLE_ENTRIES = 2**28
+# Tables of table_entries(seq_len) a theory holds at once (the table, its logarithm or entropies, a
+# product): within MAX_TABLE_ENTRIES they must also fit in the memory free.
+THEORY_TABLES = 3
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,26 @@ class Option:
 # The metric families of `nanomarkov eval` beyond the common ones (cross-entropy, perplexity,
 # accuracy, agreement), by result key; a process lists in METRICS those that apply to it.
 METRIC_FAMILIES = ("transition_fidelity", "markov_property", "optimal_fidelity", "korder_fidelity")
+
+# What a process provides itself (ARCHITECTURE.md, "Add a process"): the base class's versions only raise.
+REQUIRED_MEMBERS = (
+    "n_states",
+    "random",
+    "sample",
+    "optimal_log_probs",
+    "optimal_loss_by_position",
+    "optimal_accuracy",
+    "entropy_rate",
+    "unigram_loss",
+)
+# What eval reads beyond those, by the METRICS entry that makes it run (transition fidelity and the Markov
+# property are one pass), and what the belief probes read where BELIEF_STATES is True.
+METRIC_MEMBERS = {
+    "transition_fidelity": ("transition_rows", "stationary"),
+    "markov_property": ("transition_rows", "stationary"),
+    "korder_fidelity": ("context_order", "first_order_rows"),
+}
+BELIEF_MEMBERS = ("belief_states", "n_hidden")
 
 
 # The default recipe's changes for processes whose optimal predictor needs what the whole
@@ -81,9 +106,13 @@ class Process:
       ARRAYS      the names of the arrays saved in chain.npz; `cls.from_arrays(arrays)` rebuilds the process
       OPTIONS     its generation options beyond K, seed, alpha and sparsity: a tuple of `Option`
       RECIPE      TrainConfig fields the default recipe changes for this process ({}: none)
-      METRICS     the metric families of METRIC_FAMILIES that `eval` runs on it
+      METRICS     the metric families of METRIC_FAMILIES that `eval` runs on it; each needs the
+                  methods METRIC_MEMBERS names for it
       BELIEF_STATES  True when it has hidden states and provides belief_states(tokens) and n_hidden
       HISTORY_REASON why the next token depends on more than the current one, for eval's skip notes
+
+    `register` refuses a class that does not override each of REQUIRED_MEMBERS, and those its
+    METRICS and BELIEF_STATES need (missing_members).
     """
 
     process = None
@@ -96,6 +125,21 @@ class Process:
     METRICS = ("optimal_fidelity",)
     BELIEF_STATES = False
     HISTORY_REASON = None
+
+    @classmethod
+    def missing_members(cls):
+        """{name: what needs it} for each member of the contract this class needs and does not provide (the base
+        class's stub is not providing it); {} for a class that can be registered."""
+        needs = dict.fromkeys(REQUIRED_MEMBERS, "the least a process provides")
+        for family in cls.METRICS:
+            needs.update({name: f"{family} in METRICS" for name in METRIC_MEMBERS.get(family, ()) if name not in needs})
+        if cls.BELIEF_STATES:
+            needs.update(dict.fromkeys(BELIEF_MEMBERS, "BELIEF_STATES = True"))
+        return {
+            name: why
+            for name, why in needs.items()
+            if inspect.getattr_static(cls, name, None) is inspect.getattr_static(Process, name, None)
+        }
 
     # ------------------------------------------------------- construction
 
@@ -188,6 +232,12 @@ class Process:
                 f"--seq_len {seq_len} with K = {self.n_states} needs a {entries * 8 / 2**30:,.1f} GiB table for its "
                 f"exact theory (at most {MAX_TABLE_ENTRIES * 8 / 2**30:.0f} GiB); use a shorter --seq_len or fewer states"
             )
+        check_fits(
+            THEORY_TABLES * entries * 8,
+            f"the exact theory of --seq_len {seq_len} with K = {self.n_states} ({THEORY_TABLES} float64 tables of "
+            f"{entries:,} entries)",
+            "use a shorter --seq_len or fewer states",
+        )
 
     def table_entries(self, seq_len):
         """The entries of the largest float64 table the theory or the optimal predictor builds for seq_len.
@@ -299,6 +349,34 @@ class Process:
         unigram = self.unigram_loss() if marginals is None else float(entropy(np.mean(marginals, axis=0)))
         return {"uniform": self.uniform_loss(), "unigram": unigram, "optimal": self.optimal_loss(seq_len)}
 
+    def unigram_law(self, seq_len):
+        """The unigram stage's predictor, one distribution over the K states used at every position, (K,):
+        the mean over predicted positions of token_marginals(seq_len), whose entropy is that stage's
+        loss; None where the marginals are unknown (a process that knows its long-run token law, as
+        hmm does, gives that law here: the one whose entropy its unigram_loss is)."""
+        marginals = self.token_marginals(seq_len)
+        return None if marginals is None else np.mean(marginals, axis=0)
+
+    def stage_log_probs(self, tokens):
+        """Each stage predictor's next-state log-probs on given BOS-led sequences (n, L): {name: (n, L-1, K)}.
+
+        Entry [:, t] predicts tokens[:, t+1] from tokens[:, :t+1], as in optimal_log_probs
+        (-inf where a probability is 0); on sequences drawn from the process each stage's mean
+        NLL is its stage_losses entry in expectation. Only the stages that are a function of the
+        tokens: icl's oracle reads the sequence's own matrix, which no token array holds. This
+        default: uniform (1/K everywhere), unigram (unigram_law at every position, where known)
+        and optimal; a process with more stages adds them, in stage_losses' order.
+        """
+        tokens = np.asarray(self.check_tokens(tokens), dtype=np.int64)
+        shape = (tokens.shape[0], tokens.shape[1] - 1, self.n_states)
+        stages = {"uniform": np.full(shape, -np.log(self.n_states))}
+        law = self.unigram_law(tokens.shape[1])
+        if law is not None:
+            with np.errstate(divide="ignore"):
+                stages["unigram"] = np.broadcast_to(np.log(law), shape).copy()
+        stages["optimal"] = self.optimal_log_probs(tokens)
+        return stages
+
     def stage_loss_errors(self, seq_len):
         """The standard error of each estimated stage loss, {name: error} (0.0 where exact)."""
         errors = self.standard_errors(seq_len)
@@ -339,8 +417,32 @@ class Process:
 
     def transition_rows(self):
         """The (K+1, K) next-state distributions after each state, row K after BOS, where the next
-        state depends on the current token alone (a first-order chain); None otherwise."""
+        state depends on the current token alone (a first-order chain); None otherwise.
+
+        A process whose METRICS list transition_fidelity or markov_property provides it."""
         return None
+
+    def stationary(self):
+        """The long-run distribution of the states, (K,): it weights eval's per-state transition KL.
+
+        A process whose METRICS list transition_fidelity or markov_property provides it."""
+        raise NotImplementedError
+
+    def first_order_rows(self):
+        """The best predictor from the last state alone, (K, K): korder_fidelity's baseline.
+
+        A process whose METRICS list korder_fidelity provides it (with context_order)."""
+        raise NotImplementedError
+
+    @property
+    def n_hidden(self):
+        """The number of hidden states. A process with BELIEF_STATES = True provides it."""
+        raise NotImplementedError
+
+    def belief_states(self, tokens):
+        """The belief over the hidden states after every prefix, (n, L, n_hidden) float64: what the belief probes
+        target. A process with BELIEF_STATES = True provides it."""
+        raise NotImplementedError
 
     def skipped_metrics(self):
         """{family: why} for each of METRIC_FAMILIES that eval does not run on this process."""

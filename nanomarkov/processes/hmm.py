@@ -399,6 +399,10 @@ class HiddenMarkovModel(Process):
         """H of the stationary token distribution pi @ E: a model that knows only token frequencies."""
         return float(entropy(self._stationary @ self._emission_rows))
 
+    def unigram_law(self, seq_len):
+        """The unigram stage's predictor: the stationary token distribution pi @ E (unigram_loss's)."""
+        return self._stationary @ self._emission_rows
+
     def _enumerate(self, n_positions, starts):
         """Exact expected loss and accuracy of the optimal predictor at positions 1..n, for each start.
 

@@ -57,11 +57,13 @@ from nanomarkov.errors import NanoMarkovError
 from nanomarkov.processes.base import WHOLE_HISTORY_RECIPE, Option, Process
 from nanomarkov.processes.markov import MarkovChain
 from nanomarkov.processes.numerics import (
+    CONCENTRATION_RANGE,
     check_distribution,
     check_random_parameters,
     entropy,
     standard_error,
     token_dtype,
+    valid_concentration,
 )
 
 # Per-sequence count arrays (n, K, K) are built this many entries at a time (32 MiB of float64).
@@ -188,8 +190,10 @@ class InContextChain(Process):
             raise NanoMarkovError(
                 f"concentration must be a vector of K >= 2 Dirichlet parameters, got shape {concentration.shape}"
             )
-        if not np.all(np.isfinite(concentration)) or np.any(concentration <= 0):
-            raise NanoMarkovError("concentration must be finite and > 0 (a Dirichlet parameter per state)")
+        if not valid_concentration(concentration):
+            raise NanoMarkovError(
+                f"concentration, a Dirichlet parameter per state, must be finite and {CONCENTRATION_RANGE}"
+            )
         k = concentration.shape[0]
         if startprob.shape != (k,):
             raise NanoMarkovError(f"startprob must have shape ({k},) to match concentration, got {startprob.shape}")
@@ -223,6 +227,7 @@ class InContextChain(Process):
         self.support_size = support_size
         self.start = start
         self._theory = {}  # (seq_len, n_sequences) -> theory dict; the process is immutable
+        self._unigram_laws = {}  # (seq_len, n_sequences) -> the mean law of x_t in theory's sample
 
     @classmethod
     def random(cls, n_states, seed=42, alpha=1.0, sparsity=None, start=None):
@@ -583,6 +588,36 @@ class InContextChain(Process):
         theory = self.monte_carlo(seq_len)
         return {name: float(theory.get(f"{key}_se", 0.0)) for name, key in self.STAGE_KEYS.items()}
 
+    def unigram_law(self, seq_len):
+        """The unigram stage's predictor: 1/K exactly where every state is alike (one concentration and,
+        under the uniform start, a uniform startprob); else the mean law of x_t in theory's sample,
+        the estimate whose entropy stage_losses reports."""
+        alike = np.ptp(self.concentration) == 0 and (self.start == "stationary" or np.ptp(self.startprob) == 0)
+        if alike:
+            return np.full(self.n_states, 1.0 / self.n_states)
+        self.monte_carlo(seq_len)
+        return self._unigram_laws[(seq_len, self.theory_sequences())]
+
+    def in_context_unigram_log_probs(self, tokens):
+        """The in_context_unigram stage on BOS-led sequences (n, L), (n, L-1, K): startprob for x1, then
+        q_t(j) = (#{s <= t: x_s = j} + alpha_j) / (t + sum alpha) for x_{t+1}, the states so far counted
+        whatever the current one is."""
+        tokens = np.asarray(self.check_tokens(tokens), dtype=np.int64)
+        seen = np.cumsum(np.eye(self.n_states)[tokens[:, 1:-1]], axis=1)  # (n, L-2, K): counts of x_1..x_t
+        counted = np.arange(1, tokens.shape[1] - 1)[None, :, None]
+        out = np.empty((tokens.shape[0], tokens.shape[1] - 1, self.n_states))
+        with np.errstate(divide="ignore"):
+            out[:, 0] = np.log(self.startprob)
+        out[:, 1:] = np.log((seen + self.concentration) / (counted + self.concentration.sum()))
+        return out
+
+    def stage_log_probs(self, tokens):
+        """The base stages plus in_context_unigram before the optimum; no oracle (it reads the sequence's
+        own matrix, which the tokens do not hold)."""
+        stages = super().stage_log_probs(tokens)
+        optimal = stages.pop("optimal")
+        return stages | {"in_context_unigram": self.in_context_unigram_log_probs(tokens), "optimal": optimal}
+
     @cached_property
     def _long_run(self):
         """(entropy rate, its error, unigram loss, its error) over a sample of matrices alone, from THEORY_SEED."""
@@ -634,6 +669,7 @@ class InContextChain(Process):
             theory[name] = float(values.mean())
             theory[f"{name}_se"] = float(values.std(ddof=1) / np.sqrt(n_sequences))
         theory["unigram_loss"], theory["unigram_loss_se"] = _entropy_of_mean(per_sequence["marginal"])
+        self._unigram_laws[(seq_len, n_sequences)] = per_sequence["marginal"].mean(axis=0)
         theory["uniform_loss"] = self.uniform_loss()
         theory["monte_carlo_sequences"] = n_sequences
         by_position = per_sequence["optimal_by_position"]

@@ -23,6 +23,7 @@ from functools import cached_property
 import numpy as np
 
 from nanomarkov.errors import NanoMarkovError
+from nanomarkov.memory import check_fits
 from nanomarkov.processes.base import Option, Process
 from nanomarkov.processes.markov import TRUE_LOSS_CHUNK, MarkovChain
 from nanomarkov.processes.numerics import (
@@ -39,6 +40,9 @@ from nanomarkov.processes.numerics import (
 # K^(k+1) transition entries at most (512 MiB in float64): beyond this the
 # theory's per-position sweep and the alias tables stop being "moderate".
 MAX_TRANSITION_ENTRIES = 2**26
+# Tables of K^(k+1) float64 entries held at once at the peak of generation (the transitions, their
+# alias tables, theory's temporaries): tracemalloc measured 5.7 for K = 40, order 3.
+PEAK_TABLES = 6
 # Lifted chains up to this many tuples get the exact linear solve of
 # MarkovChain.stationary (dense K^k x K^k, about half a second at 1024); larger
 # ones iterate the shift from `start` until it stops moving.
@@ -53,6 +57,12 @@ def _check_size(n_states, order):
             f"a k-th order chain with K={n_states}, order={order} has K^(k+1) = {entries} transition entries, "
             f"more than the limit {MAX_TRANSITION_ENTRIES} (2^26); use fewer states or a lower order"
         )
+    check_fits(
+        PEAK_TABLES * entries * 8,
+        f"a k-th order chain with K={n_states}, order={order} ({PEAK_TABLES} float64 tables of K^(k+1) = "
+        f"{entries:,} entries at once)",
+        "use fewer states or a lower order",
+    )
 
 
 class KOrderChain(Process):
@@ -388,9 +398,9 @@ class KOrderChain(Process):
             "optimal": stages["optimal"],
         }
 
-    def _first_order_by_position(self, seq_len):
-        """H(x_t | x_{t-1}) at t = 1..L-1 (H(x1) at t = 1), from the joint law of each adjacent pair."""
-        k, order, marginals = self.n_states, self.order, self.token_marginals(seq_len)
+    def _first_order_pairs(self, seq_len):
+        """The joint law of (x_{t-1}, x_t) at t = 2..L-1, (L-2, K, K): the start's up to t = k, the tuple law's after."""
+        k, order = self.n_states, self.order
         pairs = []
         for t in range(2, min(order, seq_len - 1) + 1):  # (x_{t-1}, x_t) inside the start's joint law
             pairs.append(self.start.sum(axis=tuple(a for a in range(order) if a not in (t - 2, t - 1))))
@@ -401,9 +411,32 @@ class KOrderChain(Process):
                 joint = np.einsum("ab,abj->bj", mu.reshape(-1, k), rows)
             pairs.append(joint)
             previous = mu
-        losses = [float(entropy(marginals[0]))]
-        losses += [float(entropy(pair.ravel()) - entropy(pair.sum(axis=1))) for pair in pairs]
+        return np.array(pairs).reshape(-1, k, k)
+
+    def _first_order_by_position(self, seq_len):
+        """H(x_t | x_{t-1}) at t = 1..L-1 (H(x1) at t = 1), from the joint law of each adjacent pair."""
+        losses = [float(entropy(self.token_marginals(seq_len)[0]))]
+        losses += [
+            float(entropy(pair.ravel()) - entropy(pair.sum(axis=1))) for pair in self._first_order_pairs(seq_len)
+        ]
         return np.array(losses)
+
+    def stage_log_probs(self, tokens):
+        """The base stages plus first_order before the optimum: the law of x1 after BOS, then at each
+        position t > 1 the true conditional P(x_t | x_{t-1}) of that position (stage_losses)."""
+        stages = super().stage_log_probs(tokens)
+        tokens = np.asarray(tokens, dtype=np.int64)
+        pairs = self._first_order_pairs(tokens.shape[1])
+        mass = pairs.sum(axis=2, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            # A previous state of probability 0 at that position never occurs: any row will do, uniform here.
+            conditionals = np.log(np.where(mass > 0, pairs / mass, 1.0 / self.n_states))
+            first = np.empty(stages["optimal"].shape)
+            first[:, 0] = np.log(self.token_marginals(tokens.shape[1])[0])
+        positions = np.arange(pairs.shape[0])
+        first[:, 1:] = conditionals[positions, tokens[:, 1:-1]]
+        optimal = stages.pop("optimal")
+        return stages | {"first_order": first, "optimal": optimal}
 
     def skipped_metrics(self):
         return {

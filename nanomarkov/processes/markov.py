@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from nanomarkov.errors import NanoMarkovError
+from nanomarkov.memory import check_fits
 from nanomarkov.processes.base import Process
 from nanomarkov.processes.numerics import (
     alias_draw,
@@ -34,6 +35,10 @@ from nanomarkov.processes.numerics import (
 TRUE_LOSS_CHUNK = 16384
 # A K x K float64 matrix above this many bytes is refused before it is drawn.
 MAX_MATRIX_BYTES = 8 << 30
+# K x K float64 matrices a chain holds at once at its peak: the chain, then its theory's temporaries
+# (entropies, reachability) or its alias tables beside it. tracemalloc measured 4.4 for
+# `nanomarkov generate 1500` (drawing, theory, sampling) and 3.8 for loading that dataset.
+PEAK_MATRICES = 5
 
 
 class MarkovChain(Process):
@@ -51,6 +56,7 @@ class MarkovChain(Process):
     chunk_sequences = TRUE_LOSS_CHUNK  # true_loss's sequences per chunk
 
     def __init__(self, transmat, startprob):
+        self.check_memory(np.shape(transmat)[0] if np.ndim(transmat) == 2 else 0)
         transmat = np.array(transmat, dtype=np.float64)
         startprob = np.array(startprob, dtype=np.float64)
         if transmat.ndim != 2 or transmat.shape[0] != transmat.shape[1]:
@@ -82,9 +88,20 @@ class MarkovChain(Process):
             raise NanoMarkovError(
                 f"K = {n_states} needs a {n_states}x{n_states} float64 matrix (over 8 GiB); use a smaller K"
             )
+        cls.check_memory(n_states)
         rng = np.random.default_rng(seed)
         startprob = rng.dirichlet(np.ones(n_states))
         return cls(random_rows(rng, n_states, n_states, alpha, sparsity), startprob)
+
+    @staticmethod
+    def check_memory(n_states):
+        """Refuse, before drawing or copying it, a chain of K = n_states whose PEAK_MATRICES K x K matrices
+        will not fit in the memory free."""
+        check_fits(
+            PEAK_MATRICES * n_states * n_states * 8,
+            f"K = {n_states}'s chain and its theory ({PEAK_MATRICES} {n_states}x{n_states} float64 matrices at once)",
+            "use a smaller K",
+        )
 
     @property
     def n_states(self):

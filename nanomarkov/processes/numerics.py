@@ -6,6 +6,18 @@ import numpy as np
 from nanomarkov.errors import NanoMarkovError
 
 ROW_SUM_TOLERANCE = 1e-9
+# The largest Dirichlet concentration (alpha, an icl chain's concentration) accepted. Above it a row drawn
+# is its mean to within 1e-6 (the standard deviation is about 1/sqrt(concentration)): the process is the
+# chain of the mean rows, to every digit theory prints. Far above it the parameters' sum overflows float64
+# (near 1e308) and the draws become NaN.
+MAX_CONCENTRATION = 1e12
+CONCENTRATION_RANGE = f"> 0 and at most {MAX_CONCENTRATION:g} (above it every Dirichlet draw is its mean to 1e-6)"
+
+
+def valid_concentration(value):
+    """Whether every entry of a Dirichlet concentration is finite, > 0 and at most MAX_CONCENTRATION."""
+    value = np.asarray(value, dtype=np.float64)
+    return bool(np.all(np.isfinite(value)) and np.all(value > 0) and np.all(value <= MAX_CONCENTRATION))
 
 
 def token_dtype(vocab_size):
@@ -36,8 +48,8 @@ def check_random_parameters(n_states, alpha, sparsity):
     """Raise unless K, alpha and sparsity are valid arguments of a process's `random`."""
     if not isinstance(n_states, (int, np.integer)) or n_states < 2:
         raise NanoMarkovError(f"n_states must be an integer >= 2, got {n_states!r}")
-    if not alpha > 0:
-        raise NanoMarkovError(f"alpha must be > 0, got {alpha}")
+    if not valid_concentration(alpha):
+        raise NanoMarkovError(f"alpha must be {CONCENTRATION_RANGE}, got {alpha}")
     if sparsity is not None and not 0 <= sparsity < 100:
         raise NanoMarkovError(f"sparsity must be a percentage in [0, 100), got {sparsity}")
 

@@ -32,13 +32,15 @@ from pathlib import Path
 import numpy as np
 
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.files import read_json
+from nanomarkov.files import open_regular, read_json
+from nanomarkov.memory import check_fits, npz_bytes, npz_headers
 from nanomarkov.processes import PROCESSES, process_class
 from nanomarkov.processes.base import MAX_TABLE_ENTRIES
 from nanomarkov.processes.hmm import HiddenMarkovModel
 from nanomarkov.processes.incontext import START_RULES, InContextChain
 from nanomarkov.processes.korder import KOrderChain
 from nanomarkov.processes.markov import MarkovChain
+from nanomarkov.processes.numerics import CONCENTRATION_RANGE, valid_concentration
 
 SPEC_ROW_TOLERANCE = 1e-6
 # Larger JSON specs are refused before parsing: their arrays belong in a .npz spec.
@@ -75,6 +77,7 @@ def read_spec(path):
             what="spec file",
             fix="a spec is a JSON object naming its process (docs/specs.md)",
             object_pairs_hook=unique_fields,
+            max_bytes=MAX_JSON_BYTES,
         )
     except RecursionError:
         raise NanoMarkovError(f"{path}: nested too deep for a spec file (docs/specs.md)") from None
@@ -102,22 +105,34 @@ def process_from_file(path):
 
 
 def read_npz_spec(path):
-    """The spec in a .npz file: each entry a field; an entry over MAX_TABLE_ENTRIES floats is refused unread."""
+    """The spec in a .npz file: each entry a field. Only a regular file is opened, and every entry's
+    shape is read from its header first: one over MAX_TABLE_ENTRIES, or all of them together beyond
+    the free memory, is refused unread."""
     fix = "write one with np.savez(path, process=..., **arrays) (docs/specs.md)"
     try:
-        with zipfile.ZipFile(path) as archive:
-            for entry in archive.infolist():
-                if entry.file_size > MAX_TABLE_ENTRIES * 8 + 4096:  # 4096: room for the .npy header
-                    raise NanoMarkovError(
-                        f"{path}: entry {entry.filename} holds {entry.file_size:,} bytes, more than "
-                        f"{MAX_TABLE_ENTRIES:,} float64 entries (MAX_TABLE_ENTRIES); use a smaller process"
-                    )
-        with np.load(path, allow_pickle=False) as npz:
-            return {name: value.item() if value.ndim == 0 else value for name, value in npz.items()}
+        with open_regular(path) as file:
+            check_npz_entries(path, npz_headers(file))
+            file.seek(0)
+            with np.load(file, allow_pickle=False) as npz:
+                return {name: value.item() if value.ndim == 0 else value for name, value in npz.items()}
     except FileNotFoundError:
         raise NanoMarkovError(f"{path}: no spec file there; {fix}") from None
-    except (OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
+    except OSError as e:
+        raise NanoMarkovError(f"{path}: not a readable .npz spec ({e.strerror or e}); {fix}") from None
+    except (EOFError, zipfile.BadZipFile, ValueError) as e:
         raise NanoMarkovError(f"{path}: not a readable .npz spec ({e}); {fix}") from None
+
+
+def check_npz_entries(path, headers):
+    """Refuse a .npz spec whose headers ({name: (shape, dtype)}) claim more than a spec may hold."""
+    for name, (shape, _) in headers.items():
+        entries = math.prod(shape)
+        if entries > MAX_TABLE_ENTRIES:
+            raise NanoMarkovError(
+                f"{path}: entry {name}.npy holds {entries:,} entries (shape {shape}), more than "
+                f"{MAX_TABLE_ENTRIES:,} (MAX_TABLE_ENTRIES); use a smaller process"
+            )
+    check_fits(npz_bytes(headers), f"the arrays of {path}", "use a smaller process")
 
 
 # ------------------------------------------------------------------ checking fields
@@ -324,10 +339,11 @@ def token_hmm_from_spec(spec):
 
 def icl_from_spec(spec):
     concentration = numbers(spec, "concentration", 1)
-    if len(concentration) < 2 or np.any(concentration <= 0):
+    if len(concentration) < 2 or not valid_concentration(concentration):
         raise field_error(
-            "concentration", "be a vector of K >= 2 Dirichlet parameters, each > 0", concentration.tolist()
-        )
+            "concentration", f"be a vector of K >= 2 Dirichlet parameters, each {CONCENTRATION_RANGE}",
+            concentration.tolist(),
+        )  # fmt: skip
     k = len(concentration)
     support_size = integer(spec, "support_size", 1, k) if "support_size" in spec else k
     startprob = np.full(k, 1 / k)
@@ -391,7 +407,7 @@ def random_from_spec(cls, spec):
     if "seed" in spec:
         given["seed"] = integer(spec, "seed", 0, MAX_SEED)
     if "alpha" in spec:
-        given["alpha"] = number(spec, "alpha", "> 0", lambda v: v > 0)
+        given["alpha"] = number(spec, "alpha", CONCENTRATION_RANGE, valid_concentration)
     if spec.get("sparsity") is not None:
         given["sparsity"] = number(spec, "sparsity", "in [0, 100) (percent)", lambda v: 0 <= v < 100)
     options = {option.name: option_value(spec, option) for option in cls.OPTIONS if spec.get(option.name) is not None}

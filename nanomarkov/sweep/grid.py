@@ -18,10 +18,20 @@ import tomllib
 from contextlib import contextmanager
 from pathlib import Path
 
-from nanomarkov.config import FIELDS, PRESETS, TrainConfig, check_seed, mm_id, preset, process_recipe, run_folder
+from nanomarkov.config import (
+    FIELDS,
+    PRESETS,
+    TrainConfig,
+    check_seed,
+    merge_settings,
+    mm_id,
+    preset,
+    process_recipe,
+    run_folder,
+)
 from nanomarkov.data import default_data_dir, plan_dataset
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.files import read_json_or_none
+from nanomarkov.files import read_capped, read_json_or_none
 from nanomarkov.processes import DEFAULT_PROCESS, PROCESSES
 
 TOP_KEYS = ("defaults", "datasets", "experiments")
@@ -50,9 +60,11 @@ class RunSpec:
         values = preset(self.preset, self.dataset["n_states"], self.dataset["sparsity"], self.seed)
         if self.preset == "default":  # as `nanomarkov train DIR` would: attention where the process needs it
             values.update(process_recipe(self.dataset.get("process", DEFAULT_PROCESS)))
-        return TrainConfig.from_dict(
-            {**values, **self.overrides, "data_dir": self.data_dir, "out_dir": self.out_dir}, f"run {self.name}"
-        )
+        # A run with a checkpoint is resumed (plan), and keeps its schedule (config.merge_settings).
+        resume = (Path(self.out_dir) / "ckpt.pt").exists()
+        given = {**self.overrides, "data_dir": self.data_dir, "out_dir": self.out_dir}
+        given["init_from"] = "resume" if resume else "scratch"
+        return TrainConfig.from_dict(merge_settings(values, given), f"run {self.name}")
 
     def record(self) -> dict:
         """The spec as sweep.json keeps it (dataclasses.asdict's dict, without its deep copy: 100x faster)."""
@@ -126,11 +138,10 @@ def _list_of(value, kind, what):
 
 def load_grid(path) -> dict:
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        return tomllib.loads(read_capped(path).decode("utf-8"))
     except OSError as e:
         raise NanoMarkovError(f"cannot read grid {path}: {e.strerror or e}") from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise NanoMarkovError(f"grid {path} is not valid TOML: {e}") from None
 
 

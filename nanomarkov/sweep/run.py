@@ -24,11 +24,11 @@ from nanomarkov.data import generate_dataset
 from nanomarkov.dynamics import PLOTS, run_dynamics, write_dynamics
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.evaluate import evaluate_checkpoints
-from nanomarkov.files import read_json, read_json_or_none
+from nanomarkov.files import check_output_folder, read_json, read_json_or_none
 from nanomarkov.report import family_key, find_runs, write_report
 from nanomarkov.sweep.grid import Ticker, dataset_arguments, expand_grid, plan
 from nanomarkov.sweep.local import run_here, run_in_pool
-from nanomarkov.sweep.manifest import Progress, new_manifest, save_manifest
+from nanomarkov.sweep.manifest import Progress, new_manifest, read_manifest, save_manifest
 from nanomarkov.sweep.slurm import run_jobs, slurm_executor
 from nanomarkov.sweep.status import refuse_if_still_running
 from nanomarkov.train import train
@@ -90,7 +90,16 @@ def run_one(spec, threads=None) -> dict:
 
 
 def run_sweep(
-    grid, out_root, jobs=1, dry_run=False, progress=print, threads=None, launcher="local", slurm=None, notes=None
+    grid,
+    out_root,
+    jobs=1,
+    dry_run=False,
+    progress=print,
+    threads=None,
+    launcher="local",
+    slurm=None,
+    force=False,
+    notes=None,
 ) -> dict:
     """Generate the grid's datasets, train and evaluate every run, report; returns the manifest.
 
@@ -101,8 +110,10 @@ def run_sweep(
     launcher "local": jobs > 1 runs that many trainings at once in fresh processes,
     each with `threads` torch threads (default: the machine's cores shared out evenly).
     launcher "slurm": one job array through submitit; `slurm` holds slurm.slurm_executor's
-    options, and each run gets cpus_per_task threads.
+    options, and each run gets cpus_per_task threads. out_root is new, empty or a sweep's (sweep.json),
+    or `force` (files.check_output_folder).
     """
+    check_output_folder(out_root, "sweep", lambda folder: read_manifest(folder) is not None, force=force)
     notes = notes or (lambda line: None)
     specs = expand_grid(grid, out_root, tick=Ticker(notes, "checking the grid"))
     _check_launcher(jobs, launcher)
@@ -116,12 +127,7 @@ def run_sweep(
         grid, specs, launcher, jobs, threads, slurm, tick=Ticker(notes, "looking at the run folders")
     )
     if dry_run:
-        for s in specs:
-            progress(
-                f"{manifest['runs'][s.name]['action']:6} {s.name}  (preset {s.preset}, seed {s.seed}, data {s.data_dir})"
-            )
-        progress(f"{len(specs)} runs; dry run, nothing written")
-        return manifest
+        return say_plan(specs, manifest, progress)
     refuse_if_still_running(out_root)
     try:
         Path(out_root).mkdir(parents=True, exist_ok=True)
@@ -140,6 +146,16 @@ def run_sweep(
     manifest["report"] = write_sweep_report(Path(out_root) / "runs", progress)
     manifest["dynamics"] = write_dynamics_reports(Path(out_root) / "runs", progress)
     save_manifest(manifest, out_root)
+    return manifest
+
+
+def say_plan(specs, manifest, progress):
+    """A dry run's answer: what the sweep would do with each run; returns the manifest."""
+    for s in specs:
+        progress(
+            f"{manifest['runs'][s.name]['action']:6} {s.name}  (preset {s.preset}, seed {s.seed}, data {s.data_dir})"
+        )
+    progress(f"{len(specs)} runs; dry run, nothing written")
     return manifest
 
 

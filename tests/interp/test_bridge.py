@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from test_export import TL_MAJOR, inputs, preset_config, trained_looking, write_ckpt
+from test_export import TL_MAJOR, VARIANTS, inputs, preset_config, trained_looking, write_ckpt
 
 from nanomarkov import NanoMarkovError
 from nanomarkov.config import PRESETS
@@ -33,13 +33,16 @@ def both_logits(model, bridge, idx):
 
 
 # Every preset once; bias alternates so both settings meet attention, MLP-only and no-LayerNorm presets.
-@pytest.mark.parametrize("name, bias", [(name, i % 2 == 1) for i, name in enumerate(PRESETS)])
+@pytest.mark.parametrize("name, bias", [(name, i % 2 == 1) for i, name in enumerate(PRESETS + VARIANTS)])
 def test_logits_match_for_every_preset(name, bias):
     model = build(name, bias=bias)
     bridge = to_transformer_lens(model)
     assert isinstance(bridge, TransformerBridge) and not bridge.training
     ours, theirs = both_logits(model, bridge, inputs(model.config))
     assert torch.allclose(theirs, ours, rtol=0, atol=1e-4)
+    # attn_only is the native model's own: blocks without MLP and ln2, not stand-ins.
+    assert bridge.cfg.attn_only == model.config.attn_only
+    assert any(".mlp." in n or ".ln2." in n for n in bridge.state_dict()) != model.config.attn_only
 
 
 def our_activations(model, idx):
@@ -130,6 +133,7 @@ def test_relu2_and_no_blocks_are_carried_and_relu3_is_refused(tmp_path):
     assert bridge.cfg.n_layers == 0
     with pytest.raises(NanoMarkovError, match="mlp_filter=RELU3 has no TransformerLens equivalent"):
         to_transformer_bridge(build("c2", mlp_filter="RELU3"))
+    to_transformer_bridge(build("c2+attn_only", mlp_filter="RELU3"))  # no MLP applies it: same logits
     with pytest.raises(NanoMarkovError, match="float32"):
         to_transformer_bridge(build("c1").to(torch.bfloat16))
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from test_export import inputs, preset_config, trained_looking, write_ckpt
+from test_export import VARIANTS, inputs, preset_config, trained_looking, write_ckpt
 
 from nanomarkov import NanoMarkovError
 from nanomarkov.cli import main
@@ -18,7 +18,7 @@ from nanomarkov.interp.hf import export_hf, to_hf_gpt2
 
 transformers = pytest.importorskip("transformers", reason='transformers is the hf extra: pip install -e ".[hf]"')
 
-WITH_LAYERNORM = [name for name in PRESETS if preset_config(name).use_ln]
+WITH_LAYERNORM = [name for name in PRESETS + VARIANTS if preset_config(name).use_ln]
 WITHOUT_LAYERNORM = [name for name in PRESETS if not preset_config(name).use_ln]
 
 
@@ -75,6 +75,14 @@ def test_absent_parts_are_exact_zeros():
     with torch.no_grad():
         hf(inputs(model.config))
     assert not written[0].any()  # the stand-in attention adds exactly nothing
+    model = build("c2+attn_only", bias=True, mlp_filter="RELU3")  # an activation no MLP applies: accepted
+    hf = to_hf_gpt2(model)
+    mlp = hf.transformer.h[0].mlp
+    assert hf.config.n_inner == 1 and not mlp.c_proj.weight.any() and not mlp.c_proj.bias.any()
+    mlp.register_forward_hook(lambda module, args, out: written.append(out))
+    with torch.no_grad():
+        hf(inputs(model.config))
+    assert not written[-1].any()  # nor does the stand-in MLP of an attention-only model
 
 
 def test_no_blocks_and_an_untied_head_load_too_with_the_modes_the_umask_gives(tmp_path):

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from test_export import TL_MAJOR, inputs, preset_config, trained_looking, write_ckpt
+from test_export import TL_MAJOR, VARIANTS, inputs, preset_config, trained_looking, write_ckpt
 
 from nanomarkov import NanoMarkovError
 from nanomarkov.checkpoint import export_safetensors
@@ -38,13 +38,18 @@ def our_logits(model, idx):
         return model(idx)[0]
 
 
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("name", PRESETS)
+# Every preset with and without biases; the variants (attn_only) once each, one of either.
+@pytest.mark.parametrize(
+    "name, bias", [(n, b) for n in PRESETS for b in (False, True)] + [(v, i % 2 == 0) for i, v in enumerate(VARIANTS)]
+)
 def test_logits_match_and_round_trip_is_exact_for_every_preset(name, bias):
     model = build(name, bias=bias)
     hooked = to_hooked_transformer(model)
     idx = inputs(model.config)
     assert torch.allclose(hooked_logits(hooked, idx), our_logits(model, idx), rtol=0, atol=1e-4)
+    # attn_only is TransformerLens's own: blocks without MLP and ln2, not stand-ins.
+    assert hooked.cfg.attn_only == model.config.attn_only
+    assert any(".mlp." in n or ".ln2." in n for n, _ in hooked.named_parameters()) != model.config.attn_only
 
     back = from_hooked_transformer(hooked)
     assert back.config == model.config
@@ -83,6 +88,7 @@ def test_relu2_maps_and_relu3_is_refused():
     assert from_hooked_transformer(hooked).config.mlp_filter == "RELU2"
     with pytest.raises(NanoMarkovError, match="mlp_filter=RELU3 has no TransformerLens equivalent"):
         to_hooked_transformer(build("c2", mlp_filter="RELU3"))
+    to_hooked_transformer(build("c2+attn_only", mlp_filter="RELU3"))  # no MLP applies it: same logits
 
 
 def test_one_call_gives_a_hooked_transformer_on_3x():
@@ -148,11 +154,22 @@ def plain_hooked(**changes):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-@pytest.mark.parametrize("norm", ["LN", "LNPre", None])
-def test_a_plain_transformer_lens_model_converts(norm):
-    hooked = plain_hooked(normalization_type=norm)
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(normalization_type="LN"),
+        dict(normalization_type="LNPre"),
+        dict(normalization_type=None),
+        dict(attn_only=True, d_mlp=None, act_fn=None),  # the circuits literature's attention-only model
+    ],
+    ids=["LN", "LNPre", "no-LN", "attn_only"],
+)
+def test_a_plain_transformer_lens_model_converts(changes):
+    hooked = plain_hooked(**changes)
     model = from_hooked_transformer(hooked)
+    norm = changes.get("normalization_type", "LN")
     assert isinstance(model, GPT) and model.config.use_ln == (norm is not None) and model.config.bias
+    assert model.config.attn_only == changes.get("attn_only", False)
     idx = torch.randint(0, 11, (3, 8), generator=torch.Generator().manual_seed(0))
     assert torch.allclose(our_logits(model, idx), hooked_logits(hooked, idx), rtol=0, atol=1e-4)
 
@@ -166,7 +183,6 @@ def test_a_plain_transformer_lens_model_converts(norm):
         (dict(normalization_type="RMS"), "normalization_type='RMS'"),
         (dict(positional_embedding_type="rotary"), "positional_embedding_type='rotary'"),
         (dict(gated_mlp=True), "gated_mlp=True"),
-        (dict(attn_only=True), "attn_only=True"),
         (dict(d_mlp=20), "d_mlp=20"),
         (dict(n_heads=2), "n_heads=2"),
         (dict(eps=1e-6), "eps=1e-06"),

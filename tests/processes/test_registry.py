@@ -1,6 +1,7 @@
 """The process contract and the registry: a process defined here, outside the package, runs the
 whole pipeline through the `nanomarkov` command once NANOMARKOV_PROCESSES names this file."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.processes import PLUGINS_VARIABLE, PROCESSES, Option, Process, load_plugins, process_class, register
@@ -108,7 +110,7 @@ def test_a_process_defined_in_this_file_runs_generate_theory_train_eval_through_
     assert row["process"] == "iid" and row["options"] == {"peak": PEAK}
     assert row["optimal_loss"] == pytest.approx(exact, abs=1e-12) and row["uniform_loss"] == pytest.approx(np.log(4))
 
-    trained = nanomarkov(["train", str(data), "--max_iters=4", "--eval_interval=2", "--log_interval=2",
+    trained = nanomarkov(["train", str(data), "--max_iters=4", "--warmup_iters=1", "--eval_interval=2", "--log_interval=2",
                           "--device=cpu"], tmp_path)  # fmt: skip
     assert trained.returncode == 0, trained.stderr
     run_dir = tmp_path / "trainings" / "iid4-peak0.7" / "iid4-peak0.7-42"
@@ -221,3 +223,97 @@ def test_every_builtin_process_follows_the_contract(name):
     folder = cls.folder_name(3, **{k: v for k, v in chain.options().items() if v is not None})
     parsed = cls.parse_folder_name(folder)
     assert parsed is not None and parsed[0] == 3
+
+
+@pytest.mark.parametrize(
+    ("body", "raised"),
+    [("import sys\nsys.exit(0)\n", "SystemExit (it called sys.exit(0))"),
+     ("raise SystemExit('bye')\n", "sys.exit('bye')"),
+     ("raise ValueError('bad\\nthing')\n", "ValueError: bad thing"),
+     ("def broken(:\n", "SyntaxError")],
+)  # fmt: skip
+def test_a_plugin_that_raises_anything_at_import_is_refused_in_one_line(tmp_path, monkeypatch, capsys, body, raised):
+    from nanomarkov.cli import main
+
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text(body)
+    monkeypatch.setenv(PLUGINS_VARIABLE, str(plugin))
+    assert main(["theory", "d"]) == 2  # not 0: a plugin's sys.exit(0) no longer ends every command silently
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert PLUGINS_VARIABLE in err and "plugin.py" in err and raised in err
+
+
+def test_ctrl_c_during_a_plugin_import_is_the_users(tmp_path):
+    plugin = tmp_path / "interrupted.py"
+    plugin.write_text("raise KeyboardInterrupt\n")
+    with pytest.raises(KeyboardInterrupt):
+        load_plugins(str(plugin))
+
+
+@pytest.mark.parametrize(
+    ("missing", "attributes", "named"),
+    [(("random",), {}, "random (the least a process provides)"),
+     (("optimal_log_probs", "entropy_rate"), {}, "optimal_log_probs, entropy_rate (the least"),
+     (("n_states",), {}, "n_states"),
+     ((), {"METRICS": ("transition_fidelity",)}, "transition_rows, stationary (transition_fidelity in METRICS)"),
+     ((), {"METRICS": ("korder_fidelity",)}, "context_order, first_order_rows (korder_fidelity in METRICS)"),
+     ((), {"BELIEF_STATES": True}, "belief_states, n_hidden (BELIEF_STATES = True)")],
+)  # fmt: skip
+def test_a_class_missing_a_method_of_the_contract_is_refused_when_registered(missing, attributes, named):
+    incomplete = type("Partial", (Process,), {**vars(IIDProcess), "process": "partial", **attributes})
+    for name in missing:
+        delattr(incomplete, name)  # now the base class's stub: what a plugin that never wrote it has
+    with pytest.raises(NanoMarkovError) as refused:
+        register(incomplete)
+    message = str(refused.value)
+    assert "Partial" in message and __name__ in message and named in message
+    assert "partial" not in PROCESSES
+
+
+def test_an_unknown_metric_family_is_refused_when_registered():
+    misspelt = type("Misspelt", (IIDProcess,), {"process": "misspelt", "METRICS": ("transition_fidelty",)})
+    with pytest.raises(NanoMarkovError, match="Misspelt .*'transition_fidelty'.* no metric family"):
+        register(misspelt)
+
+
+class FirstOrder(Process):
+    """A first-order chain through the contract alone: transition_rows and stationary, no transmat attribute."""
+
+    process = "first_order"
+    METRICS = ("transition_fidelity", "markov_property")
+
+    def __init__(self, chain):
+        self.chain = chain
+
+    n_states = property(lambda self: self.chain.n_states)
+    sample = property(lambda self: self.chain.sample)
+    optimal_log_probs = property(lambda self: self.chain.optimal_log_probs)
+    optimal_loss_by_position = property(lambda self: self.chain.optimal_loss_by_position)
+    optimal_accuracy = property(lambda self: self.chain.optimal_accuracy)
+    entropy_rate = property(lambda self: self.chain.entropy_rate)
+    unigram_loss = property(lambda self: self.chain.unigram_loss)
+    transition_rows = property(lambda self: self.chain.transition_rows)
+    stationary = property(lambda self: self.chain.stationary)
+
+    @classmethod
+    def random(cls, n_states, seed=42, alpha=1.0, sparsity=None):
+        return cls(PROCESSES["markov"].random(n_states, seed))
+
+
+def test_transition_fidelity_needs_only_what_the_contract_declares(tmp_path):
+    from nanomarkov.data import generate_dataset, load_dataset
+    from nanomarkov.evaluate import evaluate_models
+
+    register(FirstOrder)
+    try:
+        generate_dataset(tmp_path / "d", 3, 8, 4, seq_len=6)
+        markov = load_dataset(tmp_path / "d")
+        dataset = dataclasses.replace(markov, chain=FirstOrder(markov.chain))
+        rows = dataset.chain.transition_rows()
+        table = torch.nn.functional.pad(torch.log(torch.as_tensor(rows)), (0, 1), value=-1e9)  # BOS never next
+        model = type("Table", (torch.nn.Module,), {"forward": lambda self, idx: (table[idx], None)})()
+        result = evaluate_models({"true": model}, dataset)["true"]
+    finally:
+        PROCESSES.pop("first_order")
+    assert result["transition_fidelity"]["mean_kl"] < 1e-9 and result["transition_fidelity"]["start_kl"] < 1e-9

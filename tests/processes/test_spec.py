@@ -207,7 +207,7 @@ BAD_SPECS = [
     ({"process": "markov", "n_states": 3.5}, "spec field 'n_states' must be an integer in 2.., got 3.5"),
     ({**ICL, "support_size": 2.0}, "spec field 'support_size' must be an integer in 1..3, got 2.0"),
     ({"process": "markov", "n_states": 3, "seed": -1}, "spec field 'seed' must be an integer in 0..4294967295"),
-    ({"process": "markov", "n_states": 3, "alpha": 0}, "spec field 'alpha' must be a number > 0, got 0"),
+    ({"process": "markov", "n_states": 3, "alpha": 0}, "spec field 'alpha' must be a number > 0 and at most 1e+12"),
     ({"process": "markov", "n_states": 3, "sparsity": 100}, "spec field 'sparsity' must be a number in [0, 100)"),
     (
         {"process": "markov", "n_states": 3, "order": 2},

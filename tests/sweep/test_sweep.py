@@ -15,7 +15,15 @@ from nanomarkov.sweep.status import format_status, sweep_status
 
 REPO = Path(__file__).resolve().parents[2]
 # A few seconds of CPU per run: 5 states, 12-token sequences, an 8-wide model.
-SMALL = {"n_embd": 8, "batch_size": 8, "max_iters": 6, "eval_interval": 3, "log_interval": 3, "device": "cpu"}
+SMALL = {
+    "n_embd": 8,
+    "batch_size": 8,
+    "max_iters": 6,
+    "warmup_iters": 2,
+    "eval_interval": 3,
+    "log_interval": 3,
+    "device": "cpu",
+}
 
 
 def small_grid(**experiment):

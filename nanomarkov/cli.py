@@ -9,12 +9,14 @@ that not all output was read). A warning from any layer is one `note:` line on s
 """
 
 import argparse
+import importlib.metadata
 import json
 import os
 import re
 import signal
 import sys
 import threading
+import tomllib
 import warnings
 from contextlib import redirect_stdout, suppress
 from pathlib import Path
@@ -36,6 +38,7 @@ from nanomarkov.data import (
     default_data_dir,
     default_seq_len,
     generate_dataset,
+    headline,
     import_hmmlearn,
     load_dataset,
 )
@@ -346,12 +349,7 @@ def cmd_train(args, extra):
         if done["status"] == "interrupted":
             return 130
     if len(results) > 1:
-        print(
-            "\n".join(
-                f"{out}: val {d['val_loss']:.6f} excess {d['excess']:.6f} nats ({d['pct_of_optimum']:.2f}% of optimum)"
-                for out, d in results
-            )
-        )
+        print("\n".join(f"{out}: {headline(d)}" for out, d in results))
     return 0
 
 
@@ -370,10 +368,12 @@ def cmd_demo(args, extra):
         f"\nval loss      {done['val_loss']:.6f} nats/token\n"
         f"true loss     {done['true_loss_val']:.6f}  (the true chain on the same val sequences: the floor)\n"
         f"optimal loss  {done['optimal_loss']:.6f}  (its expectation over all val sets)\n"
-        f"excess        {done['excess']:.6f}  ({done['pct_of_optimum']:.2f}% of optimum) in {done['elapsed_s']:.0f}s\n"
+        f"excess        {done['excess']:+.6f}  nats, val loss − true loss, in {done['elapsed_s']:.0f}s\n"
+        f"captured      {100 * done['learnable_fraction']:.1f} %  of the learnable structure: "
+        "(uniform − val) / (uniform − true), 0 % for a model that learned nothing\n"
     )
     run_dir = Path(cfg.out_dir)
-    print("3/4 evaluate: the six metrics against the exact theory\n")
+    print("3/4 evaluate against the exact theory\n")
     ((_, result),) = evaluate_checkpoints([run_dir / "ckpt.pt"])
     print(format_eval(result))
     print("\n4/4 plots")
@@ -496,6 +496,7 @@ def cmd_sweep(args):
         dry_run=args.dry_run,
         launcher=args.launcher,
         slurm=slurm if args.launcher == "slurm" else None,
+        notes=lambda line: print(line, file=sys.stderr, flush=True),
         force=args.force,
     )
     if not args.dry_run:
@@ -722,6 +723,19 @@ def _add_train(verbs):
     tr.set_defaults(func=cmd_train, takes_overrides=True)
 
 
+def package_version():
+    """The installed package's version; from a source tree that was never installed, its pyproject.toml's."""
+    try:
+        return importlib.metadata.version("nanomarkov")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        with open(Path(__file__).resolve().parent.parent / "pyproject.toml", "rb") as f:
+            return f"{tomllib.load(f)['project']['version']} (source tree, not installed)"
+    except (OSError, KeyError, TypeError, tomllib.TOMLDecodeError):
+        return "unknown (not installed: pip install -e .)"
+
+
 def _add_export(verbs):
     ex = verbs.add_parser(
         "export",
@@ -746,6 +760,7 @@ def build_parser():
     parser = OneLineParser(
         prog="nanomarkov", description="Train small GPTs on Markov chains; check them against exact theory."
     )
+    parser.add_argument("--version", action="version", version=f"nanomarkov {package_version()}")
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=OneLineParser)
 
     _add_generate(verbs)
@@ -762,7 +777,7 @@ def build_parser():
 
     _add_train(verbs)
 
-    ev = verbs.add_parser("eval", help="the six metrics of checkpoints against the exact theory (several: agreement)")
+    ev = verbs.add_parser("eval", help="the metrics of checkpoints against the exact theory (several: agreement)")
     ev.add_argument(
         "checkpoints",
         nargs="+",

@@ -143,7 +143,7 @@ class TrainConfig:
     def from_dict(cls, values: dict, where: str = "config") -> "TrainConfig":
         """Build from a dict, naming any unknown key and listing the valid ones."""
         for key in values:
-            _require(key in FIELDS, _unknown_key_message(key, where))
+            _require_known(key, key, where)
         return cls(**values)
 
     def to_dict(self) -> dict:
@@ -241,6 +241,13 @@ def _require(condition: bool, message: str):
         raise NanoMarkovError(message)
 
 
+def _require_known(field: str, key: str, where: str):
+    """Refuse `key` (the name as given; `field` what it means) unless it names a TrainConfig field. The message's
+    close-match search is slow (difflib, a few ms), so it is built only for a key that is refused."""
+    if field not in FIELDS:
+        raise NanoMarkovError(_unknown_key_message(key, where))
+
+
 def _unknown_key_message(key: str, where: str) -> str:
     close = difflib.get_close_matches(key, FIELDS, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -281,7 +288,7 @@ def _canonical(values: dict, where: str, ignore_legacy: bool) -> dict:
             _require(ignore_legacy, f"{key} cannot be set in {where}: {LEGACY_IGNORED[key]}")
             continue
         new = LEGACY_RENAMED.get(key, key)
-        _require(new in FIELDS, _unknown_key_message(key, where))
+        _require_known(new, key, where)
         value = _check_type(new, value)
         _require(
             out.get(new, value) == value,
@@ -489,7 +496,7 @@ def parse_overrides(args) -> dict:
 def format_config_file(cfg: dict, header: str = "") -> str:
     """Write settings as a config file that load_config_file reads back to the same dict."""
     for key in cfg:
-        _require(key in FIELDS, _unknown_key_message(key, "format_config_file"))
+        _require_known(key, key, "format_config_file")
     lines = [line if line.startswith("#") else f"# {line}".rstrip() for line in header.splitlines()]
     for key in FIELDS:
         if key in _SECTIONS:
@@ -599,6 +606,11 @@ def run_folder(name: str, seed: int, chain: str | None = None, dataset: str | No
     return f"MM-{chain}/MM-{chain}-{seed}"
 
 
+def check_seed(seed):
+    """Refuse a seed that is not a non-negative integer (a recipe's, a grid's)."""
+    _require(type(seed) is int and seed >= 0, f"seed must be a non-negative integer, got {seed!r}")
+
+
 def preset(name: str, n_states: int, sparsity: int | None = None, seed: int = 42) -> dict:
     """A complete, checked dict of TrainConfig fields for recipe `name` on MM-{n_states}."""
     _require(name in PRESETS, f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
@@ -610,7 +622,7 @@ def preset(name: str, n_states: int, sparsity: int | None = None, seed: int = 42
         sparsity is None or (type(sparsity) is int and 0 < sparsity < 100),
         f"sparsity must be an integer percentage in 1..99 (or None: dense), got {sparsity!r}",
     )
-    _require(type(seed) is int and seed >= 0, f"seed must be a non-negative integer, got {seed!r}")
+    check_seed(seed)
     ident = mm_id(n_states, sparsity)
     cfg = dict(
         data_dir=f"data/mm{ident}",

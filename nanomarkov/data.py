@@ -37,6 +37,8 @@ from nanomarkov.files import (
     PARTIAL_SUFFIX,
     check_output_folder,
     exchange_folders,
+    follow_umask,
+    format_bytes,
     open_regular,
     read_capped,
     write_json,
@@ -201,29 +203,50 @@ def generate_dataset(
     train_sequences,
     val_sequences,
     *,
+    force=False,
+    progress=None,
+    chunk_tokens=CHUNK_TOKENS,
+    **choices,
+):
+    """Build a random process (or take the given `chain`, or a `spec`'s) and write a dataset folder; returns its meta dict.
+
+    `choices` are plan_dataset's keywords (sparsity, alpha, seq_len, seed, dtype, chain, source, spec,
+    process and the process's options), checked there before anything is written. This
+    dataset is left as it is, any other folder (files.check_output_folder) replaced only with `force`,
+    whole and at once (_write_dataset); `progress(n_tokens)` after each chunk."""
+    chain, params, dtype = plan_dataset(n_states, train_sequences, val_sequences, **choices)
+    out_dir = Path(out_dir)
+    check_output_folder(out_dir, "dataset", is_dataset_folder, force=force)
+    with writer_lock(out_dir, "generation"):  # a second writer is refused, never interleaved
+        if not force and _holds_this_dataset(out_dir, _existing_meta(out_dir), params):
+            return _existing_meta(out_dir)
+        return _write_dataset(out_dir, chain, params, dtype, progress, chunk_tokens)
+
+
+def plan_dataset(
+    n_states,
+    train_sequences,
+    val_sequences,
+    *,
     sparsity=None,
     alpha=1.0,
     seq_len=None,
     seed=42,
     dtype=None,
-    force=False,
-    progress=None,
-    chunk_tokens=CHUNK_TOKENS,
     chain=None,
     source=None,
     spec=None,
     process=DEFAULT_PROCESS,
     **options,
 ):
-    """Build a random process (or take the given `chain`, or a `spec`'s) and write a dataset folder; returns its meta dict.
+    """Every check generate_dataset makes before it writes, and what it then writes from: (the process, the
+    dataset's parameters, the token dtype). A sweep calls it to refuse, before any work, what `generate` would.
 
     `process` names a registered class, `options` its own generation options (None: not given).
     With `chain`, sparsity and alpha are null and `source` (JSON: where the chain came from) joins
     the dataset's identity; `spec` is a spec dict or file (docs/specs.md), recorded in meta.json.
-    Train and val come from their own streams of `seed`, so val does not change with --train. This
-    dataset is left as it is, any other folder (files.check_output_folder) replaced only with `force`,
-    whole and at once (_write_dataset); `progress(n_tokens)` after each chunk."""
-    out_dir, options, spec_params = Path(out_dir), _given(options), {}
+    Train and val come from their own streams of `seed`, so val does not change with --train."""
+    options, spec_params = _given(options), {}
     if spec is not None:
         chain, spec_params = _process_of_spec(spec, chain, process, options, sparsity, alpha)
     if chain is not None:
@@ -250,11 +273,7 @@ def generate_dataset(
         val_sequences=val_sequences,
     )
     params.update(chain.options(), **({} if source is None else {"source": source}), **spec_params)
-    check_output_folder(out_dir, "dataset", is_dataset_folder, force=force)
-    with writer_lock(out_dir, "generation"):  # a second writer is refused, never interleaved
-        if not force and _holds_this_dataset(out_dir, _existing_meta(out_dir), params):
-            return _existing_meta(out_dir)
-        return _write_dataset(out_dir, chain, params, dtype, progress, chunk_tokens)
+    return chain, params, dtype
 
 
 def _process_of_spec(spec, chain, process, options, sparsity, alpha):
@@ -313,6 +332,7 @@ def _write_dataset(out_dir, chain, params, dtype, progress, chunk_tokens):
     _check_free_space(out_dir, chain, params, dtype)
     try:
         build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{BUILD_SUFFIX}", dir=out_dir.parent))
+        follow_umask(build)  # mkdtemp's 0700 would become the dataset folder's mode at the swap
     except OSError as e:
         raise NanoMarkovError(f"cannot write beside {out_dir} ({e.strerror or e}); choose another --out") from None
     try:
@@ -342,7 +362,7 @@ def _check_free_space(out_dir, chain, params, dtype):
     free = shutil.disk_usage(out_dir.parent).free
     if needed > free:
         raise NanoMarkovError(
-            f"the dataset needs {needed / 2**30:,.1f} GiB and {out_dir.parent} has {free / 2**30:,.1f} GiB free; "
+            f"the dataset needs {format_bytes(needed)} and {out_dir.parent} has {format_bytes(free)} free; "
             "ask for fewer --train/--val sequences, or free some space or choose another --out"
         )
 
@@ -735,6 +755,27 @@ def _verify_split(file, tokens, chain, expected_sha256, fix):
         raise NanoMarkovError(
             f"{file}: sha256 does not match meta.json (the file was modified); regenerate with: {fix}"
         )
+
+
+def learnable_fraction(loss, theory):
+    """The share of the learnable structure a model with this val loss has captured: how far it has come
+    from the uniform predictor (knowing nothing, 0) to the true process on the same val sequences (1).
+
+    Uniform rather than unigram is the start because it is what an untrained model predicts and needs no
+    estimate; and unlike true_loss_val / loss ("% of optimum"), which gives a uniform predictor 85 % and more, it
+    puts a model that learned nothing at 0."""
+    return (theory["uniform_loss"] - loss) / (theory["uniform_loss"] - theory["true_loss_val"])
+
+
+def headline(record):
+    """A run's result in one phrase: its excess in nats over the floor it is measured against, and the
+    learnable structure captured (a record of done.json's keys; an older one without the share omits it)."""
+    captured = record.get("learnable_fraction")
+    share = "" if captured is None else f", {100 * captured:.1f} % of the learnable structure captured"
+    return (
+        f"val {record['val_loss']:.6f}, excess {record['excess']:+.6f} nats over true_loss_val "
+        f"{record['true_loss_val']:.6f}{share}"
+    )
 
 
 def dataset_theory(dataset):

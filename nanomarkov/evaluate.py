@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from nanomarkov.checkpoint import checkpoint_path, load_model, nonfinite_weights
-from nanomarkov.data import load_dataset, optimal_loss_by_position, stage_losses
+from nanomarkov.data import learnable_fraction, load_dataset, optimal_loss_by_position, stage_losses
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.files import json_text, write_atomic_together
 from nanomarkov.processes.numerics import entropy
@@ -489,8 +489,7 @@ def common_metrics(val_loss, accuracy, true_accuracy, theory, bigram, k):
             "true_loss_val": theory["true_loss_val"],
             "excess": val_loss - theory["true_loss_val"],
             "pct_of_optimum": 100 * theory["true_loss_val"] / val_loss,
-            "learnable_fraction": (theory["uniform_loss"] - val_loss)
-            / (theory["uniform_loss"] - theory["true_loss_val"]),
+            "learnable_fraction": learnable_fraction(val_loss, theory),
             "bigram_baseline": bigram,
             "unigram_loss": theory["unigram_loss"],
             "uniform_loss": theory["uniform_loss"],
@@ -711,14 +710,24 @@ def format_eval(result):
     )
     warning = nonfinite_warning(result)
     lines = [title, "", head, *(["", warning] if warning else []), ""]
+    lines += [f"{len(rows)} metrics against the exact theory, each beside its optimum and baselines:", ""]
     lines += ["| metric | model | optimum | baselines |", "|---|---:|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     skipped_lines = [f"- skipped {name}: {why}" for name, why in skipped.items() if result.get(name) is None]
     lines += [""] + skipped_lines if skipped_lines else []
     timing = result.get("timing", {})
     if timing:
-        lines += ["", "time: " + ", ".join(f"{k} {v:.2f}s" for k, v in timing.items())]
+        several = sum("[" in key for key in timing) > 1
+        lines += ["", "time: " + ", ".join(f"{timing_label(k, several)} {v:.2f}s" for k, v in timing.items())]
     return "\n".join(lines)
+
+
+def timing_label(key, with_model=False):
+    """A timing key of eval.json as words: 'val_pass_s' -> 'val pass', 'prompts_and_summary_s[NAME]' ->
+    'prompts and summary', with '(NAME)' only when several models were timed (else it is this table's)."""
+    base, _, model = key.partition("[")
+    words = base.removesuffix("_s").replace("_", " ")
+    return f"{words} ({model.removesuffix(']')})" if with_model and model else words
 
 
 def _common_rows(ce, pp, ac, ag):
@@ -733,9 +742,19 @@ def _common_rows(ce, pp, ac, ag):
                 f", {key.removesuffix('_loss')} {value:.4f}" for key, value in ce.get("process_baselines", {}).items()
             ),
         ),
-        ("excess over true (nats)", num(ce["excess"], ".6f"), "0", ""),
-        ("% of optimum (true/val)", num(ce["pct_of_optimum"], ".3f", unit=" %"), "100 %", ""),
-        ("learnable structure captured", num(ce["learnable_fraction"], ".2f", 100, " %"), "100 %", "uniform 0 %"),
+        ("excess over true on val (nats)", num(ce["excess"], ".6f"), "0", ""),
+        (
+            "learnable structure captured: (uniform − val) / (uniform − true on val)",
+            num(ce["learnable_fraction"], ".2f", 100, " %"),
+            "100 %",
+            "uniform 0 %",
+        ),
+        (
+            "% of optimum: true on val / val (the seed's; flatters)",
+            num(ce["pct_of_optimum"], ".3f", unit=" %"),
+            "100 %",
+            f"uniform {100 * ce['true_loss_val'] / ce['uniform_loss']:.3f} %",
+        ),
         (
             "perplexity",
             num(pp["perplexity"], ".4f"),

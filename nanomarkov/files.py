@@ -45,6 +45,44 @@ def partial_path(path):
     return path.with_name(path.name + PARTIAL_SUFFIX)
 
 
+BYTE_UNITS = ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def format_bytes(n_bytes):
+    """A size in the largest binary unit in which it is at least 1 ("512 bytes", "3.4 MiB", "1.2 GiB"),
+    so that no size below a GiB prints as 0.0 GiB; every message that prints a size uses this."""
+    power = 0
+    while power < len(BYTE_UNITS) - 1 and abs(n_bytes) >= 1024 ** (power + 1):
+        power += 1
+    if power == 0:
+        return f"{int(n_bytes)} bytes"
+    return f"{n_bytes / 1024**power:,.1f} {BYTE_UNITS[power]}"
+
+
+def current_umask():
+    """The process's umask, read from /proc where Linux shows it; elsewhere set and put back at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path):
+    """Give `path`, and everything under it when it is a folder, the modes a plain open() or mkdir() gives
+    (0666 or 0777 less the umask): for what tempfile or a library made private (0600, 0700) that the user
+    should find like every other file the package writes."""
+    mask = current_umask()
+    path = Path(path)
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not item.is_symlink():
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 def finite_or_null(value):
     """`value` with every non-finite float (at any depth of dicts, lists and tuples) replaced by None."""
     if isinstance(value, float) and not math.isfinite(value):

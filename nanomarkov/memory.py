@@ -20,21 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from nanomarkov.errors import NanoMarkovError
+from nanomarkov.files import format_bytes
 
 MEMINFO = Path("/proc/meminfo")
 # Sizes up to this are never checked: any machine that runs Python holds them, and the checks on
 # every sampled batch then cost no read of /proc/meminfo.
 ALWAYS_FITS_BYTES = 64 << 20
-
-
-def format_bytes(n_bytes):
-    """`n_bytes` in the largest binary unit that keeps one digit before the point: 7.3 GiB, 512.0 MiB."""
-    value = float(n_bytes)
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{int(value)} bytes" if unit == "bytes" else f"{value:,.1f} {unit}"
-        value /= 1024
-    return f"{value:,.1f} TiB"
 
 
 def meminfo_available(text):

@@ -56,7 +56,13 @@ NOT_FAMILY = (
 METRICS = [
     ("val_loss", ("cross_entropy", "val_loss"), "val_loss", "val loss", "{:.6f}"),
     ("excess", ("cross_entropy", "excess"), "excess", "excess (nats)", "{:.6f}"),
-    ("pct_of_optimum", ("cross_entropy", "pct_of_optimum"), "pct_of_optimum", "% of optimum", "{:.3f}"),
+    (
+        "learnable_fraction",
+        ("cross_entropy", "learnable_fraction"),
+        "learnable_fraction",
+        "learnable captured",
+        "{:.2%}",
+    ),
     ("accuracy", ("accuracy", "accuracy"), None, "accuracy", "{:.4f}"),
     ("mean_kl", ("transition_fidelity", "mean_kl"), None, "transition KL", "{:.6f}"),
     ("mean_spread", ("markov_property", "mean_spread"), None, "Markov spread", "{:.6f}"),
@@ -118,8 +124,6 @@ def load_run(folder):
         last = done or (log[-1] if log else {})
         values = {name: last.get(key) if key else None for name, _, key, *_ in METRICS}
         values.update({name: last.get(name) for name, _ in OPTIMUM})
-        if values["pct_of_optimum"] is None and values["val_loss"]:  # log lines do not carry it
-            values["pct_of_optimum"] = 100 * values["true_loss_val"] / values["val_loss"]
     seed = config.get("seed", _dig(evaluation, ("run", "seed")))
     return {
         "folder": folder,
@@ -497,7 +501,8 @@ def summary_notes(runs, missing, stale):
     notes = [
         "",
         "Mean ± sd over seeds (sd with ddof=1; none for a single run). Losses in nats per predicted token; "
-        "excess = val loss − true_loss_val; % of optimum = true_loss_val / val loss; accuracy a fraction; "
+        "excess = val loss − true_loss_val; learnable captured = (uniform − val loss) / (uniform − true_loss_val), "
+        "0 % for a model that learned nothing; accuracy a fraction; "
         "transition KL = transition_fidelity.mean_kl; Markov spread = markov_property.mean_spread; "
         "agreement = top-1 agreement between seeds. Blank: not measured (run nanomarkov eval).",
     ]

@@ -36,6 +36,8 @@ from nanomarkov.data import (
     Dataset,
     FixedSequences,
     OnlineSequences,
+    headline,
+    learnable_fraction,
     load_dataset,
     to_inputs_targets,
     whole_split_batches,
@@ -582,15 +584,18 @@ class TrainingLoop:
             "optimal_loss": theory["optimal_loss"],
             "true_loss_val": theory["true_loss_val"],
             "excess": val_loss - theory["true_loss_val"],
+            "learnable_fraction": learnable_fraction(val_loss, theory),
             "lr": learning_rate_at(it, setup.cfg),
             "eval_s": round(time.perf_counter() - eval_started, 3),
         }
         if scheduled:
             self.eval_window.clear()
-        train_text = "-" if record["train_loss"] is None else f"{record['train_loss']:.4f}"
+        # No training step has been taken at the first eval, so there is no train loss to show yet.
+        train_text = "(none yet)" if record["train_loss"] is None else f"{record['train_loss']:.4f}"
         self.outputs.log.line(
-            f"eval iter {it}: train {train_text} val {val_loss:.6f} optimal {theory['optimal_loss']:.6f} "
-            f"excess {record['excess']:+.6f} nats ({record['elapsed_s']:.1f}s)",
+            f"eval iter {it}: train {train_text} val {val_loss:.6f} excess {record['excess']:+.6f} nats over "
+            f"true_loss_val {theory['true_loss_val']:.6f} (expected optimum {theory['optimal_loss']:.6f}; "
+            f"{record['elapsed_s']:.1f}s)",
             record,
         )
         if self.outputs.wandb_run is not None:
@@ -643,14 +648,12 @@ def finish(loop, status):
         "optimal_loss": theory["optimal_loss"],
         "true_loss_val": theory["true_loss_val"],
         "excess": last_eval["excess"],
+        "learnable_fraction": learnable_fraction(last_eval["val_loss"], theory),
         "pct_of_optimum": 100 * theory["true_loss_val"] / last_eval["val_loss"],
     }
     if setup.ddp.is_main and status == "done":
         write_json(setup.out_dir / "done.json", done, what="run summary")
-        outputs.log.line(
-            f"done: val {done['val_loss']:.6f} vs true {done['true_loss_val']:.6f} (excess "
-            f"{done['excess']:.6f} nats, {done['pct_of_optimum']:.2f}% of optimum) in {done['elapsed_s']:.1f}s"
-        )
+        outputs.log.line(f"done: {headline(done)} in {done['elapsed_s']:.1f}s")
     if outputs.wandb_run is not None:
         outputs.wandb_run.finish()
     if setup.ddp.world_size > 1:

@@ -1,6 +1,7 @@
 """The command line: the seed's commands, the theory table, one-line errors with exit 2."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -223,6 +224,10 @@ def test_demo_generates_trains_and_prints_the_loss_against_the_optimum(tmp_path)
     done = json.loads((tmp_path / "trainings" / "MM" / "MM-10" / "MM-10-42" / "done.json").read_text())
     assert f"val loss      {done['val_loss']:.6f}" in result.stdout
     assert f"optimal loss  {done['optimal_loss']:.6f}" in result.stdout
+    captured = (math.log(10) - done["val_loss"]) / (math.log(10) - done["true_loss_val"])  # uniform 0, floor 1
+    assert f"excess        {done['excess']:+.6f}  nats" in result.stdout
+    assert f"captured      {100 * captured:.1f} %  of the learnable structure" in result.stdout
+    assert "six metrics" not in result.stdout and "_s[" not in result.stdout
     assert load_dataset(tmp_path / "data" / "mm10").meta["train_sequences"] == 10000
     run_dir = tmp_path / "trainings" / "MM" / "MM-10" / "MM-10-42"
     record = json.loads((run_dir / "eval.json").read_text())

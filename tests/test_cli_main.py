@@ -1,9 +1,12 @@
-"""cli.main's guard: seeds checked at parse time, and a reader that leaves early (`| head -1`)."""
+"""cli.main's guard: seeds checked at parse time, and a reader that leaves early (`| head -1`); --version."""
 
+import importlib.metadata
 import signal
 import subprocess
 import sys
 import time
+import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +77,22 @@ def test_a_sweep_out_that_is_a_file_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot write in afile" in err
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def pyproject_version():
+    with open(Path(__file__).resolve().parent.parent / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["project"]["version"]
+
+
+def test_version_prints_the_packages_version_and_exits_0(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"nanomarkov {importlib.metadata.version('nanomarkov')}\n"
+
+
+def test_version_of_a_source_tree_never_installed_is_its_pyprojects(capsys, monkeypatch):
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"nanomarkov {pyproject_version()} (source tree, not installed)\n"

@@ -2,7 +2,9 @@
 
 import hashlib
 import json
+import os
 import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -358,13 +360,26 @@ def test_an_infinite_alpha_names_the_flag(tmp_path):
 
 
 def test_a_dataset_bigger_than_the_free_space_is_refused_before_writing(tmp_path, monkeypatch):
-    with pytest.raises(NanoMarkovError, match=r"the dataset needs [\d,.]+ GiB and .* GiB free; ask for fewer --train"):
-        make(tmp_path / "d", train_sequences=10**12)  # 24 TB
+    with pytest.raises(NanoMarkovError, match=r"the dataset needs 21\.8 TiB and .* free; ask for fewer --train"):
+        make(tmp_path / "d", train_sequences=10**12)  # 2.4e13 bytes: 24 TB, 21.8 TiB
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(data_module.shutil, "disk_usage", lambda path: usage._replace(free=300 * 12 * 2))
-    with pytest.raises(NanoMarkovError, match="GiB free"):
-        make(tmp_path / "d")  # 300 + 50 sequences of 12 uint16 tokens: 8400 bytes, 7200 free
+    # 300 + 50 sequences of 12 uint16 tokens: 8400 bytes = 8.2 KiB, and 7200 free = 7.0 KiB (not "0.0 GiB")
+    with pytest.raises(NanoMarkovError, match=r"the dataset needs 8\.2 KiB and .* has 7\.0 KiB free"):
+        make(tmp_path / "d")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_a_dataset_folder_and_its_files_follow_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        make(tmp_path / "d", train_sequences=4, val_sequences=2)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o777 & ~umask  # not tempfile's 0700
+    for path in (tmp_path / "d").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
 
 
 class Lying(MarkovChain):

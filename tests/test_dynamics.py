@@ -229,6 +229,7 @@ def test_dynamics_of_hand_made_snapshots(markov_run, capsys):
     out = capsys.readouterr().out
     assert "crossed at iter 10" in out and "on the first 40 of 40 val sequences" in out
     assert "reached at iter 100 (11,000 tokens): within 0.003 of the floor" in out
+    assert "the gap between them is the probability the model still puts on BOS" in out  # excess vs optimal KL
     record = strict_json(run / "dynamics.json")
     tokens = np.asarray(load_dataset(record["dataset"]).val, dtype=np.int64)
     assert [e["iter"] for e in record["snapshots"]] == [0, 10, 100]

@@ -129,6 +129,21 @@ def test_eval_of_a_nan_checkpoint_writes_strict_json_says_so_and_exits_1(runs, c
     assert all(str(folder) != skip["run"] for skip in report["skipped"])
 
 
+def test_the_eval_table_counts_its_rows_labels_the_floor_and_names_its_timings_in_words(runs, tmp_path, capsys):
+    assert main(["eval", str(runs / "runs" / "run1" / "ckpt.pt"), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| metric |")]
+    assert f"\n{len(rows)} metrics against the exact theory" in out
+    record = json.loads((tmp_path / "eval.json").read_text())
+    ce = record["cross_entropy"]
+    assert any(row.startswith(f"| excess over true on val (nats) | {ce['excess']:.6f} |") for row in rows)
+    uniform_pct = 100 * ce["true_loss_val"] / math.log(record["run"]["n_states"])
+    assert any(row.startswith("| learnable structure captured: (uniform − val)") for row in rows)
+    assert any(row.startswith("| % of optimum") and f"uniform {uniform_pct:.3f} %" in row for row in rows)
+    (time_line,) = [line for line in out.splitlines() if line.startswith("time: ")]
+    assert "_s" not in time_line and "[" not in time_line and "prompts and summary" in time_line, time_line
+
+
 @pytest.mark.parametrize("form", ["safetensors", "hf"])
 def test_export_of_a_nan_checkpoint_names_its_weights_and_writes_nothing(runs, tmp_path, capsys, form):
     ckpt = runs / "runs" / "broken" / "ckpt.pt"

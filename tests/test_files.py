@@ -168,6 +168,23 @@ def test_exchange_folders_swaps_the_two_folders(tmp_path, monkeypatch, has_renam
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "old"]
 
 
+@pytest.mark.parametrize(
+    "n_bytes, text",
+    [
+        (0, "0 bytes"),
+        (1023, "1023 bytes"),
+        (1024, "1.0 KiB"),
+        (8400, "8.2 KiB"),
+        (5 * 2**20, "5.0 MiB"),
+        (int(1.5 * 2**30), "1.5 GiB"),
+        (3 * 2**40, "3.0 TiB"),
+        (2**60, "1,024.0 PiB"),
+    ],
+)
+def test_format_bytes_shows_a_small_size_in_a_unit_that_shows_it(n_bytes, text):
+    assert files.format_bytes(n_bytes) == text
+
+
 def never_a_kind(folder):
     return False
 

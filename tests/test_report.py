@@ -22,11 +22,12 @@ from nanomarkov.evaluate import evaluate_checkpoints
 from nanomarkov.report import find_runs, format_summary, load_run, write_report
 from nanomarkov.train import train
 
+N_STATES = 4
 RUNS = {"a/wide-1": (16, 1), "wide-2": (16, 2), "b/c/narrow-3": (8, 3)}
 EVAL_METRICS = {
     "val_loss": ("cross_entropy", "val_loss"),
     "excess": ("cross_entropy", "excess"),
-    "pct_of_optimum": ("cross_entropy", "pct_of_optimum"),
+    "learnable_fraction": ("cross_entropy", "learnable_fraction"),
     "accuracy": ("accuracy", "accuracy"),
     "mean_kl": ("transition_fidelity", "mean_kl"),
     "mean_spread": ("markov_property", "mean_spread"),
@@ -36,7 +37,7 @@ EVAL_METRICS = {
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     base = tmp_path_factory.mktemp("report")
-    generate_dataset(base / "data", 4, 200, 40, seq_len=12)
+    generate_dataset(base / "data", N_STATES, 200, 40, seq_len=12)
     root = base / "runs"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # models this small run slower on a busy machine with more threads
@@ -157,7 +158,9 @@ def test_run_without_eval_still_gets_its_curve_and_a_row(report):
     row = _rows(result)["narrow"]
     done = json.loads((folder / "done.json").read_text())
     assert row["n_evaluated"] == 0 and row["val_loss_mean"] == done["val_loss"]
-    assert row["excess_mean"] == done["excess"] and row["pct_of_optimum_mean"] == pytest.approx(done["pct_of_optimum"])
+    uniform = math.log(N_STATES)  # the share captured of the way from uniform to the floor, from done.json alone
+    captured = (uniform - done["val_loss"]) / (uniform - done["true_loss_val"])
+    assert row["excess_mean"] == done["excess"] and row["learnable_fraction_mean"] == pytest.approx(captured)
     assert all(row[f"{m}_mean"] is None for m in ("accuracy", "mean_kl", "mean_spread", "agreement"))
     line = next(line for line in format_summary(result["summary"]).splitlines() if "| narrow |" in line)
     assert "|  |" in line and "nan" not in line.lower()

@@ -39,6 +39,7 @@ DONE_KEYS = {
     "optimal_loss",
     "true_loss_val",
     "excess",
+    "learnable_fraction",
     "pct_of_optimum",
 }
 EVAL_KEYS = {"iter", "tokens", "elapsed_s", "train_loss", "val_loss", "excess"}
@@ -205,6 +206,21 @@ def run_in_one_thread(values):
 
 
 # ------------------------------------------------------------------ outputs and the loss itself
+
+
+def test_the_log_lines_show_the_floor_of_the_excess_and_the_learnable_structure_captured(run_a, data):
+    meta = json.loads((data / "meta.json").read_text())
+    true_val = meta["theory"]["true_loss_val"]
+    lines = (run_a / "training.log").read_text().splitlines()
+    evals = [line for line in lines if line.startswith("eval iter")]
+    assert evals[0].startswith("eval iter 0: train (none yet) val ")  # no step taken, no train loss
+    assert all(f"nats over true_loss_val {true_val:.6f} (expected optimum" in line for line in evals), evals
+    done = json.loads((run_a / "done.json").read_text())
+    uniform = math.log(meta["n_states"])  # from uniform (0) to the true process on the same sequences (1)
+    captured = (uniform - done["val_loss"]) / (uniform - true_val)
+    assert done["learnable_fraction"] == pytest.approx(captured, rel=1e-12)
+    assert lines[-1].startswith(f"done: val {done['val_loss']:.6f}, excess {done['excess']:+.6f} nats over ")
+    assert f", {100 * captured:.1f} % of the learnable structure captured in " in lines[-1]
 
 
 def test_loss_goes_down_toward_optimum_and_outputs_have_every_documented_key(run_a, data):

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.files import PARTIAL_SUFFIX, check_output_folder, exchange_folders, read_json_or_none
+from nanomarkov.files import PARTIAL_SUFFIX, check_output_folder, exchange_folders, follow_umask, read_json_or_none
 from nanomarkov.interp.lens import LN_EPS, check_same_logits, float32_model
 
 HF_INSTALL = 'pip install -e ".[hf]"'
@@ -173,6 +173,7 @@ def export_hf(ckpt_or_model, out_dir):
         shutil.rmtree(build, ignore_errors=True)  # what an earlier, interrupted export left
         out.parent.mkdir(parents=True, exist_ok=True)
         save_quietly(hf, build)
+        follow_umask(build)  # transformers writes the weights 0600; the user's umask decides, as for every file
         if out.exists():
             exchange_folders(build, out)
             shutil.rmtree(build)

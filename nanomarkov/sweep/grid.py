@@ -12,11 +12,24 @@ Each run's folders are decided here, under the sweep's folder OUT:
 """
 
 import dataclasses
+import os
+import time
 import tomllib
+from contextlib import contextmanager
 from pathlib import Path
 
-from nanomarkov.config import FIELDS, PRESETS, TrainConfig, merge_settings, mm_id, preset, process_recipe, run_folder
-from nanomarkov.data import default_data_dir
+from nanomarkov.config import (
+    FIELDS,
+    PRESETS,
+    TrainConfig,
+    check_seed,
+    merge_settings,
+    mm_id,
+    preset,
+    process_recipe,
+    run_folder,
+)
+from nanomarkov.data import default_data_dir, plan_dataset
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.files import read_capped, read_json_or_none
 from nanomarkov.processes import DEFAULT_PROCESS, PROCESSES
@@ -53,38 +66,73 @@ class RunSpec:
         given["init_from"] = "resume" if resume else "scratch"
         return TrainConfig.from_dict(merge_settings(values, given), f"run {self.name}")
 
-    def dataset_options(self) -> dict:
-        """The dataset's process options (korder's order, ...): its parameters beyond DATASET_KEYS."""
-        return {k: v for k, v in self.dataset.items() if k not in DATASET_KEYS}
+    def record(self) -> dict:
+        """The spec as sweep.json keeps it (dataclasses.asdict's dict, without its deep copy: 100x faster)."""
+        return {**vars(self), "dataset": dict(self.dataset), "overrides": dict(self.overrides)}
+
+
+def dataset_arguments(params) -> tuple:
+    """generate_dataset's (and plan_dataset's) positional and keyword arguments for a grid's dataset."""
+    options = {k: v for k, v in params.items() if k not in DATASET_KEYS}
+    keywords = {k: params[k] for k in ("sparsity", "seq_len", "seed", "process")}
+    return (params["n_states"], params["train"], params["val"]), {**keywords, **options}
+
+
+class Ticker:
+    """A line through `say` every `every` seconds, once `every` seconds have passed: a long planning shows
+    it is alive, a short one prints nothing. Called with the count done so far."""
+
+    def __init__(self, say, what, every=3.0):
+        self.say, self.what, self.every = say, what, every
+        self.started = time.monotonic()
+        self.next_note = self.started + every
+
+    def __call__(self, done, total=None):
+        now = time.monotonic()
+        if now >= self.next_note:
+            self.next_note = now + self.every
+            of = "" if total is None else f" of {total:,}"
+            self.say(f"{self.what}: {done:,}{of} runs, {now - self.started:.0f}s")
 
 
 def plan(spec) -> str:
     """What the sweep will do with a run: 'skip' (finished), 'resume' (has a checkpoint) or 'train'."""
+    if not os.path.isdir(spec.out_dir):  # one stat for a run not yet begun, the most common by far
+        return "train"
     done = read_json_or_none(Path(spec.out_dir) / "done.json")
     if done and done.get("status") == "done" and done.get("iters", -1) >= spec.config().max_iters:
         return "skip"
     return "resume" if (Path(spec.out_dir) / "ckpt.pt").exists() else "train"
 
 
-def _check_keys(table, valid, where):
+@contextmanager
+def naming(where):
+    """Every refusal inside the block starts with `where` (the grid file and its entry)."""
+    try:
+        yield
+    except NanoMarkovError as e:
+        raise NanoMarkovError(f"{where}: {e}") from None
+
+
+def _check_keys(table, valid):
     if not isinstance(table, dict):
-        raise NanoMarkovError(f"{where} must be a table, got {table!r}")
+        raise NanoMarkovError(f"must be a table, got {table!r}")
     for key in table:
         if key not in valid:
-            raise NanoMarkovError(f"unknown key {key!r} in {where}; valid keys: {', '.join(valid)}")
+            raise NanoMarkovError(f"unknown key {key!r}; valid keys: {', '.join(valid)}")
 
 
-def _check_overrides(values, where):
-    _check_keys(values, FIELDS, where)
+def _check_overrides(values):
+    _check_keys(values, FIELDS)
     for key in values:
         if key in GRID_OWNED:
-            raise NanoMarkovError(f"{key} cannot be set in {where}: {GRID_OWNED[key]}")
+            raise NanoMarkovError(f"{key} cannot be set here: {GRID_OWNED[key]}")
     return dict(values)
 
 
-def _list_of(value, kind, where):
+def _list_of(value, kind, what):
     if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
-        raise NanoMarkovError(f"{where} must be a list of {kind.__name__}s, got {value!r}")
+        raise NanoMarkovError(f"{what} must be a list of {kind.__name__}s, got {value!r}")
     return value
 
 
@@ -97,17 +145,27 @@ def load_grid(path) -> dict:
         raise NanoMarkovError(f"grid {path} is not valid TOML: {e}") from None
 
 
-def expand_grid(grid, out_root) -> list:
-    """The RunSpecs of a grid (a TOML file's path or the same as a dict), every config checked."""
-    where = f"grid {grid}" if not isinstance(grid, dict) else "the grid"
+def expand_grid(grid, out_root, tick=None) -> list:
+    """The RunSpecs of a grid (a TOML file's path or the same as a dict), every dataset and run checked as
+    `generate` and `train` check them before they start, each refusal naming the file and the entry.
+
+    A run's config is checked once for each dataset, preset and experiment (its seeds change only its
+    seed and folder), so a grid of 100,000 runs is planned in seconds; tick(n_runs) as it goes."""
+    where = str(grid) if not isinstance(grid, dict) else "the grid"
     grid = load_grid(grid) if not isinstance(grid, dict) else grid
-    out_root = Path(out_root)
-    _check_keys(grid, TOP_KEYS, where)
-    defaults = _check_overrides(grid.get("defaults", {}), f"{where} [defaults]")
-    datasets = _datasets(_list_of(grid.get("datasets", []), dict, f"{where} [[datasets]]"), out_root, where)
+    out_root, tick = Path(out_root), tick or (lambda done: None)
+    with naming(where):
+        _check_keys(grid, TOP_KEYS)
+    with naming(f"{where}: [defaults]"):
+        defaults = _check_overrides(grid.get("defaults", {}))
+    with naming(where):
+        entries = _list_of(grid.get("datasets", []), dict, "[[datasets]]")
+        experiments = _list_of(grid.get("experiments", []), dict, "[[experiments]]")
+    datasets = _datasets(entries, out_root, where)
     specs, seen = [], {}
-    for j, exp in enumerate(_list_of(grid.get("experiments", []), dict, f"{where} [[experiments]]")):
-        specs += _experiment_runs(exp, f"{where} [[experiments]] #{j}", datasets, defaults, out_root, seen)
+    for j, exp in enumerate(experiments):
+        here = f"{where}: [[experiments]] entry {j}" + (f" (tag {exp['tag']})" if exp.get("tag") else "")
+        _experiment_runs(exp, here, datasets, defaults, out_root, seen, specs, tick)
     if not specs:
         raise NanoMarkovError(
             f"{where} expands to no run; it needs [[datasets]] and [[experiments]] with non-empty presets and seeds"
@@ -116,65 +174,87 @@ def expand_grid(grid, out_root) -> list:
 
 
 def _datasets(entries, out_root, where) -> list:
-    """(generate_dataset's parameters, folder) of each [[datasets]] entry, checked; one dataset per folder."""
+    """(the entry's parameters, folder, its model's sizes) of each [[datasets]] entry, checked as generate checks
+    it (the process is built, as generate builds it, without writing anything); one dataset per folder."""
     datasets, folders = [], {}
     for i, entry in enumerate(entries):
-        here = f"{where} [[datasets]] #{i}"
-        process = entry.get("process", DEFAULT_PROCESS)
-        if not isinstance(process, str) or process not in PROCESSES:
-            raise NanoMarkovError(f"{here}: unknown process {process!r}; choose from {', '.join(PROCESSES)}")
-        options = PROCESSES[process].option_names()
-        _check_keys(entry, DATASET_KEYS + options, here)
-        missing = [k for k in ("n_states", "train", "val") if k not in entry]
-        if missing:
-            raise NanoMarkovError(f"{here} lacks {', '.join(missing)}; e.g. n_states = 100, train = 50000, val = 5000")
-        params = {"sparsity": None, "seq_len": None, "seed": 42, "process": DEFAULT_PROCESS, **entry}
-        preset("default", params["n_states"], params["sparsity"])  # checks K and sparsity
-        chosen = {k: entry[k] for k in options if k in entry}
-        folder = out_root / "data" / default_data_dir(params["n_states"], params["sparsity"], process, **chosen).name
-        if folder in folders:
-            raise NanoMarkovError(
-                f"{here} and #{folders[folder]} would both live in {folder}: "
-                "a grid holds one dataset per folder name (process, its options, n_states, sparsity)"
-            )
+        here = f"{where}: [[datasets]] entry {i} ({entry.get('process', DEFAULT_PROCESS)} K={entry.get('n_states')})"
+        with naming(here):
+            params, folder, sizes = _dataset(entry, out_root)
+            if folder in folders:
+                raise NanoMarkovError(
+                    f"entry {folders[folder]} lives in {folder} too: "
+                    "a grid holds one dataset per folder name (process, its options, n_states, sparsity)"
+                )
         folders[folder] = i
-        datasets.append((params, folder))
+        datasets.append((params, folder, sizes))
     return datasets
 
 
-def _experiment_runs(exp, here, datasets, defaults, out_root, seen) -> list:
-    """The RunSpecs of one [[experiments]] entry; `seen` (run name -> where it came from) catches repeats."""
-    _check_keys(exp, EXPERIMENT_KEYS, here)
+def _dataset(entry, out_root):
+    process = entry.get("process", DEFAULT_PROCESS)
+    if not isinstance(process, str) or process not in PROCESSES:
+        raise NanoMarkovError(f"unknown process {process!r}; choose from {', '.join(PROCESSES)}")
+    options = PROCESSES[process].option_names()
+    _check_keys(entry, DATASET_KEYS + options)
+    missing = [k for k in ("n_states", "train", "val") if k not in entry]
+    if missing:
+        raise NanoMarkovError(f"lacks {', '.join(missing)}; e.g. n_states = 100, train = 50000, val = 5000")
+    params = {"sparsity": None, "seq_len": None, "seed": 42, "process": DEFAULT_PROCESS, **entry}
+    preset("default", params["n_states"], params["sparsity"])  # checks K and sparsity as the recipes take them
+    args, keywords = dataset_arguments(params)
+    chain, planned, _ = plan_dataset(*args, **keywords)
+    chosen = {k: entry[k] for k in options if k in entry}
+    folder = out_root / "data" / default_data_dir(params["n_states"], params["sparsity"], process, **chosen).name
+    return params, folder, {"vocab_size": chain.vocab_size, "block_size": planned["seq_len"] - 1}
+
+
+def _experiment_runs(exp, here, datasets, defaults, out_root, seen, specs, tick):
+    """Appends the RunSpecs of one [[experiments]] entry to `specs`; `seen` (run name -> where it came from)
+    catches repeats."""
+    with naming(here):
+        presets, seeds, overrides, tag = _experiment(exp, datasets, defaults)
+    runs_root = str(out_root / "runs")
+    for d in range(len(datasets)) if exp.get("datasets", "all") == "all" else exp["datasets"]:
+        params, folder, sizes = datasets[d]
+        for name in presets:
+            checked, run_name = False, None
+            try:  # one try for all the seeds, not a `with naming` each: this loop runs once per run
+                for seed in seeds:
+                    run_name = _run_name(name, seed, params, folder) + (f"-{tag}" if tag else "")
+                    if run_name in seen:
+                        raise NanoMarkovError(f"{seen[run_name]} makes it too; drop the repeat or give one a tag")
+                    check_seed(seed)
+                    spec = RunSpec(run_name, params, str(folder), name, seed, overrides, f"{runs_root}/{run_name}")
+                    if not checked:  # as train checks it before it starts: the config, then the model's
+                        spec.config().gpt_config(**sizes)
+                        checked = True
+                    seen[run_name] = here.partition(": ")[2]
+                    specs.append(spec)
+                    tick(len(specs))
+            except NanoMarkovError as e:
+                raise NanoMarkovError(f"{here}, run {run_name}: {e}") from None
+
+
+def _experiment(exp, datasets, defaults):
+    """(presets, seeds, overrides, tag) of an [[experiments]] entry, checked."""
+    _check_keys(exp, EXPERIMENT_KEYS)
     chosen = exp.get("datasets", "all")
     if chosen != "all":
-        _list_of(chosen, int, f'{here} datasets (or "all")')
+        _list_of(chosen, int, 'datasets (or "all")')
         bad = [d for d in chosen if not 0 <= d < len(datasets)]
         if bad:
-            raise NanoMarkovError(f"{here} datasets {bad}: the grid has datasets 0..{len(datasets) - 1}")
-    presets = _list_of(exp.get("presets", ["default"]), str, f"{here} presets")
+            raise NanoMarkovError(f"datasets {bad}: the grid has datasets 0..{len(datasets) - 1}")
+    presets = _list_of(exp.get("presets", ["default"]), str, "presets")
     for name in presets:
         if name not in PRESETS:
-            raise NanoMarkovError(f"{here}: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    overrides = {**defaults, **_check_overrides(exp.get("overrides", {}), f"{here} overrides")}
+            raise NanoMarkovError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    with naming("overrides"):
+        overrides = {**defaults, **_check_overrides(exp.get("overrides", {}))}
     tag = exp.get("tag", "")
     if not isinstance(tag, str) or "/" in tag:
-        raise NanoMarkovError(f"{here} tag must be a string without '/', got {tag!r}")
-    specs = []
-    for d in range(len(datasets)) if chosen == "all" else chosen:
-        params, folder = datasets[d]
-        for name in presets:
-            for seed in _list_of(exp.get("seeds", [42]), int, f"{here} seeds"):
-                run_name = _run_name(name, seed, params, folder) + (f"-{tag}" if tag else "")
-                if run_name in seen:
-                    raise NanoMarkovError(
-                        f"{here} and {seen[run_name]} both make run {run_name}; "
-                        "drop the repeat or give one experiment a tag"
-                    )
-                seen[run_name] = here
-                spec = RunSpec(run_name, params, str(folder), name, seed, overrides, str(out_root / "runs" / run_name))
-                spec.config()  # every override checked now, not hours into the sweep
-                specs.append(spec)
-    return specs
+        raise NanoMarkovError(f"tag must be a string without '/', got {tag!r}")
+    return presets, _list_of(exp.get("seeds", [42]), int, "seeds"), overrides, tag
 
 
 def _run_name(name, seed, params, folder) -> str:

@@ -4,7 +4,6 @@ and the sweep's launcher, host and pid (so `sweep status` can tell whether it is
 It is rewritten whole (atomically) at every change, so a reader never sees half of one.
 """
 
-import dataclasses
 import os
 import socket
 import time
@@ -18,8 +17,14 @@ MANIFEST = "sweep.json"
 SETTLED = ("done", "failed", "cancelled")
 
 
-def new_manifest(grid, specs, launcher, jobs, threads, slurm) -> dict:
-    """The manifest of a sweep about to start: every run pending, with what the sweep will do with it."""
+def new_manifest(grid, specs, launcher, jobs, threads, slurm, tick=None) -> dict:
+    """The manifest of a sweep about to start: every run pending, with what the sweep will do with it
+    (tick(n_runs, total) as it looks at each run's folder)."""
+    runs = {}
+    for spec in specs:
+        runs[spec.name] = {"spec": spec.record(), "state": "pending", "action": plan(spec)}
+        if tick:
+            tick(len(runs), len(specs))
     return {
         "grid": None if isinstance(grid, dict) else str(grid),
         "launcher": launcher,
@@ -29,7 +34,7 @@ def new_manifest(grid, specs, launcher, jobs, threads, slurm) -> dict:
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "started": time.time(),
-        "runs": {s.name: {"spec": dataclasses.asdict(s), "state": "pending", "action": plan(s)} for s in specs},
+        "runs": runs,
     }
 
 

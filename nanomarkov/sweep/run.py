@@ -26,7 +26,7 @@ from nanomarkov.errors import NanoMarkovError
 from nanomarkov.evaluate import evaluate_checkpoints
 from nanomarkov.files import check_output_folder, read_json, read_json_or_none
 from nanomarkov.report import family_key, find_runs, write_report
-from nanomarkov.sweep.grid import expand_grid, plan
+from nanomarkov.sweep.grid import Ticker, dataset_arguments, expand_grid, plan
 from nanomarkov.sweep.local import run_here, run_in_pool
 from nanomarkov.sweep.manifest import Progress, new_manifest, read_manifest, save_manifest
 from nanomarkov.sweep.slurm import run_jobs, slurm_executor
@@ -90,9 +90,22 @@ def run_one(spec, threads=None) -> dict:
 
 
 def run_sweep(
-    grid, out_root, jobs=1, dry_run=False, progress=print, threads=None, launcher="local", slurm=None, force=False
+    grid,
+    out_root,
+    jobs=1,
+    dry_run=False,
+    progress=print,
+    threads=None,
+    launcher="local",
+    slurm=None,
+    force=False,
+    notes=None,
 ) -> dict:
     """Generate the grid's datasets, train and evaluate every run, report; returns the manifest.
+
+    Before anything is written, every dataset and run is checked as `generate` and `train` check
+    them (a dry run makes the same checks); `notes(line)`, if given, hears how the planning goes
+    every few seconds once it has taken a few.
 
     launcher "local": jobs > 1 runs that many trainings at once in fresh processes,
     each with `threads` torch threads (default: the machine's cores shared out evenly).
@@ -101,7 +114,8 @@ def run_sweep(
     or `force` (files.check_output_folder).
     """
     check_output_folder(out_root, "sweep", lambda folder: read_manifest(folder) is not None, force=force)
-    specs = expand_grid(grid, out_root)
+    notes = notes or (lambda line: None)
+    specs = expand_grid(grid, out_root, tick=Ticker(notes, "checking the grid"))
     _check_launcher(jobs, launcher)
     executor = None
     if launcher == "slurm":
@@ -109,14 +123,11 @@ def run_sweep(
         executor = slurm_executor(Path(out_root) / "slurm", **slurm)
         threads = slurm.get("cpus_per_task", 1)
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
-    manifest = new_manifest(grid, specs, launcher, jobs, threads, slurm)
+    manifest = new_manifest(
+        grid, specs, launcher, jobs, threads, slurm, tick=Ticker(notes, "looking at the run folders")
+    )
     if dry_run:
-        for s in specs:
-            progress(
-                f"{manifest['runs'][s.name]['action']:6} {s.name}  (preset {s.preset}, seed {s.seed}, data {s.data_dir})"
-            )
-        progress(f"{len(specs)} runs; dry run, nothing written")
-        return manifest
+        return say_plan(specs, manifest, progress)
     refuse_if_still_running(out_root)
     try:
         Path(out_root).mkdir(parents=True, exist_ok=True)
@@ -138,6 +149,16 @@ def run_sweep(
     return manifest
 
 
+def say_plan(specs, manifest, progress):
+    """A dry run's answer: what the sweep would do with each run; returns the manifest."""
+    for s in specs:
+        progress(
+            f"{manifest['runs'][s.name]['action']:6} {s.name}  (preset {s.preset}, seed {s.seed}, data {s.data_dir})"
+        )
+    progress(f"{len(specs)} runs; dry run, nothing written")
+    return manifest
+
+
 def _check_launcher(jobs, launcher):
     if not isinstance(jobs, int) or jobs < 1:
         raise NanoMarkovError(f"jobs must be a positive integer, got {jobs!r}")
@@ -149,18 +170,8 @@ def generate_datasets(specs, progress):
     """Each dataset the runs need, once (generate_dataset leaves one that is already there as it is)."""
     for data_dir, spec in {s.data_dir: s for s in specs}.items():
         progress(f"data {data_dir}")
-        params = spec.dataset
-        generate_dataset(
-            data_dir,
-            params["n_states"],
-            params["train"],
-            params["val"],
-            sparsity=params["sparsity"],
-            seq_len=params["seq_len"],
-            seed=params["seed"],
-            process=params["process"],
-            **spec.dataset_options(),
-        )
+        args, keywords = dataset_arguments(spec.dataset)
+        generate_dataset(data_dir, *args, **keywords)
 
 
 def _launch(specs, tracker, executor, jobs, threads):

@@ -3,6 +3,8 @@ parts as exact zeros, the exact activation, clear refusals of what GPT-2 cannot 
 
 import dataclasses
 import json
+import os
+import stat
 import sys
 
 import pytest
@@ -83,9 +85,16 @@ def test_absent_parts_are_exact_zeros():
     assert not written[-1].any()  # nor does the stand-in MLP of an attention-only model
 
 
-def test_no_blocks_and_an_untied_head_load_too(tmp_path):
+def test_no_blocks_and_an_untied_head_load_too_with_the_modes_the_umask_gives(tmp_path):
     for model in (build("c1", n_layer=0), build("default", lm_head_tied=False, mlp_filter="RELU2")):
-        export_hf(model, tmp_path / "hf")  # the second replaces the first
+        old_umask = os.umask(0o027)
+        try:
+            export_hf(model, tmp_path / "hf")  # the second replaces the first
+        finally:
+            os.umask(old_umask)
+        assert stat.S_IMODE((tmp_path / "hf").stat().st_mode) == 0o750
+        modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "hf").iterdir()}
+        assert "model.safetensors" in modes and set(modes.values()) == {0o640}, modes  # transformers': 0600
         idx = inputs(model.config)
         with torch.no_grad():
             assert torch.allclose(loaded_logits(tmp_path / "hf", idx), model(idx)[0], rtol=0, atol=1e-4)

@@ -88,7 +88,7 @@ def test_slurm_launcher_errors_without_sbatch_or_submitit(tmp_path, monkeypatch)
 @pytest.mark.parametrize(
     "grid, args, message",
     [
-        ("[defaults]\nn_emdb = 4\n", [], "unknown key 'n_emdb' in grid"),
+        ("[defaults]\nn_emdb = 4\n", [], "grid.toml: [defaults]: unknown key 'n_emdb'"),
         ("[[datasets]]\nn_states = 5\ntrain = 9\nval = 9\n", [], "expands to no run"),
         (None, ["--time", "5"], "--time is a SLURM option: add --launcher slurm"),
         (

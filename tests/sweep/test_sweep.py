@@ -9,6 +9,7 @@ import torch
 
 from nanomarkov import NanoMarkovError
 from nanomarkov.sweep import expand_grid, run_sweep
+from nanomarkov.sweep import grid as sweep_grid
 from nanomarkov.sweep import run as sweep_run
 from nanomarkov.sweep.status import format_status, sweep_status
 
@@ -99,38 +100,56 @@ def test_dict_grid_overrides_tags_and_dataset_choice(tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda g: g.update(sweeps=1), "unknown key 'sweeps' in the grid; valid keys: defaults, datasets, experiments"),
+        (lambda g: g.update(sweeps=1), "the grid: unknown key 'sweeps'; valid keys: defaults, datasets, experiments"),
         (
             lambda g: g["datasets"][0].update(states=5),
-            "unknown key 'states' in the grid [[datasets]] #0; valid keys: n_st",
+            "the grid: [[datasets]] entry 0 (markov K=5): unknown key 'states'; valid keys: n_st",
         ),
-        (lambda g: g["experiments"][0].update(preset=["c1"]), "unknown key 'preset' in the grid [[experiments]] #0"),
-        (lambda g: g["defaults"].update(n_emdb=4), "unknown key 'n_emdb' in the grid [defaults]; valid keys: data_dir"),
+        (
+            lambda g: g["experiments"][0].update(preset=["c1"]),
+            "the grid: [[experiments]] entry 0: unknown key 'preset'",
+        ),
+        (lambda g: g["defaults"].update(n_emdb=4), "the grid: [defaults]: unknown key 'n_emdb'; valid keys: data_dir"),
         (
             lambda g: g["experiments"][0].update(overrides={"lr": 1}),
-            "unknown key 'lr' in the grid [[experiments]] #0 overr",
+            "the grid: [[experiments]] entry 0: overrides: unknown key 'lr'",
         ),
         (lambda g: g["experiments"][0].update(overrides={"out_dir": "x"}), "out_dir cannot be set"),
-        (lambda g: g["defaults"].update(seed=3), "seed cannot be set in the grid [defaults]: list the seeds"),
-        (lambda g: g["experiments"][0].update(presets=["c13"]), "unknown preset 'c13'"),
-        (lambda g: g["experiments"][0].update(datasets=[1]), "datasets [1]: the grid has datasets 0..0"),
+        (lambda g: g["defaults"].update(seed=3), "the grid: [defaults]: seed cannot be set here: list the seeds"),
+        (
+            lambda g: g["experiments"][0].update(presets=["c13"]),
+            "the grid: [[experiments]] entry 0: unknown preset 'c13'",
+        ),
+        (
+            lambda g: g["experiments"][0].update(datasets=[1]),
+            "the grid: [[experiments]] entry 0: datasets [1]: the grid has datasets 0..0",
+        ),
         (lambda g: g["experiments"][0].update(seeds=[]), "expands to no run"),
         (lambda g: g.update(experiments=[]), "expands to no run"),
         (
             lambda g: g["experiments"].append({"seeds": [123]}),
-            "both make run MM-5/MM-5-123; drop the repeat or give one",
+            "the grid: [[experiments]] entry 1, run MM-5/MM-5-123: [[experiments]] entry 0 makes it too; drop the repeat",
         ),
-        (lambda g: g["datasets"].append({"n_states": 5, "train": 9, "val": 9}), "both live in"),
-        (lambda g: g["datasets"][0].pop("val"), "lacks val"),
-        (lambda g: g["defaults"].update(max_iters=-1), "max_iters must be >= 0"),
-        (lambda g: g["datasets"][0].update(process="hmmm"), "unknown process 'hmmm'; choose from markov, korder"),
+        (
+            lambda g: g["datasets"].append({"n_states": 5, "train": 9, "val": 9}),
+            "the grid: [[datasets]] entry 1 (markov K=5): entry 0 lives in",
+        ),
+        (lambda g: g["datasets"][0].pop("val"), "the grid: [[datasets]] entry 0 (markov K=5): lacks val"),
+        (
+            lambda g: g["defaults"].update(max_iters=-1),
+            "the grid: [[experiments]] entry 0, run MM-5/MM-5-42: max_iters must be >= 0",
+        ),
+        (
+            lambda g: g["datasets"][0].update(process="hmmm"),
+            "the grid: [[datasets]] entry 0 (hmmm K=5): unknown process 'hmmm'; choose from markov, korder",
+        ),
         (
             lambda g: g["datasets"][0].update(order=2),
-            "unknown key 'order' in the grid [[datasets]] #0; valid keys: n_st",
+            "the grid: [[datasets]] entry 0 (markov K=5): unknown key 'order'; valid keys: n_st",
         ),
-        (lambda g: g.update(datasets=5), "the grid [[datasets]] must be a list of dicts, got 5"),
-        (lambda g: g.update(datasets=[1]), "the grid [[datasets]] must be a list of dicts, got [1]"),
-        (lambda g: g.update(experiments="x"), "the grid [[experiments]] must be a list of dicts"),
+        (lambda g: g.update(datasets=5), "the grid: [[datasets]] must be a list of dicts, got 5"),
+        (lambda g: g.update(datasets=[1]), "the grid: [[datasets]] must be a list of dicts, got [1]"),
+        (lambda g: g.update(experiments="x"), "the grid: [[experiments]] must be a list of dicts"),
         (lambda g: g["datasets"][0].update(process=[1]), "unknown process [1]"),
     ],
 )
@@ -232,8 +251,16 @@ def test_parallel_runs_match_one_at_a_time(tmp_path, monkeypatch):
 def test_a_failing_run_is_recorded_and_the_others_go_on(tmp_path, monkeypatch):
     no_report(monkeypatch)
     grid = small_grid(seeds=[42])
-    # Valid as a config, but a one-hot embedding of 6 tokens cannot fit in 4 dimensions: fails when training starts.
-    grid["experiments"].insert(0, {"seeds": [42], "tag": "bad", "overrides": {"one_hot_embed": True, "n_embd": 4}})
+    grid["experiments"].insert(0, {"seeds": [42], "tag": "bad"})
+    # What the grid's checks cannot foresee (a full GPU, a dead node): the bad run fails once it trains.
+    real_train = sweep_run.train
+
+    def train_failing_the_bad_run(cfg, **kwargs):
+        if cfg.out_dir.endswith("-bad"):
+            raise NanoMarkovError("one_hot_embed needs one residual dimension per token (a stand-in failure)")
+        return real_train(cfg, **kwargs)
+
+    monkeypatch.setattr(sweep_run, "train", train_failing_the_bad_run)
     manifest = run_sweep(grid, tmp_path, progress=lambda _: None)
     bad, good = manifest["runs"]["MM-5/MM-5-42-bad"], manifest["runs"]["MM-5/MM-5-42"]
     assert bad["state"] == "failed" and "one_hot_embed needs one residual dimension per token" in bad["error"]
@@ -250,6 +277,63 @@ def test_dry_run_writes_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
     assert [r["action"] for r in manifest["runs"].values()] == ["train", "train"]
     assert lines[-1] == "2 runs; dry run, nothing written"
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        (
+            {"n_states": 100000, "train": 9, "val": 9},
+            "[[datasets]] entry 1 (markov K=100000): K = 100000 needs a 100000x100000 float64 matrix",
+        ),
+        ({"process": "coin", "n_states": 2, "p": 1.5, "train": 9, "val": 9}, "[[datasets]] entry 1 (coin K=2): "),
+        ({"n_states": 7, "train": 9, "val": 9, "seq_len": 1}, "[[datasets]] entry 1 (markov K=7): --seq_len must be"),
+    ],
+)
+def test_a_dry_run_refuses_the_datasets_generate_refuses_naming_the_grid_file_and_entry(tmp_path, entry, message):
+    grid = small_grid()
+    grid["datasets"].append(entry)
+    path = tmp_path / "grid.toml"
+    path.write_text(toml_text(grid))
+    with pytest.raises(NanoMarkovError) as refused:
+        run_sweep(path, tmp_path / "out", dry_run=True, progress=print)
+    assert str(refused.value).startswith(f"{path}: {message}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.toml"]
+
+
+def test_a_dry_run_refuses_a_run_train_refuses_with_its_dataset_naming_the_run(tmp_path):
+    grid = small_grid(presets=["c6"])  # a one-hot embedding needs n_embd (8) >= vocab_size (K + 1 = 11)
+    grid["datasets"][0]["n_states"] = 10
+    with pytest.raises(
+        NanoMarkovError,
+        match=r"^the grid: \[\[experiments\]\] entry 0, run MM-10-extra/MM-10-extra-c6-s42: "
+        "one_hot_embed needs one residual dimension per token",
+    ):
+        run_sweep(grid, tmp_path / "out", dry_run=True, progress=print)
+
+
+def test_planning_says_how_it_goes_once_it_takes_a_while(tmp_path, monkeypatch):
+    clock = iter(range(0, 1000, 2))  # every look at the clock is 2 s later
+    monkeypatch.setattr(sweep_grid.time, "monotonic", lambda: next(clock))
+    notes = []
+    grid = small_grid(seeds=list(range(6)))
+    manifest = run_sweep(grid, tmp_path / "out", dry_run=True, progress=lambda line: None, notes=notes.append)
+    assert len(manifest["runs"]) == 6
+    assert notes[0] == "checking the grid: 2 runs, 4s"  # nothing before the first 3 s
+    assert "looking at the run folders: 2 of 6 runs, 4s" in notes
+
+
+def toml_text(grid):
+    """A grid dict as TOML (the few shapes these tests use: tables of scalars and lists of them)."""
+
+    def value(v):
+        return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
+
+    lines = ["[defaults]"] + [f"{k} = {value(v)}" for k, v in grid["defaults"].items()]
+    for table in ("datasets", "experiments"):
+        for entry in grid[table]:
+            lines += ["", f"[[{table}]]"] + [f"{k} = {value(v)}" for k, v in entry.items()]
+    return "\n".join(lines) + "\n"
 
 
 def test_datasets_of_other_processes_get_their_folders_names_and_recipes(tmp_path):

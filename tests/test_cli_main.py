@@ -75,7 +75,7 @@ def test_a_sweep_out_that_is_a_file_is_one_line(tmp_path, monkeypatch, capsys):
     grid.write_text("[[datasets]]\nn_states = 3\ntrain = 4\nval = 2\n[[experiments]]\nseeds = [1]\n")
     assert main(["sweep", str(grid), "--out", "afile"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "cannot write in afile" in err
+    assert err.count("\n") == 1 and "afile: a file, not a folder" in err
     assert (tmp_path / "afile").read_text() == "x"
 
 

@@ -104,9 +104,7 @@ def test_every_documented_command_and_flag_exists(capsys):
     helps = {}
     for doc, command, words in nanomarkov_commands():
         if command not in helps:
-            with pytest.raises(SystemExit) as exit:
-                main([command, "--help"])
-            assert exit.value.code == 0, f"{doc}: nanomarkov {command} is no command"
+            assert main([command, "--help"]) == 0, f"{doc}: nanomarkov {command} is no command"
             helps[command] = capsys.readouterr().out
         for word in words:
             if word.startswith("--") and "=" in word:

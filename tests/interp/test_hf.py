@@ -128,7 +128,7 @@ def test_cli_export_hf_and_its_one_line_errors(tmp_path, capsys):
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     for ckpt_path, out, needle in [
         (write_ckpt(build("c12"), tmp_path / "c12.pt"), "other", "use_ln=False"),
-        (ckpt, "mine", "is not a Hugging Face export of nanoMarkov"),
+        (ckpt, "mine", "holds files that are not a Hugging Face export (notes.txt)"),
     ]:
         assert main(["export", str(ckpt_path), "--format", "hf", "--out", str(tmp_path / out)]) == 2
         err = capsys.readouterr().err

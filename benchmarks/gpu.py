@@ -1,6 +1,6 @@
 """The CUDA path, run on a GPU: bf16 autocast, torch.compile, nccl, and a short MM-100 run.
 
-    python benchmarks/cuda.py [--iters 600] [--record]
+    python benchmarks/gpu.py [--iters 600] [--record]
 
 On MM-100 (50k train sequences, dense, seed 42, as benchmarks/train.py makes it):
   1. trains the default recipe's model for `--iters` steps four ways, side by side on one machine:
@@ -124,7 +124,7 @@ def report(iters, rows, full, nccl):
     base = rows[1][1]
     gpu = torch.cuda.get_device_name(0)
     lines = [
-        "## CUDA path (`python benchmarks/cuda.py --record`)",
+        "## CUDA path (`python benchmarks/gpu.py --record`)",
         "",
         f"Machine: {machine()}, {gpu}, CUDA {torch.version.cuda}. MM-100 (50k train sequences), the default "
         f"recipe's model ({cfg.n_layer}L {cfg.n_embd}d, batch {cfg.batch_size} x {chosen['block_size']} tokens).",
@@ -161,7 +161,7 @@ def main():
     parser.add_argument("--record", action="store_true", help="write the table into BENCHMARKS.md")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("benchmarks/cuda.py: torch sees no CUDA GPU; run it on a machine with one")
+        sys.exit("benchmarks/gpu.py: torch sees no CUDA GPU; run it on a machine with one")
     data = ROOT / "data" / f"mm{K}"
     generate_dataset(data, K, N_TRAIN, N_TRAIN // 10)
     rows = side_by_side(data, args.iters)

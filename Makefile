@@ -14,11 +14,11 @@ TEST_EXTRAS ?= $(ALL_TEST_EXTRAS)
 ALLOW_SKIPS := $(if $(filter $(ALL_TEST_EXTRAS),$(TEST_EXTRAS)),,NANOMARKOV_ALLOW_SKIPS=1)
 
 # TransformerLens 4 cannot share $(VENV) with SAELens (which needs TransformerLens < 4): `make test-lens4`
-# (which `make test` runs last) runs its tests, and nnsight's beside it, in a second venv: a copy of $(VENV) with SAELens out and the
+# (which `make test` runs last) runs its tests, nnsight's and the tutorial notebook beside it, in a second venv: a copy of $(VENV) with SAELens out and the
 # interp4 extra in (TransformerLens 3 -> 4). Copying keeps torch and the shared dependencies: seconds,
 # where a fresh venv took minutes (BENCHMARKS.md); a fresh `pip install -e ".[interp4]"` passes the same tests.
 VENV4 ?= .venv-lens4
-LENS4_TESTS := $(wildcard tests/interp/test_bridge*.py) tests/interp/test_nnsight.py
+LENS4_TESTS := $(wildcard tests/interp/test_bridge*.py) tests/interp/test_nnsight.py tests/test_notebook.py
 
 .PHONY: install demo test test-lens4 bench grid-tiny grid-seed grid-status clean
 

@@ -675,6 +675,7 @@ def plot_metrics(record):
     tokens = np.array([e["tokens"] for e in entries], dtype=float)
     finite = [e for e in entries if e["outputs_finite"]]  # the others have no probe or attention to show
     panels = ["kl", "accuracy"] + (["probe"] if finite and finite[0].get("belief_r2") else [])
+    panels += ["probe_mse"] if finite and finite[0].get("belief_probe") else []
     panels += ["attention"] if finite and np.array(finite[0]["attention"]["current"]).size else []
     fig = Figure(figsize=(9, 3.2 * len(panels)), layout="constrained")
     axes = dict(zip(panels, np.atleast_1d(fig.subplots(len(panels), 1, sharex=True))))
@@ -702,10 +703,30 @@ def plot_metrics(record):
             axes["probe"].plot([e["tokens"] for e in finite], r2[:, i], "o-", ms=3, label=layer)
         axes["probe"].set_ylabel("belief-state probe R²")
         axes["probe"].legend(fontsize=8)
+    if "probe_mse" in axes:
+        plot_probe_mse(axes["probe_mse"], finite)
     if "attention" in axes:
         _plot_attention(axes["attention"], finite)
     _tokens_axis(list(axes.values()), entries)
     return fig
+
+
+def plot_probe_mse(ax, entries):
+    """The belief-state probe's held-out MSE per layer and from all layers (black) over tokens seen (log y),
+    against the untrained model's (the first entry at iter 0; dotted) and the last layer's on shuffled
+    targets (dashed grey)."""
+    tokens = [e["tokens"] for e in entries]
+    mse = np.array([e["belief_probe"]["mse"] for e in entries], dtype=float)
+    for i, layer in enumerate(entries[0]["belief_probe"]["layers"]):
+        ax.plot(tokens, mse[:, i], "o-", ms=3, label=layer)
+    ax.plot(tokens, [e["belief_probe"]["mse_all"] for e in entries], "o-", ms=3, color="k", label=ALL_LAYERS)
+    shuffled = [e["belief_probe"]["shuffled_mse"][-1] for e in entries]
+    ax.plot(tokens, shuffled, "--", color="0.5", label="last layer, shuffled targets")
+    if entries[0]["iter"] == 0:
+        ax.axhline(mse[0, -1], color="C3", ls=":", lw=1.2, label=f"last layer untrained {mse[0, -1]:.4f}")
+    ax.set_yscale("log")
+    ax.set_ylabel("belief-state probe MSE")
+    ax.legend(fontsize=7, ncol=2)
 
 
 def _plot_attention(ax, entries):

@@ -57,6 +57,8 @@ def test_each_snapshot_has_the_probe_its_baselines_and_the_simplex(hmm_run, no_r
     assert baselines == {"untrained": {"iter": 0, **record["snapshots"][0]["belief_probe"]}, "shuffle_seed": 0}
     assert record["simplex"] == {"iters": [0, 10, 20], "file": SIMPLEX_PLOT}
     assert b"belief states and the linear probe" in (hmm_run / SIMPLEX_PLOT).read_bytes()
+    labels = [ax.get_ylabel() for ax in dynamics.plot_metrics(record).axes]
+    assert "belief-state probe MSE" in labels and "belief-state probe R²" in labels
 
 
 def test_simplex_choice_and_its_refusals(hmm_run, capsys):

@@ -272,7 +272,7 @@ def plot_belief_simplex(results, titles):
             "plot_belief_simplex draws probes of the same held-out positions; probe every model on one dataset"
         )
     colours = _belief_colours(true)
-    fig = Figure(figsize=(3.6 * (len(results) + 1), 3.9), layout="constrained")
+    fig = Figure(figsize=(3.6 * (len(results) + 1), 4.4), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(results) + 1))
     _draw_simplex(axes[0], true, true, colours, "true belief states")
     for ax, result, title in zip(axes[1:], results, titles):

@@ -45,16 +45,32 @@ def linear_probe(features, targets, n_train):
     m columns; fit_mse the same over the fitted rows. Returns {"weights" (d, m),
     "bias" (m,), "r2", "mse", "fit_mse", "predictions" (n - n_train, m)}.
     """
+    return linear_probes_of(features, [targets], n_train)[0]
+
+
+def linear_probes_of(features, target_sets, n_train):
+    """linear_probe of each of several target sets on the same features, with one least-squares solve."""
     features = np.asarray(features, dtype=np.float64)
-    targets = np.asarray(targets, dtype=np.float64)
-    if features.ndim != 2 or targets.ndim != 2 or features.shape[0] != targets.shape[0]:
-        raise NanoMarkovError(
-            f"features (n, d) and targets (n, m) must share their rows, got shapes {features.shape} and {targets.shape}"
-        )
+    target_sets = [np.asarray(targets, dtype=np.float64) for targets in target_sets]
+    for targets in target_sets:
+        if features.ndim != 2 or targets.ndim != 2 or features.shape[0] != targets.shape[0]:
+            raise NanoMarkovError(
+                f"features (n, d) and targets (n, m) must share their rows, got shapes {features.shape} and "
+                f"{targets.shape}"
+            )
     if not 0 < n_train < features.shape[0]:
         raise NanoMarkovError(f"n_train must leave rows on both sides, got {n_train} of {features.shape[0]}")
     design = np.hstack([features, np.ones((features.shape[0], 1))])
-    coef, *_ = np.linalg.lstsq(design[:n_train], targets[:n_train], rcond=None)
+    stacked, *_ = np.linalg.lstsq(design[:n_train], np.hstack(target_sets)[:n_train], rcond=None)
+    splits = np.cumsum([targets.shape[1] for targets in target_sets])[:-1]
+    return [
+        scored_probe(design, coef, targets, n_train)
+        for coef, targets in zip(np.split(stacked, splits, axis=1), target_sets)
+    ]
+
+
+def scored_probe(design, coef, targets, n_train):
+    """linear_probe's result for fitted coefficients (bias last) on the design matrix (features, then 1)."""
     predictions = design[n_train:] @ coef
     held_out = targets[n_train:]
     total = ((held_out - held_out.mean(axis=0)) ** 2).sum()
@@ -85,11 +101,11 @@ def probe_layers(names, streams, targets, n_train):
     """
     features = [np.asarray(stream).reshape(len(targets), -1) for stream in streams]
     by_name = dict(zip(names, features)) | {ALL_LAYERS: np.hstack(features)}
-    shuffled = shuffled_rows(targets)
+    both = {name: linear_probes_of(f, [targets, shuffled_rows(targets)], n_train) for name, f in by_name.items()}
     return {
         "layers": list(names),
-        "fits": {name: linear_probe(f, targets, n_train) for name, f in by_name.items()},
-        "shuffled": {name: linear_probe(f, shuffled, n_train) for name, f in by_name.items()},
+        "fits": {name: fits[0] for name, fits in both.items()},
+        "shuffled": {name: fits[1] for name, fits in both.items()},
     }
 
 

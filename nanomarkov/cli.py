@@ -437,7 +437,12 @@ def cmd_dynamics(args):
     if args.out:
         check_dynamics_folder(args.out, args.force)  # before the work, which takes a while
     record = run_dynamics(
-        args.run, data_dir=args.data, val_sequences=args.val_sequences, llc=llc, show_progress=sys.stderr.isatty()
+        args.run,
+        data_dir=args.data,
+        val_sequences=args.val_sequences,
+        llc=llc,
+        show_progress=sys.stderr.isatty(),
+        simplex_iters=args.simplex_iters,
     )
     written = write_dynamics(record, args.out or args.run, force=args.force)
     if args.json:
@@ -446,6 +451,14 @@ def cmd_dynamics(args):
         print(format_dynamics(record))
         print(f"\nwritten: {', '.join(str(path) for path in written)}")
     return 0
+
+
+def _iteration_list(text):
+    """--simplex_iters: comma-separated iterations (integers >= 0)."""
+    parts = text.split(",")
+    if not all(part.strip().isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated iterations like 0,400,1000, got {text!r}")
+    return [int(part) for part in parts]
 
 
 def _add_dynamics(verbs):
@@ -464,6 +477,13 @@ def _add_dynamics(verbs):
         type=int,
         default=DEFAULT_VAL_SEQUENCES,
         help=f"val sequences evaluated per snapshot, the first ones (default {DEFAULT_VAL_SEQUENCES})",
+    )
+    dyn.add_argument(
+        "--simplex_iters",
+        type=_iteration_list,
+        default=None,
+        help="hmm: the snapshots whose belief simplex dynamics_simplex.png draws, e.g. 0,400,1000 "
+        "(default: the first, a middle one and the last)",
     )
     dyn.add_argument("--llc", action="store_true", help="estimate the learning coefficient too (needs devinterp; slow)")
     for flag, name in LLC_FLAGS.items():

@@ -12,6 +12,9 @@ A run trained with `--snapshots N` keeps weights-only snapshots under RUN/snapsh
   transition KL   markov: KL(P_s || model after [BOS, s]), mean over states (evaluate.py)
   korder KL       korder: evaluate.py's korder_fidelity, beside its first-order baseline
   belief R²       hmm: the linear probe from each residual stream to the belief state
+  belief probe    hmm: its held-out R² and MSE per layer and from all layers concatenated, beside the
+                  same on shuffled targets; the iteration-0 snapshot's as the untrained baseline
+                  (belief_baselines); the simplex of chosen snapshots (belief_simplex)
   attention       per head: the mean weight on the current token, earlier states (the previous
                   one among them) and BOS
   stage KL        per stage predictor (Process.stage_log_probs), KL(stage || model), mean over every
@@ -52,7 +55,7 @@ from nanomarkov.evaluate import (
     state_log_probs,
 )
 from nanomarkov.files import check_output_folder, json_text, read_json, read_json_or_none, write_atomic_together
-from nanomarkov.interp.linear_probes import belief_state_probe
+from nanomarkov.interp.linear_probes import ALL_LAYERS, SHUFFLE_SEED, belief_state_probe, plot_belief_simplex
 from nanomarkov.interp.readouts import (
     attention_layers,
     attention_summary,
@@ -85,6 +88,7 @@ STAGE_BATCH_ELEMENTS = EVAL_BATCH_ELEMENTS // 8
 # (twice the closest distance, plus a margin so that a distance of ~0 does not make the band vanish).
 STAGE_EVENT_RULE = dict(approach_share=0.25, enter_factor=2.0, enter_nats=1e-3)
 INDUCTION_SEED = 0  # the repeated random sequences of the induction score: the same ones for every snapshot
+SIMPLEX_PLOT = "dynamics_simplex.png"  # hmm only: the belief simplex of the snapshots belief_simplex draws
 
 
 def snapshots_of(run_folder):
@@ -240,12 +244,14 @@ def measure_snapshot(model, dataset):
     }
     if not result["outputs_finite"]:  # broken weights: nothing inside the model to probe either
         broken = {"optimal_kl": None, "loss_by_position": None, "belief_r2": None, "attention": None}
+        broken |= {"belief_probe": None}
         return measured | broken | {"stage_kl": None, "attention_scores": None}
     measured["stage_kl"] = stage_kl_over_positions(model, dataset)
     measured["attention_scores"] = attention_scores(model, dataset)
     if dataset.chain.BELIEF_STATES:
         probe = belief_state_probe(model, dataset, n_sequences=dataset.val.shape[0])
         measured["belief_r2"] = {"layers": probe["layers"], "r2": probe["r2"].tolist()}
+        measured["belief_probe"] = belief_probe_numbers(probe)
     attention = attention_summary(model, dataset.val[:ATTENTION_SEQUENCES])
     measured["attention"] = {key: np.asarray(value).tolist() for key, value in attention.items()}
     return measured
@@ -338,10 +344,14 @@ def crossing_levels(theory):
     return levels
 
 
-def run_dynamics(run_folder, data_dir=None, val_sequences=DEFAULT_VAL_SEQUENCES, llc=None, show_progress=None):
+def run_dynamics(
+    run_folder, data_dir=None, val_sequences=DEFAULT_VAL_SEQUENCES, llc=None, show_progress=None, simplex_iters=None
+):
     """dynamics.json's record for a run: theory, one entry per snapshot, the crossings (see the module docstring).
 
     `llc` is None (no learning coefficient) or the keyword arguments of learning_coefficient.
+    `simplex_iters`: the snapshots whose belief simplex write_dynamics draws (hmm; default
+    simplex_choice's first, middle and last).
     """
     started = time.perf_counter()
     if llc is not None:
@@ -350,6 +360,7 @@ def run_dynamics(run_folder, data_dir=None, val_sequences=DEFAULT_VAL_SEQUENCES,
     one_architecture(run_folder, snapshots)
     full = run_dataset(run_folder, data_dir)
     dataset = val_subset(full, val_sequences)
+    simplex = simplex_choice(full, [iter_num for iter_num, _, _ in snapshots], simplex_iters)
     theory = stage_theory(dataset)
     entries = []
     bar = tqdm(snapshots, desc=f"dynamics {run_folder}", unit="snapshot", leave=False, disable=not show_progress)
@@ -383,6 +394,8 @@ def run_dynamics(run_folder, data_dir=None, val_sequences=DEFAULT_VAL_SEQUENCES,
         "crossings": crossings,
         "stage_events": stage_events(entries),
         "stage_event_rule": STAGE_EVENT_RULE,
+        "belief_baselines": belief_baselines(entries) if full.chain.BELIEF_STATES else None,
+        "simplex": drawable_simplex(simplex, entries),
         "timing": {"total_s": round(seconds, 3), "per_snapshot_s": round(seconds / len(entries), 3)},
     }
 
@@ -513,7 +526,7 @@ def format_dynamics(record):
         else:
             when = f"crossed at iter {crossing['iter']} ({crossing['tokens']:,} tokens)"
         lines.append(f"stage {name:<20} {loss:.4f}  {when}")
-    return "\n".join(lines + format_strategies(record))
+    return "\n".join(lines + format_strategies(record) + format_probes(record))
 
 
 def format_strategies(record):
@@ -597,6 +610,8 @@ def write_dynamics(record, folder, force=False):
     )
     payloads = {folder / DYNAMICS_FILE: json_text(record)}
     payloads.update({folder / name: png_bytes(fig) for name, fig in zip(PLOTS, figures)})
+    if record.get("simplex"):
+        payloads[folder / SIMPLEX_PLOT] = png_bytes(belief_simplex(record))
     write_atomic_together(payloads, "dynamics")
     return list(payloads)
 
@@ -669,6 +684,7 @@ def plot_metrics(record):
     tokens = np.array([e["tokens"] for e in entries], dtype=float)
     finite = [e for e in entries if e["outputs_finite"]]  # the others have no probe or attention to show
     panels = ["kl", "accuracy"] + (["probe"] if finite and finite[0].get("belief_r2") else [])
+    panels += ["probe_mse"] if finite and finite[0].get("belief_probe") else []
     panels += ["attention"] if finite and np.array(finite[0]["attention"]["current"]).size else []
     fig = Figure(figsize=(9, 3.2 * len(panels)), layout="constrained")
     axes = dict(zip(panels, np.atleast_1d(fig.subplots(len(panels), 1, sharex=True))))
@@ -696,10 +712,30 @@ def plot_metrics(record):
             axes["probe"].plot([e["tokens"] for e in finite], r2[:, i], "o-", ms=3, label=layer)
         axes["probe"].set_ylabel("belief-state probe R²")
         axes["probe"].legend(fontsize=8)
+    if "probe_mse" in axes:
+        plot_probe_mse(axes["probe_mse"], finite)
     if "attention" in axes:
         _plot_attention(axes["attention"], finite)
     _tokens_axis(list(axes.values()), entries)
     return fig
+
+
+def plot_probe_mse(ax, entries):
+    """The belief-state probe's held-out MSE per layer and from all layers (black) over tokens seen (log y),
+    against the untrained model's (the first entry at iter 0; dotted) and the last layer's on shuffled
+    targets (dashed grey)."""
+    tokens = [e["tokens"] for e in entries]
+    mse = np.array([e["belief_probe"]["mse"] for e in entries], dtype=float)
+    for i, layer in enumerate(entries[0]["belief_probe"]["layers"]):
+        ax.plot(tokens, mse[:, i], "o-", ms=3, label=layer)
+    ax.plot(tokens, [e["belief_probe"]["mse_all"] for e in entries], "o-", ms=3, color="k", label=ALL_LAYERS)
+    shuffled = [e["belief_probe"]["shuffled_mse"][-1] for e in entries]
+    ax.plot(tokens, shuffled, "--", color="0.5", label="last layer, shuffled targets")
+    if entries[0]["iter"] == 0:
+        ax.axhline(mse[0, -1], color="C3", ls=":", lw=1.2, label=f"last layer untrained {mse[0, -1]:.4f}")
+    ax.set_yscale("log")
+    ax.set_ylabel("belief-state probe MSE")
+    ax.legend(fontsize=7, ncol=2)
 
 
 def _plot_attention(ax, entries):
@@ -813,3 +849,112 @@ def plot_attention_scores(record):
         ax.legend(fontsize=7, ncol=2)
     _tokens_axis(list(axes), record["snapshots"])
     return fig
+
+
+# ------------------------------------------------------------ the belief-state probe and its baselines (hmm)
+
+
+def belief_probe_numbers(probe):
+    """A belief_state_probe result's numbers as plain values: per layer (its "layers") and for ALL_LAYERS,
+    held-out R² and MSE, on the belief states and on shuffled targets (linear_probes.probe_summary)."""
+    keys = ("r2", "mse", "r2_all", "mse_all", "shuffled_r2", "shuffled_mse", "shuffled_r2_all", "shuffled_mse_all")
+    return {"layers": probe["layers"]} | {key: np.asarray(probe[key]).tolist() for key in keys}
+
+
+def belief_baselines(entries):
+    """The probe's baselines: the untrained model (the iteration-0 snapshot's belief_probe, None without one)
+    and the seed of the shuffled targets (whose numbers each snapshot's belief_probe holds)."""
+    untrained = next((e for e in entries if e["iter"] == 0 and e.get("belief_probe")), None)
+    return {
+        "untrained": None if untrained is None else {"iter": 0, **untrained["belief_probe"]},
+        "shuffle_seed": SHUFFLE_SEED,
+    }
+
+
+def simplex_choice(dataset, iters, chosen=None):
+    """{"iters", "file"} of the snapshots whose belief simplex is drawn: `chosen` (each one of `iters`, the
+    run's snapshots), by default the first, a middle one and the last; None for a process without beliefs."""
+    if not dataset.chain.BELIEF_STATES:
+        if chosen:
+            raise NanoMarkovError(
+                f"--simplex_iters draws belief states, which only a process with hidden states has (hmm); "
+                f"this run's dataset is {dataset.chain.process}: leave --simplex_iters out"
+            )
+        return None
+    if not chosen:
+        chosen = sorted({iters[0], iters[len(iters) // 2], iters[-1]})
+    missing = [i for i in chosen if i not in iters]
+    if missing:
+        raise NanoMarkovError(
+            f"--simplex_iters {','.join(map(str, missing))}: no snapshot at that iteration; "
+            f"this run has snapshots at {','.join(map(str, iters))}"
+        )
+    return {"iters": list(chosen), "file": SIMPLEX_PLOT}
+
+
+def drawable_simplex(simplex, entries):
+    """The simplex choice without snapshots whose outputs were not finite (nothing to probe); None if none is left."""
+    finite = {e["iter"] for e in entries if e["outputs_finite"]}
+    iters = [i for i in (simplex or {}).get("iters", []) if i in finite]
+    return dict(simplex, iters=iters) if iters else None
+
+
+def belief_simplex(record, iters=None, layer=None):
+    """The belief simplex of a dynamics record's snapshots (a Figure): the true belief states of the held-out
+    positions beside the probe's predictions at each of `iters` (default record["simplex"]["iters"]), from
+    `layer` (default the last; or linear_probes.ALL_LAYERS). Loads those snapshots and refits their probe
+    on the record's dataset and val sequences, as run_dynamics did."""
+    iters = iters or (record.get("simplex") or {}).get("iters")
+    files = {e["iter"]: e["file"] for e in record["snapshots"]}
+    if not iters or any(i not in files for i in iters):
+        raise NanoMarkovError(
+            f"belief_simplex needs iterations among the record's snapshots {sorted(files)}, got {iters}"
+        )
+    dataset = load_dataset(record["dataset"], verify=False)
+    results = [
+        belief_state_probe(load_snapshot(files[i])[0], dataset, layer=layer, n_sequences=record["val_sequences"])
+        for i in iters
+    ]
+    fig = plot_belief_simplex(results, [f"iter {i}" for i in iters])
+    fig.suptitle(f"{record['run']}: belief states and the linear probe's predictions, held-out positions")
+    return fig
+
+
+def format_probes(record):
+    """The belief-state probe per snapshot (last layer and all layers: held-out R², MSE, and MSE on shuffled
+    targets) and the untrained baseline: lines to add below the table (none without beliefs)."""
+    entries = [e for e in record["snapshots"] if e.get("belief_probe")]
+    if not entries:
+        return []
+    last = entries[0]["belief_probe"]["layers"][-1]
+    head = ["iter", f"R² {last}", f"MSE {last}", "shuffled MSE", f"R² {ALL_LAYERS}", f"MSE {ALL_LAYERS}"]
+    rows = []
+    for e in entries:
+        probe = e["belief_probe"]
+        numbers = (probe["r2"][-1], probe["mse"][-1], probe["shuffled_mse"][-1], probe["r2_all"], probe["mse_all"])
+        rows.append(
+            [str(e["iter"]), *(_number(value, ".3f" if i in (0, 3) else ".5f") for i, value in enumerate(numbers))]
+        )
+    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
+    lines = [
+        "",
+        "belief-state probe, held-out positions: R², and MSE = mean squared distance to the true belief "
+        "(shuffled: the same probe fitted on permuted targets)",
+        "  ".join(h.rjust(w) for h, w in zip(head, widths)),
+        *("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows),
+    ]
+    untrained, final = (record.get("belief_baselines") or {}).get("untrained"), entries[-1]["belief_probe"]
+    if untrained is None:
+        lines.append("untrained baseline: none (no snapshot at iter 0)")
+        return lines
+    lines.append(
+        f"untrained (iter 0): {last} R² {untrained['r2'][-1]:.3f} MSE {untrained['mse'][-1]:.5f}, "
+        f"{ALL_LAYERS} R² {untrained['r2_all']:.3f} MSE {untrained['mse_all']:.5f}"
+    )
+    for name, now, then in (
+        (last, final["mse"][-1], untrained["mse"][-1]),
+        (ALL_LAYERS, final["mse_all"], untrained["mse_all"]),
+    ):
+        ratio = "n/a" if not then else f"{now / then:.3f}"
+        lines.append(f"iter {entries[-1]['iter']}: {name} MSE {now:.5f} = {ratio} x untrained")
+    return lines

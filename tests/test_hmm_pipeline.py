@@ -197,6 +197,10 @@ def test_context_probe_reads_the_current_token_from_the_embedding(tmp_path, mess
     assert result["accuracy"].shape == result["r2"].shape == (3, 2)
     assert result["accuracy"][0, 0] == 1.0 and result["r2"][0, 0] == pytest.approx(1.0, abs=1e-6)
     assert result["accuracy"][0, 1] < 0.6  # no attention yet: the previous state is not in the embedding
+    assert result["mse"].shape == result["shuffled_r2"].shape == (3, 2) and result["r2_all"].shape == (2,)
+    assert result["mse"][0, 0] == pytest.approx(0, abs=1e-9) and result["accuracy_all"][0] == 1.0
+    # Shuffled classes: nothing to read; held-out R² of 17 coefficients fit on 48 x 15 rows, scored on 12 x 15.
+    assert np.all(np.abs(result["shuffled_r2"]) < 2 * 17 / 720 + 4 * np.sqrt(2 / 180))
     with pytest.raises(NanoMarkovError, match="process korder"):
         context_probe(model, mess3_data)
     with pytest.raises(NanoMarkovError, match="process hmm"):

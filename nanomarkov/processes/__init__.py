@@ -14,6 +14,7 @@ from pathlib import Path
 
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.processes.base import METRIC_FAMILIES, Option, Process
+from nanomarkov.processes.composite import FactoredProcess, MixtureProcess
 from nanomarkov.processes.hmm import HiddenMarkovModel
 from nanomarkov.processes.incontext import InContextChain
 from nanomarkov.processes.korder import KOrderChain
@@ -116,3 +117,5 @@ register(InContextChain)
 register(HiddenMarkovModel)
 for named in NAMED_PROCESSES:
     register(named)
+register(FactoredProcess)
+register(MixtureProcess)

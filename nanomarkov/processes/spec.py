@@ -9,6 +9,8 @@ two forms (docs/specs.md has an example of each):
     hmm     transmat (H, H), emissions (H, K), startprob (H,) or "stationary"   (state-emitting)
             token_transitions (K, H, H), startprob (H,) or "stationary"        (token-labelled)
     icl     concentration (K,); optional support_size (default K) and startprob (default uniform)
+    factored  factors: a list of specs, side by side (processes/composite.py)
+    mixture   components: a list of specs of one K, and weights
   and for a process of your own its ARRAYS, all of them (`cls(**arrays)`);
 - by the arguments of its `random`: n_states, seed (default 42), alpha, sparsity and the
   process's OPTIONS, e.g. {"process": "hmm", "n_states": 3, "preset": "mess3"}. A process of the
@@ -36,6 +38,7 @@ from nanomarkov.files import open_regular, read_json
 from nanomarkov.memory import check_fits, npz_bytes, npz_headers
 from nanomarkov.processes import PROCESSES, process_class
 from nanomarkov.processes.base import MAX_TABLE_ENTRIES
+from nanomarkov.processes.composite import FactoredProcess, MixtureProcess
 from nanomarkov.processes.hmm import HiddenMarkovModel
 from nanomarkov.processes.incontext import START_RULES, InContextChain
 from nanomarkov.processes.korder import KOrderChain
@@ -362,6 +365,43 @@ def icl_from_spec(spec):
     return InContextChain(concentration, startprob, support_size, start)
 
 
+# ------------------------------------------------------------------ composite processes (processes/composite.py)
+
+
+def part_specs(spec, field):
+    """The processes of the spec list in `field` (a factored spec's factors, a mixture's components), each read
+    as a spec of its own; an error names the part."""
+    parts = spec[field]
+    if not isinstance(parts, (list, tuple)) or not parts or not all(isinstance(part, dict) for part in parts):
+        raise field_error(
+            field, "be a non-empty list of specs (JSON objects naming their process)", type(parts).__name__
+        )
+    built = []
+    for index, part in enumerate(parts):
+        try:
+            built.append(process_from_spec(part))
+        except NanoMarkovError as e:
+            raise NanoMarkovError(f"{field}[{index}]: {e}") from None
+        except RecursionError:
+            raise NanoMarkovError(f"{field}[{index}]: specs nested too deep (docs/specs.md)") from None
+    return built
+
+
+def factored_from_spec(spec):
+    return FactoredProcess(part_specs(spec, "factors"))
+
+
+def mixture_from_spec(spec):
+    components = part_specs(spec, "components")
+    sizes = [component.n_states for component in components]
+    if len(set(sizes)) != 1:
+        raise field_error("components", "share one vocabulary (the same K)", f"K = {', '.join(map(str, sizes))}")
+    weights = numbers(spec, "weights", 1)
+    if weights.shape != (len(components),):
+        raise field_error("weights", f"have one weight per component ({len(components)})", f"shape {weights.shape}")
+    return MixtureProcess(components, distribution_rows("weights", weights))
+
+
 class Form:
     """One way to give a process by its arrays: the fields it requires and allows, and its builder."""
 
@@ -376,6 +416,8 @@ FORMS = (
     Form("hmm", "a token-labelled hmm spec", ("token_transitions", "startprob"), (), token_hmm_from_spec),
     Form("hmm", "a state-emitting hmm spec", ("transmat", "emissions", "startprob"), (), hmm_from_spec),
     Form("icl", "an icl spec", ("concentration",), ("support_size", "startprob", "start"), icl_from_spec),
+    Form("factored", "a factored spec", ("factors",), (), factored_from_spec),
+    Form("mixture", "a mixture spec", ("components", "weights"), (), mixture_from_spec),
 )
 
 
@@ -437,18 +479,38 @@ def is_array(value):
     return isinstance(value, (list, tuple, np.ndarray))
 
 
-def spec_record(spec):
-    """What meta.json keeps of a spec: the sha256 of its canonical JSON (keys sorted, arrays as float64
-    lists: the same for a dict, its .json and its .npz), its scalar fields, and its arrays' shapes."""
-    canonical = {
-        name: np.asarray(value, dtype=np.float64).tolist()
+def is_spec_list(value):
+    """A composite's parts: a list of specs (factored's factors, a mixture's components)."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(item, dict) for item in value)
+
+
+def canonical_spec(spec):
+    """A spec with arrays as float64 lists and numpy scalars as Python's, its parts likewise."""
+    return {
+        name: [canonical_spec(part) for part in value]
+        if is_spec_list(value)
+        else np.asarray(value, dtype=np.float64).tolist()
         if is_array(value)
         else (value.item() if isinstance(value, np.generic) else value)
         for name, value in spec.items()
     }
+
+
+def spec_record(spec):
+    """What meta.json keeps of a spec: the sha256 of its canonical JSON (keys sorted, arrays as float64
+    lists: the same for a dict, its .json and its .npz), its scalar fields, and its arrays' shapes; a
+    composite's parts as records of their own (without their sha256) under "fields"."""
+    canonical = canonical_spec(spec)
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    parts = {
+        name: [{key: part[key] for key in ("fields", "arrays")} for part in map(spec_record, value)]
+        for name, value in spec.items()
+        if is_spec_list(value)
+    }
     return {
         "sha256": hashlib.sha256(text.encode()).hexdigest(),
-        "fields": {name: value for name, value in canonical.items() if not is_array(spec[name])},
-        "arrays": {name: list(np.shape(value)) for name, value in spec.items() if is_array(value)},
+        "fields": {name: value for name, value in canonical.items() if not is_array(spec[name])} | parts,
+        "arrays": {
+            name: list(np.shape(value)) for name, value in spec.items() if is_array(value) and name not in parts
+        },
     }

@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 # `make test` adds the test tools and the extras whose tests must run: TransformerLens 3, SAELens and
 # nnsight (interp, ~1.0 GB), submitit (cluster) and Jupyter (notebook). TEST_EXTRAS=dev skips those tests
 # (the SLURM ones also need root, to start a local cluster).
-ALL_TEST_EXTRAS := dev,interp,cluster,notebook
+ALL_TEST_EXTRAS := dev,interp,cluster,notebook,tune
 TEST_EXTRAS ?= $(ALL_TEST_EXTRAS)
 # Every skip is listed (-rs); one that tests/allowed_skips.txt does not allow fails the run
 # (tests/conftest.py), unless fewer extras were asked for: then they are only listed.

@@ -743,6 +743,45 @@ def _add_train(verbs):
     tr.set_defaults(func=cmd_train, takes_overrides=True)
 
 
+def cmd_tune(args):
+    from nanomarkov.tune import TuneSettings, default_tokens, parse_space, tune
+
+    if args.trials < 1 or args.jobs < 1 or (args.tokens is not None and args.tokens < 1):
+        raise NanoMarkovError("--trials, --jobs and --tokens must be at least 1")
+    seq_len = load_dataset(args.data, verify=False).seq_len
+    tokens = args.tokens or default_tokens(dataset_preset("default", args.data), seq_len)
+    settings = TuneSettings(args.data, args.out, args.trials, tokens, parse_space(args.space), args.storage or "")
+    print(f"tuning on {args.data}: {args.trials} trials of {settings.tokens:,} tokens, {args.jobs} worker(s)")
+    code, best = tune(settings, jobs=args.jobs, threads=args.threads)
+    print(best)
+    return code
+
+
+def _add_tune(verbs):
+    tu = verbs.add_parser(
+        "tune",
+        help="search the training recipe with Optuna for the least excess at a token budget (docs/tuning.md)",
+        epilog="example: nanomarkov tune data/mm5 --trials 20 --jobs 2 --space lr=1e-4:1e-2 n_layer=1:2",
+    )
+    tu.add_argument("data", help="a dataset folder")
+    tu.add_argument("--trials", type=int, default=20, help="trials in the study, all runs together (default 20)")
+    tu.add_argument("--out", required=True, help="the study's folder: study.db, trials/, best_recipe.py, report.md")
+    tu.add_argument(
+        "--tokens", type=int, default=None, help="training tokens per trial (default: the default recipe's, ≤ 4M)"
+    )
+    tu.add_argument(
+        "--space",
+        nargs="*",
+        default=[],
+        metavar="NAME=SPEC",
+        help="narrow the search: name=low:high, name=a,b,c, or a .toml/.json file of them",
+    )
+    tu.add_argument("--storage", default=None, metavar="URL", help="an Optuna storage URL (default DIR/study.db)")
+    tu.add_argument("--jobs", type=int, default=1, help="trials in parallel on this machine (default 1)")
+    tu.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: the cores / --jobs)")
+    tu.set_defaults(func=cmd_tune)
+
+
 def package_version():
     """The installed package's version; from a source tree that was never installed, its pyproject.toml's."""
     try:
@@ -812,6 +851,7 @@ def build_parser():
     rep.set_defaults(func=cmd_report)
 
     _add_sweep(verbs)
+    _add_tune(verbs)
     _add_dynamics(verbs)
 
     _add_export(verbs)

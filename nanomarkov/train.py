@@ -280,8 +280,11 @@ class RunOutputs:
     wandb_run: object  # None unless wandb_log
 
 
-def train(cfg: TrainConfig, overwrite=False, show_progress=None):
-    """Train a GPT on cfg.data_dir; returns the done.json dict (status 'done' or 'interrupted')."""
+def train(cfg: TrainConfig, overwrite=False, show_progress=None, on_eval=None):
+    """Train a GPT on cfg.data_dir; returns the done.json dict (status 'done' or 'interrupted').
+
+    on_eval, if given, is called with each eval record once its checkpoint is saved (the tuner reports
+    the excess to its pruner there); an exception it raises stops the run and propagates."""
     setup = set_up_run(cfg)
     if setup.ddp.is_main:
         check_output_folder(setup.out_dir, "training run", is_run_folder, force=overwrite, flag="--out_dir")
@@ -294,7 +297,7 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None):
                 setup, resumed=resume_state is not None, start_iter=resume_state["iter"] if resume_state else 0
             )
         outputs = open_outputs(setup, model.raw, resume_state, show_progress)
-        loop = TrainingLoop(setup, model, outputs, resume_state)
+        loop = TrainingLoop(setup, model, outputs, resume_state, on_eval)
         with _StopRequests() as stop, contextlib.closing(loop.sequences):
             status = loop.run(stop)
         return finish(loop, status)
@@ -421,8 +424,9 @@ class TrainingLoop:
     """The steps, the log lines and the evaluations (each followed by a checkpoint), and the state they share:
     the iteration, the loss windows the logged means cover, the last evaluation and the clock."""
 
-    def __init__(self, setup, model, outputs, resume_state):
+    def __init__(self, setup, model, outputs, resume_state, on_eval=None):
         self.setup, self.model, self.outputs = setup, model, outputs
+        self.on_eval = on_eval
         self.resumed = resume_state is not None
         self.sequences = training_sequences(setup)
         self.snapshot_iters = set(snapshot_iters(setup.cfg.snapshots, setup.cfg.max_iters, setup.cfg.snapshot_every))
@@ -554,6 +558,8 @@ class TrainingLoop:
             if not self.saved_checkpoint:
                 (self.setup.out_dir / "done.json").unlink(missing_ok=True)  # the run has moved past it
             self.saved_checkpoint = True
+        if self.on_eval is not None:
+            self.on_eval(self.last_eval)
 
     def diverged(self, what, value):
         """The error for a non-finite loss, saying truthfully whether a checkpoint is left to resume from."""

@@ -1,0 +1,116 @@
+"""nanomarkov tune: a tiny study writes its storage, best recipe and report; train takes the recipe as it is;
+a trial left RUNNING by a dead worker is failed on rerun and no finished trial runs again; bad space input."""
+
+import socket
+import subprocess
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from nanomarkov.cli import main
+from nanomarkov.config import load_config_file
+from nanomarkov.data import generate_dataset
+from nanomarkov.errors import NanoMarkovError
+from nanomarkov.tune import TuneSettings, open_study, parse_space, start_study, tune
+
+# One MLP layer 16 wide on 16-token sequences: each trial is 8 optimizer steps.
+TINY_SPACE = ["lr=1e-3:3e-2", "n_layer=1", "n_embd=16", "n_head=1", "batch_size=8", "mlp_only=True", "wd=0"]
+TOKENS = 8 * 15 * 8
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tune") / "mm3"
+    generate_dataset(path, n_states=3, train_sequences=64, val_sequences=32, seq_len=16, seed=1)
+    return path
+
+
+def settings_for(data, out, trials):
+    return TuneSettings(str(data), str(out), trials, TOKENS, parse_space(TINY_SPACE), "", evals=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tiny_data, tmp_path_factory):
+    settings = settings_for(tiny_data, tmp_path_factory.mktemp("study") / "study", 3)
+    code, best = tune(settings, threads=1)
+    return settings, code, best
+
+
+def test_a_study_writes_its_storage_best_recipe_and_report(tiny_study):
+    settings, code, best = tiny_study
+    out = settings.out
+    assert code == 0 and "best: trial" in best
+    study = open_study(settings)
+    assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 3
+    for name in ("study.db", "best_recipe.py", "report.md", "history.png", "best_curve.png", "trials/0000/done.json"):
+        assert Path(out, name).is_file(), name
+    report = Path(out, "report.md").read_text()
+    assert "| 0 (default) |" in report and "optuna-dashboard" in report
+
+
+def test_the_first_trial_is_the_default_recipe_so_the_best_is_no_worse(tiny_study):
+    settings, _, _ = tiny_study
+    study = open_study(settings)
+    first = study.trials[0]
+    assert first.user_attrs.get("default") and first.params["learning_rate"] == pytest.approx(3e-3)
+    if first.state == TrialState.COMPLETE:
+        assert study.best_value <= first.value
+
+
+def test_train_takes_the_best_recipe_as_it_is(tiny_study, tmp_path, monkeypatch):
+    settings, _, _ = tiny_study
+    recipe = f"{settings.out}/best_recipe.py"
+    best = open_study(settings).best_trial.user_attrs["config"]
+    assert {k: v for k, v in load_config_file(recipe).items() if k != "out_dir"} == {
+        k: v for k, v in best.items() if k != "out_dir"
+    }
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", recipe]) == 0
+    assert list(tmp_path.glob("trainings/*/*/done.json"))
+
+
+def test_a_killed_trial_is_failed_on_rerun_and_no_finished_trial_runs_again(tiny_data, tmp_path):
+    settings = settings_for(tiny_data, tmp_path / "study", 2)
+    study = start_study(settings)
+    done = study.ask()
+    study.tell(done, 0.5)
+    killed = study.ask()  # a worker that died mid-trial: a pid that has exited
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    killed.set_user_attr("worker", f"{socket.gethostname()}:{dead.pid}")
+    code, _ = tune(settings, threads=1)
+    trials = open_study(settings).trials
+    assert code == 0
+    assert trials[done.number].state == TrialState.COMPLETE and trials[done.number].value == 0.5
+    assert trials[killed.number].state == TrialState.FAIL
+    assert len([t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 2
+
+
+@pytest.mark.parametrize(
+    "entry, said",
+    [
+        ("lr", "not name=SPEC"),
+        ("lr=1e-2:1e-4", "low <= high"),
+        ("max_iters=1:9", "not a recipe field the tuner searches"),
+        ("mlp_only=maybe", "is not True or False"),
+        ("n_layer=a:b", "invalid literal"),
+    ],
+)
+def test_bad_space_input_is_one_line_naming_the_syntax(entry, said):
+    with pytest.raises(NanoMarkovError) as caught:
+        parse_space([entry])
+    assert said in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_rerun_with_other_settings_is_refused(tiny_study):
+    settings, _, _ = tiny_study
+    other = TuneSettings(settings.data_dir, settings.out, 3, TOKENS * 2, settings.space, "", evals=4)
+    with pytest.raises(NanoMarkovError, match="tokens differ"):
+        start_study(other)
+
+
+def test_optuna_is_the_library_opening_the_study(tiny_study):
+    settings, _, _ = tiny_study
+    assert optuna.load_study(study_name="nanomarkov-tune", storage=f"sqlite:///{settings.out}/study.db").trials

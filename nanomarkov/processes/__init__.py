@@ -14,6 +14,7 @@ from pathlib import Path
 
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.processes.base import METRIC_FAMILIES, Option, Process
+from nanomarkov.processes.ghmm import GeneralizedHMM
 from nanomarkov.processes.hmm import HiddenMarkovModel
 from nanomarkov.processes.incontext import InContextChain
 from nanomarkov.processes.korder import KOrderChain
@@ -114,5 +115,6 @@ register(MarkovChain)
 register(KOrderChain)
 register(InContextChain)
 register(HiddenMarkovModel)
+register(GeneralizedHMM)
 for named in NAMED_PROCESSES:
     register(named)

@@ -385,7 +385,7 @@ class HiddenMarkovModel(Process):
         out = np.empty((tokens.shape[0], tokens.shape[1] - 1, self.n_states))
         with np.errstate(divide="ignore"):
             for t, (prior, _, _) in enumerate(self._filtering(tokens)):
-                out[:, t] = np.log(prior @ self._emission_rows)
+                out[:, t] = np.log(np.clip(prior @ self._emission_rows, 0.0, None))  # a GHMM rounds below 0
         return out
 
     def true_loss(self, tokens):

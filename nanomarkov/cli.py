@@ -210,6 +210,7 @@ def theory_rows(paths):
                 "sparsity": meta["sparsity"],
                 "seq_len": meta["seq_len"],
                 **dataset_theory(dataset),
+                "note": dataset.chain.theory_note(meta["seq_len"]),
             }
         )
     return rows
@@ -230,6 +231,7 @@ def spec_theory_row(path, seq_len=None):
         "sparsity": None,
         "seq_len": seq_len,
         **process.theory(seq_len),
+        "note": process.theory_note(seq_len),
     }
 
 
@@ -261,7 +263,8 @@ def format_theory_table(rows):
         "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
         for line in lines
     ]
-    return "\n".join(text) + (
+    notes = [f"{row['dataset'] or row['spec']}: {row['note']}" for row in rows if row.get("note")]
+    return "\n".join(text + notes) + (
         "\n(losses in nats per predicted token; accuracy of the true model's argmax; "
         "±: the error of a Monte-Carlo estimate or half a bracket, theory's *_se)"
     )

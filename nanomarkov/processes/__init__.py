@@ -15,6 +15,7 @@ from pathlib import Path
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.processes.base import METRIC_FAMILIES, Option, Process
 from nanomarkov.processes.composite import FactoredProcess, MixtureProcess
+from nanomarkov.processes.ghmm import GeneralizedHMM
 from nanomarkov.processes.hmm import HiddenMarkovModel
 from nanomarkov.processes.incontext import InContextChain
 from nanomarkov.processes.korder import KOrderChain
@@ -115,6 +116,7 @@ register(MarkovChain)
 register(KOrderChain)
 register(InContextChain)
 register(HiddenMarkovModel)
+register(GeneralizedHMM)
 for named in NAMED_PROCESSES:
     register(named)
 register(FactoredProcess)

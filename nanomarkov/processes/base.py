@@ -319,6 +319,11 @@ class Process:
         """The error of each estimated theory number, {name: error}; {} for a process whose theory is exact."""
         return {}
 
+    def theory_note(self, seq_len):
+        """One line saying how theory(seq_len) was computed where that needs saying (an HMM: exact from its
+        mixed-state presentation, or estimated and why); None where there is nothing to say."""
+        return None
+
     # ------------------------------------------------------- stage predictors
 
     def token_marginals(self, seq_len):

@@ -47,6 +47,7 @@ import numpy as np
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.processes.base import WHOLE_HISTORY_RECIPE, Option, Process
 from nanomarkov.processes.markov import TRUE_LOSS_CHUNK, MarkovChain
+from nanomarkov.processes.msp import MixedStatePresentation, msp_state_cap
 from nanomarkov.processes.numerics import (
     alias_draw,
     alias_tables,
@@ -166,6 +167,9 @@ class HiddenMarkovModel(Process):
     BELIEF_STATES = True
     HISTORY_REASON = "tokens are emissions of hidden states, and the next one depends on the belief over them"
     chunk_sequences = TRUE_LOSS_CHUNK  # true_loss's sequences per chunk
+    # Whether conditioning on a hidden state is a process (an HMM's is; a generalized HMM's basis
+    # vectors are no quasi-belief), which the entropy-rate bracket's lower bound needs.
+    HIDDEN_STATE_BOUND = True
 
     def __init__(self, transmat=None, emissions=None, startprob=None, token_transitions=None):
         """State-emitting from transmat, emissions and startprob; token-labelled from token_transitions
@@ -198,6 +202,7 @@ class HiddenMarkovModel(Process):
         for array in (hidden_chain, self._emission_rows, startprob):
             array.flags.writeable = False
         self.startprob, self._hidden_chain = startprob, hidden_chain
+        self._normaliser = np.ones(n_hidden)  # a word's probability is startprob T[x_1] ... T[x_n] 1
         # seq_len -> _loss_and_accuracy, and -> _sampled (Monte-Carlo); the HMM is immutable, so never stale
         self._by_seq_len, self._samples = {}, {}
 
@@ -315,6 +320,10 @@ class HiddenMarkovModel(Process):
 
     # ------------------------------------------------------- the forward algorithm
 
+    # A token at most this probable from a belief is impossible there (the MSP's floor): 0 for an HMM,
+    # whose impossible tokens have probability 0 exactly.
+    MSP_FLOOR = 0.0
+
     def _filtering(self, tokens):
         """For t = 1..L-1: (prior, P(x_t | x_<t), belief), each row one sequence.
 
@@ -329,7 +338,7 @@ class HiddenMarkovModel(Process):
         prior = np.tile(self.startprob, (states.shape[0], 1))
         for t in range(states.shape[1]):
             joint = self._joint(prior, states[:, t])
-            evidence = joint.sum(axis=1)
+            evidence = joint @ self._normaliser
             belief = np.divide(joint, evidence[:, None], out=prior.copy(), where=evidence[:, None] > 0)
             yield prior, evidence, belief
             prior = belief if self.token_transitions is not None else belief @ self.transmat
@@ -354,9 +363,12 @@ class HiddenMarkovModel(Process):
         the next-token distribution is belief @ transmat @ emissions at every
         position, BOS included. Token-labelled: position t holds P(s_t | x_1..x_t),
         the hidden state after x_t (the mixed state of computational mechanics),
-        and the next-token distribution is belief @ E.
+        and the next-token distribution is belief @ E; where the mixed-state presentation
+        closes, these are its states (the probes' targets), found by walking it.
         """
         tokens = self.check_tokens(tokens)
+        if self.token_transitions is not None and self._msp.closed:  # the MSP's own states
+            return self._msp.beliefs[self._msp.state_ids(np.asarray(tokens[:, 1:], dtype=np.int64))]
         out = np.empty((tokens.shape[0], tokens.shape[1], self.n_hidden))
         out[:, 0] = self.startprob
         for t, (_, _, belief) in enumerate(self._filtering(tokens), start=1):
@@ -373,7 +385,7 @@ class HiddenMarkovModel(Process):
         out = np.empty((tokens.shape[0], tokens.shape[1] - 1, self.n_states))
         with np.errstate(divide="ignore"):
             for t, (prior, _, _) in enumerate(self._filtering(tokens)):
-                out[:, t] = np.log(prior @ self._emission_rows)
+                out[:, t] = np.log(np.clip(prior @ self._emission_rows, 0.0, None))  # a GHMM rounds below 0
         return out
 
     def true_loss(self, tokens):
@@ -446,7 +458,9 @@ class HiddenMarkovModel(Process):
         of h_1: given it, the tokens after it are independent of those before).
         The lower bound is None otherwise.
         """
-        stationary = np.allclose(self.startprob @ self._hidden_chain, self.startprob, rtol=0, atol=1e-12)
+        stationary = self.HIDDEN_STATE_BOUND and np.allclose(
+            self.startprob @ self._hidden_chain, self.startprob, rtol=0, atol=1e-12
+        )
         starts = np.vstack([self.startprob, np.eye(self.n_hidden)]) if stationary else self.startprob[None]
         positions = 1
         while len(starts) * self.n_states**positions * max(self.n_hidden, self.n_states) <= MAX_ENUMERATED_ENTRIES:
@@ -454,6 +468,32 @@ class HiddenMarkovModel(Process):
         losses, accuracies = self._enumerate(positions, starts)
         lower = float(self.startprob @ losses[1:, -1]) if stationary else None
         return losses[0], accuracies[0], lower
+
+    @cached_property
+    def _msp(self):
+        """The mixed-state presentation from startprob, up to msp_state_cap states (msp.py)."""
+        cap = msp_state_cap(*self.as_token_transitions().shape[:2])
+        return MixedStatePresentation(
+            self.as_token_transitions(), self._normaliser, self.startprob, cap, self.MSP_FLOOR
+        )
+
+    def _exact_positions(self, n):
+        """(losses, accuracies) at the first positions known exactly, n of them where the MSP reaches
+        that deep, else _exact_head's (enumerating every prefix)."""
+        if self._msp.covers(n):
+            return self._msp.loss_and_accuracy(n)
+        losses, accuracies, _ = self._exact_head
+        return losses, accuracies
+
+    def theory_note(self, seq_len):
+        """One line: whether theory is exact from the mixed-state presentation, and if not, why."""
+        msp = self._msp
+        if msp.closed:
+            return f"exact: mixed-state presentation, {msp.n_states} states"
+        passed = f"the mixed-state presentation passed {msp.n_states} states at depth {msp.passed_depth}"
+        if msp.covers(seq_len - 1):
+            return f"exact by position up to seq_len {seq_len} (depth {seq_len - 2}); entropy rate estimated: {passed}"
+        return f"estimated: {passed}"
 
     def _bracket(self):
         """(lower, upper) bounds on the entropy rate, or None when they are further apart than BRACKET_WIDTH."""
@@ -495,6 +535,8 @@ class HiddenMarkovModel(Process):
 
     @cached_property
     def _entropy_rate(self):
+        if self._msp.closed:
+            return self._msp.entropy_rate(), 0.0
         if self.unifilar:
             return float(self._stationary @ entropy(self._emission_rows)), 0.0
         bracket = self._bracket()
@@ -508,7 +550,9 @@ class HiddenMarkovModel(Process):
     def entropy_rate(self):
         """The rate lim_t H(x_t | x_<t) of the token process; its error is theory's entropy_rate_se.
 
-        Exact for a unifilar token-labelled HMM: sum_i pi_i H(E[i]) (its state,
+        Exact where the mixed-state presentation closes within its cap
+        (msp.MixedStatePresentation.entropy_rate: a finite sum over its recurrent
+        states). Else exact for a unifilar token-labelled HMM: sum_i pi_i H(E[i]) (its state,
         once known, stays known, so the rate is H(x | s) under the stationary
         law pi; Crutchfield & Feldman 2003). Else
         the midpoint of the exact bracket of _exact_head with half its width as
@@ -522,15 +566,15 @@ class HiddenMarkovModel(Process):
     def _loss_and_accuracy(self, seq_len):
         """(optimal loss, its error, optimal accuracy, its error) for sequences of seq_len tokens.
 
-        Exact (error 0.0) when every position is in _exact_head. Beyond it, with
+        Exact (error 0.0) when every position is in _exact_positions. Beyond them, with
         a tight bracket, every later position's loss lies between the bounds, so
         the loss is exact up to a hard bound; otherwise it, and the accuracy
         always, is a Monte-Carlo estimate with its standard error.
         """
         self.check_seq_len(seq_len)
         if seq_len not in self._by_seq_len:
-            losses, accuracies, _ = self._exact_head
             n = seq_len - 1
+            losses, accuracies = self._exact_positions(n)
             if n <= len(losses):
                 numbers = (losses[:n].mean(), 0.0, accuracies[:n].mean(), 0.0)
             else:
@@ -563,13 +607,13 @@ class HiddenMarkovModel(Process):
     def optimal_loss_by_position(self, seq_len):
         """(losses, errors) of the optimal predictor at positions 1..L-1.
 
-        Exact (error 0.0) at the positions of _exact_head; beyond them the
+        Exact (error 0.0) at the positions of _exact_positions; beyond them the
         midpoint of the entropy-rate bracket with half its width when the
         bracket is tight, else the Monte-Carlo estimate and its standard error.
         """
         self.check_seq_len(seq_len)
-        head, _, _ = self._exact_head
         n = seq_len - 1
+        head, _ = self._exact_positions(n)
         if n <= len(head):
             return head[:n].copy(), np.zeros(n)
         bracket, tail = self._bracket(), n - len(head)

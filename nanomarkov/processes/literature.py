@@ -23,6 +23,7 @@ import numpy as np
 
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.processes.base import Option
+from nanomarkov.processes.ghmm import GeneralizedHMM
 from nanomarkov.processes.hmm import MAX_MATRIX_ENTRIES, HiddenMarkovModel, stationary_law
 from nanomarkov.processes.markov import MarkovChain
 
@@ -424,6 +425,44 @@ class MrName(NamedHMM):
         return {"token_transitions": np.einsum("ix,xj->xij", rows, np.eye(4))}
 
 
+class NamedGHMM(NamedProcess, GeneralizedHMM):
+    """A named generalized HMM; `build` returns {"token_transitions": T}, the start is stationary."""
+
+    ARRAYS = ("token_transitions", "startprob")
+
+
+def post_quantum_matrices(log_alpha, beta):
+    """The post-quantum process's three 3x3 matrices, scaled so that their sum has spectral radius 1."""
+
+    def scaling(value):
+        return np.array([[value, 0, 0], [0, 1, 0], [0, np.log(value), 1]])
+
+    reset = np.outer([1.0, 1.0, 0.0], [1.0, -1.0, -1.0])
+    tokens = np.stack([reset, scaling(np.exp(log_alpha)), scaling(beta)])
+    return tokens / np.abs(np.linalg.eigvals(tokens.sum(axis=0))).max()
+
+
+class PostQuantum(NamedGHMM):
+    """The post-quantum process (Riechers, Bigelow, Alt & Shai 2025, arXiv:2507.07432; simplexity's post_quantum).
+
+    A 3-state generalized HMM with no finite-state HMM of its own: a reset token (the outer
+    product of (1, 1, 0) and (1, -1, -1)) and two scalings by alpha = e^log_alpha > 1 and beta < 1.
+    """
+
+    process = "post_quantum"
+    SUMMARY = "post-quantum generalized HMM (--log_alpha --beta; K=3)"
+    N_STATES = 3
+    BOUNDS = {"log_alpha": (0.0, np.inf)}
+    OPTIONS = (
+        Option("log_alpha", float, 1.0, "ln(alpha), alpha > 1"),
+        Option("beta", float, 0.5, "beta, 0 < beta < 1"),
+    )
+
+    @classmethod
+    def build(cls, log_alpha, beta):
+        return {"token_transitions": post_quantum_matrices(log_alpha, beta)}
+
+
 NAMED_PROCESSES = (
     Switching,
     Coin,
@@ -437,4 +476,5 @@ NAMED_PROCESSES = (
     MatchingParens,
     DaysOfWeek,
     MrName,
+    PostQuantum,
 )

@@ -8,6 +8,7 @@ two forms (docs/specs.md has an example of each):
     korder  transitions (K,)*(k+1), start (K,)*k or "stationary"
     hmm     transmat (H, H), emissions (H, K), startprob (H,) or "stationary"   (state-emitting)
             token_transitions (K, H, H), startprob (H,) or "stationary"        (token-labelled)
+    ghmm    token_transitions (K, H, H) of any sign, start (H,) or "stationary"     (generalized HMM)
     icl     concentration (K,); optional support_size (default K) and startprob (default uniform)
     factored  factors: a list of specs, side by side (processes/composite.py)
     mixture   components: a list of specs of one K, and weights
@@ -39,6 +40,7 @@ from nanomarkov.memory import check_fits, npz_bytes, npz_headers
 from nanomarkov.processes import PROCESSES, process_class
 from nanomarkov.processes.base import MAX_TABLE_ENTRIES
 from nanomarkov.processes.composite import FactoredProcess, MixtureProcess
+from nanomarkov.processes.ghmm import GeneralizedHMM
 from nanomarkov.processes.hmm import HiddenMarkovModel
 from nanomarkov.processes.incontext import START_RULES, InContextChain
 from nanomarkov.processes.korder import KOrderChain
@@ -340,6 +342,24 @@ def token_hmm_from_spec(spec):
     return HiddenMarkovModel.from_token_transitions(tokens, hidden_start(spec, transmat))
 
 
+def ghmm_from_spec(spec):
+    tokens = numbers(spec, "token_transitions", 3)
+    if tokens.shape[0] < 2 or tokens.shape[1] != tokens.shape[2]:
+        raise field_error("token_transitions", "have shape (K, H, H) with K >= 2 tokens", f"shape {tokens.shape}")
+    if isinstance(spec["start"], str):
+        if spec["start"] != STATIONARY:
+            raise field_error(
+                "start", f'be an array of shape ({tokens.shape[1]},) or "stationary"', repr(spec["start"])
+            )
+        return GeneralizedHMM(tokens)
+    start = numbers(spec, "start", 1)
+    if start.shape != (tokens.shape[1],):
+        raise field_error(
+            "start", f"have shape ({tokens.shape[1]},) to match token_transitions", f"shape {start.shape}"
+        )
+    return GeneralizedHMM(tokens, start)
+
+
 def icl_from_spec(spec):
     concentration = numbers(spec, "concentration", 1)
     if len(concentration) < 2 or not valid_concentration(concentration):
@@ -415,6 +435,7 @@ FORMS = (
     Form("korder", "a korder spec", ("transitions", "start"), (), korder_from_spec),
     Form("hmm", "a token-labelled hmm spec", ("token_transitions", "startprob"), (), token_hmm_from_spec),
     Form("hmm", "a state-emitting hmm spec", ("transmat", "emissions", "startprob"), (), hmm_from_spec),
+    Form("ghmm", "a ghmm spec", ("token_transitions", "start"), (), ghmm_from_spec),
     Form("icl", "an icl spec", ("concentration",), ("support_size", "startprob", "start"), icl_from_spec),
     Form("factored", "a factored spec", ("factors",), (), factored_from_spec),
     Form("mixture", "a mixture spec", ("components", "weights"), (), mixture_from_spec),

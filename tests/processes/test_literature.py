@@ -133,14 +133,18 @@ def test_the_chains_and_mess3_are_the_matrices_of_their_papers():
 
 
 def hidden_probability(process):
-    """P(x_1..x_n) = startprob T[x_1] ... T[x_n] 1, a product of the process's token-labelled matrices."""
+    """P(x_1..x_n) = startprob T[x_1] ... T[x_n] r, a product of the process's token-labelled matrices (r = 1 for an
+    HMM; a generalized HMM's normalising eigenvector, computed here)."""
     t = process.as_token_transitions()
+    values, vectors = np.linalg.eig(t.sum(axis=0))
+    r = np.real(vectors[:, np.argmin(np.abs(values - 1))])
+    r = r / (process.startprob @ r)
 
     def probability(states):
         vector = process.startprob
         for x in states:
             vector = vector @ t[x]
-        return vector.sum()
+        return vector @ r
 
     return probability
 

@@ -30,18 +30,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from nanomarkov.batches import FixedSequences, OnlineSequences, to_inputs_targets, whole_split_batches
 from nanomarkov.checkpoint import CHECKPOINT, list_snapshots, load_checkpoint, save_checkpoint, save_snapshot
 from nanomarkov.config import TrainConfig, config_changes, is_run_folder
-from nanomarkov.data import (
-    Dataset,
-    FixedSequences,
-    OnlineSequences,
-    headline,
-    learnable_fraction,
-    load_dataset,
-    to_inputs_targets,
-    whole_split_batches,
-)
+from nanomarkov.data import Dataset, headline, learnable_fraction, load_dataset
 from nanomarkov.distributed import Distributed, init_distributed
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
 from nanomarkov.files import check_output_folder, json_text, write_json, writer_lock

@@ -12,7 +12,7 @@ MAX_FUNCTION_LINES = 60
 LAYERS = [
     {"errors", "files", "memory"},
     {"processes"},
-    {"model", "data", "checkpoint", "config", "distributed"},
+    {"model", "data", "batches", "checkpoint", "config", "distributed"},
     {"train", "evaluate", "report", "interp", "dynamics"},
     {"sweep"},
     {"cli", "__main__"},

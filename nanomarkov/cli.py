@@ -1,5 +1,8 @@
 """`nanomarkov <verb>`: argument parsing and error messages only; the work is in the modules.
 
+A verb imports the modules that do its work when it runs (`cmd_train` imports train.py...): --help,
+--version, generate, theory and import-hmmlearn never load torch, and answer in a fraction of a second.
+
 Exit codes: 0 ok, 2 bad input (one line on stderr, no traceback; out of memory too: the fix is a
 smaller input), 1 failure (a diverged run; stdout that cannot be written, e.g. `> /dev/full`: the
 command's work is done whole -- a dataset, a training run -- but its output is lost, and the same
@@ -23,8 +26,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from nanomarkov.checkpoint import export_safetensors
 from nanomarkov.config import (
+    DEFAULT_VAL_SEQUENCES,
+    LLC_COUNTS,
+    LLC_DEFAULTS,
     TrainConfig,
     dataset_preset,
     load_config_file,
@@ -42,27 +47,10 @@ from nanomarkov.data import (
     import_hmmlearn,
     load_dataset,
 )
-from nanomarkov.dynamics import (
-    DEFAULT_VAL_SEQUENCES,
-    LLC_COUNTS,
-    LLC_DEFAULTS,
-    check_dynamics_folder,
-    format_dynamics,
-    llc_settings,
-    run_dynamics,
-    write_dynamics,
-)
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
-from nanomarkov.evaluate import evaluate_checkpoints, format_eval, nonfinite_message
 from nanomarkov.files import json_text
-from nanomarkov.interp.hf import export_hf
 from nanomarkov.processes import DEFAULT_PROCESS, PROCESSES, load_plugins
 from nanomarkov.processes.spec import process_from_file
-from nanomarkov.report import format_summary, write_report
-from nanomarkov.sweep import run_sweep
-from nanomarkov.sweep.slurm import SLURM_FLAGS
-from nanomarkov.sweep.status import format_status, sweep_status
-from nanomarkov.train import train
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -328,6 +316,8 @@ def _train_configs(args, overrides):
 
 
 def cmd_train(args, extra):
+    from nanomarkov.train import train
+
     overrides = parse_overrides(extra)
     if args.resume:
         overrides["init_from"] = "resume"
@@ -355,6 +345,9 @@ def cmd_train(args, extra):
 
 def cmd_demo(args, extra):
     """generate MM-10 -> train with the default recipe -> evaluate -> plots."""
+    from nanomarkov.evaluate import evaluate_checkpoints, format_eval
+    from nanomarkov.report import write_report
+    from nanomarkov.train import train
 
     data_dir = default_data_dir(10)
     print(f"1/4 generate {data_dir}: 10,000 train + 1,000 val sequences from a random 10-state chain")
@@ -386,6 +379,8 @@ def cmd_demo(args, extra):
 
 
 def cmd_eval(args):
+    from nanomarkov.evaluate import evaluate_checkpoints, format_eval, nonfinite_message
+
     written = evaluate_checkpoints(args.checkpoints, data_dir=args.data, out=args.out)
     for folder, result in written:
         print(format_eval(result))
@@ -402,6 +397,8 @@ def cmd_eval(args):
 
 
 def cmd_report(args):
+    from nanomarkov.report import format_summary, write_report
+
     report = write_report(args.root)
     print(format_summary(report["summary"]))
     print(
@@ -418,7 +415,7 @@ def cmd_report(args):
     return 0
 
 
-# The learning coefficient's settings on the command line: flag -> dynamics.LLC_DEFAULTS key.
+# The learning coefficient's settings on the command line: flag -> config.LLC_DEFAULTS key.
 LLC_FLAGS = {
     "llc_chains": "num_chains",
     "llc_draws": "num_draws",
@@ -429,6 +426,8 @@ LLC_FLAGS = {
 
 
 def cmd_dynamics(args):
+    from nanomarkov.dynamics import check_dynamics_folder, format_dynamics, llc_settings, run_dynamics, write_dynamics
+
     given = {name: getattr(args, flag) for flag, name in LLC_FLAGS.items() if getattr(args, flag) is not None}
     if given and not args.llc:
         flag = next(flag for flag, name in LLC_FLAGS.items() if name in given)
@@ -475,6 +474,10 @@ def _add_dynamics(verbs):
 
 
 def cmd_sweep(args):
+    from nanomarkov.sweep import run_sweep
+    from nanomarkov.sweep.slurm import SLURM_FLAGS
+    from nanomarkov.sweep.status import format_status, sweep_status
+
     if args.target == "status":
         if not args.folder or args.out or args.dry_run or args.force or args.jobs != 1:
             raise NanoMarkovError("usage: nanomarkov sweep status DIR (the folder a sweep wrote, its --out)")
@@ -506,6 +509,9 @@ def cmd_sweep(args):
 
 
 def cmd_export(args):
+    from nanomarkov.checkpoint import export_safetensors
+    from nanomarkov.interp.hf import export_hf
+
     if not Path(args.checkpoint).is_file():
         raise NanoMarkovError(f"{args.checkpoint}: no checkpoint there (a run folder's ckpt.pt)")
     if args.format == "hf":

@@ -27,10 +27,9 @@ from pathlib import Path
 
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.files import read_capped, read_json_or_none
+from nanomarkov.gpt_config import ADDED_FIELDS as MODEL_ADDED_FIELDS
+from nanomarkov.gpt_config import GPTConfig
 from nanomarkov.processes import DEFAULT_PROCESS, process_class
-
-from .model import ADDED_FIELDS as MODEL_ADDED_FIELDS
-from .model import GPTConfig
 
 # Where training sequences come from: the dataset's train split, or fresh from its process.
 DATA_SOURCES = ("fixed", "online")
@@ -718,3 +717,14 @@ def preset_file(name: str, n_states: int, sparsity: int | None = None, seed: int
         f"Train with: nanomarkov train THIS_FILE [--key=value ...]"
     )
     return format_config_file(cfg, header)
+
+
+# ------------------------------------------------------------------ dynamics' settings
+# Here, not in dynamics.py, so that the command line's help shows them without importing torch.
+
+# Val sequences evaluated per snapshot (fewer when sequences x vocabulary would pass EVAL_BATCH_ELEMENTS):
+# dozens of snapshots of a small model then take seconds on a CPU.
+DEFAULT_VAL_SEQUENCES = 256
+# The learning coefficient's estimate (devinterp): its defaults, and which of them are counts (the others are rates).
+LLC_DEFAULTS = dict(num_chains=2, num_draws=100, lr=1e-4, n_beta=None, batch_size=16, localization=100.0)
+LLC_COUNTS = ("num_chains", "num_draws", "batch_size")

@@ -37,8 +37,9 @@ from nanomarkov.data import Dataset, headline, learnable_fraction, load_dataset
 from nanomarkov.distributed import Distributed, init_distributed
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
 from nanomarkov.files import check_output_folder, json_text, write_json, writer_lock
+from nanomarkov.gpt_config import GPTConfig, training_bytes, weight_count
 from nanomarkov.memory import check_fits
-from nanomarkov.model import GPT, GPTConfig, training_bytes, weight_count
+from nanomarkov.model import GPT
 
 EVAL_BATCH_SEQUENCES = 64
 

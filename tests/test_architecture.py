@@ -12,7 +12,7 @@ MAX_FUNCTION_LINES = 60
 LAYERS = [
     {"errors", "files", "memory"},
     {"processes"},
-    {"model", "data", "batches", "checkpoint", "config", "distributed"},
+    {"model", "gpt_config", "data", "batches", "checkpoint", "config", "distributed"},
     {"train", "evaluate", "report", "interp", "dynamics"},
     {"sweep"},
     {"cli", "__main__"},
@@ -38,12 +38,14 @@ def top(module_name):
 
 
 def package_imports(tree, module_name):
-    """(node, imported module, imported names, inside a function?) for each import of the package."""
+    """(node, imported module, imported names, the outermost function it is in or None) for each import of the
+    package."""
     found = []
 
     def visit(node, in_function):
         for child in ast.iter_child_nodes(node):
-            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            is_function = isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            inner = in_function or (child.name if is_function else None)
             if isinstance(child, ast.ImportFrom):
                 base = child.module or ""
                 if child.level:  # relative: resolve against this module's package
@@ -89,12 +91,21 @@ def test_no_private_name_is_imported_from_another_module():
     assert not private, "\n".join(private)
 
 
+def imported_when_used(module_name, function_name):
+    """The two imports of the package a function may make: the command line's verb (`cmd_train`...) imports its
+    modules when it runs, and the front door's `__getattr__` imports `load` when it is first used, so that
+    --help, generate and theory never load torch (ARCHITECTURE.md)."""
+    return (module_name == "nanomarkov.cli" and function_name.startswith("cmd_")) or (
+        module_name == "nanomarkov" and function_name == "__getattr__"
+    )
+
+
 def test_the_package_is_imported_at_the_top_of_a_module_only():
     inside = [
         f"{name}: line {node.lineno} imports {imported} inside a function"
         for _, name, tree in parsed()
         for node, imported, _, in_function in package_imports(tree, name)
-        if in_function
+        if in_function and not imported_when_used(name, in_function)
     ]
     assert not inside, "\n".join(inside)
 
@@ -120,8 +131,8 @@ def test_imports_go_down_the_layers_only():
 def test_model_knows_no_process_and_processes_know_only_errors_files_and_memory():
     for _, name, tree in parsed():
         imported = {top(target) for _, target, _, _ in package_imports(tree, name)}
-        if name == "nanomarkov.model":
-            assert imported <= {"errors"}, imported
+        if name in ("nanomarkov.model", "nanomarkov.gpt_config"):
+            assert imported <= {"errors", "gpt_config"}, imported
         if top(name) == "processes":
             assert imported <= {"errors", "files", "memory", "processes"}, (name, imported)
 

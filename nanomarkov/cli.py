@@ -27,11 +27,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from nanomarkov.config import (
+    AUTO_THREADS_MAX,
     DEFAULT_VAL_SEQUENCES,
     LLC_COUNTS,
     LLC_DEFAULTS,
     TrainConfig,
     dataset_preset,
+    is_threads_setting,
     load_config_file,
     merge_settings,
     parse_mm_id,
@@ -73,6 +75,30 @@ def seed_type(text):
     if not 0 <= seed <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"a seed is an integer in [0, {MAX_SEED}], got {seed}")
     return seed
+
+
+def threads_type(text):
+    """argparse type of --threads: 'auto' or an integer >= 1 (torch's intra-op threads)."""
+    value = text if text == "auto" else int(text) if text.isdigit() else None
+    if not is_threads_setting(value):
+        raise argparse.ArgumentTypeError(f"threads are 'auto' or an integer >= 1, got {text!r}")
+    return value
+
+
+THREADS_HELP = (
+    "torch's intra-op threads on a CPU: N, or auto (default): torch's own count (OMP_NUM_THREADS, a rank's share), "
+    "at most {most} (docs/training.md#threads)"
+)
+
+
+def _add_threads(parser, default):
+    parser.add_argument(
+        "--threads",
+        type=threads_type,
+        default=default,
+        metavar="N|auto",
+        help=THREADS_HELP.format(most=AUTO_THREADS_MAX),
+    )
 
 
 def _progress_bar(total, description):
@@ -328,6 +354,7 @@ def cmd_train(args, extra):
                 ("snapshots", args.snapshots),
                 ("snapshot_every", args.snapshot_every),
                 ("data_source", args.data_source),
+                ("threads", args.threads),
             )
             if v is not None
         }
@@ -379,9 +406,11 @@ def cmd_demo(args, extra):
 
 
 def cmd_eval(args):
+    from nanomarkov.distributed import torch_threads
     from nanomarkov.evaluate import evaluate_checkpoints, format_eval, nonfinite_message
 
-    written = evaluate_checkpoints(args.checkpoints, data_dir=args.data, out=args.out)
+    with torch_threads(args.threads):
+        written = evaluate_checkpoints(args.checkpoints, data_dir=args.data, out=args.out)
     for folder, result in written:
         print(format_eval(result))
         arrays = "".join(
@@ -426,6 +455,7 @@ LLC_FLAGS = {
 
 
 def cmd_dynamics(args):
+    from nanomarkov.distributed import torch_threads
     from nanomarkov.dynamics import check_dynamics_folder, format_dynamics, llc_settings, run_dynamics, write_dynamics
 
     given = {name: getattr(args, flag) for flag, name in LLC_FLAGS.items() if getattr(args, flag) is not None}
@@ -435,9 +465,10 @@ def cmd_dynamics(args):
     llc = llc_settings(**given) if args.llc else None
     if args.out:
         check_dynamics_folder(args.out, args.force)  # before the work, which takes a while
-    record = run_dynamics(
-        args.run, data_dir=args.data, val_sequences=args.val_sequences, llc=llc, show_progress=sys.stderr.isatty()
-    )
+    with torch_threads(args.threads):
+        record = run_dynamics(
+            args.run, data_dir=args.data, val_sequences=args.val_sequences, llc=llc, show_progress=sys.stderr.isatty()
+        )
     written = write_dynamics(record, args.out or args.run, force=args.force)
     if args.json:
         print(json_text(record), end="")
@@ -464,6 +495,7 @@ def _add_dynamics(verbs):
         default=DEFAULT_VAL_SEQUENCES,
         help=f"val sequences evaluated per snapshot, the first ones (default {DEFAULT_VAL_SEQUENCES})",
     )
+    _add_threads(dyn, "auto")
     dyn.add_argument("--llc", action="store_true", help="estimate the learning coefficient too (needs devinterp; slow)")
     for flag, name in LLC_FLAGS.items():
         kind = int if name in LLC_COUNTS else float
@@ -726,6 +758,7 @@ def _add_train(verbs):
     tr.add_argument(
         "--data_source", default=None, metavar="fixed|online", help="online: fresh sequences from the process each step"
     )
+    _add_threads(tr, None)  # None: the recipe's (a config file's, a resumed run's) threads
     tr.set_defaults(func=cmd_train, takes_overrides=True)
 
 
@@ -791,6 +824,7 @@ def build_parser():
     )
     ev.add_argument("--data", default=None, help="dataset folder (default: the one each checkpoint was trained on)")
     ev.add_argument("--out", default=None, help="output folder (default: next to each checkpoint)")
+    _add_threads(ev, "auto")
     ev.set_defaults(func=cmd_eval)
 
     rep = verbs.add_parser("report", help="plots for each run under DIR, and a table of mean ± sd over seeds")

@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from nanomarkov.batches import to_inputs_targets
 from nanomarkov.config import TrainConfig, preset
-from nanomarkov.data import generate_dataset, load_dataset, to_inputs_targets
+from nanomarkov.data import generate_dataset, load_dataset
 from nanomarkov.evaluate import evaluate_checkpoints
 from nanomarkov.model import GPT
 from nanomarkov.train import train

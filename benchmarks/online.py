@@ -7,7 +7,7 @@ makes them), trains `--iters` steps with each data source, alternating fixed and
 `--repeats` times so that a change in the machine's load hits both alike, and reports the
 median tokens/s of the log lines (the first one, warm-up, left out). A second table times
 training steps of one model fed fixed and online batches in alternating blocks, the
-comparison least moved by other load on the machine. A third times the sampling alone: one chunk of online data (data.ONLINE_CHUNK_ITERS steps' batches)
+comparison least moved by other load on the machine. A third times the sampling alone: one chunk of online data (batches.ONLINE_CHUNK_ITERS steps' batches)
 against the training steps it feeds, i.e. what online data would cost without sampling ahead.
 """
 
@@ -20,15 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nanomarkov.batches import ONLINE_CHUNK_ITERS, FixedSequences, OnlineSequences, to_inputs_targets
 from nanomarkov.config import TrainConfig, preset
-from nanomarkov.data import (
-    ONLINE_CHUNK_ITERS,
-    FixedSequences,
-    OnlineSequences,
-    generate_dataset,
-    load_dataset,
-    to_inputs_targets,
-)
+from nanomarkov.data import generate_dataset, load_dataset
 from nanomarkov.model import GPT
 from nanomarkov.train import train
 

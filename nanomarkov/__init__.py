@@ -4,7 +4,16 @@
 ARCHITECTURE.md maps the package.
 """
 
-from nanomarkov.checkpoint import load
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
 
 __all__ = ["NanoMarkovError", "TrainingDiverged", "load"]
+
+
+def __getattr__(name):
+    """`nanomarkov.load`, imported on first use: checkpoint.py loads torch, which what only generates or reads
+    datasets (the command line's generate, theory, --help) never needs (PEP 562)."""
+    if name == "load":
+        from nanomarkov.checkpoint import load
+
+        return load
+    raise AttributeError(f"module 'nanomarkov' has no attribute {name!r}")

@@ -34,8 +34,9 @@ from nanomarkov.files import (
     write_atomic,
     write_atomic_together,
 )
+from nanomarkov.gpt_config import ADDED_FIELDS, FLOAT32_BYTES, GPTConfig, weight_count
 from nanomarkov.memory import check_fits
-from nanomarkov.model import ADDED_FIELDS, FLOAT32_BYTES, GPT, GPTConfig, weight_count
+from nanomarkov.model import GPT
 
 FORMAT = "nanomarkov.GPT"
 FORMAT_VERSION = 1

@@ -1,5 +1,8 @@
 """`nanomarkov <verb>`: argument parsing and error messages only; the work is in the modules.
 
+A verb imports the modules that do its work when it runs (`cmd_train` imports train.py...): --help,
+--version, generate, theory and import-hmmlearn never load torch, and answer in a fraction of a second.
+
 Exit codes: 0 ok, 2 bad input (one line on stderr, no traceback; out of memory too: the fix is a
 smaller input), 1 failure (a diverged run; stdout that cannot be written, e.g. `> /dev/full`: the
 command's work is done whole -- a dataset, a training run -- but its output is lost, and the same
@@ -23,10 +26,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from nanomarkov.checkpoint import export_safetensors
 from nanomarkov.config import (
+    AUTO_THREADS_MAX,
+    DEFAULT_VAL_SEQUENCES,
+    LLC_COUNTS,
+    LLC_DEFAULTS,
     TrainConfig,
     dataset_preset,
+    is_threads_setting,
     load_config_file,
     merge_settings,
     parse_mm_id,
@@ -42,27 +49,10 @@ from nanomarkov.data import (
     import_hmmlearn,
     load_dataset,
 )
-from nanomarkov.dynamics import (
-    DEFAULT_VAL_SEQUENCES,
-    LLC_COUNTS,
-    LLC_DEFAULTS,
-    check_dynamics_folder,
-    format_dynamics,
-    llc_settings,
-    run_dynamics,
-    write_dynamics,
-)
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
-from nanomarkov.evaluate import evaluate_checkpoints, format_eval, nonfinite_message
 from nanomarkov.files import json_text
-from nanomarkov.interp.hf import export_hf
 from nanomarkov.processes import DEFAULT_PROCESS, PROCESSES, load_plugins
 from nanomarkov.processes.spec import process_from_file
-from nanomarkov.report import format_summary, write_report
-from nanomarkov.sweep import run_sweep
-from nanomarkov.sweep.slurm import SLURM_FLAGS
-from nanomarkov.sweep.status import format_status, sweep_status
-from nanomarkov.train import train
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -85,6 +75,30 @@ def seed_type(text):
     if not 0 <= seed <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"a seed is an integer in [0, {MAX_SEED}], got {seed}")
     return seed
+
+
+def threads_type(text):
+    """argparse type of --threads: 'auto' or an integer >= 1 (torch's intra-op threads)."""
+    value = text if text == "auto" else int(text) if text.isdigit() else None
+    if not is_threads_setting(value):
+        raise argparse.ArgumentTypeError(f"threads are 'auto' or an integer >= 1, got {text!r}")
+    return value
+
+
+THREADS_HELP = (
+    "torch's intra-op threads on a CPU: N, or auto (default): torch's own count (OMP_NUM_THREADS, a rank's share), "
+    "at most {most} (docs/training.md#threads)"
+)
+
+
+def _add_threads(parser, default):
+    parser.add_argument(
+        "--threads",
+        type=threads_type,
+        default=default,
+        metavar="N|auto",
+        help=THREADS_HELP.format(most=AUTO_THREADS_MAX),
+    )
 
 
 def _progress_bar(total, description):
@@ -331,6 +345,8 @@ def _train_configs(args, overrides):
 
 
 def cmd_train(args, extra):
+    from nanomarkov.train import train
+
     overrides = parse_overrides(extra)
     if args.resume:
         overrides["init_from"] = "resume"
@@ -341,6 +357,7 @@ def cmd_train(args, extra):
                 ("snapshots", args.snapshots),
                 ("snapshot_every", args.snapshot_every),
                 ("data_source", args.data_source),
+                ("threads", args.threads),
             )
             if v is not None
         }
@@ -358,6 +375,9 @@ def cmd_train(args, extra):
 
 def cmd_demo(args, extra):
     """generate MM-10 -> train with the default recipe -> evaluate -> plots."""
+    from nanomarkov.evaluate import evaluate_checkpoints, format_eval
+    from nanomarkov.report import write_report
+    from nanomarkov.train import train
 
     data_dir = default_data_dir(10)
     print(f"1/4 generate {data_dir}: 10,000 train + 1,000 val sequences from a random 10-state chain")
@@ -389,7 +409,11 @@ def cmd_demo(args, extra):
 
 
 def cmd_eval(args):
-    written = evaluate_checkpoints(args.checkpoints, data_dir=args.data, out=args.out)
+    from nanomarkov.distributed import torch_threads
+    from nanomarkov.evaluate import evaluate_checkpoints, format_eval, nonfinite_message
+
+    with torch_threads(args.threads):
+        written = evaluate_checkpoints(args.checkpoints, data_dir=args.data, out=args.out)
     for folder, result in written:
         print(format_eval(result))
         arrays = "".join(
@@ -405,6 +429,8 @@ def cmd_eval(args):
 
 
 def cmd_report(args):
+    from nanomarkov.report import format_summary, write_report
+
     report = write_report(args.root)
     print(format_summary(report["summary"]))
     print(
@@ -421,7 +447,7 @@ def cmd_report(args):
     return 0
 
 
-# The learning coefficient's settings on the command line: flag -> dynamics.LLC_DEFAULTS key.
+# The learning coefficient's settings on the command line: flag -> config.LLC_DEFAULTS key.
 LLC_FLAGS = {
     "llc_chains": "num_chains",
     "llc_draws": "num_draws",
@@ -432,6 +458,9 @@ LLC_FLAGS = {
 
 
 def cmd_dynamics(args):
+    from nanomarkov.distributed import torch_threads
+    from nanomarkov.dynamics import check_dynamics_folder, format_dynamics, llc_settings, run_dynamics, write_dynamics
+
     given = {name: getattr(args, flag) for flag, name in LLC_FLAGS.items() if getattr(args, flag) is not None}
     if given and not args.llc:
         flag = next(flag for flag, name in LLC_FLAGS.items() if name in given)
@@ -439,14 +468,15 @@ def cmd_dynamics(args):
     llc = llc_settings(**given) if args.llc else None
     if args.out:
         check_dynamics_folder(args.out, args.force)  # before the work, which takes a while
-    record = run_dynamics(
-        args.run,
-        data_dir=args.data,
-        val_sequences=args.val_sequences,
-        llc=llc,
-        show_progress=sys.stderr.isatty(),
-        simplex_iters=args.simplex_iters,
-    )
+    with torch_threads(args.threads):
+        record = run_dynamics(
+            args.run,
+            data_dir=args.data,
+            val_sequences=args.val_sequences,
+            llc=llc,
+            show_progress=sys.stderr.isatty(),
+            simplex_iters=args.simplex_iters,
+        )
     written = write_dynamics(record, args.out or args.run, force=args.force)
     if args.json:
         print(json_text(record), end="")
@@ -488,6 +518,7 @@ def _add_dynamics(verbs):
         help="hmm: the snapshots whose belief simplex dynamics_simplex.png draws, e.g. 0,400,1000 "
         "(default: the first, a middle one and the last)",
     )
+    _add_threads(dyn, "auto")
     dyn.add_argument("--llc", action="store_true", help="estimate the learning coefficient too (needs devinterp; slow)")
     for flag, name in LLC_FLAGS.items():
         kind = int if name in LLC_COUNTS else float
@@ -498,6 +529,10 @@ def _add_dynamics(verbs):
 
 
 def cmd_sweep(args):
+    from nanomarkov.sweep import run_sweep
+    from nanomarkov.sweep.slurm import SLURM_FLAGS
+    from nanomarkov.sweep.status import format_status, sweep_status
+
     if args.target == "status":
         if not args.folder or args.out or args.dry_run or args.force or args.jobs != 1:
             raise NanoMarkovError("usage: nanomarkov sweep status DIR (the folder a sweep wrote, its --out)")
@@ -529,6 +564,9 @@ def cmd_sweep(args):
 
 
 def cmd_export(args):
+    from nanomarkov.checkpoint import export_safetensors
+    from nanomarkov.interp.hf import export_hf
+
     if not Path(args.checkpoint).is_file():
         raise NanoMarkovError(f"{args.checkpoint}: no checkpoint there (a run folder's ckpt.pt)")
     if args.format == "hf":
@@ -743,6 +781,7 @@ def _add_train(verbs):
     tr.add_argument(
         "--data_source", default=None, metavar="fixed|online", help="online: fresh sequences from the process each step"
     )
+    _add_threads(tr, None)  # None: the recipe's (a config file's, a resumed run's) threads
     tr.set_defaults(func=cmd_train, takes_overrides=True)
 
 
@@ -847,6 +886,7 @@ def build_parser():
     )
     ev.add_argument("--data", default=None, help="dataset folder (default: the one each checkpoint was trained on)")
     ev.add_argument("--out", default=None, help="output folder (default: next to each checkpoint)")
+    _add_threads(ev, "auto")
     ev.set_defaults(func=cmd_eval)
 
     rep = verbs.add_parser("report", help="plots for each run under DIR, and a table of mean ± sd over seeds")

@@ -27,10 +27,9 @@ from pathlib import Path
 
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.files import read_capped, read_json_or_none
+from nanomarkov.gpt_config import ADDED_FIELDS as MODEL_ADDED_FIELDS
+from nanomarkov.gpt_config import GPTConfig
 from nanomarkov.processes import DEFAULT_PROCESS, process_class
-
-from .model import ADDED_FIELDS as MODEL_ADDED_FIELDS
-from .model import GPTConfig
 
 # Where training sequences come from: the dataset's train split, or fresh from its process.
 DATA_SOURCES = ("fixed", "online")
@@ -85,6 +84,7 @@ class TrainConfig:
     device: str = "auto"  # auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bf16 on CUDA when supported, else fp32) | float32 | bfloat16 | float16
     compile: str | bool = "auto"  # torch.compile: 'auto' (CUDA only) | True | False
+    threads: int | str = "auto"  # torch's intra-op threads: N, or 'auto' (docs/training.md#threads)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -161,7 +161,7 @@ MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name not
 
 # Fields newer than the first runs: absent from an older run's config.json, they mean their default,
 # which computes what that run computed (TrainConfig's own later fields join the model's here).
-ADDED_FIELDS = (*MODEL_ADDED_FIELDS, "data_source", "snapshot_every")
+ADDED_FIELDS = (*MODEL_ADDED_FIELDS, "data_source", "snapshot_every", "threads")
 
 # A run folder is one whose config.json `train` wrote: every run's holds these keys beside the
 # TrainConfig fields (since the first version), which a user's own config.json is unlikely to.
@@ -189,6 +189,7 @@ RESUMABLE_CHANGES = frozenset(
         "wandb_run_name",
         "device",
         "compile",
+        "threads",
         "snapshots",
         "snapshot_every",
     }
@@ -254,6 +255,17 @@ def _unknown_key_message(key: str, where: str) -> str:
     return f"unknown key {key!r} in {where}{hint}; valid keys: {', '.join(FIELDS)}"
 
 
+# 'auto' threads: what torch would use here (every core, or OMP_NUM_THREADS, or a rank's or a sweep run's
+# share), at most this many. The models are small: past one or two threads a step's matrices are too small
+# to split, and on a busy machine every extra thread waits for a core (docs/training.md#threads).
+AUTO_THREADS_MAX = 1
+
+
+def is_threads_setting(value) -> bool:
+    """Whether `value` is a setting of torch's intra-op threads: 'auto' or an integer >= 1."""
+    return value == "auto" or (type(value) is int and value >= 1)
+
+
 def _check_type(key: str, value):
     """Return value if it suits field `key` (ints are accepted, as floats, for float fields)."""
     kind = _KINDS[key]
@@ -262,6 +274,8 @@ def _check_type(key: str, value):
             value in ("auto", True, False) and type(value) in (str, bool),
             f"compile must be 'auto', True or False, got {value!r}",
         )
+    elif key == "threads":
+        _require(is_threads_setting(value), f"threads must be 'auto' or an integer >= 1, got {value!r}")
     elif kind is bool:
         _require(isinstance(value, bool), f"{key} must be True or False, got {value!r}")
     elif kind is int:
@@ -718,3 +732,14 @@ def preset_file(name: str, n_states: int, sparsity: int | None = None, seed: int
         f"Train with: nanomarkov train THIS_FILE [--key=value ...]"
     )
     return format_config_file(cfg, header)
+
+
+# ------------------------------------------------------------------ dynamics' settings
+# Here, not in dynamics.py, so that the command line's help shows them without importing torch.
+
+# Val sequences evaluated per snapshot (fewer when sequences x vocabulary would pass EVAL_BATCH_ELEMENTS):
+# dozens of snapshots of a small model then take seconds on a CPU.
+DEFAULT_VAL_SEQUENCES = 256
+# The learning coefficient's estimate (devinterp): its defaults, and which of them are counts (the others are rates).
+LLC_DEFAULTS = dict(num_chains=2, num_draws=100, lr=1e-4, n_beta=None, batch_size=16, localization=100.0)
+LLC_COUNTS = ("num_chains", "num_draws", "batch_size")

@@ -11,6 +11,7 @@ SLURM_PROCID=0 but no step variables: only srun starts the other tasks), a step 
 submitit job), and torchrun inside srun (torchrun's variables win).
 """
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -18,6 +19,7 @@ import re
 import torch
 import torch.distributed as dist
 
+from nanomarkov.config import AUTO_THREADS_MAX
 from nanomarkov.errors import NanoMarkovError
 
 SLURM_PORTS = (12000, 32000)  # below Linux's ephemeral range (32768+), where the kernel picks client ports
@@ -169,3 +171,21 @@ def _int(env, name, why):
         return int(value)
     except ValueError:
         raise NanoMarkovError(f"{name}={value!r} is not a whole number") from None
+
+
+def intra_op_threads(setting) -> int:
+    """The number of torch intra-op threads `setting` (an integer >= 1, or 'auto') asks for here."""
+    return min(torch.get_num_threads(), AUTO_THREADS_MAX) if setting == "auto" else setting
+
+
+@contextlib.contextmanager
+def torch_threads(setting):
+    """torch's intra-op threads set to `setting` (TrainConfig.threads, --threads) inside the block, the number
+    given to it; what they were before, after."""
+    before = torch.get_num_threads()
+    threads = intra_op_threads(setting)
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)

@@ -43,7 +43,7 @@ from matplotlib.ticker import EngFormatter
 from tqdm import tqdm
 
 from nanomarkov.checkpoint import CHECKPOINT, list_snapshots, load_checkpoint, load_snapshot, snapshot_config
-from nanomarkov.config import is_run_folder
+from nanomarkov.config import DEFAULT_VAL_SEQUENCES, LLC_COUNTS, LLC_DEFAULTS, is_run_folder
 from nanomarkov.data import load_dataset, optimal_loss_by_position, stage_loss_errors, stage_losses
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.evaluate import (
@@ -74,9 +74,6 @@ PLOTS = (
     "dynamics_strategies.png",
     "dynamics_attention.png",
 )
-# Val sequences evaluated per snapshot (fewer when sequences x vocabulary would pass EVAL_BATCH_ELEMENTS):
-# dozens of snapshots of a small model then take seconds on a CPU.
-DEFAULT_VAL_SEQUENCES = 256
 ATTENTION_SEQUENCES = 64  # the attention summary needs fewer: its means settle fast
 # The optimum counts as reached within this of the floor (the project's quality target).
 REACHED_EXCESS = TARGET_EXCESS
@@ -401,9 +398,6 @@ def run_dynamics(
 
 
 # ------------------------------------------------------------ the learning coefficient (devinterp, optional)
-
-LLC_DEFAULTS = dict(num_chains=2, num_draws=100, lr=1e-4, n_beta=None, batch_size=16, localization=100.0)
-LLC_COUNTS = ("num_chains", "num_draws", "batch_size")  # the integer settings; the others are rates
 
 
 def llc_settings(**changes):

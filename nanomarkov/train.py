@@ -30,23 +30,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from nanomarkov.batches import FixedSequences, OnlineSequences, to_inputs_targets, whole_split_batches
 from nanomarkov.checkpoint import CHECKPOINT, list_snapshots, load_checkpoint, save_checkpoint, save_snapshot
 from nanomarkov.config import TrainConfig, config_changes, is_run_folder
-from nanomarkov.data import (
-    Dataset,
-    FixedSequences,
-    OnlineSequences,
-    headline,
-    learnable_fraction,
-    load_dataset,
-    to_inputs_targets,
-    whole_split_batches,
-)
-from nanomarkov.distributed import Distributed, init_distributed
+from nanomarkov.data import Dataset, headline, learnable_fraction, load_dataset
+from nanomarkov.distributed import Distributed, init_distributed, torch_threads
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
 from nanomarkov.files import check_output_folder, json_text, write_json, writer_lock
+from nanomarkov.gpt_config import GPTConfig, training_bytes, weight_count
 from nanomarkov.memory import check_fits
-from nanomarkov.model import GPT, GPTConfig, training_bytes, weight_count
+from nanomarkov.model import GPT
 
 EVAL_BATCH_SEQUENCES = 64
 
@@ -289,7 +282,8 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None, on_eval=None):
     if setup.ddp.is_main:
         check_output_folder(setup.out_dir, "training run", is_run_folder, force=overwrite, flag="--out_dir")
     # One writer per run folder: a second `train` into it is refused, not interleaved with this one.
-    with writer_lock(setup.out_dir, "training run") if setup.ddp.is_main else contextlib.nullcontext():
+    lock = writer_lock(setup.out_dir, "training run") if setup.ddp.is_main else contextlib.nullcontext()
+    with lock, torch_threads(cfg.threads):
         resume_state = read_resume_state(setup, overwrite)
         model = build_model(setup, resume_state)
         if setup.ddp.is_main:
@@ -386,6 +380,7 @@ def write_run_folder(setup, resumed, start_iter):
         vocab_size=setup.gpt_config.vocab_size,
         block_size=setup.gpt_config.block_size,
         device_resolved=setup.device,
+        threads_resolved=torch.get_num_threads(),  # torch's intra-op threads, TrainConfig.threads resolved
         autocast=str(setup.autocast),
         compiled=setup.use_compile,
         world_size=setup.ddp.world_size,
@@ -393,6 +388,12 @@ def write_run_folder(setup, resumed, start_iter):
         dataset_sha256=setup.dataset.meta["sha256"],  # what eval and dynamics check a dataset against
     )
     write_json(setup.out_dir / "config.json", config_record, what="run config")
+
+
+def threads_text():
+    """torch's intra-op threads, as the first log line says them: '1 thread', '2 threads'."""
+    threads = torch.get_num_threads()
+    return f"{threads} thread{'s' if threads > 1 else ''}"
 
 
 def open_outputs(setup, raw_model, resume_state, show_progress):
@@ -411,7 +412,7 @@ def open_outputs(setup, raw_model, resume_state, show_progress):
     autocast, theory = setup.autocast, setup.theory
     log.line(
         f"{setup.out_dir}: {raw_model.num_params():,} parameters, {setup.tokens_per_iter:,} tokens/iter "
-        f"({setup.global_batch} sequences x {setup.gpt_config.block_size}), device {setup.device}"
+        f"({setup.global_batch} sequences x {setup.gpt_config.block_size}), device {setup.device}, {threads_text()}"
         f"{', ' + str(autocast).replace('torch.', '') if autocast else ''}{', compiled' if setup.use_compile else ''}"
         f"{', online data from the process' if cfg.data_source == 'online' else ''}, "
         f"{'resuming at iter ' + str(start_iter) if resume_state else 'from scratch'}; {schedule_text(cfg)}; "

@@ -12,7 +12,7 @@ MAX_FUNCTION_LINES = 60
 LAYERS = [
     {"errors", "files", "memory"},
     {"processes"},
-    {"model", "data", "checkpoint", "config", "distributed"},
+    {"model", "gpt_config", "data", "batches", "checkpoint", "config", "distributed"},
     {"train", "evaluate", "report", "interp", "dynamics", "tune"},
     {"sweep"},
     {"cli", "__main__"},
@@ -131,8 +131,8 @@ def test_imports_go_down_the_layers_only():
 def test_model_knows_no_process_and_processes_know_only_errors_files_and_memory():
     for _, name, tree in parsed():
         imported = {top(target) for _, target, _, _ in package_imports(tree, name)}
-        if name == "nanomarkov.model":
-            assert imported <= {"errors"}, imported
+        if name in ("nanomarkov.model", "nanomarkov.gpt_config"):
+            assert imported <= {"errors", "gpt_config"}, imported
         if top(name) == "processes":
             assert imported <= {"errors", "files", "memory", "processes"}, (name, imported)
 

@@ -1,4 +1,5 @@
-"""cli.main's guard: seeds checked at parse time, and a reader that leaves early (`| head -1`); --version."""
+"""cli.main's guard: seeds checked at parse time, and a reader that leaves early (`| head -1`); --version; the
+commands that need no model never import torch."""
 
 import importlib.metadata
 import signal
@@ -66,6 +67,40 @@ def test_sigterm_during_generate_leaves_no_build_and_no_lock(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM and err.strip() == "terminated"
     assert list((tmp_path / "g").iterdir()) == []  # the unfinished build and the folder's lock are gone
+
+
+# Run in a fresh interpreter (this one has torch loaded by other tests): each command, then whether torch came in.
+WITHOUT_TORCH = """
+import sys
+from nanomarkov.cli import main
+data = sys.argv[1]
+for argv in (
+    ["--help"],
+    ["--version"],
+    ["generate", "3", "--train", "4", "--val", "2", "--seq_len", "6", "--out", data],
+    ["theory", data],
+):
+    assert main(argv) == 0, argv
+    loaded = sorted(name for name in sys.modules if name.startswith("nanomarkov"))
+    assert "torch" not in sys.modules, f"{argv} imported torch; package modules loaded: {loaded}"
+"""
+
+
+def test_help_version_generate_and_theory_never_import_torch(tmp_path):
+    child = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH, str(tmp_path / "d")], capture_output=True, text=True, timeout=120
+    )
+    assert child.returncode == 0, child.stderr
+    assert (tmp_path / "d" / "meta.json").is_file()
+
+
+@pytest.mark.parametrize("verb", [["train", "5"], ["eval", "ckpt.pt"], ["dynamics", "run"]])
+@pytest.mark.parametrize("threads", ["0", "-1", "two", "1.5"])
+def test_threads_are_auto_or_a_positive_integer(tmp_path, monkeypatch, capsys, verb, threads):
+    monkeypatch.chdir(tmp_path)
+    assert main([*verb, "--threads", threads]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"threads are 'auto' or an integer >= 1, got {threads!r}" in err
 
 
 def test_a_sweep_out_that_is_a_file_is_one_line(tmp_path, monkeypatch, capsys):

@@ -328,6 +328,9 @@ def test_to_dict_from_dict_round_trip():
         (dict(snapshot_every=11, max_iters=10), r"snapshot_every \(11\) is more than max_iters \(10\)"),
         (dict(attn_only=True, mlp_only=True), "attn_only and mlp_only together"),
         (dict(data_source="stream"), "data_source must be 'fixed' or 'online'"),
+        (dict(threads=0), "threads must be 'auto' or an integer >= 1, got 0"),
+        (dict(threads="two"), "threads must be 'auto' or an integer >= 1"),
+        (dict(threads=True), "threads must be 'auto' or an integer >= 1"),
     ],
 )
 def test_invalid_train_configs(bad, needle):
@@ -635,7 +638,7 @@ def test_config_changes_lists_what_differs_except_what_a_resume_may_change():
     del saved["learning_rate"]  # a config saved before a field existed
     assert config_changes(saved, cfg) == ["n_embd 64 -> 128", "learning_rate None -> 0.01"]
     # A field added since (ADDED_FIELDS) means its default where an older run's config lacks it.
-    del saved["lm_head_bias"], saved["attn_only"], saved["snapshot_every"]
+    del saved["lm_head_bias"], saved["attn_only"], saved["snapshot_every"], saved["threads"]
     assert config_changes(saved, cfg) == ["n_embd 64 -> 128", "learning_rate None -> 0.01"]
     assert "lm_head_bias False -> True" in config_changes(saved, TrainConfig(lm_head_bias=True))
     assert "attn_only False -> True" in config_changes(saved, TrainConfig(attn_only=True))

@@ -11,7 +11,8 @@ import pytest
 
 import nanomarkov.data as data_module
 from nanomarkov import NanoMarkovError
-from nanomarkov.data import SequenceOrder, generate_dataset, load_dataset, to_inputs_targets, whole_split_batches
+from nanomarkov.batches import SequenceOrder, to_inputs_targets, whole_split_batches
+from nanomarkov.data import generate_dataset, load_dataset
 from nanomarkov.processes.markov import MarkovChain
 
 META_KEYS = {

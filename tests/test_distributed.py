@@ -31,8 +31,16 @@ from test_train import (
 )
 
 from nanomarkov import NanoMarkovError
-from nanomarkov.config import TrainConfig
-from nanomarkov.distributed import SLURM_PORTS, Launch, expand_counts, expand_hostlist, launch_from_env, slurm_port
+from nanomarkov.config import AUTO_THREADS_MAX, TrainConfig
+from nanomarkov.distributed import (
+    SLURM_PORTS,
+    Launch,
+    expand_counts,
+    expand_hostlist,
+    launch_from_env,
+    slurm_port,
+    torch_threads,
+)
 from nanomarkov.train import resolve_device
 
 ITERS = 20
@@ -373,3 +381,17 @@ def test_each_process_takes_the_gpu_of_its_local_rank_among_those_it_sees(monkey
     for device in ("auto", "cuda"):
         cfg = TrainConfig(device=device, dtype="float32", compile=False)
         assert resolve_device(cfg, local_rank)[0] == expected
+
+
+def test_threads_are_set_inside_the_block_and_restored_after():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch_threads(3) as threads:
+            assert threads == torch.get_num_threads() == 3
+        assert torch.get_num_threads() == 2
+        with torch_threads("auto") as threads:  # torch's own count (here 2), at most AUTO_THREADS_MAX
+            assert threads == torch.get_num_threads() == min(2, AUTO_THREADS_MAX)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

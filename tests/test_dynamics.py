@@ -325,7 +325,7 @@ def test_learning_coefficient_settings_reach_the_estimate(markov_run, monkeypatc
         seen.update(llc)
         raise NanoMarkovError("stopped before any snapshot")
 
-    monkeypatch.setattr("nanomarkov.cli.run_dynamics", stop_at_start)
+    monkeypatch.setattr("nanomarkov.dynamics.run_dynamics", stop_at_start)
     argv = ["dynamics", str(markov_run[0]), "--llc", "--llc_draws", "7", "--llc_lr", "3e-5", "--llc_batch_size", "4"]
     assert main(argv) == 2
     assert seen == dict(num_chains=2, num_draws=7, lr=3e-5, n_beta=None, batch_size=4, localization=100.0)

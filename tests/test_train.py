@@ -260,6 +260,7 @@ def test_loss_goes_down_toward_optimum_and_outputs_have_every_documented_key(run
     expected = TrainConfig.from_dict(config(data, run_a)).to_dict()
     assert set(FIELDS) <= set(saved)
     assert {k: saved[k] for k in FIELDS} == expected
+    assert saved["threads"] == "auto" and saved["threads_resolved"] == 1  # one_thread's 1, at most AUTO_THREADS_MAX
 
 
 def test_val_loss_is_the_mean_cross_entropy_over_the_whole_val_split(run_a, data):

@@ -29,9 +29,10 @@ from test_train import (
 
 import nanomarkov.train as train_module
 from nanomarkov import NanoMarkovError
+from nanomarkov.batches import ONLINE_CHUNK_ITERS, OnlineSequences
 from nanomarkov.checkpoint import list_snapshots
 from nanomarkov.cli import main
-from nanomarkov.data import ONLINE_CHUNK_ITERS, OnlineSequences, load_dataset
+from nanomarkov.data import load_dataset
 from nanomarkov.processes import PROCESSES
 from nanomarkov.train import snapshot_iters, training_sequences
 

@@ -450,13 +450,16 @@ def plot_history(study):
 
 
 def plot_importances(study, complete):
-    """Optuna's parameter importances (fANOVA), or None with fewer than two complete trials."""
+    """Optuna's parameter importances (fANOVA), or None with fewer than two complete trials or without
+    scikit-learn, which Optuna's fANOVA needs and the tune extra does not bring."""
     if len(complete) < 2:
         return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # optuna warns that a constant parameter has no importance
         try:
             importances = optuna.importance.get_param_importances(study)
+        except ImportError:
+            return None
         except (RuntimeError, ValueError):  # every searched value the same in the complete trials
             return None
     if not importances:

@@ -174,7 +174,8 @@ def test_ranks_and_micro_batches_split_one_global_batch_of_distinct_sequences(da
     assert len({row.tobytes() for row in rows}) == len(rows)
 
 
-@pytest.mark.parametrize("process", sorted(PROCESSES))
+# A generalized HMM is its matrices (a spec or a named one): `ghmm` draws none at random; post_quantum streams as one.
+@pytest.mark.parametrize("process", sorted(set(PROCESSES) - {"ghmm"}))
 def test_every_process_streams_online(process):
     cls = PROCESSES[process]
     chain = cls.random(cls.N_STATES or 3, seed=0)  # the named processes fix their own K

@@ -395,7 +395,8 @@ def tune(settings, jobs=1, threads=None):
 def write_outputs(settings, study):
     """best_recipe.py, the plots and report.md; returns the best trial's line."""
     out = Path(settings.out)
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    # A trial told a value by another tool (Optuna's own API, a dashboard) carries no run config: it cannot be a recipe.
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "config" in t.user_attrs]
     if not complete:
         raise NanoMarkovError(
             f"no trial of the study in {out} has finished yet (all pruned, failed or running); "

@@ -6,9 +6,10 @@ A verb imports the modules that do its work when it runs (`cmd_train` imports tr
 Exit codes: 0 ok, 2 bad input (one line on stderr, no traceback; out of memory too: the fix is a
 smaller input), 1 failure (a diverged run; stdout that cannot be written, e.g. `> /dev/full`: the
 command's work is done whole -- a dataset, a training run -- but its output is lost, and the same
-command succeeds where stdout has room, as coreutils exit 1 on a write error), 130 Ctrl-C, 141 stdout closed early (`nanomarkov theory data/x
-| head -1`: quietly, as a tool killed by SIGPIPE exits in a shell, so `set -o pipefail` still sees
-that not all output was read). A warning from any layer is one `note:` line on stderr.
+command succeeds where stdout has room, as coreutils exit 1 on a write error), 130 Ctrl-C, 143 SIGTERM, 141 stdout
+closed early (`nanomarkov train ... | head -1`: the command still finishes its work -- the run trains to its
+end and checkpoints, the dataset is written whole -- printing nothing more, then exits quietly, as a tool
+killed by SIGPIPE exits in a shell, so `set -o pipefail` still sees that not all output was read). A warning from any layer is one `note:` line on stderr.
 """
 
 import argparse
@@ -992,11 +993,13 @@ def _raise_terminated(signum, frame):
 class CheckedStdout:
     """sys.stdout that outlives a failed write (a full device, an I/O error): the first failure is kept in
     `failure` and what follows is dropped, so that the command's work (a dataset, a training run) still
-    ends whole, and main reports the lost output at the end. A closed pipe stays BrokenPipeError: the
-    reader has gone, and the command stops as a tool that SIGPIPE ends does."""
+    ends whole, and main reports the lost output at the end. A closed pipe (`| head -1`) is kept in
+    `closed` and dropped the same way: the reader has gone, but the work it started -- a training run and
+    its checkpoint, a dataset, a sweep -- is worth more than its printout, so the command finishes it and
+    exits as a tool that SIGPIPE ends does (141), quietly."""
 
     def __init__(self, stream):
-        self.stream, self.failure = stream, None
+        self.stream, self.failure, self.closed = stream, None, False
 
     def write(self, text):
         self.checked(self.stream.write, text)
@@ -1006,12 +1009,12 @@ class CheckedStdout:
         self.checked(self.stream.flush)
 
     def checked(self, operation, *args):
-        if self.failure is not None:
+        if self.failure is not None or self.closed:
             return
         try:
             operation(*args)
         except BrokenPipeError:
-            raise
+            self.closed = True
         except OSError as e:
             self.failure = e.strerror or str(e)
 
@@ -1050,9 +1053,11 @@ def main(argv=None):
         with warnings.catch_warnings(), redirect_stdout(stdout):
             warnings.showwarning = show_note  # restored by catch_warnings
             code = run_and_flush(argv)
-    except BrokenPipeError:
-        silence(sys.stdout)  # the reader left (`| head -1`): nothing to report
-        return EXIT_CLOSED_STDOUT
+    except BrokenPipeError:  # a write that bypassed CheckedStdout (a library's own reference to the stream)
+        stdout.closed = True
+    if stdout.closed:
+        silence(sys.stdout)  # the reader left (`| head -1`): nothing to report, the work is done
+        return code or EXIT_CLOSED_STDOUT
     if stdout.failure is None:
         return code
     silence(sys.stdout)

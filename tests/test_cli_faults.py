@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,3 +111,30 @@ def test_another_runtime_error_is_not_taken_for_out_of_memory(spec, monkeypatch)
     monkeypatch.setattr(cli, "spec_theory_row", bug)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         main(["theory", "--spec", "chain.json"])
+
+
+class ClosedPipe(io.StringIO):
+    """A stdout whose reader has gone (`| head -1`): every write fails as a closed pipe's does."""
+
+    def write(self, text):
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
+@pytest.mark.parametrize("verb", ["generate", "train"])
+def test_a_closed_stdout_lets_the_command_finish_its_work_then_exits_141(spec, capsys, monkeypatch, verb):
+    """A sweep prints through the same stdout: its runs go on the same way."""
+    main(["generate", "3", "--train", "8", "--val", "4", "--seq_len", "8", "--out", "d"])
+    argv = {
+        "generate": ["generate", "3", "--train", "8", "--val", "4", "--seq_len", "8", "--out", "g"],
+        "train": ["train", "d", "--out_dir=r", "--device=cpu", "--max_iters=4", "--warmup_iters=0", "--n_layer=1",
+                  "--n_embd=8", "--n_head=1", "--batch_size=2", "--eval_interval=2", "--log_interval=1"],
+    }[verb]  # fmt: skip
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(argv) == cli.EXIT_CLOSED_STDOUT
+    assert capsys.readouterr().err == ""  # quietly, as a tool SIGPIPE ends
+    if verb == "generate":
+        assert load_dataset("g").meta["train_sequences"] == 8  # whole
+    else:
+        assert json.loads(Path("r/done.json").read_text())["iters"] == 4  # trained to its end, checkpointed
+        assert torch.load("r/ckpt.pt", weights_only=True)["iter"] == 4

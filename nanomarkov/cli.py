@@ -931,6 +931,7 @@ def guarded(function, *args):
     except (MemoryError, RuntimeError) as e:
         if not is_out_of_memory(e):
             raise
+        e.__traceback__ = None  # the frames that held what filled the memory go, and that memory with them
         say(out_of_memory_message(e))
         return 2
     except KeyboardInterrupt:
@@ -956,17 +957,30 @@ def is_out_of_memory(error):
     return (torch_oom is not None and isinstance(error, torch_oom)) or bool(TORCH_OUT_OF_MEMORY.search(str(error)))
 
 
+OUT_OF_MEMORY_FIX = (
+    "use a smaller K, --batch_size or model (--n_layer, --n_embd), fewer --train/--val sequences, or a machine "
+    "with more memory"
+)
+# Made before any command runs: where the memory is still short, building the detailed line fails too.
+OUT_OF_MEMORY_LINE = f"error: out of memory: {OUT_OF_MEMORY_FIX}"
+
+
 def out_of_memory_message(error):
-    """The one line for an allocation that failed: which memory, the size asked for where the error says it."""
+    """The one line for an allocation that failed: which memory, the size asked for where the error says it;
+    OUT_OF_MEMORY_LINE where even that small line cannot be allocated."""
+    try:
+        return detailed_out_of_memory_message(error)
+    except MemoryError:
+        return OUT_OF_MEMORY_LINE
+
+
+def detailed_out_of_memory_message(error):
     text = str(error)
     on_gpu = re.search(r"CUDA|GPU|MPS|XPU", text) is not None
     asked = re.search(r"allocate (\d+(?:\.\d+)? ?[KMGTPE]i?B)", text, re.IGNORECASE)
     asked_bytes = re.search(r"allocate (\d+) bytes", text)
     size = asked.group(1) if asked else f"{int(asked_bytes.group(1)) / 2**30:,.1f} GiB" if asked_bytes else None
-    return (
-        f"error: out of {'GPU' if on_gpu else 'memory'}{f' (asked for {size} more)' if size else ''}: use a smaller "
-        "K, --batch_size or model (--n_layer, --n_embd), fewer --train/--val sequences, or a machine with more memory"
-    )
+    return f"error: out of {'GPU' if on_gpu else 'memory'}{f' (asked for {size} more)' if size else ''}: {OUT_OF_MEMORY_FIX}"
 
 
 def _dispatch(argv):

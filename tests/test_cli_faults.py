@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +139,26 @@ def test_a_closed_stdout_lets_the_command_finish_its_work_then_exits_141(spec, c
     else:
         assert json.loads(Path("r/done.json").read_text())["iters"] == 4  # trained to its end, checkpointed
         assert torch.load("r/ckpt.pt", weights_only=True)["iter"] == 4
+
+
+class Held:
+    """Something a failing frame holds, whose going a weak reference sees."""
+
+
+def test_out_of_memory_frees_the_failing_frames_before_its_line_and_needs_no_allocation(spec, capsys, monkeypatch):
+    held = []
+
+    class NoRoomForText(MemoryError):
+        def __str__(self):
+            raise MemoryError  # the detailed line cannot be built: memory is still short
+
+    def fault(*args):
+        big = Held()  # stands for what filled the memory: a local of the frames the error passes through
+        held.append(weakref.ref(big))
+        raise NoRoomForText
+
+    said = []
+    monkeypatch.setattr(cli, "spec_theory_row", fault)
+    monkeypatch.setattr(cli, "say", lambda line: said.append((line, held[0]() is None)))
+    assert main(["theory", "--spec", "chain.json"]) == 2
+    assert said == [(cli.OUT_OF_MEMORY_LINE, True)]  # the fixed line, said once the frames' memory was let go

@@ -312,6 +312,42 @@ def test_a_dry_run_refuses_a_run_train_refuses_with_its_dataset_naming_the_run(t
         run_sweep(grid, tmp_path / "out", dry_run=True, progress=print)
 
 
+@pytest.mark.parametrize(
+    "defaults, named",
+    [({"n_embd": 100000, "n_layer": 10}, "n_embd 100000, n_layer 10"), ({"batch_size": 10**8}, "batches of 100000000")],
+)
+def test_a_dry_run_refuses_a_training_step_that_does_not_fit_as_the_real_sweep_does(tmp_path, defaults, named):
+    grid = small_grid()
+    grid["defaults"].update(defaults)
+    for dry_run in (True, False):
+        with pytest.raises(NanoMarkovError) as refused:
+            run_sweep(grid, tmp_path / "out", dry_run=dry_run, progress=print)
+        assert named in str(refused.value) and "use a smaller --batch_size" in str(refused.value)
+        assert str(refused.value).startswith("the grid: [[experiments]] entry 0, run MM-5/MM-5-42: training")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_grid_of_more_runs_than_a_sweep_takes_is_refused_from_its_lists_lengths(tmp_path, monkeypatch):
+    expanded = []
+    monkeypatch.setattr(sweep_grid, "_experiment_runs", lambda *args: expanded.append(args))
+    grid = small_grid(seeds=list(range(20_000)), presets=["default", "c6", "c1"])
+    grid["experiments"].append({"seeds": list(range(50_000)), "tag": "more"})  # 60,000 + 50,000 runs
+    with pytest.raises(NanoMarkovError) as refused:
+        run_sweep(grid, tmp_path / "out", dry_run=True, progress=print)
+    assert str(refused.value).startswith(
+        f"the grid makes 110,000 runs (datasets x presets x seeds), more than the {sweep_grid.MAX_GRID_RUNS:,} a sweep"
+    )
+    assert "split it into several grids" in str(refused.value)
+    assert expanded == [] and not (tmp_path / "out").exists()  # counted, never expanded
+
+
+def test_a_grid_file_too_big_to_parse_quickly_is_refused_unread(tmp_path):
+    path = tmp_path / "grid.toml"
+    path.write_bytes(b"# " + b"x" * sweep_grid.MAX_GRID_BYTES)
+    with pytest.raises(NanoMarkovError, match=r"grid .*grid.toml is 2,097,154 bytes, more than the 2,097,152 read"):
+        expand_grid(path, tmp_path)
+
+
 def test_planning_says_how_it_goes_once_it_takes_a_while(tmp_path, monkeypatch):
     clock = iter(range(0, 1000, 2))  # every look at the clock is 2 s later
     monkeypatch.setattr(sweep_grid.time, "monotonic", lambda: next(clock))

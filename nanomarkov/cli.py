@@ -25,8 +25,6 @@ import warnings
 from contextlib import redirect_stdout, suppress
 from pathlib import Path
 
-from tqdm import tqdm
-
 from nanomarkov.config import (
     AUTO_THREADS_MAX,
     DEFAULT_VAL_SEQUENCES,
@@ -54,6 +52,7 @@ from nanomarkov.errors import NanoMarkovError, TrainingDiverged
 from nanomarkov.files import json_text
 from nanomarkov.processes import DEFAULT_PROCESS, PROCESSES, load_plugins
 from nanomarkov.processes.spec import process_from_file
+from nanomarkov.progress import Heartbeat, StopDeadline, stopped_line
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -102,11 +101,10 @@ def _add_threads(parser, default):
     )
 
 
-def _progress_bar(total, description):
-    """A tqdm bar on a terminal; nothing when output goes to a file or a pipe."""
-    return tqdm(
-        total=total, desc=description, unit="tok", unit_scale=True, disable=not sys.stderr.isatty(), leave=False
-    )
+def _progress(total, out):
+    """Lines on stderr while a generation takes long (the heartbeat): the tokens written, or before any, that the
+    process and its theory are being built."""
+    return Heartbeat(f"generate {out}", total, "tokens", waiting="building the process and its exact theory")
 
 
 def states_to_generate(process, n_states):
@@ -132,7 +130,7 @@ def cmd_generate(args):
     out = Path(args.out) if args.out else default_data_dir(n_states, args.sparsity, process, **options)
     seq_len = args.seq_len
     total = (args.train + args.val) * (seq_len or default_seq_len(n_states))
-    with _progress_bar(total, f"generate {out}") as bar:
+    with _progress(total, out) as bar:
         meta = generate_dataset(
             out,
             n_states,
@@ -144,7 +142,7 @@ def cmd_generate(args):
             seed=args.seed,
             dtype=args.dtype,
             force=args.force,
-            progress=bar.update,
+            progress=bar.advance,
             process=process,
             **options,
         )
@@ -164,7 +162,7 @@ def _generate_from_spec(args):
         )
     out = Path(args.out) if args.out else Path("data") / Path(args.spec).stem
     total = (args.train + args.val) * args.seq_len if args.seq_len else None
-    with _progress_bar(total, f"generate {out}") as bar:
+    with _progress(total, out) as bar:
         meta = generate_dataset(
             out,
             None,
@@ -174,7 +172,7 @@ def _generate_from_spec(args):
             seed=args.seed,
             dtype=args.dtype,
             force=args.force,
-            progress=bar.update,
+            progress=bar.advance,
             spec=args.spec,
         )
     _print_generated(out, meta)
@@ -294,7 +292,8 @@ def cmd_theory(args):
         )
     if not args.spec and not args.datasets:
         raise NanoMarkovError("nanomarkov theory: dataset folders (or --spec FILE) are required (see --help)")
-    rows = [spec_theory_row(args.spec, args.seq_len)] if args.spec else theory_rows(args.datasets)
+    with Heartbeat(f"theory of {args.spec or ', '.join(args.datasets)}", waiting="computing"):
+        rows = [spec_theory_row(args.spec, args.seq_len)] if args.spec else theory_rows(args.datasets)
     print(json.dumps(rows, indent=2) if args.json else format_theory_table(rows))
     return 0
 
@@ -367,8 +366,8 @@ def cmd_train(args, extra):
     for cfg in _train_configs(args, overrides):
         done = train(cfg, overwrite=args.force)
         results.append((cfg.out_dir, done))
-        if done["status"] == "interrupted":
-            return 130
+        if done["status"] == "interrupted":  # its log said where it stopped and how to go on
+            return 128 + getattr(signal, done.get("stopped_by") or "", signal.SIGINT)
     if len(results) > 1:
         print("\n".join(f"{out}: {headline(d)}" for out, d in results))
     return 0
@@ -935,10 +934,10 @@ def guarded(function, *args):
         say(out_of_memory_message(e))
         return 2
     except KeyboardInterrupt:
-        say("interrupted")
-        return 130
+        say(stopped_line(signal.SIGINT))
+        return 128 + signal.SIGINT
     except Terminated:
-        say("terminated")
+        say(stopped_line(signal.SIGTERM))
         return 128 + signal.SIGTERM
 
 
@@ -1064,7 +1063,7 @@ def main(argv=None):
         signal.signal(signal.SIGTERM, _raise_terminated)  # training installs its own while it trains
     stdout = CheckedStdout(sys.stdout)
     try:
-        with warnings.catch_warnings(), redirect_stdout(stdout):
+        with StopDeadline(), warnings.catch_warnings(), redirect_stdout(stdout):
             warnings.showwarning = show_note  # restored by catch_warnings
             code = run_and_flush(argv)
     except BrokenPipeError:  # a write that bypassed CheckedStdout (a library's own reference to the stream)

@@ -328,13 +328,16 @@ def _write_dataset(out_dir, chain, params, dtype, progress, chunk_tokens):
     for stale in out_dir.parent.glob(f".{out_dir.name}{BUILD_SUFFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)  # only this folder's writer (us, under its lock) uses them
     _check_free_space(out_dir, chain, params, dtype)
+    # The exact theory can take minutes in one numpy call, where a stop may have to end the process
+    # outright (progress.StopDeadline): done before the build folder exists, such a stop leaves none.
+    theory = theory_record(chain, params["seq_len"])
     try:
         build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{BUILD_SUFFIX}", dir=out_dir.parent))
         follow_umask(build)  # mkdtemp's 0700 would become the dataset folder's mode at the swap
     except OSError as e:
         raise NanoMarkovError(f"cannot write beside {out_dir} ({e.strerror or e}); choose another --out") from None
     try:
-        meta = _write_files(build, chain, params, dtype, progress, chunk_tokens)
+        meta = _write_files(build, chain, params, dtype, progress, chunk_tokens, theory)
         # The held lock's file, linked in, stays at out_dir/.lock through the swap: no second
         # writer can take the folder while the old dataset is cleared away.
         os.link(out_dir / LOCK_FILE, build / LOCK_FILE)
@@ -365,8 +368,22 @@ def _check_free_space(out_dir, chain, params, dtype):
         )
 
 
-def _write_files(folder, chain, params, dtype, progress, chunk_tokens):
-    """chain.npz, the splits, the beliefs where the process has them, and meta.json (last) into `folder`."""
+def theory_record(chain, seq_len):
+    """meta.json's theory keys of `chain` at `seq_len`, checked (check_theory)."""
+    record = {"theory": chain.theory(seq_len)}
+    losses, errors = chain.optimal_loss_by_position(seq_len)
+    record["optimal_loss_by_position"] = compact_by_position(
+        losses, errors, record["theory"]["entropy_rate"], record["theory"].get("entropy_rate_se")
+    )
+    record["stage_losses"] = chain.stage_losses(seq_len)  # from theory's sample where estimated: free here
+    record["stage_loss_errors"] = chain.stage_loss_errors(seq_len)
+    check_theory(chain, record["theory"], seq_len)
+    return record
+
+
+def _write_files(folder, chain, params, dtype, progress, chunk_tokens, theory):
+    """chain.npz, the splits, the beliefs where the process has them, and meta.json (last) into `folder`;
+    `theory` is theory_record's."""
     seq_len, seed = params["seq_len"], params["seed"]
     with open(folder / "chain.npz", "wb") as f:  # a file object, so savez adds no extension
         np.savez(f, **chain.arrays())
@@ -376,15 +393,8 @@ def _write_files(folder, chain, params, dtype, progress, chunk_tokens):
         vocab_size=chain.vocab_size,
         bos_token=chain.bos_token,
         sha256={"chain.npz": _file_sha256(folder / "chain.npz")},
-        theory=chain.theory(seq_len),
+        **theory,
     )
-    losses, errors = chain.optimal_loss_by_position(seq_len)
-    meta["optimal_loss_by_position"] = compact_by_position(
-        losses, errors, meta["theory"]["entropy_rate"], meta["theory"].get("entropy_rate_se")
-    )
-    meta["stage_losses"] = chain.stage_losses(seq_len)  # from theory's sample where estimated: free here
-    meta["stage_loss_errors"] = chain.stage_loss_errors(seq_len)
-    check_theory(chain, meta["theory"], seq_len)
     for split_index, split in enumerate(SPLITS, start=1):
         n = params[f"{split}_sequences"]
         rng = np.random.default_rng([seed, split_index])

@@ -13,6 +13,7 @@ import pytest
 
 from nanomarkov.cli import EXIT_CLOSED_STDOUT, MAX_SEED, main
 from nanomarkov.data import generate_dataset
+from nanomarkov.progress import stopped_line
 
 
 @pytest.mark.parametrize(
@@ -65,7 +66,7 @@ def test_sigterm_during_generate_leaves_no_build_and_no_lock(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM and err.strip() == "terminated"
+    assert proc.returncode == 128 + signal.SIGTERM and err.strip() == stopped_line(signal.SIGTERM)
     assert list((tmp_path / "g").iterdir()) == []  # the unfinished build and the folder's lock are gone
 
 

@@ -327,7 +327,7 @@ def _write_dataset(out_dir, chain, params, dtype, progress, chunk_tokens):
     """
     for stale in out_dir.parent.glob(f".{out_dir.name}{BUILD_SUFFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)  # only this folder's writer (us, under its lock) uses them
-    _check_free_space(out_dir, chain, params, dtype)
+    check_free_space(out_dir, chain, params, dtype)
     # The exact theory can take minutes in one numpy call, where a stop may have to end the process
     # outright (progress.StopDeadline): done before the build folder exists, such a stop leaves none.
     theory = theory_record(chain, params["seq_len"])
@@ -354,13 +354,15 @@ def _write_dataset(out_dir, chain, params, dtype, progress, chunk_tokens):
     return meta
 
 
-def _check_free_space(out_dir, chain, params, dtype):
-    """Refuse, before writing a byte, a dataset bigger than the free space beside out_dir."""
+def check_free_space(out_dir, chain, params, dtype):
+    """Refuse, before writing a byte, a dataset (plan_dataset's chain, params and dtype) bigger than the free space
+    where out_dir is or will be (its nearest folder that exists: a sweep's dry run plans folders not made yet)."""
     tokens = (params["train_sequences"] + params["val_sequences"]) * params["seq_len"]
     needed = tokens * dtype.itemsize
     if chain.BELIEF_STATES:
         needed += params["val_sequences"] * params["seq_len"] * chain.n_hidden * 4
-    free = shutil.disk_usage(out_dir.parent).free
+    existing = next(folder for folder in Path(out_dir).absolute().parents if folder.is_dir())
+    free = shutil.disk_usage(existing).free
     if needed > free:
         raise NanoMarkovError(
             f"the dataset needs {format_bytes(needed)} and {out_dir.parent} has {format_bytes(free)} free; "

@@ -30,7 +30,7 @@ from nanomarkov.config import (
     process_recipe,
     run_folder,
 )
-from nanomarkov.data import default_data_dir, plan_dataset
+from nanomarkov.data import check_free_space, default_data_dir, is_dataset_folder, plan_dataset
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.files import read_capped, read_json_or_none
 from nanomarkov.memory import check_fits
@@ -225,9 +225,11 @@ def _dataset(entry, out_root):
     params = {"sparsity": None, "seq_len": None, "seed": 42, "process": DEFAULT_PROCESS, **entry}
     preset("default", params["n_states"], params["sparsity"])  # checks K and sparsity as the recipes take them
     args, keywords = dataset_arguments(params)
-    chain, planned, _ = plan_dataset(*args, **keywords)
+    chain, planned, dtype = plan_dataset(*args, **keywords)
     chosen = {k: entry[k] for k in options if k in entry}
     folder = out_root / "data" / default_data_dir(params["n_states"], params["sparsity"], process, **chosen).name
+    if not is_dataset_folder(folder):  # as generate checks it before it writes (one already there is kept)
+        check_free_space(folder, chain, planned, dtype)
     return params, folder, {"vocab_size": chain.vocab_size, "block_size": planned["seq_len"] - 1}
 
 

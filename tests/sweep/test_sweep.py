@@ -288,6 +288,7 @@ def test_dry_run_writes_nothing(tmp_path):
         ),
         ({"process": "coin", "n_states": 2, "p": 1.5, "train": 9, "val": 9}, "[[datasets]] entry 1 (coin K=2): "),
         ({"n_states": 7, "train": 9, "val": 9, "seq_len": 1}, "[[datasets]] entry 1 (markov K=7): --seq_len must be"),
+        ({"n_states": 7, "train": 10**12, "val": 9}, "[[datasets]] entry 1 (markov K=7): the dataset needs 232.8 TiB"),
     ],
 )
 def test_a_dry_run_refuses_the_datasets_generate_refuses_naming_the_grid_file_and_entry(tmp_path, entry, message):

@@ -22,7 +22,7 @@ import sys
 import threading
 import tomllib
 import warnings
-from contextlib import redirect_stdout, suppress
+from contextlib import nullcontext, redirect_stdout, suppress
 from pathlib import Path
 
 from nanomarkov.config import (
@@ -1058,12 +1058,22 @@ def run_and_flush(argv):
         sys.stdout.flush()
 
 
+def stop_deadline(env):
+    """progress.StopDeadline for a command run alone; none for a rank of torchrun or srun (`env` names it as
+    distributed.launch_from_env reads it): the ranks stop together, after the same step, through their
+    collectives, which one rank ended alone would leave the others waiting in."""
+    tasks = env.get("SLURM_STEP_NUM_TASKS", "1")
+    if "RANK" in env or (tasks.isdigit() and int(tasks) > 1):
+        return nullcontext()
+    return StopDeadline()
+
+
 def main(argv=None):
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)  # training installs its own while it trains
     stdout = CheckedStdout(sys.stdout)
     try:
-        with StopDeadline(), warnings.catch_warnings(), redirect_stdout(stdout):
+        with stop_deadline(os.environ), warnings.catch_warnings(), redirect_stdout(stdout):
             warnings.showwarning = show_note  # restored by catch_warnings
             code = run_and_flush(argv)
     except BrokenPipeError:  # a write that bypassed CheckedStdout (a library's own reference to the stream)

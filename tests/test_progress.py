@@ -7,8 +7,9 @@ import sys
 import time
 
 from nanomarkov import data
+from nanomarkov.cli import stop_deadline
 from nanomarkov.data import generate_dataset
-from nanomarkov.progress import Heartbeat, stopped_line
+from nanomarkov.progress import Heartbeat, StopDeadline, stopped_line
 
 
 def test_a_heartbeat_says_nothing_for_quick_work():
@@ -77,3 +78,11 @@ def test_the_theory_that_may_take_minutes_comes_before_the_build_folder(tmp_path
     monkeypatch.setattr(data, "theory_record", theory_record)
     generate_dataset(tmp_path / "d", 3, 4, 2, seq_len=8)
     assert seen == [["d"]]  # only the folder its lock holds: no .d.partial-* build yet
+
+
+def test_the_ranks_of_a_process_group_have_no_deadline():
+    """They stop together through their collectives; one ended alone would leave the others waiting."""
+    assert isinstance(stop_deadline({}), StopDeadline)
+    assert isinstance(stop_deadline({"SLURM_STEP_NUM_TASKS": "1"}), StopDeadline)
+    assert not isinstance(stop_deadline({"RANK": "0", "WORLD_SIZE": "2"}), StopDeadline)
+    assert not isinstance(stop_deadline({"SLURM_STEP_NUM_TASKS": "4"}), StopDeadline)

@@ -563,6 +563,43 @@ def cmd_sweep(args):
     return 1 if states & {"failed", "cancelled"} else 0
 
 
+def cmd_reproduce(args):
+    from nanomarkov.reproduce import claims_table, paper_names, read_paper, reproduce
+    from nanomarkov.sweep.slurm import SLURM_FLAGS
+
+    if args.list:
+        for name in paper_names():
+            paper = read_paper(name)
+            c = paper.citation
+            print(f"{name:<18} {c['authors']} {c['year']}, {c['title']} ({len(paper.claims)} claims)")
+        return 0
+    if bool(args.name) == args.all:
+        raise NanoMarkovError("usage: nanomarkov reproduce NAME --out DIR, --all --out DIR, or --list")
+    if not args.out:
+        raise NanoMarkovError("say where the reproduction goes: nanomarkov reproduce NAME --out DIR")
+    slurm = {flag: getattr(args, flag) for flag in SLURM_FLAGS if getattr(args, flag) not in (None, [])}
+    if args.launcher == "local" and slurm:
+        raise NanoMarkovError(f"--{next(iter(slurm))} is a SLURM option: add --launcher slurm")
+    outcomes = []
+    for name in paper_names() if args.all else [args.name]:
+        out = Path(args.out) / name if args.all else Path(args.out)
+        outcome = reproduce(
+            name,
+            out,
+            scale=args.scale,
+            jobs=args.jobs,
+            launcher=args.launcher,
+            slurm=slurm if args.launcher == "slurm" else None,
+            force=args.force,
+            threads=args.threads,
+        )
+        held = sum(c["holds"] for c in outcome["claims"])
+        print(f"{name}: {held} of {len(outcome['claims'])} claims hold; report: {out / 'report.md'}")
+        outcomes.append(outcome)
+    print(claims_table(outcomes))
+    return 1 if any(outcome["failed"] for outcome in outcomes) else 0
+
+
 def cmd_export(args):
     from nanomarkov.checkpoint import export_safetensors
     from nanomarkov.interp.hf import export_hf
@@ -701,7 +738,13 @@ def _add_sweep(verbs):
         default="local",
         help="local processes (default), or one SLURM job array through submitit (docs/sweeps.md)",
     )
-    cl = sw.add_argument_group("SLURM (with --launcher slurm)")
+    _add_slurm_flags(sw)
+    sw.set_defaults(func=cmd_sweep)
+
+
+def _add_slurm_flags(parser):
+    """The SLURM launcher's flags (sweep.slurm.SLURM_FLAGS), for the verbs that run a sweep."""
+    cl = parser.add_argument_group("SLURM (with --launcher slurm)")
     cl.add_argument(
         "--slurm_partition", default=None, metavar="P", help="partition to submit to (default: the cluster's)"
     )
@@ -725,7 +768,33 @@ def _add_sweep(verbs):
         metavar="KEY=VALUE",
         help="any other sbatch option, repeatable: --sbatch account=mylab --sbatch qos=low",
     )
-    sw.set_defaults(func=cmd_sweep)
+
+
+def _add_reproduce(verbs):
+    rp = verbs.add_parser(
+        "reproduce",
+        help="run a paper's experiment (papers/NAME.toml) and check its claims against the exact theory",
+        epilog="examples: nanomarkov reproduce --list | nanomarkov reproduce shai2024-mess3 --out repro/mess3 | "
+        "nanomarkov reproduce --all --out repro --scale smoke (docs/papers.md)",
+    )
+    rp.add_argument("name", nargs="?", help="a paper's name (--list shows them) or the path of a paper's .toml")
+    rp.add_argument("--out", default=None, help="folder for the runs, claims.json and report.md (--all: one per paper)")
+    rp.add_argument("--list", action="store_true", help="the papers there are, and stop")
+    rp.add_argument("--all", action="store_true", help="every paper, each into OUT/NAME, then one table of claims")
+    rp.add_argument(
+        "--scale",
+        choices=["smoke", "cpu", "paper"],
+        default="cpu",
+        help="smoke: seconds (CI); cpu (default): minutes on a 2-core CPU; paper: the paper's sizes",
+    )
+    rp.add_argument("--force", action="store_true", help="write into an --out that holds other files")
+    rp.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process (default 1)")
+    rp.add_argument("--launcher", choices=["local", "slurm"], default="local", help="as nanomarkov sweep's")
+    rp.add_argument(
+        "--threads", type=int, default=None, help="torch threads per local run (default: the cores over --jobs)"
+    )
+    _add_slurm_flags(rp)
+    rp.set_defaults(func=cmd_reproduce)
 
 
 def _add_import_hmmlearn(verbs):
@@ -894,6 +963,7 @@ def build_parser():
     rep.set_defaults(func=cmd_report)
 
     _add_sweep(verbs)
+    _add_reproduce(verbs)
     _add_tune(verbs)
     _add_dynamics(verbs)
 

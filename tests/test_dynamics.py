@@ -358,6 +358,7 @@ def test_a_sweep_report_runs_dynamics_where_a_run_kept_snapshots(markov_run, tmp
     assert strict_json(runs / "with" / "dynamics.json")["snapshots"]
     assert not (runs / "without" / "dynamics.json").exists()
     assert any("dynamics written in 1 run(s)" in line for line in lines)
+    assert write_dynamics_reports(runs, lines.append) == []  # newer than every snapshot: a rerun leaves it
 
 
 def test_a_snapshot_with_broken_weights_is_null_not_nan(markov_run, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 from nanomarkov import NanoMarkovError
 from nanomarkov.cli import main
 from nanomarkov.files import json_text
+from nanomarkov.processes import incontext
 from nanomarkov.reproduce import claims_table, paper_names, read_paper, reproduce
 from nanomarkov.reproduce.claims import judge, read_claim
 from nanomarkov.reproduce.paper import PAPERS_DIR, paper_grid
@@ -98,7 +99,10 @@ def test_margin_strengthens_and_tolerance_eases_a_check():
 def test_a_quantity_a_run_could_not_give_fails_the_claim_and_says_so():
     result = judge(claim(value=0.01, if_not="more steps"), table(final_excess=[0.001, None]))
     assert result["holds"] is False
-    assert "not measured in 1 of 2" in result["ours"] and result["if_not"] == "more steps"
+    assert result["ours"] == "0.001 ± 0 (1 seed); not measured in 1 of 2 seeds" and result["if_not"] == "more steps"
+    against = claim(quantity="probe_r2_all_layers", op=">", than="probe_r2_final")
+    unpaired = judge(against, table(probe_r2_all_layers=[0.9, 0.8], probe_r2_final=[None, 0.7]))
+    assert unpaired["holds"] is False and unpaired["ours"].endswith("not measured in 1 of 2 seeds")
     assert judge(claim(value=0.01), [])["holds"] is False
 
 
@@ -198,3 +202,17 @@ def test_a_paper_runs_end_to_end_resumes_and_its_claims_are_judged(tmp_path, mon
     other.write_text(TINY)
     with pytest.raises(NanoMarkovError, match="holds paper at scale smoke; give --out a new folder for other"):
         reproduce(other, out, scale="smoke", progress=lambda line: None)
+
+
+@pytest.mark.parametrize("name", paper_names())
+def test_every_shipped_paper_runs_at_smoke_scale(name, tmp_path, monkeypatch):
+    """CI's smoke run of each paper: the runner and every claim's check go through (holds is whatever it is)."""
+    monkeypatch.setattr(sweep_run, "write_sweep_report", lambda root, progress: None)
+    monkeypatch.setattr(
+        incontext, "THEORY_SEQUENCES", incontext.MIN_THEORY_SEQUENCES
+    )  # its precision: test_incontext's
+    monkeypatch.setattr(sweep_run, "write_dynamics", dynamics_without_plots)
+    outcome = reproduce(name, tmp_path / "out", scale="smoke", progress=lambda line: None)
+    claims = json.loads((tmp_path / "out" / "claims.json").read_text())
+    assert outcome["failed"] == [] and [c["id"] for c in claims] == [c.id for c in read_paper(name).claims]
+    assert all(isinstance(c["holds"], bool) and c["ours"] for c in claims)

@@ -127,13 +127,13 @@ def judge(claim, table) -> dict:
     """The claim against `table`, one {quantity: value} per seed of its experiment's runs: claims.json's entry."""
     ours = [row.get(claim.quantity) for row in table]
     references = [claim.value] * len(table) if claim.than is None else [row.get(claim.than) for row in table]
-    missing = sum(v is None for v in ours + references)
+    missing = sum(o is None or r is None for o, r in zip(ours, references))
     result = {"id": claim.id, "claim": claim.claim, "paper": claim.paper, "source": claim.source}
     result |= {"check": claim.rule(), "values": ours, "references": references}
     if not table or missing:
         got = [v for v in ours if v is not None]
-        said = spread(got) + ", " if got else ""
-        result["ours"] = f"{said}not measured in {missing} of {len(table)} value(s)" if table else "no finished run"
+        said = spread(got) + "; " if got else ""
+        result["ours"] = f"{said}not measured in {missing} of {len(table)} seeds" if table else "no finished run"
         return result | {"holds": False, "if_not": claim.if_not}
     if claim.over == "mean":
         holds = passes(claim, float(np.mean(ours)), float(np.mean(references)))

@@ -9,8 +9,10 @@ into BENCHMARKS.md: a paper not measured this time keeps its row.
 """
 
 import argparse
+import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -33,6 +35,12 @@ def load():
     return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+def cpu_time():
+    """User + system seconds of the finished child processes (the reproductions run so far)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_paper(name):
     """Run the paper at cpu scale from scratch; its folder."""
     out = OUT / name
@@ -42,14 +50,15 @@ def run_paper(name):
     return out
 
 
-def row(folder, load_before, load_after):
+def row(folder, load_before, load_after, cpu_seconds):
     """The table row of a finished reproduction folder."""
     found = TIMED.search((Path(folder) / "report.md").read_text())
     if not found or found.group(3) != "cpu":
         raise SystemExit(f"{folder}: no cpu-scale report.md with its time; run the paper at --scale cpu first")
     held, total, _, seconds = found.groups()
-    name = Path(folder).name
-    return f"| `{name}` | {int(seconds) / 60:.1f} min | {held} of {total} | {load_before} | {load_after} |"
+    name = json.loads((Path(folder) / "reproduce.json").read_text())["paper"]
+    cpu = "not measured" if cpu_seconds is None else f"{cpu_seconds / 60:.1f} min"
+    return f"| `{name}` | {int(seconds) / 60:.1f} min | {cpu} | {held} of {total} | {load_before} | {load_after} |"
 
 
 def merged(rows):
@@ -68,28 +77,33 @@ def main():
     parser.add_argument("--papers", nargs="+", default=paper_names())
     parser.add_argument("--from", dest="done", default=None, help="a reproduction folder that already ran")
     parser.add_argument("--load-before", default="not measured", help="with --from: the load when it started")
+    parser.add_argument("--cpu-seconds", type=float, default=None, help="with --from: its user + sys time")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
     rows = []
     if args.done:
-        rows.append(row(args.done, args.load_before, load()))
+        rows.append(row(args.done, args.load_before, load(), args.cpu_seconds))
     for name in [] if args.done else args.papers:
-        before, started = load(), time.time()
+        before, started, cpu = load(), time.time(), cpu_time()
         folder = run_paper(name)
         print(f"{name}: {time.time() - started:.0f} s")
-        rows.append(row(folder, before, load()))
+        rows.append(row(folder, before, load(), cpu_time() - cpu))
     text = "\n".join(
         [
             "## Papers at `--scale cpu` (`python benchmarks/reproduce.py --record`)",
             "",
             f"Machine: {machine()}. `nanomarkov reproduce NAME --threads 1`, from scratch, one paper at a time, on the "
-            "machine shared with other work (the load average, 1 / 5 / 15 min, says how busy it was). Budget: 15 min.",
+            "machine shared with other work (the load average, 1 / 5 / 15 min, says how busy it was; the CPU time is what "
+            "the command itself used). Budget: 15 min of wall time.",
             "",
-            "| paper | wall time | claims held | load before | load after |",
-            "|---|---:|---:|---|---|",
+            "| paper | wall time | CPU time (user + sys) | claims held | load before | load after |",
+            "|---|---:|---:|---:|---|---|",
             *merged(rows),
         ]
     )
+    missing = [name for name in paper_names() if f"| `{name}` |" not in text]
+    if missing:
+        text += f"\n\nNot measured at cpu scale yet: {', '.join(missing)}."
     publish(SECTION, text, args.record)
 
 

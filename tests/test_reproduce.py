@@ -216,3 +216,11 @@ def test_every_shipped_paper_runs_at_smoke_scale(name, tmp_path, monkeypatch):
     claims = json.loads((tmp_path / "out" / "claims.json").read_text())
     assert outcome["failed"] == [] and [c["id"] for c in claims] == [c.id for c in read_paper(name).claims]
     assert all(isinstance(c["holds"], bool) and c["ours"] for c in claims)
+
+
+def test_a_folder_of_other_files_is_refused_and_left_as_it_was(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["reproduce", "shai2024-mess3", "--scale", "smoke", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "notes.txt" in err and "--force" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"

@@ -56,7 +56,9 @@ def _figures(figures):
 
 
 def _runs(table):
-    names = [n for n in QUANTITIES if any(row.get(n) is not None for rows in table.values() for row in rows)]
+    measured = {name for rows in table.values() for row in rows for name, value in row.items() if value is not None}
+    staged = sorted(name for name in measured if "." in name)  # the stage quantities the claims read
+    names = [name for name in [*QUANTITIES, *staged] if name in measured]
     lines = ["## Every run", "", "| experiment | run | state | " + " | ".join(names) + " |"]
     lines.append("|---" * (len(names) + 3) + "|")
     for tag, rows in table.items():

@@ -85,6 +85,7 @@ def test_a_claim_against_another_quantity_pairs_the_seeds_and_scales_the_referen
     halved = claim(quantity="probe_mse_final", op="<=", than="probe_mse_untrained", times=0.5, over="every")
     rows = table(probe_mse_final=[0.01, 0.01], probe_mse_untrained=[0.03, 0.015])  # 0.01 <= 0.015; 0.01 > 0.0075
     assert judge(halved, rows)["holds"] is False
+    assert judge(halved, rows)["against"] == "probe_mse_untrained 0.0225 ± 0.011 (2 seeds)"
     assert judge(halved, table(probe_mse_final=[0.01, 0.01], probe_mse_untrained=[0.03, 0.025]))["holds"] is True
 
 

@@ -139,5 +139,7 @@ def judge(claim, table) -> dict:
         holds = passes(claim, float(np.mean(ours)), float(np.mean(references)))
     else:
         holds = all(passes(claim, o, r) for o, r in zip(ours, references))
-    result["ours"] = spread(ours) + (f" vs {claim.than} {spread(references)}" if claim.than else "")
+    result["ours"] = spread(ours)
+    if claim.than:
+        result["against"] = f"{claim.than} {spread(references)}"
     return result | {"holds": holds, "if_not": "" if holds else claim.if_not}

@@ -34,7 +34,8 @@ def _claims(results):
     lines = ["## The claims", "", "| claim | paper (source) | ours | check | holds |", "|---|---|---|---|---|"]
     for r in results:
         lines.append(
-            f"| **{r['id']}**: {r['claim']} | {r['paper']} ({r['source']}) | {r['ours']} | `{r['check']}` | "
+            f"| **{r['id']}**: {r['claim']} | {r['paper']} ({r['source']}) | {r['ours']}"
+            f"{' vs ' + r['against'] if r.get('against') else ''} | `{r['check']}` | "
             f"{'yes' if r['holds'] else '**no**'} |"
         )
     failing = [r for r in results if not r["holds"]]

@@ -4,7 +4,7 @@
 
 Each paper runs from scratch into runs/bench/reproduce/NAME as a user runs it (`--threads 1`, the
 machine being shared), with the load average before and after. `--from DIR` reads a reproduction that
-already ran (its report.md's time of the command) instead of running one. --record merges the rows
+already ran (reproduce.json's seconds over every call that made it) instead of running one. --record merges the rows
 into BENCHMARKS.md: a paper not measured this time keeps its row.
 """
 
@@ -28,7 +28,6 @@ from nanomarkov.reproduce import paper_names
 
 OUT = Path("runs/bench/reproduce")
 SECTION = "reproduce"
-TIMED = re.compile(r"\*\*(\d+) of (\d+) claims hold\*\* at scale `(\w+)`; (\d+) s for this command")
 
 
 def load():
@@ -52,13 +51,14 @@ def run_paper(name):
 
 def row(folder, load_before, load_after, cpu_seconds):
     """The table row of a finished reproduction folder."""
-    found = TIMED.search((Path(folder) / "report.md").read_text())
-    if not found or found.group(3) != "cpu":
-        raise SystemExit(f"{folder}: no cpu-scale report.md with its time; run the paper at --scale cpu first")
-    held, total, _, seconds = found.groups()
-    name = json.loads((Path(folder) / "reproduce.json").read_text())["paper"]
+    record = json.loads((Path(folder) / "reproduce.json").read_text())
+    if record["scale"] != "cpu" or "seconds" not in record:
+        raise SystemExit(f"{folder}: not a reproduction at --scale cpu with its time; run the paper at --scale cpu")
+    name, seconds = record["paper"], record["seconds"]
+    claims = json.loads((Path(folder) / "claims.json").read_text())
+    held, total = sum(c["holds"] for c in claims), len(claims)
     cpu = "not measured" if cpu_seconds is None else f"{cpu_seconds / 60:.1f} min"
-    return f"| `{name}` | {int(seconds) / 60:.1f} min | {cpu} | {held} of {total} | {load_before} | {load_after} |"
+    return f"| `{name}` | {seconds / 60:.1f} min | {cpu} | {held} of {total} | {load_before} | {load_after} |"
 
 
 def merged(rows):

@@ -199,6 +199,8 @@ def test_a_paper_runs_end_to_end_resumes_and_its_claims_are_judged(tmp_path, mon
     stamps = [p.stat().st_mtime_ns for p in dynamics]
     again = reproduce(path, out, scale="smoke", progress=lambda line: None)  # resumed: nothing to redo
     assert again["claims"] == outcome["claims"] and [p.stat().st_mtime_ns for p in dynamics] == stamps
+    record = json.loads((out / "reproduce.json").read_text())
+    assert record["calls"] == 2 and record["seconds"] >= outcome["seconds"] + again["seconds"] - 0.2
     other = tmp_path / "other.toml"
     other.write_text(TINY)
     with pytest.raises(NanoMarkovError, match="holds paper at scale smoke; give --out a new folder for other"):

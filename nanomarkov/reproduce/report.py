@@ -69,13 +69,18 @@ def _runs(table):
     return lines
 
 
-def report_text(paper, scale, grid, table, results, figures, seconds) -> str:
-    """The report as Markdown."""
+def report_text(paper, scale, grid, table, results, figures, times) -> str:
+    """The report as Markdown; times: (seconds of this command, seconds of every call so far, calls)."""
     c = paper.citation
     held = sum(r["holds"] for r in results)
     lines = [f'# {c["authors"]} ({c["year"]}), "{c["title"]}"', ""]
     lines += [f"Reproduced by `nanomarkov reproduce {paper.name} --scale {scale}` from `{paper.path.name}`"]
     lines += [f"({c['url']})." if c.get("url") else "", ""]
-    lines += [f"**{held} of {len(results)} claims hold** at scale `{scale}`; {seconds:.0f} s for this command.", ""]
+    seconds, total, calls = times
+    lines += [
+        f"**{held} of {len(results)} claims hold** at scale `{scale}`; {seconds:.0f} s for this command, "
+        f"{total:.0f} s over the {calls} call(s) that made this folder.",
+        "",
+    ]
     lines += _setting(paper, scale, grid) + [""] + _claims(results) + [""] + _figures(figures) + _runs(table)
     return "\n".join(lines) + "\n"

@@ -28,9 +28,10 @@ def is_reproduction(folder) -> bool:
     return (Path(folder) / REPRODUCE_FILE).is_file()
 
 
-def claim_folder(out, paper, scale, force=False):
+def claim_folder(out, paper, scale, force=False) -> dict:
     """Refuse a folder reproduce may not write (files.check_output_folder), or one holding another paper or
-    scale; then mark it as this paper's at this scale."""
+    scale; then mark it as this paper's at this scale. Returns reproduce.json's record (its seconds and
+    calls so far: a resumed reproduction adds to them)."""
     check_output_folder(out, "reproduction", is_reproduction, force=force)
     before = read_json_or_none(Path(out) / REPRODUCE_FILE)
     if before and (before.get("paper"), before.get("scale")) != (paper.name, scale):
@@ -39,7 +40,10 @@ def claim_folder(out, paper, scale, force=False):
             f"{paper.name} at scale {scale}"
         )
     Path(out).mkdir(parents=True, exist_ok=True)
-    write_json(Path(out) / REPRODUCE_FILE, {"paper": paper.name, "file": str(paper.path), "scale": scale})
+    record = {"paper": paper.name, "file": str(paper.path), "scale": scale, "seconds": 0.0, "calls": 0}
+    record |= {key: before[key] for key in ("seconds", "calls") if before and key in before}
+    write_json(Path(out) / REPRODUCE_FILE, record)
+    return record
 
 
 def measure_runs(paper, grid, sweep_folder, manifest) -> dict:
@@ -87,7 +91,7 @@ def reproduce(
     started = time.time()
     paper = read_paper(name)
     check_scale(paper, scale)
-    claim_folder(out, paper, scale, force)
+    record = claim_folder(out, paper, scale, force)
     out, grid = Path(out), paper_grid(paper, scale)
     write_json(out / "grid.json", grid, what="grid")
     manifest = run_sweep(
@@ -99,7 +103,10 @@ def reproduce(
     write_json(out / "measured.json", table, what="measured quantities")
     write_json(out / "claims.json", results, what="claims")
     seconds = time.time() - started
-    write_atomic(out / "report.md", report_text(paper, scale, grid, table, results, figures, seconds), "report")
+    record.update(seconds=round(record["seconds"] + seconds, 1), calls=record["calls"] + 1)
+    write_json(out / REPRODUCE_FILE, record)
+    times = (seconds, record["seconds"], record["calls"])
+    write_atomic(out / "report.md", report_text(paper, scale, grid, table, results, figures, times), "report")
     failed = [row["run"] for rows in table.values() for row in rows if row["state"] != "done"]
     return {"paper": paper.name, "scale": scale, "claims": results, "failed": failed, "seconds": seconds}
 

@@ -580,6 +580,8 @@ def cmd_reproduce(args):
     slurm = {flag: getattr(args, flag) for flag in SLURM_FLAGS if getattr(args, flag) not in (None, [])}
     if args.launcher == "local" and slurm:
         raise NanoMarkovError(f"--{next(iter(slurm))} is a SLURM option: add --launcher slurm")
+    if args.launcher == "slurm" and (args.jobs != 1 or args.threads):
+        raise NanoMarkovError("--jobs and --threads are the local launcher's; on SLURM use --array_parallelism N")
     outcomes = []
     for name in paper_names() if args.all else [args.name]:
         out = Path(args.out) / name if args.all else Path(args.out)

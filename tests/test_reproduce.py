@@ -171,6 +171,10 @@ def test_the_command_line_refuses_in_one_line_and_lists_the_papers(tmp_path, cap
     assert main(["reproduce", "no-such-paper", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "no paper 'no-such-paper'" in err and not (tmp_path / "out").exists()
+    assert (
+        main(["reproduce", "shai2024-mess3", "--out", str(tmp_path / "out"), "--launcher", "slurm", "--jobs", "2"]) == 2
+    )
+    assert "--array_parallelism" in capsys.readouterr().err and not (tmp_path / "out").exists()
     assert main(["reproduce", "--list"]) == 0
     listed = capsys.readouterr().out
     assert all(name in listed for name in paper_names()) and PAPERS_DIR.is_dir()

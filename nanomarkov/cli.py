@@ -33,6 +33,7 @@ from nanomarkov.config import (
     LLC_DEFAULTS,
     TrainConfig,
     dataset_preset,
+    is_run_folder,
     is_threads_setting,
     load_config_file,
     merge_settings,
@@ -50,7 +51,7 @@ from nanomarkov.data import (
     load_dataset,
 )
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
-from nanomarkov.files import json_text
+from nanomarkov.files import check_output_folder, format_bytes, json_text
 from nanomarkov.processes import DEFAULT_PROCESS, PROCESSES, load_plugins
 from nanomarkov.processes.spec import process_from_file
 
@@ -380,9 +381,12 @@ def cmd_demo(args, extra):
     from nanomarkov.train import train
 
     data_dir = default_data_dir(10)
-    print(f"1/4 generate {data_dir}: 10,000 train + 1,000 val sequences from a random 10-state chain")
-    generate_dataset(data_dir, 10, 10000, 1000)
     cfg = TrainConfig.from_dict(merge_settings(preset("default", 10), parse_overrides(extra)), "demo")
+    # The demo takes no --force or --out: its way out of a folder of other files is another folder.
+    fix = f"run the demo from another folder (it writes {data_dir} and {cfg.out_dir} below the current one)"
+    check_output_folder(cfg.out_dir, "training run", is_run_folder, force=None, flag="--out_dir", fix=fix)
+    print(f"1/4 generate {data_dir}: 10,000 train + 1,000 val sequences from a random 10-state chain")
+    generate_dataset(data_dir, 10, 10000, 1000, fix=fix)
     print(f"2/4 train {cfg.out_dir} with the default recipe")
     done = train(cfg, overwrite=True)
     if done["status"] != "done":
@@ -961,17 +965,29 @@ def out_of_memory_message(error):
     on_gpu = re.search(r"CUDA|GPU|MPS|XPU", text) is not None
     asked = re.search(r"allocate (\d+(?:\.\d+)? ?[KMGTPE]i?B)", text, re.IGNORECASE)
     asked_bytes = re.search(r"allocate (\d+) bytes", text)
-    size = asked.group(1) if asked else f"{int(asked_bytes.group(1)) / 2**30:,.1f} GiB" if asked_bytes else None
+    size = asked.group(1) if asked else format_bytes(int(asked_bytes.group(1))) if asked_bytes else None
     return (
         f"error: out of {'GPU' if on_gpu else 'memory'}{f' (asked for {size} more)' if size else ''}: use a smaller "
         "K, --batch_size or model (--n_layer, --n_embd), fewer --train/--val sequences, or a machine with more memory"
     )
 
 
+def expand_home(argv):
+    """Every argument that is a path starting with ~ (`~/x`, `--out=~/x`, `--out_dir=~alice/x`) with ~ expanded.
+
+    A shell expands ~ only at the start of a word, so `--out_dir=~/x` (or a quoted '~/x') would
+    otherwise make a folder literally named ~ in the current folder."""
+    expanded = []
+    for arg in argv:
+        flag, equals, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        expanded.append(flag + equals + os.path.expanduser(value) if value.startswith("~") else arg)
+    return expanded
+
+
 def _dispatch(argv):
     load_plugins()  # NANOMARKOV_PROCESSES: a researcher's own processes, registered before --process is built
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(expand_home(sys.argv[1:] if argv is None else argv))
     if getattr(args, "takes_overrides", False):
         return args.func(args, extra)
     if extra:

@@ -37,7 +37,7 @@ from optuna.trial import TrialState
 from nanomarkov.config import TrainConfig, dataset_preset, format_config_file
 from nanomarkov.data import load_dataset, stage_losses
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
-from nanomarkov.files import check_output_folder, read_json_or_none, write_atomic, write_json
+from nanomarkov.files import check_output_folder, holds_record, read_json_or_none, write_atomic, write_json
 from nanomarkov.report import png_bytes
 from nanomarkov.train import train
 
@@ -224,8 +224,8 @@ def holds(dist, value):
 
 
 def is_tune_folder(folder):
-    """A folder a tuning study wrote (its tune.json)."""
-    return (Path(folder) / "tune.json").is_file()
+    """A folder a tuning study wrote (its tune.json, by what `tune` writes in it: not a user's own)."""
+    return holds_record(folder, "tune.json", ("identity", "data_dir", "space", "trials"))
 
 
 def storage_url(settings):

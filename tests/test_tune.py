@@ -13,7 +13,7 @@ from nanomarkov.cli import main
 from nanomarkov.config import load_config_file
 from nanomarkov.data import generate_dataset
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.tune import TuneSettings, open_study, parse_space, start_study, tune
+from nanomarkov.tune import TuneSettings, is_tune_folder, open_study, parse_space, start_study, tune
 
 # One MLP layer 16 wide on 16-token sequences: each trial is 8 optimizer steps.
 TINY_SPACE = ["lr=1e-3:3e-2", "n_layer=1", "n_embd=16", "n_head=1", "batch_size=8", "mlp_only=True", "wd=0"]
@@ -115,3 +115,8 @@ def test_a_rerun_with_other_settings_is_refused(tiny_study):
 def test_optuna_is_the_library_opening_the_study(tiny_study):
     settings, _, _ = tiny_study
     assert optuna.load_study(study_name="nanomarkov-tune", storage=f"sqlite:///{settings.out}/study.db").trials
+
+
+def test_a_users_own_tune_json_is_not_taken_for_a_study(tmp_path):
+    (tmp_path / "tune.json").write_text('{"identity": "mine"}')
+    assert not is_tune_folder(tmp_path)

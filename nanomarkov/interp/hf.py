@@ -19,13 +19,23 @@ What GPT-2 cannot hold is refused (gpt2_refusal says why): no LayerNorm, a head 
 """
 
 import dataclasses
+import os
 import shutil
+import stat
+import tempfile
 from pathlib import Path
 
 import torch
 
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.files import PARTIAL_SUFFIX, check_output_folder, exchange_folders, follow_umask, read_json_or_none
+from nanomarkov.files import (
+    PARTIAL_SUFFIX,
+    check_output_folder,
+    exchange_folders,
+    follow_umask,
+    read_json_or_none,
+    refuse_the_current_folder,
+)
 from nanomarkov.interp.lens import LN_EPS, check_same_logits, float32_model
 
 HF_INSTALL = 'pip install -e ".[hf]"'
@@ -164,24 +174,27 @@ def export_hf(ckpt_or_model, out_dir):
     interrupted export leaves the previous one; an existing folder that is not such an export is
     never replaced.
     """
-    out = Path(out_dir)
     # No force: the folder is replaced whole, so a folder of anything else would be lost with it.
-    check_output_folder(out, "Hugging Face export", is_hf_export, force=None)
+    out = check_output_folder(out_dir, "Hugging Face export", is_hf_export, force=None)
+    refuse_the_current_folder(out, "export --format hf", "its")
     hf = to_hf_gpt2(ckpt_or_model)
-    build = out.with_name(out.name + PARTIAL_SUFFIX)
+    build = None
     try:
-        shutil.rmtree(build, ignore_errors=True)  # what an earlier, interrupted export left
         out.parent.mkdir(parents=True, exist_ok=True)
+        # A name of its own: a folder OUT.partial that is not this export's is never touched.
+        build = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL_SUFFIX}-", dir=out.parent))
         save_quietly(hf, build)
         follow_umask(build)  # transformers writes the weights 0600; the user's umask decides, as for every file
         if out.exists():
+            os.chmod(build, stat.S_IMODE(out.stat().st_mode))  # the folder keeps the mode it had
             exchange_folders(build, out)
-            shutil.rmtree(build)
         else:
             build.rename(out)
     except OSError as e:
-        shutil.rmtree(build, ignore_errors=True)
         raise NanoMarkovError(f"cannot write the export to {out} ({e.strerror or e}); choose another --out") from None
+    finally:  # the unfinished build (an interrupt, a failure), or after the swap the previous export
+        if build is not None:
+            shutil.rmtree(build, ignore_errors=True)
     return out
 
 

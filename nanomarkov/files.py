@@ -354,9 +354,15 @@ def protected_folder(folder) -> str:
 
 
 def is_own_lock(path: Path) -> bool:
-    """Whether `path` is a lock file writer_lock leaves (empty, or its holder's line), not a file of the user's."""
+    """Whether `path` is a lock file writer_lock leaves (empty, or its holder's line), not a file of the user's.
+
+    Never a link: the lock is opened to be truncated, and a link would truncate the file it names."""
     try:
-        return path.is_file() and LOCK_CONTENT.fullmatch(read_capped(path, 256).decode("ascii", "replace")) is not None
+        return (
+            not path.is_symlink()
+            and path.is_file()
+            and LOCK_CONTENT.fullmatch(read_capped(path, 256).decode("ascii", "replace")) is not None
+        )
     except OSError:
         return False
 

@@ -210,12 +210,19 @@ def test_partial_files_and_a_lock_of_other_content_are_the_users(tmp_path, name,
         check_output_folder(tmp_path, "dataset", never_a_kind)
 
 
-def test_a_lock_of_other_content_is_never_taken_over(tmp_path):
-    (tmp_path / ".lock").write_text("my notes")
+@pytest.mark.parametrize("link", [False, True])
+def test_a_lock_of_other_content_or_a_link_is_never_taken_over(tmp_path, link):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "notes").write_text("pid 1 on box\n")  # a lock's content, but behind a link: truncated if opened
+    if link:
+        (tmp_path / "out" / ".lock").symlink_to(tmp_path / "notes")
+    else:
+        (tmp_path / "out" / ".lock").write_text("my notes")
     with pytest.raises(NanoMarkovError, match=r"\.lock is not a lock of nanoMarkov's .*move it away"):
-        with writer_lock(tmp_path, "generation"):
+        with writer_lock(tmp_path / "out", "generation"):
             pass
-    assert (tmp_path / ".lock").read_text() == "my notes"
+    assert (tmp_path / "notes").read_text() == "pid 1 on box\n"
+    assert (tmp_path / "out" / ".lock").read_text() == ("pid 1 on box\n" if link else "my notes")
 
 
 def test_a_record_is_told_by_its_content_not_its_name(tmp_path):

@@ -22,8 +22,6 @@ import math
 import os
 import re
 import shutil
-import stat
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +32,13 @@ from nanomarkov.errors import NanoMarkovError
 from nanomarkov.files import (
     LOCK_FILE,
     check_output_folder,
-    exchange_folders,
-    follow_umask,
     format_bytes,
     holds_record,
+    new_build_folder,
     open_regular,
     read_capped,
     refuse_the_current_folder,
+    swap_in,
     write_json,
     writer_lock,
 )
@@ -52,8 +50,6 @@ from nanomarkov.processes.spec import process_from_file, process_from_spec, spec
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
-# A generation builds the new dataset in a hidden sibling folder named .{name}.partial-XXXX.
-BUILD_SUFFIX = ".partial-"
 # Tokens per generated chunk: big enough that numpy's per-call overhead
 # vanishes, small enough that memory stays flat (~40 MB of uniforms).
 CHUNK_TOKENS = 1 << 22
@@ -332,21 +328,14 @@ def _write_dataset(out_dir, chain, params, dtype, progress, chunk_tokens):
     across. A build left by a killed generation is removed by the next one. Returns the meta dict.
     """
     refuse_the_current_folder(out_dir, "generate", "a dataset")
-    for stale in out_dir.parent.glob(f".{out_dir.name}{BUILD_SUFFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)  # only this folder's writer (us, under its lock) uses them
     _check_free_space(out_dir, chain, params, dtype)
     try:
-        build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{BUILD_SUFFIX}", dir=out_dir.parent))
-        follow_umask(build)  # mkdtemp's 0700 would become the dataset folder's mode at the swap
+        build = new_build_folder(out_dir)  # a killed generation's build removed first
     except OSError as e:
         raise NanoMarkovError(f"cannot write beside {out_dir} ({e.strerror or e}); choose another --out") from None
     try:
         meta = _write_files(build, chain, params, dtype, progress, chunk_tokens)
-        # The held lock's file, linked in, stays at out_dir/.lock through the swap: no second
-        # writer can take the folder while the old dataset is cleared away.
-        os.link(out_dir / LOCK_FILE, build / LOCK_FILE)
-        os.chmod(build, stat.S_IMODE(out_dir.stat().st_mode))  # the folder keeps the mode it had (0750, say)
-        exchange_folders(build, out_dir)
+        swap_in(build, out_dir)
         for other in build.iterdir():  # now the old folder: what a user kept beside the dataset stays
             if other.name not in (*DATASET_FILES, LOCK_FILE):
                 os.replace(other, out_dir / other.name)

@@ -17,8 +17,10 @@ import math
 import os
 import pwd
 import re
+import shutil
 import socket
 import stat
+import tempfile
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -291,6 +293,34 @@ def writer_lock(folder, what):
             (folder / LOCK_FILE).unlink(missing_ok=True)  # before unlocking: see _lock_file
             if created and not any(folder.iterdir()):
                 folder.rmdir()  # nothing was written: no empty folder behind a refused or failed command
+
+
+# A folder replaced whole is built in a hidden sibling named .{name}.partial-XXXX, then swapped in.
+BUILD_SUFFIX = ".partial-"
+
+
+def new_build_folder(folder: Path) -> Path:
+    """A new hidden folder beside `folder` (BUILD_SUFFIX) to build its replacement in, with the modes the
+    umask gives (mkdtemp's 0700 would become the folder's at the swap); OSError.
+
+    Call it holding `folder`'s writer_lock: the builds of `folder` found beside it are then a killed
+    writer's, stale by their name and the lock, and are removed first."""
+    for stale in folder.parent.glob(f".{folder.name}{BUILD_SUFFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    build = Path(tempfile.mkdtemp(prefix=f".{folder.name}{BUILD_SUFFIX}", dir=folder.parent))
+    follow_umask(build)
+    return build
+
+
+def swap_in(build: Path, folder: Path):
+    """Put `build` in the place of `folder` (held under writer_lock) at once (exchange_folders); `build`'s
+    path then holds the old folder, for the caller to clear away. OSError.
+
+    The folder keeps its mode (a user's 0750, say), and the held lock's file, linked in, stays at
+    folder/.lock through the swap: no second writer can take the folder while the old one is cleared."""
+    os.link(folder / LOCK_FILE, build / LOCK_FILE)
+    os.chmod(build, stat.S_IMODE(folder.stat().st_mode))
+    exchange_folders(build, folder)
 
 
 # Folders no command writes into, even with --force: the system's trees and everything below them

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import nanomarkov.data as data_module
+import nanomarkov.files as files_module
 from nanomarkov import NanoMarkovError
 from nanomarkov.batches import SequenceOrder, to_inputs_targets, whole_split_batches
 from nanomarkov.data import generate_dataset, load_dataset
@@ -312,7 +313,7 @@ def test_force_replaces_so_that_the_old_or_the_new_dataset_loads_at_every_moment
     def check_while_writing(_):
         seen.append(load_dataset(tmp_path / "d").meta["train_sequences"])
 
-    real_exchange = data_module.exchange_folders
+    real_exchange = files_module.exchange_folders
 
     def check_around_the_swap(new, current):
         seen.append(load_dataset(current).meta["train_sequences"])
@@ -321,7 +322,7 @@ def test_force_replaces_so_that_the_old_or_the_new_dataset_loads_at_every_moment
         with pytest.raises(NanoMarkovError, match="another generation is writing here"):
             make(current, seed=4, force=True)  # the lock stayed with the folder through the swap
 
-    monkeypatch.setattr(data_module, "exchange_folders", check_around_the_swap)
+    monkeypatch.setattr(files_module, "exchange_folders", check_around_the_swap)
     new = make(tmp_path / "d", train_sequences=400, force=True, chunk_tokens=12 * 10, progress=check_while_writing)
     assert seen[0] == old["train_sequences"] == 300 and set(seen[:-1]) == {300} and seen[-1] == 400
     assert load_dataset(tmp_path / "d").meta == new
@@ -337,7 +338,7 @@ def test_a_failed_swap_keeps_the_old_dataset_and_removes_the_build(tmp_path, mon
         raise OSError(28, "No space left on device")
 
     (tmp_path / "d" / "model.pkl").write_bytes(b"the seed's pickle")
-    monkeypatch.setattr(data_module, "exchange_folders", full_disk)
+    monkeypatch.setattr(files_module, "exchange_folders", full_disk)
     with pytest.raises(NanoMarkovError, match="No space left on device.*free some space"):
         make(tmp_path / "d", train_sequences=400, force=True)
     assert load_dataset(tmp_path / "d").meta == old

@@ -19,22 +19,20 @@ What GPT-2 cannot hold is refused (gpt2_refusal says why): no LayerNorm, a head 
 """
 
 import dataclasses
-import os
 import shutil
-import stat
-import tempfile
 from pathlib import Path
 
 import torch
 
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.files import (
-    PARTIAL_SUFFIX,
     check_output_folder,
-    exchange_folders,
     follow_umask,
+    new_build_folder,
     read_json_or_none,
     refuse_the_current_folder,
+    swap_in,
+    writer_lock,
 )
 from nanomarkov.interp.lens import LN_EPS, check_same_logits, float32_model
 
@@ -170,31 +168,28 @@ def to_hf_gpt2(ckpt_or_model):
 def export_hf(ckpt_or_model, out_dir):
     """Write a Hugging Face GPT-2 folder (config.json, model.safetensors, generation_config.json); return it.
 
-    The folder is written whole beside `out_dir` and swapped in (files.exchange_folders), so an
-    interrupted export leaves the previous one; an existing folder that is not such an export is
-    never replaced.
+    The folder is written whole beside `out_dir` and swapped in (files.swap_in), so an interrupted
+    export leaves the previous one (and its build is removed by the next export); an existing folder
+    that is not such an export is never replaced, and a second export into it is refused meanwhile.
     """
     # No force: the folder is replaced whole, so a folder of anything else would be lost with it.
     out = check_output_folder(out_dir, "Hugging Face export", is_hf_export, force=None)
     refuse_the_current_folder(out, "export --format hf", "its")
     hf = to_hf_gpt2(ckpt_or_model)
-    build = None
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        # A name of its own: a folder OUT.partial that is not this export's is never touched.
-        build = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL_SUFFIX}-", dir=out.parent))
-        save_quietly(hf, build)
-        follow_umask(build)  # transformers writes the weights 0600; the user's umask decides, as for every file
-        if out.exists():
-            os.chmod(build, stat.S_IMODE(out.stat().st_mode))  # the folder keeps the mode it had
-            exchange_folders(build, out)
-        else:
-            build.rename(out)
-    except OSError as e:
-        raise NanoMarkovError(f"cannot write the export to {out} ({e.strerror or e}); choose another --out") from None
-    finally:  # the unfinished build (an interrupt, a failure), or after the swap the previous export
-        if build is not None:
-            shutil.rmtree(build, ignore_errors=True)
+    with writer_lock(out, "Hugging Face export"):
+        build = None
+        try:
+            build = new_build_folder(out)
+            save_quietly(hf, build)
+            follow_umask(build)  # transformers writes the weights 0600; the user's umask decides, as for every file
+            swap_in(build, out)
+        except OSError as e:
+            raise NanoMarkovError(
+                f"cannot write the export to {out} ({e.strerror or e}); choose another --out"
+            ) from None
+        finally:  # the unfinished build (an interrupt, a failure), or after the swap the previous export
+            if build is not None:
+                shutil.rmtree(build, ignore_errors=True)
     return out
 
 

@@ -105,6 +105,7 @@ def test_an_export_through_a_link_keeps_the_link_and_no_one_elses_partial_folder
     (tmp_path / "hf").symlink_to("real")
     (tmp_path / "real.partial").mkdir()  # a folder of the user's, named as an unfinished build once was
     (tmp_path / "real.partial" / "mine.txt").write_text("mine")
+    (tmp_path / ".real.partial-killed").mkdir()  # the build an export killed midway left: removed by the next
     assert export_hf(build("c1", n_layer=0), tmp_path / "hf") == tmp_path / "real"
     assert (tmp_path / "hf").is_symlink() and (tmp_path / "real" / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "real", "real.partial"]

@@ -359,28 +359,37 @@ def _homes(folder: Path) -> set:
     return {Path(os.path.realpath(home)) for home in homes if home}
 
 
-def _is_hidden_in(folder: Path, home: Path) -> bool:
-    """Whether `folder` is `home`'s hidden folder (~/.ssh) or below one."""
-    return folder != home and folder.is_relative_to(home) and folder.relative_to(home).parts[0].startswith(".")
+def _hidden_folder(folder: Path, homes) -> Path | None:
+    """The hidden folder of a home (~/.ssh) that `folder` is or is inside, or None."""
+    for home in homes:
+        if folder != home and folder.is_relative_to(home) and folder.relative_to(home).parts[0].startswith("."):
+            return home / folder.relative_to(home).parts[0]
+    return None
+
+
+def _inside(folder: Path, outer: Path, what: str) -> str:
+    """'a system folder' where `folder` is `outer`, else 'inside the system folder /var'."""
+    return what if folder == outer else f"inside {outer}, {what}"
 
 
 def protected_folder(folder) -> str:
-    """Why no command may write into `folder` ('the root folder', 'a home folder', 'a system folder'...), or ''.
-
-    Links are followed (a link to /etc is /etc); nothing is written or created to find out."""
+    """Why no command may write into `folder` ('the root folder', 'a home folder', 'inside /var, a system
+    folder'...), or ''. Links are followed (a link to /etc is /etc); nothing is written or created to find out."""
     folder = Path(os.path.realpath(folder))
     if folder == Path("/"):
         return "the root folder"
     homes = _homes(folder)
     if folder in homes or folder.parent == Path("/home"):
         return "a home folder"
-    if any(_is_hidden_in(folder, home) for home in homes):
-        return "a hidden folder of a home folder"
+    hidden = _hidden_folder(folder, homes)
+    if hidden is not None:
+        return _inside(folder, hidden, "a hidden folder of a home folder")
     if any(folder.is_relative_to(tree) and folder != tree for tree in TEMPORARY_TREES):
         return ""
     if folder in TEMPORARY_TREES or folder in HOLDING_FOLDERS or folder.parent in HOLDING_FOLDERS:
         return "a system folder"
-    return "a system folder" if any(folder.is_relative_to(tree) for tree in SYSTEM_TREES) else ""
+    tree = next((tree for tree in SYSTEM_TREES if folder.is_relative_to(tree)), None)
+    return "" if tree is None else _inside(folder, tree, "a system folder")
 
 
 def is_own_lock(path: Path) -> bool:

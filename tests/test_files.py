@@ -285,14 +285,14 @@ def test_a_folder_of_other_files_is_refused_unless_it_is_of_the_kind_or_forced(t
     [
         ("/", "the root folder"),
         ("/etc", "a system folder"),
-        ("/usr/local/share/runs", "a system folder"),
-        ("/proc/self", "a system folder"),
+        ("/usr/local/share/runs", "inside /usr, a system folder"),
+        ("/proc/self", "inside /proc, a system folder"),
         ("/home", "a system folder"),
         ("/var", "a system folder"),
         ("/tmp/../", "the root folder"),
-        ("/var/log", "a system folder"),
-        ("/var/lib/dpkg/new", "a system folder"),
-        ("/run/user", "a system folder"),
+        ("/var/log", "inside /var, a system folder"),
+        ("/var/lib/dpkg/new", "inside /var, a system folder"),
+        ("/run/user", "inside /run, a system folder"),
         ("/opt", "a system folder"),
         ("/opt/some-package", "a system folder"),
         ("/srv/www", "a system folder"),
@@ -303,7 +303,7 @@ def test_a_folder_of_other_files_is_refused_unless_it_is_of_the_kind_or_forced(t
         ("/home/someone", "a home folder"),
         ("/home/someone/.ssh", "a hidden folder of a home folder"),
         ("/root/.ssh", "a hidden folder of a home folder"),
-        ("/root/.config/nanomarkov", "a hidden folder of a home folder"),
+        ("/root/.config/nanomarkov", "inside /root/.config, a hidden folder of a home folder"),
     ],
 )
 def test_the_root_and_system_folders_are_refused_even_with_force(folder, why):
@@ -320,11 +320,8 @@ def test_a_home_folder_is_refused_even_with_force_but_a_folder_in_it_is_not(tmp_
         with pytest.raises(NanoMarkovError, match="is a home folder"):
             check_output_folder(folder, "sweep", never_a_kind, force=True)
     assert protected_folder(home / "runs") == "" and protected_folder("/root/runs") == ""
-    assert (
-        protected_folder(home / ".ssh")
-        == protected_folder(home / ".config" / "x")
-        == "a hidden folder of a home folder"
-    )
+    assert protected_folder(home / ".ssh") == "a hidden folder of a home folder"
+    assert protected_folder(home / ".config" / "x") == f"inside {home / '.config'}, a hidden folder of a home folder"
 
 
 @pytest.mark.parametrize(

@@ -792,9 +792,11 @@ def cmd_tune(args):
         raise NanoMarkovError("--trials, --jobs and --tokens must be at least 1")
     seq_len = load_dataset(args.data, verify=False).seq_len
     tokens = args.tokens or default_tokens(dataset_preset("default", args.data), seq_len)
-    settings = TuneSettings(args.data, args.out, args.trials, tokens, parse_space(args.space), args.storage or "")
+    settings = TuneSettings(
+        args.data, args.out, args.trials, tokens, parse_space(args.space), args.storage or "", threads=args.threads
+    )
     print(f"tuning on {args.data}: {args.trials} trials of {settings.tokens:,} tokens, {args.jobs} worker(s)")
-    code, best = tune(settings, jobs=args.jobs, threads=args.threads)
+    code, best = tune(settings, jobs=args.jobs)
     print(best)
     return code
 
@@ -820,7 +822,7 @@ def _add_tune(verbs):
     )
     tu.add_argument("--storage", default=None, metavar="URL", help="an Optuna storage URL (default DIR/study.db)")
     tu.add_argument("--jobs", type=int, default=1, help="trials in parallel on this machine (default 1)")
-    tu.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: the cores / --jobs)")
+    _add_threads(tu, "auto")
     tu.set_defaults(func=cmd_tune)
 
 

@@ -22,13 +22,10 @@ import os
 import socket
 import tomllib
 import warnings
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
 import optuna
-import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -80,6 +77,7 @@ class TuneSettings:
     storage: str
     evals: int = DEFAULT_EVALS
     seed: int = 42
+    threads: int | str = "auto"  # each trial's TrainConfig.threads (--threads); not part of the study's identity
 
     def identity(self):
         """The settings a continued study must share with the one that began it."""
@@ -206,6 +204,7 @@ def trial_config(settings, base, params, number, seq_len):
         min_lr=cfg["learning_rate"] * base["min_lr"] / base["learning_rate"],
         eval_interval=max(1, max_iters // settings.evals),
         log_interval=max(1, max_iters // settings.evals),
+        threads=settings.threads,
     )
     return TrainConfig.from_dict(cfg, f"trial {number}").to_dict()
 
@@ -303,9 +302,8 @@ def process_alive(pid):
     return True
 
 
-def run_worker(settings, threads):
+def run_worker(settings):
     """Run trials until the study has settings.trials of them (complete, pruned or running)."""
-    torch.set_num_threads(threads)
     study = open_study(settings)
     base = base_recipe(settings)
     found = distributions(settings.space, base)
@@ -369,27 +367,55 @@ def show(params):
     return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
-def tune(settings, jobs=1, threads=None):
+def tune(settings, jobs=1):
     """Run the study to settings.trials trials with `jobs` local workers, then write best_recipe.py and
     report.md; returns (exit code, the best trial's summary line)."""
     start_study(settings)
-    threads = threads or max(1, len(os.sched_getaffinity(0)) // jobs)
-    if jobs == 1:
-        code = run_worker(settings, threads)
-    else:
-        # Separate processes: each its own torch threads and its own connection to the shared storage; a
-        # worker's NanoMarkovError comes back here through its future.
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-            futures = [pool.submit(run_worker, settings, threads) for _ in range(jobs)]
-            try:
-                code = max(future.result() for future in futures)
-            except BrokenProcessPool:
-                raise NanoMarkovError(
-                    "a worker died (killed?); run the same command again to continue the study: "
-                    "its trial is marked failed, every finished one kept"
-                ) from None
+    code = run_worker(settings) if jobs == 1 else run_local_workers(settings, jobs)
     return code, write_outputs(settings, open_study(settings))
+
+
+def worker_process(settings, results):
+    """A local worker's body: its exit code, or its one-line error, sent back through `results`."""
+    try:
+        results.send(("code", run_worker(settings)))
+    except NanoMarkovError as e:
+        results.send(("error", str(e)))
+    except KeyboardInterrupt:
+        results.send(("code", 130))
+
+
+def run_local_workers(settings, jobs, body=worker_process):
+    """`jobs` worker processes sharing the study, each running `body(settings, results)`; one that dies (kill -9)
+    leaves the others running. Returns the worst exit code; a worker's NanoMarkovError is raised here once all
+    have stopped."""
+    # Separate processes: each its own torch threads and its own connection to the shared storage.
+    context = multiprocessing.get_context("spawn")
+    workers = []
+    for _ in range(jobs):
+        receive, send = context.Pipe(duplex=False)
+        worker = context.Process(target=body, args=(settings, send))
+        worker.start()
+        send.close()
+        workers.append((worker, receive))
+    outcomes = []
+    for worker, receive in workers:
+        worker.join()
+        try:
+            outcomes.append(receive.recv() if receive.poll() else ("died", worker.exitcode))
+        except EOFError:  # poll() is true at the end of a pipe whose writer died without a word
+            outcomes.append(("died", worker.exitcode))
+    errors = [detail for kind, detail in outcomes if kind == "error"]
+    if errors:
+        raise NanoMarkovError(errors[0])
+    died = [-detail if detail < 0 else detail for kind, detail in outcomes if kind == "died"]
+    if died:
+        print(
+            f"{len(died)} of {jobs} workers died (signal/exit {', '.join(map(str, died))}); the others ran on. "
+            "Run the same command again to continue the study: a dead worker's trial is marked failed"
+        )
+        return 1
+    return max(detail for _, detail in outcomes)
 
 
 def write_outputs(settings, study):

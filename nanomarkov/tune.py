@@ -20,6 +20,7 @@ import math
 import multiprocessing
 import os
 import socket
+import time
 import tomllib
 import warnings
 from pathlib import Path
@@ -63,6 +64,7 @@ DEFAULT_TOKENS_CAP = 4_000_000
 DEFAULT_EVALS = 10
 STUDY_NAME = "nanomarkov-tune"
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
 @dataclasses.dataclass
@@ -321,6 +323,8 @@ def run_trial(study, settings, base, found, seq_len):
     """Ask for a trial, train it, tell the study: 'complete', 'pruned', 'failed' or 'interrupted'."""
     trial = study.ask(fixed_distributions=found)
     trial.set_user_attr("worker", worker_name())
+    if "SLURM_JOB_ID" in os.environ:  # which job ran it, for sacct and the job's log in DIR/slurm
+        trial.set_user_attr("slurm_job", os.environ["SLURM_JOB_ID"])
     try:
         cfg = trial_config(settings, base, trial.params, trial.number, seq_len)
     except NanoMarkovError as e:  # a combination the model refuses (e.g. one_hot_embed narrower than K+1)
@@ -367,12 +371,47 @@ def show(params):
     return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
-def tune(settings, jobs=1):
-    """Run the study to settings.trials trials with `jobs` local workers, then write best_recipe.py and
-    report.md; returns (exit code, the best trial's summary line)."""
+def tune(settings, jobs=1, executor_for=None):
+    """Run the study to settings.trials trials with `jobs` workers: local processes or, given `executor_for`
+    (a folder -> a submitit executor: the sweep's SLURM launcher), SLURM jobs whose scripts and logs go in
+    DIR/slurm; then write best_recipe.py and report.md. Returns (exit code, the best trial's summary line)."""
     start_study(settings)
-    code = run_worker(settings) if jobs == 1 else run_local_workers(settings, jobs)
+    if executor_for is not None:
+        code = run_slurm_workers(settings, jobs, executor_for(Path(settings.out) / "slurm"))
+    else:
+        code = run_worker(settings) if jobs == 1 else run_local_workers(settings, jobs)
     return code, write_outputs(settings, open_study(settings))
+
+
+def run_slurm_workers(settings, jobs, executor, poll_s=1.0):
+    """`jobs` workers submitted as one SLURM job array, each running trials until the study has enough; waits for
+    them, printing the count of finished trials as it grows. Returns the workers' worst exit code, 1 where a job
+    failed or died."""
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    try:
+        with executor.batch():
+            submitted = [executor.submit(run_worker, settings) for _ in range(jobs)]
+    except (FailedJobError, OSError) as e:
+        raise NanoMarkovError(f"SLURM submission failed: {(str(e).strip().splitlines() or [''])[-1]}") from None
+    print(f"{jobs} worker(s) submitted to SLURM as jobs {' '.join(job.job_id for job in submitted)}")
+    study, reported = open_study(settings), 0
+    while not all(job.done() for job in submitted):
+        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+        if finished != reported:
+            print(f"{finished} of {settings.trials} trials finished")
+            reported = finished
+        time.sleep(poll_s)
+    lost, codes = [], [0]
+    for job in submitted:
+        try:
+            codes.append(job.result())
+        except (FailedJobError, UncompletedJobError) as e:
+            lost.append(f"{job.job_id} ({str(e).strip().splitlines()[0][:120]})")
+    if lost:
+        print(f"SLURM job(s) {', '.join(lost)} ended without finishing; run the same command again to continue")
+        return 1
+    return max(codes)
 
 
 def worker_process(settings, results):

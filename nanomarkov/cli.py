@@ -12,6 +12,7 @@ that not all output was read). A warning from any layer is one `note:` line on s
 """
 
 import argparse
+import functools
 import importlib.metadata
 import json
 import os
@@ -546,9 +547,7 @@ def cmd_sweep(args):
         raise NanoMarkovError(f"unexpected {args.folder!r}: nanomarkov sweep GRID --out DIR [--jobs N] [--dry-run]")
     if not args.out:
         raise NanoMarkovError("say where the sweep goes: nanomarkov sweep GRID --out DIR")
-    slurm = {flag: getattr(args, flag) for flag in SLURM_FLAGS if getattr(args, flag) not in (None, [])}
-    if args.launcher == "local" and slurm:
-        raise NanoMarkovError(f"--{next(iter(slurm))} is a SLURM option: add --launcher slurm")
+    slurm = slurm_options(args, SLURM_FLAGS)
     if args.launcher == "slurm" and args.jobs != 1:
         raise NanoMarkovError("--jobs is the local launcher's; on SLURM use --array_parallelism N")
     manifest = run_sweep(
@@ -683,6 +682,47 @@ def _add_process_options(gen):
         )
 
 
+def _add_launcher(parser, unit, help):
+    """--launcher and the SLURM launcher's flags (sweep: per run; tune: per worker), read back by slurm_options."""
+    parser.add_argument("--launcher", choices=["local", "slurm"], default="local", help=help)
+    cl = parser.add_argument_group("SLURM (with --launcher slurm)")
+    cl.add_argument(
+        "--slurm_partition", default=None, metavar="P", help="partition to submit to (default: the cluster's)"
+    )
+    cl.add_argument(
+        "--time",
+        type=int,
+        default=None,
+        metavar="MIN",
+        help=f"time limit per {unit} in minutes (default 60); a sweep's run that reaches it checkpoints and is requeued",
+    )
+    cl.add_argument(
+        "--cpus_per_task",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"CPUs per {unit} (default 1); a sweep's runs use them as torch threads",
+    )
+    cl.add_argument("--gpus_per_task", type=int, default=None, metavar="N", help=f"GPUs per {unit}")
+    cl.add_argument("--mem", default=None, metavar="X", help=f"memory per {unit}, e.g. 4G")
+    cl.add_argument("--array_parallelism", type=int, default=None, metavar="N", help=f"{unit}s at once at most")
+    cl.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other sbatch option, repeatable: --sbatch account=mylab --sbatch qos=low",
+    )
+
+
+def slurm_options(args, flags):
+    """{flag: value} of the SLURM flags given (sweep.slurm's SLURM_FLAGS); refused without --launcher slurm."""
+    slurm = {flag: getattr(args, flag) for flag in flags if getattr(args, flag) not in (None, [])}
+    if args.launcher == "local" and slurm:
+        raise NanoMarkovError(f"--{next(iter(slurm))} is a SLURM option: add --launcher slurm")
+    return slurm
+
+
 def _add_sweep(verbs):
     sw = verbs.add_parser(
         "sweep",
@@ -699,36 +739,7 @@ def _add_sweep(verbs):
     sw.add_argument(
         "--dry-run", action="store_true", help="print what would be trained, resumed or skipped; write nothing"
     )
-    sw.add_argument(
-        "--launcher",
-        choices=["local", "slurm"],
-        default="local",
-        help="local processes (default), or one SLURM job array through submitit (docs/sweeps.md)",
-    )
-    cl = sw.add_argument_group("SLURM (with --launcher slurm)")
-    cl.add_argument(
-        "--slurm_partition", default=None, metavar="P", help="partition to submit to (default: the cluster's)"
-    )
-    cl.add_argument(
-        "--time",
-        type=int,
-        default=None,
-        metavar="MIN",
-        help="time limit per run in minutes (default 60); a run that reaches it checkpoints and is requeued",
-    )
-    cl.add_argument(
-        "--cpus_per_task", type=int, default=None, metavar="N", help="CPUs per run, also its torch threads (default 1)"
-    )
-    cl.add_argument("--gpus_per_task", type=int, default=None, metavar="N", help="GPUs per run")
-    cl.add_argument("--mem", default=None, metavar="X", help="memory per run, e.g. 4G")
-    cl.add_argument("--array_parallelism", type=int, default=None, metavar="N", help="runs at once at most")
-    cl.add_argument(
-        "--sbatch",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other sbatch option, repeatable: --sbatch account=mylab --sbatch qos=low",
-    )
+    _add_launcher(sw, "run", "local processes (default), or one SLURM job array through submitit (docs/sweeps.md)")
     sw.set_defaults(func=cmd_sweep)
 
 
@@ -790,15 +801,20 @@ def _add_train(verbs):
 
 
 def cmd_tune(args):
+    from nanomarkov.sweep.slurm import SLURM_FLAGS, slurm_executor
     from nanomarkov.tune import TuneSettings, default_tokens, parse_space, tune
 
     if args.trials < 1 or args.jobs < 1 or (args.tokens is not None and args.tokens < 1):
         raise NanoMarkovError("--trials, --jobs and --tokens must be at least 1")
     seq_len = load_dataset(args.data, verify=False).seq_len
     tokens = args.tokens or default_tokens(dataset_preset("default", args.data), seq_len)
-    settings = TuneSettings(args.data, args.out, args.trials, tokens, parse_space(args.space), args.storage or "")
+    settings = TuneSettings(
+        args.data, args.out, args.trials, tokens, parse_space(args.space), args.storage or "", threads=args.threads
+    )
+    slurm = slurm_options(args, SLURM_FLAGS)
+    executor_for = functools.partial(slurm_executor, **slurm) if args.launcher == "slurm" else None
     print(f"tuning on {args.data}: {args.trials} trials of {settings.tokens:,} tokens, {args.jobs} worker(s)")
-    code, best = tune(settings, jobs=args.jobs, threads=args.threads)
+    code, best = tune(settings, jobs=args.jobs, executor_for=executor_for)
     print(best)
     return code
 
@@ -823,8 +839,9 @@ def _add_tune(verbs):
         help="narrow the search: name=low:high, name=a,b,c, or a .toml/.json file of them",
     )
     tu.add_argument("--storage", default=None, metavar="URL", help="an Optuna storage URL (default DIR/study.db)")
-    tu.add_argument("--jobs", type=int, default=1, help="trials in parallel on this machine (default 1)")
-    tu.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: the cores / --jobs)")
+    tu.add_argument("--jobs", type=int, default=1, help="workers, each running trials in turn (default 1)")
+    _add_threads(tu, "auto")
+    _add_launcher(tu, "worker", "workers as local processes (default), or --jobs SLURM jobs (docs/tuning.md)")
     tu.set_defaults(func=cmd_tune)
 
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.files import check_output_folder, read_json_or_none, write_atomic, write_json
+from nanomarkov.files import check_output_folder, holds_record, read_json_or_none, write_atomic, write_json
 from nanomarkov.reproduce.claims import judge
 from nanomarkov.reproduce.paper import check_scale, paper_grid, read_paper
 from nanomarkov.reproduce.quantities import QUANTITIES, measure
@@ -25,7 +25,8 @@ REPRODUCE_FILE = "reproduce.json"
 
 
 def is_reproduction(folder) -> bool:
-    return (Path(folder) / REPRODUCE_FILE).is_file()
+    """A folder reproduce wrote (its reproduce.json, told by its content: files.holds_record)."""
+    return holds_record(folder, REPRODUCE_FILE, ("paper", "scale"))
 
 
 def claim_folder(out, paper, scale, force=False) -> dict:

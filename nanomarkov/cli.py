@@ -13,6 +13,7 @@ killed by SIGPIPE exits in a shell, so `set -o pipefail` still sees that not all
 """
 
 import argparse
+import functools
 import importlib.metadata
 import json
 import os
@@ -32,6 +33,7 @@ from nanomarkov.config import (
     LLC_DEFAULTS,
     TrainConfig,
     dataset_preset,
+    is_run_folder,
     is_threads_setting,
     load_config_file,
     merge_settings,
@@ -49,7 +51,7 @@ from nanomarkov.data import (
     load_dataset,
 )
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
-from nanomarkov.files import json_text
+from nanomarkov.files import check_output_folder, format_bytes, json_text
 from nanomarkov.processes import DEFAULT_PROCESS, PROCESSES, load_plugins
 from nanomarkov.processes.spec import process_from_file
 from nanomarkov.progress import Heartbeat, StopDeadline, stopped_line
@@ -380,9 +382,12 @@ def cmd_demo(args, extra):
     from nanomarkov.train import train
 
     data_dir = default_data_dir(10)
-    print(f"1/4 generate {data_dir}: 10,000 train + 1,000 val sequences from a random 10-state chain")
-    generate_dataset(data_dir, 10, 10000, 1000)
     cfg = TrainConfig.from_dict(merge_settings(preset("default", 10), parse_overrides(extra)), "demo")
+    # The demo takes no --force or --out: its way out of a folder of other files is another folder.
+    fix = f"run the demo from another folder (it writes {data_dir} and {cfg.out_dir} below the current one)"
+    check_output_folder(cfg.out_dir, "training run", is_run_folder, force=None, flag="--out_dir", fix=fix)
+    print(f"1/4 generate {data_dir}: 10,000 train + 1,000 val sequences from a random 10-state chain")
+    generate_dataset(data_dir, 10, 10000, 1000, fix=fix)
     print(f"2/4 train {cfg.out_dir} with the default recipe")
     done = train(cfg, overwrite=True)
     if done["status"] != "done":
@@ -542,9 +547,7 @@ def cmd_sweep(args):
         raise NanoMarkovError(f"unexpected {args.folder!r}: nanomarkov sweep GRID --out DIR [--jobs N] [--dry-run]")
     if not args.out:
         raise NanoMarkovError("say where the sweep goes: nanomarkov sweep GRID --out DIR")
-    slurm = {flag: getattr(args, flag) for flag in SLURM_FLAGS if getattr(args, flag) not in (None, [])}
-    if args.launcher == "local" and slurm:
-        raise NanoMarkovError(f"--{next(iter(slurm))} is a SLURM option: add --launcher slurm")
+    slurm = slurm_options(args, SLURM_FLAGS)
     if args.launcher == "slurm" and args.jobs != 1:
         raise NanoMarkovError("--jobs is the local launcher's; on SLURM use --array_parallelism N")
     manifest = run_sweep(
@@ -561,6 +564,43 @@ def cmd_sweep(args):
         print(format_status(sweep_status(args.out)))
     states = {run["state"] for run in manifest["runs"].values()}
     return 1 if states & {"failed", "cancelled"} else 0
+
+
+def cmd_reproduce(args):
+    from nanomarkov.reproduce import claims_table, paper_names, read_paper, reproduce
+    from nanomarkov.sweep.slurm import SLURM_FLAGS
+
+    if args.list:
+        for name in paper_names():
+            paper = read_paper(name)
+            c = paper.citation
+            print(f"{name:<18} {c['authors']} {c['year']}, {c['title']} ({len(paper.claims)} claims)")
+        return 0
+    if bool(args.name) == args.all:
+        raise NanoMarkovError("usage: nanomarkov reproduce NAME --out DIR, --all --out DIR, or --list")
+    if not args.out:
+        raise NanoMarkovError("say where the reproduction goes: nanomarkov reproduce NAME --out DIR")
+    slurm = slurm_options(args, SLURM_FLAGS)
+    if args.launcher == "slurm" and (args.jobs != 1 or args.threads):
+        raise NanoMarkovError("--jobs and --threads are the local launcher's; on SLURM use --array_parallelism N")
+    outcomes = []
+    for name in paper_names() if args.all else [args.name]:
+        out = Path(args.out) / name if args.all else Path(args.out)
+        outcome = reproduce(
+            name,
+            out,
+            scale=args.scale,
+            jobs=args.jobs,
+            launcher=args.launcher,
+            slurm=slurm if args.launcher == "slurm" else None,
+            force=args.force,
+            threads=args.threads,
+        )
+        held = sum(c["holds"] for c in outcome["claims"])
+        print(f"{name}: {held} of {len(outcome['claims'])} claims hold; report: {out / 'report.md'}")
+        outcomes.append(outcome)
+    print(claims_table(outcomes))
+    return 1 if any(outcome["failed"] for outcome in outcomes) else 0
 
 
 def cmd_export(args):
@@ -679,6 +719,47 @@ def _add_process_options(gen):
         )
 
 
+def _add_launcher(parser, unit, help):
+    """--launcher and the SLURM launcher's flags (sweep: per run; tune: per worker), read back by slurm_options."""
+    parser.add_argument("--launcher", choices=["local", "slurm"], default="local", help=help)
+    cl = parser.add_argument_group("SLURM (with --launcher slurm)")
+    cl.add_argument(
+        "--slurm_partition", default=None, metavar="P", help="partition to submit to (default: the cluster's)"
+    )
+    cl.add_argument(
+        "--time",
+        type=int,
+        default=None,
+        metavar="MIN",
+        help=f"time limit per {unit} in minutes (default 60); a sweep's run that reaches it checkpoints and is requeued",
+    )
+    cl.add_argument(
+        "--cpus_per_task",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"CPUs per {unit} (default 1); a sweep's runs use them as torch threads",
+    )
+    cl.add_argument("--gpus_per_task", type=int, default=None, metavar="N", help=f"GPUs per {unit}")
+    cl.add_argument("--mem", default=None, metavar="X", help=f"memory per {unit}, e.g. 4G")
+    cl.add_argument("--array_parallelism", type=int, default=None, metavar="N", help=f"{unit}s at once at most")
+    cl.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other sbatch option, repeatable: --sbatch account=mylab --sbatch qos=low",
+    )
+
+
+def slurm_options(args, flags):
+    """{flag: value} of the SLURM flags given (sweep.slurm's SLURM_FLAGS); refused without --launcher slurm."""
+    slurm = {flag: getattr(args, flag) for flag in flags if getattr(args, flag) not in (None, [])}
+    if args.launcher == "local" and slurm:
+        raise NanoMarkovError(f"--{next(iter(slurm))} is a SLURM option: add --launcher slurm")
+    return slurm
+
+
 def _add_sweep(verbs):
     sw = verbs.add_parser(
         "sweep",
@@ -695,37 +776,34 @@ def _add_sweep(verbs):
     sw.add_argument(
         "--dry-run", action="store_true", help="print what would be trained, resumed or skipped; write nothing"
     )
-    sw.add_argument(
-        "--launcher",
-        choices=["local", "slurm"],
-        default="local",
-        help="local processes (default), or one SLURM job array through submitit (docs/sweeps.md)",
-    )
-    cl = sw.add_argument_group("SLURM (with --launcher slurm)")
-    cl.add_argument(
-        "--slurm_partition", default=None, metavar="P", help="partition to submit to (default: the cluster's)"
-    )
-    cl.add_argument(
-        "--time",
-        type=int,
-        default=None,
-        metavar="MIN",
-        help="time limit per run in minutes (default 60); a run that reaches it checkpoints and is requeued",
-    )
-    cl.add_argument(
-        "--cpus_per_task", type=int, default=None, metavar="N", help="CPUs per run, also its torch threads (default 1)"
-    )
-    cl.add_argument("--gpus_per_task", type=int, default=None, metavar="N", help="GPUs per run")
-    cl.add_argument("--mem", default=None, metavar="X", help="memory per run, e.g. 4G")
-    cl.add_argument("--array_parallelism", type=int, default=None, metavar="N", help="runs at once at most")
-    cl.add_argument(
-        "--sbatch",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other sbatch option, repeatable: --sbatch account=mylab --sbatch qos=low",
-    )
+    _add_launcher(sw, "run", "local processes (default), or one SLURM job array through submitit (docs/sweeps.md)")
     sw.set_defaults(func=cmd_sweep)
+
+
+def _add_reproduce(verbs):
+    rp = verbs.add_parser(
+        "reproduce",
+        help="run a paper's experiment (papers/NAME.toml) and check its claims against the exact theory",
+        epilog="examples: nanomarkov reproduce --list | nanomarkov reproduce shai2024-mess3 --out repro/mess3 | "
+        "nanomarkov reproduce --all --out repro --scale smoke (docs/papers.md)",
+    )
+    rp.add_argument("name", nargs="?", help="a paper's name (--list shows them) or the path of a paper's .toml")
+    rp.add_argument("--out", default=None, help="folder for the runs, claims.json and report.md (--all: one per paper)")
+    rp.add_argument("--list", action="store_true", help="the papers there are, and stop")
+    rp.add_argument("--all", action="store_true", help="every paper, each into OUT/NAME, then one table of claims")
+    rp.add_argument(
+        "--scale",
+        choices=["smoke", "cpu", "paper"],
+        default="cpu",
+        help="smoke: seconds (CI); cpu (default): minutes on a 2-core CPU; paper: the paper's sizes",
+    )
+    rp.add_argument("--force", action="store_true", help="write into an --out that holds other files")
+    rp.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process (default 1)")
+    rp.add_argument(
+        "--threads", type=int, default=None, help="torch threads per local run (default: the cores over --jobs)"
+    )
+    _add_launcher(rp, "run", "local processes (default), or one SLURM job array through submitit, as sweep's")
+    rp.set_defaults(func=cmd_reproduce)
 
 
 def _add_import_hmmlearn(verbs):
@@ -786,15 +864,20 @@ def _add_train(verbs):
 
 
 def cmd_tune(args):
+    from nanomarkov.sweep.slurm import SLURM_FLAGS, slurm_executor
     from nanomarkov.tune import TuneSettings, default_tokens, parse_space, tune
 
     if args.trials < 1 or args.jobs < 1 or (args.tokens is not None and args.tokens < 1):
         raise NanoMarkovError("--trials, --jobs and --tokens must be at least 1")
     seq_len = load_dataset(args.data, verify=False).seq_len
     tokens = args.tokens or default_tokens(dataset_preset("default", args.data), seq_len)
-    settings = TuneSettings(args.data, args.out, args.trials, tokens, parse_space(args.space), args.storage or "")
+    settings = TuneSettings(
+        args.data, args.out, args.trials, tokens, parse_space(args.space), args.storage or "", threads=args.threads
+    )
+    slurm = slurm_options(args, SLURM_FLAGS)
+    executor_for = functools.partial(slurm_executor, **slurm) if args.launcher == "slurm" else None
     print(f"tuning on {args.data}: {args.trials} trials of {settings.tokens:,} tokens, {args.jobs} worker(s)")
-    code, best = tune(settings, jobs=args.jobs, threads=args.threads)
+    code, best = tune(settings, jobs=args.jobs, executor_for=executor_for)
     print(best)
     return code
 
@@ -819,8 +902,9 @@ def _add_tune(verbs):
         help="narrow the search: name=low:high, name=a,b,c, or a .toml/.json file of them",
     )
     tu.add_argument("--storage", default=None, metavar="URL", help="an Optuna storage URL (default DIR/study.db)")
-    tu.add_argument("--jobs", type=int, default=1, help="trials in parallel on this machine (default 1)")
-    tu.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: the cores / --jobs)")
+    tu.add_argument("--jobs", type=int, default=1, help="workers, each running trials in turn (default 1)")
+    _add_threads(tu, "auto")
+    _add_launcher(tu, "worker", "workers as local processes (default), or --jobs SLURM jobs (docs/tuning.md)")
     tu.set_defaults(func=cmd_tune)
 
 
@@ -894,6 +978,7 @@ def build_parser():
     rep.set_defaults(func=cmd_report)
 
     _add_sweep(verbs)
+    _add_reproduce(verbs)
     _add_tune(verbs)
     _add_dynamics(verbs)
 
@@ -978,14 +1063,26 @@ def detailed_out_of_memory_message(error):
     on_gpu = re.search(r"CUDA|GPU|MPS|XPU", text) is not None
     asked = re.search(r"allocate (\d+(?:\.\d+)? ?[KMGTPE]i?B)", text, re.IGNORECASE)
     asked_bytes = re.search(r"allocate (\d+) bytes", text)
-    size = asked.group(1) if asked else f"{int(asked_bytes.group(1)) / 2**30:,.1f} GiB" if asked_bytes else None
+    size = asked.group(1) if asked else format_bytes(int(asked_bytes.group(1))) if asked_bytes else None
     return f"error: out of {'GPU' if on_gpu else 'memory'}{f' (asked for {size} more)' if size else ''}: {OUT_OF_MEMORY_FIX}"
+
+
+def expand_home(argv):
+    """Every argument that is a path starting with ~ (`~/x`, `--out=~/x`, `--out_dir=~alice/x`) with ~ expanded.
+
+    A shell expands ~ only at the start of a word, so `--out_dir=~/x` (or a quoted '~/x') would
+    otherwise make a folder literally named ~ in the current folder."""
+    expanded = []
+    for arg in argv:
+        flag, equals, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        expanded.append(flag + equals + os.path.expanduser(value) if value.startswith("~") else arg)
+    return expanded
 
 
 def _dispatch(argv):
     load_plugins()  # NANOMARKOV_PROCESSES: a researcher's own processes, registered before --process is built
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(expand_home(sys.argv[1:] if argv is None else argv))
     if getattr(args, "takes_overrides", False):
         return args.func(args, extra)
     if extra:

@@ -15,6 +15,7 @@ LAYERS = [
     {"model", "gpt_config", "data", "batches", "checkpoint", "config", "distributed"},
     {"train", "evaluate", "report", "interp", "dynamics", "tune"},
     {"sweep"},
+    {"reproduce"},
     {"cli", "__main__"},
 ]
 LAYER_OF = {name: depth for depth, names in enumerate(LAYERS) for name in names}

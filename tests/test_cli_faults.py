@@ -94,7 +94,7 @@ def cuda_out_of_memory(*args):
 
 @pytest.mark.parametrize(
     ("fault", "memory", "size"),
-    [(allocate_everything, "out of memory", "1.00 EiB"), (torch_cpu_allocation, "out of memory", "GiB"),
+    [(allocate_everything, "out of memory", "1.00 EiB"), (torch_cpu_allocation, "out of memory", "(asked for 1.0 EiB more)"),
      (cuda_out_of_memory, "out of GPU", "20.00 GiB")],
 )  # fmt: skip
 def test_out_of_memory_anywhere_in_a_verb_is_one_line_with_the_fix(spec, capsys, monkeypatch, fault, memory, size):
@@ -162,3 +162,8 @@ def test_out_of_memory_frees_the_failing_frames_before_its_line_and_needs_no_all
     monkeypatch.setattr(cli, "say", lambda line: said.append((line, held[0]() is None)))
     assert main(["theory", "--spec", "chain.json"]) == 2
     assert said == [(cli.OUT_OF_MEMORY_LINE, True)]  # the fixed line, said once the frames' memory was let go
+
+
+def test_a_size_in_bytes_in_an_allocation_error_is_shown_in_a_unit_that_shows_it():
+    message = cli.out_of_memory_message(RuntimeError("not enough memory: you tried to allocate 8400 bytes."))
+    assert "(asked for 8.2 KiB more)" in message  # not "0.0 GiB"

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nanomarkov.errors import NanoMarkovError
+from nanomarkov.files import format_bytes
 from nanomarkov.memory import check_fits
 from nanomarkov.processes.numerics import entropy
 
@@ -229,8 +230,8 @@ class Process:
         entries = self.table_entries(int(seq_len))
         if entries > MAX_TABLE_ENTRIES:
             raise NanoMarkovError(
-                f"--seq_len {seq_len} with K = {self.n_states} needs a {entries * 8 / 2**30:,.1f} GiB table for its "
-                f"exact theory (at most {MAX_TABLE_ENTRIES * 8 / 2**30:.0f} GiB); use a shorter --seq_len or fewer states"
+                f"--seq_len {seq_len} with K = {self.n_states} needs a {format_bytes(entries * 8)} table for its "
+                f"exact theory (at most {format_bytes(MAX_TABLE_ENTRIES * 8)}); use a shorter --seq_len or fewer states"
             )
         check_fits(
             THEORY_TABLES * entries * 8,

@@ -408,3 +408,12 @@ def test_the_processes_grid_expands(tmp_path):
     specs = expand_grid(REPO / "grids" / "processes.toml", tmp_path)
     assert sorted({Path(s.data_dir).name for s in specs}) == ["icl3", "mess3", "mm10", "mm5-order2"]
     assert len(specs) == 8 and all(s.config().mlp_only == (s.dataset["process"] == "markov") for s in specs)
+
+
+def test_a_users_own_sweep_json_is_not_taken_for_a_sweep(tmp_path):
+    """A sweep's folder is told by what a sweep writes in sweep.json, not by the file's name."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "sweep.json").write_text('{"runs": ["mine"]}')
+    with pytest.raises(NanoMarkovError, match=r"holds files that are not a sweep \(sweep.json\).*--force"):
+        run_sweep(small_grid(), tmp_path / "out", dry_run=True, progress=print)
+    assert (tmp_path / "out" / "sweep.json").read_text() == '{"runs": ["mine"]}'

@@ -65,7 +65,7 @@ class GeneralizedHMM(HiddenMarkovModel):
     """A generalized HMM: token_transitions (K, H, H) of any sign and a start quasi-belief (see the module docstring)."""
 
     process = "ghmm"
-    SUMMARY = "generalized HMM, matrices of any sign (from a spec: --spec; named: post_quantum)"
+    SUMMARY = "generalized HMM, matrices of any sign (from a spec: --spec; named: post_quantum, tom_quantum, fanizza)"
     ARRAYS = ("token_transitions", "startprob")
     OPTIONS = ()
     HIDDEN_STATE_BOUND = False

@@ -69,6 +69,7 @@ class GeneralizedHMM(HiddenMarkovModel):
     ARRAYS = ("token_transitions", "startprob")
     OPTIONS = ()
     HIDDEN_STATE_BOUND = False
+    HISTORY_REASON = "the next token depends on the quasi-belief that the whole prefix sets"
     MSP_FLOOR = NEGATIVE_TOLERANCE  # a token whose signed sum is within rounding of 0 is impossible
 
     def __init__(self, token_transitions, startprob=None):

@@ -47,7 +47,7 @@ import numpy as np
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.processes.base import WHOLE_HISTORY_RECIPE, Option, Process
 from nanomarkov.processes.markov import TRUE_LOSS_CHUNK, MarkovChain
-from nanomarkov.processes.msp import MixedStatePresentation, msp_state_cap
+from nanomarkov.processes.msp import MSP_TOLERANCE, MixedStatePresentation, msp_state_cap
 from nanomarkov.processes.numerics import (
     alias_draw,
     alias_tables,
@@ -486,14 +486,26 @@ class HiddenMarkovModel(Process):
         return losses, accuracies
 
     def theory_note(self, seq_len):
-        """One line: whether theory is exact from the mixed-state presentation, and if not, why."""
+        """One line: whether theory is exact from the mixed-state presentation, and if not, why; where the MSP
+        merged different beliefs (within MSP_TOLERANCE), from which depth: positions up to it are exact."""
         msp = self._msp
-        if msp.closed:
+        depth, gap = msp.first_merge()
+        if msp.closed and depth is None:
             return f"exact: mixed-state presentation, {msp.n_states} states"
+        merged = (
+            ""
+            if depth is None
+            else f"; from depth {depth}, beliefs within {MSP_TOLERANCE:g} of one another are one state (apart by "
+            f"{gap:.0e} at most)"
+        )
+        if msp.closed:
+            return f"exact by position up to position {depth}: mixed-state presentation, {msp.n_states} states{merged}"
         passed = f"the mixed-state presentation passed {msp.n_states} states at depth {msp.passed_depth}"
         if msp.covers(seq_len - 1):
-            return f"exact by position up to seq_len {seq_len} (depth {seq_len - 2}); entropy rate estimated: {passed}"
-        return f"estimated: {passed}"
+            whole = depth is None or depth > seq_len - 2
+            exact = f"seq_len {seq_len} (depth {seq_len - 2})" if whole else f"position {depth}"
+            return f"exact by position up to {exact}; entropy rate estimated: {passed}{merged}"
+        return f"estimated: {passed}{merged}"
 
     def _bracket(self):
         """(lower, upper) bounds on the entropy rate, or None when they are further apart than BRACKET_WIDTH."""

@@ -559,10 +559,8 @@ class Fanizza(NamedGHMM):
         return float(entropy(law) / (law @ np.arange(1, len(law) + 1))), 0.0
 
     def theory_note(self, seq_len):
-        note = super().theory_note(seq_len)
-        if not note.startswith("exact by position"):
-            return note
-        return note.split(";")[0] + "; entropy rate exact: token 0 resets the belief (a renewal process)"
+        rate = "entropy rate exact (token 0 resets the belief: a renewal process); "
+        return super().theory_note(seq_len).replace("entropy rate estimated: ", rate)
 
 
 NAMED_PROCESSES = (

@@ -125,3 +125,28 @@ def test_estimate_agrees_with_the_exact_value_within_its_error(monkeypatch):
     for key in ("optimal_loss", "optimal_accuracy"):
         assert estimate[f"{key}_se"] > 0
         assert abs(estimate[key] - exact[key]) < 4 * estimate[f"{key}_se"]
+
+
+def test_the_note_says_from_which_depth_different_beliefs_were_merged():
+    """A belief that converges geometrically (token 0 is 500 times likelier from B than from A) comes within
+    MSP_TOLERANCE of another while still different: positions up to that depth are exact, and the note says so."""
+    emits_zero, mixing = np.array([0.001, 0.5]), np.array([[0.95, 0.05], [0.05, 0.95]])
+    tokens = np.stack([emits_zero[:, None] * mixing, (1 - emits_zero)[:, None] * mixing])
+    process = HiddenMarkovModel.from_token_transitions(tokens)
+    depth, gap = process._msp.first_merge()
+    assert 1e-12 < gap <= 1e-10 and depth == 5
+    assert process.theory_note(12).startswith("exact by position up to position 5;")
+    assert "from depth 5, beliefs within 1e-10 of one another are one state" in process.theory_note(12)
+    # Independently: every word's belief by forward filtering; by depth 5 two differ by less than 1e-10.
+    beliefs = []
+    for word in itertools.chain.from_iterable(itertools.product(range(2), repeat=n) for n in range(6)):
+        forward = process.startprob
+        for x in word:
+            forward = forward @ tokens[x]
+        beliefs.append(forward / forward.sum())
+    distinct = np.unique(np.round(np.array(beliefs), 15), axis=0)
+    apart = np.abs(distinct[:, None] - distinct[None]).max(axis=2)
+    assert np.any((apart > 1e-12) & (apart < 1e-10))
+    losses, _ = brute_force(tokens, process.startprob, np.ones(2), 5)
+    np.testing.assert_allclose(process.optimal_loss_by_position(6)[0], losses, rtol=0, atol=1e-12)
+    assert PROCESSES["rrxor"].random()._msp.first_merge() == (None, 0.0)  # a finite MSP merges float rounding only

@@ -18,7 +18,6 @@ Entropy rates h below are in bits (theory reports nats), H(p) the binary entropy
 """
 
 import math
-from functools import cached_property
 
 import numpy as np
 
@@ -27,10 +26,6 @@ from nanomarkov.processes.base import Option
 from nanomarkov.processes.ghmm import GeneralizedHMM
 from nanomarkov.processes.hmm import MAX_MATRIX_ENTRIES, HiddenMarkovModel, stationary_law
 from nanomarkov.processes.markov import MarkovChain
-from nanomarkov.processes.numerics import entropy
-
-# Fanizza's run lengths are summed until the chance of a longer run is below this (float64's resolution of 1).
-RENEWAL_TAIL = 1e-17
 
 
 def check_probability(process, name, value, low=0.0, high=1.0):
@@ -542,25 +537,6 @@ class Fanizza(NamedGHMM):
     @classmethod
     def build(cls, angle, lamb):
         return {"token_transitions": fanizza_matrices(angle, lamb)}
-
-    @cached_property
-    def _entropy_rate(self):
-        """Exact: a renewal process. Token 0 resets the quasi-belief to pi0, so the sequence is i.i.d. blocks
-        1^N 0, and h = H(N) / E[N + 1] (the blocks' entropy per token); P(N = n) = pi0 D_1^n D_0 r decays as
-        lamb^n, summed until below RENEWAL_TAIL."""
-        reset_token, other = self.token_transitions
-        reset = reset_token[np.argmax(np.abs(reset_token).sum(axis=1))]
-        belief = reset / (reset @ self._normaliser)
-        run_lengths = []
-        while not run_lengths or belief @ self._normaliser > RENEWAL_TAIL:
-            run_lengths.append(belief @ reset_token @ self._normaliser)
-            belief = belief @ other
-        law = np.clip(run_lengths, 0.0, None)
-        return float(entropy(law) / (law @ np.arange(1, len(law) + 1))), 0.0
-
-    def theory_note(self, seq_len):
-        rate = "entropy rate exact (token 0 resets the belief: a renewal process); "
-        return super().theory_note(seq_len).replace("entropy rate estimated: ", rate)
 
 
 NAMED_PROCESSES = (

@@ -150,3 +150,26 @@ def test_the_note_says_from_which_depth_different_beliefs_were_merged():
     losses, _ = brute_force(tokens, process.startprob, np.ones(2), 5)
     np.testing.assert_allclose(process.optimal_loss_by_position(6)[0], losses, rtol=0, atol=1e-12)
     assert PROCESSES["rrxor"].random()._msp.first_merge() == (None, 0.0)  # a finite MSP merges float rounding only
+
+
+@pytest.mark.parametrize(("p", "q"), [(0.5, 0.5), (0.3, 0.6)])
+def test_a_renewal_process_has_its_exact_entropy_rate(p, q):
+    """sns: token 1 (B back to A) resets the belief, so the tokens are i.i.d. blocks 0^N 1. Derived by hand:
+    N = a + b - 1 zeros, a ~ Geometric(p) steps in A, b ~ Geometric(q) in B, so P(N = n) = sum_a (1-p)^(a-1) p
+    (1-q)^(n-a) q and E[N + 1] = 1/p + 1/q; h = H(N) / E[N + 1]. Theory's rate is that, exactly."""
+    process = PROCESSES["sns"].random(p=p, q=q)
+    n = np.arange(1, 300)
+    law = np.array([sum((1 - p) ** (a - 1) * p * (1 - q) ** (m - a) * q for a in range(1, m + 1)) for m in n])
+    rate = -np.sum(law * np.log(law, where=law > 0, out=np.zeros_like(law))) / (1 / p + 1 / q)
+    assert process.entropy_rate() == pytest.approx(rate, abs=1e-14) and process._renewal[0] == 1
+
+
+def test_a_reset_token_that_may_never_come_is_no_renewal_process():
+    """Half the time the walk starts in a closed class where only token 0 occurs: token 1 is rank one (it
+    resets to state 0) but need not occur, so the rate is the two classes' mean, not the renewal formula's."""
+    tokens = np.zeros((2, 3, 3))
+    tokens[0, 0, 0], tokens[1, 0, 0] = 0.7, 0.3  # state 0: a coin, token 1 back to state 0
+    tokens[0, 1, 2] = tokens[0, 2, 1] = 1.0  # states 1 and 2: token 0 forever
+    process = HiddenMarkovModel.from_token_transitions(tokens, [0.5, 0.5, 0.0])
+    binary = -0.7 * np.log(0.7) - 0.3 * np.log(0.3)
+    assert process._renewal is None and process.entropy_rate() == pytest.approx(binary / 2, abs=1e-9)

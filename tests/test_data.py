@@ -12,7 +12,7 @@ import pytest
 import nanomarkov.data as data_module
 from nanomarkov import NanoMarkovError
 from nanomarkov.batches import SequenceOrder, to_inputs_targets, whole_split_batches
-from nanomarkov.data import estimate_text, generate_dataset, load_dataset
+from nanomarkov.data import generate_dataset, load_dataset
 from nanomarkov.processes.markov import MarkovChain
 
 META_KEYS = {
@@ -441,11 +441,3 @@ def test_an_optimum_below_the_entropy_rate_is_right_for_a_chain_started_away_fro
     """Not refused: started in the quiet state 0, the first positions cost less than the long run does."""
     meta = generate_dataset(tmp_path / "d", None, 6, 3, seq_len=4, chain=MarkovChain(SWITCH, [1.0, 0.0]))
     assert meta["theory"]["optimal_loss"] < meta["theory"]["entropy_rate"]
-
-
-def test_an_estimated_theory_number_prints_with_its_error_an_exact_one_without():
-    theory = {"optimal_loss": 0.52608, "optimal_loss_se": 0.0021, "entropy_rate": 0.497782, "entropy_rate_se": 0.0}
-    assert estimate_text(theory, "optimal_loss") == "0.526080±0.002"  # generate's and train's lines, theory's table
-    assert (
-        estimate_text(theory, "entropy_rate") == estimate_text({"entropy_rate": 0.497782}, "entropy_rate") == "0.497782"
-    )

@@ -45,6 +45,7 @@ from nanomarkov.data import (
     dataset_theory,
     default_data_dir,
     default_seq_len,
+    estimate_text,
     generate_dataset,
     headline,
     import_hmmlearn,
@@ -191,8 +192,8 @@ def _print_generated(out, meta):
         f"tokens, K={meta['n_states']}{kind}, vocab {meta['vocab_size']} (BOS={meta['bos_token']}), {meta['dtype']}"
     )
     print(
-        f"optimal_loss {theory['optimal_loss']:.6f}  true_loss_val {theory['true_loss_val']:.6f}  "
-        f"entropy_rate {theory['entropy_rate']:.6f}  uniform {theory['uniform_loss']:.6f} nats/token"
+        f"optimal_loss {estimate_text(theory, 'optimal_loss')}  true_loss_val {theory['true_loss_val']:.6f}  "
+        f"entropy_rate {estimate_text(theory, 'entropy_rate')}  uniform {theory['uniform_loss']:.6f} nats/token"
     )
 
 
@@ -252,10 +253,7 @@ def spec_theory_row(path, seq_len=None):
 
 def _estimate(row, key):
     """A theory number; a Monte-Carlo or bracketed one (a nonzero *_se key) with its error; "-" where there is none."""
-    if key not in row:
-        return "-"
-    error = row.get(f"{key}_se")
-    return f"{row[key]:.6f}" + (f"±{error:.1g}" if error else "")
+    return estimate_text(row, key) if key in row else "-"
 
 
 def format_theory_table(rows):

@@ -774,6 +774,12 @@ def learnable_fraction(loss, theory):
     return (theory["uniform_loss"] - loss) / (theory["uniform_loss"] - theory["true_loss_val"])
 
 
+def estimate_text(theory, key):
+    """A theory number as printed: six decimals, and "±error" where it is estimated (a nonzero "<key>_se")."""
+    error = theory.get(f"{key}_se")
+    return f"{theory[key]:.6f}" + (f"±{error:.1g}" if error else "")
+
+
 def headline(record):
     """A run's result in one phrase: its excess in nats over the floor it is measured against, and the
     learnable structure captured (a record of done.json's keys; an older one without the share omits it)."""

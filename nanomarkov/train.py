@@ -33,7 +33,7 @@ from tqdm import tqdm
 from nanomarkov.batches import FixedSequences, OnlineSequences, to_inputs_targets, whole_split_batches
 from nanomarkov.checkpoint import CHECKPOINT, list_snapshots, load_checkpoint, save_checkpoint, save_snapshot
 from nanomarkov.config import TrainConfig, config_changes, is_run_folder
-from nanomarkov.data import Dataset, headline, learnable_fraction, load_dataset
+from nanomarkov.data import Dataset, estimate_text, headline, learnable_fraction, load_dataset
 from nanomarkov.distributed import Distributed, init_distributed, torch_threads
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
 from nanomarkov.files import check_output_folder, json_text, write_json, writer_lock
@@ -448,7 +448,7 @@ def open_outputs(setup, raw_model, resume_state, show_progress):
         f"{', ' + str(autocast).replace('torch.', '') if autocast else ''}{', compiled' if setup.use_compile else ''}"
         f"{', online data from the process' if cfg.data_source == 'online' else ''}, "
         f"{'resuming at iter ' + str(start_iter) if resume_state else 'from scratch'}; {schedule_text(cfg)}; "
-        f"optimal_loss {theory['optimal_loss']:.6f}, true_loss_val {theory['true_loss_val']:.6f}"
+        f"optimal_loss {estimate_text(theory, 'optimal_loss')}, true_loss_val {theory['true_loss_val']:.6f}"
     )
     return RunOutputs(log, bar, wandb_run)
 
@@ -675,7 +675,7 @@ class TrainingLoop:
         train_text = "(none yet)" if record["train_loss"] is None else f"{record['train_loss']:.4f}"
         self.outputs.log.line(
             f"eval iter {it}: train {train_text} val {val_loss:.6f} excess {record['excess']:+.6f} nats over "
-            f"true_loss_val {theory['true_loss_val']:.6f} (expected optimum {theory['optimal_loss']:.6f}; "
+            f"true_loss_val {theory['true_loss_val']:.6f} (expected optimum {estimate_text(theory, 'optimal_loss')}; "
             f"{record['elapsed_s']:.1f}s)",
             record,
         )

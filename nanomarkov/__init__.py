@@ -5,8 +5,11 @@ ARCHITECTURE.md maps the package.
 """
 
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
+from nanomarkov.version import VERSION
 
-__all__ = ["NanoMarkovError", "TrainingDiverged", "load"]
+__version__ = VERSION
+
+__all__ = ["NanoMarkovError", "TrainingDiverged", "__version__", "load"]
 
 
 def __getattr__(name):

@@ -14,14 +14,12 @@ killed by SIGPIPE exits in a shell, so `set -o pipefail` still sees that not all
 
 import argparse
 import functools
-import importlib.metadata
 import json
 import os
 import re
 import signal
 import sys
 import threading
-import tomllib
 import warnings
 from contextlib import nullcontext, redirect_stdout, suppress
 from pathlib import Path
@@ -56,6 +54,7 @@ from nanomarkov.files import check_output_folder, format_bytes, json_text
 from nanomarkov.processes import DEFAULT_PROCESS, PROCESSES, load_plugins
 from nanomarkov.processes.spec import process_from_file
 from nanomarkov.progress import Heartbeat, StopDeadline, stopped_line
+from nanomarkov.version import VERSION
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -906,19 +905,6 @@ def _add_tune(verbs):
     tu.set_defaults(func=cmd_tune)
 
 
-def package_version():
-    """The installed package's version; from a source tree that was never installed, its pyproject.toml's."""
-    try:
-        return importlib.metadata.version("nanomarkov")
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    try:
-        with open(Path(__file__).resolve().parent.parent / "pyproject.toml", "rb") as f:
-            return f"{tomllib.load(f)['project']['version']} (source tree, not installed)"
-    except (OSError, KeyError, TypeError, tomllib.TOMLDecodeError):
-        return "unknown (not installed: pip install -e .)"
-
-
 def _add_export(verbs):
     ex = verbs.add_parser(
         "export",
@@ -943,7 +929,7 @@ def build_parser():
     parser = OneLineParser(
         prog="nanomarkov", description="Train small GPTs on Markov chains; check them against exact theory."
     )
-    parser.add_argument("--version", action="version", version=f"nanomarkov {package_version()}")
+    parser.add_argument("--version", action="version", version=f"nanomarkov {VERSION}")
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=OneLineParser)
 
     _add_generate(verbs)

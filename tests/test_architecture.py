@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "nanomarkov"
 MAX_FUNCTION_LINES = 60
 # Lower layers never import higher ones (ARCHITECTURE.md); a module may import its own layer and below.
 LAYERS = [
-    {"errors", "files", "memory", "progress"},
+    {"errors", "files", "memory", "progress", "version"},
     {"processes"},
     {"model", "gpt_config", "data", "batches", "checkpoint", "config", "distributed"},
     {"train", "evaluate", "report", "interp", "dynamics", "tune"},

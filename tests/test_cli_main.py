@@ -115,23 +115,16 @@ def test_a_sweep_out_that_is_a_file_is_one_line(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "afile").read_text() == "x"
 
 
-def pyproject_version():
-    with open(Path(__file__).resolve().parent.parent / "pyproject.toml", "rb") as f:
-        return tomllib.load(f)["project"]["version"]
-
-
 def test_version_prints_the_packages_version_and_exits_0(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out == f"nanomarkov {importlib.metadata.version('nanomarkov')}\n"
 
 
-def test_version_of_a_source_tree_never_installed_is_its_pyprojects(capsys, monkeypatch):
-    def not_installed(name):
-        raise importlib.metadata.PackageNotFoundError(name)
-
-    monkeypatch.setattr(importlib.metadata, "version", not_installed)
-    assert main(["--version"]) == 0
-    assert capsys.readouterr().out == f"nanomarkov {pyproject_version()} (source tree, not installed)\n"
+def test_the_version_is_written_once_pyproject_reads_it_from_the_package():
+    with open(Path(__file__).resolve().parent.parent / "pyproject.toml", "rb") as f:
+        pyproject = tomllib.load(f)
+    assert "version" not in pyproject["project"] and "version" in pyproject["project"]["dynamic"]
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "nanomarkov.version.VERSION"}
 
 
 def test_an_estimated_theory_number_prints_with_its_error_an_exact_one_without():

@@ -94,11 +94,27 @@ GAIN_SEQUENCES = 1000
 # The stationary start's largest K: at K = 20 its predictor takes ~0.15 s per sequence of 128 tokens
 # on one CPU core (eval's val split, theory's GAIN_SEQUENCES), growing as K^3.
 MAX_STATIONARY_STATES = 20
+# The stationary start's smallest concentration. Below it rows are nearly one-hot, a sequence's stationary law
+# under the particles (its importance weights) degenerates, and the particles' estimate of a small probability
+# can fall to 0, where the delta method's correction divides by it: measured at 0.3 (K = 2) and 0.4 (K = 3),
+# the theory's optimal loss came out inf; at 0.5 it is finite for K = 2 to 15 (tests/processes/test_incontext_alpha.py).
+MIN_STATIONARY_CONCENTRATION = 0.5
 START_LAW_MATRICES = 200_000
 
 # The order option (order k > 1): its largest number of contexts K^k. theory solves a K^k x K^k
 # lifted chain per sampled sequence for the entropy rate (256: about 2 s for 1000 sequences).
 MAX_CONTEXTS = 256
+
+# State reduction's floor on the chance of leaving a state downwards (a chain that nearly splits, as rows drawn
+# with a tiny concentration do), and the total past which it rescales the partial solution: together they keep
+# every partial value below 1e300, so no tiny concentration overflows it into inf or NaN.
+LEAVING_FLOOR = 1e-200
+RESCALE_ABOVE = 1e100
+# solve_stationary's answer is kept where pi P = pi holds to this relative error in every entry; else state
+# reduction answers.
+STATIONARY_RESIDUAL = 1e-9
+# settled_law's fallback: 2^80 steps of the lazy chain leave a state that escapes with chance 1e-24 per step.
+SETTLING_SQUARINGS = 80
 
 # random()'s largest K: theory at K=100, L=256 takes 4 s, and beyond K^2 * MIN_THEORY_SEQUENCES
 # / THEORY_ENTRIES its sample of matrices grows as K^2 (8 GB at K=1000).
@@ -158,13 +174,67 @@ def positive_stationary(matrices):
     leaving = np.ones(reduced.shape[1:])
     for last in range(k - 1, 0, -1):
         # P(leave `last` for a lower state): never 0 for positive rows (kept off 0 should a tiny alpha underflow).
-        leaving[last] = np.maximum(reduced[last, :last].sum(axis=0), np.finfo(float).tiny)
+        leaving[last] = np.maximum(reduced[last, :last].sum(axis=0), LEAVING_FLOOR)
         reduced[:last, :last] += reduced[:last, last][:, None] * (reduced[last, :last] / leaving[last])[None]
     pi = np.zeros(leaving.shape)
     pi[0] = 1.0
     for state in range(1, k):
+        large = pi[:state].sum(axis=0) > RESCALE_ABOVE  # only where a chain nearly splits: others keep their bits
+        if large.any():
+            pi[:state, large] /= pi[:state, large].sum(axis=0)
         pi[state] = (pi[:state] * reduced[:state, state]).sum(axis=0) / leaving[state]
     return (pi / pi.sum(axis=0)).T
+
+
+def settled_law(matrix, start):
+    """The law a chain (K, K) with several closed classes settles into from `start` (K,): MarkovChain.stationary's,
+    or, where its linear solves fail (a transient state whose chance of leaving rounds to 0, from a tiny
+    concentration), the long-run law of the lazy chain (I + P)/2 (the same limit, and aperiodic) by repeated
+    squaring, which subtracts nothing: 2^SETTLING_SQUARINGS steps."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MarkovChain warns that the answer depends on startprob: we want that one
+        try:
+            law = MarkovChain(matrix, start).stationary()
+        except np.linalg.LinAlgError:
+            law = np.full(len(start), np.nan)
+    return law if np.all(np.isfinite(law)) else settled_laws(matrix[None], start)[0]
+
+
+def settled_laws(matrices, start):
+    """The law each chain (n, K, K) settles into from `start` (K,): that of the lazy chain (I + P)/2 (the same
+    limit, and aperiodic) after 2^SETTLING_SQUARINGS steps, by repeated squaring, all chains at once. It
+    subtracts nothing, so a chain whose exits round to 0 (rows drawn with a tiny concentration) is no harder."""
+    power = (matrices + np.eye(matrices.shape[-1])) / 2
+    for _ in range(SETTLING_SQUARINGS):
+        power = power @ power
+        power /= power.sum(axis=-1, keepdims=True)  # the rows stay distributions whatever the rounding
+    return np.einsum("i,nij->nj", start, power)
+
+
+def stationary_laws(matrices, recurrent=None):
+    """The stationary distribution (n, K) of each matrix (n, K, K) with one closed class, `recurrent` (n, K) its
+    states (None: every state): solve_stationary's answer where it is regular and pi P = pi holds, else state
+    reduction with the recurrent states first, which subtracts nothing and so stays accurate however nearly
+    the chain splits (rows drawn with a tiny concentration: the solve is singular there, or wrong)."""
+    n, k = matrices.shape[:2]
+    try:
+        with np.errstate(all="ignore"):
+            pi = solve_stationary(matrices)
+            # Entry by entry and relative: a state the solve gave ~0 that the chain does enter is caught.
+            residual = np.abs(np.einsum("ni,nij->nj", pi, matrices) - pi)
+            wrong = ~np.all((residual <= STATIONARY_RESIDUAL * np.abs(pi)) & (pi >= 0), axis=1)
+    except np.linalg.LinAlgError:
+        pi, wrong = np.empty((n, k)), np.ones(n, dtype=bool)
+    if wrong.any():
+        recurrent = np.ones((n, k), dtype=bool) if recurrent is None else recurrent
+        # Recurrent states first: a transient one eliminated after them always leaves downwards, and gets 0.
+        order = np.argsort(~recurrent[wrong], axis=1, kind="stable")
+        permuted = np.take_along_axis(matrices[wrong], order[:, :, None], axis=1)
+        permuted = np.take_along_axis(permuted, order[:, None, :], axis=2)
+        reduced = np.empty((len(order), k))
+        np.put_along_axis(reduced, order, positive_stationary(permuted), axis=1)
+        pi[wrong] = reduced
+    return np.clip(pi, 0.0, None) / np.clip(pi, 0.0, None).sum(axis=1, keepdims=True)
 
 
 def check_order(order, n_states, support_size, start):
@@ -249,6 +319,12 @@ class InContextChain(Process):
             raise NanoMarkovError(
                 "start 'stationary' needs dense rows (no --sparsity): a sparse row's matrix can have "
                 "several stationary laws"
+            )
+        if start == "stationary" and concentration.min() < MIN_STATIONARY_CONCENTRATION:
+            raise NanoMarkovError(
+                f"start 'stationary' takes concentrations >= {MIN_STATIONARY_CONCENTRATION}, got {concentration.min():g}: "
+                "below it the particles' estimate of the Bayes predictor breaks down (near one-hot rows); use a "
+                "larger --alpha, or --start uniform, whose theory holds for every concentration"
             )
         if start == "stationary" and k > MAX_STATIONARY_STATES:
             raise NanoMarkovError(
@@ -877,7 +953,7 @@ class InContextChain(Process):
         for lo in range(0, len(matrices), step):
             block, lifted = pi[lo : lo + step], self.lift(matrices[lo : lo + step])
             positive = (matrices[lo : lo + step] > 0).all(axis=(1, 2))
-            block[positive] = solve_stationary(lifted[positive])
+            block[positive] = stationary_laws(lifted[positive])
             if not positive.all():
                 block[~positive] = self._stationaries(lifted[~positive], start)
         return pi
@@ -886,9 +962,10 @@ class InContextChain(Process):
         """Each matrix's stationary distribution (n, K).
 
         A matrix with one closed class (dense ones always) has one stationary
-        distribution, found by one batched solve; the others (several closed
-        classes, from sparse rows) go one by one through MarkovChain.stationary,
-        which takes the long-run distribution from `start` (None: startprob).
+        distribution (stationary_laws); the others (several closed classes, from
+        sparse rows or entries that underflowed) get the long-run distribution from
+        `start` (None: startprob): sparse ones one by one through MarkovChain.stationary
+        (settled_law), the others all at once (settled_laws).
         """
         n, k = matrices.shape[:2]
         reach = ((matrices > 0) | np.eye(k, dtype=bool)).astype(np.float32)
@@ -901,9 +978,11 @@ class InContextChain(Process):
         has_lower_member = np.any(reach & back & np.tri(k, k, -1, dtype=bool), axis=2)
         single = (recurrent & ~has_lower_member).sum(axis=1) == 1
         pi = np.empty((n, k))
-        pi[single] = solve_stationary(matrices[single])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # MarkovChain warns that the answer depends on startprob: we want that one
-            for i in np.flatnonzero(~single):
-                pi[i] = MarkovChain(matrices[i], self.startprob if start is None else start).stationary()
+        pi[single] = stationary_laws(matrices[single], recurrent[single])
+        start, several = self.startprob if start is None else start, np.flatnonzero(~single)
+        if self.n_support < self.n_states:  # sparse rows: MarkovChain's solve per matrix, as always
+            for i in several:
+                pi[i] = settled_law(matrices[i], start)
+        elif len(several):  # dense rows whose entries underflowed to 0 (tiny concentrations), or lifted chains
+            pi[several] = settled_laws(matrices[several], start)
         return pi

@@ -35,8 +35,7 @@ import numpy as np
 
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.processes.base import WHOLE_HISTORY_RECIPE, Option, Process
-from nanomarkov.processes.incontext import positive_stationary
-from nanomarkov.processes.markov import MarkovChain
+from nanomarkov.processes.incontext import positive_stationary, settled_law, settled_laws
 from nanomarkov.processes.numerics import (
     check_distribution,
     check_random_parameters,
@@ -114,7 +113,7 @@ class TriggerChain(Process):
         if not 1 <= n_triggers < n_states:
             raise NanoMarkovError(f"--n_triggers must be in 1..K-1 = 1..{n_states - 1}, got {n_triggers}")
         transmat = random_rows(np.random.default_rng(seed), n_states, n_states, alpha, None)
-        startprob = positive_stationary(transmat[None])[0]
+        startprob = settled_law(transmat, np.full(n_states, 1.0 / n_states))
         triggers = np.argsort(-startprob, kind="stable")[:n_triggers]
         output_law = np.full(n_states, 1.0 / (n_states - n_triggers))
         output_law[triggers] = 0.0
@@ -267,7 +266,7 @@ class TriggerChain(Process):
         if np.all(self.transmat > 0):  # every token reaches every other: one class, which state reduction solves
             laws = positive_stationary(chains)
         else:  # a row with zeros can leave several closed classes: the law the chain settles into from startprob
-            laws = np.array([MarkovChain(chain, self.startprob).stationary() for chain in chains])
+            laws = settled_laws(chains, self.startprob)
         return (laws * entropy(chains, axis=2)).sum(axis=1), laws
 
     def _mean(self, values, axis=0):

@@ -718,11 +718,21 @@ class InContextChain(Process):
                             which must learn the matrix from the sequence
         """
         theory = self.monte_carlo(seq_len)
-        return {name: float(theory[key]) for name, key in self.STAGE_KEYS.items()}
+        return {name: float(theory[key]) for name, key in self.stage_keys().items()}
 
     def stage_loss_errors(self, seq_len):
         theory = self.monte_carlo(seq_len)
-        return {name: float(theory.get(f"{key}_se", 0.0)) for name, key in self.STAGE_KEYS.items()}
+        return {name: float(theory.get(f"{key}_se", 0.0)) for name, key in self.stage_keys().items()}
+
+    def stage_keys(self):
+        """STAGE_KEYS, with in_context_lower_order (the add-concentration (k-1)-gram of the sequence so far) before
+        the optimum for order k > 1: the stage before the model reads the whole context."""
+        items = list(self.STAGE_KEYS.items())
+        if self.order > 1:
+            items.insert(
+                items.index(("optimal", "optimal_loss")), ("in_context_lower_order", "lower_order_in_context_loss")
+            )
+        return dict(items)
 
     def unigram_law(self, seq_len):
         """The unigram stage's predictor: 1/K exactly where every state is alike (one concentration and,
@@ -752,7 +762,11 @@ class InContextChain(Process):
         own matrix, which the tokens do not hold)."""
         stages = super().stage_log_probs(tokens)
         optimal = stages.pop("optimal")
-        return stages | {"in_context_unigram": self.in_context_unigram_log_probs(tokens), "optimal": optimal}
+        stages["in_context_unigram"] = self.in_context_unigram_log_probs(tokens)
+        if self.order > 1:  # the add-concentration (k-1)-gram: the optimum of the chain one order lower
+            lower = InContextChain(self.concentration, self.startprob, self.n_states, order=self.order - 1)
+            stages["in_context_lower_order"] = lower.optimal_log_probs(tokens)
+        return stages | {"optimal": optimal}
 
     @cached_property
     def _long_run(self):
@@ -801,7 +815,8 @@ class InContextChain(Process):
             parts.append(part | {"entropy_rate": self._entropy_rates(matrices)})
         per_sequence = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
         theory = {}
-        for name in ("entropy_rate", "optimal_loss", "optimal_accuracy", "oracle_loss", "unigram_in_context_loss"):
+        names = ("entropy_rate", "optimal_loss", "optimal_accuracy", "oracle_loss", "unigram_in_context_loss")
+        for name in names + (("lower_order_in_context_loss",) if self.order > 1 else ()):
             values = per_sequence[name]
             theory[name] = float(values.mean())
             theory[f"{name}_se"] = float(values.std(ddof=1) / np.sqrt(n_sequences))
@@ -859,6 +874,9 @@ class InContextChain(Process):
         start_entropy = float(entropy(self.startprob))
         sums = {name: np.full(n, start_entropy) for name in ("optimal_loss", "oracle_loss", "unigram_in_context_loss")}
         sums["optimal_accuracy"] = np.full(n, self.startprob.max())
+        lower = self.lower_order_predictions(states) if order > 1 else None
+        if lower is not None:
+            sums["lower_order_in_context_loss"] = np.full(n, start_entropy)
         marginal = np.tile(self.startprob, (n, 1))
         row_entropies, context = entropy(matrices, axis=2), self.contexts(states)
         counts = np.zeros((n, self.n_contexts, k))
@@ -879,10 +897,27 @@ class InContextChain(Process):
             sums["optimal_accuracy"] += p.max(axis=1)
             sums["oracle_loss"] += oracle
             sums["unigram_in_context_loss"] -= (p * np.log(unigram)).sum(axis=1)
+            if lower is not None:
+                sums["lower_order_in_context_loss"] -= (p * np.log(next(lower))).sum(axis=1)
             marginal += p
             seen[rows, states[:, t]] += 1
         averages = {name: total / positions for name, total in sums.items()}
         return averages | {"marginal": marginal / positions, "optimal_by_position": by_position}
+
+    def lower_order_predictions(self, states):
+        """For t = 1..T-1, the in-context (k-1)-gram's prediction of x_{t+1} from states[:, :t], (n, K): startprob
+        for x1..x_{k-1}, then the add-concentration counts of the transitions out of the last k-1 states."""
+        n, positions = states.shape
+        lower, rows, order = self.n_contexts // self.n_states, np.arange(n), self.order - 1
+        context = self.contexts(states) % lower  # the last k-1 of the k digits
+        counts = np.zeros((n, lower, self.n_states))
+        for t in range(1, positions):
+            if t < order:
+                yield np.broadcast_to(self.startprob, (n, self.n_states))
+                continue
+            if t > order:
+                counts[rows, context[:, t - 2], states[:, t - 1]] += 1
+            yield self._predictive(counts[rows, context[:, t - 1]])
 
     def _per_sequence_stationary(self, matrices, starts, states):
         """_per_sequence under the stationary start (x1 ~ starts, each matrix's stationary law), with

@@ -88,10 +88,11 @@ def test_both_samplers_follow_the_exact_law_of_whole_sequences(name):
 
 
 def exact_theory(name, n_positions):
-    """The Bayes predictor's loss at each position, its accuracy, and the in-context unigram's loss, by enumeration."""
-    concentration, startprob, _ = TINY[name]
+    """The Bayes predictor's loss at each position, its accuracy, and the losses of the in-context unigram and of
+    the in-context (k-1)-gram (add-concentration counts of the transitions out of the last k-1 states), by enumeration."""
+    concentration, startprob, order = TINY[name]
     tokens, probabilities = exact_law(name, n_positions)
-    k, losses, accuracy, in_context = len(concentration), np.zeros(n_positions), 0.0, 0.0
+    k, losses, accuracy, in_context, lower = len(concentration), np.zeros(n_positions), 0.0, 0.0, 0.0
     for t in range(n_positions):
         heads = {}
         for seq, p in zip(map(tuple, tokens[:, 1:]), probabilities):
@@ -104,7 +105,12 @@ def exact_theory(name, n_positions):
             seen = np.bincount(seq[:t], minlength=k)
             q = np.asarray(startprob) if t == 0 else (seen + concentration) / (t + np.sum(concentration))
             in_context -= p * np.log(q[x])
-    return losses, accuracy / n_positions, in_context / n_positions
+            m, counts = order - 1, np.zeros(k)
+            for s in range(m, t):
+                counts[seq[s]] += tuple(seq[s - m : s]) == tuple(seq[t - m : t])
+            q = np.asarray(startprob) if t < m else (counts + concentration) / (counts.sum() + np.sum(concentration))
+            lower -= p * np.log(q[x])
+    return losses, accuracy / n_positions, in_context / n_positions, lower / n_positions
 
 
 @pytest.mark.parametrize("name", ["K=2 order 2, asymmetric", "K=3 order 2"])
@@ -112,7 +118,7 @@ def test_monte_carlo_theory_matches_enumeration(name, monkeypatch):
     concentration, startprob, order = TINY[name]
     chain = InContextChain(concentration, startprob, len(concentration), order=order)
     seq_len = 6
-    losses, accuracy, in_context = exact_theory(name, seq_len - 1)
+    losses, accuracy, in_context, lower = exact_theory(name, seq_len - 1)
     monkeypatch.setattr(incontext, "THEORY_SEQUENCES", 5000)
     theory = chain.monte_carlo(seq_len)
     estimated, errors = chain.optimal_loss_by_position(seq_len)
@@ -120,6 +126,9 @@ def test_monte_carlo_theory_matches_enumeration(name, monkeypatch):
     assert np.all(np.abs(estimated - losses) <= 5 * errors + 1e-12), (estimated, losses, errors)
     assert abs(theory["optimal_accuracy"] - accuracy) < 5 * theory["optimal_accuracy_se"]
     assert abs(theory["unigram_in_context_loss"] - in_context) < 5 * theory["unigram_in_context_loss_se"]
+    assert abs(theory["lower_order_in_context_loss"] - lower) < 5 * theory["lower_order_in_context_loss_se"]
+    stages = chain.stage_losses(seq_len)
+    assert list(stages)[2:] == ["in_context_unigram", "in_context_lower_order", "optimal", "oracle"]
 
 
 def test_entropy_rates_are_the_k_order_chains_entropy_rates():
@@ -187,3 +196,15 @@ def test_generate_and_a_spec_file_take_the_order(tmp_path, monkeypatch, capsys):
     assert main("generate 3 --process icl --order 2 --sparsity 50 --out bad".split()) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "dense rows" in error and not (tmp_path / "bad").exists()
+
+
+def test_the_stage_predictors_score_their_stage_losses_on_samples(monkeypatch):
+    monkeypatch.setattr(incontext, "THEORY_SEQUENCES", 5000)
+    chain, seq_len, n = InContextChain.random(2, order=3, alpha=0.5), 24, 3000
+    tokens = chain.sample(n, seq_len, np.random.default_rng(7)).astype(np.int64)
+    losses, errors = chain.stage_losses(seq_len), chain.stage_loss_errors(seq_len)
+    stages = chain.stage_log_probs(tokens)
+    assert list(stages) == ["uniform", "unigram", "in_context_unigram", "in_context_lower_order", "optimal"]
+    for stage, log_probs in stages.items():
+        nll = -np.take_along_axis(log_probs, tokens[:, 1:, None], axis=2)[..., 0].mean(axis=1)
+        assert abs(nll.mean() - losses[stage]) <= 5 * np.hypot(nll.std() / np.sqrt(n), errors[stage]) + 1e-12, stage

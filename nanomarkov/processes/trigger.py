@@ -66,7 +66,7 @@ class TriggerChain(Process):
             "n_triggers",
             int,
             None,
-            f"the number T of trigger tokens, the T most likely under the bigram (default min({DEFAULT_TRIGGERS}, K-1))",
+            f"the number T of trigger tokens, the T most likely under the bigram (default min({DEFAULT_TRIGGERS}, K // 2), which leaves two outputs or more)",
         ),
     )
     RECIPE = WHOLE_HISTORY_RECIPE
@@ -109,7 +109,7 @@ class TriggerChain(Process):
         check_random_parameters(n_states, alpha, sparsity)
         if sparsity:
             raise NanoMarkovError("bietti takes dense bigram rows: drop --sparsity")
-        n_triggers = min(DEFAULT_TRIGGERS, n_states - 1) if n_triggers is None else n_triggers
+        n_triggers = default_triggers(n_states) if n_triggers is None else n_triggers
         if not 1 <= n_triggers < n_states:
             raise NanoMarkovError(f"--n_triggers must be in 1..K-1 = 1..{n_states - 1}, got {n_triggers}")
         transmat = random_rows(np.random.default_rng(seed), n_states, n_states, alpha, None)
@@ -120,7 +120,7 @@ class TriggerChain(Process):
         return cls(transmat, startprob, triggers, output_law)
 
     def options(self):
-        default = min(DEFAULT_TRIGGERS, self.n_states - 1)
+        default = default_triggers(self.n_states)
         return {} if len(self.triggers) == default else {"n_triggers": len(self.triggers)}
 
     @property
@@ -346,3 +346,9 @@ def draw(weights, uniforms):
     """One index per row of weights (..., K) (each row summing to 1), by inverting its cumulative sums."""
     cumulative = np.cumsum(weights, axis=-1)
     return (cumulative[..., :-1] <= (uniforms * cumulative[..., -1])[..., None]).sum(axis=-1)
+
+
+def default_triggers(n_states):
+    """min(DEFAULT_TRIGGERS, K // 2): at least as many other tokens as triggers, so an output is a real draw
+    (with K - 1 triggers the one other token would be every output)."""
+    return max(1, min(DEFAULT_TRIGGERS, n_states // 2))

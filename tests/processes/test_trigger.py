@@ -174,11 +174,11 @@ def test_bad_arrays_are_refused(arrays, message):
 
 def test_generate_and_theory_from_the_command_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main("generate 5 --process bietti --n_triggers 2 --train 4 --val 2 --seq_len 10".split()) == 0
-    dataset = load_dataset(tmp_path / "data" / "bietti5-n_triggers2")
-    assert dataset.meta["n_triggers"] == 2 and len(dataset.chain.triggers) == 2
-    assert np.array_equal(dataset.chain.transmat, TriggerChain.random(5, n_triggers=2).transmat)
-    assert main(["theory", str(tmp_path / "data" / "bietti5-n_triggers2")]) == 0
+    assert main("generate 5 --process bietti --n_triggers 1 --train 4 --val 2 --seq_len 10".split()) == 0
+    dataset = load_dataset(tmp_path / "data" / "bietti5-n_triggers1")
+    assert dataset.meta["n_triggers"] == 1 and len(dataset.chain.triggers) == 1
+    assert np.array_equal(dataset.chain.transmat, TriggerChain.random(5, n_triggers=1).transmat)
+    assert main(["theory", str(tmp_path / "data" / "bietti5-n_triggers1")]) == 0
     capsys.readouterr()
     assert main("generate 3 --process bietti --n_triggers 3 --out bad".split()) == 2
     assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "bad").exists()
@@ -191,3 +191,10 @@ def test_a_spec_gives_the_process_by_its_arrays_or_by_random():
     assert chain.triggers.tolist() == [1] and np.array_equal(chain.transmat, transmat)
     drawn = process_from_spec({"process": "bietti", "n_states": 6, "n_triggers": 2, "seed": 4})
     assert np.array_equal(drawn.transmat, TriggerChain.random(6, seed=4, n_triggers=2).transmat)
+
+
+def test_the_default_leaves_at_least_two_outputs():
+    for n_states, expected in ((2, 1), (3, 1), (4, 2), (5, 2), (6, 3), (65, 3)):
+        chain = TriggerChain.random(n_states)
+        assert len(chain.triggers) == expected and chain.options() == {}
+        assert n_states == 2 or (chain.output_law > 0).sum() >= 2

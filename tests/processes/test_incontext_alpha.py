@@ -69,6 +69,7 @@ SMALL = [(alpha, options) for alpha in (1e-300, 1e-5, 0.01) for options in ({}, 
 @pytest.mark.parametrize("alpha, options", SMALL)
 def test_every_theory_number_is_finite_at_small_concentrations(alpha, options, monkeypatch):
     monkeypatch.setattr(incontext, "THEORY_SEQUENCES", 100)
+    monkeypatch.setattr(incontext, "MIN_THEORY_SEQUENCES", 100)
     chain = InContextChain.random(4, alpha=alpha, **options)
     theory = chain.theory(10)
     assert all(np.isfinite(value) for value in theory.values()), theory
@@ -86,6 +87,7 @@ def test_the_stationary_start_refuses_concentrations_below_its_range():
 
 def test_a_spec_with_a_tiny_concentration_and_bietti_with_tiny_alpha_have_finite_theory(monkeypatch):
     monkeypatch.setattr(incontext, "THEORY_SEQUENCES", 100)
+    monkeypatch.setattr(incontext, "MIN_THEORY_SEQUENCES", 100)
     chain = process_from_spec({"process": "icl", "concentration": [0.01, 0.01, 0.01]})
     assert all(np.isfinite(value) for value in chain.theory(8).values())
     bietti = TriggerChain.random(5, alpha=1e-300, n_triggers=2)  # one-hot rows: chains with several classes

@@ -22,6 +22,7 @@ from nanomarkov.processes.korder import KOrderChain
 from nanomarkov.processes.literature import NAMED_PROCESSES
 from nanomarkov.processes.markov import MarkovChain
 from nanomarkov.processes.registry import PLUGINS_VARIABLE, PROCESSES, process_class
+from nanomarkov.processes.trigger import TriggerChain
 
 __all__ = ["PROCESSES", "DEFAULT_PROCESS", "PLUGINS_VARIABLE", "Option", "Process", "register", "process_class"]
 
@@ -104,6 +105,7 @@ def raised(error):
 register(MarkovChain)
 register(KOrderChain)
 register(InContextChain)
+register(TriggerChain)
 register(HiddenMarkovModel)
 register(GeneralizedHMM)
 for named in NAMED_PROCESSES:

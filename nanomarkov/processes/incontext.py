@@ -25,6 +25,11 @@ sequence's probability, startprob[x1] times, per row s, the Dirichlet-multinomia
 probability of its targets in order (times C(K-d, m-d)/C(K, m), the chance that
 the support holds the d seen states) -- which is how `true_loss` computes it.
 
+`order` k > 1 (dense rows, uniform start) gives each sequence a k-th order tensor instead: a row
+~ Dirichlet(concentration) per context (x_{t-k+1}, ..., x_t), K^k of them, indexed oldest digit
+first as korder's tuples. x1..xk come from startprob; the rule above holds with the context for
+the state (n_j the transitions from the current context to j), and so does the marginal.
+
 Expected losses have no closed form (they average over the count statistics of
 a random walk on a random matrix), so `theory` is a seeded Monte-Carlo estimate
 with a standard error for every key it estimates.
@@ -89,7 +94,27 @@ GAIN_SEQUENCES = 1000
 # The stationary start's largest K: at K = 20 its predictor takes ~0.15 s per sequence of 128 tokens
 # on one CPU core (eval's val split, theory's GAIN_SEQUENCES), growing as K^3.
 MAX_STATIONARY_STATES = 20
+# The stationary start's smallest concentration. Below it rows are nearly one-hot, a sequence's stationary law
+# under the particles (its importance weights) degenerates, and the particles' estimate of a small probability
+# can fall to 0, where the delta method's correction divides by it: measured at 0.3 (K = 2) and 0.4 (K = 3),
+# the theory's optimal loss came out inf; at 0.5 it is finite for K = 2 to 15 (tests/processes/test_incontext_alpha.py).
+MIN_STATIONARY_CONCENTRATION = 0.5
 START_LAW_MATRICES = 200_000
+
+# The order option (order k > 1): its largest number of contexts K^k. theory solves a K^k x K^k
+# lifted chain per sampled sequence for the entropy rate (256: about 2 s for 1000 sequences).
+MAX_CONTEXTS = 256
+
+# State reduction's floor on the chance of leaving a state downwards (a chain that nearly splits, as rows drawn
+# with a tiny concentration do), and the total past which it rescales the partial solution: together they keep
+# every partial value below 1e300, so no tiny concentration overflows it into inf or NaN.
+LEAVING_FLOOR = 1e-200
+RESCALE_ABOVE = 1e100
+# solve_stationary's answer is kept where pi P = pi holds to this relative error in every entry; else state
+# reduction answers.
+STATIONARY_RESIDUAL = 1e-9
+# settled_law's fallback: 2^80 steps of the lazy chain leave a state that escapes with chance 1e-24 per step.
+SETTLING_SQUARINGS = 80
 
 # random()'s largest K: theory at K=100, L=256 takes 4 s, and beyond K^2 * MIN_THEORY_SEQUENCES
 # / THEORY_ENTRIES its sample of matrices grows as K^2 (8 GB at K=1000).
@@ -149,13 +174,87 @@ def positive_stationary(matrices):
     leaving = np.ones(reduced.shape[1:])
     for last in range(k - 1, 0, -1):
         # P(leave `last` for a lower state): never 0 for positive rows (kept off 0 should a tiny alpha underflow).
-        leaving[last] = np.maximum(reduced[last, :last].sum(axis=0), np.finfo(float).tiny)
+        leaving[last] = np.maximum(reduced[last, :last].sum(axis=0), LEAVING_FLOOR)
         reduced[:last, :last] += reduced[:last, last][:, None] * (reduced[last, :last] / leaving[last])[None]
     pi = np.zeros(leaving.shape)
     pi[0] = 1.0
     for state in range(1, k):
+        large = pi[:state].sum(axis=0) > RESCALE_ABOVE  # only where a chain nearly splits: others keep their bits
+        if large.any():
+            pi[:state, large] /= pi[:state, large].sum(axis=0)
         pi[state] = (pi[:state] * reduced[:state, state]).sum(axis=0) / leaving[state]
     return (pi / pi.sum(axis=0)).T
+
+
+def settled_law(matrix, start):
+    """The law a chain (K, K) with several closed classes settles into from `start` (K,): MarkovChain.stationary's,
+    or, where its linear solves fail (a transient state whose chance of leaving rounds to 0, from a tiny
+    concentration), the long-run law of the lazy chain (I + P)/2 (the same limit, and aperiodic) by repeated
+    squaring, which subtracts nothing: 2^SETTLING_SQUARINGS steps."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MarkovChain warns that the answer depends on startprob: we want that one
+        try:
+            law = MarkovChain(matrix, start).stationary()
+        except np.linalg.LinAlgError:
+            law = np.full(len(start), np.nan)
+    return law if np.all(np.isfinite(law)) else settled_laws(matrix[None], start)[0]
+
+
+def settled_laws(matrices, start):
+    """The law each chain (n, K, K) settles into from `start` (K,): that of the lazy chain (I + P)/2 (the same
+    limit, and aperiodic) after 2^SETTLING_SQUARINGS steps, by repeated squaring, all chains at once. It
+    subtracts nothing, so a chain whose exits round to 0 (rows drawn with a tiny concentration) is no harder."""
+    power = (matrices + np.eye(matrices.shape[-1])) / 2
+    for _ in range(SETTLING_SQUARINGS):
+        power = power @ power
+        power /= power.sum(axis=-1, keepdims=True)  # the rows stay distributions whatever the rounding
+    return np.einsum("i,nij->nj", start, power)
+
+
+def stationary_laws(matrices, recurrent=None):
+    """The stationary distribution (n, K) of each matrix (n, K, K) with one closed class, `recurrent` (n, K) its
+    states (None: every state): solve_stationary's answer where it is regular and pi P = pi holds, else state
+    reduction with the recurrent states first, which subtracts nothing and so stays accurate however nearly
+    the chain splits (rows drawn with a tiny concentration: the solve is singular there, or wrong)."""
+    n, k = matrices.shape[:2]
+    try:
+        with np.errstate(all="ignore"):
+            pi = solve_stationary(matrices)
+            # Entry by entry and relative: a state the solve gave ~0 that the chain does enter is caught.
+            residual = np.abs(np.einsum("ni,nij->nj", pi, matrices) - pi)
+            wrong = ~np.all((residual <= STATIONARY_RESIDUAL * np.abs(pi)) & (pi >= 0), axis=1)
+    except np.linalg.LinAlgError:
+        pi, wrong = np.empty((n, k)), np.ones(n, dtype=bool)
+    if wrong.any():
+        recurrent = np.ones((n, k), dtype=bool) if recurrent is None else recurrent
+        # Recurrent states first: a transient one eliminated after them always leaves downwards, and gets 0.
+        order = np.argsort(~recurrent[wrong], axis=1, kind="stable")
+        permuted = np.take_along_axis(matrices[wrong], order[:, :, None], axis=1)
+        permuted = np.take_along_axis(permuted, order[:, None, :], axis=2)
+        reduced = np.empty((len(order), k))
+        np.put_along_axis(reduced, order, positive_stationary(permuted), axis=1)
+        pi[wrong] = reduced
+    return np.clip(pi, 0.0, None) / np.clip(pi, 0.0, None).sum(axis=1, keepdims=True)
+
+
+def check_order(order, n_states, support_size, start):
+    """The order as an int, once it is an integer >= 1 and, above 1, the chain is dense, starts uniformly
+    and has at most MAX_CONTEXTS contexts; raises NanoMarkovError otherwise."""
+    order_value = np.asarray(order)
+    if order_value.ndim != 0 or not np.issubdtype(order_value.dtype, np.integer) or order_value < 1:
+        raise NanoMarkovError(f"order must be an integer >= 1 (the context length k), got {order!r}")
+    order = int(order_value)
+    if order > 1 and (support_size < n_states or start != "uniform"):
+        raise NanoMarkovError(
+            f"order {order} takes dense rows and the uniform start (no --sparsity or support_size < K, no start "
+            "stationary), or use order 1: the exact predictor over sparse supports and stationary starts is first-order"
+        )
+    if order > 1 and n_states**order > MAX_CONTEXTS:
+        raise NanoMarkovError(
+            f"order {order} with K = {n_states} has K^k = {n_states**order} contexts, more than {MAX_CONTEXTS}: "
+            "theory solves a K^k x K^k lifted chain per sampled sequence; use fewer states or a lower order"
+        )
+    return order
 
 
 class InContextChain(Process):
@@ -178,11 +277,17 @@ class InContextChain(Process):
             "x1 from startprob (uniform, the default) or from each sequence's own matrix's stationary law",
             choices=START_RULES,
         ),
+        Option(
+            "order",
+            int,
+            1,
+            "the context length k: each sequence draws a fresh k-th order transition tensor (K^k rows)",
+        ),
     )
     RECIPE = WHOLE_HISTORY_RECIPE
     HISTORY_REASON = "each sequence has its own transition matrix, drawn from a prior"
 
-    def __init__(self, concentration, startprob, support_size, start="uniform"):
+    def __init__(self, concentration, startprob, support_size, start="uniform", order=1):
         concentration = np.array(concentration, dtype=np.float64)
         startprob = np.array(startprob, dtype=np.float64)
         support_size = np.array(support_size, dtype=np.float64)
@@ -215,24 +320,33 @@ class InContextChain(Process):
                 "start 'stationary' needs dense rows (no --sparsity): a sparse row's matrix can have "
                 "several stationary laws"
             )
+        if start == "stationary" and concentration.min() < MIN_STATIONARY_CONCENTRATION:
+            raise NanoMarkovError(
+                f"start 'stationary' takes concentrations >= {MIN_STATIONARY_CONCENTRATION}, got {concentration.min():g}: "
+                "below it the particles' estimate of the Bayes predictor breaks down (near one-hot rows); use a "
+                "larger --alpha, or --start uniform, whose theory holds for every concentration"
+            )
         if start == "stationary" and k > MAX_STATIONARY_STATES:
             raise NanoMarkovError(
                 f"start 'stationary' goes up to K = {MAX_STATIONARY_STATES}, got {k}: its Bayes predictor weighs "
                 f"{PREDICTOR_PARTICLES} sampled K x K matrices at every position of every sequence; use fewer states or --start uniform"
             )
+        order = check_order(order, k, support_size, start)
         for array in (concentration, startprob, support_size):
             array.flags.writeable = False
         self.concentration = concentration
         self.startprob = startprob
         self.support_size = support_size
         self.start = start
+        self.order = order
+        self.n_contexts = k**order
         self._theory = {}  # (seq_len, n_sequences) -> theory dict; the process is immutable
         self._unigram_laws = {}  # (seq_len, n_sequences) -> the mean law of x_t in theory's sample
 
     @classmethod
-    def random(cls, n_states, seed=42, alpha=1.0, sparsity=None, start=None):
+    def random(cls, n_states, seed=42, alpha=1.0, sparsity=None, start=None, order=None):
         """The in-context chain with rows ~ Dirichlet(alpha), sparse by MarkovChain.random's rule, uniform
-        startprob; `start` the start rule (None: "uniform").
+        startprob; `start` the start rule (None: "uniform"), `order` the context length (None: 1).
 
         Nothing here is random -- the randomness is in every sequence's own
         matrix -- so `seed` only keeps the signature of the other processes.
@@ -244,22 +358,28 @@ class InContextChain(Process):
                 "Monte-Carlo theory draws a K x K matrix for every sequence it simulates"
             )
         support = max(1, int(n_states * (100 - sparsity) / 100)) if sparsity else n_states
-        return cls(np.full(n_states, float(alpha)), np.full(n_states, 1.0 / n_states), support, start or "uniform")
+        start, order = start or "uniform", 1 if order is None else order
+        return cls(np.full(n_states, float(alpha)), np.full(n_states, 1.0 / n_states), support, start, order)
 
     def options(self):
-        """{"start": "stationary"} for the stationary start; {} for the default, as before the option existed."""
-        return {} if self.start == "uniform" else {"start": self.start}
+        """The options that differ from their defaults ({"start": "stationary"}, {"order": 2}); {} for the
+        defaults, as before the options existed (so an order-1 dataset's meta.json and folder are unchanged)."""
+        options = {} if self.start == "uniform" else {"start": self.start}
+        return options | ({} if self.order == 1 else {"order": self.order})
 
     @classmethod
     def from_arrays(cls, arrays):
-        """The process arrays() saved: chain.npz holds the start rule ("start") only when it is not the
-        default, so a dataset written before the rule existed loads with the uniform start."""
+        """The process arrays() saved: chain.npz holds the start rule ("start") and the order ("order") only
+        when they are not the defaults, so a dataset written before them loads as the uniform-start first-order chain."""
         start = arrays["start"] if "start" in arrays else "uniform"
-        return cls(**{name: arrays[name] for name in cls.ARRAYS}, start=start)
+        order = int(arrays["order"]) if "order" in arrays else 1
+        return cls(**{name: arrays[name] for name in cls.ARRAYS}, start=start, order=order)
 
     def arrays(self):
-        """The arrays of chain.npz; the start rule joins them (a 0-d str array) when it is not the default."""
-        return super().arrays() | ({} if self.start == "uniform" else {"start": np.array(self.start)})
+        """The arrays of chain.npz; the start rule (a 0-d str array) and the order (a 0-d int) join them when
+        they are not the defaults."""
+        extra = {name: np.array(value) for name, value in self.options().items()}
+        return super().arrays() | extra
 
     @property
     def n_states(self):
@@ -271,7 +391,7 @@ class InContextChain(Process):
 
     def _block(self, particles=1):
         """Sequences per block whose count arrays (and `particles` matrices each) fit in BLOCK_ENTRIES."""
-        return max(1, BLOCK_ENTRIES // (particles * self.n_states**2))
+        return max(1, BLOCK_ENTRIES // (particles * self.n_contexts * self.n_states))
 
     # --------------------------------------------------------- the predictor
 
@@ -293,24 +413,33 @@ class InContextChain(Process):
         """The Bayes predictor's next-state log-probs for BOS-led sequences (n, L): shape (n, L-1, K), float64.
 
         Entry [:, t] predicts tokens[:, t+1] from tokens[:, :t+1]: log startprob
-        after BOS, then the posterior predictive of the current state's row
+        for x1..xk, then the posterior predictive of the current context's row
         given the transitions seen so far (-inf where a probability is 0).
         """
         tokens = np.asarray(self.check_tokens(tokens), dtype=np.int64)
         if self.start == "stationary":
             return self._stationary_log_probs(tokens)
-        n, positions, k = tokens.shape[0], tokens.shape[1] - 1, self.n_states
-        out = np.empty((n, positions, k))
+        n, positions, order = tokens.shape[0], tokens.shape[1] - 1, self.order
+        out = np.empty((n, positions, self.n_states))
         with np.errstate(divide="ignore"):
-            out[:, 0] = np.log(self.startprob)
+            out[:, :order] = np.log(self.startprob)
             for lo in range(0, n, self._block()):
                 states = tokens[lo : lo + self._block(), 1:]
-                rows = np.arange(states.shape[0])
-                counts = np.zeros((states.shape[0], k, k))
-                for t in range(1, positions):
-                    if t >= 2:  # the transition x_{t-1} -> x_t joins the counts
-                        counts[rows, states[:, t - 2], states[:, t - 1]] += 1
-                    out[lo : lo + len(rows), t] = np.log(self._predictive(counts[rows, states[:, t - 1]]))
+                rows, context = np.arange(states.shape[0]), self.contexts(states)
+                counts = np.zeros((states.shape[0], self.n_contexts, self.n_states))
+                for t in range(order, positions):
+                    if t > order:  # the transition (context ending at x_{t-1}) -> x_t joins the counts
+                        counts[rows, context[:, t - 2], states[:, t - 1]] += 1
+                    out[lo : lo + len(rows), t] = np.log(self._predictive(counts[rows, context[:, t - 1]]))
+        return out
+
+    def contexts(self, states):
+        """The index of the context (x_{j-k+1}, ..., x_j) ending at each position j of states (n, T), int64,
+        oldest digit most significant (korder's indexing); order 1: the states. Entries j < k-1 are partial."""
+        states = np.asarray(states, dtype=np.int64)
+        out = states.copy()
+        for lag in range(1, self.order):
+            out[:, lag:] += states[:, :-lag] * self.n_states**lag
         return out
 
     def _stationary_log_probs(self, tokens):
@@ -399,7 +528,8 @@ class InContextChain(Process):
             return super().true_loss(tokens)
         tokens = self.check_tokens(tokens)
         n, length, k, m = tokens.shape[0], tokens.shape[1], self.n_states, self.n_support
-        n_max = max(length - 2, 0)  # transitions per sequence
+        n_contexts, order = self.n_contexts, self.order
+        n_max = max(length - 1 - order, 0)  # transitions per sequence
         log_rising = _log_rising(self.concentration, n_max)  # (K, n_max+1)
         # A row's total prior weight: sum(alpha) dense, m alpha sparse (one alpha then).
         log_rising_total = _log_rising(self.concentration.sum() * m / k, n_max)
@@ -408,12 +538,13 @@ class InContextChain(Process):
             [_log_binomial(k - d, m - d) - _log_binomial(k, m) if d <= m else -np.inf for d in range(k + 1)]
         )
         with np.errstate(divide="ignore"):
-            total = -np.log(self.startprob)[np.asarray(tokens[:, 1], dtype=np.int64)].sum()
+            total = -np.log(self.startprob)[np.asarray(tokens[:, 1 : 1 + order], dtype=np.int64)].sum()
         for lo in range(0, n, self._block()):
             states = np.asarray(tokens[lo : lo + self._block(), 1:], dtype=np.int64)
             b = states.shape[0]
-            pairs = (np.arange(b)[:, None] * k + states[:, :-1]) * k + states[:, 1:]
-            counts = np.bincount(pairs.ravel(), minlength=b * k * k).reshape(b, k, k)
+            context = np.arange(b)[:, None] * n_contexts + self.contexts(states)[:, order - 1 : -1]
+            pairs = context * k + states[:, order:]
+            counts = np.bincount(pairs.ravel(), minlength=b * n_contexts * k).reshape(b, n_contexts, k)
             total -= log_rising[np.arange(k), counts].sum()
             total += log_rising_total[counts.sum(axis=2)].sum()
             total -= log_support[(counts > 0).sum(axis=2)].sum()
@@ -442,13 +573,16 @@ class InContextChain(Process):
         for lo in range(0, n_sequences, self._block()):
             uniforms = rng.random((min(self._block(), n_sequences - lo), seq_len - 1))
             rows = np.arange(uniforms.shape[0])
-            counts = np.zeros((len(rows), k, k))
-            state = _inverse_cdf(np.broadcast_to(self.startprob, (len(rows), k)), uniforms[:, 0])
-            out[lo : lo + len(rows), 1] = state
-            for t in range(1, seq_len - 1):
-                following = _inverse_cdf(self._weights(counts[rows, state]), uniforms[:, t])
-                counts[rows, state, following] += 1
-                state = following
+            counts = np.zeros((len(rows), self.n_contexts, k))
+            context = np.zeros(len(rows), dtype=np.int64)  # the index of the last k states
+            for t in range(seq_len - 1):
+                weights = np.broadcast_to(self.startprob, (len(rows), k)) if t < self.order else None
+                if weights is None:
+                    weights = self._weights(counts[rows, context])
+                state = _inverse_cdf(weights, uniforms[:, t])
+                if t >= self.order:
+                    counts[rows, context, state] += 1
+                context = (context * k + state) % self.n_contexts
                 out[lo : lo + len(rows), t + 1] = state
         return out
 
@@ -474,10 +608,11 @@ class InContextChain(Process):
         return out
 
     def sample_matrices(self, n_sequences, rng):
-        """n_sequences random transition matrices from the prior, shape (n, K, K)."""
+        """n_sequences random transition matrices from the prior, shape (n, K, K); order k: tensors (n, K^k, K),
+        a row per context."""
         k, m = self.n_states, self.n_support
         if m == k:
-            return rng.dirichlet(self.concentration, size=(n_sequences, k))
+            return rng.dirichlet(self.concentration, size=(n_sequences, self.n_contexts))
         support = np.argsort(rng.random((n_sequences, k, k)), axis=2)[:, :, :m]
         matrices = np.zeros((n_sequences, k, k))
         weights = rng.dirichlet(self.concentration[:m], size=(n_sequences, k))
@@ -487,15 +622,16 @@ class InContextChain(Process):
     def walk(self, matrices, uniforms, starts=None):
         """The states x1..x_{L-1} (n, L-1) of each matrix's chain, one uniform (n, L-1) per step.
 
-        x1 from `starts` (n, K), one distribution per matrix (None: startprob for all).
+        x1 from `starts` (n, K), one distribution per matrix (None: startprob for all); order k: x1..xk
+        from startprob, then each state from its context's row of the tensor.
         """
         n, steps = uniforms.shape
-        rows = np.arange(n)
+        rows, context = np.arange(n), np.zeros(n, dtype=np.int64)
         states = np.empty((n, steps), dtype=np.int64)
         starts = np.broadcast_to(self.startprob, (n, self.n_states)) if starts is None else starts
-        states[:, 0] = _inverse_cdf(starts, uniforms[:, 0])
-        for t in range(1, steps):
-            states[:, t] = _inverse_cdf(matrices[rows, states[:, t - 1]], uniforms[:, t])
+        for t in range(steps):
+            states[:, t] = _inverse_cdf(starts if t < self.order else matrices[rows, context], uniforms[:, t])
+            context = (context * self.n_states + states[:, t]) % self.n_contexts
         return states
 
     # ---------------------------------------------------------------- theory
@@ -526,7 +662,7 @@ class InContextChain(Process):
 
     def theory_sequences(self):
         """THEORY_SEQUENCES, fewer for large K so the sampled matrices stay within THEORY_ENTRIES."""
-        budget = THEORY_ENTRIES // self.n_states**2
+        budget = THEORY_ENTRIES // (self.n_contexts * self.n_states)
         return max(MIN_THEORY_SEQUENCES, min(THEORY_SEQUENCES, budget))
 
     def monte_carlo(self, seq_len, n_sequences=None):
@@ -555,7 +691,7 @@ class InContextChain(Process):
         self.monte_carlo(seq_len)
         losses, errors = (array.copy() for array in self._theory[(seq_len, self.theory_sequences())][1:])
         if not self.start_law()[1].any():
-            errors[0] = 0.0  # the same start-law entropy in every sequence: only rounding would show
+            errors[: self.order] = 0.0  # the same start-law entropy in every sequence: only rounding would show
         return losses, errors
 
     def standard_errors(self, seq_len):
@@ -582,11 +718,21 @@ class InContextChain(Process):
                             which must learn the matrix from the sequence
         """
         theory = self.monte_carlo(seq_len)
-        return {name: float(theory[key]) for name, key in self.STAGE_KEYS.items()}
+        return {name: float(theory[key]) for name, key in self.stage_keys().items()}
 
     def stage_loss_errors(self, seq_len):
         theory = self.monte_carlo(seq_len)
-        return {name: float(theory.get(f"{key}_se", 0.0)) for name, key in self.STAGE_KEYS.items()}
+        return {name: float(theory.get(f"{key}_se", 0.0)) for name, key in self.stage_keys().items()}
+
+    def stage_keys(self):
+        """STAGE_KEYS, with in_context_lower_order (the add-concentration (k-1)-gram of the sequence so far) before
+        the optimum for order k > 1: the stage before the model reads the whole context."""
+        items = list(self.STAGE_KEYS.items())
+        if self.order > 1:
+            items.insert(
+                items.index(("optimal", "optimal_loss")), ("in_context_lower_order", "lower_order_in_context_loss")
+            )
+        return dict(items)
 
     def unigram_law(self, seq_len):
         """The unigram stage's predictor: 1/K exactly where every state is alike (one concentration and,
@@ -616,7 +762,11 @@ class InContextChain(Process):
         own matrix, which the tokens do not hold)."""
         stages = super().stage_log_probs(tokens)
         optimal = stages.pop("optimal")
-        return stages | {"in_context_unigram": self.in_context_unigram_log_probs(tokens), "optimal": optimal}
+        stages["in_context_unigram"] = self.in_context_unigram_log_probs(tokens)
+        if self.order > 1:  # the add-concentration (k-1)-gram: the optimum of the chain one order lower
+            lower = InContextChain(self.concentration, self.startprob, self.n_states, order=self.order - 1)
+            stages["in_context_lower_order"] = lower.optimal_log_probs(tokens)
+        return stages | {"optimal": optimal}
 
     @cached_property
     def _long_run(self):
@@ -625,8 +775,9 @@ class InContextChain(Process):
         n_sequences, rates, stationaries = self.theory_sequences(), [], []
         for lo in range(0, n_sequences, self._block()):
             matrices = self.sample_matrices(min(self._block(), n_sequences - lo), rng)
-            pi = self._stationaries(matrices)
-            stationaries.append(pi)
+            pi = self.context_stationaries(matrices)
+            # The law of the state: the context's last digit (the least significant).
+            stationaries.append(pi.reshape(len(pi), -1, self.n_states).sum(axis=1))
             rates.append((pi * entropy(matrices, axis=2)).sum(axis=1))  # as _entropy_rates, reusing pi
         rates, stationaries = np.concatenate(rates), np.concatenate(stationaries)
         unigram, unigram_se = _entropy_of_mean(stationaries)
@@ -664,7 +815,8 @@ class InContextChain(Process):
             parts.append(part | {"entropy_rate": self._entropy_rates(matrices)})
         per_sequence = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
         theory = {}
-        for name in ("entropy_rate", "optimal_loss", "optimal_accuracy", "oracle_loss", "unigram_in_context_loss"):
+        names = ("entropy_rate", "optimal_loss", "optimal_accuracy", "oracle_loss", "unigram_in_context_loss")
+        for name in names + (("lower_order_in_context_loss",) if self.order > 1 else ()):
             values = per_sequence[name]
             theory[name] = float(values.mean())
             theory[f"{name}_se"] = float(values.std(ddof=1) / np.sqrt(n_sequences))
@@ -712,38 +864,60 @@ class InContextChain(Process):
         """Per sequence, the mean over predicted positions of each predictor's expected loss given the past,
         and the Bayes predictor's expected loss at each position ("optimal_by_position", (n, L-1)).
 
-        Position 0 predicts x1 from startprob for every predictor; position t
-        predicts x_{t+1} given x1..x_t (states[:, :t]), whose law given the past
-        is the Bayes predictive p, so a predictor q costs -sum_j p_j log q_j there
-        (H(p) for q = p), and the oracle costs H(P[x_t]) given the matrix.
+        Positions 0..k-1 predict x1..xk from startprob for every predictor but the
+        in-context unigram; position t >= k predicts x_{t+1} given x1..x_t (states[:, :t]),
+        whose law given the past is the Bayes predictive p, so a predictor q costs
+        -sum_j p_j log q_j there (H(p) for q = p), and the oracle costs H(P[context]) given the matrix.
         """
         n, positions = states.shape
-        k, rows = self.n_states, np.arange(n)
+        k, rows, order = self.n_states, np.arange(n), self.order
         start_entropy = float(entropy(self.startprob))
         sums = {name: np.full(n, start_entropy) for name in ("optimal_loss", "oracle_loss", "unigram_in_context_loss")}
         sums["optimal_accuracy"] = np.full(n, self.startprob.max())
+        lower = self.lower_order_predictions(states) if order > 1 else None
+        if lower is not None:
+            sums["lower_order_in_context_loss"] = np.full(n, start_entropy)
         marginal = np.tile(self.startprob, (n, 1))
-        row_entropies = entropy(matrices, axis=2)
-        counts = np.zeros((n, k, k))
+        row_entropies, context = entropy(matrices, axis=2), self.contexts(states)
+        counts = np.zeros((n, self.n_contexts, k))
         seen = np.zeros((n, k))  # states seen so far, for the unigram-in-context predictor
         seen[rows, states[:, 0]] = 1
         by_position = np.empty((n, positions))
         by_position[:, 0] = start_entropy
         for t in range(1, positions):
-            current = states[:, t - 1]
-            if t >= 2:
-                counts[rows, states[:, t - 2], current] += 1
-            p = self._predictive(counts[rows, current])
+            if t < order:  # x_{t+1} is still one of the first k, drawn from startprob
+                p, oracle = np.broadcast_to(self.startprob, (n, k)), start_entropy
+            else:
+                if t > order:
+                    counts[rows, context[:, t - 2], states[:, t - 1]] += 1
+                p, oracle = self._predictive(counts[rows, context[:, t - 1]]), row_entropies[rows, context[:, t - 1]]
             unigram = (seen + self.concentration) / (t + self.concentration.sum())
             by_position[:, t] = entropy(p, axis=1)
             sums["optimal_loss"] += by_position[:, t]
             sums["optimal_accuracy"] += p.max(axis=1)
-            sums["oracle_loss"] += row_entropies[rows, current]
+            sums["oracle_loss"] += oracle
             sums["unigram_in_context_loss"] -= (p * np.log(unigram)).sum(axis=1)
+            if lower is not None:
+                sums["lower_order_in_context_loss"] -= (p * np.log(next(lower))).sum(axis=1)
             marginal += p
             seen[rows, states[:, t]] += 1
         averages = {name: total / positions for name, total in sums.items()}
         return averages | {"marginal": marginal / positions, "optimal_by_position": by_position}
+
+    def lower_order_predictions(self, states):
+        """For t = 1..T-1, the in-context (k-1)-gram's prediction of x_{t+1} from states[:, :t], (n, K): startprob
+        for x1..x_{k-1}, then the add-concentration counts of the transitions out of the last k-1 states."""
+        n, positions = states.shape
+        lower, rows, order = self.n_contexts // self.n_states, np.arange(n), self.order - 1
+        context = self.contexts(states) % lower  # the last k-1 of the k digits
+        counts = np.zeros((n, lower, self.n_states))
+        for t in range(1, positions):
+            if t < order:
+                yield np.broadcast_to(self.startprob, (n, self.n_states))
+                continue
+            if t > order:
+                counts[rows, context[:, t - 2], states[:, t - 1]] += 1
+            yield self._predictive(counts[rows, context[:, t - 1]])
 
     def _per_sequence_stationary(self, matrices, starts, states):
         """_per_sequence under the stationary start (x1 ~ starts, each matrix's stationary law), with
@@ -785,16 +959,48 @@ class InContextChain(Process):
         return averages | {"marginal": marginal / positions, "optimal_by_position": by_position}
 
     def _entropy_rates(self, matrices):
-        """Each matrix's entropy rate sum_s pi_s H(P_s), with pi its stationary distribution."""
-        return (self._stationaries(matrices) * entropy(matrices, axis=2)).sum(axis=1)
+        """Each matrix's entropy rate sum_c pi_c H(P_c), with pi its stationary law over the contexts c."""
+        return (self.context_stationaries(matrices) * entropy(matrices, axis=2)).sum(axis=1)
 
-    def _stationaries(self, matrices):
+    def lift(self, matrices):
+        """The chains on the contexts (n, K^k, K^k) of order-k tensors (n, K^k, K): context c goes to
+        (c K + j) mod K^k with probability P[c, j]."""
+        n_contexts = self.n_contexts
+        lifted = np.zeros((len(matrices), n_contexts, n_contexts))
+        following = (np.arange(n_contexts)[:, None] * self.n_states + np.arange(self.n_states)) % n_contexts
+        lifted[:, np.arange(n_contexts)[:, None], following] = matrices
+        return lifted
+
+    def context_stationaries(self, matrices):
+        """The stationary law over the contexts (n, K^k) of each tensor (n, K^k, K); order 1: _stationaries.
+
+        A tensor with positive entries lets every context reach every other in k steps: one closed class,
+        solved directly; one with entries that underflowed to 0 goes through _stationaries' class analysis.
+        The lifted matrices are built a block of BLOCK_ENTRIES at a time (K^2k entries each).
+        """
+        if self.order == 1:
+            return self._stationaries(matrices)
+        pi = np.empty(matrices.shape[:2])
+        step = max(1, BLOCK_ENTRIES // self.n_contexts**2)
+        start = np.ones(1)
+        for _ in range(self.order):  # x1..xk independent from startprob, oldest digit most significant
+            start = np.outer(start, self.startprob).ravel()
+        for lo in range(0, len(matrices), step):
+            block, lifted = pi[lo : lo + step], self.lift(matrices[lo : lo + step])
+            positive = (matrices[lo : lo + step] > 0).all(axis=(1, 2))
+            block[positive] = stationary_laws(lifted[positive])
+            if not positive.all():
+                block[~positive] = self._stationaries(lifted[~positive], start)
+        return pi
+
+    def _stationaries(self, matrices, start=None):
         """Each matrix's stationary distribution (n, K).
 
         A matrix with one closed class (dense ones always) has one stationary
-        distribution, found by one batched solve; the others (several closed
-        classes, from sparse rows) go one by one through MarkovChain.stationary,
-        which takes the long-run distribution from startprob.
+        distribution (stationary_laws); the others (several closed classes, from
+        sparse rows or entries that underflowed) get the long-run distribution from
+        `start` (None: startprob): sparse ones one by one through MarkovChain.stationary
+        (settled_law), the others all at once (settled_laws).
         """
         n, k = matrices.shape[:2]
         reach = ((matrices > 0) | np.eye(k, dtype=bool)).astype(np.float32)
@@ -807,9 +1013,11 @@ class InContextChain(Process):
         has_lower_member = np.any(reach & back & np.tri(k, k, -1, dtype=bool), axis=2)
         single = (recurrent & ~has_lower_member).sum(axis=1) == 1
         pi = np.empty((n, k))
-        pi[single] = solve_stationary(matrices[single])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # MarkovChain warns that the answer depends on startprob: we want that one
-            for i in np.flatnonzero(~single):
-                pi[i] = MarkovChain(matrices[i], self.startprob).stationary()
+        pi[single] = stationary_laws(matrices[single], recurrent[single])
+        start, several = self.startprob if start is None else start, np.flatnonzero(~single)
+        if self.n_support < self.n_states:  # sparse rows: MarkovChain's solve per matrix, as always
+            for i in several:
+                pi[i] = settled_law(matrices[i], start)
+        elif len(several):  # dense rows whose entries underflowed to 0 (tiny concentrations), or lifted chains
+            pi[several] = settled_laws(matrices[several], start)
         return pi

@@ -9,7 +9,8 @@ two forms (docs/specs.md has an example of each):
     hmm     transmat (H, H), emissions (H, K), startprob (H,) or "stationary"   (state-emitting)
             token_transitions (K, H, H), startprob (H,) or "stationary"        (token-labelled)
     ghmm    token_transitions (K, H, H) of any sign, start (H,) or "stationary"     (generalized HMM)
-    icl     concentration (K,); optional support_size (default K) and startprob (default uniform)
+    icl     concentration (K,); optional support_size (default K), startprob (default uniform), start and
+            order (default 1)
     factored  factors: a list of specs, side by side (processes/composite.py)
     mixture   components: a list of specs of one K, and weights
   and for a process of your own its ARRAYS, all of them (`cls(**arrays)`);
@@ -382,7 +383,8 @@ def icl_from_spec(spec):
         raise field_error(
             "start", 'be "uniform" with support_size < K (a sparse matrix can have several stationary laws)'
         )
-    return InContextChain(concentration, startprob, support_size, start)
+    order = integer(spec, "order", 1) if "order" in spec else 1
+    return InContextChain(concentration, startprob, support_size, start, order)
 
 
 # ------------------------------------------------------------------ composite processes (processes/composite.py)
@@ -436,7 +438,7 @@ FORMS = (
     Form("hmm", "a token-labelled hmm spec", ("token_transitions", "startprob"), (), token_hmm_from_spec),
     Form("hmm", "a state-emitting hmm spec", ("transmat", "emissions", "startprob"), (), hmm_from_spec),
     Form("ghmm", "a ghmm spec", ("token_transitions", "start"), (), ghmm_from_spec),
-    Form("icl", "an icl spec", ("concentration",), ("support_size", "startprob", "start"), icl_from_spec),
+    Form("icl", "an icl spec", ("concentration",), ("support_size", "startprob", "start", "order"), icl_from_spec),
     Form("factored", "a factored spec", ("factors",), (), factored_from_spec),
     Form("mixture", "a mixture spec", ("components", "weights"), (), mixture_from_spec),
 )

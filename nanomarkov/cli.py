@@ -51,7 +51,7 @@ from nanomarkov.data import (
 )
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
 from nanomarkov.files import json_text
-from nanomarkov.processes import DEFAULT_PROCESS, PROCESSES, load_plugins
+from nanomarkov.processes import DEFAULT_PROCESS, PROCESSES, load_plugins, plugin_failure
 from nanomarkov.processes.spec import process_from_file
 
 
@@ -927,17 +927,23 @@ def guarded(function, *args):
     except NanoMarkovError as e:
         say(f"error: {e}")
         return 2
-    except (MemoryError, RuntimeError) as e:
-        if not is_out_of_memory(e):
-            raise
-        say(out_of_memory_message(e))
-        return 2
     except KeyboardInterrupt:
         say("interrupted")
         return 130
     except Terminated:
         say("terminated")
         return 128 + signal.SIGTERM
+    # Anything else is one line only where it says something to the user: memory that ran out, or a plugin's process
+    # that raised (its own bug, SystemExit included); the package's own failures stay tracebacks to report.
+    except BaseException as e:
+        if isinstance(e, (MemoryError, RuntimeError)) and is_out_of_memory(e):
+            say(out_of_memory_message(e))
+            return 2
+        plugin = plugin_failure(e)
+        if plugin is None:
+            raise
+        say(f"error: {plugin}")
+        return 2
 
 
 # torch's words for an allocation that failed, where it raises a plain RuntimeError (the CPU allocator,

@@ -59,8 +59,7 @@ def resolve_device(cfg, local_rank=0):
     else:
         device = gpu if cfg.device == "cuda" else cfg.device
     device_type = device.split(":")[0]
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise NanoMarkovError("device is cuda but torch sees no CUDA GPU; use --device=cpu or --device=auto")
+    check_device_available(device)
     if cfg.dtype == "auto":
         dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     else:
@@ -70,6 +69,25 @@ def resolve_device(cfg, local_rank=0):
     # 109 s vs 66 s) loses; long CPU runs may gain from --compile=True (not measured yet).
     use_compile = device_type == "cuda" if cfg.compile == "auto" else cfg.compile
     return device, autocast, use_compile
+
+
+def check_device_available(device):
+    """Refuse a device this machine's torch cannot use (before torch says so in a traceback): cuda without a CUDA GPU
+    or cuda:N past the last one, mps without Apple's GPU."""
+    device_type, _, index = device.partition(":")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise NanoMarkovError(f"device is {device_type} but torch sees no CUDA GPU; use --device=cpu or --device=auto")
+    if device_type == "cuda" and index and int(index) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise NanoMarkovError(
+            f"device is {device} but torch sees {count} CUDA GPU{'s' if count > 1 else ''} (cuda:0 to cuda:{count - 1}); "
+            "use one of them or --device=cuda"
+        )
+    mps = getattr(torch.backends, "mps", None)
+    if device_type == "mps" and not (mps is not None and mps.is_available()):
+        raise NanoMarkovError(
+            "device is mps (an Apple GPU) but this torch cannot use one here; use --device=cpu or --device=auto"
+        )
 
 
 def snapshot_iters(n_snapshots, max_iters, every=0):

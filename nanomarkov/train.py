@@ -554,7 +554,7 @@ class TrainingLoop:
             "lr": lr,
             "tokens_per_s": round(rate),
         }
-        text = f"iter {it}: loss {record['loss']:.4f} lr {lr:.2e} {rate / 1e3:.1f}k tok/s"
+        text = f"iter {it}: train loss {record['loss']:.4f} lr {lr:.2e} {rate / 1e3:.1f}k tok/s"
         if bar is not None:
             bar.set_postfix_str(f"loss {record['loss']:.4f}")
         # On a terminal the bar shows progress; the files get every line regardless.
@@ -615,12 +615,17 @@ class TrainingLoop:
         }
         if scheduled:
             self.eval_window.clear()
-        # No training step has been taken at the first eval, so there is no train loss to show yet.
-        train_text = "(none yet)" if record["train_loss"] is None else f"{record['train_loss']:.4f}"
+        # No training step has been taken at the first eval, so there is no train loss to show yet; after it, the
+        # mean over every step since the last eval, early ones included: above the iter lines' recent loss.
+        train_text = (
+            "no training step yet"
+            if record["train_loss"] is None
+            else f"train loss since the last eval {record['train_loss']:.4f}"
+        )
         self.outputs.log.line(
-            f"eval iter {it}: train {train_text} val {val_loss:.6f} excess {record['excess']:+.6f} nats over "
-            f"true_loss_val {theory['true_loss_val']:.6f} (expected optimum {theory['optimal_loss']:.6f}; "
-            f"{record['elapsed_s']:.1f}s)",
+            f"eval iter {it}: val {val_loss:.6f} excess {record['excess']:+.6f} nats over "
+            f"true_loss_val {theory['true_loss_val']:.6f} (expected optimum {theory['optimal_loss']:.6f}); "
+            f"{train_text}; at {record['elapsed_s']:.1f}s",
             record,
         )
         if self.outputs.wandb_run is not None:

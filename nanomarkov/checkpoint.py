@@ -33,6 +33,7 @@ from nanomarkov.files import (
     read_json_or_none,
     write_atomic,
     write_atomic_together,
+    writer_lock,
 )
 from nanomarkov.gpt_config import ADDED_FIELDS, FLOAT32_BYTES, GPTConfig, weight_count
 from nanomarkov.memory import check_fits
@@ -265,13 +266,10 @@ def export_safetensors(ckpt_or_model, out_dir, force=False):
         "source": source,
     }
     out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise NanoMarkovError(f"cannot write the export to {out} ({e.strerror or e}); choose another --out") from None
     # Bytes written by us rather than safetensors' save_file, whose files ignore the umask (mode 0600).
     weights = save(tensors, metadata={"format": "pt", "nanomarkov_format": FORMAT})
-    write_atomic_together({out / WEIGHTS_FILE: weights, out / CONFIG_FILE: json_text(config)}, what="export")
+    with writer_lock(out, "export"):  # a second export into the folder is refused, never interleaved
+        write_atomic_together({out / WEIGHTS_FILE: weights, out / CONFIG_FILE: json_text(config)}, what="export")
     return out
 
 

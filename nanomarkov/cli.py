@@ -6,12 +6,14 @@ A verb imports the modules that do its work when it runs (`cmd_train` imports tr
 Exit codes: 0 ok, 2 bad input (one line on stderr, no traceback; out of memory too: the fix is a
 smaller input), 1 failure (a diverged run; stdout that cannot be written, e.g. `> /dev/full`: the
 command's work is done whole -- a dataset, a training run -- but its output is lost, and the same
-command succeeds where stdout has room, as coreutils exit 1 on a write error), 130 Ctrl-C, 141 stdout closed early (`nanomarkov theory data/x
-| head -1`: quietly, as a tool killed by SIGPIPE exits in a shell, so `set -o pipefail` still sees
-that not all output was read). A warning from any layer is one `note:` line on stderr.
+command succeeds where stdout has room, as coreutils exit 1 on a write error), 130 Ctrl-C, 143 SIGTERM, 141 stdout
+closed early (`nanomarkov train ... | head -1`: the command still finishes its work -- the run trains to its
+end and checkpoints, the dataset is written whole -- printing nothing more, then exits quietly, as a tool
+killed by SIGPIPE exits in a shell, so `set -o pipefail` still sees that not all output was read). A warning from any layer is one `note:` line on stderr.
 """
 
 import argparse
+import functools
 import importlib.metadata
 import json
 import os
@@ -21,10 +23,8 @@ import sys
 import threading
 import tomllib
 import warnings
-from contextlib import redirect_stdout, suppress
+from contextlib import nullcontext, redirect_stdout, suppress
 from pathlib import Path
-
-from tqdm import tqdm
 
 from nanomarkov.config import (
     AUTO_THREADS_MAX,
@@ -33,6 +33,7 @@ from nanomarkov.config import (
     LLC_DEFAULTS,
     TrainConfig,
     dataset_preset,
+    is_run_folder,
     is_threads_setting,
     load_config_file,
     merge_settings,
@@ -44,15 +45,17 @@ from nanomarkov.data import (
     dataset_theory,
     default_data_dir,
     default_seq_len,
+    estimate_text,
     generate_dataset,
     headline,
     import_hmmlearn,
     load_dataset,
 )
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
-from nanomarkov.files import json_text
+from nanomarkov.files import check_output_folder, format_bytes, json_text
 from nanomarkov.processes import DEFAULT_PROCESS, PROCESSES, load_plugins, plugin_failure
 from nanomarkov.processes.spec import process_from_file
+from nanomarkov.progress import Heartbeat, StopDeadline, stopped_line
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -101,11 +104,10 @@ def _add_threads(parser, default):
     )
 
 
-def _progress_bar(total, description):
-    """A tqdm bar on a terminal; nothing when output goes to a file or a pipe."""
-    return tqdm(
-        total=total, desc=description, unit="tok", unit_scale=True, disable=not sys.stderr.isatty(), leave=False
-    )
+def _progress(total, out):
+    """Lines on stderr while a generation takes long (the heartbeat): the tokens written, or before any, that the
+    process and its theory are being built."""
+    return Heartbeat(f"generate {out}", total, "tokens", waiting="building the process and its exact theory")
 
 
 def states_to_generate(process, n_states):
@@ -131,7 +133,7 @@ def cmd_generate(args):
     out = Path(args.out) if args.out else default_data_dir(n_states, args.sparsity, process, **options)
     seq_len = args.seq_len
     total = (args.train + args.val) * (seq_len or default_seq_len(n_states))
-    with _progress_bar(total, f"generate {out}") as bar:
+    with _progress(total, out) as bar:
         meta = generate_dataset(
             out,
             n_states,
@@ -143,7 +145,7 @@ def cmd_generate(args):
             seed=args.seed,
             dtype=args.dtype,
             force=args.force,
-            progress=bar.update,
+            progress=bar.advance,
             process=process,
             **options,
         )
@@ -163,7 +165,7 @@ def _generate_from_spec(args):
         )
     out = Path(args.out) if args.out else Path("data") / Path(args.spec).stem
     total = (args.train + args.val) * args.seq_len if args.seq_len else None
-    with _progress_bar(total, f"generate {out}") as bar:
+    with _progress(total, out) as bar:
         meta = generate_dataset(
             out,
             None,
@@ -173,7 +175,7 @@ def _generate_from_spec(args):
             seed=args.seed,
             dtype=args.dtype,
             force=args.force,
-            progress=bar.update,
+            progress=bar.advance,
             spec=args.spec,
         )
     _print_generated(out, meta)
@@ -190,8 +192,8 @@ def _print_generated(out, meta):
         f"tokens, K={meta['n_states']}{kind}, vocab {meta['vocab_size']} (BOS={meta['bos_token']}), {meta['dtype']}"
     )
     print(
-        f"optimal_loss {theory['optimal_loss']:.6f}  true_loss_val {theory['true_loss_val']:.6f}  "
-        f"entropy_rate {theory['entropy_rate']:.6f}  uniform {theory['uniform_loss']:.6f} nats/token"
+        f"optimal_loss {estimate_text(theory, 'optimal_loss')}  true_loss_val {theory['true_loss_val']:.6f}  "
+        f"entropy_rate {estimate_text(theory, 'entropy_rate')}  uniform {theory['uniform_loss']:.6f} nats/token"
     )
 
 
@@ -251,10 +253,7 @@ def spec_theory_row(path, seq_len=None):
 
 def _estimate(row, key):
     """A theory number; a Monte-Carlo or bracketed one (a nonzero *_se key) with its error; "-" where there is none."""
-    if key not in row:
-        return "-"
-    error = row.get(f"{key}_se")
-    return f"{row[key]:.6f}" + (f"±{error:.1g}" if error else "")
+    return estimate_text(row, key) if key in row else "-"
 
 
 def format_theory_table(rows):
@@ -293,7 +292,8 @@ def cmd_theory(args):
         )
     if not args.spec and not args.datasets:
         raise NanoMarkovError("nanomarkov theory: dataset folders (or --spec FILE) are required (see --help)")
-    rows = [spec_theory_row(args.spec, args.seq_len)] if args.spec else theory_rows(args.datasets)
+    with Heartbeat(f"theory of {args.spec or ', '.join(args.datasets)}", waiting="computing"):
+        rows = [spec_theory_row(args.spec, args.seq_len)] if args.spec else theory_rows(args.datasets)
     print(json.dumps(rows, indent=2) if args.json else format_theory_table(rows))
     return 0
 
@@ -366,8 +366,8 @@ def cmd_train(args, extra):
     for cfg in _train_configs(args, overrides):
         done = train(cfg, overwrite=args.force)
         results.append((cfg.out_dir, done))
-        if done["status"] == "interrupted":
-            return 130
+        if done["status"] == "interrupted":  # its log said where it stopped and how to go on
+            return 128 + getattr(signal, done.get("stopped_by") or "", signal.SIGINT)
     if len(results) > 1:
         print("\n".join(f"{out}: {headline(d)}" for out, d in results))
     return 0
@@ -388,9 +388,12 @@ def cmd_demo(args, extra):
     from nanomarkov.train import train
 
     data_dir = default_data_dir(10)
-    print(f"1/4 generate {data_dir}: 10,000 train + 1,000 val sequences from a random 10-state chain")
-    generate_dataset(data_dir, 10, 10000, 1000)
     cfg = TrainConfig.from_dict(merge_settings(preset("default", 10), parse_overrides(extra)), "demo")
+    # The demo takes no --force or --out: its way out of a folder of other files is another folder.
+    fix = f"run the demo from another folder (it writes {data_dir} and {cfg.out_dir} below the current one)"
+    check_output_folder(cfg.out_dir, "training run", is_run_folder, force=None, flag="--out_dir", fix=fix)
+    print(f"1/4 generate {data_dir}: 10,000 train + 1,000 val sequences from a random 10-state chain")
+    generate_dataset(data_dir, 10, 10000, 1000, fix=fix)
     print(f"2/4 train {cfg.out_dir} with the default recipe")
     print(DEMO_LEGEND)
     done = train(cfg, overwrite=True)
@@ -551,9 +554,7 @@ def cmd_sweep(args):
         raise NanoMarkovError(f"unexpected {args.folder!r}: nanomarkov sweep GRID --out DIR [--jobs N] [--dry-run]")
     if not args.out:
         raise NanoMarkovError("say where the sweep goes: nanomarkov sweep GRID --out DIR")
-    slurm = {flag: getattr(args, flag) for flag in SLURM_FLAGS if getattr(args, flag) not in (None, [])}
-    if args.launcher == "local" and slurm:
-        raise NanoMarkovError(f"--{next(iter(slurm))} is a SLURM option: add --launcher slurm")
+    slurm = slurm_options(args, SLURM_FLAGS)
     if args.launcher == "slurm" and args.jobs != 1:
         raise NanoMarkovError("--jobs is the local launcher's; on SLURM use --array_parallelism N")
     manifest = run_sweep(
@@ -570,6 +571,43 @@ def cmd_sweep(args):
         print(format_status(sweep_status(args.out)))
     states = {run["state"] for run in manifest["runs"].values()}
     return 1 if states & {"failed", "cancelled"} else 0
+
+
+def cmd_reproduce(args):
+    from nanomarkov.reproduce import claims_table, paper_names, read_paper, reproduce
+    from nanomarkov.sweep.slurm import SLURM_FLAGS
+
+    if args.list:
+        for name in paper_names():
+            paper = read_paper(name)
+            c = paper.citation
+            print(f"{name:<18} {c['authors']} {c['year']}, {c['title']} ({len(paper.claims)} claims)")
+        return 0
+    if bool(args.name) == args.all:
+        raise NanoMarkovError("usage: nanomarkov reproduce NAME --out DIR, --all --out DIR, or --list")
+    if not args.out:
+        raise NanoMarkovError("say where the reproduction goes: nanomarkov reproduce NAME --out DIR")
+    slurm = slurm_options(args, SLURM_FLAGS)
+    if args.launcher == "slurm" and (args.jobs != 1 or args.threads):
+        raise NanoMarkovError("--jobs and --threads are the local launcher's; on SLURM use --array_parallelism N")
+    outcomes = []
+    for name in paper_names() if args.all else [args.name]:
+        out = Path(args.out) / name if args.all else Path(args.out)
+        outcome = reproduce(
+            name,
+            out,
+            scale=args.scale,
+            jobs=args.jobs,
+            launcher=args.launcher,
+            slurm=slurm if args.launcher == "slurm" else None,
+            force=args.force,
+            threads=args.threads,
+        )
+        held = sum(c["holds"] for c in outcome["claims"])
+        print(f"{name}: {held} of {len(outcome['claims'])} claims hold; report: {out / 'report.md'}")
+        outcomes.append(outcome)
+    print(claims_table(outcomes))
+    return 1 if any(outcome["failed"] for outcome in outcomes) else 0
 
 
 def cmd_export(args):
@@ -688,6 +726,47 @@ def _add_process_options(gen):
         )
 
 
+def _add_launcher(parser, unit, help):
+    """--launcher and the SLURM launcher's flags (sweep: per run; tune: per worker), read back by slurm_options."""
+    parser.add_argument("--launcher", choices=["local", "slurm"], default="local", help=help)
+    cl = parser.add_argument_group("SLURM (with --launcher slurm)")
+    cl.add_argument(
+        "--slurm_partition", default=None, metavar="P", help="partition to submit to (default: the cluster's)"
+    )
+    cl.add_argument(
+        "--time",
+        type=int,
+        default=None,
+        metavar="MIN",
+        help=f"time limit per {unit} in minutes (default 60); a sweep's run that reaches it checkpoints and is requeued",
+    )
+    cl.add_argument(
+        "--cpus_per_task",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"CPUs per {unit} (default 1); a sweep's runs use them as torch threads",
+    )
+    cl.add_argument("--gpus_per_task", type=int, default=None, metavar="N", help=f"GPUs per {unit}")
+    cl.add_argument("--mem", default=None, metavar="X", help=f"memory per {unit}, e.g. 4G")
+    cl.add_argument("--array_parallelism", type=int, default=None, metavar="N", help=f"{unit}s at once at most")
+    cl.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other sbatch option, repeatable: --sbatch account=mylab --sbatch qos=low",
+    )
+
+
+def slurm_options(args, flags):
+    """{flag: value} of the SLURM flags given (sweep.slurm's SLURM_FLAGS); refused without --launcher slurm."""
+    slurm = {flag: getattr(args, flag) for flag in flags if getattr(args, flag) not in (None, [])}
+    if args.launcher == "local" and slurm:
+        raise NanoMarkovError(f"--{next(iter(slurm))} is a SLURM option: add --launcher slurm")
+    return slurm
+
+
 def _add_sweep(verbs):
     sw = verbs.add_parser(
         "sweep",
@@ -704,37 +783,34 @@ def _add_sweep(verbs):
     sw.add_argument(
         "--dry-run", action="store_true", help="print what would be trained, resumed or skipped; write nothing"
     )
-    sw.add_argument(
-        "--launcher",
-        choices=["local", "slurm"],
-        default="local",
-        help="local processes (default), or one SLURM job array through submitit (docs/sweeps.md)",
-    )
-    cl = sw.add_argument_group("SLURM (with --launcher slurm)")
-    cl.add_argument(
-        "--slurm_partition", default=None, metavar="P", help="partition to submit to (default: the cluster's)"
-    )
-    cl.add_argument(
-        "--time",
-        type=int,
-        default=None,
-        metavar="MIN",
-        help="time limit per run in minutes (default 60); a run that reaches it checkpoints and is requeued",
-    )
-    cl.add_argument(
-        "--cpus_per_task", type=int, default=None, metavar="N", help="CPUs per run, also its torch threads (default 1)"
-    )
-    cl.add_argument("--gpus_per_task", type=int, default=None, metavar="N", help="GPUs per run")
-    cl.add_argument("--mem", default=None, metavar="X", help="memory per run, e.g. 4G")
-    cl.add_argument("--array_parallelism", type=int, default=None, metavar="N", help="runs at once at most")
-    cl.add_argument(
-        "--sbatch",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other sbatch option, repeatable: --sbatch account=mylab --sbatch qos=low",
-    )
+    _add_launcher(sw, "run", "local processes (default), or one SLURM job array through submitit (docs/sweeps.md)")
     sw.set_defaults(func=cmd_sweep)
+
+
+def _add_reproduce(verbs):
+    rp = verbs.add_parser(
+        "reproduce",
+        help="run a paper's experiment (papers/NAME.toml) and check its claims against the exact theory",
+        epilog="examples: nanomarkov reproduce --list | nanomarkov reproduce shai2024-mess3 --out repro/mess3 | "
+        "nanomarkov reproduce --all --out repro --scale smoke (docs/papers.md)",
+    )
+    rp.add_argument("name", nargs="?", help="a paper's name (--list shows them) or the path of a paper's .toml")
+    rp.add_argument("--out", default=None, help="folder for the runs, claims.json and report.md (--all: one per paper)")
+    rp.add_argument("--list", action="store_true", help="the papers there are, and stop")
+    rp.add_argument("--all", action="store_true", help="every paper, each into OUT/NAME, then one table of claims")
+    rp.add_argument(
+        "--scale",
+        choices=["smoke", "cpu", "paper"],
+        default="cpu",
+        help="smoke: seconds (CI); cpu (default): minutes on a 2-core CPU; paper: the paper's sizes",
+    )
+    rp.add_argument("--force", action="store_true", help="write into an --out that holds other files")
+    rp.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process (default 1)")
+    rp.add_argument(
+        "--threads", type=int, default=None, help="torch threads per local run (default: the cores over --jobs)"
+    )
+    _add_launcher(rp, "run", "local processes (default), or one SLURM job array through submitit, as sweep's")
+    rp.set_defaults(func=cmd_reproduce)
 
 
 def _add_import_hmmlearn(verbs):
@@ -795,15 +871,20 @@ def _add_train(verbs):
 
 
 def cmd_tune(args):
+    from nanomarkov.sweep.slurm import SLURM_FLAGS, slurm_executor
     from nanomarkov.tune import TuneSettings, default_tokens, parse_space, tune
 
     if args.trials < 1 or args.jobs < 1 or (args.tokens is not None and args.tokens < 1):
         raise NanoMarkovError("--trials, --jobs and --tokens must be at least 1")
     seq_len = load_dataset(args.data, verify=False).seq_len
     tokens = args.tokens or default_tokens(dataset_preset("default", args.data), seq_len)
-    settings = TuneSettings(args.data, args.out, args.trials, tokens, parse_space(args.space), args.storage or "")
+    settings = TuneSettings(
+        args.data, args.out, args.trials, tokens, parse_space(args.space), args.storage or "", threads=args.threads
+    )
+    slurm = slurm_options(args, SLURM_FLAGS)
+    executor_for = functools.partial(slurm_executor, **slurm) if args.launcher == "slurm" else None
     print(f"tuning on {args.data}: {args.trials} trials of {settings.tokens:,} tokens, {args.jobs} worker(s)")
-    code, best = tune(settings, jobs=args.jobs, threads=args.threads)
+    code, best = tune(settings, jobs=args.jobs, executor_for=executor_for)
     print(best)
     return code
 
@@ -828,8 +909,9 @@ def _add_tune(verbs):
         help="narrow the search: name=low:high, name=a,b,c, or a .toml/.json file of them",
     )
     tu.add_argument("--storage", default=None, metavar="URL", help="an Optuna storage URL (default DIR/study.db)")
-    tu.add_argument("--jobs", type=int, default=1, help="trials in parallel on this machine (default 1)")
-    tu.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: the cores / --jobs)")
+    tu.add_argument("--jobs", type=int, default=1, help="workers, each running trials in turn (default 1)")
+    _add_threads(tu, "auto")
+    _add_launcher(tu, "worker", "workers as local processes (default), or --jobs SLURM jobs (docs/tuning.md)")
     tu.set_defaults(func=cmd_tune)
 
 
@@ -903,6 +985,7 @@ def build_parser():
     rep.set_defaults(func=cmd_report)
 
     _add_sweep(verbs)
+    _add_reproduce(verbs)
     _add_tune(verbs)
     _add_dynamics(verbs)
 
@@ -941,15 +1024,16 @@ def guarded(function, *args):
         say(f"error: {e}")
         return 2
     except KeyboardInterrupt:
-        say("interrupted")
-        return 130
+        say(stopped_line(signal.SIGINT))
+        return 128 + signal.SIGINT
     except Terminated:
-        say("terminated")
+        say(stopped_line(signal.SIGTERM))
         return 128 + signal.SIGTERM
     # Anything else is one line only where it says something to the user: memory that ran out, or a plugin's process
     # that raised (its own bug, SystemExit included); the package's own failures stay tracebacks to report.
     except BaseException as e:
         if isinstance(e, (MemoryError, RuntimeError)) and is_out_of_memory(e):
+            e.__traceback__ = None  # the frames that held what filled the memory go, and that memory with them
             say(out_of_memory_message(e))
             return 2
         plugin = plugin_failure(e)
@@ -974,23 +1058,48 @@ def is_out_of_memory(error):
     return (torch_oom is not None and isinstance(error, torch_oom)) or bool(TORCH_OUT_OF_MEMORY.search(str(error)))
 
 
+OUT_OF_MEMORY_FIX = (
+    "use a smaller K, --batch_size or model (--n_layer, --n_embd), fewer --train/--val sequences, or a machine "
+    "with more memory"
+)
+# Made before any command runs: where the memory is still short, building the detailed line fails too.
+OUT_OF_MEMORY_LINE = f"error: out of memory: {OUT_OF_MEMORY_FIX}"
+
+
 def out_of_memory_message(error):
-    """The one line for an allocation that failed: which memory, the size asked for where the error says it."""
+    """The one line for an allocation that failed: which memory, the size asked for where the error says it;
+    OUT_OF_MEMORY_LINE where even that small line cannot be allocated."""
+    try:
+        return detailed_out_of_memory_message(error)
+    except MemoryError:
+        return OUT_OF_MEMORY_LINE
+
+
+def detailed_out_of_memory_message(error):
     text = str(error)
     on_gpu = re.search(r"CUDA|GPU|MPS|XPU", text) is not None
     asked = re.search(r"allocate (\d+(?:\.\d+)? ?[KMGTPE]i?B)", text, re.IGNORECASE)
     asked_bytes = re.search(r"allocate (\d+) bytes", text)
-    size = asked.group(1) if asked else f"{int(asked_bytes.group(1)) / 2**30:,.1f} GiB" if asked_bytes else None
-    return (
-        f"error: out of {'GPU' if on_gpu else 'memory'}{f' (asked for {size} more)' if size else ''}: use a smaller "
-        "K, --batch_size or model (--n_layer, --n_embd), fewer --train/--val sequences, or a machine with more memory"
-    )
+    size = asked.group(1) if asked else format_bytes(int(asked_bytes.group(1))) if asked_bytes else None
+    return f"error: out of {'GPU' if on_gpu else 'memory'}{f' (asked for {size} more)' if size else ''}: {OUT_OF_MEMORY_FIX}"
+
+
+def expand_home(argv):
+    """Every argument that is a path starting with ~ (`~/x`, `--out=~/x`, `--out_dir=~alice/x`) with ~ expanded.
+
+    A shell expands ~ only at the start of a word, so `--out_dir=~/x` (or a quoted '~/x') would
+    otherwise make a folder literally named ~ in the current folder."""
+    expanded = []
+    for arg in argv:
+        flag, equals, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        expanded.append(flag + equals + os.path.expanduser(value) if value.startswith("~") else arg)
+    return expanded
 
 
 def _dispatch(argv):
     load_plugins()  # NANOMARKOV_PROCESSES: a researcher's own processes, registered before --process is built
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(expand_home(sys.argv[1:] if argv is None else argv))
     if getattr(args, "takes_overrides", False):
         return args.func(args, extra)
     if extra:
@@ -1011,11 +1120,13 @@ def _raise_terminated(signum, frame):
 class CheckedStdout:
     """sys.stdout that outlives a failed write (a full device, an I/O error): the first failure is kept in
     `failure` and what follows is dropped, so that the command's work (a dataset, a training run) still
-    ends whole, and main reports the lost output at the end. A closed pipe stays BrokenPipeError: the
-    reader has gone, and the command stops as a tool that SIGPIPE ends does."""
+    ends whole, and main reports the lost output at the end. A closed pipe (`| head -1`) is kept in
+    `closed` and dropped the same way: the reader has gone, but the work it started -- a training run and
+    its checkpoint, a dataset, a sweep -- is worth more than its printout, so the command finishes it and
+    exits as a tool that SIGPIPE ends does (141), quietly."""
 
     def __init__(self, stream):
-        self.stream, self.failure = stream, None
+        self.stream, self.failure, self.closed = stream, None, False
 
     def write(self, text):
         self.checked(self.stream.write, text)
@@ -1025,12 +1136,12 @@ class CheckedStdout:
         self.checked(self.stream.flush)
 
     def checked(self, operation, *args):
-        if self.failure is not None:
+        if self.failure is not None or self.closed:
             return
         try:
             operation(*args)
         except BrokenPipeError:
-            raise
+            self.closed = True
         except OSError as e:
             self.failure = e.strerror or str(e)
 
@@ -1061,17 +1172,29 @@ def run_and_flush(argv):
         sys.stdout.flush()
 
 
+def stop_deadline(env):
+    """progress.StopDeadline for a command run alone; none for a rank of torchrun or srun (`env` names it as
+    distributed.launch_from_env reads it): the ranks stop together, after the same step, through their
+    collectives, which one rank ended alone would leave the others waiting in."""
+    tasks = env.get("SLURM_STEP_NUM_TASKS", "1")
+    if "RANK" in env or (tasks.isdigit() and int(tasks) > 1):
+        return nullcontext()
+    return StopDeadline()
+
+
 def main(argv=None):
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)  # training installs its own while it trains
     stdout = CheckedStdout(sys.stdout)
     try:
-        with warnings.catch_warnings(), redirect_stdout(stdout):
+        with stop_deadline(os.environ), warnings.catch_warnings(), redirect_stdout(stdout):
             warnings.showwarning = show_note  # restored by catch_warnings
             code = run_and_flush(argv)
-    except BrokenPipeError:
-        silence(sys.stdout)  # the reader left (`| head -1`): nothing to report
-        return EXIT_CLOSED_STDOUT
+    except BrokenPipeError:  # a write that bypassed CheckedStdout (a library's own reference to the stream)
+        stdout.closed = True
+    if stdout.closed:
+        silence(sys.stdout)  # the reader left (`| head -1`): nothing to report, the work is done
+        return code or EXIT_CLOSED_STDOUT
     if stdout.failure is None:
         return code
     silence(sys.stdout)

@@ -23,7 +23,6 @@ import numbers
 import os
 import re
 import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +32,14 @@ import numpy as np
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.files import (
     LOCK_FILE,
-    PARTIAL_SUFFIX,
     check_output_folder,
-    exchange_folders,
-    follow_umask,
     format_bytes,
+    holds_record,
+    new_build_folder,
     open_regular,
     read_capped,
+    refuse_the_current_folder,
+    swap_in,
     write_json,
     writer_lock,
 )
@@ -51,8 +51,6 @@ from nanomarkov.processes.spec import process_from_file, process_from_spec, spec
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
-# A generation builds the new dataset in a hidden sibling folder named .{name}.partial-XXXX.
-BUILD_SUFFIX = ".partial-"
 # Tokens per generated chunk: big enough that numpy's per-call overhead
 # vanishes, small enough that memory stays flat (~40 MB of uniforms).
 CHUNK_TOKENS = 1 << 22
@@ -79,6 +77,8 @@ BY_POSITION_TOLERANCE = 1e-6
 # Where a process has hidden states (it has belief_states), the belief after every val prefix
 # is saved beside val.bin, for probes of the residual stream; sha256 in meta.json like the .bin.
 BELIEFS_FILE = "val_beliefs.npy"
+# What every meta.json `generate` wrote holds (since the first format), and a user's own meta.json is unlikely to.
+DATASET_MARKS = ("format_version", "vocab_size", "bos_token", "sha256", "theory", "train_tokens")
 DATASET_FILES = ("chain.npz", "meta.json", "train.bin", "val.bin", BELIEFS_FILE)
 # What load_dataset needs in meta.json, and of which type; anything else is a damaged or edited file.
 META_KEYS = {
@@ -205,6 +205,7 @@ def generate_dataset(
     force=False,
     progress=None,
     chunk_tokens=CHUNK_TOKENS,
+    fix=None,
     **choices,
 ):
     """Build a random process (or take the given `chain`, or a `spec`'s) and write a dataset folder; returns its meta dict.
@@ -212,12 +213,12 @@ def generate_dataset(
     `choices` are plan_dataset's keywords (sparsity, alpha, seq_len, seed, dtype, chain, source, spec,
     process and the process's options), checked there before anything is written. This
     dataset is left as it is, any other folder (files.check_output_folder) replaced only with `force`,
-    whole and at once (_write_dataset); `progress(n_tokens)` after each chunk."""
+    whole and at once (_write_dataset); `progress(n_tokens)` after each chunk. `fix`: the way out a
+    refusal names, for a caller that has no --force or --out (the demo)."""
     chain, params, dtype = plan_dataset(n_states, train_sequences, val_sequences, **choices)
-    out_dir = Path(out_dir)
-    check_output_folder(out_dir, "dataset", is_dataset_folder, force=force)
+    out_dir = check_output_folder(out_dir, "dataset", is_dataset_folder, force=force, fix=fix)
     with writer_lock(out_dir, "generation"):  # a second writer is refused, never interleaved
-        if not force and _holds_this_dataset(out_dir, _existing_meta(out_dir), params):
+        if not force and _holds_this_dataset(out_dir, _existing_meta(out_dir), params, fix):
             return _existing_meta(out_dir)
         return _write_dataset(out_dir, chain, params, dtype, progress, chunk_tokens)
 
@@ -317,7 +318,7 @@ def _token_type(dtype, n_states):
     return dtype
 
 
-def _holds_this_dataset(out_dir, existing, params):
+def _holds_this_dataset(out_dir, existing, params, fix=None):
     """True when out_dir already holds the dataset of `params` (intact); raises when it holds another."""
     if existing is not None:
         keys = DEFINING_KEYS + tuple(k for k in params if k not in DEFINING_KEYS + PROVENANCE_KEYS)
@@ -327,14 +328,15 @@ def _holds_this_dataset(out_dir, existing, params):
             return True
         raise NanoMarkovError(
             f"{out_dir} already holds a different dataset ({', '.join(changed)}); "
-            "pass --force to replace it, or --out to write elsewhere"
+            f"{fix or 'pass --force to replace it, or --out to write elsewhere'}"
         )
     return False
 
 
 def is_dataset_folder(folder) -> bool:
-    """Whether `folder` holds a dataset of nanoMarkov (its meta.json; damaged or not, it is one)."""
-    return (Path(folder) / "meta.json").is_file()
+    """Whether `folder` holds a dataset of nanoMarkov: a meta.json that `generate` wrote (its other files
+    damaged or not), not a user's own meta.json."""
+    return holds_record(folder, "meta.json", DATASET_MARKS)
 
 
 def _write_dataset(out_dir, chain, params, dtype, progress, chunk_tokens):
@@ -344,22 +346,20 @@ def _write_dataset(out_dir, chain, params, dtype, progress, chunk_tokens):
     included); files of out_dir that are not part of a dataset (the seed's model.pkl, say) move
     across. A build left by a killed generation is removed by the next one. Returns the meta dict.
     """
-    for stale in out_dir.parent.glob(f".{out_dir.name}{BUILD_SUFFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)  # only this folder's writer (us, under its lock) uses them
-    _check_free_space(out_dir, chain, params, dtype)
+    refuse_the_current_folder(out_dir, "generate", "a dataset")
+    check_free_space(out_dir, chain, params, dtype)
+    # The exact theory can take minutes in one numpy call, where a stop may have to end the process
+    # outright (progress.StopDeadline): done before the build folder exists, such a stop leaves none.
+    theory = theory_record(chain, params["seq_len"])
     try:
-        build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{BUILD_SUFFIX}", dir=out_dir.parent))
-        follow_umask(build)  # mkdtemp's 0700 would become the dataset folder's mode at the swap
+        build = new_build_folder(out_dir)  # a killed generation's build removed first
     except OSError as e:
         raise NanoMarkovError(f"cannot write beside {out_dir} ({e.strerror or e}); choose another --out") from None
     try:
-        meta = _write_files(build, chain, params, dtype, progress, chunk_tokens)
-        # The held lock's file, linked in, stays at out_dir/.lock through the swap: no second
-        # writer can take the folder while the old dataset is cleared away.
-        os.link(out_dir / LOCK_FILE, build / LOCK_FILE)
-        exchange_folders(build, out_dir)
+        meta = _write_files(build, chain, params, dtype, progress, chunk_tokens, theory)
+        swap_in(build, out_dir)
         for other in build.iterdir():  # now the old folder: what a user kept beside the dataset stays
-            if other.name not in (*DATASET_FILES, LOCK_FILE) and not other.name.endswith(PARTIAL_SUFFIX):
+            if other.name not in (*DATASET_FILES, LOCK_FILE):
                 os.replace(other, out_dir / other.name)
     except OSError as e:
         raise NanoMarkovError(
@@ -370,13 +370,15 @@ def _write_dataset(out_dir, chain, params, dtype, progress, chunk_tokens):
     return meta
 
 
-def _check_free_space(out_dir, chain, params, dtype):
-    """Refuse, before writing a byte, a dataset bigger than the free space beside out_dir."""
+def check_free_space(out_dir, chain, params, dtype):
+    """Refuse, before writing a byte, a dataset (plan_dataset's chain, params and dtype) bigger than the free space
+    where out_dir is or will be (its nearest folder that exists: a sweep's dry run plans folders not made yet)."""
     tokens = (params["train_sequences"] + params["val_sequences"]) * params["seq_len"]
     needed = tokens * dtype.itemsize
     if chain.BELIEF_STATES:
         needed += params["val_sequences"] * params["seq_len"] * chain.n_hidden * 4
-    free = shutil.disk_usage(out_dir.parent).free
+    existing = next(folder for folder in Path(out_dir).absolute().parents if folder.is_dir())
+    free = shutil.disk_usage(existing).free
     if needed > free:
         raise NanoMarkovError(
             f"the dataset needs {format_bytes(needed)} and {out_dir.parent} has {format_bytes(free)} free; "
@@ -384,8 +386,21 @@ def _check_free_space(out_dir, chain, params, dtype):
         )
 
 
-def _write_files(folder, chain, params, dtype, progress, chunk_tokens):
-    """chain.npz, the splits, the beliefs where the process has them, and meta.json (last) into `folder`."""
+def theory_record(chain, seq_len):
+    """meta.json's theory keys of `chain` at `seq_len`, checked (check_theory) before anything else reads them."""
+    record = {"theory": check_theory(chain, chain.theory(seq_len), seq_len)}
+    losses, errors = chain.optimal_loss_by_position(seq_len)
+    record["optimal_loss_by_position"] = compact_by_position(
+        losses, errors, record["theory"]["entropy_rate"], record["theory"].get("entropy_rate_se")
+    )
+    record["stage_losses"] = chain.stage_losses(seq_len)  # from theory's sample where estimated: free here
+    record["stage_loss_errors"] = chain.stage_loss_errors(seq_len)
+    return record
+
+
+def _write_files(folder, chain, params, dtype, progress, chunk_tokens, theory):
+    """chain.npz, the splits, the beliefs where the process has them, and meta.json (last) into `folder`;
+    `theory` is theory_record's."""
     seq_len, seed = params["seq_len"], params["seed"]
     with open(folder / "chain.npz", "wb") as f:  # a file object, so savez adds no extension
         np.savez(f, **chain.arrays())
@@ -395,14 +410,8 @@ def _write_files(folder, chain, params, dtype, progress, chunk_tokens):
         vocab_size=chain.vocab_size,
         bos_token=chain.bos_token,
         sha256={"chain.npz": _file_sha256(folder / "chain.npz")},
-        theory=check_theory(chain, chain.theory(seq_len), seq_len),
+        **theory,
     )
-    losses, errors = chain.optimal_loss_by_position(seq_len)
-    meta["optimal_loss_by_position"] = compact_by_position(
-        losses, errors, meta["theory"]["entropy_rate"], meta["theory"].get("entropy_rate_se")
-    )
-    meta["stage_losses"] = chain.stage_losses(seq_len)  # from theory's sample where estimated: free here
-    meta["stage_loss_errors"] = chain.stage_loss_errors(seq_len)
     for split_index, split in enumerate(SPLITS, start=1):
         n = params[f"{split}_sequences"]
         rng = np.random.default_rng([seed, split_index])
@@ -868,6 +877,12 @@ def learnable_fraction(loss, theory):
     estimate; and unlike true_loss_val / loss ("% of optimum"), which gives a uniform predictor 85 % and more, it
     puts a model that learned nothing at 0."""
     return (theory["uniform_loss"] - loss) / (theory["uniform_loss"] - theory["true_loss_val"])
+
+
+def estimate_text(theory, key):
+    """A theory number as printed: six decimals, and "±error" where it is estimated (a nonzero "<key>_se")."""
+    error = theory.get(f"{key}_se")
+    return f"{theory[key]:.6f}" + (f"±{error:.1g}" if error else "")
 
 
 def headline(record):

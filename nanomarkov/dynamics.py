@@ -54,7 +54,14 @@ from nanomarkov.evaluate import (
     make_folder,
     state_log_probs,
 )
-from nanomarkov.files import check_output_folder, json_text, read_json, read_json_or_none, write_atomic_together
+from nanomarkov.files import (
+    check_output_folder,
+    holds_record,
+    json_text,
+    read_json,
+    read_json_or_none,
+    write_atomic_together,
+)
 from nanomarkov.interp.linear_probes import ALL_LAYERS, SHUFFLE_SEED, belief_state_probe, plot_belief_simplex
 from nanomarkov.interp.readouts import (
     attention_layers,
@@ -67,6 +74,8 @@ from nanomarkov.processes import DEFAULT_PROCESS
 from nanomarkov.report import TARGET_EXCESS, png_bytes
 
 DYNAMICS_FILE = "dynamics.json"
+# What every dynamics.json holds (since the first), and a user's own file of that name is unlikely to.
+DYNAMICS_MARKS = ("run", "dataset", "snapshots", "crossings", "theory")
 PLOTS = (
     "dynamics_loss.png",
     "dynamics_metrics.png",
@@ -143,7 +152,7 @@ def refuse_another_process(dataset, run_folder):
     if ours != theirs:
         raise NanoMarkovError(
             f"--data {dataset.path} is {ours[0]} K={ours[1]}, but {run_folder} trained on {trained_on} "
-            f"({theirs[0]} K={theirs[1]}); pass that dataset or a regenerated copy of it (same process and K)"
+            f"({theirs[0]} K={theirs[1]}); pass --data {trained_on}, or leave --data out to use it"
         )
 
 
@@ -581,9 +590,9 @@ def _number(value, spec):
 
 def is_dynamics_folder(folder) -> bool:
     """Whether dynamics may write into `folder` as its own: a run (its config.json or snapshots), or
-    a folder holding earlier dynamics."""
+    a folder holding earlier dynamics (a dynamics.json that dynamics wrote, not a user's own)."""
     folder = Path(folder)
-    return is_run_folder(folder) or bool(list_snapshots(folder)) or (folder / DYNAMICS_FILE).is_file()
+    return is_run_folder(folder) or bool(list_snapshots(folder)) or holds_record(folder, DYNAMICS_FILE, DYNAMICS_MARKS)
 
 
 def check_dynamics_folder(folder, force=False):

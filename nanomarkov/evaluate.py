@@ -47,6 +47,7 @@ from nanomarkov.data import learnable_fraction, load_dataset, optimal_loss_by_po
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.files import json_text, write_atomic_together
 from nanomarkov.processes.numerics import entropy
+from nanomarkov.progress import Heartbeat
 
 # Positions x vocabulary per evaluated batch: bounds memory for any K (~64 MB of float64 logits per model).
 EVAL_BATCH_ELEMENTS = 1 << 23
@@ -425,9 +426,11 @@ def evaluate_models(models, dataset, device="cpu"):
     by_position = LossByPosition(dataset, names)
     families = [cls(dataset, names) for cls in dict.fromkeys(FAMILIES[key] for key in chain.METRICS)]
     started = time.perf_counter()
-    for batch in _val_batches(models, dataset, device):
-        for family in (common, agreement, by_position, *families):
-            family.update(batch)
+    with Heartbeat(f"eval of {', '.join(names)}", val_batch_count(dataset), "val batches") as heartbeat:
+        for batch in _val_batches(models, dataset, device):
+            for family in (common, agreement, by_position, *families):
+                family.update(batch)
+            heartbeat.advance()
     timings["val_pass_s"] = time.perf_counter() - started
     started = time.perf_counter()
     bigram = bigram_baseline(dataset)
@@ -462,10 +465,19 @@ def evaluate_models(models, dataset, device="cpu"):
     return results
 
 
+def val_batch_sequences(dataset):
+    """The sequences in one batch of the val pass: EVAL_BATCH_ELEMENTS positions x vocabulary, at least one."""
+    return max(1, EVAL_BATCH_ELEMENTS // ((dataset.seq_len - 1) * (dataset.chain.n_states + 1)))
+
+
+def val_batch_count(dataset):
+    return -(-dataset.val.shape[0] // val_batch_sequences(dataset))
+
+
 def _val_batches(models, dataset, device):
     """The val split in batches of whole sequences, each with the optimal predictor and every model's output."""
     k = dataset.chain.n_states
-    batch = max(1, EVAL_BATCH_ELEMENTS // ((dataset.seq_len - 1) * (k + 1)))
+    batch = val_batch_sequences(dataset)
     for lo in range(0, dataset.val.shape[0], batch):
         tokens = torch.from_numpy(np.asarray(dataset.val[lo : lo + batch], dtype=np.int64))
         optimal_log = torch.from_numpy(dataset.chain.optimal_log_probs(tokens.numpy()))

@@ -16,8 +16,11 @@ import json
 import math
 import os
 import pwd
+import re
+import shutil
 import socket
 import stat
+import tempfile
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -45,7 +48,7 @@ def partial_path(path):
     return path.with_name(path.name + PARTIAL_SUFFIX)
 
 
-BYTE_UNITS = ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB")
+BYTE_UNITS = ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB", "YiB")
 
 
 def format_bytes(n_bytes):
@@ -221,12 +224,24 @@ def read_json_or_none(path):
         return None
 
 
+def holds_record(folder, name, keys) -> bool:
+    """Whether folder/name is a JSON object holding every one of `keys`: a record nanoMarkov wrote, told
+    from a user's own file of that name (a meta.json, a sweep.json of theirs) by its content."""
+    record = read_json_or_none(Path(folder) / name)
+    return record is not None and all(key in record for key in keys)
+
+
 LOCK_FILE = ".lock"
 
 
 def _lock_file(folder, what):
     """An open handle on folder/.lock holding its exclusive flock, or NanoMarkovError naming the holder."""
     path = folder / LOCK_FILE
+    if os.path.lexists(path) and not is_own_lock(path):
+        raise NanoMarkovError(
+            f"{path} is not a lock of nanoMarkov's (a file of yours?), and a {what} would replace it; "
+            "move it away, or choose another folder"
+        )
     while True:
         try:
             handle = open(path, "a+")
@@ -280,76 +295,188 @@ def writer_lock(folder, what):
                 folder.rmdir()  # nothing was written: no empty folder behind a refused or failed command
 
 
-# Folders no command writes into, even with --force: the system's trees (and everything below them),
-# and the folders that hold other people's folders (the root, the homes' parent, mount points).
+# A folder replaced whole is built in a hidden sibling named .{name}.partial-XXXX, then swapped in.
+BUILD_SUFFIX = ".partial-"
+
+
+def new_build_folder(folder: Path) -> Path:
+    """A new hidden folder beside `folder` (BUILD_SUFFIX) to build its replacement in, with the modes the
+    umask gives (mkdtemp's 0700 would become the folder's at the swap); OSError.
+
+    Call it holding `folder`'s writer_lock: the builds of `folder` found beside it are then a killed
+    writer's, stale by their name and the lock, and are removed first."""
+    for stale in folder.parent.glob(f".{folder.name}{BUILD_SUFFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    build = Path(tempfile.mkdtemp(prefix=f".{folder.name}{BUILD_SUFFIX}", dir=folder.parent))
+    follow_umask(build)
+    return build
+
+
+def swap_in(build: Path, folder: Path):
+    """Put `build` in the place of `folder` (held under writer_lock) at once (exchange_folders); `build`'s
+    path then holds the old folder, for the caller to clear away. OSError.
+
+    The folder keeps its mode (a user's 0750, say), and the held lock's file, linked in, stays at
+    folder/.lock through the swap: no second writer can take the folder while the old one is cleared."""
+    os.link(folder / LOCK_FILE, build / LOCK_FILE)
+    os.chmod(build, stat.S_IMODE(folder.stat().st_mode))
+    exchange_folders(build, folder)
+
+
+# Folders no command writes into, even with --force: the system's trees and everything below them
+# (/tmp and /var/tmp are the exceptions below them: temporary places anyone may write in); the
+# folders that hold other people's folders and each folder directly in them (a package in /opt, a
+# service's /srv/NAME, a disk mounted at /mnt/NAME, a home in /home); a home folder itself and its
+# hidden folders (~/.ssh, ~/.config), with all below them.
 SYSTEM_TREES = tuple(
     Path(p)
-    for p in ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/sbin", "/sys", "/usr")
+    for p in (
+        *("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run", "/sbin"),
+        *("/snap", "/sys", "/usr", "/var"),
+    )
 )
-SYSTEM_FOLDERS = frozenset(
-    Path(p) for p in ("/home", "/root", "/var", "/opt", "/srv", "/mnt", "/media", "/run", "/tmp")
-)
-# What a writer may leave in a folder without having written anything of its own there.
+TEMPORARY_TREES = (Path("/tmp"), Path("/var/tmp"))
+HOLDING_FOLDERS = tuple(Path(p) for p in ("/home", "/media", "/mnt", "/opt", "/srv"))
+# What a writer may leave in a folder without having written anything of its own there: its lock,
+# whose content says whose it is (see writer_lock); a file of another content so named is the user's.
 LEFT_BY_A_WRITER = (LOCK_FILE,)
+LOCK_CONTENT = re.compile(r"(pid \d+( on \S*)?\n?)?")
 
 
 def _homes(folder: Path) -> set:
-    """The home folders `folder` might be: this user's, its owner's, and that of the user it is named after."""
-    homes = {os.environ.get("HOME")}
-    with suppress(KeyError, OSError):
+    """The home folders `folder` might be in: this user's, its (or its nearest existing parent's) owner's,
+    that of the user it is named after, and the folder in /home it is below."""
+    homes = {os.environ.get("HOME"), *(path for path in folder.parents if path.parent == Path("/home"))}
+    with suppress(KeyError):
         homes.add(pwd.getpwuid(os.getuid()).pw_dir)
-        homes.add(pwd.getpwuid(folder.stat().st_uid).pw_dir)
     with suppress(KeyError):
         homes.add(pwd.getpwnam(folder.name).pw_dir)
-    return {Path(home).resolve() for home in homes if home}
+    for path in (folder, *folder.parents):  # the owner of the folder, or of the nearest one we may look at
+        with suppress(OSError):
+            with suppress(KeyError):
+                homes.add(pwd.getpwuid(path.stat().st_uid).pw_dir)
+            break
+    return {Path(os.path.realpath(home)) for home in homes if home}
+
+
+def _hidden_folder(folder: Path, homes) -> Path | None:
+    """The hidden folder of a home (~/.ssh) that `folder` is or is inside, or None."""
+    for home in homes:
+        if folder != home and folder.is_relative_to(home) and folder.relative_to(home).parts[0].startswith("."):
+            return home / folder.relative_to(home).parts[0]
+    return None
+
+
+def _inside(folder: Path, outer: Path, what: str) -> str:
+    """'a system folder' where `folder` is `outer`, else 'inside the system folder /var'."""
+    return what if folder == outer else f"inside {outer}, {what}"
 
 
 def protected_folder(folder) -> str:
-    """Why no command may write into `folder` ('the root folder', 'a home folder', 'a system folder'), or ''."""
-    folder = Path(folder).resolve()
+    """Why no command may write into `folder` ('the root folder', 'a home folder', 'inside /var, a system
+    folder'...), or ''. Links are followed (a link to /etc is /etc); nothing is written or created to find out."""
+    folder = Path(os.path.realpath(folder))
     if folder == Path("/"):
         return "the root folder"
-    if folder in _homes(folder):
+    homes = _homes(folder)
+    if folder in homes or folder.parent == Path("/home"):
         return "a home folder"
-    if folder in SYSTEM_FOLDERS or any(folder.is_relative_to(tree) for tree in SYSTEM_TREES):
+    hidden = _hidden_folder(folder, homes)
+    if hidden is not None:
+        return _inside(folder, hidden, "a hidden folder of a home folder")
+    if any(folder.is_relative_to(tree) and folder != tree for tree in TEMPORARY_TREES):
+        return ""
+    if folder in TEMPORARY_TREES or folder in HOLDING_FOLDERS or folder.parent in HOLDING_FOLDERS:
         return "a system folder"
-    return ""
+    tree = next((tree for tree in SYSTEM_TREES if folder.is_relative_to(tree)), None)
+    return "" if tree is None else _inside(folder, tree, "a system folder")
+
+
+def is_own_lock(path: Path) -> bool:
+    """Whether `path` is a lock file writer_lock leaves (empty, or its holder's line), not a file of the user's.
+
+    Never a link: the lock is opened to be truncated, and a link would truncate the file it names."""
+    try:
+        return (
+            not path.is_symlink()
+            and path.is_file()
+            and LOCK_CONTENT.fullmatch(read_capped(path, 256).decode("ascii", "replace")) is not None
+        )
+    except OSError:
+        return False
 
 
 def own_entries(folder: Path) -> list:
-    """The names in `folder` but what a writer may leave without writing (LEFT_BY_A_WRITER, .partial files), sorted."""
+    """The names in `folder` but a writer's lock (LEFT_BY_A_WRITER, see is_own_lock), sorted.
+
+    Partial files count: a `.partial` may be the user's, or another program's unfinished write."""
     return sorted(
-        entry.name
-        for entry in folder.iterdir()
-        if entry.name not in LEFT_BY_A_WRITER and not entry.name.endswith(PARTIAL_SUFFIX)
+        entry.name for entry in folder.iterdir() if not (entry.name in LEFT_BY_A_WRITER and is_own_lock(entry))
     )
 
 
-def check_output_folder(folder, kind, is_kind, force=False, flag="--out"):
+def check_output_folder(folder, kind, is_kind, force=False, flag="--out", fix=None):
     """Refuse, before anything is written, to write a `kind` (e.g. "training run") into `folder` unless
     it is new or empty, already a `kind` (`is_kind(folder)` is true), or `force` is true (None: the
     command has no --force); never into the root, a home folder or a system folder, even with force.
 
     One rule for every command that writes a folder, so that none writes among a user's own files
-    unasked. NanoMarkovError names the folder, why, and the fix.
+    unasked. NanoMarkovError names the folder, why, and the fix (`fix`, where the command's way out
+    is not a new `flag` folder). Returns the folder to write: `folder`, or the real folder its links
+    name (a link to a folder is written through, never replaced), absolute where `folder` is . or ..
     """
     folder = Path(folder)
-    elsewhere = f"give {flag} a new or empty folder"
+    elsewhere = fix or f"give {flag} a new or empty folder"
     why = protected_folder(folder)
     if why:
         raise NanoMarkovError(
             f"{folder} is {why}: nanoMarkov writes no {kind} there, even with --force; "
-            f"give {flag} a folder of its own, e.g. {flag}=./NAME"
+            f"{fix or f'give {flag} a folder of its own, e.g. {flag}=./NAME'}"
         )
-    if folder.exists() and not folder.is_dir():
-        raise NanoMarkovError(f"cannot write the {kind} to {folder}: a file, not a folder; {elsewhere}")
-    if force or not folder.is_dir() or is_kind(folder):
-        return
+    _refuse_a_broken_path(folder, kind, elsewhere)
+    if force or not os.path.isdir(folder) or is_kind(folder):
+        return _real_folder(folder)
     try:
         entries = own_entries(folder)
     except OSError as e:
         raise NanoMarkovError(f"cannot read the folder {folder} ({e.strerror or e}); {elsewhere}") from None
     if entries:
         shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
-        fix = elsewhere if force is None else f"{elsewhere}, or pass --force to write into it anyway"
+        fix = elsewhere if force is None or fix else f"{elsewhere}, or pass --force to write into it anyway"
         raise NanoMarkovError(f"{folder} holds files that are not a {kind} ({shown}); {fix}")
+    return _real_folder(folder)
+
+
+def refuse_the_current_folder(folder, verb, what, flag="--out"):
+    """Refuse to replace `folder` whole (a new folder swapped into its place) where it is, or holds, the
+    current folder: the shell that ran the command would be left in the old, deleted one."""
+    real = Path(os.path.realpath(folder))
+    with suppress(OSError):
+        if Path.cwd().is_relative_to(real):
+            raise NanoMarkovError(
+                f"{folder} is the current folder (or holds it), and {verb} replaces {what} folder whole, which "
+                f"would leave this shell in a deleted folder; cd {real.parent} and give {flag} {real.name}"
+            )
+
+
+def _refuse_a_broken_path(folder: Path, kind, elsewhere):
+    """Refuse a `folder` that is, or is below, a file or a link to nothing (dangling, or a loop).
+
+    os.path's tests, not Path's: a path we may not look at (EACCES) is then one that is not there,
+    and the write that follows says why it cannot be made."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise NanoMarkovError(f"cannot write the {kind} to {folder}: a file, not a folder; {elsewhere}")
+    for path in (folder, *folder.parents):
+        if os.path.lexists(path) and not os.path.exists(path):
+            raise NanoMarkovError(
+                f"cannot write the {kind} to {folder}: {path} is a link to {os.readlink(path)}, which does not "
+                f"exist (or leads back to itself); {elsewhere}, or make the folder the link names"
+            )
+        if path != folder and os.path.exists(path) and not os.path.isdir(path):
+            raise NanoMarkovError(f"cannot write the {kind} to {folder}: {path} is a file, not a folder; {elsewhere}")
+
+
+def _real_folder(folder: Path) -> Path:
+    """`folder` as given where no link is on its way and it has a name; else the real path it names."""
+    real = Path(os.path.realpath(folder))
+    return folder if real == Path(os.path.abspath(folder)) and folder.name not in ("", "..") else real

@@ -33,15 +33,28 @@ from tqdm import tqdm
 from nanomarkov.batches import FixedSequences, OnlineSequences, to_inputs_targets, whole_split_batches
 from nanomarkov.checkpoint import CHECKPOINT, list_snapshots, load_checkpoint, save_checkpoint, save_snapshot
 from nanomarkov.config import TrainConfig, config_changes, is_run_folder
-from nanomarkov.data import Dataset, headline, learnable_fraction, load_dataset
+from nanomarkov.data import Dataset, estimate_text, headline, learnable_fraction, load_dataset
 from nanomarkov.distributed import Distributed, init_distributed, torch_threads
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
 from nanomarkov.files import check_output_folder, json_text, write_json, writer_lock
 from nanomarkov.gpt_config import GPTConfig, training_bytes, weight_count
 from nanomarkov.memory import check_fits
 from nanomarkov.model import GPT
+from nanomarkov.progress import STOP_GRACE_SECONDS, Heartbeat, say_on_stderr
 
 EVAL_BATCH_SEQUENCES = 64
+# An eval batch holds at most this many tokens (64 sequences of 256), so that sequences of 100,000 tokens are
+# evaluated a few at a time: each batch's memory stays bounded, and a stop is heard between two of them.
+EVAL_BATCH_TOKENS = EVAL_BATCH_SEQUENCES * 256
+
+
+class EvaluationStopped(Exception):
+    """A stop (Ctrl-C, SIGTERM) that came while the val split was being evaluated: the evaluation is dropped."""
+
+
+def eval_batch_sequences(seq_len):
+    """The sequences in one eval batch: EVAL_BATCH_SEQUENCES, fewer for long sequences, at least one."""
+    return max(1, min(EVAL_BATCH_SEQUENCES, EVAL_BATCH_TOKENS // seq_len))
 
 
 def resolve_device(cfg, local_rank=0):
@@ -141,11 +154,17 @@ def schedule_text(cfg):
 
 
 @torch.no_grad()
-def split_loss(model, tokens, device, autocast, ddp):
-    """Mean cross-entropy over a whole split (every predicted position of every sequence)."""
+def split_loss(model, tokens, device, autocast, ddp, stopped=None, progress=None):
+    """Mean cross-entropy over a whole split (every predicted position of every sequence).
+
+    Between two batches, `stopped()` (if given) is asked whether to give up (EvaluationStopped); a single
+    process only, as the ranks of several must all take part in the reduction. `progress(1)` after each batch."""
     model.eval()
     total, count = 0.0, 0
-    for i, batch in enumerate(whole_split_batches(tokens, EVAL_BATCH_SEQUENCES)):
+    for i, batch in enumerate(whole_split_batches(tokens, eval_batch_sequences(tokens.shape[1]))):
+        if stopped is not None and ddp.world_size == 1 and stopped():
+            model.train()
+            raise EvaluationStopped
         if i % ddp.world_size != ddp.rank:
             continue
         x, y = to_inputs_targets(batch, device)
@@ -153,6 +172,8 @@ def split_loss(model, tokens, device, autocast, ddp):
             _, loss = model(x, y)
         total += loss.item() * y.numel()
         count += y.numel()
+        if progress is not None:
+            progress(1)
     model.train()
     if ddp.world_size > 1:
         sums = torch.tensor([total, count], dtype=torch.float64, device=device)
@@ -167,25 +188,36 @@ def _autocast(device, dtype):
     return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
 
 
-class _StopRequests:
+class StopRequests:
     """SIGINT/SIGTERM set a flag that the loop reads between steps, so a checkpoint is
-    never written from the middle of an optimizer step. A second Ctrl-C stops at once."""
+    never written from the middle of an optimizer step. A second Ctrl-C stops at once.
+    `count`: the signals so far, so that an evaluation can tell one that came while it ran."""
 
     def __init__(self):
         self.requested = None
+        self.count, self.since = 0, None
         self._previous = {}
 
     def __enter__(self):
         # Python only lets the main thread install signal handlers.
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
+                self._previous[sig] = signal.signal(sig, self.handle)
         return self
 
-    def _handle(self, signum, frame):
+    def handle(self, signum, frame):
         if self.requested is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
+        self.count += 1
+        self.since = self.since or time.monotonic()
+
+    def evaluation_stopped(self, count_before):
+        """Whether an evaluation that began after `count_before` signals should give up: another signal came
+        since, or the stop it runs for was asked long enough ago (the command has STOP_GRACE_SECONDS in all)."""
+        if self.requested is None:
+            return False
+        return self.count > count_before or time.monotonic() - self.since > STOP_GRACE_SECONDS / 2
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -310,7 +342,7 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None, on_eval=None):
             )
         outputs = open_outputs(setup, model.raw, resume_state, show_progress)
         loop = TrainingLoop(setup, model, outputs, resume_state, on_eval)
-        with _StopRequests() as stop, contextlib.closing(loop.sequences):
+        with StopRequests() as stop, contextlib.closing(loop.sequences):
             status = loop.run(stop)
         return finish(loop, status)
 
@@ -434,7 +466,7 @@ def open_outputs(setup, raw_model, resume_state, show_progress):
         f"{', ' + str(autocast).replace('torch.', '') if autocast else ''}{', compiled' if setup.use_compile else ''}"
         f"{', online data from the process' if cfg.data_source == 'online' else ''}, "
         f"{'resuming at iter ' + str(start_iter) if resume_state else 'from scratch'}; {schedule_text(cfg)}; "
-        f"optimal_loss {theory['optimal_loss']:.6f}, true_loss_val {theory['true_loss_val']:.6f}"
+        f"optimal_loss {estimate_text(theory, 'optimal_loss')}, true_loss_val {theory['true_loss_val']:.6f}"
     )
     return RunOutputs(log, bar, wandb_run)
 
@@ -458,6 +490,8 @@ class TrainingLoop:
         self.window_losses, self.eval_window = list(windows["log"]), list(windows["eval"])
         self.last_eval = None
         self.saved_checkpoint = False  # by this run; a resumed run's done.json goes once it has one
+        self.checkpoint_iter = resume_state["iter"] if self.resumed else None
+        self.stop = None  # the run's StopRequests, once it runs
 
     def elapsed(self):
         return self.elapsed_before + time.perf_counter() - self.started
@@ -466,7 +500,28 @@ class TrainingLoop:
         return self.last_eval is not None and self.last_eval["iter"] == self.it
 
     def run(self, stop):
-        """Train to max_iters, or until `stop` is requested: 'done' or 'interrupted'; either end is evaluated and saved."""
+        """Train to max_iters, or until `stop` is requested: 'done' or 'interrupted'; either end is evaluated and saved,
+        but for a stop that comes during an evaluation: the steps taken are saved without it (stopped_in_evaluation)."""
+        self.stop = stop
+        try:
+            return self.train_to_the_end(stop)
+        except EvaluationStopped:
+            return self.stopped_in_evaluation()
+
+    def stopped_in_evaluation(self):
+        """A stop during an evaluation (of 100,000-token sequences, minutes): the evaluation is dropped, the
+        steps since the last checkpoint are saved; 'interrupted'."""
+        if self.it > 0 and self.checkpoint_iter != self.it:
+            self.save_checkpoint()
+            kept = "checkpoint saved; continue with --resume"
+        elif self.it > 0:
+            kept = "its checkpoint is saved; continue with --resume"
+        else:
+            kept = "no checkpoint yet (the first is after a step): run the same command to start again"
+        self.outputs.log.line(f"stopped by {self.stop.requested} at iter {self.it}, during its evaluation; {kept}")
+        return "interrupted"
+
+    def train_to_the_end(self, stop):
         cfg = self.setup.cfg
         self.snapshot()  # resumed, the checkpoint's weights: the same file again, or one a new series adds
         if self.it % cfg.eval_interval == 0 and not self.resumed:
@@ -572,13 +627,19 @@ class TrainingLoop:
     def evaluate_and_checkpoint(self, scheduled=True):
         """The val loss next to the optimum, logged; then a checkpoint (never of iteration 0)."""
         self.last_eval = self.evaluate(scheduled)
-        if self.setup.ddp.is_main and self.it > 0:
+        if self.it > 0:
+            self.save_checkpoint()
+        if self.on_eval is not None:
+            self.on_eval(self.last_eval)
+
+    def save_checkpoint(self):
+        """ckpt.pt of this iteration (by the main process)."""
+        if self.setup.ddp.is_main:
             save_checkpoint(self.setup.ckpt_path, self.checkpoint_state())
             if not self.saved_checkpoint:
                 (self.setup.out_dir / "done.json").unlink(missing_ok=True)  # the run has moved past it
             self.saved_checkpoint = True
-        if self.on_eval is not None:
-            self.on_eval(self.last_eval)
+        self.checkpoint_iter = self.it
 
     def diverged(self, what, value):
         """The error for a non-finite loss, saying truthfully whether a checkpoint is left to resume from."""
@@ -596,7 +657,20 @@ class TrainingLoop:
         to the next scheduled one."""
         setup, it, theory = self.setup, self.it, self.setup.theory
         eval_started = time.perf_counter()
-        val_loss = split_loss(self.model.wrapped, setup.dataset.val, setup.device, setup.autocast, setup.ddp)
+        val = setup.dataset.val
+        count_before = self.stop.count if self.stop is not None else 0
+        batches = -(-val.shape[0] // eval_batch_sequences(val.shape[1]))
+        say = say_on_stderr if setup.ddp.is_main else (lambda line: None)
+        with Heartbeat(f"eval iter {it}", batches, "batches", say=say) as heartbeat:
+            val_loss = split_loss(
+                self.model.wrapped,
+                val,
+                setup.device,
+                setup.autocast,
+                setup.ddp,
+                stopped=None if self.stop is None else lambda: self.stop.evaluation_stopped(count_before),
+                progress=heartbeat.advance,
+            )
         if not math.isfinite(val_loss):
             raise self.diverged("val loss", val_loss)
         record = {
@@ -624,7 +698,7 @@ class TrainingLoop:
         )
         self.outputs.log.line(
             f"eval iter {it}: val {val_loss:.6f} excess {record['excess']:+.6f} nats over "
-            f"true_loss_val {theory['true_loss_val']:.6f} (expected optimum {theory['optimal_loss']:.6f}); "
+            f"true_loss_val {theory['true_loss_val']:.6f} (expected optimum {estimate_text(theory, 'optimal_loss')}); "
             f"{train_text}; at {record['elapsed_s']:.1f}s",
             record,
         )
@@ -669,18 +743,21 @@ def finish(loop, status):
     setup, outputs, last_eval, theory = loop.setup, loop.outputs, loop.last_eval, loop.setup.theory
     if outputs.bar is not None:
         outputs.bar.close()
+    val_loss = None if last_eval is None else last_eval["val_loss"]  # None: stopped in the first evaluation
     done = {
         "status": status,
         "iters": loop.it,
         "tokens": loop.it * setup.tokens_per_iter,
         "elapsed_s": round(loop.elapsed(), 3),
-        "val_loss": last_eval["val_loss"],
+        "val_loss": val_loss,
         "optimal_loss": theory["optimal_loss"],
         "true_loss_val": theory["true_loss_val"],
-        "excess": last_eval["excess"],
-        "learnable_fraction": learnable_fraction(last_eval["val_loss"], theory),
-        "pct_of_optimum": 100 * theory["true_loss_val"] / last_eval["val_loss"],
+        "excess": None if last_eval is None else last_eval["excess"],
+        "learnable_fraction": None if val_loss is None else learnable_fraction(val_loss, theory),
+        "pct_of_optimum": None if val_loss is None else 100 * theory["true_loss_val"] / val_loss,
     }
+    if status == "interrupted":
+        done["stopped_by"] = loop.stop.requested  # SIGINT or SIGTERM: the command's exit code
     if setup.ddp.is_main and status == "done":
         write_json(setup.out_dir / "done.json", done, what="run summary")
         outputs.log.line(f"done: {headline(done)} in {done['elapsed_s']:.1f}s")

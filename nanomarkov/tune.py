@@ -20,15 +20,13 @@ import math
 import multiprocessing
 import os
 import socket
+import time
 import tomllib
 import warnings
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
 import optuna
-import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -37,7 +35,7 @@ from optuna.trial import TrialState
 from nanomarkov.config import TrainConfig, dataset_preset, format_config_file
 from nanomarkov.data import load_dataset, stage_losses
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
-from nanomarkov.files import check_output_folder, read_json_or_none, write_atomic, write_json
+from nanomarkov.files import check_output_folder, holds_record, read_json_or_none, write_atomic, write_json
 from nanomarkov.report import png_bytes
 from nanomarkov.train import train
 
@@ -66,6 +64,7 @@ DEFAULT_TOKENS_CAP = 4_000_000
 DEFAULT_EVALS = 10
 STUDY_NAME = "nanomarkov-tune"
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
 @dataclasses.dataclass
@@ -80,6 +79,7 @@ class TuneSettings:
     storage: str
     evals: int = DEFAULT_EVALS
     seed: int = 42
+    threads: int | str = "auto"  # each trial's TrainConfig.threads (--threads); not part of the study's identity
 
     def identity(self):
         """The settings a continued study must share with the one that began it."""
@@ -206,6 +206,7 @@ def trial_config(settings, base, params, number, seq_len):
         min_lr=cfg["learning_rate"] * base["min_lr"] / base["learning_rate"],
         eval_interval=max(1, max_iters // settings.evals),
         log_interval=max(1, max_iters // settings.evals),
+        threads=settings.threads,
     )
     return TrainConfig.from_dict(cfg, f"trial {number}").to_dict()
 
@@ -224,8 +225,8 @@ def holds(dist, value):
 
 
 def is_tune_folder(folder):
-    """A folder a tuning study wrote (its tune.json)."""
-    return (Path(folder) / "tune.json").is_file()
+    """A folder a tuning study wrote (its tune.json, by what `tune` writes in it: not a user's own)."""
+    return holds_record(folder, "tune.json", ("identity", "data_dir", "space", "trials"))
 
 
 def storage_url(settings):
@@ -303,9 +304,8 @@ def process_alive(pid):
     return True
 
 
-def run_worker(settings, threads):
+def run_worker(settings):
     """Run trials until the study has settings.trials of them (complete, pruned or running)."""
-    torch.set_num_threads(threads)
     study = open_study(settings)
     base = base_recipe(settings)
     found = distributions(settings.space, base)
@@ -323,6 +323,8 @@ def run_trial(study, settings, base, found, seq_len):
     """Ask for a trial, train it, tell the study: 'complete', 'pruned', 'failed' or 'interrupted'."""
     trial = study.ask(fixed_distributions=found)
     trial.set_user_attr("worker", worker_name())
+    if "SLURM_JOB_ID" in os.environ:  # which job ran it, for sacct and the job's log in DIR/slurm
+        trial.set_user_attr("slurm_job", os.environ["SLURM_JOB_ID"])
     try:
         cfg = trial_config(settings, base, trial.params, trial.number, seq_len)
     except NanoMarkovError as e:  # a combination the model refuses (e.g. one_hot_embed narrower than K+1)
@@ -369,27 +371,90 @@ def show(params):
     return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
-def tune(settings, jobs=1, threads=None):
-    """Run the study to settings.trials trials with `jobs` local workers, then write best_recipe.py and
-    report.md; returns (exit code, the best trial's summary line)."""
+def tune(settings, jobs=1, executor_for=None):
+    """Run the study to settings.trials trials with `jobs` workers: local processes or, given `executor_for`
+    (a folder -> a submitit executor: the sweep's SLURM launcher), SLURM jobs whose scripts and logs go in
+    DIR/slurm; then write best_recipe.py and report.md. Returns (exit code, the best trial's summary line)."""
     start_study(settings)
-    threads = threads or max(1, len(os.sched_getaffinity(0)) // jobs)
-    if jobs == 1:
-        code = run_worker(settings, threads)
+    if executor_for is not None:
+        code = run_slurm_workers(settings, jobs, executor_for(Path(settings.out) / "slurm"))
     else:
-        # Separate processes: each its own torch threads and its own connection to the shared storage; a
-        # worker's NanoMarkovError comes back here through its future.
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-            futures = [pool.submit(run_worker, settings, threads) for _ in range(jobs)]
-            try:
-                code = max(future.result() for future in futures)
-            except BrokenProcessPool:
-                raise NanoMarkovError(
-                    "a worker died (killed?); run the same command again to continue the study: "
-                    "its trial is marked failed, every finished one kept"
-                ) from None
+        code = run_worker(settings) if jobs == 1 else run_local_workers(settings, jobs)
     return code, write_outputs(settings, open_study(settings))
+
+
+def run_slurm_workers(settings, jobs, executor, poll_s=1.0):
+    """`jobs` workers submitted as one SLURM job array, each running trials until the study has enough; waits for
+    them, printing the count of finished trials as it grows. Returns the workers' worst exit code, 1 where a job
+    failed or died."""
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    try:
+        with executor.batch():
+            submitted = [executor.submit(run_worker, settings) for _ in range(jobs)]
+    except (FailedJobError, OSError) as e:
+        raise NanoMarkovError(f"SLURM submission failed: {(str(e).strip().splitlines() or [''])[-1]}") from None
+    print(f"{jobs} worker(s) submitted to SLURM as jobs {' '.join(job.job_id for job in submitted)}")
+    study, reported = open_study(settings), 0
+    while not all(job.done() for job in submitted):
+        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+        if finished != reported:
+            print(f"{finished} of {settings.trials} trials finished")
+            reported = finished
+        time.sleep(poll_s)
+    lost, codes = [], [0]
+    for job in submitted:
+        try:
+            codes.append(job.result())
+        except (FailedJobError, UncompletedJobError) as e:
+            lost.append(f"{job.job_id} ({str(e).strip().splitlines()[0][:120]})")
+    if lost:
+        print(f"SLURM job(s) {', '.join(lost)} ended without finishing; run the same command again to continue")
+        return 1
+    return max(codes)
+
+
+def worker_process(settings, results):
+    """A local worker's body: its exit code, or its one-line error, sent back through `results`."""
+    try:
+        results.send(("code", run_worker(settings)))
+    except NanoMarkovError as e:
+        results.send(("error", str(e)))
+    except KeyboardInterrupt:
+        results.send(("code", 130))
+
+
+def run_local_workers(settings, jobs, body=worker_process):
+    """`jobs` worker processes sharing the study, each running `body(settings, results)`; one that dies (kill -9)
+    leaves the others running. Returns the worst exit code; a worker's NanoMarkovError is raised here once all
+    have stopped."""
+    # Separate processes: each its own torch threads and its own connection to the shared storage.
+    context = multiprocessing.get_context("spawn")
+    workers = []
+    for _ in range(jobs):
+        receive, send = context.Pipe(duplex=False)
+        worker = context.Process(target=body, args=(settings, send))
+        worker.start()
+        send.close()
+        workers.append((worker, receive))
+    outcomes = []
+    for worker, receive in workers:
+        worker.join()
+        try:
+            outcomes.append(receive.recv() if receive.poll() else ("died", worker.exitcode))
+        except EOFError:  # poll() is true at the end of a pipe whose writer died without a word
+            outcomes.append(("died", worker.exitcode))
+    errors = [detail for kind, detail in outcomes if kind == "error"]
+    if errors:
+        raise NanoMarkovError(errors[0])
+    died = [-detail if detail < 0 else detail for kind, detail in outcomes if kind == "died"]
+    if died:
+        print(
+            f"{len(died)} of {jobs} workers died (signal/exit {', '.join(map(str, died))}); the others ran on. "
+            "Run the same command again to continue the study: a dead worker's trial is marked failed"
+        )
+        return 1
+    return max(detail for _, detail in outcomes)
 
 
 def write_outputs(settings, study):

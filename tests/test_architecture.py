@@ -10,11 +10,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "nanomarkov"
 MAX_FUNCTION_LINES = 60
 # Lower layers never import higher ones (ARCHITECTURE.md); a module may import its own layer and below.
 LAYERS = [
-    {"errors", "files", "memory"},
+    {"errors", "files", "memory", "progress"},
     {"processes"},
     {"model", "gpt_config", "data", "batches", "checkpoint", "config", "distributed"},
     {"train", "evaluate", "report", "interp", "dynamics", "tune"},
     {"sweep"},
+    {"reproduce"},
     {"cli", "__main__"},
 ]
 LAYER_OF = {name: depth for depth, names in enumerate(LAYERS) for name in names}

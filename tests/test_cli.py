@@ -303,3 +303,40 @@ def test_train_never_writes_into_a_home_folder_even_with_force(tmp_path, capsys,
     argv = ["train", str(tmp_path / "d"), *TINY_TRAIN, f"--out_dir={tmp_path / 'home'}", "--force"]
     assert "is a home folder" in one_line_error(capsys, argv)
     assert {path: path.read_bytes() for path in (tmp_path / "home").iterdir()} == before
+
+
+TINY_GENERATE = ["generate", "3", "--train", "4", "--val", "2", "--seq_len", "6"]
+
+
+@pytest.mark.parametrize("given", ["--out=~/d", "~/d"])  # '~/d' as a quoted word: the shell expands neither
+def test_a_path_starting_with_a_tilde_is_in_the_home_folder(tmp_path, capsys, monkeypatch, given):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    argv = [*TINY_GENERATE, given] if given.startswith("--") else [*TINY_GENERATE, "--out", given]
+    assert main(argv) == 0
+    assert load_dataset(tmp_path / "home" / "d").meta["n_states"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]  # no folder named ~
+
+
+def test_the_demo_names_a_way_out_it_has(tmp_path, capsys, monkeypatch):
+    """The demo takes no --force or --out: a folder in its way is refused with a fix it can take."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "mm10").mkdir(parents=True)
+    (tmp_path / "data" / "mm10" / "notes.txt").write_text("mine")
+    message = one_line_error(capsys, ["demo"])
+    assert "data/mm10 holds files that are not a dataset (notes.txt); run the demo from another folder" in message
+    assert "--force" not in message and "--out" not in message
+    (tmp_path / "data" / "mm10" / "notes.txt").unlink()
+    assert main(["generate", "10", "--train", "4", "--val", "2", "--seq_len", "6", "--out", "data/mm10"]) == 0
+    capsys.readouterr()
+    message = one_line_error(capsys, ["demo"])
+    assert "already holds a different dataset" in message and "run the demo from another folder" in message
+    assert "--force" not in message and "--out" not in message and not (tmp_path / "trainings").exists()
+
+
+def test_generate_into_a_link_writes_the_folder_it_names_and_leaves_nothing_else(tmp_path, capsys):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to("real")
+    assert main([*TINY_GENERATE, "--out", str(tmp_path / "link")]) == 0
+    assert (tmp_path / "link").is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+    assert load_dataset(tmp_path / "real").meta["n_states"] == 3 and not (tmp_path / "real" / ".lock").exists()

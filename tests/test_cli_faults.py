@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,7 +94,7 @@ def cuda_out_of_memory(*args):
 
 @pytest.mark.parametrize(
     ("fault", "memory", "size"),
-    [(allocate_everything, "out of memory", "1.00 EiB"), (torch_cpu_allocation, "out of memory", "GiB"),
+    [(allocate_everything, "out of memory", "1.00 EiB"), (torch_cpu_allocation, "out of memory", "(asked for 1.0 EiB more)"),
      (cuda_out_of_memory, "out of GPU", "20.00 GiB")],
 )  # fmt: skip
 def test_out_of_memory_anywhere_in_a_verb_is_one_line_with_the_fix(spec, capsys, monkeypatch, fault, memory, size):
@@ -110,3 +112,58 @@ def test_another_runtime_error_is_not_taken_for_out_of_memory(spec, monkeypatch)
     monkeypatch.setattr(cli, "spec_theory_row", bug)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         main(["theory", "--spec", "chain.json"])
+
+
+class ClosedPipe(io.StringIO):
+    """A stdout whose reader has gone (`| head -1`): every write fails as a closed pipe's does."""
+
+    def write(self, text):
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
+@pytest.mark.parametrize("verb", ["generate", "train"])
+def test_a_closed_stdout_lets_the_command_finish_its_work_then_exits_141(spec, capsys, monkeypatch, verb):
+    """A sweep prints through the same stdout: its runs go on the same way."""
+    main(["generate", "3", "--train", "8", "--val", "4", "--seq_len", "8", "--out", "d"])
+    argv = {
+        "generate": ["generate", "3", "--train", "8", "--val", "4", "--seq_len", "8", "--out", "g"],
+        "train": ["train", "d", "--out_dir=r", "--device=cpu", "--max_iters=4", "--warmup_iters=0", "--n_layer=1",
+                  "--n_embd=8", "--n_head=1", "--batch_size=2", "--eval_interval=2", "--log_interval=1"],
+    }[verb]  # fmt: skip
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(argv) == cli.EXIT_CLOSED_STDOUT
+    assert capsys.readouterr().err == ""  # quietly, as a tool SIGPIPE ends
+    if verb == "generate":
+        assert load_dataset("g").meta["train_sequences"] == 8  # whole
+    else:
+        assert json.loads(Path("r/done.json").read_text())["iters"] == 4  # trained to its end, checkpointed
+        assert torch.load("r/ckpt.pt", weights_only=True)["iter"] == 4
+
+
+class Held:
+    """Something a failing frame holds, whose going a weak reference sees."""
+
+
+def test_out_of_memory_frees_the_failing_frames_before_its_line_and_needs_no_allocation(spec, capsys, monkeypatch):
+    held = []
+
+    class NoRoomForText(MemoryError):
+        def __str__(self):
+            raise MemoryError  # the detailed line cannot be built: memory is still short
+
+    def fault(*args):
+        big = Held()  # stands for what filled the memory: a local of the frames the error passes through
+        held.append(weakref.ref(big))
+        raise NoRoomForText
+
+    said = []
+    monkeypatch.setattr(cli, "spec_theory_row", fault)
+    monkeypatch.setattr(cli, "say", lambda line: said.append((line, held[0]() is None)))
+    assert main(["theory", "--spec", "chain.json"]) == 2
+    assert said == [(cli.OUT_OF_MEMORY_LINE, True)]  # the fixed line, said once the frames' memory was let go
+
+
+def test_a_size_in_bytes_in_an_allocation_error_is_shown_in_a_unit_that_shows_it():
+    message = cli.out_of_memory_message(RuntimeError("not enough memory: you tried to allocate 8400 bytes."))
+    assert "(asked for 8.2 KiB more)" in message  # not "0.0 GiB"

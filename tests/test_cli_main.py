@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from nanomarkov.cli import EXIT_CLOSED_STDOUT, MAX_SEED, main
-from nanomarkov.data import generate_dataset
+from nanomarkov.data import estimate_text, generate_dataset
+from nanomarkov.progress import stopped_line
 
 
 @pytest.mark.parametrize(
@@ -65,7 +66,7 @@ def test_sigterm_during_generate_leaves_no_build_and_no_lock(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM and err.strip() == "terminated"
+    assert proc.returncode == 128 + signal.SIGTERM and err.strip() == stopped_line(signal.SIGTERM)
     assert list((tmp_path / "g").iterdir()) == []  # the unfinished build and the folder's lock are gone
 
 
@@ -131,3 +132,11 @@ def test_version_of_a_source_tree_never_installed_is_its_pyprojects(capsys, monk
     monkeypatch.setattr(importlib.metadata, "version", not_installed)
     assert main(["--version"]) == 0
     assert capsys.readouterr().out == f"nanomarkov {pyproject_version()} (source tree, not installed)\n"
+
+
+def test_an_estimated_theory_number_prints_with_its_error_an_exact_one_without():
+    theory = {"optimal_loss": 0.52608, "optimal_loss_se": 0.0021, "entropy_rate": 0.497782, "entropy_rate_se": 0.0}
+    assert estimate_text(theory, "optimal_loss") == "0.526080±0.002"  # generate's and train's lines, theory's table
+    assert (
+        estimate_text(theory, "entropy_rate") == estimate_text({"entropy_rate": 0.497782}, "entropy_rate") == "0.497782"
+    )

@@ -122,7 +122,10 @@ def test_flags_that_give_the_process_are_refused_beside_a_spec(switching, capsys
         (["theory", "data/x", "--spec", "switching.json"], "not both"),
         (["theory", "data/x", "--seq_len", "5"], "--seq_len goes with --spec"),
         (["theory", "--spec", "switching.json", "--seq_len", "1"], "seq_len must be an integer >= 2"),
-        (["theory", "--spec", "switching.json", "--seq_len", str(2**28)], "GiB table for its exact theory"),
+        (
+            ["theory", "--spec", "switching.json", "--seq_len", str(2**28)],
+            "iB table for its exact theory (at most 2.0 GiB)",
+        ),
         (["generate"], "needs K"),
     ],
 )

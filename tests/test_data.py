@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 import nanomarkov.data as data_module
+import nanomarkov.files as files_module
 from nanomarkov import NanoMarkovError
 from nanomarkov.batches import SequenceOrder, to_inputs_targets, whole_split_batches
 from nanomarkov.data import generate_dataset, load_dataset
@@ -311,7 +313,7 @@ def test_force_replaces_so_that_the_old_or_the_new_dataset_loads_at_every_moment
     def check_while_writing(_):
         seen.append(load_dataset(tmp_path / "d").meta["train_sequences"])
 
-    real_exchange = data_module.exchange_folders
+    real_exchange = files_module.exchange_folders
 
     def check_around_the_swap(new, current):
         seen.append(load_dataset(current).meta["train_sequences"])
@@ -320,7 +322,7 @@ def test_force_replaces_so_that_the_old_or_the_new_dataset_loads_at_every_moment
         with pytest.raises(NanoMarkovError, match="another generation is writing here"):
             make(current, seed=4, force=True)  # the lock stayed with the folder through the swap
 
-    monkeypatch.setattr(data_module, "exchange_folders", check_around_the_swap)
+    monkeypatch.setattr(files_module, "exchange_folders", check_around_the_swap)
     new = make(tmp_path / "d", train_sequences=400, force=True, chunk_tokens=12 * 10, progress=check_while_writing)
     assert seen[0] == old["train_sequences"] == 300 and set(seen[:-1]) == {300} and seen[-1] == 400
     assert load_dataset(tmp_path / "d").meta == new
@@ -336,7 +338,7 @@ def test_a_failed_swap_keeps_the_old_dataset_and_removes_the_build(tmp_path, mon
         raise OSError(28, "No space left on device")
 
     (tmp_path / "d" / "model.pkl").write_bytes(b"the seed's pickle")
-    monkeypatch.setattr(data_module, "exchange_folders", full_disk)
+    monkeypatch.setattr(files_module, "exchange_folders", full_disk)
     with pytest.raises(NanoMarkovError, match="No space left on device.*free some space"):
         make(tmp_path / "d", train_sequences=400, force=True)
     assert load_dataset(tmp_path / "d").meta == old
@@ -350,9 +352,12 @@ def test_a_failed_swap_keeps_the_old_dataset_and_removes_the_build(tmp_path, mon
 )
 def test_sizes_whose_theory_cannot_fit_are_refused_before_allocating(tmp_path, process, n_states, options):
     seq_len = 10**5 if process == "hmm" else 10**9  # hmm: 70000 tokens x 1e5 positions, a 52 GiB table
-    with pytest.raises(NanoMarkovError, match=r"--seq_len .* GiB table .*use a shorter --seq_len"):
+    with pytest.raises(NanoMarkovError, match=r"--seq_len .* table .*use a shorter --seq_len") as refused:
         make(tmp_path / "d", n_states=n_states, seq_len=seq_len, process=process, **options)
     assert not (tmp_path / "d").exists()
+    # The size in the unit that shows it (format_bytes): "145.5 TiB", never "148,993.4 GiB".
+    size = re.search(r"needs a ([\d,.]+) ([KMGTPEZY]iB) table .*\(at most 2\.0 GiB\)", str(refused.value))
+    assert size and float(size.group(1).replace(",", "")) < 1024
 
 
 def test_an_infinite_alpha_names_the_flag(tmp_path):
@@ -491,3 +496,39 @@ def test_an_optimum_below_the_entropy_rate_is_right_for_a_chain_started_away_fro
     """Not refused: started in the quiet state 0, the first positions cost less than the long run does."""
     meta = generate_dataset(tmp_path / "d", None, 6, 3, seq_len=4, chain=MarkovChain(SWITCH, [1.0, 0.0]))
     assert meta["theory"]["optimal_loss"] < meta["theory"]["entropy_rate"]
+
+
+def test_a_users_own_meta_json_is_not_taken_for_a_dataset(tmp_path):
+    """A dataset is told by what `generate` writes in its meta.json, not by the file's name."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "meta.json").write_text('{"n_states": 5, "mine": true}')
+    with pytest.raises(NanoMarkovError, match=r"holds files that are not a dataset \(meta.json\).*--force"):
+        make(tmp_path / "d")
+    assert (tmp_path / "d" / "meta.json").read_text() == '{"n_states": 5, "mine": true}'
+
+
+def test_a_link_to_a_folder_gets_the_dataset_and_stays_a_link(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to("real")
+    make(tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and load_dataset(tmp_path / "link").meta["n_states"] == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]  # no build, no lock left behind
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["chain.npz", "meta.json", "train.bin", "val.bin"]
+
+
+def test_force_keeps_the_folders_mode_and_every_file_of_the_user(tmp_path):
+    make(tmp_path / "d")
+    os.chmod(tmp_path / "d", 0o750)
+    (tmp_path / "d" / "notes.partial").write_text("someone else's unfinished write")
+    make(tmp_path / "d", train_sequences=400, force=True)
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o750
+    assert (tmp_path / "d" / "notes.partial").read_text() == "someone else's unfinished write"
+    assert load_dataset(tmp_path / "d").meta["train_sequences"] == 400
+
+
+def test_the_current_folder_is_not_swapped_away_under_the_shell(tmp_path, monkeypatch):
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    with pytest.raises(NanoMarkovError, match=f"is the current folder .*; cd {tmp_path} and give --out here$"):
+        make(".")
+    assert list((tmp_path / "here").iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["here"]

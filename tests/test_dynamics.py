@@ -12,7 +12,7 @@ import torch
 from nanomarkov.checkpoint import save_snapshot
 from nanomarkov.cli import main
 from nanomarkov.data import generate_dataset, load_dataset
-from nanomarkov.dynamics import PLOTS, crossing_levels, first_crossings, learning_coefficient
+from nanomarkov.dynamics import PLOTS, check_dynamics_folder, crossing_levels, first_crossings, learning_coefficient
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.model import GPT, GPTConfig
 from nanomarkov.processes.incontext import InContextChain
@@ -358,6 +358,7 @@ def test_a_sweep_report_runs_dynamics_where_a_run_kept_snapshots(markov_run, tmp
     assert strict_json(runs / "with" / "dynamics.json")["snapshots"]
     assert not (runs / "without" / "dynamics.json").exists()
     assert any("dynamics written in 1 run(s)" in line for line in lines)
+    assert write_dynamics_reports(runs, lines.append) == []  # newer than every snapshot: a rerun leaves it
 
 
 def test_a_snapshot_with_broken_weights_is_null_not_nan(markov_run, tmp_path):
@@ -440,3 +441,11 @@ def test_an_hmm_run_gets_the_belief_probe_on_a_subset_of_val(tmp_path, capsys):
     (entry,) = strict_json(run / "dynamics.json")["snapshots"]
     # The residual stream is the one-hot of the current token: it says something about the belief, not all.
     assert 0.05 < entry["belief_r2"]["r2"][-1] < 0.95
+
+
+def test_a_users_own_dynamics_json_is_not_taken_for_earlier_dynamics(tmp_path):
+    """A folder of dynamics is told by what dynamics writes in dynamics.json, not by the file's name."""
+    (tmp_path / "dynamics.json").write_text('{"mine": true}')
+    with pytest.raises(NanoMarkovError, match=r"holds files that are not a dynamics \(dynamics.json\).*--force"):
+        check_dynamics_folder(tmp_path)
+    assert (tmp_path / "dynamics.json").read_text() == '{"mine": true}'

@@ -13,6 +13,7 @@ from nanomarkov import NanoMarkovError
 from nanomarkov.checkpoint import export_safetensors, load
 from nanomarkov.cli import main
 from nanomarkov.config import PRESETS, TrainConfig, preset
+from nanomarkov.files import writer_lock
 from nanomarkov.model import GPT, GPTConfig
 
 V = 101  # MM-100: 100 states + BOS
@@ -202,9 +203,19 @@ def test_cli_export_and_its_one_line_errors(tmp_path, capsys):
     for argv, needle in [
         (["export", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x")], "no checkpoint there"),
         (["export", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "x")], "invalid choice"),
-        (["export", str(ckpt), "--out", str(blocker / "sub")], "cannot write the export"),
+        (["export", str(ckpt), "--out", str(blocker / "sub")], "a_file is a file, not a folder"),
         (["export", str(ckpt)], "--out"),
     ]:
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1, err
+
+
+def test_a_second_export_into_a_folder_being_written_is_refused_and_the_first_kept(tmp_path):
+    model = trained_looking(preset_config("c12"))
+    export_safetensors(model, tmp_path / "export")
+    before = {path.name: path.read_bytes() for path in (tmp_path / "export").iterdir()}
+    with writer_lock(tmp_path / "export", "export"):  # another export, midway
+        with pytest.raises(NanoMarkovError, match="another export is writing here"):
+            export_safetensors(model, tmp_path / "export")
+    assert {path.name: path.read_bytes() for path in (tmp_path / "export").iterdir()} == before

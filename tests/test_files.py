@@ -178,7 +178,8 @@ def test_exchange_folders_swaps_the_two_folders(tmp_path, monkeypatch, has_renam
         (5 * 2**20, "5.0 MiB"),
         (int(1.5 * 2**30), "1.5 GiB"),
         (3 * 2**40, "3.0 TiB"),
-        (2**60, "1,024.0 PiB"),
+        (2**60, "1.0 EiB"),
+        (2**100, "1,048,576.0 YiB"),
     ],
 )
 def test_format_bytes_shows_a_small_size_in_a_unit_that_shows_it(n_bytes, text):
@@ -189,14 +190,77 @@ def never_a_kind(folder):
     return False
 
 
-@pytest.mark.parametrize("content", [{}, {".lock": "pid 1", "config.json.partial": "{"}])
+@pytest.mark.parametrize("content", [{}, {".lock": "pid 1 on box\n"}, {".lock": ""}])
 def test_a_new_or_empty_folder_is_written_into(tmp_path, content):
     folder = tmp_path / "out"
-    check_output_folder(folder, "training run", never_a_kind)  # new
+    assert check_output_folder(folder, "training run", never_a_kind) == folder  # new
     folder.mkdir()
-    for name, text in content.items():  # what a killed writer leaves is no file of the user's
+    for name, text in content.items():  # the lock a killed writer leaves is no file of the user's
         (folder / name).write_text(text)
-    check_output_folder(folder, "training run", never_a_kind)
+    assert check_output_folder(folder, "training run", never_a_kind) == folder
+
+
+@pytest.mark.parametrize(
+    "name, text", [("x.partial", "mine"), ("config.json.partial", "{"), (".x.partial-1", ""), (".lock", "my notes")]
+)
+def test_partial_files_and_a_lock_of_other_content_are_the_users(tmp_path, name, text):
+    """Someone else's unfinished write, or their own .lock, is not a writer's leftover: the folder is not empty."""
+    (tmp_path / name).write_text(text)
+    with pytest.raises(NanoMarkovError, match=rf"holds files that are not a dataset \({name}\)"):
+        check_output_folder(tmp_path, "dataset", never_a_kind)
+
+
+@pytest.mark.parametrize("link", [False, True])
+def test_a_lock_of_other_content_or_a_link_is_never_taken_over(tmp_path, link):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "notes").write_text("pid 1 on box\n")  # a lock's content, but behind a link: truncated if opened
+    if link:
+        (tmp_path / "out" / ".lock").symlink_to(tmp_path / "notes")
+    else:
+        (tmp_path / "out" / ".lock").write_text("my notes")
+    with pytest.raises(NanoMarkovError, match=r"\.lock is not a lock of nanoMarkov's .*move it away"):
+        with writer_lock(tmp_path / "out", "generation"):
+            pass
+    assert (tmp_path / "notes").read_text() == "pid 1 on box\n"
+    assert (tmp_path / "out" / ".lock").read_text() == ("pid 1 on box\n" if link else "my notes")
+
+
+def test_a_record_is_told_by_its_content_not_its_name(tmp_path):
+    (tmp_path / "meta.json").write_text('{"format_version": 1, "mine": true}')
+    assert files.holds_record(tmp_path, "meta.json", ("format_version",))
+    assert not files.holds_record(tmp_path, "meta.json", ("format_version", "theory"))
+    assert not files.holds_record(tmp_path, "absent.json", ())
+
+
+def test_a_link_to_a_folder_is_written_through_and_a_broken_one_refused(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to("real")
+    assert check_output_folder(tmp_path / "link", "dataset", never_a_kind) == tmp_path / "real"
+    assert check_output_folder(tmp_path / "link" / "sub", "dataset", never_a_kind) == tmp_path / "real" / "sub"
+    (tmp_path / "dangling").symlink_to("nowhere")
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "file").write_text("mine")
+    for folder, why in [
+        (tmp_path / "dangling", "dangling is a link to nowhere, which does not exist"),
+        (tmp_path / "loop" / "sub", "loop is a link to loop, which does not exist"),
+        (tmp_path / "file" / "sub", "file is a file, not a folder"),
+    ]:
+        with pytest.raises(NanoMarkovError, match=f"cannot write the dataset to {folder}: .*{why}"):
+            check_output_folder(folder, "dataset", never_a_kind, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "file", "link", "loop", "real"]
+
+
+def test_the_current_folder_is_never_replaced_whole(tmp_path, monkeypatch):
+    (tmp_path / "data" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "data" / "sub")
+    for folder, parent, name in [
+        (".", tmp_path / "data", "sub"),
+        ("..", tmp_path, "data"),
+        (tmp_path, tmp_path.parent, tmp_path.name),
+    ]:
+        with pytest.raises(NanoMarkovError, match=f"is the current folder .*; cd {parent} and give --out {name}$"):
+            files.refuse_the_current_folder(folder, "generate", "a dataset")
+    files.refuse_the_current_folder(tmp_path / "data" / "other", "generate", "a dataset")
 
 
 def test_a_folder_of_other_files_is_refused_unless_it_is_of_the_kind_or_forced(tmp_path):
@@ -221,11 +285,25 @@ def test_a_folder_of_other_files_is_refused_unless_it_is_of_the_kind_or_forced(t
     [
         ("/", "the root folder"),
         ("/etc", "a system folder"),
-        ("/usr/local/share/runs", "a system folder"),
-        ("/proc/self", "a system folder"),
+        ("/usr/local/share/runs", "inside /usr, a system folder"),
+        ("/proc/self", "inside /proc, a system folder"),
         ("/home", "a system folder"),
         ("/var", "a system folder"),
         ("/tmp/../", "the root folder"),
+        ("/var/log", "inside /var, a system folder"),
+        ("/var/lib/dpkg/new", "inside /var, a system folder"),
+        ("/run/user", "inside /run, a system folder"),
+        ("/opt", "a system folder"),
+        ("/opt/some-package", "a system folder"),
+        ("/srv/www", "a system folder"),
+        ("/mnt/disk", "a system folder"),
+        ("/media/usb", "a system folder"),
+        ("/tmp", "a system folder"),
+        ("/var/tmp", "a system folder"),
+        ("/home/someone", "a home folder"),
+        ("/home/someone/.ssh", "a hidden folder of a home folder"),
+        ("/root/.ssh", "a hidden folder of a home folder"),
+        ("/root/.config/nanomarkov", "inside /root/.config, a hidden folder of a home folder"),
     ],
 )
 def test_the_root_and_system_folders_are_refused_even_with_force(folder, why):
@@ -242,6 +320,16 @@ def test_a_home_folder_is_refused_even_with_force_but_a_folder_in_it_is_not(tmp_
         with pytest.raises(NanoMarkovError, match="is a home folder"):
             check_output_folder(folder, "sweep", never_a_kind, force=True)
     assert protected_folder(home / "runs") == "" and protected_folder("/root/runs") == ""
+    assert protected_folder(home / ".ssh") == "a hidden folder of a home folder"
+    assert protected_folder(home / ".config" / "x") == f"inside {home / '.config'}, a hidden folder of a home folder"
+
+
+@pytest.mark.parametrize(
+    "folder", ["/tmp/runs", "/var/tmp/runs/mm10", "/opt/some-package/runs", "/mnt/disk/runs", "/home/someone/runs"]
+)
+def test_a_folder_of_its_own_below_a_temporary_or_holding_folder_is_writable(folder):
+    """Only the predicate is asked: nothing is created outside the test's own folders."""
+    assert protected_folder(folder) == ""
 
 
 def within_seconds(call, seconds=5):

@@ -6,6 +6,9 @@ The free memory is set by hand (monkeypatch) to a small number: no test allocate
 import dataclasses
 import io
 import json
+import resource
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -28,7 +31,7 @@ GIB = 2**30
 @pytest.fixture
 def free_gib(monkeypatch):
     """Pretend this machine has 1 GiB free."""
-    monkeypatch.setattr(memory, "free_memory_bytes", lambda: GIB)
+    monkeypatch.setattr(memory, "free_memory", lambda: (GIB, "this machine"))
 
 
 def folder_bytes(folder):
@@ -37,9 +40,51 @@ def folder_bytes(folder):
 
 def test_free_memory_is_meminfos_available_line():
     text = "MemTotal:       24683780 kB\nMemFree:         1000 kB\nMemAvailable:   5242880 kB\n"
-    assert memory.meminfo_available(text) == 5242880 * 1024
-    assert memory.meminfo_available("MemTotal: 1 kB\n") is None
-    assert memory.free_memory_bytes() > 0  # this machine says
+    assert memory.kib_field(text, "MemAvailable") == 5242880 * 1024
+    assert memory.kib_field("MemTotal: 1 kB\n", "MemAvailable") is None
+    assert memory.free_memory()[0] > 0  # this machine says
+
+
+def test_the_address_space_ulimit_leaves_is_its_limit_less_what_the_process_maps():
+    assert memory.kib_field("Name:\tpython\nVmPeak:\t  9 kB\nVmSize:\t  2048 kB\n", "VmSize") == 2048 * 1024
+    assert memory.kib_field("Name:\tpython\n", "VmSize") is None
+    assert memory.address_space_left(3 * GIB, GIB) == 2 * GIB
+    assert memory.address_space_left(GIB, 3 * GIB) == 0  # already past it: nothing more fits
+    assert memory.address_space_left(resource.RLIM_INFINITY, GIB) is None
+    assert memory.address_space_left(3 * GIB, None) is None
+
+
+def test_a_memory_cgroup_leaves_its_limit_less_its_usage():
+    assert memory.cgroup_room("4294967296\n", "1073741824\n") == 3 * GIB
+    assert memory.cgroup_room("max\n", "1073741824\n") is None  # v2: no limit
+    assert memory.cgroup_room("9223372036854771712\n", "5\n") is None  # v1: no limit
+    assert memory.cgroup_room(None, "5") is None and memory.cgroup_room("5", None) is None
+
+
+def test_the_tightest_limit_decides_and_is_named(tmp_path, monkeypatch):
+    (tmp_path / "max").write_text(f"{2 * GIB}\n")
+    (tmp_path / "current").write_text(f"{GIB}\n")
+    (tmp_path / "status").write_text("VmSize:\t  1024 kB\n")
+    cgroups = [(tmp_path / "max", tmp_path / "current"), (tmp_path / "absent", tmp_path / "current")]
+    rooms = memory.process_limits(tmp_path / "status", cgroups)
+    assert (GIB, "this process's memory cgroup") in rooms and len(rooms) in (1, 2)  # 2: under a ulimit -v
+    monkeypatch.setattr(memory, "process_limits", lambda: rooms)
+    monkeypatch.setattr(memory, "machine_available_bytes", lambda: 8 * GIB)
+    with pytest.raises(NanoMarkovError, match="needs 1.5 GiB, this process's memory cgroup has 1.0 GiB free"):
+        memory.check_fits(3 * GIB // 2, "a chain", "hold less")
+    monkeypatch.setattr(memory, "machine_available_bytes", lambda: None)
+    monkeypatch.setattr(memory, "process_limits", lambda: [])
+    memory.check_fits(100 * GIB, "a chain", "hold less")  # nothing says: only the fixed caps hold
+
+
+def test_generate_under_ulimit_v_is_refused_naming_the_limit(tmp_path):
+    """A real `ulimit -v`: K = 8000's chain (2.4 GiB) does not fit in 1.5 GiB of address space, though the
+    machine may have it free."""
+    script = f"ulimit -v {3 * 2**19} && exec {sys.executable} -m nanomarkov generate 8000 --out {tmp_path / 'g'}"
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "the address space ulimit -v leaves has" in done.stderr, done.stderr
+    assert not (tmp_path / "g").exists()
 
 
 def test_a_size_that_does_not_fit_is_refused_naming_both_numbers(free_gib):

@@ -4,6 +4,7 @@ stale ckpt.pt.partial included; the wandb path runs (offline)."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,11 @@ import pytest
 import torch
 from test_train import config, make_data, one_thread  # noqa: F401 (one_thread: autouse, one torch thread)
 
+from nanomarkov import train as train_module
 from nanomarkov.checkpoint import load_checkpoint
+from nanomarkov.cli import main
 from nanomarkov.config import TrainConfig, format_config_file
+from nanomarkov.progress import STOP_GRACE_SECONDS
 from nanomarkov.train import train
 
 
@@ -130,3 +134,71 @@ def test_the_wandb_path_runs_offline(data_dir, tmp_path):
     logged = record.read_bytes()  # wandb's binary log; the metric names are stored as text
     assert b"val_loss" in logged and b"train/loss" in logged and b"offline-check" in logged
     assert json.loads((tmp_path / "run" / "done.json").read_text())["iters"] == 10
+
+
+def stop_in_evaluation(monkeypatch, nth, signum=signal.SIGTERM):
+    """A signal during the nth evaluation of the val split (1: the one at iter 0), after its first of 4-sequence
+    batches."""
+    real = train_module.whole_split_batches
+    evaluations = []
+
+    def batches(tokens, n_sequences):
+        evaluations.append(n_sequences)
+        for i, batch in enumerate(real(tokens, n_sequences)):
+            if len(evaluations) == nth and i == 1:
+                signal.raise_signal(signum)
+            yield batch
+
+    monkeypatch.setattr(train_module, "whole_split_batches", batches)
+    monkeypatch.setattr(train_module, "eval_batch_sequences", lambda seq_len: 4)
+
+
+def test_a_stop_during_the_first_evaluation_ends_the_run_at_once_without_a_checkpoint(data_dir, tmp_path, monkeypatch):
+    stop_in_evaluation(monkeypatch, 1)
+    done = train(TrainConfig.from_dict(config(data_dir, tmp_path / "r")), show_progress=False)
+    assert done["status"] == "interrupted" and done["stopped_by"] == "SIGTERM" and done["iters"] == 0
+    assert done["val_loss"] is None and not (tmp_path / "r" / "ckpt.pt").exists()
+    last = (tmp_path / "r" / "training.log").read_text().splitlines()[-1]
+    assert last.startswith("stopped by SIGTERM at iter 0, during its evaluation; no checkpoint yet")
+
+
+def test_a_stop_during_a_later_evaluation_saves_the_steps_without_it_and_resumes(data_dir, tmp_path, monkeypatch):
+    stop_in_evaluation(monkeypatch, 2)  # the evaluation at iter 10 (EVAL_INTERVAL)
+    values = config(data_dir, tmp_path / "r")
+    done = train(TrainConfig.from_dict(values), show_progress=False)
+    assert done["status"] == "interrupted" and done["iters"] == 10
+    assert load_checkpoint(tmp_path / "r" / "ckpt.pt")["iter"] == 10  # the steps are kept
+    log = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in log if r["kind"] == "eval"] == [0]  # the dropped evaluation left no record
+    assert "at iter 10, during its evaluation; checkpoint saved" in (tmp_path / "r" / "training.log").read_text()
+    monkeypatch.undo()
+    resumed = train(TrainConfig.from_dict(dict(values, init_from="resume")), show_progress=False)
+    assert resumed["status"] == "done" and resumed["iters"] == values["max_iters"]
+
+
+def test_the_evaluation_a_stop_asks_for_gives_up_past_half_the_grace(monkeypatch):
+    """A stop after a step evaluates before it saves; that evaluation may not eat the time the command has to end."""
+    stop = train_module.StopRequests()
+    assert not stop.evaluation_stopped(0)  # no stop asked
+    clock = iter([100.0, 100.0 + STOP_GRACE_SECONDS / 2 - 1, 100.0 + STOP_GRACE_SECONDS / 2 + 1])
+    monkeypatch.setattr(train_module.time, "monotonic", lambda: next(clock))
+    stop.handle(signal.SIGTERM, None)  # asked at 100 s
+    assert not stop.evaluation_stopped(1)  # the evaluation began after it: it runs on, for a while
+    assert stop.evaluation_stopped(1)
+    assert stop.evaluation_stopped(0)  # a signal that came while it ran
+
+
+def test_eval_batches_hold_a_bounded_number_of_tokens():
+    assert train_module.eval_batch_sequences(16) == train_module.EVAL_BATCH_SEQUENCES
+    assert train_module.eval_batch_sequences(100_000) == 1
+    assert train_module.eval_batch_sequences(2049) * 2049 <= train_module.EVAL_BATCH_TOKENS
+
+
+def test_train_stopped_by_sigterm_exits_143_and_by_ctrl_c_130(data_dir, tmp_path, monkeypatch, capsys):
+    argv = ["train", str(data_dir), "--device=cpu", "--n_layer=1", "--n_head=1", "--n_embd=16", "--max_iters=10",
+            "--warmup_iters=1", "--eval_interval=5"]  # fmt: skip
+    for signum, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        stop_in_evaluation(monkeypatch, 2, signum)
+        assert main([*argv, f"--out_dir={tmp_path / signum.name}"]) == code
+        assert "during its evaluation; checkpoint saved; continue with --resume" in capsys.readouterr().out
+        monkeypatch.undo()

@@ -1,6 +1,7 @@
 """nanomarkov tune: a tiny study writes its storage, best recipe and report; train takes the recipe as it is;
 a trial left RUNNING by a dead worker is failed on rerun and no finished trial runs again; bad space input."""
 
+import dataclasses
 import socket
 import subprocess
 from pathlib import Path
@@ -8,12 +9,23 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
+from tune_worker_bodies import one_killed_one_survives
 
 from nanomarkov.cli import main
 from nanomarkov.config import load_config_file
 from nanomarkov.data import generate_dataset
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.tune import TuneSettings, open_study, parse_space, start_study, tune
+from nanomarkov.tune import (
+    TuneSettings,
+    base_recipe,
+    is_tune_folder,
+    open_study,
+    parse_space,
+    run_local_workers,
+    start_study,
+    trial_config,
+    tune,
+)
 
 # One MLP layer 16 wide on 16-token sequences: each trial is 8 optimizer steps.
 TINY_SPACE = ["lr=1e-3:3e-2", "n_layer=1", "n_embd=16", "n_head=1", "batch_size=8", "mlp_only=True", "wd=0"]
@@ -34,7 +46,7 @@ def settings_for(data, out, trials):
 @pytest.fixture(scope="module")
 def tiny_study(tiny_data, tmp_path_factory):
     settings = settings_for(tiny_data, tmp_path_factory.mktemp("study") / "study", 3)
-    code, best = tune(settings, threads=1)
+    code, best = tune(settings)
     return settings, code, best
 
 
@@ -80,7 +92,7 @@ def test_a_killed_trial_is_failed_on_rerun_and_no_finished_trial_runs_again(tiny
     dead = subprocess.Popen(["true"])
     dead.wait()
     killed.set_user_attr("worker", f"{socket.gethostname()}:{dead.pid}")
-    code, best_line = tune(settings, threads=1)
+    code, best_line = tune(settings)
     trials = open_study(settings).trials
     assert code == 0
     assert trials[done.number].state == TrialState.COMPLETE and trials[done.number].value == 0.0
@@ -115,3 +127,21 @@ def test_a_rerun_with_other_settings_is_refused(tiny_study):
 def test_optuna_is_the_library_opening_the_study(tiny_study):
     settings, _, _ = tiny_study
     assert optuna.load_study(study_name="nanomarkov-tune", storage=f"sqlite:///{settings.out}/study.db").trials
+
+
+def test_a_users_own_tune_json_is_not_taken_for_a_study(tmp_path):
+    (tmp_path / "tune.json").write_text('{"identity": "mine"}')
+    assert not is_tune_folder(tmp_path)
+
+
+def test_a_killed_local_worker_leaves_the_other_running(tmp_path, capsys):
+    code = run_local_workers(str(tmp_path), 2, body=one_killed_one_survives)
+    assert code == 1
+    assert (tmp_path / "survived").exists()  # a pool that dies with one worker never writes it
+    assert "1 of 2 workers died (signal/exit 9)" in capsys.readouterr().out
+
+
+def test_each_trial_runs_with_the_threads_asked_for(tiny_data, tmp_path):
+    settings = dataclasses.replace(settings_for(tiny_data, tmp_path / "study", 1), threads=2)
+    base = base_recipe(settings)
+    assert trial_config(settings, base, {}, 0, 16)["threads"] == 2

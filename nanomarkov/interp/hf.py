@@ -25,7 +25,15 @@ from pathlib import Path
 import torch
 
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.files import PARTIAL_SUFFIX, check_output_folder, exchange_folders, follow_umask, read_json_or_none
+from nanomarkov.files import (
+    check_output_folder,
+    follow_umask,
+    new_build_folder,
+    read_json_or_none,
+    refuse_the_current_folder,
+    swap_in,
+    writer_lock,
+)
 from nanomarkov.interp.lens import LN_EPS, check_same_logits, float32_model
 
 HF_INSTALL = 'pip install -e ".[hf]"'
@@ -160,28 +168,28 @@ def to_hf_gpt2(ckpt_or_model):
 def export_hf(ckpt_or_model, out_dir):
     """Write a Hugging Face GPT-2 folder (config.json, model.safetensors, generation_config.json); return it.
 
-    The folder is written whole beside `out_dir` and swapped in (files.exchange_folders), so an
-    interrupted export leaves the previous one; an existing folder that is not such an export is
-    never replaced.
+    The folder is written whole beside `out_dir` and swapped in (files.swap_in), so an interrupted
+    export leaves the previous one (and its build is removed by the next export); an existing folder
+    that is not such an export is never replaced, and a second export into it is refused meanwhile.
     """
-    out = Path(out_dir)
     # No force: the folder is replaced whole, so a folder of anything else would be lost with it.
-    check_output_folder(out, "Hugging Face export", is_hf_export, force=None)
+    out = check_output_folder(out_dir, "Hugging Face export", is_hf_export, force=None)
+    refuse_the_current_folder(out, "export --format hf", "its")
     hf = to_hf_gpt2(ckpt_or_model)
-    build = out.with_name(out.name + PARTIAL_SUFFIX)
-    try:
-        shutil.rmtree(build, ignore_errors=True)  # what an earlier, interrupted export left
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_quietly(hf, build)
-        follow_umask(build)  # transformers writes the weights 0600; the user's umask decides, as for every file
-        if out.exists():
-            exchange_folders(build, out)
-            shutil.rmtree(build)
-        else:
-            build.rename(out)
-    except OSError as e:
-        shutil.rmtree(build, ignore_errors=True)
-        raise NanoMarkovError(f"cannot write the export to {out} ({e.strerror or e}); choose another --out") from None
+    with writer_lock(out, "Hugging Face export"):
+        build = None
+        try:
+            build = new_build_folder(out)
+            save_quietly(hf, build)
+            follow_umask(build)  # transformers writes the weights 0600; the user's umask decides, as for every file
+            swap_in(build, out)
+        except OSError as e:
+            raise NanoMarkovError(
+                f"cannot write the export to {out} ({e.strerror or e}); choose another --out"
+            ) from None
+        finally:  # the unfinished build (an interrupt, a failure), or after the swap the previous export
+            if build is not None:
+                shutil.rmtree(build, ignore_errors=True)
     return out
 
 

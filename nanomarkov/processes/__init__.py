@@ -26,12 +26,11 @@ from nanomarkov.processes.incontext import InContextChain
 from nanomarkov.processes.korder import KOrderChain
 from nanomarkov.processes.literature import NAMED_PROCESSES
 from nanomarkov.processes.markov import MarkovChain
+from nanomarkov.processes.registry import PLUGINS_VARIABLE, PROCESSES, process_class
 
 __all__ = ["PROCESSES", "DEFAULT_PROCESS", "PLUGINS_VARIABLE", "Option", "Process", "register", "process_class"]
 
-PROCESSES = {}
 DEFAULT_PROCESS = "markov"  # what a dataset without a "process" key, and `generate` without --process, is
-PLUGINS_VARIABLE = "NANOMARKOV_PROCESSES"
 
 
 def register(cls):
@@ -67,16 +66,6 @@ def check_contract(cls):
             f"{cls.__name__} (module {cls.__module__}) does not provide {lacks}: implement them as "
             "nanomarkov/processes/base.py describes"
         )
-
-
-def process_class(process):
-    """The registered class of a process name."""
-    if process not in PROCESSES:
-        raise NanoMarkovError(
-            f"unknown process {process!r}; known: {', '.join(PROCESSES)} (a process of your own is "
-            f"registered by a module that {PLUGINS_VARIABLE} names)"
-        )
-    return PROCESSES[process]
 
 
 def load_plugins(value=None):

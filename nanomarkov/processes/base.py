@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nanomarkov.errors import NanoMarkovError
+from nanomarkov.files import format_bytes
 from nanomarkov.memory import check_fits
 from nanomarkov.processes.numerics import entropy
 
@@ -104,7 +105,8 @@ class Process:
                   `nanomarkov generate` then takes no K (or only this one)
       SUMMARY     one line for `nanomarkov generate --help`
       ARRAYS      the names of the arrays saved in chain.npz; `cls.from_arrays(arrays)` rebuilds the process
-      OPTIONS     its generation options beyond K, seed, alpha and sparsity: a tuple of `Option`
+      OPTIONS     its generation options beyond K, seed, alpha and sparsity: a tuple of `Option`;
+                  options() reads each from the instance, self.<name>, unless the class overrides it
       RECIPE      TrainConfig fields the default recipe changes for this process ({}: none)
       METRICS     the metric families of METRIC_FAMILIES that `eval` runs on it; each needs the
                   methods METRIC_MEMBERS names for it
@@ -112,7 +114,8 @@ class Process:
       HISTORY_REASON why the next token depends on more than the current one, for eval's skip notes
 
     `register` refuses a class that does not override each of REQUIRED_MEMBERS, and those its
-    METRICS and BELIEF_STATES need (missing_members).
+    METRICS and BELIEF_STATES need (missing_members), or whose OPTIONS the default options() cannot
+    read from the instance (unreadable_options).
     """
 
     process = None
@@ -135,11 +138,9 @@ class Process:
             needs.update({name: f"{family} in METRICS" for name in METRIC_MEMBERS.get(family, ()) if name not in needs})
         if cls.BELIEF_STATES:
             needs.update(dict.fromkeys(BELIEF_MEMBERS, "BELIEF_STATES = True"))
-        return {
-            name: why
-            for name, why in needs.items()
-            if inspect.getattr_static(cls, name, None) is inspect.getattr_static(Process, name, None)
-        }
+        missing = {name: why for name, why in needs.items() if not cls.provides(name)}
+        unread = "an attribute named as in OPTIONS, which the default options() reads; or override options()"
+        return {**missing, **dict.fromkeys(cls.unreadable_options(), unread)}
 
     # ------------------------------------------------------- construction
 
@@ -165,8 +166,30 @@ class Process:
         return cls(**{name: arrays[name] for name in cls.ARRAYS})
 
     def options(self):
-        """The values of this instance's OPTIONS, {name: value}: recorded in meta.json."""
-        return {}
+        """The values of this instance's OPTIONS, {name: value}: recorded in meta.json and theory's rows.
+
+        This default reads each OPTIONS name as an attribute of the instance, `self.<name>` (set in
+        __init__, a property or a class attribute); `register` refuses a class that keeps this default
+        and declares an option it cannot read (unreadable_options). A process that keeps its options
+        otherwise overrides it.
+        """
+        return {option.name: getattr(self, option.name) for option in self.OPTIONS}
+
+    @classmethod
+    def unreadable_options(cls):
+        """The OPTIONS names the default options() cannot read: neither found on the class (an attribute, a
+        property) nor assigned by an __init__ of its classes; () where the class overrides options()."""
+        if cls.provides("options"):
+            return ()
+        assigned = set()
+        for klass in cls.__mro__:
+            init = vars(klass).get("__init__")
+            assigned.update(getattr(getattr(init, "__code__", None), "co_names", ()))
+        return tuple(
+            name
+            for name in cls.option_names()
+            if name not in assigned and inspect.getattr_static(cls, name, None) is None
+        )
 
     @classmethod
     def option_names(cls):
@@ -229,8 +252,8 @@ class Process:
         entries = self.table_entries(int(seq_len))
         if entries > MAX_TABLE_ENTRIES:
             raise NanoMarkovError(
-                f"--seq_len {seq_len} with K = {self.n_states} needs a {entries * 8 / 2**30:,.1f} GiB table for its "
-                f"exact theory (at most {MAX_TABLE_ENTRIES * 8 / 2**30:.0f} GiB); use a shorter --seq_len or fewer states"
+                f"--seq_len {seq_len} with K = {self.n_states} needs a {format_bytes(entries * 8)} table for its "
+                f"exact theory (at most {format_bytes(MAX_TABLE_ENTRIES * 8)}); use a shorter --seq_len or fewer states"
             )
         check_fits(
             THEORY_TABLES * entries * 8,
@@ -449,13 +472,29 @@ class Process:
         target. A process with BELIEF_STATES = True provides it."""
         raise NotImplementedError
 
+    @classmethod
+    def provides(cls, name):
+        """Whether the class provides a member of the contract itself (the base class's stub is not providing it)."""
+        return inspect.getattr_static(cls, name, None) is not inspect.getattr_static(Process, name, None)
+
     def skipped_metrics(self):
-        """{family: why} for each of METRIC_FAMILIES that eval does not run on this process."""
-        reason = self.HISTORY_REASON or f"process {self.process} is not a first-order chain"
+        """{family: why} for each of METRIC_FAMILIES that eval does not run on this process, from what its class
+        declares: a family whose members (METRIC_MEMBERS) the class provides is only not listed in METRICS;
+        the first-order families of a class without transition_rows() name its HISTORY_REASON where it has one."""
+        name = f"process {self.process}"
+        reason = self.HISTORY_REASON or f"{name} provides no transition_rows()"
+        history = (
+            f"the optimal prediction depends on the whole history ({reason})"
+            if self.HISTORY_REASON
+            else f"a check of first-order chains, and {reason}"
+        )
         why = {
             "transition_fidelity": f"no fixed token-to-token matrix to compare with ({reason}): see optimal_fidelity",
-            "markov_property": f"the optimal prediction depends on the whole history ({reason})",
-            "optimal_fidelity": "this process does not compare with its optimal predictor",
+            "markov_property": history,
+            "optimal_fidelity": f"{name} does not compare with its optimal predictor",
             "korder_fidelity": "defined for k-th order chains (process korder)",
         }
-        return {name: why[name] for name in METRIC_FAMILIES if name not in self.METRICS}
+        for family, members in METRIC_MEMBERS.items():
+            if all(map(self.provides, members)):
+                why[family] = f"{name} provides {' and '.join(members)} but does not list {family} in METRICS"
+        return {family: why[family] for family in METRIC_FAMILIES if family not in self.METRICS}

@@ -32,6 +32,7 @@ from nanomarkov.errors import NanoMarkovError
 from nanomarkov.processes.base import WHOLE_HISTORY_RECIPE, Process
 from nanomarkov.processes.markov import MarkovChain
 from nanomarkov.processes.numerics import check_distribution, entropy, standard_error, token_dtype
+from nanomarkov.processes.registry import process_class
 
 # Prefixes sampled for a composite's estimated theory, and the seed they are drawn from.
 THEORY_SEQUENCES = 2000
@@ -42,24 +43,6 @@ THEORY_BATCH_ENTRIES = 2**22
 MAX_JOINT_STATES = 2**31
 # The length at which a component with no stationary law gives its long-run token law (unigram_law).
 LONG_RUN_LEN = 256
-
-
-def subclasses(cls):
-    """Every subclass of `cls`, at any depth."""
-    for sub in cls.__subclasses__():
-        yield sub
-        yield from subclasses(sub)
-
-
-def class_named(process):
-    """The class that names itself `process`, among the subclasses of Process (every registered process is
-    one; a subclass that inherits its parent's name is not another process): what rebuilds a composite's
-    parts from chain.npz."""
-    found = {cls for cls in subclasses(Process) if vars(cls).get("process") == process}
-    if len(found) != 1:
-        why = "no class is" if not found else f"{len(found)} classes are"
-        raise NanoMarkovError(f"a part of this composite is process {process!r}, and {why} named so; register it")
-    return found.pop()
 
 
 def packed(parts, **extra):
@@ -77,7 +60,7 @@ def unpacked(arrays):
     for index, process in enumerate(layout["parts"]):
         prefix = f"c{index}__"
         own = {name[len(prefix) :]: arrays[name] for name in arrays if name.startswith(prefix)}
-        parts.append(class_named(process).from_arrays(own))
+        parts.append(process_class(process).from_arrays(own))
     return parts, layout
 
 

@@ -65,10 +65,11 @@ class GeneralizedHMM(HiddenMarkovModel):
     """A generalized HMM: token_transitions (K, H, H) of any sign and a start quasi-belief (see the module docstring)."""
 
     process = "ghmm"
-    SUMMARY = "generalized HMM, matrices of any sign (from a spec: --spec; named: post_quantum)"
+    SUMMARY = "generalized HMM, matrices of any sign (from a spec: --spec; named: post_quantum, tom_quantum, fanizza)"
     ARRAYS = ("token_transitions", "startprob")
     OPTIONS = ()
     HIDDEN_STATE_BOUND = False
+    HISTORY_REASON = "the next token depends on the quasi-belief that the whole prefix sets"
     MSP_FLOOR = NEGATIVE_TOLERANCE  # a token whose signed sum is within rounding of 0 is impossible
 
     def __init__(self, token_transitions, startprob=None):

@@ -47,7 +47,7 @@ import numpy as np
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.processes.base import WHOLE_HISTORY_RECIPE, Option, Process
 from nanomarkov.processes.markov import TRUE_LOSS_CHUNK, MarkovChain
-from nanomarkov.processes.msp import MixedStatePresentation, msp_state_cap
+from nanomarkov.processes.msp import MSP_TOLERANCE, MixedStatePresentation, msp_state_cap
 from nanomarkov.processes.numerics import (
     alias_draw,
     alias_tables,
@@ -78,6 +78,13 @@ MC_CHUNK_ENTRIES = 2**24  # and at most this many predictive probabilities (toke
 # ENTROPY_RATE_BURN_IN+1 .. 2*ENTROPY_RATE_BURN_IN of stationary runs: by then
 # the belief has long forgotten the start in any HMM that mixes reasonably.
 ENTROPY_RATE_BURN_IN = 256
+# A renewal process's run lengths are summed until a longer run is less likely than this (below float64's
+# resolution of 1), in at most RENEWAL_STEPS steps and RENEWAL_WORK multiply-adds (steps * H^2); a token
+# matrix is of rank one when each row is a multiple of its largest to within RANK_TOLERANCE (relative).
+RENEWAL_TAIL = 1e-17
+RENEWAL_STEPS = 10_000
+RENEWAL_WORK = 2**28
+RANK_TOLERANCE = 1e-12
 
 
 def mess3_arrays(x=MESS3_X, a=MESS3_A):
@@ -133,6 +140,53 @@ def checked_token_transitions(token_transitions):
     check_distribution("token_transitions (rows of sum_x T[x])", tokens.transpose(1, 0, 2).reshape(n_hidden, -1))
     tokens.flags.writeable = False
     return tokens
+
+
+def reset_token(tokens):
+    """The first token whose matrix has rank one, T[x] = u v (after it the belief is v / (v . r) whatever came
+    before), or None."""
+    for token, matrix in enumerate(tokens):
+        largest = matrix[np.argmax(np.abs(matrix).sum(axis=1))]
+        scale = np.abs(largest).max()
+        if scale > 0:
+            multiples = matrix @ largest / (largest @ largest)
+            if np.abs(matrix - np.outer(multiples, largest)).max() <= RANK_TOLERANCE * scale:
+                return token
+    return None
+
+
+def renewal_rate(tokens, normaliser, start):
+    """(the reset token, the exact entropy rate) of a two-token process in which one token resets the belief,
+    else None.
+
+    After the reset token x the belief is b = v / (v . r) whatever came before, so once x has occurred (almost
+    surely from `start`: checked) the sequence is i.i.d. blocks o^N x, o the other token, and by the
+    renewal-reward theorem h = H(N) / E[N + 1], with P(N = n) = b T[o]^n T[x] r. Runs are followed until a
+    longer one is less likely than RENEWAL_TAIL; None where that takes more than RENEWAL_WORK (the other token
+    repeats for long, or forever)."""
+    reset = reset_token(tokens) if len(tokens) == 2 else None
+    if reset is None:
+        return None
+    row = tokens[reset][np.argmax(np.abs(tokens[reset]).sum(axis=1))]
+    if abs(row @ normaliser) <= RANK_TOLERANCE * np.abs(row).max():
+        return None
+    runs = [run_lengths(tokens, reset, normaliser, first) for first in (start, row / (row @ normaliser))]
+    if runs[0] is None or runs[1] is None:
+        return None
+    law = np.clip(runs[1], 0.0, None)
+    return reset, float(entropy(law) / (law @ np.arange(1, len(law) + 1)))
+
+
+def run_lengths(tokens, reset, normaliser, start):
+    """P(the other token n times, then the reset token) from `start`, n = 0, 1, ..., until a longer run is less
+    likely than RENEWAL_TAIL; None where that takes more than RENEWAL_STEPS steps or RENEWAL_WORK multiply-adds."""
+    forward, runs = np.asarray(start, dtype=np.float64), []
+    for _ in range(min(RENEWAL_STEPS, max(1, RENEWAL_WORK // tokens.shape[1] ** 2))):
+        if runs and forward @ normaliser < RENEWAL_TAIL:
+            return np.array(runs)
+        runs.append(forward @ tokens[reset] @ normaliser)
+        forward = forward @ tokens[1 - reset]
+    return None
 
 
 def stationary_law(hidden_chain):
@@ -486,14 +540,34 @@ class HiddenMarkovModel(Process):
         return losses, accuracies
 
     def theory_note(self, seq_len):
-        """One line: whether theory is exact from the mixed-state presentation, and if not, why."""
+        """One line: whether theory is exact from the mixed-state presentation, and if not, why; where the MSP
+        merged different beliefs (within MSP_TOLERANCE), from which depth: positions up to it are exact."""
         msp = self._msp
-        if msp.closed:
+        depth, gap = msp.first_merge()
+        if msp.closed and depth is None:
             return f"exact: mixed-state presentation, {msp.n_states} states"
-        passed = f"the mixed-state presentation passed {msp.n_states} states at depth {msp.passed_depth}"
-        if msp.covers(seq_len - 1):
-            return f"exact by position up to seq_len {seq_len} (depth {seq_len - 2}); entropy rate estimated: {passed}"
-        return f"estimated: {passed}"
+        merged = (
+            ""
+            if depth is None
+            else f"; from depth {depth}, beliefs within {MSP_TOLERANCE:g} of one another are one state (apart by "
+            f"{gap:.0e} at most)"
+        )
+        about = (
+            f"mixed-state presentation, {msp.n_states} states"
+            if msp.closed
+            else f"the mixed-state presentation passed {msp.n_states} states at depth {msp.passed_depth}"
+        )
+        if not msp.covers(seq_len - 1):
+            return f"estimated: {about}{merged}"
+        whole = depth is None or depth > seq_len - 2
+        exact = f"seq_len {seq_len} (depth {seq_len - 2})" if whole else f"position {depth}"
+        return f"exact by position up to {exact}; entropy rate {self.rate_kind()}: {about}{merged}"
+
+    def rate_kind(self):
+        """How entropy_rate() is known where the MSP does not give it: "exact (...)" or "estimated"."""
+        if self._renewal is not None:
+            return f"exact (token {self._renewal[0]} resets the belief)"
+        return "exact (unifilar)" if self.unifilar else "estimated"
 
     def _bracket(self):
         """(lower, upper) bounds on the entropy rate, or None when they are further apart than BRACKET_WIDTH."""
@@ -534,8 +608,15 @@ class HiddenMarkovModel(Process):
         return self._samples[seq_len]
 
     @cached_property
+    def _renewal(self):
+        """(the reset token, the exact entropy rate) where the process is a renewal process (renewal_rate)."""
+        return renewal_rate(self.as_token_transitions(), self._normaliser, self.startprob)
+
+    @cached_property
     def _entropy_rate(self):
-        if self._msp.closed:
+        if self._renewal is not None:  # first: it needs no MSP
+            return self._renewal[1], 0.0
+        if self._msp.closed and self._msp.first_merge()[0] is None:  # merged beliefs can leak between classes
             return self._msp.entropy_rate(), 0.0
         if self.unifilar:
             return float(self._stationary @ entropy(self._emission_rows)), 0.0
@@ -550,9 +631,11 @@ class HiddenMarkovModel(Process):
     def entropy_rate(self):
         """The rate lim_t H(x_t | x_<t) of the token process; its error is theory's entropy_rate_se.
 
-        Exact where the mixed-state presentation closes within its cap
-        (msp.MixedStatePresentation.entropy_rate: a finite sum over its recurrent
-        states). Else exact for a unifilar token-labelled HMM: sum_i pi_i H(E[i]) (its state,
+        Exact for a renewal process (renewal_rate: two tokens, one of which resets the belief; sns,
+        fanizza, golden_mean). Else exact where the mixed-state presentation closes within its cap
+        having merged no different beliefs (msp.MixedStatePresentation.entropy_rate: a finite sum over
+        its recurrent states; a belief merged into a different one can leak between its closed classes).
+        Else exact for a unifilar token-labelled HMM: sum_i pi_i H(E[i]) (its state,
         once known, stays known, so the rate is H(x | s) under the stationary
         law pi; Crutchfield & Feldman 2003). Else
         the midpoint of the exact bracket of _exact_head with half its width as

@@ -463,6 +463,82 @@ class PostQuantum(NamedGHMM):
         return {"token_transitions": post_quantum_matrices(log_alpha, beta)}
 
 
+def tom_quantum_matrices(alpha, beta):
+    """The tom_quantum process's four 3x3 matrices: a qubit measured in one of two bases, 1/2 each.
+
+    Tokens 0, 1 are the two outcomes of the first basis, 2, 3 of the second; with c = 1/4,
+    m = (alpha^2 - beta^2) / (4 (alpha^2 + beta^2)) and o = alpha beta / (2 (alpha^2 + beta^2)),
+    tokens 0, 1 are [[c, 0, +-o], [0, m, 0], [+-o, 0, c]] and 2, 3 [[c, +-o, 0], [+-o, c, 0], [0, 0, m]].
+    """
+    c, scale = 0.25, 4 * (alpha**2 + beta**2)
+    m, o = (alpha**2 - beta**2) / scale, 2 * alpha * beta / scale
+    tokens = np.zeros((4, 3, 3))
+    for token, (axis, other, sign) in enumerate([(2, 1, 1), (2, 1, -1), (1, 2, 1), (1, 2, -1)]):
+        tokens[token, 0, 0] = tokens[token, axis, axis] = c
+        tokens[token, other, other] = m
+        tokens[token, 0, axis] = tokens[token, axis, 0] = sign * o
+    return tokens
+
+
+class TomQuantum(NamedGHMM):
+    """simplexity's tom_quantum: a generalized HMM of a qubit measured in one of two bases at random.
+
+    At alpha = beta = 1 each measurement leaves the qubit in the state it found: the next
+    measurement in the same basis repeats the outcome, in the other basis it is a fair coin, so
+    every token after the first has entropy 1.5 bits and the first is uniform (2 bits).
+    """
+
+    process = "tom_quantum"
+    SUMMARY = "qubit measured in one of two bases, a generalized HMM (--tom_alpha --tom_beta; K=4)"
+    N_STATES = 4
+    # simplexity's alpha and beta: --alpha is the Dirichlet concentration of every random process.
+    BOUNDS = {"tom_alpha": (0.0, np.inf), "tom_beta": (0.0, np.inf)}
+    OPTIONS = (
+        Option("tom_alpha", float, 1.0, "tom_quantum's alpha (> 0)"),
+        Option("tom_beta", float, 1.0, "tom_quantum's beta (> 0)"),
+    )
+
+    @classmethod
+    def build(cls, tom_alpha, tom_beta):
+        return {"token_transitions": tom_quantum_matrices(tom_alpha, tom_beta)}
+
+
+def fanizza_matrices(alpha, lamb):
+    """Fanizza et al.'s two 4x4 matrices: a reset D_a = w pi0 (the outer product) and D_b, lamb times a
+    rotation by alpha in the last two coordinates (and 1 in the second)."""
+    cos, sin = np.cos(alpha), np.sin(alpha)
+    denominator = 1 - 2 * lamb * cos + lamb**2
+    a_la = (1 - lamb * cos + lamb * sin) / denominator
+    b_la = (1 - lamb * cos - lamb * sin) / denominator
+    reset = np.array([1 - (2 / (1 - lamb) - a_la - b_la) / 4, 1 / (2 * (1 - lamb)), -a_la / 4, -b_la / 4])
+    w = np.array([1, 1 - lamb, 1 + lamb * (sin - cos), 1 - lamb * (sin + cos)])
+    rotation = lamb * np.array([[0, 0, 0, 0], [0, 1, 0, 0], [0, 0, cos, -sin], [0, 0, sin, cos]])
+    return np.stack([np.outer(w, reset), rotation])
+
+
+class Fanizza(NamedGHMM):
+    """The process of Fanizza, Lumbreras & Winter (arXiv:2209.11225; simplexity's fanizza): a generalized
+    HMM of 4 states that no finite-dimensional quantum model realises.
+
+    Token 0 resets the quasi-belief to pi0 whatever came before; token 1 rotates it by alpha and
+    scales it by lamb. The sum of the matrices has rows summing to 1 (r = 1).
+    """
+
+    process = "fanizza"
+    SUMMARY = "Fanizza et al.'s generalized HMM, no finite quantum model (--angle --lamb; K=2)"
+    N_STATES = 2
+    # The paper's alpha: --alpha is the Dirichlet concentration of every random process.
+    BOUNDS = {"angle": (-np.inf, np.inf)}
+    OPTIONS = (
+        Option("angle", float, 2000.0, "fanizza's alpha, the rotation angle in radians"),
+        Option("lamb", float, 0.49, "the damping lambda, 0 < lamb < 1"),
+    )
+
+    @classmethod
+    def build(cls, angle, lamb):
+        return {"token_transitions": fanizza_matrices(angle, lamb)}
+
+
 NAMED_PROCESSES = (
     Switching,
     Coin,
@@ -477,4 +553,6 @@ NAMED_PROCESSES = (
     DaysOfWeek,
     MrName,
     PostQuantum,
+    TomQuantum,
+    Fanizza,
 )

@@ -29,6 +29,9 @@ MSP_MAX_STATES = 5000
 # reached along different words differ by float rounding, ~1e-15; merging beliefs this close moves
 # a next-token entropy by at most ~1e-8, below every digit theory prints.
 MSP_TOLERANCE = 1e-10
+# Beliefs merged by MSP_TOLERANCE that differ by more than this (relative to the larger entry, at least 1) are
+# different beliefs, not float rounding of one (that is ~1e-16): the MSP is then exact only before their depth.
+ROUNDING_GAP = 1e-12
 # Expanding a state costs K * H^2 multiply-adds (one belief times every token's matrix): fewer states
 # are built where 5,000 of them would cost more than this (~1 s), e.g. a random HMM with H = K = 250.
 MSP_MAX_WORK = 2**30
@@ -94,6 +97,25 @@ class MixedStatePresentation:
         self.successors = np.full((len(beliefs), n_tokens), -1)
         self.successors[:expanded] = np.array(successors)
         self.n_states = len(beliefs)
+
+    def first_merge(self, block=256):
+        """(depth, gap) of the first belief that was merged into a different one (apart by more than ROUNDING_GAP,
+        within MSP_TOLERANCE) and the largest such gap; (None, 0.0) where every merge was float rounding.
+
+        Beliefs before that depth are exact; from it on, a state stands for beliefs within MSP_TOLERANCE of it."""
+        depth, largest = None, 0.0
+        for lo in range(0, self.n_states, block):
+            states = np.arange(lo, min(lo + block, self.n_states))
+            rows, tokens = np.nonzero(self.successors[states] >= 0)
+            nexts = np.einsum("sh,xhj->sxj", self.beliefs[states], self.token_transitions)[rows, tokens]
+            reached = nexts / self.probs[states[rows], tokens][:, None]
+            stored = self.beliefs[self.successors[states[rows], tokens]]
+            gaps = np.abs(reached - stored).max(axis=1) / np.maximum(1.0, np.abs(stored).max(axis=1))
+            merged = gaps > ROUNDING_GAP
+            if merged.any():
+                first = int(self.depths[states[rows[merged]]].min()) + 1
+                depth, largest = min(first, depth or first), max(largest, float(gaps.max()))
+        return depth, largest
 
     def covers(self, n_positions):
         """Whether positions 1..n are exact: the beliefs at depths 0..n-1 are all known."""

@@ -12,6 +12,7 @@ Each run's folders are decided here, under the sweep's folder OUT:
 """
 
 import dataclasses
+import errno
 import os
 import time
 import tomllib
@@ -29,14 +30,25 @@ from nanomarkov.config import (
     process_recipe,
     run_folder,
 )
-from nanomarkov.data import default_data_dir, plan_dataset
+from nanomarkov.data import check_free_space, default_data_dir, is_dataset_folder, plan_dataset
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.files import read_capped, read_json_or_none
+from nanomarkov.memory import check_fits
 from nanomarkov.processes import DEFAULT_PROCESS, PROCESSES
+from nanomarkov.train import check_training_fits, resolve_device
 
 TOP_KEYS = ("defaults", "datasets", "experiments")
 DATASET_KEYS = ("n_states", "train", "val", "sparsity", "seq_len", "seed", "process")
 EXPERIMENT_KEYS = ("datasets", "presets", "seeds", "overrides", "tag")
+# The most runs one sweep plans and tracks (its sweep.json holds them all): benchmarks/dry_run.py plans this
+# many in seconds. A grid of more is refused before it is expanded; it is several sweeps.
+MAX_GRID_RUNS = 100_000
+# What planning holds per run, measured: its RunSpec, its sweep.json record and the dry run's line (1.5 KiB
+# measured at 20,000 runs), with room for longer names and overrides.
+RUN_PLAN_BYTES = 4096
+# A grid file is read whole and parsed (tomllib: about 3 s a MiB here) before its runs can be counted: 100,000
+# seeds take 0.6 MiB.
+MAX_GRID_BYTES = 2 << 20
 # The grid decides these per run; setting them by hand would put runs on top of each other.
 GRID_OWNED = {
     "data_dir": "each dataset's folder is OUT/data/<its default name>, e.g. mm{K}[-sparse-S]",
@@ -138,8 +150,13 @@ def _list_of(value, kind, what):
 
 def load_grid(path) -> dict:
     try:
-        return tomllib.loads(read_capped(path).decode("utf-8"))
+        return tomllib.loads(read_capped(path, MAX_GRID_BYTES).decode("utf-8"))
     except OSError as e:
+        if e.errno == errno.EFBIG:
+            raise NanoMarkovError(
+                f"grid {path} is {e.strerror}: a grid file of {MAX_GRID_RUNS:,} runs takes far less; "
+                "split it into several grids, each its own sweep --out"
+            ) from None
         raise NanoMarkovError(f"cannot read grid {path}: {e.strerror or e}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise NanoMarkovError(f"grid {path} is not valid TOML: {e}") from None
@@ -162,10 +179,15 @@ def expand_grid(grid, out_root, tick=None) -> list:
         entries = _list_of(grid.get("datasets", []), dict, "[[datasets]]")
         experiments = _list_of(grid.get("experiments", []), dict, "[[experiments]]")
     datasets = _datasets(entries, out_root, where)
-    specs, seen = [], {}
+    planned = []
     for j, exp in enumerate(experiments):
         here = f"{where}: [[experiments]] entry {j}" + (f" (tag {exp['tag']})" if exp.get("tag") else "")
-        _experiment_runs(exp, here, datasets, defaults, out_root, seen, specs, tick)
+        with naming(here):
+            planned.append((here, exp, _experiment(exp, datasets, defaults)))
+    check_grid_size(sum(_run_count(exp, datasets, parsed) for _, exp, parsed in planned), where)
+    specs, seen = [], {}
+    for here, exp, parsed in planned:
+        _experiment_runs(exp, here, parsed, datasets, out_root, seen, specs, tick)
     if not specs:
         raise NanoMarkovError(
             f"{where} expands to no run; it needs [[datasets]] and [[experiments]] with non-empty presets and seeds"
@@ -203,19 +225,45 @@ def _dataset(entry, out_root):
     params = {"sparsity": None, "seq_len": None, "seed": 42, "process": DEFAULT_PROCESS, **entry}
     preset("default", params["n_states"], params["sparsity"])  # checks K and sparsity as the recipes take them
     args, keywords = dataset_arguments(params)
-    chain, planned, _ = plan_dataset(*args, **keywords)
+    chain, planned, dtype = plan_dataset(*args, **keywords)
     chosen = {k: entry[k] for k in options if k in entry}
     folder = out_root / "data" / default_data_dir(params["n_states"], params["sparsity"], process, **chosen).name
+    if not is_dataset_folder(folder):  # as generate checks it before it writes (one already there is kept)
+        check_free_space(folder, chain, planned, dtype)
     return params, folder, {"vocab_size": chain.vocab_size, "block_size": planned["seq_len"] - 1}
 
 
-def _experiment_runs(exp, here, datasets, defaults, out_root, seen, specs, tick):
-    """Appends the RunSpecs of one [[experiments]] entry to `specs`; `seen` (run name -> where it came from)
-    catches repeats."""
-    with naming(here):
-        presets, seeds, overrides, tag = _experiment(exp, datasets, defaults)
+def _chosen_datasets(exp, datasets):
+    """The indices of the datasets an [[experiments]] entry runs on."""
+    return range(len(datasets)) if exp.get("datasets", "all") == "all" else exp["datasets"]
+
+
+def _run_count(exp, datasets, parsed):
+    """How many runs an [[experiments]] entry makes, from its lists' lengths alone: datasets x presets x seeds."""
+    presets, seeds, _, _ = parsed
+    return len(_chosen_datasets(exp, datasets)) * len(presets) * len(seeds)
+
+
+def check_grid_size(n_runs, where):
+    """Refuse, before a single run is expanded, a grid of more runs than a sweep takes, or than memory holds."""
+    if n_runs > MAX_GRID_RUNS:
+        raise NanoMarkovError(
+            f"{where} makes {n_runs:,} runs (datasets x presets x seeds), more than the {MAX_GRID_RUNS:,} a sweep "
+            "takes; split it into several grids, each its own sweep --out"
+        )
+    check_fits(
+        n_runs * RUN_PLAN_BYTES,
+        f"planning {where}'s {n_runs:,} runs",
+        "split it into several grids, each its own sweep",
+    )
+
+
+def _experiment_runs(exp, here, parsed, datasets, out_root, seen, specs, tick):
+    """Appends the RunSpecs of one [[experiments]] entry (`parsed` by _experiment) to `specs`; `seen` (run name
+    -> where it came from) catches repeats."""
+    presets, seeds, overrides, tag = parsed
     runs_root = str(out_root / "runs")
-    for d in range(len(datasets)) if exp.get("datasets", "all") == "all" else exp["datasets"]:
+    for d in _chosen_datasets(exp, datasets):
         params, folder, sizes = datasets[d]
         for name in presets:
             checked, run_name = False, None
@@ -226,14 +274,21 @@ def _experiment_runs(exp, here, datasets, defaults, out_root, seen, specs, tick)
                         raise NanoMarkovError(f"{seen[run_name]} makes it too; drop the repeat or give one a tag")
                     check_seed(seed)
                     spec = RunSpec(run_name, params, str(folder), name, seed, overrides, f"{runs_root}/{run_name}")
-                    if not checked:  # as train checks it before it starts: the config, then the model's
-                        spec.config().gpt_config(**sizes)
+                    if not checked:  # as train checks it before it starts: the config, the model, its memory
+                        check_run_fits(spec.config(), sizes)
                         checked = True
                     seen[run_name] = here.partition(": ")[2]
                     specs.append(spec)
                     tick(len(specs))
             except NanoMarkovError as e:
                 raise NanoMarkovError(f"{here}, run {run_name}: {e}") from None
+
+
+def check_run_fits(cfg, sizes):
+    """train's checks of a run's model before it is built (train.set_up_run): its GPTConfig, and its training
+    step against the memory of the device it would train on."""
+    device, _, _ = resolve_device(cfg)
+    check_training_fits(cfg.gpt_config(**sizes), cfg.batch_size, device)
 
 
 def _experiment(exp, datasets, defaults):

@@ -13,6 +13,7 @@ from nanomarkov.files import read_json_or_none, write_json
 from nanomarkov.sweep.grid import plan
 
 MANIFEST = "sweep.json"
+MANIFEST_MARKS = ("runs", "launcher", "host", "pid")
 # A run in one of these states will not change again in this sweep.
 SETTLED = ("done", "failed", "cancelled")
 
@@ -41,7 +42,9 @@ def new_manifest(grid, specs, launcher, jobs, threads, slurm, tick=None) -> dict
 def read_manifest(out_root):
     """The manifest in out_root, or None when there is none (or it is unreadable)."""
     manifest = read_json_or_none(Path(out_root) / MANIFEST)
-    return manifest if manifest and "runs" in manifest else None
+    # A sweep's manifest, told from a user's own sweep.json by what every sweep writes in it.
+    ours = manifest and all(key in manifest for key in MANIFEST_MARKS) and isinstance(manifest["runs"], dict)
+    return manifest if ours else None
 
 
 def save_manifest(manifest, out_root):

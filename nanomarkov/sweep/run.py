@@ -21,7 +21,7 @@ import torch
 from nanomarkov.checkpoint import list_snapshots
 from nanomarkov.config import RESUMABLE_CHANGES, config_changes
 from nanomarkov.data import generate_dataset
-from nanomarkov.dynamics import PLOTS, run_dynamics, write_dynamics
+from nanomarkov.dynamics import DYNAMICS_FILE, PLOTS, run_dynamics, write_dynamics
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.evaluate import evaluate_checkpoints
 from nanomarkov.files import check_output_folder, read_json, read_json_or_none
@@ -205,7 +205,8 @@ def write_dynamics_reports(root, progress):
     folders written; a run it cannot measure is a progress line, not a failed sweep."""
     written = []
     for folder in find_runs(root) if Path(root).is_dir() else []:
-        if not list_snapshots(folder):
+        snapshots = list_snapshots(folder)
+        if not snapshots or dynamics_up_to_date(folder, snapshots):
             continue
         try:
             write_dynamics(run_dynamics(folder), folder)
@@ -216,6 +217,14 @@ def write_dynamics_reports(root, progress):
     if written:
         progress(f"dynamics written in {len(written)} run(s) with snapshots: dynamics.json and {', '.join(PLOTS)}")
     return written
+
+
+def dynamics_up_to_date(folder, snapshots) -> bool:
+    """Whether the run's dynamics.json is newer than every snapshot (a sweep run again leaves it as it is)."""
+    record = Path(folder) / DYNAMICS_FILE
+    if not record.is_file():
+        return False
+    return record.stat().st_mtime_ns > max(path.stat().st_mtime_ns for _, _, path in snapshots)
 
 
 def evaluate_families(specs, runs, progress):

@@ -100,6 +100,18 @@ def test_no_blocks_and_an_untied_head_load_too_with_the_modes_the_umask_gives(tm
             assert torch.allclose(loaded_logits(tmp_path / "hf", idx), model(idx)[0], rtol=0, atol=1e-4)
 
 
+def test_an_export_through_a_link_keeps_the_link_and_no_one_elses_partial_folder_is_touched(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "hf").symlink_to("real")
+    (tmp_path / "real.partial").mkdir()  # a folder of the user's, named as an unfinished build once was
+    (tmp_path / "real.partial" / "mine.txt").write_text("mine")
+    (tmp_path / ".real.partial-killed").mkdir()  # the build an export killed midway left: removed by the next
+    assert export_hf(build("c1", n_layer=0), tmp_path / "hf") == tmp_path / "real"
+    assert (tmp_path / "hf").is_symlink() and (tmp_path / "real" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "real", "real.partial"]
+    assert (tmp_path / "real.partial" / "mine.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize(
     "model, message",
     [(build(name), "use_ln=False") for name in WITHOUT_LAYERNORM[:1]]

@@ -154,6 +154,16 @@ def test_nested_composites_round_trip_through_their_arrays():
     assert rebuilt.n_states == 6 and np.array_equal(rebuilt.optimal_log_probs(tokens), nested.optimal_log_probs(tokens))
 
 
+def test_parts_are_found_in_the_registry_not_among_every_class_of_that_name():
+    impostor = type("Impostor", (MarkovChain,), {"process": "markov"})  # never registered, still alive
+    rebuilt = MixtureProcess.from_arrays(MixtureProcess([FIRST, SECOND], WEIGHTS).arrays())
+    assert type(rebuilt.components[0]) is MarkovChain is not impostor
+    arrays = MixtureProcess([FIRST, SECOND], WEIGHTS).arrays()
+    arrays["layout"] = np.array(str(arrays["layout"]).replace('"markov"', '"unheard_of"'))
+    with pytest.raises(NanoMarkovError, match="unknown process 'unheard_of'"):
+        MixtureProcess.from_arrays(arrays)
+
+
 SPEC_FIRST = {"process": "markov", "transmat": FIRST.transmat.tolist(), "startprob": FIRST.startprob.tolist()}
 SPEC_SECOND = {"process": "markov", "transmat": SECOND.transmat.tolist(), "startprob": SECOND.startprob.tolist()}
 

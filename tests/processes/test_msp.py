@@ -125,3 +125,51 @@ def test_estimate_agrees_with_the_exact_value_within_its_error(monkeypatch):
     for key in ("optimal_loss", "optimal_accuracy"):
         assert estimate[f"{key}_se"] > 0
         assert abs(estimate[key] - exact[key]) < 4 * estimate[f"{key}_se"]
+
+
+def test_the_note_says_from_which_depth_different_beliefs_were_merged():
+    """A belief that converges geometrically (token 0 is 500 times likelier from B than from A) comes within
+    MSP_TOLERANCE of another while still different: positions up to that depth are exact, and the note says so."""
+    emits_zero, mixing = np.array([0.001, 0.5]), np.array([[0.95, 0.05], [0.05, 0.95]])
+    tokens = np.stack([emits_zero[:, None] * mixing, (1 - emits_zero)[:, None] * mixing])
+    process = HiddenMarkovModel.from_token_transitions(tokens)
+    depth, gap = process._msp.first_merge()
+    assert 1e-12 < gap <= 1e-10 and depth == 5
+    assert process.theory_note(12).startswith("exact by position up to position 5;")
+    assert "from depth 5, beliefs within 1e-10 of one another are one state" in process.theory_note(12)
+    # Independently: every word's belief by forward filtering; by depth 5 two differ by less than 1e-10.
+    beliefs = []
+    for word in itertools.chain.from_iterable(itertools.product(range(2), repeat=n) for n in range(6)):
+        forward = process.startprob
+        for x in word:
+            forward = forward @ tokens[x]
+        beliefs.append(forward / forward.sum())
+    distinct = np.unique(np.round(np.array(beliefs), 15), axis=0)
+    apart = np.abs(distinct[:, None] - distinct[None]).max(axis=2)
+    assert np.any((apart > 1e-12) & (apart < 1e-10))
+    losses, _ = brute_force(tokens, process.startprob, np.ones(2), 5)
+    np.testing.assert_allclose(process.optimal_loss_by_position(6)[0], losses, rtol=0, atol=1e-12)
+    assert PROCESSES["rrxor"].random()._msp.first_merge() == (None, 0.0)  # a finite MSP merges float rounding only
+
+
+@pytest.mark.parametrize(("p", "q"), [(0.5, 0.5), (0.3, 0.6)])
+def test_a_renewal_process_has_its_exact_entropy_rate(p, q):
+    """sns: token 1 (B back to A) resets the belief, so the tokens are i.i.d. blocks 0^N 1. Derived by hand:
+    N = a + b - 1 zeros, a ~ Geometric(p) steps in A, b ~ Geometric(q) in B, so P(N = n) = sum_a (1-p)^(a-1) p
+    (1-q)^(n-a) q and E[N + 1] = 1/p + 1/q; h = H(N) / E[N + 1]. Theory's rate is that, exactly."""
+    process = PROCESSES["sns"].random(p=p, q=q)
+    n = np.arange(1, 300)
+    law = np.array([sum((1 - p) ** (a - 1) * p * (1 - q) ** (m - a) * q for a in range(1, m + 1)) for m in n])
+    rate = -np.sum(law * np.log(law, where=law > 0, out=np.zeros_like(law))) / (1 / p + 1 / q)
+    assert process.entropy_rate() == pytest.approx(rate, abs=1e-14) and process._renewal[0] == 1
+
+
+def test_a_reset_token_that_may_never_come_is_no_renewal_process():
+    """Half the time the walk starts in a closed class where only token 0 occurs: token 1 is rank one (it
+    resets to state 0) but need not occur, so the rate is the two classes' mean, not the renewal formula's."""
+    tokens = np.zeros((2, 3, 3))
+    tokens[0, 0, 0], tokens[1, 0, 0] = 0.7, 0.3  # state 0: a coin, token 1 back to state 0
+    tokens[0, 1, 2] = tokens[0, 2, 1] = 1.0  # states 1 and 2: token 0 forever
+    process = HiddenMarkovModel.from_token_transitions(tokens, [0.5, 0.5, 0.0])
+    binary = -0.7 * np.log(0.7) - 0.3 * np.log(0.3)
+    assert process._renewal is None and process.entropy_rate() == pytest.approx(binary / 2, abs=1e-9)

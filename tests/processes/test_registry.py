@@ -30,26 +30,27 @@ from nanomarkov.processes.numerics import entropy, token_dtype
 
 
 class IIDProcess(Process):
-    """Tokens drawn i.i.d. from one fixed distribution `probs`: the optimum is H(probs) at every position."""
+    """Tokens drawn i.i.d. from one fixed distribution `probs`: the optimum is H(probs) at every position.
+
+    A first-order chain whose rows are all `probs`, so eval's first-order metrics apply; its option `peak`
+    is an attribute, which the base class's options() reads."""
 
     process = "iid"
     SUMMARY = "tokens i.i.d. from one distribution (a test process)"
     ARRAYS = ("probs",)
     OPTIONS = (Option("peak", float, None, "probability of state 0 (default: Dirichlet(alpha))"),)
     RECIPE = dict(n_layer=1, n_head=1, n_embd=12)
-    HISTORY_REASON = "a test process with no transition matrix of its own"
+    METRICS = ("transition_fidelity", "markov_property", "optimal_fidelity")
 
     def __init__(self, probs):
         self.probs = np.array(probs, dtype=np.float64)
+        self.peak = float(self.probs[0])
 
     @classmethod
     def random(cls, n_states, seed=42, alpha=1.0, sparsity=None, peak=None):
         if peak is None:
             return cls(np.random.default_rng(seed).dirichlet(np.full(n_states, alpha)))
         return cls(np.r_[peak, np.full(n_states - 1, (1 - peak) / (n_states - 1))])
-
-    def options(self):
-        return {"peak": float(self.probs[0])}
 
     @property
     def n_states(self):
@@ -78,6 +79,12 @@ class IIDProcess(Process):
 
     def unigram_loss(self):
         return float(entropy(self.probs))
+
+    def transition_rows(self):
+        return np.tile(self.probs, (self.n_states + 1, 1))  # after every state, and after BOS (row K)
+
+    def stationary(self):
+        return self.probs
 
 
 if __name__ == "nanomarkov_plugin_test_registry":  # imported by the CLI through NANOMARKOV_PROCESSES
@@ -133,9 +140,8 @@ def test_a_process_defined_in_this_file_runs_generate_theory_train_eval_through_
     result = json.loads((run_dir / "eval.json").read_text())
     assert result["cross_entropy"]["optimal_loss"] == pytest.approx(exact, abs=1e-12)
     assert result["optimal_fidelity"]["mean_kl"] >= 0 and result["run"]["process"] == "iid"
-    assert result["transition_fidelity"] is result["markov_property"] is result["korder_fidelity"] is None
-    assert set(result["skipped"]) == {"transition_fidelity", "markov_property", "korder_fidelity"}
-    assert "a test process" in result["skipped"]["transition_fidelity"]
+    assert result["transition_fidelity"]["mean_kl"] >= 0 and result["markov_property"]["mean_spread"] >= 0
+    assert result["korder_fidelity"] is None and set(result["skipped"]) == {"korder_fidelity"}
 
 
 def test_a_dataset_of_an_unregistered_process_names_the_variable(tmp_path):
@@ -175,7 +181,7 @@ def test_the_process_declares_the_recipe_and_the_metrics(registered):
     assert process_recipe("iid") == IIDProcess.RECIPE and process_recipe("markov") == {}
     assert process_class("hmm").RECIPE == process_class("icl").RECIPE
     chain = IIDProcess(PROBS)
-    assert chain.skipped_metrics().keys() == {"transition_fidelity", "markov_property", "korder_fidelity"}
+    assert chain.skipped_metrics() == {"korder_fidelity": "defined for k-th order chains (process korder)"}
     assert process_class("markov").random(3).skipped_metrics().keys() == {"optimal_fidelity", "korder_fidelity"}
 
 
@@ -271,7 +277,7 @@ def test_ctrl_c_during_a_plugin_import_is_the_users(tmp_path, monkeypatch, capsy
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back after the import
     finally:
         signal.signal(signal.SIGINT, before)
-    assert capsys.readouterr().err == "interrupted\n"
+    assert capsys.readouterr().err.startswith("stopped by SIGINT")  # the user's stop, not a broken plugin
 
 
 def test_what_a_plugin_prints_at_import_goes_to_stderr(tmp_path, capsys):
@@ -380,9 +386,11 @@ def test_a_random_process_that_is_not_what_was_asked_is_refused_naming_it(tmp_pa
     [(("random",), {}, "random (the least a process provides)"),
      (("optimal_log_probs", "entropy_rate"), {}, "optimal_log_probs, entropy_rate (the least"),
      (("n_states",), {}, "n_states"),
-     ((), {"METRICS": ("transition_fidelity",)}, "transition_rows, stationary (transition_fidelity in METRICS)"),
+     (("transition_rows", "stationary"), {"METRICS": ("transition_fidelity",)},
+      "transition_rows, stationary (transition_fidelity in METRICS)"),
      ((), {"METRICS": ("korder_fidelity",)}, "context_order, first_order_rows (korder_fidelity in METRICS)"),
-     ((), {"BELIEF_STATES": True}, "belief_states, n_hidden (BELIEF_STATES = True)")],
+     ((), {"BELIEF_STATES": True}, "belief_states, n_hidden (BELIEF_STATES = True)"),
+     ((), {"OPTIONS": (Option("width", int, 2, "a width"),)}, "width (an attribute named as in OPTIONS")],
 )  # fmt: skip
 def test_a_class_missing_a_method_of_the_contract_is_refused_when_registered(missing, attributes, named):
     incomplete = type("Partial", (Process,), {**vars(IIDProcess), "process": "partial", **attributes})
@@ -441,3 +449,42 @@ def test_transition_fidelity_needs_only_what_the_contract_declares(tmp_path):
     finally:
         PROCESSES.pop("first_order")
     assert result["transition_fidelity"]["mean_kl"] < 1e-9 and result["transition_fidelity"]["start_kl"] < 1e-9
+
+
+def test_eval_runs_the_first_order_metrics_of_a_plugin_through_the_contract_alone(tmp_path, registered):
+    from nanomarkov.data import generate_dataset, load_dataset
+    from nanomarkov.evaluate import evaluate_models
+    from nanomarkov.model import GPT, GPTConfig
+
+    meta = generate_dataset(tmp_path / "d", 4, 16, 16, seq_len=6, process="iid", peak=PEAK)
+    assert meta["peak"] == PEAK  # the base class's options(), from the attribute
+    dataset = load_dataset(tmp_path / "d")
+    torch.manual_seed(0)
+    tiny = GPT(GPTConfig(block_size=5, vocab_size=5, n_layer=1, n_head=1, n_embd=8))
+    exact = torch.nn.functional.pad(torch.log(torch.as_tensor(np.tile(PROBS, (5, 1)))), (0, 1), value=-1e9)
+    table = type("Table", (torch.nn.Module,), {"forward": lambda self, idx: (exact[idx], None)})()
+    results = evaluate_models({"tiny": tiny.eval(), "exact": table}, dataset)
+    assert (
+        results["exact"]["transition_fidelity"]["mean_kl"] < 1e-12 > results["exact"]["markov_property"]["mean_spread"]
+    )
+    # The tiny model's transition KL on the prompts [BOS, s], recomputed here from its logits.
+    prompts = torch.stack([torch.full((4,), 4), torch.arange(4)], dim=1)
+    with torch.no_grad():
+        learned = torch.softmax(tiny(prompts)[0][:, 1, :4].double(), -1).numpy()
+    expected = np.mean([np.sum(PROBS * np.log(PROBS / row)) for row in learned])
+    assert results["tiny"]["transition_fidelity"]["mean_kl"] == pytest.approx(expected, rel=1e-5)
+    assert results["tiny"]["skipped"] == {"korder_fidelity": "defined for k-th order chains (process korder)"}
+
+
+def test_skip_notes_come_from_what_the_class_declares():
+    listed_none = type("Unlisted", (FirstOrder,), {"process": "unlisted", "METRICS": ("optimal_fidelity",)})
+    notes = listed_none(PROCESSES["markov"].random(3)).skipped_metrics()
+    assert notes["transition_fidelity"] == (
+        "process unlisted provides transition_rows and stationary but does not list transition_fidelity in METRICS"
+    )
+    assert "not a first-order chain" not in " ".join(notes.values())
+    members = {
+        name: member for name, member in vars(IIDProcess).items() if name not in ("transition_rows", "stationary")
+    }
+    plain = type("Plain", (Process,), {**members, "process": "plain", "METRICS": ("optimal_fidelity",)})
+    assert "process plain provides no transition_rows()" in plain(PROBS).skipped_metrics()["markov_property"]

@@ -1,6 +1,7 @@
 """The SLURM launcher: submitit's local executor (no cluster), then a real one-node cluster
 (scripts/slurm_local.sh) running grids/tiny.toml with a job cancelled mid-run and resumed."""
 
+import functools
 import json
 import os
 import shutil
@@ -15,9 +16,10 @@ import pytest
 import torch
 
 from nanomarkov import NanoMarkovError
+from nanomarkov.data import generate_dataset
 from nanomarkov.sweep import expand_grid, run_one, run_sweep
 from nanomarkov.sweep import run as sweep_run
-from nanomarkov.sweep.slurm import require_submitit, run_jobs
+from nanomarkov.sweep.slurm import require_submitit, run_jobs, slurm_executor
 from nanomarkov.sweep.status import sweep_status
 
 REPO = Path(__file__).resolve().parents[2]
@@ -322,3 +324,20 @@ def test_tiny_grid_on_slurm_cancelled_run_resumes_and_matches_local(cluster, tmp
     local = run_sweep(grid, tmp_path / "local", jobs=1, threads=1, progress=lambda _: None)
     assert {run["state"] for run in local["runs"].values()} == {"done"}
     assert_same_models(out, tmp_path / "local", list(local["runs"]))
+
+
+def test_tune_workers_run_as_slurm_jobs_and_share_the_study(cluster, tmp_path):
+    optuna = pytest.importorskip("optuna", reason='needs the [tune] extra: pip install -e ".[tune]"')
+    from nanomarkov.tune import TuneSettings, open_study, parse_space, tune  # optuna: the optional [tune] extra
+
+    data = tmp_path / "mm3"
+    generate_dataset(data, n_states=3, train_sequences=64, val_sequences=32, seq_len=16, seed=1)
+    space = parse_space(["n_layer=1", "n_embd=16", "n_head=1", "batch_size=8", "mlp_only=True"])
+    settings = TuneSettings(str(data), str(tmp_path / "study"), 2, 8 * 15 * 8, space, "", evals=2)
+    executor_for = functools.partial(slurm_executor, cpus_per_task=1, time=10, mem="2G")
+    code, best = tune(settings, jobs=2, executor_for=executor_for)
+    assert code == 0, best
+    trials = open_study(settings).get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) >= 2
+    assert all(trial.user_attrs.get("slurm_job") for trial in trials)  # run inside SLURM jobs, not here
+    assert (tmp_path / "study" / "best_recipe.py").exists()

@@ -288,6 +288,7 @@ def test_dry_run_writes_nothing(tmp_path):
         ),
         ({"process": "coin", "n_states": 2, "p": 1.5, "train": 9, "val": 9}, "[[datasets]] entry 1 (coin K=2): "),
         ({"n_states": 7, "train": 9, "val": 9, "seq_len": 1}, "[[datasets]] entry 1 (markov K=7): --seq_len must be"),
+        ({"n_states": 7, "train": 10**12, "val": 9}, "[[datasets]] entry 1 (markov K=7): the dataset needs 232.8 TiB"),
     ],
 )
 def test_a_dry_run_refuses_the_datasets_generate_refuses_naming_the_grid_file_and_entry(tmp_path, entry, message):
@@ -310,6 +311,42 @@ def test_a_dry_run_refuses_a_run_train_refuses_with_its_dataset_naming_the_run(t
         "one_hot_embed needs one residual dimension per token",
     ):
         run_sweep(grid, tmp_path / "out", dry_run=True, progress=print)
+
+
+@pytest.mark.parametrize(
+    "defaults, named",
+    [({"n_embd": 100000, "n_layer": 10}, "n_embd 100000, n_layer 10"), ({"batch_size": 10**8}, "batches of 100000000")],
+)
+def test_a_dry_run_refuses_a_training_step_that_does_not_fit_as_the_real_sweep_does(tmp_path, defaults, named):
+    grid = small_grid()
+    grid["defaults"].update(defaults)
+    for dry_run in (True, False):
+        with pytest.raises(NanoMarkovError) as refused:
+            run_sweep(grid, tmp_path / "out", dry_run=dry_run, progress=print)
+        assert named in str(refused.value) and "use a smaller --batch_size" in str(refused.value)
+        assert str(refused.value).startswith("the grid: [[experiments]] entry 0, run MM-5/MM-5-42: training")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_grid_of_more_runs_than_a_sweep_takes_is_refused_from_its_lists_lengths(tmp_path, monkeypatch):
+    expanded = []
+    monkeypatch.setattr(sweep_grid, "_experiment_runs", lambda *args: expanded.append(args))
+    grid = small_grid(seeds=list(range(20_000)), presets=["default", "c6", "c1"])
+    grid["experiments"].append({"seeds": list(range(50_000)), "tag": "more"})  # 60,000 + 50,000 runs
+    with pytest.raises(NanoMarkovError) as refused:
+        run_sweep(grid, tmp_path / "out", dry_run=True, progress=print)
+    assert str(refused.value).startswith(
+        f"the grid makes 110,000 runs (datasets x presets x seeds), more than the {sweep_grid.MAX_GRID_RUNS:,} a sweep"
+    )
+    assert "split it into several grids" in str(refused.value)
+    assert expanded == [] and not (tmp_path / "out").exists()  # counted, never expanded
+
+
+def test_a_grid_file_too_big_to_parse_quickly_is_refused_unread(tmp_path):
+    path = tmp_path / "grid.toml"
+    path.write_bytes(b"# " + b"x" * sweep_grid.MAX_GRID_BYTES)
+    with pytest.raises(NanoMarkovError, match=r"grid .*grid.toml is 2,097,154 bytes, more than the 2,097,152 read"):
+        expand_grid(path, tmp_path)
 
 
 def test_planning_says_how_it_goes_once_it_takes_a_while(tmp_path, monkeypatch):
@@ -371,3 +408,12 @@ def test_the_processes_grid_expands(tmp_path):
     specs = expand_grid(REPO / "grids" / "processes.toml", tmp_path)
     assert sorted({Path(s.data_dir).name for s in specs}) == ["icl3", "mess3", "mm10", "mm5-order2"]
     assert len(specs) == 8 and all(s.config().mlp_only == (s.dataset["process"] == "markov") for s in specs)
+
+
+def test_a_users_own_sweep_json_is_not_taken_for_a_sweep(tmp_path):
+    """A sweep's folder is told by what a sweep writes in sweep.json, not by the file's name."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "sweep.json").write_text('{"runs": ["mine"]}')
+    with pytest.raises(NanoMarkovError, match=r"holds files that are not a sweep \(sweep.json\).*--force"):
+        run_sweep(small_grid(), tmp_path / "out", dry_run=True, progress=print)
+    assert (tmp_path / "out" / "sweep.json").read_text() == '{"runs": ["mine"]}'

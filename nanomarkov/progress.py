@@ -1,0 +1,144 @@
+"""Long work that says how far it is, and that ends soon after it is asked to stop.
+
+`Heartbeat`: a line on stderr every few seconds, once a piece of work has taken a few, from a thread of
+its own, so that it speaks even while the main thread is inside one long computation (a 15000x15000
+linear solve, a forward pass over 100,000-token sequences): work that is quick says nothing.
+
+`StopDeadline`: Python runs a signal's handler only between two bytecodes of the main thread, so a
+Ctrl-C or SIGTERM that lands inside one long call into numpy or torch waits for that call to return
+(minutes). The signal also wakes a thread here (through signal.set_wakeup_fd); if the command has not
+ended `grace` seconds later, or a second signal comes, the process ends there with the signal's exit code.
+That is safe because nothing the package writes is ever half-written in place: a dataset is built in a
+hidden folder swapped in whole (the next `generate` removes a build a stop left), a checkpoint is
+written under a temporary name and renamed, so a run resumes from its last checkpoint.
+
+This module imports nothing of the package, so that every layer may use it.
+"""
+
+import os
+import select
+import signal
+import sys
+import threading
+import time
+
+# A stop's handler has this long to end the command (finish a step, save a checkpoint, remove a build).
+STOP_GRACE_SECONDS = 10.0
+# A heartbeat's first line comes after this many seconds of work, the next ones this far apart.
+HEARTBEAT_AFTER_SECONDS, HEARTBEAT_EVERY_SECONDS = 5.0, 10.0
+
+
+def stopped_line(signum, when=""):
+    """The one line of a command a signal stopped: what is kept, and what to do."""
+    return (
+        f"stopped by {signal.Signals(signum).name}{when}: nothing is half-written (a dataset is whole or absent, "
+        "a run resumes from its last checkpoint); run the same command again"
+    )
+
+
+def say_on_stderr(line):
+    """One line on stderr, never an exception (stderr may be gone)."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+class Heartbeat:
+    """While its block runs: `say(f"{what}: {status}, {seconds}s")` every `every` seconds once `after` have passed.
+
+    `advance(n)` counts work done (tokens, batches): the status is then "done of total unit (pct %)"; before
+    any, `waiting` (what the work is doing before it can count)."""
+
+    def __init__(self, what, total=None, unit="", waiting="working", say=say_on_stderr, after=None, every=None):
+        self.what, self.total, self.unit, self.waiting, self.say = what, total, unit, waiting, say
+        self.after = HEARTBEAT_AFTER_SECONDS if after is None else after
+        self.every = HEARTBEAT_EVERY_SECONDS if every is None else every
+        self.done, self.started = 0, time.monotonic()
+        self.finished = threading.Event()
+        self.thread = threading.Thread(target=self.beat, name=f"heartbeat of {what}", daemon=True)
+
+    def advance(self, n=1):
+        self.done += n
+
+    def status(self):
+        if not self.done:
+            return self.waiting
+        if not self.total:
+            return f"{self.done:,} {self.unit}".rstrip()
+        return f"{self.done:,} of {self.total:,} {self.unit} ({100 * self.done / self.total:.0f} %)".replace("  ", " ")
+
+    def beat(self):
+        wait = self.after
+        while not self.finished.wait(wait):
+            self.say(f"{self.what}: {self.status()}, {time.monotonic() - self.started:.0f}s")
+            wait = self.every
+
+    def __enter__(self):
+        self.started = time.monotonic()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.finished.set()
+        self.thread.join()
+
+
+class StopDeadline:
+    """In its block (in the main thread): a SIGINT or SIGTERM that the command's own handlers have not ended it
+    for within `grace` seconds, or a second one, ends the process with the signal's exit code (128 + its number)
+    and one line on stderr saying what is kept."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, grace=None, say=say_on_stderr):
+        self.grace = STOP_GRACE_SECONDS if grace is None else grace
+        self.say = say
+        self.read_end = self.write_end = None
+        self.previous_fd = -1
+        self.thread = None
+
+    def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self  # only the main thread may set the wakeup fd; a thread's command has no signals
+        self.read_end, self.write_end = os.pipe()
+        os.set_blocking(self.write_end, False)  # the C handler must never block on a full pipe
+        self.previous_fd = signal.set_wakeup_fd(self.write_end, warn_on_full_buffer=False)
+        self.thread = threading.Thread(target=self.watch, name="stop deadline", daemon=True)
+        self.thread.start()
+        return self
+
+    def watch(self):
+        first = self.next_stop(None)
+        if first is None:
+            return
+        second = self.next_stop(time.monotonic() + self.grace)
+        if second == "closed":
+            return
+        late = "" if second else f" ({self.grace:.0f}s after it, inside a long computation)"
+        self.say(stopped_line(first, late))
+        os._exit(128 + first)
+
+    def next_stop(self, deadline):
+        """The next SIGINT/SIGTERM's number; None at the deadline; 'closed' once the block has ended."""
+        while True:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if deadline is not None and timeout == 0.0:
+                return None
+            readable, _, _ = select.select([self.read_end], [], [], timeout)
+            if not readable:
+                return None
+            data = os.read(self.read_end, 64)
+            if not data:
+                return "closed" if deadline is not None else None
+            stops = [number for number in data if number in self.SIGNALS]
+            if stops:
+                return stops[0]
+
+    def __exit__(self, *exc):
+        if self.thread is None:
+            return
+        signal.set_wakeup_fd(self.previous_fd)
+        os.close(self.write_end)  # the watching thread reads the end of the pipe and returns
+        self.thread.join()
+        os.close(self.read_end)

@@ -51,7 +51,7 @@ from nanomarkov.data import (
 )
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
 from nanomarkov.files import check_output_folder, format_bytes, json_text
-from nanomarkov.processes import DEFAULT_PROCESS, PROCESSES, load_plugins
+from nanomarkov.processes import DEFAULT_PROCESS, PROCESSES, load_plugins, plugin_failure
 from nanomarkov.processes.spec import process_from_file
 from nanomarkov.progress import Heartbeat, StopDeadline, stopped_line
 from nanomarkov.version import VERSION
@@ -372,6 +372,14 @@ def cmd_train(args, extra):
     return 0
 
 
+# What the training lines mean, printed once before them: the demo is a newcomer's first output.
+DEMO_LEGEND = (
+    "    reading the lines below: `iter N: train loss` is the mean loss (nats/token) of the training batches since the "
+    "line before;\n    `eval iter N: val` is the loss on the whole val split, and `excess` how far it is above "
+    "true_loss_val, the true chain's loss on the same sequences (0 is perfect)"
+)
+
+
 def cmd_demo(args, extra):
     """generate MM-10 -> train with the default recipe -> evaluate -> plots."""
     from nanomarkov.evaluate import evaluate_checkpoints, format_eval
@@ -386,13 +394,14 @@ def cmd_demo(args, extra):
     print(f"1/4 generate {data_dir}: 10,000 train + 1,000 val sequences from a random 10-state chain")
     generate_dataset(data_dir, 10, 10000, 1000, fix=fix)
     print(f"2/4 train {cfg.out_dir} with the default recipe")
+    print(DEMO_LEGEND)
     done = train(cfg, overwrite=True)
     if done["status"] != "done":
         return 130
     print(
         f"\nval loss      {done['val_loss']:.6f} nats/token\n"
         f"true loss     {done['true_loss_val']:.6f}  (the true chain on the same val sequences: the floor)\n"
-        f"optimal loss  {done['optimal_loss']:.6f}  (its expectation over all val sets)\n"
+        f"optimal loss  {done['optimal_loss']:.6f}  (the true chain's loss expected over all val sets of this size)\n"
         f"excess        {done['excess']:+.6f}  nats, val loss − true loss, in {done['elapsed_s']:.0f}s\n"
         f"captured      {100 * done['learnable_fraction']:.1f} %  of the learnable structure: "
         "(uniform − val) / (uniform − true), 0 % for a model that learned nothing\n"
@@ -971,7 +980,11 @@ def build_parser():
     _add_import_hmmlearn(verbs)
 
     demo = verbs.add_parser(
-        "demo", help="generate MM-10, train it, print the loss against the optimum (minutes on a CPU)"
+        "demo",
+        help="generate MM-10, train it, print the loss against the optimum (minutes on a CPU)",
+        description="Generate data/mm10 (a random 10-state Markov chain), train a small GPT on it with the default "
+        "recipe into trainings/MM/MM-10/MM-10-42, evaluate it against the exact theory and draw its plots: about a "
+        "minute on a CPU. Training settings may follow as --key=value (e.g. --max_iters=100).",
     )
     demo.set_defaults(func=cmd_demo, takes_overrides=True)
     return parser
@@ -996,18 +1009,24 @@ def guarded(function, *args):
     except NanoMarkovError as e:
         say(f"error: {e}")
         return 2
-    except (MemoryError, RuntimeError) as e:
-        if not is_out_of_memory(e):
-            raise
-        e.__traceback__ = None  # the frames that held what filled the memory go, and that memory with them
-        say(out_of_memory_message(e))
-        return 2
     except KeyboardInterrupt:
         say(stopped_line(signal.SIGINT))
         return 128 + signal.SIGINT
     except Terminated:
         say(stopped_line(signal.SIGTERM))
         return 128 + signal.SIGTERM
+    # Anything else is one line only where it says something to the user: memory that ran out, or a plugin's process
+    # that raised (its own bug, SystemExit included); the package's own failures stay tracebacks to report.
+    except BaseException as e:
+        if isinstance(e, (MemoryError, RuntimeError)) and is_out_of_memory(e):
+            e.__traceback__ = None  # the frames that held what filled the memory go, and that memory with them
+            say(out_of_memory_message(e))
+            return 2
+        plugin = plugin_failure(e)
+        if plugin is None:
+            raise
+        say(f"error: {plugin}")
+        return 2
 
 
 # torch's words for an allocation that failed, where it raises a plain RuntimeError (the CPU allocator,

@@ -129,7 +129,7 @@ class TrainConfig:
         )
         _require(
             self.device in ("auto", "cpu", "cuda", "mps")
-            or (self.device.startswith("cuda:") and self.device[5:].isdigit()),
+            or (self.device.startswith("cuda:") and self.device[5:].isascii() and self.device[5:].isdigit()),
             f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}",
         )
         _require(

@@ -19,6 +19,7 @@ generation killed at any moment leaves nothing that loads.
 import hashlib
 import json
 import math
+import numbers
 import os
 import re
 import shutil
@@ -259,6 +260,7 @@ def plan_dataset(
     dtype = _token_type(dtype, n_states)
     if chain is None:  # built before the identity check: the options' defaults are the chain's to say
         chain = cls.random(n_states, seed=seed, alpha=alpha, sparsity=sparsity, **options)
+        _check_random(cls, chain, n_states)
     chain.check_seq_len(seq_len)  # refused from the sizes alone, before theory allocates anything
     params = dict(
         process=process,
@@ -273,6 +275,23 @@ def plan_dataset(
     )
     params.update(chain.options(), **({} if source is None else {"source": source}), **spec_params)
     return chain, params, dtype
+
+
+def _check_random(cls, chain, n_states):
+    """Refuse what cls.random(n_states, ...) returned unless it is an instance of cls with those K states (a plugin's
+    random() may return anything)."""
+    if not isinstance(chain, cls):
+        made = f"a {type(chain).__name__}"
+    elif isinstance(chain.n_states, bool) or not isinstance(chain.n_states, (int, np.integer)):
+        made = f"a process whose n_states is {chain.n_states!r}, not an integer"
+    elif chain.n_states != n_states:
+        made = f"a process of {chain.n_states} states"
+    else:
+        return
+    raise NanoMarkovError(
+        f"process {cls.process} ({cls.__name__}, module {cls.__module__}): random({n_states}, ...) returned {made}, "
+        f"not a {cls.__name__} of {n_states} states; nothing was written: fix random() or n_states"
+    )
 
 
 def _process_of_spec(spec, chain, process, options, sparsity, alpha):
@@ -368,15 +387,14 @@ def check_free_space(out_dir, chain, params, dtype):
 
 
 def theory_record(chain, seq_len):
-    """meta.json's theory keys of `chain` at `seq_len`, checked (check_theory)."""
-    record = {"theory": chain.theory(seq_len)}
+    """meta.json's theory keys of `chain` at `seq_len`, checked (check_theory) before anything else reads them."""
+    record = {"theory": check_theory(chain, chain.theory(seq_len), seq_len)}
     losses, errors = chain.optimal_loss_by_position(seq_len)
     record["optimal_loss_by_position"] = compact_by_position(
         losses, errors, record["theory"]["entropy_rate"], record["theory"].get("entropy_rate_se")
     )
     record["stage_losses"] = chain.stage_losses(seq_len)  # from theory's sample where estimated: free here
     record["stage_loss_errors"] = chain.stage_loss_errors(seq_len)
-    check_theory(chain, record["theory"], seq_len)
     return record
 
 
@@ -414,15 +432,30 @@ def _write_files(folder, chain, params, dtype, progress, chunk_tokens, theory):
 # also stray by THEORY_SIGMAS of its standard errors.
 THEORY_ROUNDING = 1e-9
 THEORY_SIGMAS = 4
-# The optimal predictor's probabilities are checked on this many sequences of at most this many tokens.
-CHECKED_SEQUENCES, CHECKED_TOKENS = 4, 16
+# The optimal predictor is checked against the sampler on sequences sample() draws: at least CHECKED_SEQUENCES[0] of
+# them (the spread of their losses estimates its own error) and at most CHECKED_SEQUENCES[1], their first positions
+# cut so that the predictor's table holds at most CHECKED_ENTRIES numbers (2 MiB).
+CHECKED_SEQUENCES = (64, 256)
+CHECKED_ENTRIES = 2**18
+# Their mean loss may exceed the stated optimum by this many standard errors before the two are called inconsistent:
+# a one-sided test (a loss is right-skewed, so its mean strays far above only with a spread that widens its error),
+# and five rather than four because a false refusal is not noise here: the same process is refused every time.
+SAMPLE_SIGMAS = 5
 LOSS_KEYS = ("entropy_rate", "optimal_loss", "unigram_loss")
+THEORY_KEYS = (*LOSS_KEYS, "optimal_accuracy", "uniform_loss")
+
+
+def process_label(chain):
+    """A process in a message: its name, class and module (a plugin's author finds their code by these)."""
+    return f"process {chain.process} ({type(chain).__name__}, module {type(chain).__module__})"
 
 
 def theory_bounds(theory, n_states):
     """(what, holds) for each bound every process's theory obeys, whatever its start: losses between 0 and
     log K, the entropy rate at most the unigram loss (H(x_t | past) <= H(x_t) in the stationary regime),
-    the argmax accuracy between 1/K and 1; each with the slack of its numbers' errors."""
+    the argmax accuracy between 1/K and 1; each with the slack of its numbers' errors. Not among them: an
+    optimal loss below the entropy rate, right for a chain started away from its stationary law
+    (the sampler-predictor check of check_theory refuses an optimum below what the predictor reaches)."""
     log_k = math.log(n_states)
 
     def slack(*names):
@@ -447,26 +480,97 @@ def theory_bounds(theory, n_states):
 
 
 def check_theory(chain, theory, seq_len):
-    """Refuse theory that cannot be right (a plugin's wrong probabilities, say) before the dataset is written:
-    a number that is not finite or breaks a bound of theory_bounds, or optimal_log_probs that are not
-    probabilities summing to 1 on a few sampled sequences."""
-    where = f"process {chain.process} ({type(chain).__name__}, module {type(chain).__module__})"
-    numbers = {key: value for key, value in theory.items() if isinstance(value, float)}
-    broken = [f"{key} = {value}" for key, value in numbers.items() if not math.isfinite(value)]
+    """Refuse theory that cannot be right (a plugin's wrong probabilities, say) before the dataset is written, naming
+    the process: a number of THEORY_KEYS (or an error of one) that is not a finite number or breaks a bound of
+    theory_bounds; an optimum by position of the wrong shape; a sample() that is not BOS-led tokens of the asked
+    shape (check_sample); optimal_log_probs that are not probabilities summing to 1 on them, or whose loss on them
+    is far above the stated optimum. Returns theory with those numbers as floats."""
+    values = {key: value for key, value in theory.items() if key.removesuffix("_se") in THEORY_KEYS}
+    broken = [
+        f"{key} = {value!r} is not a finite number"
+        for key, value in values.items()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+    ]
+    broken += [f"it gives no {key}" for key in THEORY_KEYS if key not in theory]
     if not broken:
+        theory = {**theory, **{key: float(value) for key, value in values.items()}}
         broken = [what for what, holds in theory_bounds(theory, chain.n_states) if not holds]
     if not broken:
-        tokens = chain.sample(CHECKED_SEQUENCES, min(seq_len, CHECKED_TOKENS), np.random.default_rng(0))
-        log_probs = np.asarray(chain.optimal_log_probs(tokens), dtype=np.float64)
-        with np.errstate(invalid="ignore", over="ignore"):
-            total = np.exp(log_probs).sum(axis=-1)
-        if np.isnan(log_probs).any() or (log_probs > THEORY_ROUNDING).any() or np.abs(total - 1).max() > 1e-6:
-            broken = ["optimal_log_probs gives probabilities outside [0, 1] or rows that do not sum to 1"]
+        broken = predictor_problems(chain, seq_len)
     if broken:
         raise NanoMarkovError(
-            f"{where} gives theory that cannot be right: {'; '.join(broken)}; nothing was written: fix the "
-            "process (its probabilities, entropies or optimal predictor)"
+            f"{process_label(chain)} gives theory that cannot be right: {'; '.join(broken)}; nothing was written: "
+            "fix the process (its probabilities, entropies, sampler or optimal predictor)"
         )
+    return theory
+
+
+def checked_sizes(chain, seq_len):
+    """(sequences, their length) of check_theory's sample: CHECKED_SEQUENCES within CHECKED_ENTRIES where they fit."""
+    fewest, most = CHECKED_SEQUENCES
+    per_sequence = (seq_len - 1) * chain.n_states
+    n_sequences = min(most, max(fewest, CHECKED_ENTRIES // per_sequence))
+    return n_sequences, min(seq_len, max(2, CHECKED_ENTRIES // (n_sequences * chain.n_states) + 1))
+
+
+def predictor_problems(chain, seq_len):
+    """What is wrong with the optimum by position, or with the optimal predictor on sequences sample() draws (at
+    their first positions, checked_sizes): [] when nothing is."""
+    losses, errors = (np.asarray(part, dtype=np.float64) for part in chain.optimal_loss_by_position(seq_len))
+    if losses.shape != (seq_len - 1,) or errors.shape != (seq_len - 1,):
+        return [
+            f"optimal_loss_by_position({seq_len}) gives shapes {losses.shape}, {errors.shape}, not ({seq_len - 1},)"
+        ]
+    if not (np.isfinite(losses).all() and np.isfinite(errors).all() and (errors >= 0).all()):
+        return ["optimal_loss_by_position gives a loss that is not finite, or a negative error"]
+    n_sequences, length = checked_sizes(chain, seq_len)
+    tokens = check_sample(chain, chain.sample(n_sequences, seq_len, np.random.default_rng(0)), n_sequences, seq_len)
+    tokens = np.asarray(tokens[:, :length], dtype=np.int64)
+    log_probs = np.asarray(chain.optimal_log_probs(tokens))
+    expected_shape = (n_sequences, length - 1, chain.n_states)
+    if log_probs.shape != expected_shape or not np.issubdtype(log_probs.dtype, np.floating):
+        return [
+            f"optimal_log_probs on {tokens.shape} tokens gives {log_probs.dtype} {log_probs.shape}, not {expected_shape}"
+        ]
+    with np.errstate(invalid="ignore", over="ignore"):
+        total = np.exp(log_probs).sum(axis=-1)
+    if np.isnan(log_probs).any() or (log_probs > THEORY_ROUNDING).any() or np.abs(total - 1).max() > 1e-6:
+        return ["optimal_log_probs gives probabilities outside [0, 1] or rows that do not sum to 1"]
+    picked = np.take_along_axis(log_probs, tokens[:, 1:, None], axis=2)[..., 0]
+    if np.isneginf(picked).any():
+        return ["optimal_log_probs gives probability 0 to a token that sample() drew"]
+    per_sequence = -picked.mean(axis=1)
+    mean, error = float(per_sequence.mean()), float(per_sequence.std(ddof=1) / math.sqrt(n_sequences))
+    # se(mean of estimates) <= mean of their errors, whatever their correlation: the bound is conservative.
+    stated, stated_error = float(losses[: length - 1].mean()), float(errors[: length - 1].mean())
+    if mean > stated + SAMPLE_SIGMAS * math.hypot(error, stated_error) + THEORY_ROUNDING:
+        return [
+            f"its optimal predictor's loss on {n_sequences} sequences sample() drew is {mean:.6g} (standard error "
+            f"{error:.2g}) over positions 1..{length - 1}, far above the optimal loss it states there, {stated:.6g} "
+            "(optimal_loss_by_position): sample() and optimal_log_probs() disagree, or that optimum is too low"
+        ]
+    return []
+
+
+def check_sample(chain, tokens, n_sequences, seq_len):
+    """What sample(n_sequences, seq_len, rng) returned, as an array, once it is integer tokens of shape (n_sequences,
+    seq_len), BOS first and states 0..K-1 after; else refused naming the process (a dataset written from it would
+    be refused when loaded, or train on nonsense)."""
+    tokens, k = np.asarray(tokens), chain.n_states
+    if tokens.shape != (n_sequences, seq_len):
+        problem = f"shape {tokens.shape}, not ({n_sequences}, {seq_len})"
+    elif not np.issubdtype(tokens.dtype, np.integer):
+        problem = f"{tokens.dtype} values, not integer tokens"
+    elif (tokens[:, 0] != chain.bos_token).any():
+        problem = f"a sequence that does not start with BOS = {chain.bos_token}"
+    elif tokens[:, 1:].min() < 0 or tokens[:, 1:].max() >= k:
+        problem = f"a token outside the states 0..{k - 1} after BOS"
+    else:
+        return tokens
+    raise NanoMarkovError(
+        f"{process_label(chain)}: sample({n_sequences}, {seq_len}, rng) returned {problem}; nothing was written: fix "
+        "sample() (nanomarkov/processes/base.py says what it returns)"
+    )
 
 
 def compact_by_position(losses, errors, limit, limit_se=None, tolerance=BY_POSITION_TOLERANCE):
@@ -554,7 +658,8 @@ def _write_split(path, chain, n_sequences, seq_len, dtype, rng, chunk_sequences,
     loss_sum = 0.0
     with open(path, "wb") as f:
         for lo in range(0, n_sequences, chunk_sequences):
-            chunk = chain.sample(min(chunk_sequences, n_sequences - lo), seq_len, rng)
+            size = min(chunk_sequences, n_sequences - lo)
+            chunk = check_sample(chain, chain.sample(size, seq_len, rng), size, seq_len)
             chunk = np.ascontiguousarray(chunk, dtype=dtype.newbyteorder("<"))
             buffer = memoryview(chunk).cast("B")
             f.write(buffer)

@@ -749,7 +749,8 @@ def _common_rows(ce, pp, ac, ag):
             "cross-entropy (nats/token)",
             num(ce["val_loss"], ".6f"),
             f"true on val {ce['true_loss_val']:.6f}, expected {ce['optimal_loss']:.6f}",
-            f"bigram {ce['bigram_baseline']:.4f}, unigram {ce['unigram_loss']:.4f}, uniform {ce['uniform_loss']:.4f}"
+            f"bigram (next-token counts on train) {ce['bigram_baseline']:.4f}, unigram {ce['unigram_loss']:.4f}, "
+            f"uniform {ce['uniform_loss']:.4f}"
             + "".join(
                 f", {key.removesuffix('_loss')} {value:.4f}" for key, value in ce.get("process_baselines", {}).items()
             ),
@@ -762,7 +763,8 @@ def _common_rows(ce, pp, ac, ag):
             "uniform 0 %",
         ),
         (
-            "% of optimum: true on val / val (the seed's; flatters)",
+            "% of optimum: true on val / val (the original scripts' score; high even for a uniform guess, so "
+            "the row above is the headline)",
             num(ce["pct_of_optimum"], ".3f", unit=" %"),
             "100 %",
             f"uniform {100 * ce['true_loss_val'] / ce['uniform_loss']:.3f} %",
@@ -827,7 +829,7 @@ def _first_order_rows_md(tf, mp, worst, outputs_finite):
         ),
         ("start distribution KL (after BOS)", num(tf["start_kl"], ".6f"), "0", ""),
         (
-            "Markov spread across histories (mean, max)",
+            "Markov spread: how much the prediction after a state changes with the states before it (mean, max)",
             spread,
             "0",
             f"{mp['contexts']} contexts, >= {mp['min_contexts_per_state']} per state",

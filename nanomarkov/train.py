@@ -72,8 +72,7 @@ def resolve_device(cfg, local_rank=0):
     else:
         device = gpu if cfg.device == "cuda" else cfg.device
     device_type = device.split(":")[0]
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise NanoMarkovError("device is cuda but torch sees no CUDA GPU; use --device=cpu or --device=auto")
+    check_device_available(device)
     if cfg.dtype == "auto":
         dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     else:
@@ -83,6 +82,25 @@ def resolve_device(cfg, local_rank=0):
     # 109 s vs 66 s) loses; long CPU runs may gain from --compile=True (not measured yet).
     use_compile = device_type == "cuda" if cfg.compile == "auto" else cfg.compile
     return device, autocast, use_compile
+
+
+def check_device_available(device):
+    """Refuse a device this machine's torch cannot use (before torch says so in a traceback): cuda without a CUDA GPU
+    or cuda:N past the last one, mps without Apple's GPU."""
+    device_type, _, index = device.partition(":")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise NanoMarkovError(f"device is {device_type} but torch sees no CUDA GPU; use --device=cpu or --device=auto")
+    if device_type == "cuda" and index and int(index) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise NanoMarkovError(
+            f"device is {device} but torch sees {count} CUDA GPU{'s' if count > 1 else ''} (cuda:0 to cuda:{count - 1}); "
+            "use one of them or --device=cuda"
+        )
+    mps = getattr(torch.backends, "mps", None)
+    if device_type == "mps" and not (mps is not None and mps.is_available()):
+        raise NanoMarkovError(
+            "device is mps (an Apple GPU) but this torch cannot use one here; use --device=cpu or --device=auto"
+        )
 
 
 def snapshot_iters(n_snapshots, max_iters, every=0):
@@ -591,7 +609,7 @@ class TrainingLoop:
             "lr": lr,
             "tokens_per_s": round(rate),
         }
-        text = f"iter {it}: loss {record['loss']:.4f} lr {lr:.2e} {rate / 1e3:.1f}k tok/s"
+        text = f"iter {it}: train loss {record['loss']:.4f} lr {lr:.2e} {rate / 1e3:.1f}k tok/s"
         if bar is not None:
             bar.set_postfix_str(f"loss {record['loss']:.4f}")
         # On a terminal the bar shows progress; the files get every line regardless.
@@ -671,12 +689,17 @@ class TrainingLoop:
         }
         if scheduled:
             self.eval_window.clear()
-        # No training step has been taken at the first eval, so there is no train loss to show yet.
-        train_text = "(none yet)" if record["train_loss"] is None else f"{record['train_loss']:.4f}"
+        # No training step has been taken at the first eval, so there is no train loss to show yet; after it, the
+        # mean over every step since the last eval, early ones included: above the iter lines' recent loss.
+        train_text = (
+            "no training step yet"
+            if record["train_loss"] is None
+            else f"train loss since the last eval {record['train_loss']:.4f}"
+        )
         self.outputs.log.line(
-            f"eval iter {it}: train {train_text} val {val_loss:.6f} excess {record['excess']:+.6f} nats over "
-            f"true_loss_val {theory['true_loss_val']:.6f} (expected optimum {estimate_text(theory, 'optimal_loss')}; "
-            f"{record['elapsed_s']:.1f}s)",
+            f"eval iter {it}: val {val_loss:.6f} excess {record['excess']:+.6f} nats over "
+            f"true_loss_val {theory['true_loss_val']:.6f} (expected optimum {estimate_text(theory, 'optimal_loss')}); "
+            f"{train_text}; at {record['elapsed_s']:.1f}s",
             record,
         )
         if self.outputs.wandb_run is not None:

@@ -228,6 +228,13 @@ def test_demo_generates_trains_and_prints_the_loss_against_the_optimum(tmp_path)
     assert f"excess        {done['excess']:+.6f}  nats" in result.stdout
     assert f"captured      {100 * captured:.1f} %  of the learnable structure" in result.stdout
     assert "six metrics" not in result.stdout and "_s[" not in result.stdout
+    # Each kind of line a newcomer meets is said in words once: the training lines, the baselines, the seed's score.
+    assert "`iter N: train loss` is the mean loss (nats/token) of the training batches since" in result.stdout
+    evals = [line for line in result.stdout.splitlines() if line.startswith("eval iter ")]
+    assert "; no training step yet; " in evals[0] and all("; train loss since the last eval " in e for e in evals[1:])
+    assert "bigram (next-token counts on train) " in result.stdout
+    assert "flatters" not in result.stdout and "the row above is the headline" in result.stdout
+    assert "Markov spread: how much the prediction after a state changes with the states before it" in result.stdout
     assert load_dataset(tmp_path / "data" / "mm10").meta["train_sequences"] == 10000
     run_dir = tmp_path / "trainings" / "MM" / "MM-10" / "MM-10-42"
     record = json.loads((run_dir / "eval.json").read_text())

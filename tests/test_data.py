@@ -409,10 +409,25 @@ class Lying(MarkovChain):
         return losses * self.lies.get("loss_factor", 1.0), errors
 
     def optimal_log_probs(self, tokens):
-        return super().optimal_log_probs(tokens) + self.lies.get("log_prob_shift", 0.0)
+        log_probs = super().optimal_log_probs(tokens) + self.lies.get("log_prob_shift", 0.0)
+        return self.lies.get("predicted", lambda log_probs: log_probs)(log_probs)
+
+    def sample(self, n_sequences, seq_len, rng):
+        return self.lies.get("drawn", lambda tokens: tokens)(super().sample(n_sequences, seq_len, rng))
 
 
 SWITCH = [[0.9, 0.1], [0.5, 0.5]]  # entropy rate 0.386, unigram 0.451, log 2 = 0.693: room on both sides
+
+
+# The sequences the theory check draws for a process as small as SWITCH at seq_len 6: the most it takes.
+N = data_module.CHECKED_SEQUENCES[1]
+
+
+def least_likely(tokens):
+    """The sampler of another process: from state 0 always to 1, its less likely next state (0.1)."""
+    tokens = tokens.copy()
+    tokens[:, 1:] = np.arange(tokens.shape[1] - 1) % 2
+    return tokens
 
 
 @pytest.mark.parametrize(
@@ -425,7 +440,17 @@ SWITCH = [[0.9, 0.1], [0.5, 0.5]]  # entropy rate 0.386, unigram 0.451, log 2 = 
      ({"optimal_accuracy": 1.5}, "optimal_accuracy = 1.5 is outside [1/K, 1]"),
      ({"optimal_accuracy": 0.25}, "optimal_accuracy = 0.25 is outside [1/K, 1]"),
      ({"log_prob_shift": np.log(2)}, "optimal_log_probs gives probabilities outside [0, 1]"),
-     ({"log_prob_shift": -0.01}, "rows that do not sum to 1")],
+     ({"log_prob_shift": -0.01}, "rows that do not sum to 1"),
+     ({"entropy_rate": "0.3"}, "entropy_rate = '0.3' is not a finite number"),
+     ({"optimal_accuracy": None}, "optimal_accuracy = None is not a finite number"),
+     ({"loss_factor": 0.6}, "far above the optimal loss it states there"),  # below what its predictor reaches
+     ({"drawn": least_likely}, "far above the optimal loss it states there"),
+     ({"predicted": lambda log_probs: log_probs[:, 1:]}, f"on ({N}, 6) tokens gives float64 ({N}, 4, 2), not ({N}, 5, 2)"),
+     ({"predicted": lambda log_probs: log_probs[..., ::-1]}, "probability 0 to a token that sample() drew"),
+     ({"drawn": lambda tokens: tokens[:, 1:]}, f"sample({N}, 6, rng) returned shape ({N}, 5), not ({N}, 6)"),
+     ({"drawn": lambda tokens: tokens.astype(float)}, "returned float64 values, not integer tokens"),
+     ({"drawn": lambda tokens: tokens + 2}, "a sequence that does not start with BOS = 2"),
+     ({"drawn": lambda tokens: np.where(tokens == 2, 2, tokens + 3)}, "a token outside the states 0..1 after BOS")],
 )  # fmt: skip
 def test_theory_that_cannot_be_right_is_refused_before_anything_is_written(tmp_path, lie, named):
     out = tmp_path / "d"
@@ -437,9 +462,34 @@ def test_theory_that_cannot_be_right_is_refused_before_anything_is_written(tmp_p
     assert "process markov (Lying, module test_data)" in message and named in message
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["d"]  # no build left beside it
-    with pytest.raises(NanoMarkovError, match="cannot be right"):
+    with pytest.raises(NanoMarkovError, match="nothing was written"):
         generate_dataset(tmp_path / "new", None, 6, 3, seq_len=6, chain=Lying(SWITCH, [1.0, 0.0], **lie))
     assert not (tmp_path / "new").exists()
+
+
+def test_a_sampler_that_goes_wrong_after_the_check_is_refused_before_the_swap(tmp_path):
+    """Every chunk is checked as it is written, not only the first draw: the old dataset stays whole."""
+    out = tmp_path / "d"
+    generate_dataset(out, 2, 6, 3, seq_len=6, seed=1)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    calls = []
+
+    def worse_each_call(tokens):
+        calls.append(len(tokens))
+        return tokens if len(calls) < 3 else tokens.astype(float)  # the theory check's draw and one chunk pass
+
+    chain = Lying(SWITCH, [1.0, 0.0], drawn=worse_each_call)
+    with pytest.raises(NanoMarkovError, match=r"sample\(2, 6, rng\) returned float64 values"):
+        generate_dataset(out, None, 6, 3, seq_len=6, force=True, chain=chain, chunk_tokens=12)
+    assert calls[1:] == [2, 2] and {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
+def test_a_rare_costly_token_is_not_taken_for_a_sampler_that_disagrees(tmp_path):
+    """State 0 leaves with probability 1e-4, at a cost of 9.2 nats: most checked sequences never see it, so their
+    mean loss is far below the optimum; a one-sided check does not refuse that (a two-sided one would)."""
+    rare = MarkovChain([[1 - 1e-4, 1e-4], [0.5, 0.5]], [1.0, 0.0])
+    meta = generate_dataset(tmp_path / "d", None, 6, 3, seq_len=8, chain=rare)
+    assert meta["theory"]["optimal_loss"] > 0
 
 
 def test_an_optimum_below_the_entropy_rate_is_right_for_a_chain_started_away_from_its_stationary_law(tmp_path):

@@ -383,6 +383,24 @@ def test_each_process_takes_the_gpu_of_its_local_rank_among_those_it_sees(monkey
         assert resolve_device(cfg, local_rank)[0] == expected
 
 
+@pytest.mark.parametrize(
+    ("device", "gpus", "named"),
+    [("mps", 0, "device is mps (an Apple GPU) but this torch cannot use one here; use --device=cpu"),
+     ("cuda", 0, "device is cuda but torch sees no CUDA GPU"),
+     ("cuda:3", 0, "device is cuda but torch sees no CUDA GPU"),
+     ("cuda:2", 2, "device is cuda:2 but torch sees 2 CUDA GPUs (cuda:0 to cuda:1)"),
+     ("cuda:²", 4, "device must be auto, cpu, cuda, cuda:N or mps, got 'cuda:²'")],
+)  # fmt: skip
+def test_a_device_this_machine_lacks_is_refused_in_words(monkeypatch, device, gpus, named):
+    """Before torch's traceback (mps on Linux: 'PyTorch is not linked with support for mps devices')."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(NanoMarkovError) as refused:
+        resolve_device(TrainConfig(device=device, dtype="float32", compile=False))
+    assert named in str(refused.value)
+
+
 def test_threads_are_set_inside_the_block_and_restored_after():
     before = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -213,7 +213,8 @@ def test_the_log_lines_show_the_floor_of_the_excess_and_the_learnable_structure_
     true_val = meta["theory"]["true_loss_val"]
     lines = (run_a / "training.log").read_text().splitlines()
     evals = [line for line in lines if line.startswith("eval iter")]
-    assert evals[0].startswith("eval iter 0: train (none yet) val ")  # no step taken, no train loss
+    assert evals[0].startswith("eval iter 0: val ") and "; no training step yet; " in evals[0]  # no train loss
+    assert all("; train loss since the last eval " in line for line in evals[1:]) and len(evals) > 1, evals
     assert all(f"nats over true_loss_val {true_val:.6f} (expected optimum" in line for line in evals), evals
     done = json.loads((run_a / "done.json").read_text())
     uniform = math.log(meta["n_states"])  # from uniform (0) to the true process on the same sequences (1)

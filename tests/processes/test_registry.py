@@ -5,8 +5,10 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,16 @@ import pytest
 import torch
 
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.processes import PLUGINS_VARIABLE, PROCESSES, Option, Process, load_plugins, process_class, register
+from nanomarkov.processes import (
+    PLUGINS_VARIABLE,
+    PROCESSES,
+    Option,
+    Process,
+    load_plugins,
+    plugin_failure,
+    process_class,
+    register,
+)
 from nanomarkov.processes.numerics import entropy, token_dtype
 
 
@@ -236,7 +247,11 @@ def test_every_builtin_process_follows_the_contract(name):
     [("import sys\nsys.exit(0)\n", "SystemExit (it called sys.exit(0))"),
      ("raise SystemExit('bye')\n", "sys.exit('bye')"),
      ("raise ValueError('bad\\nthing')\n", "ValueError: bad thing"),
-     ("def broken(:\n", "SyntaxError")],
+     ("def broken(:\n", "SyntaxError"),
+     ("import no_such_module_of_a_plugin\n", "ModuleNotFoundError: No module named 'no_such_module_of_a_plugin'"),
+     ("raise GeneratorExit('closed')\n", "GeneratorExit: closed"),
+     ("class Gone(BaseException):\n    pass\nraise Gone('away')\n", "Gone: away"),
+     ("raise KeyboardInterrupt\n", "KeyboardInterrupt")],  # raised by the plugin: no Ctrl-C arrived
 )  # fmt: skip
 def test_a_plugin_that_raises_anything_at_import_is_refused_in_one_line(tmp_path, monkeypatch, capsys, body, raised):
     from nanomarkov.cli import main
@@ -250,11 +265,120 @@ def test_a_plugin_that_raises_anything_at_import_is_refused_in_one_line(tmp_path
     assert PLUGINS_VARIABLE in err and "plugin.py" in err and raised in err
 
 
-def test_ctrl_c_during_a_plugin_import_is_the_users(tmp_path):
+def test_ctrl_c_during_a_plugin_import_is_the_users(tmp_path, monkeypatch, capsys):
+    from nanomarkov.cli import main
+
     plugin = tmp_path / "interrupted.py"
-    plugin.write_text("raise KeyboardInterrupt\n")
-    with pytest.raises(KeyboardInterrupt):
-        load_plugins(str(plugin))
+    plugin.write_text("import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(5)\n")
+    monkeypatch.setenv(PLUGINS_VARIABLE, str(plugin))
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever the runner set
+    try:
+        assert main(["theory", "d"]) == 130
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back after the import
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert capsys.readouterr().err.startswith("stopped by SIGINT")  # the user's stop, not a broken plugin
+
+
+def test_what_a_plugin_prints_at_import_goes_to_stderr(tmp_path, capsys):
+    plugin = tmp_path / "chatty.py"
+    plugin.write_text("print('loading my process')\n")
+    load_plugins(str(plugin))
+    out, err = capsys.readouterr()
+    assert out == "" and err == "loading my process\n"  # a command's stdout (theory --json) stays its own
+
+
+# A plugin's process whose one method (BODY) is broken; registered by the CLI when NANOMARKOV_PROCESSES names it.
+BROKEN_PLUGIN = """
+from nanomarkov.processes import register
+from test_registry import IIDProcess
+
+
+def helper():
+    return 1 / 0
+
+
+class Broken(IIDProcess):
+    process = "broken"
+{body}
+
+register(Broken)
+"""
+
+
+@pytest.fixture
+def broken_plugin(tmp_path, monkeypatch):
+    """Writes BROKEN_PLUGIN with a method's body and names it in the variable; the registry restored after."""
+    before = dict(PROCESSES)
+
+    def write(body):
+        path = tmp_path / "broken.py"
+        path.write_text(BROKEN_PLUGIN.format(body=textwrap.indent(textwrap.dedent(body), "    ")))
+        monkeypatch.setenv(PLUGINS_VARIABLE, str(path))
+        return path
+
+    yield write
+    PROCESSES.clear()
+    PROCESSES.update(before)
+
+
+@pytest.mark.parametrize(
+    ("body", "raised"),
+    [("@classmethod\ndef random(cls, *args, **kwargs):\n    raise ValueError('no seed')", "ValueError: no seed in random() ("),
+     ("def sample(self, n, seq_len, rng):\n    return {}['key']", "KeyError: 'key' in sample() ("),
+     ("def sample(self, n, seq_len, rng):\n    return helper()", "ZeroDivisionError: division by zero in helper() ("),
+     ("def sample(self, n, seq_len, rng):\n    return self.sample(n, seq_len, rng)", "RecursionError: maximum recursion"),
+     ("def sample(self, n, seq_len, rng):\n    raise SystemExit(0)", "SystemExit (it called sys.exit(0)) in sample() ("),
+     ("def optimal_log_probs(self, tokens):\n    raise GeneratorExit", "GeneratorExit in optimal_log_probs() ("),
+     ("def optimal_accuracy(self, seq_len):\n    return float(self.probs[9])", "IndexError: index 9 is out of bounds")],
+)  # fmt: skip
+def test_a_plugin_that_raises_anything_when_called_is_one_line_naming_it(tmp_path, broken_plugin, capsys, body, raised):
+    from nanomarkov.cli import main
+
+    plugin = broken_plugin(body)
+    argv = ["generate", "4", "--process", "broken", "--train", "8", "--val", "4", "--seq_len", "6", "--out", "d"]
+    assert main([*argv[:-1], str(tmp_path / "d")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("error: process broken (Broken, module ")
+    assert raised in err and "nanomarkov_plugin_broken" in err and "fix the process" in err
+    assert f"({plugin}:" in err or "RecursionError" in err  # the line of the plugin's file that raised
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_failure_in_no_plugin_is_not_blamed_on_one():
+    from nanomarkov.data import compact_by_position
+
+    with pytest.raises(TypeError) as failed:
+        compact_by_position([1.0], [0.0], limit="not a number")  # raised in the package's own code
+    assert plugin_failure(failed.value) is None  # a traceback, to be reported as the package's bug
+
+
+class Miscounted(IIDProcess):
+    """A process whose random() does not make what was asked: n_states told by the class attribute `told`."""
+
+    process = "miscounted"
+    told = 0
+    n_states = property(lambda self: self.told)
+
+
+@pytest.mark.parametrize(
+    ("attributes", "made"),
+    [({"told": 0}, "a process of 0 states"),
+     ({"told": 10**12}, "a process of 1000000000000 states"),
+     ({"told": "four"}, "a process whose n_states is 'four', not an integer"),
+     ({"random": classmethod(lambda cls, *args, **kwargs: None)}, "returned a NoneType")],
+)  # fmt: skip
+def test_a_random_process_that_is_not_what_was_asked_is_refused_naming_it(tmp_path, attributes, made):
+    from nanomarkov.data import generate_dataset
+
+    register(type("Miscounted", (Miscounted,), attributes))
+    try:
+        with pytest.raises(NanoMarkovError) as refused:
+            generate_dataset(tmp_path / "d", 4, 8, 4, seq_len=6, process="miscounted")
+    finally:
+        PROCESSES.pop("miscounted")
+    assert "process miscounted (Miscounted, module test_registry)" in str(refused.value)
+    assert made in str(refused.value) and not (tmp_path / "d").exists()
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,7 @@ def report_lines(result, folder):
     ]
     if mp["mean_spread"] is not None:
         lines.append(
-            f"Markov spread across histories: mean {mp['mean_spread']:.6f}, max {mp['max_spread']:.6f} "
+            f"Markov spread (how much the prediction after a state changes with the states before it): mean {mp['mean_spread']:.6f}, max {mp['max_spread']:.6f} "
             f"(state {mp['max_spread_state']}); 0 for a memoryless model"
         )
     lines.append(f"written: {folder}/learned_matrix.npy, eval.json")

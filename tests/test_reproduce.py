@@ -13,7 +13,7 @@ from nanomarkov.processes import incontext
 from nanomarkov.reproduce import claims_table, paper_names, read_paper, reproduce
 from nanomarkov.reproduce.claims import judge, read_claim
 from nanomarkov.reproduce.paper import PAPERS_DIR, paper_grid
-from nanomarkov.reproduce.quantities import formed_tokens, measure
+from nanomarkov.reproduce.quantities import check_quantity, formed_tokens, measure
 from nanomarkov.sweep import run as sweep_run
 
 # A paper file small enough to run in a test: the smoke scale of shai2024-mess3, smaller still.
@@ -126,6 +126,16 @@ def test_quantities_read_a_dynamics_record():
     assert measure("stage_entered_tokens.unigram", dynamics, None) == 100
     assert measure("stage_left_tokens.unigram", dynamics, None) is None
     assert measure("final_excess", dynamics, {"cross_entropy": {"excess": 0.25}}) == 0.25
+    # per layer: block 1's heads only ("layers" holds the block indices); a block the model lacks gives None
+    entries[-1]["attention_scores"]["layers"] = [0, 1]
+    assert measure("induction_score.0", dynamics, None) == 0.9 and measure("induction_score.1", dynamics, None) == 0.5
+    assert (
+        measure("previous_token_score.1", dynamics, None) is None
+        and measure("induction_score.2", dynamics, None) is None
+    )
+    assert check_quantity("induction_score.1") == "induction_score.1"
+    with pytest.raises(NanoMarkovError, match="induction_score.LAYER"):
+        check_quantity("induction_score.last")
     flat = {"snapshots": [snapshot(0, 0, [[0.4]]), snapshot(5, 50, [[0.3]])]}
     assert formed_tokens(flat, "induction") is None  # the score never rose
 

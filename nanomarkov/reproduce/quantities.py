@@ -4,7 +4,8 @@ eval.json (the final checkpoint on the whole val split).
 
 A plain name (QUANTITIES) is one number per run; a staged name FAMILY.STAGE (STAGE_FAMILIES) reads
 dynamics' stage events of one stage predictor (uniform, unigram, in_context_unigram, optimal, ... as
-the process's stage_log_probs names them). A quantity a run cannot give (a probe on a process
+the process's stage_log_probs names them); a per-layer name FAMILY.LAYER (LAYER_FAMILIES) reads one
+attention layer's heads, LAYER a block index (0 the first). A quantity a run cannot give (a probe on a process
 without hidden states, a stage never approached) is None, and a claim on it does not hold.
 """
 
@@ -34,10 +35,14 @@ def _snapshot(dynamics, where):
     return entries[len(entries) // 2] if where == "middle" else entries[-1]
 
 
-def best_head(entry, key):
-    """The highest score over every attention head of a snapshot (None without attention)."""
+def best_head(entry, key, layer=None):
+    """The highest score over every attention head of a snapshot, or over those of block `layer` (None without
+    attention, or without that layer)."""
     scores = (entry or {}).get("attention_scores") or {}
     values = scores.get(key)
+    if values is not None and layer is not None:
+        layers = scores.get("layers") or []
+        values = values[layers.index(layer)] if layer in layers else None
     return None if values is None or not np.asarray(values).size else float(np.max(values))
 
 
@@ -149,19 +154,39 @@ STAGE_FAMILIES = {
 }
 
 
+# FAMILY (of FAMILY.LAYER, LAYER a block index) -> (what it is, reader(dynamics record, layer) -> float or None)
+LAYER_FAMILIES = {
+    "previous_token_score": (
+        "the best previous-token score over the heads of block LAYER, last snapshot",
+        lambda d, layer: best_head(_snapshot(d, "last"), "previous_token", layer),
+    ),
+    "induction_score": (
+        "the best induction score over the heads of block LAYER, last snapshot",
+        lambda d, layer: best_head(_snapshot(d, "last"), "induction", layer),
+    ),
+}
+
+
 def check_quantity(name):
     """Refuse a name outside the closed set, listing it."""
-    family, dot, stage = name.partition(".") if isinstance(name, str) else ("", "", "")
-    if name in QUANTITIES or (dot and family in STAGE_FAMILIES and stage):
+    family, dot, arg = name.partition(".") if isinstance(name, str) else ("", "", "")
+    staged = dot and family in STAGE_FAMILIES and arg
+    layered = dot and family in LAYER_FAMILIES and arg.isdigit()
+    if name in QUANTITIES or staged or layered:
         return name
-    staged = ", ".join(f"{f}.STAGE" for f in STAGE_FAMILIES)
+    named = ", ".join([*(f"{f}.STAGE" for f in STAGE_FAMILIES), *(f"{f}.LAYER" for f in LAYER_FAMILIES)])
     raise NanoMarkovError(
-        f"unknown quantity {name!r}; choose from {', '.join(QUANTITIES)}, {staged} (docs/papers.md#quantities)"
+        f"unknown quantity {name!r}; choose from {', '.join(QUANTITIES)}, {named} (docs/papers.md#quantities)"
     )
 
 
 def measure(name, dynamics, evaluation):
     """The value of quantity `name` for one run (None where the run cannot give it)."""
-    family, dot, stage = name.partition(".")
-    value = STAGE_FAMILIES[family][1](dynamics, stage) if dot else QUANTITIES[name][1](dynamics, evaluation)
+    family, dot, arg = name.partition(".")
+    if not dot:
+        value = QUANTITIES[name][1](dynamics, evaluation)
+    elif family in LAYER_FAMILIES:
+        value = LAYER_FAMILIES[family][1](dynamics, int(arg))
+    else:
+        value = STAGE_FAMILIES[family][1](dynamics, arg)
     return None if value is None else float(value)

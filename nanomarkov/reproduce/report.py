@@ -21,8 +21,10 @@ def _setting(paper, scale, grid):
     lines.append(f"- seeds: {', '.join(map(str, chosen['seeds']))}")
     lines.append(f"- at this scale, for every run: `{json.dumps(grid['defaults'])}`")
     for e in paper.experiments:
-        about = f" {e['about']}" if e["about"] else ""
-        lines.append(f"- experiment `{e['tag']}`:{about} preset `{e['preset']}`, `{json.dumps(e['overrides'])}`")
+        about = f" {e['about']};" if e["about"] else ""
+        lines.append(
+            f"- experiment `{e['tag']}`:{about} preset `{e['preset']}`, overrides `{json.dumps(e['overrides'])}`"
+        )
     differences = paper.citation.get("differences", [])
     lines += ["", "**Where ours differs from the paper's:**", ""] + [f"- {d}" for d in differences]
     if scale != "paper":

@@ -1,13 +1,15 @@
 """A grid of training runs is data: a TOML file, expanded here into run specs.
 
     [defaults]          TrainConfig overrides for every run
-    [[datasets]]        n_states, train, val (sequences); sparsity, seq_len, seed (default 42) optional;
-                        process (default "markov") and that process's options (korder: order, ...)
+    [[datasets]]        n_states, train, val (sequences); sparsity, alpha (the Dirichlet concentration,
+                        default 1), seq_len, seed (default 42) optional; process (default "markov") and
+                        that process's options (korder: order, ...)
     [[experiments]]     datasets ("all" or [indices]), presets, seeds, overrides {...}, tag (optional)
 
 Each run's folders are decided here, under the sweep's folder OUT:
-    OUT/data/mm{K}[-sparse-S]               one dataset folder per [[datasets]] entry (other processes:
-                                             their own names, e.g. OUT/data/mess3, runs OUT/runs/mess3/mess3-42)
+    OUT/data/mm{K}[-sparse-S][-alpha-A]     one dataset folder per [[datasets]] entry (other processes:
+                                             their own names, e.g. OUT/data/mess3, runs OUT/runs/mess3/mess3-42;
+                                             -alpha-A where alpha is given and not 1)
     OUT/runs/MM-{id}/MM-{id}-{seed}          the seed's run names (MM-{id}-extra/... for c1..c12)
 """
 
@@ -38,7 +40,7 @@ from nanomarkov.processes import DEFAULT_PROCESS, PROCESSES
 from nanomarkov.train import check_training_fits, resolve_device
 
 TOP_KEYS = ("defaults", "datasets", "experiments")
-DATASET_KEYS = ("n_states", "train", "val", "sparsity", "seq_len", "seed", "process")
+DATASET_KEYS = ("n_states", "train", "val", "sparsity", "alpha", "seq_len", "seed", "process")
 EXPERIMENT_KEYS = ("datasets", "presets", "seeds", "overrides", "tag")
 # The most runs one sweep plans and tracks (its sweep.json holds them all): benchmarks/dry_run.py plans this
 # many in seconds. A grid of more is refused before it is expanded; it is several sweeps.
@@ -87,6 +89,8 @@ def dataset_arguments(params) -> tuple:
     """generate_dataset's (and plan_dataset's) positional and keyword arguments for a grid's dataset."""
     options = {k: v for k, v in params.items() if k not in DATASET_KEYS}
     keywords = {k: params[k] for k in ("sparsity", "seq_len", "seed", "process")}
+    if params.get("alpha") is not None:  # generate's default (1) otherwise
+        keywords["alpha"] = params["alpha"]
     return (params["n_states"], params["train"], params["val"]), {**keywords, **options}
 
 
@@ -228,6 +232,8 @@ def _dataset(entry, out_root):
     chain, planned, dtype = plan_dataset(*args, **keywords)
     chosen = {k: entry[k] for k in options if k in entry}
     folder = out_root / "data" / default_data_dir(params["n_states"], params["sparsity"], process, **chosen).name
+    if _alpha_named(params):  # two concentrations of one process, two folders
+        folder = folder.with_name(f"{folder.name}-alpha-{params['alpha']:g}")
     if not is_dataset_folder(folder):  # as generate checks it before it writes (one already there is kept)
         check_free_space(folder, chain, planned, dtype)
     return params, folder, {"vocab_size": chain.vocab_size, "block_size": planned["seq_len"] - 1}
@@ -312,8 +318,15 @@ def _experiment(exp, datasets, defaults):
     return presets, _list_of(exp.get("seeds", [42]), int, "seeds"), overrides, tag
 
 
+def _alpha_named(params) -> bool:
+    """A grid dataset's folder (and run) names its Dirichlet concentration where it is given and not 1."""
+    return isinstance(params.get("alpha"), (int, float)) and params["alpha"] != 1
+
+
 def _run_name(name, seed, params, folder) -> str:
     """The folder the preset's run would have under trainings/, here under OUT/runs."""
-    if params["process"] == "markov":  # the seed's names: MM-100/MM-100-42, MM-100-extra/...
+    if params["process"] == "markov" and not _alpha_named(
+        params
+    ):  # the seed's names: MM-100/MM-100-42, MM-100-extra/...
         return run_folder(name, seed, chain=mm_id(params["n_states"], params["sparsity"]))
     return run_folder(name, seed, dataset=folder.name)  # as `nanomarkov train DIR` names them: mess3/mess3-42

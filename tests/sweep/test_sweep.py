@@ -404,6 +404,30 @@ def test_datasets_of_other_processes_get_their_folders_names_and_recipes(tmp_pat
     }
 
 
+def test_a_datasets_concentration_reaches_generate_and_names_its_folder_where_not_1(tmp_path):
+    grid = {
+        "datasets": [
+            {"n_states": 3, "train": 8, "val": 4, "seq_len": 8, "process": "icl", "alpha": 0.1},
+            {"n_states": 3, "train": 8, "val": 4, "seq_len": 8, "process": "icl", "alpha": 1.0},
+            {"n_states": 3, "train": 8, "val": 4, "seq_len": 8, "alpha": 0.5},
+        ],
+        "experiments": [{"seeds": [5]}],
+    }
+    specs = expand_grid(grid, tmp_path)
+    assert [s.name for s in specs] == [
+        "icl3-alpha-0.1/icl3-alpha-0.1-5",
+        "icl3/icl3-5",
+        "mm3-alpha-0.5/mm3-alpha-0.5-5",
+    ]
+    args, keywords = sweep_grid.dataset_arguments(specs[0].dataset)
+    assert (
+        keywords["alpha"] == 0.1 and "alpha" not in sweep_grid.dataset_arguments({**specs[1].dataset, "alpha": None})[1]
+    )
+    grid["datasets"][0]["alpha"] = -1.0
+    with pytest.raises(NanoMarkovError, match=r"\[\[datasets\]\] entry 0 \(icl K=3\): --alpha must be"):
+        expand_grid(grid, tmp_path)
+
+
 def test_the_processes_grid_expands(tmp_path):
     specs = expand_grid(REPO / "grids" / "processes.toml", tmp_path)
     assert sorted({Path(s.data_dir).name for s in specs}) == ["icl3", "mess3", "mm10", "mm5-order2"]

@@ -48,8 +48,8 @@ def test_cli_generate_icl_default_folder_and_theory(tmp_path, monkeypatch, capsy
     assert main(["theory", str(folder), "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["process"] == "icl" and row["oracle_loss"] < row["optimal_loss"] < row["uniform_loss"]
-    assert main(["generate", "3", "--process", "icl", "--order", "2", "--train", "50", "--val", "10"]) == 2
-    assert "--order is not an option of --process icl" in capsys.readouterr().err
+    assert main(["generate", "3", "--process", "icl", "--n_triggers", "2", "--train", "50", "--val", "10"]) == 2
+    assert "--n_triggers is not an option of --process icl" in capsys.readouterr().err  # bietti's, not icl's
 
 
 def test_evaluating_the_bayes_predictor(icl_data):

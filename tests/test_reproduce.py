@@ -14,6 +14,7 @@ from nanomarkov.reproduce import claims_table, paper_names, read_paper, reproduc
 from nanomarkov.reproduce.claims import judge, read_claim
 from nanomarkov.reproduce.paper import PAPERS_DIR, paper_grid
 from nanomarkov.reproduce.quantities import check_quantity, formed_tokens, measure
+from nanomarkov.reproduce.report import report_text
 from nanomarkov.sweep import run as sweep_run
 
 # A paper file small enough to run in a test: the smoke scale of shai2024-mess3, smaller still.
@@ -150,6 +151,19 @@ def test_every_shipped_paper_reads_and_makes_its_grids(name):
         assert all(e["seeds"] == paper.scales[scale]["seeds"] for e in grid["experiments"])
 
 
+def test_a_scale_s_seq_len_replaces_every_dataset_s(tmp_path):
+    second = '[[datasets]]\nprocess = "mess3"\nn_states = 3\nx = 0.1\nseq_len = 9\n\n[[experiments]]\ntag = "only"'
+    text = TINY.replace('[[experiments]]\ntag = "only"', second).replace(
+        "seeds = [1, 2]", "seeds = [1, 2]\nseq_len = 4"
+    )
+    paper = read_paper(write_paper(tmp_path, text))
+    grid = paper_grid(paper, "smoke")
+    assert [d["seq_len"] for d in grid["datasets"]] == [4, 4]
+    setting = report_text(paper, "smoke", grid, {}, [], [], (0.0, 0.0, 1))
+    assert '"seq_len": 4' in setting and '"seq_len": 9' not in setting  # the report says what ran
+    assert [d["seq_len"] for d in paper_grid(read_paper(write_paper(tmp_path, TINY)), "smoke")["datasets"]] == [6]
+
+
 def write_paper(tmp_path, text):
     path = tmp_path / "paper.toml"
     path.write_text(text)
@@ -165,6 +179,7 @@ def write_paper(tmp_path, text):
         ("value = -1.0", 'value = -1.0\nthan = "final_excess"', "give exactly one of value"),
         ("[scales.smoke]", "[scales.huge]", "[scales]: unknown key 'huge'"),
         ("snapshots = 2, ", "", "keeps no snapshots"),
+        ("seeds = [1, 2]", "seeds = [1, 2]\nseq_len = 1", "[scales]: smoke: seq_len must be an integer >= 2"),
         ('tag = "only"', 'tag = "only"\ndataset = 3', "[[experiments]] entry 0: dataset must be an index 0..0"),
         ('file = "dynamics_loss.png"', 'file = "loss.png"', "[[figures]] entry 0: file 'loss.png' is no dynamics"),
     ],

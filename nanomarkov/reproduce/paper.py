@@ -5,7 +5,8 @@
     [[datasets]]     a grid's [[datasets]] without train and val (the scale gives them)
     [[experiments]]  tag (required, unique), dataset (index, default 0), preset (default "default"),
                      overrides (TrainConfig fields), about (in words): one condition of the paper
-    [scales.S]       S in SCALES: train, val (sequences per dataset), seeds, defaults (TrainConfig fields)
+    [scales.S]       S in SCALES: train, val (sequences per dataset), seeds, defaults (TrainConfig fields),
+                     seq_len (optional: every dataset's at this scale)
     [[figures]]      file (a dynamics plot), experiment (tag), paper (its figure), caption
     [[claims]]       claims.Claim's keys
 
@@ -26,7 +27,7 @@ SCALES = ("smoke", "cpu", "paper")
 TOP_KEYS = ("paper", "datasets", "experiments", "scales", "figures", "claims")
 PAPER_KEYS = ("title", "authors", "year", "url", "setting", "differences")
 EXPERIMENT_KEYS = ("tag", "dataset", "preset", "overrides", "about")
-SCALE_KEYS = ("train", "val", "seeds", "defaults", "about")
+SCALE_KEYS = ("train", "val", "seeds", "defaults", "about", "seq_len")
 FIGURE_KEYS = ("file", "experiment", "paper", "caption")
 FIGURES = (*PLOTS, SIMPLEX_PLOT)
 
@@ -38,7 +39,7 @@ class Paper:
     citation: dict  # [paper]
     datasets: list
     experiments: list  # [{"tag", "dataset", "preset", "overrides", "about"}]
-    scales: dict  # {scale: {"train", "val", "seeds", "defaults", "about"}}
+    scales: dict  # {scale: {"train", "val", "seeds", "defaults", "about"[, "seq_len"]}}
     figures: list
     claims: list  # [Claim]
 
@@ -101,6 +102,9 @@ def _scale(entry):
     seeds = entry["seeds"]
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise NanoMarkovError(f"seeds must be a non-empty list of integers, got {seeds!r}")
+    seq_len = entry.get("seq_len", 2)
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 2:
+        raise NanoMarkovError(f"seq_len must be an integer >= 2 (BOS and one token at least), got {seq_len!r}")
     return {"defaults": {}, "about": "", **entry}
 
 
@@ -174,10 +178,12 @@ def check_scale(paper, scale):
 
 def paper_grid(paper, scale) -> dict:
     """The sweep grid (a dict, as grids/*.toml hold) of the paper at `scale`: every dataset with the scale's
-    sizes, one [[experiments]] entry per experiment (its dataset, preset, overrides, tag) over the scale's seeds."""
+    sizes (train, val and seq_len where the scale gives it), one [[experiments]] entry per experiment (its dataset, preset, overrides, tag) over the scale's seeds."""
     check_scale(paper, scale)
     chosen = paper.scales[scale]
-    datasets = [{**d, "train": chosen["train"], "val": chosen["val"]} for d in paper.datasets]
+    # A scale's seq_len replaces every dataset's: the paper's length at scale paper, a short one for smoke.
+    sizes = {key: chosen[key] for key in ("train", "val", "seq_len") if key in chosen}
+    datasets = [{**d, **sizes} for d in paper.datasets]
     experiments = [
         {
             "datasets": [e["dataset"]],

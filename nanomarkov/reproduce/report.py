@@ -16,8 +16,9 @@ def _setting(paper, scale, grid):
     lines = ["## The setting", "", f"**The paper's:** {paper.citation.get('setting', '(not stated)')}", ""]
     lines += [f"**Ours at scale `{scale}`:** {chosen['about'] or ''}".rstrip(), ""]
     lines += [f"- datasets: {chosen['train']:,} train / {chosen['val']:,} val sequences each"]
-    for i, dataset in enumerate(paper.datasets):
-        lines.append(f"  - dataset {i}: `{json.dumps(dataset)}`")
+    for i, dataset in enumerate(grid["datasets"]):  # the grid's: with a scale's seq_len where it gives one
+        shown = {key: value for key, value in dataset.items() if key not in ("train", "val")}
+        lines.append(f"  - dataset {i}: `{json.dumps(shown)}`")
     lines.append(f"- seeds: {', '.join(map(str, chosen['seeds']))}")
     lines.append(f"- at this scale, for every run: `{json.dumps(grid['defaults'])}`")
     for e in paper.experiments:

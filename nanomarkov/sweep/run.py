@@ -138,7 +138,7 @@ def run_sweep(
     tracker = Progress(manifest, out_root, progress, stop_when_interrupted=executor is None)
     try:
         _launch(specs, tracker, executor, jobs, threads)
-    except KeyboardInterrupt:
+    except BaseException:  # Ctrl-C, SIGTERM (the command line's Terminated): the runs under way resume next time
         tracker.interrupted()
         raise
     evaluate_families(specs, manifest["runs"], progress)

@@ -1002,12 +1002,11 @@ def guarded(function, *args):
         e.__traceback__ = None  # the frames that held what filled the memory go, and that memory with them
         say(out_of_memory_message(e))
         return 2
-    except KeyboardInterrupt:
-        say(stopped_line(signal.SIGINT))
-        return 128 + signal.SIGINT
-    except Terminated:
-        say(stopped_line(signal.SIGTERM))
-        return 128 + signal.SIGTERM
+    except (KeyboardInterrupt, Terminated) as stop:
+        signum = signal.SIGINT if isinstance(stop, KeyboardInterrupt) else signal.SIGTERM
+        # A note is what the command leaves going on (a SLURM sweep's jobs), in the same one line.
+        say("; ".join([stopped_line(signum), *getattr(stop, "__notes__", ())]))
+        return 128 + signum
 
 
 # torch's words for an allocation that failed, where it raises a plain RuntimeError (the CPU allocator,

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanomarkov.cli import main
+from nanomarkov.data import generate_dataset
 from nanomarkov.progress import STOP_GRACE_SECONDS, stopped_line
 from nanomarkov.sweep import run as sweep_run
 from nanomarkov.sweep import run_sweep
@@ -168,3 +170,55 @@ def test_ctrl_c_stops_a_parallel_sweep_without_a_workers_traceback(tmp_path, pre
         assert seconds < STOP_GRACE_SECONDS, seconds
     else:  # each run stopped after its step, with a checkpoint
         assert all("stopped by SIGINT at iter" in log for log in logs)
+
+
+def test_a_stopped_slurm_sweep_leaves_its_jobs_and_names_them_in_its_one_line(tmp_path, monkeypatch, capsys):
+    def submitted_then_stopped(executor, run, specs, threads, on_submit, on_start, on_finish):
+        on_submit({spec.name: f"77_{i}" for i, spec in enumerate(specs)})
+        on_finish(specs[0], {"state": "done", "iters": 12, "excess": 0.1, "seconds": 1})
+        raise KeyboardInterrupt  # Ctrl-C while the sweep waits for its jobs
+
+    monkeypatch.setattr(sweep_run, "slurm_executor", lambda folder, **options: "an executor")
+    monkeypatch.setattr(sweep_run, "run_jobs", submitted_then_stopped)
+    grid, out = tmp_path / "grid.toml", tmp_path / "out"
+    grid.write_text(GRID)
+    assert main(["sweep", str(grid), "--out", str(out), "--launcher", "slurm"]) == 130
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"{stopped_line(signal.SIGINT)}; SLURM job(s) 77_1 go on (scancel them to stop them too); "
+        f"`nanomarkov sweep status {out}` follows them, and the same command collects their results once they are over"
+    ]
+    runs = json.loads((out / "sweep.json").read_text())["runs"]
+    assert [(runs[name]["state"], runs[name]["job_id"]) for name in RUNS] == [("done", "77_0"), ("pending", "77_1")]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads processes from /proc (Linux)")
+def test_tune_stopped_by_sigterm_stops_its_workers_trials(tmp_path):
+    data, out = tmp_path / "mm3", tmp_path / "study"
+    generate_dataset(data, n_states=3, train_sequences=64, val_sequences=32, seq_len=16, seed=1)
+    space = ["lr=1e-3:3e-2", "n_layer=1", "n_embd=16", "n_head=1", "batch_size=8", "mlp_only=True", "wd=0"]
+    command = [
+        "tune",
+        str(data),
+        "--out",
+        str(out),
+        "--trials",
+        "4",
+        "--jobs",
+        "2",
+        "--tokens",
+        "960",
+        "--space",
+        *space,
+    ]
+    proc = start(command, 0.5)
+    logs = [out / "trials" / f"{n:04d}" / "training.log" for n in (0, 1)]
+    wait_for(lambda: all(log.exists() and "eval iter 0" in log.read_text() for log in logs), proc)
+    workers = children(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 143, stderr
+    assert stderr.splitlines() == [stopped_line(signal.SIGTERM)]
+    time.sleep(0.5)
+    assert [pid for pid in workers if running(pid)] == []
+    assert all("stopped by SIGTERM at iter" in log.read_text() for log in logs)

@@ -37,14 +37,17 @@ class Worker:
 
     def __init__(self, context, run, threads):
         self.connection, theirs = context.Pipe()
-        self.process = start_worker(context.Process(target=serve, args=(run, threads, theirs), daemon=True))
+        self.process = start_worker(context.Process(target=serve, args=(run, threads, theirs)))
         theirs.close()
         self.spec = None
 
+    def give(self, spec):
+        """Send the worker a spec (None: end once the run under way is over)."""
+        with suppress(OSError):  # a worker that died has no end to send to; wait() then sees its pipe closed
+            self.connection.send(spec)
+
     def last(self):
-        """Tell the worker to end once its run is over."""
-        with suppress(OSError):  # a worker that died has no end to send to
-            self.connection.send(None)
+        self.give(None)
 
     def result(self):
         """The result of its run, or a failure where the worker died without sending one."""
@@ -69,7 +72,7 @@ def run_in_pool(run, specs, jobs, threads, on_start, on_finish):
                 if worker.spec is None and queue:
                     worker.spec = queue.pop(0)
                     on_start(worker.spec)
-                    worker.connection.send(worker.spec)
+                    worker.give(worker.spec)
             busy = {w.connection: w for w in workers if w.spec is not None}
             for connection in wait(list(busy)):
                 worker = busy[connection]

@@ -222,3 +222,19 @@ def test_tune_stopped_by_sigterm_stops_its_workers_trials(tmp_path):
     time.sleep(0.5)
     assert [pid for pid in workers if running(pid)] == []
     assert all("stopped by SIGTERM at iter" in log.read_text() for log in logs)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads processes from /proc (Linux)")
+def test_a_worker_ends_when_its_parent_is_killed_outright(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    parent = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "orphan_parent.py")], stdout=subprocess.PIPE, env=env
+    )
+    worker = int(parent.stdout.readline())
+    assert running(worker)
+    parent.kill()  # SIGKILL: nothing of the parent runs, as when a second stop ends it with os._exit
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while running(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running(worker)

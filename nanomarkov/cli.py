@@ -1009,12 +1009,11 @@ def guarded(function, *args):
     except NanoMarkovError as e:
         say(f"error: {e}")
         return 2
-    except KeyboardInterrupt:
-        say(stopped_line(signal.SIGINT))
-        return 128 + signal.SIGINT
-    except Terminated:
-        say(stopped_line(signal.SIGTERM))
-        return 128 + signal.SIGTERM
+    except (KeyboardInterrupt, Terminated) as stop:
+        signum = signal.SIGINT if isinstance(stop, KeyboardInterrupt) else signal.SIGTERM
+        # A note is what the command leaves going on (a SLURM sweep's jobs), in the same one line.
+        say("; ".join([stopped_line(signum), *getattr(stop, "__notes__", ())]))
+        return 128 + signum
     # Anything else is one line only where it says something to the user: memory that ran out, or a plugin's process
     # that raised (its own bug, SystemExit included); the package's own failures stay tracebacks to report.
     except BaseException as e:

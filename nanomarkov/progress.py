@@ -12,9 +12,16 @@ That is safe because nothing the package writes is ever half-written in place: a
 hidden folder swapped in whole (the next `generate` removes a build a stop left), a checkpoint is
 written under a temporary name and renamed, so a run resumes from its last checkpoint.
 
+A command that trains in worker processes (a sweep's --jobs, tune's --jobs) passes a stop on to them:
+`start_worker` starts one with SIGINT/SIGTERM held back until `worker_signals` (its first act) can hear them;
+`stop_workers` sends SIGTERM to each and waits for them, each stopping as a lone `train` does (after its step,
+with a checkpoint), within STOP_GRACE_SECONDS; a worker whose parent is gone ends at once, so no stop of
+the parent, however hard, leaves a worker training alone.
+
 This module imports nothing of the package, so that every layer may use it.
 """
 
+import multiprocessing
 import os
 import select
 import signal
@@ -24,6 +31,10 @@ import time
 
 # A stop's handler has this long to end the command (finish a step, save a checkpoint, remove a build).
 STOP_GRACE_SECONDS = 10.0
+# How long a command waits for its workers to stop: longer than a training step and the checkpoint after it,
+# with 2 s of STOP_GRACE_SECONDS left for the command's own last writes (the sweep's manifest) and its exit.
+WORKERS_STOP_SECONDS = STOP_GRACE_SECONDS - 2.0
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 # A heartbeat's first line comes after this many seconds of work, the next ones this far apart.
 HEARTBEAT_AFTER_SECONDS, HEARTBEAT_EVERY_SECONDS = 5.0, 10.0
 
@@ -109,31 +120,33 @@ class StopDeadline:
         return self
 
     def watch(self):
-        first = self.next_stop(None)
-        if first is None:
+        stops = self.next_stops(None)
+        if not stops:
             return
-        second = self.next_stop(time.monotonic() + self.grace)
-        if second == "closed":
+        # Two stops may come in one read (a second Ctrl-C while this thread waited for a busy CPU): that is the second.
+        later = stops[1:] or self.next_stops(time.monotonic() + self.grace)
+        if later == "closed":
             return
-        late = "" if second else f" ({self.grace:.0f}s after it, inside a long computation)"
-        self.say(stopped_line(first, late))
-        os._exit(128 + first)
+        late = "" if later else f" ({self.grace:.0f}s after it, inside a long computation)"
+        self.say(stopped_line(stops[0], late))
+        os._exit(128 + stops[0])
 
-    def next_stop(self, deadline):
-        """The next SIGINT/SIGTERM's number; None at the deadline; 'closed' once the block has ended."""
+    def next_stops(self, deadline):
+        """The numbers of the next SIGINTs/SIGTERMs read at once; [] at the deadline (or, without one, once the
+        block has ended); 'closed' once the block has ended before the deadline."""
         while True:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             if deadline is not None and timeout == 0.0:
-                return None
+                return []
             readable, _, _ = select.select([self.read_end], [], [], timeout)
             if not readable:
-                return None
+                return []
             data = os.read(self.read_end, 64)
             if not data:
-                return "closed" if deadline is not None else None
+                return "closed" if deadline is not None else []
             stops = [number for number in data if number in self.SIGNALS]
             if stops:
-                return stops[0]
+                return stops
 
     def __exit__(self, *exc):
         if self.thread is None:
@@ -142,3 +155,62 @@ class StopDeadline:
         os.close(self.write_end)  # the watching thread reads the end of the pipe and returns
         self.thread.join()
         os.close(self.read_end)
+
+
+class WorkerStopped(BaseException):
+    """A worker process's SIGINT or SIGTERM outside training (training's own handlers stop it after a step): the
+    worker ends quietly, the stop's one line being its parent's. A BaseException, like KeyboardInterrupt, so that
+    no `except Exception` takes it for a run's failure."""
+
+
+def raise_worker_stopped(signum, frame):
+    raise WorkerStopped(signum)
+
+
+def start_worker(process):
+    """process.start() with SIGINT and SIGTERM blocked in the child until worker_signals: a Ctrl-C that reaches the
+    process group while the child imports torch would otherwise end it with a traceback. They are blocked in this
+    thread only while it starts the child (which inherits the mask); a stop that comes then is delivered after."""
+    if threading.current_thread() is not threading.main_thread():
+        process.start()
+        return process
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        process.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    return process
+
+
+def worker_signals():
+    """In a worker process, first: SIGINT/SIGTERM raise WorkerStopped (outside training), and the worker ends at
+    once when its parent does (a parent ended hard, by a second stop or SIGKILL, must not leave it training)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, raise_worker_stopped)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=end_with_parent, args=(parent.sentinel,), name="parent watch", daemon=True).start()
+
+
+def end_with_parent(sentinel):
+    select.select([sentinel], [], [])  # readable once the parent has ended
+    os._exit(128 + signal.SIGTERM)
+
+
+def stop_workers(processes, wait_s=None):
+    """SIGTERM to each worker still alive, then up to `wait_s` (WORKERS_STOP_SECONDS) for all to end; those still
+    alive then are killed (SIGKILL: a checkpoint is never half-written, the run resumes from its last one).
+    Returns how many were killed."""
+    deadline = time.monotonic() + (WORKERS_STOP_SECONDS if wait_s is None else wait_s)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()  # SIGTERM
+    killed = 0
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
+            killed += 1
+    return killed

@@ -208,7 +208,8 @@ class StopRequests:
     def handle(self, signum, frame):
         if self.requested is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
+        # The first stop names it (a sweep's worker gets the terminal's SIGINT, then its parent's SIGTERM).
+        self.requested = self.requested or signal.Signals(signum).name
         self.count += 1
         self.since = self.since or time.monotonic()
 

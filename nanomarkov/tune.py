@@ -36,6 +36,7 @@ from nanomarkov.config import TrainConfig, dataset_preset, format_config_file
 from nanomarkov.data import load_dataset, stage_losses
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
 from nanomarkov.files import check_output_folder, holds_record, read_json_or_none, write_atomic, write_json
+from nanomarkov.progress import WorkerStopped, start_worker, stop_workers, worker_signals
 from nanomarkov.report import png_bytes
 from nanomarkov.train import train
 
@@ -395,13 +396,16 @@ def run_slurm_workers(settings, jobs, executor, poll_s=1.0):
     except (FailedJobError, OSError) as e:
         raise NanoMarkovError(f"SLURM submission failed: {(str(e).strip().splitlines() or [''])[-1]}") from None
     print(f"{jobs} worker(s) submitted to SLURM as jobs {' '.join(job.job_id for job in submitted)}")
-    study, reported = open_study(settings), 0
-    while not all(job.done() for job in submitted):
-        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-        if finished != reported:
-            print(f"{finished} of {settings.trials} trials finished")
-            reported = finished
-        time.sleep(poll_s)
+    try:
+        wait_for_slurm_workers(settings, submitted, poll_s)
+    except BaseException as stop:  # Ctrl-C, SIGTERM: the jobs are the cluster's and go on; the one line says so
+        left = [job.job_id for job in submitted if not job.done()]
+        if left:
+            stop.add_note(
+                f"SLURM job(s) {' '.join(left)} go on running trials (scancel them to stop them too); "
+                "the same command continues the study"
+            )
+        raise
     lost, codes = [], [0]
     for job in submitted:
         try:
@@ -414,14 +418,28 @@ def run_slurm_workers(settings, jobs, executor, poll_s=1.0):
     return max(codes)
 
 
+def wait_for_slurm_workers(settings, submitted, poll_s):
+    """Until every job is over, printing the count of finished trials as it grows."""
+    study, reported = open_study(settings), 0
+    while not all(job.done() for job in submitted):
+        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+        if finished != reported:
+            print(f"{finished} of {settings.trials} trials finished")
+            reported = finished
+        time.sleep(poll_s)
+
+
 def worker_process(settings, results):
-    """A local worker's body: its exit code, or its one-line error, sent back through `results`."""
+    """A local worker's body: its exit code, or its one-line error, sent back through `results`; a stop outside
+    training ends it quietly (its trial, RUNNING, is failed by the next run's fail_dead_trials)."""
     try:
+        worker_signals()  # a stop held back while the worker started is raised here
         results.send(("code", run_worker(settings)))
     except NanoMarkovError as e:
         results.send(("error", str(e)))
-    except KeyboardInterrupt:
-        results.send(("code", 130))
+    except (KeyboardInterrupt, WorkerStopped):
+        with contextlib.suppress(OSError):  # the parent may be gone
+            results.send(("code", 130))
 
 
 def run_local_workers(settings, jobs, body=worker_process):
@@ -431,15 +449,18 @@ def run_local_workers(settings, jobs, body=worker_process):
     # Separate processes: each its own torch threads and its own connection to the shared storage.
     context = multiprocessing.get_context("spawn")
     workers = []
-    for _ in range(jobs):
-        receive, send = context.Pipe(duplex=False)
-        worker = context.Process(target=body, args=(settings, send))
-        worker.start()
-        send.close()
-        workers.append((worker, receive))
+    try:
+        for _ in range(jobs):
+            receive, send = context.Pipe(duplex=False)
+            workers.append((start_worker(context.Process(target=body, args=(settings, send))), receive))
+            send.close()
+        for worker, _ in workers:
+            worker.join()
+    except BaseException:  # Ctrl-C, SIGTERM: each worker stops as a lone `train` does, and is waited for
+        stop_workers([worker for worker, _ in workers])
+        raise
     outcomes = []
     for worker, receive in workers:
-        worker.join()
         try:
             outcomes.append(receive.recv() if receive.poll() else ("died", worker.exitcode))
         except EOFError:  # poll() is true at the end of a pipe whose writer died without a word

@@ -1,6 +1,7 @@
 """nanomarkov/progress.py: long work says how far it is once it takes a while (and nothing before), and a stop
 ends the process within its grace even when the main thread is inside one long call."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -86,3 +87,18 @@ def test_the_ranks_of_a_process_group_have_no_deadline():
     assert isinstance(stop_deadline({"SLURM_STEP_NUM_TASKS": "1"}), StopDeadline)
     assert not isinstance(stop_deadline({"RANK": "0", "WORLD_SIZE": "2"}), StopDeadline)
     assert not isinstance(stop_deadline({"SLURM_STEP_NUM_TASKS": "4"}), StopDeadline)
+
+
+def test_two_stops_read_at_once_are_the_second_stop(monkeypatch):
+    """A second Ctrl-C that comes before the watching thread has read the first (a busy CPU) is in the same read."""
+    said, exits = [], []
+    deadline = StopDeadline(grace=2, say=said.append)
+    deadline.read_end, write_end = os.pipe()
+    os.write(write_end, bytes([signal.SIGINT, signal.SIGINT]))
+    monkeypatch.setattr(os, "_exit", exits.append)
+    try:
+        deadline.watch()
+    finally:
+        os.close(deadline.read_end)
+        os.close(write_end)
+    assert exits == [128 + signal.SIGINT] and said == [stopped_line(signal.SIGINT)]  # at once, not "2s after it"

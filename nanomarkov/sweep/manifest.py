@@ -94,8 +94,10 @@ class Progress:
             raise KeyboardInterrupt
 
     def interrupted(self):
-        """The sweep was stopped: its local runs under way are pending again (SLURM jobs go on without it)."""
+        """The sweep was stopped: its local runs under way are pending again. SLURM jobs go on without it (they are
+        the cluster's, and a rerun or `sweep status` picks them up): returns the ids of those not yet over."""
         for run in self.runs.values():
             if run["state"] == "running" and "job_id" not in run:
                 run.update(state="pending", error="interrupted; run the sweep again to resume")
         self.save()
+        return [run["job_id"] for run in self.runs.values() if "job_id" in run and run["state"] not in SETTLED]

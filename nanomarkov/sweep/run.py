@@ -138,8 +138,10 @@ def run_sweep(
     tracker = Progress(manifest, out_root, progress, stop_when_interrupted=executor is None)
     try:
         _launch(specs, tracker, executor, jobs, threads)
-    except KeyboardInterrupt:
-        tracker.interrupted()
+    except BaseException as stop:  # Ctrl-C, SIGTERM (cli's Terminated): the runs under way resume next time
+        jobs_left = tracker.interrupted()
+        if jobs_left:  # the stop's one line says so (cli.guarded reads the note)
+            stop.add_note(slurm_jobs_left_note(jobs_left, out_root))
         raise
     evaluate_families(specs, manifest["runs"], progress)
     manifest["finished"] = time.time()
@@ -147,6 +149,14 @@ def run_sweep(
     manifest["dynamics"] = write_dynamics_reports(Path(out_root) / "runs", progress)
     save_manifest(manifest, out_root)
     return manifest
+
+
+def slurm_jobs_left_note(job_ids, out_root):
+    """What a stopped SLURM sweep leaves: its jobs, which go on, and how to follow and collect them."""
+    return (
+        f"SLURM job(s) {' '.join(job_ids)} go on (scancel them to stop them too); `nanomarkov sweep status "
+        f"{out_root}` follows them, and the same command collects their results once they are over"
+    )
 
 
 def say_plan(specs, manifest, progress):

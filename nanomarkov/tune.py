@@ -35,7 +35,15 @@ from optuna.trial import TrialState
 from nanomarkov.config import TrainConfig, dataset_preset, format_config_file
 from nanomarkov.data import load_dataset, stage_losses
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
-from nanomarkov.files import check_output_folder, holds_record, read_json_or_none, write_atomic, write_json
+from nanomarkov.files import (
+    check_output_folder,
+    holds_record,
+    protected_folder,
+    read_capped,
+    read_json_or_none,
+    write_atomic,
+    write_json,
+)
 from nanomarkov.progress import WorkerStopped, start_worker, stop_workers, worker_signals
 from nanomarkov.report import png_bytes
 from nanomarkov.train import train
@@ -64,6 +72,7 @@ FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 DEFAULT_TOKENS_CAP = 4_000_000
 DEFAULT_EVALS = 10
 STUDY_NAME = "nanomarkov-tune"
+SPACE_FILE_MAX_BYTES = 1 << 20  # a space file is a few lines; a larger "file" is a device or a mistake
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -107,7 +116,7 @@ def parse_space(entries):
 def read_space_file(path):
     """A space file: TOML or JSON of name = "SPEC" (the command line's syntax), e.g. lr = "1e-4:1e-2"."""
     try:
-        text = Path(path).read_text()
+        text = read_capped(path, SPACE_FILE_MAX_BYTES).decode()
         values = tomllib.loads(text) if path.endswith(".toml") else json.loads(text)
     except (OSError, ValueError) as e:
         raise NanoMarkovError(f"cannot read the space file {path} ({e}); {SPACE_SYNTAX}") from None
@@ -235,6 +244,19 @@ def storage_url(settings):
     return settings.storage or f"sqlite:///{(Path(settings.out) / 'study.db').resolve()}"
 
 
+def check_storage(url):
+    """Refuse an SQLite storage whose file would land in a folder no command writes into (the root, a home, a
+    system folder) or is not a regular file; other URLs are the database server's business."""
+    if not url.startswith("sqlite:///"):
+        return
+    path = Path(url[len("sqlite:///") :] or ".")
+    why = protected_folder(path.parent)
+    if why:
+        raise NanoMarkovError(f"--storage {url}: {path.parent} is {why}; give a file in a folder of yours")
+    if path.exists() and not path.is_file():
+        raise NanoMarkovError(f"--storage {url}: {path} is not a regular file; give an SQLite file")
+
+
 def open_study(settings):
     """The study in its storage, created with the default recipe as its first trial when new."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # trials are reported in our own lines
@@ -257,6 +279,7 @@ def start_study(settings):
     """Check the folder and the settings against a study already there; fail the trials of dead workers;
     enqueue the default recipe into a new study. Returns the study."""
     out = Path(settings.out)
+    check_storage(storage_url(settings))
     check_output_folder(out, "tuning study", is_tune_folder, force=None, flag="--out")
     saved = read_json_or_none(out / "tune.json")
     if saved is not None and saved.get("identity") != settings.identity():
@@ -381,7 +404,13 @@ def tune(settings, jobs=1, executor_for=None):
         code = run_slurm_workers(settings, jobs, executor_for(Path(settings.out) / "slurm"))
     else:
         code = run_worker(settings) if jobs == 1 else run_local_workers(settings, jobs)
-    return code, write_outputs(settings, open_study(settings))
+    try:
+        return code, write_outputs(settings, open_study(settings))
+    except NanoMarkovError:
+        if code == 0:
+            raise
+        # Stopped (Ctrl-C, SIGTERM, a dead worker) before any trial finished: that, not "more trials", is the news.
+        return code, "stopped before any trial finished; run the same command again to continue the study"
 
 
 def run_slurm_workers(settings, jobs, executor, poll_s=1.0):

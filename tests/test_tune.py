@@ -18,6 +18,7 @@ from nanomarkov.errors import NanoMarkovError
 from nanomarkov.tune import (
     TuneSettings,
     base_recipe,
+    check_storage,
     is_tune_folder,
     open_study,
     parse_space,
@@ -145,3 +146,18 @@ def test_each_trial_runs_with_the_threads_asked_for(tiny_data, tmp_path):
     settings = dataclasses.replace(settings_for(tiny_data, tmp_path / "study", 1), threads=2)
     base = base_recipe(settings)
     assert trial_config(settings, base, {}, 0, 16)["threads"] == 2
+
+
+def test_a_storage_file_in_a_system_folder_or_not_a_file_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(NanoMarkovError, match="system folder"):
+        check_storage("sqlite:////etc/nanomarkov-study.db")
+    with pytest.raises(NanoMarkovError, match="not a regular file"):
+        check_storage(f"sqlite:///{tmp_path}")  # a folder where the database file would be
+    check_storage(f"sqlite:///{tmp_path / 'study.db'}")  # a file of the user's: fine
+    assert not Path("/etc/nanomarkov-study.db").exists()
+
+
+def test_a_space_file_that_is_a_device_is_refused_unread(tmp_path):
+    (tmp_path / "z.toml").symlink_to("/dev/zero")
+    with pytest.raises(NanoMarkovError, match="cannot read the space file"):
+        parse_space([str(tmp_path / "z.toml")])

@@ -21,6 +21,7 @@ the parent, however hard, leaves a worker training alone.
 This module imports nothing of the package, so that every layer may use it.
 """
 
+import contextlib
 import multiprocessing
 import os
 import select
@@ -207,10 +208,31 @@ def stop_workers(processes, wait_s=None):
         if process.is_alive():
             process.terminate()  # SIGTERM
     killed = 0
-    for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
-        if process.is_alive():
-            process.kill()
-            process.join()
-            killed += 1
+    with stops_left_to_the_deadline():
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join()
+                killed += 1
     return killed
+
+
+@contextlib.contextmanager
+def stops_left_to_the_deadline():
+    """In its block, a further Ctrl-C or SIGTERM raises nothing in the main thread: the stop under way is being
+    acted on, and a second one is StopDeadline's to end the process with (its one line), not a second exception
+    whose line would follow the first."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.signal(number, ignore_signal) for number in StopDeadline.SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+
+
+def ignore_signal(signum, frame):
+    """A Python-level handler that does nothing: the C handler has already told StopDeadline's wakeup pipe."""

@@ -153,7 +153,7 @@ def ctrl_c_twice(proc):
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads processes from /proc (Linux)")
-@pytest.mark.parametrize("presses", [1, 2])
+@pytest.mark.parametrize("presses", [2])  # one press takes the SIGTERM test's path (the workers get SIGTERM either way)
 def test_ctrl_c_stops_a_parallel_sweep_without_a_workers_traceback(tmp_path, presses):
     grid, out = tmp_path / "grid.toml", tmp_path / "out"
     grid.write_text(GRID)

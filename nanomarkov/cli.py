@@ -51,7 +51,15 @@ from nanomarkov.data import (
 )
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
 from nanomarkov.files import check_output_folder, format_bytes, json_text
-from nanomarkov.processes import DEFAULT_PROCESS, PROCESSES, load_plugins, plugin_failure
+from nanomarkov.processes import (
+    DEFAULT_PROCESS,
+    PROCESSES,
+    load_plugins,
+    noting_user_signals,
+    plugin_failure,
+    raised_by_plugin,
+    signal_of_user,
+)
 from nanomarkov.processes.spec import process_from_file
 from nanomarkov.progress import Heartbeat, StopDeadline, stopped_line
 from nanomarkov.version import VERSION
@@ -1001,6 +1009,13 @@ def say(line):
 
 def guarded(function, *args):
     """Run a command: bad input is one line on stderr and exit 2, a failed run exit 1, Ctrl-C 130."""
+    with noting_user_signals() as arrived:  # a plugin's KeyboardInterrupt is told from the user's Ctrl-C by this
+        return answered(arrived, function, *args)
+
+
+def answered(arrived, function, *args):
+    """guarded's body: each exception of the command as its exit code and its line on stderr; `arrived`, the user's
+    signals that came while it ran (noting_user_signals)."""
     try:
         return function(*args)
     except TrainingDiverged as e:
@@ -1010,6 +1025,13 @@ def guarded(function, *args):
         say(f"error: {e}")
         return 2
     except (KeyboardInterrupt, Terminated) as stop:
+        # A plugin's own `raise KeyboardInterrupt` is its bug: taken for a Ctrl-C, it would ask the user to run
+        # again what stops the same way every time. It is the plugin's where no signal of the user's arrived and
+        # the plugin's code raised it (training's second Ctrl-C is raised in StopRequests' handler, not there).
+        plugin = None if signal_of_user(stop, arrived) else raised_by_plugin(stop)
+        if plugin is not None:
+            say(f"error: {plugin}")
+            return 2
         signum = signal.SIGINT if isinstance(stop, KeyboardInterrupt) else signal.SIGTERM
         # A note is what the command leaves going on (a SLURM sweep's jobs), in the same one line.
         say("; ".join([stopped_line(signum), *getattr(stop, "__notes__", ())]))

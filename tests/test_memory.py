@@ -188,3 +188,16 @@ def test_a_checkpoint_whose_model_args_were_edited_is_refused_before_the_model_i
     error = one_line_error(capsys, ["export", str(path), "--out", str(tmp_path / "export")])
     assert "needs" in error and "this machine has" in error
     assert folder_bytes(tmp_path) == before
+
+
+def test_an_npz_spec_is_refused_by_the_estimate_of_the_process_it_builds_before_reading(tmp_path, free_gib):
+    # 8000 x 8000 floats are 488 MiB to read, within the 1 GiB free; the chain and its theory hold five
+    # of them (MarkovChain.check_memory, as `generate 8000` estimates), 2.4 GiB: refused before reading.
+    spec = tmp_path / "bomb.npz"
+    spec.write_bytes(huge_npz_header({"transmat": (8000, 8000), "startprob": (8000,)}))
+    with pytest.raises(NanoMarkovError, match=r"bomb.npz: K = 8000's chain and its theory .* needs 2.4 GiB, this"):
+        read_spec(spec)
+    tokens = tmp_path / "tokens.npz"  # (K, H, H) token matrices: five copies of 3 x 6000 x 6000 floats, 4.0 GiB
+    tokens.write_bytes(huge_npz_header({"token_transitions": (3, 6000, 6000)}))
+    with pytest.raises(NanoMarkovError, match=r"tokens.npz: entry token_transitions.npy .* needs 4.0 GiB, this"):
+        read_spec(tokens)

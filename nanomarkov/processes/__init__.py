@@ -172,6 +172,16 @@ def plugin_failure(error):
     )
 
 
+def raised_by_plugin(error):
+    """The one line of plugin_failure for an exception that a plugin's own code raised: the innermost frame of its
+    traceback, where it was raised, runs a plugin. None otherwise, as for a KeyboardInterrupt that a signal handler
+    raised while a plugin ran (the handler's frame is the innermost)."""
+    frames = list(traceback.walk_tb(getattr(error, "__traceback__", None)))
+    if not frames or plugin_class_of(frames[-1][0])[0] is None:
+        return None
+    return plugin_failure(error)
+
+
 def plugin_class_of(frame):
     """(the plugin class whose code a frame runs, whether the frame is in a plugin's own module), or (None, False).
 

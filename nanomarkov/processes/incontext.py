@@ -104,6 +104,13 @@ START_LAW_MATRICES = 200_000
 # The order option (order k > 1): its largest number of contexts K^k. theory solves a K^k x K^k
 # lifted chain per sampled sequence for the entropy rate (256: about 2 s for 1000 sequences).
 MAX_CONTEXTS = 256
+# Below this concentration numpy's Dirichlet draws rows with entries exactly 0 (its small-alpha method), so an
+# order-k tensor's lifted chain needs the class analysis of _stationaries (a K^k x K^k closure, settled_laws
+# where it splits): about a minute at 81 contexts (K = 3, order 4, alpha 0.01), past an hour at alpha 1e-8.
+# Orders above 1 with more contexts than MAX_SMALL_CONCENTRATION_CONTEXTS are refused there (about 6 s at 27:
+# K = 3, order 3, alpha 1e-8).
+LIFTED_MIN_CONCENTRATION = 0.1
+MAX_SMALL_CONCENTRATION_CONTEXTS = 27
 
 # State reduction's floor on the chance of leaving a state downwards (a chain that nearly splits, as rows drawn
 # with a tiny concentration do), and the total past which it rescales the partial solution: together they keep
@@ -115,6 +122,8 @@ RESCALE_ABOVE = 1e100
 STATIONARY_RESIDUAL = 1e-9
 # settled_law's fallback: 2^80 steps of the lazy chain leave a state that escapes with chance 1e-24 per step.
 SETTLING_SQUARINGS = 80
+# settled_laws stops squaring a chain whose every entry moved less than this (relative) in one squaring.
+SETTLED_CHANGE = 1e-12
 
 # random()'s largest K: theory at K=100, L=256 takes 4 s, and beyond K^2 * MIN_THEORY_SEQUENCES
 # / THEORY_ENTRIES its sample of matrices grows as K^2 (8 GB at K=1000).
@@ -204,11 +213,22 @@ def settled_laws(matrices, start):
     """The law each chain (n, K, K) settles into from `start` (K,): that of the lazy chain (I + P)/2 (the same
     limit, and aperiodic) after 2^SETTLING_SQUARINGS steps, by repeated squaring, all chains at once. It
     subtracts nothing, so a chain whose exits round to 0 (rows drawn with a tiny concentration) is no harder."""
+    return np.einsum("i,nij->nj", start, settled_powers(matrices)[0])
+
+
+def settled_powers(matrices):
+    """(the lazy chain's (I + P)/2 power (n, K, K) for each chain, the squarings done): each chain's squaring stops
+    once a squaring leaves every entry within SETTLED_CHANGE of itself (relative), or after SETTLING_SQUARINGS.
+    A state that leaks out slowly keeps changing the entries it leaks into (they double each squaring), so no
+    chain stops before its transients have drained; most (one-hot rows) settle in a few dozen squarings."""
     power = (matrices + np.eye(matrices.shape[-1])) / 2
-    for _ in range(SETTLING_SQUARINGS):
-        power = power @ power
-        power /= power.sum(axis=-1, keepdims=True)  # the rows stay distributions whatever the rounding
-    return np.einsum("i,nij->nj", start, power)
+    active, squarings = np.arange(len(power)), 0
+    while len(active) and squarings < SETTLING_SQUARINGS:
+        squared = power[active] @ power[active]
+        squared /= squared.sum(axis=-1, keepdims=True)  # the rows stay distributions whatever the rounding
+        moved = ~np.all(np.abs(squared - power[active]) <= SETTLED_CHANGE * np.abs(squared), axis=(1, 2))
+        power[active], active, squarings = squared, active[moved], squarings + 1
+    return power, squarings
 
 
 def stationary_laws(matrices, recurrent=None):
@@ -237,9 +257,10 @@ def stationary_laws(matrices, recurrent=None):
     return np.clip(pi, 0.0, None) / np.clip(pi, 0.0, None).sum(axis=1, keepdims=True)
 
 
-def check_order(order, n_states, support_size, start):
-    """The order as an int, once it is an integer >= 1 and, above 1, the chain is dense, starts uniformly
-    and has at most MAX_CONTEXTS contexts; raises NanoMarkovError otherwise."""
+def check_order(order, n_states, support_size, start, concentration):
+    """The order as an int, once it is an integer >= 1 and, above 1, the chain is dense, starts uniformly,
+    has at most MAX_CONTEXTS contexts, and at most MAX_SMALL_CONCENTRATION_CONTEXTS below
+    LIFTED_MIN_CONCENTRATION; raises NanoMarkovError otherwise."""
     order_value = np.asarray(order)
     if order_value.ndim != 0 or not np.issubdtype(order_value.dtype, np.integer) or order_value < 1:
         raise NanoMarkovError(f"order must be an integer >= 1 (the context length k), got {order!r}")
@@ -253,6 +274,15 @@ def check_order(order, n_states, support_size, start):
         raise NanoMarkovError(
             f"order {order} with K = {n_states} has K^k = {n_states**order} contexts, more than {MAX_CONTEXTS}: "
             "theory solves a K^k x K^k lifted chain per sampled sequence; use fewer states or a lower order"
+        )
+    contexts = n_states**order
+    if order > 1 and min(concentration) < LIFTED_MIN_CONCENTRATION and contexts > MAX_SMALL_CONCENTRATION_CONTEXTS:
+        raise NanoMarkovError(
+            f"order {order} with K = {n_states} ({contexts} contexts) takes concentrations >= "
+            f"{LIFTED_MIN_CONCENTRATION}, got {min(concentration):g}: below it rows have entries that are exactly 0 "
+            f"and theory analyses each sampled sequence's {contexts}x{contexts} lifted chain, minutes to hours; use "
+            f"--alpha >= {LIFTED_MIN_CONCENTRATION}, or K^k <= {MAX_SMALL_CONCENTRATION_CONTEXTS} contexts (K = 3 with "
+            "order 3), or order 1"
         )
     return order
 
@@ -331,7 +361,7 @@ class InContextChain(Process):
                 f"start 'stationary' goes up to K = {MAX_STATIONARY_STATES}, got {k}: its Bayes predictor weighs "
                 f"{PREDICTOR_PARTICLES} sampled K x K matrices at every position of every sequence; use fewer states or --start uniform"
             )
-        order = check_order(order, k, support_size, start)
+        order = check_order(order, k, support_size, start, concentration)
         for array in (concentration, startprob, support_size):
             array.flags.writeable = False
         self.concentration = concentration

@@ -45,7 +45,7 @@ from nanomarkov.processes.ghmm import GeneralizedHMM
 from nanomarkov.processes.hmm import HiddenMarkovModel
 from nanomarkov.processes.incontext import START_RULES, InContextChain
 from nanomarkov.processes.korder import KOrderChain
-from nanomarkov.processes.markov import MarkovChain
+from nanomarkov.processes.markov import PEAK_MATRICES, MarkovChain
 from nanomarkov.processes.numerics import CONCENTRATION_RANGE, valid_concentration
 
 SPEC_ROW_TOLERANCE = 1e-6
@@ -139,6 +139,29 @@ def check_npz_entries(path, headers):
                 f"{MAX_TABLE_ENTRIES:,} (MAX_TABLE_ENTRIES); use a smaller process"
             )
     check_fits(npz_bytes(headers), f"the arrays of {path}", "use a smaller process")
+    try:
+        check_build_memory(headers)
+    except NanoMarkovError as e:
+        raise NanoMarkovError(f"{path}: {e}") from None
+
+
+def check_build_memory(headers):
+    """Refuse, from the headers alone, a spec whose process will not fit once built: reading an array is
+    only the start, as checking and building it copies it and the theory adds temporaries beside it.
+
+    A square matrix (K, K) is a chain's: it gets generate K's own estimate (MarkovChain.check_memory), so
+    a spec and a named process of one K are refused alike. Any other array is taken to be held
+    PEAK_MATRICES times at the peak, the factor measured for a chain's matrix."""
+    for name, (shape, _) in headers.items():
+        if len(shape) == 2 and shape[0] == shape[1]:
+            MarkovChain.check_memory(shape[0])
+        else:
+            check_fits(
+                PEAK_MATRICES * math.prod(shape) * 8,
+                f"entry {name}.npy (shape {shape}) and the process built from it ({PEAK_MATRICES} float64 copies "
+                "at once)",
+                "use a smaller process",
+            )
 
 
 # ------------------------------------------------------------------ checking fields

@@ -107,3 +107,25 @@ def test_the_command_line_at_small_concentrations(tmp_path, monkeypatch, capsys)
         error = capsys.readouterr().err
         assert error.count("\n") == 1 and "Traceback" not in error
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_lifted_chain_at_a_small_concentration_is_refused_beyond_its_bounded_range():
+    # K = 3, order 4 at alpha 0.01 ran minutes (at 1e-8, hours) before answering: refused at once, naming what works.
+    with pytest.raises(NanoMarkovError, match=r"order 4 with K = 3 \(81 contexts\) takes concentrations >= 0\.1"):
+        InContextChain.random(3, alpha=0.01, order=4)
+    with pytest.raises(NanoMarkovError, match=r"K\^k <= 27 contexts"):
+        process_from_spec({"process": "icl", "concentration": [1e-8, 1.0, 1.0], "order": 4})
+    InContextChain.random(3, alpha=0.1, order=4)  # no entry of its rows is exactly 0: the fast path
+    InContextChain.random(3, alpha=1e-8, order=3)  # 27 contexts: seconds
+
+
+def test_settling_stops_each_chain_once_it_stops_moving():
+    # One-hot lifted rows (a cycle and transients draining into it) settle in a few squarings, not all 80.
+    chain = InContextChain.random(2, alpha=1e-300, order=2)
+    lifted = chain.lift(chain.sample_matrices(50, np.random.default_rng(0)))
+    power, squarings = incontext.settled_powers(lifted)
+    assert squarings < incontext.SETTLING_SQUARINGS // 2
+    assert np.allclose(power @ power, power, atol=1e-12)  # settled: the limit the 80 squarings reach
+    leaky = np.array([[[1 - 1e-20, 1e-20], [0.0, 1.0]]])  # leaves state 0 with chance 1e-20 a step
+    power, squarings = incontext.settled_powers(leaky)
+    assert squarings > 60 and power[0, 0, 1] == pytest.approx(1.0)  # not stopped before the transient drained

@@ -330,7 +330,11 @@ def broken_plugin(tmp_path, monkeypatch):
      ("def sample(self, n, seq_len, rng):\n    return self.sample(n, seq_len, rng)", "RecursionError: maximum recursion"),
      ("def sample(self, n, seq_len, rng):\n    raise SystemExit(0)", "SystemExit (it called sys.exit(0)) in sample() ("),
      ("def optimal_log_probs(self, tokens):\n    raise GeneratorExit", "GeneratorExit in optimal_log_probs() ("),
-     ("def optimal_accuracy(self, seq_len):\n    return float(self.probs[9])", "IndexError: index 9 is out of bounds")],
+     ("def optimal_accuracy(self, seq_len):\n    return float(self.probs[9])", "IndexError: index 9 is out of bounds"),
+     # raised by the plugin, no Ctrl-C arrived: not "stopped by SIGINT ... run the same command again"
+     ("@classmethod\ndef random(cls, *args, **kwargs):\n    raise KeyboardInterrupt", "KeyboardInterrupt in random() ("),
+     ("def sample(self, n, seq_len, rng):\n    raise KeyboardInterrupt('x')", "KeyboardInterrupt: x in sample() ("),
+     ("def optimal_log_probs(self, tokens):\n    raise KeyboardInterrupt", "KeyboardInterrupt in optimal_log_probs(")],
 )  # fmt: skip
 def test_a_plugin_that_raises_anything_when_called_is_one_line_naming_it(tmp_path, broken_plugin, capsys, body, raised):
     from nanomarkov.cli import main
@@ -343,6 +347,21 @@ def test_a_plugin_that_raises_anything_when_called_is_one_line_naming_it(tmp_pat
     assert raised in err and "nanomarkov_plugin_broken" in err and "fix the process" in err
     assert f"({plugin}:" in err or "RecursionError" in err  # the line of the plugin's file that raised
     assert not (tmp_path / "d").exists()
+
+
+def test_ctrl_c_while_a_plugins_process_runs_is_the_users(tmp_path, broken_plugin, capsys):
+    from nanomarkov.cli import main
+
+    broken_plugin("def sample(self, n, seq_len, rng):\n    import os, signal, time\n"
+                  "    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(5)")  # fmt: skip
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever the runner set
+    try:
+        argv = ["generate", "4", "--process", "broken", "--train", "8", "--val", "4", "--seq_len", "6", "--out"]
+        assert main([*argv, str(tmp_path / "d")]) == 130
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back after the command
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert capsys.readouterr().err.startswith("stopped by SIGINT")  # a real Ctrl-C inside the plugin's code
 
 
 def test_a_failure_in_no_plugin_is_not_blamed_on_one():

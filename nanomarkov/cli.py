@@ -610,11 +610,12 @@ def cmd_reproduce(args):
 
 
 def cmd_export(args):
-    from nanomarkov.checkpoint import export_safetensors
+    from nanomarkov.checkpoint import checkpoint_path, export_safetensors
     from nanomarkov.interp.hf import export_hf
 
-    if not Path(args.checkpoint).is_file():
-        raise NanoMarkovError(f"{args.checkpoint}: no checkpoint there (a run folder's ckpt.pt)")
+    args.checkpoint = checkpoint_path(args.checkpoint)  # a run folder stands for its ckpt.pt, as in eval
+    if not args.checkpoint.is_file():
+        raise NanoMarkovError(f"{args.checkpoint}: no checkpoint there; give a ckpt.pt, or a run folder holding one")
     if args.format == "hf":
         if args.force:
             raise NanoMarkovError(

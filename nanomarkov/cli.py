@@ -424,7 +424,7 @@ def cmd_eval(args):
     from nanomarkov.evaluate import evaluate_checkpoints, format_eval, nonfinite_message
 
     with torch_threads(args.threads):
-        written = evaluate_checkpoints(args.checkpoints, data_dir=args.data, out=args.out)
+        written = evaluate_checkpoints(args.checkpoints, data_dir=args.data, out=args.out, force=args.force)
     for folder, result in written:
         print(format_eval(result))
         arrays = "".join(
@@ -963,7 +963,12 @@ def build_parser():
         help="ckpt.pt files or run folders holding one; runs on the same dataset that differ in seed",
     )
     ev.add_argument("--data", default=None, help="dataset folder (default: the one each checkpoint was trained on)")
-    ev.add_argument("--out", default=None, help="output folder (default: next to each checkpoint)")
+    ev.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: next to each checkpoint): new, empty, an earlier evaluation or a run folder",
+    )
+    ev.add_argument("--force", action="store_true", help="write into an --out that holds other files")
     _add_threads(ev, "auto")
     ev.set_defaults(func=cmd_eval)
 

@@ -871,7 +871,7 @@ def _add_train(verbs):
 
 
 def cmd_tune(args):
-    from nanomarkov.sweep.slurm import SLURM_FLAGS, slurm_executor
+    from nanomarkov.sweep.slurm import SLURM_FLAGS, require_slurm, slurm_executor
     from nanomarkov.tune import TuneSettings, default_tokens, parse_space, tune
 
     if args.trials < 1 or args.jobs < 1 or (args.tokens is not None and args.tokens < 1):
@@ -883,6 +883,8 @@ def cmd_tune(args):
     )
     slurm = slurm_options(args, SLURM_FLAGS)
     executor_for = functools.partial(slurm_executor, **slurm) if args.launcher == "slurm" else None
+    if executor_for is not None:
+        require_slurm()  # before the study's folder is made
     print(f"tuning on {args.data}: {args.trials} trials of {settings.tokens:,} tokens, {args.jobs} worker(s)")
     code, best = tune(settings, jobs=args.jobs, executor_for=executor_for)
     print(best)

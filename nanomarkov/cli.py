@@ -432,7 +432,7 @@ def cmd_eval(args):
     from nanomarkov.evaluate import evaluate_checkpoints, format_eval, nonfinite_message
 
     with torch_threads(args.threads):
-        written = evaluate_checkpoints(args.checkpoints, data_dir=args.data, out=args.out)
+        written = evaluate_checkpoints(args.checkpoints, data_dir=args.data, out=args.out, force=args.force)
     for folder, result in written:
         print(format_eval(result))
         arrays = "".join(
@@ -618,11 +618,12 @@ def cmd_reproduce(args):
 
 
 def cmd_export(args):
-    from nanomarkov.checkpoint import export_safetensors
+    from nanomarkov.checkpoint import checkpoint_path, export_safetensors
     from nanomarkov.interp.hf import export_hf
 
-    if not Path(args.checkpoint).is_file():
-        raise NanoMarkovError(f"{args.checkpoint}: no checkpoint there (a run folder's ckpt.pt)")
+    args.checkpoint = checkpoint_path(args.checkpoint)  # a run folder stands for its ckpt.pt, as in eval
+    if not args.checkpoint.is_file():
+        raise NanoMarkovError(f"{args.checkpoint}: no checkpoint there; give a ckpt.pt, or a run folder holding one")
     if args.format == "hf":
         if args.force:
             raise NanoMarkovError(
@@ -878,7 +879,7 @@ def _add_train(verbs):
 
 
 def cmd_tune(args):
-    from nanomarkov.sweep.slurm import SLURM_FLAGS, slurm_executor
+    from nanomarkov.sweep.slurm import SLURM_FLAGS, require_slurm, slurm_executor
     from nanomarkov.tune import TuneSettings, default_tokens, parse_space, tune
 
     if args.trials < 1 or args.jobs < 1 or (args.tokens is not None and args.tokens < 1):
@@ -890,6 +891,8 @@ def cmd_tune(args):
     )
     slurm = slurm_options(args, SLURM_FLAGS)
     executor_for = functools.partial(slurm_executor, **slurm) if args.launcher == "slurm" else None
+    if executor_for is not None:
+        require_slurm()  # before the study's folder is made
     print(f"tuning on {args.data}: {args.trials} trials of {settings.tokens:,} tokens, {args.jobs} worker(s)")
     code, best = tune(settings, jobs=args.jobs, executor_for=executor_for)
     print(best)
@@ -970,7 +973,12 @@ def build_parser():
         help="ckpt.pt files or run folders holding one; runs on the same dataset that differ in seed",
     )
     ev.add_argument("--data", default=None, help="dataset folder (default: the one each checkpoint was trained on)")
-    ev.add_argument("--out", default=None, help="output folder (default: next to each checkpoint)")
+    ev.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: next to each checkpoint): new, empty, an earlier evaluation or a run folder",
+    )
+    ev.add_argument("--force", action="store_true", help="write into an --out that holds other files")
     _add_threads(ev, "auto")
     ev.set_defaults(func=cmd_eval)
 

@@ -43,9 +43,10 @@ import torch
 import torch.nn.functional as F
 
 from nanomarkov.checkpoint import checkpoint_path, load_model, nonfinite_weights
+from nanomarkov.config import is_run_folder
 from nanomarkov.data import learnable_fraction, load_dataset, optimal_loss_by_position, stage_losses
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.files import json_text, write_atomic_together
+from nanomarkov.files import check_output_folder, holds_record, json_text, write_atomic_together
 from nanomarkov.processes.numerics import entropy
 from nanomarkov.progress import Heartbeat
 
@@ -529,11 +530,12 @@ def common_metrics(val_loss, accuracy, true_accuracy, theory, bigram, k):
 # ------------------------------------------------------------ checkpoints and files
 
 
-def evaluate_checkpoints(ckpt_paths, data_dir=None, out=None, device="cpu"):
+def evaluate_checkpoints(ckpt_paths, data_dir=None, out=None, device="cpu", force=False):
     """Evaluate checkpoints trained on one dataset; write eval.json, eval.md and arrays for each.
 
     Results go next to each checkpoint, or into `out` (one sub-folder per run when
-    there are several). Returns [(output folder, result)]; a result's `outputs_finite` says
+    there are several), which must be new, empty, an earlier evaluation or a run folder,
+    unless `force` (files.check_output_folder). Returns [(output folder, result)]; a result's `outputs_finite` says
     whether the model could be measured at all (see nonfinite_message).
     """
     loaded = [(checkpoint_path(path), *load_model(path)) for path in ckpt_paths]
@@ -557,7 +559,9 @@ def evaluate_checkpoints(ckpt_paths, data_dir=None, out=None, device="cpu"):
                 f"{path} has vocabulary {model.config.vocab_size}, {data_path} has {dataset.vocab_size}"
             )
         models[str(path)] = model.to(device)
-    folders = [output_folder(path, out, len(loaded)) for path, _, _ in loaded]  # before the pass: fail fast
+    # Every folder checked before any is made, and all before the pass: fail fast, and leave nothing behind.
+    folders = [output_folder(path, out, len(loaded), force) for path, _, _ in loaded]
+    folders = [make_folder(folder) for folder in folders]
     results = evaluate_models(models, dataset, device)
     written = []
     for (path, model, ckpt), folder in zip(loaded, folders):
@@ -595,11 +599,31 @@ def check_trained_on(trained, ckpt, dataset):
     )
 
 
-def output_folder(ckpt_path, out, n_checkpoints):
-    """Where a checkpoint's evaluation goes (next to it, `out`, or a sub-folder of `out`), created."""
+# Keys every eval.json nanoMarkov writes holds: an evaluation folder is told by its content, not its name.
+EVAL_MARKS = ("run", "outputs_finite", "files")
+
+
+def is_evaluation_folder(folder) -> bool:
+    """Whether eval may write into `folder` unasked: an earlier evaluation (its eval.json) or a run folder."""
+    return is_run_folder(folder) or holds_record(folder, "eval.json", EVAL_MARKS)
+
+
+def holds_evaluations(folder) -> bool:
+    """Whether `folder` holds only evaluations (what eval --out wrote for several checkpoints: one sub-folder each)."""
+    entries = list(Path(folder).iterdir())
+    return bool(entries) and all(entry.is_dir() and is_evaluation_folder(entry) for entry in entries)
+
+
+def output_folder(ckpt_path, out, n_checkpoints, force=False):
+    """Where a checkpoint's evaluation goes (next to it, `out`, or a sub-folder of `out`), checked, not made:
+    into `out` only where it is new, empty, an evaluation or a run folder, or `force` (files.check_output_folder)."""
     if out is None:
         return Path(ckpt_path).parent
-    return make_folder(Path(out) if n_checkpoints == 1 else Path(out) / Path(ckpt_path).parent.name)
+    if n_checkpoints == 1:
+        return check_output_folder(out, "model evaluation", is_evaluation_folder, force=force)
+    # Several: `out` gets one sub-folder each, so it too must be new, empty or of evaluations only.
+    out = check_output_folder(out, "folder of model evaluations", holds_evaluations, force=force)
+    return check_output_folder(out / Path(ckpt_path).parent.name, "model evaluation", is_evaluation_folder, force=force)
 
 
 def make_folder(folder, what="the evaluation"):

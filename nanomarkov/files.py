@@ -125,12 +125,15 @@ def write_atomic_together(payloads, what="files"):
                 os.fsync(f.fileno())
         for path, partial in partials.items():
             os.replace(partial, path)
-    except OSError as e:
-        # A cleanup that fails must not hide why the write failed: a read-only file system refuses
-        # even to unlink a file that is not there (EROFS, not ENOENT).
+    except BaseException as e:
+        # Any stop mid-write (a Ctrl-C, a SIGTERM turned into an exception) removes the partials too: a
+        # stopped sweep says nothing is half-written. A cleanup that fails must not hide why the write
+        # failed: a read-only file system refuses even to unlink a file that is not there (EROFS, not ENOENT).
         for partial in partials.values():
             with suppress(OSError):
                 partial.unlink(missing_ok=True)
+        if not isinstance(e, OSError):
+            raise
         raise NanoMarkovError(
             f"cannot write the {what} {Path(path)} ({e.strerror or e}); free some space or choose another folder"
         ) from None

@@ -288,9 +288,13 @@ def start_study(settings):
             f"{out} holds a study of other settings ({', '.join(changed)} differ); rerun it with the same "
             "DATA, --tokens and --space to continue it, or give another --out"
         )
+    # A --storage of its own is opened before the folder is made: a bad URL leaves nothing behind.
+    # The default one (DIR/study.db) needs the folder first.
+    study = open_study(settings) if settings.storage else None
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "tune.json", {"identity": settings.identity(), **dataclasses.asdict(settings)}, "tune settings")
-    study = open_study(settings)
+    if study is None:
+        study = open_study(settings)
     failed = fail_dead_trials(study)
     if failed:
         print(f"trial(s) {', '.join(map(str, failed))} left running by a worker that died: marked failed")

@@ -195,6 +195,27 @@ def test_eval_on_a_full_disk_into_a_new_folder_leaves_no_file(runs, tmp_path, ca
     assert list((tmp_path / "new").iterdir()) == []
 
 
+def test_eval_out_writes_among_a_users_files_only_with_force(runs, tmp_path, capsys):
+    ckpt = str(runs / "runs" / "run1" / "ckpt.pt")
+    mine = tmp_path / "d"
+    mine.mkdir()
+    (mine / "eval.json").write_text("mine\n")  # the user's own file of that name: not an evaluation
+    (mine / "notes.txt").write_text("mine\n")
+    assert main(["eval", ckpt, "--out", str(mine)]) == 2
+    error = one_error_line(capsys)
+    assert "holds files that are not a model evaluation (eval.json, notes.txt)" in error and "--force" in error
+    assert sorted(p.name for p in mine.iterdir()) == ["eval.json", "notes.txt"]
+    assert (mine / "eval.json").read_text() == "mine\n"
+    assert main(["eval", ckpt, ckpt.replace("run1", "run2"), "--out", str(mine)]) == 2  # nor a sub-folder made
+    one_error_line(capsys)
+    assert sorted(p.name for p in mine.iterdir()) == ["eval.json", "notes.txt"]
+
+    assert main(["eval", ckpt, "--out", str(mine), "--force"]) == 0
+    assert "outputs_finite" in json.loads((mine / "eval.json").read_text())
+    assert (mine / "notes.txt").read_text() == "mine\n"
+    assert main(["eval", ckpt, "--out", str(mine)]) == 0  # now an evaluation: written again unasked
+
+
 def full_disk_under(monkeypatch, folder_name, call):
     """os.fsync fails with ENOSPC from the `call`-th file in a folder named `folder_name` on."""
     real_fsync, calls = os.fsync, []

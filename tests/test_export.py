@@ -197,6 +197,10 @@ def test_cli_export_and_its_one_line_errors(tmp_path, capsys):
     idx = inputs(model.config)
     with torch.no_grad():
         assert torch.equal(load(tmp_path / "out")(idx)[0], model(idx)[0])
+    # A run folder stands for its ckpt.pt, as eval takes it.
+    assert main(["export", str(tmp_path), "--format", "safetensors", "--out", str(tmp_path / "out2")]) == 0
+    assert (tmp_path / "out2" / "model.safetensors").is_file()
+    capsys.readouterr()
 
     blocker = tmp_path / "a_file"
     blocker.write_text("")

@@ -63,6 +63,22 @@ def test_a_failed_write_keeps_the_old_file_and_removes_its_partial(tmp_path, mon
     assert not partial_path(path).exists()
 
 
+def test_a_write_stopped_midway_by_ctrl_c_keeps_the_old_file_and_removes_its_partial(tmp_path, monkeypatch):
+    """A Ctrl-C (or a stop a signal handler raises) mid-write, not an OSError: the stop goes on, and no
+    .partial is left behind (a stopped sweep left sweep.json.partial while saying nothing is half-written)."""
+    path = tmp_path / "sweep.json"
+    write_json(path, {"v": 1})
+
+    def stopped(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(path, "{}", what="record")
+    assert read_json(path) == {"v": 1}
+    assert not partial_path(path).exists()
+
+
 @pytest.mark.parametrize("refused", ["open", "fsync"])
 def test_a_write_on_a_read_only_file_system_is_one_error_however_the_cleanup_fails(tmp_path, monkeypatch, refused):
     """A read-only file system refuses open() and, even for a file that does not exist, unlink() (EROFS);

@@ -192,6 +192,22 @@ def test_a_bad_paper_is_refused_naming_the_file_and_the_entry(tmp_path, old, new
     assert str(caught.value).startswith(str(path)) and said in str(caught.value)
 
 
+def test_an_unreachable_slurm_is_one_line_of_ours_and_makes_no_folder(tmp_path, capsys, monkeypatch):
+    bin_folder = tmp_path / "bin"
+    bin_folder.mkdir()
+    (bin_folder / "sbatch").write_text(
+        "#!/bin/sh\necho 'sbatch: error: Unable to contact slurm controller' >&2\nexit 1\n"
+    )
+    (bin_folder / "scontrol").write_text("#!/bin/sh\necho 'Slurmctld(primary) at vm is DOWN'\nexit 1\n")
+    for tool in ("sbatch", "scontrol"):
+        (bin_folder / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_folder))
+    assert main(["reproduce", "shai2024-mess3", "--out", str(tmp_path / "u" / "r7"), "--launcher", "slurm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "SLURM's controller does not answer" in err[0] and "--launcher local" in err[0], err
+    assert not (tmp_path / "u").exists()
+
+
 def test_the_command_line_refuses_in_one_line_and_lists_the_papers(tmp_path, capsys):
     assert main(["reproduce", "no-such-paper", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
@@ -200,6 +216,9 @@ def test_the_command_line_refuses_in_one_line_and_lists_the_papers(tmp_path, cap
         main(["reproduce", "shai2024-mess3", "--out", str(tmp_path / "out"), "--launcher", "slurm", "--jobs", "2"]) == 2
     )
     assert "--array_parallelism" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    for jobs in ("0", "-1"):  # checked before the folder is made
+        assert main(["reproduce", "shai2024-mess3", "--out", str(tmp_path / "u" / "r7"), "--jobs", jobs]) == 2
+        assert "jobs must be a positive integer" in capsys.readouterr().err and not (tmp_path / "u").exists()
     assert main(["reproduce", "--list"]) == 0
     listed = capsys.readouterr().out
     assert all(name in listed for name in paper_names()) and PAPERS_DIR.is_dir()

@@ -135,6 +135,31 @@ def test_a_users_own_tune_json_is_not_taken_for_a_study(tmp_path):
     assert not is_tune_folder(tmp_path)
 
 
+def fake_slurm(folder, scontrol_rc):
+    """A PATH folder with an sbatch that must never run and an scontrol whose ping exits `scontrol_rc`."""
+    folder.mkdir()
+    (folder / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: it ran' >&2\nexit 1\n")
+    (folder / "scontrol").write_text(f"#!/bin/sh\necho 'Slurmctld(primary) at vm is DOWN'\nexit {scontrol_rc}\n")
+    for tool in ("sbatch", "scontrol"):
+        (folder / tool).chmod(0o755)
+    return folder
+
+
+def test_a_bad_storage_or_an_unreachable_slurm_is_refused_before_the_folder_is_made(
+    tiny_data, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "t"
+    assert main(["tune", str(tiny_data), "--out", str(out), "--storage", "postgresql://x/y", "--trials", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot open the study storage postgresql://x/y" in err[0], err
+    assert not out.exists()
+    monkeypatch.setenv("PATH", str(fake_slurm(tmp_path / "bin", 1)))
+    assert main(["tune", str(tiny_data), "--out", str(out), "--launcher", "slurm", "--trials", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "controller does not answer (scontrol ping: Slurmctld(primary) at vm is DOWN)" in err[0]
+    assert not out.exists()
+
+
 def test_a_killed_local_worker_leaves_the_other_running(tmp_path, capsys):
     code = run_local_workers(str(tmp_path), 2, body=one_killed_one_survives)
     assert code == 1

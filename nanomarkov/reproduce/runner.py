@@ -19,7 +19,7 @@ from nanomarkov.reproduce.claims import judge
 from nanomarkov.reproduce.paper import check_scale, paper_grid, read_paper
 from nanomarkov.reproduce.quantities import QUANTITIES, measure
 from nanomarkov.reproduce.report import report_text
-from nanomarkov.sweep import expand_grid, run_sweep
+from nanomarkov.sweep import check_launcher, expand_grid, require_slurm, run_sweep
 
 REPRODUCE_FILE = "reproduce.json"
 
@@ -92,6 +92,9 @@ def reproduce(
     started = time.time()
     paper = read_paper(name)
     check_scale(paper, scale)
+    check_launcher(jobs, launcher)  # every argument checked before the folder is made
+    if launcher == "slurm":
+        require_slurm()
     record = claim_folder(out, paper, scale, force)
     out, grid = Path(out), paper_grid(paper, scale)
     write_json(out / "grid.json", grid, what="grid")

@@ -5,6 +5,7 @@ run), status.py -> manifest.py (sweep.json) -> grid.py (the grid and its run spe
 """
 
 from nanomarkov.sweep.grid import expand_grid, load_grid
-from nanomarkov.sweep.run import run_one, run_sweep
+from nanomarkov.sweep.run import check_launcher, run_one, run_sweep
+from nanomarkov.sweep.slurm import require_slurm
 
-__all__ = ["expand_grid", "load_grid", "run_one", "run_sweep"]
+__all__ = ["check_launcher", "expand_grid", "load_grid", "require_slurm", "run_one", "run_sweep"]

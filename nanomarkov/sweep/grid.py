@@ -223,9 +223,12 @@ def _dataset(entry, out_root):
         raise NanoMarkovError(f"unknown process {process!r}; choose from {', '.join(PROCESSES)}")
     options = PROCESSES[process].option_names()
     _check_keys(entry, DATASET_KEYS + options)
+    if "n_states" not in entry and PROCESSES[process].N_STATES is not None:  # the process fixes K (switching: 2)
+        entry = {**entry, "n_states": PROCESSES[process].N_STATES}
     missing = [k for k in ("n_states", "train", "val") if k not in entry]
     if missing:
-        raise NanoMarkovError(f"lacks {', '.join(missing)}; e.g. n_states = 100, train = 50000, val = 5000")
+        example = {"n_states": "n_states = 100", "train": "train = 50000", "val": "val = 5000"}
+        raise NanoMarkovError(f"lacks {', '.join(missing)}; e.g. {', '.join(example[k] for k in missing)}")
     params = {"sparsity": None, "seq_len": None, "seed": 42, "process": DEFAULT_PROCESS, **entry}
     preset("default", params["n_states"], params["sparsity"])  # checks K and sparsity as the recipes take them
     args, keywords = dataset_arguments(params)

@@ -116,7 +116,7 @@ def run_sweep(
     check_output_folder(out_root, "sweep", lambda folder: read_manifest(folder) is not None, force=force)
     notes = notes or (lambda line: None)
     specs = expand_grid(grid, out_root, tick=Ticker(notes, "checking the grid"))
-    _check_launcher(jobs, launcher)
+    check_launcher(jobs, launcher)
     executor = None
     if launcher == "slurm":
         slurm = dict(slurm or {})
@@ -169,7 +169,8 @@ def say_plan(specs, manifest, progress):
     return manifest
 
 
-def _check_launcher(jobs, launcher):
+def check_launcher(jobs, launcher):
+    """Refuse a `jobs` or `launcher` run_sweep cannot use (reproduce checks them before it makes its folder)."""
     if not isinstance(jobs, int) or jobs < 1:
         raise NanoMarkovError(f"jobs must be a positive integer, got {jobs!r}")
     if launcher not in LAUNCHERS:

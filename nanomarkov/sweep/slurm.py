@@ -50,6 +50,29 @@ def require_submitit():
     return submitit
 
 
+def require_slurm():
+    """Refuse --launcher slurm before anything is written where no job could be submitted: no sbatch on
+    PATH, or a controller that does not answer `scontrol ping` (its output captured: one line is ours)."""
+    if shutil.which("sbatch") is None:
+        raise NanoMarkovError(
+            "--launcher slurm needs SLURM's sbatch on PATH: on this machine start a one-node "
+            "cluster with scripts/slurm_local.sh up (as root), or see your cluster's docs"
+        )
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:  # sbatch alone (a wrapper, a login node without it): its own submission will tell
+        return
+    try:
+        ping = subprocess.run([scontrol, "ping"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    if ping.returncode != 0:
+        said = next((line.strip() for line in (ping.stdout + ping.stderr).splitlines() if line.strip()), "no answer")
+        raise NanoMarkovError(
+            f"--launcher slurm: SLURM's controller does not answer (scontrol ping: {said}); start it "
+            "(on this machine: scripts/slurm_local.sh up, as root) or use --launcher local"
+        )
+
+
 # slurm_executor's options, named as `nanomarkov sweep` spells them.
 SLURM_FLAGS = ("slurm_partition", "time", "cpus_per_task", "gpus_per_task", "mem", "array_parallelism", "sbatch")
 
@@ -65,11 +88,7 @@ def slurm_executor(
     sbatch=(),
 ):
     """A submitit SlurmExecutor writing its scripts and logs under folder; sbatch: extra 'KEY=VALUE' (or 'KEY')."""
-    if shutil.which("sbatch") is None:
-        raise NanoMarkovError(
-            "--launcher slurm needs SLURM's sbatch on PATH: on this machine start a one-node "
-            "cluster with scripts/slurm_local.sh up (as root), or see your cluster's docs"
-        )
+    require_slurm()
     executor = require_submitit().SlurmExecutor(folder=folder)
     extra = {}
     for item in sbatch:

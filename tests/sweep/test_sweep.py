@@ -441,3 +441,16 @@ def test_a_users_own_sweep_json_is_not_taken_for_a_sweep(tmp_path):
     with pytest.raises(NanoMarkovError, match=r"holds files that are not a sweep \(sweep.json\).*--force"):
         run_sweep(small_grid(), tmp_path / "out", dry_run=True, progress=print)
     assert (tmp_path / "out" / "sweep.json").read_text() == '{"runs": ["mine"]}'
+
+
+def test_a_process_that_fixes_its_k_needs_no_n_states_and_a_missing_size_is_named_alone(tmp_path):
+    grid = {
+        "datasets": [{"process": "switching", "train": 8, "val": 4, "seq_len": 8}],
+        "experiments": [{"seeds": [5]}],
+    }
+    (spec,) = expand_grid(grid, tmp_path)
+    assert spec.dataset["n_states"] == 2
+    grid["datasets"][0].pop("val")
+    with pytest.raises(NanoMarkovError) as info:
+        expand_grid(grid, tmp_path)
+    assert str(info.value).endswith("lacks val; e.g. val = 5000"), info.value

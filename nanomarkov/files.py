@@ -336,6 +336,8 @@ SYSTEM_TREES = tuple(
     for p in (
         *("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run", "/sbin"),
         *("/snap", "/sys", "/usr", "/var"),
+        # macOS: /etc is a link to /private/etc, followed before this check; /System and /Library are the system's
+        *("/private/etc", "/System", "/Library"),
     )
 )
 TEMPORARY_TREES = (Path("/tmp"), Path("/var/tmp"))

@@ -314,6 +314,8 @@ def test_a_folder_of_other_files_is_refused_unless_it_is_of_the_kind_or_forced(t
         ("/srv/www", "a system folder"),
         ("/mnt/disk", "a system folder"),
         ("/media/usb", "a system folder"),
+        ("/private/etc/x", "inside /private/etc, a system folder"),  # macOS's /etc, once its link is followed
+        ("/Library/Preferences", "inside /Library, a system folder"),
         ("/tmp", "a system folder"),
         ("/var/tmp", "a system folder"),
         ("/home/someone", "a home folder"),

@@ -254,7 +254,8 @@ def export_safetensors(ckpt_or_model, out_dir, force=False):
     replaced together (files.write_atomic_together): an interrupted export or a full
     disk leaves the previous export as it was, never new weights beside an old config.
     """
-    check_output_folder(out_dir, "model export", is_export_folder, force=force)
+    writes = (WEIGHTS_FILE, CONFIG_FILE, "*.partial")
+    check_output_folder(out_dir, "model export", is_export_folder, force=force, writes=writes)
     model, source = model_and_source(ckpt_or_model)
     check_finite_weights(model, source)
     tensors, tied = _unique_tensors(model.state_dict())

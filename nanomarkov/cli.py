@@ -13,6 +13,7 @@ killed by SIGPIPE exits in a shell, so `set -o pipefail` still sees that not all
 """
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -50,7 +51,7 @@ from nanomarkov.data import (
     load_dataset,
 )
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
-from nanomarkov.files import check_output_folder, format_bytes, json_text
+from nanomarkov.files import check_output_folder, format_bytes, json_text, writer_lock
 from nanomarkov.processes import (
     DEFAULT_PROCESS,
     PROCESSES,
@@ -485,9 +486,13 @@ def cmd_dynamics(args):
         flag = next(flag for flag, name in LLC_FLAGS.items() if name in given)
         raise NanoMarkovError(f"--{flag} sets the learning coefficient's estimate; add --llc to estimate it")
     llc = llc_settings(**given) if args.llc else None
+    folder = args.out or args.run
     if args.out:
         check_dynamics_folder(args.out, args.force)  # before the work, which takes a while
-    with torch_threads(args.threads):
+    # One writer: a second dynamics, or a train still writing the run's snapshots, is refused. (A run folder
+    # that is not there is run_dynamics's to name, not a folder to make.)
+    lock = writer_lock(folder, "dynamics") if args.out or os.path.isdir(folder) else contextlib.nullcontext()
+    with lock, torch_threads(args.threads):
         record = run_dynamics(
             args.run,
             data_dir=args.data,
@@ -496,7 +501,7 @@ def cmd_dynamics(args):
             show_progress=sys.stderr.isatty(),
             simplex_iters=args.simplex_iters,
         )
-    written = write_dynamics(record, args.out or args.run, force=args.force)
+        written = write_dynamics(record, folder, force=args.force)
     if args.json:
         print(json_text(record), end="")
     else:
@@ -1099,15 +1104,21 @@ def detailed_out_of_memory_message(error):
     return f"error: out of {'GPU' if on_gpu else 'memory'}{f' (asked for {size} more)' if size else ''}: {OUT_OF_MEMORY_FIX}"
 
 
-def expand_home(argv):
-    """Every argument that is a path starting with ~ (`~/x`, `--out=~/x`, `--out_dir=~alice/x`) with ~ expanded.
+# The flags whose value is a path: only theirs (and a bare word, a verb's path argument) have ~ expanded.
+PATH_FLAGS = frozenset({"--out", "--out_dir", "--data", "--data_dir", "--spec"})
 
-    A shell expands ~ only at the start of a word, so `--out_dir=~/x` (or a quoted '~/x') would
-    otherwise make a folder literally named ~ in the current folder."""
+
+def expand_home(argv):
+    """Every path argument starting with ~ (`~/x`, `--out=~/x`, `--out_dir=~alice/x`) with ~ expanded.
+
+    A shell expands ~ at the start of a word, as here, but not after `=`, so `--out_dir=~/x` (or a
+    quoted '~/x') would otherwise make a folder literally named ~ in the current folder. After `=`
+    only a path flag's value is expanded (PATH_FLAGS): `--wandb_run_name=~name` stays as it is."""
     expanded = []
     for arg in argv:
         flag, equals, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
-        expanded.append(flag + equals + os.path.expanduser(value) if value.startswith("~") else arg)
+        is_path = flag in PATH_FLAGS if equals else not flag
+        expanded.append(flag + equals + os.path.expanduser(value) if is_path and value.startswith("~") else arg)
     return expanded
 
 

@@ -216,7 +216,7 @@ def generate_dataset(
     whole and at once (_write_dataset); `progress(n_tokens)` after each chunk. `fix`: the way out a
     refusal names, for a caller that has no --force or --out (the demo)."""
     chain, params, dtype = plan_dataset(n_states, train_sequences, val_sequences, **choices)
-    out_dir = check_output_folder(out_dir, "dataset", is_dataset_folder, force=force, fix=fix)
+    out_dir = check_output_folder(out_dir, "dataset", is_dataset_folder, force=force, fix=fix, writes=DATASET_FILES)
     with writer_lock(out_dir, "generation"):  # a second writer is refused, never interleaved
         if not force and _holds_this_dataset(out_dir, _existing_meta(out_dir), params, fix):
             return _existing_meta(out_dir)

@@ -597,7 +597,8 @@ def is_dynamics_folder(folder) -> bool:
 
 def check_dynamics_folder(folder, force=False):
     """Refuse a `folder` that dynamics may not write into (files.check_output_folder)."""
-    check_output_folder(folder, "dynamics", is_dynamics_folder, force=force)
+    writes = (DYNAMICS_FILE, *PLOTS, SIMPLEX_PLOT, "*.partial")
+    check_output_folder(folder, "dynamics", is_dynamics_folder, force=force, writes=writes)
 
 
 def write_dynamics(record, folder, force=False):

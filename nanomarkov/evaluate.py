@@ -600,6 +600,8 @@ def check_trained_on(trained, ckpt, dataset):
 
 
 # Keys every eval.json nanoMarkov writes holds: an evaluation folder is told by its content, not its name.
+# What eval writes into a folder (--force writes beside a user's files, never over these names).
+EVAL_FILES = ("eval.json", "eval.md", "learned_matrix.npy", "per_state.npz", "loss_by_position.npz", "*.partial")
 EVAL_MARKS = ("run", "outputs_finite", "files")
 
 
@@ -620,10 +622,12 @@ def output_folder(ckpt_path, out, n_checkpoints, force=False):
     if out is None:
         return Path(ckpt_path).parent
     if n_checkpoints == 1:
-        return check_output_folder(out, "model evaluation", is_evaluation_folder, force=force)
+        return check_output_folder(out, "model evaluation", is_evaluation_folder, force=force, writes=EVAL_FILES)
     # Several: `out` gets one sub-folder each, so it too must be new, empty or of evaluations only.
-    out = check_output_folder(out, "folder of model evaluations", holds_evaluations, force=force)
-    return check_output_folder(out / Path(ckpt_path).parent.name, "model evaluation", is_evaluation_folder, force=force)
+    name = Path(ckpt_path).parent.name
+    out = check_output_folder(out, "folder of model evaluations", holds_evaluations, force=force, writes=(name,))
+    folder = out / name
+    return check_output_folder(folder, "model evaluation", is_evaluation_folder, force=force, writes=EVAL_FILES)
 
 
 def make_folder(folder, what="the evaluation"):

@@ -22,6 +22,7 @@ import socket
 import stat
 import tempfile
 from contextlib import contextmanager, suppress
+from fnmatch import fnmatch
 from pathlib import Path
 
 from nanomarkov.errors import NanoMarkovError
@@ -420,10 +421,13 @@ def own_entries(folder: Path) -> list:
     )
 
 
-def check_output_folder(folder, kind, is_kind, force=False, flag="--out", fix=None):
+def check_output_folder(folder, kind, is_kind, force=False, flag="--out", fix=None, writes=None):
     """Refuse, before anything is written, to write a `kind` (e.g. "training run") into `folder` unless
     it is new or empty, already a `kind` (`is_kind(folder)` is true), or `force` is true (None: the
     command has no --force); never into the root, a home folder or a system folder, even with force.
+    Even with force, never over a user's file: `writes`, the names (fnmatch patterns) the command writes
+    at the folder's top level, must not be among the folder's entries (None: it replaces the folder
+    whole, so no entry of the user's may be there).
 
     One rule for every command that writes a folder, so that none writes among a user's own files
     unasked. NanoMarkovError names the folder, why, and the fix (`fix`, where the command's way out
@@ -439,15 +443,23 @@ def check_output_folder(folder, kind, is_kind, force=False, flag="--out", fix=No
             f"{fix or f'give {flag} a folder of its own, e.g. {flag}=./NAME'}"
         )
     _refuse_a_broken_path(folder, kind, elsewhere)
-    if force or not os.path.isdir(folder) or is_kind(folder):
+    if not os.path.isdir(folder) or is_kind(folder):
         return _real_folder(folder)
     try:
         entries = own_entries(folder)
     except OSError as e:
         raise NanoMarkovError(f"cannot read the folder {folder} ({e.strerror or e}); {elsewhere}") from None
+    if force:
+        entries = [name for name in entries if writes is None or any(fnmatch(name, w) for w in writes)]
     if entries:
         shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
-        fix = elsewhere if force is None or fix else f"{elsewhere}, or pass --force to write into it anyway"
+        if force:
+            would = "replace the folder whole" if writes is None else "write files of these names"
+            raise NanoMarkovError(
+                f"{folder} holds files of yours ({shown}) and the {kind} would {would}; --force never replaces "
+                f"a file nanoMarkov did not write: move them, or {elsewhere}"
+            )
+        fix = elsewhere if force is None or fix else f"{elsewhere}, or pass --force to write beside them"
         raise NanoMarkovError(f"{folder} holds files that are not a {kind} ({shown}); {fix}")
     return _real_folder(folder)
 

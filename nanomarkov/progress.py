@@ -56,11 +56,19 @@ def say_on_stderr(line):
         pass
 
 
+def duration_text(seconds):
+    """A duration a person reads at a glance: 42 s, 7.5 min, 3.2 h, 12 days, 3.4e+05 years."""
+    for unit, size in (("years", 365.25 * 86400), ("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.3g} {unit}"
+    return f"{seconds:.0f} s"
+
+
 class Heartbeat:
     """While its block runs: `say(f"{what}: {status}, {seconds}s")` every `every` seconds once `after` have passed.
 
-    `advance(n)` counts work done (tokens, batches): the status is then "done of total unit (pct %)"; before
-    any, `waiting` (what the work is doing before it can count)."""
+    `advance(n)` counts work done (tokens, batches): the status is then "done of total unit (pct %, about T
+    left)" at the rate so far; before any, `waiting` (what the work is doing before it can count)."""
 
     def __init__(self, what, total=None, unit="", waiting="working", say=say_on_stderr, after=None, every=None):
         self.what, self.total, self.unit, self.waiting, self.say = what, total, unit, waiting, say
@@ -78,7 +86,9 @@ class Heartbeat:
             return self.waiting
         if not self.total:
             return f"{self.done:,} {self.unit}".rstrip()
-        return f"{self.done:,} of {self.total:,} {self.unit} ({100 * self.done / self.total:.0f} %)".replace("  ", " ")
+        left = (time.monotonic() - self.started) * (self.total - self.done) / self.done
+        share = f"{100 * self.done / self.total:.0f} %, about {duration_text(left)} left"
+        return f"{self.done:,} of {self.total:,} {self.unit} ({share})".replace("  ", " ")
 
     def beat(self):
         wait = self.after

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from nanomarkov.batches import FixedSequences, OnlineSequences, to_inputs_targets, whole_split_batches
 from nanomarkov.checkpoint import CHECKPOINT, list_snapshots, load_checkpoint, save_checkpoint, save_snapshot
-from nanomarkov.config import TrainConfig, config_changes, is_run_folder
+from nanomarkov.config import RUN_CONFIG_FILE, RUN_FILES, TrainConfig, config_changes, is_run_folder
 from nanomarkov.data import Dataset, estimate_text, headline, learnable_fraction, load_dataset
 from nanomarkov.distributed import Distributed, init_distributed, torch_threads
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
@@ -324,14 +324,17 @@ class RunOutputs:
     wandb_run: object  # None unless wandb_log
 
 
-def train(cfg: TrainConfig, overwrite=False, show_progress=None, on_eval=None):
+def train(cfg: TrainConfig, overwrite=False, show_progress=None, on_eval=None, on_step=None):
     """Train a GPT on cfg.data_dir; returns the done.json dict (status 'done' or 'interrupted').
 
     on_eval, if given, is called with each eval record once its checkpoint is saved (the tuner reports
-    the excess to its pruner there); an exception it raises stops the run and propagates."""
+    the excess to its pruner there); an exception it raises stops the run and propagates. on_step, if
+    given, is called with the iteration after each step (the tuner's heartbeat counts them)."""
     setup = set_up_run(cfg)
     if setup.ddp.is_main:
-        check_output_folder(setup.out_dir, "training run", is_run_folder, force=overwrite, flag="--out_dir")
+        check_output_folder(
+            setup.out_dir, "training run", is_run_folder, force=overwrite, flag="--out_dir", writes=RUN_FILES
+        )
     # One writer per run folder: a second `train` into it is refused, not interleaved with this one.
     lock = writer_lock(setup.out_dir, "training run") if setup.ddp.is_main else contextlib.nullcontext()
     with lock, torch_threads(cfg.threads):
@@ -342,7 +345,7 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None, on_eval=None):
                 setup, resumed=resume_state is not None, start_iter=resume_state["iter"] if resume_state else 0
             )
         outputs = open_outputs(setup, model.raw, resume_state, show_progress)
-        loop = TrainingLoop(setup, model, outputs, resume_state, on_eval)
+        loop = TrainingLoop(setup, model, outputs, resume_state, on_eval, on_step)
         with StopRequests() as stop, contextlib.closing(loop.sequences):
             status = loop.run(stop)
         return finish(loop, status)
@@ -438,7 +441,7 @@ def write_run_folder(setup, resumed, start_iter):
         tokens_per_iter=setup.tokens_per_iter,
         dataset_sha256=setup.dataset.meta["sha256"],  # what eval and dynamics check a dataset against
     )
-    write_json(setup.out_dir / "config.json", config_record, what="run config")
+    write_json(setup.out_dir / RUN_CONFIG_FILE, config_record, what="run config")
 
 
 def threads_text():
@@ -476,9 +479,9 @@ class TrainingLoop:
     """The steps, the log lines and the evaluations (each followed by a checkpoint), and the state they share:
     the iteration, the loss windows the logged means cover, the last evaluation and the clock."""
 
-    def __init__(self, setup, model, outputs, resume_state, on_eval=None):
+    def __init__(self, setup, model, outputs, resume_state, on_eval=None, on_step=None):
         self.setup, self.model, self.outputs = setup, model, outputs
-        self.on_eval = on_eval
+        self.on_eval, self.on_step = on_eval, on_step
         self.resumed = resume_state is not None
         self.sequences = training_sequences(setup)
         self.snapshot_iters = set(snapshot_iters(setup.cfg.snapshots, setup.cfg.max_iters, setup.cfg.snapshot_every))
@@ -593,6 +596,8 @@ class TrainingLoop:
         self.window_tokens += self.setup.tokens_per_iter
         if bar is not None:
             bar.update(1)
+        if self.on_step is not None:
+            self.on_step(self.it)
         if self.it % cfg.log_interval == 0 or self.it == cfg.max_iters:
             self.log_training(lr)
 

@@ -44,7 +44,7 @@ from nanomarkov.files import (
     write_atomic,
     write_json,
 )
-from nanomarkov.progress import WorkerStopped, start_worker, stop_workers, worker_signals
+from nanomarkov.progress import Heartbeat, WorkerStopped, start_worker, stop_workers, worker_signals
 from nanomarkov.report import png_bytes
 from nanomarkov.train import train
 
@@ -71,6 +71,7 @@ FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 # MLP 32 wide: 300k tokens in 10 s measured, ~30k tok/s); a wider or attention model of the space takes longer.
 DEFAULT_TOKENS_CAP = 4_000_000
 DEFAULT_EVALS = 10
+TRIAL_BEAT_SECONDS = 60  # a trial's progress line on stderr once a minute, after the first few seconds
 STUDY_NAME = "nanomarkov-tune"
 SPACE_FILE_MAX_BYTES = 1 << 20  # a space file is a few lines; a larger "file" is a device or a mistake
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
@@ -369,9 +370,19 @@ def run_trial(study, settings, base, found, seq_len):
         if trial.should_prune():
             raise optuna.TrialPruned
 
+    beat = Heartbeat(
+        f"trial {trial.number}", cfg["max_iters"], "iterations", waiting="at its first eval", every=TRIAL_BEAT_SECONDS
+    )
     try:
-        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # the run's lines: its training.log
-            done = train(TrainConfig.from_dict(cfg), overwrite=True, show_progress=False, on_eval=report)
+        # The run's lines go to its training.log; the heartbeat says how far it is and how long is left.
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), beat:
+            done = train(
+                TrainConfig.from_dict(cfg),
+                overwrite=True,
+                show_progress=False,
+                on_eval=report,
+                on_step=lambda it: beat.advance(),
+            )
     except optuna.TrialPruned:
         study.tell(trial, state=TrialState.PRUNED)
         print(f"trial {trial.number}: pruned at {max(reported)}/{settings.evals} of the budget; {show(trial.params)}")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nanomarkov.cli import main
+from nanomarkov.cli import expand_home, main
 from nanomarkov.data import load_dataset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -316,6 +316,12 @@ def test_a_path_starting_with_a_tilde_is_in_the_home_folder(tmp_path, capsys, mo
     assert main(argv) == 0
     assert load_dataset(tmp_path / "home" / "d").meta["n_states"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]  # no folder named ~
+
+
+def test_only_a_path_flags_value_has_its_tilde_expanded_after_an_equals_sign():
+    home = os.path.expanduser("~root")
+    given = ["train", "~root/d", "--out_dir=~root/x", "--data_dir=~root", "--wandb_run_name=~root", "--tag=~root/t"]
+    assert expand_home(given) == ["train", f"{home}/d", f"--out_dir={home}/x", f"--data_dir={home}", *given[-2:]]
 
 
 def test_the_demo_names_a_way_out_it_has(tmp_path, capsys, monkeypatch):

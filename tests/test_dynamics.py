@@ -14,6 +14,7 @@ from nanomarkov.cli import main
 from nanomarkov.data import generate_dataset, load_dataset
 from nanomarkov.dynamics import PLOTS, check_dynamics_folder, crossing_levels, first_crossings, learning_coefficient
 from nanomarkov.errors import NanoMarkovError
+from nanomarkov.files import writer_lock
 from nanomarkov.model import GPT, GPTConfig
 from nanomarkov.processes.incontext import InContextChain
 from nanomarkov.processes.korder import KOrderChain
@@ -270,6 +271,16 @@ def test_dynamics_json_flag_and_out(markov_run, tmp_path, capsys):
     assert printed == strict_json(tmp_path / "out" / "dynamics.json")
     assert printed["val_sequences"] == 8 and printed["val_sequences_total"] == 40
     assert set(printed) >= {"run", "dataset", "process", "theory", "snapshots", "crossings", "timing"}
+
+
+def test_a_second_writer_of_the_folder_is_refused_and_nothing_written(markov_run, tmp_path, capsys):
+    run = one_snapshot_copy(markov_run[0], tmp_path / "run")
+    before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    with writer_lock(run, "training run"):  # a train still writing the run (another open file: flock conflicts)
+        assert main(["dynamics", str(run), "--val_sequences", "8"]) == 2
+        err = capsys.readouterr().err
+        assert "is writing here (pid" in err and err.count("\n") == 1
+        assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file() and path.name != ".lock"} == before
 
 
 @pytest.mark.parametrize(

@@ -195,7 +195,7 @@ def test_eval_on_a_full_disk_into_a_new_folder_leaves_no_file(runs, tmp_path, ca
     assert list((tmp_path / "new").iterdir()) == []
 
 
-def test_eval_out_writes_among_a_users_files_only_with_force(runs, tmp_path, capsys):
+def test_eval_out_writes_beside_a_users_files_only_with_force_and_never_over_them(runs, tmp_path, capsys):
     ckpt = str(runs / "runs" / "run1" / "ckpt.pt")
     mine = tmp_path / "d"
     mine.mkdir()
@@ -210,6 +210,10 @@ def test_eval_out_writes_among_a_users_files_only_with_force(runs, tmp_path, cap
     one_error_line(capsys)
     assert sorted(p.name for p in mine.iterdir()) == ["eval.json", "notes.txt"]
 
+    assert main(["eval", ckpt, "--out", str(mine), "--force"]) == 2  # --force writes beside their files, not over
+    assert "holds files of yours (eval.json)" in one_error_line(capsys)
+    assert (mine / "eval.json").read_text() == "mine\n"
+    (mine / "eval.json").rename(tmp_path / "moved.json")
     assert main(["eval", ckpt, "--out", str(mine), "--force"]) == 0
     assert "outputs_finite" in json.loads((mine / "eval.json").read_text())
     assert (mine / "notes.txt").read_text() == "mine\n"

@@ -291,9 +291,26 @@ def test_a_folder_of_other_files_is_refused_unless_it_is_of_the_kind_or_forced(t
     with pytest.raises(NanoMarkovError, match="new or empty folder$"):  # a command without --force says so
         check_output_folder(folder, "export", never_a_kind, force=None)
     check_output_folder(folder, "training run", lambda f: (f / "config.json").is_file())
-    check_output_folder(folder, "training run", never_a_kind, force=True)
+    check_output_folder(folder, "training run", never_a_kind, force=True, writes=("ckpt.pt", "*.partial"))
     with pytest.raises(NanoMarkovError, match="a file, not a folder"):
         check_output_folder(folder / "config.json", "training run", never_a_kind, force=True)
+
+
+def test_force_never_writes_over_or_removes_a_users_file(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"mine": 1}')
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(NanoMarkovError) as refused:  # a name the command writes: theirs would be replaced
+        check_output_folder(folder, "training run", never_a_kind, force=True, writes=("config.json", "ckpt.pt"))
+    assert str(refused.value).startswith(f"{folder} holds files of yours (config.json) and the training run would")
+    assert "--force never replaces a file nanoMarkov did not write" in str(refused.value)
+    with pytest.raises(NanoMarkovError, match=r"\(config.json, notes.txt\) and the dataset would replace the folder"):
+        check_output_folder(folder, "dataset", never_a_kind, force=True)  # replaced whole: every entry is theirs
+    with pytest.raises(NanoMarkovError, match=r"\(notes.txt\)"):  # fnmatch patterns
+        check_output_folder(folder, "export", never_a_kind, force=True, writes=("*.txt",))
+    assert check_output_folder(folder, "export", never_a_kind, force=True, writes=("model.safetensors",)) == folder
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "notes.txt"]
 
 
 @pytest.mark.parametrize(

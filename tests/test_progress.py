@@ -10,7 +10,7 @@ import time
 from nanomarkov import data
 from nanomarkov.cli import stop_deadline
 from nanomarkov.data import generate_dataset
-from nanomarkov.progress import Heartbeat, StopDeadline, stopped_line
+from nanomarkov.progress import Heartbeat, StopDeadline, duration_text, stopped_line
 
 
 def test_a_heartbeat_says_nothing_for_quick_work():
@@ -28,7 +28,24 @@ def test_a_heartbeat_says_how_far_long_work_is_from_its_own_thread():
         beat.advance(50)
         time.sleep(0.1)
     assert first >= 1 and said[0].startswith("generate d: building, ")
-    assert "generate d: 50 of 200 tokens (25 %), " in said[-1] and said[-1].endswith("s")
+    assert "generate d: 50 of 200 tokens (25 %, about " in said[-1] and said[-1].endswith("s")
+
+
+def test_a_heartbeat_tells_the_time_left_at_the_rate_so_far():
+    beat = Heartbeat("trial 0", 200, "iterations")
+    beat.started -= 100  # 50 iterations in 100 s: the other 150 take 300 s
+    beat.advance(50)
+    assert beat.status() == "50 of 200 iterations (25 %, about 5 min left)"
+
+
+def test_a_duration_is_told_in_the_unit_a_person_reads():
+    assert [duration_text(s) for s in (5, 130, 7200, 3 * 86400, 1e13)] == [
+        "5 s",
+        "2.17 min",
+        "2 h",
+        "3 days",
+        "3.17e+05 years",
+    ]
 
 
 # A command whose handler for SIGTERM does not end it (as a main thread inside one long numpy call cannot

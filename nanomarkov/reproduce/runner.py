@@ -24,6 +24,19 @@ from nanomarkov.sweep import check_launcher, expand_grid, require_slurm, run_swe
 REPRODUCE_FILE = "reproduce.json"
 
 
+# What reproduce writes at the top of its folder (--force writes beside a user's files, never over these names).
+REPRODUCTION_FILES = (
+    REPRODUCE_FILE,
+    "grid.json",
+    "sweep",
+    "measured.json",
+    "claims.json",
+    "report.md",
+    "figures",
+    "*.partial",
+)
+
+
 def is_reproduction(folder) -> bool:
     """A folder reproduce wrote (its reproduce.json, told by its content: files.holds_record)."""
     return holds_record(folder, REPRODUCE_FILE, ("paper", "scale"))
@@ -33,7 +46,7 @@ def claim_folder(out, paper, scale, force=False) -> dict:
     """Refuse a folder reproduce may not write (files.check_output_folder), or one holding another paper or
     scale; then mark it as this paper's at this scale. Returns reproduce.json's record (its seconds and
     calls so far: a resumed reproduction adds to them)."""
-    check_output_folder(out, "reproduction", is_reproduction, force=force)
+    check_output_folder(out, "reproduction", is_reproduction, force=force, writes=REPRODUCTION_FILES)
     before = read_json_or_none(Path(out) / REPRODUCE_FILE)
     if before and (before.get("paper"), before.get("scale")) != (paper.name, scale):
         raise NanoMarkovError(

@@ -28,7 +28,7 @@ from nanomarkov.files import check_output_folder, read_json, read_json_or_none
 from nanomarkov.report import family_key, find_runs, write_report
 from nanomarkov.sweep.grid import Ticker, dataset_arguments, expand_grid, plan
 from nanomarkov.sweep.local import run_here, run_in_pool
-from nanomarkov.sweep.manifest import Progress, new_manifest, read_manifest, save_manifest
+from nanomarkov.sweep.manifest import MANIFEST, Progress, new_manifest, read_manifest, save_manifest
 from nanomarkov.sweep.slurm import run_jobs, slurm_executor
 from nanomarkov.sweep.status import refuse_if_still_running
 from nanomarkov.train import train
@@ -89,6 +89,15 @@ def run_one(spec, threads=None) -> dict:
 # ------------------------------------------------------------------ the sweep
 
 
+# What a sweep writes at the top of its folder (--force writes beside a user's files, never over these names).
+SWEEP_FILES = (MANIFEST, "data", "runs", "slurm", "summary.md", "summary.csv", "comparison.png", "*.partial")
+
+
+def is_sweep_folder(folder) -> bool:
+    """A folder a sweep wrote (its sweep.json, told from a user's own by its content)."""
+    return read_manifest(folder) is not None
+
+
 def run_sweep(
     grid,
     out_root,
@@ -113,7 +122,7 @@ def run_sweep(
     options, and each run gets cpus_per_task threads. out_root is new, empty or a sweep's (sweep.json),
     or `force` (files.check_output_folder).
     """
-    check_output_folder(out_root, "sweep", lambda folder: read_manifest(folder) is not None, force=force)
+    check_output_folder(out_root, "sweep", is_sweep_folder, force=force, writes=SWEEP_FILES)
     notes = notes or (lambda line: None)
     specs = expand_grid(grid, out_root, tick=Ticker(notes, "checking the grid"))
     check_launcher(jobs, launcher)

@@ -357,7 +357,7 @@ def run_dynamics(
 
     `llc` is None (no learning coefficient) or the keyword arguments of learning_coefficient.
     `simplex_iters`: the snapshots whose belief simplex write_dynamics draws (hmm; default
-    simplex_choice's first, middle and last).
+    simplex_choice's first, the one nearest half the run, and the last).
     """
     started = time.perf_counter()
     if llc is not None:
@@ -874,9 +874,17 @@ def belief_baselines(entries):
     }
 
 
+def middle_index(iters):
+    """The index of the snapshot nearest half the run (half the last snapshot's iteration; the earlier of two
+    as near): the middle of training, not of the list, which log-spaced snapshots crowd towards the start."""
+    half = iters[-1] / 2
+    return min(range(len(iters)), key=lambda i: abs(iters[i] - half))
+
+
 def simplex_choice(dataset, iters, chosen=None):
     """{"iters", "file"} of the snapshots whose belief simplex is drawn: `chosen` (each one of `iters`, the
-    run's snapshots), by default the first, a middle one and the last; None for a process without beliefs."""
+    run's snapshots), by default the first, the one nearest half the run (middle_index) and the last; None
+    for a process without beliefs."""
     if not dataset.chain.BELIEF_STATES:
         if chosen:
             raise NanoMarkovError(
@@ -885,7 +893,7 @@ def simplex_choice(dataset, iters, chosen=None):
             )
         return None
     if not chosen:
-        chosen = sorted({iters[0], iters[len(iters) // 2], iters[-1]})
+        chosen = sorted({iters[0], iters[middle_index(iters)], iters[-1]})
     missing = [i for i in chosen if i not in iters]
     if missing:
         raise NanoMarkovError(

@@ -109,8 +109,9 @@ def main():
             "",
             f"Machine: {machine()}. `nanomarkov reproduce NAME --threads 1`, from scratch, one paper at a time, on the "
             "machine shared with other work (the load average, 1 / 5 / 15 min, says how busy it was; the CPU time is what "
-            "the command itself used). Pinned: the run kept to that one core (`--core`, `taskset -c`) while other work "
-            "used the other, so a paper that fits there fits the whole 2-core machine. Budget: 15 min of wall time.",
+            "the command itself used). Pinned: the run kept to that one core (`--core`, `taskset -c`), which other work "
+            "could still share (wall time above CPU time says how much it did); a paper that fits one core fits the "
+            "2-core machine. Budget: 15 min of wall time.",
             "",
             "| paper | wall time | CPU time (user + sys) | pinned | claims held | load before | load after |",
             "|---|---:|---:|---|---:|---|---|",

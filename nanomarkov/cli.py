@@ -540,7 +540,7 @@ def _add_dynamics(verbs):
         type=_iteration_list,
         default=None,
         help="hmm: the snapshots whose belief simplex dynamics_simplex.png draws, e.g. 0,400,1000 "
-        "(default: the first, a middle one and the last)",
+        "(default: the first, the one nearest half the run, and the last)",
     )
     _add_threads(dyn, "auto")
     dyn.add_argument("--llc", action="store_true", help="estimate the learning coefficient too (needs devinterp; slow)")

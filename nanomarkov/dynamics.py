@@ -52,7 +52,6 @@ from nanomarkov.evaluate import (
     evaluate_models,
     kl_terms,
     make_folder,
-    state_log_probs,
 )
 from nanomarkov.files import (
     check_output_folder,
@@ -215,33 +214,45 @@ def stage_theory(dataset):
     }
 
 
-@torch.no_grad()
-def optimal_kl_over_positions(model, dataset):
-    """Mean KL(optimal predictor || model) over every val position (a process whose METRICS have no
-    optimal_fidelity, a first-order chain, gets it here: eval reports it per state instead)."""
-    k, val = dataset.chain.n_states, dataset.val
-    batch = max(1, EVAL_BATCH_ELEMENTS // ((dataset.seq_len - 1) * (k + 1)))
-    kl_sum = 0.0
-    for lo in range(0, val.shape[0], batch):
-        tokens = torch.from_numpy(np.asarray(val[lo : lo + batch], dtype=np.int64))
-        log_q = state_log_probs(model(tokens[:, :-1])[0].double(), k)
-        kl_sum += kl_terms(torch.from_numpy(dataset.chain.optimal_log_probs(tokens.numpy())), log_q).sum().item()
-    return kl_sum / (val.shape[0] * (dataset.seq_len - 1))
+class StageDistances:
+    """An evaluate family (evaluate_models' extra_families) of the dynamics: per model, KL(optimal predictor ||
+    model) and, for each stage of Process.stage_log_probs, KL(stage predictor || model), each the mean over every
+    val position, from evaluate's own val pass and its q (state_log_probs: BOS dropped, the K state logits
+    renormalised). Eval has the optimal KL itself only for a process whose METRICS name optimal_fidelity (a
+    first-order chain's is per state), so every process gets it here."""
+
+    def __init__(self, dataset, names):
+        k, self.chain = dataset.chain.n_states, dataset.chain
+        self.rows = max(1, STAGE_BATCH_ELEMENTS // ((dataset.seq_len - 1) * (k + 1)))
+        self.stage_sums = {name: {} for name in names}
+        self.optimal_sum, self.positions = dict.fromkeys(names, 0.0), 0
+
+    def update(self, batch):
+        self.positions += batch.y.numel()
+        for name, log_q in batch.log_q.items():
+            self.optimal_sum[name] += kl_terms(batch.optimal_log, log_q).sum().item()
+        for lo in range(0, batch.tokens.shape[0], self.rows):  # stage tables of at most STAGE_BATCH_ELEMENTS
+            stages = self.chain.stage_log_probs(batch.tokens[lo : lo + self.rows].numpy())
+            for name, log_q in batch.log_q.items():
+                sums = self.stage_sums[name]
+                for stage, log_p in stages.items():
+                    terms = kl_terms(torch.from_numpy(log_p), log_q[lo : lo + self.rows])
+                    sums[stage] = sums.get(stage, 0.0) + terms.sum().item()
+
+    def results(self, name, models, device, timings):
+        stage_kl = {stage: total / self.positions for stage, total in self.stage_sums[name].items()}
+        return {"stage_kl": stage_kl, "mean_optimal_kl": self.optimal_sum[name] / self.positions}, {}
 
 
 def measure_snapshot(model, dataset):
     """Every dynamics number of one model on the (cut) dataset, as a dict of plain values."""
-    result = evaluate_models({"model": model}, dataset)["model"]
-    if result.get("optimal_fidelity") is not None:
-        optimal_kl = result["optimal_fidelity"]["mean_kl"]
-    else:
-        optimal_kl = optimal_kl_over_positions(model, dataset)
+    result = evaluate_models({"model": model}, dataset, extra_families=[StageDistances])["model"]
     by_position = result["arrays"]["loss_by_position"]["val_loss"]
     measured = {
         "val_loss": result["cross_entropy"]["val_loss"],
         "excess": result["cross_entropy"]["excess"],
         "accuracy": result["accuracy"]["accuracy"],
-        "optimal_kl": optimal_kl,
+        "optimal_kl": result["mean_optimal_kl"],
         "transition_kl": (result.get("transition_fidelity") or {}).get("mean_kl"),
         "korder_kl": (result.get("korder_fidelity") or {}).get("mean_kl"),
         "korder_first_order_kl": (result.get("korder_fidelity") or {}).get("first_order_kl"),
@@ -252,7 +263,7 @@ def measure_snapshot(model, dataset):
         broken = {"optimal_kl": None, "loss_by_position": None, "belief_r2": None, "attention": None}
         broken |= {"belief_probe": None}
         return measured | broken | {"stage_kl": None, "attention_scores": None}
-    measured["stage_kl"] = stage_kl_over_positions(model, dataset)
+    measured["stage_kl"] = result["stage_kl"]
     measured["attention_scores"] = attention_scores(model, dataset)
     if dataset.chain.BELIEF_STATES:
         probe = belief_state_probe(model, dataset, n_sequences=dataset.val.shape[0])
@@ -261,22 +272,6 @@ def measure_snapshot(model, dataset):
     attention = attention_summary(model, dataset.val[:ATTENTION_SEQUENCES])
     measured["attention"] = {key: np.asarray(value).tolist() for key, value in attention.items()}
     return measured
-
-
-@torch.no_grad()
-def stage_kl_over_positions(model, dataset):
-    """{stage: mean KL(stage predictor || model)} over every val position (n x (L-1)), for each stage of
-    Process.stage_log_probs; the model's distribution is evaluate's state_log_probs (BOS dropped,
-    the K state logits renormalised), as in optimal_kl_over_positions."""
-    k, val = dataset.chain.n_states, dataset.val
-    batch = max(1, STAGE_BATCH_ELEMENTS // ((dataset.seq_len - 1) * (k + 1)))
-    sums = {}
-    for lo in range(0, val.shape[0], batch):
-        tokens = np.asarray(val[lo : lo + batch], dtype=np.int64)
-        log_q = state_log_probs(model(torch.from_numpy(tokens[:, :-1]))[0].double(), k)
-        for name, log_p in dataset.chain.stage_log_probs(tokens).items():
-            sums[name] = sums.get(name, 0.0) + kl_terms(torch.from_numpy(log_p), log_q).sum().item()
-    return {name: total / (val.shape[0] * (dataset.seq_len - 1)) for name, total in sums.items()}
 
 
 def attention_scores(model, dataset):
@@ -357,7 +352,7 @@ def run_dynamics(
 
     `llc` is None (no learning coefficient) or the keyword arguments of learning_coefficient.
     `simplex_iters`: the snapshots whose belief simplex write_dynamics draws (hmm; default
-    simplex_choice's first, middle and last).
+    simplex_choice's first, the one nearest half the run, and the last).
     """
     started = time.perf_counter()
     if llc is not None:
@@ -875,9 +870,17 @@ def belief_baselines(entries):
     }
 
 
+def middle_index(iters):
+    """The index of the snapshot nearest half the run (half the last snapshot's iteration; the earlier of two
+    as near): the middle of training, not of the list, which log-spaced snapshots crowd towards the start."""
+    half = iters[-1] / 2
+    return min(range(len(iters)), key=lambda i: abs(iters[i] - half))
+
+
 def simplex_choice(dataset, iters, chosen=None):
     """{"iters", "file"} of the snapshots whose belief simplex is drawn: `chosen` (each one of `iters`, the
-    run's snapshots), by default the first, a middle one and the last; None for a process without beliefs."""
+    run's snapshots), by default the first, the one nearest half the run (middle_index) and the last; None
+    for a process without beliefs."""
     if not dataset.chain.BELIEF_STATES:
         if chosen:
             raise NanoMarkovError(
@@ -886,7 +889,7 @@ def simplex_choice(dataset, iters, chosen=None):
             )
         return None
     if not chosen:
-        chosen = sorted({iters[0], iters[len(iters) // 2], iters[-1]})
+        chosen = sorted({iters[0], iters[middle_index(iters)], iters[-1]})
     missing = [i for i in chosen if i not in iters]
     if missing:
         raise NanoMarkovError(

@@ -412,7 +412,7 @@ FAMILIES = {
 
 
 @torch.no_grad()
-def evaluate_models(models, dataset, device="cpu"):
+def evaluate_models(models, dataset, device="cpu", extra_families=()):
     """Every metric that applies to the dataset's process, for each model in `models` (a dict name -> module).
 
     Each module maps idx (B, T) to (logits (B, T, K+1), _), as GPT does. One pass over
@@ -420,12 +420,15 @@ def evaluate_models(models, dataset, device="cpu"):
     and its skipped_metrics() why the others do not. Returns {name: result dict}; with
     two or more models each result carries the agreement. Each result says whether the
     model's outputs were finite (`outputs_finite`, `nonfinite_positions`); when not, its
-    MODEL_NUMBERS are null.
+    MODEL_NUMBERS are null. `extra_families`: more family classes (as FAMILIES' are: built from the dataset
+    and the names, fed each Batch) whose numbers join each result, read from this same pass
+    (dynamics.StageDistances: a pass of their own would double the model's forward passes).
     """
     chain, names, timings = dataset.chain, list(models), {}
     common, agreement = CommonMetrics(dataset, names), Agreement(names)
     by_position = LossByPosition(dataset, names)
-    families = [cls(dataset, names) for cls in dict.fromkeys(FAMILIES[key] for key in chain.METRICS)]
+    classes = [*dict.fromkeys(FAMILIES[key] for key in chain.METRICS), *extra_families]
+    families = [cls(dataset, names) for cls in classes]
     started = time.perf_counter()
     with Heartbeat(f"eval of {', '.join(names)}", val_batch_count(dataset), "val batches") as heartbeat:
         for batch in _val_batches(models, dataset, device):

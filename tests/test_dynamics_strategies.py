@@ -11,12 +11,13 @@ from test_dynamics import bigram_gpt, every_sequence, icl_probability, korder_pr
 from nanomarkov.data import load_dataset
 from nanomarkov.dynamics import (
     STAGE_EVENT_RULE,
+    StageDistances,
     attention_scores,
     distance_events,
     format_dynamics,
     run_dynamics,
-    stage_kl_over_positions,
 )
+from nanomarkov.evaluate import Batch, state_log_probs
 from nanomarkov.interp.readouts import induction_scores, previous_token_scores, repeated_random_tokens
 from nanomarkov.model import GPT, GPTConfig
 from nanomarkov.processes.incontext import InContextChain
@@ -119,6 +120,16 @@ class PredictorModel(torch.nn.Module):
         log_probs = np.maximum(self.predictor(tokens), -60.0)
         bos = np.full(log_probs.shape[:2] + (1,), self.bos_logit)
         return torch.from_numpy(np.concatenate([log_probs, bos], axis=-1)), None
+
+
+def stage_kl_over_positions(model, dataset):
+    """StageDistances' distances of a model, fed the whole val split as one batch of evaluate's val pass."""
+    tokens = torch.from_numpy(np.asarray(dataset.val, dtype=np.int64))
+    logits = model(tokens[:, :-1])[0].double()
+    optimal = torch.from_numpy(dataset.chain.optimal_log_probs(tokens.numpy()))
+    family = StageDistances(dataset, ["m"])
+    family.update(Batch(tokens, optimal, {"m": logits}, {"m": state_log_probs(logits, dataset.chain.n_states)}))
+    return family.results("m", None, "cpu", {})[0]["stage_kl"]
 
 
 def kl(p, q):

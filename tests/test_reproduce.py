@@ -141,6 +141,14 @@ def test_quantities_read_a_dynamics_record():
     assert formed_tokens(flat, "induction") is None  # the score never rose
 
 
+def test_the_middle_snapshot_is_the_one_nearest_half_the_run():
+    # log-spaced iterations: the middle of the list (iter 7) is early; half of 2000 is nearest 1062
+    iters = [0, 1, 2, 4, 7, 13, 24, 1062, 2000]
+    entries = [{"iter": i, "belief_probe": {"mse": [float(i)]}} for i in iters]
+    assert measure("probe_mse_middle", {"snapshots": entries}, None) == 1062.0
+    assert measure("probe_mse_untrained", {"snapshots": entries}, None) == 0.0
+
+
 @pytest.mark.parametrize("name", paper_names())
 def test_every_shipped_paper_reads_and_makes_its_grids(name):
     paper = read_paper(name)

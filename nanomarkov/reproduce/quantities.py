@@ -11,6 +11,7 @@ without hidden states, a stage never approached) is None, and a claim on it does
 
 import numpy as np
 
+from nanomarkov.dynamics import middle_index
 from nanomarkov.errors import NanoMarkovError
 
 # A head "formed" at the first snapshot whose best score (over heads) came this share of the way
@@ -26,13 +27,14 @@ def _probe(entry, key, index=None):
 
 
 def _snapshot(dynamics, where):
-    """The first ("untrained", iteration 0), middle or last snapshot of a dynamics record (None if absent)."""
+    """The first ("untrained", iteration 0), middle (the one nearest half the run: dynamics.middle_index) or
+    last snapshot of a dynamics record (None if absent)."""
     entries = dynamics["snapshots"] if dynamics else []
     if not entries:
         return None
     if where == "untrained":
         return entries[0] if entries[0]["iter"] == 0 else None
-    return entries[len(entries) // 2] if where == "middle" else entries[-1]
+    return entries[middle_index([e["iter"] for e in entries])] if where == "middle" else entries[-1]
 
 
 def best_head(entry, key, layer=None):
@@ -96,7 +98,7 @@ QUANTITIES = {
         lambda d, e: _probe(_snapshot(d, "last"), "mse", -1),
     ),
     "probe_mse_middle": (
-        "probe_mse_final at the middle snapshot of the series (log-spaced: the middle in log tokens)",
+        "probe_mse_final at the snapshot nearest half the run (by iterations, as tokens go)",
         lambda d, e: _probe(_snapshot(d, "middle"), "mse", -1),
     ),
     "probe_mse_untrained": (

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.files import (
     check_output_folder,
+    check_own_files,
     json_text,
     read_capped,
     read_json_or_none,
@@ -43,6 +44,7 @@ FORMAT = "nanomarkov.GPT"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE)
 CHECKPOINT = "ckpt.pt"
 SNAPSHOTS = "snapshots"  # a run's folder of weights-only snapshots (save_snapshot)
 SNAPSHOT_NAME = re.compile(r"^iter(\d{7,})-tokens(\d+)\.safetensors$")
@@ -254,8 +256,8 @@ def export_safetensors(ckpt_or_model, out_dir, force=False):
     replaced together (files.write_atomic_together): an interrupted export or a full
     disk leaves the previous export as it was, never new weights beside an old config.
     """
-    writes = (WEIGHTS_FILE, CONFIG_FILE, "*.partial")
-    check_output_folder(out_dir, "model export", is_export_folder, force=force, writes=writes)
+    check_output_folder(out_dir, "model export", is_export_folder, force=force, writes=(*EXPORT_FILES, "*.partial"))
+    check_own_files(out_dir, EXPORT_FILES, "model export")
     model, source = model_and_source(ckpt_or_model)
     check_finite_weights(model, source)
     tensors, tied = _unique_tensors(model.state_dict())

@@ -479,7 +479,14 @@ LLC_FLAGS = {
 
 def cmd_dynamics(args):
     from nanomarkov.distributed import torch_threads
-    from nanomarkov.dynamics import check_dynamics_folder, format_dynamics, llc_settings, run_dynamics, write_dynamics
+    from nanomarkov.dynamics import (
+        check_dynamics_folder,
+        format_dynamics,
+        is_dynamics_folder,
+        llc_settings,
+        run_dynamics,
+        write_dynamics,
+    )
 
     given = {name: getattr(args, flag) for flag, name in LLC_FLAGS.items() if getattr(args, flag) is not None}
     if given and not args.llc:
@@ -487,8 +494,8 @@ def cmd_dynamics(args):
         raise NanoMarkovError(f"--{flag} sets the learning coefficient's estimate; add --llc to estimate it")
     llc = llc_settings(**given) if args.llc else None
     folder = args.out or args.run
-    if args.out:
-        check_dynamics_folder(args.out, args.force)  # before the work, which takes a while
+    if args.out or is_dynamics_folder(folder):  # (what is not a run, run_dynamics names)
+        check_dynamics_folder(folder, args.force)  # before the work, which takes a while
     # One writer: a second dynamics, or a train still writing the run's snapshots, is refused. (A run folder
     # that is not there is run_dynamics's to name, not a folder to make.)
     lock = writer_lock(folder, "dynamics") if args.out or os.path.isdir(folder) else contextlib.nullcontext()

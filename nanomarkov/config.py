@@ -166,8 +166,8 @@ ADDED_FIELDS = (*MODEL_ADDED_FIELDS, "data_source", "snapshot_every", "threads")
 # A run folder is one whose config.json `train` wrote: every run's holds these keys beside the
 # TrainConfig fields (since the first version), which a user's own config.json is unlikely to.
 RUN_CONFIG_FILE = "config.json"
-# What train writes at the top of a run folder (--force writes beside a user's files, never over these names).
-RUN_FILES = (RUN_CONFIG_FILE, "ckpt.pt", "log.jsonl", "training.log", "done.json", "snapshots", "*.partial")
+# The files train writes at the top of a run folder (and its snapshots/): never over a user's of these names.
+RUN_FILES = (RUN_CONFIG_FILE, "ckpt.pt", "log.jsonl", "training.log", "done.json")
 RUN_CONFIG_MARKS = ("data_dir", "out_dir", "vocab_size", "block_size", "device_resolved", "tokens_per_iter")
 
 

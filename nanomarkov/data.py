@@ -33,6 +33,7 @@ from nanomarkov.errors import NanoMarkovError
 from nanomarkov.files import (
     LOCK_FILE,
     check_output_folder,
+    check_own_files,
     format_bytes,
     holds_record,
     new_build_folder,
@@ -217,6 +218,7 @@ def generate_dataset(
     refusal names, for a caller that has no --force or --out (the demo)."""
     chain, params, dtype = plan_dataset(n_states, train_sequences, val_sequences, **choices)
     out_dir = check_output_folder(out_dir, "dataset", is_dataset_folder, force=force, fix=fix, writes=DATASET_FILES)
+    check_own_files(out_dir, DATASET_FILES, "dataset")
     with writer_lock(out_dir, "generation"):  # a second writer is refused, never interleaved
         if not force and _holds_this_dataset(out_dir, _existing_meta(out_dir), params, fix):
             return _existing_meta(out_dir)

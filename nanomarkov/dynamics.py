@@ -55,6 +55,7 @@ from nanomarkov.evaluate import (
 )
 from nanomarkov.files import (
     check_output_folder,
+    check_own_files,
     holds_record,
     json_text,
     read_json,
@@ -592,8 +593,9 @@ def is_dynamics_folder(folder) -> bool:
 
 def check_dynamics_folder(folder, force=False):
     """Refuse a `folder` that dynamics may not write into (files.check_output_folder)."""
-    writes = (DYNAMICS_FILE, *PLOTS, SIMPLEX_PLOT, "*.partial")
-    check_output_folder(folder, "dynamics", is_dynamics_folder, force=force, writes=writes)
+    writes = (DYNAMICS_FILE, *PLOTS, SIMPLEX_PLOT)
+    folder = check_output_folder(folder, "dynamics", is_dynamics_folder, force=force, writes=(*writes, "*.partial"))
+    check_own_files(folder, writes, "dynamics", record=DYNAMICS_FILE, marks=DYNAMICS_MARKS)
 
 
 def write_dynamics(record, folder, force=False):

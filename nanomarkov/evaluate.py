@@ -33,6 +33,7 @@ from it (MODEL_NUMBERS) is null rather than a NaN, or a finite number that an
 argmax or a NaN-skipping mean computed from NaN.
 """
 
+import contextlib
 import io
 import time
 from dataclasses import dataclass
@@ -46,7 +47,14 @@ from nanomarkov.checkpoint import checkpoint_path, load_model, nonfinite_weights
 from nanomarkov.config import is_run_folder
 from nanomarkov.data import learnable_fraction, load_dataset, optimal_loss_by_position, stage_losses
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.files import check_output_folder, holds_record, json_text, write_atomic_together
+from nanomarkov.files import (
+    check_output_folder,
+    check_own_files,
+    holds_record,
+    json_text,
+    write_atomic_together,
+    writer_lock,
+)
 from nanomarkov.processes.numerics import entropy
 from nanomarkov.progress import Heartbeat
 
@@ -564,8 +572,14 @@ def evaluate_checkpoints(ckpt_paths, data_dir=None, out=None, device="cpu", forc
         models[str(path)] = model.to(device)
     # Every folder checked before any is made, and all before the pass: fail fast, and leave nothing behind.
     folders = [output_folder(path, out, len(loaded), force) for path, _, _ in loaded]
-    folders = [make_folder(folder) for folder in folders]
-    results = evaluate_models(models, dataset, device)
+    with contextlib.ExitStack() as held:  # one writer: a train still writing a run folder refuses its evaluation
+        for folder in dict.fromkeys(folders):  # (made here, and removed again if the evaluation fails)
+            held.enter_context(writer_lock(folder, "evaluation"))
+        return write_evaluations(loaded, folders, evaluate_models(models, dataset, device), dataset, data_path)
+
+
+def write_evaluations(loaded, folders, results, dataset, data_path):
+    """Each checkpoint's evaluation into its folder (write_eval); returns [(folder, result)]."""
     written = []
     for (path, model, ckpt), folder in zip(loaded, folders):
         result = results[str(path)]
@@ -621,16 +635,20 @@ def holds_evaluations(folder) -> bool:
 
 def output_folder(ckpt_path, out, n_checkpoints, force=False):
     """Where a checkpoint's evaluation goes (next to it, `out`, or a sub-folder of `out`), checked, not made:
-    into `out` only where it is new, empty, an evaluation or a run folder, or `force` (files.check_output_folder)."""
+    into `out` only where it is new, empty, an evaluation or a run folder, or `force` (files.check_output_folder);
+    never over files of those names that an earlier evaluation did not write (files.check_own_files)."""
     if out is None:
-        return Path(ckpt_path).parent
-    if n_checkpoints == 1:
-        return check_output_folder(out, "model evaluation", is_evaluation_folder, force=force, writes=EVAL_FILES)
-    # Several: `out` gets one sub-folder each, so it too must be new, empty or of evaluations only.
-    name = Path(ckpt_path).parent.name
-    out = check_output_folder(out, "folder of model evaluations", holds_evaluations, force=force, writes=(name,))
-    folder = out / name
-    return check_output_folder(folder, "model evaluation", is_evaluation_folder, force=force, writes=EVAL_FILES)
+        folder = Path(ckpt_path).parent
+    elif n_checkpoints == 1:
+        folder = check_output_folder(out, "model evaluation", is_evaluation_folder, force=force, writes=EVAL_FILES)
+    else:  # several: `out` gets one sub-folder each, so it too must be new, empty or of evaluations only
+        name = Path(ckpt_path).parent.name
+        out = check_output_folder(out, "folder of model evaluations", holds_evaluations, force=force, writes=(name,))
+        folder = check_output_folder(
+            out / name, "model evaluation", is_evaluation_folder, force=force, writes=EVAL_FILES
+        )
+    check_own_files(folder, EVAL_FILES[:-1], "model evaluation", record="eval.json", marks=EVAL_MARKS)
+    return folder
 
 
 def make_folder(folder, what="the evaluation"):

@@ -257,10 +257,10 @@ def _lock_file(folder, what):
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip() or "another process"
+            holder, _, holding = (handle.read().strip() or "another process").partition(": ")
             handle.close()
             raise NanoMarkovError(
-                f"{folder}: another {what} is writing here ({holder}); wait for it to finish or stop it, "
+                f"{folder}: another {holding or what} is writing here ({holder}); wait for it to finish or stop it, "
                 "or choose another folder"
             ) from None
         # The holder before us may have removed the file between our open and our flock: then
@@ -280,23 +280,39 @@ def writer_lock(folder, what):
     NanoMarkovError if another process holds it.
     """
     folder = Path(folder)
-    created = not folder.exists()
+    # The folders this makes (the folder and any parents): removed at the end where nothing was written in them,
+    # so that a refused or failed command leaves no empty folder behind.
+    created = [path for path in (folder, *folder.parents) if not os.path.lexists(path)]
+    try:
+        handle = _held_lock(folder, what)
+        with handle:
+            try:
+                yield
+            finally:
+                (folder / LOCK_FILE).unlink(missing_ok=True)  # before unlocking: see _lock_file
+    finally:
+        for path in created:
+            with suppress(OSError):
+                path.rmdir()  # only where empty
+
+
+def _held_lock(folder: Path, what):
+    """The folder made and its lock taken, the holder's line written (writer_lock); NanoMarkovError."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise NanoMarkovError(f"cannot write in {folder} ({e.strerror or e}); choose a folder you can write") from None
     handle = _lock_file(folder, what)
-    with handle:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
-        try:
-            yield
-        finally:
-            (folder / LOCK_FILE).unlink(missing_ok=True)  # before unlocking: see _lock_file
-            if created and not any(folder.iterdir()):
-                folder.rmdir()  # nothing was written: no empty folder behind a refused or failed command
+    try:  # unbuffered: on a full disk the write fails here, not again when the handle is closed
+        os.ftruncate(handle.fileno(), 0)
+        os.write(handle.fileno(), f"pid {os.getpid()} on {socket.gethostname()}: {what}\n".encode())
+    except OSError as e:  # a full disk: not even the holder's line fits
+        (folder / LOCK_FILE).unlink(missing_ok=True)
+        handle.close()
+        raise NanoMarkovError(
+            f"cannot write in {folder} ({e.strerror or e}); free some space or choose another folder"
+        ) from None
+    return handle
 
 
 # A folder replaced whole is built in a hidden sibling named .{name}.partial-XXXX, then swapped in.
@@ -346,7 +362,7 @@ HOLDING_FOLDERS = tuple(Path(p) for p in ("/home", "/media", "/mnt", "/opt", "/s
 # What a writer may leave in a folder without having written anything of its own there: its lock,
 # whose content says whose it is (see writer_lock); a file of another content so named is the user's.
 LEFT_BY_A_WRITER = (LOCK_FILE,)
-LOCK_CONTENT = re.compile(r"(pid \d+( on \S*)?\n?)?")
+LOCK_CONTENT = re.compile(r"(pid \d+( on \S*)?(: [A-Za-z ]+)?\n?)?")  # ": what": the holder's command
 
 
 def _homes(folder: Path) -> set:
@@ -462,6 +478,25 @@ def check_output_folder(folder, kind, is_kind, force=False, flag="--out", fix=No
         fix = elsewhere if force is None or fix else f"{elsewhere}, or pass --force to write beside them"
         raise NanoMarkovError(f"{folder} holds files that are not a {kind} ({shown}); {fix}")
     return _real_folder(folder)
+
+
+def check_own_files(folder, names, kind, record=None, marks=()):
+    """Refuse to replace, in a folder `kind` may write into, what it did not write: an entry of one of the file
+    `names` it writes that is not a file (a folder, a FIFO: the user's), or, where the kind's `record` (a JSON
+    file holding `marks`) is not its own, any of them (they were written with the record, or are the user's)."""
+    folder = Path(folder)
+    found = [name for name in names if os.path.lexists(folder / name)]
+    odd = [name for name in found if not (os.path.islink(folder / name) or os.path.isfile(folder / name))]
+    if odd:
+        raise NanoMarkovError(
+            f"{folder / odd[0]} is not a file (a folder or a device of yours?), and the {kind} would replace it; "
+            "move it away, or choose another folder"
+        )
+    if record is not None and found and not holds_record(folder, record, marks):
+        raise NanoMarkovError(
+            f"{folder} holds {', '.join(found)}, which no {kind} of nanoMarkov wrote (its {record} is "
+            f"{'not its own' if record in found else 'not there'}); move them away, or choose another folder"
+        )
 
 
 def refuse_the_current_folder(folder, verb, what, flag="--out"):

@@ -31,12 +31,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from nanomarkov.batches import FixedSequences, OnlineSequences, to_inputs_targets, whole_split_batches
-from nanomarkov.checkpoint import CHECKPOINT, list_snapshots, load_checkpoint, save_checkpoint, save_snapshot
+from nanomarkov.checkpoint import CHECKPOINT, SNAPSHOTS, list_snapshots, load_checkpoint, save_checkpoint, save_snapshot
 from nanomarkov.config import RUN_CONFIG_FILE, RUN_FILES, TrainConfig, config_changes, is_run_folder
 from nanomarkov.data import Dataset, estimate_text, headline, learnable_fraction, load_dataset
 from nanomarkov.distributed import Distributed, init_distributed, torch_threads
 from nanomarkov.errors import NanoMarkovError, TrainingDiverged
-from nanomarkov.files import check_output_folder, json_text, write_json, writer_lock
+from nanomarkov.files import check_output_folder, check_own_files, json_text, write_json, writer_lock
 from nanomarkov.gpt_config import GPTConfig, training_bytes, weight_count
 from nanomarkov.memory import check_fits
 from nanomarkov.model import GPT
@@ -332,9 +332,11 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None, on_eval=None, o
     given, is called with the iteration after each step (the tuner's heartbeat counts them)."""
     setup = set_up_run(cfg)
     if setup.ddp.is_main:
+        writes = (*RUN_FILES, SNAPSHOTS, "*.partial")
         check_output_folder(
-            setup.out_dir, "training run", is_run_folder, force=overwrite, flag="--out_dir", writes=RUN_FILES
+            setup.out_dir, "training run", is_run_folder, force=overwrite, flag="--out_dir", writes=writes
         )
+        check_own_files(setup.out_dir, RUN_FILES, "training run")
     # One writer per run folder: a second `train` into it is refused, not interleaved with this one.
     lock = writer_lock(setup.out_dir, "training run") if setup.ddp.is_main else contextlib.nullcontext()
     with lock, torch_threads(cfg.threads):

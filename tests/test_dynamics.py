@@ -279,7 +279,7 @@ def test_a_second_writer_of_the_folder_is_refused_and_nothing_written(markov_run
     with writer_lock(run, "training run"):  # a train still writing the run (another open file: flock conflicts)
         assert main(["dynamics", str(run), "--val_sequences", "8"]) == 2
         err = capsys.readouterr().err
-        assert "is writing here (pid" in err and err.count("\n") == 1
+        assert "another training run is writing here (pid" in err and err.count("\n") == 1
         assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file() and path.name != ".lock"} == before
 
 

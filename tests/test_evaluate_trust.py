@@ -188,11 +188,22 @@ def test_eval_on_a_full_disk_is_one_line_and_keeps_the_previous_evaluation(
     assert snapshot(out, EVAL_FILES) == before and partials(tmp_path) == []
 
 
-def test_eval_on_a_full_disk_into_a_new_folder_leaves_no_file(runs, tmp_path, capsys, monkeypatch):
+def test_eval_on_a_full_disk_into_a_new_folder_leaves_no_file_nor_folder(runs, tmp_path, capsys, monkeypatch):
     full_disk_at(monkeypatch, 3)
-    assert main(["eval", str(runs / "runs" / "run1" / "ckpt.pt"), "--out", str(tmp_path / "new")]) == 2
+    assert main(["eval", str(runs / "runs" / "run1" / "ckpt.pt"), "--out", str(tmp_path / "new" / "er")]) == 2
     one_error_line(capsys)
-    assert list((tmp_path / "new").iterdir()) == []
+    assert not (tmp_path / "new").exists()  # the folders it made, removed again
+
+
+def test_eval_in_a_run_folder_never_replaces_a_users_file_of_its_names(runs, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(runs / "runs" / "run1", run, ignore=shutil.ignore_patterns("eval*", "*.np?"))
+    (run / "eval.md").write_text("my notes\n")
+    before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+    for argv in (["eval", str(run / "ckpt.pt")], ["eval", str(run / "ckpt.pt"), "--out", str(run), "--force"]):
+        assert main(argv) == 2
+        assert "holds eval.md, which no model evaluation of nanoMarkov wrote" in one_error_line(capsys)
+        assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
 
 
 def test_eval_out_writes_beside_a_users_files_only_with_force_and_never_over_them(runs, tmp_path, capsys):

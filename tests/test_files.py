@@ -15,6 +15,7 @@ from nanomarkov import NanoMarkovError, files
 from nanomarkov.config import load_config_file
 from nanomarkov.files import (
     check_output_folder,
+    check_own_files,
     json_text,
     partial_path,
     protected_folder,
@@ -132,18 +133,20 @@ def test_read_json_names_a_missing_file(tmp_path):
 LOCK_HOLDER = """
 import sys, time
 from nanomarkov.files import writer_lock
-with writer_lock(sys.argv[1], "run"):
+with writer_lock(sys.argv[1], sys.argv[2]):
     print("locked", flush=True)
     time.sleep(60)
 """
 
 
 def test_a_second_writer_is_refused_while_the_first_holds_the_lock_and_not_after_it_dies(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    command = [sys.executable, "-c", LOCK_HOLDER, str(tmp_path), "training run"]
+    holder = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(NanoMarkovError, match=rf"another run is writing here \(pid {holder.pid} on"):
-            with writer_lock(tmp_path, "run"):
+        # The holder's command is named, not the refused one's: a train holds the folder that dynamics wants.
+        with pytest.raises(NanoMarkovError, match=rf"another training run is writing here \(pid {holder.pid} on"):
+            with writer_lock(tmp_path, "dynamics"):
                 pass
     finally:
         holder.kill()  # like kill -9: no clean-up code runs
@@ -158,6 +161,33 @@ def test_a_lock_on_a_new_folder_that_stays_empty_leaves_no_folder(tmp_path):
         with writer_lock(tmp_path / "run", "run"):
             raise NanoMarkovError("refused")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_lock_that_made_parent_folders_removes_those_left_empty(tmp_path):
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(NanoMarkovError, match="refused"):
+        with writer_lock(tmp_path / "kept" / "data" / "mm4", "generation"):
+            raise NanoMarkovError("refused")  # e.g. not enough disk space for the dataset
+    assert list((tmp_path / "kept").iterdir()) == []
+
+
+def test_what_a_command_writes_is_never_put_over_what_it_did_not_write(tmp_path):
+    (tmp_path / "train.bin").mkdir()  # a folder of the user's where the dataset has a file
+    (tmp_path / "train.bin" / "thesis.tex").write_text("mine")
+    with pytest.raises(NanoMarkovError, match=r"train.bin is not a file .* the dataset would replace it; move it"):
+        check_own_files(tmp_path, ("meta.json", "train.bin"), "dataset")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "eval.md").write_text("my notes")  # no eval.json beside it: no evaluation wrote it
+    with pytest.raises(
+        NanoMarkovError, match=r"holds eval.md, which no model evaluation .* \(its eval.json is not there\)"
+    ):
+        check_own_files(run, ("eval.json", "eval.md"), "model evaluation", record="eval.json", marks=("run",))
+    (run / "eval.json").write_text('{"mine": 1}')  # the user's eval.json: not an evaluation's
+    with pytest.raises(NanoMarkovError, match=r"\(its eval.json is not its own\)"):
+        check_own_files(run, ("eval.json", "eval.md"), "model evaluation", record="eval.json", marks=("run",))
+    (run / "eval.json").write_text('{"run": {}}')  # an evaluation's: what it wrote beside it is its own
+    check_own_files(run, ("eval.json", "eval.md"), "model evaluation", record="eval.json", marks=("run",))
 
 
 def test_a_lock_in_a_folder_that_is_a_file_is_one_error(tmp_path):

@@ -619,6 +619,13 @@ def check_trained_on(trained, ckpt, dataset):
 # Keys every eval.json nanoMarkov writes holds: an evaluation folder is told by its content, not its name.
 # What eval writes into a folder (--force writes beside a user's files, never over these names).
 EVAL_FILES = ("eval.json", "eval.md", "learned_matrix.npy", "per_state.npz", "loss_by_position.npz", "*.partial")
+# What each metric family measures, for the table's notes (eval.json keeps the family's own name).
+FAMILY_TITLES = {
+    "transition_fidelity": "the transition KL against the true matrix",
+    "markov_property": "the Markov spread",
+    "optimal_fidelity": "the KL to the optimal predictor",
+    "korder_fidelity": "the KL against the true k-th order rows",
+}
 EVAL_MARKS = ("run", "outputs_finite", "files")
 
 
@@ -774,7 +781,11 @@ def format_eval(result):
     lines += [f"{len(rows)} metrics against the exact theory, each beside its optimum and baselines:", ""]
     lines += ["| metric | model | optimum | baselines |", "|---|---:|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    skipped_lines = [f"- skipped {name}: {why}" for name, why in skipped.items() if result.get(name) is None]
+    skipped_lines = [
+        f"- not measured, {FAMILY_TITLES.get(name, name)}: {why}"
+        for name, why in skipped.items()
+        if result.get(name) is None
+    ]
     lines += [""] + skipped_lines if skipped_lines else []
     timing = result.get("timing", {})
     if timing:

@@ -244,7 +244,7 @@ class MarkovChain(Process):
     def skipped_metrics(self):
         return {
             "optimal_fidelity": "a first-order chain's optimal predictor is its transition row: "
-            "transition_fidelity reports that KL per state",
+            "the transition KL rows above report that KL per state",
             "korder_fidelity": "defined for k-th order chains (process korder); this one is first-order",
         }
 

@@ -57,7 +57,8 @@ def run(cls, max_iters):
     cfg = TrainConfig.from_dict(fields)
     load = os.getloadavg()[0]
     started, cpu_started = time.perf_counter(), time.process_time()
-    train(cfg, overwrite=True, show_progress=False)
+    if train(cfg, overwrite=True, show_progress=False)["status"] != "done":  # stopped early: not the recipe's result
+        sys.exit(f"{cls.process}: training was interrupted; nothing recorded for it")
     ((_, result),) = evaluate_checkpoints([ROOT / cls.process / "ckpt.pt"])
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     theory, loss = meta["theory"], result["cross_entropy"]

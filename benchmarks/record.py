@@ -34,3 +34,25 @@ def publish(section, text, save):
     print(text)
     if save:
         record(section, text)
+
+
+def recorded_rows(section):
+    """The rows of the first table in BENCHMARKS.md's `section`, each a dict from column header to cell
+    text ([] when the section or its table is absent): what an earlier run measured, to keep beside a new one."""
+    doc = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else ""
+    found = re.search(f"<!-- {re.escape(section)} -->(.*?)<!-- /{re.escape(section)} -->", doc, re.S)
+    lines = [line.strip() for line in (found.group(1) if found else "").splitlines()]
+    table = [line for line in lines if line.startswith("|")]
+    if len(table) < 2:
+        return []
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
+    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in table[2:]]
+
+
+def recipe_text(cfg):
+    """A run's whole recipe in a line: model, batch, steps, learning-rate schedule and data source."""
+    model = f"{cfg.n_layer}L {cfg.n_embd}d {'MLP-only' if cfg.mlp_only else f'{cfg.n_head}H'}"
+    batch = f"{cfg.batch_size} x {cfg.grad_accum_steps}" if cfg.grad_accum_steps > 1 else f"{cfg.batch_size}"
+    lr = f"lr {cfg.learning_rate:g}"
+    schedule = f"{lr} (warm-up {cfg.warmup_iters}, cosine to {cfg.min_lr:g})" if cfg.decay_lr else f"{lr} fixed"
+    return f"{model}, batch {batch}, {cfg.max_iters} iters, {schedule}, {cfg.data_source} data"

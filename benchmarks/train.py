@@ -8,7 +8,8 @@ MM-1000: 50k, dense, seed 42), then in one run:
     would, and reads elapsed_s and excess from done.json and the curve from log.jsonl;
   - times a few iterations of the seed's recipe (preset `seed`: 40x gradient
     accumulation) on MM-100 and projects its full run.
-Target (DESIGN.md section 9): excess <= 0.003 nats within 60 s (MM-10), 300 s (MM-100).
+Targets: excess <= 0.003 nats within 60 s (MM-10; DESIGN.md section 9); <= 0.001 within 120 s (MM-100,
+issue 24: a quiet 2-core machine).
 """
 
 import argparse
@@ -23,12 +24,12 @@ from nanomarkov.data import generate_dataset
 from nanomarkov.train import train
 
 try:
-    from record import machine, publish
+    from record import machine, publish, recipe_text
 except ImportError:
-    from benchmarks.record import machine, publish
+    from benchmarks.record import machine, publish, recipe_text
 
 ROOT = Path("runs/bench")
-TARGET = 0.003
+TARGETS = (0.003, 0.001)  # nats: each gets a column, the time of the first evaluation at or below it
 
 
 def dataset(k, n_train):
@@ -58,17 +59,18 @@ def run(name, k, n_train, **overrides):
 def summarize(name, cfg, done, wall, log):
     evals = [r for r in log if r["kind"] == "eval"]
     rates = [r["tokens_per_s"] for r in log if r["kind"] == "train"]
-    hit = next((r for r in evals if r["excess"] <= TARGET), None)
     return {
         "run": name,
-        "model": f"{cfg.n_layer}L {cfg.n_embd}d {'MLP-only' if cfg.mlp_only else f'{cfg.n_head}H'}",
+        "recipe": recipe_text(cfg),
         "tokens": done["tokens"],
         "tokens_per_s": sorted(rates)[len(rates) // 2],
         "elapsed_s": done["elapsed_s"],
         "wall_s": wall,
         "excess": done["excess"],
         "pct": done["pct_of_optimum"],
-        "to_target_s": hit["elapsed_s"] if hit else None,
+        "to_target_s": {
+            target: next((r["elapsed_s"] for r in evals if r["excess"] <= target), None) for target in TARGETS
+        },
         "eval_s": sum(r["eval_s"] for r in evals),
         "n_evals": len(evals),
         "curve": [(r["elapsed_s"], r["excess"]) for r in evals],
@@ -101,14 +103,16 @@ def main():
     full_seed_s = preset("seed", 100)["max_iters"] * seed_tokens_per_iter / seed_rate
 
     lines = [
-        "| run | model | tokens | tokens/s | excess (nats) | % of optimum | time to excess <= 0.003 | total time | of which eval (whole val split) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | recipe | tokens | tokens/s | excess (nats) | % of optimum | "
+        + "".join(f"time to excess <= {target} | " for target in TARGETS)
+        + "total time | of which eval (whole val split) |",
+        "|---|---|---:|---:|---:|---:|" + "---:|" * len(TARGETS) + "---:|---:|",
     ]
     for r in rows:
-        to_target = f"{r['to_target_s']:.0f} s" if r["to_target_s"] is not None else "not reached"
+        to_target = "".join(f"{t:.0f} s | " if t is not None else "not reached | " for t in r["to_target_s"].values())
         lines.append(
-            f"| {r['run']} | {r['model']} | {r['tokens'] / 1e6:.1f} M | {r['tokens_per_s'] / 1e3:.0f} k "
-            f"| {r['excess']:.4f} | {r['pct']:.2f} % | {to_target} | {r['elapsed_s']:.0f} s "
+            f"| {r['run']} | {r['recipe']} | {r['tokens'] / 1e6:.1f} M | {r['tokens_per_s'] / 1e3:.0f} k "
+            f"| {r['excess']:.4f} | {r['pct']:.2f} % | {to_target}{r['elapsed_s']:.0f} s "
             f"| {r['eval_s']:.1f} s ({r['n_evals']} evals) |"
         )
     ours = rows[1]
@@ -128,7 +132,7 @@ def main():
             "",
             f"Machine: {machine()}. Default recipe of each K, trained as `nanomarkov train K` does; "
             "time and excess (val loss minus the true chain's loss on the same val split) from done.json. "
-            "Targets: excess <= 0.003 within 60 s (MM-10) and 300 s (MM-100).",
+            "Targets: excess <= 0.003 within 60 s (MM-10); <= 0.001 within 120 s (MM-100, issue 24).",
             "",
             *lines,
             "",

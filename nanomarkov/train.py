@@ -324,6 +324,9 @@ class RunOutputs:
     wandb_run: object  # None unless wandb_log
 
 
+QUIET_BEAT_SECONDS = 300  # a run off the terminal: its log lines say the rest
+
+
 def train(cfg: TrainConfig, overwrite=False, show_progress=None, on_eval=None, on_step=None):
     """Train a GPT on cfg.data_dir; returns the done.json dict (status 'done' or 'interrupted').
 
@@ -347,10 +350,30 @@ def train(cfg: TrainConfig, overwrite=False, show_progress=None, on_eval=None, o
                 setup, resumed=resume_state is not None, start_iter=resume_state["iter"] if resume_state else 0
             )
         outputs = open_outputs(setup, model.raw, resume_state, show_progress)
+        beat = quiet_run_heartbeat(setup, outputs, resume_state, show_progress, on_step)
+        if beat is not None:
+            on_step = lambda it: beat.advance()  # noqa: E731
         loop = TrainingLoop(setup, model, outputs, resume_state, on_eval, on_step)
-        with StopRequests() as stop, contextlib.closing(loop.sequences):
+        with StopRequests() as stop, contextlib.closing(loop.sequences), beat or contextlib.nullcontext():
             status = loop.run(stop)
         return finish(loop, status)
+
+
+def quiet_run_heartbeat(setup, outputs, resume_state, show_progress, on_step):
+    """A run with no progress bar (not on a terminal) that no caller counts says how far it is on stderr,
+    with the time left, once a minute has passed (and every few minutes): so that a step that takes hours
+    (a huge --grad_accum_steps, say) is seen at once. A sweep or tune (show_progress False) says its own."""
+    if outputs.bar is not None or show_progress is not None or on_step is not None or not setup.ddp.is_main:
+        return None
+    left = setup.cfg.max_iters - (resume_state["iter"] if resume_state else 0)
+    return Heartbeat(
+        f"train {setup.out_dir}",
+        left,
+        "iterations",
+        waiting="its first step not done yet",
+        after=60,
+        every=QUIET_BEAT_SECONDS,
+    )
 
 
 def set_up_run(cfg):

@@ -371,7 +371,11 @@ def run_trial(study, settings, base, found, seq_len):
             raise optuna.TrialPruned
 
     beat = Heartbeat(
-        f"trial {trial.number}", cfg["max_iters"], "iterations", waiting="at its first eval", every=TRIAL_BEAT_SECONDS
+        f"trial {trial.number}",
+        cfg["max_iters"],
+        "iterations",
+        waiting="its first step not done yet",
+        every=TRIAL_BEAT_SECONDS,
     )
     try:
         # The run's lines go to its training.log; the heartbeat says how far it is and how long is left.

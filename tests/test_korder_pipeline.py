@@ -206,7 +206,10 @@ def test_evaluating_the_optimal_korder_predictor(korder_data, tmp_path):
     record = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert record["transition_fidelity"] is None and "first-order" in record["skipped"]["transition_fidelity"]
     markdown = (tmp_path / "out" / "eval.md").read_text()
-    assert "not measured, the transition KL against the true matrix" in markdown and "not measured, the Markov spread" in markdown
+    assert (
+        "not measured, the transition KL against the true matrix" in markdown
+        and "not measured, the Markov spread" in markdown
+    )
     assert "order-2 KL" in markdown
 
 

@@ -900,7 +900,7 @@ def _add_train(verbs):
 
 def cmd_tune(args):
     from nanomarkov.sweep.slurm import SLURM_FLAGS, require_slurm, slurm_executor
-    from nanomarkov.tune import TuneSettings, default_tokens, parse_space, tune
+    from nanomarkov.tune import TuneSettings, check_settings, default_tokens, parse_space, tune
 
     if args.trials < 1 or args.jobs < 1 or (args.tokens is not None and args.tokens < 1):
         raise NanoMarkovError("--trials, --jobs and --tokens must be at least 1")
@@ -913,6 +913,7 @@ def cmd_tune(args):
     executor_for = functools.partial(slurm_executor, **slurm) if args.launcher == "slurm" else None
     if executor_for is not None:
         require_slurm()  # before the study's folder is made
+    check_settings(settings)  # before the first line: a refused space leaves no study behind
     print(f"tuning on {args.data}: {args.trials} trials of {settings.tokens:,} tokens, {args.jobs} worker(s)")
     code, best = tune(settings, jobs=args.jobs, executor_for=executor_for)
     print(best)

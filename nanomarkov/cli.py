@@ -381,7 +381,9 @@ def cmd_train(args, extra):
     for cfg in _train_configs(args, overrides):
         done = train(cfg, overwrite=args.force)
         results.append((cfg.out_dir, done))
-        if done["status"] == "interrupted":  # its log said where it stopped and how to go on
+        if done["status"] == "interrupted":
+            if done["stop_line"]:  # where it stopped and how to go on, on stderr as every command's stop line
+                say(done["stop_line"])
             return 128 + getattr(signal, done.get("stopped_by") or "", signal.SIGINT)
     if len(results) > 1:
         print("\n".join(f"{out}: {headline(d)}" for out, d in results))
@@ -413,6 +415,8 @@ def cmd_demo(args, extra):
     print(DEMO_LEGEND)
     done = train(cfg, overwrite=True)
     if done["status"] != "done":
+        if done["stop_line"]:
+            say(done["stop_line"])
         return 130
     print(
         f"\nval loss      {done['val_loss']:.6f} nats/token\n"

@@ -204,7 +204,8 @@ def _datasets(entries, out_root, where) -> list:
     it (the process is built, as generate builds it, without writing anything); one dataset per folder."""
     datasets, folders = [], {}
     for i, entry in enumerate(entries):
-        here = f"{where}: [[datasets]] entry {i} ({entry.get('process', DEFAULT_PROCESS)} K={entry.get('n_states')})"
+        given_k = f" K={entry['n_states']}" if "n_states" in entry else ""  # only what the entry gives: no K=None
+        here = f"{where}: [[datasets]] entry {i} ({entry.get('process', DEFAULT_PROCESS)}{given_k})"
         with naming(here):
             params, folder, sizes = _dataset(entry, out_root)
             if folder in folders:

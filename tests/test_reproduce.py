@@ -17,6 +17,7 @@ from nanomarkov.reproduce.quantities import check_quantity, formed_tokens, measu
 from nanomarkov.reproduce.report import report_text
 from nanomarkov.sweep import run as sweep_run
 from nanomarkov.sweep import run_sweep
+from nanomarkov.sweep.grid import MAX_GRID_BYTES
 
 # A paper file small enough to run in a test: the smoke scale of shai2024-mess3, smaller still.
 TINY = """
@@ -243,6 +244,18 @@ def test_reproduce_and_sweep_refuse_threads_and_jobs_below_one(tmp_path):
         with pytest.raises(NanoMarkovError, match="must be"):
             run_sweep(paper_grid(read_paper("shai2024-mess3"), "smoke"), tmp_path / "s", jobs=jobs, threads=threads)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_paper_files_errors_say_paper_and_give_a_papers_fix(tmp_path):
+    (tmp_path / "p.toml").write_bytes(b"#" * (MAX_GRID_BYTES + 1))
+    (tmp_path / "bad.toml").write_text("[paper\n")
+    for name, said in [("p.toml", "paper "), ("missing.toml", "cannot read paper "), ("bad.toml", "paper ")]:
+        with pytest.raises(NanoMarkovError) as caught:
+            read_paper(tmp_path / name)
+        message = str(caught.value)
+        assert message.startswith(said) and "grid" not in message and "sweep --out" not in message, message
+    with pytest.raises(NanoMarkovError, match=r"a few kilobytes; give a paper's name \(nanomarkov reproduce --list\)"):
+        read_paper(tmp_path / "p.toml")
 
 
 def dynamics_without_plots(record, folder):

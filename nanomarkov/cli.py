@@ -96,6 +96,13 @@ def threads_type(text):
     return value
 
 
+def jobs_type(text):
+    """argparse type of --jobs: an integer >= 1 (processes or workers at once)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"jobs are an integer >= 1, got {text!r}")
+    return int(text)
+
+
 THREADS_HELP = (
     "torch's intra-op threads on a CPU: N, or auto (default): torch's own count (OMP_NUM_THREADS, a rank's share), "
     "at most {most} (docs/training.md#threads)"
@@ -374,7 +381,9 @@ def cmd_train(args, extra):
     for cfg in _train_configs(args, overrides):
         done = train(cfg, overwrite=args.force)
         results.append((cfg.out_dir, done))
-        if done["status"] == "interrupted":  # its log said where it stopped and how to go on
+        if done["status"] == "interrupted":
+            if done["stop_line"]:  # where it stopped and how to go on, on stderr as every command's stop line
+                say(done["stop_line"])
             return 128 + getattr(signal, done.get("stopped_by") or "", signal.SIGINT)
     if len(results) > 1:
         print("\n".join(f"{out}: {headline(d)}" for out, d in results))
@@ -406,6 +415,8 @@ def cmd_demo(args, extra):
     print(DEMO_LEGEND)
     done = train(cfg, overwrite=True)
     if done["status"] != "done":
+        if done["stop_line"]:
+            say(done["stop_line"])
         return 130
     print(
         f"\nval loss      {done['val_loss']:.6f} nats/token\n"
@@ -607,7 +618,7 @@ def cmd_reproduce(args):
     if not args.out:
         raise NanoMarkovError("say where the reproduction goes: nanomarkov reproduce NAME --out DIR")
     slurm = slurm_options(args, SLURM_FLAGS)
-    if args.launcher == "slurm" and (args.jobs != 1 or args.threads):
+    if args.launcher == "slurm" and (args.jobs != 1 or args.threads != "auto"):
         raise NanoMarkovError("--jobs and --threads are the local launcher's; on SLURM use --array_parallelism N")
     outcomes = []
     for name in paper_names() if args.all else [args.name]:
@@ -799,7 +810,9 @@ def _add_sweep(verbs):
     sw.add_argument("folder", nargs="?", help="with 'status': the sweep's folder")
     sw.add_argument("--out", default=None, help="folder for the datasets, runs, sweep.json and report")
     sw.add_argument("--force", action="store_true", help="write into an --out that holds other files")
-    sw.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process (default 1)")
+    sw.add_argument(
+        "--jobs", type=jobs_type, default=1, help="runs trained at once, each in its own process (default 1)"
+    )
     sw.add_argument(
         "--dry-run", action="store_true", help="print what would be trained, resumed or skipped; write nothing"
     )
@@ -825,9 +838,15 @@ def _add_reproduce(verbs):
         help="smoke: seconds (CI); cpu (default): minutes on a 2-core CPU; paper: the paper's sizes",
     )
     rp.add_argument("--force", action="store_true", help="write into an --out that holds other files")
-    rp.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process (default 1)")
     rp.add_argument(
-        "--threads", type=int, default=None, help="torch threads per local run (default: the cores over --jobs)"
+        "--jobs", type=jobs_type, default=1, help="runs trained at once, each in its own process (default 1)"
+    )
+    rp.add_argument(
+        "--threads",
+        type=threads_type,
+        default="auto",
+        metavar="N|auto",
+        help="torch threads per local run: N, or auto (default): the cores over --jobs",
     )
     _add_launcher(rp, "run", "local processes (default), or one SLURM job array through submitit, as sweep's")
     rp.set_defaults(func=cmd_reproduce)
@@ -892,7 +911,7 @@ def _add_train(verbs):
 
 def cmd_tune(args):
     from nanomarkov.sweep.slurm import SLURM_FLAGS, require_slurm, slurm_executor
-    from nanomarkov.tune import TuneSettings, default_tokens, parse_space, tune
+    from nanomarkov.tune import TuneSettings, check_settings, default_tokens, parse_space, tune
 
     if args.trials < 1 or args.jobs < 1 or (args.tokens is not None and args.tokens < 1):
         raise NanoMarkovError("--trials, --jobs and --tokens must be at least 1")
@@ -905,6 +924,7 @@ def cmd_tune(args):
     executor_for = functools.partial(slurm_executor, **slurm) if args.launcher == "slurm" else None
     if executor_for is not None:
         require_slurm()  # before the study's folder is made
+    check_settings(settings)  # before the first line: a refused space leaves no study behind
     print(f"tuning on {args.data}: {args.trials} trials of {settings.tokens:,} tokens, {args.jobs} worker(s)")
     code, best = tune(settings, jobs=args.jobs, executor_for=executor_for)
     print(best)
@@ -931,7 +951,7 @@ def _add_tune(verbs):
         help="narrow the search: name=low:high, name=a,b,c, or a .toml/.json file of them",
     )
     tu.add_argument("--storage", default=None, metavar="URL", help="an Optuna storage URL (default DIR/study.db)")
-    tu.add_argument("--jobs", type=int, default=1, help="workers, each running trials in turn (default 1)")
+    tu.add_argument("--jobs", type=jobs_type, default=1, help="workers, each running trials in turn (default 1)")
     _add_threads(tu, "auto")
     _add_launcher(tu, "worker", "workers as local processes (default), or --jobs SLURM jobs (docs/tuning.md)")
     tu.set_defaults(func=cmd_tune)

@@ -521,6 +521,7 @@ class TrainingLoop:
         self.saved_checkpoint = False  # by this run; a resumed run's done.json goes once it has one
         self.checkpoint_iter = resume_state["iter"] if self.resumed else None
         self.stop = None  # the run's StopRequests, once it runs
+        self.stop_line = None  # where a stopped run stopped and how to go on: in training.log, and train's stderr
 
     def elapsed(self):
         return self.elapsed_before + time.perf_counter() - self.started
@@ -547,8 +548,14 @@ class TrainingLoop:
             kept = "its checkpoint is saved; continue with --resume"
         else:
             kept = "no checkpoint yet (the first is after a step): run the same command to start again"
-        self.outputs.log.line(f"stopped by {self.stop.requested} at iter {self.it}, during its evaluation; {kept}")
+        self.say_stopped(f"stopped by {self.stop.requested} at iter {self.it}, during its evaluation; {kept}")
         return "interrupted"
+
+    def say_stopped(self, line):
+        """The stop line goes into training.log only: the command says it on stderr, as every command's stop
+        line is (finish hands it back in done), and a sweep's or a study's runs keep it in their logs."""
+        self.stop_line = line
+        self.outputs.log.line(line, echo=False)
 
     def train_to_the_end(self, stop):
         cfg = self.setup.cfg
@@ -565,7 +572,7 @@ class TrainingLoop:
             if stopping:
                 if not self.evaluated_now():
                     self.evaluate_and_checkpoint(scheduled=False)
-                self.outputs.log.line(
+                self.say_stopped(
                     f"stopped by {stop.requested or 'a signal to another process'} at iter {self.it}; "
                     "checkpoint saved; continue with --resume"
                 )
@@ -789,6 +796,7 @@ def finish(loop, status):
     }
     if status == "interrupted":
         done["stopped_by"] = loop.stop.requested  # SIGINT or SIGTERM: the command's exit code
+        done["stop_line"] = loop.stop_line if setup.ddp.is_main else None  # one process says it
     if setup.ddp.is_main and status == "done":
         write_json(setup.out_dir / "done.json", done, what="run summary")
         outputs.log.line(f"done: {headline(done)} in {done['elapsed_s']:.1f}s")

@@ -46,7 +46,7 @@ from nanomarkov.files import (
 )
 from nanomarkov.progress import Heartbeat, WorkerStopped, start_worker, stop_workers, worker_signals
 from nanomarkov.report import png_bytes
-from nanomarkov.train import train
+from nanomarkov.train import check_training_fits, resolve_device, train
 
 # The default search: every name but warmup_fraction is a TrainConfig field. A range low:high is searched
 # uniformly (log-uniformly for LOG_SCALE), a list is a choice; each holds the default recipe's value too.
@@ -276,9 +276,9 @@ def open_study(settings):
     )
 
 
-def start_study(settings):
-    """Check the folder and the settings against a study already there; fail the trials of dead workers;
-    enqueue the default recipe into a new study. Returns the study."""
+def check_settings(settings):
+    """Every check of a study's settings that writes nothing: its storage, its folder against a study already
+    there, and its space (check_space). `tune` calls it before its first line, start_study before writing."""
     out = Path(settings.out)
     check_storage(storage_url(settings))
     check_output_folder(out, "tuning study", is_tune_folder, force=None, flag="--out")
@@ -289,6 +289,31 @@ def start_study(settings):
             f"{out} holds a study of other settings ({', '.join(changed)} differ); rerun it with the same "
             "DATA, --tokens and --space to continue it, or give another --out"
         )
+    check_space(settings)
+
+
+def check_space(settings):
+    """Refuse a space with a value no trial could train: each choice and each end of a range, on the default
+    recipe, must make a TrainConfig that train accepts, and a training step that fits in memory. Otherwise the
+    study's folder would be made, and the corrected command refused as a study of other settings."""
+    dataset = load_dataset(settings.data_dir, verify=False)
+    base = base_recipe(settings)
+    for name, dist in distributions(settings.space, base).items():
+        ends = dist.choices if isinstance(dist, CategoricalDistribution) else (dist.low, dist.high)
+        for value in ends:
+            try:
+                cfg = TrainConfig.from_dict(trial_config(settings, base, {name: value}, 0, dataset.seq_len))
+                sizes = {"vocab_size": dataset.vocab_size, "block_size": dataset.seq_len - 1}
+                check_training_fits(cfg.gpt_config(**sizes), cfg.batch_size, resolve_device(cfg)[0])
+            except NanoMarkovError as e:
+                raise NanoMarkovError(f"--space {name}={value}: {e}") from None
+
+
+def start_study(settings):
+    """Check the settings (check_settings); make the folder and open the study; fail the trials of dead
+    workers; enqueue the default recipe into a new study. Returns the study."""
+    out = Path(settings.out)
+    check_settings(settings)
     # A --storage of its own is opened before the folder is made: a bad URL leaves nothing behind.
     # The default one (DIR/study.db) needs the folder first.
     study = open_study(settings) if settings.storage else None

@@ -95,13 +95,33 @@ def test_help_version_generate_and_theory_never_import_torch(tmp_path):
     assert (tmp_path / "d" / "meta.json").is_file()
 
 
-@pytest.mark.parametrize("verb", [["train", "5"], ["eval", "ckpt.pt"], ["dynamics", "run"]])
+@pytest.mark.parametrize(
+    "verb",
+    [
+        ["train", "5"],
+        ["eval", "ckpt.pt"],
+        ["dynamics", "run"],
+        ["reproduce", "shai2024-mess3", "--out", "r7"],
+        ["tune", "d", "--out", "t"],
+    ],
+)
 @pytest.mark.parametrize("threads", ["0", "-1", "two", "1.5"])
 def test_threads_are_auto_or_a_positive_integer(tmp_path, monkeypatch, capsys, verb, threads):
     monkeypatch.chdir(tmp_path)
     assert main([*verb, "--threads", threads]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"threads are 'auto' or an integer >= 1, got {threads!r}" in err
+    assert not any(tmp_path.iterdir())  # refused before anything is written
+
+
+@pytest.mark.parametrize("verb", [["sweep", "g.toml", "--out", "s"], ["reproduce", "shai2024-mess3", "--out", "r7"]])
+@pytest.mark.parametrize("jobs", ["0", "-1", "two"])
+def test_jobs_are_a_positive_integer(tmp_path, monkeypatch, capsys, verb, jobs):
+    monkeypatch.chdir(tmp_path)
+    assert main([*verb, "--jobs", jobs]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"jobs are an integer >= 1, got {jobs!r}" in err
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_sweep_out_that_is_a_file_is_one_line(tmp_path, monkeypatch, capsys):

@@ -16,6 +16,8 @@ from nanomarkov.reproduce.paper import PAPERS_DIR, paper_grid
 from nanomarkov.reproduce.quantities import check_quantity, formed_tokens, measure
 from nanomarkov.reproduce.report import report_text
 from nanomarkov.sweep import run as sweep_run
+from nanomarkov.sweep import run_sweep
+from nanomarkov.sweep.grid import MAX_GRID_BYTES
 
 # A paper file small enough to run in a test: the smoke scale of shai2024-mess3, smaller still.
 TINY = """
@@ -224,12 +226,36 @@ def test_the_command_line_refuses_in_one_line_and_lists_the_papers(tmp_path, cap
         main(["reproduce", "shai2024-mess3", "--out", str(tmp_path / "out"), "--launcher", "slurm", "--jobs", "2"]) == 2
     )
     assert "--array_parallelism" in capsys.readouterr().err and not (tmp_path / "out").exists()
-    for jobs in ("0", "-1"):  # checked before the folder is made
-        assert main(["reproduce", "shai2024-mess3", "--out", str(tmp_path / "u" / "r7"), "--jobs", jobs]) == 2
-        assert "jobs must be a positive integer" in capsys.readouterr().err and not (tmp_path / "u").exists()
+    for flag, value in [("--jobs", "0"), ("--jobs", "-1"), ("--threads", "0"), ("--threads", "-1")]:
+        # checked before the folder is made, as train checks --threads
+        assert main(["reproduce", "shai2024-mess3", "--out", str(tmp_path / "u" / "r7"), flag, value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "an integer >= 1" in err and not (tmp_path / "u").exists(), err
     assert main(["reproduce", "--list"]) == 0
     listed = capsys.readouterr().out
     assert all(name in listed for name in paper_names()) and PAPERS_DIR.is_dir()
+
+
+def test_reproduce_and_sweep_refuse_threads_and_jobs_below_one(tmp_path):
+    # The library's own check, for callers that skip the command line: nothing is written.
+    for jobs, threads in [(1, 0), (1, -1), (1, "many"), (0, None)]:
+        with pytest.raises(NanoMarkovError, match="must be"):
+            reproduce("shai2024-mess3", tmp_path / "r", jobs=jobs, threads=threads)
+        with pytest.raises(NanoMarkovError, match="must be"):
+            run_sweep(paper_grid(read_paper("shai2024-mess3"), "smoke"), tmp_path / "s", jobs=jobs, threads=threads)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_paper_files_errors_say_paper_and_give_a_papers_fix(tmp_path):
+    (tmp_path / "p.toml").write_bytes(b"#" * (MAX_GRID_BYTES + 1))
+    (tmp_path / "bad.toml").write_text("[paper\n")
+    for name, said in [("p.toml", "paper "), ("missing.toml", "cannot read paper "), ("bad.toml", "paper ")]:
+        with pytest.raises(NanoMarkovError) as caught:
+            read_paper(tmp_path / name)
+        message = str(caught.value)
+        assert message.startswith(said) and "grid" not in message and "sweep --out" not in message, message
+    with pytest.raises(NanoMarkovError, match=r"a few kilobytes; give a paper's name \(nanomarkov reproduce --list\)"):
+        read_paper(tmp_path / "p.toml")
 
 
 def dynamics_without_plots(record, folder):

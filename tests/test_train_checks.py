@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import config, make_data, one_thread  # noqa: F401 (one_thread: autouse, one torch thread)
+from test_train import config, fail_at, make_data, one_thread  # noqa: F401 (one_thread: autouse, one torch thread)
 
 from nanomarkov import train as train_module
 from nanomarkov.checkpoint import load_checkpoint
@@ -200,5 +200,22 @@ def test_train_stopped_by_sigterm_exits_143_and_by_ctrl_c_130(data_dir, tmp_path
     for signum, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
         stop_in_evaluation(monkeypatch, 2, signum)
         assert main([*argv, f"--out_dir={tmp_path / signum.name}"]) == code
-        assert "during its evaluation; checkpoint saved; continue with --resume" in capsys.readouterr().out
+        said = capsys.readouterr()
+        assert "during its evaluation; checkpoint saved; continue with --resume" in said.err.splitlines()[-1]
+        assert "stopped by" not in said.out  # every command's stop line is on stderr
         monkeypatch.undo()
+
+
+@pytest.mark.parametrize("stop_at", ["step", "first evaluation"])
+def test_trains_stop_line_is_on_stderr_as_every_commands(data_dir, tmp_path, monkeypatch, capsys, stop_at):
+    argv = ["train", str(data_dir), "--device=cpu", "--n_layer=1", "--n_head=1", "--n_embd=16", "--max_iters=10",
+            "--warmup_iters=1", "--eval_interval=5", f"--out_dir={tmp_path / 'r'}"]  # fmt: skip
+    if stop_at == "step":
+        fail_at(monkeypatch, 3, lambda: signal.raise_signal(signal.SIGTERM))
+    else:
+        stop_in_evaluation(monkeypatch, 1)
+    assert main(argv) == 143
+    said = capsys.readouterr()
+    expected = "iter 4; checkpoint saved;" if stop_at == "step" else "iter 0, during its evaluation; no checkpoint"
+    assert said.err.startswith("stopped by SIGTERM at ") and expected in said.err and said.err.count("\n") == 1
+    assert "stopped by" not in said.out

@@ -18,6 +18,7 @@ from nanomarkov.errors import NanoMarkovError
 from nanomarkov.tune import (
     TuneSettings,
     base_recipe,
+    check_space,
     check_storage,
     is_tune_folder,
     open_study,
@@ -116,6 +117,33 @@ def test_bad_space_input_is_one_line_naming_the_syntax(entry, said):
     with pytest.raises(NanoMarkovError) as caught:
         parse_space([entry])
     assert said in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "space, said",
+    [
+        ("n_embd=16,17", "n_embd 17 does not divide"),
+        ("batch_size=1:100000000000000", "--space batch_size=100000000000000: training"),
+        ("data_source=fixed,bogus", "--space data_source=bogus: data_source must be"),
+    ],
+)
+def test_a_space_no_trial_could_train_is_refused_before_anything_is_said_or_written(
+    tiny_data, tmp_path, capsys, space, said
+):
+    out = tmp_path / "tqn"
+    assert main(["tune", str(tiny_data), "--trials", "1", "--out", str(out), "--space", space, "--tokens", "999"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and said in err[0] and not captured.out and not out.exists(), captured
+    settings = dataclasses.replace(settings_for(tiny_data, out, 1), space=parse_space([space]))
+    with pytest.raises(NanoMarkovError, match="--space"):
+        start_study(settings)  # the library's own entry: the same check, before the folder is made
+    assert not out.exists()
+
+
+def test_the_default_space_passes_the_space_check(tiny_data, tmp_path):
+    check_space(TuneSettings(str(tiny_data), str(tmp_path / "t"), 1, TOKENS, parse_space([]), ""))
+    assert not (tmp_path / "t").exists()
 
 
 def test_a_rerun_with_other_settings_is_refused(tiny_study):

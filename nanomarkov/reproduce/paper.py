@@ -56,6 +56,11 @@ def paper_names():
     return sorted(p.stem for p in PAPERS_DIR.glob("*.toml"))
 
 
+PAPER_FIX = "give a paper's name (nanomarkov reproduce --list) or the path of a paper's .toml"
+# A paper's file is a few kilobytes of tables; one past a grid file's size is no paper.
+PAPER_TOO_BIG = f"a paper's .toml is a few kilobytes; {PAPER_FIX}"
+
+
 def paper_path(name) -> Path:
     """papers/NAME.toml for a name, or the path itself for a .toml path."""
     if str(name).endswith(".toml"):
@@ -122,7 +127,7 @@ def read_paper(name) -> Paper:
     too (as a sweep checks it, without writing), so a paper that reads is a paper that runs."""
     path = paper_path(name)
     where = str(path)
-    raw = load_grid(path)
+    raw = load_grid(path, "paper", PAPER_TOO_BIG, PAPER_FIX)
     with naming(where):
         _table(raw, TOP_KEYS, ("paper", "datasets", "experiments", "scales", "claims"))
     with naming(f"{where}: [paper]"):

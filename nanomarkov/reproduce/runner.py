@@ -105,7 +105,7 @@ def reproduce(
     started = time.time()
     paper = read_paper(name)
     check_scale(paper, scale)
-    check_launcher(jobs, launcher)  # every argument checked before the folder is made
+    check_launcher(jobs, launcher, threads)  # every argument checked before the folder is made
     if launcher == "slurm":
         require_slurm()
     record = claim_folder(out, paper, scale, force)

@@ -152,18 +152,22 @@ def _list_of(value, kind, what):
     return value
 
 
-def load_grid(path) -> dict:
+GRID_TOO_BIG = (
+    f"a grid file of {MAX_GRID_RUNS:,} runs takes far less; split it into several grids, each its own sweep --out"
+)
+
+
+def load_grid(path, what="grid", too_big=GRID_TOO_BIG, fix=None) -> dict:
+    """The TOML file at `path`, a grid or what else reads as one (a paper: reproduce.paper); `what` names it
+    in the errors, `too_big` is the fix for a file over the size a grid file takes, `fix` for one unread."""
     try:
         return tomllib.loads(read_capped(path, MAX_GRID_BYTES).decode("utf-8"))
     except OSError as e:
         if e.errno == errno.EFBIG:
-            raise NanoMarkovError(
-                f"grid {path} is {e.strerror}: a grid file of {MAX_GRID_RUNS:,} runs takes far less; "
-                "split it into several grids, each its own sweep --out"
-            ) from None
-        raise NanoMarkovError(f"cannot read grid {path}: {e.strerror or e}") from None
+            raise NanoMarkovError(f"{what} {path} is {e.strerror}: {too_big}") from None
+        raise NanoMarkovError(f"cannot read {what} {path}: {e.strerror or e}{'; ' + fix if fix else ''}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise NanoMarkovError(f"grid {path} is not valid TOML: {e}") from None
+        raise NanoMarkovError(f"{what} {path} is not valid TOML: {e}") from None
 
 
 def expand_grid(grid, out_root, tick=None) -> list:
@@ -204,7 +208,8 @@ def _datasets(entries, out_root, where) -> list:
     it (the process is built, as generate builds it, without writing anything); one dataset per folder."""
     datasets, folders = [], {}
     for i, entry in enumerate(entries):
-        here = f"{where}: [[datasets]] entry {i} ({entry.get('process', DEFAULT_PROCESS)} K={entry.get('n_states')})"
+        given_k = f" K={entry['n_states']}" if "n_states" in entry else ""  # only what the entry gives: no K=None
+        here = f"{where}: [[datasets]] entry {i} ({entry.get('process', DEFAULT_PROCESS)}{given_k})"
         with naming(here):
             params, folder, sizes = _dataset(entry, out_root)
             if folder in folders:

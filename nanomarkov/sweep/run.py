@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from nanomarkov.checkpoint import list_snapshots
-from nanomarkov.config import RESUMABLE_CHANGES, config_changes
+from nanomarkov.config import RESUMABLE_CHANGES, config_changes, is_threads_setting
 from nanomarkov.data import generate_dataset
 from nanomarkov.dynamics import DYNAMICS_FILE, PLOTS, run_dynamics, write_dynamics
 from nanomarkov.errors import NanoMarkovError
@@ -117,7 +117,7 @@ def run_sweep(
     every few seconds once it has taken a few.
 
     launcher "local": jobs > 1 runs that many trainings at once in fresh processes,
-    each with `threads` torch threads (default: the machine's cores shared out evenly).
+    each with `threads` torch threads ('auto' or None, the default: the machine's cores shared out evenly).
     launcher "slurm": one job array through submitit; `slurm` holds slurm.slurm_executor's
     options, and each run gets cpus_per_task threads. out_root is new, empty or a sweep's (sweep.json),
     or `force` (files.check_output_folder).
@@ -125,13 +125,13 @@ def run_sweep(
     check_output_folder(out_root, "sweep", is_sweep_folder, force=force, writes=SWEEP_FILES)
     notes = notes or (lambda line: None)
     specs = expand_grid(grid, out_root, tick=Ticker(notes, "checking the grid"))
-    check_launcher(jobs, launcher)
+    check_launcher(jobs, launcher, threads)
     executor = None
     if launcher == "slurm":
         slurm = dict(slurm or {})
         executor = slurm_executor(Path(out_root) / "slurm", **slurm)
         threads = slurm.get("cpus_per_task", 1)
-    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads if threads not in (None, "auto") else max(1, (os.cpu_count() or 1) // jobs)
     manifest = new_manifest(
         grid, specs, launcher, jobs, threads, slurm, tick=Ticker(notes, "looking at the run folders")
     )
@@ -178,10 +178,13 @@ def say_plan(specs, manifest, progress):
     return manifest
 
 
-def check_launcher(jobs, launcher):
-    """Refuse a `jobs` or `launcher` run_sweep cannot use (reproduce checks them before it makes its folder)."""
-    if not isinstance(jobs, int) or jobs < 1:
+def check_launcher(jobs, launcher, threads=None):
+    """Refuse a `jobs`, `launcher` or `threads` run_sweep cannot use (reproduce checks them before it makes its
+    folder)."""
+    if type(jobs) is not int or jobs < 1:
         raise NanoMarkovError(f"jobs must be a positive integer, got {jobs!r}")
+    if threads is not None and not is_threads_setting(threads):
+        raise NanoMarkovError(f"threads must be 'auto' or an integer >= 1, got {threads!r}")
     if launcher not in LAUNCHERS:
         raise NanoMarkovError(f"launcher must be local or slurm, got {launcher!r}")
 

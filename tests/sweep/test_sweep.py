@@ -147,6 +147,7 @@ def test_dict_grid_overrides_tags_and_dataset_choice(tmp_path):
             lambda g: g["datasets"][0].update(order=2),
             "the grid: [[datasets]] entry 0 (markov K=5): unknown key 'order'; valid keys: n_st",
         ),
+        (lambda g: g["datasets"][0].pop("n_states"), "the grid: [[datasets]] entry 0 (markov): "),  # no K=None
         (lambda g: g.update(datasets=5), "the grid: [[datasets]] must be a list of dicts, got 5"),
         (lambda g: g.update(datasets=[1]), "the grid: [[datasets]] must be a list of dicts, got [1]"),
         (lambda g: g.update(experiments="x"), "the grid: [[experiments]] must be a list of dicts"),

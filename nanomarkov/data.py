@@ -707,8 +707,10 @@ def load_val_beliefs(dataset):
             f"states, so no belief states (only hmm datasets save {BELIEFS_FILE})"
         )
     fix = _regenerate_command(dataset.meta, dataset.path)
-    if not path.is_file() or _file_sha256(path) != expected:
-        raise NanoMarkovError(f"{path}: missing or modified (sha256 does not match meta.json); regenerate with: {fix}")
+    if not path.is_file():
+        raise NanoMarkovError(f"{path}: {not_a_file(path)}; regenerate with: {fix}")
+    if _file_sha256(path) != expected:
+        raise NanoMarkovError(f"{path}: modified (sha256 does not match meta.json); regenerate with: {fix}")
     beliefs = np.load(path, mmap_mode="r", allow_pickle=False)
     if beliefs.shape != (dataset.meta["val_sequences"], dataset.seq_len, dataset.chain.n_hidden):
         raise NanoMarkovError(f"{path}: shape {beliefs.shape} does not match val.bin; regenerate with: {fix}")
@@ -801,13 +803,22 @@ def load_dataset(path, verify=True):
     return Dataset(path, meta, chain, splits["train"], splits["val"])
 
 
+def not_a_file(path):
+    """Why a dataset's file that is not a regular file cannot be read: missing, a folder, or a device or FIFO."""
+    if not os.path.lexists(path):
+        return "missing"
+    if not os.path.exists(path):
+        return f"a link to {os.readlink(path)}, which does not exist"
+    return "a folder, not a file" if os.path.isdir(path) else "not a regular file (a FIFO, a device or a socket)"
+
+
 def _load_chain(path, cls, meta, fix):
     """The process in chain.npz, its sha256 checked against meta.json first (datasets written before
     nanoMarkov hashed chain.npz have no such entry and are read as they are)."""
     file = path / "chain.npz"
     expected = meta["sha256"].get("chain.npz")
     if not file.is_file():
-        raise NanoMarkovError(f"{file}: missing; regenerate with: {fix}")
+        raise NanoMarkovError(f"{file}: {not_a_file(file)}; regenerate with: {fix}")
     if expected is not None and _file_sha256(file) != expected:
         raise NanoMarkovError(
             f"{file}: sha256 does not match meta.json (the chain was replaced or modified); regenerate with: {fix}"
@@ -833,7 +844,7 @@ def _load_split(path, split, meta, chain, verify, fix):
     seq_len, dtype = meta["seq_len"], np.dtype(meta["dtype"]).newbyteorder("<")
     file = path / f"{split}.bin"
     if not file.is_file():
-        raise NanoMarkovError(f"{file}: missing; regenerate with: {fix}")
+        raise NanoMarkovError(f"{file}: {not_a_file(file)}; regenerate with: {fix}")
     size = file.stat().st_size
     expected = meta[f"{split}_tokens"] * dtype.itemsize
     if size % (seq_len * dtype.itemsize) or size != expected:

@@ -148,6 +148,10 @@ def rewrite_token(path, index, value):
         (lambda f: rewrite_token(f, 30, 9), "token 9 at sequence 2, position 6"),
         (lambda f: rewrite_token(f, 24, 0), "sequence 2 does not start with BOS"),
         (lambda f: f.unlink(), "missing"),
+        (lambda f: (f.unlink(), f.mkdir()), "a folder, not a file"),
+        (lambda f: (f.unlink(), os.mkfifo(f)), "not a regular file"),
+        (lambda f: (f.unlink(), f.symlink_to("/dev/zero")), "not a regular file"),
+        (lambda f: (f.unlink(), f.symlink_to(f.parent / "gone")), "a link to .*gone, which does not exist"),
     ],
 )
 def test_damaged_files_are_named_with_the_fix(tmp_path, damage, message):

@@ -708,7 +708,7 @@ def load_val_beliefs(dataset):
         )
     fix = _regenerate_command(dataset.meta, dataset.path)
     if not path.is_file():
-        raise NanoMarkovError(f"{path}: {not_a_file(path)}; regenerate with: {fix}")
+        raise not_a_file(path, fix)
     if _file_sha256(path) != expected:
         raise NanoMarkovError(f"{path}: modified (sha256 does not match meta.json); regenerate with: {fix}")
     beliefs = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -803,13 +803,16 @@ def load_dataset(path, verify=True):
     return Dataset(path, meta, chain, splits["train"], splits["val"])
 
 
-def not_a_file(path):
-    """Why a dataset's file that is not a regular file cannot be read: missing, a folder, or a device or FIFO."""
+def not_a_file(path, fix):
+    """The error for a dataset's file that is not a regular file: missing, a link to nothing, a folder, or a
+    device or FIFO (which generate will not replace either: it is moved away first)."""
     if not os.path.lexists(path):
-        return "missing"
+        return NanoMarkovError(f"{path}: missing; regenerate with: {fix}")
     if not os.path.exists(path):
-        return f"a link to {os.readlink(path)}, which does not exist"
-    return "a folder, not a file" if os.path.isdir(path) else "not a regular file (a FIFO, a device or a socket)"
+        what = f"a link to {os.readlink(path)}, which does not exist"
+    else:
+        what = "a folder, not a file" if os.path.isdir(path) else "not a regular file (a FIFO, a device or a socket)"
+    return NanoMarkovError(f"{path}: {what}; move it away, then regenerate with: {fix}")
 
 
 def _load_chain(path, cls, meta, fix):
@@ -818,7 +821,7 @@ def _load_chain(path, cls, meta, fix):
     file = path / "chain.npz"
     expected = meta["sha256"].get("chain.npz")
     if not file.is_file():
-        raise NanoMarkovError(f"{file}: {not_a_file(file)}; regenerate with: {fix}")
+        raise not_a_file(file, fix)
     if expected is not None and _file_sha256(file) != expected:
         raise NanoMarkovError(
             f"{file}: sha256 does not match meta.json (the chain was replaced or modified); regenerate with: {fix}"
@@ -844,7 +847,7 @@ def _load_split(path, split, meta, chain, verify, fix):
     seq_len, dtype = meta["seq_len"], np.dtype(meta["dtype"]).newbyteorder("<")
     file = path / f"{split}.bin"
     if not file.is_file():
-        raise NanoMarkovError(f"{file}: {not_a_file(file)}; regenerate with: {fix}")
+        raise not_a_file(file, fix)
     size = file.stat().st_size
     expected = meta[f"{split}_tokens"] * dtype.itemsize
     if size % (seq_len * dtype.itemsize) or size != expected:

@@ -391,9 +391,9 @@ def set_up_run(cfg):
     return RunSetup(cfg, ddp, device, autocast, use_compile, dataset, gpt_config)
 
 
-def check_training_fits(gpt_config, batch_size, device):
+def check_training_fits(gpt_config, batch_size, device, fix="use a smaller --batch_size, --n_embd or --n_layer"):
     """Refuse, before the model is built, a model and batch whose training step will not fit in the
-    memory of `device` (a GPU's own free memory; the machine's for the CPU and MPS)."""
+    memory of `device` (a GPU's own free memory; the machine's for the CPU and MPS); `fix`, the way out."""
     free, where = None, "this machine"
     if device.startswith("cuda"):
         free, where = torch.cuda.mem_get_info(device)[0], f"the GPU {device}"
@@ -401,7 +401,7 @@ def check_training_fits(gpt_config, batch_size, device):
         training_bytes(gpt_config, batch_size),
         f"training {weight_count(gpt_config):,} weights (n_embd {gpt_config.n_embd}, n_layer {gpt_config.n_layer}) "
         f"on batches of {batch_size} sequences of {gpt_config.block_size} tokens",
-        "use a smaller --batch_size, --n_embd or --n_layer",
+        fix,
         free,
         where,
     )

@@ -304,7 +304,8 @@ def check_space(settings):
             try:
                 cfg = TrainConfig.from_dict(trial_config(settings, base, {name: value}, 0, dataset.seq_len))
                 sizes = {"vocab_size": dataset.vocab_size, "block_size": dataset.seq_len - 1}
-                check_training_fits(cfg.gpt_config(**sizes), cfg.batch_size, resolve_device(cfg)[0])
+                fix = f"give --space a smaller {name} (its range or choices)"
+                check_training_fits(cfg.gpt_config(**sizes), cfg.batch_size, resolve_device(cfg)[0], fix)
             except NanoMarkovError as e:
                 raise NanoMarkovError(f"--space {name}={value}: {e}") from None
 

@@ -135,6 +135,7 @@ def test_a_space_no_trial_could_train_is_refused_before_anything_is_said_or_writ
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and said in err[0] and not captured.out and not out.exists(), captured
+    assert "--batch_size" not in err[0]  # a fix tune has: narrow the space, not a flag of train's
     settings = dataclasses.replace(settings_for(tiny_data, out, 1), space=parse_space([space]))
     with pytest.raises(NanoMarkovError, match="--space"):
         start_study(settings)  # the library's own entry: the same check, before the folder is made

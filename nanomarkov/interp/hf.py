@@ -195,13 +195,17 @@ def export_hf(ckpt_or_model, out_dir):
 
 def save_quietly(hf, folder):
     """hf.save_pretrained(folder) without transformers' "Writing model shards" bar on stderr; the bar's
-    setting is transformers' global, so it is put back as it was."""
+    setting is transformers' global, so it is put back as it was. OSError where the weights cannot be
+    written (safetensors reports a full disk as its own error, not as an OSError)."""
+    from safetensors import SafetensorError
     from transformers.utils import logging as transformers_logging
 
     was_enabled = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()
     try:
         hf.save_pretrained(folder)
+    except SafetensorError as e:
+        raise OSError(str(e).rpartition("I/O error: ")[2] or str(e)) from None
     finally:
         if was_enabled:
             transformers_logging.enable_progress_bar()

@@ -100,6 +100,23 @@ def test_no_blocks_and_an_untied_head_load_too_with_the_modes_the_umask_gives(tm
             assert torch.allclose(loaded_logits(tmp_path / "hf", idx), model(idx)[0], rtol=0, atol=1e-4)
 
 
+def test_weights_that_do_not_fit_on_the_disk_are_one_error_and_the_previous_export_stays(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+    from transformers import GPT2LMHeadModel
+
+    export_hf(build("c1", n_layer=0), tmp_path / "hf")
+    before = {path.name: path.read_bytes() for path in (tmp_path / "hf").iterdir()}
+
+    def full_disk(self, folder, **_):  # how safetensors reports it: its own error, not an OSError
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(GPT2LMHeadModel, "save_pretrained", full_disk)
+    with pytest.raises(NanoMarkovError, match=r"cannot write the export to .*hf \(No space left on device"):
+        export_hf(build("c1", n_layer=0), tmp_path / "hf")
+    assert {path.name: path.read_bytes() for path in (tmp_path / "hf").iterdir()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["hf"]  # no build left beside it
+
+
 def test_an_export_through_a_link_keeps_the_link_and_no_one_elses_partial_folder_is_touched(tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "hf").symlink_to("real")

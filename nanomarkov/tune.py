@@ -298,12 +298,12 @@ def check_space(settings):
     study's folder would be made, and the corrected command refused as a study of other settings."""
     dataset = load_dataset(settings.data_dir, verify=False)
     base = base_recipe(settings)
+    sizes = {"vocab_size": dataset.vocab_size, "block_size": dataset.seq_len - 1}
     for name, dist in distributions(settings.space, base).items():
         ends = dist.choices if isinstance(dist, CategoricalDistribution) else (dist.low, dist.high)
         for value in ends:
             try:
                 cfg = TrainConfig.from_dict(trial_config(settings, base, {name: value}, 0, dataset.seq_len))
-                sizes = {"vocab_size": dataset.vocab_size, "block_size": dataset.seq_len - 1}
                 fix = f"give --space a smaller {name} (its range or choices)"
                 check_training_fits(cfg.gpt_config(**sizes), cfg.batch_size, resolve_device(cfg)[0], fix)
             except NanoMarkovError as e:

@@ -30,6 +30,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+import torch
+
 from nanomarkov.config import TrainConfig, dataset_preset
 from nanomarkov.data import generate_dataset
 from nanomarkov.evaluate import evaluate_checkpoints
@@ -120,11 +122,10 @@ def table(rows, command):
     lines = [
         "## Default recipe per named process",
         "",
-        f"`{command}` on {machine()}, each run pinned to one core (`taskset -c 1`, 1 thread)",
-        "of a machine other work shared: slower than the 2-core machine of the 5-minute budget, so the",
-        "times are upper bounds; CPU is this process's own CPU time, load the load average when the row",
-        "started. Rows of an earlier date are kept from that run (`--only` reruns some); a row without",
-        "CPU and load is from an earlier version of this script, which recorded neither nor pinned its runs.",
+        f"`{command}` on {machine()}, {placement()}; CPU is the run's own CPU",
+        "time, load the 1-minute load average when the row started (2 means both cores busy, e.g. with",
+        "another row measured on the other core). Rows of an earlier date are kept from that run",
+        "(`--only` reruns some).",
         "Each process with its default parameters; each dataset 10,000 train + 1,000 val sequences of",
         "128 tokens, seed 42; trained as `nanomarkov train DIR` does (default recipe + the process's RECIPE,",
         "whose comment on the class says why it differs). Iterations marked capped are fewer than the",
@@ -170,8 +171,15 @@ def verdict(rows):
             f"Capped runs above {LARGE_EXCESS} nats (the full recipe may or may not close it): {', '.join(capped_misses)}."
         )
     if slow:
-        sentences.append(f"Over {TIME_BUDGET_S} s of wall time on this pinned, shared core: {', '.join(slow)}.")
+        sentences.append(f"Over {TIME_BUDGET_S} s of wall time: {', '.join(slow)}.")
     return " ".join(sentences)
+
+
+def placement():
+    """Where the runs ran: the cores this process may use, and its torch threads."""
+    cores = sorted(os.sched_getaffinity(0))
+    where = f"pinned to core {cores[0]}" if len(cores) == 1 else f"on cores {', '.join(map(str, cores))}"
+    return f"each run {where}, {torch.get_num_threads()} thread(s)"
 
 
 def kept_rows():
@@ -187,15 +195,21 @@ def main():
     parser.add_argument("--only", nargs="+", default=None, help="these named processes only (default: all)")
     args = parser.parse_args()
     command = "python benchmarks/named_processes.py " + " ".join(sys.argv[1:])
-    rows = kept_rows() if args.only else {}
+    mine = {}
     for cls in NAMED_PROCESSES:
         if args.only is None or cls.process in args.only:
             measured = run(cls, args.max_iters)
             print(json.dumps(measured), flush=True)
-            rows[cls.process] = cells(measured)
+            mine[cls.process] = cells(measured)
             if args.record:  # after each process, so a run stopped early keeps what it measured
-                record("named_processes", table(ordered(rows), command))
-    publish("named_processes", table(ordered(rows), command), args.record)
+                record("named_processes", table(ordered(merged(mine, args.only)), command))
+    publish("named_processes", table(ordered(merged(mine, args.only)), command), args.record)
+
+
+def merged(mine, only):
+    """This run's rows over the recorded ones (with --only), read again at each write, so that two runs
+    measuring different processes side by side (one per core) keep each other's rows."""
+    return {**(kept_rows() if only else {}), **mine}
 
 
 def ordered(rows):

@@ -533,27 +533,31 @@ _SECTIONS = {
 # ---------------------------------------------------------------------------
 # Recipes. Each row applies to chains with up to `max K` states (None: any).
 
-# Ours, measured on a 2-core CPU (benchmarks/train.py, BENCHMARKS.md) to reach an
-# excess val loss <= 0.003 nats fastest. Why this shape:
-# - MLP-only, one layer: the best prediction for a first-order chain depends on the
-#   current token alone (BOS is a token too), so attention adds nothing it needs and
-#   costs 4x the throughput on a CPU (the seed's own finding: "MLPs are enough").
-# - mlp_ratio 1 and n_embd just above K: enough rank for a full K x K logit table.
+# Ours, measured on a 2-core CPU (benchmarks/train.py, benchmarks/time_to_target.py,
+# BENCHMARKS.md). Why this shape:
+# - no attention: the best prediction for a first-order chain depends on the current
+#   token alone (BOS is a token too). K <= 10: one MLP-only block, which reaches the optimum
+#   in seconds and gives the demo and the interpretability examples a block to study.
+# - K > 10: zero layers and no position embedding, i.e. the bigram table itself
+#   (embedding -> LayerNorm -> head). GPT trains such a model on its vocab x vocab table
+#   (model.token_table_forward), so a step costs the same at any batch: MM-100 reaches
+#   0.001 nats in under a minute, where the MLP block needed 235 s for 0.0022.
+# - n_embd at least K+1: a random chain's logit table needs full rank (a 256-wide
+#   model cannot go below 0.125 nats on MM-1000, 512 below 0.025; exact fits of the
+#   true table, BENCHMARKS.md).
+# - fresh data for K > 10: the default 10k-sequence train split cannot pin down a K x K
+#   table (the best estimator from N tokens sits about K^2 / (2N) above the optimum:
+#   0.002 nats for MM-100, 0.2 for MM-1000); online sampling costs the step nothing.
 # - untied head, no weight decay: the logit table spans several nats (rare transitions),
 #   and decay pulls it toward uniform; both measured slightly better.
-# - the excess falls with tokens seen, not with batch or lr (measured): the budget is
-#   ~4 passes over 50k MM-100 sequences, with lr decayed 100x by cosine at the end.
-# - K > 100: 50k sequences cannot pin down a K x K table (the finite-data floor is
-#   about K^2 / (2 * tokens), 0.04 nats for MM-1000), so one pass over the data with
-#   a 256-wide model; every pass costs minutes there (a 1001-way head per token).
 DEFAULT_COMMON = dict(
     mlp_only=True, mlp_ratio=1, lm_head_tied=False, weight_decay=0.0, grad_accum_steps=1, log_interval=50
 )
-#                  max K  n_layer n_head n_embd batch   lr   max_iters warmup eval_interval
+#                max K  n_layer pos_ape n_embd batch  lr    max_iters warmup eval_interval data_source
 DEFAULT_RECIPES = [
-    (10, 1, 1, 32, 64, 3e-3, 600, 50, 200),
-    (100, 1, 1, 128, 32, 3e-3, 6000, 50, 1000),
-    (None, 1, 1, 256, 32, 3e-3, 1600, 50, 800),
+    (10, 1, True, 32, 64, 3e-3, 600, 50, 200, "fixed"),
+    (100, 0, False, 128, 64, 1e-2, 6000, 50, 1000, "online"),
+    (None, 0, False, 1024, 256, 1e-2, 3000, 50, 1000, "online"),
 ]
 
 # The seed's configs/mm_config.py. Common to all rows: 8 heads, lr 5e-3, warmup 200,
@@ -627,6 +631,26 @@ def check_seed(seed):
     _require(type(seed) is int and seed >= 0, f"seed must be a non-negative integer, got {seed!r}")
 
 
+def default_row(n_states: int) -> dict:
+    """The default recipe's TrainConfig fields for a chain of K = n_states (DEFAULT_RECIPES' row)."""
+    _, n_layer, pos_ape, n_embd, batch, lr, iters, warmup, every, source = _row(DEFAULT_RECIPES, n_states)
+    return dict(
+        DEFAULT_COMMON,
+        n_layer=n_layer,
+        n_head=1,
+        pos_ape=pos_ape,
+        n_embd=n_embd,
+        data_source=source,
+        batch_size=batch,
+        learning_rate=lr,
+        min_lr=lr / 100,
+        max_iters=iters,
+        lr_decay_iters=iters,
+        warmup_iters=warmup,
+        eval_interval=every,
+    )
+
+
 def preset(name: str, n_states: int, sparsity: int | None = None, seed: int = 42) -> dict:
     """A complete, checked dict of TrainConfig fields for recipe `name` on MM-{n_states}."""
     _require(name in PRESETS, f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
@@ -647,20 +671,7 @@ def preset(name: str, n_states: int, sparsity: int | None = None, seed: int = 42
         seed=seed,
     )
     if name == "default":
-        _, n_layer, n_head, n_embd, batch, lr, iters, warmup, every = _row(DEFAULT_RECIPES, n_states)
-        cfg.update(
-            DEFAULT_COMMON,
-            n_layer=n_layer,
-            n_head=n_head,
-            n_embd=n_embd,
-            batch_size=batch,
-            learning_rate=lr,
-            min_lr=lr / 100,
-            max_iters=iters,
-            lr_decay_iters=iters,
-            warmup_iters=warmup,
-            eval_interval=every,
-        )
+        cfg.update(default_row(n_states))
     else:
         if name == "seed":
             _, n_layer, n_embd, batch, iters = _row(SEED_RECIPES, n_states)

@@ -21,8 +21,10 @@ from nanomarkov.config import (
     parse_overrides,
     preset,
     preset_file,
+    process_recipe,
 )
 from nanomarkov.model import GPT, GPTConfig
+from nanomarkov.processes.registry import PROCESSES
 
 ROOT = Path(__file__).resolve().parent.parent
 EXTRAS = [f"c{i}" for i in range(1, 13)]
@@ -398,21 +400,23 @@ def test_presets_are_complete_and_valid():
 @pytest.mark.parametrize(
     "k, expected",
     [
-        (10, dict(n_layer=1, n_embd=32, batch_size=64, learning_rate=3e-3, max_iters=600)),
+        (10, dict(n_layer=1, pos_ape=True, n_embd=32, batch_size=64, learning_rate=3e-3, max_iters=600)),
         (
             100,
             dict(
-                n_layer=1,
+                n_layer=0,
+                pos_ape=False,
                 n_embd=128,
-                batch_size=32,
-                learning_rate=3e-3,
+                batch_size=64,
+                learning_rate=1e-2,
                 max_iters=6000,
                 warmup_iters=50,
-                min_lr=3e-5,
+                min_lr=1e-4,
                 lr_decay_iters=6000,
+                data_source="online",
             ),
         ),
-        (1000, dict(n_layer=1, n_embd=256, max_iters=1600)),
+        (1000, dict(n_layer=0, pos_ape=False, n_embd=1024, batch_size=256, max_iters=3000, data_source="online")),
     ],
 )
 def test_default_preset(k, expected):
@@ -420,9 +424,17 @@ def test_default_preset(k, expected):
     assert {key: p[key] for key in expected} == pytest.approx(expected)
     assert p["grad_accum_steps"] == 1 and p["lr_decay_iters"] == p["max_iters"]
     assert p["min_lr"] == pytest.approx(p["learning_rate"] / 100)
-    # The measured recipe: MLP-only, square MLP, untied head, no weight decay; wide enough for K+1 logits.
+    # The measured recipe: no attention, square MLP, untied head, no weight decay; full rank for K+1 logits.
     assert p["mlp_only"] and p["mlp_ratio"] == 1 and not p["lm_head_tied"] and p["weight_decay"] == 0
-    assert p["n_embd"] >= min(k + 1, 256)
+    assert p["n_embd"] >= min(k + 1, 1024)
+
+
+@pytest.mark.parametrize("k", [2, 11, 50, 1000])
+@pytest.mark.parametrize("name", sorted(PROCESSES))
+def test_a_process_recipe_with_blocks_keeps_its_position_embeddings(name, k):
+    # Above K = 10 the first-order rows drop position embeddings; a block that reads the history needs them.
+    p = {**preset("default", k), **process_recipe(name)}
+    assert p["n_layer"] == 0 or p["pos_ape"]
 
 
 # c1..c12 as the seed's descriptions put them: (n_layer, n_head, n_embd, max_iters, switches)

@@ -322,3 +322,39 @@ def test_mlp_only_ignores_head_divisibility():
 def test_gpt_needs_a_config():
     with pytest.raises(NanoMarkovError):
         GPT(dict(n_layer=1))
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [
+        dict(),
+        dict(one_hot_embed=True, n_embd=V, n_head=1),
+        dict(lm_head_tied=False, lm_head_bias=True),
+        dict(use_ln=False),
+    ],
+)
+def test_a_zero_layer_model_trains_on_its_token_table_with_the_same_loss_and_gradients(switches):
+    # The reference is the usual path (eval mode: every position through the head), computed separately.
+    model = make(n_layer=0, pos_ape=False, **switches)
+    idx, targets = tokens(b=4), tokens(b=4, seed=2)
+    targets[0, :5] = -1
+    reference = {}
+    logits, loss = model(idx, targets)
+    loss.backward()
+    reference = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    table_logits, table_loss = model.train()(idx, targets)
+    table_loss.backward()
+    assert table_logits is None and model.predicts_from_token_alone()
+    assert table_loss.item() == pytest.approx(loss.item(), rel=1e-6)
+    assert reference and {name for name, p in model.named_parameters() if p.grad is not None} == set(reference)
+    for name, p in model.named_parameters():
+        if name in reference:
+            torch.testing.assert_close(p.grad, reference[name], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("switches", [dict(n_layer=1), dict(n_layer=0, pos_ape=True), dict(n_layer=0, dropout=0.1)])
+def test_a_model_that_reads_more_than_its_token_trains_on_every_position(switches):
+    model = make(**{"pos_ape": False, **switches}).train()
+    logits, loss = model(tokens(), tokens(seed=2))
+    assert not model.predicts_from_token_alone() and logits.shape == (3, T, V) and loss.requires_grad

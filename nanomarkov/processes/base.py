@@ -82,8 +82,12 @@ BELIEF_MEMBERS = ("belief_states", "n_hidden")
 # The default recipe's changes for processes whose optimal predictor needs what the whole
 # sequence so far says (counts for an in-context chain, a belief for an HMM), gathered by
 # two attention layers. Measured in BENCHMARKS.md ("Default recipe per process").
+# Position embeddings and the train split are named here because the first-order rows under
+# them (config.DEFAULT_RECIPES) drop both above K = 10.
 WHOLE_HISTORY_RECIPE = dict(
     mlp_only=False,
+    pos_ape=True,
+    data_source="fixed",
     n_layer=2,
     n_head=1,
     n_embd=64,
@@ -107,7 +111,9 @@ class Process:
       ARRAYS      the names of the arrays saved in chain.npz; `cls.from_arrays(arrays)` rebuilds the process
       OPTIONS     its generation options beyond K, seed, alpha and sparsity: a tuple of `Option`;
                   options() reads each from the instance, self.<name>, unless the class overrides it
-      RECIPE      TrainConfig fields the default recipe changes for this process ({}: none)
+      RECIPE      TrainConfig fields the default recipe changes for this process ({}: none), over
+                  the first-order row for its K (config.DEFAULT_RECIPES, zero layers, no position
+                  embedding and online data above K = 10): a RECIPE that adds blocks names pos_ape too
       METRICS     the metric families of METRIC_FAMILIES that `eval` runs on it; each needs the
                   methods METRIC_MEMBERS names for it
       BELIEF_STATES  True when it has hidden states and provides belief_states(tokens) and n_hidden

@@ -80,8 +80,13 @@ class KOrderChain(Process):
     OPTIONS = (Option("order", int, 2, "states of context k (default 2)"),)
     # Measured in BENCHMARKS.md ("Default recipe per process"): the next state depends on the
     # last k states, which an MLP-only model cannot read, so one attention head gathers them.
+    # One block with position embeddings, on the train split, at any K (the first-order rows
+    # under it drop all three above K = 10).
     RECIPE = dict(
         mlp_only=False,
+        n_layer=1,
+        pos_ape=True,
+        data_source="fixed",
         n_head=1,
         learning_rate=1e-2,
         min_lr=1e-4,

@@ -7,8 +7,8 @@ MM-100 (benchmarks/train.py's dataset: 50k train sequences): each recipe of MM10
 fixed and once on online data, and the time at which it first evaluates at or below each target
 (issue 24: excess <= 0.001 nats within 120 s; DESIGN: <= 0.003 within 120 s). MM-1000 (10k train +
 1k val sequences, `nanomarkov generate 1000`'s default): its default recipe (online), then the recipe
-it replaced (256 wide, batch 32) online for the same time; and the floor that width sets: the best
-logit table of each rank, fitted to the exact chain. Every time is the run's own elapsed_s (log.jsonl),
+it replaced (256 wide, batch 32) online for the same training time (benchmarks/rank_floor.py gives the
+floor that width sets). Every time is the run's own elapsed_s (log.jsonl),
 evaluations on the whole val split included; the excess is the val loss minus the true process's
 loss on the same val split.
 """
@@ -23,7 +23,6 @@ import torch
 from nanomarkov.config import TrainConfig, preset
 from nanomarkov.data import generate_dataset
 from nanomarkov.model import GPT
-from nanomarkov.processes.markov import MarkovChain
 from nanomarkov.train import train
 
 try:
@@ -44,8 +43,6 @@ MM100_RUNS = {  # label: (changes to the default preset, steps)
 MM1000_BEFORE = dict(n_embd=256, batch_size=32)  # the MM-1000 recipe the default replaced (0.1455 in 20 min)
 MM1000_EVALS = 6
 EVALS_PER_RUN = 8
-RANKS = (256, 512, 768, 1000)  # widths whose best logit table is fitted to the exact MM-1000 chain
-RANK_STEPS = 300
 
 
 def dataset(k, n_train):
@@ -149,38 +146,10 @@ def mm1000_rows():
     return rows, curves
 
 
-def rank_floor(chain, rank, steps=RANK_STEPS, seed=0):
-    """The least KL per token (under the stationary law) from the chain's transition matrix to a logit
-    table of rank `rank`, found by Adam on the exact loss: what a model that wide reaches at best with
-    unlimited data (its LayerNorm before the head can only add to it)."""
-    torch.manual_seed(seed)
-    target = torch.tensor(chain.transmat, dtype=torch.float32)
-    weight = torch.tensor(chain.stationary(), dtype=torch.float32)[:, None] * target
-    entropy = -torch.xlogy(weight, target).sum()
-    left = torch.nn.Parameter(0.02 * torch.randn(chain.n_states, rank))
-    right = torch.nn.Parameter(0.02 * torch.randn(rank, chain.n_states))
-    optimizer = torch.optim.Adam([left, right], lr=3e-2)
-    for _ in range(steps):
-        kl = -(weight * torch.log_softmax(left @ right, dim=-1)).sum() - entropy
-        optimizer.zero_grad()
-        kl.backward()
-        optimizer.step()
-    return kl.item()
-
-
-def rank_rows():
-    chain = MarkovChain.random(1000, seed=42)  # the chain `nanomarkov generate 1000` draws
-    rows = ["| rank (width) | least KL to the chain (nats) |", "|---:|---:|"]
-    for rank in RANKS:
-        rows.append(f"| {rank} | {rank_floor(chain, rank):.4f} |")
-        print(rows[-1], flush=True)
-    return rows
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--record", action="store_true", help="write the tables into BENCHMARKS.md")
-    parser.add_argument("--skip-mm1000", action="store_true", help="leave out MM-1000: its runs and its rank floors")
+    parser.add_argument("--skip-mm1000", action="store_true", help="leave out MM-1000's two long runs")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())  # as a user's run: the default thread count
     mm100, curves = mm100_rows()
@@ -204,11 +173,6 @@ def main():
             "MM-1000 (10k train + 1k val sequences, online data; target: <= 0.05 nats in 20 minutes, goal 0.03):",
             "",
             *mm1000,
-            "",
-            f"What the width allows: the best logit table of each rank for the same chain, fitted to its exact "
-            f"transition matrix ({RANK_STEPS} full-batch Adam steps on the KL under the stationary law):",
-            "",
-            *rank_rows(),
         ]
     text += ["", "Curves (elapsed s, excess nats) at each evaluation:", "", *curves]
     publish("time-to-target", "\n".join(text), args.record)

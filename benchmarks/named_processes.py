@@ -39,13 +39,11 @@ from nanomarkov.processes.literature import NAMED_PROCESSES
 from nanomarkov.train import train
 
 try:
-    from record import machine, publish, recipe_text, record, recorded_rows
+    from record import LARGE_EXCESS, TIME_BUDGET_S, machine, publish, recipe_text, record, recorded_rows
 except ImportError:
-    from benchmarks.record import machine, publish, recipe_text, record, recorded_rows
+    from benchmarks.record import LARGE_EXCESS, TIME_BUDGET_S, machine, publish, recipe_text, record, recorded_rows
 
 ROOT = Path("runs/bench-named")
-LARGE_EXCESS = 0.01  # nats: a default recipe that leaves this much has not fit the process
-TIME_BUDGET_S = 300  # issue 24: each process within LARGE_EXCESS in 5 minutes on a 2-core CPU
 
 
 def run(cls, max_iters):

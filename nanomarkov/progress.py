@@ -29,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+from multiprocessing import resource_tracker
 
 # A stop's handler has this long to end the command (finish a step, save a checkpoint, remove a build).
 STOP_GRACE_SECONDS = 10.0
@@ -185,6 +186,9 @@ def start_worker(process):
     if threading.current_thread() is not threading.main_thread():
         process.start()
         return process
+    # The first spawned process starts multiprocessing's resource tracker, which unblocks both signals once it has
+    # started (not restoring the mask it found): started here first, it cannot undo the block below.
+    resource_tracker.ensure_running()
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         process.start()
@@ -195,13 +199,22 @@ def start_worker(process):
 
 def worker_signals():
     """In a worker process, first: SIGINT/SIGTERM raise WorkerStopped (outside training), and the worker ends at
-    once when its parent does (a parent ended hard, by a second stop or SIGKILL, must not leave it training)."""
-    for sig in STOP_SIGNALS:
+    once when its parent does (a parent ended hard, by a second stop or SIGKILL, must not leave it training).
+    A signal the worker was started ignoring stays ignored (see inherited_ignored)."""
+    for sig in STOP_SIGNALS - inherited_ignored():
         signal.signal(sig, raise_worker_stopped)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     parent = multiprocessing.parent_process()
     if parent is not None:
         threading.Thread(target=end_with_parent, args=(parent.sentinel,), name="parent watch", daemon=True).start()
+
+
+def inherited_ignored():
+    """The stop signals this process was started ignoring: a shell without job control starts a command it runs in
+    the background (`&`) with SIGINT ignored, so that the terminal's Ctrl-C leaves it running, and Python then
+    leaves SIGINT ignored. The command's workers and its training loop keep them ignored too: a worker that took
+    the Ctrl-C its parent ignores would end in the middle of its run, and the parent would report it failed."""
+    return {sig for sig in STOP_SIGNALS if signal.getsignal(sig) == signal.SIG_IGN}
 
 
 def end_with_parent(sentinel):

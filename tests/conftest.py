@@ -3,6 +3,7 @@ allow fails the run: a test that silently stops running cannot guard anything.""
 
 import fnmatch
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,15 @@ def share_cores_between_workers():
         torch.set_num_threads(threads)
 
 
+def hear_ctrl_c():
+    """The tests stand for a user at a terminal, whose Ctrl-C reaches a command in the foreground. A test runner
+    started in the background (`make test &`) ignores SIGINT, and so would every command a test starts (an
+    ignored signal stays ignored through exec): those tests would then test the background case instead."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def pytest_configure(config):
+    hear_ctrl_c()
     share_cores_between_workers()
     config.pluginmanager.register(SkipGuard(read_allowed()), "nanomarkov-skip-guard")

@@ -6,11 +6,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from nanomarkov import data
 from nanomarkov.cli import stop_deadline
 from nanomarkov.data import generate_dataset
-from nanomarkov.progress import Heartbeat, StopDeadline, duration_text, stopped_line
+from nanomarkov.progress import Heartbeat, StopDeadline, duration_text, inherited_ignored, stopped_line
+from nanomarkov.train import StopRequests
 
 
 def test_a_heartbeat_says_nothing_for_quick_work():
@@ -119,3 +121,27 @@ def test_two_stops_read_at_once_are_the_second_stop(monkeypatch):
         os.close(deadline.read_end)
         os.close(write_end)
     assert exits == [128 + signal.SIGINT] and said == [stopped_line(signal.SIGINT)]  # at once, not "2s after it"
+
+
+def test_a_worker_starts_with_the_stop_signals_held_back_even_the_first_one():
+    """The first worker a command starts also starts multiprocessing's resource tracker, which unblocks SIGINT
+    and SIGTERM behind start_worker's back; a Ctrl-C during the worker's imports would then end it with a
+    traceback. A fresh interpreter, so that no test has started the tracker before."""
+    script = Path(__file__).with_name("held_back_worker.py")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{sorted(int(sig) for sig in (signal.SIGINT, signal.SIGTERM))}\n"
+
+
+def test_training_started_ignoring_ctrl_c_keeps_ignoring_it():
+    """A shell without job control starts `nanomarkov train ... &` with SIGINT ignored: training must not take the
+    terminal's Ctrl-C that its command ignores (a sweep's worker would end mid-run while its parent goes on)."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert inherited_ignored() == {signal.SIGINT}
+        with StopRequests() as stop:
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stop.handle  # the stop it does not ignore is heard
+    finally:
+        signal.signal(signal.SIGINT, before)

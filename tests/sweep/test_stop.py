@@ -172,6 +172,25 @@ def test_ctrl_c_stops_a_parallel_sweep_without_a_workers_traceback(tmp_path, pre
         assert all("stopped by SIGINT at iter" in log for log in logs)
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads processes from /proc (Linux)")
+def test_a_sweep_started_in_the_background_runs_on_through_the_terminals_ctrl_c(tmp_path):
+    """A shell without job control starts `nanomarkov sweep ... &` with SIGINT ignored: the workers ignore the
+    terminal's Ctrl-C as the sweep does, and every run finishes (a worker that took it ended mid-run, failed)."""
+    grid, out = tmp_path / "grid.toml", tmp_path / "out"
+    grid.write_text(GRID)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # what `&` does; an ignored signal stays so through exec
+    try:
+        proc = start(["sweep", str(grid), "--out", str(out), "--jobs", "2"], 0.1, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    wait_for(lambda: training(out), proc)
+    ctrl_c_twice(proc)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    runs = json.loads((out / "sweep.json").read_text())["runs"]
+    assert [runs[name]["state"] for name in RUNS] == ["done", "done"]
+
+
 def test_a_stopped_slurm_sweep_leaves_its_jobs_and_names_them_in_its_one_line(tmp_path, monkeypatch, capsys):
     def submitted_then_stopped(executor, run, specs, threads, on_submit, on_start, on_finish):
         on_submit({spec.name: f"77_{i}" for i, spec in enumerate(specs)})

@@ -176,7 +176,8 @@ def verdict(rows):
 def placement():
     """Where the runs ran: the cores this process may use, and its torch threads."""
     cores = sorted(os.sched_getaffinity(0))
-    where = f"pinned to core {cores[0]}" if len(cores) == 1 else f"on cores {', '.join(map(str, cores))}"
+    # Not which core: two runs of --only side by side (one per core) write one table.
+    where = "pinned to one core" if len(cores) == 1 else f"on cores {', '.join(map(str, cores))}"
     return f"each run {where}, {torch.get_num_threads()} thread(s)"
 
 

@@ -29,7 +29,7 @@ import math
 import numpy as np
 
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.processes.base import WHOLE_HISTORY_RECIPE, Process
+from nanomarkov.processes.base import LOOKBACK_RECIPE, WHOLE_HISTORY_RECIPE, Process
 from nanomarkov.processes.markov import MarkovChain
 from nanomarkov.processes.numerics import check_distribution, entropy, standard_error, token_dtype
 from nanomarkov.processes.registry import process_class
@@ -261,7 +261,9 @@ class MixtureProcess(Process):
     process = "mixture"
     SUMMARY = "each sequence from one of several processes (a spec's components and weights; from K: two random chains)"
     ARRAYS = ("layout",)  # and each component's arrays, "c{i}__{name}"
-    RECIPE = WHOLE_HISTORY_RECIPE
+    # Which component drew the sequence is in its counts so far, read best by the look-back recipe (0.0089 nats;
+    # the whole-history recipe 0.016).
+    RECIPE = LOOKBACK_RECIPE
     BELIEF_STATES = True
     HISTORY_REASON = "the next token depends on which component the sequence so far points to"
 

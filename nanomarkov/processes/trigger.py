@@ -34,7 +34,7 @@ from functools import cached_property
 import numpy as np
 
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.processes.base import WHOLE_HISTORY_RECIPE, Option, Process
+from nanomarkov.processes.base import LOOKBACK_RECIPE, Option, Process
 from nanomarkov.processes.incontext import positive_stationary, settled_law, settled_laws
 from nanomarkov.processes.numerics import (
     check_distribution,
@@ -69,7 +69,9 @@ class TriggerChain(Process):
             f"the number T of trigger tokens, the T most likely under the bigram (default min({DEFAULT_TRIGGERS}, K // 2), which leaves two outputs or more)",
         ),
     )
-    RECIPE = WHOLE_HISTORY_RECIPE
+    # The induction head this needs (find the trigger's last occurrence, read the token after it) took 4 heads
+    # on fresh data: 0.0016 nats in 208 s (BENCHMARKS.md); the whole-history recipe's 1 head stayed at 0.245.
+    RECIPE = LOOKBACK_RECIPE
     HISTORY_REASON = "a trigger is followed by the output this sequence showed after it before"
 
     def __init__(self, transmat, startprob, triggers, output_law):

@@ -11,8 +11,7 @@ from pathlib import Path
 from nanomarkov import data
 from nanomarkov.cli import stop_deadline
 from nanomarkov.data import generate_dataset
-from nanomarkov.progress import Heartbeat, StopDeadline, duration_text, inherited_ignored, stopped_line
-from nanomarkov.train import StopRequests
+from nanomarkov.progress import Heartbeat, StopDeadline, duration_text, stopped_line
 
 
 def test_a_heartbeat_says_nothing_for_quick_work():
@@ -132,16 +131,3 @@ def test_a_worker_starts_with_the_stop_signals_held_back_even_the_first_one():
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"{sorted(int(sig) for sig in (signal.SIGINT, signal.SIGTERM))}\n"
-
-
-def test_training_started_ignoring_ctrl_c_keeps_ignoring_it():
-    """A shell without job control starts `nanomarkov train ... &` with SIGINT ignored: training must not take the
-    terminal's Ctrl-C that its command ignores (a sweep's worker would end mid-run while its parent goes on)."""
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        assert inherited_ignored() == {signal.SIGINT}
-        with StopRequests() as stop:
-            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
-            assert signal.getsignal(signal.SIGTERM) == stop.handle  # the stop it does not ignore is heard
-    finally:
-        signal.signal(signal.SIGINT, before)

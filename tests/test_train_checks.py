@@ -17,7 +17,7 @@ from nanomarkov import train as train_module
 from nanomarkov.checkpoint import load_checkpoint
 from nanomarkov.cli import main
 from nanomarkov.config import TrainConfig, format_config_file
-from nanomarkov.progress import STOP_GRACE_SECONDS
+from nanomarkov.progress import STOP_GRACE_SECONDS, inherited_ignored
 from nanomarkov.train import train
 
 
@@ -219,3 +219,16 @@ def test_trains_stop_line_is_on_stderr_as_every_commands(data_dir, tmp_path, mon
     expected = "iter 4; checkpoint saved;" if stop_at == "step" else "iter 0, during its evaluation; no checkpoint"
     assert said.err.startswith("stopped by SIGTERM at ") and expected in said.err and said.err.count("\n") == 1
     assert "stopped by" not in said.out
+
+
+def test_training_started_ignoring_ctrl_c_keeps_ignoring_it():
+    """A shell without job control starts `nanomarkov train ... &` with SIGINT ignored: training must not take the
+    terminal's Ctrl-C that its command ignores (a sweep's worker would end mid-run while its parent goes on)."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert inherited_ignored() == {signal.SIGINT}
+        with train_module.StopRequests() as stop:
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stop.handle  # the stop it does not ignore is heard
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -39,9 +39,9 @@ from nanomarkov.processes.literature import NAMED_PROCESSES
 from nanomarkov.train import train
 
 try:
-    from record import LARGE_EXCESS, TIME_BUDGET_S, machine, publish, recipe_text, record, recorded_rows
+    from record import LARGE_EXCESS, TIME_BUDGET_S, machine, over_recorded, publish, recipe_text, record
 except ImportError:
-    from benchmarks.record import LARGE_EXCESS, TIME_BUDGET_S, machine, publish, recipe_text, record, recorded_rows
+    from benchmarks.record import LARGE_EXCESS, TIME_BUDGET_S, machine, over_recorded, publish, recipe_text, record
 
 ROOT = Path("runs/bench-named")
 
@@ -181,12 +181,6 @@ def placement():
     return f"each run {where}, {torch.get_num_threads()} thread(s)"
 
 
-def kept_rows():
-    """The recorded table's rows, by process, when it has this script's columns (else none: a new table)."""
-    rows = recorded_rows("named_processes")
-    return {row["process"]: row for row in rows if tuple(row) == COLUMNS}
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--record", action="store_true", help="write the table into BENCHMARKS.md")
@@ -201,19 +195,14 @@ def main():
             print(json.dumps(measured), flush=True)
             mine[cls.process] = cells(measured)
             if args.record:  # after each process, so a run stopped early keeps what it measured
-                record("named_processes", table(ordered(merged(mine, args.only)), command))
-    publish("named_processes", table(ordered(merged(mine, args.only)), command), args.record)
+                record("named_processes", table(merged(mine, args.only), command))
+    publish("named_processes", table(merged(mine, args.only), command), args.record)
 
 
 def merged(mine, only):
-    """This run's rows over the recorded ones (with --only), read again at each write, so that two runs
-    measuring different processes side by side (one per core) keep each other's rows."""
-    return {**(kept_rows() if only else {}), **mine}
-
-
-def ordered(rows):
-    """The rows (by process) in NAMED_PROCESSES' order."""
-    return [rows[cls.process] for cls in NAMED_PROCESSES if cls.process in rows]
+    """The table's rows: this run's, over the recorded ones with --only, in NAMED_PROCESSES' order."""
+    order = [cls.process for cls in NAMED_PROCESSES]
+    return over_recorded("named_processes", mine, COLUMNS, order) if only else [mine[n] for n in order if n in mine]
 
 
 if __name__ == "__main__":

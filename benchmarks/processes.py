@@ -26,9 +26,9 @@ from nanomarkov.evaluate import evaluate_checkpoints
 from nanomarkov.train import train
 
 try:
-    from record import LARGE_EXCESS, TIME_BUDGET_S, machine, publish, recipe_text, record, recorded_rows
+    from record import LARGE_EXCESS, TIME_BUDGET_S, machine, over_recorded, publish, recipe_text, record
 except ImportError:
-    from benchmarks.record import LARGE_EXCESS, TIME_BUDGET_S, machine, publish, recipe_text, record, recorded_rows
+    from benchmarks.record import LARGE_EXCESS, TIME_BUDGET_S, machine, over_recorded, publish, recipe_text, record
 
 ROOT = Path("runs/bench-processes")
 # name, K, generate options, the theory keys that place the result (besides the optimum)
@@ -107,10 +107,9 @@ def main():
 
 
 def merged(mine, only):
-    """This run's rows over the recorded ones (with --only), in PROCESSES' order."""
-    kept = {row["dataset"]: row for row in recorded_rows("processes") if tuple(row) == COLUMNS} if only else {}
-    rows = {**kept, **mine}
-    return [rows[name] for name, *_ in PROCESSES if name in rows]
+    """The table's rows: this run's, over the recorded ones with --only, in PROCESSES' order."""
+    order = [name for name, *_ in PROCESSES]
+    return over_recorded("processes", mine, COLUMNS, order) if only else [mine[n] for n in order if n in mine]
 
 
 def table(rows, command):

@@ -52,6 +52,16 @@ def recorded_rows(section):
     return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in table[2:]]
 
 
+def over_recorded(section, mine, columns, order):
+    """This run's rows (cells by column, keyed by their first column) over those the section's table holds when it
+    has the same columns, in `order` (the keys): what `--only` writes. The table is read again at each write, so
+    that two runs measuring different rows side by side (one per core) keep each other's rows."""
+    key = columns[0]
+    kept = {row[key]: row for row in recorded_rows(section) if tuple(row) == tuple(columns)}
+    rows = {**kept, **mine}
+    return [rows[name] for name in order if name in rows]
+
+
 def recipe_text(cfg):
     """A run's whole recipe in a line: model, batch, steps, learning-rate schedule and data source."""
     blocks = ("MLP-only" if cfg.mlp_only else f"{cfg.n_head}H") if cfg.n_layer else "(no blocks)"

@@ -201,8 +201,7 @@ def worker_signals():
     """In a worker process, first: SIGINT/SIGTERM raise WorkerStopped (outside training), and the worker ends at
     once when its parent does (a parent ended hard, by a second stop or SIGKILL, must not leave it training).
     A signal the worker was started ignoring stays ignored (see inherited_ignored)."""
-    for sig in STOP_SIGNALS - inherited_ignored():
-        signal.signal(sig, raise_worker_stopped)
+    handle_stops(raise_worker_stopped)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     parent = multiprocessing.parent_process()
     if parent is not None:
@@ -215,6 +214,11 @@ def inherited_ignored():
     leaves SIGINT ignored. The command's workers and its training loop keep them ignored too: a worker that took
     the Ctrl-C its parent ignores would end in the middle of its run, and the parent would report it failed."""
     return {sig for sig in STOP_SIGNALS if signal.getsignal(sig) == signal.SIG_IGN}
+
+
+def handle_stops(handler):
+    """`handler` for each stop signal this process was not started ignoring; returns the handlers it replaced."""
+    return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS - inherited_ignored()}
 
 
 def end_with_parent(sentinel):

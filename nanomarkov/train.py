@@ -40,7 +40,7 @@ from nanomarkov.files import check_output_folder, check_own_files, json_text, wr
 from nanomarkov.gpt_config import GPTConfig, training_bytes, weight_count
 from nanomarkov.memory import check_fits
 from nanomarkov.model import GPT
-from nanomarkov.progress import STOP_GRACE_SECONDS, STOP_SIGNALS, Heartbeat, inherited_ignored, say_on_stderr
+from nanomarkov.progress import STOP_GRACE_SECONDS, Heartbeat, handle_stops, say_on_stderr
 
 EVAL_BATCH_SEQUENCES = 64
 # An eval batch holds at most this many tokens (64 sequences of 256), so that sequences of 100,000 tokens are
@@ -201,8 +201,7 @@ class StopRequests:
     def __enter__(self):
         # Python only lets the main thread install signal handlers.
         if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS - inherited_ignored():  # a run started in the background keeps ignoring Ctrl-C
-                self._previous[sig] = signal.signal(sig, self.handle)
+            self._previous = handle_stops(self.handle)  # a run started in the background keeps ignoring Ctrl-C
         return self
 
     def handle(self, signum, frame):

@@ -12,7 +12,7 @@ from nanomarkov.errors import NanoMarkovError
 MLP_FILTERS = ("GELU", "RELU", "RELU2", "RELU3")
 # GPTConfig fields newer than the first checkpoints and exports: a file without one means its default,
 # which builds the model that file was written from.
-ADDED_FIELDS = ("lm_head_bias", "attn_only")
+ADDED_FIELDS = ("lm_head_bias", "attn_only", "alibi")
 
 
 @dataclass
@@ -26,6 +26,7 @@ class GPTConfig:
     bias: bool = False  # biases in the Linear and LayerNorm layers
     use_ln: bool = True  # LayerNorm before every sublayer and before the head; False removes all
     pos_ape: bool = True  # add a learned absolute position embedding to the token embedding
+    alibi: bool = False  # head h's attention scores fall by 2**-h per token of distance (ALiBi, steeper slopes)
     mlp_only: bool = False  # blocks have no attention at all, so a position sees only itself
     attn_only: bool = False  # blocks have no MLP and no second LayerNorm (mlp_ratio, mlp_filter unused)
     mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * n_embd
@@ -46,6 +47,7 @@ class GPTConfig:
             "bias",
             "use_ln",
             "pos_ape",
+            "alibi",
             "mlp_only",
             "attn_only",
             "mlp_first_matrix_identity",
@@ -69,6 +71,10 @@ class GPTConfig:
             raise NanoMarkovError(
                 "attn_only and mlp_only together leave a block with nothing in it; set one of them to False "
                 "(n_layer=0 is the model without blocks)"
+            )
+        if self.alibi and self.mlp_only:
+            raise NanoMarkovError(
+                "alibi biases attention scores, and mlp_only blocks have no attention; set one of them to False"
             )
         if self.attn_only and self.mlp_first_matrix_identity:
             raise NanoMarkovError(
@@ -98,6 +104,9 @@ class GPTConfig:
 ACTIVATION_VALUES_PER_WIDTH = 17
 # Values per token and vocabulary entry: the logits, their softmax and its gradient.
 LOGIT_VALUES_PER_TOKEN = 3
+# With alibi, attention takes a kernel that does hold the (T x T) matrix of each head: the scores, their
+# softmax and its gradient, like the logits.
+ATTENTION_VALUES_PER_PAIR = 3
 FLOAT32_BYTES = 4
 
 
@@ -115,8 +124,11 @@ def weight_count(config: GPTConfig) -> int:
 def training_bytes(config: GPTConfig, batch_size: int) -> int:
     """The bytes one float32 training step on `batch_size` sequences of block_size tokens holds, estimated
     from the sizes alone: the weights, their gradients and AdamW's two moments (4 values a weight), the
-    activations (ACTIVATION_VALUES_PER_WIDTH a token, layer and unit of width) and the logits."""
+    activations (ACTIVATION_VALUES_PER_WIDTH a token, layer and unit of width), the logits and, with alibi,
+    each head's attention matrix."""
     tokens = batch_size * config.block_size
     per_token = config.n_embd * max(config.n_layer, 1) * ACTIVATION_VALUES_PER_WIDTH
     per_token += config.vocab_size * LOGIT_VALUES_PER_TOKEN
+    if config.alibi:
+        per_token += config.n_layer * config.n_head * config.block_size * ATTENTION_VALUES_PER_PAIR
     return FLOAT32_BYTES * (4 * weight_count(config) + tokens * per_token)

@@ -16,6 +16,20 @@ from nanomarkov.errors import NanoMarkovError
 from nanomarkov.gpt_config import GPTConfig
 
 
+def alibi_bias(n_head: int, size: int, device=None) -> torch.Tensor:
+    """(n_head, size, size): what alibi adds to the attention scores of query i and key j, -2**-h * (i - j)
+    in head h for j <= i, and -inf for a key after the query (so it is the causal mask too).
+
+    Press et al. (2022) start at 2**(-8/n_head) and halve more slowly; these slopes start at 1, so that
+    head 0 sees the last few tokens almost alone. Measured on fanizza (2 layers, 32 wide, 4 heads, 500 steps):
+    0.0044 nats of excess with these slopes, 0.030 with Press et al.'s."""
+    slopes = 2.0 ** -torch.arange(n_head, dtype=torch.float32, device=device)
+    positions = torch.arange(size, device=device)
+    distance = (positions[:, None] - positions[None, :]).float()
+    bias = -slopes[:, None, None] * distance
+    return bias.masked_fill(distance < 0, float("-inf"))
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -25,13 +39,19 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.dropout = config.dropout
+        self.alibi = config.alibi
 
     def forward(self, x):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim): heads become a batch dimension.
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        dropout = self.dropout if self.training else 0.0
+        if self.alibi:
+            bias = alibi_bias(self.n_head, T, x.device).to(q.dtype)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -1,4 +1,5 @@
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -65,6 +66,8 @@ SWITCHES = [
     dict(attn_only=True, bias=True, mlp_ratio=1, mlp_filter="RELU3"),
     dict(attn_only=True, use_ln=False, pos_ape=False, one_hot_embed=True, lm_head_tied=False, lm_head_bias=True),
     dict(attn_only=True, n_layer=0),
+    dict(alibi=True),
+    dict(alibi=True, pos_ape=False, n_head=2, attn_only=True),
 ]
 
 
@@ -308,11 +311,42 @@ def test_config_round_trips_through_asdict():
         (dict(attn_only=True, mlp_only=True, n_layer=0), "attn_only and mlp_only together"),
         (dict(attn_only=True, mlp_ratio=1, mlp_first_matrix_identity=True), "attn_only blocks have none"),
         (dict(attn_only=True, n_embd=30, n_head=4), "divisible"),
+        (dict(alibi=True, mlp_only=True), "mlp_only blocks have no attention"),
+        (dict(alibi=1), "alibi"),
     ],
 )
 def test_invalid_configs_are_rejected(bad, needle):
     with pytest.raises(NanoMarkovError, match=needle):
         cfg(**bad)
+
+
+def attention_by_definition(attn, h, slopes):
+    """An attention sublayer's output computed one head, query and key at a time: the softmax, over the
+    keys at or before the query, of q.k / sqrt(head width) - slope * (query - key), times the values."""
+    B, T, C = h.shape
+    width = C // len(slopes)
+    q, k, v = attn.c_attn(h).split(C, dim=2)
+    heads = torch.zeros(B, T, C)
+    for b in range(B):
+        for head, slope in enumerate(slopes):
+            dims = slice(head * width, (head + 1) * width)
+            for i in range(T):
+                scores = torch.stack(
+                    [q[b, i, dims] @ k[b, j, dims] / math.sqrt(width) - slope * (i - j) for j in range(i + 1)]
+                )
+                heads[b, i, dims] = scores.softmax(0) @ v[b, : i + 1, dims]
+    return attn.c_proj(heads)
+
+
+@pytest.mark.parametrize("alibi, slopes", [(True, [1, 1 / 2, 1 / 4, 1 / 8]), (False, [0, 0, 0, 0])])
+def test_attention_computes_its_definition_with_alibis_slopes_halving_from_one(alibi, slopes):
+    model = make(alibi=alibi, bias=True)
+    attn = model.blocks[0].attn
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0, 0.5)
+        h = torch.randn(2, 9, D)
+        torch.testing.assert_close(attn(h), attention_by_definition(attn, h, slopes), atol=1e-5, rtol=1e-5)
 
 
 def test_mlp_only_ignores_head_divisibility():

@@ -135,9 +135,10 @@ def test_logit_lens_locates_the_damage_and_matches_evaluation(dataset):
     assert to_truth[-1] == pytest.approx(total / (val.shape[0] * (val.shape[1] - 1)), abs=1e-6)
 
 
-def test_recomputed_attention_weights_reproduce_the_layer_output():
+@pytest.mark.parametrize("alibi", [False, True])
+def test_recomputed_attention_weights_reproduce_the_layer_output(alibi):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=16, block_size=8, vocab_size=7, bias=True)).eval()
+    model = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=16, block_size=8, vocab_size=7, bias=True, alibi=alibi)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.5)

@@ -15,7 +15,7 @@ exact zeros or fixed tables there:
 - lm_head_tied: tie_word_embeddings, as GPT-2 itself does;
 - mlp_filter: GELU is the exact (erf) GELU, transformers' "gelu" (GPT-2's own default "gelu_new" is
   the tanh approximation); RELU is "relu", RELU2 is "relu2" (relu(x)**2).
-What GPT-2 cannot hold is refused (gpt2_refusal says why): no LayerNorm, a head bias, RELU3.
+What GPT-2 cannot hold is refused (gpt2_refusal says why): no LayerNorm, a head bias, alibi, RELU3.
 """
 
 import dataclasses
@@ -64,6 +64,11 @@ def gpt2_refusal(config) -> str:
         return (
             "lm_head_bias=True: GPT-2's lm_head is a Linear without bias, and no exact rewrite adds one "
             "(a constant residual coordinate would change every LayerNorm's mean and variance)"
+        )
+    if config.alibi:
+        return (
+            "alibi=True: GPT-2's attention has no bias by distance; open it in nanoMarkov, nnsight or "
+            "TransformerLens 3 instead"
         )
     if config.mlp_filter not in HF_ACTIVATION and not config.attn_only:
         return f"mlp_filter={config.mlp_filter}: transformers has no activation relu(x)**3"

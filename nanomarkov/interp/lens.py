@@ -13,7 +13,7 @@ import torch
 
 from nanomarkov.checkpoint import check_finite_weights, model_and_source
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.model import GPT, GPTConfig
+from nanomarkov.model import GPT, GPTConfig, alibi_bias
 
 # ---------------------------------------------------------------------------
 # TransformerLens. A HookedTransformer is a pre-LN GPT-2 with every weight split
@@ -28,6 +28,10 @@ from nanomarkov.model import GPT, GPTConfig
 # - one_hot_embed / mlp_first_matrix_identity: the same fixed tables, frozen;
 # - lm_head_tied: W_U is a copy of W_E^T (TransformerLens keeps the two apart,
 #   so further training of the hooked model would untie them);
+# - alibi=True: TransformerLens's positional_embedding_type="alibi", which never reads its position table
+#   (frozen zeros; alibi with pos_ape is refused) and has slopes of its own; each attention's attn.alibi, the bias it keeps
+#   once built, is set to ours (it rebuilds its own only for an input longer than block_size, which
+#   our GPT refuses);
 # - bias=False: TransformerLens always has biases; they are zeros (b_U too when
 #   lm_head_bias is off).
 # Weights are assigned to the parameters directly instead of going through
@@ -139,6 +143,11 @@ def _convertible(ckpt_or_model):
 
     An attn_only model has no MLP, so its unused mlp_filter may have no act_fn (None then)."""
     model = float32_model(ckpt_or_model)[0]
+    if model.config.alibi and model.config.pos_ape:
+        raise NanoMarkovError(
+            "alibi=True beside pos_ape=True has no TransformerLens equivalent: its ALiBi drops the position "
+            "table; open the model in nanoMarkov or nnsight instead"
+        )
     act_fn = TL_ACT_FN.get(model.config.mlp_filter)
     if act_fn is None and not model.config.attn_only:
         raise NanoMarkovError(
@@ -189,8 +198,17 @@ def to_hooked_transformer(ckpt_or_model):
         warnings.simplefilter("ignore", DeprecationWarning)
         hooked = HookedTransformer(config)
     _copy_weights_into(hooked, model)
+    if model.config.alibi:
+        for block in hooked.blocks:
+            block.attn.alibi = hooked_alibi(model.config, model.wte.weight.device)
     check_same_logits(model, hooked)
     return hooked
+
+
+def hooked_alibi(config, device):
+    """The attn.alibi a HookedTransformer adds to its scores for our alibi: alibi_bias, with zeros instead
+    of -inf after the query (TransformerLens masks those itself)."""
+    return alibi_bias(config.n_head, config.block_size, device).nan_to_num(neginf=0.0)
 
 
 def _hooked_config(model, act_fn):
@@ -207,6 +225,7 @@ def _hooked_config(model, act_fn):
         d_mlp=c.mlp_ratio * c.n_embd,
         act_fn=act_fn,
         attn_only=c.attn_only,
+        positional_embedding_type="alibi" if c.alibi else "standard",
         normalization_type="LN" if c.use_ln else None,
         eps=LN_EPS,
         # TransformerLens divides attention scores by sqrt(d_head) by default, as scaled_dot_product_attention does.
@@ -290,6 +309,11 @@ def to_transformer_bridge(ckpt_or_model):
     when the head is tied. Logits are checked against ours before returning.
     """
     model, act_fn = _convertible(ckpt_or_model)
+    if model.config.alibi:
+        raise NanoMarkovError(
+            "alibi=True is not carried into a TransformerBridge (its native model keeps no slopes of ours); "
+            f"use to_hooked_transformer with TransformerLens 3: {TL_INSTALL}"
+        )
     TransformerBridge, TransformerBridgeConfig, convert_tl_checkpoint, NativeMLP, activations = _transformer_lens_4()
     args = _hooked_config(model, act_fn)
     device = args.pop("device")
@@ -328,7 +352,8 @@ def from_hooked_transformer(hooked):
     as the switches they stand for (frozen zero W_pos -> pos_ape=False, frozen
     zero attention -> mlp_only, attn_only -> attn_only, frozen one-hot W_E -> one_hot_embed, frozen
     identity W_in -> mlp_first_matrix_identity, frozen zero biases -> bias=False,
-    a frozen zero b_U -> lm_head_bias=False); W_U equal to W_E^T means lm_head_tied. A plain TransformerLens model works
+    a frozen zero b_U -> lm_head_bias=False, ALiBi with our slopes -> alibi); W_U equal to W_E^T means
+    lm_head_tied. A plain TransformerLens model works
     if it is a GPT-2-style one nanoMarkov can express (LayerNorm or none, learned
     absolute positions, causal attention, a gelu/relu/relu2 MLP; its trainable
     b_U becomes lm_head_bias); anything else raises NanoMarkovError naming the setting.
@@ -336,6 +361,11 @@ def from_hooked_transformer(hooked):
     params = dict(hooked.named_parameters())
     _check_expressible(hooked.cfg, params)
     config = _gpt_config_of(hooked.cfg, params)
+    if config.alibi and not all(_holds(block.attn.alibi, hooked_alibi(config, "cpu")) for block in hooked.blocks):
+        _refuse(
+            "TransformerLens's own ALiBi slopes",
+            "nanoMarkov's alibi halves from 1 in head 0 (alibi_bias); the models to_hooked_transformer writes hold it",
+        )
     weights = {name: p.detach() for name, p in params.items()}
     state = _gpt_state(weights, config, hooked.cfg.normalization_type)
     gpt = GPT(config).to(weights["embed.W_E"].device)
@@ -351,8 +381,12 @@ def _refuse(setting, why):
 
 def _check_expressible(cfg, params):
     """Refuse settings read by _gpt_config_of or known to change the computation; check_same_logits catches the rest."""
+    if cfg.positional_embedding_type not in ("standard", "alibi"):
+        _refuse(
+            f"positional_embedding_type={cfg.positional_embedding_type!r}",
+            "only learned absolute positions ('standard') or nanoMarkov's alibi are expressible",
+        )
     for name, expected in [
-        ("positional_embedding_type", "standard"),
         ("attention_dir", "causal"),
         ("gated_mlp", False),
         ("parallel_attn_mlp", False),
@@ -381,6 +415,11 @@ def _check_expressible(cfg, params):
         )
     if cfg.d_mlp % cfg.d_model:
         _refuse(f"d_mlp={cfg.d_mlp}", f"the MLP width must be a multiple of d_model={cfg.d_model}")
+
+
+def _holds(tensor, value):
+    """Whether `tensor` (None: not built yet) equals `value` in shape and every entry."""
+    return tensor is not None and tensor.shape == value.shape and torch.equal(tensor.cpu(), value)
 
 
 def _is_stand_in(params, name, value):
@@ -431,7 +470,8 @@ def _gpt_config_of(cfg, params):
         vocab_size=V,
         bias=not all(_is_stand_in(params, n, zero) for n in biases),
         use_ln=cfg.normalization_type is not None,
-        pos_ape=not _is_stand_in(params, "pos_embed.W_pos", zero),
+        pos_ape=cfg.positional_embedding_type == "standard" and not _is_stand_in(params, "pos_embed.W_pos", zero),
+        alibi=cfg.positional_embedding_type == "alibi",
         mlp_only=mlp_only,
         attn_only=cfg.attn_only,
         # attn_only: what our export carried, else GPTConfig's defaults (unused without an MLP).

@@ -31,6 +31,7 @@ from matplotlib.figure import Figure
 
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.evaluate import kl_rows, kl_terms, state_log_probs
+from nanomarkov.model import alibi_bias
 
 # Positions x vocabulary per forward batch: bounds memory (float64 logits, one copy per layer).
 PROBE_BATCH_ELEMENTS = 1 << 21
@@ -189,13 +190,16 @@ def _attention_weights(attn, h):
 
     The forward pass uses a fused kernel that never materialises the weights,
     so they are recomputed here from the same c_attn projection, with the same
-    1/sqrt(head_dim) scale and causal mask (dropout is off in eval mode). The
-    tests check that weights @ values reproduces the layer's own output.
+    1/sqrt(head_dim) scale and causal mask (or alibi's bias, which holds it;
+    dropout is off in eval mode). The tests check that weights @ values
+    reproduces the layer's own output.
     """
     B, T, C = h.shape
     q, k, _ = attn.c_attn(h).split(C, dim=2)
     q, k = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k))
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(C // attn.n_head)
+    if attn.alibi:
+        return (scores + alibi_bias(attn.n_head, T, h.device)).softmax(dim=-1)
     causal = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()
     return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
 

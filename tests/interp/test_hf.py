@@ -132,8 +132,9 @@ def test_an_export_through_a_link_keeps_the_link_and_no_one_elses_partial_folder
 @pytest.mark.parametrize(
     "model, message",
     [(build(name), "use_ln=False") for name in WITHOUT_LAYERNORM[:1]]
-    + [(build("c1", lm_head_bias=True), "lm_head_bias=True"), (build("c2", mlp_filter="RELU3"), "mlp_filter=RELU3")],
-    ids=["no-layernorm", "head-bias", "relu3"],
+    + [(build("c1", lm_head_bias=True), "lm_head_bias=True"), (build("c2", mlp_filter="RELU3"), "mlp_filter=RELU3")]
+    + [(build("c2", alibi=True), "alibi=True")],
+    ids=["no-layernorm", "head-bias", "relu3", "alibi"],
 )
 def test_what_gpt2_cannot_hold_is_refused_and_nothing_is_written(model, message, tmp_path):
     with pytest.raises(NanoMarkovError, match=f"GPT-2 .* cannot express this model: {message}"):

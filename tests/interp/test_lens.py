@@ -92,6 +92,23 @@ def test_relu2_maps_and_relu3_is_refused():
     to_hooked_transformer(build("c2+attn_only", mlp_filter="RELU3"))  # no MLP applies it: same logits
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_alibi_is_transformer_lenss_alibi_holding_our_slopes_and_round_trips(bias):
+    model = build("seed", alibi=True, pos_ape=False, bias=bias)
+    hooked = to_hooked_transformer(model)
+    assert hooked.cfg.positional_embedding_type == "alibi"
+    idx = inputs(model.config)
+    assert torch.allclose(hooked_logits(hooked, idx), our_logits(model, idx), rtol=0, atol=1e-4)
+    back = from_hooked_transformer(hooked)
+    assert back.config == model.config
+    assert torch.equal(our_logits(back, idx), our_logits(model, idx))
+
+
+def test_alibi_beside_a_position_table_is_refused():
+    with pytest.raises(NanoMarkovError, match="alibi=True beside pos_ape=True"):
+        to_hooked_transformer(build("seed", alibi=True))
+
+
 def test_one_call_gives_a_hooked_transformer_on_3x():
     model = build("c2", lm_head_bias=True)
     hooked = to_transformer_lens(model)
@@ -183,6 +200,7 @@ def test_a_plain_transformer_lens_model_converts(changes):
         (dict(act_fn="gelu_new"), "act_fn='gelu_new'"),
         (dict(normalization_type="RMS"), "normalization_type='RMS'"),
         (dict(positional_embedding_type="rotary"), "positional_embedding_type='rotary'"),
+        (dict(positional_embedding_type="alibi"), "TransformerLens's own ALiBi slopes"),
         (dict(gated_mlp=True), "gated_mlp=True"),
         (dict(d_mlp=20), "d_mlp=20"),
         (dict(n_heads=2), "n_heads=2"),

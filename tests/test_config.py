@@ -431,10 +431,11 @@ def test_default_preset(k, expected):
 
 @pytest.mark.parametrize("k", [2, 11, 50, 1000])
 @pytest.mark.parametrize("name", sorted(PROCESSES))
-def test_a_process_recipe_with_blocks_keeps_its_position_embeddings(name, k):
-    # Above K = 10 the first-order rows drop position embeddings; a block that reads the history needs them.
+def test_a_process_recipe_with_blocks_keeps_a_sense_of_position(name, k):
+    # Above K = 10 the first-order rows drop position embeddings; a block that reads the history needs them,
+    # or alibi's distances in their place.
     p = {**preset("default", k), **process_recipe(name)}
-    assert p["n_layer"] == 0 or p["pos_ape"]
+    assert p["n_layer"] == 0 or p["pos_ape"] or p["alibi"]
 
 
 # c1..c12 as the seed's descriptions put them: (n_layer, n_head, n_embd, max_iters, switches)

@@ -21,8 +21,8 @@ def alibi_bias(n_head: int, size: int, device=None) -> torch.Tensor:
     in head h for j <= i, and -inf for a key after the query (so it is the causal mask too).
 
     Press et al. (2022) start at 2**(-8/n_head) and halve more slowly; these slopes start at 1, so that
-    head 0 sees the last few tokens almost alone. Measured on fanizza (2 layers, 32 wide, 4 heads, 500 steps):
-    0.0044 nats of excess with these slopes, 0.030 with Press et al.'s."""
+    head 0 sees the last few tokens almost alone. Measured on fanizza (2 layers, 32 wide, 4 heads and a
+    position table, 500 steps): 0.0044 nats of excess with these slopes, 0.030 with Press et al.'s."""
     slopes = 2.0 ** -torch.arange(n_head, dtype=torch.float32, device=device)
     positions = torch.arange(size, device=device)
     distance = (positions[:, None] - positions[None, :]).float()

@@ -28,10 +28,10 @@ from nanomarkov.model import GPT, GPTConfig, alibi_bias
 # - one_hot_embed / mlp_first_matrix_identity: the same fixed tables, frozen;
 # - lm_head_tied: W_U is a copy of W_E^T (TransformerLens keeps the two apart,
 #   so further training of the hooked model would untie them);
-# - alibi=True: TransformerLens's positional_embedding_type="alibi", which never reads its position table
-#   (frozen zeros; alibi with pos_ape is refused) and has slopes of its own; each attention's attn.alibi, the bias it keeps
-#   once built, is set to ours (it rebuilds its own only for an input longer than block_size, which
-#   our GPT refuses);
+# - alibi=True: TransformerLens's positional_embedding_type="alibi", which never reads its position
+#   table (frozen zeros; alibi with pos_ape is refused) and has slopes of its own: each attention's
+#   attn.alibi, the bias it keeps once built, is set to ours (it rebuilds its own only for an input
+#   longer than block_size, which our GPT refuses);
 # - bias=False: TransformerLens always has biases; they are zeros (b_U too when
 #   lm_head_bias is off).
 # Weights are assigned to the parameters directly instead of going through
@@ -200,12 +200,12 @@ def to_hooked_transformer(ckpt_or_model):
     _copy_weights_into(hooked, model)
     if model.config.alibi:
         for block in hooked.blocks:
-            block.attn.alibi = hooked_alibi(model.config, model.wte.weight.device)
+            block.attn.alibi = _hooked_alibi(model.config, model.wte.weight.device)
     check_same_logits(model, hooked)
     return hooked
 
 
-def hooked_alibi(config, device):
+def _hooked_alibi(config, device):
     """The attn.alibi a HookedTransformer adds to its scores for our alibi: alibi_bias, with zeros instead
     of -inf after the query (TransformerLens masks those itself)."""
     return alibi_bias(config.n_head, config.block_size, device).nan_to_num(neginf=0.0)
@@ -361,7 +361,7 @@ def from_hooked_transformer(hooked):
     params = dict(hooked.named_parameters())
     _check_expressible(hooked.cfg, params)
     config = _gpt_config_of(hooked.cfg, params)
-    if config.alibi and not all(_holds(block.attn.alibi, hooked_alibi(config, "cpu")) for block in hooked.blocks):
+    if config.alibi and not all(_holds(block.attn.alibi, _hooked_alibi(config, "cpu")) for block in hooked.blocks):
         _refuse(
             "TransformerLens's own ALiBi slopes",
             "nanoMarkov's alibi halves from 1 in head 0 (alibi_bias); the models to_hooked_transformer writes hold it",

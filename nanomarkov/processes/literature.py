@@ -404,7 +404,8 @@ class DaysOfWeek(NamedHMM):
     # Its excess was all after "tomorrow" and "yesterday" (KL 0.18 nats there, ~0 elsewhere) while models did not
     # learn to read the day named before them and count the moves since: the look-back recipe left 0.0235 nats
     # in 612 s on its 255-token sequences (64 wide, batch 32: 0.024 in 992 s; lr 3e-3: 0.025). With alibi (see
-    # RECENCY_RECIPE) 500 steps left 0.0012; fewer steps, since a step of 255-token sequences costs twice one of 127.
+    # RECENCY_RECIPE) 500 steps left 0.0012 in 274 s with the other core busy; 450 keep it within 5 minutes (a step
+    # of its 255-token sequences costs twice one of 127).
     RECIPE = {**RECENCY_RECIPE, "max_iters": 450, "lr_decay_iters": 450, "eval_interval": 225}
     OPTIONS = ()
 

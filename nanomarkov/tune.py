@@ -60,7 +60,6 @@ DEFAULT_SPACE = {
     "weight_decay": "0:0.1",
     "data_source": "fixed,online",
     "mlp_only": "False,True",
-    "alibi": "False,True",
 }
 LOG_SCALE = {"learning_rate"}
 ALIASES = {"lr": "learning_rate", "batch": "batch_size", "warmup": "warmup_fraction", "wd": "weight_decay"}
@@ -205,8 +204,10 @@ def default_tokens(base, seq_len):
 def trial_config(settings, base, params, number, seq_len):
     """A trial's complete TrainConfig dict: the default recipe, the trial's values, the budget's schedule."""
     cfg = {**base, **{k: v for k, v in params.items() if k != "warmup_fraction"}}
-    # A trial without attention has nothing for alibi to bias, which the model refuses; it is the same model.
-    cfg["alibi"] = cfg["alibi"] and not cfg["mlp_only"]
+    # A trial without attention has nothing for the recipe's alibi to bias (the model refuses the pair): it goes.
+    # An alibi the space searches stays as drawn, so that what the study records is what the trial trained.
+    if "alibi" not in params:
+        cfg["alibi"] = cfg["alibi"] and not cfg["mlp_only"]
     tokens_per_iter = cfg["batch_size"] * cfg["grad_accum_steps"] * (seq_len - 1)
     max_iters = max(1, settings.tokens // tokens_per_iter)
     fraction = params.get("warmup_fraction", base["warmup_iters"] / base["max_iters"])

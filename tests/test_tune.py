@@ -202,11 +202,13 @@ def test_each_trial_runs_with_the_threads_asked_for(tiny_data, tmp_path):
     assert trial_config(settings, base, {}, 0, 16)["threads"] == 2
 
 
-def test_a_trial_without_attention_drops_the_alibi_of_its_recipe(tiny_data, tmp_path):
+def test_a_trial_without_attention_drops_the_alibi_of_its_recipe_but_not_a_searched_one(tiny_data, tmp_path):
     settings = settings_for(tiny_data, tmp_path / "study", 1)
     base = {**base_recipe(settings), "alibi": True, "mlp_only": False}
     assert trial_config(settings, base, {"mlp_only": True}, 0, 16)["alibi"] is False
     assert trial_config(settings, base, {"mlp_only": False}, 1, 16)["alibi"] is True
+    with pytest.raises(NanoMarkovError, match="mlp_only blocks have no attention"):  # a failed trial, its reason
+        trial_config(settings, base, {"mlp_only": True, "alibi": True}, 2, 16)
 
 
 def test_a_storage_file_in_a_system_folder_or_not_a_file_is_refused_before_anything_is_written(tmp_path):

@@ -67,8 +67,8 @@ def gpt2_refusal(config) -> str:
         )
     if config.alibi:
         return (
-            "alibi=True: GPT-2's attention has no bias by distance; open it in nanoMarkov, nnsight or "
-            "TransformerLens 3 instead"
+            "alibi=True: GPT-2's attention has no bias by distance; open it in nanoMarkov or nnsight instead "
+            "(or TransformerLens 3, where it has no pos_ape)"
         )
     if config.mlp_filter not in HF_ACTIVATION and not config.attn_only:
         return f"mlp_filter={config.mlp_filter}: transformers has no activation relu(x)**3"

@@ -30,8 +30,12 @@ from nanomarkov.model import GPT, GPTConfig, alibi_bias
 #   so further training of the hooked model would untie them);
 # - alibi=True: TransformerLens's positional_embedding_type="alibi", which never reads its position
 #   table (frozen zeros; alibi with pos_ape is refused) and has slopes of its own: each attention's
-#   attn.alibi, the bias it keeps once built, is set to ours (it rebuilds its own only for an input
-#   longer than block_size, which our GPT refuses);
+#   attn.alibi, the bias it keeps once built, is set to ours, as a buffer so that .to(device) moves it
+#   and outside the state_dict, which keeps TransformerLens's layout (a HookedTransformer rebuilt from
+#   cfg and state_dict has its own slopes again). It rebuilds its own only for an input longer than
+#   block_size, which our GPT refuses. For a shorter input it adds the last rows of the bias (its
+#   key-value cache's convention), so hook_attn_scores carry a constant per query row there; the
+#   softmax removes it, so patterns and logits are ours;
 # - bias=False: TransformerLens always has biases; they are zeros (b_U too when
 #   lm_head_bias is off).
 # Weights are assigned to the parameters directly instead of going through
@@ -200,7 +204,8 @@ def to_hooked_transformer(ckpt_or_model):
     _copy_weights_into(hooked, model)
     if model.config.alibi:
         for block in hooked.blocks:
-            block.attn.alibi = _hooked_alibi(model.config, model.wte.weight.device)
+            del block.attn.alibi  # a plain attribute (None until built), which a buffer may not shadow
+            block.attn.register_buffer("alibi", _hooked_alibi(model.config, model.wte.weight.device), persistent=False)
     check_same_logits(model, hooked)
     return hooked
 

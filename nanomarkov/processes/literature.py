@@ -264,6 +264,9 @@ class RRXOR(NamedHMM):
     # no better a token. Past position 30 such a model predicts most XOR bits surely (median loss 2e-4) but is
     # unsure of the phase at 23 % of them (loss > 0.1): it reads the phase from the last few triples, where the
     # optimum has it from the whole history.
+    # RECENCY_RECIPE is its default all the same: a fifth of the excess the default recipe leaves, and a model
+    # TransformerLens opens.
+    RECIPE = RECENCY_RECIPE
     OPTIONS = (
         Option("p1", float, 0.5, "P(0) of the first random bit"),
         Option("p2", float, 0.5, "P(0) of the second random bit"),

@@ -136,6 +136,8 @@ def test_relu2_and_no_blocks_are_carried_and_relu3_is_refused(tmp_path):
         to_transformer_bridge(build("c2", mlp_filter="RELU3"))
     to_transformer_bridge(build("c2+attn_only", mlp_filter="RELU3"))  # no MLP applies it: same logits
     with pytest.raises(NanoMarkovError, match="alibi=True is not carried into a TransformerBridge"):
+        to_transformer_bridge(build("c2", alibi=True, pos_ape=False))
+    with pytest.raises(NanoMarkovError, match="alibi=True beside pos_ape=True has no TransformerLens equivalent"):
         to_transformer_bridge(build("c2", alibi=True))
     with pytest.raises(NanoMarkovError, match="float32"):
         to_transformer_bridge(build("c1").to(torch.bfloat16))

@@ -99,9 +99,15 @@ def test_alibi_is_transformer_lenss_alibi_holding_our_slopes_and_round_trips(bia
     assert hooked.cfg.positional_embedding_type == "alibi"
     idx = inputs(model.config)
     assert torch.allclose(hooked_logits(hooked, idx), our_logits(model, idx), rtol=0, atol=1e-4)
+    short = idx[:, :5]  # TransformerLens adds its bias's last rows then: the same softmax
+    assert torch.allclose(hooked_logits(hooked, short), our_logits(model, short), rtol=0, atol=1e-4)
     back = from_hooked_transformer(hooked)
     assert back.config == model.config
     assert torch.equal(our_logits(back, idx), our_logits(model, idx))
+    # Our slopes travel with the model (a buffer) but stay out of TransformerLens's state_dict layout.
+    assert not any("alibi" in name for name in hooked.state_dict())
+    hooked.to("meta")
+    assert all(block.attn.alibi.is_meta for block in hooked.blocks)
 
 
 def test_alibi_beside_a_position_table_is_refused():

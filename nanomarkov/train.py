@@ -474,6 +474,16 @@ def threads_text():
     return f"{threads} thread{'s' if threads > 1 else ''}"
 
 
+def model_text(config):
+    """The model's shape as the first log line says it, e.g. '2 layers 32 wide, 4 heads, alibi, no position table'."""
+    plural = "s" if config.n_layer != 1 else ""
+    heads = "MLP-only" if config.mlp_only else f"{config.n_head} head{'s' if config.n_head > 1 else ''}"
+    parts = [f"{config.n_layer} layer{plural} {config.n_embd} wide"] + ([heads] if config.n_layer else [])
+    parts += ["alibi"] if config.alibi else []
+    parts += [] if config.pos_ape else ["no position table"]
+    return ", ".join(parts)
+
+
 def open_outputs(setup, raw_model, resume_state, show_progress):
     """The progress bar, the run's log (cut back to the checkpoint when resuming) with its first line, and wandb."""
     cfg, ddp = setup.cfg, setup.ddp
@@ -489,7 +499,8 @@ def open_outputs(setup, raw_model, resume_state, show_progress):
     wandb_run = _start_wandb(cfg, setup.out_dir) if cfg.wandb_log and ddp.is_main else None
     autocast, theory = setup.autocast, setup.theory
     log.line(
-        f"{setup.out_dir}: {raw_model.num_params():,} parameters, {setup.tokens_per_iter:,} tokens/iter "
+        f"{setup.out_dir}: {model_text(setup.gpt_config)}, {raw_model.num_params():,} parameters, "
+        f"{setup.tokens_per_iter:,} tokens/iter "
         f"({setup.global_batch} sequences x {setup.gpt_config.block_size}), device {setup.device}, {threads_text()}"
         f"{', ' + str(autocast).replace('torch.', '') if autocast else ''}{', compiled' if setup.use_compile else ''}"
         f"{', online data from the process' if cfg.data_source == 'online' else ''}, "

@@ -27,7 +27,7 @@ from nanomarkov.checkpoint import load_checkpoint
 from nanomarkov.config import FIELDS, TrainConfig
 from nanomarkov.data import generate_dataset
 from nanomarkov.model import GPT, GPTConfig
-from nanomarkov.train import TrainingDiverged, learning_rate_at, train
+from nanomarkov.train import TrainingDiverged, learning_rate_at, model_text, train
 
 WORKER = Path(__file__).resolve().parent / "train_worker.py"
 DONE_KEYS = {
@@ -593,3 +593,18 @@ def test_a_divergence_before_any_checkpoint_does_not_promise_one(data, tmp_path,
     with pytest.raises(TrainingDiverged, match="no checkpoint was saved before it") as error:
         run(config(data, tmp_path / "b"))
     assert "is kept" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "switches, said",
+    [
+        (
+            dict(n_layer=2, n_head=4, n_embd=32, alibi=True, pos_ape=False),
+            "2 layers 32 wide, 4 heads, alibi, no position table",
+        ),
+        (dict(n_layer=1, n_head=1, n_embd=8, mlp_only=True), "1 layer 8 wide, MLP-only"),
+        (dict(n_layer=0, n_embd=8, pos_ape=False), "0 layers 8 wide, no position table"),
+    ],
+)
+def test_the_first_log_line_says_the_models_shape(switches, said):
+    assert model_text(GPTConfig(**switches)) == said

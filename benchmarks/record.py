@@ -66,7 +66,7 @@ def recipe_text(cfg):
     """A run's whole recipe in a line: model, batch, steps, learning-rate schedule and data source."""
     blocks = ("MLP-only" if cfg.mlp_only else f"{cfg.n_head}H") if cfg.n_layer else "(no blocks)"
     model = f"{cfg.n_layer}L {cfg.n_embd}d {blocks}" + ("" if cfg.pos_ape else ", no positions")
-    model += ", ALiBi" if cfg.alibi else ""
+    model += (", ALiBi trained" if cfg.alibi_trained else ", ALiBi") if cfg.alibi else ""
     batch = f"{cfg.batch_size} x {cfg.grad_accum_steps}" if cfg.grad_accum_steps > 1 else f"{cfg.batch_size}"
     lr = f"lr {cfg.learning_rate:g}"
     schedule = f"{lr} (warm-up {cfg.warmup_iters}, cosine to {cfg.min_lr:g})" if cfg.decay_lr else f"{lr} fixed"

@@ -58,6 +58,7 @@ class TrainConfig:
     use_ln: bool = True  # LayerNorms on (all of them, final one included)
     pos_ape: bool = True  # learned absolute position embeddings
     alibi: bool = False  # attention scores fall with distance, by 2**-h a token in head h (not with mlp_only)
+    alibi_trained: bool = False  # alibi's bias trained: a table per layer, head and distance (needs alibi)
     mlp_only: bool = False  # no attention sublayer at all
     attn_only: bool = False  # no MLP (nor its LayerNorm) at all; mlp_ratio and mlp_filter are unused
     mlp_ratio: int = 4  # MLP hidden width / n_embd

@@ -12,7 +12,7 @@ from nanomarkov.errors import NanoMarkovError
 MLP_FILTERS = ("GELU", "RELU", "RELU2", "RELU3")
 # GPTConfig fields newer than the first checkpoints and exports: a file without one means its default,
 # which builds the model that file was written from.
-ADDED_FIELDS = ("lm_head_bias", "attn_only", "alibi")
+ADDED_FIELDS = ("lm_head_bias", "attn_only", "alibi", "alibi_trained")
 
 
 @dataclass
@@ -27,6 +27,7 @@ class GPTConfig:
     use_ln: bool = True  # LayerNorm before every sublayer and before the head; False removes all
     pos_ape: bool = True  # add a learned absolute position embedding to the token embedding
     alibi: bool = False  # head h's attention scores fall by 2**-h per token of distance (ALiBi, steeper slopes)
+    alibi_trained: bool = False  # alibi's bias is a trained table per layer, head and distance, started at its slopes
     mlp_only: bool = False  # blocks have no attention at all, so a position sees only itself
     attn_only: bool = False  # blocks have no MLP and no second LayerNorm (mlp_ratio, mlp_filter unused)
     mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * n_embd
@@ -37,6 +38,10 @@ class GPTConfig:
     lm_head_bias: bool = False  # learned bias on the logits; its own tensor when tied, trained under one_hot_embed
 
     def __post_init__(self):
+        self._check_types()
+        self._check_combinations()
+
+    def _check_types(self):
         for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "mlp_ratio"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
@@ -48,6 +53,7 @@ class GPTConfig:
             "use_ln",
             "pos_ape",
             "alibi",
+            "alibi_trained",
             "mlp_only",
             "attn_only",
             "mlp_first_matrix_identity",
@@ -67,6 +73,8 @@ class GPTConfig:
             raise NanoMarkovError(
                 f"GPTConfig.mlp_filter must be one of {', '.join(MLP_FILTERS)}, got {self.mlp_filter!r}"
             )
+
+    def _check_combinations(self):
         if self.attn_only and self.mlp_only:
             raise NanoMarkovError(
                 "attn_only and mlp_only together leave a block with nothing in it; set one of them to False "
@@ -76,6 +84,8 @@ class GPTConfig:
             raise NanoMarkovError(
                 "alibi biases attention scores, and mlp_only blocks have no attention; set one of them to False"
             )
+        if self.alibi_trained and not self.alibi:
+            raise NanoMarkovError("alibi_trained trains alibi's bias, which is off; set alibi=True too")
         if self.attn_only and self.mlp_first_matrix_identity:
             raise NanoMarkovError(
                 "mlp_first_matrix_identity sets the first matrix of an MLP, and attn_only blocks have none; "
@@ -117,6 +127,7 @@ def weight_count(config: GPTConfig) -> int:
     width, hidden = config.n_embd, config.mlp_ratio * config.n_embd
     attention = 0 if config.mlp_only else 4 * width * width
     per_layer = attention + 2 * width * hidden + hidden + 9 * width
+    per_layer += config.n_head * config.block_size if config.alibi_trained else 0
     embeddings = config.vocab_size * width + (config.block_size * width if config.pos_ape else 0)
     return embeddings + config.n_layer * per_layer + config.vocab_size * (width + 1) + 2 * width
 

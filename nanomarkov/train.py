@@ -479,7 +479,7 @@ def model_text(config):
     plural = "s" if config.n_layer != 1 else ""
     heads = "MLP-only" if config.mlp_only else f"{config.n_head} head{'s' if config.n_head > 1 else ''}"
     parts = [f"{config.n_layer} layer{plural} {config.n_embd} wide"] + ([heads] if config.n_layer else [])
-    parts += ["alibi"] if config.alibi else []
+    parts += [("trained " if config.alibi_trained else "") + "alibi"] if config.alibi else []
     parts += [] if config.pos_ape else ["no position table"]
     return ", ".join(parts)
 

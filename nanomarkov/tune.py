@@ -206,8 +206,8 @@ def trial_config(settings, base, params, number, seq_len):
     cfg = {**base, **{k: v for k, v in params.items() if k != "warmup_fraction"}}
     # A trial without attention has nothing for the recipe's alibi to bias (the model refuses the pair): it goes.
     # An alibi the space searches stays as drawn, so that what the study records is what the trial trained.
-    if "alibi" not in params:
-        cfg["alibi"] = cfg["alibi"] and not cfg["mlp_only"]
+    if "alibi" not in params and cfg["mlp_only"]:
+        cfg["alibi"] = cfg["alibi_trained"] = False
     tokens_per_iter = cfg["batch_size"] * cfg["grad_accum_steps"] * (seq_len - 1)
     max_iters = max(1, settings.tokens // tokens_per_iter)
     fraction = params.get("warmup_fraction", base["warmup_iters"] / base["max_iters"])

@@ -651,7 +651,8 @@ def test_config_changes_lists_what_differs_except_what_a_resume_may_change():
     del saved["learning_rate"]  # a config saved before a field existed
     assert config_changes(saved, cfg) == ["n_embd 64 -> 128", "learning_rate None -> 0.01"]
     # A field added since (ADDED_FIELDS) means its default where an older run's config lacks it.
-    del saved["lm_head_bias"], saved["attn_only"], saved["alibi"], saved["snapshot_every"], saved["threads"]
+    del saved["lm_head_bias"], saved["attn_only"], saved["alibi"], saved["alibi_trained"]
+    del saved["snapshot_every"], saved["threads"]
     assert config_changes(saved, cfg) == ["n_embd 64 -> 128", "learning_rate None -> 0.01"]
     assert "lm_head_bias False -> True" in config_changes(saved, TrainConfig(lm_head_bias=True))
     assert "attn_only False -> True" in config_changes(saved, TrainConfig(attn_only=True))

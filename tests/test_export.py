@@ -101,7 +101,7 @@ def test_head_bias_round_trips_and_older_files_without_the_added_fields_still_lo
     assert loaded.config.lm_head_bias and torch.equal(loaded.lm_head.bias, model.lm_head.bias)
     # Files written before the fields existed: neither in config.json nor in model_args (named here, not read
     # from gpt_config.ADDED_FIELDS, so that a field left out of it fails this test).
-    added = ("lm_head_bias", "attn_only", "alibi")
+    added = ("lm_head_bias", "attn_only", "alibi", "alibi_trained")
     old = trained_looking(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11, lm_head_tied=tied))
     export_safetensors(old, tmp_path / "old")
     config_file = tmp_path / "old" / "config.json"

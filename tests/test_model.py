@@ -42,6 +42,7 @@ def expected_params(c: GPTConfig, trainable_only=False):
     n += c.n_layer * per_block + ln  # blocks, ln_f
     n += 0 if c.lm_head_tied else c.vocab_size * d  # head
     n += c.vocab_size if c.lm_head_bias else 0  # its bias, never tied nor frozen
+    n += c.n_layer * c.n_head * c.block_size if c.alibi_trained else 0  # a bias per head and distance
     return n
 
 
@@ -68,6 +69,7 @@ SWITCHES = [
     dict(attn_only=True, n_layer=0),
     dict(alibi=True),
     dict(alibi=True, pos_ape=False, n_head=2, attn_only=True),
+    dict(alibi=True, alibi_trained=True, pos_ape=False),
 ]
 
 
@@ -245,6 +247,14 @@ def test_optimizer_groups_decay_only_trainable_matrices():
     assert n == model.num_params(trainable_only=True)
 
 
+def test_a_trained_alibis_tables_are_not_decayed():
+    model = make(alibi=True, alibi_trained=True)
+    decay, no_decay = model.optimizer_groups(0.1)
+    tables = [block.attn.distance_table for block in model.blocks]
+    assert all(any(t is p for p in no_decay["params"]) for t in tables)
+    assert not any(t is p for t in tables for p in decay["params"])
+
+
 def test_residual_projections_get_the_smaller_init():
     torch.manual_seed(0)
     model = GPT(cfg(n_layer=4, n_embd=64, n_head=4))
@@ -313,6 +323,7 @@ def test_config_round_trips_through_asdict():
         (dict(attn_only=True, n_embd=30, n_head=4), "divisible"),
         (dict(alibi=True, mlp_only=True), "mlp_only blocks have no attention"),
         (dict(alibi=1), "alibi"),
+        (dict(alibi_trained=True), "set alibi=True too"),
     ],
 )
 def test_invalid_configs_are_rejected(bad, needle):
@@ -320,19 +331,19 @@ def test_invalid_configs_are_rejected(bad, needle):
         cfg(**bad)
 
 
-def attention_by_definition(attn, h, slopes):
+def attention_by_definition(attn, h, bias):
     """An attention sublayer's output computed one head, query and key at a time: the softmax, over the
-    keys at or before the query, of q.k / sqrt(head width) - slope * (query - key), times the values."""
+    keys at or before the query, of q.k / sqrt(head width) + bias(head, query - key), times the values."""
     B, T, C = h.shape
-    width = C // len(slopes)
+    width = C // attn.n_head
     q, k, v = attn.c_attn(h).split(C, dim=2)
     heads = torch.zeros(B, T, C)
     for b in range(B):
-        for head, slope in enumerate(slopes):
+        for head in range(attn.n_head):
             dims = slice(head * width, (head + 1) * width)
             for i in range(T):
                 scores = torch.stack(
-                    [q[b, i, dims] @ k[b, j, dims] / math.sqrt(width) - slope * (i - j) for j in range(i + 1)]
+                    [q[b, i, dims] @ k[b, j, dims] / math.sqrt(width) + bias(head, i - j) for j in range(i + 1)]
                 )
                 heads[b, i, dims] = scores.softmax(0) @ v[b, : i + 1, dims]
     return attn.c_proj(heads)
@@ -346,7 +357,22 @@ def test_attention_computes_its_definition_with_alibis_slopes_halving_from_one(a
         for p in attn.parameters():
             p.normal_(0, 0.5)
         h = torch.randn(2, 9, D)
-        torch.testing.assert_close(attn(h), attention_by_definition(attn, h, slopes), atol=1e-5, rtol=1e-5)
+        by_definition = attention_by_definition(attn, h, lambda head, distance: -slopes[head] * distance)
+        torch.testing.assert_close(attn(h), by_definition, atol=1e-5, rtol=1e-5)
+
+
+def test_a_trained_alibi_starts_at_the_slopes_and_adds_its_table_by_distance():
+    model = make(alibi=True, alibi_trained=True)
+    attn = model.blocks[0].attn
+    start = [[-(2.0**-head) * distance for distance in range(T)] for head in range(4)]
+    assert torch.equal(attn.distance_table, torch.tensor(start))
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0, 0.5)
+        h = torch.randn(2, 9, D)
+        table = attn.distance_table.clone()
+        by_definition = attention_by_definition(attn, h, lambda head, distance: table[head, distance])
+        torch.testing.assert_close(attn(h), by_definition, atol=1e-5, rtol=1e-5)
 
 
 def test_mlp_only_ignores_head_divisibility():

@@ -1,5 +1,7 @@
 """Probes against hand-built models whose internals are known: the probe must find what was put there."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -135,10 +137,11 @@ def test_logit_lens_locates_the_damage_and_matches_evaluation(dataset):
     assert to_truth[-1] == pytest.approx(total / (val.shape[0] * (val.shape[1] - 1)), abs=1e-6)
 
 
-@pytest.mark.parametrize("alibi", [False, True])
-def test_recomputed_attention_weights_reproduce_the_layer_output(alibi):
+@pytest.mark.parametrize("alibi, trained", [(False, False), (True, False), (True, True)])
+def test_recomputed_attention_weights_reproduce_the_layer_output(alibi, trained):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=16, block_size=8, vocab_size=7, bias=True, alibi=alibi)).eval()
+    config = GPTConfig(n_layer=1, n_head=4, n_embd=16, block_size=8, vocab_size=7, bias=True, alibi=alibi)
+    model = GPT(dataclasses.replace(config, alibi_trained=trained)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.5)

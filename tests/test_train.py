@@ -603,6 +603,7 @@ def test_a_divergence_before_any_checkpoint_does_not_promise_one(data, tmp_path,
             "2 layers 32 wide, 4 heads, alibi, no position table",
         ),
         (dict(n_layer=1, n_head=1, n_embd=8, mlp_only=True), "1 layer 8 wide, MLP-only"),
+        (dict(n_layer=1, n_head=2, n_embd=8, alibi=True, alibi_trained=True), "1 layer 8 wide, 2 heads, trained alibi"),
         (dict(n_layer=0, n_embd=8, pos_ape=False), "0 layers 8 wide, no position table"),
     ],
 )

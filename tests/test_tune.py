@@ -204,7 +204,7 @@ def test_each_trial_runs_with_the_threads_asked_for(tiny_data, tmp_path):
 
 def test_a_trial_without_attention_drops_the_alibi_of_its_recipe_but_not_a_searched_one(tiny_data, tmp_path):
     settings = settings_for(tiny_data, tmp_path / "study", 1)
-    base = {**base_recipe(settings), "alibi": True, "mlp_only": False}
+    base = {**base_recipe(settings), "alibi": True, "alibi_trained": True, "mlp_only": False}
     assert trial_config(settings, base, {"mlp_only": True}, 0, 16)["alibi"] is False
     assert trial_config(settings, base, {"mlp_only": False}, 1, 16)["alibi"] is True
     with pytest.raises(NanoMarkovError, match="mlp_only blocks have no attention"):  # a failed trial, its reason

@@ -30,7 +30,8 @@ from nanomarkov.model import GPT, GPTConfig, alibi_bias
 #   so further training of the hooked model would untie them);
 # - alibi=True: TransformerLens's positional_embedding_type="alibi", which never reads its position
 #   table (frozen zeros; alibi with pos_ape is refused) and has slopes of its own: each attention's
-#   attn.alibi, the bias it keeps once built, is set to ours, as a buffer so that .to(device) moves it
+#   attn.alibi, the bias it keeps once built, is set to ours (alibi_trained's table: frozen there, and
+#   from_hooked_transformer does not read it back), as a buffer so that .to(device) moves it
 #   and outside the state_dict, which keeps TransformerLens's layout (a HookedTransformer rebuilt from
 #   cfg and state_dict has its own slopes again). It rebuilds its own only for an input longer than
 #   block_size, which our GPT refuses. For a shorter input it adds the last rows of the bias (its
@@ -203,17 +204,18 @@ def to_hooked_transformer(ckpt_or_model):
         hooked = HookedTransformer(config)
     _copy_weights_into(hooked, model)
     if model.config.alibi:
-        for block in hooked.blocks:
+        for block, ours in zip(hooked.blocks, model.blocks):
             del block.attn.alibi  # a plain attribute (None until built), which a buffer may not shadow
-            block.attn.register_buffer("alibi", _hooked_alibi(model.config, model.wte.weight.device), persistent=False)
+            bias = _hooked_alibi(ours.attn.score_bias(model.config.block_size, model.wte.weight.device))
+            block.attn.register_buffer("alibi", bias, persistent=False)
     check_same_logits(model, hooked)
     return hooked
 
 
-def _hooked_alibi(config, device):
-    """The attn.alibi a HookedTransformer adds to its scores for our alibi: alibi_bias, with zeros instead
+def _hooked_alibi(score_bias):
+    """The attn.alibi a HookedTransformer adds to its scores for our score_bias: the same, with zeros instead
     of -inf after the query (TransformerLens masks those itself)."""
-    return alibi_bias(config.n_head, config.block_size, device).nan_to_num(neginf=0.0)
+    return score_bias.detach().nan_to_num(neginf=0.0)
 
 
 def _hooked_config(model, act_fn):
@@ -366,10 +368,12 @@ def from_hooked_transformer(hooked):
     params = dict(hooked.named_parameters())
     _check_expressible(hooked.cfg, params)
     config = _gpt_config_of(hooked.cfg, params)
-    if config.alibi and not all(_holds(block.attn.alibi, _hooked_alibi(config, "cpu")) for block in hooked.blocks):
+    ours = _hooked_alibi(alibi_bias(config.n_head, config.block_size))
+    if config.alibi and not all(_holds(block.attn.alibi, ours) for block in hooked.blocks):
         _refuse(
-            "TransformerLens's own ALiBi slopes",
-            "nanoMarkov's alibi halves from 1 in head 0 (alibi_bias); the models to_hooked_transformer writes hold it",
+            "an ALiBi bias other than nanoMarkov's fixed slopes",
+            "alibi halves from 1 in head 0 (alibi_bias); TransformerLens's own slopes and a trained table "
+            "(alibi_trained) do not come back",
         )
     weights = {name: p.detach() for name, p in params.items()}
     state = _gpt_state(weights, config, hooked.cfg.normalization_type)

@@ -31,7 +31,6 @@ from matplotlib.figure import Figure
 
 from nanomarkov.errors import NanoMarkovError
 from nanomarkov.evaluate import kl_rows, kl_terms, state_log_probs
-from nanomarkov.model import alibi_bias
 
 # Positions x vocabulary per forward batch: bounds memory (float64 logits, one copy per layer).
 PROBE_BATCH_ELEMENTS = 1 << 21
@@ -199,7 +198,7 @@ def _attention_weights(attn, h):
     q, k = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k))
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(C // attn.n_head)
     if attn.alibi:
-        return (scores + alibi_bias(attn.n_head, T, h.device)).softmax(dim=-1)
+        return (scores + attn.score_bias(T, h.device)).softmax(dim=-1)
     causal = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()
     return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
 

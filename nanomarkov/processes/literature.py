@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 from nanomarkov.errors import NanoMarkovError
-from nanomarkov.processes.base import LOOKBACK_RECIPE, RECENCY_RECIPE, Option
+from nanomarkov.processes.base import LOOKBACK_RECIPE, RECENCY_RECIPE, TRAINED_RECENCY_RECIPE, Option
 from nanomarkov.processes.ghmm import GeneralizedHMM
 from nanomarkov.processes.hmm import MAX_MATRIX_ENTRIES, HiddenMarkovModel, stationary_law
 from nanomarkov.processes.markov import MarkovChain
@@ -254,19 +254,15 @@ class RRXOR(NamedHMM):
     process = "rrxor"
     SUMMARY = "random-random-XOR: two random bits, then their XOR (--p1 --p2; K=2)"
     N_STATES = 2
-    # No recipe of ours learns it within 5 minutes yet (issue 24): every pair of its tokens is independent and
-    # uniform, so a model at the uniform prediction gets no pull towards any one earlier token, only towards two
-    # of them jointly (and the phase), as in learning a sparse parity. It sat at ln 2 (0.22 nats above the
-    # optimum) with the whole-history recipe, with the look-back recipe (500 steps) and at lr 3e-3 (2000 steps of
-    # 32). With alibi (RECENCY_RECIPE) it learns, but slowly: 0.044 nats after 2000 steps (250 s), 0.035 beside
-    # the position table, still falling (0.059, 0.044, 0.035 at 1000, 1500, 2000 steps); 3 layers 0.037 (360 s),
-    # mlp_ratio 4 0.036, lr 2e-2 0.053, a fourth head without slope 0.053 at 1500 steps, batch 16 for 4000 steps
-    # no better a token. Past position 30 such a model predicts most XOR bits surely (median loss 2e-4) but is
-    # unsure of the phase at 23 % of them (loss > 0.1): it reads the phase from the last few triples, where the
-    # optimum has it from the whole history.
-    # RECENCY_RECIPE is its default all the same: a fifth of the excess the default recipe leaves, and a model
-    # TransformerLens opens.
-    RECIPE = RECENCY_RECIPE
+    # Every pair of its tokens is independent and uniform, so a model at the uniform prediction gets no pull
+    # towards any one earlier token, only towards two of them jointly (and the phase), as in learning a sparse
+    # parity. It sat at ln 2 (0.22 nats above the optimum) with the whole-history recipe, the look-back recipe and
+    # at lr 3e-3. With alibi's fixed lines (RECENCY_RECIPE) it learns slowly: 0.044 nats after 2000 steps, 0.035
+    # beside the position table; 3 layers 0.037, mlp_ratio 4 0.036, lr 2e-2 0.053, lr 5e-3 worse, a head with
+    # slope 0 worse, batch 16 no better a token. Such a model predicts most XOR bits surely (median loss 2e-4)
+    # but is unsure of the phase at 23 % of them past position 30: it reads the phase from the last few
+    # triples. With the lines trained (TRAINED_RECENCY_RECIPE) a head can read every third token back.
+    RECIPE = TRAINED_RECENCY_RECIPE
     OPTIONS = (
         Option("p1", float, 0.5, "P(0) of the first random bit"),
         Option("p2", float, 0.5, "P(0) of the second random bit"),
@@ -286,8 +282,9 @@ class LeakyRRXOR(RRXOR):
 
     process = "leaky_rrxor"
     SUMMARY = "RRXOR with every transition leaking epsilon/10 (--p1 --p2 --epsilon; K=2)"
-    # The default recipe left 0.049 nats; alibi 0.011 at lr 1e-2, 0.0097 at 2e-2 (see RECENCY_RECIPE).
-    RECIPE = {**RECENCY_RECIPE, "learning_rate": 2e-2}
+    # The default recipe left 0.049 nats; alibi's fixed lines 0.011 at lr 1e-2, 0.0097 at 2e-2 (RECENCY_RECIPE);
+    # trained, the phase of the triples is in reach as for rrxor (TRAINED_RECENCY_RECIPE).
+    RECIPE = TRAINED_RECENCY_RECIPE
     OPTIONS = RRXOR.OPTIONS + (Option("epsilon", float, 0.1, "leaky_rrxor's leak"),)
 
     @classmethod

@@ -110,6 +110,18 @@ def test_alibi_is_transformer_lenss_alibi_holding_our_slopes_and_round_trips(bia
     assert all(block.attn.alibi.is_meta for block in hooked.blocks)
 
 
+def test_a_trained_alibi_goes_into_transformer_lens_but_does_not_come_back():
+    model = build("seed", alibi=True, alibi_trained=True, pos_ape=False)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.distance_table.normal_()  # no longer alibi's lines
+    hooked = to_hooked_transformer(model)
+    idx = inputs(model.config)
+    assert torch.allclose(hooked_logits(hooked, idx), our_logits(model, idx), rtol=0, atol=1e-4)
+    with pytest.raises(NanoMarkovError, match="a trained table \\(alibi_trained\\) do not come back"):
+        from_hooked_transformer(hooked)
+
+
 def test_alibi_beside_a_position_table_is_refused():
     with pytest.raises(NanoMarkovError, match="alibi=True beside pos_ape=True"):
         to_hooked_transformer(build("seed", alibi=True))
@@ -206,7 +218,7 @@ def test_a_plain_transformer_lens_model_converts(changes):
         (dict(act_fn="gelu_new"), "act_fn='gelu_new'"),
         (dict(normalization_type="RMS"), "normalization_type='RMS'"),
         (dict(positional_embedding_type="rotary"), "positional_embedding_type='rotary'"),
-        (dict(positional_embedding_type="alibi"), "TransformerLens's own ALiBi slopes"),
+        (dict(positional_embedding_type="alibi"), "an ALiBi bias other than nanoMarkov's fixed slopes"),
         (dict(gated_mlp=True), "gated_mlp=True"),
         (dict(d_mlp=20), "d_mlp=20"),
         (dict(n_heads=2), "n_heads=2"),

@@ -51,8 +51,9 @@ class CausalSelfAttention(nn.Module):
         self.alibi = config.alibi
         # Trained, alibi's lines may bend: rrxor's heads come to read every third token back, the phase it needs
         # (0.0009 nats after 2000 steps, against 0.044 with the lines fixed).
-        table = alibi_distances(config.n_head, config.block_size) if config.alibi_trained else None
-        self.distance_table = None if table is None else nn.Parameter(table)
+        self.distance_table = (
+            nn.Parameter(alibi_distances(config.n_head, config.block_size)) if config.alibi_trained else None
+        )
 
     def forward(self, x):
         B, T, C = x.shape

@@ -201,8 +201,7 @@ def main():
 
 def merged(mine, only):
     """The table's rows: this run's, over the recorded ones with --only, in NAMED_PROCESSES' order."""
-    order = [cls.process for cls in NAMED_PROCESSES]
-    return over_recorded("named_processes", mine, COLUMNS, order) if only else [mine[n] for n in order if n in mine]
+    return over_recorded("named_processes", mine, COLUMNS, [cls.process for cls in NAMED_PROCESSES], keep=only)
 
 
 if __name__ == "__main__":

@@ -108,8 +108,7 @@ def main():
 
 def merged(mine, only):
     """The table's rows: this run's, over the recorded ones with --only, in PROCESSES' order."""
-    order = [name for name, *_ in PROCESSES]
-    return over_recorded("processes", mine, COLUMNS, order) if only else [mine[n] for n in order if n in mine]
+    return over_recorded("processes", mine, COLUMNS, [name for name, *_ in PROCESSES], keep=only)
 
 
 def table(rows, command):

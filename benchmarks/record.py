@@ -52,12 +52,12 @@ def recorded_rows(section):
     return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in table[2:]]
 
 
-def over_recorded(section, mine, columns, order):
-    """This run's rows (cells by column, keyed by their first column) over those the section's table holds when it
-    has the same columns, in `order` (the keys): what `--only` writes. The table is read again at each write, so
-    that two runs measuring different rows side by side (one per core) keep each other's rows."""
+def over_recorded(section, mine, columns, order, keep=True):
+    """This run's rows (cells by column, keyed by their first column) in `order` (the keys), over those the
+    section's table holds when it has the same columns (with `keep`: what `--only` writes). The table is read
+    again at each write, so that two runs measuring different rows side by side (one per core) keep each other's."""
     key = columns[0]
-    kept = {row[key]: row for row in recorded_rows(section) if tuple(row) == tuple(columns)}
+    kept = {row[key]: row for row in recorded_rows(section) if tuple(row) == tuple(columns)} if keep else {}
     rows = {**kept, **mine}
     return [rows[name] for name in order if name in rows]
 

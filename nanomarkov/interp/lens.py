@@ -368,8 +368,8 @@ def from_hooked_transformer(hooked):
     params = dict(hooked.named_parameters())
     _check_expressible(hooked.cfg, params)
     config = _gpt_config_of(hooked.cfg, params)
-    ours = _hooked_alibi(alibi_bias(config.n_head, config.block_size))
-    if config.alibi and not all(_holds(block.attn.alibi, ours) for block in hooked.blocks):
+    fixed = _hooked_alibi(alibi_bias(config.n_head, config.block_size)) if config.alibi else None
+    if config.alibi and not all(_holds(block.attn.alibi, fixed) for block in hooked.blocks):
         _refuse(
             "an ALiBi bias other than nanoMarkov's fixed slopes",
             "alibi halves from 1 in head 0 (alibi_bias); TransformerLens's own slopes and a trained table "
